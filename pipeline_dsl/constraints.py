@@ -66,7 +66,8 @@ MAX_ENUM_VALUES values, a string in an `enum` or `const` value or a property's n
 string, a structure's begin and end, a forced tool's name and a grammar's string literal), `enum` and
 `const` values of more than MAX_LITERAL_CHARS characters in all, more
 than MAX_OPTIONAL_PROPERTIES optional properties in one object or MAX_PROPERTIES_IN_ALL in the schema,
-and JSON nested more than MAX_JSON_DEPTH levels of arrays and objects anywhere in the schema.
+and JSON nested more than MAX_JSON_DEPTH levels of arrays and objects anywhere in the schema (what the
+grammar engine's JSON reader takes; a forced call's tools, where it may write several, 2 levels less).
 Errors are never verbose (no grammar dump); one in a schema says where, as the JSON pointer of the
 innermost subschema that fails by itself (`at #/properties/tags: Unimplemented keys: ["uniqueItems"]`;
 a tool's: `tool 'f': at #/properties/x: ...`), and an overlapping `oneOf` (enforceable only as anyOf)
@@ -118,11 +119,15 @@ MAX_PATTERN_PROPERTIES_IN_ALL = 512
 # ~6 s of the server's CPU before its first token; OpenAI allows 120,000 characters of names and values)
 MAX_ENUM_VALUES = 10_000
 # how deep a schema's JSON may nest, in arrays and objects (the schema itself the first level), wherever
-# in it (a subschema, a const, a default, a keyword agp does not know): a value ~500 levels deep ran out
-# of Python's recursion before the grammar engine saw it (a RecursionError, not a 400). llguidance
-# itself refuses a value past ~124 levels ("recursion limit exceeded") and takes nested properties to
-# ~296: the bound lies above what it takes, below where Python's recursion (~1,000 frames) runs out
-MAX_JSON_DEPTH = 400
+# in it (a subschema, a const, an enum value, a default, a keyword agp does not know): llguidance reads
+# a schema's JSON with serde_json, which stops at 128 levels, 3 of them its own around the schema, and
+# refused anything deeper ("recursion limit exceeded at line 1 column N", naming no place: a chain of
+# 62 nested objects' properties, of 124 arrays' items, a const 122 arrays deep). So the bound is what it
+# takes, far below where Python's recursion (~1,000 frames) runs out (a value ~500 levels deep did)
+MAX_JSON_DEPTH = 124
+# levels a forced call's grammar adds around each tool's parameters where it may write several tools
+# (its anyOf, and the branch in it), past those of one tool's: they nest at most MAX_JSON_DEPTH less these
+CALL_CHOICE_LEVELS = 2
 # one string of an enum or const value, or one property's name: the answer has to write it whole once it
 # starts, and llguidance works out each step what is left of it, a mask's work growing with its length
 # (measured with SmolLM2's vocabulary: 1,024 characters ~0.2 ms a mask, at most ~15 ms; 4,096 ~1-2 ms, at
@@ -922,7 +927,7 @@ class GrammarBuilder:
         tools = spec.get("tools")
         if not isinstance(tools, list) or not tools:
             raise GrammarError("tool_call needs a non-empty 'tools' list")
-        fns = {}
+        every = []                              # (i, name, parameters) of each tool
         for i, t in enumerate(tools):
             fn = t.get("function", t) if isinstance(t, dict) else None
             if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
@@ -932,21 +937,24 @@ class GrammarBuilder:
             params = fn.get("parameters") or NO_PARAMETERS
             if not isinstance(params, dict):
                 raise GrammarError(f"tool {fn['name']!r}: parameters must be a JSON Schema object", tool_param(i))
-            try:
-                self._json_grammar(params, f"tool {fn['name']!r}: ")
-            except GrammarError as e:
-                e.param = tool_param(i)
-                raise
-            fns[fn["name"]] = params
+            every.append((i, fn["name"], params))
         choice = spec.get("choice", "required")
         if isinstance(choice, dict):            # OpenAI's {"type": "function", "function": {"name": ...}}
             choice = (choice.get("function") or {}).get("name")
-        if choice != "required":
-            if choice not in fns:
-                raise GrammarError(f"tool_choice names {choice!r}, which is not among the tools")
-            fns = {choice: fns[choice]}
-        check_tools_together(fns)
-        check_tool_names([t.get("function", t)["name"] for t in tools], fns.__contains__)   # it writes one of fns
+        if choice != "required" and all(name != choice for _, name, _ in every):
+            raise GrammarError(f"tool_choice names {choice!r}, which is not among the tools")
+        written = [tool for tool in every if choice in ("required", tool[1])]
+        # counted before any is compiled (a walk: milliseconds; four tools of 4,900 properties took
+        # seconds to compile before their count refused them)
+        check_tools_together(written)
+        check_tool_names([name for _, name, _ in every], lambda name: choice in ("required", name))
+        for i, name, params in every:
+            try:
+                self._json_grammar(params, f"tool {name!r}: ")
+            except GrammarError as e:
+                e.param = tool_param(i)
+                raise
+        fns = {name: params for _, name, params in written}
         # each tool's parameters sit inside the call's schema: a local $ref ("#/$defs/City", what
         # pydantic writes for a nested model; "#" for a recursive one) is rebased onto that place
         array = spec.get("array", True)
@@ -1043,14 +1051,25 @@ class GrammarBuilder:
                 for body, (where, param, options) in parts.items()]
 
 
-def check_tools_together(fns: dict) -> None:
-    """GrammarError naming `tools` for the tools a call may write ({name: parameters}, each checked
-    alone) whose parameters have more than MAX_PROPERTIES_IN_ALL properties in all, or whose names
-    and enum and const values come to more than MAX_LITERAL_CHARS characters: the call's grammar
-    holds them all in one schema, which these bound as they bound one."""
+def check_tools_together(tools: list[tuple[int, str, dict]]) -> None:
+    """GrammarError for the tools a call may write ((i, name, parameters) of each; a walk of each
+    schema, compiling none): one whose parameters alone are past a size bound of _check_sizes, or
+    nest deeper than the call's grammar takes them (MAX_JSON_DEPTH less CALL_CHOICE_LEVELS where it
+    may write several), naming `tools[i].function.parameters`; then, naming `tools`, parameters of more than
+    MAX_PROPERTIES_IN_ALL properties in all, or names and enum and const values of more than
+    MAX_LITERAL_CHARS characters: the call's grammar holds them all in one schema, which these
+    bound as they bound one. Run before any tool is compiled."""
     chars = properties = 0
-    for name, params in fns.items():
-        sizes = _check_sizes(params, "") if isinstance(params, dict) else (0, 0)
+    for i, name, params in tools:
+        try:
+            if len(tools) > 1 and isinstance(params, dict):
+                _check_json_depth(params, f"tool {name!r}: ", MAX_JSON_DEPTH - CALL_CHOICE_LEVELS,
+                                  f" where the call may write several tools: its grammar holds each "
+                                  f"{CALL_CHOICE_LEVELS} levels deeper")
+            sizes = _check_sizes(params, f"tool {name!r}: ") if isinstance(params, dict) else (0, 0)
+        except GrammarError as e:
+            e.param = tool_param(i)
+            raise
         chars, properties = chars + len(name) + sizes[0], properties + sizes[1]
     if properties > MAX_PROPERTIES_IN_ALL:
         raise GrammarError(f"the tools' parameters have {properties:,} properties in all: at most "
@@ -1356,21 +1375,21 @@ def json_copy(value):
     return top
 
 
-def _check_json_depth(schema, prefix: str) -> None:
+def _check_json_depth(schema, prefix: str, most: int = MAX_JSON_DEPTH, why: str = "") -> None:
     """GrammarError, naming where (its JSON pointer), for a schema whose JSON nests more than
-    MAX_JSON_DEPTH levels of arrays and objects anywhere: found without recursion, before anything
-    that recurses (a copy, the JSON text) sees it."""
+    `most` levels of arrays and objects anywhere (`why`: what sets a bound below MAX_JSON_DEPTH):
+    found without recursion, before anything that recurses (a copy, the JSON text) sees it."""
     todo = [(schema, 1, None, "")]
     while todo:
         entry = todo.pop()
         node, depth = entry[0], entry[1]
-        if depth > MAX_JSON_DEPTH:
+        if depth > most:
             steps = []
             while entry[2] is not None:
                 steps.append(entry[3])
                 entry = entry[2]
-            raise GrammarError(short(f"{prefix}the schema nests more than {MAX_JSON_DEPTH} levels of arrays and "
-                                     f"objects (at most {MAX_JSON_DEPTH}), at #/{'/'.join(reversed(steps))}"))
+            raise GrammarError(short(f"{prefix}the schema nests more than {most} levels of arrays and "
+                                     f"objects (at most {most}{why}), at #/{'/'.join(reversed(steps))}"))
         pairs = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
         todo += [(v, depth + 1, entry, _escape(str(k))) for k, v in pairs if isinstance(v, (dict, list))]
 

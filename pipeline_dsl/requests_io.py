@@ -453,7 +453,7 @@ def check_tool_parameters(tools: list | None, choice, *, wait: bool = True) -> N
     parameters only describe the tools in the prompt: not checked. The name of a tool the call may
     write is written whole: longer than MAX_LITERAL_LENGTH, a RequestError naming `tools[i].function.name`.
     The tools it may write are one schema in its grammar: past that schema's size bounds together
-    (check_tools_together), a RequestError naming `tools`."""
+    (check_tools_together, a walk of each, before any is compiled), a RequestError naming `tools`."""
     if not tools or choice in ("none", "auto"):
         return
     forced = None if choice == "required" else choice["function"]["name"]
@@ -461,6 +461,13 @@ def check_tool_parameters(tools: list | None, choice, *, wait: bool = True) -> N
         check_tool_names([t["function"]["name"] for t in tools], lambda name: forced in (None, name))
     except GrammarError as e:
         raise RequestError(f"'{e.param}' cannot be enforced: {e}", param=e.param) from None
+    try:        # the call's grammar holds them all: counted together (a walk) before any is compiled
+        check_tools_together([(i, t["function"]["name"], t["function"].get("parameters") or NO_PARAMETERS)
+                              for i, t in enumerate(tools) if forced in (None, t["function"]["name"])])
+    except GrammarError as e:                # the tools together, or one alone (its name quoted)
+        names = {tool_param(i): repr(t["function"]["name"]) for i, t in enumerate(tools)}
+        raise RequestError(f"'{e.param}' cannot be enforced: {e}", param=e.param, code=INVALID_PARAMETERS,
+                           quoted=(names[e.param],) if e.param in names else ()) from None
     for i, t in enumerate(tools):
         fn = t["function"]
         if fn.get("parameters"):
@@ -468,11 +475,6 @@ def check_tool_parameters(tools: list | None, choice, *, wait: bool = True) -> N
             if problem:
                 raise RequestError(f"'{tool_param(i)}' cannot be enforced: tool {fn['name']!r}: {problem}",
                                    param=tool_param(i), code=INVALID_PARAMETERS, quoted=(repr(fn['name']),))
-    try:                                     # the call's grammar holds them all: bounded together too
-        check_tools_together({t["function"]["name"]: t["function"].get("parameters") or NO_PARAMETERS
-                              for t in tools if forced in (None, t["function"]["name"])})
-    except GrammarError as e:
-        raise RequestError(f"'tools' cannot be enforced: {e}", param="tools", code=INVALID_PARAMETERS) from None
 
 
 def shown(value) -> str:

@@ -1645,5 +1645,5 @@ def test_a_json_schema_file_whose_const_nests_past_the_bound_is_refused_naming_w
     f = _schema_pipeline(tmp_path, "s.json", '{"type": "object", "properties": {"a": {"const": %s1%s}}}'
                          % ("[" * 600, "]" * 600))
     out = render_file(f)
-    assert "json_schema file 's.json' cannot be enforced: the schema nests more than 400 levels of arrays and " \
-           "objects (at most 400), at #/properties/a/const/0/0/" in out, out
+    assert "json_schema file 's.json' cannot be enforced: the schema nests more than 124 levels of arrays and " \
+           "objects (at most 124), at #/properties/a/const/0/0/" in out, out

@@ -557,14 +557,72 @@ def test_a_schema_whose_json_nests_past_the_bound_anywhere_is_refused_naming_whe
 
 def test_a_schema_whose_json_nests_exactly_the_bound_is_taken_and_one_more_is_not():
     """MAX_JSON_DEPTH levels of arrays and objects, the schema's own object the first, is within
-    the bound (what the grammar engine makes of it is its own); one more level is refused naming where."""
+    the bound and compiles; one more level is refused naming where."""
     most = constraints.MAX_JSON_DEPTH
-    try:
-        constraints.check_spec({"type": "json_schema", "schema": {"type": "string", "default": _nested(most - 1, 1)}})
-    except GrammarError as e:
-        assert "nests more than" not in str(e)
+    constraints.check_spec({"type": "json_schema", "schema": {"type": "string", "default": _nested(most - 1, 1)}})
     with pytest.raises(GrammarError, match=rf"^the schema nests more than {most} levels .*, at #/default/0/0/"):
         constraints.check_spec({"type": "json_schema", "schema": {"type": "string", "default": _nested(most, 1)}})
+
+
+def _chain(depth: int, wrap) -> dict:
+    """A schema of `depth` levels of JSON, each subschema `wrap(inner)` (its own levels) around the next."""
+    schema, levels = {"type": "integer"}, 1
+    while levels + 2 <= depth:
+        schema, levels = wrap(schema), levels + 2
+    return schema if levels == depth else {"type": "array", "items": schema}
+
+
+@pytest.mark.parametrize("make, where", [
+    (lambda d: {"type": "object", "properties": {"x": {"const": _nested(d - 3, 1)}}}, "#/properties/x/const/0/0/"),
+    (lambda d: {"type": "object", "properties": {"x": {"enum": ["a", _nested(d - 4, 1)]}}}, "#/properties/x/enum/1/0/"),
+    (lambda d: _chain(d, lambda s: {"type": "object", "properties": {"a": s}, "required": ["a"]}),
+     "#/properties/a/properties/a/"),
+    (lambda d: _nested(d - 1, {"type": "integer"}, "items") | {"type": "array"}, "#/items/items/"),
+    (lambda d: _chain(d, lambda s: {"anyOf": [s]}), "#/anyOf/0/anyOf/0/"),
+])
+def test_json_the_grammar_engine_cannot_read_is_refused_by_agps_check_naming_where(make, where):
+    """llguidance reads a schema's JSON with a parser that stops at 128 levels (3 its own): a const
+    or enum value ~122 arrays deep, a chain of 62 objects' properties or of 124 arrays' items was
+    its 'recursion limit exceeded at line 1 column N', naming no place. At MAX_JSON_DEPTH levels
+    each compiles; one more is agp's GrammarError naming the bound and where (a JSON pointer), in a
+    json_schema, a tool's parameters, a structure's schema and a grammar's %json alike."""
+    most = constraints.MAX_JSON_DEPTH
+    constraints.check_spec({"type": "json_schema", "schema": make(most)})
+    deep = make(most + 1)
+    refusal = rf"the schema nests more than {most} levels of arrays and objects \(at most {most}\), at {where}"
+    with pytest.raises(GrammarError, match="^" + refusal):
+        constraints.check_spec({"type": "json_schema", "schema": deep})
+    with pytest.raises(GrammarError, match="^tool 'f': " + refusal) as e:
+        constraints.check_spec({"type": "tool_call", "tools": [{"type": "function", "function": {
+            "name": "f", "parameters": deep}}]})
+    assert e.value.param == "tools[0].function.parameters"
+    with pytest.raises(GrammarError, match=r"^structures\[0\]: " + refusal):
+        constraints.check_spec({"type": "structural_tag", "triggers": ["<f>"],
+                                "structures": [{"begin": "<f>", "schema": deep, "end": "</f>"}]})
+    with pytest.raises(GrammarError, match="^the %json schema: " + refusal):
+        constraints.check_spec({"type": "grammar", "grammar": "start: %json " + json.dumps(deep)})
+
+
+def test_a_forced_call_of_several_tools_bounds_their_depth_by_what_its_grammar_adds():
+    """A call that may write one of several tools holds each tool's parameters in an anyOf, 2
+    levels deeper than one tool's: the grammar engine refused parameters of MAX_JSON_DEPTH - 1 levels
+    there ('failed to parse "%json": recursion limit exceeded', naming no tool). MAX_JSON_DEPTH - 2
+    compile; one more is a GrammarError naming the tool's parameters and where; a single tool (or
+    the one a named choice writes) keeps MAX_JSON_DEPTH."""
+    most = constraints.MAX_JSON_DEPTH - constraints.CALL_CHOICE_LEVELS
+
+    def tools(depth):
+        return [{"type": "function", "function": {"name": "g"}},
+                {"type": "function", "function": {"name": "f", "parameters": {
+                    "type": "object", "properties": {"x": {"const": _nested(depth - 3, 1)}}}}}]
+
+    constraints.check_spec({"type": "tool_call", "tools": tools(most)})
+    with pytest.raises(GrammarError, match=rf"^tool 'f': the schema nests more than {most} levels of arrays and "
+                                           rf"objects \(at most {most} where the call may write several tools: its "
+                                           rf"grammar holds each 2 levels deeper\), at #/properties/x/const/0/") as e:
+        constraints.check_spec({"type": "tool_call", "tools": tools(most + 1)})
+    assert e.value.param == "tools[1].function.parameters"
+    constraints.check_spec({"type": "tool_call", "tools": tools(constraints.MAX_JSON_DEPTH), "choice": "f"})
 
 
 def test_a_spec_nested_past_what_json_writes_is_refused_by_the_compiler_naming_where(compiler):

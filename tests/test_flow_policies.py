@@ -238,6 +238,61 @@ def test_the_engine_starts_on_the_first_request_that_reaches_it(tmp_path, soft_g
     assert order[-1] == "slow" and sorted(order[:4]) == [f"fast{i}" for i in range(4)]
 
 
+def test_a_prompt_too_long_for_every_engine_is_refused_as_invalid_before_a_full_queue(tmp_path, soft_gguf):
+    """A prompt whose characters alone are more than any tokenisation fits in the context (more
+    than its tokens times the most characters a token stands for) is a bad request whether or not
+    the queue has room: with the queue full it is refused as invalid (agp serve's 400,
+    context_length_exceeded), not queue_full (a 429 that a client retries), without tokenising it;
+    a prompt that fits is refused queue_full. Where a python stage lies before the engine (it may
+    shorten the prompt) nothing is certain: the full queue answers first."""
+    from pipeline_dsl.flow import PipelineError
+
+    def refusal(rt, request) -> PipelineError:
+        with pytest.raises(PipelineError) as e:
+            rt.submit(request, flowkit.Heard())
+        return e.value
+
+    held_after = write(tmp_path, soft_gguf, "stage request : requests { max_queue = 1 }\n"
+                       "stage gen : generate { max_new_tokens = 2 }\nstage f : python { fn = \"flowkit:hold\" }\n"
+                       "stage out : respond {}\nrequest -> batch\n" + chain() + "gen -> f -> out\n")
+    assert errors(held_after) == []
+    rt = flowkit.runtime(held_after)
+    rt.start()
+    try:
+        es = rt.segments[0]
+        long = "word " * (es.max_prompt_chars // 5 + 1)                   # past the bound by characters alone
+        first = flowkit.Heard()
+        rt.submit(chat("a", "hi"), first)
+        deadline = time.monotonic() + 60                                  # answered, then held: the queue is full
+        while flowkit.COUNTS["hold"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert refusal(rt, chat("b", "hi")).kind == "queue_full"
+        for request in (chat("c", long), {"id": "d", "prompt": long, "max_tokens": 2},
+                        {"id": "e", "prompt_token_ids": [1] * (es.max_model_len + 1), "max_tokens": 2}):
+            err = refusal(rt, request)
+            assert (err.kind, err.code) == ("invalid", "context_length_exceeded"), err
+            assert "exceeds the model's context" in err.message
+        assert refusal(rt, chat("f", long, truncate_prompt_tokens=8)).kind == "queue_full"   # it may fit cut
+        flowkit.gate("hold").set()
+        assert first.done.wait(60) and first.result.ok
+    finally:
+        rt.close(drain=True, timeout=30)
+        rt.shutdown()
+    flowkit.gate("hold").clear()
+    held_before = write(tmp_path, soft_gguf, "stage request : requests { max_queue = 1 }\n"
+                        "stage f : python { fn = \"flowkit:hold\" }\nstage gen : generate { max_new_tokens = 2 }\n"
+                        "stage out : respond {}\nrequest -> f -> batch\n" + chain() + "gen -> out\n")
+    rt = flowkit.runtime(held_before)
+    rt.start()
+    try:
+        rt.submit(chat("a", "hi"), flowkit.Heard())
+        assert refusal(rt, chat("c", long)).kind == "queue_full"
+    finally:
+        flowkit.gate("hold").set()
+        rt.close(drain=True, timeout=30)
+        rt.shutdown()
+
+
 def test_the_request_source_admits_max_queue_requests_and_refuses_the_next(tmp_path, soft_gguf):
     """requests.max_queue = 2: two requests held before the engine fill the queue; a third is
     refused at once (queue_full), and once they are answered a new one is admitted."""

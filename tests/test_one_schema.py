@@ -269,8 +269,8 @@ def test_a_structured_output_nested_past_what_json_writes_is_a_400_naming_its_fi
     for field, value in (("guided_json", {"type": "string", "default": deep}),
                          ("response_format", {"type": "json_schema", "json_schema": {
                              "name": "x", "schema": {"type": "string", "default": deep}}})):
-        with pytest.raises(RequestError, match=f"'{field}' cannot be enforced: the schema nests more than 400 "
-                                               r"levels of arrays and objects \(at most 400\), at #/default/0/0/") as e:
+        with pytest.raises(RequestError, match=f"'{field}' cannot be enforced: the schema nests more than 124 "
+                                               r"levels of arrays and objects \(at most 124\), at #/default/0/0/") as e:
             parse_request({**CHAT, field: value})
         assert e.value.param == field
     deep_elsewhere = {"type": "choice", "choices": ["a"], "x": deep}   # no schema to walk: still its field

@@ -90,8 +90,8 @@ def test_rerank_puts_the_documents_best_first_and_keeps_top_n(server, path):
     ("/v1/rerank", {"query": "", "documents": ["a"]}, "query"),
     ("/v1/rerank", {"documents": ["a"]}, "query"),
     ("/v1/rerank", {"query": ["q"], "documents": ["a"]}, "query"),
-    ("/v1/rerank", {"query": "q", "documents": ["a"] * 1024}, "documents"),   # 1025 texts: more than the queue
-    ("/v1/score", {"text_1": ["a"] * 600, "text_2": ["b"] * 600}, "text_2"),
+    ("/v1/rerank", {"query": "q", "documents": [f"a{i}" for i in range(1024)]}, "documents"),   # 1025 texts: more than the queue
+    ("/v1/score", {"text_1": [f"a{i}" for i in range(600)], "text_2": [f"b{i}" for i in range(600)]}, "text_2"),
     ("/v1/rerank", {"query": "q", "documents": ["a"], "rank_fields": ["x"]}, "rank_fields"),
     ("/v1/rerank", {"query": "q", "documents": ["a"], "max_tokens_per_doc": 4096}, "max_tokens_per_doc"),
     ("/v1/score", {"text_1": ["a", "b"], "text_2": ["a", "b", "c"]}, "text_2"),
@@ -112,11 +112,19 @@ def test_an_unknown_model_is_a_404_and_a_text_beyond_the_context_names_its_place
     assert err["param"] == "documents" and "'documents[1]'" in err["message"], err
     err = post(server, "/v1/score", {"text_1": "a b c d " * 600, "text_2": ["a"]}, 400)["error"]
     assert err["param"] == "text_1" and "'text_1'" in err["message"], err
+    # past what any tokenisation fits by its characters alone: refused as it is queued, named the same
+    longest = server.runtime.segments[0].max_prompt_chars
+    err = post(server, "/v1/rerank", {"query": "q", "documents": ["a", "a " * longest]}, 400)["error"]
+    assert err["param"] == "documents" and err["message"].startswith("'documents[1]': prompt of "), err
 
 
 def test_a_request_of_more_texts_than_the_queue_holds_says_how_many_and_the_limit(server):
-    err = post(server, "/v1/rerank", {"query": "q", "documents": ["a"] * 1024}, 400)["error"]
+    err = post(server, "/v1/rerank", {"query": "q", "documents": [f"a{i}" for i in range(1024)]}, 400)["error"]
     assert "'query' and 'documents' make 1025 texts" in err["message"] and "at most 1024" in err["message"], err
+    # the queue holds the distinct texts, each embedded once: the same document 1024 times fits
+    assert len(post(server, "/v1/rerank", {"query": "q", "documents": ["a"] * 1024})["results"]) == 1024
+    err = post(server, "/v1/rerank", {"query": "q", "documents": ["a"] * 2048}, 400)["error"]
+    assert "make 2049 texts" in err["message"] and "at most 2048 a request" in err["message"], err
     err = post(server, "/v1/rerank", {"query": "q", "documents": ["a", 5]}, 400)["error"]
     assert "'documents[1]'" in err["message"], err
 
@@ -182,6 +190,35 @@ def test_rerank_keeps_the_documents_order_among_equal_scores(server):
         assert order.index(first) < order.index(again), order
         scores = {r["index"]: r["relevance_score"] for r in out["results"]}
         assert scores[first] == scores[again]
+
+
+def test_a_text_given_twice_is_embedded_once_and_counted_twice(server):
+    """Equal texts in one call (a document repeated, the query among the documents, a text_1
+    among the text_2) are embedded once: the pipeline sees each distinct text once, the answer is
+    the one the texts given once get, and usage counts every text given, as vLLM's (which embeds
+    each)."""
+    def embedded_now() -> int:
+        return server.stats()["stages"]["gen"]["items_in"]
+
+    query, docs = "where is the cat", [DOCS[0], DOCS[1], DOCS[0], "where is the cat", DOCS[1]]
+    once = post(server, "/v1/rerank", {"query": query, "documents": DOCS[:2]})
+    before = embedded_now()
+    out = post(server, "/v1/rerank", {"query": query, "documents": docs})
+    assert embedded_now() - before == 3                                       # the query, DOCS[0], DOCS[1]
+    scores = {r["index"]: r["relevance_score"] for r in out["results"]}
+    want = {r["index"]: r["relevance_score"] for r in once["results"]}
+    assert [scores[0], scores[1], scores[2], scores[4]] == [want[0], want[1], want[0], want[1]]
+    assert scores[3] == pytest.approx(1.0, abs=1e-6)
+    tokens = post(server, "/v1/embeddings", {"input": [query] + docs})["usage"]["prompt_tokens"]
+    assert out["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
+    before = embedded_now()
+    pairs = post(server, "/v1/score", {"text_1": [DOCS[0], DOCS[0], DOCS[1]], "text_2": [DOCS[1], DOCS[2], DOCS[0]]})
+    assert embedded_now() - before == 3
+    alone = post(server, "/v1/score", {"text_1": DOCS[0], "text_2": [DOCS[1], DOCS[2]]})
+    assert [d["score"] for d in pairs["data"]] == [alone["data"][0]["score"], alone["data"][1]["score"],
+                                                   alone["data"][0]["score"]]
+    tokens = post(server, "/v1/embeddings", {"input": [DOCS[0], DOCS[0], DOCS[1], DOCS[1], DOCS[2], DOCS[0]]})
+    assert pairs["usage"]["prompt_tokens"] == tokens["usage"]["prompt_tokens"]
 
 
 def test_cosines_of_a_zero_vector_are_zero():

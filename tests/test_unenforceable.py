@@ -170,7 +170,7 @@ def test_a_percent_json_schema_nested_past_what_python_reads_is_refused_naming_t
     grammar = 'start: %json {"type":"array","default":' + "[" * 5000 + "]" * 5000 + "}"
     with pytest.raises(GrammarError) as e:
         check_spec({"type": "grammar", "grammar": grammar})
-    assert "nests more than 400 levels of arrays and objects (at most 400)" in str(e.value)
+    assert "nests more than 124 levels of arrays and objects (at most 124)" in str(e.value)
 
 
 def test_a_grammar_error_leaves_out_the_grammar_engines_listing_of_the_grammar():
@@ -335,6 +335,40 @@ def test_a_forced_calls_tools_are_bounded_together_as_one_schema():
     assert e.value.param == "tools" and "5,200 properties in all" in str(e.value)
     named = {"type": "function", "function": {"name": "f1"}}
     assert parse_request({**line, "tool_choice": named}, default_id=0).tools == tools
+
+
+class _NoGrammarEngine:
+    """Stands in for llguidance where a spec must be refused before the grammar engine sees it."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the grammar engine was asked for {name}")
+
+
+def test_a_forced_calls_tools_are_counted_together_before_any_is_compiled(monkeypatch):
+    """Four tools of 4,900 properties each: past the bound of 5,000 together, refused by a walk of
+    their schemas before the grammar engine compiles any of them (it spent ~2 s compiling each
+    before the count refused them), where the request is read and where its grammar is made; one
+    tool past a bound alone is still named by its own field."""
+    from pipeline_dsl import constraints
+    from pipeline_dsl.requests_io import RequestError, parse_request
+
+    monkeypatch.setattr(constraints, "llg", _NoGrammarEngine())
+    tools = [_wide_tool(k, 4900) for k in range(4)]
+    line = {"messages": [{"role": "user", "content": "hi"}], "tools": tools, "tool_choice": "required"}
+    with pytest.raises(RequestError) as e:
+        parse_request(line, default_id=0)
+    assert e.value.param == "tools" and "19,600 properties in all" in str(e.value)
+    with pytest.raises(GrammarError) as e:
+        check_spec({"type": "tool_call", "tools": tools})
+    assert e.value.param == "tools" and "19,600 properties in all" in str(e.value)
+    alone = [_wide_tool(0, 2), _wide_tool(1, 5001)]
+    with pytest.raises(RequestError) as e:
+        parse_request({**line, "tools": alone}, default_id=0)
+    assert e.value.param == "tools[1].function.parameters" and e.value.code == "invalid_function_parameters"
+    assert str(e.value).startswith("'tools[1].function.parameters' cannot be enforced: tool 'f1': "), str(e.value)
+    with pytest.raises(GrammarError) as e:
+        check_spec({"type": "tool_call", "tools": alone})
+    assert e.value.param == "tools[1].function.parameters" and str(e.value).startswith("tool 'f1': ")
 
 
 @pytest.mark.parametrize("fields, named", [

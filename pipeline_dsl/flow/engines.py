@@ -31,6 +31,50 @@ class EngineSide:
                 return es
         return self.segments[0]
 
+    def _first_segments(self) -> list | None:
+        """The engine segments a request meets first, where nothing before them can change its
+        prompt or answer it without one: from the request source through route stages and
+        system_prompt stages that only add a system message (the prompt can only grow) to the
+        batchers. None where another stage lies on the way (a python stage may rewrite the
+        prompt, a respond stage answer it without an engine), or there is no source."""
+        if self.source is None:
+            return None
+        todo, seen, first = [self.source], {self.source}, []
+        while todo:
+            for nxt, _ in self.router.routes[todo.pop()]:
+                if nxt in seen:
+                    continue
+                seen.add(nxt)
+                kind = self.kind[nxt]
+                if nxt in self.seg_by_batch:
+                    first.append(self.seg_by_batch[nxt])
+                elif kind == "route" or (kind == "system_prompt" and not self.params[nxt].get("override")):
+                    todo.append(nxt)
+                else:
+                    return None
+        return first or None
+
+    def check_prompt_length(self, data: dict) -> None:
+        """PipelineError (invalid) for a request whose prompt is too long for every engine it can
+        reach, decided from its characters (or its ids' count) without tokenising it, before it is
+        admitted: a full queue's 429 never hides it. Only where the prompt reaches those engines as
+        sent (_first_segments; else the engine that tokenises it refuses it), and not under
+        truncate_prompt_tokens (the engine keeps its last tokens)."""
+        from pipeline_dsl.engine.errors import InputError
+
+        if self.first_segments is None or data.get("truncate_prompt_tokens"):
+            return
+        refusals = []
+        for es in self.first_segments:
+            try:
+                es.check_prompt_length(data)
+            except InputError as e:
+                refusals.append((es, e))
+            else:
+                return                        # one of them may take it
+        es, e = refusals[0]
+        raise PipelineError(str(e), "invalid", self._length_stage(es, es.segment.encode), e.code, e.param)
+
     def _segment_for(self, pin: str | None):
         es = self.seg_of_gen.get(pin) if pin else self.prompt_segment
         if es is None:

@@ -156,6 +156,7 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         self.streaming = {n for n, k in self.kind.items() if k == "python" and self.params[n].get("stream")}
         self.streams = StreamPlan.build(self.seg_of_gen, self.router.routes, self.kind, self.streaming)
         self.prompt_segment = self._prompt_segment()
+        self.first_segments = self._first_segments()
 
         self.flow = FlowStats(graph, self.kind)
         self.ledger = RequestLedger(clock)
@@ -211,9 +212,12 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
     # ---- requests in -------------------------------------------------------------------
     def submit(self, data: dict, listener, *, pin: str | None = None, stream: bool = False) -> str:
         """Admit one request (its item dict, already validated); returns its key. Raises
-        PipelineError(queue_full | unavailable) at once when it cannot be admitted."""
+        PipelineError(queue_full | unavailable) at once when it cannot be admitted, and
+        PipelineError(invalid) first when its prompt is certainly too long (check_prompt_length:
+        a bad request is a 400 whether or not the queue has room)."""
         if pin is not None and pin not in self.seg_of_gen:
             raise PipelineError(f"no generate stage named '{pin}'", "invalid")
+        self.check_prompt_length(data)
         with self._lock:
             if self.error is not None:
                 raise PipelineError(f"the pipeline failed: {self.error}", "unavailable")

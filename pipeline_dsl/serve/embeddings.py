@@ -215,7 +215,7 @@ class Embeddings:
             return g.refused(err)
         rid = f"{prefix}-{request_info(request.scope).adopt(req['request_id'])}"
         req["id"] = rid                          # the answer's id (a scoring answer carries one)
-        streams = []
+        streams, i = [], 0
         try:
             for i, v in enumerate(req["inputs"]):
                 item = request_item(f"{rid}-{i}", messages=v if isinstance(v, tuple) else None,
@@ -225,10 +225,10 @@ class Embeddings:
                                     chat_template_kwargs=req["chat_template_kwargs"],
                                     identity=req["identity"], headers=headers)
                 streams.append(await g.apipe.add(item, pin=req["pin"]))
-        except PipelineError as e:
+        except PipelineError as e:           # refused as it came (a full queue, a text too long for any engine)
             for st in streams:
                 st.abort()
-            return g.refused(api_error(e, "embeddings", g.config.retry_after_s))
+            return g.refused(self._placed(req, i, api_error(e, "embeddings", g.config.retry_after_s)))
         g.metrics.in_flight.inc()
         status = "499"
         try:
@@ -237,10 +237,7 @@ class Embeddings:
                 return Response(status_code=499)
             failed = next((i for i, r in enumerate(results) if r.error is not None), None)
             if failed is not None:
-                err = api_error(results[failed].error, "embeddings", g.config.retry_after_s)
-                if "places" in req and err.param == "input":     # the scoring request's field, and which text
-                    err.param, place = req["places"][failed]
-                    err.message = f"'{place}': {err.message}"
+                err = self._placed(req, failed, api_error(results[failed].error, "embeddings", g.config.retry_after_s))
                 status = str(err.status)
                 return error_response(err)
             try:
@@ -257,6 +254,14 @@ class Embeddings:
                     st.abort()
             g.metrics.requests.labels(status).inc()
             g.metrics.in_flight.dec()
+
+    @staticmethod
+    def _placed(req: dict, i: int, err: P.APIError) -> P.APIError:
+        """`err`, about input i, naming a scoring request's field and which text it is."""
+        if "places" in req and err.param == "input":
+            err.param, place = req["places"][i]
+            err.message = f"'{place}': {err.message}"
+        return err
 
     @staticmethod
     async def _result(stream):

@@ -546,18 +546,26 @@ RERANK = {
                                                                   "document": {"type": "object"}}}}}}}}},
         **{k: ERRORS[k] for k in ("400", "404", "408", "413", "415", "429", "500", "503")}}}
 
+def _body(route: dict) -> dict:
+    return route["requestBody"]["content"]["application/json"]["schema"]
+
+
+def _answer(route: dict) -> dict:
+    return route["responses"]["200"]["content"]["application/json"]["schema"]
+
+
 # SageMaker's one inference route, as vLLM serves it: the body's shape picks the API (serve/routes.py)
 INVOCATIONS = {
     "summary": "SageMaker's inference route (vLLM's): a body with 'messages' is a chat completion, one with "
-               "'prompt' a completion, one with 'input' an embedding",
+               "'prompt' a completion, one with 'input' an embedding, one with 'query' or 'documents' a rerank, "
+               "one with 'text_1' or 'text_2' a score",
     "requestBody": {"required": True, "content": {"application/json": {"schema": {
-        "anyOf": [CHAT_REQUEST, COMPLETION_REQUEST, _embeddings_request()]}}}},
+        "anyOf": [CHAT_REQUEST, COMPLETION_REQUEST, _embeddings_request(), _body(RERANK), _body(SCORE)]}}}},
     "responses": {
         "200": {"description": "the answer of the API the body picks (JSON), or with \"stream\": true "
                                "server-sent events ending in data: [DONE]",
                 "content": {"application/json": {"schema": {"anyOf": [
-                    CHAT_RESPONSE, COMPLETION_RESPONSE,
-                    EMBEDDINGS["responses"]["200"]["content"]["application/json"]["schema"]]}},
+                    CHAT_RESPONSE, COMPLETION_RESPONSE, _answer(EMBEDDINGS), _answer(RERANK), _answer(SCORE)]}},
                             "text/event-stream": {"schema": SSE_EVENT}}},
         **ERRORS,
     },

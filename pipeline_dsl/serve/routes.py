@@ -6,8 +6,8 @@ Routes: POST /v1/completions, /v1/chat/completions (serve/generation.py), /v1/re
 DELETE /v1/responses/{id}, POST /v1/responses/input_tokens: serve/responses.py), /v1/embeddings (serve/embeddings.py),
 /v1/score (and /score), /v1/rerank (and /rerank, /v2/rerank: serve/scores.py), GET /v1/models,
 /v1/models/{id}, POST /tokenize, /detokenize, GET /tokenizer_info, /version, /health (and HEAD;
-/ping, GET and POST, its vLLM name), POST /invocations (SageMaker's, as vLLM's: chat, completions or
-embeddings by the body's shape),
+/ping, GET and POST, its vLLM name), POST /invocations (SageMaker's, as vLLM's: chat, completions,
+embeddings, rerank or score by the body's shape),
 /metrics (Prometheus), /stats (counters as JSON), POST /trace/flush.
 """
 from __future__ import annotations
@@ -114,9 +114,12 @@ async def rerank(request: Request):
     return await _state(request).scores.rerank(request)
 
 
-# SageMaker's one inference route (vLLM serves it beside /ping): the field an API's body needs picks
-# the API, in vLLM's order (chat first: an embeddings body may hold 'messages' too); null is left out
-INVOCATION_APIS = (("messages", "chat completions"), ("prompt", "completions"), ("input", "embeddings"))
+# SageMaker's one inference route (vLLM serves it beside /ping): the fields an API's body needs pick
+# the API, in vLLM's order (chat first: an embeddings body may hold 'messages' too; then completions,
+# embeddings, rerank, score); null is left out. A body holding one of an API's two fields goes to it,
+# whose own check names the other
+INVOCATION_APIS = ((("messages",), "chat completions"), (("prompt",), "completions"), (("input",), "embeddings"),
+                   (("query", "documents"), "rerank"), (("text_1", "text_2"), "score"))
 
 
 @router.post("/invocations", openapi_extra=OA.INVOCATIONS)
@@ -126,13 +129,18 @@ async def invocations(request: Request):
         body = await read_json(request, state.config)
     except P.APIError as err:
         return state.generations.refused(err)
-    if body.get("messages") is not None:
+    api = next((api for fields, api in INVOCATION_APIS if any(body.get(f) is not None for f in fields)), None)
+    if api == "chat completions":
         return await state.generations.handle(request, P.parse_chat, body)
-    if body.get("prompt") is not None:
+    if api == "completions":
         return await state.generations.handle(request, P.parse_completion, body)
-    if body.get("input") is not None:
+    if api == "embeddings":
         return await state.embeddings.create(request, body)
-    said = [f"'{field}' ({api})" for field, api in INVOCATION_APIS]
+    if api == "rerank":
+        return await state.scores.rerank(request, body)
+    if api == "score":
+        return await state.scores.score(request, body)
+    said = [f"{' and '.join(repr(f) for f in fields)} ({api})" for fields, api in INVOCATION_APIS]
     fields = f"{', '.join(said[:-1])} or {said[-1]}"
     return state.generations.refused(P.APIError(f"/invocations answers a body holding one of {fields}; this one "
                                                  "holds none of them", code="unknown_request_type"))

@@ -4,9 +4,10 @@ the ones RAG rerankers call (Jina- and Cohere-compatible clients).
 agp's models have no classifier head (a cross-encoder's), so a pair is scored as vLLM scores it
 with an embedding model: the cosine similarity of the two texts' embeddings, each embedded exactly
 as /v1/embeddings embeds an input (serve/embeddings.py: the mean of the final normed hidden
-states). Each text is a request of the pipeline, on the embeddings path: the same limits (at most
-2048 texts a request and no more than the queue holds, each within the context and
---max-input-tokens), `priority`, `user` and the copied headers, auth and metrics.
+states). Each distinct text is a request of the pipeline, on the embeddings path (a text given twice
+is embedded once): the same limits (at most 2048 texts a request and no more distinct ones than the
+queue holds, each within the context and --max-input-tokens), `priority`, `user` and the copied
+headers, auth and metrics. `usage` counts every text given, a repeated one each time, as vLLM does.
 
     /v1/score   {"model", "text_1": str | [str], "text_2": str | [str]}
                 -> {"id", "object": "list", "created", "model", "data": [{"index", "object": "score", "score"}],
@@ -85,21 +86,31 @@ class Scores:
     def __init__(self, embeddings: Embeddings):
         self.e = embeddings
 
-    def _common(self, body: dict, inputs: list[str], places: list[tuple[str, str]],
+    def _common(self, body: dict, texts: list[str], places: list[tuple[str, str]],
                 param: str, what: str) -> dict:
         """The request's model, identity and pipeline fields, as an embeddings request's; `what`
-        names the fields whose texts are embedded, `param` the one a count beyond the limits blames."""
+        names the fields whose texts are embedded, `param` the one a count beyond the limits blames.
+        Each distinct text is embedded once (`inputs`, its `places` those of its first mention):
+        `slots[i]` is the input `texts[i]` is."""
         g = self.e.g
         base = self.e.request_base(body)
-        most = min(MAX_INPUTS, g.apipe.runtime.max_queue)
-        if len(inputs) > most:
-            why = (f"at most {MAX_INPUTS} a request" if most == MAX_INPUTS else
-                   f"each is a request of its own in the pipeline's queue, which holds at most {most} "
-                   "(requests.max_queue, or --max-queue): this request could never be admitted")
-            raise P.APIError(f"{what} make {len(inputs)} texts to embed; {why}; send at most {most}", param=param)
+        first: dict[str, int] = {}                 # each distinct text: the index of its first mention
+        for i, t in enumerate(texts):
+            first.setdefault(t, i)
+        inputs, slot_of = list(first), {t: n for n, t in enumerate(first)}
+        slots = [slot_of[t] for t in texts]
+        queue = g.apipe.runtime.max_queue
+        if len(texts) > MAX_INPUTS:
+            raise P.APIError(f"{what} make {len(texts)} texts to embed; at most {MAX_INPUTS} a request; send at most "
+                             f"{MAX_INPUTS}", param=param)
+        if len(inputs) > queue:
+            raise P.APIError(f"{what} make {len(inputs)} {'distinct ' if len(inputs) < len(texts) else ''}texts to "
+                             f"embed; each is a request of its own in the pipeline's queue, which holds at most "
+                             f"{queue} (requests.max_queue, or --max-queue): this request could never be admitted; "
+                             f"send at most {queue}", param=param)
         extras = P.parse_extras({"request_id": body.get("request_id")}, chat=False)
-        return {**base, "inputs": inputs, "places": places, "chat_template_kwargs": None,
-                "request_id": extras.request_id,
+        return {**base, "inputs": inputs, "slots": slots, "places": [places[i] for i in first.values()],
+                "chat_template_kwargs": None, "request_id": extras.request_id,
                 "fields": {"max_tokens": 0, "pooling": "mean", **P.priority_field(body)}}
 
     # ------------------------------------------------------------ /v1/score
@@ -119,18 +130,20 @@ class Scores:
 
         places = [place("text_1", i) for i in range(len(one))] + [place("text_2", i) for i in range(len(two))]
         req = self._common(body, one + two, places, "text_2", "'text_1' and 'text_2'")
-        req["pairs"] = [(0 if len(one) == 1 else i, len(one) + i) for i in range(len(two))]
+        slot = req["slots"]
+        req["pairs"] = [(slot[0 if len(one) == 1 else i], slot[len(one) + i]) for i in range(len(two))]
         return req
 
     def answer_score(self, req: dict, results) -> dict:
-        vectors, tokens = pooled_vectors(req, results), _tokens(results)
+        vectors, tokens = pooled_vectors(req, results), _tokens(req, results)
         return {"id": req["id"], "object": "list", "created": int(time.time()), "model": req["model"],
                 "data": [{"index": i, "object": "score", "score": score}
                          for i, score in enumerate(cosines(vectors, req["pairs"]))],
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}}
 
-    async def score(self, request: Request) -> Response:
-        return await self.e.run(request, None, self.parse_score, self.answer_score, "score")
+    async def score(self, request: Request, body: dict | None = None) -> Response:
+        """The answer to a score request (`body`: the request's, when already read)."""
+        return await self.e.run(request, body, self.parse_score, self.answer_score, "score")
 
     # ------------------------------------------------------------ /v1/rerank
 
@@ -161,18 +174,21 @@ class Scores:
         return req
 
     def answer_rerank(self, req: dict, results) -> dict:
-        vectors, tokens = pooled_vectors(req, results), _tokens(results)
-        scored = [(score, i) for i, score in enumerate(cosines(vectors, [(0, i) for i in range(1, len(vectors))]))]
+        vectors, tokens, slot = pooled_vectors(req, results), _tokens(req, results), req["slots"]
+        scored = [(score, i) for i, score in enumerate(cosines(vectors, [(slot[0], d) for d in slot[1:]]))]
         scored.sort(key=lambda s: (-s[0], s[1]))          # best first; a tie keeps the documents' order
         return {"id": req["id"], "model": req["model"], "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
                 "results": [{"index": i, "relevance_score": score,
                              **({"document": {"text": req["documents"][i]}} if req["return_documents"] else {})}
                             for score, i in scored[:req["top_n"]]]}
 
-    async def rerank(self, request: Request) -> Response:
-        return await self.e.run(request, None, self.parse_rerank, self.answer_rerank,
+    async def rerank(self, request: Request, body: dict | None = None) -> Response:
+        """The answer to a rerank request (`body`: the request's, when already read)."""
+        return await self.e.run(request, body, self.parse_rerank, self.answer_rerank,
                                 "rerank")
 
 
-def _tokens(results) -> int:
-    return sum(res.usage.get("prompt_tokens", 0) for res in results)
+def _tokens(req: dict, results) -> int:
+    """The prompt tokens of every text of the request, a text given twice counted twice (as vLLM,
+    which embeds each one), though it was embedded once."""
+    return sum(results[s].usage.get("prompt_tokens", 0) for s in req["slots"])
