@@ -50,7 +50,7 @@ def refuse_if_unsafe(text: str, blocked=BLOCKED) -> None:
         raise Reject("the answer contained contact details")
     lowered = text.lower()
     for word in blocked:
-        if word in lowered:
+        if word.lower() in lowered:
             raise Reject(f"the answer mentions a blocked topic ({word})")
 
 

@@ -162,7 +162,8 @@ def _end_of_previous(text: str, at: int) -> int:
         start = text.rfind("\n", 0, end) + 1
 
 
-def _context_hint(expected: set[str], tok: Token, prev: str = "") -> tuple[str | None, str | None]:
+def _context_hint(expected: set[str], tok: Token, prev: str = "",
+                  in_map: bool = False) -> tuple[str | None, str | None]:
     """(what the parser wanted in words, a fix) for the common mistakes."""
     exp = set(expected)
     if exp == {"NAME"} and prev in _AFTER_WORD:
@@ -198,6 +199,8 @@ def _context_hint(expected: set[str], tok: Token, prev: str = "") -> tuple[str |
         return _join(_describe_expected(exp)), ("an edge goes to one stage: write one edge per stage it leads to "
                                                 "(edges without a condition out of one stage each get a copy)")
     if tok.type == "COMMA" and "RBRACE" in exp:
+        if in_map:
+            return _join(_describe_expected(exp)), "one ',' between a map's entries, none before the first"
         return _join(_describe_expected(exp)), "separate parameters with spaces, not commas"
     if tok.type in ("NUMBER", "STRING", "LSQB", "TRUE", "FALSE", "DEVICE_ID") and "RBRACE" in exp:
         return _join(_describe_expected(exp)), "one value per setting; write a list as [a, b]"
@@ -350,7 +353,9 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
     at = len(text) if tok.type == "$END" or tok.start_pos is None else tok.start_pos
     if (body := _missing_body(text, at, tok, wanted, file)) is not None:
         return body
-    expected_words, hint = _context_hint(wanted, tok, _previous(text, at))
+    opened = _open_blocks(text[:at]) if tok.type == "COMMA" else None
+    expected_words, hint = _context_hint(wanted, tok, _previous(text, at),
+                                         bool(opened) and opened[-1][0].startswith("the map "))
     if tok.type == "EQUAL" and "COMPARE" in wanted:            # when prompt_tokens = 5
         nxt = text[at + 1:at + 2]
         hint = f"did you mean '{nxt}='?" if nxt in ("<", ">") else "did you mean '=='?"
@@ -514,7 +519,9 @@ def _unclosed_before(text: str, at: int, tok: Token) -> tuple[str, str] | None:
     if not opened:
         return None
     what, line = opened[-1]
-    if what.startswith("the map ") and tok.type != "__ANON_0":     # `args = {a = 1` and the next stage
+    if what.startswith("the map "):     # `args = {a = 1` and the next stage, edge or pipeline
+        if _braces_balance(text):       # closed later: a keyword as a key (`{stage = 1}`), said as such
+            return None
         return f"'}}' to close {what} first", f"the '{{' of {what} (line {line}) is not closed"
     misplaced = what.startswith("stage ") or tok.type in ("PIPELINE", "USE")
     if misplaced and _braces_balance(text):

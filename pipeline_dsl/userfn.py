@@ -465,10 +465,10 @@ def keyword_call(node: pyast.AST | None, n: int, keywords) -> KeywordCall | None
             twice.append(k)
         elif k in by_name:
             continue
+        elif k in posonly:          # unbound positional-only: the call refuses it even with **kwargs
+            only.append(k)
         elif a.kwarg is not None:
             continue
-        elif k in posonly:
-            only.append(k)
         else:
             unknown.append(k)
     given = set(keywords)

@@ -46,6 +46,8 @@ def test_guardrail_refuses_an_answer_with_contact_details_and_only_that_one():
     with pytest.raises(pipeline_dsl.Reject, match="contact details"):
         guard_output({"text": "Call +1 555 123 4567", "request": {}})
     assert guard_output({"text": "fine", "request": {}})["text"] == "fine"
+    with pytest.raises(pipeline_dsl.Reject, match="blocked topic"):    # a topic an .agp's args writes in capitals
+        guard_output({"text": "my credit card number is", "request": {}}, blocked=["Credit Card"])
 
 
 def test_router_sends_long_prompts_to_the_long_engine():

@@ -31,6 +31,9 @@ def anything(item, **kw):
 def answer(item):
     return {"text": repr(item["metadata"]["seen"])}
 
+def posonly_kw(item, x=0, /, **kw):
+    return item
+
 def grow(item, into=[]):
     into.append(item["id"])
     return {"text": str(len(into))}
@@ -104,6 +107,14 @@ def test_a_keyword_the_call_already_fills_is_an_error_at_the_key(tmp_path):
     stage = 'stage r : python { fn = "hooks:anything"  args = {item = 1} }'
     [(message, line, column)] = at(check(tmp_path, one_stage(stage)))
     assert "'item' is filled by the call fn(item) itself" in message and (line, column) == (3, col(stage, "item ="))
+
+
+def test_a_positional_only_parameter_named_in_args_is_an_error_even_beside_kwargs(tmp_path):
+    """`def f(item, x=0, /, **kw)` with args = {x = 5}: the call puts x in **kw, never in the
+    parameter x, which is what check says (the load refuses the same keyword)."""
+    stage = 'stage r : python { fn = "hooks:posonly_kw"  args = {x = 5} }'
+    [(message, line, column)] = at(check(tmp_path, one_stage(stage)))
+    assert "'x'" in message and "positional" in message and (line, column) == (3, col(stage, "x ="))
 
 
 def test_a_value_its_annotation_refuses_is_a_warning_not_an_error(tmp_path):
@@ -183,6 +194,25 @@ def test_a_map_left_open_is_named_at_the_statement_after_it():
     assert module is None and (diag.pos.line, diag.pos.col) == (3, 5)
     assert diag.expected == "'}' to close the map of 'args' first"
     assert diag.hint == "the '{' of the map of 'args' (line 2) is not closed"
+
+
+def test_a_keyword_as_a_maps_key_is_said_as_such_not_as_a_map_left_open():
+    module, [diag] = pipeline_dsl.parser.parse(
+        'pipeline p {\n    stage r : python { fn = "h:f"  args = {stage = 1} }\n    stage out : respond {}\n}\n')
+    assert module is None and diag.hint == "'stage' is a keyword and cannot be used as a name"
+
+
+def test_an_edge_after_a_map_left_open_names_the_map():
+    module, [diag] = pipeline_dsl.parser.parse(
+        'pipeline p {\n    stage r : python { fn = "h:f"  args = {label = "a"\n    request -> r\n}\n')
+    assert module is None and diag.expected == "'}' to close the map of 'args' first"
+
+
+@pytest.mark.parametrize("entries", ['a = 1,, b = 2', ', a = 1'])
+def test_a_stray_comma_in_a_map_is_told_how_a_maps_commas_go(entries):
+    module, [diag] = pipeline_dsl.parser.parse(
+        'pipeline p {\n    stage r : python { fn = "h:f"  args = {' + entries + '} }\n}\n')
+    assert module is None and diag.hint == "one ',' between a map's entries, none before the first"
 
 
 def test_a_drawing_shows_args_as_the_file_writes_them():
