@@ -378,6 +378,12 @@ def value_problem(dest: str, value) -> str | None:
             return f"must be {expected(param_of(*ENGINE_FIELDS['seed']))}, not {value}"
     if dest == "chat_template" and value and template_text(value):
         return None                     # the template itself, as vLLM's --chat-template takes it too
+    if dest == "chat_template" and value and not Path(value).is_file() and re.fullmatch(r"[\w.-]+", value) \
+            and not Path(value).suffix:
+        # a template's name, as llama.cpp's --chat-template takes one of its built-ins ("chatml", "llama3")
+        return (f"{value}: no such file (agp knows no templates by name, as llama.cpp knows 'chatml' or 'llama3': "
+                "give a Jinja template's file or the template itself; left out, the model's own template is "
+                "used, from its .gguf file or tokenizer_config.json)")
     if dest in FILES and value and not Path(value).is_file():
         return f"{value}: no such file"
     if dest == "root_path" and value and not value.startswith("/"):
