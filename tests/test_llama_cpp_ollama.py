@@ -6,10 +6,15 @@ those is refused as an unknown one is (exit 2, a 400, a 404), and the message sa
 equivalent is (docs/serve.md and docs/openai.md, "Coming from llama.cpp or Ollama")."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from pipeline_dsl import cli
 from pipeline_dsl.commands import serve as serve_command
+from pipeline_dsl.requests_io import RequestError, parse_request
+from pipeline_dsl.serve import protocol as P
+from test_serve import SERVED
 
 
 # ---------------------------------------------------------------- llama-server's flags
@@ -80,3 +85,54 @@ def test_a_chat_template_given_by_name_is_told_agp_takes_a_template(capsys):
     assert cli.main(["serve", "examples/chat.agp", "--port", "0", "--chat-template", "t/none.jinja"]) == 2
     err = capsys.readouterr().err
     assert "--chat-template t/none.jinja: no such file" in err and "by name" not in err, err
+
+
+# ---------------------------------------------------------------- request fields
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize("field, value, said", [
+    ("n_predict", 16, "(llama.cpp's name; agp's is 'max_tokens')"),
+    ("cache_prompt", True, "(llama.cpp's; agp reuses a prompt's cached prefix by itself"),
+    ("grammar", 'root ::= "yes" | "no"', "(llama.cpp's; agp takes GBNF (or Lark) text as 'guided_grammar'"),
+    ("json_schema", {"type": "object"}, "(llama.cpp's; agp's is 'response_format': {\"type\": \"json_schema\""),
+    ("n_probs", 3, "(llama.cpp's; agp's is 'logprobs'"),
+    ("repeat_penalty", 1.1, "(llama.cpp's and Ollama's name; agp's is 'repetition_penalty'"),
+    ("mirostat", 2, "(agp has no Mirostat sampler: it samples by temperature, top_k, top_p, min_p"),
+    ("options", {"num_predict": 8}, "(Ollama's; agp takes its sampling fields at the top level: 'max_tokens' "
+                                    "(num_predict)"),
+    ("format", "json", "(Ollama's; agp's is 'response_format': {\"type\": \"json_object\"} for \"json\""),
+    # not "did you mean 'reasoning_effort'?", another setting
+    ("reasoning_format", "none", "(agp splits no reasoning out of an answer)"),
+])
+@pytest.mark.parametrize("parse", ["chat", "completion"])
+def test_llama_cpps_and_ollamas_fields_are_a_400_naming_agps(field, value, said, parse):
+    """They were a bare 'unrecognized request argument "n_predict"' (or a did-you-mean at another
+    field: reasoning_format at reasoning_effort)."""
+    body = {**CHAT, field: value} if parse == "chat" else {"prompt": "hi", field: value}
+    with pytest.raises(P.APIError) as e:
+        getattr(P, f"parse_{parse}")(body, max_model_len=512, served=SERVED, stages=("gen",))
+    assert e.value.message.startswith(f'unrecognized request argument "{field}" {said}'), e.value.message
+    assert (e.value.status, e.value.param, e.value.code) == (400, field, "unknown_parameter")
+
+
+def test_lenient_logs_what_agp_calls_the_field_it_ignores(caplog):
+    with caplog.at_level(logging.INFO, logger="agp.serve"):
+        P.parse_completion({"prompt": "hi", "n_predict": 8}, max_model_len=512, served=SERVED, lenient=True)
+    assert "ignoring unrecognized request arguments: 'n_predict' (llama.cpp's name; agp's is 'max_tokens')" \
+        in caplog.text
+
+
+def test_a_request_line_is_told_the_same():
+    with pytest.raises(RequestError) as e:
+        parse_request({"prompt": "hi", "n_predict": 8})
+    assert str(e.value) == "unknown field 'n_predict' (llama.cpp's name; agp's is 'max_tokens')"
+
+
+def test_a_nested_field_gets_no_foreign_hint():
+    """The table names top-level fields: stream_options.format is no Ollama field."""
+    with pytest.raises(P.APIError) as e:
+        P.parse_completion({"prompt": "hi", "stream": True, "stream_options": {"format": 1}}, max_model_len=512,
+                           served=SERVED)
+    assert e.value.message == 'unrecognized request argument "stream_options.format"'
