@@ -14,7 +14,7 @@ from pipeline_dsl import cli
 from pipeline_dsl.commands import serve as serve_command
 from pipeline_dsl.requests_io import RequestError, parse_request
 from pipeline_dsl.serve import protocol as P
-from test_serve import SERVED
+from test_serve import SERVED, LiveServer
 
 
 # ---------------------------------------------------------------- llama-server's flags
@@ -136,3 +136,37 @@ def test_a_nested_field_gets_no_foreign_hint():
         P.parse_completion({"prompt": "hi", "stream": True, "stream_options": {"format": 1}}, max_model_len=512,
                            served=SERVED)
     assert e.value.message == 'unrecognized request argument "stream_options.format"'
+
+
+# ---------------------------------------------------------------- routes
+
+@pytest.fixture(scope="module")
+def live(tiny_gguf):
+    s = LiveServer(tiny_gguf)
+    yield s
+    s.close()
+
+
+@pytest.mark.parametrize("method, path, said", [
+    ("POST", "/completion", "(llama.cpp's; agp's is POST /v1/completions (its n_predict is 'max_tokens' there))"),
+    ("GET", "/props", "(llama.cpp's; agp's settings: GET /v1/models (each model's max_model_len), GET /stats"),
+    ("GET", "/slots", "(llama.cpp's; agp has no slots: GET /stats counts"),
+    ("POST", "/slots/0?action=save", "(llama.cpp's; agp has no slots"),
+    ("POST", "/chat/completions", "(agp serves OpenAI's routes under /v1 (a client's base URL is "
+                                  "http://HOST:PORT/v1): POST /v1/chat/completions)"),
+    ("POST", "/api/chat", "(Ollama's API; agp serves OpenAI's, as Ollama does under /v1 too"),
+    ("GET", "/api/tags", "Ollama's /api/tags is GET /v1/models)"),
+    ("POST", "/api/pull", "(Ollama's API; agp serves OpenAI's"),
+    ("GET", "/", "(agp serves no web page"),
+])
+def test_another_servers_route_is_a_404_saying_where_agps_is(live, method, path, said):
+    """The ollama package's Client and llama.cpp's README curl lines got 'POST /api/chat: Not Found'."""
+    r = live.http.request(method, live.url + path, json={})
+    assert r.status_code == 404
+    error = r.json()["error"]
+    assert error["type"] == "not_found_error" and said in error["message"], error
+
+
+def test_an_unknown_route_of_no_server_gets_no_hint(live):
+    r = live.http.get(live.url + "/nowhere")
+    assert r.status_code == 404 and r.json()["error"]["message"] == "GET /nowhere: Not Found"
