@@ -739,7 +739,10 @@ def parse_logit_bias(bias) -> dict[int, float]:
     """OpenAI's logit_bias: {"token id": bias from -100 to 100} (ids beyond the vocabulary are
     the engine's to refuse)."""
     if not isinstance(bias, dict):
-        raise bad("logit_bias", 'an object {"token id": bias}', bias)
+        pairs = isinstance(bias, list) and bias and all(isinstance(p, list) and len(p) == 2 for p in bias)
+        raise bad("logit_bias", 'an object {"token id": bias}', bias,
+                  " (llama.cpp's [[id, bias], ...] pairs are {\"id\": bias, ...} here; its false, a token "
+                  "banned, is -100)" if pairs else "")
     if len(bias) > MAX_LOGIT_BIAS:
         raise RequestError(f"'logit_bias' has {len(bias)} entries; at most {MAX_LOGIT_BIAS} are accepted",
                            param="logit_bias")
@@ -771,7 +774,13 @@ def parse_response_format(value) -> dict | None:
     if value["type"] == "text":
         return {"type": "text"}
     if value["type"] == "json_object":
-        return {"type": "json_object", **spec_options(value)}
+        schema = value.get("schema")
+        if schema is None:
+            return {"type": "json_object", **spec_options(value)}
+        # llama.cpp's form of a schema (its README's): a JSON object that follows it, as json_schema asks
+        if not isinstance(schema, (dict, bool)):
+            raise bad("response_format.schema", "a JSON schema (an object)", schema)
+        return {"type": "json_schema", "schema": schema, "name": None, **spec_options(value)}
     if value["type"] == "structural_tag":
         return structural_tag_spec(value, "response_format")
     spec = value.get("json_schema")

@@ -138,6 +138,33 @@ def test_a_nested_field_gets_no_foreign_hint():
     assert e.value.message == 'unrecognized request argument "stream_options.format"'
 
 
+SCHEMA = {"type": "object", "properties": {"a": {"enum": ["x", "y"]}}, "required": ["a"], "additionalProperties": False}
+
+
+def test_llama_cpps_json_object_with_a_schema_asks_for_that_schema():
+    """llama.cpp's README writes a schema as response_format {"type": "json_object", "schema": ...}:
+    agp dropped the schema and answered any JSON object."""
+    fmt = {"type": "json_object", "schema": SCHEMA}
+    r = P.parse_chat({**CHAT, "response_format": fmt}, max_model_len=512, served=SERVED)
+    assert (r.response_format["type"], r.response_format["schema"]) == ("json_schema", SCHEMA)
+    assert parse_request({**CHAT, "response_format": fmt}).response_format["schema"] == SCHEMA    # a line too
+    # without a schema it is OpenAI's json_object, as before
+    r = P.parse_chat({**CHAT, "response_format": {"type": "json_object"}}, max_model_len=512, served=SERVED)
+    assert r.response_format == {"type": "json_object"}
+    with pytest.raises(P.APIError) as e:
+        P.parse_chat({**CHAT, "response_format": {"type": "json_object", "schema": "x"}}, max_model_len=512,
+                     served=SERVED)
+    assert e.value.message == "'response_format.schema' must be a JSON schema (an object), not \"x\""
+
+
+def test_llama_cpps_logit_bias_pairs_are_told_agps_form():
+    with pytest.raises(P.APIError) as e:
+        P.parse_completion({"prompt": "hi", "logit_bias": [[15043, False]]}, max_model_len=512, served=SERVED)
+    assert e.value.message == ("'logit_bias' must be an object {\"token id\": bias}, not [[15043, false]] "
+                               "(llama.cpp's [[id, bias], ...] pairs are {\"id\": bias, ...} here; its false, a "
+                               "token banned, is -100)")
+
+
 # ---------------------------------------------------------------- routes
 
 @pytest.fixture(scope="module")
@@ -165,6 +192,15 @@ def test_another_servers_route_is_a_404_saying_where_agps_is(live, method, path,
     assert r.status_code == 404
     error = r.json()["error"]
     assert error["type"] == "not_found_error" and said in error["message"], error
+
+
+def test_a_json_object_with_a_schema_is_answered_in_that_schema(live):
+    import json
+
+    r = live.http.post(live.url + "/v1/chat/completions", timeout=60,
+                       json={**CHAT, "max_tokens": 30, "response_format": {"type": "json_object", "schema": SCHEMA}})
+    assert r.status_code == 200, r.text
+    assert json.loads(r.json()["choices"][0]["message"]["content"]) in ({"a": "x"}, {"a": "y"})
 
 
 def test_an_unknown_route_of_no_server_gets_no_hint(live):
