@@ -61,6 +61,10 @@ def test_a_pipeline_file_is_still_served_as_one(tiny_gguf, tmp_path):
                           "model folder (with its config.json) or an embedded model (smollm2-135m-instruct); agp "
                           "downloads nothing"),
     ("missing.agp", "file not found: 'missing.agp'"),             # a pipeline file, as ever
+    # Ollama's name:tag: where its file is
+    ("llama3.2:1b", "An Ollama model's file is in Ollama's store: `ollama show --modelfile llama3.2:1b` prints its "
+                    "path (FROM .../blobs/sha256-...); link it as a .gguf file (ln -s PATH model.gguf), serve the "
+                    "link, and --served-model-name llama3.2:1b keeps the name clients send"),
     ("{tmp}/folder", "'{tmp}/folder' is a folder without a config.json, so neither a pipeline file nor a model"),
     ("{tmp}/model.safetensors", "'{tmp}/model.safetensors' is a file of weights alone"),
 ])

@@ -449,6 +449,12 @@ def check_file(file: str) -> None:
         raise SetupError(f"{file!r} is a GGUF model without the .gguf extension (as Ollama stores its models' "
                          "files): agp takes a model file by its .gguf name; link it as one (ln -s FILE model.gguf) "
                          "and serve the link")
+    if not path.exists() and re.fullmatch(r"[a-z0-9][\w.-]*:[\w.-]+", file):
+        # Ollama's name:tag of a model it pulled: the GGUF file is in its store
+        raise SetupError(f"{file!r} is neither a pipeline (.agp) file nor a model: {takes}. An Ollama model's "
+                         f"file is in Ollama's store: `ollama show --modelfile {file}` prints its path (FROM "
+                         f".../blobs/sha256-...); link it as a .gguf file (ln -s PATH model.gguf), serve the link, "
+                         f"and --served-model-name {file} keeps the name clients send")
     if not path.exists():
         raise SetupError(f"{file!r} is neither a pipeline (.agp) file nor a model: {takes}; agp downloads nothing, "
                          "so a Hub id must be a local folder")
