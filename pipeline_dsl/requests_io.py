@@ -609,8 +609,11 @@ OLLAMA_FIELDS = {
     "system": "Ollama's; agp takes a system prompt as the first of 'messages', {\"role\": \"system\", ...}",
     "images": "agp serves text only",
 }
+# the servers' own fields (agp serve's bodies say these; a line also those of the shapes above, which
+# name a line's fields: on /v1/embeddings TEI's "inputs" is a typo of "input", no prompt)
+SERVER_FIELDS = {**LLAMA_CPP_FIELDS, **OLLAMA_FIELDS}
 FOREIGN_FIELDS = {"text": _PROMPT_IS, "text_input": _PROMPT_IS, "inputs": _PROMPT_IS,
-                  "sampling_params": _SAMPLING_ARE, "parameters": _SAMPLING_ARE, **LLAMA_CPP_FIELDS, **OLLAMA_FIELDS}
+                  "sampling_params": _SAMPLING_ARE, "parameters": _SAMPLING_ARE, **SERVER_FIELDS}
 
 
 def parse_request(obj, default_id=None) -> ParsedRequest:

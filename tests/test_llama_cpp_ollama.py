@@ -130,6 +130,16 @@ def test_a_request_line_is_told_the_same():
     assert str(e.value) == "unknown field 'n_predict' (llama.cpp's name; agp's is 'max_tokens')"
 
 
+def test_the_hints_for_request_lines_stay_off_the_servers_routes():
+    """TGI's "inputs" is told, in a request line, that a line's prompt is 'prompt': on /v1/embeddings
+    it is a typo of 'input', which the did-you-mean names."""
+    from pipeline_dsl.serve.embeddings import FIELDS
+
+    with pytest.raises(P.APIError) as e:
+        P.check_unknown({"inputs": "x"}, FIELDS)
+    assert e.value.message == 'unrecognized request argument "inputs"; did you mean \'input\'?'
+
+
 def test_a_nested_field_gets_no_foreign_hint():
     """The table names top-level fields: stream_options.format is no Ollama field."""
     with pytest.raises(P.APIError) as e:
