@@ -420,7 +420,7 @@ def check_settings(p: ast.Pipeline) -> tuple[dict, list[Diagnostic]]:
         seen[name] = s
         param = SETTING_BY_NAME.get(name)
         if param is None:
-            hint = did_you_mean(name, SETTING_BY_NAME)
+            hint = SETTINGS_ELSEWHERE.get(name) or did_you_mean(name, SETTING_BY_NAME)
             if hint is None and name in _all_param_names():
                 hint = f"'{name}' is a stage parameter: set it inside the stage's {{ … }}"
             diags.append(_err(f"unknown setting '{name}'", s.name.pos,
@@ -484,6 +484,11 @@ def _all_param_names() -> set[str]:
 
 # ---------------------------------------------------------------- stages
 
+# pipeline settings other servers have (llama.cpp's, Ollama's) that agp sets elsewhere
+_CONTEXT = ("the context is the model's, or agp serve --max-model-len N; the KV cache's size is kv_budget = …")
+SETTINGS_ELSEWHERE = {"n_ctx": _CONTEXT, "ctx_size": _CONTEXT, "num_ctx": _CONTEXT, "context_length": _CONTEXT,
+                      "n_gpu_layers": "the whole model runs on the pipeline's device: device = cuda"}
+
 # parameters earlier versions had: what to write instead
 RETIRED = {
     ("respond", "stream"): "remove it: each request chooses streaming itself (\"stream\": true in agp serve)",
@@ -498,6 +503,12 @@ ELSEWHERE = {
     ("generate", "choice"): _GUIDED.format(what="a list of choices", field="guided_choice"),
     ("generate", "choices"): _GUIDED.format(what="a list of choices", field="guided_choice"),
     ("generate", "grammar"): _GUIDED.format(what="a grammar", field="guided_grammar"),
+    # llama.cpp's and Ollama's names of a generation's settings
+    ("generate", "n_predict"): "llama.cpp's name: the answer's length is max_new_tokens = …",
+    ("generate", "num_predict"): "Ollama's name: the answer's length is max_new_tokens = …",
+    ("generate", "temp"): "llama.cpp's name: temperature = …",
+    ("generate", "repeat_penalty"): "llama.cpp's and Ollama's name: repetition_penalty = … (over the whole prompt "
+                                    "and answer)",
     ("dynamic_batch", "max_queue_delay"): "how long a batch waits for more requests is timeout: timeout = 100us",
     ("dynamic_batch", "max_queue_delay_microseconds"): "how long a batch waits for more requests is timeout: "
                                                         "timeout = 100us",

@@ -399,14 +399,92 @@ VLLM_FLAGS = {
 }
 
 
-def vllm_equivalents(extra: list[str]) -> str:
-    """For each of vLLM's flags among unrecognized arguments, agp's way to say it."""
+# llama.cpp's llama-server flags (and their short forms) that agp has no flag of that name for
+_CTX = ("agp's is --max-model-len N, each sequence's context (llama.cpp splits -c among its --parallel slots; "
+        "agp's sequences share one KV pool, sized by the pipeline's `kv_budget`)")
+_N_PREDICT = ("a request's `max_tokens` sets it; the server's default is the generate stage's `max_new_tokens` "
+              "(--override-generation-config '{\"max_new_tokens\": N}')")
+_PARALLEL = "agp's is --max-num-seqs N (sequences batched at once)"
+_MODEL_FILE = "give the model as FILE: agp serve model.gguf (a .gguf file or a Hugging Face folder)"
+_GPU = "agp runs the whole model on the pipeline's `device` (auto: a GPU when torch sees one)"
+_SAMPLING = ("a request's sampling fields set it; the server's defaults are --override-generation-config "
+             "'{\"temperature\": 0.7, \"top_p\": 0.9, ...}'")
+_ALWAYS_JINJA = "agp always applies the model's Jinja chat template (or --chat-template's): leave it out"
+_ALIAS = "agp's is --served-model-name NAME"
+_BATCH = "a step's tokens are dynamic_batch's `max_tokens_per_step`"
+_ALWAYS_ON = "always on in agp: leave it out"
+LLAMA_CPP_FLAGS = {
+    "-m": _MODEL_FILE, "-hf": _NO_DOWNLOAD, "--hf-repo": _NO_DOWNLOAD, "-mu": _NO_DOWNLOAD,
+    "--model-url": _NO_DOWNLOAD,
+    "-c": _CTX, "--ctx-size": _CTX,
+    "-n": _N_PREDICT, "--n-predict": _N_PREDICT, "--predict": _N_PREDICT,
+    "-np": _PARALLEL, "--parallel": _PARALLEL,
+    "-t": "agp's is --threads N", "-s": "agp's is --seed N",
+    "-a": _ALIAS, "--alias": _ALIAS,
+    "-ngl": _GPU, "--n-gpu-layers": _GPU, "--gpu-layers": _GPU,
+    "-fa": "attention is chosen by the engine (FlexAttention on a GPU in performance mode: docs/gpu.md)",
+    "--flash-attn": "attention is chosen by the engine (FlexAttention on a GPU in performance mode: docs/gpu.md)",
+    "--jinja": _ALWAYS_JINJA, "--no-jinja": _ALWAYS_JINJA,
+    "-cb": "continuous batching is " + _ALWAYS_ON, "--cont-batching": "continuous batching is " + _ALWAYS_ON,
+    "--metrics": "GET /metrics is " + _ALWAYS_ON, "--slots": "agp has no /slots: GET /stats counts each engine's "
+                                                             "sequences and KV blocks",
+    "--embedding": "POST /v1/embeddings is " + _ALWAYS_ON, "--embeddings": "POST /v1/embeddings is " + _ALWAYS_ON,
+    "-b": _BATCH, "--batch-size": _BATCH, "-ub": _BATCH, "--ubatch-size": _BATCH,
+    "--cache-reuse": "prefix caching is on by default (kv_lookup's reuse = prefix; off: --no-prefix-reuse)",
+    "--keep": "agp never shifts the context: a prompt and its max_tokens must fit --max-model-len",
+    "--context-shift": "agp never shifts the context: a prompt and its max_tokens must fit --max-model-len",
+    "-to": "agp's time limits are --header-timeout, --body-timeout, --send-timeout and --keep-alive-timeout",
+    "--timeout": "agp's time limits are --header-timeout, --body-timeout, --send-timeout and --keep-alive-timeout",
+    "--temp": _SAMPLING, "--top-k": _SAMPLING, "--top-p": _SAMPLING, "--min-p": _SAMPLING,
+    "--repeat-penalty": _SAMPLING,
+    "--mlock": "agp holds the weights in torch tensors; nothing to lock", "--no-mmap": "agp reads the weights once",
+    "--no-webui": "agp serves no web page", "--api-key-file": "agp's is --api-key KEY (or AGP_API_KEY)",
+    "--ssl-key-file": "agp's is --ssl-keyfile", "--ssl-cert-file": "agp's is --ssl-certfile",
+    "--chat-template-file": "agp's is --chat-template FILE",
+    "--grammar": "a request's `guided_grammar` takes GBNF text (docs/openai.md)",
+    "--grammar-file": "a request's `guided_grammar` takes GBNF text (docs/openai.md)",
+    "--lora": _NO_LORA,
+    "--log-disable": "agp's is --log-level error", "--log-file": "agp logs to standard error: redirect it",
+    "-v": "agp's is --log-level debug", "--verbose": "agp's is --log-level debug",
+}
+VLLM_WORDS = {flag: ("vLLM's", text) for flag, text in VLLM_FLAGS.items()}
+# llama-server's flags are told apart under agp serve alone: their hints name serve's flags
+SERVE_FOREIGN_FLAGS = {**{flag: ("llama.cpp's", text) for flag, text in LLAMA_CPP_FLAGS.items()}, **VLLM_WORDS}
+
+
+def foreign_flags(command: str | None) -> dict:
+    """Other servers' flags the command explains: flag -> (whose, where agp sets it)."""
+    return SERVE_FOREIGN_FLAGS if command == "serve" else VLLM_WORDS
+
+
+def foreign_equivalents(extra: list[str], command: str | None = "serve") -> str:
+    """For each of vLLM's (or, under agp serve, llama.cpp's) flags among unrecognized arguments,
+    agp's way to say it."""
+    table = foreign_flags(command)
     said = []
     for arg in extra:
         flag = arg.split("=", 1)[0]
-        if flag in VLLM_FLAGS and flag not in said:
+        if flag in table and flag not in said:
             said.append(flag)
-    return "".join(f"; {flag} is vLLM's: {VLLM_FLAGS[flag]}" for flag in said)
+    return "".join(f"; {flag} is {table[flag][0]}: {table[flag][1]}" for flag in said)
+
+
+def misread_foreign_flags(command: argparse.ArgumentParser, name: str, argv: list[str]) -> list[str]:
+    """Other servers' flags that argparse would take as one of the command's own: an abbreviation
+    (llama.cpp's --keep as --keep-alive-timeout) or a short option with its value attached
+    (llama.cpp's -hf as -h f). Those are refused as unknown before they are misread."""
+    table = foreign_flags(name)
+    own = {f for a in command._actions for f in a.option_strings}     # as serve/options.py reads them
+    out = []
+    for arg in argv:
+        flag = arg.split("=", 1)[0]
+        if flag not in table or flag in own:
+            continue
+        abbreviates = flag.startswith("--") and any(o.startswith(flag) for o in own)
+        attached = not flag.startswith("--") and flag[:2] in own
+        if abbreviates or attached:
+            out.append(arg)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -416,10 +494,17 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["--debug"] + [a for a in argv if a != "--debug"]
     try:
         parser = build_parser(argv)
+        named = _command_name([a for a in argv if a != "--debug"])
+        command = parser.commands.get(named or "")
+        if command is not None:
+            misread = misread_foreign_flags(command, named, argv[argv.index(named) + 1:])
+            if misread:
+                command.error(f"unrecognized arguments: {' '.join(misread)}{foreign_equivalents(misread, named)}")
         args, extra = parser.parse_known_args(argv)
         if extra:                                  # the command's usage, not the top level's
-            command = parser.commands.get(getattr(args, "command", None) or "")
-            (command or parser).error(f"unrecognized arguments: {' '.join(extra)}{vllm_equivalents(extra)}")
+            name = getattr(args, "command", None)
+            command = parser.commands.get(name or "")
+            (command or parser).error(f"unrecognized arguments: {' '.join(extra)}{foreign_equivalents(extra, name)}")
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)
             return USER_ERROR

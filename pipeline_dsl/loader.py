@@ -201,6 +201,11 @@ def shown_text(data: bytes) -> str:
 GGUF_MAGIC = b"GGUF"
 
 
+def is_gguf_file(path) -> bool:
+    """Whether the file at `path` begins as a GGUF model does, whatever its name."""
+    return _starts_with(path, GGUF_MAGIC)
+
+
 def _a_model(where: SourcePos) -> Diagnostic:
     """A model's GGUF file given where a pipeline goes (`agp run model.gguf`, as `agp serve` takes it)."""
     return Diagnostic(ERROR, "file is a model (a GGUF file), not a pipeline", where, expected="a pipeline (.agp) file",

@@ -561,8 +561,61 @@ LINE_NEUTRAL = NEUTRAL | {k: v for k, v in CHAT_NEUTRAL.items() if k not in ITEM
 _PROMPT_IS = "a request's prompt is 'prompt' (text) or 'messages' (chat)"
 _SAMPLING_ARE = ("a request's sampling fields stand beside its prompt, not in an object: max_tokens, temperature, "
                  "top_p, stop, ...")
+# llama.cpp's server fields (/completion and its OpenAI routes) and Ollama's (/api/generate, /api/chat):
+# agp takes OpenAI's and vLLM's names, and says which of its own a client of those servers meant
+_NO_SAMPLER = "agp has no such sampler: it samples by temperature, top_k, top_p, min_p and the penalties"
+_NO_SHIFT = "agp never shifts the context: the prompt and 'max_tokens' must fit it"
+_NO_REASONING = "agp splits no reasoning out of an answer"
+LLAMA_CPP_FIELDS = {
+    "n_predict": "llama.cpp's name; agp's is 'max_tokens'",
+    "content": "llama.cpp's name for the text; agp's is 'prompt' (completions, /tokenize), 'messages' (chat) or "
+               "'input' (embeddings)",
+    "cache_prompt": "llama.cpp's; agp reuses a prompt's cached prefix by itself (kv_lookup's reuse = prefix): "
+                    "leave it out",
+    "grammar": "llama.cpp's; agp takes GBNF (or Lark) text as 'guided_grammar' or 'structured_outputs': "
+               "{\"grammar\": ...}",
+    "json_schema": "llama.cpp's; agp's is 'response_format': {\"type\": \"json_schema\", \"json_schema\": "
+                   "{\"name\": ..., \"schema\": ...}}, or 'guided_json': the schema",
+    "n_probs": "llama.cpp's; agp's is 'logprobs' (completions: the number of alternatives; chat: true, with "
+               "'top_logprobs')",
+    "repeat_penalty": "llama.cpp's and Ollama's name; agp's is 'repetition_penalty' (over the whole prompt and answer)",
+    "repeat_last_n": "agp's 'repetition_penalty' covers the whole prompt and answer, with no window to set",
+    "penalize_nl": "agp's penalties treat every token alike",
+    "mirostat": "agp has no Mirostat sampler: it samples by temperature, top_k, top_p, min_p and the penalties",
+    "mirostat_tau": _NO_SAMPLER, "mirostat_eta": _NO_SAMPLER, "typical_p": _NO_SAMPLER, "tfs_z": _NO_SAMPLER,
+    "top_n_sigma": _NO_SAMPLER, "xtc_probability": _NO_SAMPLER, "xtc_threshold": _NO_SAMPLER,
+    "dry_multiplier": _NO_SAMPLER, "dry_base": _NO_SAMPLER, "dry_allowed_length": _NO_SAMPLER,
+    "dry_penalty_last_n": _NO_SAMPLER, "dry_sequence_breakers": _NO_SAMPLER, "dynatemp_range": _NO_SAMPLER,
+    "dynatemp_exponent": _NO_SAMPLER,
+    "samplers": "agp's samplers run in one fixed order",
+    "n_keep": _NO_SHIFT,
+    "id_slot": "agp has no slots to pin a request to: a prompt's cached prefix is found by its tokens",
+    "slot_id": "agp has no slots to pin a request to: a prompt's cached prefix is found by its tokens",
+    "t_max_predict_ms": "agp bounds an answer by 'max_tokens'",
+    "timings_per_token": "agp's answers carry no timings (GET /metrics has them)",
+    "post_sampling_probs": "agp's logprobs are the model's, before any sampling mask (docs/openai.md)",
+    "return_tokens": "llama.cpp's; agp's is 'return_token_ids'",
+    "reasoning_format": _NO_REASONING,
+    "with_pieces": "llama.cpp's; agp's /tokenize gives each id's text with 'return_token_strs': true",
+    "add_special": "llama.cpp's; agp's is 'add_special_tokens'",
+}
+OLLAMA_FIELDS = {
+    "options": "Ollama's; agp takes its sampling fields at the top level: 'max_tokens' (num_predict), "
+               "'temperature', 'top_k', 'top_p', 'min_p', 'seed', 'stop', 'repetition_penalty' (repeat_penalty); "
+               "num_ctx is the server's --max-model-len",
+    "num_predict": "Ollama's name; agp's is 'max_tokens'",
+    "format": "Ollama's; agp's is 'response_format': {\"type\": \"json_object\"} for \"json\", "
+              "{\"type\": \"json_schema\", ...} for a schema",
+    "keep_alive": "Ollama's; agp keeps its model loaded while it serves: leave it out",
+    "think": _NO_REASONING,
+    "system": "Ollama's; agp takes a system prompt as the first of 'messages', {\"role\": \"system\", ...}",
+    "images": "agp serves text only",
+}
+# the servers' own fields (agp serve's bodies say these; a line also those of the shapes above, which
+# name a line's fields: on /v1/embeddings TEI's "inputs" is a typo of "input", no prompt)
+SERVER_FIELDS = {**LLAMA_CPP_FIELDS, **OLLAMA_FIELDS}
 FOREIGN_FIELDS = {"text": _PROMPT_IS, "text_input": _PROMPT_IS, "inputs": _PROMPT_IS,
-                  "sampling_params": _SAMPLING_ARE, "parameters": _SAMPLING_ARE}
+                  "sampling_params": _SAMPLING_ARE, "parameters": _SAMPLING_ARE, **SERVER_FIELDS}
 
 
 def parse_request(obj, default_id=None) -> ParsedRequest:
@@ -691,7 +744,10 @@ def parse_logit_bias(bias) -> dict[int, float]:
     """OpenAI's logit_bias: {"token id": bias from -100 to 100} (ids beyond the vocabulary are
     the engine's to refuse)."""
     if not isinstance(bias, dict):
-        raise bad("logit_bias", 'an object {"token id": bias}', bias)
+        pairs = isinstance(bias, list) and bias and all(isinstance(p, list) and len(p) == 2 for p in bias)
+        raise bad("logit_bias", 'an object {"token id": bias}', bias,
+                  " (llama.cpp's [[id, bias], ...] pairs are {\"id\": bias, ...} here; its false, a token "
+                  "banned, is -100)" if pairs else "")
     if len(bias) > MAX_LOGIT_BIAS:
         raise RequestError(f"'logit_bias' has {len(bias)} entries; at most {MAX_LOGIT_BIAS} are accepted",
                            param="logit_bias")
@@ -723,7 +779,13 @@ def parse_response_format(value) -> dict | None:
     if value["type"] == "text":
         return {"type": "text"}
     if value["type"] == "json_object":
-        return {"type": "json_object", **spec_options(value)}
+        schema = value.get("schema")
+        if schema is None:
+            return {"type": "json_object", **spec_options(value)}
+        # llama.cpp's form of a schema (its README's): a JSON object that follows it, as json_schema asks
+        if not isinstance(schema, (dict, bool)):
+            raise bad("response_format.schema", "a JSON schema (an object)", schema)
+        return {"type": "json_schema", "schema": schema, "name": None, **spec_options(value)}
     if value["type"] == "structural_tag":
         return structural_tag_spec(value, "response_format")
     spec = value.get("json_schema")

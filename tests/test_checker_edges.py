@@ -433,6 +433,29 @@ def test_a_constraint_written_on_a_generate_stage_says_where_it_goes(written, hi
     assert (d.message, d.hint) == (f"unknown parameter '{written.split()[0]}' for stage kind 'generate'", hint)
 
 
+@pytest.mark.parametrize("written, hint", [
+    ("n_predict = 64", "llama.cpp's name: the answer's length is max_new_tokens = …"),
+    ("num_predict = 64", "Ollama's name: the answer's length is max_new_tokens = …"),
+    ("temp = 0.7", "llama.cpp's name: temperature = …"),
+    ("repeat_penalty = 1.1", "llama.cpp's and Ollama's name: repetition_penalty = … (over the whole prompt and "
+                             "answer)"),
+])
+def test_llama_cpps_names_on_a_generate_stage_say_agps(written, hint):
+    """n_predict and temp had no hint (no parameter's name is close to them); repeat_penalty's
+    did-you-mean said nothing of what it covers."""
+    (d,) = [d for d in pipeline_dsl.loads(pipeline(gen=written), "t.agp")[1] if d.is_error]
+    assert (d.message, d.hint) == (f"unknown parameter '{written.split()[0]}' for stage kind 'generate'", hint)
+
+
+@pytest.mark.parametrize("written", ["n_ctx = 4096", "ctx_size = 4096", "num_ctx = 4096"])
+def test_a_context_length_setting_is_told_where_agp_sets_it(written):
+    """llama.cpp's n_ctx and Ollama's num_ctx as pipeline settings: there is none, and nothing said where
+    the context is set."""
+    (d,) = [d for d in pipeline_dsl.loads(pipeline(settings=written), "t.agp")[1] if d.is_error]
+    assert (d.message, d.hint) == (f"unknown setting '{written.split()[0]}'", "the context is the model's, or agp "
+                                   "serve --max-model-len N; the KV cache's size is kv_budget = …")
+
+
 def test_tritons_queue_delay_on_a_batcher_is_told_it_is_timeout():
     for name in ("max_queue_delay = 100us", "max_queue_delay_microseconds = 100"):
         (d,) = [d for d in pipeline_dsl.loads(pipeline(batch=name), "t.agp")[1] if d.is_error]

@@ -721,3 +721,13 @@ def test_the_readme_lists_every_page_of_the_docs():
                        .split("\n## ", 1)[0].splitlines() if ln.startswith("- "))
     missing = [p.name for p in sorted((ROOT / "docs").glob("*.md")) if f"`docs/{p.name}`" not in listed]
     assert not missing, f"README.md's Documentation list lacks {missing}"
+
+
+def test_the_openai_page_lists_every_llama_cpp_and_ollama_field_agp_explains():
+    # docs/openai.md, "Coming from llama.cpp or Ollama": each field whose 400 says what agp calls it
+    # is in the page's table, so a reader finds it before sending it
+    from pipeline_dsl.requests_io import LLAMA_CPP_FIELDS, OLLAMA_FIELDS
+
+    named = set(re.findall(r"`([a-z_]+)", section("openai.md", "Coming from llama.cpp or Ollama")))
+    missing = sorted((set(LLAMA_CPP_FIELDS) | set(OLLAMA_FIELDS)) - named)
+    assert not missing, f"openai.md's llama.cpp and Ollama table lacks {missing}"

@@ -61,6 +61,10 @@ def test_a_pipeline_file_is_still_served_as_one(tiny_gguf, tmp_path):
                           "model folder (with its config.json) or an embedded model (smollm2-135m-instruct); agp "
                           "downloads nothing"),
     ("missing.agp", "file not found: 'missing.agp'"),             # a pipeline file, as ever
+    # Ollama's name:tag: where its file is
+    ("llama3.2:1b", "An Ollama model's file is in Ollama's store: `ollama show --modelfile llama3.2:1b` prints its "
+                    "path (FROM .../blobs/sha256-...); link it as a .gguf file (ln -s PATH model.gguf), serve the "
+                    "link, and --served-model-name llama3.2:1b keeps the name clients send"),
     ("{tmp}/folder", "'{tmp}/folder' is a folder without a config.json, so neither a pipeline file nor a model"),
     ("{tmp}/model.safetensors", "'{tmp}/model.safetensors' is a file of weights alone"),
 ])
@@ -74,6 +78,32 @@ def test_a_file_that_is_neither_a_pipeline_nor_a_model_stops_the_start(capsys, t
     if not file.endswith(".agp"):
         assert "listening" not in err                             # refused before the port is taken
         assert "a .gguf file, a Hugging Face model folder" in err
+
+
+def test_a_gguf_link_to_a_file_of_another_name_is_served(tiny_gguf, tmp_path):
+    """A Hugging Face cache holds snapshots/REV/m.gguf as a link to blobs/SHA256, and llama.cpp
+    serves the link: agp followed it to the blob, then refused the blob as 'not a .gguf file'."""
+    blob = tmp_path / "blobs" / "6a1a2eb6d156"
+    blob.parent.mkdir()
+    blob.write_bytes(tiny_gguf.read_bytes())
+    link = tmp_path / "snapshots" / "rev" / "tiny.gguf"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(blob)
+    ids, answer = served([str(link)])
+    assert ids[0] == str(link) and answer["usage"]["completion_tokens"] == 2
+
+
+def test_a_gguf_file_without_its_extension_is_told_to_be_linked_as_one(tiny_gguf, tmp_path, capsys):
+    """Ollama keeps a model as blobs/sha256-...: it was read as a pipeline file and refused as 'a model
+    (a GGUF file), not a pipeline' with the hint '`agp serve MODEL` serves a model as it is', which is
+    what the user had typed."""
+    blob = tmp_path / "sha256-6a1a2eb6d156"
+    blob.write_bytes(tiny_gguf.read_bytes())
+    assert cli.main(["serve", str(blob), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert (f"'{blob}' is a GGUF model without the .gguf extension (as Ollama stores its models' files): agp takes "
+            "a model file by its .gguf name; link it as one (ln -s FILE model.gguf)") in err, err
+    assert "listening" not in err                                 # refused before the port is taken
 
 
 def test_a_model_has_no_pipeline_to_pick(tiny_gguf, capsys):

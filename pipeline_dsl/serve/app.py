@@ -70,10 +70,59 @@ async def lifespan(app: FastAPI):
             write_trace(state.apipe, state.config.trace_path)
 
 
+# other servers' routes that agp serves otherwise: llama.cpp's llama-server and Ollama's (every
+# /api/... path is Ollama's); a 404 there says where agp's equivalent is
+_UNDER_V1 = "agp serves OpenAI's routes under /v1 (a client's base URL is http://HOST:PORT/v1): "
+_OLLAMA = ("Ollama's API; agp serves OpenAI's, as Ollama does under /v1 too: give an OpenAI client the base URL "
+           "http://HOST:PORT/v1 (docs/serve.md, \"Coming from llama.cpp or Ollama\")")
+FOREIGN_ROUTES = {
+    "/": "agp serves no web page, as llama.cpp's server does at /: GET /openapi.json lists its routes",
+    "/completion": "llama.cpp's; agp's is POST /v1/completions (its n_predict is 'max_tokens' there)",
+    "/completions": _UNDER_V1 + "POST /v1/completions",
+    "/chat/completions": _UNDER_V1 + "POST /v1/chat/completions",
+    "/embedding": "llama.cpp's; agp's is POST /v1/embeddings (its content is 'input' there)",
+    "/embeddings": _UNDER_V1 + "POST /v1/embeddings",
+    "/models": _UNDER_V1 + "GET /v1/models",
+    "/v1/health": "agp's is GET /health",
+    "/props": "llama.cpp's; agp's settings: GET /v1/models (each model's max_model_len), GET /stats (each "
+              "engine's model, context_length, KV blocks, running and waiting sequences), GET /version",
+    "/slots": "llama.cpp's; agp has no slots: GET /stats counts each engine's running and waiting sequences and "
+              "KV blocks, GET /metrics too",
+    "/infill": "llama.cpp's; agp has no fill-in-the-middle route (a /v1/completions prompt continues its text)",
+    "/apply-template": "llama.cpp's; POST /tokenize with 'messages' renders the chat template (POST /detokenize "
+                       "reads the ids back as text)",
+    "/reranking": "llama.cpp's; agp's is POST /v1/rerank",
+    "/lora-adapters": "llama.cpp's; agp serves no LoRA adapters",
+    "/api/chat": _OLLAMA + "; Ollama's /api/chat is POST /v1/chat/completions",
+    "/api/generate": _OLLAMA + "; Ollama's /api/generate is POST /v1/completions",
+    "/api/tags": _OLLAMA + "; Ollama's /api/tags is GET /v1/models",
+    "/api/embed": _OLLAMA + "; Ollama's /api/embed is POST /v1/embeddings",
+    "/api/embeddings": _OLLAMA + "; Ollama's /api/embeddings is POST /v1/embeddings",
+    "/api/version": _OLLAMA + "; Ollama's /api/version is GET /version",
+}
+
+
+def foreign_route(path: str, root_path: str = "") -> str | None:
+    """Where agp serves what another server's route (llama.cpp's, Ollama's) does; None for others."""
+    root = root_path.rstrip("/")
+    if root and path.startswith(root + "/"):
+        path = path[len(root):]
+    path = path.rstrip("/") or path
+    if path in FOREIGN_ROUTES:
+        return FOREIGN_ROUTES[path]
+    if path.startswith("/slots/"):
+        return FOREIGN_ROUTES["/slots"]
+    return _OLLAMA if path == "/api" or path.startswith("/api/") else None
+
+
 async def http_error(request: Request, exc: StarletteHTTPException):
-    """Starlette's own errors (404 no such route, 405 wrong method) as OpenAI error objects."""
+    """Starlette's own errors (404 no such route, 405 wrong method) as OpenAI error objects; a 404 at
+    another server's route (FOREIGN_ROUTES) says where agp serves its equivalent."""
     kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
     message = f"{request.method} {request.url.path}: {exc.detail}"
+    hint = foreign_route(request.url.path, request.app.state.config.root_path) if exc.status_code == 404 else None
+    if hint:
+        message += f" ({hint})"
     return error_response(P.APIError(message, status=exc.status_code, type=kind, headers=dict(exc.headers or {})))
 
 

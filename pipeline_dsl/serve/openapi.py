@@ -108,6 +108,8 @@ SAMPLING = {
         "type": {"enum": ["text", "json_object", "json_schema", "structural_tag"]},
         "json_schema": {"type": "object", "required": ["schema"], "properties": {
             "name": {"type": "string"}, "schema": {"type": "object"}, "strict": {"type": ["boolean", "null"]}}},
+        "schema": {"type": "object", "description": "llama.cpp's form: beside type json_object, the schema the "
+                                                    "JSON object follows (as json_schema's)"},
         **STRUCTURAL_TAG}},
     **_neutral(NEUTRAL),
     # vLLM's extras (serve/extras.py)

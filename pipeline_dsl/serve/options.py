@@ -19,7 +19,7 @@ from pipeline_dsl.cliargs import (GENERATION_CONFIG_HELP, OVERRIDE_GENERATION_CO
                                   add_dtype_argument, output_file, override_generation_config, switch,
                                   token_count)
 from pipeline_dsl.diagnostics import closest
-from pipeline_dsl.loader import add_pipeline_arguments
+from pipeline_dsl.loader import add_pipeline_arguments, is_gguf_file
 
 from .config import OPEN_PATHS
 
@@ -378,6 +378,12 @@ def value_problem(dest: str, value) -> str | None:
             return f"must be {expected(param_of(*ENGINE_FIELDS['seed']))}, not {value}"
     if dest == "chat_template" and value and template_text(value):
         return None                     # the template itself, as vLLM's --chat-template takes it too
+    if dest == "chat_template" and value and not Path(value).is_file() and re.fullmatch(r"[\w.-]+", value) \
+            and not Path(value).suffix:
+        # a template's name, as llama.cpp's --chat-template takes one of its built-ins ("chatml", "llama3")
+        return (f"{value}: no such file (agp knows no templates by name, as llama.cpp knows 'chatml' or 'llama3': "
+                "give a Jinja template's file or the template itself; left out, the model's own template is "
+                "used, from its .gguf file or tokenizer_config.json)")
     if dest in FILES and value and not Path(value).is_file():
         return f"{value}: no such file"
     if dest == "root_path" and value and not value.startswith("/"):
@@ -410,7 +416,9 @@ def model_named(file: str) -> str | None:
         return key
     path = model_file(file)
     if path.is_file():
-        return str(path.resolve()) if path.suffix.lower() == ".gguf" else None
+        # absolute, its links kept: a Hugging Face cache's snapshots/REV/m.gguf links to blobs/SHA256,
+        # which has no .gguf name for the loader to take it by
+        return os.path.abspath(path) if path.suffix.lower() == ".gguf" else None
     if path.is_dir():
         return str(path.resolve()) if (path / "config.json").is_file() else None
     return None
@@ -436,6 +444,17 @@ def check_file(file: str) -> None:
         raise SetupError(f"{file!r} is a folder without a config.json, so neither a pipeline file nor a model: {takes}")
     if path.suffix.lower() in WEIGHT_FILES:
         raise SetupError(f"{file!r} is a file of weights alone: {takes}")
+    if path.is_file() and is_gguf_file(path):
+        # as Ollama keeps its models (blobs/sha256-...): the loader takes a GGUF file by its .gguf name
+        raise SetupError(f"{file!r} is a GGUF model without the .gguf extension (as Ollama stores its models' "
+                         "files): agp takes a model file by its .gguf name; link it as one (ln -s FILE model.gguf) "
+                         "and serve the link")
+    if not path.exists() and re.fullmatch(r"[a-z0-9][\w.-]*:[\w.-]+", file):
+        # Ollama's name:tag of a model it pulled: the GGUF file is in its store
+        raise SetupError(f"{file!r} is neither a pipeline (.agp) file nor a model: {takes}. An Ollama model's "
+                         f"file is in Ollama's store: `ollama show --modelfile {file}` prints its path (FROM "
+                         f".../blobs/sha256-...); link it as a .gguf file (ln -s PATH model.gguf), serve the link, "
+                         f"and --served-model-name {file} keeps the name clients send")
     if not path.exists():
         raise SetupError(f"{file!r} is neither a pipeline (.agp) file nor a model: {takes}; agp downloads nothing, "
                          "so a Hub id must be a local folder")

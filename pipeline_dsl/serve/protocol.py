@@ -19,7 +19,8 @@ from typing import Any
 from pipeline_dsl.diagnostics import closest
 from pipeline_dsl.requests_io import (CACHE_SETTINGS, CHAT_FIELDS, CHAT_LACKING, CHAT_NEUTRAL,  # noqa: F401
                                       COMPLETION_FIELDS, COMPLETION_LACKING, IDENTIFIERS, IDENTITY, IGNORED,
-                                      ITEM_FIELDS, MAX_HEADER_VALUE, NEUTRAL, REASONING_EFFORTS, RESPONSES_LACKING, check_fields,
+                                      ITEM_FIELDS, MAX_HEADER_VALUE, NEUTRAL, REASONING_EFFORTS, RESPONSES_LACKING,
+                                      SERVER_FIELDS, check_fields,
                                       check_min_tokens, check_neutral, json_type, load_json, logprobs_of_chat,
                                       must_be, parse_logit_bias, parse_messages, parse_tools, priority,
                                       request_item)
@@ -149,13 +150,16 @@ def check_unknown(obj: dict, known: set[str], lenient: bool = False, where: str 
     """The body (or the object of the body at `where`, "stream_options.") without unknown fields: a
     400 naming the first, or with `lenient` (vLLM's behaviour) a log line and the field ignored."""
     unknown = [key for key in obj if key not in known]
+    # another server's name for a field (llama.cpp's n_predict, Ollama's options): what agp calls it
+    foreign = {} if where else {k: SERVER_FIELDS[k] for k in unknown if k in SERVER_FIELDS}
     if unknown and lenient:
-        log.info("ignoring unrecognized request arguments: %s", ", ".join(repr(where + k) for k in unknown))
+        log.info("ignoring unrecognized request arguments: %s", ", ".join(
+            repr(where + k) + (f" ({foreign[k]})" if k in foreign else "") for k in unknown))
         return {k: v for k, v in obj.items() if k in known}
     for key in unknown:
         # only a close name is offered: a typo (0.8 and up), not another field that shares letters (0.65)
         close = closest(key, known, cutoff=0.75)
-        hint = f"; did you mean '{where}{close}'?" if close else ""
+        hint = f" ({foreign[key]})" if key in foreign else f"; did you mean '{where}{close}'?" if close else ""
         raise APIError(f"unrecognized request argument {json.dumps(where + key)}{hint}", param=where + key,
                        code="unknown_parameter")         # OpenAI's code for it
     return obj
