@@ -8,6 +8,7 @@ that tells the truth.
 | opened, or a request line and headers arriving | `header_timeout` from the first byte (or the open): closed |
 | headers longer than `max_header_bytes` (16 KiB) | 431 at once, closed (nginx refuses 64 KB headers too) |
 | bytes that are not HTTP (no Host, a bad Content-Length) | 400 naming what is wrong, closed |
+| a chunked body in more than `SMALL_CHUNKS` (4,096) chunks beyond one per `CHUNK_BYTES` (1 KiB) of it | 400, closed: h11 reads each chunk in Python (some 10 µs), and a body of 1-byte chunks held the event loop, and so every other request, for seconds |
 | the body arriving | the app's `--body-timeout` and `--body-min-rate` (408); no `--max-connections` slot until it is complete (serve/guard.py) |
 | answered with an error, or before the body was all read | `Connection: close`, closed after the answer |
 | closed with the client still sending (a refused body, headers too long) | half-closed: what it sends is read and dropped for up to `LINGER_S` (2 s), then closed |
@@ -103,6 +104,8 @@ SEND_BUFFER = 128 << 10
 # (a request on a pooled connection idle for about 5 s fails with "Server disconnected")
 KEEP_ALIVE_S = 75.0
 TCP_INFO_BYTES = 148            # Linux's struct tcp_info up to tcpi_notsent_bytes (Linux 4.6)
+SMALL_CHUNKS = 4096             # chunks a chunked body may have beyond one per CHUNK_BYTES of it
+CHUNK_BYTES = 1024
 REUSE = 32                      # connections waiting for a request closed at once past max_open (nginx: 32)
 REUSE_LOG_S = 10.0              # at most one log line this often about them
 
@@ -134,14 +137,28 @@ class _ClosingConnection(h11.Connection):
 
     protocol_error: str | None = None
     request_id: str | None = None            # the X-Request-Id of the answer being sent (serve/access.py)
+    chunked = False                          # the request being read has a chunked body
+    chunks = size = 0                        # and so far this many pieces of it (h11's Data events), of these bytes
 
     def next_event(self):
         try:
-            return super().next_event()
+            event = super().next_event()
         except h11.RemoteProtocolError as e:
             # h11 shows the bytes as Python's repr: "illegal request line: bytearray(b'GARBAGE')"
             self.protocol_error = re.sub(r"bytearray\(b?(['\"])(.*?)\1\)", r"'\2'", str(e))[:200]
             raise
+        if isinstance(event, h11.Request):
+            self.chunked = any(name == b"transfer-encoding" for name, _ in event.headers)   # h11 takes only chunked
+            self.chunks = self.size = 0
+        elif isinstance(event, h11.Data) and self.chunked:
+            self.chunks += 1
+            self.size += len(event.data)
+            if self.chunks > SMALL_CHUNKS + self.size // CHUNK_BYTES:
+                self.protocol_error = (f"the chunked request body came in {self.chunks} chunks for its first "
+                                       f"{self.size} bytes: more than {SMALL_CHUNKS} beyond one per {CHUNK_BYTES} "
+                                       "bytes (send it in larger chunks, or with a Content-Length)")
+                raise h11.RemoteProtocolError(self.protocol_error)
+        return event
 
     def send(self, event):
         if isinstance(event, h11.Response):
