@@ -178,6 +178,11 @@ def test_headers_over_16_kib_are_431_and_closed(serve):
     (b"GARBAGE\r\n\r\n", "illegal request line: 'GARBAGE'"),
     (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: gzip\r\n\r\n",
      "Transfer-Encoding: chunked"),
+    # a request whose body a proxy going by Content-Length and one going by chunked tell apart
+    # (smuggling): read as chunked, and the request after it on the connection answered as well
+    (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 4\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\n21\r\n" + b'{"prompt": "hi", "max_tokens": 1}' + b"\r\n0\r\n\r\n"
+     b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", "both Transfer-Encoding and Content-Length"),
 ])
 def test_bytes_that_are_not_http_get_an_openai_400_saying_why_and_are_closed(serve, raw, why):
     _, url, port = serve

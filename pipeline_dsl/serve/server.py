@@ -7,7 +7,7 @@ that tells the truth.
 |---|---|
 | opened, or a request line and headers arriving | `header_timeout` from the first byte (or the open): closed |
 | headers longer than `max_header_bytes` (16 KiB) | 431 at once, closed (nginx refuses 64 KB headers too) |
-| bytes that are not HTTP (no Host, a bad Content-Length) | 400 naming what is wrong, closed |
+| bytes that are not HTTP (no Host, a bad Content-Length, both Content-Length and Transfer-Encoding) | 400 naming what is wrong, closed |
 | a chunked body in more than `SMALL_CHUNKS` (4,096) chunks beyond one per `CHUNK_BYTES` (1 KiB) of it | 400, closed: h11 reads each chunk in Python (some 10 µs), and a body of 1-byte chunks held the event loop, and so every other request, for seconds |
 | the body arriving | the app's `--body-timeout` and `--body-min-rate` (408); no `--max-connections` slot until it is complete (serve/guard.py) |
 | answered with an error, or before the body was all read | `Connection: close`, closed after the answer |
@@ -148,8 +148,16 @@ class _ClosingConnection(h11.Connection):
             self.protocol_error = re.sub(r"bytearray\(b?(['\"])(.*?)\1\)", r"'\2'", str(e))[:200]
             raise
         if isinstance(event, h11.Request):
-            self.chunked = any(name == b"transfer-encoding" for name, _ in event.headers)   # h11 takes only chunked
+            names = {name for name, _ in event.headers}
+            self.chunked = b"transfer-encoding" in names          # h11 takes only chunked
             self.chunks = self.size = 0
+            if self.chunked and b"content-length" in names:
+                # RFC 9112 6.1: a server may refuse it, and must close the connection after it either
+                # way; h11 read the body as chunked and kept the connection, so the bytes a proxy
+                # that went by the Content-Length took for the next request were answered as one
+                self.protocol_error = ("both Transfer-Encoding and Content-Length: the body's length is "
+                                       "ambiguous (send one of them)")
+                raise h11.RemoteProtocolError(self.protocol_error)
         elif isinstance(event, h11.Data) and self.chunked:
             self.chunks += 1
             self.size += len(event.data)
