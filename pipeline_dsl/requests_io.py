@@ -835,7 +835,8 @@ def spread_json(first_line: bytes) -> str | None:
 def load_json(text: str | bytes, what: str = "the request") -> Any:
     """JSON text -> a Python value, or RequestError saying why not: not UTF-8, not JSON, nested
     too deeply, a number too long to convert, a string holding a lone UTF-16 surrogate
-    (\\ud800): nothing that would fail later inside the engine gets through."""
+    (\\ud800), NaN or an infinity (check_finite): nothing that would fail later inside the engine
+    or in the answer gets through."""
     if isinstance(text, (bytes, bytearray)):
         try:
             text = bytes(text).decode("utf-8")
@@ -851,8 +852,31 @@ def load_json(text: str | bytes, what: str = "the request") -> Any:
         raise RequestError(f"{what} is nested more than {MAX_DEPTH} levels deep") from None
     except ValueError as e:               # e.g. an integer of more than 4300 digits
         raise RequestError(f"{what} holds a number that cannot be read: {str(e).split(';')[0]}") from None
-    check_unicode(obj, what)
+    try:
+        json.dumps(obj, ensure_ascii=False, allow_nan=False).encode("utf-8")   # the common case: one pass in C
+    except (UnicodeEncodeError, ValueError):
+        check_unicode(obj, what)
+        check_finite(obj, what)
     return obj
+
+
+def check_finite(obj, what: str = "the request") -> None:
+    """RequestError naming where `obj` (at any depth) holds NaN or an infinity. JSON has neither
+    (RFC 8259), but Python's json reads the literals NaN, Infinity and -Infinity, and a number
+    past a double's range (1e999) as an infinity: let through, such a value fails every answer
+    that carries it back (a Responses answer echoes its metadata and tools) as a server error."""
+    stack = [(obj, "")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            shown = "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+            raise RequestError(f"{what} holds {shown} in '{where or 'the body'}', which JSON has no value for "
+                               "(RFC 8259: no NaN or Infinity; a number beyond 1.8e308 reads as Infinity)",
+                               param=where or None)
+        if isinstance(value, dict):
+            stack.extend((v, f"{where}.{k}" if where else str(k)) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(value))
 
 
 def check_unicode(obj, what: str = "the request") -> None:

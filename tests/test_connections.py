@@ -178,6 +178,11 @@ def test_headers_over_16_kib_are_431_and_closed(serve):
     (b"GARBAGE\r\n\r\n", "illegal request line: 'GARBAGE'"),
     (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: gzip\r\n\r\n",
      "Transfer-Encoding: chunked"),
+    # a request whose body a proxy going by Content-Length and one going by chunked tell apart
+    # (smuggling): read as chunked, and the request after it on the connection answered as well
+    (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 4\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\n21\r\n" + b'{"prompt": "hi", "max_tokens": 1}' + b"\r\n0\r\n\r\n"
+     b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", "both Transfer-Encoding and Content-Length"),
 ])
 def test_bytes_that_are_not_http_get_an_openai_400_saying_why_and_are_closed(serve, raw, why):
     _, url, port = serve
@@ -197,6 +202,37 @@ def test_bytes_that_are_not_http_get_an_openai_400_saying_why_and_are_closed(ser
         assert closed_within(c, 30)
     finally:
         c.close()
+    assert httpx.get(url + "/health", timeout=10).status_code == 200
+
+
+def chunked(body: bytes, size: int) -> bytes:
+    """A POST to /v1/completions whose body is sent in chunks of `size` bytes."""
+    pieces = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + size]), body[i:i + size]) for i in range(0, len(body), size))
+    return (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + pieces + b"0\r\n\r\n")
+
+
+def test_a_chunked_body_in_thousands_of_tiny_chunks_is_a_400_and_in_larger_ones_is_read(serve):
+    """h11 reads each chunk in Python: a body of 1-byte chunks (20,000 here) held the event loop,
+    and every other request, for seconds, and was answered. Past 4,096 chunks beyond one per KiB
+    it is refused; the same body in chunks of 1 KiB is read."""
+    _, url, port = serve
+    body = json.dumps({"prompt": "hi", "max_tokens": 1, "user": "u" * 20_000}).encode()
+    answers = []
+    for size in (1, 1024):
+        c = socket.create_connection(("127.0.0.1", port))
+        with c:
+            c.sendall(chunked(body, size))
+            c.settimeout(60)
+            answer = b""
+            while chunk := c.recv(65536):
+                answer += chunk
+        answers.append(answer)
+    tiny, larger = answers
+    assert tiny.startswith(b"HTTP/1.1 400 "), tiny[:300]
+    error = json.loads(tiny.partition(b"\r\n\r\n")[2])["error"]
+    assert error["code"] == "invalid_http_request" and "more than 4096 beyond one per 1024 bytes" in error["message"]
+    assert larger.startswith(b"HTTP/1.1 200 "), larger[:300]
     assert httpx.get(url + "/health", timeout=10).status_code == 200
 
 

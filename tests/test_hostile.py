@@ -54,11 +54,26 @@ def assert_openai_error(r, status: int, fragment: str):
     ("[" * 50000 + "]" * 50000, "nested more than"),
     ('{"prompt": "hi", "max_tokens": ' + "9" * 5000 + "}", "number that cannot be read"),
     (b'{"prompt": "\xff\xfe"}', "not UTF-8"),
-    ('{"prompt": "hi", "max_tokens": 1e999}', "'max_tokens' must be an integer"),
+    ('{"prompt": "hi", "max_tokens": 1e999}', "Infinity in 'max_tokens'"),
 ])
 def test_malformed_bodies_are_400_with_an_openai_error(server, body, fragment):
     route = "/v1/chat/completions" if "messages" in str(body) else "/v1/completions"
     assert_openai_error(post(server, body, route), 400, fragment)
+
+
+@pytest.mark.parametrize("route, body, where", [
+    ("/v1/responses", '{"input": "hi", "max_output_tokens": 1, "metadata": {"a": NaN}}', "metadata.a"),   # were 500s:
+    ("/v1/responses", '{"input": "hi", "max_output_tokens": 1, "metadata": {"a": [1e999]}}', "metadata.a[0]"),
+    ("/v1/completions", '{"prompt": "hi", "max_tokens": 1, "metadata": {"b": -Infinity}}', "metadata.b"),
+    ("/v1/completions", '{"prompt": "hi", "max_tokens": 1, "temperature": NaN}', "temperature"),
+])
+def test_nan_or_infinity_anywhere_in_a_body_is_a_400_naming_where(server, route, body, where):
+    """JSON has no NaN or Infinity, but Python's json reads them (and 1e999 as Infinity): a
+    Responses answer echoes its request's metadata, and one holding NaN could not be written
+    (a 500, "Out of range float values are not JSON compliant")."""
+    r = post(server, body, route)
+    assert_openai_error(r, 400, f"in '{where}', which JSON has no value for")
+    assert r.json()["error"]["param"] == where
 
 
 TOOL = {"type": "function", "function": {"name": "w", "parameters": {"type": "object"}}}

@@ -841,13 +841,14 @@ def wait_until_healthy(proc: subprocess.Popen, url: str, timeout: float = 90) ->
             time.sleep(0.05)
 
 
-def start_agp_serve(*args: str, env: dict | None = None, tries: int = 5) -> tuple[subprocess.Popen, str]:
-    """`agp serve ARGS --port P` as a child on a free port P, once GET /health answers: (process, url).
+def start_agp_serve(*args: str, env: dict | None = None, tries: int = 5, **popen) -> tuple[subprocess.Popen, str]:
+    """`agp serve ARGS --port P` as a child on a free port P, once GET /health answers: (process, url);
+    `popen` goes to subprocess.Popen.
     Another process may take P between our choosing it and the child binding it; the child then
     exits 2 ("cannot listen on"), and a fresh port is tried."""
     for attempt in range(tries):
         port = _free_port()
-        proc = agp_child("serve", *args, "--port", port, env=env)
+        proc = agp_child("serve", *args, "--port", port, env=env, **popen)
         url = f"http://127.0.0.1:{port}"
         try:
             wait_until_healthy(proc, url)

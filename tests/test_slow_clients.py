@@ -552,6 +552,33 @@ def test_hundreds_of_idle_connections_leave_room_for_a_request_under_a_low_open_
     assert "open files" in err and "too few" not in err
 
 
+def test_connections_waiting_for_a_request_make_room_for_a_new_client_at_the_open_files_limit(long_gguf, tmp_path):
+    """Under a hard limit of 256 open files (the server cannot raise it), 400 connections that
+    send nothing: a new client's request gets its answer, and the connections that waited
+    longest for a request were closed to make room for it. (Before: they took every descriptor,
+    and the new client's connection was closed unanswered.)"""
+    resource = pytest.importorskip("resource")
+    path = tmp_path / "tiny.agp"
+    path.write_text(TINY.format(model=long_gguf, max_queue=64, max_batch_size=4, timeout=1))
+    proc, url = start_agp_serve(str(path), "--threads", "1", "--no-access-log", "--header-timeout", "300",
+                                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)))
+    idle = []
+    try:
+        port = int(url.rsplit(":", 1)[1])
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(400)]
+        r = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"]
+        first = idle[0]
+        first.settimeout(60)
+        assert first.recv(1) == b""          # the longest waiting: closed for the new ones (not by the header timeout)
+    finally:
+        for c in idle:
+            c.close()
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert "open files 256" in err and "that waited longest for a request" in err, err[-3000:]
+
+
 def test_a_client_that_half_closes_after_its_request_is_taken_as_gone(serve):
     """A client that shuts its sending side after the request (`nc -N`) gets no answer: the EOF
     is its going away, as uvicorn takes it; its long answer is aborted and its KV freed."""

@@ -186,7 +186,7 @@ def _start(args, sock):
 
     from pipeline_dsl.diagnostics import CheckFailed
     from pipeline_dsl.serve.logs import endpoint, fatal
-    from pipeline_dsl.serve.server import AgpServer, agp_protocol
+    from pipeline_dsl.serve.server import AgpServer, agp_protocol, max_open_connections
 
     try:
         serving = _build_or_stop(args, sock)
@@ -203,7 +203,8 @@ def _start(args, sock):
         # itself: uvicorn's root_path would prefix every path a second time
         server = AgpServer(uvicorn.Config(
             serving.app, log_level=args.log_level, access_log=False, lifespan="on",
-            http=agp_protocol(args.header_timeout, args.send_timeout, keep_alive_timeout=args.keep_alive_timeout),
+            http=agp_protocol(args.header_timeout, args.send_timeout, keep_alive_timeout=args.keep_alive_timeout,
+                              max_open=max_open_connections(getattr(args, "open_files", None))),
             timeout_graceful_shutdown=5.0,             # the idle keep-alive: the protocol's own (above)
             ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
             log_config={"version": 1, "disable_existing_loggers": False}),

@@ -7,7 +7,8 @@ that tells the truth.
 |---|---|
 | opened, or a request line and headers arriving | `header_timeout` from the first byte (or the open): closed |
 | headers longer than `max_header_bytes` (16 KiB) | 431 at once, closed (nginx refuses 64 KB headers too) |
-| bytes that are not HTTP (no Host, a bad Content-Length) | 400 naming what is wrong, closed |
+| bytes that are not HTTP (no Host, a bad Content-Length, both Content-Length and Transfer-Encoding) | 400 naming what is wrong, closed |
+| a chunked body in more than `SMALL_CHUNKS` (4,096) chunks beyond one per `CHUNK_BYTES` (1 KiB) of it | 400, closed: h11 reads each chunk in Python (some 10 µs), and a body of 1-byte chunks held the event loop, and so every other request, for seconds |
 | the body arriving | the app's `--body-timeout` and `--body-min-rate` (408); no `--max-connections` slot until it is complete (serve/guard.py) |
 | answered with an error, or before the body was all read | `Connection: close`, closed after the answer |
 | closed with the client still sending (a refused body, headers too long) | half-closed: what it sends is read and dropped for up to `LINGER_S` (2 s), then closed |
@@ -15,13 +16,24 @@ that tells the truth.
 | the same at shutdown (after the drain) | cut at once |
 | the kernel's buffer of the answer | `SEND_BUFFER` (128 KiB; Linux doubles it), not Linux's autotuned 4 MiB |
 | idle between requests (keep-alive) | `keep_alive_timeout` (`KEEP_ALIVE_S`, 75 s, as nginx; not uvicorn's 5 s): closed; the next request's bytes end the idle wait and start its `header_timeout` |
+| more connections open than `max_open` (`max_open_connections`: the open-files limit less a quarter of it, 64 to 2,048) | the ones waiting longest for a request (opened or kept alive, no request under way) are closed, `REUSE` at a time |
 
 So no client holds a connection (and its file descriptor) longer than one of these limits by
-sending a byte now and then: an answered 413 whose client keeps sending is closed, not left
-half-read for ever. The close is a lingering one, as nginx's: closing a socket with unread
-bytes sends a reset, and a reset can destroy the 413 or 431 before the client has read it
-(a client still uploading its body sees "connection reset" or a broken pipe instead of the
-answer); so the answer and a FIN go first, and the client's remaining bytes are dropped.
+sending a byte now and then. Nor do connections that wait for a request take the descriptors a
+new client needs: past `max_open` connections, each new one closes the `REUSE` that have waited
+longest for a request (none of them has one under way: nothing is lost, and a client whose
+kept-alive connection is closed opens another), as nginx reuses its waiting and keep-alive
+connections once its worker_connections run out. Without it, thousands of connections that
+send nothing (each within its `header_timeout`) took every descriptor, and a new client's
+connection was accepted by the kernel and closed unanswered (uvloop drops what it cannot
+accept). The descriptors kept spare are for the server's own files and for the connections
+accepted at once in a burst, before the ones closed for them are gone.
+
+An answered 413 whose client keeps sending is closed, not left half-read for ever. The close is
+a lingering one, as nginx's: closing a socket with unread bytes sends a reset, and a reset can
+destroy the 413 or 431 before the client has read it (a client still uploading its body sees
+"connection reset" or a broken pipe instead of the answer); so the answer and a FIN go first,
+and the client's remaining bytes are dropped.
 
 A client that stops reading is seen by its TCP: its receive window closes, so the bytes written
 to it stay in this kernel, unacknowledged. While an answer's bytes wait for their client, the
@@ -61,6 +73,7 @@ status 1: a supervisor (Kubernetes, systemd) restarts it, where a server left up
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import http
 import json
@@ -91,6 +104,10 @@ SEND_BUFFER = 128 << 10
 # (a request on a pooled connection idle for about 5 s fails with "Server disconnected")
 KEEP_ALIVE_S = 75.0
 TCP_INFO_BYTES = 148            # Linux's struct tcp_info up to tcpi_notsent_bytes (Linux 4.6)
+SMALL_CHUNKS = 4096             # chunks a chunked body may have beyond one per CHUNK_BYTES of it
+CHUNK_BYTES = 1024
+REUSE = 32                      # connections waiting for a request closed at once past max_open (nginx: 32)
+REUSE_LOG_S = 10.0              # at most one log line this often about them
 
 
 def tcp_progress(sock) -> tuple[int, bool] | None:
@@ -120,14 +137,36 @@ class _ClosingConnection(h11.Connection):
 
     protocol_error: str | None = None
     request_id: str | None = None            # the X-Request-Id of the answer being sent (serve/access.py)
+    chunked = False                          # the request being read has a chunked body
+    chunks = size = 0                        # and so far this many pieces of it (h11's Data events), of these bytes
 
     def next_event(self):
         try:
-            return super().next_event()
+            event = super().next_event()
         except h11.RemoteProtocolError as e:
             # h11 shows the bytes as Python's repr: "illegal request line: bytearray(b'GARBAGE')"
             self.protocol_error = re.sub(r"bytearray\(b?(['\"])(.*?)\1\)", r"'\2'", str(e))[:200]
             raise
+        if isinstance(event, h11.Request):
+            names = {name for name, _ in event.headers}
+            self.chunked = b"transfer-encoding" in names          # h11 takes only chunked
+            self.chunks = self.size = 0
+            if self.chunked and b"content-length" in names:
+                # RFC 9112 6.1: a server may refuse it, and must close the connection after it either
+                # way; h11 read the body as chunked and kept the connection, so the bytes a proxy
+                # that went by the Content-Length took for the next request were answered as one
+                self.protocol_error = ("both Transfer-Encoding and Content-Length: the body's length is "
+                                       "ambiguous (send one of them)")
+                raise h11.RemoteProtocolError(self.protocol_error)
+        elif isinstance(event, h11.Data) and self.chunked:
+            self.chunks += 1
+            self.size += len(event.data)
+            if self.chunks > SMALL_CHUNKS + self.size // CHUNK_BYTES:
+                self.protocol_error = (f"the chunked request body came in {self.chunks} chunks for its first "
+                                       f"{self.size} bytes: more than {SMALL_CHUNKS} beyond one per {CHUNK_BYTES} "
+                                       "bytes (send it in larger chunks, or with a Content-Length)")
+                raise h11.RemoteProtocolError(self.protocol_error)
+        return event
 
     def send(self, event):
         if isinstance(event, h11.Response):
@@ -199,10 +238,14 @@ class SendWatch:
 
 
 def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
-                 max_header_bytes: int = MAX_HEADER_BYTES, keep_alive_timeout: float = KEEP_ALIVE_S):
+                 max_header_bytes: int = MAX_HEADER_BYTES, keep_alive_timeout: float = KEEP_ALIVE_S,
+                 max_open: int | None = None):
     """An H11Protocol class with the limits of the module docstring (`keep_alive_timeout` in
-    place of the uvicorn.Config's `timeout_keep_alive`)."""
+    place of the uvicorn.Config's `timeout_keep_alive`; `max_open` connections at most before
+    those waiting for a request are closed: None, no bound). One class serves one server."""
     tick = min(1.0, send_timeout / 4)     # how often a connection whose answer waits is checked
+    waiting = collections.OrderedDict()   # connections with no request under way, longest waiting first
+    reused = [0, None]                    # connections closed to make room since the last log line, and when it was
 
     class AgpH11(H11Protocol):
         def __init__(self, *args, **kwargs):
@@ -222,6 +265,38 @@ def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
             self._watch, self._watched = SendWatch(), None   # the request being answered hears a stall
             super().connection_made(_LingeringTransport(transport, self))
             self._arm()
+            self._note_waiting()
+            if max_open is not None and len(self.connections) > max_open:
+                self._make_room()
+
+        # ---- connections waiting for a request: the longest waiting make room for a new one --
+        def _note_waiting(self) -> None:
+            """Keep `waiting` up to date: this connection has no request under way (opened, kept
+            alive, or its request's headers still arriving), in the order they began to wait."""
+            if self.conn.their_state is h11.IDLE and self.conn.our_state is h11.IDLE \
+                    and not self.transport.is_closing():
+                waiting.setdefault(self, None)
+            else:
+                waiting.pop(self, None)
+
+        def _make_room(self) -> None:
+            closed = 0
+            while closed < REUSE and waiting:
+                other = next(iter(waiting))         # the longest waiting; this one, the newest, is last
+                if other is self:
+                    break
+                del waiting[other]
+                if not other.transport.is_closing():
+                    other._disarm()
+                    other.transport.close(linger=False)
+                    closed += 1
+            reused[0] += closed
+            now = self.loop.time()
+            if reused[0] and (reused[1] is None or now - reused[1] >= REUSE_LOG_S):
+                log.warning("%d connections open, more than the %d the open-files limit leaves room for: closed %d "
+                            "that waited longest for a request (no request under way)%s", len(self.connections),
+                            max_open, reused[0], "" if reused[1] is None else f" in the last {now - reused[1]:.0f}s")
+                reused[:] = [0, now]
 
         # ---- the request line and headers: in time, and not too long -----------------
         def _arm(self) -> None:
@@ -249,6 +324,7 @@ def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
                              "headers_too_large")
                 return
             super().handle_events()
+            self._note_waiting()
             cycle = self.cycle
             if cycle is not None and cycle is not self._watched:      # a new request: its own watch
                 self._watched, self._watch = cycle, SendWatch()
@@ -281,6 +357,7 @@ def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
         def on_response_complete(self) -> None:
             super().on_response_complete()
             self._disarm()                        # idle keep-alive: uvicorn's timer of keep_alive_timeout
+            self._note_waiting()
 
         def _headers_late(self) -> None:
             self._header_timer = None
@@ -358,6 +435,7 @@ def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
             super().shutdown()
 
         def connection_lost(self, exc) -> None:
+            waiting.pop(self, None)
             self._disarm()
             self.transport.stop()
             if self._send_timer is not None:
@@ -366,6 +444,16 @@ def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
             super().connection_lost(exc)
 
     return AgpH11
+
+
+def max_open_connections(open_files: int | None) -> int | None:
+    """The connections a server keeps open under a limit of `open_files` descriptors (agp_protocol's
+    `max_open`): the limit less a quarter of it, at least 64 and at most 2,048 (uvicorn's listen
+    backlog: the connections accepted in one burst, before those closed to make room for them are
+    gone), which also holds the server's own files. None: no limit."""
+    if open_files is None:
+        return None
+    return open_files - max(64, min(2048, open_files // 4))
 
 
 def header_timeout_protocol(seconds: float):
