@@ -10,9 +10,12 @@ a 4,000-token prompt without echo (the share any long prompt takes: its prefill,
 the same prompt scored with echo (logprobs 20, then 0), 300 connections answered 413 whose
 clients keep sending, 64 KB headers, unenforceable response_formats, 1M ids to /detokenize,
 256 prompts x n = 64, `agp check` of a 1 MiB file of nested brackets, and json_schemas built to
-cost: a const of 250,000 characters (each step's mask works out what is left of it) answered for
-100 tokens beside a plain request of 100 tokens, a 2 MB enum (2,000 strings of 1,000 characters)
-answered at length, 100,000 short strings, 10,000 optional properties. Each line: the probe, what
+cost: a const of 250,000 characters, a 2 MB enum (2,000 strings of 1,000 characters), 100,000
+short strings, 10,000 optional properties (each past a bound: refused), and costly masks within
+the bounds: a string pattern of 400 to 19,000 letters (its repetition unrolled to the bound on a
+regex's size) answered for 100 tokens by one request and by 16 at once, beside one and 16 plain
+requests of 100 tokens (their share): the victim shares its steps with rows whose masks are
+computed each step. Each line: the probe, what
 it got, how long it took, the CPU seconds the server spent meanwhile (its own and the victim's
 share), and the victim's median and largest gap while it ran (and its median gap alone). The bar:
 every gap under 1 s on an idle 2-core machine, no probe stalling the victim more than a plain
@@ -146,6 +149,25 @@ def probes(url: str, port: int, tmp: Path) -> dict:
                  "required": ["a"]}
     optional = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(10_000)}}
     long_const = {"const": word(0, 250_000)}
+    # a mask of 0.3-0.8 ms a row at most steps on a 2-core EPYC (MAX_REGEX_SIZE bounds the unrolled pattern)
+    costly = {"type": "object", "properties": {"a": {"type": "string", "pattern": "^[a-z ]{400,19000}$"}},
+              "required": ["a"]}
+
+    def together(probe, n: int = 16):
+        def run() -> str:
+            results = [None] * n
+
+            def one(i):
+                results[i] = probe()
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            return " ".join(f"{n_}x {code}" for code, n_ in sorted(
+                {c: results.count(c) for c in results}.items()))
+        return run
+    plain100 = lambda: post("/v1/completions", {"prompt": "hi", "max_tokens": 100, "ignore_eos": True})  # noqa: E731
     return {
         "4000 tokens, no echo (its share)": lambda: post("/v1/completions", {"prompt": long_prompt, "max_tokens": 1}),
         "echo 4000 tokens, logprobs 20": lambda: post("/v1/completions", {"prompt": long_prompt, "max_tokens": 0,
@@ -159,8 +181,10 @@ def probes(url: str, port: int, tmp: Path) -> dict:
             "type": "json_schema", "json_schema": {"name": "x", "schema": pattern}}}),
         "$ref to itself": lambda: post("/v1/completions", {"prompt": "hi", "max_tokens": 8, "response_format": {
             "type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}}}),
-        "100 tokens, plain (its share)": lambda: post("/v1/completions", {"prompt": "hi", "max_tokens": 100,
-                                                                         "ignore_eos": True}),
+        "100 tokens, plain (its share)": plain100,
+        "pattern of 19,000, 100 tokens": schema_of(costly, 100),
+        "16 x 100 tokens, plain (their share)": together(plain100),
+        "16 x pattern of 19,000, 100 tokens": together(schema_of(costly, 100)),
         "const of 250,000 chars, 100 tokens": schema_of(long_const, 100),
         "2 MB enum, 2,000 x 1,000 chars": schema_of(long_enum, 300),
         "2 MB enum, 100,000 x 20 chars": schema_of(many_enum),
