@@ -11,7 +11,8 @@ function `tools` and `tool_choice` the chat's, `text.format` the response_format
 stopped it (its finish_reason `content_filter`: `reason: content_filter`).
 Streamed, it is the Responses events (serve/responses_events.py). Answers are kept in memory
 (the latest STORED, unless `"store": false`) for `previous_response_id`, GET and DELETE
-/v1/responses/{id}. Only function tools exist here; reasoning items in the input are dropped.
+/v1/responses/{id}. Only function tools exist here; a reasoning item in the input reaches the
+assistant turn after it as its `reasoning_content` (where a chat template such as Qwen3's reads it).
 """
 from __future__ import annotations
 
@@ -258,6 +259,18 @@ def _referenced(item: dict, where: str, store: ResponseStore | None, read: dict)
     return found
 
 
+def _reasoning_text(item: dict, where: str) -> str:
+    """The text of a reasoning input item: its `reasoning_text` parts (an item with only a summary,
+    or encrypted content agp cannot read, has none)."""
+    content = item.get("content")
+    if content is None:
+        return ""
+    if not isinstance(content, list) or not all(isinstance(p, dict) and p.get("type") == "reasoning_text"
+                                                and isinstance(p.get("text"), str) for p in content):
+        raise bad(f"{where}.content", 'an array of {"type": "reasoning_text", "text": ...} parts', content)
+    return "".join(p["text"] for p in content)
+
+
 def conversation(value, store: ResponseStore | None = None, max_referenced: int | None = None) -> list[dict]:
     """`input` as chat messages; an `item_reference` reads the item it names from `store`. The
     items the references bring hold at most `max_referenced` characters of text all told (the
@@ -272,6 +285,7 @@ def conversation(value, store: ResponseStore | None = None, max_referenced: int 
     out: list[dict] = []
     read: dict = {}                       # the outputs of the kept responses read, by their ids
     referenced = 0                        # the characters the references brought
+    thought: list[str] = []               # reasoning items' text, for the assistant turn after them
     for i, item in enumerate(value):
         where = f"input[{i}]"
         if not isinstance(item, dict):
@@ -290,6 +304,9 @@ def conversation(value, store: ResponseStore | None = None, max_referenced: int 
                 raise bad(f"{where}.role", "one of user, system, developer, assistant", role)
             out.append({"role": role, "content": _text(item.get("content"), where, role=role)})
             brought = len(out[-1]["content"])
+            if thought and role == "assistant":
+                out[-1]["reasoning_content"] = "".join(thought)
+            thought = []
         elif kind == "function_call":
             for key in ("call_id", "name", "arguments"):
                 if not isinstance(item.get(key), str):
@@ -300,14 +317,18 @@ def conversation(value, store: ResponseStore | None = None, max_referenced: int 
                 out[-1]["tool_calls"].append(call)        # parallel calls: one assistant turn
             else:
                 out.append({"role": "assistant", "content": "", "tool_calls": [call]})
+                if thought:
+                    out[-1]["reasoning_content"] = "".join(thought)
+            thought = []
             brought = len(item["call_id"]) + len(item["name"]) + len(item["arguments"])
         elif kind == "function_call_output":
             if not isinstance(item.get("call_id"), str):
                 raise bad(f"{where}.call_id", "a string", item.get("call_id"))
             out.append({"role": "tool", "tool_call_id": item["call_id"], "content": _text(item.get("output"), where)})
             brought = 0
-        elif kind == "reasoning":
-            continue                      # agp's models write none; an earlier model's are not replayed
+        elif kind == "reasoning":         # an earlier answer's thinking: the assistant turn after it carries it
+            thought.append(_reasoning_text(item, where))     # as reasoning_content, as its template reads it
+            continue
         else:
             raise APIError(f"'{where}.type' {kind!r} is not supported (message, function_call, "
                            "function_call_output, item_reference)", param=f"{where}.type")
