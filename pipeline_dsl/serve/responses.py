@@ -6,7 +6,8 @@ of stored responses) the conversation, `previous_response_id` the stored convers
 function `tools` and `tool_choice` the chat's, `text.format` the response_format,
 `max_output_tokens` max_tokens. The answer is a `response` object whose
 `output` holds a message item (`output_text`, with logprobs when `include` asks for
-"message.output_text.logprobs") and a `function_call` item per tool call; `status` is
+"message.output_text.logprobs") and a `function_call` item per tool call, after a `reasoning` item
+of the model's thinking where agp serve --reasoning-parser splits it out; `status` is
 "incomplete" when the token budget cut it (`incomplete_details.reason: max_output_tokens`) or a guard
 stopped it (its finish_reason `content_filter`: `reason: content_filter`).
 Streamed, it is the Responses events (serve/responses_events.py). Answers are kept in memory
@@ -35,13 +36,14 @@ from pipeline_dsl.requests_io import shown
 
 from . import protocol as P
 from .access import request_info
-from .answers import Vocabularies, call_parser
+from .answers import Vocabularies, call_parser, check_reasoning, thinking_of
 from .body import read_json
 from .errors import api_error, as_responses_wrote
 from .extras import bad, parsed_off_loop
 from .generation import Generations
 from .responses_events import ResponseEvents
-from .responses_output import call_item, ending, message_item, output_messages, response_object, usage
+from .responses_output import (call_item, ending, message_item, output_messages, reasoning_item, response_object,
+                               usage)
 from .sse import EventStream
 from .token_fields import MAX_LOGPROBS
 
@@ -510,6 +512,7 @@ class Responses:
                 parse_responses, await read_json(request, g.config), max_model_len=g.config.max_model_len,
                 served=g.config.model_names, stages=g.stage_names, lenient=g.config.lenient, store=self.store,
                 max_referenced=g.config.max_body_bytes))
+            check_reasoning(g.apipe.runtime, call.req)
         except APIError as err:
             return g.refused(err)
         call = replace(call, req=g.token_names(call.req, {}))     # the route has no field of its own for it
@@ -569,9 +572,12 @@ class Responses:
                if vocabs.want_lp else None)
         parser = call_parser(self.g.apipe.runtime, call.req, choice.data.get("generated_by"))
         message, reason = P.chat_message(choice.text, choice.finish_reason, call.req.tools_active,
-                                         call.req.call_limit, parser, choice.tool_read)
+                                         call.req.call_limit, parser, choice.tool_read,
+                                         thinking_of(self.g.apipe.runtime, call.req))
         status, incomplete = ending(choice.finish_reason)
         output = []
+        if message.get("reasoning") is not None:        # its thinking, as a reasoning item before the message
+            output.append(reasoning_item(message["reasoning"]))
         if message.get("content") or not message.get("tool_calls"):
             output.append(message_item(message.get("content") or "", status, lps))
         output += [call_item(c) for c in message.get("tool_calls") or []]
