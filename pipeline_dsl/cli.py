@@ -369,8 +369,6 @@ VLLM_FLAGS = {
     "--tokenizer": "the tokenizer is the model's own (its .gguf file or folder)",
     "--enable-auto-tool-choice": "tool calls are parsed whenever a request gives `tools` (tool_choice `auto`, "
                                  "their default), with nothing to turn on",
-    "--reasoning-parser": "agp splits no reasoning out of an answer (`reasoning_content` is null, a model's "
-                          "<think> text stays in `content`)",
     "--disable-log-requests": _NO_PROMPT_LOG + " (--no-access-log turns those off)",
     "--enable-log-requests": _NO_PROMPT_LOG + " (--access-log, the default)",
     "--max-log-len": _NO_PROMPT_LOG,

@@ -2,8 +2,9 @@
 default, `enable_thinking: false` writing an empty <think></think> block after the assistant's
 start; an earlier answer's reasoning left out of the history; tools and tool calls) renders in
 agp's jinja sandbox as transformers renders it, vLLM's `chat_template_kwargs` reaches it over
-HTTP, and what the model writes inside <think> stays in the answer's `content` (agp has no
-reasoning parser: `reasoning_content` is null, as vLLM answers without one).
+HTTP, and what the model writes inside <think> stays in the answer's `content` where no reasoning
+parser splits it (agp serve without --reasoning-parser: `reasoning_content` is null, as vLLM answers
+without one; tests/test_reasoning.py has the parser).
 """
 
 import json
@@ -214,3 +215,39 @@ def test_qwen3s_think_tokens_are_text_not_special_tokens(tokenizers):
     ids = tok.encode("<think>\nhmm\n</think>\n\nok", add_special_tokens=False)
     assert tok.decode(ids) == "<think>\nhmm\n</think>\n\nok"
     assert ids[0] in tok.added and ids[0] not in tok.special_ids
+
+
+def test_the_thinking_sent_back_in_the_history_reaches_qwen3s_template(server):
+    """An assistant turn after the last user message (a tool round trip) is rendered with its
+    <think> block from the message's reasoning_content (or vLLM's newer `reasoning`), as the
+    template asks; an earlier turn's is left out by the template itself."""
+    def rendered(messages, **extra):
+        r = server.http.post(server.url + "/tokenize", json={"messages": messages, "tools": [WEATHER], **extra},
+                             timeout=30)
+        assert r.status_code == 200, r.text
+        return server.engine.tokenizer.decode(r.json()["tokens"])    # its special tokens left out
+    for key in ("reasoning_content", "reasoning"):
+        chat = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": "", key: "look it up", "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "get_weather",
+                                                                  "arguments": '{"city": "Paris"}'}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+        assert "\nassistant\n<think>\nlook it up\n</think>\n\n<tool_call>" in rendered(chat)
+    bad = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x", "reasoning_content": 3}]
+    r = server.http.post(server.url + "/v1/chat/completions", json={"model": "tiny", "messages": bad}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[1].reasoning_content"
+
+
+def test_a_responses_reasoning_item_in_the_input_reaches_the_next_assistant_turn(server):
+    rs = {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": "hm"}]}
+    count = {"model": "tiny", "tools": [{"type": "function", "name": "get_weather",
+                                         "parameters": WEATHER["function"]["parameters"]}],
+             "input": [{"role": "user", "content": "Weather in Paris?"}, rs,
+                       {"type": "function_call", "call_id": "c1", "name": "get_weather",
+                        "arguments": '{"city": "Paris"}'},
+                       {"type": "function_call_output", "call_id": "c1", "output": "sunny"}]}
+    with_it = server.http.post(server.url + "/v1/responses/input_tokens", json=count, timeout=30).json()
+    without = server.http.post(server.url + "/v1/responses/input_tokens",
+                               json={**count, "input": [i for i in count["input"] if i is not rs]}, timeout=30).json()
+    think = server.engine.tokenizer.encode("<think>\nhm\n</think>\n\n", add_special_tokens=False)
+    assert with_it["input_tokens"] == without["input_tokens"] + len(think)

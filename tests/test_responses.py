@@ -501,7 +501,8 @@ def test_a_long_streamed_message_joins_its_deltas_once_and_does_not_copy_its_tex
     from pipeline_dsl.serve.responses_events import ResponseEvents
 
     kept = []
-    owner = NS(g=NS(config=NS(retry_after_s=1)), vocabs=lambda c: NS(want_lp=False),
+    owner = NS(g=NS(config=NS(retry_after_s=1), apipe=NS(runtime=NS(reasoning_parser=None))),
+               vocabs=lambda c: NS(want_lp=False),
                keep=lambda call, body: kept.append(body))
     call = NS(req=NS(max_tokens_field="max_output_tokens", format_field="response_format", tools_active=False,
                      model="tiny"), settings={})

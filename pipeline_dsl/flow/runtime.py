@@ -91,6 +91,8 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         self.graph, self.clock = graph, clock
         # agp serve --tool-call-parser: the form every model's tool calls are read in (else each its own)
         self.tool_call_parser = (overrides or {}).get("tool_call_parser") or "auto"
+        # agp serve --reasoning-parser: the form a chat answer's thinking is split out in (None: not split)
+        self.reasoning_parser = (overrides or {}).get("reasoning_parser")
         self.tool_families: dict[str | None, str] = {}      # generate stage -> its model's form (engines.py)
         self.name = str(graph.graph.get("name") or "pipeline")
         self.served_name = served_name or self.name

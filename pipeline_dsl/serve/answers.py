@@ -41,6 +41,37 @@ def tool_form(runtime, pin: str | None, tool_choice, active: bool, gen=None) -> 
     return runtime.tool_parser(answered_by(runtime, pin, gen), tool_choice) if active else "hermes"
 
 
+def thinking_of(runtime, req) -> bool | None:
+    """Whether the chat answers of `req` (a GenerationRequest: chat's, or the Responses API's)
+    start in their thinking, as agp serve --reasoning-parser reads them (pipeline_dsl.reasoning's
+    thinks); None where no reasoning parser reads them (no flag, or /v1/completions, which vLLM
+    leaves alone too)."""
+    from pipeline_dsl.reasoning import thinks
+
+    parser = getattr(runtime, "reasoning_parser", None)
+    if parser is None or req.kind == "completion":
+        return None
+    return thinks(parser, req.chat_template_kwargs)
+
+
+def check_reasoning(runtime, req) -> None:
+    """A request whose answer starts in its thinking (thinking_of) may not ask for structured output
+    or force a tool call: a 400 saying so. The constrained decoder would hold the answer to its
+    format from its first token, so the model could not think (vLLM applies the format after
+    `</think>`, which agp does not)."""
+    if not thinking_of(runtime, req):
+        return
+    forced = req.tools_active and req.tool_choice != "auto"
+    if req.response_format is None and not forced:
+        return
+    field = req.format_field if req.response_format is not None else "tool_choice"
+    raise P.APIError(f"'{field}' cannot be enforced while the model thinks: agp serve --reasoning-parser "
+                     f"{runtime.reasoning_parser} splits a thinking answer, and agp applies a format or a forced "
+                     "tool call from an answer's first token, not after '</think>' as vLLM does (turn thinking off "
+                     "with chat_template_kwargs {\"enable_thinking\": false} under qwen3, or leave the field out)",
+                     param=field)
+
+
 @dataclass(frozen=True)
 class Vocabulary:
     """What the logprobs of an answer by generate stage `stage` need of its model's tokenizer:
@@ -127,7 +158,8 @@ def answer_body(runtime, res, req: P.GenerationRequest, rid: str,
         body = P.chat_response(rid, req.model, choices, use, tools_active=req.tools_active, top=top,
                                call_limit=req.call_limit, fingerprint=fingerprint,
                                parsers=[call_parser(runtime, req, c.data.get("generated_by")) for c in res.choices],
-                               reads=[c.tool_read for c in res.choices])
+                               reads=[c.tool_read for c in res.choices], thinking=thinking_of(runtime, req),
+                               include_reasoning=req.include_reasoning)
         return body, {c["index"]: c["finish_reason"] for c in body["choices"]}
     echo = bool(req.fields.get("echo"))
     choices = []

@@ -174,6 +174,7 @@ def build(args, *, host: str | None = None) -> Serving:
                                            "scheduling_policy": args.scheduling_policy,
                                            "seed": args.seed, "chat_template": template,
                                            "tool_call_parser": getattr(args, "tool_call_parser", "auto"),
+                                           "reasoning_parser": getattr(args, "reasoning_parser", None),
                                            "generation_config": args.generation_config,
                                            "override_generation_config": args.override_generation_config,
                                            "prefix_reuse": False if args.no_prefix_reuse else None})

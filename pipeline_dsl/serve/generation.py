@@ -17,7 +17,7 @@ from pipeline_dsl.flow import PipelineError
 
 from . import protocol as P
 from .access import client_of, request_info
-from .answers import answer_body
+from .answers import answer_body, check_reasoning
 from .async_pipeline import AsyncPipeline, RequestStream, StreamGroup
 from .body import read_json
 from .config import ServeConfig
@@ -76,6 +76,7 @@ class Generations:
         if "n" not in req.fields:           # the generate stage's n answers each prompt
             P.check_choices(1 + len(req.more_prompts), c.max_stage_n)
         P.check_queue_room(1 + len(req.more_prompts), self.apipe.runtime.max_queue, "prompt")
+        check_reasoning(self.apipe.runtime, req)
         return self.token_names(req, body)
 
     def token_names(self, req: P.GenerationRequest, body: dict) -> P.GenerationRequest:

@@ -208,8 +208,10 @@ CHAT_REQUEST = _request("messages", {
     "tool_choice": TOOL_CHOICE,
     "store": {"type": ["boolean", "null"], "description": "taken and ignored"},
     "service_tier": {"type": ["string", "null"], "description": "taken and ignored"},
-    "reasoning_effort": {"enum": [*REASONING_EFFORTS, None], "description": "taken and ignored (no reasoning models)"},
-    "include_reasoning": {"type": "boolean", "description": "vLLM's; taken and ignored (no reasoning models)"},
+    "reasoning_effort": {"enum": [*REASONING_EFFORTS, None],
+                         "description": "taken and ignored (Qwen3 thinks as enable_thinking says)"},
+    "include_reasoning": {"type": "boolean", "description": "vLLM's: false leaves the thinking agp serve "
+                                                            "--reasoning-parser splits out of the answer"},
     **{name: {"type": "string", "description": "the end user's id: python stages and conditions read it"
               if name in IDENTITY else "taken and ignored"} for name in IDENTIFIERS},
     **CACHE,
@@ -248,8 +250,8 @@ USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "t
     "total_tokens": {"type": "integer"}}}
 
 FINISH = {"type": ["string", "null"]}
-NO_REASONING = ("vLLM's reasoning field: null, as agp splits no reasoning out of an answer (a reasoning model's "
-                "<think> text stays in content; reasoning_content: its older name)")
+NO_REASONING = ("vLLM's reasoning field: a reasoning model's thinking, the text before </think>, where agp serve "
+                "--reasoning-parser splits it out, else null (reasoning_content: its older name)")
 STOP_REASON = {"type": ["string", "integer", "null"],
                "description": "vLLM's: the stop string or stop_token_ids id that ended the answer, else null"}
 
@@ -265,7 +267,8 @@ CHAT_RESPONSE = {"type": "object", "required": ["id", "object", "created", "mode
                                         "message": {"type": "object", "required": ["role", "content"],
                                                     "properties": {"role": {"const": "assistant"},
                                                                    "content": {"type": ["string", "null"]},
-                                                                   **{name: {"type": "null", "description": NO_REASONING}
+                                                                   **{name: {"type": ["string", "null"],
+                                                                             "description": NO_REASONING}
                                                                       for name in ("reasoning", "reasoning_content")}}}}}}}}
 
 COMPLETION_RESPONSE = {"type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],

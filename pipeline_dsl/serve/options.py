@@ -191,6 +191,11 @@ def add_arguments(p) -> None:
                         "(<tool_call>{...}</tool_call>), llama3_json (bare {\"name\", \"parameters\"} JSON, "
                         "after <|python_tag|> or not), mistral ([TOOL_CALLS]...); default auto: the model's own, "
                         "told from its chat template and vocabulary (docs/openai.md)")
+    p.add_argument("--reasoning-parser", type=_reasoning_parser, default=None, metavar="NAME",
+                   help="split a reasoning model's thinking out of its chat answers, by vLLM's parser names: qwen3 "
+                        "or deepseek_r1 (<think>...</think>): what comes before </think> is the message's reasoning, "
+                        "what follows it the content (default: none, the thinking stays in the content; "
+                        "docs/openai.md)")
     p.add_argument("--exclude-tools-when-tool-choice-none", action="store_true",
                    help="leave a request's tools out of its prompt when its tool_choice is \"none\" (as vLLM's "
                         "flag; by default the model sees them, and no tool call is parsed from its answer)")
@@ -507,6 +512,16 @@ def report(message: str) -> None:
     from .logs import fatal
 
     fatal(f"agp serve: error: {message}")
+
+
+def _reasoning_parser(value: str) -> str:
+    """--reasoning-parser's value: a form agp splits reasoning in (pipeline_dsl/reasoning.py)."""
+    from pipeline_dsl.reasoning import check_parser
+
+    try:
+        return check_parser(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _tool_call_parser(value: str) -> str:

@@ -58,6 +58,7 @@ class GenerationRequest:
     max_tokens_field: str = "max_tokens"       # what the client called it (max_completion_tokens, ...)
     format_field: str = "response_format"      # the field response_format came in (guided_json, ...)
     identity: dict | None = None               # user / safety_identifier, as the client sent them
+    include_reasoning: bool = True             # vLLM's: false leaves a split-out thinking out of the answer
 
     def split(self) -> list["GenerationRequest"]:
         """One request per prompt of a batched completions request (choice indexes: i * n + j)."""
@@ -484,7 +485,7 @@ def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
                              request_id=extras.request_id, chat_template_kwargs=extras.template_kwargs,
                              prompt_logprobs=tokens.prompt_logprobs, identity=identity,
                              max_tokens_field="max_completion_tokens" if obj.get("max_completion_tokens") is not None
-                             else "max_tokens")
+                             else "max_tokens", include_reasoning=obj.get("include_reasoning") is not False)
 
 
 def _render_flags(obj: dict) -> dict:
@@ -678,19 +679,35 @@ def completion_response(rid: str, model: str, choices: list[tuple], use: dict,
 
 
 def chat_message(text: str, finish_reason: str | None, tools_active: bool,
-                 call_limit: int | None = None, parser: str = "hermes", read=None) -> tuple[dict, str | None]:
+                 call_limit: int | None = None, parser: str = "hermes", read=None,
+                 thinking: bool | None = None) -> tuple[dict, str | None]:
     """(the assistant message, the finish reason) of one answer: tool calls parsed out of the
     text when the request gave tools (then finish_reason is "tool_calls"), `call_limit` at most,
     read in the form `parser` names (pipeline_dsl/tools.py's PARSERS: the model's family);
-    `read`: what its generate stage read (Choice.tool_read), taken where it read the same."""
-    if tools_active:
+    `read`: what its generate stage read (Choice.tool_read), taken where it read the same.
+    `thinking`: None where no reasoning parser reads the answer (agp serve --reasoning-parser;
+    chat_response gives such a message NO_REASONING); else whether the answer starts in its
+    thinking (pipeline_dsl.reasoning.thinks): the reasoning is split off first
+    (`reasoning`, and vLLM's older `reasoning_content`), and the tool calls are read from
+    the content after it alone."""
+    reasoning = None
+    content: str | None = text
+    if thinking is not None:
+        from pipeline_dsl.reasoning import split
+
+        reasoning, content = split(text, thinking)
+    message: dict = {"role": "assistant", "content": content}
+    if thinking is not None:
+        message["reasoning"] = message["reasoning_content"] = reasoning
+    if tools_active and content is not None:
         from pipeline_dsl.tools import read_tool_calls
 
-        read = read_tool_calls(text, call_limit, parser, read)
+        read = read_tool_calls(content, call_limit, parser, read)
+        message["content"] = read.content       # a family's markers left out
         if read.calls:
-            return {"role": "assistant", "content": read.content, "tool_calls": read.calls}, "tool_calls"
-        return {"role": "assistant", "content": read.content}, finish_reason      # a family's markers left out
-    return {"role": "assistant", "content": text}, finish_reason
+            message["tool_calls"] = read.calls
+            return message, "tool_calls"
+    return message, finish_reason
 
 
 # vLLM's answer to a model without a reasoning parser: its message's reasoning fields, null. Clients
@@ -701,17 +718,20 @@ NO_REASONING = {"reasoning": None, "reasoning_content": None}
 
 def chat_response(rid: str, model: str, choices: list[tuple], use: dict, created: int | None = None,
                   tools_active: bool = False, top: dict | None = None, call_limit: int | None = None,
-                  fingerprint: str | None = None, parsers: list | None = None, reads: list | None = None) -> dict:
+                  fingerprint: str | None = None, parsers: list | None = None, reads: list | None = None,
+                  thinking: bool | None = None, include_reasoning: bool = True) -> dict:
     """choices: (index, text, finish_reason[, logprobs[, what else the choice carries]]) each;
     `top`: what the answer carries beside its choices (vLLM's prompt_logprobs, prompt_token_ids);
     `parsers`: the form each choice's calls are read in (chat_message's `parser`; hermes where
-    not given), `reads`: the tool calls each choice's generate stage read (its `read`), in order.
-    Each message carries NO_REASONING: agp splits no reasoning out of an answer."""
+    not given), `reads`: the tool calls each choice's generate stage read (its `read`), in order;
+    `thinking`: chat_message's (None: no reasoning parser, each message's reasoning fields null);
+    `include_reasoning` false (vLLM's field): the thinking split off and left out (the fields null)."""
     out = []
     for k, c in enumerate(choices):
         message, reason = chat_message(c[1], c[2], tools_active, call_limit, parsers[k] if parsers else "hermes",
-                                       reads[k] if reads else None)
-        message.update(NO_REASONING)
+                                       reads[k] if reads else None, thinking)
+        if thinking is None or not include_reasoning:
+            message.update(NO_REASONING)
         out.append({"index": c[0], "message": message, "logprobs": c[3] if len(c) > 3 else None,
                     "finish_reason": reason, **(c[4] if len(c) > 4 else {})})
     return {"id": rid, "object": "chat.completion", "created": created or int(time.time()),

@@ -6,12 +6,14 @@ of stored responses) the conversation, `previous_response_id` the stored convers
 function `tools` and `tool_choice` the chat's, `text.format` the response_format,
 `max_output_tokens` max_tokens. The answer is a `response` object whose
 `output` holds a message item (`output_text`, with logprobs when `include` asks for
-"message.output_text.logprobs") and a `function_call` item per tool call; `status` is
+"message.output_text.logprobs") and a `function_call` item per tool call, after a `reasoning` item
+of the model's thinking where agp serve --reasoning-parser splits it out; `status` is
 "incomplete" when the token budget cut it (`incomplete_details.reason: max_output_tokens`) or a guard
 stopped it (its finish_reason `content_filter`: `reason: content_filter`).
 Streamed, it is the Responses events (serve/responses_events.py). Answers are kept in memory
 (the latest STORED, unless `"store": false`) for `previous_response_id`, GET and DELETE
-/v1/responses/{id}. Only function tools exist here; reasoning items in the input are dropped.
+/v1/responses/{id}. Only function tools exist here; a reasoning item in the input reaches the
+assistant turn after it as its `reasoning_content` (where a chat template such as Qwen3's reads it).
 """
 from __future__ import annotations
 
@@ -34,13 +36,14 @@ from pipeline_dsl.requests_io import shown
 
 from . import protocol as P
 from .access import request_info
-from .answers import Vocabularies, call_parser
+from .answers import Vocabularies, call_parser, check_reasoning, thinking_of
 from .body import read_json
 from .errors import api_error, as_responses_wrote
 from .extras import bad, parsed_off_loop
 from .generation import Generations
 from .responses_events import ResponseEvents
-from .responses_output import call_item, ending, message_item, output_messages, response_object, usage
+from .responses_output import (call_item, ending, message_item, output_messages, reasoning_item, response_object,
+                               usage)
 from .sse import EventStream
 from .token_fields import MAX_LOGPROBS
 
@@ -258,6 +261,18 @@ def _referenced(item: dict, where: str, store: ResponseStore | None, read: dict)
     return found
 
 
+def _reasoning_text(item: dict, where: str) -> str:
+    """The text of a reasoning input item: its `reasoning_text` parts (an item with only a summary,
+    or encrypted content agp cannot read, has none)."""
+    content = item.get("content")
+    if content is None:
+        return ""
+    if not isinstance(content, list) or not all(isinstance(p, dict) and p.get("type") == "reasoning_text"
+                                                and isinstance(p.get("text"), str) for p in content):
+        raise bad(f"{where}.content", 'an array of {"type": "reasoning_text", "text": ...} parts', content)
+    return "".join(p["text"] for p in content)
+
+
 def conversation(value, store: ResponseStore | None = None, max_referenced: int | None = None) -> list[dict]:
     """`input` as chat messages; an `item_reference` reads the item it names from `store`. The
     items the references bring hold at most `max_referenced` characters of text all told (the
@@ -272,6 +287,7 @@ def conversation(value, store: ResponseStore | None = None, max_referenced: int 
     out: list[dict] = []
     read: dict = {}                       # the outputs of the kept responses read, by their ids
     referenced = 0                        # the characters the references brought
+    thought: list[str] = []               # reasoning items' text, for the assistant turn after them
     for i, item in enumerate(value):
         where = f"input[{i}]"
         if not isinstance(item, dict):
@@ -290,6 +306,9 @@ def conversation(value, store: ResponseStore | None = None, max_referenced: int 
                 raise bad(f"{where}.role", "one of user, system, developer, assistant", role)
             out.append({"role": role, "content": _text(item.get("content"), where, role=role)})
             brought = len(out[-1]["content"])
+            if thought and role == "assistant":
+                out[-1]["reasoning_content"] = "".join(thought)
+            thought = []
         elif kind == "function_call":
             for key in ("call_id", "name", "arguments"):
                 if not isinstance(item.get(key), str):
@@ -300,14 +319,18 @@ def conversation(value, store: ResponseStore | None = None, max_referenced: int 
                 out[-1]["tool_calls"].append(call)        # parallel calls: one assistant turn
             else:
                 out.append({"role": "assistant", "content": "", "tool_calls": [call]})
+                if thought:
+                    out[-1]["reasoning_content"] = "".join(thought)
+            thought = []
             brought = len(item["call_id"]) + len(item["name"]) + len(item["arguments"])
         elif kind == "function_call_output":
             if not isinstance(item.get("call_id"), str):
                 raise bad(f"{where}.call_id", "a string", item.get("call_id"))
             out.append({"role": "tool", "tool_call_id": item["call_id"], "content": _text(item.get("output"), where)})
             brought = 0
-        elif kind == "reasoning":
-            continue                      # agp's models write none; an earlier model's are not replayed
+        elif kind == "reasoning":         # an earlier answer's thinking: the assistant turn after it carries it
+            thought.append(_reasoning_text(item, where))     # as reasoning_content, as its template reads it
+            continue
         else:
             raise APIError(f"'{where}.type' {kind!r} is not supported (message, function_call, "
                            "function_call_output, item_reference)", param=f"{where}.type")
@@ -489,6 +512,7 @@ class Responses:
                 parse_responses, await read_json(request, g.config), max_model_len=g.config.max_model_len,
                 served=g.config.model_names, stages=g.stage_names, lenient=g.config.lenient, store=self.store,
                 max_referenced=g.config.max_body_bytes))
+            check_reasoning(g.apipe.runtime, call.req)
         except APIError as err:
             return g.refused(err)
         call = replace(call, req=g.token_names(call.req, {}))     # the route has no field of its own for it
@@ -548,9 +572,12 @@ class Responses:
                if vocabs.want_lp else None)
         parser = call_parser(self.g.apipe.runtime, call.req, choice.data.get("generated_by"))
         message, reason = P.chat_message(choice.text, choice.finish_reason, call.req.tools_active,
-                                         call.req.call_limit, parser, choice.tool_read)
+                                         call.req.call_limit, parser, choice.tool_read,
+                                         thinking_of(self.g.apipe.runtime, call.req))
         status, incomplete = ending(choice.finish_reason)
         output = []
+        if message.get("reasoning") is not None:        # its thinking, as a reasoning item before the message
+            output.append(reasoning_item(message["reasoning"]))
         if message.get("content") or not message.get("tool_calls"):
             output.append(message_item(message.get("content") or "", status, lps))
         output += [call_item(c) for c in message.get("tool_calls") or []]

@@ -2,6 +2,9 @@
 `event: <type>` and a JSON `data` with its `type` and a rising `sequence_number`.
 
     response.created, response.in_progress                      the response object, in progress
+    response.output_item.added, response.content_part.added     a reasoning item opens (agp serve
+    response.reasoning_text.delta ... response.reasoning_text.done  --reasoning-parser), its thinking,
+    response.content_part.done, response.output_item.done       before the answer's message
     response.output_item.added, response.content_part.added     a message item opens
     response.output_text.delta ... response.output_text.done    its text as tokens come
     response.content_part.done, response.output_item.done
@@ -17,9 +20,9 @@ from __future__ import annotations
 import time
 
 from . import protocol as P
-from .answers import call_parser
+from .answers import call_parser, thinking_of
 from .sse import Relay
-from .responses_output import call_item, ending, message_item, new_id, response_object, usage
+from .responses_output import call_item, ending, message_item, new_id, reasoning_item, response_object, usage
 
 
 class ResponseEvents(Relay):
@@ -37,6 +40,12 @@ class ResponseEvents(Relay):
         self.tools = None                        # the answer's tool stream, from its first text (content)
         self.called = False
         self.seen = False                        # a delta of choice 0 came (else its text comes whole)
+        # agp serve --reasoning-parser: the answer's thinking goes to a reasoning item before its message
+        # (the Splitter its text goes through, from its first text; False: none splits it)
+        self.splitter = None
+        self.rs: dict | None = None              # the open reasoning item
+        self.thought: list[str] = []             # its text, a delta a piece
+        self.held_lps: list = []                 # the logprobs of thinking's tokens, for the message's part
 
     def event(self, kind: str, **body) -> bytes:
         data = {"type": kind, "sequence_number": self.seq, **body}
@@ -58,8 +67,35 @@ class ResponseEvents(Relay):
                 self.event("response.content_part.added", item_id=self.msg["id"], output_index=self.msg["index"],
                            content_index=0, part=part)]
 
+    def _reason(self, text: str) -> list[bytes]:
+        """A piece of the answer's thinking: its reasoning item opened first."""
+        out = []
+        if self.rs is None:
+            self.rs, self.thought = {"id": new_id("rs"), "index": len(self.output)}, []
+            item = {**reasoning_item("", self.rs["id"]), "content": [], "status": "in_progress"}
+            out += [self.event("response.output_item.added", output_index=self.rs["index"], item=item),
+                    self.event("response.content_part.added", item_id=self.rs["id"], output_index=self.rs["index"],
+                               content_index=0, part={"type": "reasoning_text", "text": ""})]
+        self.thought.append(text)
+        out.append(self.event("response.reasoning_text.delta", item_id=self.rs["id"], output_index=self.rs["index"],
+                              content_index=0, delta=text))
+        return out
+
+    def _close_reasoning(self) -> list[bytes]:
+        if self.rs is None:
+            return []
+        r, self.rs = self.rs, None
+        item = reasoning_item("".join(self.thought), r["id"])
+        self.output.append(item)
+        where = {"item_id": r["id"], "output_index": r["index"], "content_index": 0}
+        return [self.event("response.reasoning_text.done", **where, text=item["content"][0]["text"]),
+                self.event("response.content_part.done", **where, part=item["content"][0]),
+                self.event("response.output_item.done", output_index=r["index"], item=item)]
+
     def _text(self, text: str, lps: list | None) -> list[bytes]:
-        out = [] if self.msg is not None else self._open()
+        out = [] if self.msg is not None else self._close_reasoning() + self._open()
+        if self.held_lps:                        # the thinking's tokens' logprobs, as the whole answer's part
+            lps, self.held_lps = self.held_lps + (lps or []), []
         self.pieces.append(text)                 # not text += text: that copies the whole text each delta
         if self.lps is not None and lps:
             self.lps += lps
@@ -80,7 +116,7 @@ class ResponseEvents(Relay):
                 self.event("response.output_item.done", output_index=m["index"], item=item)]
 
     def _call(self, call: dict) -> list[bytes]:
-        out = self._close("completed")
+        out = self._close_reasoning() + self._close("completed")
         self.called = True
         item = call_item(call)
         index = len(self.output)
@@ -100,6 +136,21 @@ class ResponseEvents(Relay):
             vocab = self.vocabs.of(gen)
             lps = P.chat_logprobs(step_lp, vocab.name_of, vocab.bytes_of)["content"]
         out, calls = [], []
+        if self.splitter is None:
+            thinking = thinking_of(self.owner.g.apipe.runtime, self.call.req)
+            if thinking is None:
+                self.splitter = False
+            else:
+                from pipeline_dsl.reasoning import Splitter
+
+                self.splitter = Splitter(thinking)
+        if self.splitter:
+            thought, text = self.splitter.feed(text)
+            if thought:
+                out += self._reason(thought)
+                if not text and lps:
+                    self.held_lps += lps
+                    lps = None
         if self.tools is None and self.call.req.tools_active:
             from pipeline_dsl.tools import tool_stream
 
@@ -118,6 +169,10 @@ class ResponseEvents(Relay):
         out = []
         if choice is not None and not self.seen:        # it came whole (through later stages)
             out += self.content(choice.text, choice.data.get("logprobs"), choice.data.get("generated_by"))
+        if self.splitter:
+            rest = self.splitter.finish()              # a tag's start held back that never came whole
+            if rest:
+                out += self._reason(rest)
         if self.tools is not None:
             rest, calls = self.tools.finish()
             if rest:
@@ -125,9 +180,11 @@ class ResponseEvents(Relay):
             for c in calls:
                 out += self._call(c)
         status, incomplete = ending(choice.finish_reason if choice is not None else None)
-        if self.msg is None and not self.output:
-            out += self._open()                          # an empty answer is still a message
-        out += self._close(status)
+        if self.msg is None and not any(item["type"] != "reasoning" for item in self.output):
+            out += self._close_reasoning() + self._open()    # an empty answer is still a message
+        if self.held_lps and self.lps is not None:
+            self.lps += self.held_lps
+        out += self._close_reasoning() + self._close(status)
         final = self.snapshot(status, usage(result.usage), incomplete=incomplete)
         self.owner.keep(self.call, final)
         self.reason = "tool_calls" if self.called else (choice.finish_reason if choice is not None else None)

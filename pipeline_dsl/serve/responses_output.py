@@ -27,6 +27,13 @@ def message_item(text: str, status: str, logprobs: list | None, item_id: str | N
             "content": [part]}
 
 
+def reasoning_item(text: str, item_id: str | None = None) -> dict:
+    """A reasoning model's thinking (agp serve --reasoning-parser), as OpenAI's and vLLM's Responses API
+    shape it: its text a `reasoning_text` part, no summary."""
+    return {"type": "reasoning", "id": item_id or new_id("rs"), "summary": [],
+            "content": [{"type": "reasoning_text", "text": text}], "encrypted_content": None, "status": "completed"}
+
+
 def call_item(call: dict, item_id: str | None = None) -> dict:
     return {"type": "function_call", "id": item_id or new_id("fc"), "call_id": call["id"],
             "name": call["function"]["name"], "arguments": call["function"]["arguments"], "status": "completed"}
@@ -57,6 +64,9 @@ def output_messages(output: list) -> list[dict]:
     calls = [{"id": i["call_id"], "type": "function", "function": {"name": i["name"], "arguments": i["arguments"]}}
              for i in output if i["type"] == "function_call"]
     message = {"role": "assistant", "content": text}
+    thought = [p["text"] for item in output if item["type"] == "reasoning" for p in item["content"]]
+    if thought:                                  # its chat template renders it as it renders thinking
+        message["reasoning_content"] = "".join(thought)
     if calls:
         message["tool_calls"] = calls
     return [message]

@@ -19,7 +19,7 @@ from starlette.requests import ClientDisconnect
 
 from . import protocol as P
 from .access import request_info
-from .answers import Vocabularies, Vocabulary, call_parser, prompt_text
+from .answers import Vocabularies, Vocabulary, call_parser, prompt_text, thinking_of
 from .async_pipeline import RequestStream
 from .errors import answer_failed, api_error, log_error
 from .server import SEND_WATCH
@@ -162,6 +162,10 @@ class ChunkWriter(Relay):
         self.opened: set[int] = set()
         self.closed: set[int] = set()
         self.tool_streams: dict[int, object] = {}      # index -> ToolStream, when the request gave tools
+        # agp serve --reasoning-parser: whether a chat answer starts in its thinking (None: not split),
+        # and per choice the Splitter its text goes through before its tool calls are read
+        self.thinking = thinking_of(runtime, req) if self.chat else None
+        self.splitters: dict[int, object] = {}
         self.called: set[int] = set()
         self.reasons: dict[int, str | None] = {}       # index -> the finish reason sent
         self.want_lp = req.fields.get("logprobs") is not None
@@ -279,7 +283,16 @@ class ChunkWriter(Relay):
             self.offsets[index] = self.vocabs.offsets(vocab.stage, len(prompt))
             out.append(self._chunk(index, prompt, logprobs=lp, opening=True))
         self.opened.add(index)
-        calls = []
+        calls, thought = [], ""
+        if self.thinking is not None:                  # its thinking first: the rest is content
+            from pipeline_dsl.reasoning import Splitter
+
+            splitter = self.splitters.get(index)
+            if splitter is None:
+                splitter = self.splitters[index] = Splitter(self.thinking)
+            thought, text = splitter.feed(text)
+            if not self.req.include_reasoning:         # vLLM's include_reasoning: false, the thinking left out
+                thought = ""
         if self.chat and self.req.tools_active:
             from pipeline_dsl.tools import tool_stream
 
@@ -290,7 +303,10 @@ class ChunkWriter(Relay):
         if self.want_lp and step_lp:                   # these tokens' logprobs, with their text
             lp = (P.chat_logprobs(step_lp, vocab.name_of, vocab.bytes_of) if self.chat
                   else P.completion_logprobs({"logprobs": step_lp}, vocab.name_of, None, self._offsets(index)))
-        if text or lp is not None or (self.want_ids and ids):
+        if thought:                                    # vLLM's delta: reasoning (and content where it began)
+            delta = {"reasoning": thought, "reasoning_content": thought, **({"content": text} if text else {})}
+            out.append(self._chunk(index, delta=delta, logprobs=lp, ids=ids))
+        elif text or lp is not None or (self.want_ids and ids):
             out.append(self._chunk(index, text, logprobs=lp, ids=ids))
         return out + self._calls(index, calls)
 
@@ -304,6 +320,10 @@ class ChunkWriter(Relay):
     def finish(self, index: int, reason: str | None, stop_reason: int | str | None = None) -> list[bytes]:
         self.closed.add(index)
         out = []
+        if index in self.splitters:                    # a tag's start held back that never came whole
+            rest = self.splitters[index].finish()
+            if rest and self.req.include_reasoning:
+                out.append(self._chunk(index, delta={"reasoning": rest, "reasoning_content": rest}))
         if index in self.tool_streams:
             rest, calls = self.tool_streams[index].finish()
             if rest:

@@ -1,0 +1,94 @@
+"""A reasoning model's thinking, split from its answer: the text before `</think>` is its
+reasoning, the text after it the answer's content (vLLM's `--reasoning-parser`, by its names).
+
+    qwen3        Qwen3: `<think>` ... `</think>` then the answer; a request whose chat_template_kwargs
+                 set `enable_thinking: false` has no thinking (its whole text is content)
+    deepseek_r1  DeepSeek R1 (and QwQ): the same tags, whatever the request says
+
+An answer is in its thinking from its first token: a template may have opened `<think>` in the
+prompt already (Qwen3-Thinking, DeepSeek R1), so that only `</think>` appears. A `<think>` the
+model writes before `</think>` is left out of the reasoning; an answer that ends before any
+`</think>` (max_tokens, a stop string) is reasoning alone, its content null, as vLLM answers.
+
+`Splitter` reads an answer a piece at a time (a stream's deltas): a tag split across two pieces
+is held back until it is whole or is not a tag, so the pieces it gives, joined, are what
+`split` gives for the whole text.
+"""
+from __future__ import annotations
+
+PARSERS = ("qwen3", "deepseek_r1")            # vLLM's --reasoning-parser names agp reads
+START, END = "<think>", "</think>"
+
+
+def check_parser(name: str) -> str:
+    """`name` if agp reads reasoning in that form; ValueError naming the forms otherwise."""
+    if name not in PARSERS:
+        raise ValueError(f"agp has no reasoning parser '{name}'; it reads {', '.join(PARSERS)}")
+    return name
+
+
+def thinks(parser: str | None, template_kwargs: dict | None) -> bool:
+    """Whether an answer read by `parser` (None: none) starts in its thinking: not without a
+    parser, and not for qwen3 where the request set `enable_thinking: false` (Qwen3's template then
+    writes the empty <think></think> block in the prompt)."""
+    if parser is None:
+        return False
+    return not (parser == "qwen3" and (template_kwargs or {}).get("enable_thinking") is False)
+
+
+def _held(text: str, tag: str) -> int:
+    """How many characters at the end of `text` may be the start of `tag` (0: none)."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-n:]):
+            return n
+    return 0
+
+
+class Splitter:
+    """One answer's reasoning and content, a piece at a time. `thinking`: the answer starts in
+    its thinking (thinks); else every piece is content."""
+
+    def __init__(self, thinking: bool):
+        self.thinking = thinking
+        self.had_thinking = thinking        # whether the answer has a reasoning part at all
+        self.started = False                # a <think> was dropped (or cannot come any more)
+        self.rest = ""                      # text held back: maybe the start of a tag
+
+    def feed(self, text: str) -> tuple[str, str]:
+        """(reasoning, content) of the next piece of the answer; text that may begin a tag is
+        held back until the next piece (or finish) tells."""
+        if not self.thinking:
+            return "", text
+        text, self.rest = self.rest + text, ""
+        reasoning = []
+        if not self.started:
+            at = text.find(START)
+            end = text.find(END)
+            if at >= 0 and (end < 0 or at < end):
+                reasoning.append(text[:at])
+                text = text[at + len(START):]
+                self.started = True
+        end = text.find(END)
+        if end >= 0:
+            self.thinking, self.started = False, True
+            return "".join(reasoning) + text[:end], text[end + len(END):]
+        keep = max(_held(text, END), 0 if self.started else _held(text, START))
+        if keep:
+            text, self.rest = text[:-keep], text[-keep:]
+        return "".join(reasoning) + text, ""
+
+    def finish(self) -> str:
+        """What was held back when the answer ended: reasoning (its tag never came)."""
+        rest, self.rest = self.rest, ""
+        return rest
+
+
+def split(text: str, thinking: bool) -> tuple[str | None, str | None]:
+    """(reasoning, content) of a whole answer, as vLLM's parsers give them: reasoning None where the
+    answer has no thinking part, content None where nothing follows `</think>`."""
+    s = Splitter(thinking)
+    reasoning, content = s.feed(text)
+    reasoning += s.finish()
+    if not s.had_thinking:
+        return None, text
+    return reasoning, content or None

@@ -1,0 +1,241 @@
+"""agp serve --reasoning-parser (qwen3, deepseek_r1: vLLM's names): a reasoning model's thinking,
+the text before `</think>`, is split out of its chat answer into `reasoning` / `reasoning_content`,
+streamed or whole, and into a `reasoning` item of the Responses API; /v1/completions keeps it.
+"""
+
+import json
+
+import pytest
+
+from pipeline_dsl.reasoning import PARSERS, Splitter, split, thinks
+from pipeline_dsl.serve.protocol import chat_message
+from test_qwen3_chat import WEATHER, qwen3_folder  # noqa: F401 - the tiny Qwen3 folder
+from test_serve import LiveServer
+
+# ---------------------------------------------------------------- the split, as vLLM's parsers make it
+
+CASES = [   # (answer text, reasoning, content) of an answer that starts in its thinking
+    ("<think>\nadd them\n</think>\n\n4", "\nadd them\n", "\n\n4"),       # Qwen3: both tags, text kept as written
+    ("add them</think>4", "add them", "4"),                              # the template opened <think> in the prompt
+    ("add them", "add them", None),                                      # cut inside its thinking (max_tokens, stop)
+    ("<think>add", "add", None),
+    ("add</think>", "add", None),                                        # nothing after </think>: content null
+    ("</think>4", "", "4"),
+    ("a</think>b</think>c", "a", "b</think>c"),                          # the first </think> ends it
+    ("a</thin", "a</thin", None),                                        # half a tag at the end is reasoning
+    ("", "", None),
+]
+
+
+@pytest.mark.parametrize("text,reasoning,content", CASES)
+def test_an_answer_that_thinks_is_split_at_its_first_end_tag(text, reasoning, content):
+    assert split(text, True) == (reasoning, content)
+
+
+@pytest.mark.parametrize("text", [c[0] for c in CASES])
+def test_an_answer_without_thinking_is_all_content(text):
+    assert split(text, False) == (None, text)
+
+
+@pytest.mark.parametrize("text", [c[0] for c in CASES] + ["<think>x</think>y<think>z", "<<think>>a<</think>>b"])
+def test_the_pieces_of_a_stream_join_to_the_whole_split_wherever_a_tag_is_cut(text):
+    """Every way of cutting the answer in two (a tag split across two chunks), and one character a
+    piece: reasoning and content joined are what the whole answer splits into."""
+    whole = split(text, True)
+    cuts = [[text[:k], text[k:]] for k in range(len(text) + 1)] + [list(text)]
+    for pieces in cuts:
+        s, reasoning, content = Splitter(True), "", ""
+        for p in pieces:
+            r, c = s.feed(p)
+            reasoning, content = reasoning + r, content + c
+        reasoning += s.finish()
+        assert (reasoning, content or None) == whole, pieces
+    s = Splitter(True)
+    assert s.feed("a</th") == ("a", "") and s.feed("ink>b") == ("", "b")    # held back until it is whole
+
+
+def test_qwen3s_enable_thinking_false_means_no_thinking_and_deepseek_r1_always_thinks():
+    assert PARSERS == ("qwen3", "deepseek_r1")
+    assert thinks("qwen3", None) and thinks("qwen3", {"enable_thinking": True})
+    assert not thinks("qwen3", {"enable_thinking": False})
+    assert thinks("deepseek_r1", {"enable_thinking": False})
+    assert not thinks(None, None)
+
+
+def test_tool_calls_are_read_from_the_content_after_the_thinking_only():
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    thought, reason = chat_message(f"maybe {call}?</think>no call", "stop", True, thinking=True)
+    assert (thought["reasoning"], thought["content"], reason) == (f"maybe {call}?", "no call", "stop")
+    assert "tool_calls" not in thought
+    called, reason = chat_message(f"weather</think>{call}", "stop", True, thinking=True)
+    assert called["reasoning"] == called["reasoning_content"] == "weather" and reason == "tool_calls"
+    assert called["tool_calls"][0]["function"]["name"] == "get_weather"
+    plain, _ = chat_message(f"a</think>{call}", "stop", True)       # no parser: as before
+    assert plain["content"] == "a</think>" and plain["tool_calls"][0]["function"]["name"] == "get_weather"
+
+
+def test_serve_takes_vllms_reasoning_parser_names_and_refuses_another(capsys):
+    from pipeline_dsl import cli
+
+    for name in PARSERS:
+        args = cli.build_parser(["serve"]).parse_args(["serve", "examples/chat.agp", "--reasoning-parser", name])
+        assert args.reasoning_parser == name
+    assert cli.build_parser(["serve"]).parse_args(["serve", "examples/chat.agp"]).reasoning_parser is None
+    with pytest.raises(SystemExit) as e:
+        cli.main(["serve", "examples/chat.agp", "--reasoning-parser", "granite"])
+    assert e.value.code == 2
+    assert "agp has no reasoning parser 'granite'; it reads qwen3, deepseek_r1" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- through a served Qwen3
+
+USER = [{"role": "user", "content": "hey"}]
+
+
+@pytest.fixture(scope="module")
+def ids(qwen3_folder):  # noqa: F811
+    vocab = json.loads((qwen3_folder / "tokenizer.json").read_text())
+    think, end = (next(t["id"] for t in vocab["added_tokens"] if t["content"] == s) for s in ("<think>", "</think>"))
+    return {"think": think, "end": end, "C": 70, "D": 71}
+
+
+@pytest.fixture(scope="module")
+def server(qwen3_folder):  # noqa: F811
+    s = LiveServer(qwen3_folder, overrides={"reasoning_parser": "qwen3"})
+    yield s
+    s.close()
+
+
+def _sampled(ids, seed: int, **extra) -> dict:
+    """Sampling that writes the answer from <think>, </think>, C and D (seeded: the same tokens each time)."""
+    return {"temperature": 1.0, "seed": seed, "max_tokens": 12,
+            "extra_body": {"allowed_token_ids": [ids["think"], ids["end"], ids["C"], ids["D"]], **extra}}
+
+
+def _raw(server, seed: int, ids) -> str:
+    """The text the model writes for USER with this seed, as /v1/completions gives it (never split)."""
+    prompt = server.http.post(server.url + "/tokenize", json={"messages": USER}, timeout=30).json()["tokens"]
+    kw = _sampled(ids, seed)
+    r = server.client.completions.create(model="tiny", prompt=prompt, temperature=kw["temperature"], seed=seed,
+                                         max_tokens=kw["max_tokens"], extra_body=kw["extra_body"])
+    return r.choices[0].text
+
+
+def _streamed(chunks) -> tuple[str, str, set, dict | None]:
+    reasoning, content, reasons, use = "", "", set(), None
+    for chunk in chunks:
+        use = chunk.usage or use
+        for c in chunk.choices:
+            extra = c.delta.model_extra or {}
+            assert extra.get("reasoning") == extra.get("reasoning_content")
+            reasoning += extra.get("reasoning") or ""
+            content += c.delta.content or ""
+            reasons.add(c.finish_reason)
+    return reasoning, content, reasons - {None}, use
+
+
+def test_a_qwen3_answer_is_split_at_its_end_tag_whole_and_streamed_alike(server, ids):
+    """Seeded answers of <think>, </think>, C and D: the chat message's reasoning and content are the
+    completions text split at its first </think> (its leading <think> left out), usage as it was,
+    and the stream's reasoning and content deltas join to the same."""
+    tried = []
+    for seed in range(40):
+        raw = _raw(server, seed, ids)
+        tried.append(raw)
+        whole = server.client.chat.completions.create(model="tiny", messages=USER, **_sampled(ids, seed))
+        m = whole.choices[0].message
+        assert (m.reasoning_content, m.content) == split(raw, True)
+        assert m.model_extra["reasoning"] == m.reasoning_content
+        assert whole.usage.completion_tokens == 12
+        stream = server.client.chat.completions.create(model="tiny", messages=USER, stream=True,
+                                                       stream_options={"include_usage": True}, **_sampled(ids, seed))
+        reasoning, content, reasons, use = _streamed(stream)
+        assert (reasoning, content or None) == (m.reasoning_content, m.content)
+        assert reasons == {whole.choices[0].finish_reason} and use.completion_tokens == 12
+        if "</think>" in raw[:-len("</think>")] and raw.index("</think>") > 0:
+            break                              # /v1/completions kept the tags; chat split at them
+    else:
+        pytest.fail(f"no seed wrote an answer with thinking and content: {tried}")
+    assert m.reasoning_content and m.content and "</think>" not in m.reasoning_content
+
+
+def test_an_answer_cut_inside_its_thinking_is_all_reasoning(server, ids):
+    kw = dict(model="tiny", messages=USER, max_tokens=3, extra_body={"allowed_token_ids": [ids["C"]]})
+    whole = server.client.chat.completions.create(**kw).choices[0]
+    assert (whole.message.reasoning_content, whole.message.content, whole.finish_reason) == ("CCC", None, "length")
+    reasoning, content, reasons, _ = _streamed(server.client.chat.completions.create(stream=True, **kw))
+    assert (reasoning, content, reasons) == ("CCC", "", {"length"})
+
+
+def test_include_reasoning_false_leaves_the_thinking_out_of_the_answer(server, ids):
+    """vLLM's include_reasoning: false: the thinking is still split off, and sent in neither field."""
+    kw = dict(model="tiny", messages=USER, max_tokens=3,
+              extra_body={"allowed_token_ids": [ids["C"]], "include_reasoning": False})
+    m = server.client.chat.completions.create(**kw).choices[0].message
+    assert (m.reasoning_content, m.model_extra["reasoning"], m.content) == (None, None, None)
+    assert _streamed(server.client.chat.completions.create(stream=True, **kw))[:2] == ("", "")
+
+
+def test_enable_thinking_false_leaves_the_whole_answer_content(server, ids):
+    kw = dict(model="tiny", messages=USER, max_tokens=3,
+              extra_body={"allowed_token_ids": [ids["C"]], "chat_template_kwargs": {"enable_thinking": False}})
+    m = server.client.chat.completions.create(**kw).choices[0].message
+    assert (m.reasoning_content, m.content) == (None, "CCC")
+    assert _streamed(server.client.chat.completions.create(stream=True, **kw))[:2] == ("", "CCC")
+
+
+def test_structured_output_or_a_forced_call_while_thinking_is_a_400_naming_the_field(server, ids):
+    import openai
+
+    schema = {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "integer"}}}
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client.chat.completions.create(model="tiny", messages=USER, max_tokens=3, response_format=schema)
+    assert e.value.body["param"] == "response_format" and "while the model thinks" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client.chat.completions.create(model="tiny", messages=USER, max_tokens=3,
+                                              extra_body={"guided_regex": "[0-9]+"})
+    assert e.value.body["param"] == "guided_regex"
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client.chat.completions.create(model="tiny", messages=USER, max_tokens=3, tools=[WEATHER],
+                                              tool_choice="required")
+    assert e.value.body["param"] == "tool_choice"
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client.responses.create(model="tiny", input="hey", max_output_tokens=16,
+                                       text={"format": {"type": "json_schema", "name": "n",
+                                                        "schema": {"type": "integer"}}})
+    assert "while the model thinks" in e.value.body["message"]
+    off = server.client.chat.completions.create(model="tiny", messages=USER, max_tokens=3, response_format=schema,
+                                                extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    m = off.choices[0].message                  # thinking off: the format holds from the first token, as vLLM's
+    assert m.reasoning_content is None and int(m.content) >= 0
+
+
+def test_the_responses_api_gives_the_thinking_as_a_reasoning_item_before_the_message(server):
+    """The Responses API's answer to "hey" holds what chat's answer to the same prompt splits out:
+    a reasoning item (its text a reasoning_text part), then the message; streamed, the reasoning
+    item's events come first, and the final response holds the same items."""
+    chat = server.client.chat.completions.create(model="tiny", messages=USER, max_tokens=16, temperature=0)
+    m = chat.choices[0].message
+    assert m.reasoning_content is not None
+    kw = dict(model="tiny", input="hey", max_output_tokens=16, temperature=0)
+    r = server.client.responses.create(**kw)
+    assert [i.type for i in r.output] == ["reasoning", "message"]
+    assert r.output[0].content[0].type == "reasoning_text" and r.output[0].summary == []
+    assert (r.output[0].content[0].text, r.output[1].content[0].text) == (m.reasoning_content, m.content or "")
+    assert r.usage.output_tokens == chat.usage.completion_tokens
+    events = list(server.client.responses.create(stream=True, **kw))
+    kinds = [e.type for e in events]
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == m.reasoning_content
+    assert kinds.index("response.reasoning_text.done") < kinds.index("response.output_text.done")
+    final = events[-1].response
+    assert [(i.type, i.content[0].text) for i in final.output] == [(i.type, i.content[0].text) for i in r.output]
+
+
+def test_a_stored_answers_reasoning_item_is_its_turns_reasoning_content():
+    """What previous_response_id continues: the answer's reasoning item becomes the assistant
+    turn's reasoning_content, where Qwen3's template reads it."""
+    from pipeline_dsl.serve.responses_output import message_item, output_messages, reasoning_item
+
+    assert output_messages([reasoning_item("hm"), message_item("4", "completed", None)]) == [
+        {"role": "assistant", "content": "4", "reasoning_content": "hm"}]
+    assert output_messages([message_item("4", "completed", None)]) == [{"role": "assistant", "content": "4"}]
