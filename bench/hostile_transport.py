@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import os
 import re
 import socket
 import statistics
@@ -39,6 +38,9 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from serve_load import Server  # noqa: E402
 HOST = b"Host: 127.0.0.1\r\n"
 
 LOAD = r"""
@@ -390,24 +392,12 @@ def main() -> int:
     server = None
     url = args.url
     if not url:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        url = f"http://127.0.0.1:{port}"
-        server = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "serve", args.pipeline, "--port",
-                                   str(port), "--no-access-log", *args.server_args.split()], cwd=ROOT,
-                                  env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=open(tmp / "server.log", "w"))
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                print("agp serve did not start:", (tmp / "server.log").read_text()[-2000:], file=sys.stderr)
-                return 1
-            time.sleep(0.5)
+        try:
+            server = Server(args.pipeline, "--no-access-log", *args.server_args.split())
+        except RuntimeError as e:
+            print(e, file=sys.stderr)
+            return 1
+        url = server.url
     load = Load(url, tmp / "load.txt")
     bad = 0
     try:
@@ -424,7 +414,7 @@ def main() -> int:
                 got = f"the probe raised {type(e).__name__}: {e}"
             time.sleep(0.5)
             normal = load.window(t0, time.time())
-            died = server is not None and server.poll() is not None
+            died = server is not None and server.proc.poll() is not None
             bad += died or bool(re.match(r"(\S*,)?5\d\d\b", got))
             print(f"{name:<34} {got[:70]:<70} {normal}{'  SERVER DIED' if died else ''}", flush=True)
             if died:
@@ -432,11 +422,10 @@ def main() -> int:
     finally:
         load.stop()
         if server is not None:
-            server.terminate()
-            server.wait(60)
+            server.terminate(60)
     if server is not None:
-        log = (tmp / "server.log").read_text(errors="replace")
-        print(f"server log: {log.count('Traceback')} tracebacks, {log.count(' ERROR ')} ERROR lines ({tmp})")
+        log = server.output(whole=True)
+        print(f"server log: {log.count('Traceback')} tracebacks, {log.count(' ERROR ')} ERROR lines")
     return 1 if bad else 0
 
 

@@ -72,9 +72,11 @@ class Server:
                 raise RuntimeError("agp serve did not start: " + self.output())
             time.sleep(0.5)
 
-    def output(self) -> str:
+    def output(self, whole: bool = False) -> str:
+        """The server's stderr and stdout: the last 2,000 characters, or all of it."""
         self.log.seek(0)
-        return self.log.read()[-2000:]
+        text = self.log.read()
+        return text if whole else text[-2000:]
 
     def get(self, path: str):
         import httpx

@@ -38,6 +38,9 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from serve_load import Server  # noqa: E402
 
 
 class Victim:
@@ -204,26 +207,15 @@ def main() -> int:
     ap.add_argument("--only", action="append", default=None,
                     help="run only the probes whose name holds this text (repeat it for several)")
     args = ap.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "pipeline_dsl.cli", "serve", args.pipeline, "--port", str(port), "--no-access-log",
-           "--log-level", "warning"] + (["--threads", str(args.threads)] if args.threads else [])
-    server = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    url = f"http://127.0.0.1:{port}"
+    try:
+        server = Server(args.pipeline, "--no-access-log", "--log-level", "warning",
+                        *(["--threads", str(args.threads)] if args.threads else []))
+    except RuntimeError as e:
+        print(e, file=sys.stderr)
+        return 1
+    url, port = server.url, server.port
     rows = []
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                print("agp serve did not start", file=sys.stderr)
-                return 1
-            time.sleep(0.5)
         alone = Victim(url, 120).start()
         alone.thread.join()
         gaps = [b - a for a, b in zip(alone.stamps, alone.stamps[1:])]
@@ -233,9 +225,9 @@ def main() -> int:
                 if args.only and not any(text in name for text in args.only):
                     continue
                 victim = Victim(url, args.tokens).start()
-                c0, t0 = cpu_seconds(server.pid), time.perf_counter()
+                c0, t0 = cpu_seconds(server.proc.pid), time.perf_counter()
                 got = probe()
-                t1, c1 = time.perf_counter(), cpu_seconds(server.pid)
+                t1, c1 = time.perf_counter(), cpu_seconds(server.proc.pid)
                 gap, median = victim.max_gap(t0, t1), victim.median_gap(t0, t1)
                 victim.thread.join()
                 rows.append({"probe": name, "result": str(got), "probe_s": round(t1 - t0, 3),
@@ -244,8 +236,7 @@ def main() -> int:
                 print(f"{name:<32} {str(got):<28} {t1 - t0:7.2f} s  {c1 - c0:6.2f} s CPU   victim's gaps: median "
                       f"{median * 1e3:5.0f} ms, largest {gap * 1e3:6.0f} ms", flush=True)
     finally:
-        server.terminate()
-        server.wait(60)
+        server.terminate(60)
     if args.json:
         Path(args.json).write_text(json.dumps({"alone_median_gap_s": statistics.median(gaps), "probes": rows},
                                               indent=2))
