@@ -23,7 +23,7 @@ import pipeline_dsl
 
 def split(item):
     """One request per '|'-separated part of the question ('' and '||' have none)."""
-    text = item["messages"][-1]["content"]
+    text = item["prompt"] if "prompt" in item else item["messages"][-1]["content"]
     return [{"prompt": f"part {i}: {p}"} for i, p in enumerate(text.split("|")) if p]
 
 
@@ -61,6 +61,11 @@ def guard(item):
 def sub_questions(item):
     """After a first model: three sub-questions of its answer's request (a Generated item)."""
     return [{"prompt": f"sub {i}: " + item["request"]["messages"][-1]["content"]} for i in range(3)]
+
+
+def asked(item):
+    """After the join: what the merged answer says it answers."""
+    return {**item, "text": json.dumps(item["request"])}
 
 
 def held(item):
@@ -150,6 +155,55 @@ def test_after_a_model_the_list_takes_the_settings_of_the_request_that_made_its_
     assert res.ok and [(g["prompt"], g["id"], g["tag"], g["by"]) for g in said(res)] == \
         [(f"sub {i}: why", "q", "m", "gen") for i in range(3)]
     assert res.usage["completion_tokens"] == 2 + 3 * 2      # the first answer's and every branch's
+
+
+@pytest.mark.parametrize("join", ["policy = first", 'fn = "hooks:parts"'])
+def test_the_merged_answer_answers_the_request_the_stage_got_not_an_element(tmp_path, soft_gguf, join):
+    """The join's result is the answer to the request the many stage got (a stage after the join
+    reads it as `request`), while each branch's result inside the join keeps its element's."""
+    body = ('stage request : requests {}\nstage split : python { fn = "hooks:split"  returns = many }\n'
+            f"stage gen : generate {{ max_new_tokens = 3 }}\nstage collect : join {{ {join} }}\n"
+            'stage asked : python { fn = "hooks:asked" }\nstage out : respond {}\n'
+            "request -> split -> batch\n" + chain() + "gen -> collect -> asked -> out\n")
+    path = write(tmp_path, soft_gguf, body, hooks=HOOKS)
+    assert errors(path) == []
+    question = chat("q", "a|b", metadata={"tag": "t"}, return_token_ids=True)
+    (res,), _ = run(path, [question])
+    assert res.ok and json.loads(res.choices[0].text) == question
+    assert res.choices[0].data["request"] == question
+    assert "prompt_token_ids" not in res.choices[0].data           # no element's prompt as the request's
+
+
+def test_agp_serve_echoes_the_clients_prompt_not_an_elements(tmp_path, soft_gguf, monkeypatch):
+    from test_serve import LiveServer
+
+    (tmp_path / "many_hooks.py").write_text(HOOKS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    text = pipeline(tmp_path, soft_gguf, join="policy = first").read_text().replace('"hooks:', '"many_hooks:')
+    s = LiveServer(soft_gguf, text=text)
+    try:
+        for stream in (False, True):
+            r = s.http.post(s.url + "/v1/completions", timeout=60,
+                            json={"model": "tiny", "prompt": "x|y", "echo": True, "max_tokens": 2, "stream": stream})
+            assert r.status_code == 200, r.text
+            got = (r.json()["choices"][0]["text"] if not stream else
+                   "".join(json.loads(line[6:])["choices"][0]["text"] for line in r.text.splitlines()
+                           if line.startswith("data: {") and json.loads(line[6:])["choices"]))
+            assert got.startswith("x|y") and "part 0" not in got, got
+        r = s.http.post(s.url + "/v1/chat/completions", timeout=60,
+                        json={"model": "tiny", "messages": [{"role": "user", "content": "x|y"}], "max_tokens": 2,
+                              "return_token_ids": True})
+        assert r.status_code == 200 and r.json()["prompt_token_ids"] == [], r.text    # no element's prompt
+    finally:
+        s.close()
+
+
+def test_agp_run_echoes_the_lines_prompt_and_gives_no_elements_prompt_ids(tmp_path, soft_gguf):
+    path = pipeline(tmp_path, soft_gguf, join="policy = first")
+    text, chats = flowkit.run_lines(path, [{"id": "e", "prompt": "x|y", "echo": True, "max_tokens": 2},
+                                           chat("c", "x|y", return_token_ids=True)])
+    assert "error" not in text and text["text"].startswith("x|y") and "part 0" not in text["text"]
+    assert "error" not in chats and chats["prompt_token_ids"] is None and len(chats["token_ids"]) == 4
 
 
 def test_agp_run_answers_each_line_or_says_why_not(tmp_path, soft_gguf):

@@ -527,9 +527,11 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
             if req.done or item not in req.items:
                 return []
             req.items.discard(item)
+            join = self.collector[stage]
+            base = item.data if item.kind == REQUEST else item.data.get("request")
+            if join is not None:                     # what the join's merged result answers
+                req.spread_from.setdefault(join, []).append((item.branch, base))
             if not elements:
-                join = self.collector[stage]
-                base = item.data if item.kind == REQUEST else item.data.get("request")
                 hollow = Item(GENERATED, {"id": item.data.get("id", req.id), "request": base, "finish_reason": "stop",
                                           "from_many": stage}, req, join, item.branch, dict(item.turns), hollow=True)
                 if join is not None:
@@ -745,8 +747,9 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         self._go(nxt)
 
     def _merged(self, req: RequestState, stage: str, waiting: list[Item], merged) -> list[tuple[Item, str]]:
-        data = self.joins.result(stage, waiting, merged, lambda gen: self.vocab_of(req.pin, gen))
         first = min([it for it in waiting if not it.hollow] or waiting, key=lambda it: it.branch)
+        data = self.joins.result(stage, waiting, merged, lambda gen: self.vocab_of(req.pin, gen),
+                                 self._spread_request(req, stage, waiting, first))
         item = Item(GENERATED, data, req, stage, first.branch[:-1] if first.branch else (), dict(first.turns))
         # the answer is one branch's text (or a fn's): what its generate stage read of it still holds
         item.tool_read = next((it.tool_read for it in waiting
@@ -758,6 +761,22 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
                 req.items.discard(it)
             req.items.add(item)
         return self._send(item, stage)
+
+    def _spread_request(self, req: RequestState, stage: str, waiting: list[Item], first: Item) -> dict | None:
+        """The request a `returns = many` stage got whose items this join collects (None for a join
+        of no such stage): the outermost such stage's on `first`'s path, when many stages nest. The
+        records of the items merged here are used up."""
+        def under(branch: tuple, it: Item) -> bool:
+            return it.branch[:len(branch)] == branch
+
+        with self._lock:
+            spread = req.spread_from.get(stage)
+            if not spread:
+                return None
+            mine = [(b, r) for b, r in spread if any(under(b, it) for it in waiting)]
+            req.spread_from[stage] = [e for e in spread if e not in mine]
+        heads = sorted((b for b, _ in mine if under(b, first)), key=len)
+        return next((r for b, r in mine if b == heads[0]), None) if heads else None
 
     def _check(self, req: RequestState) -> None:
         """(under the lock) An item left: fire the joins nothing else can reach, or finish."""
