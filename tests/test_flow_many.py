@@ -52,6 +52,15 @@ def parts(results):
                                 for r in results]) if results else "no parts"}
 
 
+def two_forms(item):
+    """A text element and a chat one, whatever the request's form."""
+    return [{"prompt": "a text"}, {"messages": [{"role": "user", "content": "a chat"}]}]
+
+
+def fields(results):
+    return {"text": json.dumps([sorted(r["request"]) for r in results])}
+
+
 def guard(item):
     if "bad" in item["request"]["prompt"]:
         raise pipeline_dsl.Reject("a bad part")
@@ -117,6 +126,33 @@ def test_the_requests_n_and_settings_apply_to_each_branch(tmp_path, soft_gguf):
     got = said(res)
     assert [g["prompt"] for g in got] == ["part 0: a"] * 2 + ["part 1: b"] * 2 + ["part 2: c"] * 2
     assert res.usage["completion_tokens"] == 3 * 2 * 2
+
+
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+SETTINGS = {"metadata", "headers", "user", "temperature", "max_tokens", "ignore_eos", "logprobs", "id"}
+
+
+@pytest.mark.parametrize("form", ["chat", "text"])
+def test_an_element_takes_the_requests_settings_not_how_its_prompt_is_rendered(tmp_path, soft_gguf, form):
+    """What shapes the request's own prompt (echo, continue_final_message, truncation, ...) is no
+    element's; a chat request's own fields (tools, ...) are a chat element's alone, so a request
+    with tools is answered, not failed at the stage; its settings are every element's."""
+    path = pipeline(tmp_path, soft_gguf, split="hooks:two_forms", join='fn = "hooks:fields"')
+    common = {"id": "q", "max_tokens": 2, "ignore_eos": True, "temperature": 0.5, "user": "u", "logprobs": 1,
+              "truncate_prompt_tokens": 20, "add_special_tokens": False}
+    if form == "chat":
+        asked = {**common, "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                 "tools": TOOLS, "tool_choice": "auto", "parallel_tool_calls": False,
+                 "chat_template_kwargs": {"x": 1}, "continue_final_message": True, "add_generation_prompt": False}
+    else:
+        asked = {**common, "prompt": "q", "echo": True, "suffix": ""}
+    (rec,) = flowkit.run_lines(path, [asked])
+    assert "error" not in rec, rec["error"]
+    answer = rec["text"].removeprefix("q") if form == "text" else rec["text"]     # echo: the line's prompt first
+    text, talk = json.loads(answer)
+    assert set(text) == SETTINGS | {"prompt"}
+    chat_own = {"tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs"} if form == "chat" else set()
+    assert set(talk) == SETTINGS | {"messages"} | chat_own
 
 
 @pytest.mark.parametrize("policy", ["first", "majority", "longest"])

@@ -549,9 +549,14 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
     def _elements(self, item: Item, stage: str, value) -> list[dict]:
         """A `returns = many` stage's list, checked: at most its max_items requests, each a request
         dict (messages, prompt or prompt_token_ids) that is checked as a request line is. What an
-        element leaves out (its id, metadata, sampling settings, n) is the request's the stage got
-        (a result's: the request that made it), as a fan-out's copies carry it; its prompt is its own."""
-        from pipeline_dsl.requests_io import RequestError, check_unicode, parse_request
+        element leaves out of the settings (its id, metadata, headers, user, sampling settings, n,
+        response_format, logprobs) is the request's the stage got (a result's: the request that made
+        it), as a fan-out's copies carry it; its prompt is its own, and so is how that prompt is
+        rendered (requests_io.PROMPT_SHAPING: none of the request's echo, continue_final_message, …),
+        and an element without messages takes none of the chat request's own fields (CHAT_ONLY: tools,
+        chat_template_kwargs, …)."""
+        from pipeline_dsl.requests_io import (CHAT_ONLY, PROMPT_SHAPING, RequestError, check_unicode,
+                                              parse_request)
 
         if not isinstance(value, (list, tuple)):
             raise PipelineError(f"stage '{stage}' returned {_a(value)}, but it declares returns = many: its "
@@ -570,7 +575,8 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
                     else _a(element)
                 raise PipelineError(f"stage '{stage}' returned a list whose item [{i}] is {what}; expected a "
                                     "request dict (messages, prompt or prompt_token_ids)", "failed", stage)
-            full = {k: copy.deepcopy(v) for k, v in base.items() if k not in element and k not in PROMPT_FORMS}
+            own = {*PROMPT_FORMS, *PROMPT_SHAPING, *(() if "messages" in element else CHAT_ONLY)}
+            full = {k: copy.deepcopy(v) for k, v in base.items() if k not in element and k not in own}
             full.update(element)
             try:
                 request = parse_request(full).item()
