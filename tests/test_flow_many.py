@@ -61,6 +61,14 @@ def fields(results):
     return {"text": json.dumps([sorted(r["request"]) for r in results])}
 
 
+def semis(item):
+    return [{"prompt": p} for p in item["messages"][-1]["content"].split(";")]
+
+
+def commas(item):
+    return [{"prompt": p} for p in item["prompt"].split(",") if p]
+
+
 def guard(item):
     if "bad" in item["request"]["prompt"]:
         raise pipeline_dsl.Reject("a bad part")
@@ -295,6 +303,32 @@ def test_a_refused_branch_follows_the_joins_on_reject(tmp_path, soft_gguf, on_re
     else:
         assert res.error.kind == "rejected" and res.error.message == "a bad part"
         assert all_bad.error.kind == "rejected"
+
+
+@pytest.mark.parametrize("join", ["policy = first", 'fn = "hooks:parts"'])
+def test_an_empty_list_beside_refused_branches_fails_with_the_refusal(tmp_path, soft_gguf, join):
+    """Nested many stages: one part splits into nothing, the other's only branch is refused. The
+    join gets no result because of the refusal, so the request fails with it (as when every branch
+    is refused), neither as an empty list nor answered by fn([])."""
+    body = ('stage request : requests {}\nstage s1 : python { fn = "hooks:semis"  returns = many }\n'
+            'stage s2 : python { fn = "hooks:commas"  returns = many }\n'
+            "stage gen : generate { max_new_tokens = 3 }\nstage guard : python { fn = \"hooks:guard\" }\n"
+            f"stage collect : join {{ {join}  on_reject = drop }}\nstage out : respond {{}}\n"
+            "request -> s1 -> s2 -> batch\n" + chain() + "gen -> guard -> collect -> out\n")
+    path = write(tmp_path, soft_gguf, body, hooks=HOOKS)
+    assert errors(path) == []
+    (refused, kept, empty), rt = run(path, [chat("r", ",;bad"), chat("k", ",;a,bad;b"), chat("e", ",;,")])
+    assert refused.error is not None and refused.error.kind == "rejected", refused.error
+    assert refused.error.message == "a bad part" and refused.error.stage == "guard"
+    assert kept.ok and kept.choices[0].data["request"] == chat("k", ",;a,bad;b")    # the outer stage's request
+    if "fn" in join:
+        assert [g["prompt"] for g in said(kept)] == ["a", "b"]
+        assert empty.ok and empty.choices[0].text == "no parts"          # nothing refused: fn([]) decides
+    else:
+        assert empty.error.kind == "failed" and "returned an empty list" in empty.error.message
+    (line,) = flowkit.run_lines(path, [chat("r", ",;bad")])
+    assert line["error"]["status"] == 400 and line["error"]["message"] == "a bad part"
+    flowkit.edges_add_up(rt.stats())
 
 
 def test_a_request_that_ends_cancels_every_branch(tmp_path, soft_gguf):

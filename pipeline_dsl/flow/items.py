@@ -126,6 +126,8 @@ class RequestState:
     first_token: float | None = None
     timings: dict = field(default_factory=dict)        # its first generation's queue / prefill / decode s
     rejection: PipelineError | None = None             # a branch dropped by a join's on_reject = drop
+    # join stage -> the first Reject of a branch dropped on its way there since the join last fired
+    rejected_at: dict = field(default_factory=dict)
     # join stage -> (branch, request) of each item a `returns = many` stage spread there: the request
     # that stage got, which the join's merged result answers (its `request`)
     spread_from: dict = field(default_factory=dict)

@@ -6,10 +6,13 @@ longest, or the user's fn, which the runtime runs on the join's own workers) and
 makes the merged item's dict: a new dict from fn gets the fields it left out
 (finish_reason, usage, generated_by, request, id) from the first branch, and every merged
 result carries `branches`; the merged result of a `returns = many` stage's items answers the
-request that stage got (its `request`), not the first element. `on_reject = drop` lets a Reject in one branch leave that branch
-out instead of failing the request (`drops`). A `returns = many` stage's empty list leaves a
-hollow item (items.Item.hollow) at the join that collects its items: the join fires then with
-no results (a fn gets [], a built-in policy fails), the hollow item giving `id` and `request`.
+request that stage got (its `request`), not the first element. `on_reject = drop` lets a Reject
+in one branch leave that branch out instead of failing the request (`drops`). A `returns = many`
+stage's empty list leaves a hollow item (items.Item.hollow) at the join that collects its items:
+the join fires then with no results (a fn gets [], a built-in policy fails), the hollow item
+giving `id` and `request`; but a join left with no results because branches headed there were
+refused (RequestState.rejected_at, kept per the join a branch reaches first) merges nothing, as
+one whose every branch was refused.
 
 State lives on the request (RequestState.joins); these methods run under the runtime's lock
 except `result`.
@@ -99,8 +102,18 @@ class Joins:
     def drops(self, stage: str) -> bool:
         """Whether a Reject at `stage` only drops its branch: some join lies ahead of it, and
         every join ahead says on_reject = drop."""
-        ahead = [j for j in self.on_reject if j in self.reach.get(stage, ())]
+        ahead = self._all_ahead(stage)
         return bool(ahead) and all(self.on_reject[j] == "drop" for j in ahead)
+
+    def _all_ahead(self, stage: str) -> list[str]:
+        return [j for j in self.on_reject if j in self.reach.get(stage, ())]
+
+    def reached_first(self, stage: str) -> list[str]:
+        """The joins a branch at `stage` reaches first: those ahead of it that no other join ahead
+        leads to (every join ahead where joins lie in a loop)."""
+        ahead = self._all_ahead(stage)
+        first = [j for j in ahead if not any(j in self.reach.get(k, ()) for k in ahead if k != j)]
+        return first or ahead
 
 
 ELEMENT_PROMPT = ("prompt_token_ids", "prompt_logprobs")     # of the prompt an element of a many stage's list had

@@ -706,6 +706,8 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
             req.items.discard(item)
             self.flow.stage[err.stage].rejected += 1
             req.rejection = req.rejection or err
+            for j in self.joins.reached_first(err.stage):    # the join that would have got its result
+                req.rejected_at.setdefault(j, err)
             for seq_id, es in list(req.seqs.items()):
                 if self.ledger.item_of(seq_id) is item:
                     self.ledger.release(seq_id)
@@ -720,6 +722,14 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
     def _fire(self, req: RequestState, stage: str, waiting: list[Item]) -> list[tuple[Item, str]]:
         impl = self.impls[stage]
         inputs = self.joins.inputs(stage, waiting)
+        with self._lock:
+            rejected = req.rejected_at.pop(stage, None)
+            if not inputs and rejected is not None:
+                # no results because its branches were refused (on_reject = drop), beside an empty
+                # list's none: as a join whose every branch was refused, it merges nothing, and the
+                # request fails with the refusal unless another way answers it
+                self._check(req)
+                return []
         empty = self.joins.empty(stage, waiting)
         if empty is not None:
             raise empty
