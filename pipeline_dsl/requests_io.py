@@ -226,6 +226,15 @@ CHAT_FIELDS = COMMON | VLLM | set(NEUTRAL) | set(CHAT_NEUTRAL) | set(IDENTIFIERS
     "include_reasoning",
     "parallel_tool_calls", "metadata", "store", "service_tier", "chat_template_kwargs", "add_generation_prompt",
     "continue_final_message"}
+# what only a chat request takes (its tools, its template's variables, how its conversation ends, ...),
+# derived from the two tables; the end user's identity (IDENTITY) is any request's
+CHAT_ONLY = frozenset(CHAT_FIELDS - COMPLETION_FIELDS - set(IDENTITY) - {"messages"})
+# the fields of a request that shape how its own prompt is rendered or what its answer says of that
+# prompt: completions' echo and suffix, a conversation's end, a text's start token, the prompt's
+# truncation and its logprobs. A request made from another with a prompt of its own (an element of a
+# `returns = many` stage's list) takes the other's settings but none of these
+PROMPT_SHAPING = ("echo", "suffix", "add_special_tokens", "truncate_prompt_tokens", "add_generation_prompt",
+                  "continue_final_message", "prompt_logprobs")
 # what a request line takes and ignores, checked as agp serve checks it: how an answer travels over
 # HTTP (stream, stream_options: a line's answer is one record), OpenAI's own bookkeeping (store,
 # prompt_cache_key, ...; user and safety_identifier are checked here and reach the item), vLLM's

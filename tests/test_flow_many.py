@@ -23,7 +23,7 @@ import pipeline_dsl
 
 def split(item):
     """One request per '|'-separated part of the question ('' and '||' have none)."""
-    text = item["messages"][-1]["content"]
+    text = item["prompt"] if "prompt" in item else item["messages"][-1]["content"]
     return [{"prompt": f"part {i}: {p}"} for i, p in enumerate(text.split("|")) if p]
 
 
@@ -52,6 +52,23 @@ def parts(results):
                                 for r in results]) if results else "no parts"}
 
 
+def two_forms(item):
+    """A text element and a chat one, whatever the request's form."""
+    return [{"prompt": "a text"}, {"messages": [{"role": "user", "content": "a chat"}]}]
+
+
+def fields(results):
+    return {"text": json.dumps([sorted(r["request"]) for r in results])}
+
+
+def semis(item):
+    return [{"prompt": p} for p in item["messages"][-1]["content"].split(";")]
+
+
+def commas(item):
+    return [{"prompt": p} for p in item["prompt"].split(",") if p]
+
+
 def guard(item):
     if "bad" in item["request"]["prompt"]:
         raise pipeline_dsl.Reject("a bad part")
@@ -61,6 +78,11 @@ def guard(item):
 def sub_questions(item):
     """After a first model: three sub-questions of its answer's request (a Generated item)."""
     return [{"prompt": f"sub {i}: " + item["request"]["messages"][-1]["content"]} for i in range(3)]
+
+
+def asked(item):
+    """After the join: what the merged answer says it answers."""
+    return {**item, "text": json.dumps(item["request"])}
 
 
 def held(item):
@@ -114,6 +136,33 @@ def test_the_requests_n_and_settings_apply_to_each_branch(tmp_path, soft_gguf):
     assert res.usage["completion_tokens"] == 3 * 2 * 2
 
 
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+SETTINGS = {"metadata", "headers", "user", "temperature", "max_tokens", "ignore_eos", "logprobs", "id"}
+
+
+@pytest.mark.parametrize("form", ["chat", "text"])
+def test_an_element_takes_the_requests_settings_not_how_its_prompt_is_rendered(tmp_path, soft_gguf, form):
+    """What shapes the request's own prompt (echo, continue_final_message, truncation, ...) is no
+    element's; a chat request's own fields (tools, ...) are a chat element's alone, so a request
+    with tools is answered, not failed at the stage; its settings are every element's."""
+    path = pipeline(tmp_path, soft_gguf, split="hooks:two_forms", join='fn = "hooks:fields"')
+    common = {"id": "q", "max_tokens": 2, "ignore_eos": True, "temperature": 0.5, "user": "u", "logprobs": 1,
+              "truncate_prompt_tokens": 20, "add_special_tokens": False}
+    if form == "chat":
+        asked = {**common, "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                 "tools": TOOLS, "tool_choice": "auto", "parallel_tool_calls": False,
+                 "chat_template_kwargs": {"x": 1}, "continue_final_message": True, "add_generation_prompt": False}
+    else:
+        asked = {**common, "prompt": "q", "echo": True, "suffix": ""}
+    (rec,) = flowkit.run_lines(path, [asked])
+    assert "error" not in rec, rec["error"]
+    answer = rec["text"].removeprefix("q") if form == "text" else rec["text"]     # echo: the line's prompt first
+    text, talk = json.loads(answer)
+    assert set(text) == SETTINGS | {"prompt"}
+    chat_own = {"tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs"} if form == "chat" else set()
+    assert set(talk) == SETTINGS | {"messages"} | chat_own
+
+
 @pytest.mark.parametrize("policy", ["first", "majority", "longest"])
 def test_the_built_in_policies_keep_their_meaning(tmp_path, soft_gguf, policy):
     path = pipeline(tmp_path, soft_gguf, join=f"policy = {policy}")
@@ -150,6 +199,55 @@ def test_after_a_model_the_list_takes_the_settings_of_the_request_that_made_its_
     assert res.ok and [(g["prompt"], g["id"], g["tag"], g["by"]) for g in said(res)] == \
         [(f"sub {i}: why", "q", "m", "gen") for i in range(3)]
     assert res.usage["completion_tokens"] == 2 + 3 * 2      # the first answer's and every branch's
+
+
+@pytest.mark.parametrize("join", ["policy = first", 'fn = "hooks:parts"'])
+def test_the_merged_answer_answers_the_request_the_stage_got_not_an_element(tmp_path, soft_gguf, join):
+    """The join's result is the answer to the request the many stage got (a stage after the join
+    reads it as `request`), while each branch's result inside the join keeps its element's."""
+    body = ('stage request : requests {}\nstage split : python { fn = "hooks:split"  returns = many }\n'
+            f"stage gen : generate {{ max_new_tokens = 3 }}\nstage collect : join {{ {join} }}\n"
+            'stage asked : python { fn = "hooks:asked" }\nstage out : respond {}\n'
+            "request -> split -> batch\n" + chain() + "gen -> collect -> asked -> out\n")
+    path = write(tmp_path, soft_gguf, body, hooks=HOOKS)
+    assert errors(path) == []
+    question = chat("q", "a|b", metadata={"tag": "t"}, return_token_ids=True)
+    (res,), _ = run(path, [question])
+    assert res.ok and json.loads(res.choices[0].text) == question
+    assert res.choices[0].data["request"] == question
+    assert "prompt_token_ids" not in res.choices[0].data           # no element's prompt as the request's
+
+
+def test_agp_serve_echoes_the_clients_prompt_not_an_elements(tmp_path, soft_gguf, monkeypatch):
+    from test_serve import LiveServer
+
+    (tmp_path / "many_hooks.py").write_text(HOOKS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    text = pipeline(tmp_path, soft_gguf, join="policy = first").read_text().replace('"hooks:', '"many_hooks:')
+    s = LiveServer(soft_gguf, text=text)
+    try:
+        for stream in (False, True):
+            r = s.http.post(s.url + "/v1/completions", timeout=60,
+                            json={"model": "tiny", "prompt": "x|y", "echo": True, "max_tokens": 2, "stream": stream})
+            assert r.status_code == 200, r.text
+            got = (r.json()["choices"][0]["text"] if not stream else
+                   "".join(json.loads(line[6:])["choices"][0]["text"] for line in r.text.splitlines()
+                           if line.startswith("data: {") and json.loads(line[6:])["choices"]))
+            assert got.startswith("x|y") and "part 0" not in got, got
+        r = s.http.post(s.url + "/v1/chat/completions", timeout=60,
+                        json={"model": "tiny", "messages": [{"role": "user", "content": "x|y"}], "max_tokens": 2,
+                              "return_token_ids": True})
+        assert r.status_code == 200 and r.json()["prompt_token_ids"] == [], r.text    # no element's prompt
+    finally:
+        s.close()
+
+
+def test_agp_run_echoes_the_lines_prompt_and_gives_no_elements_prompt_ids(tmp_path, soft_gguf):
+    path = pipeline(tmp_path, soft_gguf, join="policy = first")
+    text, chats = flowkit.run_lines(path, [{"id": "e", "prompt": "x|y", "echo": True, "max_tokens": 2},
+                                           chat("c", "x|y", return_token_ids=True)])
+    assert "error" not in text and text["text"].startswith("x|y") and "part 0" not in text["text"]
+    assert "error" not in chats and chats["prompt_token_ids"] is None and len(chats["token_ids"]) == 4
 
 
 def test_agp_run_answers_each_line_or_says_why_not(tmp_path, soft_gguf):
@@ -205,6 +303,32 @@ def test_a_refused_branch_follows_the_joins_on_reject(tmp_path, soft_gguf, on_re
     else:
         assert res.error.kind == "rejected" and res.error.message == "a bad part"
         assert all_bad.error.kind == "rejected"
+
+
+@pytest.mark.parametrize("join", ["policy = first", 'fn = "hooks:parts"'])
+def test_an_empty_list_beside_refused_branches_fails_with_the_refusal(tmp_path, soft_gguf, join):
+    """Nested many stages: one part splits into nothing, the other's only branch is refused. The
+    join gets no result because of the refusal, so the request fails with it (as when every branch
+    is refused), neither as an empty list nor answered by fn([])."""
+    body = ('stage request : requests {}\nstage s1 : python { fn = "hooks:semis"  returns = many }\n'
+            'stage s2 : python { fn = "hooks:commas"  returns = many }\n'
+            "stage gen : generate { max_new_tokens = 3 }\nstage guard : python { fn = \"hooks:guard\" }\n"
+            f"stage collect : join {{ {join}  on_reject = drop }}\nstage out : respond {{}}\n"
+            "request -> s1 -> s2 -> batch\n" + chain() + "gen -> guard -> collect -> out\n")
+    path = write(tmp_path, soft_gguf, body, hooks=HOOKS)
+    assert errors(path) == []
+    (refused, kept, empty), rt = run(path, [chat("r", ",;bad"), chat("k", ",;a,bad;b"), chat("e", ",;,")])
+    assert refused.error is not None and refused.error.kind == "rejected", refused.error
+    assert refused.error.message == "a bad part" and refused.error.stage == "guard"
+    assert kept.ok and kept.choices[0].data["request"] == chat("k", ",;a,bad;b")    # the outer stage's request
+    if "fn" in join:
+        assert [g["prompt"] for g in said(kept)] == ["a", "b"]
+        assert empty.ok and empty.choices[0].text == "no parts"          # nothing refused: fn([]) decides
+    else:
+        assert empty.error.kind == "failed" and "returned an empty list" in empty.error.message
+    (line,) = flowkit.run_lines(path, [chat("r", ",;bad")])
+    assert line["error"]["status"] == 400 and line["error"]["message"] == "a bad part"
+    flowkit.edges_add_up(rt.stats())
 
 
 def test_a_request_that_ends_cancels_every_branch(tmp_path, soft_gguf):

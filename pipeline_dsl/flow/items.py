@@ -126,6 +126,11 @@ class RequestState:
     first_token: float | None = None
     timings: dict = field(default_factory=dict)        # its first generation's queue / prefill / decode s
     rejection: PipelineError | None = None             # a branch dropped by a join's on_reject = drop
+    # join stage -> the first Reject of a branch dropped on its way there since the join last fired
+    rejected_at: dict = field(default_factory=dict)
+    # join stage -> (branch, request) of each item a `returns = many` stage spread there: the request
+    # that stage got, which the join's merged result answers (its `request`)
+    spread_from: dict = field(default_factory=dict)
     # its listener has its result (tell_result) and hears nothing more of it; `telling` is held
     # while the listener hears a delta or its prompt, so what is on its way when the request
     # ends (an abort from another thread) is heard before the result or not at all

@@ -5,10 +5,14 @@ it merges what arrived with its policy (stages/impl.py Join.merge: first, majori
 longest, or the user's fn, which the runtime runs on the join's own workers) and `result`
 makes the merged item's dict: a new dict from fn gets the fields it left out
 (finish_reason, usage, generated_by, request, id) from the first branch, and every merged
-result carries `branches`. `on_reject = drop` lets a Reject in one branch leave that branch
-out instead of failing the request (`drops`). A `returns = many` stage's empty list leaves a
-hollow item (items.Item.hollow) at the join that collects its items: the join fires then with
-no results (a fn gets [], a built-in policy fails), the hollow item giving `id` and `request`.
+result carries `branches`; the merged result of a `returns = many` stage's items answers the
+request that stage got (its `request`), not the first element. `on_reject = drop` lets a Reject
+in one branch leave that branch out instead of failing the request (`drops`). A `returns = many`
+stage's empty list leaves a hollow item (items.Item.hollow) at the join that collects its items:
+the join fires then with no results (a fn gets [], a built-in policy fails), the hollow item
+giving `id` and `request`; but a join left with no results because branches headed there were
+refused (RequestState.rejected_at, kept per the join a branch reaches first) merges nothing, as
+one whose every branch was refused.
 
 State lives on the request (RequestState.joins); these methods run under the runtime's lock
 except `result`.
@@ -71,18 +75,22 @@ class Joins:
     def user_code(self, stage: str) -> bool:
         return self.impls[stage].policy == "fn"
 
-    def result(self, stage: str, waiting: list, merged: Any, vocab_of=lambda gen: None) -> dict:
+    def result(self, stage: str, waiting: list, merged: Any, vocab_of=lambda gen: None,
+               request: dict | None = None) -> dict:
         """The merged item's dict: completed from the first branch, checked as a python stage's result
         is (items.check_result: its token ids of the vocabulary vocab_of(its generated_by) gives),
-        with `branches`."""
+        with `branches`. `request`: the request a `returns = many` stage got, whose items this join
+        collects; the merged result answers it (its `request`), not the first element, and keeps no
+        element's prompt_token_ids or prompt_logprobs (those of the element's prompt)."""
         ordered = sorted((it for it in waiting if not it.hollow), key=lambda it: it.branch)
         first = ordered[0] if ordered else waiting[0]       # no results: the hollow item's id and request
         if not isinstance(merged, dict) or not isinstance(merged.get("text"), str):
             got = type(merged).__name__ if not isinstance(merged, dict) else "a dict without a text string"
             raise PipelineError(f"join '{stage}' produced no result: its merge gave {got}", "failed", stage)
         if any(merged is it.data or merged == it.data for it in ordered):
-            merged = dict(merged)
+            merged = _answering(dict(merged), ordered, request)
         else:
+            merged = _answering(merged, ordered, request)
             for key in FILLED:
                 if merged.get(key) is None and first.data.get(key) is not None:
                     merged[key] = first.data[key]
@@ -94,5 +102,32 @@ class Joins:
     def drops(self, stage: str) -> bool:
         """Whether a Reject at `stage` only drops its branch: some join lies ahead of it, and
         every join ahead says on_reject = drop."""
-        ahead = [j for j in self.on_reject if j in self.reach.get(stage, ())]
+        ahead = self._all_ahead(stage)
         return bool(ahead) and all(self.on_reject[j] == "drop" for j in ahead)
+
+    def _all_ahead(self, stage: str) -> list[str]:
+        return [j for j in self.on_reject if j in self.reach.get(stage, ())]
+
+    def reached_first(self, stage: str) -> list[str]:
+        """The joins a branch at `stage` reaches first: those ahead of it that no other join ahead
+        leads to (every join ahead where joins lie in a loop)."""
+        ahead = self._all_ahead(stage)
+        first = [j for j in ahead if not any(j in self.reach.get(k, ()) for k in ahead if k != j)]
+        return first or ahead
+
+
+ELEMENT_PROMPT = ("prompt_token_ids", "prompt_logprobs")     # of the prompt an element of a many stage's list had
+
+
+def _answering(merged: dict, ordered: list, request: dict | None) -> dict:
+    """A merged result of a `returns = many` stage's items as the answer to `request`, the request that
+    stage got: that is its `request` unless the join fn gave one of its own (not a branch's), and what
+    it copied of a branch's prompt (its ids, their logprobs) is left out."""
+    if request is None:
+        return merged
+    if merged.get("request") is None or any(merged["request"] == it.data.get("request") for it in ordered):
+        merged["request"] = request
+    for key in ELEMENT_PROMPT:
+        if merged.get(key) is not None and any(merged[key] == it.data.get(key) for it in ordered):
+            del merged[key]
+    return merged

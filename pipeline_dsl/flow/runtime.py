@@ -529,9 +529,11 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
             if req.done or item not in req.items:
                 return []
             req.items.discard(item)
+            join = self.collector[stage]
+            base = item.data if item.kind == REQUEST else item.data.get("request")
+            if join is not None:                     # what the join's merged result answers
+                req.spread_from.setdefault(join, []).append((item.branch, base))
             if not elements:
-                join = self.collector[stage]
-                base = item.data if item.kind == REQUEST else item.data.get("request")
                 hollow = Item(GENERATED, {"id": item.data.get("id", req.id), "request": base, "finish_reason": "stop",
                                           "from_many": stage}, req, join, item.branch, dict(item.turns), hollow=True)
                 if join is not None:
@@ -549,9 +551,14 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
     def _elements(self, item: Item, stage: str, value) -> list[dict]:
         """A `returns = many` stage's list, checked: at most its max_items requests, each a request
         dict (messages, prompt or prompt_token_ids) that is checked as a request line is. What an
-        element leaves out (its id, metadata, sampling settings, n) is the request's the stage got
-        (a result's: the request that made it), as a fan-out's copies carry it; its prompt is its own."""
-        from pipeline_dsl.requests_io import RequestError, check_unicode, parse_request
+        element leaves out of the settings (its id, metadata, headers, user, sampling settings, n,
+        response_format, logprobs) is the request's the stage got (a result's: the request that made
+        it), as a fan-out's copies carry it; its prompt is its own, and so is how that prompt is
+        rendered (requests_io.PROMPT_SHAPING: none of the request's echo, continue_final_message, …),
+        and an element without messages takes none of the chat request's own fields (CHAT_ONLY: tools,
+        chat_template_kwargs, …)."""
+        from pipeline_dsl.requests_io import (CHAT_ONLY, PROMPT_SHAPING, RequestError, check_unicode,
+                                              parse_request)
 
         if not isinstance(value, (list, tuple)):
             raise PipelineError(f"stage '{stage}' returned {_a(value)}, but it declares returns = many: its "
@@ -570,7 +577,8 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
                     else _a(element)
                 raise PipelineError(f"stage '{stage}' returned a list whose item [{i}] is {what}; expected a "
                                     "request dict (messages, prompt or prompt_token_ids)", "failed", stage)
-            full = {k: copy.deepcopy(v) for k, v in base.items() if k not in element and k not in PROMPT_FORMS}
+            own = {*PROMPT_FORMS, *PROMPT_SHAPING, *(() if "messages" in element else CHAT_ONLY)}
+            full = {k: copy.deepcopy(v) for k, v in base.items() if k not in element and k not in own}
             full.update(element)
             try:
                 request = parse_request(full).item()
@@ -700,6 +708,8 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
             req.items.discard(item)
             self.flow.stage[err.stage].rejected += 1
             req.rejection = req.rejection or err
+            for j in self.joins.reached_first(err.stage):    # the join that would have got its result
+                req.rejected_at.setdefault(j, err)
             for seq_id, es in list(req.seqs.items()):
                 if self.ledger.item_of(seq_id) is item:
                     self.ledger.release(seq_id)
@@ -714,6 +724,14 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
     def _fire(self, req: RequestState, stage: str, waiting: list[Item]) -> list[tuple[Item, str]]:
         impl = self.impls[stage]
         inputs = self.joins.inputs(stage, waiting)
+        with self._lock:
+            rejected = req.rejected_at.pop(stage, None)
+            if not inputs and rejected is not None:
+                # no results because its branches were refused (on_reject = drop), beside an empty
+                # list's none: as a join whose every branch was refused, it merges nothing, and the
+                # request fails with the refusal unless another way answers it
+                self._check(req)
+                return []
         empty = self.joins.empty(stage, waiting)
         if empty is not None:
             raise empty
@@ -747,8 +765,9 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         self._go(nxt)
 
     def _merged(self, req: RequestState, stage: str, waiting: list[Item], merged) -> list[tuple[Item, str]]:
-        data = self.joins.result(stage, waiting, merged, lambda gen: self.vocab_of(req.pin, gen))
         first = min([it for it in waiting if not it.hollow] or waiting, key=lambda it: it.branch)
+        data = self.joins.result(stage, waiting, merged, lambda gen: self.vocab_of(req.pin, gen),
+                                 self._spread_request(req, stage, waiting, first))
         item = Item(GENERATED, data, req, stage, first.branch[:-1] if first.branch else (), dict(first.turns))
         # the answer is one branch's text (or a fn's): what its generate stage read of it still holds
         item.tool_read = next((it.tool_read for it in waiting
@@ -760,6 +779,22 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
                 req.items.discard(it)
             req.items.add(item)
         return self._send(item, stage)
+
+    def _spread_request(self, req: RequestState, stage: str, waiting: list[Item], first: Item) -> dict | None:
+        """The request a `returns = many` stage got whose items this join collects (None for a join
+        of no such stage): the outermost such stage's on `first`'s path, when many stages nest. The
+        records of the items merged here are used up."""
+        def under(branch: tuple, it: Item) -> bool:
+            return it.branch[:len(branch)] == branch
+
+        with self._lock:
+            spread = req.spread_from.get(stage)
+            if not spread:
+                return None
+            mine = [(b, r) for b, r in spread if any(under(b, it) for it in waiting)]
+            req.spread_from[stage] = [e for e in spread if e not in mine]
+        heads = sorted((b for b, _ in mine if under(b, first)), key=len)
+        return next((r for b, r in mine if b == heads[0]), None) if heads else None
 
     def _check(self, req: RequestState) -> None:
         """(under the lock) An item left: fire the joins nothing else can reach, or finish."""
