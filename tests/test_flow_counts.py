@@ -222,15 +222,33 @@ def test_a_request_that_ends_while_its_prompt_is_tokenised_is_counted_where_it_w
 
 def test_a_request_its_engine_cannot_serve_counts_as_rejected_where_it_was_refused(tmp_path, soft_gguf):
     """A prompt longer than the context is the request's fault (HTTP 400, kind invalid): the stage
-    that refused it counts it as rejected, not failed, and the other requests are answered."""
-    path = write(tmp_path, soft_gguf, "stage request : requests {}\nstage gen : generate { max_new_tokens = 2 }\n"
-                 "stage out : respond {}\nrequest -> batch\n" + chain() + "gen -> out\n")
+    that refused it counts it as rejected, not failed, and the other requests are answered. (A
+    python stage before the batcher, which could shorten the prompt, keeps the refusal in the
+    pipeline: without one it comes before admission, next test.)"""
+    hooks = HOOKS + "\ndef same(item):\n    return item\n"
+    path = write(tmp_path, soft_gguf, "stage request : requests {}\nstage pass : python { fn = \"hooks:same\" }\n"
+                 "stage gen : generate { max_new_tokens = 2 }\nstage out : respond {}\nrequest -> pass\n"
+                 "pass -> batch\n" + chain() + "gen -> out\n", hooks=hooks)
     ok, long_ = chat("ok", "hi"), chat("long", "word " * 5000)
     (a, b), rt = run(path, [ok, long_])
     assert a.ok and not b.ok and b.error.kind == "invalid"
     rows = rt.stats()["stages"]
     assert rows[b.error.stage]["rejected"] == 1
     assert sum(r["failed"] for r in rows.values()) == 0
+    flowkit.edges_add_up(rt.stats())
+
+
+def test_a_prompt_refused_before_admission_is_counted_by_no_stage(tmp_path, soft_gguf):
+    """Where the prompt reaches the engine as sent, one certainly too long is refused before it is
+    admitted (a 400, never a full queue's 429): it entered no stage, so no stage counts it, and the
+    counts still add up."""
+    path = write(tmp_path, soft_gguf, "stage request : requests {}\nstage gen : generate { max_new_tokens = 2 }\n"
+                 "stage out : respond {}\nrequest -> batch\n" + chain() + "gen -> out\n")
+    (a, b), rt = run(path, [chat("ok", "hi"), chat("long", "word " * 5000)])
+    assert a.ok and not b.ok and b.error.kind == "invalid"
+    rows = rt.stats()["stages"]
+    assert sum(r["rejected"] + r["failed"] for r in rows.values()) == 0
+    assert rows["request"]["items_in"] == 1
     flowkit.edges_add_up(rt.stats())
 
 
