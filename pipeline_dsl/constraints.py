@@ -947,7 +947,7 @@ class GrammarBuilder:
         # counted before any is compiled (a walk: milliseconds; four tools of 4,900 properties took
         # seconds to compile before their count refused them)
         check_tools_together(written)
-        check_tool_names([name for _, name, _ in every], lambda name: choice in ("required", name))
+        check_tool_names([name for _, name, _ in every], {name for _, name, _ in written}.__contains__)
         for i, name, params in every:
             try:
                 self._json_grammar(params, f"tool {name!r}: ")

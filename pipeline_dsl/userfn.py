@@ -441,10 +441,6 @@ class KeywordCall:
     passed: tuple[str, ...] = ()          # the parameters the positional arguments fill
     annotations: dict = field(default_factory=dict, compare=False)   # keyword -> its parameter's annotation node
 
-    @property
-    def fails(self) -> bool:
-        return bool(self.unknown or self.twice or self.positional_only or self.missing or self.too_many)
-
 
 def keyword_call(node: pyast.AST | None, n: int, keywords) -> KeywordCall | None:
     """How `fn(a1, …, an, **keywords)` binds to a top-level `def` or a lambda, as Python binds it;

@@ -125,9 +125,8 @@ def test_map_reduce_summarises_each_paragraph_and_joins_them_in_order():
     branches = res.choices[0].data["branches"]
     assert len(branches) == 3                             # one branch a paragraph
     assert res.choices[0].text == "\n".join(b["text"].strip() for b in branches)
-    # the merged result's request is the first paragraph's (a new dict from the join fn: its first branch's)
-    assert res.choices[0].data["request"]["messages"] == [
-        {"role": "user", "content": "Summarise in one sentence: The cat sat on the mat all day."}]
+    # the merged result answers the request the split stage got (the client's), not a paragraph's
+    assert res.choices[0].data["request"]["messages"] == [{"role": "user", "content": text}]
     assert 3 <= res.usage["completion_tokens"] <= 3 * 6   # every branch's tokens; each at most the request's 6
     assert empty.ok and empty.choices[0].text == "(nothing to summarise)"
     assert stats["stages"]["split"]["items_out"] == 3 and stats["stages"]["gen"]["items_in"] == 3

@@ -506,10 +506,8 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
             if kind == REQUEST and not trusted:
                 out = _valid_request(out, stage)
                 ids = out.get("prompt_token_ids")
-                if ids is not None and not (item.kind == REQUEST and ids == item.data.get("prompt_token_ids")):
-                    problem = token_field_problem("prompt_token_ids", ids, self.request_vocab(item.req.pin))
-                    if problem is not None:          # the stage's ids, not the client's: failed here
-                        raise PipelineError(f"stage '{stage}' returned a request whose {problem}", "failed", stage)
+                if not (item.kind == REQUEST and ids == item.data.get("prompt_token_ids")):
+                    self._check_ids(out, stage, item.req.pin)    # the stage's ids, not the client's: failed here
             elif kind == GENERATED:
                 out = _completed(out, view, item.kind)
                 check_result(out, stage, f"stage '{stage}' returned",
@@ -523,14 +521,14 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         """What a `returns = many` stage returned: each request of its list goes on as an item of
         its own, a branch of the request numbered by its place in the list (so the join that
         collects them sees them in list order). An empty list leaves a hollow item at that join."""
-        elements = self._elements(item, stage, value)
+        base = item.data if item.kind == REQUEST else item.data.get("request")
+        elements = self._elements(item, stage, value, base)
         req = item.req
         with self._lock:
             if req.done or item not in req.items:
                 return []
             req.items.discard(item)
             join = self.collector[stage]
-            base = item.data if item.kind == REQUEST else item.data.get("request")
             if join is not None:                     # what the join's merged result answers
                 req.spread_from.setdefault(join, []).append((item.branch, base))
             if not elements:
@@ -548,7 +546,7 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
                 forks.append(it)
         return [x for it in forks for x in self._send(it, stage)]
 
-    def _elements(self, item: Item, stage: str, value) -> list[dict]:
+    def _elements(self, item: Item, stage: str, value, base) -> list[dict]:
         """A `returns = many` stage's list, checked: at most its max_items requests, each a request
         dict (messages, prompt or prompt_token_ids) that is checked as a request line is. What an
         element leaves out of the settings (its id, metadata, headers, user, sampling settings, n,
@@ -557,8 +555,7 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         rendered (requests_io.PROMPT_SHAPING: none of the request's echo, continue_final_message, …),
         and an element without messages takes none of the chat request's own fields (CHAT_ONLY: tools,
         chat_template_kwargs, …)."""
-        from pipeline_dsl.requests_io import (CHAT_ONLY, PROMPT_SHAPING, RequestError, check_unicode,
-                                              parse_request)
+        from pipeline_dsl.requests_io import CHAT_ONLY, PROMPT_SHAPING
 
         if not isinstance(value, (list, tuple)):
             raise PipelineError(f"stage '{stage}' returned {_a(value)}, but it declares returns = many: its "
@@ -567,7 +564,6 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         if len(value) > cap:
             raise PipelineError(f"stage '{stage}' returned a list of {len(value)} requests, more than its "
                                 f"max_items = {cap}", "failed", stage)
-        base = item.data if item.kind == REQUEST else item.data.get("request")
         base = base if isinstance(base, dict) else {}
         out = []
         for i, element in enumerate(value):
@@ -580,20 +576,18 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
             own = {*PROMPT_FORMS, *PROMPT_SHAPING, *(() if "messages" in element else CHAT_ONLY)}
             full = {k: copy.deepcopy(v) for k, v in base.items() if k not in element and k not in own}
             full.update(element)
-            try:
-                request = parse_request(full).item()
-                check_unicode(request)
-            except RequestError as e:
-                raise PipelineError(f"stage '{stage}' returned a list whose item [{i}] is an invalid request: {e}",
-                                    "failed", stage) from None
-            ids = request.get("prompt_token_ids")
-            if ids is not None:
-                problem = token_field_problem("prompt_token_ids", ids, self.request_vocab(item.req.pin))
-                if problem is not None:
-                    raise PipelineError(f"stage '{stage}' returned a list whose item [{i}] is a request whose "
-                                        f"{problem}", "failed", stage)
+            whose = f"a list whose item [{i}] is "
+            request = _valid_request(full, stage, whose)
+            self._check_ids(request, stage, item.req.pin, whose)
             out.append(request)
         return out
+
+    def _check_ids(self, request: dict, stage: str, pin: str | None, whose: str = "") -> None:
+        """A request a stage returned whose prompt_token_ids are no ids of the vocabulary fails at
+        that stage (they are the stage's, not the client's)."""
+        ids = request.get("prompt_token_ids")
+        if ids is not None and (problem := token_field_problem("prompt_token_ids", ids, self.request_vocab(pin))):
+            raise PipelineError(f"stage '{stage}' returned {whose}a request whose {problem}", "failed", stage)
 
     def _answered_here(self, item: Item, stage: str, out: dict) -> dict:
         """A Request the stage answered itself: the answer's usage, counted in its request's. What
@@ -971,9 +965,9 @@ def _kind_of(d: dict) -> str | None:
     return None
 
 
-def _valid_request(d: dict, stage: str) -> dict:
+def _valid_request(d: dict, stage: str, whose: str = "") -> dict:
     """A request dict a stage returned, checked as a request line would be (a lone surrogate
-    too, and where)."""
+    too, and where). `whose`: "a list whose item [i] is " for an element of returns = many."""
     from pipeline_dsl.requests_io import RequestError, check_unicode, parse_request
 
     try:
@@ -981,7 +975,7 @@ def _valid_request(d: dict, stage: str) -> dict:
         check_unicode(item)
         return item
     except RequestError as e:
-        raise PipelineError(f"stage '{stage}' returned an invalid request: {e}", "failed", stage) from None
+        raise PipelineError(f"stage '{stage}' returned {whose}an invalid request: {e}", "failed", stage) from None
 
 
 def _completed(out: dict, got: dict, got_kind: str) -> dict:

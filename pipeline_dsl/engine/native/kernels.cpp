@@ -909,10 +909,8 @@ void agp_decode_attention_block(const Model* mp, int layer, int B, const void* q
                 if (j <= g) {
                     float r[256];
                     const float* nw = j < g ? ly.q_norm : ly.k_norm;
-                    if (nw) {                        // Qwen3: the head normed before its rotation
-                        rmsnorm(v, nw, hd, m.eps, bf, r);
-                        std::memcpy(v, r, hd * sizeof(float));
-                    }
+                    if (nw)                          // Qwen3: the head normed (in place) before its rotation
+                        rmsnorm(v, nw, hd, m.eps, bf, v);
                     for (int d = 0; d < hd; ++d) {
                         const float sw = v[d < hd / 2 ? d + hd / 2 : d - hd / 2];
                         r[d] = bf ? rb(rb(v[d] * c[d]) + rb(sw * sn[d])) : v[d] * c[d] + sw * sn[d];
