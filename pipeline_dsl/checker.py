@@ -697,6 +697,17 @@ def _check_signature(what: str, ref: str, n: int, call: str, pos: SourcePos, bas
         bound = keyword_call(node, n, [e.name.text for e in args.entries])
         if bound is None or not bound.too_many:
             return _check_keywords(what, ref, n, call, args, bound, isinstance(node, pyast.Lambda))
+    bound = keyword_call(node, n, [])
+    kwonly = {p.arg for p in getattr(getattr(node, "args", None), "kwonlyargs", ())}
+    if bound is not None and not bound.too_many and bound.missing and set(bound.missing) <= kwonly:
+        # the call takes the positional arguments, and only keywords that args alone can give are
+        # missing (`def retrieve(item, *, top_k)` on a stage without args, or with `args = {}`)
+        at = args.pos if args is not None else pos
+        gives = "args = {}" if args is not None else "no args"
+        return [_err(f"{what}: {ref} needs '{m}', which neither the call fn{call} nor args gives (the stage "
+                     f"has {gives})", at, f"args giving every parameter past {call} that has no default",
+                     f"add {m} = … to args" if args is not None else
+                     f"write args = {{{m} = …}} in the stage, or give {m} a default") for m in bound.missing]
     if takes(node, n) is False:
         least, most = positional_arity(node)
         if most == 0 and least:
@@ -816,8 +827,9 @@ def _check_python_shape(name: str, params: dict, given: set, where, base) -> lis
 
 
 def _args_map(st: ast.Stage, params: dict) -> ast.Map | None:
-    """The map a stage's `args` is written as (its entries' positions), once it checked out."""
-    if not params.get("args"):
+    """The map a stage's `args` is written as (its entries' positions), once it checked out (`{}` too:
+    a keyword the function needs is then said at it)."""
+    if params.get("args") is None:
         return None
     return next((p.value for p in st.params if p.name.text == "args" and isinstance(p.value, ast.Map)), None)
 

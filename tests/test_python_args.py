@@ -103,6 +103,24 @@ def test_keywords_that_fill_the_parameters_past_the_item_check_clean(tmp_path):
     assert "hooks:tag needs 'label', which neither the call fn(item) nor args gives" in message and line == 3
 
 
+def test_a_keyword_only_parameter_without_args_names_what_args_must_give(tmp_path):
+    """`def strict(item, *, top_k)` on a stage without args, or with `args = {}` (a derived
+    pipeline's override that empties the map, say): the error names top_k and says to give it in
+    args, at the map where there is one, not that the def should take (item) alone."""
+    stage = 'stage r : python { fn = "hooks:strict" }'
+    [(message, line, column)] = at(check(tmp_path, one_stage(stage)))
+    assert message.startswith("stage 'r': hooks:strict needs 'top_k', which neither the call fn(item) nor args gives")
+    assert (line, column) == (3, col(stage, '"hooks'))
+    diags = check(tmp_path, one_stage(stage))
+    assert "args = {top_k = …}" in next(d.hint for d in diags if d.is_error)
+    stage = 'stage r : python { fn = "hooks:strict"  args = {} }'
+    [(message, line, column)] = at(check(tmp_path, one_stage(stage)))
+    assert "hooks:strict needs 'top_k'" in message and (line, column) == (3, col(stage, "{}"))
+    derived = one_stage('stage r : python { fn = "hooks:strict"  args = {top_k = 2} }') + "pipeline q : p { r.args = {} }\n"
+    [(message, line, column)] = at(check(tmp_path, derived))
+    assert "hooks:strict needs 'top_k'" in message and (line, column) == (8, 27)    # the override's map
+
+
 def test_a_keyword_the_call_already_fills_is_an_error_at_the_key(tmp_path):
     stage = 'stage r : python { fn = "hooks:anything"  args = {item = 1} }'
     [(message, line, column)] = at(check(tmp_path, one_stage(stage)))
