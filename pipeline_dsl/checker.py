@@ -789,7 +789,28 @@ def _check_python_returns(name: str, ref: str, pos: SourcePos, base) -> list[Dia
                  "returns the item's dict, a label string or None", pos,
                  expected="return item (changed or new), return \"LABEL\" for `when LABEL` edges, or return None",
                  hint="return the item or a label, not both: a value a later stage needs goes into the item "
-                      "(its metadata, say) and the label is returned alone" if what == "a tuple" else None)]
+                      "(its metadata, say) and the label is returned alone" if what == "a tuple" else
+                     "a list of requests, each an item of its own, is returns = many" if what == "a list" else None)]
+
+
+def _check_many_returns(name: str, ref: str, pos: SourcePos, base) -> list[Diagnostic]:
+    """A `returns = many` stage's `return` whose literal is no list (a dict, a label, None)
+    fails its request whenever it is reached: an error at the `fn` value, naming the line."""
+    from .userfn import FunctionNotFound, function_info, wrong_many_returns
+
+    try:
+        bad = wrong_many_returns(function_info(ref, base))
+    except FunctionNotFound:
+        return []
+    if not bad:
+        return []
+    line, what = bad[0]
+    more = f" (and {len(bad) - 1} more return{'s' if len(bad) > 2 else ''} like it)" if len(bad) > 1 else ""
+    return [_err(f"stage '{name}': {ref} returns {what} at line {line}{more}, but the stage says returns = many: "
+                 "its function returns a list of requests (an empty one for none)", pos,
+                 expected='return [{"prompt": …}, …] (or [] when there is nothing to fan out)',
+                 hint="return [request] for one request" if what == "a dict" else
+                      "return [] when there is nothing to fan out" if what == "None" else None)]
 
 
 def _check_python_shape(name: str, params: dict, given: set, where, base) -> list[Diagnostic]:
@@ -800,6 +821,11 @@ def _check_python_shape(name: str, params: dict, given: set, where, base) -> lis
     fn, stream = params["fn"], bool(params.get("stream"))
     shape = function_shape(fn, base)
     yields = shape in ("generator", "async_generator")
+    if yields and not stream and params.get("returns") == "many":
+        return [_err(f"stage '{name}': {fn} is a generator function, but a returns = many stage's function "
+                     "returns a list of requests", where("fn"),
+                     expected="a function that returns a list (def or async def)",
+                     hint="build the list and return it instead of yielding each request")]
     if yields and not stream:
         return [_err(f"stage '{name}': {fn} is a generator function, but a python stage calls its "
                      "function once per item for a dict, a label or None", where("fn"),
@@ -892,6 +918,8 @@ def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set,
                                           _args_map(st, params))
             if not stream and params.get("returns") != "many":   # a stream filter's return is a label or
                 diags += _check_python_returns(st.name.text, params["fn"], where("fn"), base)   # nothing
+            elif not stream and not any(d.is_error for d in shape):
+                diags += _check_many_returns(st.name.text, params["fn"], where("fn"), base)
         diags += _check_many_params(st.name.text, params, given, where)
     elif kind.name == "join":
         policy, fn = params.get("policy"), params.get("fn")

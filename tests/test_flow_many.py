@@ -67,6 +67,31 @@ def held(item):
     flowkit.bump("held")
     flowkit.gate("held").wait(60)
     return item
+
+
+def one_as_dict(item):
+    if item.get("prompt"):
+        return [{"prompt": "a"}]
+    return {"prompt": "only one"}
+
+
+def a_label(item):
+    return "none"
+
+
+def nothing(item):
+    if item.get("prompt"):
+        return [{"prompt": "a"}]
+    return
+
+
+def yielded(item):
+    for part in item["messages"][-1]["content"].split("|"):
+        yield {"prompt": part}
+
+
+def pair(item):
+    return ({"prompt": "first"}, {"prompt": "second"})
 '''
 
 pytestmark = pytest.mark.usefixtures("fresh_flowkit")
@@ -323,6 +348,48 @@ def test_max_items_without_returns_many_is_a_warning(tmp_path, soft_gguf):
             "request -> batch\n" + chain() + "gen -> f -> out\n")
     (d,) = diags(tmp_path, soft_gguf, body)
     assert d.severity == "warning" and "sets max_items but not returns = many" in d.message
+
+
+def hooks_line(text: str) -> int:
+    return HOOKS.splitlines().index(text) + 1
+
+
+@pytest.mark.parametrize("fn, returns, what", [
+    ("one_as_dict", '    return {"prompt": "only one"}', "a dict"),
+    ("a_label", '    return "none"', "a string"),
+    ("nothing", "    return", "None"),
+])
+def test_check_refuses_a_return_of_a_many_stage_that_is_no_list(tmp_path, soft_gguf, fn, returns, what):
+    """Each of these fails its request whenever the return is reached (`returned a dict, but it
+    declares returns = many`): check says so at the fn, naming the line."""
+    body = (HEAD.replace("hooks:split", f"hooks:{fn}") + 'stage collect : join { fn = "hooks:parts" }\n'
+            "request -> split -> batch\n" + chain() + "gen -> collect -> out\n")
+    (err,) = [d for d in diags(tmp_path, soft_gguf, body) if d.is_error]
+    assert err.message.startswith(f"stage 'split': hooks:{fn} returns {what} at line {hooks_line(returns)}, but "
+                                  "the stage says returns = many: its function returns a list of requests")
+    assert (err.pos.line, err.pos.col) == (6, 29)          # the fn value: line 2 of the body
+
+
+def test_check_says_a_many_stages_generator_must_return_a_list(tmp_path, soft_gguf):
+    body = (HEAD.replace("hooks:split", "hooks:yielded") + 'stage collect : join { fn = "hooks:parts" }\n'
+            "request -> split -> batch\n" + chain() + "gen -> collect -> out\n")
+    (err,) = [d for d in diags(tmp_path, soft_gguf, body) if d.is_error]
+    assert err.message == ("stage 'split': hooks:yielded is a generator function, but a returns = many "
+                           "stage's function returns a list of requests")
+    assert "stream" not in err.hint                       # a stream filter is no list of requests
+
+
+def test_a_list_returned_without_returns_many_is_pointed_at_it(tmp_path, soft_gguf):
+    body = (HEAD.replace("  returns = many", "") + 'stage collect : join { fn = "hooks:parts" }\n'
+            "request -> split -> batch\n" + chain() + "gen -> collect -> out\n")
+    (err,) = [d for d in diags(tmp_path, soft_gguf, body) if d.is_error and "returns a list" in d.message]
+    assert "returns = many" in err.hint
+
+
+def test_a_tuple_of_requests_fans_out_as_a_list_does(tmp_path, soft_gguf):
+    path = pipeline(tmp_path, soft_gguf, split="hooks:pair")
+    (res,), _ = run(path, [chat("q", "x")])
+    assert res.ok and [p["prompt"] for p in said(res)] == ["first", "second"]
 
 
 # ---------------------------------------------------------------- render and plan
