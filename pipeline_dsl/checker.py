@@ -1085,6 +1085,15 @@ def _check_python_labels(edges: list[ResolvedEdge], stages: dict[str, ResolvedSt
         src = stages[e.src]
         if e.cond is None or isinstance(e.cond, ast.Otherwise) or src.kind is None or src.kind.name != "python":
             continue
+        if src.params.get("returns") == "many":      # a list of requests, never a label
+            for lab in C.labels(e.cond):
+                diags.append(_warn(f"stage '{e.src}' returns = many: its function returns a list of requests, "
+                                   f"never a label, so `when {lab.name.text}` is never taken", lab.pos,
+                                   expected="a comparison of a field each request carries "
+                                            "(`when metadata.kind == \"math\"`), or an unconditional edge",
+                                   hint="have the function put what tells the requests apart in each one's "
+                                        "metadata, and compare it on the edge"))
+            continue
         if e.src not in known:
             try:
                 node = function_info(src.params["fn"], _fn_folder(src)).node

@@ -386,6 +386,19 @@ def test_a_list_returned_without_returns_many_is_pointed_at_it(tmp_path, soft_gg
     assert "returns = many" in err.hint
 
 
+def test_a_label_on_a_many_stages_edge_is_never_taken_and_check_says_so(tmp_path, soft_gguf):
+    """A returns = many function gives a list, never a label: `when short` on its edge sends
+    nothing there; a comparison of a field its requests carry is the way to tell them apart."""
+    body = (HEAD + 'stage collect : join { fn = "hooks:parts" }\nstage r : route {}\n'
+            "request -> split\nsplit -> r when short\nsplit -> r when metadata.tag == \"a\"\n"
+            "split -> batch otherwise\nr -> batch\n" + chain() + "gen -> collect -> out\n")
+    (d,) = diags(tmp_path, soft_gguf, body)
+    assert d.severity == "warning" and d.message == (
+        "stage 'split' returns = many: its function returns a list of requests, never a label, so "
+        "`when short` is never taken")
+    assert (d.pos.line, d.pos.col) == (12, 17)            # the label: line 8 of the body
+
+
 def test_a_tuple_of_requests_fans_out_as_a_list_does(tmp_path, soft_gguf):
     path = pipeline(tmp_path, soft_gguf, split="hooks:pair")
     (res,), _ = run(path, [chat("q", "x")])
