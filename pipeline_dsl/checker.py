@@ -304,8 +304,11 @@ def _json_value(v: ast.Value, what: str) -> tuple[Any, Diagnostic | None]:
             items.append(got)
         return items, None
     if isinstance(v, ast.Word):
+        key = what.partition("'")[2].partition("'")[0]
+        hint = (f"a map holds no null: leave {key} out and give its parameter a default of None"
+                if v.value.lower() in ("null", "none", "nil") else f"quote it: {quote(v.value)}")
         return None, _err(f"{what} is the bare word '{v.value}'; a map holds strings, numbers, true/false "
-                          "and lists", v.pos, expected, f"quote it: {quote(v.value)}")
+                          "and lists", v.pos, expected, hint)
     return None, _err(f"{what} is {_value_word(v)}; a map holds strings, numbers, true/false and lists",
                       v.pos, expected, f"write a number or a string: {quote(show(v))}")
 

@@ -153,6 +153,29 @@ def test_a_map_holds_json_literals_only(tmp_path, value, word):
     assert f"'label' in 'args' is {word}" in message and (line, column) == (3, col(stage, value))
 
 
+def test_a_null_in_a_map_says_to_leave_the_key_out_not_to_quote_it(tmp_path):
+    """`args = {k = null}`: quoting it would give the function the string "null", not None."""
+    for word in ("null", "None"):
+        stage = 'stage r : python { fn = "hooks:tag"  args = {label = ' + word + '} }'
+        diags = check(tmp_path, one_stage(stage))
+        [(message, line, column)] = at(diags)
+        assert f"'label' in 'args' is the bare word '{word}'" in message and (line, column) == (3, col(stage, word))
+        assert next(d.hint for d in diags if d.is_error) == \
+            "a map holds no null: leave label out and give its parameter a default of None"
+    diags = check(tmp_path, one_stage('stage r : python { fn = "hooks:tag"  args = {label = cuda} }'))
+    assert next(d.hint for d in diags if d.is_error) == 'quote it: "cuda"'
+
+
+@pytest.mark.parametrize("value", ["{a = 1}", "[{a = 1}]"])
+def test_a_map_inside_a_map_or_a_list_says_what_a_map_holds(tmp_path, value):
+    stage = 'stage r : python { fn = "hooks:tag"  args = {label = "a", tags = ' + value + '} }'
+    diags = check(tmp_path, one_stage(stage))
+    [(message, line, column)] = at(diags)
+    assert message == "unexpected '{'" and (line, column) == (3, col(stage, "{a = 1}"))
+    assert next(d.hint for d in diags if d.is_error).startswith(
+        "a map's values and a list's items hold no map: strings, numbers, true/false and lists of them")
+
+
 def test_a_name_given_twice_and_a_map_where_none_goes_are_errors(tmp_path):
     stage = 'stage r : python { fn = "hooks:tag"  args = {label = "a", label = "b"} }'
     assert at(check(tmp_path, one_stage(stage))) == [("'label' is given twice in 'args'", 3,
