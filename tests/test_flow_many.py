@@ -92,6 +92,15 @@ def yielded(item):
 
 def pair(item):
     return ({"prompt": "first"}, {"prompt": "second"})
+
+
+def free_second(item):
+    """Two parts; the second says it answers freely, whatever the request constrains."""
+    return [{"prompt": "kept"}, {"prompt": "freed", "response_format": None}]
+
+
+def formats(results):
+    return {"text": json.dumps([r["request"].get("response_format") for r in results])}
 '''
 
 pytestmark = pytest.mark.usefixtures("fresh_flowkit")
@@ -397,6 +406,12 @@ def test_a_label_on_a_many_stages_edge_is_never_taken_and_check_says_so(tmp_path
         "stage 'split' returns = many: its function returns a list of requests, never a label, so "
         "`when short` is never taken")
     assert (d.pos.line, d.pos.col) == (12, 17)            # the label: line 8 of the body
+
+
+def test_an_element_inherits_the_requests_constraint_unless_it_says_none(tmp_path, soft_gguf):
+    path = pipeline(tmp_path, soft_gguf, split="hooks:free_second", join='fn = "hooks:formats"')
+    (res,), _ = run(path, [chat("q", "x", response_format={"type": "json_object"})])
+    assert res.ok and said(res) == [{"type": "json_object"}, None]
 
 
 def test_a_tuple_of_requests_fans_out_as_a_list_does(tmp_path, soft_gguf):
