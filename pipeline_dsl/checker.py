@@ -512,6 +512,10 @@ ELSEWHERE = {
     ("generate", "temp"): "llama.cpp's name: temperature = …",
     ("generate", "repeat_penalty"): "llama.cpp's and Ollama's name: repetition_penalty = … (over the whole prompt "
                                     "and answer)",
+    # map-reduce's words on the join that collects, not the python stage that splits
+    ("join", "returns"): "returns = many belongs on the python stage whose function returns the list; "
+                         "the join collects its items as they come, with no setting",
+    ("join", "max_items"): "max_items bounds a returns = many python stage's list: set it on that stage",
     ("dynamic_batch", "max_queue_delay"): "how long a batch waits for more requests is timeout: timeout = 100us",
     ("dynamic_batch", "max_queue_delay_microseconds"): "how long a batch waits for more requests is timeout: "
                                                         "timeout = 100us",

@@ -351,6 +351,16 @@ def test_check_refuses_what_a_many_stage_cannot_do(tmp_path, soft_gguf, params, 
     assert found and found[0].severity == severity
 
 
+@pytest.mark.parametrize("param, words", [("returns = many", "returns = many belongs on the python stage"),
+                                          ("max_items = 8", "set it on that stage")])
+def test_the_split_stages_words_on_the_join_say_where_they_go(tmp_path, soft_gguf, param, words):
+    body = (HEAD + f'stage collect : join {{ fn = "hooks:parts"  {param} }}\n'
+            "request -> split -> batch\n" + chain() + "gen -> collect -> out\n")
+    (err,) = [d for d in diags(tmp_path, soft_gguf, body) if d.is_error]
+    assert err.message.startswith(f"unknown parameter '{param.split()[0]}' for stage kind 'join'")
+    assert words in err.hint                      # not "did you mean 'retries'?"
+
+
 def test_max_items_without_returns_many_is_a_warning(tmp_path, soft_gguf):
     body = ('stage request : requests {}\nstage f : python { fn = "hooks:guard"  max_items = 3 }\n'
             "stage gen : generate { max_new_tokens = 3 }\nstage out : respond {}\n"
