@@ -803,14 +803,20 @@ def _check_python_returns(name: str, ref: str, pos: SourcePos, base) -> list[Dia
 def _check_many_returns(name: str, ref: str, pos: SourcePos, base) -> list[Diagnostic]:
     """A `returns = many` stage's `return` whose literal is no list (a dict, a label, None)
     fails its request whenever it is reached: an error at the `fn` value, naming the line."""
-    from .userfn import FunctionNotFound, function_info, wrong_many_returns
+    from .userfn import FunctionNotFound, function_info, runs_off_end, wrong_many_returns
 
     try:
-        bad = wrong_many_returns(function_info(ref, base))
+        info = function_info(ref, base)
     except FunctionNotFound:
         return []
+    bad = wrong_many_returns(info)
     if not bad:
-        return []
+        line = runs_off_end(info)
+        if line is None:
+            return []
+        return [_warn(f"stage '{name}': {ref} can run off its end after line {line}, which returns None, but the "
+                      "stage says returns = many: that request fails there", pos,
+                      expected="a return of a list on every path", hint="return [] when there is nothing to fan out")]
     line, what = bad[0]
     more = f" (and {len(bad) - 1} more return{'s' if len(bad) > 2 else ''} like it)" if len(bad) > 1 else ""
     return [_err(f"stage '{name}': {ref} returns {what} at line {line}{more}, but the stage says returns = many: "

@@ -656,6 +656,34 @@ def wrong_many_returns(info: FunctionInfo | None) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def runs_off_end(info: FunctionInfo | None) -> int | None:
+    """The line after which a plain def (or async def) surely can run off its end, returning None:
+    its body ends in a statement that is no `return` or `raise` (an assignment, a call, `pass`), or
+    in an `if` one of whose branches does, or that has no `else`. None when it cannot, or when the
+    source does not say for sure (a loop, a `with`, a `try` or a `match` last: it may leave by a
+    return inside it; a decorated def, whose wrapper may return anything)."""
+    node = info.node if info is not None and info.settled else None
+    if shape_of_def(node) not in ("function", "coroutine") or node.decorator_list:
+        return None
+
+    def off(body: list) -> int | None:
+        last = body[-1]
+        if isinstance(last, (pyast.Return, pyast.Raise)):
+            return None
+        if isinstance(last, pyast.If):
+            inside = off(last.body)
+            if inside is not None:
+                return inside
+            return (getattr(last, "end_lineno", None) or last.lineno) if not last.orelse else off(last.orelse)
+        if isinstance(last, (pyast.Expr, pyast.Assign, pyast.AugAssign, pyast.AnnAssign, pyast.Pass)):
+            if isinstance(last, pyast.Expr) and isinstance(last.value, pyast.Call):
+                return None                     # sys.exit(), a helper that raises: it may never return
+            return getattr(last, "end_lineno", None) or last.lineno
+        return None
+
+    return off(node.body)
+
+
 def _own_nodes(node: pyast.AST):
     """The nodes of a def's own body (not those of the functions, lambdas and classes inside it)."""
     todo = list(pyast.iter_child_nodes(node))

@@ -99,6 +99,25 @@ def free_second(item):
     return [{"prompt": "kept"}, {"prompt": "freed", "response_format": None}]
 
 
+def maybe(item):
+    parts = [{"prompt": p} for p in item["messages"][-1]["content"].split("|") if p]
+    if parts:
+        return parts
+
+
+def always(item):
+    parts = [{"prompt": p} for p in item["messages"][-1]["content"].split("|") if p]
+    if parts:
+        return parts
+    else:
+        return []
+
+
+def in_a_loop(item):
+    while True:
+        return [{"prompt": "a"}]
+
+
 def formats(results):
     return {"text": json.dumps([r["request"].get("response_format") for r in results])}
 '''
@@ -369,8 +388,10 @@ def test_max_items_without_returns_many_is_a_warning(tmp_path, soft_gguf):
     assert d.severity == "warning" and "sets max_items but not returns = many" in d.message
 
 
-def hooks_line(text: str) -> int:
-    return HOOKS.splitlines().index(text) + 1
+def hooks_line(text: str, after: str | None = None) -> int:
+    lines = HOOKS.splitlines()
+    start = lines.index(after) if after else 0
+    return lines.index(text, start) + 1
 
 
 @pytest.mark.parametrize("fn, returns, what", [
@@ -387,6 +408,27 @@ def test_check_refuses_a_return_of_a_many_stage_that_is_no_list(tmp_path, soft_g
     assert err.message.startswith(f"stage 'split': hooks:{fn} returns {what} at line {hooks_line(returns)}, but "
                                   "the stage says returns = many: its function returns a list of requests")
     assert (err.pos.line, err.pos.col) == (6, 29)          # the fn value: line 2 of the body
+
+
+def test_check_warns_at_a_many_stage_whose_function_can_run_off_its_end(tmp_path, soft_gguf):
+    """`if parts: return parts` alone returns None for a question without parts, and the request
+    fails (`returned None, but it declares returns = many`); check warns where the source says so
+    for sure, and not where a return may be inside a loop."""
+    def check_fn(fn):
+        body = (HEAD.replace("hooks:split", f"hooks:{fn}") + 'stage collect : join { fn = "hooks:parts" }\n'
+                "request -> split -> batch\n" + chain() + "gen -> collect -> out\n")
+        return diags(tmp_path, soft_gguf, body)
+
+    (d,) = check_fn("maybe")
+    last = hooks_line("        return parts", after="def maybe(item):")
+    assert d.severity == "warning" and d.message == (
+        f"stage 'split': hooks:maybe can run off its end after line {last}, which returns None, but the "
+        "stage says returns = many: that request fails there")
+    assert d.hint == "return [] when there is nothing to fan out"
+    assert check_fn("always") == [] and check_fn("in_a_loop") == [] and check_fn("split") == []
+    path = pipeline(tmp_path, soft_gguf, split="hooks:maybe")
+    (res,), _ = run(path, [chat("q", "|")])                  # what the warning foretold
+    assert not res.ok and "returned None, but it declares returns = many" in str(res.error)
 
 
 def test_check_says_a_many_stages_generator_must_return_a_list(tmp_path, soft_gguf):
