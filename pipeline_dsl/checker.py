@@ -304,8 +304,11 @@ def _json_value(v: ast.Value, what: str) -> tuple[Any, Diagnostic | None]:
             items.append(got)
         return items, None
     if isinstance(v, ast.Word):
+        key = what.partition("'")[2].partition("'")[0]
+        hint = (f"a map holds no null: leave {key} out and give its parameter a default of None"
+                if v.value.lower() in ("null", "none", "nil") else f"quote it: {quote(v.value)}")
         return None, _err(f"{what} is the bare word '{v.value}'; a map holds strings, numbers, true/false "
-                          "and lists", v.pos, expected, f"quote it: {quote(v.value)}")
+                          "and lists", v.pos, expected, hint)
     return None, _err(f"{what} is {_value_word(v)}; a map holds strings, numbers, true/false and lists",
                       v.pos, expected, f"write a number or a string: {quote(show(v))}")
 
@@ -509,6 +512,10 @@ ELSEWHERE = {
     ("generate", "temp"): "llama.cpp's name: temperature = …",
     ("generate", "repeat_penalty"): "llama.cpp's and Ollama's name: repetition_penalty = … (over the whole prompt "
                                     "and answer)",
+    # map-reduce's words on the join that collects, not the python stage that splits
+    ("join", "returns"): "returns = many belongs on the python stage whose function returns the list; "
+                         "the join collects its items as they come, with no setting",
+    ("join", "max_items"): "max_items bounds a returns = many python stage's list: set it on that stage",
     ("dynamic_batch", "max_queue_delay"): "how long a batch waits for more requests is timeout: timeout = 100us",
     ("dynamic_batch", "max_queue_delay_microseconds"): "how long a batch waits for more requests is timeout: "
                                                         "timeout = 100us",
@@ -697,6 +704,17 @@ def _check_signature(what: str, ref: str, n: int, call: str, pos: SourcePos, bas
         bound = keyword_call(node, n, [e.name.text for e in args.entries])
         if bound is None or not bound.too_many:
             return _check_keywords(what, ref, n, call, args, bound, isinstance(node, pyast.Lambda))
+    bound = keyword_call(node, n, [])
+    kwonly = {p.arg for p in getattr(getattr(node, "args", None), "kwonlyargs", ())}
+    if bound is not None and not bound.too_many and bound.missing and set(bound.missing) <= kwonly:
+        # the call takes the positional arguments, and only keywords that args alone can give are
+        # missing (`def retrieve(item, *, top_k)` on a stage without args, or with `args = {}`)
+        at = args.pos if args is not None else pos
+        gives = "args = {}" if args is not None else "no args"
+        return [_err(f"{what}: {ref} needs '{m}', which neither the call fn{call} nor args gives (the stage "
+                     f"has {gives})", at, f"args giving every parameter past {call} that has no default",
+                     f"add {m} = … to args" if args is not None else
+                     f"write args = {{{m} = …}} in the stage, or give {m} a default") for m in bound.missing]
     if takes(node, n) is False:
         least, most = positional_arity(node)
         if most == 0 and least:
@@ -778,7 +796,34 @@ def _check_python_returns(name: str, ref: str, pos: SourcePos, base) -> list[Dia
                  "returns the item's dict, a label string or None", pos,
                  expected="return item (changed or new), return \"LABEL\" for `when LABEL` edges, or return None",
                  hint="return the item or a label, not both: a value a later stage needs goes into the item "
-                      "(its metadata, say) and the label is returned alone" if what == "a tuple" else None)]
+                      "(its metadata, say) and the label is returned alone" if what == "a tuple" else
+                     "a list of requests, each an item of its own, is returns = many" if what == "a list" else None)]
+
+
+def _check_many_returns(name: str, ref: str, pos: SourcePos, base) -> list[Diagnostic]:
+    """A `returns = many` stage's `return` whose literal is no list (a dict, a label, None)
+    fails its request whenever it is reached: an error at the `fn` value, naming the line."""
+    from .userfn import FunctionNotFound, function_info, runs_off_end, wrong_many_returns
+
+    try:
+        info = function_info(ref, base)
+    except FunctionNotFound:
+        return []
+    bad = wrong_many_returns(info)
+    if not bad:
+        line = runs_off_end(info)
+        if line is None:
+            return []
+        return [_warn(f"stage '{name}': {ref} can run off its end after line {line}, which returns None, but the "
+                      "stage says returns = many: that request fails there", pos,
+                      expected="a return of a list on every path", hint="return [] when there is nothing to fan out")]
+    line, what = bad[0]
+    more = f" (and {len(bad) - 1} more return{'s' if len(bad) > 2 else ''} like it)" if len(bad) > 1 else ""
+    return [_err(f"stage '{name}': {ref} returns {what} at line {line}{more}, but the stage says returns = many: "
+                 "its function returns a list of requests (an empty one for none)", pos,
+                 expected='return [{"prompt": …}, …] (or [] when there is nothing to fan out)',
+                 hint="return [request] for one request" if what == "a dict" else
+                      "return [] when there is nothing to fan out" if what == "None" else None)]
 
 
 def _check_python_shape(name: str, params: dict, given: set, where, base) -> list[Diagnostic]:
@@ -789,6 +834,11 @@ def _check_python_shape(name: str, params: dict, given: set, where, base) -> lis
     fn, stream = params["fn"], bool(params.get("stream"))
     shape = function_shape(fn, base)
     yields = shape in ("generator", "async_generator")
+    if yields and not stream and params.get("returns") == "many":
+        return [_err(f"stage '{name}': {fn} is a generator function, but a returns = many stage's function "
+                     "returns a list of requests", where("fn"),
+                     expected="a function that returns a list (def or async def)",
+                     hint="build the list and return it instead of yielding each request")]
     if yields and not stream:
         return [_err(f"stage '{name}': {fn} is a generator function, but a python stage calls its "
                      "function once per item for a dict, a label or None", where("fn"),
@@ -816,8 +866,9 @@ def _check_python_shape(name: str, params: dict, given: set, where, base) -> lis
 
 
 def _args_map(st: ast.Stage, params: dict) -> ast.Map | None:
-    """The map a stage's `args` is written as (its entries' positions), once it checked out."""
-    if not params.get("args"):
+    """The map a stage's `args` is written as (its entries' positions), once it checked out (`{}` too:
+    a keyword the function needs is then said at it)."""
+    if params.get("args") is None:
         return None
     return next((p.value for p in st.params if p.name.text == "args" and isinstance(p.value, ast.Map)), None)
 
@@ -880,6 +931,8 @@ def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set,
                                           _args_map(st, params))
             if not stream and params.get("returns") != "many":   # a stream filter's return is a label or
                 diags += _check_python_returns(st.name.text, params["fn"], where("fn"), base)   # nothing
+            elif not stream and not any(d.is_error for d in shape):
+                diags += _check_many_returns(st.name.text, params["fn"], where("fn"), base)
         diags += _check_many_params(st.name.text, params, given, where)
     elif kind.name == "join":
         policy, fn = params.get("policy"), params.get("fn")
@@ -1044,6 +1097,15 @@ def _check_python_labels(edges: list[ResolvedEdge], stages: dict[str, ResolvedSt
     for e in edges:
         src = stages[e.src]
         if e.cond is None or isinstance(e.cond, ast.Otherwise) or src.kind is None or src.kind.name != "python":
+            continue
+        if src.params.get("returns") == "many":      # a list of requests, never a label
+            for lab in C.labels(e.cond):
+                diags.append(_warn(f"stage '{e.src}' returns = many: its function returns a list of requests, "
+                                   f"never a label, so `when {lab.name.text}` is never taken", lab.pos,
+                                   expected="a comparison of a field each request carries "
+                                            "(`when metadata.kind == \"math\"`), or an unconditional edge",
+                                   hint="have the function put what tells the requests apart in each one's "
+                                        "metadata, and compare it on the edge"))
             continue
         if e.src not in known:
             try:

@@ -181,6 +181,10 @@ def _context_hint(expected: set[str], tok: Token, prev: str = "",
         return "':' and a stage kind after the stage name (stage NAME : KIND { … })", None
     if "NUMBER" in exp and "STRING" in exp and "LSQB" in exp:
         hint = "the value after '=' is missing" if tok.type in ("STAGE", "RBRACE", "$END", "PIPELINE") else None
+        if tok.type == "LBRACE" and "LBRACE" not in exp:      # {k = {a = 1}}, [{…}]: in a map or a list
+            hint = ("a map's values and a list's items hold no map: strings, numbers, true/false and lists "
+                    "of them; give each setting a key of its own ({retriever_top_k = 3, retriever_min_score "
+                    "= 0.5})")
         return ("a value: a number, a quantity such as 1ms or 512MiB, a string, true/false, a word"
                 + (", a list or a map {name = value, …}" if "LBRACE" in exp else " or a list")), hint
     if exp >= {"PIPELINE", "USE"}:

@@ -620,6 +620,76 @@ def wrong_returns(info: FunctionInfo | None) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+# what a `return` of these literals gives: never the list of requests a `returns = many` stage returns
+_NO_MANY_RETURN = {pyast.Dict: "a dict", pyast.DictComp: "a dict", pyast.Set: "a set", pyast.SetComp: "a set",
+                   pyast.GeneratorExp: "a generator", pyast.Lambda: "a function", pyast.JoinedStr: "a string"}
+
+
+def wrong_many_returns(info: FunctionInfo | None) -> list[tuple[int, str]]:
+    """The `return`s of a `returns = many` stage's function that give no list, by their literal:
+    (line, what it gives), as `return item` written as a dict literal (`return {"prompt": p}`), a
+    label string, a number, None or a bare `return`. Only for a plain def the module binds the name
+    to alone and no decorator wraps (a wrapper may make a list of it); its own returns, not those of
+    the functions inside it."""
+    node = info.node if info is not None and info.settled else None
+    if shape_of_def(node) not in ("function", "coroutine") or node.decorator_list:
+        return []
+    found: list[tuple[int, str]] = []
+
+    def ok(value) -> bool:
+        if isinstance(value, pyast.Constant):
+            v = value.value
+            found.append((value.lineno, "None" if v is None else "a string" if isinstance(v, str) else
+                          f"{'an' if type(v).__name__[0] in 'aeiou' else 'a'} {type(v).__name__}"))
+        elif type(value) in _NO_MANY_RETURN:
+            found.append((value.lineno, _NO_MANY_RETURN[type(value)]))
+        return True
+
+    for n in _own_nodes(node):                  # a bare `return`: None
+        if isinstance(n, pyast.Return) and n.value is None:
+            found.append((n.lineno, "None"))
+    _every_return(node, lambda v: v is None or ok(v))
+    return sorted(found)
+
+
+def runs_off_end(info: FunctionInfo | None) -> int | None:
+    """The line after which a plain def (or async def) surely can run off its end, returning None:
+    its body ends in a statement that is no `return` or `raise` (an assignment, a call, `pass`), or
+    in an `if` one of whose branches does, or that has no `else`. None when it cannot, or when the
+    source does not say for sure (a loop, a `with`, a `try` or a `match` last: it may leave by a
+    return inside it; a decorated def, whose wrapper may return anything)."""
+    node = info.node if info is not None and info.settled else None
+    if shape_of_def(node) not in ("function", "coroutine") or node.decorator_list:
+        return None
+
+    def off(body: list) -> int | None:
+        last = body[-1]
+        if isinstance(last, (pyast.Return, pyast.Raise)):
+            return None
+        if isinstance(last, pyast.If):
+            inside = off(last.body)
+            if inside is not None:
+                return inside
+            return (getattr(last, "end_lineno", None) or last.lineno) if not last.orelse else off(last.orelse)
+        if isinstance(last, (pyast.Expr, pyast.Assign, pyast.AugAssign, pyast.AnnAssign, pyast.Pass)):
+            if isinstance(last, pyast.Expr) and isinstance(last.value, pyast.Call):
+                return None                     # sys.exit(), a helper that raises: it may never return
+            return getattr(last, "end_lineno", None) or last.lineno
+        return None
+
+    return off(node.body)
+
+
+def _own_nodes(node: pyast.AST):
+    """The nodes of a def's own body (not those of the functions, lambdas and classes inside it)."""
+    todo = list(pyast.iter_child_nodes(node))
+    while todo:
+        n = todo.pop()
+        yield n
+        if not isinstance(n, (pyast.FunctionDef, pyast.AsyncFunctionDef, pyast.Lambda, pyast.ClassDef)):
+            todo.extend(pyast.iter_child_nodes(n))
+
+
 def always_labels(info: FunctionInfo | None) -> set[str] | None:
     """The labels a plain `def` (or `async def`) returns when its source shows it returns a label
     on every path: each `return` gives a string literal or a choice of them (`"b" if h < 50 else

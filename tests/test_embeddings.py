@@ -365,3 +365,48 @@ def test_a_python_stage_tells_embeddings_and_rerank_inputs_by_their_pooling_fiel
         assert r.status_code == 200, r.text[:300]
     finally:
         s.close()
+
+
+MAP_REDUCE = """
+def split(item, passthrough=False):
+    if passthrough and item.get("pooling") is not None:
+        return [item]
+    return [{"prompt": "part " + p} for p in item["prompt"].split("|")]
+
+
+def merge(results, passthrough=False):
+    if passthrough and len(results) == 1 and results[0]["request"].get("pooling") is not None:
+        return 0
+    return {"text": " ".join(r["text"] for r in results)}
+"""
+
+
+@pytest.mark.parametrize("passthrough", [False, True])
+def test_an_input_through_a_map_reduce_is_embedded_when_its_stages_pass_it_through(tmp_path, monkeypatch,
+                                                                                   tiny_gguf, passthrough):
+    """A returns = many stage and its join: the join's fn makes a new answer of an embedding input's
+    branch, and the 400 says what to do (the join returns the branch's index, the split [item]);
+    done so, the input is embedded."""
+    from test_serve import TINY
+
+    (tmp_path / "mr.py").write_text(MAP_REDUCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = "  args = {passthrough = true}" if passthrough else ""
+    text = TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=4, timeout=20).replace(
+        "stage out     : respond       {}",
+        "stage out     : respond       {}\n"
+        f'    stage split : python {{ fn = "mr:split"  returns = many{args} }}\n'
+        f'    stage collect : join {{ fn = "mr:merge"{args} }}').replace(
+        "request -> batch", "request -> split -> batch").replace("gen -> out", "gen -> collect -> out")
+    s = LiveServer(tiny_gguf, text=text)
+    try:
+        r = s.http.post(s.url + "/v1/embeddings", json={"input": "a|b"}, timeout=60)
+        if passthrough:
+            assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) > 0, r.text[:300]
+        else:
+            assert r.status_code == 400, r.text[:300]
+            message = r.json()["error"]["message"]
+            assert "a join's fn merged its branches into an answer of its own" in message, message
+            assert "returns the branch's index, 0" in message
+    finally:
+        s.close()

@@ -89,6 +89,59 @@ def held(item):
     flowkit.bump("held")
     flowkit.gate("held").wait(60)
     return item
+
+
+def one_as_dict(item):
+    if item.get("prompt"):
+        return [{"prompt": "a"}]
+    return {"prompt": "only one"}
+
+
+def a_label(item):
+    return "none"
+
+
+def nothing(item):
+    if item.get("prompt"):
+        return [{"prompt": "a"}]
+    return
+
+
+def yielded(item):
+    for part in item["messages"][-1]["content"].split("|"):
+        yield {"prompt": part}
+
+
+def pair(item):
+    return ({"prompt": "first"}, {"prompt": "second"})
+
+
+def free_second(item):
+    """Two parts; the second says it answers freely, whatever the request constrains."""
+    return [{"prompt": "kept"}, {"prompt": "freed", "response_format": None}]
+
+
+def maybe(item):
+    parts = [{"prompt": p} for p in item["messages"][-1]["content"].split("|") if p]
+    if parts:
+        return parts
+
+
+def always(item):
+    parts = [{"prompt": p} for p in item["messages"][-1]["content"].split("|") if p]
+    if parts:
+        return parts
+    else:
+        return []
+
+
+def in_a_loop(item):
+    while True:
+        return [{"prompt": "a"}]
+
+
+def formats(results):
+    return {"text": json.dumps([r["request"].get("response_format") for r in results])}
 '''
 
 pytestmark = pytest.mark.usefixtures("fresh_flowkit")
@@ -441,12 +494,106 @@ def test_check_refuses_what_a_many_stage_cannot_do(tmp_path, soft_gguf, params, 
     assert found and found[0].severity == severity
 
 
+@pytest.mark.parametrize("param, words", [("returns = many", "returns = many belongs on the python stage"),
+                                          ("max_items = 8", "set it on that stage")])
+def test_the_split_stages_words_on_the_join_say_where_they_go(tmp_path, soft_gguf, param, words):
+    body = (HEAD + f'stage collect : join {{ fn = "hooks:parts"  {param} }}\n'
+            "request -> split -> batch\n" + chain() + "gen -> collect -> out\n")
+    (err,) = [d for d in diags(tmp_path, soft_gguf, body) if d.is_error]
+    assert err.message.startswith(f"unknown parameter '{param.split()[0]}' for stage kind 'join'")
+    assert words in err.hint                      # not "did you mean 'retries'?"
+
+
 def test_max_items_without_returns_many_is_a_warning(tmp_path, soft_gguf):
     body = ('stage request : requests {}\nstage f : python { fn = "hooks:guard"  max_items = 3 }\n'
             "stage gen : generate { max_new_tokens = 3 }\nstage out : respond {}\n"
             "request -> batch\n" + chain() + "gen -> f -> out\n")
     (d,) = diags(tmp_path, soft_gguf, body)
     assert d.severity == "warning" and "sets max_items but not returns = many" in d.message
+
+
+def hooks_line(text: str, after: str | None = None) -> int:
+    lines = HOOKS.splitlines()
+    start = lines.index(after) if after else 0
+    return lines.index(text, start) + 1
+
+
+@pytest.mark.parametrize("fn, returns, what", [
+    ("one_as_dict", '    return {"prompt": "only one"}', "a dict"),
+    ("a_label", '    return "none"', "a string"),
+    ("nothing", "    return", "None"),
+])
+def test_check_refuses_a_return_of_a_many_stage_that_is_no_list(tmp_path, soft_gguf, fn, returns, what):
+    """Each of these fails its request whenever the return is reached (`returned a dict, but it
+    declares returns = many`): check says so at the fn, naming the line."""
+    body = (HEAD.replace("hooks:split", f"hooks:{fn}") + 'stage collect : join { fn = "hooks:parts" }\n'
+            "request -> split -> batch\n" + chain() + "gen -> collect -> out\n")
+    (err,) = [d for d in diags(tmp_path, soft_gguf, body) if d.is_error]
+    assert err.message.startswith(f"stage 'split': hooks:{fn} returns {what} at line {hooks_line(returns)}, but "
+                                  "the stage says returns = many: its function returns a list of requests")
+    assert (err.pos.line, err.pos.col) == (6, 29)          # the fn value: line 2 of the body
+
+
+def test_check_warns_at_a_many_stage_whose_function_can_run_off_its_end(tmp_path, soft_gguf):
+    """`if parts: return parts` alone returns None for a question without parts, and the request
+    fails (`returned None, but it declares returns = many`); check warns where the source says so
+    for sure, and not where a return may be inside a loop."""
+    def check_fn(fn):
+        body = (HEAD.replace("hooks:split", f"hooks:{fn}") + 'stage collect : join { fn = "hooks:parts" }\n'
+                "request -> split -> batch\n" + chain() + "gen -> collect -> out\n")
+        return diags(tmp_path, soft_gguf, body)
+
+    (d,) = check_fn("maybe")
+    last = hooks_line("        return parts", after="def maybe(item):")
+    assert d.severity == "warning" and d.message == (
+        f"stage 'split': hooks:maybe can run off its end after line {last}, which returns None, but the "
+        "stage says returns = many: that request fails there")
+    assert d.hint == "return [] when there is nothing to fan out"
+    assert check_fn("always") == [] and check_fn("in_a_loop") == [] and check_fn("split") == []
+    path = pipeline(tmp_path, soft_gguf, split="hooks:maybe")
+    (res,), _ = run(path, [chat("q", "|")])                  # what the warning foretold
+    assert not res.ok and "returned None, but it declares returns = many" in str(res.error)
+
+
+def test_check_says_a_many_stages_generator_must_return_a_list(tmp_path, soft_gguf):
+    body = (HEAD.replace("hooks:split", "hooks:yielded") + 'stage collect : join { fn = "hooks:parts" }\n'
+            "request -> split -> batch\n" + chain() + "gen -> collect -> out\n")
+    (err,) = [d for d in diags(tmp_path, soft_gguf, body) if d.is_error]
+    assert err.message == ("stage 'split': hooks:yielded is a generator function, but a returns = many "
+                           "stage's function returns a list of requests")
+    assert "stream" not in err.hint                       # a stream filter is no list of requests
+
+
+def test_a_list_returned_without_returns_many_is_pointed_at_it(tmp_path, soft_gguf):
+    body = (HEAD.replace("  returns = many", "") + 'stage collect : join { fn = "hooks:parts" }\n'
+            "request -> split -> batch\n" + chain() + "gen -> collect -> out\n")
+    (err,) = [d for d in diags(tmp_path, soft_gguf, body) if d.is_error and "returns a list" in d.message]
+    assert "returns = many" in err.hint
+
+
+def test_a_label_on_a_many_stages_edge_is_never_taken_and_check_says_so(tmp_path, soft_gguf):
+    """A returns = many function gives a list, never a label: `when short` on its edge sends
+    nothing there; a comparison of a field its requests carry is the way to tell them apart."""
+    body = (HEAD + 'stage collect : join { fn = "hooks:parts" }\nstage r : route {}\n'
+            "request -> split\nsplit -> r when short\nsplit -> r when metadata.tag == \"a\"\n"
+            "split -> batch otherwise\nr -> batch\n" + chain() + "gen -> collect -> out\n")
+    (d,) = diags(tmp_path, soft_gguf, body)
+    assert d.severity == "warning" and d.message == (
+        "stage 'split' returns = many: its function returns a list of requests, never a label, so "
+        "`when short` is never taken")
+    assert (d.pos.line, d.pos.col) == (12, 17)            # the label: line 8 of the body
+
+
+def test_an_element_inherits_the_requests_constraint_unless_it_says_none(tmp_path, soft_gguf):
+    path = pipeline(tmp_path, soft_gguf, split="hooks:free_second", join='fn = "hooks:formats"')
+    (res,), _ = run(path, [chat("q", "x", response_format={"type": "json_object"})])
+    assert res.ok and said(res) == [{"type": "json_object"}, None]
+
+
+def test_a_tuple_of_requests_fans_out_as_a_list_does(tmp_path, soft_gguf):
+    path = pipeline(tmp_path, soft_gguf, split="hooks:pair")
+    (res,), _ = run(path, [chat("q", "x")])
+    assert res.ok and [p["prompt"] for p in said(res)] == ["first", "second"]
 
 
 # ---------------------------------------------------------------- render and plan

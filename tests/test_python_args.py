@@ -103,6 +103,24 @@ def test_keywords_that_fill_the_parameters_past_the_item_check_clean(tmp_path):
     assert "hooks:tag needs 'label', which neither the call fn(item) nor args gives" in message and line == 3
 
 
+def test_a_keyword_only_parameter_without_args_names_what_args_must_give(tmp_path):
+    """`def strict(item, *, top_k)` on a stage without args, or with `args = {}` (a derived
+    pipeline's override that empties the map, say): the error names top_k and says to give it in
+    args, at the map where there is one, not that the def should take (item) alone."""
+    stage = 'stage r : python { fn = "hooks:strict" }'
+    [(message, line, column)] = at(check(tmp_path, one_stage(stage)))
+    assert message.startswith("stage 'r': hooks:strict needs 'top_k', which neither the call fn(item) nor args gives")
+    assert (line, column) == (3, col(stage, '"hooks'))
+    diags = check(tmp_path, one_stage(stage))
+    assert "args = {top_k = …}" in next(d.hint for d in diags if d.is_error)
+    stage = 'stage r : python { fn = "hooks:strict"  args = {} }'
+    [(message, line, column)] = at(check(tmp_path, one_stage(stage)))
+    assert "hooks:strict needs 'top_k'" in message and (line, column) == (3, col(stage, "{}"))
+    derived = one_stage('stage r : python { fn = "hooks:strict"  args = {top_k = 2} }') + "pipeline q : p { r.args = {} }\n"
+    [(message, line, column)] = at(check(tmp_path, derived))
+    assert "hooks:strict needs 'top_k'" in message and (line, column) == (8, 27)    # the override's map
+
+
 def test_a_keyword_the_call_already_fills_is_an_error_at_the_key(tmp_path):
     stage = 'stage r : python { fn = "hooks:anything"  args = {item = 1} }'
     [(message, line, column)] = at(check(tmp_path, one_stage(stage)))
@@ -133,6 +151,29 @@ def test_a_map_holds_json_literals_only(tmp_path, value, word):
     stage = 'stage r : python { fn = "hooks:tag"  args = {label = ' + value + '} }'
     [(message, line, column)] = at(check(tmp_path, one_stage(stage)))
     assert f"'label' in 'args' is {word}" in message and (line, column) == (3, col(stage, value))
+
+
+def test_a_null_in_a_map_says_to_leave_the_key_out_not_to_quote_it(tmp_path):
+    """`args = {k = null}`: quoting it would give the function the string "null", not None."""
+    for word in ("null", "None"):
+        stage = 'stage r : python { fn = "hooks:tag"  args = {label = ' + word + '} }'
+        diags = check(tmp_path, one_stage(stage))
+        [(message, line, column)] = at(diags)
+        assert f"'label' in 'args' is the bare word '{word}'" in message and (line, column) == (3, col(stage, word))
+        assert next(d.hint for d in diags if d.is_error) == \
+            "a map holds no null: leave label out and give its parameter a default of None"
+    diags = check(tmp_path, one_stage('stage r : python { fn = "hooks:tag"  args = {label = cuda} }'))
+    assert next(d.hint for d in diags if d.is_error) == 'quote it: "cuda"'
+
+
+@pytest.mark.parametrize("value", ["{a = 1}", "[{a = 1}]"])
+def test_a_map_inside_a_map_or_a_list_says_what_a_map_holds(tmp_path, value):
+    stage = 'stage r : python { fn = "hooks:tag"  args = {label = "a", tags = ' + value + '} }'
+    diags = check(tmp_path, one_stage(stage))
+    [(message, line, column)] = at(diags)
+    assert message == "unexpected '{'" and (line, column) == (3, col(stage, "{a = 1}"))
+    assert next(d.hint for d in diags if d.is_error).startswith(
+        "a map's values and a list's items hold no map: strings, numbers, true/false and lists of them")
 
 
 def test_a_name_given_twice_and_a_map_where_none_goes_are_errors(tmp_path):

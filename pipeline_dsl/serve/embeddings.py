@@ -123,9 +123,13 @@ def answered_in_words(req: dict, i: int, res) -> P.APIError:
         field = "messages" if chat else "input" if len(req["inputs"]) == 1 else f"input[{i}]"
     text = res.choices[0].text if res.choices else ""
     said = f"{text[:200]!r}" if text else ""
-    return P.APIError(f"the pipeline answered '{field}' with text of its own, not an embedding (a python stage "
-                      f"answered it in the generate stage's place){': ' + said if said else ''}",
-                      param=param, code="rejected", quoted=(said,))
+    data = res.choices[0].data if res.choices else None
+    who = ("a join's fn merged its branches into an answer of its own: for an input with a `pooling` field "
+           "it returns the branch's index, 0, and a returns = many stage returns [item]"
+           if isinstance(data, dict) and "branches" in data else
+           "a python stage answered it in the generate stage's place")
+    return P.APIError(f"the pipeline answered '{field}' with text of its own, not an embedding ({who})"
+                      f"{': ' + said if said else ''}", param=param, code="rejected", quoted=(said,))
 
 
 def pooled_vectors(req: dict, results) -> list[list[float]]:
