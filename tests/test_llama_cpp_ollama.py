@@ -148,6 +148,55 @@ def test_a_nested_field_gets_no_foreign_hint():
     assert e.value.message == 'unrecognized request argument "stream_options.format"'
 
 
+@pytest.mark.parametrize("field, said", [
+    ("n_predict", " (llama.cpp's name; agp's is 'max_output_tokens')"),
+    ("num_predict", " (Ollama's name; agp's is 'max_output_tokens')"),
+    ("format", " (Ollama's; agp's is 'text': {\"format\": {\"type\": \"json_object\"}} for \"json\""),
+    ("system", " (Ollama's; agp takes a system prompt as 'instructions'"),
+    ("json_schema", " (llama.cpp's; agp's is 'text': {\"format\": {\"type\": \"json_schema\""),
+    ("options", " (Ollama's; agp takes its sampling fields at the top level: 'max_output_tokens' (num_predict)"),
+    ("n_probs", " (llama.cpp's; agp's is 'top_logprobs'"),
+    ("content", " (llama.cpp's name for the text; agp's is 'input')"),
+    ("images", "; did you mean 'image'?"),             # a typo of a field /v1/responses takes
+])
+def test_responses_is_told_its_own_fields(field, said):
+    """/v1/responses was told agp's names for chat and completions ('max_tokens', 'response_format',
+    'messages'), which it refuses, and 'images' lost its did-you-mean at 'image'."""
+    from pipeline_dsl.serve.responses import parse_responses
+
+    with pytest.raises(P.APIError) as e:
+        parse_responses({"input": "hi", field: 5}, max_model_len=512, served=SERVED)
+    assert e.value.message.startswith(f'unrecognized request argument "{field}"{said}'), e.value.message
+
+
+@pytest.mark.parametrize("field, said", [
+    ("return_tokens", " (llama.cpp's; agp gives each id's text with 'return_token_strs': true)"),
+    ("with_pieces", " (llama.cpp's; agp's /tokenize gives each id's text with 'return_token_strs': true)"),
+    ("content", " (llama.cpp's name for the text; agp's is 'prompt')"),
+    ("add_special", " (llama.cpp's; agp's is 'add_special_tokens')"),
+    ("n_predict", ""),                                   # /tokenize has no such setting at all
+])
+def test_tokenize_is_told_its_own_fields(field, said):
+    """/tokenize's return_tokens was told 'return_token_ids', which /tokenize refuses."""
+    with pytest.raises(P.APIError) as e:
+        P.parse_tokenize({"prompt": "hi", field: True}, served=SERVED)
+    assert e.value.message == f'unrecognized request argument "{field}"{said}'
+
+
+def test_every_hint_names_only_fields_its_route_takes():
+    """Whatever route a client of llama.cpp or Ollama sends a field to, the 400 names no field that route refuses."""
+    import re
+
+    from pipeline_dsl.requests_io import KNOWN, SERVER_FIELDS, foreign_hint
+    from pipeline_dsl.serve import embeddings, responses
+
+    for known in (P.CHAT_FIELDS, P.COMPLETION_FIELDS, responses.FIELDS, responses.COUNT_FIELDS, embeddings.FIELDS,
+                  KNOWN):
+        for field in SERVER_FIELDS:
+            hint = foreign_hint(field, known) or ""
+            assert set(re.findall(r"'([a-z_]+)'", hint)) <= set(known), (field, hint)
+
+
 SCHEMA = {"type": "object", "properties": {"a": {"enum": ["x", "y"]}}, "required": ["a"], "additionalProperties": False}
 
 
