@@ -416,9 +416,11 @@ def model_named(file: str) -> str | None:
         return key
     path = model_file(file)
     if path.is_file():
-        # absolute, its links kept: a Hugging Face cache's snapshots/REV/m.gguf links to blobs/SHA256,
-        # which has no .gguf name for the loader to take it by
-        return os.path.abspath(path) if path.suffix.lower() == ".gguf" else None
+        # absolute, the file's own link kept: a Hugging Face cache's snapshots/REV/m.gguf links to
+        # blobs/SHA256, which has no .gguf name for the loader to take it by. Its folder is resolved, not
+        # written out: in link/../m.gguf, '..' is the folder above the one `link` points to, as the
+        # system reads it, not the one above `link`
+        return os.path.join(os.path.realpath(path.parent), path.name) if path.suffix.lower() == ".gguf" else None
     if path.is_dir():
         return str(path.resolve()) if (path / "config.json").is_file() else None
     return None
