@@ -442,6 +442,10 @@ def check_file(file: str) -> None:
     path = Path(file).expanduser()
     takes = (f"give a .agp file, or a model to serve as vLLM's `vllm serve MODEL` does: a .gguf file, a Hugging "
              f"Face model folder (with its config.json) or an embedded model ({', '.join(sorted(EMBEDDED_FILES))})")
+    if path.is_symlink() and not path.exists():     # a dangling link: what it points to is missing
+        target = os.readlink(path)
+        where = "" if os.path.isabs(target) else f" (from {str(path.parent)!r})"
+        raise SetupError(f"{file!r} is a link to {target!r}{where}, which does not exist")
     if path.is_dir():
         raise SetupError(f"{file!r} is a folder without a config.json, so neither a pipeline file nor a model: {takes}")
     if path.suffix.lower() in WEIGHT_FILES:
