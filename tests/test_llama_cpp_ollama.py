@@ -65,7 +65,34 @@ def test_a_llama_server_flag_is_not_misread_as_one_of_agps(argv, flag, no_servin
     started, closing idle connections after 5 s), and -hf as -h with the value 'f' ('ignored explicit
     argument'): both are refused as unknown, saying what they are."""
     err = refused(["serve", "examples/chat.agp", *argv], capsys)
-    assert f"unrecognized arguments: {flag}; {flag} is llama.cpp's: " in err, err
+    assert f"unrecognized arguments: {flag}" in err and f"; {flag} is llama.cpp's: " in err, err
+
+
+@pytest.mark.parametrize("flag", ["-hfr", "-hff", "-hft", "-hfd", "-hfrd", "-hfv", "-hfrv", "-hffv", "--hf-file",
+                                  "--hf-repo"])
+def test_llama_servers_hugging_face_flags_are_named(flag, no_serving, capsys):
+    """-hfr and the rest were read as -h with the value 'fr' ('argument -h/--help: ignored explicit
+    argument 'fr'')."""
+    err = refused(["serve", "examples/chat.agp", flag, "org/model-GGUF"], capsys)
+    assert f"unrecognized arguments: {flag}" in err and f"; {flag} is llama.cpp's: agp downloads nothing" in err, err
+    assert "explicit argument" not in err
+
+
+@pytest.mark.parametrize("command, arg", [("serve", "-hx"), ("run", "-hq"), ("fmt", "-wz")])
+def test_a_switch_with_letters_after_it_is_refused_naming_the_argument(command, arg, no_serving, capsys):
+    """Any single-dash argument that begins with a switch of the command (an option with no value:
+    -h, fmt's -w) is one argparse would misread; it is refused whole."""
+    err = refused([command, "examples/chat.agp", arg], capsys)
+    assert f"unrecognized arguments: {arg}" in err and "explicit argument" not in err, err
+
+
+@pytest.mark.parametrize("command, flag", [("serve", "--max-model"), ("serve", "--keep-alive"),
+                                           ("check", "--js")])
+def test_agps_flags_are_taken_whole_never_abbreviated(command, flag, no_serving, capsys):
+    """argparse's abbreviations read llama.cpp's --keep as --keep-alive-timeout; no agp flag is
+    taken by a prefix of its name."""
+    err = refused([command, "examples/chat.agp", flag, "5"], capsys)
+    assert f"unrecognized arguments: {flag}" in err, err
 
 
 def test_agp_run_names_no_serve_flag_for_llama_cpps(capsys):
