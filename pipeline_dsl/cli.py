@@ -326,6 +326,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             p.set_defaults(func=_missing_command(name))
     for p in set(sub.choices.values()):             # `agp serve --version` too (vllm serve --version)
         p.add_argument("--version", action="version", version=f"agp {_version()}", help=argparse.SUPPRESS)
+        # a flag is written whole: argparse's abbreviations read another server's --keep (llama.cpp's)
+        # as --keep-alive-timeout, and an abbreviation that works today breaks when a flag is added
+        p.allow_abbrev = False
+    parser.allow_abbrev = False
     return parser
 
 
@@ -412,8 +416,10 @@ _ALIAS = "agp's is --served-model-name NAME"
 _BATCH = "a step's tokens are dynamic_batch's `max_tokens_per_step`"
 _ALWAYS_ON = "always on in agp: leave it out"
 LLAMA_CPP_FLAGS = {
-    "-m": _MODEL_FILE, "-hf": _NO_DOWNLOAD, "--hf-repo": _NO_DOWNLOAD, "-mu": _NO_DOWNLOAD,
-    "--model-url": _NO_DOWNLOAD,
+    "-m": _MODEL_FILE, "-mu": _NO_DOWNLOAD, "--model-url": _NO_DOWNLOAD,
+    # the Hugging Face downloads: the model, its file, token, draft model, vocoder
+    **dict.fromkeys(("-hf", "-hfr", "--hf-repo", "-hff", "--hf-file", "-hft", "--hf-token", "-hfd", "-hfrd",
+                     "--hf-repo-draft", "-hfv", "-hfrv", "--hf-repo-v", "-hffv", "--hf-file-v"), _NO_DOWNLOAD),
     "-c": _CTX, "--ctx-size": _CTX,
     "-n": _N_PREDICT, "--n-predict": _N_PREDICT, "--predict": _N_PREDICT,
     "-np": _PARALLEL, "--parallel": _PARALLEL,
@@ -467,21 +473,21 @@ def foreign_equivalents(extra: list[str], command: str | None = "serve") -> str:
     return "".join(f"; {flag} is {table[flag][0]}: {table[flag][1]}" for flag in said)
 
 
-def misread_foreign_flags(command: argparse.ArgumentParser, name: str, argv: list[str]) -> list[str]:
-    """Other servers' flags that argparse would take as one of the command's own: an abbreviation
-    (llama.cpp's --keep as --keep-alive-timeout) or a short option with its value attached
-    (llama.cpp's -hf as -h f). Those are refused as unknown before they are misread."""
-    table = foreign_flags(name)
-    own = {f for a in command._actions for f in a.option_strings}     # as serve/options.py reads them
+def misread_flags(command: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """Single-dash arguments argparse would read as one of the command's switches (an option that
+    takes no value, as -h) followed by more letters: llama.cpp's -hf and -hfr as -h with 'f' or 'fr'
+    ('ignored explicit argument'), or -h and another switch. Those are refused as unknown, each
+    named, before they are misread; no agp option is written so. (Abbreviations of long options are
+    off: agp's parsers set allow_abbrev=False, so llama.cpp's --keep is not --keep-alive-timeout.)"""
+    switches = {f for a in command._actions if a.nargs == 0       # as serve/options.py reads them
+                for f in a.option_strings if not f.startswith("--")}
     out = []
     for arg in argv:
+        if arg == "--":
+            break
         flag = arg.split("=", 1)[0]
-        if flag not in table or flag in own:
-            continue
-        abbreviates = flag.startswith("--") and any(o.startswith(flag) for o in own)
-        attached = not flag.startswith("--") and flag[:2] in own
-        if abbreviates or attached:
-            out.append(arg)
+        if not flag.startswith("--") and len(flag) > 2 and flag[:2] in switches:
+            out.append(flag)
     return out
 
 
@@ -495,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         named = _command_name([a for a in argv if a != "--debug"])
         command = parser.commands.get(named or "")
         if command is not None:
-            misread = misread_foreign_flags(command, named, argv[argv.index(named) + 1:])
+            misread = misread_flags(command, argv[argv.index(named) + 1:])
             if misread:
                 command.error(f"unrecognized arguments: {' '.join(misread)}{foreign_equivalents(misread, named)}")
         args, extra = parser.parse_known_args(argv)

@@ -580,20 +580,24 @@ _SAMPLING_ARE = ("a request's sampling fields stand beside its prompt, not in an
 # llama.cpp's server fields (/completion and its OpenAI routes) and Ollama's (/api/generate, /api/chat):
 # agp takes OpenAI's and vLLM's names, and says which of its own a client of those servers meant
 _NO_SAMPLER = "agp has no such sampler: it samples by temperature, top_k, top_p, min_p and the penalties"
-_NO_SHIFT = "agp never shifts the context: the prompt and 'max_tokens' must fit it"
+_NO_SHIFT = ("agp never shifts the context: the prompt and 'max_tokens' must fit it",
+             "agp never shifts the context: the input and 'max_output_tokens' must fit it")
 _NO_REASONING = "agp splits no reasoning out of an answer"
 LLAMA_CPP_FIELDS = {
-    "n_predict": "llama.cpp's name; agp's is 'max_tokens'",
-    "content": "llama.cpp's name for the text; agp's is 'prompt' (completions, /tokenize), 'messages' (chat) or "
-               "'input' (embeddings)",
+    "n_predict": ("llama.cpp's name; agp's is 'max_tokens'", "llama.cpp's name; agp's is 'max_output_tokens'"),
+    "content": ("llama.cpp's name for the text; agp's is 'input'", "llama.cpp's name for the text; agp's is 'prompt'",
+                "llama.cpp's name for the text; agp's is 'messages'"),
     "cache_prompt": "llama.cpp's; agp reuses a prompt's cached prefix by itself (kv_lookup's reuse = prefix): "
                     "leave it out",
     "grammar": "llama.cpp's; agp takes GBNF (or Lark) text as 'guided_grammar' or 'structured_outputs': "
                "{\"grammar\": ...}",
-    "json_schema": "llama.cpp's; agp's is 'response_format': {\"type\": \"json_schema\", \"json_schema\": "
-                   "{\"name\": ..., \"schema\": ...}}, or 'guided_json': the schema",
-    "n_probs": "llama.cpp's; agp's is 'logprobs' (completions: the number of alternatives; chat: true, with "
-               "'top_logprobs')",
+    "json_schema": ("llama.cpp's; agp's is 'response_format': {\"type\": \"json_schema\", \"json_schema\": "
+                    "{\"name\": ..., \"schema\": ...}}, or 'guided_json': the schema",
+                    "llama.cpp's; agp's is 'text': {\"format\": {\"type\": \"json_schema\", \"name\": ..., "
+                    "\"schema\": ...}}, or 'guided_json': the schema"),
+    "n_probs": ("llama.cpp's; agp's is 'logprobs': true, with 'top_logprobs' the number of alternatives",
+                "llama.cpp's; agp's is 'logprobs': the number of alternatives",
+                "llama.cpp's; agp's is 'top_logprobs': the number of alternatives"),
     "repeat_penalty": "llama.cpp's and Ollama's name; agp's is 'repetition_penalty' (over the whole prompt and answer)",
     "repeat_last_n": "agp's 'repetition_penalty' covers the whole prompt and answer, with no window to set",
     "penalize_nl": "agp's penalties treat every token alike",
@@ -607,31 +611,52 @@ LLAMA_CPP_FIELDS = {
     "n_keep": _NO_SHIFT,
     "id_slot": "agp has no slots to pin a request to: a prompt's cached prefix is found by its tokens",
     "slot_id": "agp has no slots to pin a request to: a prompt's cached prefix is found by its tokens",
-    "t_max_predict_ms": "agp bounds an answer by 'max_tokens'",
+    "t_max_predict_ms": ("agp bounds an answer by 'max_tokens'", "agp bounds an answer by 'max_output_tokens'"),
     "timings_per_token": "agp's answers carry no timings (GET /metrics has them)",
     "post_sampling_probs": "agp's logprobs are the model's, before any sampling mask (docs/openai.md)",
-    "return_tokens": "llama.cpp's; agp's is 'return_token_ids'",
+    "return_tokens": ("llama.cpp's; agp's is 'return_token_ids'",
+                      "llama.cpp's; agp gives each id's text with 'return_token_strs': true"),
     "reasoning_format": _NO_REASONING,
     "with_pieces": "llama.cpp's; agp's /tokenize gives each id's text with 'return_token_strs': true",
     "add_special": "llama.cpp's; agp's is 'add_special_tokens'",
 }
 OLLAMA_FIELDS = {
-    "options": "Ollama's; agp takes its sampling fields at the top level: 'max_tokens' (num_predict), "
-               "'temperature', 'top_k', 'top_p', 'min_p', 'seed', 'stop', 'repetition_penalty' (repeat_penalty); "
-               "num_ctx is the server's --max-model-len",
-    "num_predict": "Ollama's name; agp's is 'max_tokens'",
-    "format": "Ollama's; agp's is 'response_format': {\"type\": \"json_object\"} for \"json\", "
-              "{\"type\": \"json_schema\", ...} for a schema",
+    "options": tuple(f"Ollama's; agp takes its sampling fields at the top level: '{most}' (num_predict), "
+                     "'temperature', 'top_k', 'top_p', 'min_p', 'seed', 'stop', 'repetition_penalty' (repeat_penalty); "
+                     "num_ctx is the server's --max-model-len" for most in ("max_tokens", "max_output_tokens")),
+    "num_predict": ("Ollama's name; agp's is 'max_tokens'", "Ollama's name; agp's is 'max_output_tokens'"),
+    "format": ("Ollama's; agp's is 'response_format': {\"type\": \"json_object\"} for \"json\", "
+               "{\"type\": \"json_schema\", ...} for a schema",
+               "Ollama's; agp's is 'text': {\"format\": {\"type\": \"json_object\"}} for \"json\", "
+               "{\"format\": {\"type\": \"json_schema\", ...}} for a schema"),
     "keep_alive": "Ollama's; agp keeps its model loaded while it serves: leave it out",
     "think": _NO_REASONING,
-    "system": "Ollama's; agp takes a system prompt as the first of 'messages', {\"role\": \"system\", ...}",
+    "system": ("Ollama's; agp takes a system prompt as the first of 'messages', {\"role\": \"system\", ...}",
+               "Ollama's; agp takes a system prompt as 'instructions' (or an item of 'input', {\"role\": "
+               "\"system\", ...})"),
     "images": "agp serves text only",
 }
 # the servers' own fields (agp serve's bodies say these; a line also those of the shapes above, which
-# name a line's fields: on /v1/embeddings TEI's "inputs" is a typo of "input", no prompt)
+# name a line's fields: on /v1/embeddings TEI's "inputs" is a typo of "input", no prompt). A field's
+# hints are one text or several, one per set of agp's fields (each quoted): a route is told the
+# first whose fields it all takes (foreign_hint), so /v1/responses hears of 'max_output_tokens'
+# and /tokenize of 'return_token_strs', never of a field the route refuses.
 SERVER_FIELDS = {**LLAMA_CPP_FIELDS, **OLLAMA_FIELDS}
 FOREIGN_FIELDS = {"text": _PROMPT_IS, "text_input": _PROMPT_IS, "inputs": _PROMPT_IS,
                   "sampling_params": _SAMPLING_ARE, "parameters": _SAMPLING_ARE, **SERVER_FIELDS}
+_QUOTED = re.compile(r"'([a-z_]+)'")
+
+
+def foreign_hint(key: str, known, table: dict = SERVER_FIELDS) -> str | None:
+    """What another server's field `key` is called where `known` are the fields taken (a route's
+    body, a request line): the first of its hints (`table`) that names only fields in `known`, else
+    None. A typo of a known field (difflib's ratio 0.9 and up: 'images' at /v1/responses' 'image')
+    is none: its did-you-mean says more."""
+    hints = table.get(key)
+    if hints is None or closest(key, known, cutoff=0.9):
+        return None
+    return next((text for text in ((hints,) if isinstance(hints, str) else hints)
+                 if set(_QUOTED.findall(text)) <= set(known)), None)
 
 
 def parse_request(obj, default_id=None) -> ParsedRequest:
@@ -640,9 +665,8 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
         raise RequestError(f"a request must be a JSON object, not {json_type(obj)}")
     for key in obj:
         if key not in KNOWN:
-            close = closest(key, KNOWN)
-            hint = (f" ({FOREIGN_FIELDS[key]})" if key in FOREIGN_FIELDS else
-                    f" (did you mean '{close}'?)" if close else "")
+            close, foreign = closest(key, KNOWN), foreign_hint(key, KNOWN, FOREIGN_FIELDS)
+            hint = f" ({foreign})" if foreign else f" (did you mean '{close}'?)" if close else ""
             raise RequestError(f"unknown field '{key}'{hint}", param=key)
     check_fields(obj, IGNORED)                 # agp serve's fields a line takes and ignores
     check_neutral(obj, LINE_NEUTRAL)

@@ -65,7 +65,34 @@ def test_a_llama_server_flag_is_not_misread_as_one_of_agps(argv, flag, no_servin
     started, closing idle connections after 5 s), and -hf as -h with the value 'f' ('ignored explicit
     argument'): both are refused as unknown, saying what they are."""
     err = refused(["serve", "examples/chat.agp", *argv], capsys)
-    assert f"unrecognized arguments: {flag}; {flag} is llama.cpp's: " in err, err
+    assert f"unrecognized arguments: {flag}" in err and f"; {flag} is llama.cpp's: " in err, err
+
+
+@pytest.mark.parametrize("flag", ["-hfr", "-hff", "-hft", "-hfd", "-hfrd", "-hfv", "-hfrv", "-hffv", "--hf-file",
+                                  "--hf-repo"])
+def test_llama_servers_hugging_face_flags_are_named(flag, no_serving, capsys):
+    """-hfr and the rest were read as -h with the value 'fr' ('argument -h/--help: ignored explicit
+    argument 'fr'')."""
+    err = refused(["serve", "examples/chat.agp", flag, "org/model-GGUF"], capsys)
+    assert f"unrecognized arguments: {flag}" in err and f"; {flag} is llama.cpp's: agp downloads nothing" in err, err
+    assert "explicit argument" not in err
+
+
+@pytest.mark.parametrize("command, arg", [("serve", "-hx"), ("run", "-hq"), ("fmt", "-wz")])
+def test_a_switch_with_letters_after_it_is_refused_naming_the_argument(command, arg, no_serving, capsys):
+    """Any single-dash argument that begins with a switch of the command (an option with no value:
+    -h, fmt's -w) is one argparse would misread; it is refused whole."""
+    err = refused([command, "examples/chat.agp", arg], capsys)
+    assert f"unrecognized arguments: {arg}" in err and "explicit argument" not in err, err
+
+
+@pytest.mark.parametrize("command, flag", [("serve", "--max-model"), ("serve", "--keep-alive"),
+                                           ("check", "--js")])
+def test_agps_flags_are_taken_whole_never_abbreviated(command, flag, no_serving, capsys):
+    """argparse's abbreviations read llama.cpp's --keep as --keep-alive-timeout; no agp flag is
+    taken by a prefix of its name."""
+    err = refused([command, "examples/chat.agp", flag, "5"], capsys)
+    assert f"unrecognized arguments: {flag}" in err, err
 
 
 def test_agp_run_names_no_serve_flag_for_llama_cpps(capsys):
@@ -146,6 +173,55 @@ def test_a_nested_field_gets_no_foreign_hint():
         P.parse_completion({"prompt": "hi", "stream": True, "stream_options": {"format": 1}}, max_model_len=512,
                            served=SERVED)
     assert e.value.message == 'unrecognized request argument "stream_options.format"'
+
+
+@pytest.mark.parametrize("field, said", [
+    ("n_predict", " (llama.cpp's name; agp's is 'max_output_tokens')"),
+    ("num_predict", " (Ollama's name; agp's is 'max_output_tokens')"),
+    ("format", " (Ollama's; agp's is 'text': {\"format\": {\"type\": \"json_object\"}} for \"json\""),
+    ("system", " (Ollama's; agp takes a system prompt as 'instructions'"),
+    ("json_schema", " (llama.cpp's; agp's is 'text': {\"format\": {\"type\": \"json_schema\""),
+    ("options", " (Ollama's; agp takes its sampling fields at the top level: 'max_output_tokens' (num_predict)"),
+    ("n_probs", " (llama.cpp's; agp's is 'top_logprobs'"),
+    ("content", " (llama.cpp's name for the text; agp's is 'input')"),
+    ("images", "; did you mean 'image'?"),             # a typo of a field /v1/responses takes
+])
+def test_responses_is_told_its_own_fields(field, said):
+    """/v1/responses was told agp's names for chat and completions ('max_tokens', 'response_format',
+    'messages'), which it refuses, and 'images' lost its did-you-mean at 'image'."""
+    from pipeline_dsl.serve.responses import parse_responses
+
+    with pytest.raises(P.APIError) as e:
+        parse_responses({"input": "hi", field: 5}, max_model_len=512, served=SERVED)
+    assert e.value.message.startswith(f'unrecognized request argument "{field}"{said}'), e.value.message
+
+
+@pytest.mark.parametrize("field, said", [
+    ("return_tokens", " (llama.cpp's; agp gives each id's text with 'return_token_strs': true)"),
+    ("with_pieces", " (llama.cpp's; agp's /tokenize gives each id's text with 'return_token_strs': true)"),
+    ("content", " (llama.cpp's name for the text; agp's is 'prompt')"),
+    ("add_special", " (llama.cpp's; agp's is 'add_special_tokens')"),
+    ("n_predict", ""),                                   # /tokenize has no such setting at all
+])
+def test_tokenize_is_told_its_own_fields(field, said):
+    """/tokenize's return_tokens was told 'return_token_ids', which /tokenize refuses."""
+    with pytest.raises(P.APIError) as e:
+        P.parse_tokenize({"prompt": "hi", field: True}, served=SERVED)
+    assert e.value.message == f'unrecognized request argument "{field}"{said}'
+
+
+def test_every_hint_names_only_fields_its_route_takes():
+    """Whatever route a client of llama.cpp or Ollama sends a field to, the 400 names no field that route refuses."""
+    import re
+
+    from pipeline_dsl.requests_io import KNOWN, SERVER_FIELDS, foreign_hint
+    from pipeline_dsl.serve import embeddings, responses
+
+    for known in (P.CHAT_FIELDS, P.COMPLETION_FIELDS, responses.FIELDS, responses.COUNT_FIELDS, embeddings.FIELDS,
+                  KNOWN):
+        for field in SERVER_FIELDS:
+            hint = foreign_hint(field, known) or ""
+            assert set(re.findall(r"'([a-z_]+)'", hint)) <= set(known), (field, hint)
 
 
 SCHEMA = {"type": "object", "properties": {"a": {"enum": ["x", "y"]}}, "required": ["a"], "additionalProperties": False}

@@ -113,6 +113,15 @@ def test_scaling_flags_become_serve_options(tmp_path, tiny_gguf):
         on_ray.app_builder({"pipeline": str(path), "min_replicas": 3, "max_replicas": 2})
 
 
+def test_app_builders_keys_are_whole_flags(tmp_path, tiny_gguf):
+    """Ray's app_builder read keep=5 (llama.cpp's --keep) as --keep-alive-timeout 5, an abbreviation."""
+    on_ray = pytest.importorskip("pipeline_dsl.serve.ray", exc_type=ImportError)
+    path = tiny_pipeline(tmp_path / "tiny.agp", tiny_gguf)
+    with pytest.raises(ValueError, match="^unrecognized agp serve arguments: --keep 5$"):
+        on_ray.app_builder({"pipeline": str(path), "keep": 5})
+    assert on_ray.parse([str(path), "--keep-alive-timeout", "5"]).keep_alive_timeout == 5
+
+
 class Ingress:
     """A stand-in for the ingress's Serve handle (its drain and in_flight calls), with
     `in_flight` requests that never finish, and what became of the application."""

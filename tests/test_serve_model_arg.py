@@ -93,6 +93,30 @@ def test_a_gguf_link_to_a_file_of_another_name_is_served(tiny_gguf, tmp_path):
     assert ids[0] == str(link) and answer["usage"]["completion_tokens"] == 2
 
 
+def test_a_gguf_path_through_a_linked_folder_is_read_as_the_system_reads_it(tiny_gguf, tmp_path):
+    """b/link/../m.gguf, with b/link a link to a/real, is a/m.gguf: agp wrote '..' out textually to
+    b/m.gguf and stopped with 'model not found' (or served another b/m.gguf)."""
+    (tmp_path / "a" / "real").mkdir(parents=True)
+    (tmp_path / "a" / "m.gguf").write_bytes(tiny_gguf.read_bytes())
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "link").symlink_to(tmp_path / "a" / "real")
+    model = str(tmp_path / "b" / "link" / ".." / "m.gguf")
+    ids, answer = served([model])
+    assert ids[0] == model and answer["usage"]["completion_tokens"] == 2
+
+
+def test_a_dangling_link_is_told_what_it_points_to(tmp_path, capsys):
+    """It was 'neither a pipeline (.agp) file nor a model ... a Hub id must be a local folder'."""
+    (tmp_path / "d.gguf").symlink_to("/nowhere/blob")
+    (tmp_path / "r.gguf").symlink_to("blobs/gone")
+    for name, said in (("d.gguf", "is a link to '/nowhere/blob', which does not exist"),
+                       ("r.gguf", f"is a link to 'blobs/gone' (from '{tmp_path}'), which does not exist")):
+        assert cli.main(["serve", str(tmp_path / name), "--port", "0"]) == 2
+        err = capsys.readouterr().err
+        assert f"'{tmp_path / name}' {said}" in err and "Hub id" not in err, err
+        assert "listening" not in err
+
+
 def test_a_gguf_file_without_its_extension_is_told_to_be_linked_as_one(tiny_gguf, tmp_path, capsys):
     """Ollama keeps a model as blobs/sha256-...: it was read as a pipeline file and refused as 'a model
     (a GGUF file), not a pipeline' with the hint '`agp serve MODEL` serves a model as it is', which is

@@ -421,9 +421,11 @@ def model_named(file: str) -> str | None:
         return key
     path = model_file(file)
     if path.is_file():
-        # absolute, its links kept: a Hugging Face cache's snapshots/REV/m.gguf links to blobs/SHA256,
-        # which has no .gguf name for the loader to take it by
-        return os.path.abspath(path) if path.suffix.lower() == ".gguf" else None
+        # absolute, the file's own link kept: a Hugging Face cache's snapshots/REV/m.gguf links to
+        # blobs/SHA256, which has no .gguf name for the loader to take it by. Its folder is resolved, not
+        # written out: in link/../m.gguf, '..' is the folder above the one `link` points to, as the
+        # system reads it, not the one above `link`
+        return os.path.join(os.path.realpath(path.parent), path.name) if path.suffix.lower() == ".gguf" else None
     if path.is_dir():
         return str(path.resolve()) if (path / "config.json").is_file() else None
     return None
@@ -445,6 +447,10 @@ def check_file(file: str) -> None:
     path = Path(file).expanduser()
     takes = (f"give a .agp file, or a model to serve as vLLM's `vllm serve MODEL` does: a .gguf file, a Hugging "
              f"Face model folder (with its config.json) or an embedded model ({', '.join(sorted(EMBEDDED_FILES))})")
+    if path.is_symlink() and not path.exists():     # a dangling link: what it points to is missing
+        target = os.readlink(path)
+        where = "" if os.path.isabs(target) else f" (from {str(path.parent)!r})"
+        raise SetupError(f"{file!r} is a link to {target!r}{where}, which does not exist")
     if path.is_dir():
         raise SetupError(f"{file!r} is a folder without a config.json, so neither a pipeline file nor a model: {takes}")
     if path.suffix.lower() in WEIGHT_FILES:

@@ -20,10 +20,9 @@ from pipeline_dsl.diagnostics import closest
 from pipeline_dsl.requests_io import (CACHE_SETTINGS, CHAT_FIELDS, CHAT_LACKING, CHAT_NEUTRAL,  # noqa: F401
                                       COMPLETION_FIELDS, COMPLETION_LACKING, IDENTIFIERS, IDENTITY, IGNORED,
                                       ITEM_FIELDS, MAX_HEADER_VALUE, NEUTRAL, REASONING_EFFORTS, RESPONSES_LACKING,
-                                      SERVER_FIELDS, check_fields,
-                                      check_min_tokens, check_neutral, json_type, load_json, logprobs_of_chat,
-                                      must_be, parse_logit_bias, parse_messages, parse_tools, priority,
-                                      request_item)
+                                      check_fields, check_min_tokens, check_neutral, foreign_hint, json_type,
+                                      load_json, logprobs_of_chat, must_be, parse_logit_bias, parse_messages,
+                                      parse_tools, priority, request_item)
 from pipeline_dsl.requests_io import check_lacking as request_check_lacking
 from stages.fields import REQUEST_FIELDS, ParamError, check_value, param_of
 
@@ -151,8 +150,9 @@ def check_unknown(obj: dict, known: set[str], lenient: bool = False, where: str 
     """The body (or the object of the body at `where`, "stream_options.") without unknown fields: a
     400 naming the first, or with `lenient` (vLLM's behaviour) a log line and the field ignored."""
     unknown = [key for key in obj if key not in known]
-    # another server's name for a field (llama.cpp's n_predict, Ollama's options): what agp calls it
-    foreign = {} if where else {k: SERVER_FIELDS[k] for k in unknown if k in SERVER_FIELDS}
+    # another server's name for a field (llama.cpp's n_predict, Ollama's options): what this route
+    # calls it, naming only fields in `known` (requests_io.foreign_hint)
+    foreign = {} if where else {k: hint for k in unknown if (hint := foreign_hint(k, known))}
     if unknown and lenient:
         log.info("ignoring unrecognized request arguments: %s", ", ".join(
             repr(where + k) + (f" ({foreign[k]})" if k in foreign else "") for k in unknown))

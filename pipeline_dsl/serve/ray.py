@@ -145,9 +145,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     """`agp serve` flags (with --ray) from an argument list."""
     from .options import add_arguments
 
-    p = argparse.ArgumentParser(prog="agp serve")
+    p = argparse.ArgumentParser(prog="agp serve", allow_abbrev=False)     # as the command's (cli.py)
     add_arguments(p)
-    return p.parse_args([*argv, "--ray"])
+    args, extra = p.parse_known_args([*argv, "--ray"])
+    if extra:             # app_builder's keys: a ValueError for Ray to show, not argparse's exit
+        raise ValueError(f"unrecognized agp serve arguments: {' '.join(extra)}")
+    return args
 
 
 def app_builder(config: dict):
