@@ -29,7 +29,7 @@ from .config import ServeConfig
 from .embeddings import Embeddings
 from .errors import error_response
 from .generation import Generations
-from .guard import Guard
+from .guard import Guard, route_path
 from .metrics import ServerMetrics, StatsLine
 from .responses import Responses
 from .routes import pipeline_stats, router, write_trace
@@ -102,11 +102,9 @@ FOREIGN_ROUTES = {
 }
 
 
-def foreign_route(path: str, root_path: str = "") -> str | None:
-    """Where agp serves what another server's route (llama.cpp's, Ollama's) does; None for others."""
-    root = root_path.rstrip("/")
-    if root and path.startswith(root + "/"):
-        path = path[len(root):]
+def foreign_route(path: str) -> str | None:
+    """Where agp serves what another server's route (llama.cpp's, Ollama's) does; None for others.
+    `path`: below the root path (guard.route_path)."""
     path = path.rstrip("/") or path
     if path in FOREIGN_ROUTES:
         return FOREIGN_ROUTES[path]
@@ -120,7 +118,7 @@ async def http_error(request: Request, exc: StarletteHTTPException):
     another server's route (FOREIGN_ROUTES) says where agp serves its equivalent."""
     kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
     message = f"{request.method} {request.url.path}: {exc.detail}"
-    hint = foreign_route(request.url.path, request.app.state.config.root_path) if exc.status_code == 404 else None
+    hint = foreign_route(route_path(request.scope)) if exc.status_code == 404 else None
     if hint:
         message += f" ({hint})"
     return error_response(P.APIError(message, status=exc.status_code, type=kind, headers=dict(exc.headers or {})))
