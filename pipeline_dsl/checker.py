@@ -306,7 +306,9 @@ def _json_value(v: ast.Value, what: str) -> tuple[Any, Diagnostic | None]:
     if isinstance(v, ast.Word):
         key = what.partition("'")[2].partition("'")[0]
         hint = (f"a map holds no null: leave {key} out and give its parameter a default of None"
-                if v.value.lower() in ("null", "none", "nil") else f"quote it: {quote(v.value)}")
+                if v.value.lower() in ("null", "none", "nil")
+                else f"write {v.value.lower()} (lower case)" if v.value.lower() in ("true", "false")
+                else f"quote it: {quote(v.value)}")
         return None, _err(f"{what} is the bare word '{v.value}'; a map holds strings, numbers, true/false "
                           "and lists", v.pos, expected, hint)
     return None, _err(f"{what} is {_value_word(v)}; a map holds strings, numbers, true/false and lists",

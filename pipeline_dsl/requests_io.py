@@ -235,6 +235,10 @@ CHAT_ONLY = frozenset(CHAT_FIELDS - COMPLETION_FIELDS - set(IDENTITY) - {"messag
 # `returns = many` stage's list) takes the other's settings but none of these
 PROMPT_SHAPING = ("echo", "suffix", "add_special_tokens", "truncate_prompt_tokens", "add_generation_prompt",
                   "continue_final_message", "prompt_logprobs")
+# fields that go together: a request made from another that gives one of a group gives the group
+# (its own output format replaces the other's, whichever field names it; its own tools come with
+# their own choice)
+TOOL_GROUP = ("tools", "tool_choice", "parallel_tool_calls")
 # what a request line takes and ignores, checked as agp serve checks it: how an answer travels over
 # HTTP (stream, stream_options: a line's answer is one record), OpenAI's own bookkeeping (store,
 # prompt_cache_key, ...; user and safety_identifier are checked here and reach the item), vLLM's
@@ -1006,6 +1010,7 @@ def parse_line_object(obj, lineno: int) -> ParsedRequest:
 # serve's bodies and agp run's lines alike; a request gives at most one of them (two that ask for the same
 # spec are one: a client for vLLM old and new sends structured_outputs and guided_* alike).
 GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structural_tag")  # the last: vLLM < 0.11's
+FORMAT_FIELDS = ("response_format", "structured_outputs", *GUIDED)   # every field that names an output format
 STRUCTURED_KEYS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
                    "json_object": "json_object", "structural_tag": "structural_tag"}
 # vLLM's options beside them, when true: (the key it sets on a JSON spec, its value); disable_fallback
@@ -1117,7 +1122,7 @@ def _given_constraint(obj: dict) -> tuple[dict | None, str | None]:
 
 def _format_fields(obj: dict) -> list[str]:
     """The structured-output fields the request gives, in the order that names a spec."""
-    return [k for k in ("response_format", "structured_outputs", *GUIDED) if obj.get(k) is not None]
+    return [k for k in FORMAT_FIELDS if obj.get(k) is not None]
 
 
 def _formats_clash(given: list[str], more: str = "") -> RequestError:

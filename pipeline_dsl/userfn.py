@@ -461,8 +461,8 @@ def keyword_call(node: pyast.AST | None, n: int, keywords) -> KeywordCall | None
             twice.append(k)
         elif k in by_name:
             continue
-        elif k in posonly:          # unbound positional-only: the call refuses it even with **kwargs
-            only.append(k)
+        elif k in posonly and not (k in filled and a.kwarg is not None):
+            only.append(k)          # unbound positional-only: the call refuses it even with **kwargs
         elif a.kwarg is not None:
             continue
         else:

@@ -61,6 +61,19 @@ def fields(results):
     return {"text": json.dumps([sorted(r["request"]) for r in results])}
 
 
+def own_groups(item):
+    """A text element with its own output format, a chat element with its own tools."""
+    g = [{"type": "function", "function": {"name": "g", "parameters": {"type": "object", "properties": {}}}}]
+    return [{"prompt": "is this yes?", "guided_choice": ["yes", "no"]},
+            {"messages": [{"role": "user", "content": "a chat"}], "tools": g}]
+
+
+def groups(results):
+    return {"text": json.dumps([{k: r["request"].get(k) for k in ("response_format", "guided_choice", "tools",
+                                                                   "tool_choice") if r["request"].get(k) is not None}
+                                for r in results])}
+
+
 def semis(item):
     return [{"prompt": p} for p in item["messages"][-1]["content"].split(";")]
 
@@ -214,6 +227,22 @@ def test_an_element_takes_the_requests_settings_not_how_its_prompt_is_rendered(t
     assert set(text) == SETTINGS | {"prompt"}
     chat_own = {"tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs"} if form == "chat" else set()
     assert set(talk) == SETTINGS | {"messages"} | chat_own
+
+
+def test_an_elements_own_format_or_tools_replace_the_requests_group(tmp_path, soft_gguf):
+    """An element that names an output format (guided_choice) takes none of the request's
+    (response_format); one that gives its own tools takes not the request's tool_choice, which
+    names a tool it lacks. (Before: each a 500 at the stage, 'give at most one of ...' and
+    'tool_choice names "f", which is not among the tools'.)"""
+    path = pipeline(tmp_path, soft_gguf, split="hooks:own_groups", join='fn = "hooks:groups"')
+    asked = {"id": "q", "max_tokens": 2, "messages": [{"role": "user", "content": "q"}],
+             "response_format": {"type": "json_object"}, "tools": TOOLS,
+             "tool_choice": {"type": "function", "function": {"name": "f"}}}
+    (rec,) = flowkit.run_lines(path, [asked])
+    assert "error" not in rec, rec["error"]
+    text, talk = json.loads(rec["text"])
+    assert text["response_format"] == {"type": "choice", "choices": ["yes", "no"]}     # its own, not json_object
+    assert [t["function"]["name"] for t in talk["tools"]] == ["g"] and talk.get("tool_choice") in (None, "auto")
 
 
 @pytest.mark.parametrize("policy", ["first", "majority", "longest"])

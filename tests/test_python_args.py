@@ -34,6 +34,9 @@ def answer(item):
 def posonly_kw(item, x=0, /, **kw):
     return item
 
+def item_in_kw(item, /, **kw):
+    return item
+
 def grow(item, into=[]):
     into.append(item["id"])
     return {"text": str(len(into))}
@@ -133,6 +136,18 @@ def test_a_positional_only_parameter_named_in_args_is_an_error_even_beside_kwarg
     stage = 'stage r : python { fn = "hooks:posonly_kw"  args = {x = 5} }'
     [(message, line, column)] = at(check(tmp_path, one_stage(stage)))
     assert "'x'" in message and "positional" in message and (line, column) == (3, col(stage, "x ="))
+
+
+def test_a_keyword_named_as_a_filled_positional_only_parameter_goes_to_kwargs(tmp_path):
+    """`def f(item, /, **kw)` with args = {item = "x"}: the call fills item by position, so the
+    keyword goes to **kw, as the load takes it: no error."""
+    assert at(check(tmp_path, one_stage('stage r : python { fn = "hooks:item_in_kw"  args = {item = "x"} }'))) == []
+
+
+def test_a_capitalised_true_or_false_is_told_to_be_written_lower_case(tmp_path):
+    """Quoting it ('"False"') would pass a string, which is true."""
+    diags = check(tmp_path, one_stage('stage r : python { fn = "hooks:anything"  args = {flag = False} }'))
+    assert [d.hint for d in diags if d.is_error] == ["write false (lower case)"]
 
 
 def test_a_value_its_annotation_refuses_is_a_warning_not_an_error(tmp_path):

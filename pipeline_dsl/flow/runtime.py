@@ -555,7 +555,7 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         rendered (requests_io.PROMPT_SHAPING: none of the request's echo, continue_final_message, …),
         and an element without messages takes none of the chat request's own fields (CHAT_ONLY: tools,
         chat_template_kwargs, …)."""
-        from pipeline_dsl.requests_io import CHAT_ONLY, PROMPT_SHAPING
+        from pipeline_dsl.requests_io import CHAT_ONLY, FORMAT_FIELDS, PROMPT_SHAPING, TOOL_GROUP
 
         if not isinstance(value, (list, tuple)):
             raise PipelineError(f"stage '{stage}' returned {_a(value)}, but it declares returns = many: its "
@@ -574,6 +574,9 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
                 raise PipelineError(f"stage '{stage}' returned a list whose item [{i}] is {what}; expected a "
                                     "request dict (messages, prompt or prompt_token_ids)", "failed", stage)
             own = {*PROMPT_FORMS, *PROMPT_SHAPING, *(() if "messages" in element else CHAT_ONLY)}
+            for group in (FORMAT_FIELDS, TOOL_GROUP):       # one of a group given: the element's group
+                if element.keys() & set(group):
+                    own.update(group)
             full = {k: copy.deepcopy(v) for k, v in base.items() if k not in element and k not in own}
             full.update(element)
             whose = f"a list whose item [{i}] is "
