@@ -210,6 +210,18 @@ def test_structured_output_or_a_forced_call_while_thinking_is_a_400_naming_the_f
     assert m.reasoning_content is None and int(m.content) >= 0
 
 
+def test_a_text_format_is_free_text_and_taken_while_thinking(server, ids):
+    """response_format {"type": "text"} (chat) and text.format {"type": "text"} (Responses, sent by
+    many clients by default) constrain nothing: taken while the model thinks, the answer split as
+    without them."""
+    kw = dict(model="tiny", messages=USER, max_tokens=3, extra_body={"allowed_token_ids": [ids["C"]]})
+    m = server.client.chat.completions.create(response_format={"type": "text"}, **kw).choices[0].message
+    assert (m.reasoning_content, m.content) == ("CCC", None)
+    r = server.client.responses.create(model="tiny", input="hey", max_output_tokens=16, temperature=0,
+                                       text={"format": {"type": "text"}})
+    assert [i.type for i in r.output][0] == "reasoning"
+
+
 def test_the_responses_api_gives_the_thinking_as_a_reasoning_item_before_the_message(server):
     """The Responses API's answer to "hey" holds what chat's answer to the same prompt splits out:
     a reasoning item (its text a reasoning_text part), then the message; streamed, the reasoning

@@ -56,15 +56,18 @@ def thinking_of(runtime, req) -> bool | None:
 
 def check_reasoning(runtime, req) -> None:
     """A request whose answer starts in its thinking (thinking_of) may not ask for structured output
-    or force a tool call: a 400 saying so. The constrained decoder would hold the answer to its
+    or force a tool call: a 400 saying so. A format of {"type": "text"} (many Responses clients send
+    `text.format` so by default) is free text, no structured output, and is taken. The constrained decoder would hold the answer to its
     format from its first token, so the model could not think (vLLM applies the format after
     `</think>`, which agp does not)."""
     if not thinking_of(runtime, req):
         return
     forced = req.tools_active and req.tool_choice != "auto"
-    if req.response_format is None and not forced:
+    fmt = req.response_format
+    constrained = fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text")
+    if not constrained and not forced:                 # {"type": "text"}: free text, no format to hold
         return
-    field = req.format_field if req.response_format is not None else "tool_choice"
+    field = req.format_field if constrained else "tool_choice"
     raise P.APIError(f"'{field}' cannot be enforced while the model thinks: agp serve --reasoning-parser "
                      f"{runtime.reasoning_parser} splits a thinking answer, and agp applies a format or a forced "
                      "tool call from an answer's first token, not after '</think>' as vLLM does (turn thinking off "
