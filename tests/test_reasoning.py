@@ -243,6 +243,22 @@ def test_the_responses_api_gives_the_thinking_as_a_reasoning_item_before_the_mes
     assert [(i.type, i.content[0].text) for i in final.output] == [(i.type, i.content[0].text) for i in r.output]
 
 
+def test_the_responses_api_takes_chat_template_kwargs_so_thinking_can_be_turned_off(server):
+    """The 400 for a format while thinking says to send chat_template_kwargs {"enable_thinking":
+    false}: /v1/responses takes it (as vLLM's Responses route does) and passes it on as chat does:
+    no reasoning item, and the format holds from the first token."""
+    off = {"chat_template_kwargs": {"enable_thinking": False}}
+    r = server.client.responses.create(model="tiny", input="hey", max_output_tokens=16, temperature=0,
+                                       text={"format": {"type": "json_schema", "name": "n",
+                                                        "schema": {"type": "integer"}}}, extra_body=off)
+    assert [i.type for i in r.output] == ["message"] and int(r.output[0].content[0].text) >= 0
+    on = server.http.post(server.url + "/v1/responses/input_tokens", json={"model": "tiny", "input": "hey"},
+                          timeout=30).json()["input_tokens"]
+    counted = server.http.post(server.url + "/v1/responses/input_tokens",
+                               json={"model": "tiny", "input": "hey", **off}, timeout=30).json()["input_tokens"]
+    assert counted > on                         # Qwen3's template writes the empty <think></think> in the prompt
+
+
 def test_a_stored_answers_reasoning_item_is_its_turns_reasoning_content():
     """What previous_response_id continues: the answer's reasoning item becomes the assistant
     turn's reasoning_content, where Qwen3's template reads it."""

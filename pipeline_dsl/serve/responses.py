@@ -58,15 +58,15 @@ FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", 
           # vLLM's extras on this route
           "request_id", "top_k", "min_p", "repetition_penalty", "seed", "stop", "ignore_eos", "structured_outputs",
           "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_whitespace_pattern", "priority",
-          "cache_salt"}
+          "cache_salt", "chat_template_kwargs"}
 PASSED = ("model", "temperature", "top_p", "parallel_tool_calls", "stream", "request_id", "top_k", "min_p",
           "repetition_penalty", "seed", "stop", "ignore_eos", "user", "safety_identifier", "structured_outputs",
           "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_whitespace_pattern", "priority",
-          "cache_salt")
+          "cache_salt", "chat_template_kwargs")
 # POST /v1/responses/input_tokens (OpenAI's input-token count: its SDKs' responses.input_tokens.count,
 # which pydantic-ai calls for UsageLimits(count_tokens_before_request=True)): what shapes the prompt
 COUNT_FIELDS = {"model", "input", "instructions", "tools", "tool_choice", "previous_response_id", "conversation",
-                "reasoning", "text", "truncation", "parallel_tool_calls"}
+                "reasoning", "text", "truncation", "parallel_tool_calls", "chat_template_kwargs"}
 LOGPROBS = "message.output_text.logprobs"
 # OpenAI's `include` values (its SDKs' ResponseIncludable): the logprobs are served; the others ask for
 # what tools, images and reasoning agp has none of would add (nothing to include). Another value is a
