@@ -330,10 +330,10 @@ def conversation(value, store: ResponseStore | None = None, max_referenced: int 
             brought = 0
         elif kind == "reasoning":         # an earlier answer's thinking: the assistant turn after it carries it
             thought.append(_reasoning_text(item, where))     # as reasoning_content, as its template reads it
-            continue
+            brought = len(thought[-1])
         else:
             raise APIError(f"'{where}.type' {kind!r} is not supported (message, function_call, "
-                           "function_call_output, item_reference)", param=f"{where}.type")
+                           "function_call_output, reasoning, item_reference)", param=f"{where}.type")
         if reference:
             referenced += brought
             if max_referenced is not None and referenced > max_referenced:
