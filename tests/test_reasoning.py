@@ -259,6 +259,42 @@ def test_the_responses_api_takes_chat_template_kwargs_so_thinking_can_be_turned_
     assert counted > on                         # Qwen3's template writes the empty <think></think> in the prompt
 
 
+def test_a_streamed_response_with_logprobs_keeps_a_held_back_tag_start_in_its_reasoning_item():
+    """Streamed with message.output_text.logprobs, a thinking delta held back as a possible tag's
+    start ("<" of "x < y") has logprobs but no content: they wait for the message, which opens
+    after the thinking only. It opened mid-thinking, and the output was reasoning, reasoning,
+    message with clashing output_index."""
+    from types import SimpleNamespace as NS
+
+    from pipeline_dsl.serve.responses import parse_responses
+    from pipeline_dsl.serve.responses_events import ResponseEvents
+
+    call = parse_responses({"model": "m", "input": "hi", "include": ["message.output_text.logprobs"]},
+                           max_model_len=4096, served=("m",))
+    vocab = NS(name_of=str, bytes_of=lambda t: b"x")
+    owner = NS(g=NS(apipe=NS(runtime=NS(reasoning_parser="qwen3")), config=NS(retry_after_s=1)),
+               vocabs=lambda c: NS(want_lp=True, of=lambda g: vocab), keep=lambda c, f: None)
+    ev = ResponseEvents(owner, call, None, None, "resp_1", None)
+    out = []
+    for i, piece in enumerate(["is x ", "<", " y?", "</think>", "yes"]):
+        out += ev.content(piece, [{"token_id": i, "logprob": -0.1, "top": []}], None)
+    ev.seen = True
+    out += ev.finish(NS(choices=[NS(text="", finish_reason="stop", data={})],
+                        usage={"prompt_tokens": 1, "completion_tokens": 5, "cached_tokens": 0}))
+    events = [json.loads(b.decode().split("data: ", 1)[1]) for b in out]
+    added = [(e["output_index"], e["item"]["type"]) for e in events if e["type"] == "response.output_item.added"]
+    assert added == [(0, "reasoning"), (1, "message")]
+    assert {e["output_index"] for e in events if e["type"].startswith("response.reasoning_text")} == {0}
+    assert {e["output_index"] for e in events if e["type"].startswith("response.output_text")} == {1}
+    final = events[-1]["response"]["output"]
+    assert [(i["type"], i["content"][0]["text"]) for i in final] == [("reasoning", "is x < y?"), ("message", "yes")]
+    streamed = "".join(e["delta"] for e in events if e["type"] == "response.reasoning_text.delta")
+    assert streamed == "is x < y?" and "".join(e["delta"] for e in events
+                                                if e["type"] == "response.output_text.delta") == "yes"
+    deltas = [lp for e in events if e["type"] == "response.output_text.delta" for lp in e["logprobs"]]
+    assert deltas == final[1]["content"][0]["logprobs"] and len(deltas) == 5
+
+
 def test_a_stored_answers_reasoning_item_is_its_turns_reasoning_content():
     """What previous_response_id continues: the answer's reasoning item becomes the assistant
     turn's reasoning_content, where Qwen3's template reads it."""

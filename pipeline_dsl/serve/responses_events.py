@@ -148,9 +148,9 @@ class ResponseEvents(Relay):
             thought, text = self.splitter.feed(text)
             if thought:
                 out += self._reason(thought)
-                if not text and lps:
-                    self.held_lps += lps
-                    lps = None
+            if not text and lps:                # no content yet (thinking, or a tag's start held back): the
+                self.held_lps += lps            # logprobs wait for the message, which is not opened for them
+                lps = None
         if self.tools is None and self.call.req.tools_active:
             from pipeline_dsl.tools import tool_stream
 
