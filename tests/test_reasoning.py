@@ -176,6 +176,18 @@ def test_include_reasoning_false_leaves_the_thinking_out_of_the_answer(server, i
     assert _streamed(server.client.chat.completions.create(stream=True, **kw))[:2] == ("", "")
 
 
+def test_logprobs_hold_the_thinkings_tokens_with_include_reasoning_false_too(server, ids):
+    """The logprobs are of every token the model wrote (as vLLM's), the thinking's included even
+    where include_reasoning: false leaves its text out: whole and streamed alike (docs/openai.md)."""
+    kw = dict(model="tiny", messages=USER, max_tokens=3, logprobs=True,
+              extra_body={"allowed_token_ids": [ids["C"]], "include_reasoning": False})
+    whole = server.client.chat.completions.create(**kw).choices[0]
+    assert whole.message.content is None and [t.token for t in whole.logprobs.content] == ["C", "C", "C"]
+    streamed = [t.token for chunk in server.client.chat.completions.create(stream=True, **kw)
+                for c in chunk.choices if c.logprobs and c.logprobs.content for t in c.logprobs.content]
+    assert streamed == ["C", "C", "C"]
+
+
 def test_enable_thinking_false_leaves_the_whole_answer_content(server, ids):
     kw = dict(model="tiny", messages=USER, max_tokens=3,
               extra_body={"allowed_token_ids": [ids["C"]], "chat_template_kwargs": {"enable_thinking": False}})
