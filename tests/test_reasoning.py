@@ -234,6 +234,40 @@ def test_a_text_format_is_free_text_and_taken_while_thinking(server, ids):
     assert [i.type for i in r.output][0] == "reasoning"
 
 
+def test_an_answer_its_generate_stage_holds_to_a_json_schema_is_content_not_thinking(qwen3_folder, tmp_path,  # noqa: F811
+                                                                                      monkeypatch):
+    """A format the pipeline sets (a generate stage's json_schema) holds the answer from its first
+    token: it has no thinking, so under --reasoning-parser it is the content (the JSON), whole and
+    streamed, on chat and the Responses API; it was all reasoning, content null. A request's
+    {"type": "text"} frees the answer of the stage's schema, and it thinks again."""
+    import tempfile
+
+    from test_serve import TINY
+
+    (tmp_path / "n.json").write_text(json.dumps({"type": "integer"}))
+    text = TINY.format(model=qwen3_folder, max_queue=64, max_batch_size=4, timeout=20).replace(
+        "generate      {{ max_new_tokens = 16 }}".replace("{{", "{").replace("}}", "}"),
+        'generate      { max_new_tokens = 6  json_schema = "n.json" }')
+    assert "n.json" in text
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda: str(tmp_path))
+    s = LiveServer(qwen3_folder, text=text, overrides={"reasoning_parser": "qwen3"})
+    try:
+        kw = dict(model="tiny", messages=USER, max_tokens=6, temperature=0)
+        m = s.client.chat.completions.create(**kw).choices[0].message
+        assert m.reasoning_content is None and int(m.content) >= 0
+        assert _streamed(s.client.chat.completions.create(stream=True, **kw))[:2] == ("", m.content)
+        r = s.client.responses.create(model="tiny", input="hey", max_output_tokens=6, temperature=0)
+        assert [(i.type, i.content[0].text) for i in r.output] == [("message", m.content)]
+        events = list(s.client.responses.create(model="tiny", input="hey", max_output_tokens=6, temperature=0,
+                                                stream=True))
+        assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == m.content
+        assert not any(e.type.startswith("response.reasoning") for e in events)
+        free = s.client.chat.completions.create(response_format={"type": "text"}, **kw).choices[0].message
+        assert free.reasoning_content is not None                     # no schema: the answer thinks
+    finally:
+        s.close()
+
+
 def test_the_responses_api_gives_the_thinking_as_a_reasoning_item_before_the_message(server):
     """The Responses API's answer to "hey" holds what chat's answer to the same prompt splits out:
     a reasoning item (its text a reasoning_text part), then the message; streamed, the reasoning

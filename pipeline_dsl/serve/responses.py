@@ -36,7 +36,7 @@ from pipeline_dsl.requests_io import shown
 
 from . import protocol as P
 from .access import request_info
-from .answers import Vocabularies, call_parser, check_reasoning, thinking_of
+from .answers import Vocabularies, answer_thinks, call_parser, check_reasoning
 from .body import read_json
 from .errors import api_error, as_responses_wrote
 from .extras import bad, parsed_off_loop
@@ -573,7 +573,8 @@ class Responses:
         parser = call_parser(self.g.apipe.runtime, call.req, choice.data.get("generated_by"))
         message, reason = P.chat_message(choice.text, choice.finish_reason, call.req.tools_active,
                                          call.req.call_limit, parser, choice.tool_read,
-                                         thinking_of(self.g.apipe.runtime, call.req))
+                                         answer_thinks(self.g.apipe.runtime, call.req, choice.data.get("generated_by"),
+                                                       choice.data.get("request")))
         status, incomplete = ending(choice.finish_reason)
         output = []
         if message.get("reasoning") is not None:        # its thinking, as a reasoning item before the message
