@@ -268,6 +268,33 @@ def test_an_answer_its_generate_stage_holds_to_a_json_schema_is_content_not_thin
         s.close()
 
 
+def test_an_answer_a_python_stage_sets_a_format_for_is_content_not_thinking(qwen3_folder, tmp_path,  # noqa: F811
+                                                                             monkeypatch):
+    """A response_format a python stage puts on the request before the generate stage is the
+    pipeline's choice, as a stage's json_schema is: the answer is its content, whole and streamed."""
+    import tempfile
+
+    from test_serve import TINY
+
+    (tmp_path / "hooks.py").write_text(
+        "def fmt(item):\n"
+        "    item['response_format'] = {'type': 'json_schema', 'json_schema': {'name': 'n', 'schema': {'type': 'integer'}}}\n"
+        "    return item\n")
+    text = TINY.format(model=qwen3_folder, max_queue=64, max_batch_size=4, timeout=20).replace(
+        "    request -> batch", '    stage a : python { fn = "hooks:fmt" }\n    request -> a -> batch')
+    assert "hooks:fmt" in text
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda: str(tmp_path))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    s = LiveServer(qwen3_folder, text=text, overrides={"reasoning_parser": "qwen3"})
+    try:
+        kw = dict(model="tiny", messages=USER, max_tokens=6, temperature=0)
+        m = s.client.chat.completions.create(**kw).choices[0].message
+        assert m.reasoning_content is None and int(m.content) >= 0
+        assert _streamed(s.client.chat.completions.create(stream=True, **kw))[:2] == ("", m.content)
+    finally:
+        s.close()
+
+
 def test_the_responses_api_gives_the_thinking_as_a_reasoning_item_before_the_message(server):
     """The Responses API's answer to "hey" holds what chat's answer to the same prompt splits out:
     a reasoning item (its text a reasoning_text part), then the message; streamed, the reasoning
