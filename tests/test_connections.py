@@ -12,12 +12,13 @@ import socket
 import time
 from pathlib import Path
 
+import h11
 import httpx
 import pytest
 import uvicorn
 from uvicorn.server import ServerState
 
-from pipeline_dsl.serve.server import agp_protocol
+from pipeline_dsl.serve.server import ClosingConnection, agp_protocol
 
 from test_serve import TINY, start_agp_serve
 
@@ -234,6 +235,27 @@ def test_a_chunked_body_in_thousands_of_tiny_chunks_is_a_400_and_in_larger_ones_
     assert error["code"] == "invalid_http_request" and "more than 4096 beyond one per 1024 bytes" in error["message"]
     assert larger.startswith(b"HTTP/1.1 200 "), larger[:300]
     assert httpx.get(url + "/health", timeout=10).status_code == 200
+
+
+def test_one_large_chunk_that_arrives_in_many_small_reads_is_one_chunk():
+    """The chunk limit counts the chunks a client sent, not the reads they arrived in: one 6 MB
+    chunk read 500 bytes at a time (12,000 of h11's Data events) is one chunk and is read, where
+    it was refused as "came in 8005 chunks"."""
+    conn = ClosingConnection(h11.SERVER)
+    size = 6_000_000
+    conn.receive_data(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      + b"%x\r\n" % size)
+    assert isinstance(conn.next_event(), h11.Request)
+    read = 0
+    for _ in range(size // 500):
+        conn.receive_data(b"a" * 500)
+        while (event := conn.next_event()) is not h11.NEED_DATA:
+            read += len(event.data)
+    conn.receive_data(b"\r\n0\r\n\r\n")
+    while (event := conn.next_event()) is not h11.NEED_DATA and not isinstance(event, h11.EndOfMessage):
+        read += len(event.data)
+    assert isinstance(event, h11.EndOfMessage) and read == size
+    assert conn.chunks == 1 and conn.protocol_error is None
 
 
 class _Transport:

@@ -131,7 +131,11 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}]}
                                     "(num_predict)"),
     ("format", "json", "(Ollama's; agp's is 'response_format': {\"type\": \"json_object\"} for \"json\""),
     # not "did you mean 'reasoning_effort'?", another setting
-    ("reasoning_format", "none", "(agp splits no reasoning out of an answer)"),
+    ("reasoning_format", "none", "(agp serve --reasoning-parser qwen3|deepseek_r1 splits a reasoning model's "
+                                 "thinking out"),
+    ("think", False, "(agp serve --reasoning-parser qwen3|deepseek_r1 splits a reasoning model's thinking out of its "
+                     "answer into 'reasoning_content', as vLLM's does; turn thinking off with chat_template_kwargs "
+                     "{\"enable_thinking\": false})"),
 ])
 @pytest.mark.parametrize("parse", ["chat", "completion"])
 def test_llama_cpps_and_ollamas_fields_are_a_400_naming_agps(field, value, said, parse):

@@ -176,6 +176,18 @@ def test_include_reasoning_false_leaves_the_thinking_out_of_the_answer(server, i
     assert _streamed(server.client.chat.completions.create(stream=True, **kw))[:2] == ("", "")
 
 
+def test_logprobs_hold_the_thinkings_tokens_with_include_reasoning_false_too(server, ids):
+    """The logprobs are of every token the model wrote (as vLLM's), the thinking's included even
+    where include_reasoning: false leaves its text out: whole and streamed alike (docs/openai.md)."""
+    kw = dict(model="tiny", messages=USER, max_tokens=3, logprobs=True,
+              extra_body={"allowed_token_ids": [ids["C"]], "include_reasoning": False})
+    whole = server.client.chat.completions.create(**kw).choices[0]
+    assert whole.message.content is None and [t.token for t in whole.logprobs.content] == ["C", "C", "C"]
+    streamed = [t.token for chunk in server.client.chat.completions.create(stream=True, **kw)
+                for c in chunk.choices if c.logprobs and c.logprobs.content for t in c.logprobs.content]
+    assert streamed == ["C", "C", "C"]
+
+
 def test_enable_thinking_false_leaves_the_whole_answer_content(server, ids):
     kw = dict(model="tiny", messages=USER, max_tokens=3,
               extra_body={"allowed_token_ids": [ids["C"]], "chat_template_kwargs": {"enable_thinking": False}})
@@ -210,6 +222,79 @@ def test_structured_output_or_a_forced_call_while_thinking_is_a_400_naming_the_f
     assert m.reasoning_content is None and int(m.content) >= 0
 
 
+def test_a_text_format_is_free_text_and_taken_while_thinking(server, ids):
+    """response_format {"type": "text"} (chat) and text.format {"type": "text"} (Responses, sent by
+    many clients by default) constrain nothing: taken while the model thinks, the answer split as
+    without them."""
+    kw = dict(model="tiny", messages=USER, max_tokens=3, extra_body={"allowed_token_ids": [ids["C"]]})
+    m = server.client.chat.completions.create(response_format={"type": "text"}, **kw).choices[0].message
+    assert (m.reasoning_content, m.content) == ("CCC", None)
+    r = server.client.responses.create(model="tiny", input="hey", max_output_tokens=16, temperature=0,
+                                       text={"format": {"type": "text"}})
+    assert [i.type for i in r.output][0] == "reasoning"
+
+
+def test_an_answer_its_generate_stage_holds_to_a_json_schema_is_content_not_thinking(qwen3_folder, tmp_path,  # noqa: F811
+                                                                                      monkeypatch):
+    """A format the pipeline sets (a generate stage's json_schema) holds the answer from its first
+    token: it has no thinking, so under --reasoning-parser it is the content (the JSON), whole and
+    streamed, on chat and the Responses API; it was all reasoning, content null. A request's
+    {"type": "text"} frees the answer of the stage's schema, and it thinks again."""
+    import tempfile
+
+    from test_serve import TINY
+
+    (tmp_path / "n.json").write_text(json.dumps({"type": "integer"}))
+    text = TINY.format(model=qwen3_folder, max_queue=64, max_batch_size=4, timeout=20).replace(
+        "generate      {{ max_new_tokens = 16 }}".replace("{{", "{").replace("}}", "}"),
+        'generate      { max_new_tokens = 6  json_schema = "n.json" }')
+    assert "n.json" in text
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda: str(tmp_path))
+    s = LiveServer(qwen3_folder, text=text, overrides={"reasoning_parser": "qwen3"})
+    try:
+        kw = dict(model="tiny", messages=USER, max_tokens=6, temperature=0)
+        m = s.client.chat.completions.create(**kw).choices[0].message
+        assert m.reasoning_content is None and int(m.content) >= 0
+        assert _streamed(s.client.chat.completions.create(stream=True, **kw))[:2] == ("", m.content)
+        r = s.client.responses.create(model="tiny", input="hey", max_output_tokens=6, temperature=0)
+        assert [(i.type, i.content[0].text) for i in r.output] == [("message", m.content)]
+        events = list(s.client.responses.create(model="tiny", input="hey", max_output_tokens=6, temperature=0,
+                                                stream=True))
+        assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == m.content
+        assert not any(e.type.startswith("response.reasoning") for e in events)
+        free = s.client.chat.completions.create(response_format={"type": "text"}, **kw).choices[0].message
+        assert free.reasoning_content is not None                     # no schema: the answer thinks
+    finally:
+        s.close()
+
+
+def test_an_answer_a_python_stage_sets_a_format_for_is_content_not_thinking(qwen3_folder, tmp_path,  # noqa: F811
+                                                                             monkeypatch):
+    """A response_format a python stage puts on the request before the generate stage is the
+    pipeline's choice, as a stage's json_schema is: the answer is its content, whole and streamed."""
+    import tempfile
+
+    from test_serve import TINY
+
+    (tmp_path / "hooks.py").write_text(
+        "def fmt(item):\n"
+        "    item['response_format'] = {'type': 'json_schema', 'json_schema': {'name': 'n', 'schema': {'type': 'integer'}}}\n"
+        "    return item\n")
+    text = TINY.format(model=qwen3_folder, max_queue=64, max_batch_size=4, timeout=20).replace(
+        "    request -> batch", '    stage a : python { fn = "hooks:fmt" }\n    request -> a -> batch')
+    assert "hooks:fmt" in text
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda: str(tmp_path))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    s = LiveServer(qwen3_folder, text=text, overrides={"reasoning_parser": "qwen3"})
+    try:
+        kw = dict(model="tiny", messages=USER, max_tokens=6, temperature=0)
+        m = s.client.chat.completions.create(**kw).choices[0].message
+        assert m.reasoning_content is None and int(m.content) >= 0
+        assert _streamed(s.client.chat.completions.create(stream=True, **kw))[:2] == ("", m.content)
+    finally:
+        s.close()
+
+
 def test_the_responses_api_gives_the_thinking_as_a_reasoning_item_before_the_message(server):
     """The Responses API's answer to "hey" holds what chat's answer to the same prompt splits out:
     a reasoning item (its text a reasoning_text part), then the message; streamed, the reasoning
@@ -229,6 +314,58 @@ def test_the_responses_api_gives_the_thinking_as_a_reasoning_item_before_the_mes
     assert kinds.index("response.reasoning_text.done") < kinds.index("response.output_text.done")
     final = events[-1].response
     assert [(i.type, i.content[0].text) for i in final.output] == [(i.type, i.content[0].text) for i in r.output]
+
+
+def test_the_responses_api_takes_chat_template_kwargs_so_thinking_can_be_turned_off(server):
+    """The 400 for a format while thinking says to send chat_template_kwargs {"enable_thinking":
+    false}: /v1/responses takes it (as vLLM's Responses route does) and passes it on as chat does:
+    no reasoning item, and the format holds from the first token."""
+    off = {"chat_template_kwargs": {"enable_thinking": False}}
+    r = server.client.responses.create(model="tiny", input="hey", max_output_tokens=16, temperature=0,
+                                       text={"format": {"type": "json_schema", "name": "n",
+                                                        "schema": {"type": "integer"}}}, extra_body=off)
+    assert [i.type for i in r.output] == ["message"] and int(r.output[0].content[0].text) >= 0
+    on = server.http.post(server.url + "/v1/responses/input_tokens", json={"model": "tiny", "input": "hey"},
+                          timeout=30).json()["input_tokens"]
+    counted = server.http.post(server.url + "/v1/responses/input_tokens",
+                               json={"model": "tiny", "input": "hey", **off}, timeout=30).json()["input_tokens"]
+    assert counted > on                         # Qwen3's template writes the empty <think></think> in the prompt
+
+
+def test_a_streamed_response_with_logprobs_keeps_a_held_back_tag_start_in_its_reasoning_item():
+    """Streamed with message.output_text.logprobs, a thinking delta held back as a possible tag's
+    start ("<" of "x < y") has logprobs but no content: they wait for the message, which opens
+    after the thinking only. It opened mid-thinking, and the output was reasoning, reasoning,
+    message with clashing output_index."""
+    from types import SimpleNamespace as NS
+
+    from pipeline_dsl.serve.responses import parse_responses
+    from pipeline_dsl.serve.responses_events import ResponseEvents
+
+    call = parse_responses({"model": "m", "input": "hi", "include": ["message.output_text.logprobs"]},
+                           max_model_len=4096, served=("m",))
+    vocab = NS(name_of=str, bytes_of=lambda t: b"x")
+    owner = NS(g=NS(apipe=NS(runtime=NS(reasoning_parser="qwen3")), config=NS(retry_after_s=1)),
+               vocabs=lambda c: NS(want_lp=True, of=lambda g: vocab), keep=lambda c, f: None)
+    ev = ResponseEvents(owner, call, None, None, "resp_1", None)
+    out = []
+    for i, piece in enumerate(["is x ", "<", " y?", "</think>", "yes"]):
+        out += ev.content(piece, [{"token_id": i, "logprob": -0.1, "top": []}], None)
+    ev.seen = True
+    out += ev.finish(NS(choices=[NS(text="", finish_reason="stop", data={})],
+                        usage={"prompt_tokens": 1, "completion_tokens": 5, "cached_tokens": 0}))
+    events = [json.loads(b.decode().split("data: ", 1)[1]) for b in out]
+    added = [(e["output_index"], e["item"]["type"]) for e in events if e["type"] == "response.output_item.added"]
+    assert added == [(0, "reasoning"), (1, "message")]
+    assert {e["output_index"] for e in events if e["type"].startswith("response.reasoning_text")} == {0}
+    assert {e["output_index"] for e in events if e["type"].startswith("response.output_text")} == {1}
+    final = events[-1]["response"]["output"]
+    assert [(i["type"], i["content"][0]["text"]) for i in final] == [("reasoning", "is x < y?"), ("message", "yes")]
+    streamed = "".join(e["delta"] for e in events if e["type"] == "response.reasoning_text.delta")
+    assert streamed == "is x < y?" and "".join(e["delta"] for e in events
+                                                if e["type"] == "response.output_text.delta") == "yes"
+    deltas = [lp for e in events if e["type"] == "response.output_text.delta" for lp in e["logprobs"]]
+    assert deltas == final[1]["content"][0]["logprobs"] and len(deltas) == 5
 
 
 def test_a_stored_answers_reasoning_item_is_its_turns_reasoning_content():

@@ -795,6 +795,27 @@ def test_a_parsed_conversation_read_again_stays_parsed_over_one_read_once_since(
         assert "resp_0" in store.parsed and f"resp_{i}" in store.parsed, i
     assert 1 < len(store.parsed) < 8 and "resp_1" not in store.parsed
 
+def test_references_to_a_kept_reasoning_item_count_toward_the_text_references_may_bring():
+    """A reference to a kept answer's reasoning item brings its thinking (the next assistant turn's
+    reasoning_content) and counts as a message's does: 2,000 references to 100 KB of thinking, an
+    80 KB body, built a 200 MB string. Past the bound, a 400 names the reference that went over."""
+    from pipeline_dsl.serve.responses import ResponseStore
+
+    store = ResponseStore()
+    output = [{"type": "reasoning", "id": "rs_a", "summary": [],
+               "content": [{"type": "reasoning_text", "text": "x" * 100_000}]},
+              {"type": "message", "id": "msg_a", "role": "assistant", "content": [{"type": "output_text", "text": "hi"}]}]
+    store.put("resp_a", {"id": "resp_a", "output": output}, [])
+    refs = [{"type": "item_reference", "id": "rs_a"}] * 2000 + [{"type": "item_reference", "id": "msg_a"}]
+    with pytest.raises(P.APIError) as e:
+        parse_responses({"model": "tiny", "input": [{"role": "user", "content": "q"}, *refs]}, max_model_len=4096,
+                        served=("tiny",), store=store, max_referenced=1_000_000)
+    assert e.value.param == "input[11]" and "1000000 characters" in e.value.message   # the 11th: 1,100,000 > 1,000,000
+    kept = parse_responses({"model": "tiny", "input": [{"role": "user", "content": "q"}, *refs[-3:]]},
+                           max_model_len=4096, served=("tiny",), store=store, max_referenced=1_000_000)
+    assert kept.conversation[-1] == {"role": "assistant", "content": "hi", "reasoning_content": "x" * 200_000}
+
+
 def test_item_references_bringing_more_text_than_a_body_holds_are_a_400_naming_the_one_past_it(server):
     """The items `input`'s references bring hold at most --max-body-bytes characters of text all
     told, as the items sent whole would: thousands of 40-byte references to a long kept answer

@@ -206,6 +206,14 @@ class EngineSide:
         tok = getattr(self.seg_of_gen.get(gen), "tokenizer", None)
         return tok is not None and keeps_markers(self.tool_parser(gen, choice), choice, _Tokens(tok, special=True))
 
+    def constrained(self, gen, request: dict) -> bool:
+        """Whether generate stage `gen`'s answer to `request` (the dict the stage got: a python
+        stage before it may have set its response_format) is held to a format or a forced tool call
+        from its first token: the request's, or the stage's json_schema. False where `gen` names no
+        generate stage."""
+        es = self.seg_of_gen.get(gen) if isinstance(gen, str) else None
+        return es is not None and isinstance(request, dict) and es.constraint_spec(gen, request) is not None
+
     def model_names(self) -> list[str]:
         """The generate stages a request may pin (agp serve's `model` field)."""
         return list(self.seg_of_gen)
@@ -406,7 +414,9 @@ class EngineSide:
         go), not generated to its end unheard; its result is the answer_failed error."""
         with self._lock:
             usage = self.ledger.usage_so_far(item, out)
-        if heard(item.req, item.index, out, usage, gen):
+        if item.constrained is None or item.constrained[0] != gen:    # once per choice and stage, not a delta
+            item.constrained = (gen, self.constrained(gen, item.data))
+        if heard(item.req, item.index, out, usage, gen, item.constrained[1]):
             self.abort(item.req.key, "its answer could not be built (its listener failed on a delta)")
 
     def _heard_prompt(self, item: Item, logprobs: list) -> None:

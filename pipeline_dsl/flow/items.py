@@ -163,6 +163,7 @@ class Item:
     split: bool = False                # one of several copies a generate stage made: never split again
     copy: int = 0                      # which of those copies: sampled again elsewhere with seed + copy
     tool_read: Any = None              # the tool calls its generate stage read (Choice.tool_read)
+    constrained: tuple | None = None   # (generate stage, whether it holds its answer to a constraint): Delta's
     # stands at a join for the results a `returns = many` stage's empty list did not make: the join
     # fires for it (with no results) once nothing else can reach it; never one of the request's items
     hollow: bool = False
@@ -344,9 +345,13 @@ class Delta(RequestOutput):
     earlier generate stage's draft too) and of its streamed choices as heard so far, this
     one's included. It never goes down, and the last delta's is the result's usage.
     `generated_by`: the generate stage whose answer this is (the choice's `generated_by` once
-    it ends), which tells the form its tool calls are written in (flow's tool_parser)."""
+    it ends), which tells the form its tool calls are written in (flow's tool_parser).
+    `constrained`: its generate stage held it to a format or a forced tool call from its first
+    token (the runtime's constrained(): the request's, a python stage's response_format, or the
+    stage's json_schema), so it holds no thinking."""
     usage: dict = field(default_factory=no_usage)
     generated_by: str | None = None
+    constrained: bool = False        # the answer is held to a format or forced call from its first token
 
     def without_text(self) -> "Delta":
         """The same delta with `text` (the whole text so far) "": what a listener that queues its
@@ -367,7 +372,8 @@ def _copied(source, cls, **values):
 _OUTPUT_FIELDS = tuple(f.name for f in fields(RequestOutput))   # what a Delta copies of the engine's output
 
 
-def heard(req: RequestState, index: int, out, usage: dict, generated_by: str | None = None) -> bool:
+def heard(req: RequestState, index: int, out, usage: dict, generated_by: str | None = None,
+          constrained: bool = False) -> bool:
     """Tell a request's listener about a delta of its choice `index`, written by generate stage
     `generated_by`, with the request's usage so far (every streamed token of every stream: an
     engine's RequestOutput is copied whole, a dict copy, not field by field through the frozen
@@ -382,10 +388,10 @@ def heard(req: RequestState, index: int, out, usage: dict, generated_by: str | N
             usage = {k: max(n, req.usage_told.get(k, 0)) for k, n in usage.items()}   # stages: threads of
         req.usage_told = usage                   # their own): the usage heard never goes down
         if type(out) is RequestOutput:           # the engine's (or a stream stage's): its fields, copied at once
-            delta = _copied(out, Delta, usage=usage, generated_by=generated_by)
+            delta = _copied(out, Delta, usage=usage, generated_by=generated_by, constrained=constrained)
         else:
             delta = Delta(**{name: getattr(out, name) for name in _OUTPUT_FIELDS}, usage=usage,
-                          generated_by=generated_by)
+                          generated_by=generated_by, constrained=constrained)
         try:
             req.listener.on_delta(req.key, index, delta)
         except Exception as e:                   # noqa: BLE001 - a listener's failure is its own request's

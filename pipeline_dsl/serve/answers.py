@@ -54,17 +54,34 @@ def thinking_of(runtime, req) -> bool | None:
     return thinks(parser, req.chat_template_kwargs)
 
 
+def answer_thinks(runtime, req, gen=None, request=None, constrained: bool | None = None) -> bool | None:
+    """thinking_of for one answer, by generate stage `gen` to `request` (the dict the stage got):
+    an answer its stage held to a format or a forced tool call from its first token (the stage's
+    json_schema, a python stage's response_format; `constrained` where the caller knows it, a
+    stream's delta) holds no thinking, so it is all content, as with thinking off. The request's
+    own format is refused while thinking (check_reasoning); one the pipeline sets is its choice."""
+    thinking = thinking_of(runtime, req)
+    if not thinking:
+        return thinking
+    if constrained is None:
+        constrained = bool(getattr(runtime, "constrained", None)) and runtime.constrained(gen, request)
+    return False if constrained else thinking
+
+
 def check_reasoning(runtime, req) -> None:
     """A request whose answer starts in its thinking (thinking_of) may not ask for structured output
-    or force a tool call: a 400 saying so. The constrained decoder would hold the answer to its
+    or force a tool call: a 400 saying so. A format of {"type": "text"} (many Responses clients send
+    `text.format` so by default) is free text, no structured output, and is taken. The constrained decoder would hold the answer to its
     format from its first token, so the model could not think (vLLM applies the format after
     `</think>`, which agp does not)."""
     if not thinking_of(runtime, req):
         return
     forced = req.tools_active and req.tool_choice != "auto"
-    if req.response_format is None and not forced:
+    fmt = req.response_format
+    constrained = fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text")
+    if not constrained and not forced:                 # {"type": "text"}: free text, no format to hold
         return
-    field = req.format_field if req.response_format is not None else "tool_choice"
+    field = req.format_field if constrained else "tool_choice"
     raise P.APIError(f"'{field}' cannot be enforced while the model thinks: agp serve --reasoning-parser "
                      f"{runtime.reasoning_parser} splits a thinking answer, and agp applies a format or a forced "
                      "tool call from an answer's first token, not after '</think>' as vLLM does (turn thinking off "
@@ -158,7 +175,9 @@ def answer_body(runtime, res, req: P.GenerationRequest, rid: str,
         body = P.chat_response(rid, req.model, choices, use, tools_active=req.tools_active, top=top,
                                call_limit=req.call_limit, fingerprint=fingerprint,
                                parsers=[call_parser(runtime, req, c.data.get("generated_by")) for c in res.choices],
-                               reads=[c.tool_read for c in res.choices], thinking=thinking_of(runtime, req),
+                               reads=[c.tool_read for c in res.choices],
+                               thinking=[answer_thinks(runtime, req, c.data.get("generated_by"), c.data.get("request"))
+                                         for c in res.choices],
                                include_reasoning=req.include_reasoning)
         return body, {c["index"]: c["finish_reason"] for c in body["choices"]}
     echo = bool(req.fields.get("echo"))

@@ -314,7 +314,8 @@ RESPONSES_REQUEST = _request("input", {
     **{name: SAMPLING[name] for name in ("request_id", "top_k", "min_p", "repetition_penalty", "seed", "stop",
                                          "ignore_eos", "structured_outputs", "guided_json", "guided_regex",
                                          "guided_choice", "guided_grammar", "guided_whitespace_pattern", "priority",
-                                         "cache_salt")}})
+                                         "cache_salt")},
+    "chat_template_kwargs": {"type": "object", "description": "extra variables of the chat template (vLLM's)"}})
 
 RESPONSES_RESPONSE = {"type": "object", "required": ["id", "object", "created_at", "status", "model", "output"],
                       "properties": {"id": {"type": "string"}, "object": {"const": "response"},
@@ -448,7 +449,7 @@ RESPONSE_INPUT_TOKENS = {
     "requestBody": {"required": True, "content": {"application/json": {"schema": {**_request(None, {
         k: v for k, v in RESPONSES_REQUEST["properties"].items()
         if k in ("model", "input", "instructions", "tools", "tool_choice", "previous_response_id", "conversation",
-                 "reasoning", "text", "truncation", "parallel_tool_calls")}),
+                 "reasoning", "text", "truncation", "parallel_tool_calls", "chat_template_kwargs")}),
         "anyOf": [{"required": ["input"]}, {"required": ["previous_response_id"]}]}}}},
     "responses": {"200": {"description": "the tokens of the prompt a response to this body would have",
                           "content": {"application/json": {"schema": {

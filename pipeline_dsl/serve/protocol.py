@@ -719,18 +719,20 @@ NO_REASONING = {"reasoning": None, "reasoning_content": None}
 def chat_response(rid: str, model: str, choices: list[tuple], use: dict, created: int | None = None,
                   tools_active: bool = False, top: dict | None = None, call_limit: int | None = None,
                   fingerprint: str | None = None, parsers: list | None = None, reads: list | None = None,
-                  thinking: bool | None = None, include_reasoning: bool = True) -> dict:
+                  thinking: bool | list | None = None, include_reasoning: bool = True) -> dict:
     """choices: (index, text, finish_reason[, logprobs[, what else the choice carries]]) each;
     `top`: what the answer carries beside its choices (vLLM's prompt_logprobs, prompt_token_ids);
     `parsers`: the form each choice's calls are read in (chat_message's `parser`; hermes where
     not given), `reads`: the tool calls each choice's generate stage read (its `read`), in order;
-    `thinking`: chat_message's (None: no reasoning parser, each message's reasoning fields null);
+    `thinking`: chat_message's (None: no reasoning parser, each message's reasoning fields null), or
+    a list of them, one a choice (an answer its stage constrained holds no thinking);
     `include_reasoning` false (vLLM's field): the thinking split off and left out (the fields null)."""
     out = []
     for k, c in enumerate(choices):
+        thinks = thinking[k] if isinstance(thinking, list) else thinking
         message, reason = chat_message(c[1], c[2], tools_active, call_limit, parsers[k] if parsers else "hermes",
-                                       reads[k] if reads else None, thinking)
-        if thinking is None or not include_reasoning:
+                                       reads[k] if reads else None, thinks)
+        if thinks is None or not include_reasoning:
             message.update(NO_REASONING)
         out.append({"index": c[0], "message": message, "logprobs": c[3] if len(c) > 3 else None,
                     "finish_reason": reason, **(c[4] if len(c) > 4 else {})})

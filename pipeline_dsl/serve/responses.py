@@ -36,7 +36,7 @@ from pipeline_dsl.requests_io import shown
 
 from . import protocol as P
 from .access import request_info
-from .answers import Vocabularies, call_parser, check_reasoning, thinking_of
+from .answers import Vocabularies, answer_thinks, call_parser, check_reasoning
 from .body import read_json
 from .errors import api_error, as_responses_wrote
 from .extras import bad, parsed_off_loop
@@ -58,15 +58,15 @@ FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", 
           # vLLM's extras on this route
           "request_id", "top_k", "min_p", "repetition_penalty", "seed", "stop", "ignore_eos", "structured_outputs",
           "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_whitespace_pattern", "priority",
-          "cache_salt"}
+          "cache_salt", "chat_template_kwargs"}
 PASSED = ("model", "temperature", "top_p", "parallel_tool_calls", "stream", "request_id", "top_k", "min_p",
           "repetition_penalty", "seed", "stop", "ignore_eos", "user", "safety_identifier", "structured_outputs",
           "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_whitespace_pattern", "priority",
-          "cache_salt")
+          "cache_salt", "chat_template_kwargs")
 # POST /v1/responses/input_tokens (OpenAI's input-token count: its SDKs' responses.input_tokens.count,
 # which pydantic-ai calls for UsageLimits(count_tokens_before_request=True)): what shapes the prompt
 COUNT_FIELDS = {"model", "input", "instructions", "tools", "tool_choice", "previous_response_id", "conversation",
-                "reasoning", "text", "truncation", "parallel_tool_calls"}
+                "reasoning", "text", "truncation", "parallel_tool_calls", "chat_template_kwargs"}
 LOGPROBS = "message.output_text.logprobs"
 # OpenAI's `include` values (its SDKs' ResponseIncludable): the logprobs are served; the others ask for
 # what tools, images and reasoning agp has none of would add (nothing to include). Another value is a
@@ -330,10 +330,10 @@ def conversation(value, store: ResponseStore | None = None, max_referenced: int 
             brought = 0
         elif kind == "reasoning":         # an earlier answer's thinking: the assistant turn after it carries it
             thought.append(_reasoning_text(item, where))     # as reasoning_content, as its template reads it
-            continue
+            brought = len(thought[-1])
         else:
             raise APIError(f"'{where}.type' {kind!r} is not supported (message, function_call, "
-                           "function_call_output, item_reference)", param=f"{where}.type")
+                           "function_call_output, reasoning, item_reference)", param=f"{where}.type")
         if reference:
             referenced += brought
             if max_referenced is not None and referenced > max_referenced:
@@ -573,7 +573,8 @@ class Responses:
         parser = call_parser(self.g.apipe.runtime, call.req, choice.data.get("generated_by"))
         message, reason = P.chat_message(choice.text, choice.finish_reason, call.req.tools_active,
                                          call.req.call_limit, parser, choice.tool_read,
-                                         thinking_of(self.g.apipe.runtime, call.req))
+                                         answer_thinks(self.g.apipe.runtime, call.req, choice.data.get("generated_by"),
+                                                       choice.data.get("request")))
         status, incomplete = ending(choice.finish_reason)
         output = []
         if message.get("reasoning") is not None:        # its thinking, as a reasoning item before the message

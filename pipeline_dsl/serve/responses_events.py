@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 
 from . import protocol as P
-from .answers import call_parser, thinking_of
+from .answers import answer_thinks, call_parser
 from .sse import Relay
 from .responses_output import call_item, ending, message_item, new_id, reasoning_item, response_object, usage
 
@@ -128,16 +128,19 @@ class ResponseEvents(Relay):
                       self.event("response.function_call_arguments.done", **where, arguments=item["arguments"]),
                       self.event("response.output_item.done", output_index=index, item=item)]
 
-    def content(self, text: str, step_lp: list | None, gen: str | None) -> list[bytes]:
+    def content(self, text: str, step_lp: list | None, gen: str | None, request: dict | None = None,
+                constrained: bool | None = None) -> list[bytes]:
         """The events of `text` (its tokens' `step_lp`), written by generate stage `gen`: its
-        tokens are read with that stage's model's tokenizer, its tool calls in its form (call_parser)."""
+        tokens are read with that stage's model's tokenizer, its tool calls in its form (call_parser).
+        `constrained` (a delta's) or `request` (the dict the stage got, of an answer that came whole):
+        whether the stage held it to a format, so it holds no thinking (answer_thinks)."""
         lps = None
         if self.vocabs.want_lp and step_lp:
             vocab = self.vocabs.of(gen)
             lps = P.chat_logprobs(step_lp, vocab.name_of, vocab.bytes_of)["content"]
         out, calls = [], []
         if self.splitter is None:
-            thinking = thinking_of(self.owner.g.apipe.runtime, self.call.req)
+            thinking = answer_thinks(self.owner.g.apipe.runtime, self.call.req, gen, request, constrained)
             if thinking is None:
                 self.splitter = False
             else:
@@ -148,9 +151,9 @@ class ResponseEvents(Relay):
             thought, text = self.splitter.feed(text)
             if thought:
                 out += self._reason(thought)
-                if not text and lps:
-                    self.held_lps += lps
-                    lps = None
+            if not text and lps:                # no content yet (thinking, or a tag's start held back): the
+                self.held_lps += lps            # logprobs wait for the message, which is not opened for them
+                lps = None
         if self.tools is None and self.call.req.tools_active:
             from pipeline_dsl.tools import tool_stream
 
@@ -168,7 +171,8 @@ class ResponseEvents(Relay):
         choice = result.choices[0] if result.choices else None
         out = []
         if choice is not None and not self.seen:        # it came whole (through later stages)
-            out += self.content(choice.text, choice.data.get("logprobs"), choice.data.get("generated_by"))
+            out += self.content(choice.text, choice.data.get("logprobs"), choice.data.get("generated_by"),
+                                choice.data.get("request"))
         if self.splitter:
             rest = self.splitter.finish()              # a tag's start held back that never came whole
             if rest:
@@ -195,7 +199,8 @@ class ResponseEvents(Relay):
         if index != 0:                           # the Responses API has one answer: choice 0
             return []
         self.seen = True
-        return self.content(out.delta_text, getattr(out, "logprobs", None), getattr(out, "generated_by", None))
+        return self.content(out.delta_text, getattr(out, "logprobs", None), getattr(out, "generated_by", None),
+                            constrained=getattr(out, "constrained", False))
 
     def on_error(self, err: P.APIError) -> list[bytes]:
         failed = self.snapshot("failed", error={"code": err.code or err.type, "message": err.message})

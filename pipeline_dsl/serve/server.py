@@ -130,7 +130,7 @@ def tcp_progress(sock) -> tuple[int, bool] | None:
     return acked, bool(unacked or not_sent)
 
 
-class _ClosingConnection(h11.Connection):
+class ClosingConnection(h11.Connection):
     """h11's server side that says `Connection: close` on every error answer and on any answer
     sent before the request's body was read in full; h11 then closes after the answer. It keeps
     why the client's bytes were not HTTP (`protocol_error`) for the 400 that says so."""
@@ -138,7 +138,7 @@ class _ClosingConnection(h11.Connection):
     protocol_error: str | None = None
     request_id: str | None = None            # the X-Request-Id of the answer being sent (serve/access.py)
     chunked = False                          # the request being read has a chunked body
-    chunks = size = 0                        # and so far this many pieces of it (h11's Data events), of these bytes
+    chunks = size = 0                        # and so far this many chunks of it begun, of these bytes
 
     def next_event(self):
         try:
@@ -159,7 +159,9 @@ class _ClosingConnection(h11.Connection):
                                        "ambiguous (send one of them)")
                 raise h11.RemoteProtocolError(self.protocol_error)
         elif isinstance(event, h11.Data) and self.chunked:
-            self.chunks += 1
+            # h11 gives one chunk as many Data events as the reads it came in: a chunk is one
+            # where it starts (a 6 MB chunk read 500 bytes at a time is one chunk, not 12,000)
+            self.chunks += event.chunk_start
             self.size += len(event.data)
             if self.chunks > SMALL_CHUNKS + self.size // CHUNK_BYTES:
                 self.protocol_error = (f"the chunked request body came in {self.chunks} chunks for its first "
@@ -250,7 +252,7 @@ def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
     class AgpH11(H11Protocol):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self.conn = _ClosingConnection(h11.SERVER, max_incomplete_event_size=max_header_bytes + 1)
+            self.conn = ClosingConnection(h11.SERVER, max_incomplete_event_size=max_header_bytes + 1)
             self.timeout_keep_alive = keep_alive_timeout     # uvicorn's idle timer reads it
 
         def connection_made(self, transport):

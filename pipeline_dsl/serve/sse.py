@@ -19,7 +19,7 @@ from starlette.requests import ClientDisconnect
 
 from . import protocol as P
 from .access import request_info
-from .answers import Vocabularies, Vocabulary, call_parser, prompt_text, thinking_of
+from .answers import Vocabularies, Vocabulary, answer_thinks, call_parser, prompt_text, thinking_of
 from .async_pipeline import RequestStream
 from .errors import answer_failed, api_error, log_error
 from .server import SEND_WATCH
@@ -264,7 +264,7 @@ class ChunkWriter(Relay):
         return text, lp
 
     def content(self, index: int, text: str, step_lp: list | None = None, data: dict | None = None,
-                ids: list | None = None, gen: str | None = None) -> list[bytes]:
+                ids: list | None = None, gen: str | None = None, constrained: bool | None = None) -> list[bytes]:
         """Choice `index`'s chunks for `text` (its tokens' `step_lp`, `ids`), written by generate
         stage `gen`, whose model's form its tool calls are read in; `data`: its answer, when it
         came whole."""
@@ -288,8 +288,9 @@ class ChunkWriter(Relay):
             from pipeline_dsl.reasoning import Splitter
 
             splitter = self.splitters.get(index)
-            if splitter is None:
-                splitter = self.splitters[index] = Splitter(self.thinking)
+            if splitter is None:                       # an answer its stage held to a format: no thinking
+                thinks = answer_thinks(self.runtime, self.req, gen, (data or {}).get("request"), constrained)
+                splitter = self.splitters[index] = Splitter(bool(thinks))
             thought, text = splitter.feed(text)
             if not self.req.include_reasoning:         # vLLM's include_reasoning: false, the thinking left out
                 thought = ""
@@ -358,7 +359,7 @@ class ChunkWriter(Relay):
         self.usage_so_far[prompt] = out.usage          # the request's: an earlier stage's draft counted too
         self.own_tokens[index] = out.completion_tokens
         chunks = self.content(index, out.delta_text, getattr(out, "logprobs", None), ids=out.new_token_ids,
-                              gen=getattr(out, "generated_by", None))
+                              gen=getattr(out, "generated_by", None), constrained=getattr(out, "constrained", False))
         if out.finished and index not in self.closed:
             return [*chunks, *self.finish(index, out.finish_reason, getattr(out, "stop_reason", None))]
         return chunks
