@@ -134,7 +134,7 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}]}
     ("reasoning_format", "none", "(agp serve --reasoning-parser qwen3|deepseek_r1 splits a reasoning model's "
                                  "thinking out"),
     ("think", False, "(agp serve --reasoning-parser qwen3|deepseek_r1 splits a reasoning model's thinking out of its "
-                     "answer into 'reasoning_content', as vLLM's does; turn thinking off with chat_template_kwargs "
+                     "answer into reasoning_content, as vLLM's does; turn thinking off with chat_template_kwargs "
                      "{\"enable_thinking\": false})"),
 ])
 @pytest.mark.parametrize("parse", ["chat", "completion"])
