@@ -16,6 +16,8 @@ is held back until it is whole or is not a tag, so the pieces it gives, joined, 
 """
 from __future__ import annotations
 
+from pipeline_dsl.tools import partial_suffix
+
 PARSERS = ("qwen3", "deepseek_r1")            # vLLM's --reasoning-parser names agp reads
 START, END = "<think>", "</think>"
 
@@ -36,21 +38,12 @@ def thinks(parser: str | None, template_kwargs: dict | None) -> bool:
     return not (parser == "qwen3" and (template_kwargs or {}).get("enable_thinking") is False)
 
 
-def _held(text: str, tag: str) -> int:
-    """How many characters at the end of `text` may be the start of `tag` (0: none)."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-n:]):
-            return n
-    return 0
-
-
 class Splitter:
     """One answer's reasoning and content, a piece at a time. `thinking`: the answer starts in
     its thinking (thinks); else every piece is content."""
 
     def __init__(self, thinking: bool):
         self.thinking = thinking
-        self.had_thinking = thinking        # whether the answer has a reasoning part at all
         self.started = False                # a <think> was dropped (or cannot come any more)
         self.rest = ""                      # text held back: maybe the start of a tag
 
@@ -72,7 +65,7 @@ class Splitter:
         if end >= 0:
             self.thinking, self.started = False, True
             return "".join(reasoning) + text[:end], text[end + len(END):]
-        keep = max(_held(text, END), 0 if self.started else _held(text, START))
+        keep = max(partial_suffix(text, END), 0 if self.started else partial_suffix(text, START))
         if keep:
             text, self.rest = text[:-keep], text[-keep:]
         return "".join(reasoning) + text, ""
@@ -86,9 +79,8 @@ class Splitter:
 def split(text: str, thinking: bool) -> tuple[str | None, str | None]:
     """(reasoning, content) of a whole answer, as vLLM's parsers give them: reasoning None where the
     answer has no thinking part, content None where nothing follows `</think>`."""
-    s = Splitter(thinking)
-    reasoning, content = s.feed(text)
-    reasoning += s.finish()
-    if not s.had_thinking:
+    if not thinking:
         return None, text
-    return reasoning, content or None
+    s = Splitter(True)
+    reasoning, content = s.feed(text)
+    return reasoning + s.finish(), content or None

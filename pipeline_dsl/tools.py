@@ -236,7 +236,7 @@ class ToolStream:
         while True:
             start = self.pending.find(OPEN)
             if start < 0:
-                keep = _partial_suffix(self.pending, OPEN)
+                keep = partial_suffix(self.pending, OPEN)
                 content += self.pending[:len(self.pending) - keep]
                 self.pending = self.pending[len(self.pending) - keep:]
                 return content, calls
@@ -275,7 +275,7 @@ class ToolStream:
         return calls
 
 
-def _partial_suffix(text: str, tag: str) -> int:
+def partial_suffix(text: str, tag: str) -> int:
     """Length of the longest suffix of text that is a proper prefix of tag."""
     for k in range(min(len(tag) - 1, len(text)), 0, -1):
         if text.endswith(tag[:k]):
@@ -313,7 +313,7 @@ _SPACE = re.compile(r"\s*")          # white space, as str.isspace and str.lstri
 def _marker_start(text: str, marker: str, since: int = 0) -> int:
     """Where `marker` (or, at the end, a beginning of it) is in text, from `since` on."""
     at = text.find(marker, since)
-    return at if at >= 0 else len(text) - _partial_suffix(text, marker)
+    return at if at >= 0 else len(text) - partial_suffix(text, marker)
 
 
 def _json_values(text: str, separators: str) -> list | None:
