@@ -282,6 +282,15 @@ def test_measured_costs_replace_the_nominal_ones_in_the_prediction():
     assert make_plan(graph()).speedup > 1.25
 
 
+def test_measured_costs_of_no_work_predict_no_overlap_and_no_speedup():
+    """`make_plan(graph, costs=trace.costs())` of a trace that holds no engine step: every work
+    costs nothing, so nothing overlaps and nothing is gained (it divided zero by zero)."""
+    for measured in ({}, {"gen.forward": 0.0}):
+        plan = make_plan(graph(), costs=measured)
+        assert plan.overlap == 0.0 and plan.speedup == 1.0
+        assert {w.cost for w in plan.work} == {0.0}
+
+
 def test_agp_plan_json_of_a_derived_pipeline_names_its_base_and_the_report_its_figures():
     """A derived pipeline's plan says which pipeline it copies, in --json as in the report; the
     report's overlap and speedup are the plan's own figures."""
