@@ -1386,3 +1386,13 @@ def test_a_server_that_keeps_the_stream_open_after_done_is_not_waited_for():
     (r,) = records
     assert (r.error, r.truncated, r.finish_reason) == (None, False, "length")
     assert r.done < handler.ended[0]
+
+
+def test_a_table_of_poisson_and_bursty_reports_shows_each_ones_burstiness():
+    """Side by side, a bursty measurement beside a Poisson one (a --baseline): the burstiness row
+    is shown as soon as one report is not Poisson, with 1 for the Poisson one."""
+    records = [_record(0.0, [0.1, 0.2, 0.3])]
+    poisson = B.summarize("a", 1.0, records, duration=1.0)
+    bursty = B.summarize("b", 1.0, records, duration=1.0, burstiness=0.5)
+    assert re.search(r"^burstiness\s+1\s+0\.5$", B.format_table([poisson, bursty]), re.M)
+    assert "burstiness" not in B.format_table([poisson, poisson])
