@@ -434,6 +434,21 @@ def configure():
     return configure
 
 
+def test_uvicorns_own_records_are_written_in_the_servers_format(monkeypatch, configure):
+    """uvicorn logs its start and an application's exception on `uvicorn.error`: one record in the
+    server's format (through agp's handler on `uvicorn`), not lost nor a bare line."""
+    import io
+    import logging
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    configure("json", "info")
+    logging.getLogger("uvicorn.error").info("Started server process [%d]", 7)
+    [line] = sys.stderr.getvalue().splitlines()
+    record = json.loads(line)
+    assert (record["logger"], record["level"], record["message"]) == ("uvicorn.error", "INFO",
+                                                                      "Started server process [7]")
+
+
 def test_a_text_log_line_is_one_line_whatever_a_client_put_in_its_reason(monkeypatch, configure):
     """A 404's reason quotes the request's `model`: `"model": "m\\nFORGED INFO agp.access: …"`
     wrote a second line to the text log, one the client chose (an escape sequence reached the
