@@ -535,8 +535,10 @@ def _plan_segment(graph: nx.DiGraph, seg: tuple, window: int, costs, prefix: str
         main = [g for st in main for g in (st.split("+") if "+" in st else [st])]
         streams.append(Stream(names[res], res, tuple(main), tuple(mine)))
     serial = sum(w.cost for w in works)
+    # measured costs of nothing (a trace without an engine step): no time to overlap, no speedup
+    speedup = round(serial / period, 4) if period > 0 else 1.0
     return Plan(pipeline=str(graph.graph.get("name", "")), streams=tuple(streams), events=events,
-                work=works, overlap=round(overlap, 4), speedup=round(serial / period, 4),
+                work=works, overlap=round(overlap, 4), speedup=speedup,
                 window=window, baseline=nimble, segment="+".join(gens), stages=(batch, encode, kv, *gens),
                 anchor=anchor, beside=during)
 

@@ -1386,3 +1386,28 @@ def test_a_server_that_keeps_the_stream_open_after_done_is_not_waited_for():
     (r,) = records
     assert (r.error, r.truncated, r.finish_reason) == (None, False, "length")
     assert r.done < handler.ended[0]
+
+
+def test_a_table_of_poisson_and_bursty_reports_shows_each_ones_burstiness():
+    """Side by side, a bursty measurement beside a Poisson one (a --baseline): the burstiness row
+    is shown as soon as one report is not Poisson, with 1 for the Poisson one."""
+    records = [_record(0.0, [0.1, 0.2, 0.3])]
+    poisson = B.summarize("a", 1.0, records, duration=1.0)
+    bursty = B.summarize("b", 1.0, records, duration=1.0, burstiness=0.5)
+    assert re.search(r"^burstiness\s+1\s+0\.5$", B.format_table([poisson, bursty]), re.M)
+    assert "burstiness" not in B.format_table([poisson, poisson])
+
+
+def test_the_engine_counters_of_a_measurement_leave_out_the_warm_ups_evictions_too():
+    before = {"decode_steps": 4, "mean_batch_size": 1.0, "preemptions": 1, "kv_evictions": 2}
+    after = {"decode_steps": 10, "mean_batch_size": 2.2, "preemptions": 3, "kv_evictions": 7, "peak_memory_bytes": 9}
+    assert B.during(before, after) == {"decode_steps": 6, "mean_batch_size": pytest.approx(3.0), "preemptions": 2,
+                                       "kv_evictions": 5, "peak_memory_bytes": 9}
+
+
+def test_a_report_keeps_five_error_samples_and_shows_a_kv_hit_rate_of_nothing_as_0_percent():
+    records = [_record(0.0, [0.1, 0.2])] + [B.RequestRecord(sent=0.0, done=0.1, error=f"HTTP 50{i}: busy")
+                                          for i in (6, 5, 4, 3, 2, 1, 0)]
+    r = B.summarize("x", 1.0, records, duration=1.0)
+    assert r.error_samples == [f"HTTP 50{i}: busy" for i in range(5)] and r.first_error == "HTTP 506: busy"
+    assert r.kv_hit_rate == 0.0 and re.search(r"^KV hit rate\s+0\.0%$", B.format_table([r]), re.M)

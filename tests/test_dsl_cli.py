@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -247,6 +248,18 @@ def test_render_refuses_to_draw_over_the_pipeline_file_itself(tmp_path):
     for args in ([path], [path, "-o", path]):
         r = agp_in("render", *args, cwd=tmp_path)
         assert r.returncode == 2 and f"cannot write '{path}': it is the pipeline file {path} itself" in r.stderr
+        assert path.read_text(encoding="utf-8") == text
+
+
+def test_render_refuses_the_pipeline_file_under_another_name_too(tmp_path):
+    """`-o` naming the pipeline file by a relative path or a hard link is the file itself."""
+    path = tmp_path / "p.svg"
+    text = Path(CHAT).read_text(encoding="utf-8")
+    path.write_text(text, encoding="utf-8")
+    os.link(path, tmp_path / "q.svg")
+    for out in ("p.svg", "q.svg"):
+        r = agp_in("render", path, "-o", out, cwd=tmp_path)
+        assert r.returncode == 2 and f"cannot write '{out}': it is the pipeline file {path} itself" in r.stderr
         assert path.read_text(encoding="utf-8") == text
 
 

@@ -296,6 +296,47 @@ def test_spans_added_from_several_threads_while_the_trace_is_read_are_all_kept()
     assert trace.busy_s() == {f"s{k}": pytest.approx(1000.0) for k in range(4)}
 
 
+def test_the_chrome_trace_holds_microseconds_lanes_and_one_flow_per_request():
+    """Trace Event Format: times in microseconds from the first span, a span's micro-batch (0
+    included) in its args, a request's spans joined by one flow (s … f, each later one bound to
+    its enclosing slice), and lifetimes packed on as few lanes as never overlap (a lane free
+    again the moment its last lifetime ends)."""
+    trace = Trace()
+    trace.add("compute", "gen.forward", 1.0, 1.5, 0)
+    trace.add("host", "batch.schedule", 1.25, 1.375, 1, args={"request": "r1"})
+    trace.add("host", "gen.emit", 1.625, 1.75, 0, args={"request": "r1"})
+    trace.add("host", "out.respond", 1.8, 1.9, args={"request": "r1"})
+    trace.add("host", "out.respond", 1.95, 2.0, args={"request": "r2"})       # alone: no flow
+    for start, end in ((2.0, 2.5), (1.0, 2.0), (1.5, 2.25)):                  # added out of time order
+        trace.add("requests", "gen.generate", start, end, lane=True)
+    data = trace.to_chrome()
+    events = data["traceEvents"]
+    tracks = {e["tid"]: e["args"]["name"] for e in events if e["name"] == "thread_name"}
+    spans = [e for e in events if e["ph"] == "X"]
+    forward = next(e for e in spans if e["name"] == "gen.forward")
+    assert (forward["ts"], forward["dur"], forward["args"]) == (0.0, 500000.0, {"micro_batch": 0})
+    emit = next(e for e in spans if e["name"] == "gen.emit")
+    assert (emit["ts"], emit["dur"]) == (625000.0, 125000.0)
+    lanes = sorted((tracks[e["tid"]], e["ts"]) for e in spans if e["name"] == "gen.generate")
+    assert lanes == [("requests #1", 0.0), ("requests #1", 1000000.0), ("requests #2", 500000.0)]
+    flow = [e for e in events if e["ph"] in "stf"]
+    assert [(e["ph"], e["ts"], e.get("bp")) for e in flow] == [("s", 250000.0, None), ("t", 625000.0, "e"),
+                                                               ("f", 800000.0, "e")]
+    assert {e["args"]["request"] for e in flow} == {"r1"}
+
+
+def test_a_traces_costs_are_the_mean_of_each_works_spans_and_its_busy_time_counts_overlaps_once():
+    trace = Trace()
+    for start, end in ((0.0, 0.5), (1.0, 1.25)):
+        trace.add("compute", "gen.forward", start, end)
+    trace.add("host", "gen.emit", 0.25, 0.75)
+    trace.add("host", "batch.schedule", 0.5, 1.0)             # overlaps the emit on the host stream
+    trace.add("requests", "gen.generate", 0.0, 5.0, lane=True)  # a lifetime: no stream's work
+    assert trace.costs() == {"gen.forward": 0.375, "gen.emit": 0.5, "batch.schedule": 0.5}
+    assert trace.busy_s() == {"compute": pytest.approx(0.75), "host": pytest.approx(0.75)}
+    assert trace.hidden_fraction("host", "compute") == pytest.approx(0.25 / 0.75)
+
+
 def test_a_span_added_at_any_point_of_a_read_of_the_trace_neither_breaks_it_nor_is_lost():
     # the interleaving the threads above may or may not hit, forced: a span is added (as another
     # thread could) between any two lines the trace's readers run; each reads a snapshot

@@ -640,3 +640,130 @@ def test_a_backlog_waits_on_the_engine_it_waits_for(long_gguf):
     assert value(fams, "agp_num_requests_waiting", "agp_num_requests_waiting") == waiting[slow]
     running = {e: value(fams, "vllm:num_requests_running", "vllm:num_requests_running", engine=e) for e in (slow, fast)}
     assert running == {slow: 1, fast: 0}
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _engine_stats(**counters) -> dict:
+    return {"engines": {"gen": counters}}
+
+
+def test_each_stats_line_counts_the_tokens_since_the_line_before_it():
+    """The periodic line's throughputs are over the time since the previous line, prompt and
+    generated tokens each their own; a quiet period writes no line, one with requests only
+    waiting writes one."""
+    from pipeline_dsl.serve.metrics import StatsLine
+
+    clock = _Clock()
+    line = StatsLine(clock)
+    assert line(_engine_stats(prefill_tokens=0, generated_tokens=0)) is None      # the baseline
+    clock.now = 2.0
+    first = line(_engine_stats(running=1, prefill_tokens=100, generated_tokens=40,
+                               kv_blocks_used=3, kv_blocks_total=8))
+    assert first == {"running": 1, "waiting": 0, "prompt_tok_s": 50.0, "gen_tok_s": 20.0,
+                     "kv_usage": 0.375, "prefix_hit_rate": 0.0}
+    clock.now = 12.0                                        # the next line: the last 10 s alone
+    second = line(_engine_stats(running=1, prefill_tokens=100, generated_tokens=140))
+    assert (second["prompt_tok_s"], second["gen_tok_s"]) == (0.0, 10.0)
+    clock.now = 14.0
+    assert line(_engine_stats(prefill_tokens=100, generated_tokens=140)) is None  # nothing ran
+    clock.now = 16.0
+    waiting = line(_engine_stats(waiting=2, prefill_tokens=100, generated_tokens=140))
+    assert waiting is not None and (waiting["waiting"], waiting["gen_tok_s"]) == (2, 0.0)
+
+
+def test_the_prefix_hit_rate_gauge_is_over_its_window_not_the_servers_lifetime():
+    """agp_prefix_cache_hit_rate: the share of the prompt tokens looked up in the last window_s
+    seconds that the cache served; lookups older than the window no longer count."""
+    from pipeline_dsl.serve.metrics import Window
+
+    clock = _Clock()
+    w = Window(60.0, clock)
+    for t, queried, hits in ((0, 0, 0), (30, 100, 0), (70, 200, 100), (100, 300, 190)):
+        clock.now = t
+        w.add({"kv_queried_tokens": queried, "kv_hit_tokens": hits})
+    # the window reaches back to the sample at 30 s (the newest at least 60 s old): 190 of 200 since
+    assert w.hit_rate() == 0.95 and w.seconds() == 70.0
+    clock.now = 200
+    w.add({"kv_queried_tokens": 300, "kv_hit_tokens": 190})      # no lookup in the last 100 s
+    assert w.hit_rate() == 0.0
+    clock.now = 210
+    w.add({"kv_queried_tokens": 301, "kv_hit_tokens": 191})      # one token looked up, and served
+    assert w.hit_rate() == 1.0
+
+
+def test_a_histogram_of_exact_counts_puts_a_value_on_a_bound_in_that_bucket():
+    """vllm:iteration_tokens_total and agp_batch_size, from exact {value: count}: a bucket `le`
+    counts the values up to and with it (a step of 8 tokens is in le="8"), the sum is of the values."""
+    from pipeline_dsl.serve.metrics import counts_histogram
+
+    fam = counts_histogram("h", "doc", {1: 2, 8: 1, 9: 1}, (1, 8, 16), {"model_name": "m"})
+    samples = {(s.name, s.labels.get("le")): s.value for s in fam.samples}
+    assert [samples[("h_bucket", le)] for le in ("1", "8", "16", "+Inf")] == [2, 3, 4, 4]
+    assert (samples[("h_count", None)], samples[("h_sum", None)]) == (4, 19.0)
+
+
+def test_the_requests_queued_before_the_engines_wait_on_the_first_engine_alone():
+    """vllm:num_requests_waiting{engine}: each engine's own queue, and the requests still in the
+    pipeline's queues before generation (at its batchers, not yet at an engine) on engine 0 only;
+    agp_num_requests_waiting counts them all once."""
+    from prometheus_client import generate_latest
+
+    from pipeline_dsl.serve.metrics import ServerMetrics
+
+    stats = {"engines": {"g1": {"waiting": 1, "running": 1}, "g2": {"waiting": 2, "running": 0}},
+             "stages": {"request": {"kind": "requests", "queued": 3}, "b1": {"kind": "dynamic_batch", "queued": 2},
+                        "g1": {"kind": "generate", "queued": 9}}}
+    m = ServerMetrics("m", process=False, engine_of={"g1": "0", "g2": "1"})
+    m.update_engine(stats)
+    fams = {f.name: f for f in text_string_to_metric_families(generate_latest(m.registry).decode())}
+    name = "vllm:num_requests_waiting"
+    assert {e: value(fams, name, name, engine=e) for e in ("0", "1")} == {"0": 3, "1": 2}
+    assert value(fams, "agp_num_requests_waiting", "agp_num_requests_waiting") == 5
+
+
+def test_a_requests_figures_when_its_choices_share_one_usage():
+    """Choices that do not count their own tokens (a python stage's text) share the request's:
+    each choice generated its share and the longest is the share rounded up; the request's n is
+    the n it asked for (one answer for n=4 still asked for four); inference is prefill + decode."""
+    from prometheus_client import generate_latest
+
+    from pipeline_dsl.flow import Choice, Result
+    from pipeline_dsl.serve.metrics import ServerMetrics
+
+    m = ServerMetrics("m", process=False)
+    choices = [Choice(i, "x", "stop", {}) for i in range(2)]
+    m.observe_result(Result("r", None, choices, None, {"prompt_tokens": 5, "completion_tokens": 9, "cached_tokens": 0},
+                            {"prefill_s": 0.25, "decode_s": 0.5}), 1.0, {"n": 4})
+    fams = {f.name: f for f in text_string_to_metric_families(generate_latest(m.registry).decode())}
+
+    def sums(name):
+        return value(fams, name, name + "_sum"), value(fams, name, name + "_count")
+
+    assert sums("vllm:request_generation_tokens") == (10, 2)            # 5 each, the longest's share
+    assert sums("vllm:request_max_num_generation_tokens") == (5, 1)
+    assert sums("vllm:request_params_n") == (4, 1)
+    assert sums("vllm:request_inference_time_seconds") == (1.5, 2)      # 0.75 s a choice
+
+
+def test_a_finish_without_a_reason_counts_as_stop_and_a_stages_latency_sum_is_its_seconds():
+    from prometheus_client import generate_latest
+
+    from pipeline_dsl.serve.metrics import ServerMetrics
+
+    m = ServerMetrics("m", process=False)
+    m.count_finished([None, "length"])
+    m.update_engine({"engines": {}, "stages": {"up": {"kind": "python", "latency": {
+        "buckets": [(0.1, 2), (1.0, 3), ("+Inf", 3)], "sum_s": 0.75}}}})
+    fams = {f.name: f for f in text_string_to_metric_families(generate_latest(m.registry).decode())}
+    name = "vllm:request_success"
+    assert {r: value(fams, name, name + "_total", finished_reason=r) for r in ("stop", "length")} == \
+        {"stop": 1, "length": 1}
+    name = "agp_stage_latency_seconds"
+    assert value(fams, name, name + "_sum", stage="up") == 0.75 and value(fams, name, name + "_count", stage="up") == 3

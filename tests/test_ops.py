@@ -434,6 +434,21 @@ def configure():
     return configure
 
 
+def test_uvicorns_own_records_are_written_in_the_servers_format(monkeypatch, configure):
+    """uvicorn logs its start and an application's exception on `uvicorn.error`: one record in the
+    server's format (through agp's handler on `uvicorn`), not lost nor a bare line."""
+    import io
+    import logging
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    configure("json", "info")
+    logging.getLogger("uvicorn.error").info("Started server process [%d]", 7)
+    [line] = sys.stderr.getvalue().splitlines()
+    record = json.loads(line)
+    assert (record["logger"], record["level"], record["message"]) == ("uvicorn.error", "INFO",
+                                                                      "Started server process [7]")
+
+
 def test_a_text_log_line_is_one_line_whatever_a_client_put_in_its_reason(monkeypatch, configure):
     """A 404's reason quotes the request's `model`: `"model": "m\\nFORGED INFO agp.access: …"`
     wrote a second line to the text log, one the client chose (an escape sequence reached the
@@ -550,6 +565,66 @@ def test_a_logged_exception_formats_where_python_has_no_notes(monkeypatch, confi
         logging.getLogger("agp.serve").exception("a stage failed")
     lines = sys.stderr.getvalue().splitlines()
     assert lines[0].endswith("ERROR agp.serve: a stage failed") and lines[-1] == "ValueError: bad", lines
+
+
+def test_a_log_lines_time_is_utc_to_the_millisecond_whatever_the_local_zone(monkeypatch):
+    """`2027-01-15T08:00:00.005Z`: the Z says UTC, so the time is UTC on a server whose zone is not,
+    and its milliseconds are three digits (5 ms is .005, not .5)."""
+    import logging
+    import time
+
+    from pipeline_dsl.serve.logs import formatter
+
+    monkeypatch.setenv("TZ", "Asia/Kolkata")                 # UTC+05:30
+    time.tzset()
+    try:
+        record = logging.makeLogRecord({"name": "agp.serve", "levelname": "INFO", "msg": "hello",
+                                        "created": 1_800_000_000.005, "msecs": 5.0})
+        assert formatter("text").format(record) == "2027-01-15T08:00:00.005Z INFO agp.serve: hello"
+        assert json.loads(formatter("json").format(record))["ts"] == "2027-01-15T08:00:00.005Z"
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_a_json_log_record_keeps_its_message_and_puts_the_traceback_in_its_own_field(monkeypatch, configure):
+    import io
+    import logging
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    configure("json", "info")
+    try:
+        raise ValueError("bad")
+    except ValueError:
+        logging.getLogger("agp.serve").exception("a stage failed")
+    record = json.loads(sys.stderr.getvalue())
+    assert record["message"] == "a stage failed" and record["level"] == "ERROR"
+    assert record["exception"].startswith("Traceback (most recent call last):")
+    assert record["exception"].endswith("ValueError: bad")
+
+
+def test_an_exception_groups_exceptions_are_logged_under_it_each_marked_and_indented(monkeypatch, configure):
+    """As Python writes a group: each of its exceptions under a `+---- i ----` line, its lines
+    behind `| `; the group's own line before them, the exception it was raised from first."""
+    import io
+    import logging
+
+    if sys.version_info < (3, 11):
+        pytest.skip("exception groups came with Python 3.11")
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    configure("text", "info")
+    try:
+        try:
+            raise KeyError("cause")
+        except KeyError as e:
+            raise ExceptionGroup("two failed", [ValueError("one\nx"), TypeError("two")]) from e
+    except ExceptionGroup:
+        logging.getLogger("agp.serve").exception("calls failed")
+    lines = sys.stderr.getvalue().splitlines()
+    cause, group = lines.index("KeyError: 'cause'"), lines.index("ExceptionGroup: two failed (2 sub-exceptions)")
+    assert cause < group
+    first, second = lines.index("+---------------- 1 ----------------"), lines.index("+---------------- 2 ----------------")
+    assert group < first < lines.index("| ValueError: one\\nx") < second < lines.index("| TypeError: two")
 
 
 def test_log_lines_go_to_the_stderr_of_the_moment_not_the_one_at_configure(monkeypatch, configure):

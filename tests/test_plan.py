@@ -89,6 +89,24 @@ def test_work_after_the_compute_stream_is_issued_one_micro_batch_later():
     assert copy.work.index("gen.h2d") < copy.work.index("gen.d2h")
 
 
+def test_the_report_shows_work_issued_later_as_the_micro_batch_it_belongs_to():
+    """A work of skew 1 runs the previous micro-batch's piece: the report reads (micro-batch k-1)."""
+    plan = make_plan(graph())
+    lines = format_plan(plan).splitlines()
+    row = {line.split()[0]: line for line in lines if line.startswith("  ") and " cost " in line}
+    assert row["gen.d2h"].endswith("(micro-batch k-1)") and row["gen.emit"].endswith("(micro-batch k-1)")
+    assert "micro-batch" not in row["gen.forward"] and "micro-batch" not in row["batch.schedule"]
+
+
+def test_a_tie_between_the_host_and_the_compute_load_keeps_the_forward_the_bottleneck():
+    """Measured costs that load the host stream as much as the forward: work after the forward is
+    still what is issued a micro-batch later, not the forward itself (after the host's work)."""
+    tied = make_plan(graph(), costs={"gen.forward": 1.0, "batch.schedule": 1.0})
+    skew = {w.name: w.skew for w in tied.work}
+    assert skew["gen.forward"] == skew["gen.h2d"] == 0
+    assert skew["gen.d2h"] == skew["gen.emit"] == 1
+
+
 def test_explicit_placement_wins_over_the_kind():
     plan = make_plan(graph(placement={"gen": "compute", "kv": "copy"}))
     on = {w.name: w.stream for w in plan.work}
@@ -280,6 +298,15 @@ def test_measured_costs_replace_the_nominal_ones_in_the_prediction():
     assert plan.work_named("gen.forward").cost == 0.627
     assert 1.0 < plan.speedup < 1.01 and plan.overlap < 0.01
     assert make_plan(graph()).speedup > 1.25
+
+
+def test_measured_costs_of_no_work_predict_no_overlap_and_no_speedup():
+    """`make_plan(graph, costs=trace.costs())` of a trace that holds no engine step: every work
+    costs nothing, so nothing overlaps and nothing is gained (it divided zero by zero)."""
+    for measured in ({}, {"gen.forward": 0.0}):
+        plan = make_plan(graph(), costs=measured)
+        assert plan.overlap == 0.0 and plan.speedup == 1.0
+        assert {w.cost for w in plan.work} == {0.0}
 
 
 def test_agp_plan_json_of_a_derived_pipeline_names_its_base_and_the_report_its_figures():

@@ -191,3 +191,23 @@ def test_a_box_shows_its_kinds_key_settings_and_those_changed_from_the_default_a
     box = next(ln for ln in dot("top_p = 0.5").splitlines() if ln.startswith('  "gen" ['))
     assert "top_p = 0.5" in box and "max_new_tokens = " in box
     assert "top_k = " not in box and "repetition_penalty" not in box
+
+
+def test_a_box_shows_durations_and_sizes_in_units_as_the_file_writes_them():
+    """A batcher's timeout reads 20ms and a KV budget 64MiB, not the seconds and bytes they hold."""
+    text = (PIPELINE.format(gen="").replace("padding = false", "padding = false  timeout = 20ms")
+            .replace("stage kv : kv_lookup {}", "stage kv : kv_lookup { budget = 64MiB }"))
+    boxes = {ln.split('"')[1]: ln for ln in dot_source(load_pipeline_graph("<test>", text=text)).splitlines()
+             if ln.startswith('  "') and "[label=<" in ln}
+    assert "timeout = 20ms<BR/>" in boxes["batch"] and "0.02" not in boxes["batch"]
+    assert "budget = 64MiB</FONT>" in boxes["kv"] and "67108864" not in boxes["kv"]
+
+
+def test_the_title_of_a_derived_pipeline_names_the_pipeline_it_copies():
+    """`pipeline chat_no_reuse : chat` is drawn under the title `pipeline chat_no_reuse : chat`."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "compare.agp"
+    graph = load_pipeline_graph(str(path), "chat_no_reuse")
+    title = re.search(r'^  label="([^"]*)";$', dot_source(graph), re.M).group(1)
+    assert title.startswith("pipeline chat_no_reuse : chat  (")

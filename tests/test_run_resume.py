@@ -242,6 +242,19 @@ def test_resume_takes_an_input_with_lines_appended_and_runs_only_those(tmp_path,
 
 
 
+def test_resume_reads_a_blank_line_of_its_output_as_nothing_to_mix_up(tmp_path):
+    """An output with a blank line between its records (one edited by hand) still holds this
+    input's answers: the blank line is neither a record nor a foreign line; a last line cut
+    short is not kept."""
+    from pipeline_dsl.commands.run import answered_ids
+
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(b'{"id": 1, "text": "a"}\n\n{"id": 2, "error": {"line": 2}}\n{"id": 3, "te')
+    ids, keep, foreign = answered_ids(str(out))
+    assert dict(ids) == {"1": 1, "2": 1} and foreign == []
+    assert keep == len(b'{"id": 1, "text": "a"}\n\n{"id": 2, "error": {"line": 2}}\n')
+
+
 def test_resume_lets_the_answered_ids_go_as_it_matches_them_to_the_input(tmp_path):
     """--resume over an output of 20000 answered lines: each record's id is let go once an input
     line matches it. It was kept, with a second count of the matched ones, beside each input id's

@@ -183,3 +183,41 @@ def test_the_kv_hit_rate_is_the_engines_hit_tokens_over_the_tokens_they_looked_u
     result = Result("k", 1, [Choice(0, "", "length", {})], None,
                     {"prompt_tokens": 100, "completion_tokens": 4, "cached_tokens": 40}, {"ttft_s": 0.1, "latency_s": 0.4})
     assert summarize(runtime, Tally.of([result]), wall=1.0)["kv_hit_rate"] == pytest.approx(80 / 200)
+
+
+def _runtime(engines: dict, models: dict | None = None):
+    from types import SimpleNamespace as NS
+
+    return NS(stats=lambda: {"engines": engines, "stages": {}, "edges": {}, "models": models},
+              trace=NS(measured_overlap=lambda: 0.0), plan=NS(streams=[]), segments=[])
+
+
+def test_a_run_whose_engines_looked_nothing_up_has_no_kv_hit_rate_and_one_peak_memory():
+    """No prompt token looked up (a pipeline a python stage answers): the hit rate is none, not
+    0 %; the peak memory is the process's, which every engine reports alike, not their sum."""
+    from pipeline_dsl.commands.runner import Tally, summarize
+
+    s = summarize(_runtime({"a": {"kv_queried_tokens": 0, "peak_memory_bytes": 3 << 20},
+                            "b": {"peak_memory_bytes": 3 << 20}}), Tally(), wall=1.0)
+    assert s["kv_hit_rate"] is None and s["peak_memory_bytes"] == 3 << 20
+    lines = format_summary(s).splitlines()
+    assert "KV hit rate     -" in lines and "peak memory     3 MiB" in lines
+
+
+def test_the_summary_says_how_many_copies_of_the_weights_its_engines_loaded():
+    s = {"requests": 3, "prompt_tokens": 0, "cached_tokens": 0,
+         "completion_tokens": 0, "output_tokens_per_s": None, "generation_s": 0, "ttft_p50_ms": None,
+         "ttft_p99_ms": None, "tpot_p50_ms": None, "tpot_p99_ms": None, "mean_batch_size": None,
+         "kv_hit_rate": None, "weight_bytes": 3 << 20}
+    assert not any(x.startswith("weights ") for x in format_summary(s).splitlines())   # no copy counted
+    one = format_summary({**s, "weight_copies": 1, "engines": {"g1": {}, "g2": {}, "g3": {}}}).splitlines()
+    assert "weights         3.0 MiB: 1 loaded copy for 3 engines" in one
+    two = format_summary({**s, "weight_copies": 2, "engines": {"g1": {}, "g2": {}}}).splitlines()
+    assert "weights         3.0 MiB: 2 loaded copies for 2 engines" in two
+    alone = format_summary({**s, "weight_copies": 1, "engines": {"g1": {}}}).splitlines()
+    assert "weights         3.0 MiB: 1 loaded copy for 1 engine" in alone
+
+
+def test_a_stages_row_shows_its_median_call_in_milliseconds():
+    row = {**StageCounter(items_in=3, items_out=3).row("python"), "latency_p50_s": 0.0125}
+    assert _row(_summary({"lookup": row}), "lookup").endswith("  12.50 ms")

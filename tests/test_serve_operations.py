@@ -228,6 +228,29 @@ def test_the_access_line_brackets_an_ipv6_client_so_its_port_can_be_told_apart()
     assert records[0].getMessage().startswith('[::1]:50412 "GET /health HTTP/1.1" 204')
 
 
+def test_the_access_line_gives_the_answers_latency_in_milliseconds():
+    """An answer that took at least 50 ms is logged as that many milliseconds (`latency_ms` of a
+    JSON line, `…ms` of a text one), not as seconds."""
+    import asyncio
+
+    from pipeline_dsl.serve.access import Access
+
+    async def app(scope, receive, send):
+        await asyncio.sleep(0.05)
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def ignore(message):
+        pass
+
+    with LogRecords() as log:
+        scope = {"type": "http", "method": "GET", "path": "/health", "headers": [], "client": ("10.0.0.7", 1)}
+        asyncio.run(Access(app)(scope, None, ignore))
+    [record] = log.records
+    assert record.latency_ms >= 50
+    assert record.getMessage().endswith(f" 204 {record.latency_ms:.1f}ms id={record.request_id}")
+
+
 def test_quiet_paths_log_no_success_but_every_other_request(tiny_gguf):
     """--disable-access-log-for-endpoints /health,/metrics (vLLM's flag): a load balancer's probes
     and a scraper's polls write no access line, other requests do, as under --root-path; an error
