@@ -252,7 +252,7 @@ IGNORED = {"stream": (lambda v: isinstance(v, bool), "true or false"),
                           and " " not in v, "a string of 1 to 128 printable ASCII characters without spaces"),
            "guided_decoding_backend": (lambda v: isinstance(v, str), "a string"),
            "reasoning_effort": (lambda v: v in REASONING_EFFORTS, '"minimal", "low", "medium" or "high"'),
-           # vLLM's: whether a reasoning model's reasoning is split from its answer (agp never splits it)
+           # vLLM's: whether the thinking `agp serve --reasoning-parser` splits off is sent (serve reads it)
            "include_reasoning": (lambda v: isinstance(v, bool), "true or false"),
            **CACHE_SETTINGS}
 KNOWN = {"id", "prompt", "messages", "prompt_token_ids", "model", "metadata", "headers", "tools", "tool_choice", "logit_bias",
