@@ -758,7 +758,7 @@ def test_agp_version_and_the_usage_of_an_unknown_serve_flag():
     for command in ("serve", "run"):                 # as `vllm serve --version` answers
         sv = agp_in(command, "--version")
         assert (sv.returncode, sv.stdout) == (0, v.stdout)
-    bad = agp_in("serve", "examples/chat.agp", "--max-num-seq", "4", "--bogus")
+    bad = agp_in("serve", "examples/chat.agp", "--max-num-seqs", "4", "--bogus")
     assert bad.returncode == 2
     assert "usage: agp serve" in bad.stderr and "unrecognized arguments: --bogus" in bad.stderr
 
