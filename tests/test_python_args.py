@@ -28,6 +28,12 @@ def strict(item, *, top_k):
 def anything(item, **kw):
     return item
 
+def strict_kw(item, *, top_k, **kw):
+    return item
+
+def scaled(item, factor: float = 1.0, flag: bool = False):
+    return item
+
 def answer(item):
     return {"text": repr(item["metadata"]["seen"])}
 
@@ -101,6 +107,23 @@ def test_keywords_that_fill_the_parameters_past_the_item_check_clean(tmp_path):
         assert at(check(tmp_path, one_stage(stage))) == [], stage
     [(message, line, _)] = at(check(tmp_path, one_stage('stage r : python { fn = "hooks:tag"  args = {top_k = 2} }')))
     assert "hooks:tag needs 'label', which neither the call fn(item) nor args gives" in message and line == 3
+
+
+def test_a_keyword_only_parameter_without_a_default_that_args_leaves_out_is_an_error(tmp_path):
+    """`def f(item, *, top_k, **kw)`: args giving other names still leaves top_k unfilled."""
+    [(message, line, _)] = at(check(tmp_path, one_stage('stage r : python { fn = "hooks:strict_kw"  '
+                                                        'args = {label = "a"} }')))
+    assert "hooks:strict_kw needs 'top_k', which neither the call fn(item) nor args gives" in message and line == 3
+    assert at(check(tmp_path, one_stage('stage r : python { fn = "hooks:strict_kw"  args = {top_k = 1} }'))) == []
+
+
+def test_an_int_for_a_float_parameter_is_no_warning_but_a_number_for_a_bool_is(tmp_path):
+    """An int is a float as Python's type checkers take it; a bool takes true/false alone."""
+    diags = check(tmp_path, one_stage('stage r : python { fn = "hooks:scaled"  args = {factor = 2} }'))
+    assert at(diags) == [] and at(diags, "warning") == []
+    [(message, _, _)] = at(check(tmp_path, one_stage('stage r : python { fn = "hooks:scaled"  args = {flag = 1} }')),
+                           "warning")
+    assert "'flag' is annotated bool in hooks:scaled" in message
 
 
 def test_a_keyword_the_call_already_fills_is_an_error_at_the_key(tmp_path):
