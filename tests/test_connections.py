@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -234,6 +235,26 @@ def test_a_chunked_body_in_thousands_of_tiny_chunks_is_a_400_and_in_larger_ones_
     assert error["code"] == "invalid_http_request" and "more than 4096 beyond one per 1024 bytes" in error["message"]
     assert larger.startswith(b"HTTP/1.1 200 "), larger[:300]
     assert httpx.get(url + "/health", timeout=10).status_code == 200
+
+
+def test_each_request_on_a_kept_alive_connection_has_its_own_chunk_count(serve):
+    """Two requests on one connection, each in 3,000 one-byte chunks (under the bound for its
+    size): both are read, the second's chunks not counted on top of the first's."""
+    _, url, port = serve
+    body = json.dumps({"prompt": "hi", "max_tokens": 1, "user": "u" * 2_950}).encode()
+    one = chunked(body, 1).replace(b"Connection: close\r\n", b"")
+    with socket.create_connection(("127.0.0.1", port)) as c:
+        c.settimeout(60)
+        for _ in range(2):
+            c.sendall(one)
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += c.recv(65536)
+            head, _, rest = answer.partition(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+            while len(rest) < length:
+                rest += c.recv(65536)
+            assert head.startswith(b"HTTP/1.1 200 "), answer[:300]
 
 
 class _Transport:
