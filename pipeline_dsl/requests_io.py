@@ -581,7 +581,9 @@ _SAMPLING_ARE = ("a request's sampling fields stand beside its prompt, not in an
 # agp takes OpenAI's and vLLM's names, and says which of its own a client of those servers meant
 _NO_SAMPLER = "agp has no such sampler: it samples by temperature, top_k, top_p, min_p and the penalties"
 _NO_SHIFT = "agp never shifts the context: the prompt and 'max_tokens' must fit it"
-_NO_REASONING = "agp splits no reasoning out of an answer"
+_NO_REASONING = ("agp splits a reasoning model's thinking out of its chat answers (reasoning_content) when the "
+                 "server runs with --reasoning-parser qwen3 or deepseek_r1, not by a request's field; under qwen3, "
+                 "chat_template_kwargs {\"enable_thinking\": false} turns the thinking off")
 LLAMA_CPP_FIELDS = {
     "n_predict": "llama.cpp's name; agp's is 'max_tokens'",
     "content": "llama.cpp's name for the text; agp's is 'prompt' (completions, /tokenize), 'messages' (chat) or "

@@ -105,7 +105,11 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}]}
     ("num_predict", 8, "(Ollama's name; agp's is 'max_tokens')"),
     ("format", "json", "(Ollama's; agp's is 'response_format': {\"type\": \"json_object\"} for \"json\""),
     # not "did you mean 'reasoning_effort'?", another setting
-    ("reasoning_format", "none", "(agp splits no reasoning out of an answer)"),
+    ("reasoning_format", "none", "(agp splits a reasoning model's thinking out of its chat answers (reasoning_content) "
+                                 "when the server runs with --reasoning-parser qwen3 or deepseek_r1"),
+    ("think", False, "(agp splits a reasoning model's thinking out of its chat answers (reasoning_content) when the "
+                     "server runs with --reasoning-parser qwen3 or deepseek_r1, not by a request's field; under qwen3, "
+                     "chat_template_kwargs {\"enable_thinking\": false} turns the thinking off)"),
 ])
 @pytest.mark.parametrize("parse", ["chat", "completion"])
 def test_llama_cpps_and_ollamas_fields_are_a_400_naming_agps(field, value, said, parse):
