@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -256,6 +257,25 @@ def test_one_large_chunk_that_arrives_in_many_small_reads_is_one_chunk():
         read += len(event.data)
     assert isinstance(event, h11.EndOfMessage) and read == size
     assert conn.chunks == 1 and conn.protocol_error is None
+
+def test_each_request_on_a_kept_alive_connection_has_its_own_chunk_count(serve):
+    """Two requests on one connection, each in 3,000 one-byte chunks (under the bound for its
+    size): both are read, the second's chunks not counted on top of the first's."""
+    _, url, port = serve
+    body = json.dumps({"prompt": "hi", "max_tokens": 1, "user": "u" * 2_950}).encode()
+    one = chunked(body, 1).replace(b"Connection: close\r\n", b"")
+    with socket.create_connection(("127.0.0.1", port)) as c:
+        c.settimeout(60)
+        for _ in range(2):
+            c.sendall(one)
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += c.recv(65536)
+            head, _, rest = answer.partition(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+            while len(rest) < length:
+                rest += c.recv(65536)
+            assert head.startswith(b"HTTP/1.1 200 "), answer[:300]
 
 
 class _Transport:

@@ -39,6 +39,8 @@ def split_bad(item):
         return [{"prompt": "fine"}, {"metadata": {}}]
     if bad == "dict":
         return item
+    if bad == "ids":
+        return [{"prompt": "fine"}, {"prompt_token_ids": [1, 10 ** 6]}]
     if bad == "fine":
         return [{"prompt": f"p{i}"} for i in range(4)]
     return [{"prompt": f"p{i}"} for i in range(5)]
@@ -96,6 +98,15 @@ def sub_questions(item):
 def asked(item):
     """After the join: what the merged answer says it answers."""
     return {**item, "text": json.dumps(item["request"])}
+
+
+def scored_parts(item):
+    """One element a part, each asking its own prompt's logprobs."""
+    return [{"prompt": p, "prompt_logprobs": 1} for p in item["prompt"].split("|")]
+
+
+def none_of_it(item):
+    return []
 
 
 def held(item):
@@ -324,6 +335,17 @@ def test_agp_serve_echoes_the_clients_prompt_not_an_elements(tmp_path, soft_gguf
         s.close()
 
 
+@pytest.mark.parametrize("join", ["policy = first", 'fn = "hooks:parts"'])
+def test_the_merged_answer_keeps_no_elements_prompt_logprobs(tmp_path, soft_gguf, join):
+    """An element asks its own prompt's logprobs; the merged answer answers the request the stage got,
+    which asked none: no element's prompt_logprobs in it (each branch's result keeps its own)."""
+    path = pipeline(tmp_path, soft_gguf, split="hooks:scored_parts", join=join)
+    (res,), _ = run(path, [{"id": "q", "prompt": "ab|cd", "max_tokens": 2}])
+    assert res.ok, res.error
+    assert res.choices[0].data.get("prompt_logprobs") is None, res.choices[0].data.get("prompt_logprobs")
+    assert res.choices[0].data["request"]["prompt"] == "ab|cd"
+
+
 def test_agp_run_echoes_the_lines_prompt_and_gives_no_elements_prompt_ids(tmp_path, soft_gguf):
     path = pipeline(tmp_path, soft_gguf, join="policy = first")
     text, chats = flowkit.run_lines(path, [{"id": "e", "prompt": "x|y", "echo": True, "max_tokens": 2},
@@ -357,6 +379,7 @@ def test_an_empty_list_fails_a_built_in_policy_naming_the_join_and_the_stage(tmp
     ("none", "item [1] is a dict without messages, prompt or prompt_token_ids"),
     ("dict", "returned a dict, but it declares returns = many"),
     ("long", "returned a list of 5 requests, more than its max_items = 4"),
+    ("ids", "item [1] is a request whose prompt_token_ids"),
 ])
 def test_a_bad_list_fails_its_request_at_the_stage_and_says_where(tmp_path, soft_gguf, bad, words):
     path = pipeline(tmp_path, soft_gguf, split="hooks:split_bad", split_params=" max_items = 4 ")
@@ -410,6 +433,26 @@ def test_an_empty_list_beside_refused_branches_fails_with_the_refusal(tmp_path, 
         assert empty.error.kind == "failed" and "returned an empty list" in empty.error.message
     (line,) = flowkit.run_lines(path, [chat("r", ",;bad")])
     assert line["error"]["status"] == 400 and line["error"]["message"] == "a bad part"
+    flowkit.edges_add_up(rt.stats())
+
+
+def test_a_refusal_before_one_join_leaves_a_later_joins_empty_list_to_its_fn(tmp_path, soft_gguf):
+    """A branch refused on its way to the first join (on_reject = drop) is that join's refusal alone:
+    a later join, reached only through the first, whose many stage returned an empty list is
+    answered by its fn([]), not failed with the earlier refusal."""
+    body = ('stage request : requests {}\nstage s1 : python { fn = "hooks:split"  returns = many }\n'
+            "stage gen : generate { max_new_tokens = 3 }\nstage guard : python { fn = \"hooks:guard\" }\n"
+            'stage first : join { policy = first  on_reject = drop }\n'
+            'stage s2 : python { fn = "hooks:none_of_it"  returns = many }\n'
+            'stage gen2 : generate { max_new_tokens = 3 }\n'
+            'stage second : join { fn = "hooks:parts"  on_reject = drop }\nstage out : respond {}\n'
+            "request -> s1 -> batch\n" + chain() + "gen -> guard -> first -> s2 -> batch2\n"
+            + chain("gen2", "batch2", "encode2", "kv2") + "gen2 -> second -> out\n")
+    path = write(tmp_path, soft_gguf, body, hooks=HOOKS)
+    assert errors(path) == []
+    (res,), rt = run(path, [{"id": "q", "prompt": "bad|fine", "max_tokens": 2}])
+    assert res.ok, res.error
+    assert res.choices[0].text == "no parts"
     flowkit.edges_add_up(rt.stats())
 
 

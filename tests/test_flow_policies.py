@@ -238,6 +238,24 @@ def test_the_engine_starts_on_the_first_request_that_reaches_it(tmp_path, soft_g
     assert order[-1] == "slow" and sorted(order[:4]) == [f"fast{i}" for i in range(4)]
 
 
+def test_a_system_message_an_overriding_system_prompt_replaces_is_not_held_against_the_request(tmp_path, soft_gguf):
+    """system_prompt override = true replaces a chat's own system message: one too long for the
+    context by its characters does not refuse the request before it is admitted: the engine sees
+    the short one, and answers it."""
+    path = write(tmp_path, soft_gguf, "stage request : requests {}\n"
+                 'stage sys : system_prompt { text = "be brief"  override = true }\n'
+                 "stage gen : generate { max_new_tokens = 2 }\n"
+                 "stage out : respond {}\nrequest -> sys -> batch\n" + chain() + "gen -> out\n")
+    assert errors(path) == []
+    rt = flowkit.runtime(path)
+    long = "word " * (rt.segments[0].max_prompt_chars // 5 + 1)
+    rt.shutdown()
+    replaced = {"id": "s", "max_tokens": 2, "messages": [{"role": "system", "content": long},
+                                                         {"role": "user", "content": "hi"}]}
+    (res,), _ = run(path, [replaced])
+    assert res.ok, res.error
+
+
 def test_a_prompt_too_long_for_every_engine_is_refused_as_invalid_before_a_full_queue(tmp_path, soft_gguf):
     """A prompt whose characters alone are more than any tokenisation fits in the context (more
     than its tokens times the most characters a token stands for) is a bad request whether or not

@@ -129,6 +129,7 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}]}
     ("mirostat", 2, "(agp has no Mirostat sampler: it samples by temperature, top_k, top_p, min_p"),
     ("options", {"num_predict": 8}, "(Ollama's; agp takes its sampling fields at the top level: 'max_tokens' "
                                     "(num_predict)"),
+    ("num_predict", 8, "(Ollama's name; agp's is 'max_tokens')"),
     ("format", "json", "(Ollama's; agp's is 'response_format': {\"type\": \"json_object\"} for \"json\""),
     # not "did you mean 'reasoning_effort'?", another setting
     ("reasoning_format", "none", "(agp serve --reasoning-parser qwen3|deepseek_r1 splits a reasoning model's "
@@ -159,6 +160,9 @@ def test_a_request_line_is_told_the_same():
     with pytest.raises(RequestError) as e:
         parse_request({"prompt": "hi", "n_predict": 8})
     assert str(e.value) == "unknown field 'n_predict' (llama.cpp's name; agp's is 'max_tokens')"
+    with pytest.raises(RequestError) as e:            # Ollama's as well as llama.cpp's
+        parse_request({"prompt": "hi", "num_predict": 8})
+    assert str(e.value) == "unknown field 'num_predict' (Ollama's name; agp's is 'max_tokens')"
 
 
 def test_the_hints_for_request_lines_stay_off_the_servers_routes():

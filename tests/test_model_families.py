@@ -336,6 +336,10 @@ def test_a_qwen3_folder_without_its_norms_is_refused_and_another_model_with_them
     with pytest.raises(ModelFileProblem, match="tensor 'model.layers.0.self_attn.[qk]_norm.weight' is an "
                                                "RMSNorm over each head of [qk], which only a qwen3 model has"):
         check_model_path(tmp_path)
+    save_file({k: v for k, v in tensors.items() if "q_norm" not in k}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ModelFileProblem, match="tensor 'model.layers.0.self_attn.k_norm.weight' is an "
+                                               "RMSNorm over each head of k, which only a qwen3 model has"):
+        check_model_path(tmp_path)                  # k's norms alone: as refused
     (tmp_path / "config.json").write_text(json.dumps(config))
     del tensors["model.layers.1.self_attn.k_norm.weight"]
     save_file(tensors, str(tmp_path / "model.safetensors"))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 
-import flowkit
 import pipeline_dsl
 from flowkit import chain, chat, errors, run, write
 from pipeline_dsl.diagnostics import CheckFailed
@@ -26,6 +25,12 @@ def strict(item, *, top_k):
     return item
 
 def anything(item, **kw):
+    return item
+
+def strict_kw(item, *, top_k, **kw):
+    return item
+
+def scaled(item, factor: float = 1.0, flag: bool = False):
     return item
 
 def answer(item):
@@ -122,6 +127,22 @@ def test_a_keyword_only_parameter_without_args_names_what_args_must_give(tmp_pat
     derived = one_stage('stage r : python { fn = "hooks:strict"  args = {top_k = 2} }') + "pipeline q : p { r.args = {} }\n"
     [(message, line, column)] = at(check(tmp_path, derived))
     assert "hooks:strict needs 'top_k'" in message and (line, column) == (8, 27)    # the override's map
+
+def test_a_keyword_only_parameter_without_a_default_that_args_leaves_out_is_an_error(tmp_path):
+    """`def f(item, *, top_k, **kw)`: args giving other names still leaves top_k unfilled."""
+    [(message, line, _)] = at(check(tmp_path, one_stage('stage r : python { fn = "hooks:strict_kw"  '
+                                                        'args = {label = "a"} }')))
+    assert "hooks:strict_kw needs 'top_k', which neither the call fn(item) nor args gives" in message and line == 3
+    assert at(check(tmp_path, one_stage('stage r : python { fn = "hooks:strict_kw"  args = {top_k = 1} }'))) == []
+
+
+def test_an_int_for_a_float_parameter_is_no_warning_but_a_number_for_a_bool_is(tmp_path):
+    """An int is a float as Python's type checkers take it; a bool takes true/false alone."""
+    diags = check(tmp_path, one_stage('stage r : python { fn = "hooks:scaled"  args = {factor = 2} }'))
+    assert at(diags) == [] and at(diags, "warning") == []
+    [(message, _, _)] = at(check(tmp_path, one_stage('stage r : python { fn = "hooks:scaled"  args = {flag = 1} }')),
+                           "warning")
+    assert "'flag' is annotated bool in hooks:scaled" in message
 
 
 def test_a_keyword_the_call_already_fills_is_an_error_at_the_key(tmp_path):

@@ -96,7 +96,7 @@ USER = [{"role": "user", "content": "hey"}]
 def ids(qwen3_folder):  # noqa: F811
     vocab = json.loads((qwen3_folder / "tokenizer.json").read_text())
     think, end = (next(t["id"] for t in vocab["added_tokens"] if t["content"] == s) for s in ("<think>", "</think>"))
-    return {"think": think, "end": end, "C": 70, "D": 71}
+    return {"think": think, "end": end, "C": 70, "D": 71, "<": vocab["model"]["vocab"]["<"]}
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +159,24 @@ def test_a_qwen3_answer_is_split_at_its_end_tag_whole_and_streamed_alike(server,
     assert m.reasoning_content and m.content and "</think>" not in m.reasoning_content
 
 
+def test_a_streamed_delta_that_ends_the_thinking_carries_the_content_after_it(server, ids):
+    """Stop strings that are never written (no X can be sampled) hold text back, so one delta holds
+    the end of the thinking, </think> and the content after it: that delta gives both, and the
+    stream joins to the whole answer."""
+    tried = []
+    for seed in range(40):
+        kw = {**_sampled(ids, seed), "stop": ["C</think>X", "D</think>X"]}
+        m = server.client.chat.completions.create(model="tiny", messages=USER, **kw).choices[0].message
+        reasoning, content, _, _ = _streamed(server.client.chat.completions.create(model="tiny", messages=USER,
+                                                                                   stream=True, **kw))
+        assert (reasoning, content or None) == (m.reasoning_content, m.content), seed
+        tried.append((m.reasoning_content, m.content))
+        if len(m.reasoning_content or "") > 1 and m.reasoning_content[-1] in "CD" and m.content:
+            break                          # C or D, </think> and the next token came as one delta
+    else:
+        pytest.fail(f"no seed wrote an answer with thinking and content: {tried}")
+
+
 def test_an_answer_cut_inside_its_thinking_is_all_reasoning(server, ids):
     kw = dict(model="tiny", messages=USER, max_tokens=3, extra_body={"allowed_token_ids": [ids["C"]]})
     whole = server.client.chat.completions.create(**kw).choices[0]
@@ -187,6 +205,15 @@ def test_logprobs_hold_the_thinkings_tokens_with_include_reasoning_false_too(ser
                 for c in chunk.choices if c.logprobs and c.logprobs.content for t in c.logprobs.content]
     assert streamed == ["C", "C", "C"]
 
+def test_include_reasoning_false_leaves_out_a_tags_start_held_back_at_the_end(server, ids):
+    """An answer ending in '<' (maybe the start of </think>, held back until the answer ends) is
+    thinking too: with include_reasoning false no delta carries it."""
+    kw = dict(model="tiny", messages=USER, max_tokens=2,
+              extra_body={"allowed_token_ids": [ids["<"]], "include_reasoning": False})
+    assert _streamed(server.client.chat.completions.create(stream=True, **kw))[:2] == ("", "")
+    kw["extra_body"]["include_reasoning"] = True
+    assert _streamed(server.client.chat.completions.create(stream=True, **kw))[:2] == ("<<", "")
+
 
 def test_enable_thinking_false_leaves_the_whole_answer_content(server, ids):
     kw = dict(model="tiny", messages=USER, max_tokens=3,
@@ -210,6 +237,10 @@ def test_structured_output_or_a_forced_call_while_thinking_is_a_400_naming_the_f
     with pytest.raises(openai.BadRequestError) as e:
         server.client.chat.completions.create(model="tiny", messages=USER, max_tokens=3, tools=[WEATHER],
                                               tool_choice="required")
+    assert e.value.body["param"] == "tool_choice"
+    with pytest.raises(openai.BadRequestError) as e:      # a call forced by the tool's name: the same
+        server.client.chat.completions.create(model="tiny", messages=USER, max_tokens=3, tools=[WEATHER],
+                                              tool_choice={"type": "function", "function": {"name": "get_weather"}})
     assert e.value.body["param"] == "tool_choice"
     with pytest.raises(openai.BadRequestError) as e:
         server.client.responses.create(model="tiny", input="hey", max_output_tokens=16,
@@ -293,6 +324,13 @@ def test_an_answer_a_python_stage_sets_a_format_for_is_content_not_thinking(qwen
         assert _streamed(s.client.chat.completions.create(stream=True, **kw))[:2] == ("", m.content)
     finally:
         s.close()
+
+def test_completions_are_never_split_so_their_structured_output_is_taken(server, ids):
+    """/v1/completions reads no thinking (vLLM's parser reads chat alone): a format there holds from
+    the first token, as without the parser."""
+    r = server.client.completions.create(model="tiny", prompt="hey", max_tokens=3,
+                                         extra_body={"guided_regex": "[0-9]+"})
+    assert r.choices[0].text.isdigit(), r.choices[0].text
 
 
 def test_the_responses_api_gives_the_thinking_as_a_reasoning_item_before_the_message(server):

@@ -112,6 +112,9 @@ def test_an_unknown_model_is_a_404_and_a_text_beyond_the_context_names_its_place
     assert err["param"] == "documents" and "'documents[1]'" in err["message"], err
     err = post(server, "/v1/score", {"text_1": "a b c d " * 600, "text_2": ["a"]}, 400)["error"]
     assert err["param"] == "text_1" and "'text_1'" in err["message"], err
+    # a text given twice before it (embedded once) does not move the place named
+    err = post(server, "/v1/rerank", {"query": "a", "documents": ["a", "a", "a b c d " * 600]}, 400)["error"]
+    assert err["param"] == "documents" and "'documents[2]'" in err["message"], err
     # past what any tokenisation fits by its characters alone: refused as it is queued, named the same
     longest = server.runtime.segments[0].max_prompt_chars
     err = post(server, "/v1/rerank", {"query": "q", "documents": ["a", "a " * longest]}, 400)["error"]

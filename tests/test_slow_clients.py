@@ -579,6 +579,48 @@ def test_connections_waiting_for_a_request_make_room_for_a_new_client_at_the_ope
     assert "open files 256" in err and "that waited longest for a request" in err, err[-3000:]
 
 
+def test_the_first_connection_past_the_bound_closes_the_longest_waiting(long_gguf, tmp_path):
+    """Under an open-files limit of 256 the server keeps 256 - 64 = 192 connections open: the 193rd
+    (and a few more) closes the one that waited longest, the earliest opened without a request; a
+    connection whose request is under way (its body still arriving) is none of them and is answered."""
+    resource = pytest.importorskip("resource")
+    path = tmp_path / "tiny.agp"
+    path.write_text(TINY.format(model=long_gguf, max_queue=64, max_batch_size=4, timeout=1))
+    proc, url = start_agp_serve(str(path), "--threads", "1", "--no-access-log", "--header-timeout", "300",
+                                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)))
+    idle = []
+    try:
+        port = int(url.rsplit(":", 1)[1])
+        body = json.dumps({"prompt": "hi", "max_tokens": 2}).encode()
+        busy = socket.create_connection(("127.0.0.1", port))
+        busy.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body[:5]))
+        idle = [busy] + [socket.create_connection(("127.0.0.1", port)) for _ in range(192 + 4)]
+        idle[1].settimeout(60)
+        assert idle[1].recv(1) == b""            # closed at once, not by the header timeout (300 s)
+        busy.sendall(body[5:])
+        busy.settimeout(60)
+        answer = b""
+        while chunk := busy.recv(65536):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+        assert httpx.get(url + "/health", timeout=30).status_code == 200
+    finally:
+        for c in idle:
+            c.close()
+        proc.terminate()
+        proc.communicate(timeout=60)
+
+
+def test_the_connections_kept_open_leave_a_quarter_of_the_open_files_limit_spare_from_64_to_2048():
+    from pipeline_dsl.serve.server import max_open_connections
+
+    assert max_open_connections(None) is None                       # no limit known: no bound
+    assert max_open_connections(256) == 256 - 64                    # at least 64 spare
+    assert max_open_connections(1024) == 1024 - 256                 # a quarter
+    assert max_open_connections(65536) == 65536 - 2048              # at most 2,048 spare
+
+
 def test_a_client_that_half_closes_after_its_request_is_taken_as_gone(serve):
     """A client that shuts its sending side after the request (`nc -N`) gets no answer: the EOF
     is its going away, as uvicorn takes it; its long answer is aborted and its KV freed."""
