@@ -295,6 +295,47 @@ def test_an_answer_a_python_stage_sets_a_format_for_is_content_not_thinking(qwen
         s.close()
 
 
+def test_an_answer_a_python_stage_writes_itself_is_content_not_thinking(qwen3_folder, tmp_path,  # noqa: F811
+                                                                       monkeypatch):
+    """An answer no model wrote (a python stage's own, `returns = any`: a canned FAQ answer) has no
+    thinking: under --reasoning-parser it is all content, whole and streamed, on chat and the
+    Responses API; it was all reasoning, content null. The model's answers still think."""
+    import tempfile
+
+    from test_serve import TINY
+
+    (tmp_path / "hooks.py").write_text(
+        "def faq(item):\n"
+        "    if 'hours' in item['messages'][-1]['content']:\n"
+        "        return {'text': 'We are open 9 to 5.'}\n"
+        "    return item\n")
+    text = TINY.format(model=qwen3_folder, max_queue=64, max_batch_size=4, timeout=20).replace(
+        "    request -> batch",
+        '    stage faq : python { fn = "hooks:faq"  returns = any }\n    request -> faq\n    faq -> batch\n'
+        "    faq -> out")
+    assert "hooks:faq" in text
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda: str(tmp_path))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    s = LiveServer(qwen3_folder, text=text, overrides={"reasoning_parser": "qwen3"})
+    try:
+        said = "We are open 9 to 5."
+        kw = dict(model="tiny", messages=[{"role": "user", "content": "what are your hours?"}], max_tokens=6)
+        m = s.client.chat.completions.create(**kw).choices[0].message
+        assert (m.reasoning_content, m.content) == (None, said)
+        assert _streamed(s.client.chat.completions.create(stream=True, **kw))[:2] == ("", said)
+        r = s.client.responses.create(model="tiny", input="what are your hours?", max_output_tokens=6)
+        assert [(i.type, i.content[0].text) for i in r.output] == [("message", said)]
+        events = list(s.client.responses.create(model="tiny", input="what are your hours?", max_output_tokens=6,
+                                                stream=True))
+        assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == said
+        assert not any(e.type.startswith("response.reasoning") for e in events)
+        model = s.client.chat.completions.create(model="tiny", messages=USER, max_tokens=3,
+                                                 temperature=0).choices[0].message
+        assert model.reasoning_content is not None and model.content is None     # the model's answer thinks
+    finally:
+        s.close()
+
+
 def test_the_responses_api_gives_the_thinking_as_a_reasoning_item_before_the_message(server):
     """The Responses API's answer to "hey" holds what chat's answer to the same prompt splits out:
     a reasoning item (its text a reasoning_text part), then the message; streamed, the reasoning
@@ -345,12 +386,13 @@ def test_a_streamed_response_with_logprobs_keeps_a_held_back_tag_start_in_its_re
     call = parse_responses({"model": "m", "input": "hi", "include": ["message.output_text.logprobs"]},
                            max_model_len=4096, served=("m",))
     vocab = NS(name_of=str, bytes_of=lambda t: b"x")
-    owner = NS(g=NS(apipe=NS(runtime=NS(reasoning_parser="qwen3")), config=NS(retry_after_s=1)),
+    owner = NS(g=NS(apipe=NS(runtime=NS(reasoning_parser="qwen3", seg_of_gen={"gen": None})),
+                       config=NS(retry_after_s=1)),
                vocabs=lambda c: NS(want_lp=True, of=lambda g: vocab), keep=lambda c, f: None)
     ev = ResponseEvents(owner, call, None, None, "resp_1", None)
     out = []
     for i, piece in enumerate(["is x ", "<", " y?", "</think>", "yes"]):
-        out += ev.content(piece, [{"token_id": i, "logprob": -0.1, "top": []}], None)
+        out += ev.content(piece, [{"token_id": i, "logprob": -0.1, "top": []}], "gen")
     ev.seen = True
     out += ev.finish(NS(choices=[NS(text="", finish_reason="stop", data={})],
                         usage={"prompt_tokens": 1, "completion_tokens": 5, "cached_tokens": 0}))
