@@ -295,6 +295,65 @@ def test_an_answer_a_python_stage_sets_a_format_for_is_content_not_thinking(qwen
         s.close()
 
 
+MANY = """pipeline tiny {{
+    model  = "{model}"
+    device = cpu
+    dtype  = fp32
+    stage request : requests      {{ max_queue = 64 }}
+    stage split   : python        {{ fn = "hooks:parts"  returns = many }}
+    stage batch   : dynamic_batch {{ max_batch_size = 4  timeout = 20ms }}
+    stage encode  : encode        {{}}
+    stage kv      : kv_lookup     {{ block_size = 8  budget = 1MiB }}
+    stage gen     : generate      {{ max_new_tokens = 6 }}
+    stage j       : join          {{ {join} }}
+    stage out     : respond       {{}}
+    request -> split -> batch
+    batch -> encode when full
+    batch -> encode when timeout
+    encode -> kv -> gen -> j -> out
+}}
+"""
+
+
+@pytest.mark.parametrize("join", ["policy = first", 'fn = "hooks:merge"'])
+def test_answers_the_elements_of_a_many_stage_hold_to_a_format_are_content_after_the_join(
+        qwen3_folder, tmp_path, monkeypatch, join):  # noqa: F811
+    """Each element of a `returns = many` stage sets a json_schema response_format: the answers are
+    held to it from their first token, so after the join (a policy's pick, or a fn's new dict,
+    which gets what it leaves out from the first branch) the answer is content, whole and
+    streamed, chat and Responses. The join's result answers the request the many stage got, which
+    set no format: told from that, the answer was all reasoning, content null. Whether a stage
+    held its answer is no field of the answer itself."""
+    import tempfile
+
+    (tmp_path / "hooks.py").write_text(
+        "def parts(item):\n"
+        "    fmt = {'type': 'json_schema', 'json_schema': {'name': 'n', 'schema': {'type': 'integer'}}}\n"
+        "    return [dict(item, messages=[{'role': 'user', 'content': w}], response_format=fmt) for w in 'ab']\n"
+        "def merge(results):\n"
+        "    return {'text': results[0]['text']}\n")
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda: str(tmp_path))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    s = LiveServer(qwen3_folder, text=MANY.format(model=qwen3_folder, join=join),
+                   overrides={"reasoning_parser": "qwen3"})
+    try:
+        kw = dict(model="tiny", messages=USER, max_tokens=6, temperature=0)
+        raw = s.http.post(s.url + "/v1/chat/completions", json=kw, timeout=60).json()
+        m = raw["choices"][0]["message"]
+        assert m.get("reasoning_content") is None and int(m["content"]) >= 0
+        assert "constrained" not in json.dumps(raw)
+        thought, content = _streamed(s.client.chat.completions.create(stream=True, **kw))[:2]
+        assert thought == "" and int(content) >= 0      # `first`: either element's answer
+        r = s.client.responses.create(model="tiny", input="hey", max_output_tokens=6, temperature=0)
+        assert [i.type for i in r.output] == ["message"] and int(r.output[0].content[0].text) >= 0
+        events = list(s.client.responses.create(model="tiny", input="hey", max_output_tokens=6, temperature=0,
+                                                stream=True))
+        assert int("".join(e.delta for e in events if e.type == "response.output_text.delta")) >= 0
+        assert not any(e.type.startswith("response.reasoning") for e in events)
+    finally:
+        s.close()
+
+
 def test_an_answer_a_python_stage_writes_itself_is_content_not_thinking(qwen3_folder, tmp_path,  # noqa: F811
                                                                        monkeypatch):
     """An answer no model wrote (a python stage's own, `returns = any`: a canned FAQ answer) has no

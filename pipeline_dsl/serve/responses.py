@@ -574,7 +574,7 @@ class Responses:
         message, reason = P.chat_message(choice.text, choice.finish_reason, call.req.tools_active,
                                          call.req.call_limit, parser, choice.tool_read,
                                          answer_thinks(self.g.apipe.runtime, call.req, choice.data.get("generated_by"),
-                                                       choice.data.get("request")))
+                                                       choice.data.get("request"), choice.data.get("constrained")))
         status, incomplete = ending(choice.finish_reason)
         output = []
         if message.get("reasoning") is not None:        # its thinking, as a reasoning item before the message
