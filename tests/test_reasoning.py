@@ -215,7 +215,12 @@ def test_structured_output_or_a_forced_call_while_thinking_is_a_400_naming_the_f
         server.client.responses.create(model="tiny", input="hey", max_output_tokens=16,
                                        text={"format": {"type": "json_schema", "name": "n",
                                                         "schema": {"type": "integer"}}})
-    assert "while the model thinks" in e.value.body["message"]
+    assert e.value.body["param"] == "text.format"           # the route's field: it has no response_format
+    assert e.value.body["message"].startswith("'text.format' cannot be enforced while the model thinks")
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client.responses.create(model="tiny", input="hey", max_output_tokens=16, tools=[
+            {"type": "function", "name": "f", "parameters": {"type": "object"}}], tool_choice="required")
+    assert e.value.body["param"] == "tool_choice"
     off = server.client.chat.completions.create(model="tiny", messages=USER, max_tokens=3, response_format=schema,
                                                 extra_body={"chat_template_kwargs": {"enable_thinking": False}})
     m = off.choices[0].message                  # thinking off: the format holds from the first token, as vLLM's
