@@ -216,12 +216,12 @@ def test_first_sees_arrival_order_the_other_policies_branch_order():
 def test_a_merged_result_is_completed_from_the_first_branch_and_lists_the_branches():
     req = request()
     b1 = item(req, "j", (1,), text="one", finish_reason="length", usage={"completion_tokens": 1}, generated_by="g1",
-              extra="e1")                                          # the second branch: no request, no id
+              constrained=False, extra="e1")                       # the second branch: no request, no id
     b0 = item(req, "j", (0,), text="zero", finish_reason="stop", usage={"completion_tokens": 2}, generated_by="g0",
-              request={"id": "r1"}, id="r1", extra="e0")
+              constrained=True, request={"id": "r1"}, id="r1", extra="e0")
     merged = joins().result("j", [b1, b0], {"text": "both", "generated_by": None, "finish_reason": "mine"})
     assert merged == {"text": "both", "finish_reason": "mine", "usage": {"completion_tokens": 2},
-                      "generated_by": "g0", "request": {"id": "r1"}, "id": "r1",
+                      "generated_by": "g0", "constrained": True, "request": {"id": "r1"}, "id": "r1",
                       "branches": [{"text": "zero", "finish_reason": "stop"},
                                    {"text": "one", "finish_reason": "length"}]}
     picked = joins().result("j", [b1, b0], b1.data)               # a policy's pick: a copy, unchanged

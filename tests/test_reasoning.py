@@ -246,7 +246,12 @@ def test_structured_output_or_a_forced_call_while_thinking_is_a_400_naming_the_f
         server.client.responses.create(model="tiny", input="hey", max_output_tokens=16,
                                        text={"format": {"type": "json_schema", "name": "n",
                                                         "schema": {"type": "integer"}}})
-    assert "while the model thinks" in e.value.body["message"]
+    assert e.value.body["param"] == "text.format"           # the route's field: it has no response_format
+    assert e.value.body["message"].startswith("'text.format' cannot be enforced while the model thinks")
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client.responses.create(model="tiny", input="hey", max_output_tokens=16, tools=[
+            {"type": "function", "name": "f", "parameters": {"type": "object"}}], tool_choice="required")
+    assert e.value.body["param"] == "tool_choice"
     off = server.client.chat.completions.create(model="tiny", messages=USER, max_tokens=3, response_format=schema,
                                                 extra_body={"chat_template_kwargs": {"enable_thinking": False}})
     m = off.choices[0].message                  # thinking off: the format holds from the first token, as vLLM's
@@ -333,6 +338,106 @@ def test_completions_are_never_split_so_their_structured_output_is_taken(server,
     assert r.choices[0].text.isdigit(), r.choices[0].text
 
 
+MANY = """pipeline tiny {{
+    model  = "{model}"
+    device = cpu
+    dtype  = fp32
+    stage request : requests      {{ max_queue = 64 }}
+    stage split   : python        {{ fn = "hooks:parts"  returns = many }}
+    stage batch   : dynamic_batch {{ max_batch_size = 4  timeout = 20ms }}
+    stage encode  : encode        {{}}
+    stage kv      : kv_lookup     {{ block_size = 8  budget = 1MiB }}
+    stage gen     : generate      {{ max_new_tokens = 6 }}
+    stage j       : join          {{ {join} }}
+    stage out     : respond       {{}}
+    request -> split -> batch
+    batch -> encode when full
+    batch -> encode when timeout
+    encode -> kv -> gen -> j -> out
+}}
+"""
+
+
+@pytest.mark.parametrize("join", ["policy = first", 'fn = "hooks:merge"'])
+def test_answers_the_elements_of_a_many_stage_hold_to_a_format_are_content_after_the_join(
+        qwen3_folder, tmp_path, monkeypatch, join):  # noqa: F811
+    """Each element of a `returns = many` stage sets a json_schema response_format: the answers are
+    held to it from their first token, so after the join (a policy's pick, or a fn's new dict,
+    which gets what it leaves out from the first branch) the answer is content, whole and
+    streamed, chat and Responses. The join's result answers the request the many stage got, which
+    set no format: told from that, the answer was all reasoning, content null. Whether a stage
+    held its answer is no field of the answer itself."""
+    import tempfile
+
+    (tmp_path / "hooks.py").write_text(
+        "def parts(item):\n"
+        "    fmt = {'type': 'json_schema', 'json_schema': {'name': 'n', 'schema': {'type': 'integer'}}}\n"
+        "    return [dict(item, messages=[{'role': 'user', 'content': w}], response_format=fmt) for w in 'ab']\n"
+        "def merge(results):\n"
+        "    return {'text': results[0]['text']}\n")
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda: str(tmp_path))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    s = LiveServer(qwen3_folder, text=MANY.format(model=qwen3_folder, join=join),
+                   overrides={"reasoning_parser": "qwen3"})
+    try:
+        kw = dict(model="tiny", messages=USER, max_tokens=6, temperature=0)
+        raw = s.http.post(s.url + "/v1/chat/completions", json=kw, timeout=60).json()
+        m = raw["choices"][0]["message"]
+        assert m.get("reasoning_content") is None and int(m["content"]) >= 0
+        assert "constrained" not in json.dumps(raw)
+        thought, content = _streamed(s.client.chat.completions.create(stream=True, **kw))[:2]
+        assert thought == "" and int(content) >= 0      # `first`: either element's answer
+        r = s.client.responses.create(model="tiny", input="hey", max_output_tokens=6, temperature=0)
+        assert [i.type for i in r.output] == ["message"] and int(r.output[0].content[0].text) >= 0
+        events = list(s.client.responses.create(model="tiny", input="hey", max_output_tokens=6, temperature=0,
+                                                stream=True))
+        assert int("".join(e.delta for e in events if e.type == "response.output_text.delta")) >= 0
+        assert not any(e.type.startswith("response.reasoning") for e in events)
+    finally:
+        s.close()
+
+
+def test_an_answer_a_python_stage_writes_itself_is_content_not_thinking(qwen3_folder, tmp_path,  # noqa: F811
+                                                                       monkeypatch):
+    """An answer no model wrote (a python stage's own, `returns = any`: a canned FAQ answer) has no
+    thinking: under --reasoning-parser it is all content, whole and streamed, on chat and the
+    Responses API; it was all reasoning, content null. The model's answers still think."""
+    import tempfile
+
+    from test_serve import TINY
+
+    (tmp_path / "hooks.py").write_text(
+        "def faq(item):\n"
+        "    if 'hours' in item['messages'][-1]['content']:\n"
+        "        return {'text': 'We are open 9 to 5.'}\n"
+        "    return item\n")
+    text = TINY.format(model=qwen3_folder, max_queue=64, max_batch_size=4, timeout=20).replace(
+        "    request -> batch",
+        '    stage faq : python { fn = "hooks:faq"  returns = any }\n    request -> faq\n    faq -> batch\n'
+        "    faq -> out")
+    assert "hooks:faq" in text
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda: str(tmp_path))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    s = LiveServer(qwen3_folder, text=text, overrides={"reasoning_parser": "qwen3"})
+    try:
+        said = "We are open 9 to 5."
+        kw = dict(model="tiny", messages=[{"role": "user", "content": "what are your hours?"}], max_tokens=6)
+        m = s.client.chat.completions.create(**kw).choices[0].message
+        assert (m.reasoning_content, m.content) == (None, said)
+        assert _streamed(s.client.chat.completions.create(stream=True, **kw))[:2] == ("", said)
+        r = s.client.responses.create(model="tiny", input="what are your hours?", max_output_tokens=6)
+        assert [(i.type, i.content[0].text) for i in r.output] == [("message", said)]
+        events = list(s.client.responses.create(model="tiny", input="what are your hours?", max_output_tokens=6,
+                                                stream=True))
+        assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == said
+        assert not any(e.type.startswith("response.reasoning") for e in events)
+        model = s.client.chat.completions.create(model="tiny", messages=USER, max_tokens=3,
+                                                 temperature=0).choices[0].message
+        assert model.reasoning_content is not None and model.content is None     # the model's answer thinks
+    finally:
+        s.close()
+
+
 def test_the_responses_api_gives_the_thinking_as_a_reasoning_item_before_the_message(server):
     """The Responses API's answer to "hey" holds what chat's answer to the same prompt splits out:
     a reasoning item (its text a reasoning_text part), then the message; streamed, the reasoning
@@ -383,12 +488,13 @@ def test_a_streamed_response_with_logprobs_keeps_a_held_back_tag_start_in_its_re
     call = parse_responses({"model": "m", "input": "hi", "include": ["message.output_text.logprobs"]},
                            max_model_len=4096, served=("m",))
     vocab = NS(name_of=str, bytes_of=lambda t: b"x")
-    owner = NS(g=NS(apipe=NS(runtime=NS(reasoning_parser="qwen3")), config=NS(retry_after_s=1)),
+    owner = NS(g=NS(apipe=NS(runtime=NS(reasoning_parser="qwen3", seg_of_gen={"gen": None})),
+                       config=NS(retry_after_s=1)),
                vocabs=lambda c: NS(want_lp=True, of=lambda g: vocab), keep=lambda c, f: None)
     ev = ResponseEvents(owner, call, None, None, "resp_1", None)
     out = []
     for i, piece in enumerate(["is x ", "<", " y?", "</think>", "yes"]):
-        out += ev.content(piece, [{"token_id": i, "logprob": -0.1, "top": []}], None)
+        out += ev.content(piece, [{"token_id": i, "logprob": -0.1, "top": []}], "gen")
     ev.seen = True
     out += ev.finish(NS(choices=[NS(text="", finish_reason="stop", data={})],
                         usage={"prompt_tokens": 1, "completion_tokens": 5, "cached_tokens": 0}))

@@ -374,11 +374,14 @@ class EngineSide:
 
     def _generated(self, item: Item, request: dict, gen: str, text: str, reason, prompt_tokens: int,
                    completion_tokens: int, cached_tokens: int) -> dict:
-        """A Generated item's dict (what later stages and the answer see)."""
+        """A Generated item's dict (what later stages and the answer see). `constrained`: whether
+        `gen` held it to a format or a forced tool call from its first token, decided here, where
+        the request it answers is known: after a join of a `returns = many` stage's elements the
+        answer's `request` is the one that stage got, not the element's that set the format."""
         data = {"id": item.req.id, "text": text, "finish_reason": reason,
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "cached_tokens": cached_tokens},
-                "generated_by": gen, "request": request}
+                "generated_by": gen, "request": request, "constrained": self.constrained(gen, request)}
         item.tool_read = read = self._read_tool_calls(gen, request, text)
         if read is not None and read.calls:     # the stages' own copy: the answer gives the calls as read
             data["tool_calls"] = [{**c, "function": dict(c["function"])} for c in read.calls]

@@ -4,7 +4,7 @@ A join fires for a request once no live item of it can still reach the join (`re
 it merges what arrived with its policy (stages/impl.py Join.merge: first, majority,
 longest, or the user's fn, which the runtime runs on the join's own workers) and `result`
 makes the merged item's dict: a new dict from fn gets the fields it left out
-(finish_reason, usage, generated_by, request, id) from the first branch, and every merged
+(finish_reason, usage, generated_by, constrained, request, id) from the first branch, and every merged
 result carries `branches`; the merged result of a `returns = many` stage's items answers the
 request that stage got (its `request`), not the first element. `on_reject = drop` lets a Reject
 in one branch leave that branch out instead of failing the request (`drops`). A `returns = many`
@@ -23,7 +23,7 @@ from typing import Any
 
 from .items import PipelineError, check_result
 
-FILLED = ("finish_reason", "usage", "generated_by", "request", "id")   # from the first branch
+FILLED = ("finish_reason", "usage", "generated_by", "constrained", "request", "id")   # from the first branch
 
 
 class Joins:

@@ -983,9 +983,9 @@ def _valid_request(d: dict, stage: str, whose: str = "") -> dict:
 
 def _completed(out: dict, got: dict, got_kind: str) -> dict:
     """A result dict a stage returned: what it leaves out (or sets to None) of finish_reason, usage,
-    generated_by, request and id comes from the item it got, as a join's new dict gets them from
-    its first branch, so `return {"text": "…"}` is a whole answer and the stages after it still
-    find `request`. A Request the stage answered itself gives its id and itself as `request`, and
+    generated_by, constrained, request and id comes from the item it got, as a join's new dict gets
+    them from its first branch, so `return {"text": "…"}` is a whole answer and the stages after it
+    still find `request`. A Request the stage answered itself gives its id and itself as `request`, and
     the answer finished normally ("stop"). A copy when something is filled: the function may hand
     back one dict of its own (a canned answer) for every request."""
     if got_kind == GENERATED:

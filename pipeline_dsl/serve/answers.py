@@ -56,14 +56,19 @@ def thinking_of(runtime, req) -> bool | None:
 
 def answer_thinks(runtime, req, gen=None, request=None, constrained: bool | None = None) -> bool | None:
     """thinking_of for one answer, by generate stage `gen` to `request` (the dict the stage got):
-    an answer its stage held to a format or a forced tool call from its first token (the stage's
-    json_schema, a python stage's response_format; `constrained` where the caller knows it, a
-    stream's delta) holds no thinking, so it is all content, as with thinking off. The request's
-    own format is refused while thinking (check_reasoning); one the pipeline sets is its choice."""
+    an answer no model wrote (`gen` names none of the pipeline's generate stages: a python stage's
+    own answer, `returns = any`) has no thinking, and neither has one its stage held to a format
+    or a forced tool call from its first token (the stage's json_schema, a python stage's
+    response_format; `constrained` where the caller knows it: a stream's delta's, or a result's
+    `constrained`, which its generate stage set, as after a join `request` is no longer the one
+    the stage got): each is all content, as with thinking off. The request's own format is refused while thinking
+    (check_reasoning); one the pipeline sets is its choice."""
     thinking = thinking_of(runtime, req)
     if not thinking:
         return thinking
-    if constrained is None:
+    if not (isinstance(gen, str) and gen in (getattr(runtime, "seg_of_gen", None) or {})):
+        return False                                   # text no model wrote: no thinking
+    if not isinstance(constrained, bool):          # not known: told from the request the stage got
         constrained = bool(getattr(runtime, "constrained", None)) and runtime.constrained(gen, request)
     return False if constrained else thinking
 
@@ -176,7 +181,8 @@ def answer_body(runtime, res, req: P.GenerationRequest, rid: str,
                                call_limit=req.call_limit, fingerprint=fingerprint,
                                parsers=[call_parser(runtime, req, c.data.get("generated_by")) for c in res.choices],
                                reads=[c.tool_read for c in res.choices],
-                               thinking=[answer_thinks(runtime, req, c.data.get("generated_by"), c.data.get("request"))
+                               thinking=[answer_thinks(runtime, req, c.data.get("generated_by"), c.data.get("request"),
+                                                       c.data.get("constrained"))
                                          for c in res.choices],
                                include_reasoning=req.include_reasoning)
         return body, {c["index"]: c["finish_reason"] for c in body["choices"]}

@@ -512,7 +512,11 @@ class Responses:
                 parse_responses, await read_json(request, g.config), max_model_len=g.config.max_model_len,
                 served=g.config.model_names, stages=g.stage_names, lenient=g.config.lenient, store=self.store,
                 max_referenced=g.config.max_body_bytes))
-            check_reasoning(g.apipe.runtime, call.req)
+            try:
+                check_reasoning(g.apipe.runtime, call.req)
+            except APIError as e:               # it names the chat field: the client wrote text.format
+                e.message, e.param = as_responses_wrote(e.message, e.param)
+                raise
         except APIError as err:
             return g.refused(err)
         call = replace(call, req=g.token_names(call.req, {}))     # the route has no field of its own for it
@@ -574,7 +578,7 @@ class Responses:
         message, reason = P.chat_message(choice.text, choice.finish_reason, call.req.tools_active,
                                          call.req.call_limit, parser, choice.tool_read,
                                          answer_thinks(self.g.apipe.runtime, call.req, choice.data.get("generated_by"),
-                                                       choice.data.get("request")))
+                                                       choice.data.get("request"), choice.data.get("constrained")))
         status, incomplete = ending(choice.finish_reason)
         output = []
         if message.get("reasoning") is not None:        # its thinking, as a reasoning item before the message

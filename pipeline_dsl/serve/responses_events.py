@@ -132,8 +132,9 @@ class ResponseEvents(Relay):
                 constrained: bool | None = None) -> list[bytes]:
         """The events of `text` (its tokens' `step_lp`), written by generate stage `gen`: its
         tokens are read with that stage's model's tokenizer, its tool calls in its form (call_parser).
-        `constrained` (a delta's) or `request` (the dict the stage got, of an answer that came whole):
-        whether the stage held it to a format, so it holds no thinking (answer_thinks)."""
+        `constrained` (a delta's, or the `constrained` of an answer that came whole), else `request`
+        (the dict the stage got): whether the stage held it to a format, so it holds no thinking
+        (answer_thinks)."""
         lps = None
         if self.vocabs.want_lp and step_lp:
             vocab = self.vocabs.of(gen)
@@ -172,7 +173,7 @@ class ResponseEvents(Relay):
         out = []
         if choice is not None and not self.seen:        # it came whole (through later stages)
             out += self.content(choice.text, choice.data.get("logprobs"), choice.data.get("generated_by"),
-                                choice.data.get("request"))
+                                choice.data.get("request"), choice.data.get("constrained"))
         if self.splitter:
             rest = self.splitter.finish()              # a tag's start held back that never came whole
             if rest:

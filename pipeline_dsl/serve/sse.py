@@ -345,7 +345,8 @@ class ChunkWriter(Relay):
             if c.index not in self.closed:
                 whole = c.index not in self.opened           # it came whole (no deltas)
                 out += self.content(c.index, c.text if whole else "", c.data.get("logprobs") if whole else None,
-                                    c.data, c.data.get("token_ids") if whole else None, c.data.get("generated_by"))
+                                    c.data, c.data.get("token_ids") if whole else None, c.data.get("generated_by"),
+                                    c.data.get("constrained"))
                 out += self.finish(c.index, c.finish_reason, c.data.get("stop_reason"))
         if self.req.include_usage:
             use = P.usage(total["prompt_tokens"], total["completion_tokens"], total["cached_tokens"])
