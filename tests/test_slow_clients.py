@@ -552,16 +552,22 @@ def test_hundreds_of_idle_connections_leave_room_for_a_request_under_a_low_open_
     assert "open files" in err and "too few" not in err
 
 
+def serve_under_256_open_files(long_gguf, tmp_path):
+    """agp serve on the tiny model under a hard limit of 256 open files (the server cannot raise
+    it), its header timeout long enough that no idle connection is closed by it."""
+    resource = pytest.importorskip("resource")
+    path = tmp_path / "tiny.agp"
+    path.write_text(TINY.format(model=long_gguf, max_queue=64, max_batch_size=4, timeout=1))
+    return start_agp_serve(str(path), "--threads", "1", "--no-access-log", "--header-timeout", "300",
+                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)))
+
+
 def test_connections_waiting_for_a_request_make_room_for_a_new_client_at_the_open_files_limit(long_gguf, tmp_path):
     """Under a hard limit of 256 open files (the server cannot raise it), 400 connections that
     send nothing: a new client's request gets its answer, and the connections that waited
     longest for a request were closed to make room for it. (Before: they took every descriptor,
     and the new client's connection was closed unanswered.)"""
-    resource = pytest.importorskip("resource")
-    path = tmp_path / "tiny.agp"
-    path.write_text(TINY.format(model=long_gguf, max_queue=64, max_batch_size=4, timeout=1))
-    proc, url = start_agp_serve(str(path), "--threads", "1", "--no-access-log", "--header-timeout", "300",
-                                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)))
+    proc, url = serve_under_256_open_files(long_gguf, tmp_path)
     idle = []
     try:
         port = int(url.rsplit(":", 1)[1])
@@ -583,11 +589,7 @@ def test_the_first_connection_past_the_bound_closes_the_longest_waiting(long_ggu
     """Under an open-files limit of 256 the server keeps 256 - 64 = 192 connections open: the 193rd
     (and a few more) closes the one that waited longest, the earliest opened without a request; a
     connection whose request is under way (its body still arriving) is none of them and is answered."""
-    resource = pytest.importorskip("resource")
-    path = tmp_path / "tiny.agp"
-    path.write_text(TINY.format(model=long_gguf, max_queue=64, max_batch_size=4, timeout=1))
-    proc, url = start_agp_serve(str(path), "--threads", "1", "--no-access-log", "--header-timeout", "300",
-                                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)))
+    proc, url = serve_under_256_open_files(long_gguf, tmp_path)
     idle = []
     try:
         port = int(url.rsplit(":", 1)[1])
