@@ -587,8 +587,8 @@ _NO_SAMPLER = "agp has no such sampler: it samples by temperature, top_k, top_p,
 _NO_SHIFT = ("agp never shifts the context: the prompt and 'max_tokens' must fit it",
              "agp never shifts the context: the input and 'max_output_tokens' must fit it")
 _NO_REASONING = ("agp serve --reasoning-parser qwen3|deepseek_r1 splits a reasoning model's thinking out of its "
-                 "answer into reasoning_content, as vLLM's does; turn thinking off with chat_template_kwargs "
-                 "{\"enable_thinking\": false}")
+                 "answer (reasoning_content, or a reasoning item on /v1/responses), as vLLM's does; under qwen3, "
+                 "chat_template_kwargs {\"enable_thinking\": false} turns the thinking off")
 LLAMA_CPP_FIELDS = {
     "n_predict": ("llama.cpp's name; agp's is 'max_tokens'", "llama.cpp's name; agp's is 'max_output_tokens'"),
     "content": ("llama.cpp's name for the text; agp's is 'input'", "llama.cpp's name for the text; agp's is 'prompt'",

@@ -232,6 +232,9 @@ def test_a_merged_result_is_completed_from_the_first_branch_and_lists_the_branch
     equal = dict(b1.data)                                          # equal to a branch: taken as that branch
     assert joins().result("j", [b1, b0], equal) == {**b1.data, "branches": merged["branches"]}
     assert "branches" not in equal                                 # and the merge's own dict left alone
+    other = joins().result("j", [b1, b0], {"text": "one", "generated_by": "g1"})   # another branch's answer
+    assert "constrained" not in other and other["generated_by"] == "g1"   # not the first branch's flag: told
+                                                                          # from g1 and its request when read
 
 
 @pytest.mark.parametrize("merged, got", [

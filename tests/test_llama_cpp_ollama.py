@@ -135,8 +135,8 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}]}
     ("reasoning_format", "none", "(agp serve --reasoning-parser qwen3|deepseek_r1 splits a reasoning model's "
                                  "thinking out"),
     ("think", False, "(agp serve --reasoning-parser qwen3|deepseek_r1 splits a reasoning model's thinking out of its "
-                     "answer into reasoning_content, as vLLM's does; turn thinking off with chat_template_kwargs "
-                     "{\"enable_thinking\": false})"),
+                     "answer (reasoning_content, or a reasoning item on /v1/responses), as vLLM's does; under qwen3, "
+                     "chat_template_kwargs {\"enable_thinking\": false} turns the thinking off)"),
 ])
 @pytest.mark.parametrize("parse", ["chat", "completion"])
 def test_llama_cpps_and_ollamas_fields_are_a_400_naming_agps(field, value, said, parse):

@@ -26,6 +26,12 @@ from .items import PipelineError, check_result
 FILLED = ("finish_reason", "usage", "generated_by", "constrained", "request", "id")   # from the first branch
 
 
+def same_stage(out: dict, source: dict) -> bool:
+    """Whether a result made from `source` is still the answer of source's generate stage: only then
+    does source's `constrained` (whether that stage held the answer to a format) hold for it."""
+    return out.get("generated_by") in (None, source.get("generated_by"))
+
+
 class Joins:
     def __init__(self, reach: dict[str, set], impls: dict[str, Any], on_reject: dict[str, str]):
         self.reach = reach            # stage -> every stage reachable from it
@@ -91,7 +97,9 @@ class Joins:
             merged = _answering(dict(merged), ordered, request)
         else:
             merged = _answering(merged, ordered, request)
-            for key in FILLED:
+            for key in FILLED:                  # (generated_by before constrained: the flag is the first
+                if key == "constrained" and not same_stage(merged, first.data):    # branch's stage's alone)
+                    continue
                 if merged.get(key) is None and first.data.get(key) is not None:
                     merged[key] = first.data[key]
             check_result(merged, stage, f"join '{stage}' produced", vocab=vocab_of(merged.get("generated_by")))

@@ -54,7 +54,7 @@ from .driving import Driving
 from .engines import EngineSide
 from .items import (COUNTED, GENERATED, REQUEST, Item, PipelineError, RequestState, Result, a_type,
                     check_result, tell_result, token_field_problem)
-from .joins import FILLED, Joins
+from .joins import FILLED, Joins, same_stage
 from .ledger import RequestLedger
 from .live import LiveStages
 from .loops import Loops
@@ -989,7 +989,7 @@ def _completed(out: dict, got: dict, got_kind: str) -> dict:
     the answer finished normally ("stop"). A copy when something is filled: the function may hand
     back one dict of its own (a canned answer) for every request."""
     if got_kind == GENERATED:
-        fill = {k: got.get(k) for k in FILLED}
+        fill = {k: got.get(k) for k in FILLED if k != "constrained" or same_stage(out, got)}
     else:
         fill = {"id": got.get("id"), "request": got, "finish_reason": "stop"}
         # the request's own `logprobs: 2` / `prompt_logprobs: 1` (how many alternatives) in a request
