@@ -379,6 +379,29 @@ def _loop_copies(r: Resolved, n: str, out: list, comp: set, carry: dict, emits: 
     return best
 
 
+def _many_in_loop(r: Resolved, g: nx.DiGraph, comp: set, bounds: list) -> list[Diagnostic]:
+    """A warning at a `returns = many` stage inside a bounded loop (no join can be in one): every
+    item of its list that comes back round is split again, so a request's items grow as
+    max_items^(turns + 1)."""
+    turns = sum(r.stages[b].params["max_turns"] for b in bounds)
+    turned = " and ".join(f"max_turns = {r.stages[b].params['max_turns']} on '{b}'" for b in bounds)
+    diags = []
+    for n in sorted(comp, key=lambda n: (r.stages[n].pos.line, r.stages[n].pos.col)):
+        if r.stages[n].params.get("returns") != "many":
+            continue
+        k = r.stages[n].params.get("max_items", 64)
+        back = next(s for s in g.successors(n) if s in comp)        # in a loop: one edge stays in it
+        path = " -> ".join([n] + nx.shortest_path(g.subgraph(comp), back, n))
+        diags.append(_warn(
+            f"items can multiply round the loop {path}: '{n}' returns = many splits again every item "
+            "that comes back round",
+            r.stages[n].pos,
+            hint=f"each item that enters the loop can become up to {k}^{turns + 1} items (max_items = {k}; "
+                 f"{turned}); split before the loop, or let the loop's items leave it before they reach "
+                 f"'{n}' again"))
+    return diags
+
+
 def _check_loop_fan_out(r: Resolved, g: nx.DiGraph, carry: dict, emits: dict) -> list[Diagnostic]:
     """A warning at a stage inside a loop that sends one item along several edges that stay in the
     loop (a fan-out): each copy goes round again and is copied again, so the items of a request
@@ -395,6 +418,7 @@ def _check_loop_fan_out(r: Resolved, g: nx.DiGraph, carry: dict, emits: dict) ->
         free = g.subgraph(n for n in comp if n not in bounded)
         if not bounds or not nx.is_directed_acyclic_graph(free):
             continue
+        diags += _many_in_loop(r, g, comp, bounds)
         fans = {n: taken for n in sorted(comp, key=lambda n: (r.stages[n].pos.line, r.stages[n].pos.col))
                 if r.stages[n].kind is not None
                 and len(taken := _loop_copies(r, n, by_src.get(n, []), comp, carry, emits)) > 1}

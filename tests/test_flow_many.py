@@ -76,6 +76,10 @@ def groups(results):
                                 for r in results])}
 
 
+def again(item):
+    return item
+
+
 def semis(item):
     return [{"prompt": p} for p in item["messages"][-1]["content"].split(";")]
 
@@ -681,3 +685,23 @@ def test_render_and_plan_show_the_fan_out_and_its_join(tmp_path, soft_gguf):
     plan = make_plan(graph)
     assert "fan-out at run time: split (returns = many, at most 9) -> join 'collect'" in format_plan(plan)
     assert plan.to_dict()["many"] == [{"stage": "split", "join": "collect", "max_items": 9}]
+
+
+LOOP = ('stage request : requests {}\nstage split : python { fn = "hooks:split"  returns = many  max_items = 4 }\n'
+        "stage gen : generate { max_new_tokens = 3 }\nstage out : respond {}\n"
+        'stage tool : python { fn = "hooks:again"  max_turns = 2  returns = any }\n'
+        'stage collect : join { fn = "hooks:parts" }\n')
+
+
+def test_a_many_stage_inside_a_loop_is_warned_as_multiplying_its_items(tmp_path, soft_gguf):
+    """Every item that comes back round the loop is split again: up to max_items^(turns + 1) items
+    for one request (the loop fan-out warning counted only stages with several edges)."""
+    body = LOOP + "request -> split -> batch\n" + chain() + "gen -> tool\ntool -> split\ntool -> collect\ncollect -> out\n"
+    (d,) = diags(tmp_path, soft_gguf, body)
+    assert d.severity == "warning" and d.message == (
+        "items can multiply round the loop split -> batch -> encode -> kv -> gen -> tool -> split: 'split' "
+        "returns = many splits again every item that comes back round")
+    assert "up to 4^3 items" in d.hint
+    before = (LOOP + "request -> split -> batch\n" + chain() + "gen -> tool\ntool -> batch\ntool -> collect\n"
+              "collect -> out\n")                                     # split once, before the loop: one split
+    assert diags(tmp_path, soft_gguf, before) == []
