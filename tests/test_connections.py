@@ -258,6 +258,7 @@ def test_one_large_chunk_that_arrives_in_many_small_reads_is_one_chunk():
     assert isinstance(event, h11.EndOfMessage) and read == size
     assert conn.chunks == 1 and conn.protocol_error is None
 
+
 def test_each_request_on_a_kept_alive_connection_has_its_own_chunk_count(serve):
     """Two requests on one connection, each in 3,000 one-byte chunks (under the bound for its
     size): both are read, the second's chunks not counted on top of the first's."""

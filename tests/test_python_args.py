@@ -128,6 +128,7 @@ def test_a_keyword_only_parameter_without_args_names_what_args_must_give(tmp_pat
     [(message, line, column)] = at(check(tmp_path, derived))
     assert "hooks:strict needs 'top_k'" in message and (line, column) == (8, 27)    # the override's map
 
+
 def test_a_keyword_only_parameter_without_a_default_that_args_leaves_out_is_an_error(tmp_path):
     """`def f(item, *, top_k, **kw)`: args giving other names still leaves top_k unfilled."""
     [(message, line, _)] = at(check(tmp_path, one_stage('stage r : python { fn = "hooks:strict_kw"  '

@@ -121,6 +121,16 @@ def _raw(server, seed: int, ids) -> str:
     return r.choices[0].text
 
 
+def _chat_is_integer_content(s) -> tuple[dict, object]:
+    """A greedy chat answer held to an integer: all content, no reasoning, and the stream says the
+    same. (The request's keywords, the whole answer's message.)"""
+    kw = dict(model="tiny", messages=USER, max_tokens=6, temperature=0)
+    m = s.client.chat.completions.create(**kw).choices[0].message
+    assert m.reasoning_content is None and int(m.content) >= 0
+    assert _streamed(s.client.chat.completions.create(stream=True, **kw))[:2] == ("", m.content)
+    return kw, m
+
+
 def _streamed(chunks) -> tuple[str, str, set, dict | None]:
     reasoning, content, reasons, use = "", "", set(), None
     for chunk in chunks:
@@ -205,6 +215,7 @@ def test_logprobs_hold_the_thinkings_tokens_with_include_reasoning_false_too(ser
                 for c in chunk.choices if c.logprobs and c.logprobs.content for t in c.logprobs.content]
     assert streamed == ["C", "C", "C"]
 
+
 def test_include_reasoning_false_leaves_out_a_tags_start_held_back_at_the_end(server, ids):
     """An answer ending in '<' (maybe the start of </think>, held back until the answer ends) is
     thinking too: with include_reasoning false no delta carries it."""
@@ -288,10 +299,7 @@ def test_an_answer_its_generate_stage_holds_to_a_json_schema_is_content_not_thin
     monkeypatch.setattr(tempfile, "mkdtemp", lambda: str(tmp_path))
     s = LiveServer(qwen3_folder, text=text, overrides={"reasoning_parser": "qwen3"})
     try:
-        kw = dict(model="tiny", messages=USER, max_tokens=6, temperature=0)
-        m = s.client.chat.completions.create(**kw).choices[0].message
-        assert m.reasoning_content is None and int(m.content) >= 0
-        assert _streamed(s.client.chat.completions.create(stream=True, **kw))[:2] == ("", m.content)
+        kw, m = _chat_is_integer_content(s)
         r = s.client.responses.create(model="tiny", input="hey", max_output_tokens=6, temperature=0)
         assert [(i.type, i.content[0].text) for i in r.output] == [("message", m.content)]
         events = list(s.client.responses.create(model="tiny", input="hey", max_output_tokens=6, temperature=0,
@@ -323,12 +331,10 @@ def test_an_answer_a_python_stage_sets_a_format_for_is_content_not_thinking(qwen
     monkeypatch.syspath_prepend(str(tmp_path))
     s = LiveServer(qwen3_folder, text=text, overrides={"reasoning_parser": "qwen3"})
     try:
-        kw = dict(model="tiny", messages=USER, max_tokens=6, temperature=0)
-        m = s.client.chat.completions.create(**kw).choices[0].message
-        assert m.reasoning_content is None and int(m.content) >= 0
-        assert _streamed(s.client.chat.completions.create(stream=True, **kw))[:2] == ("", m.content)
+        _chat_is_integer_content(s)
     finally:
         s.close()
+
 
 def test_completions_are_never_split_so_their_structured_output_is_taken(server, ids):
     """/v1/completions reads no thinking (vLLM's parser reads chat alone): a format there holds from
