@@ -301,12 +301,7 @@ def collecting_joins(graph: nx.DiGraph, stage: str) -> tuple[list[str], list[str
     that passes no join, or None). The items are collected where one join is on every path and
     no path reaches a respond stage without one (check's `returns = many` rule)."""
     kind = {n: graph.nodes[n].get("kind") for n in graph}
-    joins, seen, parent, todo = [], {stage}, {}, deque()
-    for v in graph.successors(stage):
-        if v not in seen:
-            seen.add(v)
-            parent[v] = stage
-            todo.append(v)
+    joins, seen, parent, todo = [], {stage}, {}, deque([stage])    # the stage itself: a python stage
     unjoined = None
     while todo:
         v = todo.popleft()

@@ -46,7 +46,7 @@ import networkx as nx
 
 from pipeline_dsl import Reject
 from pipeline_dsl.constraints import MAX_GRAMMAR_WORK
-from pipeline_dsl.graph import collecting_joins, segments_of, spreads
+from pipeline_dsl.graph import segments_of
 from pipeline_dsl.plan import ITEM_WORKERS, make_plan
 
 from .cache import ResultCache, cache_key
@@ -108,8 +108,7 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
                    if (kind := get_kind(k)) is not None and kind.source != "builtin"}
         self.returns.update({n: _returns_of(kind) for n, kind in plugins.items()})
         # a `returns = many` stage -> the join that collects its items (check: one on every path)
-        self.collector = {n: next(iter(collecting_joins(graph, n)[0]), None) for n in graph
-                          if spreads(self.params[n], self.kind[n])}
+        self.collector = {stage: join for stage, join, _ in self.plan.many}
         sources = [n for n, k in self.kind.items() if k == "requests"]
         self.source = sources[0] if sources else None
         self.max_queue = max_queue or (self.params[self.source].get("max_queue", 1024) if self.source else 1024)
