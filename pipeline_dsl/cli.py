@@ -498,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["--debug"] + [a for a in argv if a != "--debug"]
     try:
         parser = build_parser(argv)
-        named = _command_name([a for a in argv if a != "--debug"])
+        named = _command_name(argv)               # (it skips options, --debug too)
         command = parser.commands.get(named or "")
         if command is not None:
             misread = misread_flags(command, argv[argv.index(named) + 1:])

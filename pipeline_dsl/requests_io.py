@@ -378,9 +378,9 @@ def parse_messages(value) -> list[dict]:
             msg["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}.tool_calls")
         if role == "assistant":     # an earlier answer's thinking, for a template that renders it (Qwen3's):
             # vLLM's `reasoning`, or the older `reasoning_content` its answers also carry, as both
-            thought = m.get("reasoning") if m.get("reasoning") is not None else m.get("reasoning_content")
+            name = "reasoning" if m.get("reasoning") is not None else "reasoning_content"
+            thought = m.get(name)
             if thought is not None:
-                name = "reasoning" if m.get("reasoning") is not None else "reasoning_content"
                 _check(f"{where}.{name}", thought, isinstance(thought, str), "a string")
                 msg["reasoning"] = msg["reasoning_content"] = thought
         if role == "tool":

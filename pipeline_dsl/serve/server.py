@@ -274,7 +274,10 @@ def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
         # ---- connections waiting for a request: the longest waiting make room for a new one --
         def _note_waiting(self) -> None:
             """Keep `waiting` up to date: this connection has no request under way (opened, kept
-            alive, or its request's headers still arriving), in the order they began to wait."""
+            alive, or its request's headers still arriving), in the order they began to wait. Only
+            read past max_open: none kept without a bound."""
+            if max_open is None:
+                return
             if self.conn.their_state is h11.IDLE and self.conn.our_state is h11.IDLE \
                     and not self.transport.is_closing():
                 waiting.setdefault(self, None)
