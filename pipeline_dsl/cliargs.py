@@ -181,6 +181,17 @@ def generation_config(text: str) -> str:
     return text
 
 
+def reasoning_parser(value: str) -> str:
+    """--reasoning-parser's value (agp serve's and agp run's): a form agp splits reasoning in
+    (pipeline_dsl/reasoning.py), else the error naming those it reads."""
+    from pipeline_dsl.reasoning import check_parser
+
+    try:
+        return check_parser(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 OVERRIDE_GENERATION_CONFIG_HELP = ("JSON object of generation_config.json keys (temperature, top_p, top_k, min_p, "
                                    "repetition_penalty, max_new_tokens) set over the defaults --generation-config "
                                    "gives, e.g. '{\"temperature\": 0.5}'; null unsets one (vLLM's flag)")

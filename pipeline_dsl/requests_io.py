@@ -63,6 +63,7 @@ class ParsedRequest:
     headers: dict = field(default_factory=dict)             # HTTP headers agp serve copied in (a line's own)
     format_field: str = "response_format"                   # the field response_format came in (guided_json, ...)
     max_tokens_field: str = "max_tokens"                    # the field max_tokens came in (max_completion_tokens)
+    include_reasoning: bool = True                          # vLLM's: false leaves a split-out thinking out
 
     def item(self) -> dict:
         """The request as the pipeline's items carry it (what a python stage sees). `echo` with
@@ -252,7 +253,7 @@ IGNORED = {"stream": (lambda v: isinstance(v, bool), "true or false"),
                           and " " not in v, "a string of 1 to 128 printable ASCII characters without spaces"),
            "guided_decoding_backend": (lambda v: isinstance(v, str), "a string"),
            "reasoning_effort": (lambda v: v in REASONING_EFFORTS, '"minimal", "low", "medium" or "high"'),
-           # vLLM's: whether the thinking `agp serve --reasoning-parser` splits off is sent (serve reads it)
+           # vLLM's: whether the thinking --reasoning-parser splits off is sent (agp serve and agp run read it)
            "include_reasoning": (lambda v: isinstance(v, bool), "true or false"),
            **CACHE_SETTINGS}
 KNOWN = {"id", "prompt", "messages", "prompt_token_ids", "model", "metadata", "headers", "tools", "tool_choice", "logit_bias",
@@ -726,6 +727,7 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
     if obj.get("metadata") is not None:
         req.metadata = _check("metadata", obj["metadata"], isinstance(obj["metadata"], dict), "an object")
     req.identity = {k: obj[k] for k in IDENTITY if obj.get(k) is not None}    # strings (IGNORED checked them)
+    req.include_reasoning = obj.get("include_reasoning") is not False        # a bool (IGNORED checked it)
     if obj.get("headers") is not None:
         req.headers = check_headers(obj["headers"])
     if obj.get("n") is not None:

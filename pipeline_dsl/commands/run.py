@@ -67,8 +67,9 @@ import time
 from collections import Counter, deque
 from typing import Callable
 
-from pipeline_dsl.cliargs import (CLOSED_PIPE, GENERATION_CONFIG_HELP, OVERRIDE_GENERATION_CONFIG_HELP, generation_config,
-                                  add_dtype_argument, output_file, override_generation_config)
+from pipeline_dsl.cliargs import (CLOSED_PIPE, GENERATION_CONFIG_HELP, OVERRIDE_GENERATION_CONFIG_HELP,
+                                  add_dtype_argument, generation_config, output_file,
+                                  override_generation_config, reasoning_parser)
 from pipeline_dsl.commands import add_pipeline_arguments
 from pipeline_dsl.commands.run_input import MAX_LINE_BYTES, MAX_SKIP_BYTES, InputLines, TooLong, open_input
 from pipeline_dsl.commands.stdout import answers_on_stdout
@@ -92,6 +93,11 @@ def add_arguments(p) -> None:
                    help=GENERATION_CONFIG_HELP)
     p.add_argument("--override-generation-config", type=override_generation_config, default=None, metavar="JSON",
                    help=OVERRIDE_GENERATION_CONFIG_HELP)
+    p.add_argument("--reasoning-parser", type=reasoning_parser, default=None, metavar="NAME",
+                   help="split a reasoning model's thinking out of chat lines' answers, as agp serve's flag: qwen3 or "
+                        "deepseek_r1 (<think>...</think>): what comes before </think> is the record's reasoning "
+                        "and reasoning_content, what follows it its text (default: none, the thinking stays in "
+                        "the text)")
     p.add_argument("--stats", type=output_file, default=None, help="write the run summary as JSON to this file")
     streams = p.add_mutually_exclusive_group()
     streams.add_argument("--no-overlap", action="store_true",
@@ -436,7 +442,8 @@ def main(args) -> int:
 
 def _run(args, cleanup: contextlib.ExitStack) -> int:
     from pipeline_dsl.commands import batch_api
-    from pipeline_dsl.commands.runner import RunRequest, format_summary, run_pipeline
+    from pipeline_dsl.commands.runner import RunRequest, check_line_reasoning, format_summary, run_pipeline
+    from pipeline_dsl.serve.answers import check_reasoning
     from pipeline_dsl.serve.build import model_names
     from pipeline_dsl.serve.protocol import model_of
 
@@ -586,8 +593,11 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
         it (a name it serves, or a generate stage's: else the same 404 message)."""
         if isinstance(req, batch_api.BatchLine):
             req.parse(max_model_len, stages, runtime.name, max_stage_n)
-        elif req.model is not None:
-            model_of({"model": req.model}, served, stages)
+            check_reasoning(runtime, req.call)
+        else:
+            if req.model is not None:
+                model_of({"model": req.model}, served, stages)
+            check_line_reasoning(req, runtime)
 
     def requests():
         """The lines to run as the run takes them; a line that cannot run has its record at once."""
@@ -700,7 +710,8 @@ def _load(args, graph):
     return build_runtime(graph, args.name, overrides={"dtype": args.dtype, "threads": args.threads,
                                                                "generation_config": args.generation_config,
                                                                "override_generation_config":
-                                                                   args.override_generation_config},
+                                                                   args.override_generation_config,
+                                                      "reasoning_parser": args.reasoning_parser},
                          allow_paths=args.allow_path,
                          overlap=True if args.overlap else False if args.no_overlap else None,
                          trace=Trace() if args.trace else None)
@@ -744,7 +755,8 @@ def _pipeline_fingerprint(args, graph) -> list:
         except InputError:          # a broken file: the load says so (exit 2)
             defaults = None
         sampling = [{"generation_config": defaults} if defaults != {} else "vllm"]
-    return [pipeline, args.name, args.dtype, *sampling, *([{"json_schema": schemas}] if schemas else [])]
+    thinking = [{"reasoning_parser": args.reasoning_parser}] if args.reasoning_parser else []
+    return [pipeline, args.name, args.dtype, *sampling, *([{"json_schema": schemas}] if schemas else []), *thinking]
 
 
 def _schema_digests(graph) -> dict:

@@ -21,7 +21,7 @@ from pipeline_dsl.commands.batch_api import BatchLine
 from pipeline_dsl.engine.config import percentile
 from pipeline_dsl.flow import unbuilt
 from pipeline_dsl.requests_io import ParsedRequest
-from pipeline_dsl.serve.answers import Vocabularies, tool_form
+from pipeline_dsl.serve.answers import Vocabularies, refuse_while_thinking, stage_thinks, tool_form
 from pipeline_dsl.serve.errors import api_error
 from pipeline_dsl.serve.protocol import chat_message, completion_logprobs
 from pipeline_dsl.serve.token_fields import prompt_logprobs_json
@@ -87,7 +87,8 @@ def record(req: RunRequest, result, several: bool = False, runtime=None) -> dict
     vocabs = (Vocabularies(runtime, _pin(runtime, req.parsed), asked, asked.get("prompt_logprobs") is not None)
               if runtime is not None else None)          # one per line: each stage's token text made once
     parts = [_choice_parts(req, c, vocabs) for c in result.choices]
-    reasons = [_tool_calls(req.parsed, c, p, runtime) for c, p in zip(result.choices, parts)]
+    thinking = _thinking(req.parsed, runtime)
+    reasons = [_tool_calls(req.parsed, c, p, runtime, thinking) for c, p in zip(result.choices, parts)]
     out = {"id": req.parsed.id, "text": parts[0]["text"], "finish_reason": reasons[0],
            "usage": dict(result.usage)}
     if several and first.data.get("generated_by"):
@@ -107,18 +108,49 @@ def record(req: RunRequest, result, several: bool = False, runtime=None) -> dict
     return out
 
 
-def _tool_calls(parsed: ParsedRequest, choice, parts: dict, runtime) -> str | None:
+def _thinking(parsed: ParsedRequest, runtime) -> bool | None:
+    """Whether a line's chat answers start in their thinking, as `agp run --reasoning-parser` reads
+    them (pipeline_dsl.reasoning's thinks); None where no reasoning parser reads them (no flag, or
+    a completions line, which vLLM never splits either)."""
+    parser = getattr(runtime, "reasoning_parser", None)
+    if parser is None or parsed.messages is None:
+        return None
+    from pipeline_dsl.reasoning import thinks
+
+    return thinks(parser, parsed.extras.get("chat_template_kwargs"))
+
+
+def check_line_reasoning(parsed: ParsedRequest, runtime) -> None:
+    """A chat line whose answer starts in its thinking may not ask for structured output or force a
+    tool call: the APIError agp serve answers such a request with (answers.check_reasoning)."""
+    if _thinking(parsed, runtime):
+        forced = bool(parsed.tools) and parsed.tool_choice not in ("none", "auto")
+        refuse_while_thinking(runtime, parsed.response_format, parsed.format_field, forced)
+
+
+def _tool_calls(parsed: ParsedRequest, choice, parts: dict, runtime, thinking: bool | None = None) -> str | None:
     """A choice's finish reason, its tool calls parsed out of its text into `parts` as agp serve's
     chat answer parses them (serve/protocol.py's chat_message) when the line gave tools and a
     tool_choice other than none: `tool_calls` (id, name, JSON arguments), `text` what is left
     (null when nothing is), `finish_reason` "tool_calls"; a line without calls its text less the
-    family's markers (kept in the decoded answer for the parser). Any other line keeps its text."""
+    family's markers (kept in the decoded answer for the parser). Under --reasoning-parser
+    (`thinking` not None: _thinking's) a chat line's thinking is split off first, as agp serve's
+    message splits it: `text` is the content after `</think>` (null when nothing is),
+    `reasoning` and `reasoning_content` the thinking (null where the answer has none, or the line
+    set include_reasoning false), and the tool calls are read from the content alone. Any other
+    line keeps its text."""
     active = bool(parsed.tools) and parsed.tool_choice != "none"
-    parser = tool_form(runtime, _pin(runtime, parsed), parsed.tool_choice, active, choice.data.get("generated_by"))
+    gen = choice.data.get("generated_by")
+    if thinking is not None:        # an answer no model wrote, or one its stage held to a format, has none
+        thinking = stage_thinks(runtime, thinking, gen, choice.data.get("request"), choice.data.get("constrained"))
+    parser = tool_form(runtime, _pin(runtime, parsed), parsed.tool_choice, active, gen)
     message, reason = chat_message(parts["text"], choice.finish_reason, active,
-                                   None if parsed.parallel_tool_calls else 1, parser, choice.tool_read)
-    if active:                      # the content: a family's markers left out (tools.without_markers)
+                                   None if parsed.parallel_tool_calls else 1, parser, choice.tool_read, thinking)
+    if active or thinking is not None:      # the content: a family's markers left out (tools.without_markers)
         parts["text"] = message["content"]
+    if thinking is not None:
+        thought = message["reasoning"] if parsed.include_reasoning else None
+        parts["reasoning"] = parts["reasoning_content"] = thought
     if message.get("tool_calls"):
         parts["tool_calls"] = message["tool_calls"]
     return reason

@@ -63,7 +63,12 @@ def answer_thinks(runtime, req, gen=None, request=None, constrained: bool | None
     `constrained`, which its generate stage set, as after a join `request` is no longer the one
     the stage got): each is all content, as with thinking off. The request's own format is refused while thinking
     (check_reasoning); one the pipeline sets is its choice."""
-    thinking = thinking_of(runtime, req)
+    return stage_thinks(runtime, thinking_of(runtime, req), gen, request, constrained)
+
+
+def stage_thinks(runtime, thinking: bool | None, gen=None, request=None, constrained: bool | None = None) -> bool | None:
+    """answer_thinks from `thinking`, whether the request's chat answers start in their thinking
+    (thinking_of's; `agp run`'s lines tell it from their own fields)."""
     if not thinking:
         return thinking
     if not (isinstance(gen, str) and gen in (getattr(runtime, "seg_of_gen", None) or {})):
@@ -81,13 +86,18 @@ def check_reasoning(runtime, req) -> None:
     `</think>`, which agp does not)."""
     if not thinking_of(runtime, req):
         return
-    forced = req.tools_active and req.tool_choice != "auto"
-    fmt = req.response_format
+    refuse_while_thinking(runtime, req.response_format, req.format_field, req.tools_active and req.tool_choice != "auto")
+
+
+def refuse_while_thinking(runtime, fmt, format_field: str, forced: bool) -> None:
+    """check_reasoning's 400 for a request whose answer starts in its thinking, from its format (as
+    the client wrote it in `format_field`) and whether it forces a tool call (`agp run`'s lines
+    give them as their own fields)."""
     constrained = fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text")
     if not constrained and not forced:                 # {"type": "text"}: free text, no format to hold
         return
-    field = req.format_field if constrained else "tool_choice"
-    raise P.APIError(f"'{field}' cannot be enforced while the model thinks: agp serve --reasoning-parser "
+    field = format_field if constrained else "tool_choice"
+    raise P.APIError(f"'{field}' cannot be enforced while the model thinks: --reasoning-parser "
                      f"{runtime.reasoning_parser} splits a thinking answer, and agp applies a format or a forced "
                      "tool call from an answer's first token, not after '</think>' as vLLM does (turn thinking off "
                      "with chat_template_kwargs {\"enable_thinking\": false} under qwen3, or leave the field out)",

@@ -16,8 +16,8 @@ import re
 from pathlib import Path
 
 from pipeline_dsl.cliargs import (GENERATION_CONFIG_HELP, OVERRIDE_GENERATION_CONFIG_HELP, generation_config,
-                                  add_dtype_argument, output_file, override_generation_config, switch,
-                                  token_count)
+                                  add_dtype_argument, output_file, override_generation_config, reasoning_parser,
+                                  switch, token_count)
 from pipeline_dsl.diagnostics import closest
 from pipeline_dsl.loader import add_pipeline_arguments, is_gguf_file
 
@@ -191,7 +191,7 @@ def add_arguments(p) -> None:
                         "(<tool_call>{...}</tool_call>), llama3_json (bare {\"name\", \"parameters\"} JSON, "
                         "after <|python_tag|> or not), mistral ([TOOL_CALLS]...); default auto: the model's own, "
                         "told from its chat template and vocabulary (docs/openai.md)")
-    p.add_argument("--reasoning-parser", type=_reasoning_parser, default=None, metavar="NAME",
+    p.add_argument("--reasoning-parser", type=reasoning_parser, default=None, metavar="NAME",
                    help="split a reasoning model's thinking out of its chat answers, by vLLM's parser names: qwen3 "
                         "or deepseek_r1 (<think>...</think>): what comes before </think> is the message's reasoning, "
                         "what follows it the content (default: none, the thinking stays in the content; "
@@ -518,16 +518,6 @@ def report(message: str) -> None:
     from .logs import fatal
 
     fatal(f"agp serve: error: {message}")
-
-
-def _reasoning_parser(value: str) -> str:
-    """--reasoning-parser's value: a form agp splits reasoning in (pipeline_dsl/reasoning.py)."""
-    from pipeline_dsl.reasoning import check_parser
-
-    try:
-        return check_parser(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _tool_call_parser(value: str) -> str:
