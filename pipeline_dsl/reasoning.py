@@ -84,3 +84,23 @@ def split(text: str, thinking: bool) -> tuple[str | None, str | None]:
     s = Splitter(True)
     reasoning, content = s.feed(text)
     return reasoning + s.finish(), content or None
+
+
+def count_tokens(pieces: list[bytes]) -> int:
+    """How many of an answer's tokens (each token's bytes, in order) are its thinking, as vLLM's
+    parsers count reasoning_tokens for an answer that starts in it: the tokens before its first
+    `</think>`, less a `<think>` tag before that (all of them where no `</think>` came). A token
+    that holds the start of `</think>` with text of the thinking before it counts."""
+    text = b"".join(pieces)
+    end = text.find(END.encode())
+    stop = end if end >= 0 else len(text)
+    start = text.find(START.encode(), 0, stop)
+    tag = range(start, start + len(START)) if start >= 0 else range(0)
+    count, at = 0, 0
+    for piece in pieces:
+        if end >= 0 and at >= end:
+            break
+        if at not in tag:
+            count += 1
+        at += len(piece)
+    return count

@@ -187,6 +187,51 @@ def test_a_streamed_delta_that_ends_the_thinking_carries_the_content_after_it(se
         pytest.fail(f"no seed wrote an answer with thinking and content: {tried}")
 
 
+def _thinking_tokens(tokens: list[int], ids) -> int:
+    """vLLM's reasoning_tokens of an answer that starts in its thinking: its tokens before the first
+    </think>, less a <think> before it."""
+    end = tokens.index(ids["end"]) if ids["end"] in tokens else len(tokens)
+    return end - (ids["think"] in tokens[:end])
+
+
+def test_usage_counts_the_thinkings_tokens_as_reasoning_tokens(server, ids):
+    """usage.completion_tokens_details.reasoning_tokens (chat, whole and in the streamed usage chunk)
+    and output_tokens_details.reasoning_tokens (the Responses API, whole and on its last event)
+    count the tokens before </think>, less its <think>, as vLLM counts them: include_reasoning false
+    too; 0 with thinking off; /v1/completions, never split, says nothing of reasoning."""
+    counts = set()
+    for seed in range(8):
+        r = server.client.chat.completions.create(model="tiny", messages=USER,
+                                                  **{**_sampled(ids, seed), "extra_body": {
+                                                      **_sampled(ids, seed)["extra_body"], "return_token_ids": True}})
+        want = _thinking_tokens(r.choices[0].model_extra["token_ids"], ids)
+        counts.add(want)
+        assert r.usage.completion_tokens_details.reasoning_tokens == want, seed
+        *_, use = _streamed(server.client.chat.completions.create(model="tiny", messages=USER, stream=True,
+                                                                  stream_options={"include_usage": True},
+                                                                  **_sampled(ids, seed)))
+        assert use.completion_tokens_details.reasoning_tokens == want
+        hidden = server.client.chat.completions.create(model="tiny", messages=USER, **_sampled(ids, seed,
+                                                                                                include_reasoning=False))
+        assert hidden.usage.completion_tokens_details.reasoning_tokens == want
+    assert len(counts) > 1 and 0 < max(counts) < 12                    # thinking of several lengths, ended
+    kw = dict(model="tiny", messages=USER, max_tokens=3, extra_body={"allowed_token_ids": [ids["C"]]})
+    assert server.client.chat.completions.create(**kw).usage.completion_tokens_details.reasoning_tokens == 3
+    off = {**kw, "extra_body": {**kw["extra_body"], "chat_template_kwargs": {"enable_thinking": False}}}
+    assert server.client.chat.completions.create(**off).usage.completion_tokens_details.reasoning_tokens == 0
+    done = server.client.completions.create(model="tiny", prompt="hey", max_tokens=3,
+                                            extra_body={"allowed_token_ids": [ids["C"]]})
+    assert done.usage.completion_tokens_details is None
+    chat = server.client.chat.completions.create(model="tiny", messages=USER, max_tokens=16, temperature=0)
+    thought = chat.usage.completion_tokens_details.reasoning_tokens
+    assert chat.choices[0].message.reasoning_content and thought > 0      # the same answer on both routes
+    rkw = dict(model="tiny", input="hey", max_output_tokens=16, temperature=0)
+    assert server.client.responses.create(**rkw).usage.output_tokens_details.reasoning_tokens == thought
+    final = list(server.client.responses.create(stream=True, **rkw))[-1]
+    assert final.type in ("response.completed", "response.incomplete")     # the last event's usage
+    assert final.response.usage.output_tokens_details.reasoning_tokens == thought
+
+
 def test_an_answer_cut_inside_its_thinking_is_all_reasoning(server, ids):
     kw = dict(model="tiny", messages=USER, max_tokens=3, extra_body={"allowed_token_ids": [ids["C"]]})
     whole = server.client.chat.completions.create(**kw).choices[0]

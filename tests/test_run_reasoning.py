@@ -52,16 +52,21 @@ def test_a_chat_lines_thinking_is_split_out_of_its_text(pipeline, tmp_path, ids)
     """The record's text is what follows </think> (null where nothing does), reasoning and
     reasoning_content what comes before it, as agp serve's chat message gives them; without the
     flag the text keeps the tags and the record has no reasoning fields."""
-    raw, r = _run(pipeline, tmp_path, [_line(ids, s) for s in SEEDS])
+    raw, r = _run(pipeline, tmp_path, [_line(ids, s, return_token_ids=True) for s in SEEDS])
     assert r.returncode == 0, r.stderr
     assert all("reasoning" not in rec and "reasoning_content" not in rec for rec in raw)
+    assert all("reasoning_tokens" not in rec["usage"] for rec in raw)
     assert any("</think>" in rec["text"] for rec in raw)             # the seeds write the tag
     got, r = _run(pipeline, tmp_path, [_line(ids, s) for s in SEEDS], "--reasoning-parser", "qwen3")
     assert r.returncode == 0, r.stderr
     for whole, rec in zip(raw, got):
         reasoning, content = split(whole["text"], True)
         assert (rec["reasoning"], rec["reasoning_content"], rec["text"]) == (reasoning, reasoning, content)
-        assert rec["finish_reason"] == whole["finish_reason"] and rec["usage"] == whole["usage"]
+        assert rec["finish_reason"] == whole["finish_reason"]
+        tokens = whole["token_ids"]          # usage as before, and the thinking's tokens: those before </think>
+        end = tokens.index(ids["end"]) if ids["end"] in tokens else len(tokens)
+        thought = end - (ids["think"] in tokens[:end])
+        assert rec["usage"] == {**whole["usage"], "reasoning_tokens": thought}
 
 
 def test_include_reasoning_false_and_enable_thinking_false(pipeline, tmp_path, ids):

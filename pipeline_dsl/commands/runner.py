@@ -88,9 +88,17 @@ def record(req: RunRequest, result, several: bool = False, runtime=None) -> dict
               if runtime is not None else None)          # one per line: each stage's token text made once
     parts = [_choice_parts(req, c, vocabs) for c in result.choices]
     thinking = _thinking(req.parsed, runtime)
-    reasons = [_tool_calls(req.parsed, c, p, runtime, thinking) for c, p in zip(result.choices, parts)]
+    if thinking is not None:        # an answer no model wrote, or one its stage held to a format, has none
+        thinks = [stage_thinks(runtime, thinking, c.data.get("generated_by"), c.data.get("request"),
+                               c.data.get("constrained")) for c in result.choices]
+    else:
+        thinks = [None] * len(result.choices)
+    reasons = [_tool_calls(req.parsed, c, p, runtime, t) for c, p, t in zip(result.choices, parts, thinks)]
     out = {"id": req.parsed.id, "text": parts[0]["text"], "finish_reason": reasons[0],
            "usage": dict(result.usage)}
+    if thinking is not None:        # the tokens of the answers' thinking, as agp serve's usage counts them
+        out["usage"]["reasoning_tokens"] = sum((c.data.get("usage") or {}).get("reasoning_tokens") or 0
+                                               for c, t in zip(result.choices, thinks) if t)
     if several and first.data.get("generated_by"):
         out["generated_by"] = first.data["generated_by"]
     if first.data.get("branches"):
@@ -134,16 +142,13 @@ def _tool_calls(parsed: ParsedRequest, choice, parts: dict, runtime, thinking: b
     tool_choice other than none: `tool_calls` (id, name, JSON arguments), `text` what is left
     (null when nothing is), `finish_reason` "tool_calls"; a line without calls its text less the
     family's markers (kept in the decoded answer for the parser). Under --reasoning-parser
-    (`thinking` not None: _thinking's) a chat line's thinking is split off first, as agp serve's
-    message splits it: `text` is the content after `</think>` (null when nothing is),
-    `reasoning` and `reasoning_content` the thinking (null where the answer has none, or the line
-    set include_reasoning false), and the tool calls are read from the content alone. Any other
-    line keeps its text."""
+    (`thinking` not None: whether this answer starts in its thinking) a chat line's thinking is
+    split off first, as agp serve's message splits it: `text` is the content after `</think>`
+    (null when nothing is), `reasoning` and `reasoning_content` the thinking (null where the
+    answer has none, or the line set include_reasoning false), and the tool calls are read from
+    the content alone. Any other line keeps its text."""
     active = bool(parsed.tools) and parsed.tool_choice != "none"
-    gen = choice.data.get("generated_by")
-    if thinking is not None:        # an answer no model wrote, or one its stage held to a format, has none
-        thinking = stage_thinks(runtime, thinking, gen, choice.data.get("request"), choice.data.get("constrained"))
-    parser = tool_form(runtime, _pin(runtime, parsed), parsed.tool_choice, active, gen)
+    parser = tool_form(runtime, _pin(runtime, parsed), parsed.tool_choice, active, choice.data.get("generated_by"))
     message, reason = chat_message(parts["text"], choice.finish_reason, active,
                                    None if parsed.parallel_tool_calls else 1, parser, choice.tool_read, thinking)
     if active or thinking is not None:      # the content: a family's markers left out (tools.without_markers)

@@ -382,6 +382,9 @@ class EngineSide:
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "cached_tokens": cached_tokens},
                 "generated_by": gen, "request": request, "constrained": self.constrained(gen, request)}
+        if self.reasoning_parser is not None:
+            data["usage"]["reasoning_tokens"] = self._reasoning_tokens(gen, request, item.token_ids or (),
+                                                                       data["constrained"])
         item.tool_read = read = self._read_tool_calls(gen, request, text)
         if read is not None and read.calls:     # the stages' own copy: the answer gives the calls as read
             data["tool_calls"] = [{**c, "function": dict(c["function"])} for c in read.calls]
@@ -394,6 +397,19 @@ class EngineSide:
             if "prompt_logprobs" in item.entry:
                 data["prompt_logprobs"] = item.entry["prompt_logprobs"]
         return data
+
+    def _reasoning_tokens(self, gen: str, request: dict, ids, constrained: bool) -> int:
+        """How many of the answer's tokens `ids` are its thinking, under --reasoning-parser
+        (pipeline_dsl.reasoning's count_tokens): none for a completions request (never split), one
+        whose chat template turned thinking off (thinks), or one its stage held to a format from its
+        first token (`constrained`), as those answers are all content."""
+        from pipeline_dsl.reasoning import count_tokens, thinks
+
+        if constrained or request.get("messages") is None or not thinks(self.reasoning_parser,
+                                                                          request.get("chat_template_kwargs")):
+            return 0
+        bytes_of = self.seg_of_gen[gen].tokenizer.token_bytes
+        return count_tokens([bytes_of(t) for t in ids])
 
     def _read_tool_calls(self, gen: str, request: dict, text: str):
         """The tool calls generate stage `gen`'s answer `text` holds (tools.ToolCallsRead), parsed
@@ -453,7 +469,7 @@ class EngineSide:
                     item.logprobs = []
                 item.logprobs.extend(step_logprobs)
             want_ids = item.data.get("return_token_ids")
-            if want_ids:
+            if want_ids or self.reasoning_parser is not None:   # its thinking's tokens are counted at its end
                 if item.token_ids is None:
                     item.token_ids = []
                 item.token_ids.extend(out.new_token_ids)

@@ -78,6 +78,18 @@ def stage_thinks(runtime, thinking: bool | None, gen=None, request=None, constra
     return False if constrained else thinking
 
 
+def reasoning_tokens(runtime, req, choices) -> int | None:
+    """The tokens of the thinking of a request's answers (its Result's `choices`), as vLLM counts
+    usage's reasoning_tokens: each choice's own (its generate stage counted them, `usage`'s
+    `reasoning_tokens`) where answer_thinks says it thinks; None where no reasoning parser reads
+    them (thinking_of), so the usage says nothing of reasoning."""
+    if thinking_of(runtime, req) is None:
+        return None
+    return sum((c.data.get("usage") or {}).get("reasoning_tokens") or 0 for c in choices
+               if answer_thinks(runtime, req, c.data.get("generated_by"), c.data.get("request"),
+                                c.data.get("constrained")))
+
+
 def check_reasoning(runtime, req) -> None:
     """A request whose answer starts in its thinking (thinking_of) may not ask for structured output
     or force a tool call: a 400 saying so. A format of {"type": "text"} (many Responses clients send
@@ -172,7 +184,8 @@ def answer_body(runtime, res, req: P.GenerationRequest, rid: str,
                 fingerprint: str | None = None) -> tuple[dict, dict]:
     """(the JSON answer of a finished request, {choice index: finish reason}). `fingerprint`:
     OpenAI's system_fingerprint of the configuration that answered (serve/build.py)."""
-    use = P.usage(res.usage["prompt_tokens"], res.usage["completion_tokens"], res.usage["cached_tokens"])
+    use = P.usage(res.usage["prompt_tokens"], res.usage["completion_tokens"], res.usage["cached_tokens"],
+                  reasoning_tokens(runtime, req, res.choices))
     want = req.fields.get("logprobs") is not None
     vocabs = Vocabularies(runtime, req.pin, req.fields, req.prompt_logprobs is not None)
     want_ids = bool(req.fields.get("return_token_ids"))

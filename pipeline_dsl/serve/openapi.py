@@ -247,7 +247,10 @@ ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
 
 USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"], "properties": {
     "prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"},
-    "total_tokens": {"type": "integer"}}}
+    "total_tokens": {"type": "integer"},
+    "completion_tokens_details": {"type": "object", "description": "where agp serve --reasoning-parser reads a chat "
+                                  "answer: reasoning_tokens, the tokens of its thinking",
+                                  "properties": {"reasoning_tokens": {"type": "integer"}}}}}
 
 FINISH = {"type": ["string", "null"]}
 NO_REASONING = ("vLLM's reasoning field: a reasoning model's thinking, the text before </think>, where agp serve "

@@ -661,10 +661,15 @@ def parse_detokenize(obj: dict, *, served: tuple[str, ...], stages: tuple[str, .
 
 # ---------------------------------------------------------------- responses
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int, reasoning_tokens: int | None = None) -> dict:
+    """OpenAI's usage; `reasoning_tokens` (answers.reasoning_tokens: None where no reasoning parser
+    reads the answer) as its completion_tokens_details, as vLLM gives them."""
+    out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "total_tokens": prompt_tokens + completion_tokens,
+           "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+    if reasoning_tokens is not None:
+        out["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+    return out
 
 
 def completion_response(rid: str, model: str, choices: list[tuple], use: dict,

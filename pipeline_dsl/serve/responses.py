@@ -36,7 +36,7 @@ from pipeline_dsl.requests_io import shown
 
 from . import protocol as P
 from .access import request_info
-from .answers import Vocabularies, answer_thinks, call_parser, check_reasoning
+from .answers import Vocabularies, answer_thinks, call_parser, check_reasoning, reasoning_tokens
 from .body import read_json
 from .errors import api_error, as_responses_wrote
 from .extras import bad, parsed_off_loop
@@ -586,7 +586,8 @@ class Responses:
         if message.get("content") or not message.get("tool_calls"):
             output.append(message_item(message.get("content") or "", status, lps))
         output += [call_item(c) for c in message.get("tool_calls") or []]
-        body = response_object(rid, call, int(time.time()), status, output, usage(res.usage), incomplete=incomplete)
+        use = usage(res.usage, reasoning_tokens(self.g.apipe.runtime, call.req, res.choices))
+        body = response_object(rid, call, int(time.time()), status, output, use, incomplete=incomplete)
         self.keep(call, body)
         return body, {0: reason}
 

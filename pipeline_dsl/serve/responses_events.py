@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 
 from . import protocol as P
-from .answers import answer_thinks, call_parser
+from .answers import answer_thinks, call_parser, reasoning_tokens
 from .sse import Relay
 from .responses_output import call_item, ending, message_item, new_id, reasoning_item, response_object, usage
 
@@ -190,7 +190,8 @@ class ResponseEvents(Relay):
         if self.held_lps and self.lps is not None:
             self.lps += self.held_lps
         out += self._close_reasoning() + self._close(status)
-        final = self.snapshot(status, usage(result.usage), incomplete=incomplete)
+        use = usage(result.usage, reasoning_tokens(self.owner.g.apipe.runtime, self.call.req, result.choices))
+        final = self.snapshot(status, use, incomplete=incomplete)
         self.owner.keep(self.call, final)
         self.reason = "tool_calls" if self.called else (choice.finish_reason if choice is not None else None)
         return out + [self.event(f"response.{status}", response=final)]

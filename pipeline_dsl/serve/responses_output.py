@@ -5,13 +5,14 @@ from __future__ import annotations
 import uuid
 
 
-def usage(u: dict) -> dict:
+def usage(u: dict, reasoning_tokens: int | None = None) -> dict:
     """OpenAI's ResponseUsage, every field its SDK requires: cache_write_tokens is 0, as agp writes no
     explicit cache entries (its prefix cache keeps a prompt's KV blocks by their tokens, unasked and
-    unbilled); reasoning_tokens 0, as agp splits no reasoning out of an answer (a <think> block stays in its text)."""
+    unbilled); reasoning_tokens the tokens of the thinking agp serve --reasoning-parser splits out
+    (answers.reasoning_tokens), 0 where none is (no parser: a <think> block stays in its text)."""
     return {"input_tokens": u["prompt_tokens"],
             "input_tokens_details": {"cached_tokens": u["cached_tokens"], "cache_write_tokens": 0},
-            "output_tokens": u["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens": u["completion_tokens"], "output_tokens_details": {"reasoning_tokens": reasoning_tokens or 0},
             "total_tokens": u["prompt_tokens"] + u["completion_tokens"]}
 
 

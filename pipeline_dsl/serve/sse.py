@@ -19,7 +19,8 @@ from starlette.requests import ClientDisconnect
 
 from . import protocol as P
 from .access import request_info
-from .answers import Vocabularies, Vocabulary, answer_thinks, call_parser, prompt_text, thinking_of
+from .answers import (Vocabularies, Vocabulary, answer_thinks, call_parser, prompt_text, reasoning_tokens,
+                      thinking_of)
 from .async_pipeline import RequestStream
 from .errors import answer_failed, api_error, log_error
 from .server import SEND_WATCH
@@ -349,7 +350,8 @@ class ChunkWriter(Relay):
                                     c.data.get("constrained"))
                 out += self.finish(c.index, c.finish_reason, c.data.get("stop_reason"))
         if self.req.include_usage:
-            use = P.usage(total["prompt_tokens"], total["completion_tokens"], total["cached_tokens"])
+            use = P.usage(total["prompt_tokens"], total["completion_tokens"], total["cached_tokens"],
+                          reasoning_tokens(self.runtime, self.req, result.choices))
             out.append(P.sse(P.usage_chunk(self.rid, self.req.model, self.now, self.req.kind, use, self.fingerprint)))
         out.append(P.sse("[DONE]"))
         return out
