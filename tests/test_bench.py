@@ -518,6 +518,29 @@ def test_an_answer_of_tool_calls_has_a_time_to_first_token_over_http():
     assert r.tpot["p50"] is None            # the call came in one chunk: no token after the first seen
 
 
+class _Thinking(_Refusing):
+    """Answers every chat with thinking alone (cut by max_tokens), streamed as vLLM's reasoning
+    parsers stream it: deltas of `reasoning`, without its older name `reasoning_content`."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        chunks = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+                  {"choices": [{"index": 0, "delta": {"reasoning": "add"}}]},
+                  {"choices": [{"index": 0, "delta": {"reasoning": " them"}}]},
+                  {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}],
+                   "usage": {"prompt_tokens": 3, "completion_tokens": 2}}]
+        body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+        self._send(200, body.encode(), "text/event-stream")
+
+
+def test_a_thinking_answer_streamed_under_vllms_reasoning_field_has_a_time_to_first_token():
+    """A delta of vLLM's `reasoning` (its older `reasoning_content` left out) is a token of
+    the answer: an answer all thinking had no TTFT nor TPOT over HTTP."""
+    r = _bench_against(_Thinking, {"messages": [{"role": "user", "content": "add"}], "max_tokens": 2})
+    assert (r.completed, r.completion_tokens) == (2, 4)
+    assert r.ttft["p50"] is not None and r.tpot["p50"] is not None
+
+
 @pytest.mark.parametrize("refuse, code", [(1, 1), (2, 0)])
 def test_bench_exits_1_only_when_no_request_of_a_target_succeeded(tmp_path, capsys, refuse, code):
     handler = type("Handler", (_Refusing,), {"refuse": refuse, "seen": 0})

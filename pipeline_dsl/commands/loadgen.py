@@ -576,11 +576,13 @@ async def _read_to_the_end(lines) -> None:
 def _carries_tokens(choice: dict, chat: bool) -> bool:
     """Whether a streamed choice brings some of the answer: text, or in a chat a tool call (an
     answer of tool calls alone had no TTFT, TPOT nor ITL over HTTP) or a reasoning model's
-    thinking; not the opening role chunk nor the closing finish reason."""
+    thinking (vLLM's `reasoning`, or `reasoning_content`, its older name, which agp serve sends too
+    and a newer vLLM server may leave out); not the opening role chunk nor the closing finish reason."""
     if not chat:
         return bool(choice.get("text"))
     delta = choice.get("delta") or {}
-    return bool(delta.get("content") or delta.get("tool_calls") or delta.get("reasoning_content"))
+    return bool(delta.get("content") or delta.get("tool_calls") or delta.get("reasoning")
+                or delta.get("reasoning_content"))
 
 
 def _wire_format(spec: dict) -> dict:
