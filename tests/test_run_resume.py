@@ -96,7 +96,7 @@ def test_resume_keeps_error_records_and_drops_a_cut_last_line(tmp_path, pipeline
     assert [g["id"] for g in records(out)] == ["a", 2, "b", "c"] and records(out)[:3] == first[:3]
 
 
-@pytest.mark.parametrize("change", ["input", "pipeline", "generation_config"])
+@pytest.mark.parametrize("change", ["input", "pipeline", "generation_config", "reasoning_parser"])
 def test_resume_refuses_an_output_made_from_a_changed_input_or_pipeline(tmp_path, pipeline, change):
     """The same ids are no proof of the same requests: a prompt or the pipeline changed since the
     output was begun makes --resume exit 2 before the model loads, the output left as it is."""
@@ -115,8 +115,10 @@ def test_resume_refuses_an_output_made_from_a_changed_input_or_pipeline(tmp_path
         inp.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "another prompt"}\n')
     elif change == "pipeline":
         pipeline.write_text(pipeline.read_text().replace("max_new_tokens = 4", "max_new_tokens = 3"))
-    else:                                                 # the model's sampling defaults left out
+    elif change == "generation_config":                   # the model's sampling defaults left out
         flags = ["--generation-config", "vllm"]
+    else:                                                 # chat lines' thinking split out of their text
+        flags = ["--reasoning-parser", "qwen3"]
     r = run(pipeline, "-i", inp, "-o", out, "--resume", *flags)
     assert r.returncode == 2, r.stderr
     said = "input" if change == "input" else "pipeline"
