@@ -66,7 +66,8 @@ def answer_thinks(runtime, req, gen=None, request=None, constrained: bool | None
     return stage_thinks(runtime, thinking_of(runtime, req), gen, request, constrained)
 
 
-def stage_thinks(runtime, thinking: bool | None, gen=None, request=None, constrained: bool | None = None) -> bool | None:
+def stage_thinks(runtime, thinking: bool | None, gen=None, request=None,
+                 constrained: bool | None = None) -> bool | None:
     """answer_thinks from `thinking`, whether the request's chat answers start in their thinking
     (thinking_of's; `agp run`'s lines tell it from their own fields)."""
     if not thinking:
@@ -98,7 +99,8 @@ def check_reasoning(runtime, req) -> None:
     `</think>`, which agp does not)."""
     if not thinking_of(runtime, req):
         return
-    refuse_while_thinking(runtime, req.response_format, req.format_field, req.tools_active and req.tool_choice != "auto")
+    forced = req.tools_active and req.tool_choice != "auto"
+    refuse_while_thinking(runtime, req.response_format, req.format_field, forced)
 
 
 def refuse_while_thinking(runtime, fmt, format_field: str, forced: bool) -> None:

@@ -12,7 +12,8 @@ def usage(u: dict, reasoning_tokens: int | None = None) -> dict:
     (answers.reasoning_tokens), 0 where none is (no parser: a <think> block stays in its text)."""
     return {"input_tokens": u["prompt_tokens"],
             "input_tokens_details": {"cached_tokens": u["cached_tokens"], "cache_write_tokens": 0},
-            "output_tokens": u["completion_tokens"], "output_tokens_details": {"reasoning_tokens": reasoning_tokens or 0},
+            "output_tokens": u["completion_tokens"],
+            "output_tokens_details": {"reasoning_tokens": reasoning_tokens or 0},
             "total_tokens": u["prompt_tokens"] + u["completion_tokens"]}
 
 
