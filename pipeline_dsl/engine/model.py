@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline_dsl.model_files.rope import rope_inv_freq
+from pipeline_dsl.model_files.rope import rope_inv_freq, rope_magnitudes
 
 from . import native
 from .batch import Step, StepBatch, Uploader, prepare_step
@@ -63,6 +63,7 @@ class LlamaConfig:
     rope_scaling: tuple = ()          # (key, value) pairs of model_files.rope; () = plain RoPE
     qkv_bias: bool = False            # biases on the Q, K, V projections (Qwen2)
     qk_norm: bool = False             # an RMSNorm over each head of Q and of K before RoPE (Qwen3)
+    fused: bool = False               # the file holds q/k/v and gate/up fused (Phi-3; engine/phi3.py splits them)
 
     @property
     def group(self) -> int:           # query heads per KV head
@@ -237,8 +238,10 @@ class LlamaModel:
         freqs = torch.outer(pos, inv_freq)                      # [P, hd/2]
         emb = torch.cat([freqs, freqs], dim=-1)                 # [P, hd]
         sign = torch.cat([-torch.ones(c.head_dim // 2), torch.ones(c.head_dim // 2)]).double()
-        self.cos = emb.cos().to(device=dev, dtype=dt)           # in the compute dtype: no cast per step
-        self.sin = (emb.sin() * sign).to(device=dev, dtype=dt)  # [-sin, sin]: see _rope
+        mag = torch.tensor(rope_magnitudes(c.head_dim, c.rope_scaling), dtype=torch.float64)
+        mag = torch.cat([mag, mag])                             # [hd]: longrope's attention factor, else 1
+        self.cos = (emb.cos() * mag).to(device=dev, dtype=dt)   # in the compute dtype: no cast per step
+        self.sin = (emb.sin() * sign * mag).to(device=dev, dtype=dt)  # [-sin, sin]: see _rope
         self.rope, self.silu_mul, self.rms_fn = _rope, _silu_mul, _rms
 
     def weight_bytes(self) -> int:
