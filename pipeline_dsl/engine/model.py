@@ -4,8 +4,10 @@
 or int8 weight-only; a GGUF's own Q4_0/Q4_1 blocks run as int4 for small batches, see
 quant.Int4Linear) and knows the per-layer math: RMSNorm, RoPE ("rotate half"),
 grouped-query attention, SwiGLU, tied embeddings; Qwen2's Q/K/V biases and Qwen3's RMSNorm
-over each head of Q and K before RoPE. `ModelRunner` owns the KV pool and runs
-one engine step (see docs/architecture.md, "Model runner contract"):
+over each head of Q and K before RoPE; Phi-3's partial rotary and longrope live in the cos/sin
+tables (frequency 0 for the dims that pass, the attention factor on both: model_files/phi3.py).
+`ModelRunner` owns the KV pool and runs one engine step (see docs/architecture.md, "Model
+runner contract"):
 
     runner = ModelRunner(model, num_blocks, block_size, dtype, device)
     logits = runner.execute(items)      # [n_sample, vocab] float32, rows in item order
