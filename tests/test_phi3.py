@@ -302,3 +302,40 @@ def test_a_phi3_gguf_rotary_agp_cannot_run_is_refused_by_name(tmp_path, tiny_tok
     with pytest.raises(ModelFileProblem, match="'rope_factors_short.weight' is there without "
                                                "'rope_factors_long.weight'"):
         check_model_path(short_only)
+
+
+# Phi-3-mini-4k-instruct's and Phi-3.5-mini-instruct's template (Phi-4-mini's writes no newlines)
+PHI3_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' and message['content'] %}"
+    "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}"
+    "{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}"
+    "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+
+
+def test_a_phi3_folder_chats_in_its_template_and_ends_its_turn_at_end(tmp_path, tiny_tokenizer):
+    """<|user|>…<|end|><|assistant|> as transformers renders and tokenizes it, and the turn ends
+    at <|end|>, which generation_config.json's eos_token_id lists beside <|endoftext|>."""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from pipeline_dsl.engine.tokenizer import Tokenizer
+
+    folder = phi3_folder(tmp_path, tiny_tokenizer)
+    tk = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                           for t in ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")])
+    tk.save(str(folder / "tokenizer.json"))
+    end, eot = tk.token_to_id("<|end|>"), tk.token_to_id("<|endoftext|>")
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "<|endoftext|>", "chat_template": PHI3_TEMPLATE}))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [eot, end]}))
+    ours = Tokenizer.from_hf_folder(folder)
+    ref = transformers.AutoTokenizer.from_pretrained(str(folder))
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "the cat sat"},
+            {"role": "assistant", "content": "on the mat"}, {"role": "user", "content": "Don't stop"}]
+    text = ours.apply_chat_template(chat)
+    assert text == ref.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|user|>\nDon't stop<|end|>\n<|assistant|>\n")
+    assert ours.encode(text, add_special_tokens=False) == ref.encode(text, add_special_tokens=False)
+    assert {end, eot} <= ours.eos_token_ids
