@@ -264,10 +264,14 @@ def test_a_partial_rotary_longrope_phi3_gguf_runs_as_its_folder_does_in_transfor
 
 
 def test_a_phi3_gguf_sliding_window_bounds_the_context(tmp_path, tiny_tokenizer):
+    """phi3.attention.sliding_window as config.json's sliding_window; llama.cpp's converter writes
+    0 where the config has none (Phi-4-mini)."""
     folder = phi3_folder(tmp_path / "hf", tiny_tokenizer, sliding_window=40)
     path = gguf_of_folder(folder, tmp_path / "phi3.gguf", window=40)
     assert context_length(str(path)) == 40
     assert_logits(folder, TOKENS[:40], path)
+    none = gguf_of_folder(folder, tmp_path / "phi4.gguf", window=0)      # Phi-4-mini's: no window
+    assert context_length(str(none)) == 256
 
 
 def test_a_phi3_gguf_ends_a_turn_at_its_end_token(tmp_path, tiny_tokenizer):
