@@ -255,6 +255,10 @@ def test_a_partial_rotary_longrope_phi3_gguf_runs_as_its_folder_does_in_transfor
     scaling = dict(model.config.rope_scaling)
     assert scaling["rotary_dims"] == 12 and scaling["factors"] == tuple(LONG)
     assert_greedy_like_transformers(reference(folder), path, LONG_WAVES)
+    from tiny_model import write_tiny_gguf                # a context within the original: the short ones
+    short = load_gguf(write_tiny_gguf(tmp_path / "short.gguf", arch="phi3", context=32, rope_dims=12,
+                                      longrope=(SHORT, LONG, 32, 1.0)))
+    assert dict(short.config.rope_scaling)["factors"] == pytest.approx(SHORT)    # float32 in the file
     q4 = load_gguf(gguf_of_folder(folder, tmp_path / "phi4-q4.gguf", rope_dims=12, longrope=True, qtype="Q4_0"))
     for part in ("q", "k", "v", "gate", "up"):       # the blocks the int4 kernels run are the float rows
         name = f"layers.1.{part}"
