@@ -292,11 +292,19 @@ def test_a_phi3_gguf_ends_a_turn_at_its_end_token(tmp_path, tiny_tokenizer):
     assert {end, tok.token_to_id("<|endoftext|>")} <= tok.eos_token_ids
 
 
+def linear_scaling(meta):
+    from gguf import GGUFValueType
+
+    meta["phi3.rope.scaling.type"] = ("linear", GGUFValueType.STRING, None)
+    meta["phi3.rope.scaling.factor"] = (2.0, GGUFValueType.FLOAT32, None)
+
+
 @pytest.mark.parametrize("change, words", [
     (lambda m: m.update({"phi3.rope.dimension_count": (7,) + m["phi3.rope.dimension_count"][1:]}),
      "'phi3.rope.dimension_count' is 7: the rotary needs"),
     (lambda m: m.pop("phi3.rope.scaling.original_context_length") and None,
      "lacks 'phi3.rope.scaling.original_context_length'"),
+    (lambda m: linear_scaling(m), "a phi3 file's rotary is scaled by longrope's rope_factors_short/long alone"),
 ])
 def test_a_phi3_gguf_rotary_agp_cannot_run_is_refused_by_name(tmp_path, tiny_tokenizer, change, words):
     from test_gguf_families import _rewrite

@@ -268,6 +268,9 @@ def gguf_llama_config(h: GGUFHeader) -> dict:
     if window is not None and window > 0:   # as config.json's sliding_window (model_files/hf.py)
         context = min(context, window)
     if fused:
+        if scaling or any(t.name == "rope_freqs.weight" for t in h.tensors):
+            fail("a phi3 file's rotary is scaled by longrope's rope_factors_short/long alone, not by "
+                 "'phi3.rope.scaling.type' or a rope_freqs tensor")
         scaling = phi3.gguf_scaling(fail, m, {t.name: t for t in h.tensors}, head_dim, context)
     c = dict(vocab_size=found["embed"][1][0], hidden_size=hidden,
              intermediate_size=m[f"{arch}.feed_forward_length"], num_layers=m[f"{arch}.block_count"],
