@@ -236,6 +236,31 @@ def test_qwen3_per_head_qk_norms_run_in_the_native_steps_as_eager(qwen3, dtype, 
     assert sim.stats["near_ties"] <= 0.05 * sim.stats["rows"]
 
 
+@pytest.fixture(scope="module")
+def phi3(tmp_path_factory):
+    """Phi-4-mini's rotary on the tiny model: 24 of each head's 32 dims, longrope's long factors
+    (a context of 512 past the original 256) and an attention factor of 1.2."""
+    return load_gguf(write_tiny_gguf(tmp_path_factory.mktemp("phi3") / "phi3.gguf", arch="phi3", head_dim=32,
+                                     rope_dims=24, longrope=([1.0] * 12, [1.0 + i for i in range(12)], 256, 1.2)))
+
+
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("glued", [False, True], ids=["whole-step", "glued"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_phi3_partial_rotary_and_longrope_run_in_the_native_steps_as_eager(phi3, dtype, glued, seed):
+    """Phi-3's partial rotary and longrope scaling live in the model's cos/sin tables, which the
+    native whole decode step and the glued attention block read as the eager layers do."""
+    model = LlamaModel(phi3.config, phi3.weights, dtype)
+    fast = ModelRunner(model, num_blocks=512, block_size=BS)
+    assert dict(model.config.rope_scaling)["rotary_dims"] == 24 and fast.native is not None
+    if glued:
+        fast.native_max_batch = 1
+    sim = Lockstep(fast, eager_runner(model, 512), 800 + seed)
+    sim.run(steps=40, tol=0.0 if dtype == "fp32" else 0.02)
+    assert sim.stats["decode_batches"] > 3
+    assert sim.stats["near_ties"] <= 0.05 * sim.stats["rows"]
+
+
 @contextlib.contextmanager
 def torch_threads(n: int):
     before = torch.get_num_threads()

@@ -279,8 +279,8 @@ def _rewrite(src, dst, change=lambda meta: None, drop=()):
 
 @pytest.mark.parametrize("change, words", [
     (lambda m: "gemma", "metadata 'general.architecture' 'gemma' is not supported"),
-    (lambda m: "phi3", "metadata 'general.architecture' 'phi3' is not supported: this engine runs llama-family "
-                       "models \\('llama', 'qwen2', 'qwen3'\\)"),
+    (lambda m: "phi2", "metadata 'general.architecture' 'phi2' is not supported: this engine runs llama-family "
+                       "models \\('llama', 'qwen2', 'qwen3', 'phi3'\\)"),
     (lambda m: m.update({"tokenizer.ggml.model": ("t5",) + m["tokenizer.ggml.model"][1:]}),
      "metadata 'tokenizer.ggml.model' 't5' is not supported: agp builds byte-level BPE 'gpt2' and "
      "SentencePiece 'llama' tokenizers"),
@@ -290,7 +290,7 @@ def _rewrite(src, dst, change=lambda meta: None, drop=()):
     (lambda m: m.update({"tokenizer.ggml.token_type": (m["tokenizer.ggml.token_type"][0][:9],)
                          + m["tokenizer.ggml.token_type"][1:]}),
      "'tokenizer.ggml.token_type' has 9 entries, but 'tokenizer.ggml.tokens' 470"),
-], ids=["architecture", "phi3", "tokenizer", "no-scores", "short-scores", "short-types"])
+], ids=["architecture", "phi2", "tokenizer", "no-scores", "short-scores", "short-types"])
 def test_a_gguf_variant_agp_does_not_run_is_a_check_error_naming_key_and_value(tmp_path, spm_gguf, change, words):
     path = _rewrite(spm_gguf, tmp_path / "m.gguf", change)
     with pytest.raises(ModelFileProblem, match=words):

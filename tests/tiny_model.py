@@ -118,8 +118,8 @@ def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", embed_scale: flo
                     chat_template: str = CHAT_TEMPLATE, embed_qtype: str | None = None,
                     rope_freqs=None, rope_scaling: tuple | None = None, arch: str = "llama",
                     tokenizer: str = "bpe", add_space_prefix: bool | None = None, pre: str | None = None,
-                    add_bos: bool = False, control_tokens: tuple = (),
-                    **overrides) -> Path:
+                    add_bos: bool = False, control_tokens: tuple = (), rope_dims: int | None = None,
+                    longrope: tuple | None = None, **overrides) -> Path:
     """Write the tiny model to `path`; qtype F32|F16|Q8_0|Q4_1 for the 2-D weights, embed_qtype
     for the tied embedding when it differs (SmolLM2's file: Q4_1 layers, a Q8_0 embedding). The
     embedding's scale sets how peaked the next-token distribution is: 1.0 makes it almost
@@ -128,7 +128,9 @@ def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", embed_scale: flo
     (type, factor) the {arch}.rope.scaling metadata (("linear", 4.0)). arch "qwen2" writes a
     Qwen2 file (qwen2.* keys, Q/K/V biases, Q/K rows as they are, the qwen2 pre-tokenizer), "qwen3"
     a Qwen3 file (qwen3.* keys, attn_q_norm/attn_k_norm per head, no biases, as llama.cpp's converter
-    writes it); overrides: TINY's sizes and `head_dim` (then {arch}.attention.key_length is written);
+    writes it), "phi3" a Phi-3 file (phi3.* keys, attn_qkv, ffn_up holding gate and up; rope_dims
+    rotary dims of each head below its size, longrope (short factors, long factors, original
+    context, attention factor) its rope_factors_short/long tensors and metadata); overrides: TINY's sizes and `head_dim` (then {arch}.attention.key_length is written);
     tokenizer "spm" the SentencePiece vocabulary of `spm_vocab` (bos <s>, eos </s>, added at
     the start as Llama 2's files say; add_space_prefix written when not None); `pre` another
     tokenizer.ggml.pre of the byte-level BPE; add_bos: the byte-level BPE's prompts start with
@@ -158,7 +160,13 @@ def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", embed_scale: flo
     w.add_head_count_kv(nkv)
     w.add_rope_freq_base(cfg["theta"])
     w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_dimension_count(hd)
+    w.add_rope_dimension_count(rope_dims or hd)
+    if longrope is not None:
+        short, long, original, attn = longrope
+        w.add_uint32(f"{arch}.rope.scaling.original_context_length", original)
+        w.add_float32(f"{arch}.rope.scaling.attn_factor", attn)
+        w.add_tensor("rope_factors_short.weight", np.asarray(short, dtype=np.float32))
+        w.add_tensor("rope_factors_long.weight", np.asarray(long, dtype=np.float32))
     if hd != H // nh:
         w.add_key_length(hd)
         w.add_value_length(hd)
@@ -207,9 +215,12 @@ def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", embed_scale: flo
         qt=GGMLQuantizationType[embed_qtype] if embed_qtype else qt)
     for i in range(L):
         norm(f"blk.{i}.attn_norm.weight", H)
-        mat(f"blk.{i}.attn_q.weight", nh * hd, H, permute_heads=nh)
-        mat(f"blk.{i}.attn_k.weight", nkv * hd, H, permute_heads=nkv)
-        mat(f"blk.{i}.attn_v.weight", nkv * hd, H)
+        if arch == "phi3":                      # q, k and v in one tensor
+            mat(f"blk.{i}.attn_qkv.weight", (nh + 2 * nkv) * hd, H)
+        else:
+            mat(f"blk.{i}.attn_q.weight", nh * hd, H, permute_heads=nh)
+            mat(f"blk.{i}.attn_k.weight", nkv * hd, H, permute_heads=nkv)
+            mat(f"blk.{i}.attn_v.weight", nkv * hd, H)
         if arch == "qwen3":
             norm(f"blk.{i}.attn_q_norm.weight", hd)
             norm(f"blk.{i}.attn_k_norm.weight", hd)
@@ -218,8 +229,11 @@ def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", embed_scale: flo
                 w.add_tensor(f"blk.{i}.attn_{part}.bias", (0.5 * rng.standard_normal(n)).astype(np.float32))
         mat(f"blk.{i}.attn_output.weight", H, nh * hd)
         norm(f"blk.{i}.ffn_norm.weight", H)
-        mat(f"blk.{i}.ffn_gate.weight", I, H)
-        mat(f"blk.{i}.ffn_up.weight", I, H)
+        if arch == "phi3":                      # ffn_up holds gate and up
+            mat(f"blk.{i}.ffn_up.weight", 2 * I, H)
+        else:
+            mat(f"blk.{i}.ffn_gate.weight", I, H)
+            mat(f"blk.{i}.ffn_up.weight", I, H)
         mat(f"blk.{i}.ffn_down.weight", H, I)
     norm("output_norm.weight", H)
     if rope_freqs is not None:

@@ -16,11 +16,15 @@ and the K-quants, through `gguf.quants.dequantize`) to float32 and renamed:
     blk.N.attn_q/k_norm      -> layers.N.q/k_norm     [head_dim] (qwen3)
     blk.N.ffn_norm.weight    -> layers.N.ffn_norm     [hidden]
     blk.N.ffn_gate/up/down   -> layers.N.gate/up/down [out, in]
+    blk.N.attn_qkv           -> layers.N.q/k/v        (phi3: split, engine/phi3.py)
+    blk.N.ffn_up             -> layers.N.gate/up      (phi3: gate | up in one, split)
+    rope_factors_short/long  -> config.rope_scaling   [rotary dims/2] (phi3's longrope: the one its context takes)
     rope_freqs.weight        -> config.rope_scaling   [head_dim/2] (Llama 3.1+'s rotary factors)
 
 The architectures are model_files.GGUF_ARCHITECTURES: `llama`, `qwen2` (llama with biases
-on Q, K and V; its keys are spelt `qwen2.block_count`, …) and `qwen3` (llama with an RMSNorm
-over each head of Q and K before RoPE). llama.cpp's converter permutes the rows of a llama's
+on Q, K and V; its keys are spelt `qwen2.block_count`, …), `qwen3` (llama with an RMSNorm
+over each head of Q and K before RoPE) and `phi3` (Q/K/V and gate/up fused, a partial rotary,
+longrope: model_files/phi3.py). llama.cpp's converter permutes the rows of a llama's
 Q and K of each head (it interleaves the two rotary halves; a qwen2's or qwen3's it leaves as
 they are, its rotary is NeoX's halves); `unpermute_qk` undoes it so that the model
 can use the usual "rotate half" RoPE of the Hugging Face checkpoints.
@@ -41,6 +45,7 @@ import torch
 
 from pipeline_dsl.model_files import (GGML_TYPES, GGUF_ARCHITECTURES, GGUFHeader, ModelFileProblem,
                                       gguf_engine_name, gguf_llama_config, gguf_used_keys, read_gguf_header)
+from pipeline_dsl.model_files.phi3 import gguf_factor_tensor
 
 from .model import LlamaConfig
 from .quant import Int4Blocks
@@ -191,7 +196,9 @@ def load_gguf(path: str | Path) -> GGUFModel:
         raise GGUFError(e.path, e.problem) from None
     meta = read_metadata(header)
     config = config_from_metadata(header)   # names, shapes and types of the tensors checked too
-    permuted = GGUF_ARCHITECTURES[meta["general.architecture"]][1]
+    arch = meta["general.architecture"]
+    permuted = GGUF_ARCHITECTURES[arch][1]
+    longrope = gguf_factor_tensor(config.rope_scaling)   # phi3: the factors' tensor for its context
 
     weights = Weights()
     for t in read_tensors(path, header):
@@ -201,7 +208,14 @@ def load_gguf(path: str | Path) -> GGUFModel:
                 raise GGUFError(path, "tensor 'rope_freqs.weight' holds a factor that is not a positive number")
             config = replace(config, rope_scaling=(*config.rope_scaling, ("factors", factors)))
             continue
-        name = gguf_engine_name(t.name)
+        if t.name == longrope:              # phi3: its short or long factors, the one the context takes
+            factors = tuple(float(f) for f in dequantize(t).reshape(-1))   # [rotary dims/2]
+            if not all(0 < f < float("inf") for f in factors):
+                raise GGUFError(path, f"tensor {t.name!r} holds a factor that is not a positive number")
+            config = replace(config, rope_scaling=tuple(
+                (k, factors if k == "factors" else v) for k, v in config.rope_scaling))
+            continue
+        name = gguf_engine_name(t.name, arch)
         if name is None or (name.startswith("layers.") and int(name.split(".")[1]) >= config.num_layers):
             continue  # a tensor the llama decoder does not use
         try:
@@ -217,4 +231,7 @@ def load_gguf(path: str | Path) -> GGUFModel:
         weights[name] = torch.from_numpy(w)
         if blocks is not None and name != "embed":
             weights.int4[name] = blocks
+    if config.fused:                        # phi3: attn_qkv and ffn_up (gate | up) split (engine/phi3.py)
+        from .phi3 import split_fused
+        split_fused(config, weights)
     return GGUFModel(config=config, weights=weights, metadata=meta)

@@ -1,6 +1,6 @@
 """Hugging Face folder -> LlamaConfig + float32 weights in the engine's naming.
 
-A folder with config.json (a llama-family `model_type`: llama, mistral, qwen2, qwen3, smollm), one
+A folder with config.json (a llama-family `model_type`: llama, mistral, qwen2, qwen3, phi3, smollm), one
 or more *.safetensors files and tokenizer.json (read by tokenizer.py). Names are mapped to the engine's:
 
     model.embed_tokens.weight                    -> embed
@@ -12,6 +12,8 @@ or more *.safetensors files and tokenizer.json (read by tokenizer.py). Names are
     model.layers.N.self_attn.{q,k}_norm          -> layers.N.{q,k}_norm (Qwen3)
     model.layers.N.post_attention_layernorm      -> layers.N.ffn_norm
     model.layers.N.mlp.{gate,up,down}_proj       -> layers.N.{gate,up,down}
+    model.layers.N.self_attn.qkv_proj            -> layers.N.{q,k,v}    (Phi-3: split, engine/phi3.py)
+    model.layers.N.mlp.gate_up_proj              -> layers.N.{gate,up}  (Phi-3: split)
 
 HF checkpoints keep the "rotate half" Q/K layout the model uses, so nothing is permuted.
 config.json and the header of every *.safetensors file are checked first
@@ -58,4 +60,7 @@ def load_hf_folder(folder: str | Path) -> HFModel:
             mapped = hf_engine_name(name)
             if mapped is not None:
                 weights[mapped] = t.float()
+    if config.fused:                                     # Phi-3: q/k/v and gate/up split (engine/phi3.py)
+        from .phi3 import split_fused
+        split_fused(config, weights)
     return HFModel(config=config, weights=weights)

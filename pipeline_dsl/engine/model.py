@@ -4,8 +4,10 @@
 or int8 weight-only; a GGUF's own Q4_0/Q4_1 blocks run as int4 for small batches, see
 quant.Int4Linear) and knows the per-layer math: RMSNorm, RoPE ("rotate half"),
 grouped-query attention, SwiGLU, tied embeddings; Qwen2's Q/K/V biases and Qwen3's RMSNorm
-over each head of Q and K before RoPE. `ModelRunner` owns the KV pool and runs
-one engine step (see docs/architecture.md, "Model runner contract"):
+over each head of Q and K before RoPE; Phi-3's partial rotary and longrope live in the cos/sin
+tables (frequency 0 for the dims that pass, the attention factor on both: model_files/phi3.py).
+`ModelRunner` owns the KV pool and runs one engine step (see docs/architecture.md, "Model
+runner contract"):
 
     runner = ModelRunner(model, num_blocks, block_size, dtype, device)
     logits = runner.execute(items)      # [n_sample, vocab] float32, rows in item order
@@ -38,7 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline_dsl.model_files.rope import rope_inv_freq
+from pipeline_dsl.model_files.rope import rope_inv_freq, rope_magnitudes
 
 from . import native
 from .batch import Step, StepBatch, Uploader, prepare_step
@@ -63,6 +65,7 @@ class LlamaConfig:
     rope_scaling: tuple = ()          # (key, value) pairs of model_files.rope; () = plain RoPE
     qkv_bias: bool = False            # biases on the Q, K, V projections (Qwen2)
     qk_norm: bool = False             # an RMSNorm over each head of Q and of K before RoPE (Qwen3)
+    fused: bool = False               # the file holds q/k/v and gate/up fused (Phi-3; engine/phi3.py splits them)
 
     @property
     def group(self) -> int:           # query heads per KV head
@@ -237,8 +240,10 @@ class LlamaModel:
         freqs = torch.outer(pos, inv_freq)                      # [P, hd/2]
         emb = torch.cat([freqs, freqs], dim=-1)                 # [P, hd]
         sign = torch.cat([-torch.ones(c.head_dim // 2), torch.ones(c.head_dim // 2)]).double()
-        self.cos = emb.cos().to(device=dev, dtype=dt)           # in the compute dtype: no cast per step
-        self.sin = (emb.sin() * sign).to(device=dev, dtype=dt)  # [-sin, sin]: see _rope
+        mag = torch.tensor(rope_magnitudes(c.head_dim, c.rope_scaling), dtype=torch.float64)
+        mag = torch.cat([mag, mag])                             # [hd]: longrope's attention factor, else 1
+        self.cos = (emb.cos() * mag).to(device=dev, dtype=dt)   # in the compute dtype: no cast per step
+        self.sin = (emb.sin() * sign * mag).to(device=dev, dtype=dt)  # [-sin, sin]: see _rope
         self.rope, self.silu_mul, self.rms_fn = _rope, _silu_mul, _rms
 
     def weight_bytes(self) -> int:

@@ -284,6 +284,10 @@ class Tokenizer:
         tk.add_tokens([AddedToken(t, special=False, normalized=False)
                        for t, k in zip(tokens, types) if k == _USER_DEFINED])
         eos_ids = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+        if meta.get("general.architecture") == "phi3":
+            # a Phi-3 file names <|endoftext|> its eos while each chat turn ends with <|end|>
+            # (its generation_config.json lists both; llama.cpp ends on <|end|> by its text)
+            eos_ids += [vocab.get("<|end|>"), vocab.get("<|endoftext|>")]
         # llama.cpp starts a SentencePiece prompt with bos unless the file says otherwise
         return cls(tk, bos_token=tok("bos_token_id"), eos_token=tok("eos_token_id"),
                    eos_token_ids=eos_ids, chat_template=meta.get("tokenizer.chat_template"),

@@ -10,11 +10,12 @@ import os
 import struct
 from pathlib import Path
 
+from . import phi3
 from .llama import HF_NAMES, check_config, check_extra, check_weights, hf_engine_name, hf_file_name
 from .problem import ModelFileProblem
-from .rope import hf_rope
+from .rope import hf_rope, rope_spec
 
-LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm", "smollm2")
+LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm", "smollm2")
 _ST_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
               "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8}
 _ST_MAX_HEADER = 100 << 20     # safetensors' own limit on the JSON header
@@ -77,7 +78,7 @@ def hf_config(folder) -> dict:
              num_kv_heads=cfg.get("num_key_value_heads") or heads, head_dim=head_dim,
              rope_theta=theta, rms_eps=cfg.get("rms_norm_eps", 1e-5),
              max_position=cfg.get("max_position_embeddings", 2048), tie_embeddings=tie, rope_scaling=scaling,
-             qkv_bias=qkv_bias, qk_norm=qk_norm)
+             qkv_bias=qkv_bias, qk_norm=qk_norm, fused=mtype == "phi3")   # Phi-3: q/k/v and gate/up fused
     c = check_config(fail, c, HF_NAMES)
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) is not False else None
     if window is not None:
@@ -87,6 +88,9 @@ def hf_config(folder) -> dict:
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             fail(f"'sliding_window' must be a positive integer or null, not {json.dumps(window)}")
         c["max_position"] = min(c["max_position"], window)
+    if mtype == "phi3":                    # its partial rotary and longrope: model_files/phi3.py
+        where, spec, _ = rope_spec(cfg, fail)
+        c["rope_scaling"] = phi3.hf_scaling(fail, where, spec, cfg, c["head_dim"], c["max_position"])
     return c
 
 

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import math
 
+from . import phi3
 from .gguf_header import DEQUANTIZABLE, FLOAT_TYPES, INT_TYPES, VALUE_NAMES, GGUFHeader
 from .problem import ModelFileProblem
 from .rope import gguf_rope
 
 # the GGUF architectures the engine runs -> (biases on Q, K and V; llama.cpp's converter
 # permuted the Q/K rows, as it does for a rotary of interleaved pairs; an RMSNorm over each
-# head of Q and K before the rotary): Qwen2 = llama + biases, Qwen3 = llama + the per-head norms
-GGUF_ARCHITECTURES = {"llama": (False, True, False), "qwen2": (True, False, False), "qwen3": (False, False, True)}
+# head of Q and K before the rotary): Qwen2 = llama + biases, Qwen3 = llama + the per-head norms,
+# Phi-3 = llama with Q/K/V and gate/up fused, a partial rotary and longrope (model_files/phi3.py)
+GGUF_ARCHITECTURES = {"llama": (False, True, False), "qwen2": (True, False, False), "qwen3": (False, False, True),
+                      "phi3": (False, False, False)}
 # the tokenizers the engine builds (tokenizer.ggml.model): byte-level BPE, SentencePiece
 GGUF_TOKENIZERS = {"gpt2": "byte-level BPE", "llama": "SentencePiece"}
 # the GGUF metadata the engine reads (key -> kind), the model's under its architecture's name
@@ -39,7 +42,8 @@ _TOKENIZER_REQUIRED = ("tokenizer.ggml.model", "tokenizer.ggml.tokens")
 
 def gguf_used_keys(arch: str) -> dict:
     """The metadata the engine reads from a GGUF of architecture `arch` (key -> kind)."""
-    return {"general.architecture": "str", **{f"{arch}.{k}": kind for k, kind in _MODEL_KEYS.items()},
+    own = phi3.GGUF_KEYS if arch == "phi3" else {}
+    return {"general.architecture": "str", **{f"{arch}.{k}": kind for k, kind in {**_MODEL_KEYS, **own}.items()},
             **_TOKENIZER_KEYS}
 
 
@@ -59,24 +63,26 @@ _KINDS = {  # kind -> (type names that fit, in words)
 
 _GGUF_PARTS = {"attn_norm": "attn_norm", "attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "o",
                "ffn_norm": "ffn_norm", "ffn_gate": "gate", "ffn_up": "up", "ffn_down": "down",
-               "attn_q_norm": "q_norm", "attn_k_norm": "k_norm"}
+               "attn_q_norm": "q_norm", "attn_k_norm": "k_norm", "attn_qkv": "qkv"}
 _HF_PARTS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
              "self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v",
              "self_attn.o_proj": "o", "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down",
-             "self_attn.q_norm": "q_norm", "self_attn.k_norm": "k_norm"}
+             "self_attn.q_norm": "q_norm", "self_attn.k_norm": "k_norm",
+             "self_attn.qkv_proj": "qkv", "mlp.gate_up_proj": "gate_up"}
 _GGUF_TOP = {"token_embd.weight": "embed", "output_norm.weight": "norm", "output.weight": "lm_head"}
 _HF_TOP = {"model.embed_tokens.weight": "embed", "model.norm.weight": "norm", "lm_head.weight": "lm_head"}
 
 
-def gguf_engine_name(name: str) -> str | None:
-    """blk.3.attn_q.weight -> layers.3.q (.bias -> layers.3.q_bias, attn_q_norm -> q_norm);
-    None for a tensor the engine does not use."""
+def gguf_engine_name(name: str, arch: str = "llama") -> str | None:
+    """blk.3.attn_q.weight -> layers.3.q (.bias -> layers.3.q_bias, attn_q_norm -> q_norm; a
+    phi3's attn_qkv -> qkv, ffn_up -> gate_up); None for a tensor the engine does not use."""
     if name in _GGUF_TOP:
         return _GGUF_TOP[name]
     parts = name.split(".")
     if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[3] in ("weight", "bias") \
             and parts[2] in _GGUF_PARTS:
-        return f"layers.{int(parts[1])}.{_GGUF_PARTS[parts[2]]}{'_bias' if parts[3] == 'bias' else ''}"
+        part = "gate_up" if arch == "phi3" and parts[2] == "ffn_up" else _GGUF_PARTS[parts[2]]
+        return f"layers.{int(parts[1])}.{part}{'_bias' if parts[3] == 'bias' else ''}"
     return None
 
 
@@ -104,6 +110,10 @@ def expected_shapes(c: dict) -> dict:
         per_layer.update(q_bias=(q,), k_bias=(kv,), v_bias=(kv,))
     if c.get("qk_norm"):           # Qwen3: an RMSNorm over each head of Q and of K (one weight per head size)
         per_layer.update(q_norm=(hd,), k_norm=(hd,))
+    if c.get("fused"):             # Phi-3: [q | k | v] and [gate | up] in one tensor each
+        for part in ("q", "k", "v", "gate", "up"):
+            del per_layer[part]
+        per_layer.update(qkv=(q + 2 * kv, H), gate_up=(2 * I, H))
     for i in range(c["num_layers"]):
         shapes.update({f"layers.{i}.{p}": s for p, s in per_layer.items()})
     return shapes
@@ -121,6 +131,8 @@ def _spell(engine_name: str, top: dict, parts: dict, layer: str) -> str:
 
 
 def gguf_file_name(engine_name: str) -> str:
+    if engine_name.endswith(".gate_up"):    # phi3's ffn_up holds gate and up
+        return f"blk.{engine_name.split('.')[1]}.ffn_up.weight"
     return _spell(engine_name, _GGUF_TOP, _GGUF_PARTS, "blk.{i}.{part}.weight")
 
 
@@ -136,6 +148,9 @@ def check_extra(path, name: str, engine_name: str, c: dict) -> None:
     if part.endswith("_bias") and not (c.get("qkv_bias") and part in ("q_bias", "k_bias", "v_bias")):
         raise ModelFileProblem(path, f"tensor {name!r} is a bias: agp's linear layers and norms have none "
                                      f"(but Qwen2's q, k, v), so this model would run without it")
+    if part in ("qkv", "gate_up") and not c.get("fused"):
+        raise ModelFileProblem(path, f"tensor {name!r} holds {'q, k and v' if part == 'qkv' else 'gate and up'} in "
+                                     f"one, which only a phi3 model has: this model would run without it")
     if part in ("q_norm", "k_norm") and not c.get("qk_norm"):
         raise ModelFileProblem(path, f"tensor {name!r} is an RMSNorm over each head of {part[0]}, which only "
                                      f"a qwen3 model has: this model would run without it")
@@ -196,6 +211,7 @@ def check_config(fail, c: dict, names: dict) -> dict:
     c["rope_theta"], c["rms_eps"] = float(c["rope_theta"]), float(c["rms_eps"])
     c.setdefault("qkv_bias", False)
     c.setdefault("qk_norm", False)
+    c.setdefault("fused", False)
     return c
 
 
@@ -229,11 +245,12 @@ def gguf_llama_config(h: GGUFHeader) -> dict:
              "its pieces' scores)")
 
     m, (qkv_bias, _, qk_norm) = h.metadata, GGUF_ARCHITECTURES[arch]
+    fused = arch == "phi3"
     found = {}
     for t in h.tensors:
-        name = gguf_engine_name(t.name)
+        name = gguf_engine_name(t.name, arch)
         if name is not None:
-            check_extra(h.path, t.name, name, {"qkv_bias": qkv_bias, "qk_norm": qk_norm})
+            check_extra(h.path, t.name, name, {"qkv_bias": qkv_bias, "qk_norm": qk_norm, "fused": fused})
             found[name] = (t.name, t.shape)
             if t.type_name not in DEQUANTIZABLE:
                 fail(f"tensor {t.name!r} has type {t.type_name}, which this engine cannot turn into weights")
@@ -246,13 +263,22 @@ def gguf_llama_config(h: GGUFHeader) -> dict:
             fail(f"'{arch}.embedding_length' {hidden} is not a multiple of '{arch}.attention.head_count' {heads}")
         head_dim = hidden // heads
     theta, scaling = gguf_rope(m, fail, head_dim, arch)
+    context = m.get(f"{arch}.context_length", 2048)
+    window = m.get("phi3.attention.sliding_window") if fused else None
+    if window is not None and window > 0:   # as config.json's sliding_window (model_files/hf.py)
+        context = min(context, window)
+    if fused:
+        if scaling or any(t.name == "rope_freqs.weight" for t in h.tensors):
+            fail("a phi3 file's rotary is scaled by longrope's rope_factors_short/long alone, not by "
+                 "'phi3.rope.scaling.type' or a rope_freqs tensor")
+        scaling = phi3.gguf_scaling(fail, m, {t.name: t for t in h.tensors}, head_dim, context)
     c = dict(vocab_size=found["embed"][1][0], hidden_size=hidden,
              intermediate_size=m[f"{arch}.feed_forward_length"], num_layers=m[f"{arch}.block_count"],
              num_heads=heads, num_kv_heads=m.get(f"{arch}.attention.head_count_kv", heads), head_dim=head_dim,
              rope_theta=theta,
              rms_eps=m.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
-             max_position=m.get(f"{arch}.context_length", 2048), tie_embeddings="lm_head" not in found,
-             rope_scaling=scaling, qkv_bias=qkv_bias, qk_norm=qk_norm)
+             max_position=context, tie_embeddings="lm_head" not in found,
+             rope_scaling=scaling, qkv_bias=qkv_bias, qk_norm=qk_norm, fused=fused)
     c = check_config(fail, c, {k: v.format(arch=arch) for k, v in _GGUF_NAMES.items()})
     n_tokens = len(m["tokenizer.ggml.tokens"])
     for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):   # one entry per token
