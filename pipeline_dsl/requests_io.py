@@ -114,6 +114,26 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def check_metadata(value, name: str = "metadata") -> dict:
+    """A request's `metadata`: an object of at most METADATA_KEYS keys, each of at most
+    METADATA_KEY_CHARS characters, each value at most METADATA_VALUE_CHARS (a string's length, or
+    another value's JSON text's); a RequestError naming the key otherwise."""
+    _check(name, value, isinstance(value, dict), "an object")
+    if len(value) > METADATA_KEYS:
+        raise RequestError(f"'{name}' has {len(value)} keys: at most {METADATA_KEYS} are taken (OpenAI's limit)",
+                           param=name)
+    for key, item in value.items():
+        if len(key) > METADATA_KEY_CHARS:
+            raise RequestError(f"a key of '{name}' is {len(key)} characters long ({json.dumps(key[:40])}...): at "
+                               f"most {METADATA_KEY_CHARS} are taken (OpenAI's limit)", param=name)
+        size = len(item) if isinstance(item, str) else len(json.dumps(item, ensure_ascii=False, default=str))
+        if size > METADATA_VALUE_CHARS:
+            raise RequestError(f"'{name}.{key}' is {size} characters long"
+                               f"{'' if isinstance(item, str) else ' as JSON'}: at most {METADATA_VALUE_CHARS} "
+                               "are taken (OpenAI's limit)", param=f"{name}.{key}")
+    return value
+
+
 def _check(name: str, value, ok: bool, expected: str):
     if not ok:
         raise RequestError(f"field '{name}' must be {expected}, got {json.dumps(value)[:60]}", param=name,
@@ -208,6 +228,14 @@ RESPONSES_LACKING = {"moderation": CHAT_LACKING["moderation"],
 # changes nothing (agp's prefix cache reuses a prompt's KV blocks by their tokens)
 IDENTIFIERS = ("user", "safety_identifier", "prompt_cache_key")
 IDENTITY = ("user", "safety_identifier")
+# their length: a Responses answer is stored with them (and logged, and held by the item); OpenAI's
+# safety_identifier takes 64 characters, and user and prompt_cache_key as many as a metadata value
+IDENTIFIER_CHARS = {"user": 512, "safety_identifier": 64, "prompt_cache_key": 512}
+# `metadata` as OpenAI bounds it (chat, responses, batches): 16 keys, each of at most 64 characters,
+# each value at most 512 (a Responses answer is stored with its metadata: unbounded, one client's
+# megabytes evicted everyone else's stored answers); agp also takes values that are no strings
+# (conditions compare metadata.free == true, metadata.a.b), bounded by their JSON text's length
+METADATA_KEYS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
 # OpenAI's prompt-cache settings (chat and responses): taken (checked) and ignored, as prompt_cache_key
 # is: agp's prefix cache reuses a prompt's KV blocks by their tokens and keeps them until it needs the room
 CACHE_SETTINGS = {
@@ -245,7 +273,8 @@ TOOL_GROUP = ("tools", "tool_choice", "parallel_tool_calls")
 # request_id (a line's `id` names its answer) and the one structured-output backend's name
 IGNORED = {"stream": (lambda v: isinstance(v, bool), "true or false"),
            "stream_options": (lambda v: isinstance(v, dict), "an object"),
-           **{name: (lambda v: isinstance(v, str), "a string") for name in IDENTIFIERS},
+           **{name: (lambda v, n=n: isinstance(v, str) and len(v) <= n, f"a string of at most {n} characters")
+              for name, n in IDENTIFIER_CHARS.items()},
            "store": (lambda v: isinstance(v, bool), "true or false"),
            "service_tier": (lambda v: isinstance(v, str), "a string"),
            "request_id": (lambda v: isinstance(v, str) and 0 < len(v) <= 128 and v.isascii() and v.isprintable()
@@ -1003,7 +1032,10 @@ def parse_line_object(obj, lineno: int) -> ParsedRequest:
     if isinstance(obj, list):
         raise RequestError("a request must be a JSON object, got an array: the input is JSON Lines, one request "
                            "object per line, not a JSON array (jq -c '.[]' FILE turns an array into lines)")
-    return parse_request(obj, default_id=lineno)
+    req = parse_request(obj, default_id=lineno)
+    if req.metadata is not None:          # a client's, bounded as agp serve's bodies (a stage's own request is not)
+        check_metadata(req.metadata)
+    return req
 
 # ---------------------------------------------------------------- structured output
 # `response_format` (OpenAI), `structured_outputs` (vLLM >= 0.11: one of `json`, `regex`, `choice`,
