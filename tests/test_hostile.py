@@ -52,6 +52,8 @@ def assert_openai_error(r, status: int, fragment: str):
     ('{"prompt": "hi", "model": "\\ud800"}', "lone UTF-16 surrogate"),
     ('{"messages": [{"role": "user", "content": "a\\ud83d"}]}', "lone UTF-16 surrogate"),
     ("[" * 50000 + "]" * 50000, "nested more than"),
+    ('{"prompt": "hi", "metadata": ' + '{"a": ' * 64 + "1" + "}" * 64 + "}", "nested more than 64 levels"),   # 65 deep
+    ('{"prompt": "hi", "stop": ' + "[" * 64 + "]" * 64 + "}", "nested more than 64 levels"),
     ('{"prompt": "hi", "max_tokens": ' + "9" * 5000 + "}", "number that cannot be read"),
     (b'{"prompt": "\xff\xfe"}', "not UTF-8"),
     ('{"prompt": "hi", "max_tokens": 1e999}', "Infinity in 'max_tokens'"),
