@@ -221,7 +221,7 @@ class Probes:
         return f"{','.join(codes) or 'nothing'} {how}"
 
     def tiny_chunks(self, n: int) -> str:
-        body = json.dumps({"prompt": "hi", "max_tokens": 1, "user": "u" * n}).encode()
+        body = (json.dumps({"prompt": "hi", "max_tokens": 1})[:-1] + " " * n + "}").encode()   # padded with spaces
         wire = b"".join(b"1\r\n" + body[i:i + 1] + b"\r\n" for i in range(len(body))) + b"0\r\n\r\n"
         return self.raw(self.chunked_head() + wire, wait=120)
 

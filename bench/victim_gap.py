@@ -9,7 +9,9 @@ The server runs as a child process; a victim streams a long completion while eac
 a 4,000-token prompt without echo (the share any long prompt takes: its prefill, chunk by chunk),
 the same prompt scored with echo (logprobs 20, then 0), 300 connections answered 413 whose
 clients keep sending, 64 KB headers, unenforceable response_formats, 1M ids to /detokenize,
-256 prompts x n = 64, `agp check` of a 1 MiB file of nested brackets, and json_schemas built to
+256 prompts x n = 64, `agp check` of a 1 MiB file of nested brackets, bodies of 3.8 MB
+(under the 3.85 MiB chat.agp's model takes, below --max-body-bytes' 4 MiB: 9,500 messages,
+470,000 token ids, one string, 200,000 metadata keys; each parsed whole before its answer), and json_schemas built to
 cost: a const of 250,000 characters, a 2 MB enum (2,000 strings of 1,000 characters), 100,000
 short strings, 10,000 optional properties (each past a bound: refused), and costly masks within
 the bounds: a string pattern of 400 to 19,000 letters (its repetition unrolled to the bound on a
@@ -171,6 +173,21 @@ def probes(url: str, port: int, tmp: Path) -> dict:
                 {c: results.count(c) for c in results}.items()))
         return run
     plain100 = lambda: post("/v1/completions", {"prompt": "hi", "max_tokens": 100, "ignore_eos": True})  # noqa: E731
+    # bodies of 3.8 MB (about the most a body may have), encoded here beforehand (this process times the victim):
+    # the server parses each whole before it can refuse it
+    big = {"3.8 MB body: 9,500 messages": ("/v1/chat/completions", {"messages": [
+               {"role": "user", "content": "x" * 380} for _ in range(9_500)], "max_tokens": 1}),
+           "3.8 MB body: 470,000 token ids": ("/v1/completions", {"prompt": list(range(1000, 471_000)),
+                                                                 "max_tokens": 1}),
+           "3.8 MB body: one string": ("/v1/completions", {"prompt": "hello world " * 315_000, "max_tokens": 1}),
+           "3.8 MB body: 200,000 metadata keys": ("/v1/completions", {"prompt": "hi", "max_tokens": 1, "metadata": {
+               f"k{i}": i for i in range(200_000)}})}
+    encoded = {name: (route, json.dumps(body).encode()) for name, (route, body) in big.items()}
+
+    def send_big(name: str):
+        route, data = encoded[name]
+        return lambda: httpx.post(url + route, content=data, headers={"content-type": "application/json"},
+                                  timeout=600).status_code
     return {
         "4000 tokens, no echo (its share)": lambda: post("/v1/completions", {"prompt": long_prompt, "max_tokens": 1}),
         "echo 4000 tokens, logprobs 20": lambda: post("/v1/completions", {"prompt": long_prompt, "max_tokens": 0,
@@ -195,6 +212,7 @@ def probes(url: str, port: int, tmp: Path) -> dict:
         "/detokenize 1M ids": lambda: post("/detokenize", {"tokens": [42] * 1_000_000}),
         "256 prompts x n = 64": lambda: post("/v1/completions", {"prompt": ["hi"] * 256, "n": 64, "max_tokens": 1}),
         "agp check, 1 MiB of [": check,
+        **{name: send_big(name) for name in big},
     }
 
 

@@ -185,6 +185,17 @@ def test_headers_over_16_kib_are_431_and_closed(serve):
     (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 4\r\n"
      b"Transfer-Encoding: chunked\r\n\r\n21\r\n" + b'{"prompt": "hi", "max_tokens": 1}' + b"\r\n0\r\n\r\n"
      b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", "both Transfer-Encoding and Content-Length"),
+    # a first line that is no request line is answered once it has arrived, not at the header
+    # timeout (h11 reads a request only once its headers are all here; these never come)
+    (b"GET /\r\n", "the request line 'GET /' has no HTTP version (HTTP/0.9 is not served"),
+    (b"GARBAGE\r\n", "illegal request line: 'GARBAGE'"),
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\n", "illegal request line"),   # TLS to the plain port
+    # a request target that is neither a path nor an absolute http(s) URI with a host
+    (b"GET v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", "'v1/models' is neither a path (/v1/...) nor"),
+    (b"GET http:/v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", "'http:/v1/models' is neither a path"),
+    (b"GET ftp://127.0.0.1/v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", "no http or https URI (its scheme is ftp)"),
+    (b"GET http:///v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", "'http:///v1/models' has no valid host"),
+    (b"GET http://me@127.0.0.1/v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", "has a user name in its authority"),
 ])
 def test_bytes_that_are_not_http_get_an_openai_400_saying_why_and_are_closed(serve, raw, why):
     _, url, port = serve
@@ -207,6 +218,46 @@ def test_bytes_that_are_not_http_get_an_openai_400_saying_why_and_are_closed(ser
     assert httpx.get(url + "/health", timeout=10).status_code == 200
 
 
+def exchange(port: int, raw: bytes) -> tuple[bytes, bytes]:
+    """Send `raw` (a request that asks for `Connection: close` or is HTTP/1.0) and read the whole
+    answer: (head, body)."""
+    with socket.create_connection(("127.0.0.1", port)) as c:
+        c.sendall(raw)
+        c.settimeout(60)
+        answer = b""
+        while chunk := c.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head, body
+
+
+def test_an_absolute_form_request_target_is_served_by_its_path_and_host(serve):
+    """RFC 9112 3.2.2: a server MUST accept an absolute-form target (`GET http://host:port/path`,
+    as a client sends it to a proxy, and proxies pass it on); it was a 404 for the path
+    '/http://...'. The target's host is the request's host, its Host header ignored, so
+    --allowed-hosts judges the target's."""
+    _, url, port = serve
+    head, body = exchange(port, f"GET http://127.0.0.1:{port}/v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                "Connection: close\r\n\r\n".encode())
+    assert head.startswith(b"HTTP/1.1 200 "), head + body[:300]
+    assert json.loads(body)["data"][0]["id"] == httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
+    completion = json.dumps({"prompt": "hi", "max_tokens": 2}).encode()
+    for target, host in ((f"HTTP://LOCALHOST:{port}/v1/completions?x=1", b"elsewhere.example"),    # the Host is ignored
+                         (f"http://127.0.0.1:{port}/v1/completions", None)):                        # HTTP/1.0, no Host
+        raw = (f"POST {target} HTTP/1.{0 if host is None else 1}\r\n".encode()
+               + (b"" if host is None else b"Host: " + host + b"\r\n")
+               + b"Content-Type: application/json\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(completion)
+               + completion)
+        head, body = exchange(port, raw)
+        assert head.startswith(b"HTTP/1.1 200 "), (target, head + body[:300])
+        assert json.loads(body)["usage"]["completion_tokens"] == 2
+    head, body = exchange(port, b"GET http://127.0.0.1 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404 ") and b"GET /: Not Found" in body, head + body   # an empty path is /
+    head, body = exchange(port, f"GET http://attacker.example:{port}/v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                "Connection: close\r\n\r\n".encode())
+    assert head.startswith(b"HTTP/1.1 400 ") and json.loads(body)["error"]["code"] == "invalid_host", head + body
+
+
 def chunked(body: bytes, size: int) -> bytes:
     """A POST to /v1/completions whose body is sent in chunks of `size` bytes."""
     pieces = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + size]), body[i:i + size]) for i in range(0, len(body), size))
@@ -219,7 +270,7 @@ def test_a_chunked_body_in_thousands_of_tiny_chunks_is_a_400_and_in_larger_ones_
     and every other request, for seconds, and was answered. Past 4,096 chunks beyond one per KiB
     it is refused; the same body in chunks of 1 KiB is read."""
     _, url, port = serve
-    body = json.dumps({"prompt": "hi", "max_tokens": 1, "user": "u" * 20_000}).encode()
+    body = (json.dumps({"prompt": "hi", "max_tokens": 1})[:-1] + " " * 20_000 + "}").encode()   # padded with spaces
     answers = []
     for size in (1, 1024):
         c = socket.create_connection(("127.0.0.1", port))
@@ -263,7 +314,7 @@ def test_each_request_on_a_kept_alive_connection_has_its_own_chunk_count(serve):
     """Two requests on one connection, each in 3,000 one-byte chunks (under the bound for its
     size): both are read, the second's chunks not counted on top of the first's."""
     _, url, port = serve
-    body = json.dumps({"prompt": "hi", "max_tokens": 1, "user": "u" * 2_950}).encode()
+    body = (json.dumps({"prompt": "hi", "max_tokens": 1})[:-1] + " " * 2_950 + "}").encode()   # padded with spaces
     one = chunked(body, 1).replace(b"Connection: close\r\n", b"")
     with socket.create_connection(("127.0.0.1", port)) as c:
         c.settimeout(60)

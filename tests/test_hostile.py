@@ -52,6 +52,8 @@ def assert_openai_error(r, status: int, fragment: str):
     ('{"prompt": "hi", "model": "\\ud800"}', "lone UTF-16 surrogate"),
     ('{"messages": [{"role": "user", "content": "a\\ud83d"}]}', "lone UTF-16 surrogate"),
     ("[" * 50000 + "]" * 50000, "nested more than"),
+    ('{"prompt": "hi", "metadata": ' + '{"a": ' * 64 + "1" + "}" * 64 + "}", "nested more than 64 levels"),   # 65 deep
+    ('{"prompt": "hi", "stop": ' + "[" * 64 + "]" * 64 + "}", "nested more than 64 levels"),
     ('{"prompt": "hi", "max_tokens": ' + "9" * 5000 + "}", "number that cannot be read"),
     (b'{"prompt": "\xff\xfe"}', "not UTF-8"),
     ('{"prompt": "hi", "max_tokens": 1e999}', "Infinity in 'max_tokens'"),
@@ -74,6 +76,44 @@ def test_nan_or_infinity_anywhere_in_a_body_is_a_400_naming_where(server, route,
     r = post(server, body, route)
     assert_openai_error(r, 400, f"in '{where}', which JSON has no value for")
     assert r.json()["error"]["param"] == where
+
+
+METADATA_AT_LIMIT = {f"{i:02d}" + "k" * 62: "v" * 512 for i in range(16)}     # OpenAI's: 16 keys, 64 and 512 characters
+
+
+BOUNDED = [
+    ("metadata", {f"k{i}": "v" for i in range(17)}, "metadata", "has 17 keys: at most 16"),
+    ("metadata", {"k" * 65: "v"}, "metadata", "is 65 characters long"),
+    ("metadata", {"a": "v" * 513}, "metadata.a", "'metadata.a' is 513 characters long: at most 512"),
+    ("metadata", {"a": {"b": ["x" * 600]}}, "metadata.a", "characters long as JSON: at most 512"),
+    ("metadata", {"a": "v" * (3 << 20)}, "metadata.a", "at most 512"),            # megabytes, stored with an answer
+    ("user", "u" * 513, "user", "a string of at most 512 characters"),
+    ("safety_identifier", "s" * 65, "safety_identifier", "a string of at most 64 characters"),
+    ("prompt_cache_key", "p" * 513, "prompt_cache_key", "a string of at most 512 characters"),
+]
+
+
+@pytest.mark.parametrize("route, field, value, param, fragment", [
+    (route, *case) for case in BOUNDED for route in ("/v1/chat/completions", "/v1/responses", "/v1/completions")
+    if route != "/v1/completions" or case[0] in ("metadata", "user")])   # the others are chat's and Responses'
+def test_metadata_and_identifiers_are_bounded_as_openai_bounds_them(server, route, field, value, param, fragment):
+    """A Responses answer is stored with its metadata and identifiers (and every request's item holds
+    them): unbounded, one request's megabytes of metadata evicted the other clients' stored answers.
+    OpenAI takes 16 metadata keys of at most 64 characters, values of at most 512, and a
+    safety_identifier of 64; agp also bounds user and prompt_cache_key, and a metadata value that
+    is no string (conditions compare them) by its JSON's length."""
+    body = ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1} if route == "/v1/chat/completions" else
+            {"input": "hi", "max_output_tokens": 1} if route == "/v1/responses" else {"prompt": "hi", "max_tokens": 1})
+    r = post(server, json.dumps({**body, field: value}), route)
+    assert_openai_error(r, 400, fragment)
+    assert r.json()["error"]["param"] == param
+    fine = {"metadata": METADATA_AT_LIMIT, "user": "u" * 512, "safety_identifier": "s" * 64,
+            "prompt_cache_key": "p" * 512}
+    r = post(server, json.dumps({**body, field: fine[field]}), route)
+    assert r.status_code == 200, r.text[:300]
+    if route == "/v1/responses":                       # stored and echoed whole
+        kept = server.http.get(f"{server.url}/v1/responses/{r.json()['id']}", timeout=30).json()
+        assert kept[field] == fine[field]
 
 
 TOOL = {"type": "function", "function": {"name": "w", "parameters": {"type": "object"}}}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -137,6 +138,30 @@ def test_the_merged_metrics_answer_each_scraper_as_one_process_does(ray_server, 
     fams = {f.name: f for f in text_string_to_metric_families((gzip.decompress(raw) if gzipped else raw).decode())}
     assert [s.name for s in fams["vllm:prompt_tokens"].samples] == ["vllm:prompt_tokens_total"] * 2   # both replicas
     assert len({s.labels["replica"] for s in fams["vllm:prompt_tokens"].samples}) == 2
+
+
+def test_the_ingress_refuses_what_one_process_refuses_huge_bodies_and_headers_and_deep_json(ray_server):
+    """As one process: a Content-Length past --max-body-bytes is a 413 before any of the body is
+    read (the ingress waited for the body, a 408 after --body-timeout), headers past 16 KiB a 431
+    (answered 200), and JSON nested past the limit a 400 from the replica (the ingress's routing
+    key read raised RecursionError: a 500)."""
+    _, url, _ = ray_server
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as c:
+        c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 10737418240\r\n\r\n{")
+        c.settimeout(60)
+        answer = b""
+        while b"body_too_large" not in answer and (chunk := c.recv(65536)):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:300]
+    assert b"has 10737418240 bytes; at most 4194304 are accepted (--max-body-bytes)" in answer
+    r = httpx.get(url + "/health", headers={"x-big": "a" * (20 << 10)}, timeout=30)      # Ray's proxy takes any size
+    assert r.status_code == 431 and r.json()["error"]["code"] == "headers_too_large", r.text[:300]
+    assert httpx.get(url + "/health", headers={"x-fine": "a" * (12 << 10)}, timeout=30).status_code == 200
+    nested = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    r = httpx.post(url + "/v1/completions", content=nested, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 400 and "nested more than" in r.json()["error"]["message"], r.text[:300]
 
 
 def test_sigterm_drains_with_503_and_retry_after_and_finishes_the_request_in_flight(ray_server):

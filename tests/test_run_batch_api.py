@@ -405,3 +405,22 @@ def test_an_error_record_names_max_tokens_as_the_line_wrote_it(tmp_path, pipelin
     assert body["code"] == long["error"]["code"] == "context_length_exceeded", long
     assert "max_completion_tokens 450" in body["message"] and body["message"] == long["error"]["message"], long
     assert "max_tokens" not in body["message"].replace("max_completion_tokens", ""), long
+
+
+def test_a_batch_lines_metadata_is_bounded_as_openai_bounds_it(tmp_path, pipeline):
+    """16 keys of at most 64 characters, values of at most 512: a line past it is its own 400 record
+    naming the field, as agp serve refuses the body; one at the limit is answered."""
+    inp, out = tmp_path / "batch.jsonl", tmp_path / "out.jsonl"
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    inp.write_text(batch_line("keys", CHAT, {**chat, "metadata": {f"k{i}": "v" for i in range(17)}})
+                   + batch_line("long", CHAT, {**chat, "metadata": {"a": "v" * 513}})
+                   + batch_line("safety", CHAT, {**chat, "safety_identifier": "s" * 65})
+                   + batch_line("fine", CHAT, {**chat, "metadata": {f"{i:02d}" + "k" * 62: "v" * 512 for i in range(16)}}))
+    r = run(pipeline, "-i", inp, "-o", out)
+    assert r.returncode == 0, r.stderr
+    keys, long, safety, fine = records(out)
+    assert keys["response"]["status_code"] == 400 and "has 17 keys: at most 16" in keys["error"]["message"]
+    assert keys["response"]["body"]["error"]["param"] == "metadata"
+    assert long["response"]["body"]["error"]["param"] == "metadata.a" and "at most 512" in long["error"]["message"]
+    assert safety["response"]["body"]["error"]["param"] == "safety_identifier"
+    assert fine["error"] is None and fine["response"]["status_code"] == 200

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pipeline_dsl.constraints import MAX_STRUCTURES
 from pipeline_dsl.engine.config import MAX_LOGPROBS
-from pipeline_dsl.requests_io import (MAX_LOGIT_BIAS, MAX_STOP, MAX_STOP_CHARS, MAX_STOP_LEN, MAX_TOOLS, NOT_NULL,
+from pipeline_dsl.requests_io import (IDENTIFIER_CHARS, MAX_LOGIT_BIAS, MAX_STOP, MAX_STOP_CHARS, MAX_STOP_LEN,
+                                      MAX_TOOLS, METADATA_KEY_CHARS, METADATA_KEYS, METADATA_VALUE_CHARS, NOT_NULL,
                                       ROLES)
 from stages.fields import PRIORITY, REQUEST_FIELDS, TOKEN_ID_FIELDS, param_of
 
@@ -80,6 +81,12 @@ STOP = {"oneOf": [
 ]}
 
 # stream_options.include_obfuscation (OpenAI's; chat, completions and responses): agp adds no obfuscation
+# OpenAI's bounds of metadata (requests_io.check_metadata); a value that is no string is bounded by its JSON's length
+METADATA = {"type": "object", "maxProperties": METADATA_KEYS, "propertyNames": {"maxLength": METADATA_KEY_CHARS},
+            "additionalProperties": {"oneOf": [{"type": "string", "maxLength": METADATA_VALUE_CHARS},
+                                               {"not": {"type": "string"}}]},
+            "description": f"at most {METADATA_KEYS} keys of {METADATA_KEY_CHARS} characters, each value at most "
+                           f"{METADATA_VALUE_CHARS} characters (another value than a string: its JSON's)"}
 OBFUSCATION = {"include_obfuscation": {"type": ["boolean", "null"],
                                        "description": "taken; agp's chunks carry no obfuscation field"}}
 
@@ -99,7 +106,7 @@ SAMPLING = {
                                                         "continuous_usage_stats": {"type": ["boolean", "null"]},
                                                         **OBFUSCATION},
                        "additionalProperties": False},
-    "user": {"type": "string"},
+    "user": {"type": "string", "maxLength": IDENTIFIER_CHARS["user"]},
     **{name: _number(name) for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p",
                                         "min_tokens")},
     "logit_bias": {"type": "object", "maxProperties": MAX_LOGIT_BIAS, "description": "token id -> bias",
@@ -195,7 +202,7 @@ CACHE = {"prompt_cache_retention": {"enum": ["in_memory", "24h", None], "descrip
 CHAT_REQUEST = _request("messages", {
     "messages": {"type": "array", "minItems": 1, "items": MESSAGE},
     "max_completion_tokens": {"type": "integer", "minimum": 1},
-    "metadata": {"type": "object"},
+    "metadata": METADATA,
     "chat_template_kwargs": {"type": "object", "description": "extra variables of the chat template"},
     "add_generation_prompt": {"type": "boolean", "description": "open the assistant's turn after the messages "
                                                                   "(default true)"},
@@ -212,7 +219,8 @@ CHAT_REQUEST = _request("messages", {
                          "description": "taken and ignored (Qwen3 thinks as enable_thinking says)"},
     "include_reasoning": {"type": "boolean", "description": "vLLM's: false leaves the thinking agp serve "
                                                             "--reasoning-parser splits out of the answer"},
-    **{name: {"type": "string", "description": "the end user's id: python stages and conditions read it"
+    **{name: {"type": "string", "maxLength": IDENTIFIER_CHARS[name],
+              "description": "the end user's id: python stages and conditions read it"
               if name in IDENTITY else "taken and ignored"} for name in IDENTIFIERS},
     **CACHE,
     **SAMPLING,
@@ -232,7 +240,7 @@ COMPLETION_REQUEST = _request("prompt", {
             {"type": "string", "minLength": 1},
             {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}]}},
     ]},
-    "metadata": {"type": "object"},
+    "metadata": METADATA,
     "echo": {"type": "boolean", "description": "the prompt before the answer (max_tokens 0: only the prompt)"},
     "logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS},
     **SAMPLING,
@@ -299,14 +307,16 @@ RESPONSES_REQUEST = _request("input", {
     "tool_choice": {"oneOf": [{"enum": ["none", "auto", "required"]}, {"type": "object"}]},
     "parallel_tool_calls": {"type": ["boolean", "null"]},
     "text": {"type": "object"},
-    "metadata": {"type": "object"},
+    "metadata": METADATA,
     "include": {"type": "array", "items": {"enum": list(INCLUDABLE)},
                 "description": "message.output_text.logprobs is served; OpenAI's other values include nothing here"},
     "top_logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS},
     "background": {"enum": [False, None], "description": "agp answers in the foreground"},
     "stream_options": {"type": ["object", "null"], "properties": OBFUSCATION, "additionalProperties": False},
     **{name: {"type": ["string", "null"], "description": "repeated in the answer"}
-       for name in ("user", "truncation", "service_tier", "prompt_cache_key", "safety_identifier")},
+       for name in ("truncation", "service_tier")},
+    **{name: {"type": ["string", "null"], "maxLength": IDENTIFIER_CHARS[name], "description": "repeated in the answer"}
+       for name in IDENTIFIERS},
     "reasoning": {"type": ["object", "null"], "description": "repeated in the answer",
                   "properties": {"effort": {"enum": [*REASONING_EFFORTS, None]}}},
     "max_tool_calls": {"type": ["integer", "null"], "minimum": 1},
@@ -480,7 +490,8 @@ def _embeddings_request() -> dict:
         "input": EMBEDDINGS_INPUT,
         "encoding_format": {"enum": ["float", "base64"]}, "normalize": {"type": "boolean"},
         "dimensions": {"type": "integer", "description": "only the model's own"},
-        "user": {"type": "string"}, "request_id": SAMPLING["request_id"], "priority": SAMPLING["priority"],
+        "user": {"type": "string", "maxLength": IDENTIFIER_CHARS["user"]}, "request_id": SAMPLING["request_id"],
+        "priority": SAMPLING["priority"],
         "add_special_tokens": ADD_SPECIAL_TOKENS,
         "embed_dtype": {"enum": list(EMBED_DTYPES), "description": "a base64 embedding's numbers (vLLM's)"},
         "endianness": {"enum": list(ENDIANNESS), "description": "a base64 embedding's byte order (vLLM's)"},
@@ -509,7 +520,8 @@ EMBEDDINGS = {
 # vLLM's scoring routes (serve/scores.py): the cosine similarity of the texts' embeddings
 TEXTS = {"oneOf": [{"type": "string", "minLength": 1},
                    {"type": "array", "minItems": 1, "maxItems": MAX_INPUTS, "items": {"type": "string", "minLength": 1}}]}
-_SCORING_COMMON = {"model": {"type": "string"}, "user": {"type": "string"}, "request_id": SAMPLING["request_id"],
+_SCORING_COMMON = {"model": {"type": "string"}, "user": {"type": "string", "maxLength": IDENTIFIER_CHARS["user"]},
+                   "request_id": SAMPLING["request_id"],
                    "priority": SAMPLING["priority"]}
 
 

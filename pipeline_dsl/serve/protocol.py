@@ -20,7 +20,7 @@ from pipeline_dsl.diagnostics import closest
 from pipeline_dsl.requests_io import (CACHE_SETTINGS, CHAT_FIELDS, CHAT_LACKING, CHAT_NEUTRAL,  # noqa: F401
                                       COMPLETION_FIELDS, COMPLETION_LACKING, IDENTIFIERS, IDENTITY, IGNORED,
                                       ITEM_FIELDS, MAX_HEADER_VALUE, NEUTRAL, REASONING_EFFORTS, RESPONSES_LACKING,
-                                      check_fields, check_min_tokens, check_neutral, foreign_hint, json_type,
+                                      check_fields, check_metadata, check_min_tokens, check_neutral, foreign_hint, json_type,
                                       load_json, logprobs_of_chat, must_be, parse_logit_bias, parse_messages,
                                       parse_tools, priority, request_item)
 from pipeline_dsl.requests_io import check_lacking as request_check_lacking
@@ -190,6 +190,15 @@ def check_lacking(obj: dict, table: dict) -> None:
         request_check_lacking(obj, table)
 
 
+def _metadata(obj: dict) -> dict | None:
+    """The request's `metadata`, bounded as OpenAI bounds it (requests_io.check_metadata)."""
+    metadata = _field(obj, "metadata", lambda v: isinstance(v, dict), "an object")
+    if metadata is None:
+        return None
+    with request_errors:
+        return check_metadata(metadata)
+
+
 def _check_identifiers(obj: dict) -> dict:
     """The request's identifiers checked (strings); the end user's (IDENTITY: user, safety_identifier)
     returned, for the item a pipeline's stages and conditions see."""
@@ -335,7 +344,7 @@ def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     prompts = _prompts(obj["prompt"], max_model_len, truncation.get("truncate_prompt_tokens"))
     flags = _stream_flags(obj, lenient)
     echo = _field(obj, "echo", lambda v: isinstance(v, bool), "true or false") or False
-    metadata = _field(obj, "metadata", lambda v: isinstance(v, dict), "an object")
+    metadata = _metadata(obj)
     # max_tokens 0 (an integer: false and 0.0 are no more a token count here than anywhere) scores
     # the prompt without generating; only echo returns what it scored
     zero = _is_int(obj.get("max_tokens")) and obj["max_tokens"] == 0
@@ -469,7 +478,7 @@ def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
         fields["logprobs"] = k
     tokens = parse_token_fields(obj, stream=flags["stream"])
     fields.update(tokens.fields)
-    metadata = _field(obj, "metadata", lambda v: isinstance(v, dict), "an object")
+    metadata = _metadata(obj)
     with request_errors:
         tools, choice, parallel = parse_tools(obj)
     check_tools(tools, choice)

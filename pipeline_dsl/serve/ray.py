@@ -81,8 +81,9 @@ def build_app(args, gpus: float = 0):
     logs = logging_config(args)
     hub = AgpMetrics.options(logging_config=logs).bind()
     pipeline = AgpPipeline.options(**pipeline_options(args, gpus)).bind(options, hub)
-    return AgpIngress.options(logging_config=logs).bind(pipeline, args.affinity_chars, args.max_body_bytes, args.body_timeout, hub,
-                           args.root_path)
+    return AgpIngress.options(logging_config=logs).bind(
+        pipeline, args.affinity_chars, args.max_body_bytes, args.body_timeout, hub, args.root_path,
+        body_min_rate=args.body_min_rate, max_body_bytes_arriving=args.max_body_bytes_arriving)
 
 
 def drain(app: str, timeout: float, quiet_s: float = 1.0) -> int:

@@ -5,7 +5,10 @@
   lifespan: the pipeline starts with the replica and drains when Serve stops it (Serve
   first lets the requests in flight finish, up to --drain-timeout). Every answer carries
   `x-agp-replica`, the id of the replica that served it.
-- `AgpIngress`, behind Ray's HTTP proxy: reads a request's body, takes its prompt's first
+- `AgpIngress`, behind Ray's HTTP proxy: refuses what one process refuses before the app
+  (headers past 16 KiB: 431, a body past --max-body-bytes: 413, late: 408 by --body-timeout
+  and --body-min-rate, past --max-body-bytes-arriving: 503; docs/scale.md says what Ray's
+  proxy bounds and what it does not), reads a request's body, takes its prompt's first
   --affinity-chars characters as a routing key and calls `AgpPipeline` through a deployment
   handle, streaming the replica's ASGI messages back. A request whose replica fails before
   its answer started is sent again (to another replica); a stream already started ends with
@@ -35,10 +38,11 @@ from ray.exceptions import RayActorError
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from . import protocol as P
-from .body import decoded
+from .body import BodyClock, decoded
 from .config import PROBES, WATCHED, ServeConfig
 from .guard import header, shutting_down
 from .metrics import exposition
+from .server import MAX_HEADER_BYTES
 from .ray_metrics import PUSH_S, merged
 
 log = logging.getLogger("agp.serve")
@@ -62,7 +66,7 @@ def affinity_key(body: bytes, chars: int, encoding: str | None = None, limit: in
         return None
     try:
         obj = json.loads(decoded(body, encoding, limit))
-    except (ValueError, P.APIError):
+    except (ValueError, RecursionError, P.APIError):    # nested too deeply too: the replica's 400 says so
         return None
     if not isinstance(obj, dict):
         return None
@@ -211,12 +215,16 @@ class AgpIngress:
     """Behind Ray's HTTP proxy: every request to an `AgpPipeline` replica, with its routing key."""
 
     def __init__(self, pipeline, affinity_chars: int, max_body_bytes: int, body_timeout_s: float, hub=None,
-                 root_path: str = "", retry_after_s: int = 1):
+                 root_path: str = "", retry_after_s: int = 1, body_min_rate: float = 0.0,
+                 max_body_bytes_arriving: int | None = None):
         self.pipeline = pipeline.options(stream=True)
         self.chars, self.limit, self.body_timeout_s = affinity_chars, max_body_bytes, body_timeout_s
+        self.body_min_rate = body_min_rate
+        self.arriving_limit = max_body_bytes_arriving
         self.hub, self.root, self.retry_after_s = hub, root_path.rstrip("/"), retry_after_s
         self.draining = False
         self.active = 0                          # requests being forwarded now
+        self.arriving = 0                        # the bytes of the bodies still arriving, all together
 
     def drain(self) -> None:
         """Stop taking requests (503 + Retry-After, /health 503) while those in flight finish."""
@@ -245,6 +253,9 @@ class AgpIngress:
                     return
         if scope["type"] != "http":
             return
+        if head_bytes(scope) > MAX_HEADER_BYTES:         # Ray's proxy reads headers of any length
+            return await _answer(send, P.APIError(f"the request line and headers are longer than {MAX_HEADER_BYTES} "
+                                                  "bytes", status=431, code="headers_too_large"))
         path = self._path(scope)
         if self.draining and path not in WATCHED:
             if path in PROBES:
@@ -262,12 +273,14 @@ class AgpIngress:
             self.active -= 1
 
     async def _forward(self, scope, receive, send):
+        declared = header(scope, b"content-length")
+        if declared.isdigit() and int(declared) > self.limit:      # refused before it is read, as in one process
+            return await _answer(send, self._too_large(f"has {int(declared)} bytes; at most {self.limit} are accepted"))
         body = await self._body(receive)
         if body is False:                        # the client went away
             return
-        if body is None:
-            return await _answer(send, P.APIError(f"the request body did not arrive within "
-                                                  f"{self.body_timeout_s:g} s", status=408, code="body_timeout"))
+        if isinstance(body, P.APIError):         # late (408), too large (413), or past the bytes arriving (503)
+            return await _answer(send, body)
         key = affinity_key(body, self.chars, header(scope, b"content-encoding"), self.limit)
         request = {k: scope[k] for k in SCOPE_KEYS if k in scope}
         failure = None
@@ -305,29 +318,60 @@ class AgpIngress:
         await _answer(send, P.APIError(f"no replica could answer: {failure}", status=503, type="server_error",
                                        code="unavailable", headers={"Retry-After": "1"}))
 
-    async def _body(self, receive) -> bytes | bool | None:
-        """The body, cut at one byte more than the replicas accept (they answer 413); None when it
-        does not arrive within the body timeout, False when the client goes away first."""
-        chunks, size = [], 0
+    def _too_large(self, what: str) -> P.APIError:
+        return P.APIError(f"the request body {what} (--max-body-bytes)", status=413, code="body_too_large")
 
-        async def collect() -> bool:
-            nonlocal size
-            while size <= self.limit:
+    async def _body(self, receive) -> bytes | bool | P.APIError:
+        """The body, as one process reads it (serve/body.py): at most --max-body-bytes (413),
+        in time by --body-timeout and --body-min-rate (408: BodyClock), the bytes of every body
+        still arriving at most --max-body-bytes-arriving (503 to the one that would pass it);
+        False when the client goes away first."""
+        chunks, size, counted = [], 0, 0
+        loop = asyncio.get_running_loop()
+        clock = BodyClock(self.body_timeout_s, self.body_min_rate, loop.time())
+
+        async def collect() -> bytes | bool | P.APIError:
+            nonlocal size, counted
+            while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
                     return False
-                chunks.append(message.get("body", b""))
-                size += len(chunks[-1])
-                if not message.get("more_body"):
-                    break
-            return True
+                chunk = message.get("body", b"")
+                more = message.get("more_body", False)
+                size += len(chunk)
+                clock.received(len(chunk), loop.time())
+                if size > self.limit:
+                    return self._too_large(f"has more than {self.limit} bytes")
+                if more:                         # its last piece (or a body in one) never counts, as in one process
+                    self.arriving += len(chunk)
+                    counted += len(chunk)
+                    if self.arriving_limit is not None and self.arriving > self.arriving_limit:
+                        return P.APIError(f"the request bodies still arriving hold {self.arriving_limit} bytes, the "
+                                          "server's limit (--max-body-bytes-arriving); retry later", status=503,
+                                          type="server_error", code="overloaded",
+                                          headers={"Retry-After": str(self.retry_after_s)})
+                chunks.append(chunk)
+                if not more:
+                    return b"".join(chunks)
 
+        task = asyncio.ensure_future(collect())
         try:
-            if not await asyncio.wait_for(collect(), self.body_timeout_s):
-                return False
-        except asyncio.TimeoutError:
-            return None
-        return b"".join(chunks)[:self.limit + 1]
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=max(0.0, clock.deadline() - loop.time()))
+                if done:
+                    return task.result()
+                late = clock.late(loop.time())
+                if late:
+                    return P.APIError(late, status=408, code="body_timeout")
+        finally:
+            task.cancel()
+            self.arriving -= counted             # complete, refused or abandoned: it arrives no more
+
+
+def head_bytes(scope) -> int:
+    """About the bytes of a request's line and headers, as they came (the proxy's uvicorn parsed them)."""
+    line = len(scope.get("method", "")) + len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + 12
+    return line + sum(len(name) + len(value) + 4 for name, value in scope.get("headers", ()))
 
 
 async def _raw(send, status: int, body: bytes, content_type: str, headers: dict | None = None) -> None:

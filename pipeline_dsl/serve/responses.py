@@ -397,10 +397,10 @@ def _checked(obj: dict) -> None:
             ("previous_response_id", lambda v: isinstance(v, str), "a string"),
             ("metadata", lambda v: isinstance(v, dict), "an object"),
             ("service_tier", *P.IGNORED["service_tier"]),          # chat's check: a string
-            ("prompt_cache_key", lambda v: isinstance(v, str), "a string"),
+            ("prompt_cache_key", *P.IGNORED["prompt_cache_key"]),
             ("top_logprobs", lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_LOGPROBS,
              f"an integer from 0 to {MAX_LOGPROBS}"),
-            ("safety_identifier", lambda v: isinstance(v, str), "a string"),
+            ("safety_identifier", *P.IGNORED["safety_identifier"]),
             ("max_tool_calls", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
              "a positive integer"),
             ("reasoning", lambda v: isinstance(v, dict), 'an object {"effort", "summary"}'),    # keys: _reasoning

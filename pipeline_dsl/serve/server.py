@@ -7,7 +7,7 @@ that tells the truth.
 |---|---|
 | opened, or a request line and headers arriving | `header_timeout` from the first byte (or the open): closed |
 | headers longer than `max_header_bytes` (16 KiB) | 431 at once, closed (nginx refuses 64 KB headers too) |
-| bytes that are not HTTP (no Host, a bad Content-Length, both Content-Length and Transfer-Encoding) | 400 naming what is wrong, closed |
+| bytes that are not HTTP (no Host, a bad Content-Length, both Content-Length and Transfer-Encoding; a first line that is no request line, as soon as it has arrived; a target neither a path nor an absolute http(s) URI, which is served by its path: `origin_form`) | 400 naming what is wrong, closed |
 | a chunked body in more than `SMALL_CHUNKS` (4,096) chunks beyond one per `CHUNK_BYTES` (1 KiB) of it | 400, closed: h11 reads each chunk in Python (some 10 µs), and a body of 1-byte chunks held the event loop, and so every other request, for seconds |
 | the body arriving | the app's `--body-timeout` and `--body-min-rate` (408); no `--max-connections` slot until it is complete (serve/guard.py) |
 | answered with an error, or before the body was all read | `Connection: close`, closed after the answer |
@@ -108,6 +108,56 @@ SMALL_CHUNKS = 4096             # chunks a chunked body may have beyond one per 
 CHUNK_BYTES = 1024
 REUSE = 32                      # connections waiting for a request closed at once past max_open (nginx: 32)
 REUSE_LOG_S = 10.0              # at most one log line this often about them
+# a request line as h11 reads one (RFC 9112 3: method SP request-target SP HTTP-version)
+REQUEST_LINE = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+ [\x21-\x7e]+ HTTP/[0-9]\.[0-9]")
+# an absolute-form request target (RFC 9112 3.2.2): scheme://authority, then the path and query
+ABSOLUTE_TARGET = re.compile(rb"([a-zA-Z][a-zA-Z0-9+.-]*)://([^/?#]*)([^#]*)")
+HOST = re.compile(rb"(\[[0-9a-fA-F:.]+\]|[-a-zA-Z0-9._~!$&'()*+,;=%]+)(:[0-9]*)?")
+
+
+def bad_request_line(buffered: bytes) -> str | None:
+    """Why the first line of `buffered` (a request's bytes so far) is no request line, once it has
+    arrived whole; None while it is one or still arriving. h11 reads a request only once its
+    headers have all arrived: an HTTP/0.9 request (`GET /`, no version) or a garbage line waited
+    out the header timeout for headers that never come."""
+    end = buffered.find(b"\n")
+    if end <= 0:                          # not here yet; a leading empty line is h11's to refuse
+        return None
+    line = buffered[:end].removesuffix(b"\r")
+    if REQUEST_LINE.fullmatch(line):
+        return None
+    shown = line[:100].decode("latin-1")
+    if len(line.split()) == 2 and not line.split()[1].upper().startswith(b"HTTP/"):
+        return (f"the request line '{shown}' has no HTTP version (HTTP/0.9 is not served: "
+                f"send '{shown} HTTP/1.1' and a Host header)")
+    return f"illegal request line: '{shown}'"
+
+
+def origin_form(request: h11.Request) -> h11.Request | str:
+    """The request with an absolute-form target (`GET http://host:port/v1/models`, as proxies
+    send it; RFC 9112 3.2.2: a server MUST accept it) in origin form: the target's path and query,
+    and its host in place of the Host header (which the server MUST ignore then). A target of
+    another form than these two (`GET v1/models`, an authority form outside CONNECT) or an absolute
+    one that is no http(s) URI with a host: why, for a 400."""
+    target = request.target
+    if target.startswith(b"/") or (target == b"*" and request.method == b"OPTIONS"):
+        return request
+    shown = target[:100].decode("latin-1")
+    absolute = ABSOLUTE_TARGET.fullmatch(target)
+    if absolute is None:
+        return (f"the request target '{shown}' is neither a path (/v1/...) nor an absolute "
+                "http:// URI")
+    scheme, authority, rest = absolute.groups()
+    if scheme.lower() not in (b"http", b"https"):
+        return f"the request target '{shown}' is no http or https URI (its scheme is {scheme.decode()})"
+    if b"@" in authority:                 # RFC 9110 4.2.4: userinfo from an untrusted source is an error
+        return f"the request target '{shown}' has a user name in its authority"
+    if not HOST.fullmatch(authority):     # RFC 9110 4.2.1: an http URI with no host is invalid
+        return f"the request target '{shown}' has no valid host"
+    path = rest if rest.startswith(b"/") else b"/" + rest
+    headers = [(name, value) for name, value in request.headers if name.lower() != b"host"]
+    return h11.Request(method=request.method, target=path, headers=[(b"host", authority), *headers],
+                       http_version=request.http_version)
 
 
 def tcp_progress(sock) -> tuple[int, bool] | None:
@@ -148,6 +198,10 @@ class ClosingConnection(h11.Connection):
             self.protocol_error = re.sub(r"bytearray\(b?(['\"])(.*?)\1\)", r"'\2'", str(e))[:200]
             raise
         if isinstance(event, h11.Request):
+            event = origin_form(event)
+            if isinstance(event, str):
+                self.protocol_error = event
+                raise h11.RemoteProtocolError(event)
             names = {name for name, _ in event.headers}
             self.chunked = b"transfer-encoding" in names          # h11 takes only chunked
             self.chunks = self.size = 0
@@ -324,10 +378,15 @@ def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
 
         def handle_events(self) -> None:
             if self.conn.their_state is h11.IDLE and self.conn.our_state is h11.IDLE \
-                    and not self.transport.is_closing() and self._headers_too_long():
-                self._refuse(431, f"the request line and headers are longer than {max_header_bytes} bytes",
-                             "headers_too_large")
-                return
+                    and not self.transport.is_closing():
+                buffered = self.conn.trailing_data[0]
+                if self._headers_too_long(buffered):
+                    self._refuse(431, f"the request line and headers are longer than {max_header_bytes} bytes",
+                                 "headers_too_large")
+                    return
+                if (why := bad_request_line(buffered)) is not None:     # at once, not at the header timeout
+                    self._refuse(400, f"invalid HTTP request: {why}", "invalid_http_request")
+                    return
             super().handle_events()
             self._note_waiting()
             cycle = self.cycle
@@ -335,8 +394,7 @@ def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
                 self._watched, self._watch = cycle, SendWatch()
                 cycle.scope.setdefault("extensions", {})[SEND_WATCH] = self._watch
 
-        def _headers_too_long(self) -> bool:
-            buffered = self.conn.trailing_data[0]
+        def _headers_too_long(self, buffered: bytes) -> bool:
             end = buffered.find(b"\r\n\r\n")
             return (end if end >= 0 else len(buffered)) > max_header_bytes
 
