@@ -16,12 +16,14 @@ and the K-quants, through `gguf.quants.dequantize`) to float32 and renamed:
     blk.N.attn_q/k_norm      -> layers.N.q/k_norm     [head_dim] (qwen3)
     blk.N.ffn_norm.weight    -> layers.N.ffn_norm     [hidden]
     blk.N.ffn_gate/up/down   -> layers.N.gate/up/down [out, in]
+    blk.N.post_attention_norm, post_ffw_norm -> layers.N.post_attn_norm, post_ffw_norm [hidden] (gemma3)
     rope_freqs.weight        -> config.rope_scaling   [head_dim/2] (Llama 3.1+'s rotary factors)
 
 The architectures are model_files.GGUF_ARCHITECTURES: `llama`, `qwen2` (llama with biases
-on Q, K and V; its keys are spelt `qwen2.block_count`, …) and `qwen3` (llama with an RMSNorm
-over each head of Q and K before RoPE). llama.cpp's converter permutes the rows of a llama's
-Q and K of each head (it interleaves the two rotary halves; a qwen2's or qwen3's it leaves as
+on Q, K and V; its keys are spelt `qwen2.block_count`, …), `qwen3` (llama with an RMSNorm
+over each head of Q and K before RoPE) and `gemma3` (Gemma 3's text model, engine/gemma.py: its
+norms stored as 1 + w already, as llama.cpp's converter writes them). llama.cpp's converter permutes the rows of a llama's
+Q and K of each head (it interleaves the two rotary halves; a qwen2's, qwen3's or gemma3's it leaves as
 they are, its rotary is NeoX's halves); `unpermute_qk` undoes it so that the model
 can use the usual "rotate half" RoPE of the Hugging Face checkpoints.
 

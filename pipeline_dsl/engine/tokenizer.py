@@ -284,6 +284,8 @@ class Tokenizer:
         tk.add_tokens([AddedToken(t, special=False, normalized=False)
                        for t, k in zip(tokens, types) if k == _USER_DEFINED])
         eos_ids = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+        if meta.get("general.architecture") == "gemma3" and "<end_of_turn>" in vocab:
+            eos_ids.append(vocab["<end_of_turn>"])    # a Gemma turn ends there, as llama.cpp stops it
         # llama.cpp starts a SentencePiece prompt with bos unless the file says otherwise
         return cls(tk, bos_token=tok("bos_token_id"), eos_token=tok("eos_token_id"),
                    eos_token_ids=eos_ids, chat_template=meta.get("tokenizer.chat_template"),

@@ -1,7 +1,7 @@
 """Model files checked without loading weights: stdlib only, so `agp check` can use it.
 
     header = read_gguf_header("m.gguf")    # magic, version, metadata, tensor infos
-    config = gguf_llama_config(header)     # LlamaConfig fields (llama, qwen2, qwen3), every value and shape checked
+    config = gguf_llama_config(header)     # LlamaConfig fields (llama, qwen2, qwen3, gemma3), every value and shape checked
     config = hf_llama_config(folder)       # the same for config.json + *.safetensors headers
     check_model_path(path)                 # all of the above (and tokenizer.json for a folder)
     kv_shape("smollm2-135m-instruct")      # (layers, KV heads, head size): what a KV block holds
@@ -20,6 +20,7 @@ metadata the engine reads, the engine's tensor names and shapes) are the engine'
     llama.py         the metadata, tensor names and shapes the engine needs; config sanity
     hf.py            config.json and *.safetensors headers of a Hugging Face folder
     rope.py          the rotary base and scaling, and the frequencies they give
+    gemma.py         Gemma 3's text model: what its config adds (sliding layers, window, rotary of each kind)
 """
 
 from __future__ import annotations
