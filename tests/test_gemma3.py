@@ -187,6 +187,29 @@ def test_a_gemma3_folder_missing_a_post_norm_is_refused_naming_it(tmp_path, tiny
 
 # -- GGUF ---------------------------------------------------------------------------------------
 
+# Gemma 3's chat template (its instruction-tuned models'): a system message joins the first user
+# turn, turns alternate <start_of_turn>user / <start_of_turn>model, each closed by <end_of_turn>
+GEMMA_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- set role = "model" if message['role'] == 'assistant' else message['role'] -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {{- message['content'] | trim }}
+    {{- '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{ '<start_of_turn>model\n' }}
+{%- endif -%}"""
+
 @pytest.fixture(scope="module")
 def gemma_gguf(tmp_path_factory):
     """Gemma 3 as llama.cpp's converter writes it: 6 layers (0-4 sliding over 5 keys, 5 global),
@@ -196,7 +219,8 @@ def gemma_gguf(tmp_path_factory):
 
     return write_tiny_gguf(tmp_path_factory.mktemp("gemma3") / "gemma3.gguf", arch="gemma3", tokenizer="spm",
                            add_space_prefix=False, layers=6, heads=2, kv_heads=1, head_dim=256,
-                           sliding_window=5, theta=1e6, embed_scale=0.3, control_tokens=("<end_of_turn>",))
+                           sliding_window=5, theta=1e6, embed_scale=0.3, chat_template=GEMMA_TEMPLATE,
+                           control_tokens=("<start_of_turn>", "<end_of_turn>"))
 
 
 def test_a_gemma3_gguf_gives_transformers_logits_and_greedy_tokens(gemma_gguf):
@@ -208,6 +232,28 @@ def test_a_gemma3_gguf_gives_transformers_logits_and_greedy_tokens(gemma_gguf):
     assert_same_logits(ref, model)
     assert_greedy_like_transformers(ref, gemma_gguf, WAVES)
     assert tok.token_to_id("<end_of_turn>") in tok.eos_token_ids      # a turn's end stops the answer
+
+
+def test_a_gemma3_ggufs_chat_renders_its_turns_as_transformers_does_and_ends_at_end_of_turn(gemma_gguf):
+    ref = transformers.AutoTokenizer.from_pretrained(str(gemma_gguf.parent), gguf_file=gemma_gguf.name)
+    _, tok = load_model(str(gemma_gguf), dtype="fp32")
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world "},
+            {"role": "assistant", "content": "the cat"}, {"role": "user", "content": "sat on the mat"}]
+    text = tok.apply_chat_template(chat)
+    assert text == ref.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert text == ("<s><start_of_turn>user\nBe brief.\n\nHello world<end_of_turn>\n<start_of_turn>model\nthe cat"
+                    "<end_of_turn>\n<start_of_turn>user\nsat on the mat<end_of_turn>\n<start_of_turn>model\n")
+    ids = tok.apply_chat_template(chat, tokenize=True)
+    assert ids == ref.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)["input_ids"]
+    assert ids.count(tok.token_to_id("<start_of_turn>")) == 4               # each marker one token
+    # the model's turn ends at <end_of_turn> (here made its likeliest token): the answer stops there
+    end = tok.token_to_id("<end_of_turn>")
+    engine = Engine(EngineConfig(model=str(gemma_gguf), dtype="fp32", kv_budget_bytes=1 << 20, batch_timeout_s=0.0))
+    engine.add_request("0", prompt_token_ids=ids, params=SamplingParams(max_tokens=8, logit_bias={end: 100.0}))
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    assert [t for o in outs for t in o.new_token_ids] == [end] and outs[-1].finish_reason == "stop"
 
 
 def test_a_gemma3_gguf_without_its_sliding_window_or_post_norms_is_refused(tmp_path, gemma_gguf):
