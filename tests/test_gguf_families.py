@@ -280,7 +280,7 @@ def _rewrite(src, dst, change=lambda meta: None, drop=()):
 @pytest.mark.parametrize("change, words", [
     (lambda m: "gemma", "metadata 'general.architecture' 'gemma' is not supported"),
     (lambda m: "phi2", "metadata 'general.architecture' 'phi2' is not supported: this engine runs llama-family "
-                       "models \\('llama', 'qwen2', 'qwen3', 'phi3'\\)"),
+                       "models \\('llama', 'qwen2', 'qwen3', 'phi3', 'gemma3'\\)"),
     (lambda m: m.update({"tokenizer.ggml.model": ("t5",) + m["tokenizer.ggml.model"][1:]}),
      "metadata 'tokenizer.ggml.model' 't5' is not supported: agp builds byte-level BPE 'gpt2' and "
      "SentencePiece 'llama' tokenizers"),

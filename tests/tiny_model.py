@@ -130,7 +130,10 @@ def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", embed_scale: flo
     a Qwen3 file (qwen3.* keys, attn_q_norm/attn_k_norm per head, no biases, as llama.cpp's converter
     writes it), "phi3" a Phi-3 file (phi3.* keys, attn_qkv, ffn_up holding gate and up; rope_dims
     rotary dims of each head below its size, longrope (short factors, long factors, original
-    context, attention factor) its rope_factors_short/long tensors and metadata); overrides: TINY's sizes and `head_dim` (then {arch}.attention.key_length is written);
+    context, attention factor) its rope_factors_short/long tensors and metadata), "gemma3" a Gemma 3
+    file (gemma3.* keys with gemma3.attention.sliding_window from overrides' `sliding_window`, the q/k
+    norms, post_attention_norm and post_ffw_norm, every norm stored as 1 + w as llama.cpp's converter
+    stores it); overrides: TINY's sizes and `head_dim` (then {arch}.attention.key_length is written);
     tokenizer "spm" the SentencePiece vocabulary of `spm_vocab` (bos <s>, eos </s>, added at
     the start as Llama 2's files say; add_space_prefix written when not None); `pre` another
     tokenizer.ggml.pre of the byte-level BPE; add_bos: the byte-level BPE's prompts start with
@@ -146,6 +149,8 @@ def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", embed_scale: flo
     else:
         tokens, types, merges = tiny_vocab()
     tokens, types = tokens + list(control_tokens), types + [3] * len(control_tokens)
+    if tokenizer == "spm":
+        scores = scores + [0.0] * len(control_tokens)
     V = len(tokens)
     rng = np.random.default_rng(seed)
     path = Path(path)
@@ -167,6 +172,8 @@ def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", embed_scale: flo
         w.add_float32(f"{arch}.rope.scaling.attn_factor", attn)
         w.add_tensor("rope_factors_short.weight", np.asarray(short, dtype=np.float32))
         w.add_tensor("rope_factors_long.weight", np.asarray(long, dtype=np.float32))
+    if arch == "gemma3":
+        w.add_sliding_window(cfg.get("sliding_window", 4))
     if hd != H // nh:
         w.add_key_length(hd)
         w.add_value_length(hd)
@@ -221,7 +228,7 @@ def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", embed_scale: flo
             mat(f"blk.{i}.attn_q.weight", nh * hd, H, permute_heads=nh)
             mat(f"blk.{i}.attn_k.weight", nkv * hd, H, permute_heads=nkv)
             mat(f"blk.{i}.attn_v.weight", nkv * hd, H)
-        if arch == "qwen3":
+        if arch in ("qwen3", "gemma3"):
             norm(f"blk.{i}.attn_q_norm.weight", hd)
             norm(f"blk.{i}.attn_k_norm.weight", hd)
         if arch == "qwen2":
@@ -235,6 +242,9 @@ def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", embed_scale: flo
             mat(f"blk.{i}.ffn_gate.weight", I, H)
             mat(f"blk.{i}.ffn_up.weight", I, H)
         mat(f"blk.{i}.ffn_down.weight", H, I)
+        if arch == "gemma3":
+            norm(f"blk.{i}.post_attention_norm.weight", H)
+            norm(f"blk.{i}.post_ffw_norm.weight", H)
     norm("output_norm.weight", H)
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, dtype=np.float32))   # [hd/2]

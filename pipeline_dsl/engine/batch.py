@@ -97,6 +97,7 @@ class Step:
     rows: dict | None = None           # after the forward: item index -> {"logits": [n, V], "hidden": [n, H]}
     flex: object = None                # flex.FlexMeta: attention reads the pool in place (flex backend)
     graph_key: tuple | None = None     # (B, context blocks) of a padded all-decode step: its CUDA graph
+    window_masks: dict | None = None   # a sliding layer's masks, built by its first layer (model._attention)
 
 
 class Uploader:

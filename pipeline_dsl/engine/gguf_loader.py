@@ -19,13 +19,15 @@ and the K-quants, through `gguf.quants.dequantize`) to float32 and renamed:
     blk.N.attn_qkv           -> layers.N.q/k/v        (phi3: split, engine/phi3.py)
     blk.N.ffn_up             -> layers.N.gate/up      (phi3: gate | up in one, split)
     rope_factors_short/long  -> config.rope_scaling   [rotary dims/2] (phi3's longrope: the one its context takes)
+    blk.N.post_attention_norm, post_ffw_norm -> layers.N.post_attn_norm, post_ffw_norm [hidden] (gemma3)
     rope_freqs.weight        -> config.rope_scaling   [head_dim/2] (Llama 3.1+'s rotary factors)
 
 The architectures are model_files.GGUF_ARCHITECTURES: `llama`, `qwen2` (llama with biases
 on Q, K and V; its keys are spelt `qwen2.block_count`, …), `qwen3` (llama with an RMSNorm
-over each head of Q and K before RoPE) and `phi3` (Q/K/V and gate/up fused, a partial rotary,
-longrope: model_files/phi3.py). llama.cpp's converter permutes the rows of a llama's
-Q and K of each head (it interleaves the two rotary halves; a qwen2's or qwen3's it leaves as
+over each head of Q and K before RoPE), `phi3` (Q/K/V and gate/up fused, a partial rotary,
+longrope: model_files/phi3.py) and `gemma3` (Gemma 3's text model, engine/gemma.py: its
+norms stored as 1 + w already, as llama.cpp's converter writes them). llama.cpp's converter permutes the rows of a llama's
+Q and K of each head (it interleaves the two rotary halves; a qwen2's, qwen3's, phi3's or gemma3's it leaves as
 they are, its rotary is NeoX's halves); `unpermute_qk` undoes it so that the model
 can use the usual "rotate half" RoPE of the Hugging Face checkpoints.
 

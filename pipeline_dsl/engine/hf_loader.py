@@ -1,6 +1,7 @@
 """Hugging Face folder -> LlamaConfig + float32 weights in the engine's naming.
 
-A folder with config.json (a llama-family `model_type`: llama, mistral, qwen2, qwen3, phi3, smollm), one
+A folder with config.json (a llama-family `model_type`: llama, mistral, qwen2, qwen3, phi3, smollm, and
+Gemma 3's text model: gemma3_text, or gemma3's text_config), one
 or more *.safetensors files and tokenizer.json (read by tokenizer.py). Names are mapped to the engine's:
 
     model.embed_tokens.weight                    -> embed
@@ -14,6 +15,10 @@ or more *.safetensors files and tokenizer.json (read by tokenizer.py). Names are
     model.layers.N.mlp.{gate,up,down}_proj       -> layers.N.{gate,up,down}
     model.layers.N.self_attn.qkv_proj            -> layers.N.{q,k,v}    (Phi-3: split, engine/phi3.py)
     model.layers.N.mlp.gate_up_proj              -> layers.N.{gate,up}  (Phi-3: split)
+
+Gemma 3 (model_files/gemma.py): its post_attention_layernorm -> layers.N.post_attn_norm,
+pre_feedforward_layernorm -> layers.N.ffn_norm, post_feedforward_layernorm -> layers.N.post_ffw_norm,
+and every norm weight w becomes 1 + w (its RMSNorm computes x * (1 + w), in float32 as here: exact).
 
 HF checkpoints keep the "rotate half" Q/K layout the model uses, so nothing is permuted.
 config.json and the header of every *.safetensors file are checked first
@@ -57,9 +62,9 @@ def load_hf_folder(folder: str | Path) -> HFModel:
         except SafetensorError as e:
             raise HFModelError(f, f"cannot read the weights ({e})") from e
         for name, t in tensors.items():
-            mapped = hf_engine_name(name)
+            mapped = hf_engine_name(name, config.gemma)
             if mapped is not None:
-                weights[mapped] = t.float()
+                weights[mapped] = t.float() + 1.0 if config.gemma and mapped.endswith("norm") else t.float()
     if config.fused:                                     # Phi-3: q/k/v and gate/up split (engine/phi3.py)
         from .phi3 import split_fused
         split_fused(config, weights)

@@ -88,8 +88,10 @@ def key_index(batch, block_size: int, item_of: np.ndarray, positions: np.ndarray
 
 
 def attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, key_slots: torch.Tensor,
-              item_of: torch.Tensor, positions: torch.Tensor, group: int) -> torch.Tensor:
-    """q [T, nh, hd] against each row's own context read from the pool -> [T, nh*hd]."""
+              item_of: torch.Tensor, positions: torch.Tensor, group: int, scale: float | None = None,
+              window: int = 0) -> torch.Tensor:
+    """q [T, nh, hd] against each row's own context read from the pool -> [T, nh*hd]; scale: of the
+    scores (None: hd ** -0.5); window: a row sees only its last `window` keys (0: all)."""
     T, nh, hd = q.shape
     kv = nh // group
     slots = key_slots.index_select(0, item_of)                    # [T, Lp]
@@ -97,8 +99,11 @@ def attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, key_slots: to
     ks = kc.index_select(0, slots.view(-1)).view(T, Lp, kv, hd).to(q.dtype)   # [T, Lp, kv, hd]
     vs = vc.index_select(0, slots.view(-1)).view(T, Lp, kv, hd).to(q.dtype)
     qg = q.view(T, kv, group, 1, hd)                              # [T, kv, g, 1, hd]
-    scores = (qg * ks.permute(0, 2, 1, 3)[:, :, None]).sum(-1) * hd ** -0.5   # [T, kv, g, Lp]
-    visible = torch.arange(Lp, device=q.device)[None, :] <= positions[:, None]  # [T, Lp]
+    scores = (qg * ks.permute(0, 2, 1, 3)[:, :, None]).sum(-1) * (scale or hd ** -0.5)   # [T, kv, g, Lp]
+    keys = torch.arange(Lp, device=q.device)[None, :]
+    visible = keys <= positions[:, None]                          # [T, Lp]
+    if window:
+        visible &= keys > positions[:, None] - window
     scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)     # [T, kv, g, Lp]
     out = (probs[..., None] * vs.permute(0, 2, 1, 3)[:, :, None]).sum(-2)     # [T, kv, g, hd]

@@ -5,9 +5,10 @@ or int8 weight-only; a GGUF's own Q4_0/Q4_1 blocks run as int4 for small batches
 quant.Int4Linear) and knows the per-layer math: RMSNorm, RoPE ("rotate half"),
 grouped-query attention, SwiGLU, tied embeddings; Qwen2's Q/K/V biases and Qwen3's RMSNorm
 over each head of Q and K before RoPE; Phi-3's partial rotary and longrope live in the cos/sin
-tables (frequency 0 for the dims that pass, the attention factor on both: model_files/phi3.py).
-`ModelRunner` owns the KV pool and runs one engine step (see docs/architecture.md, "Model
-runner contract"):
+tables (frequency 0 for the dims that pass, the attention factor on both: model_files/phi3.py);
+Gemma 3's decoder is a subclass (gemma.py: `build_model` picks it; the attention here computes its
+sliding windows and query scale). `ModelRunner` owns the KV pool and runs one engine step (see
+docs/architecture.md, "Model runner contract"):
 
     runner = ModelRunner(model, num_blocks, block_size, dtype, device)
     logits = runner.execute(items)      # [n_sample, vocab] float32, rows in item order
@@ -66,6 +67,14 @@ class LlamaConfig:
     qkv_bias: bool = False            # biases on the Q, K, V projections (Qwen2)
     qk_norm: bool = False             # an RMSNorm over each head of Q and of K before RoPE (Qwen3)
     fused: bool = False               # the file holds q/k/v and gate/up fused (Phi-3; engine/phi3.py splits them)
+    # Gemma 3 (gemma.py, model_files/gemma.py): scaled embeddings, GeGLU, norms of the attention's and the
+    # MLP's outputs; the layers in window_layers attend to the last sliding_window keys and rotate with
+    # rope_local_theta; attention scaled by attn_scale (0: head_dim ** -0.5)
+    gemma: bool = False
+    sliding_window: int = 0
+    window_layers: tuple = ()
+    rope_local_theta: float = 10000.0
+    attn_scale: float = 0.0
 
     @property
     def group(self) -> int:           # query heads per KV head
@@ -124,7 +133,7 @@ def int4_runs_natively(weights, config: LlamaConfig, device: torch.device) -> bo
     is the storage of the KV pool and the glue), against dense fp32 GEMMs reading 8x the bytes;
     on the embedded model here one request alone decodes ~4x faster and W32 ~1.6x."""
     int4 = getattr(weights, "int4", {})
-    return (device.type == "cpu" and native.int8_activations() and native.load() is not None
+    return (device.type == "cpu" and not config.gemma and native.int8_activations() and native.load() is not None
             and all(f"layers.{i}.{n}" in int4 for i in range(config.num_layers) for n in LINEAR_WEIGHTS)
             and int4_kernel_works())
 
@@ -181,11 +190,41 @@ class _Layer:
     __slots__ = ("attn_norm", "qkv", "qkv_bias", "q_norm", "k_norm", "o", "ffn_norm", "gate_up", "down")
 
 
+def rope_table(head_dim: int, theta: float, scaling: tuple, max_position: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE tables cos, sin [max_position, head_dim] float64 ("rotate half": halves share a
+    frequency; sin's first half negated, see _rope)."""
+    inv_freq = torch.tensor(rope_inv_freq(head_dim, theta, scaling), dtype=torch.float64)
+    pos = torch.arange(max_position, dtype=torch.float64)
+    freqs = torch.outer(pos, inv_freq)                      # [P, hd/2]
+    emb = torch.cat([freqs, freqs], dim=-1)                 # [P, hd]
+    sign = torch.cat([-torch.ones(head_dim // 2), torch.ones(head_dim // 2)]).double()
+    mag = torch.tensor(rope_magnitudes(head_dim, scaling), dtype=torch.float64)
+    mag = torch.cat([mag, mag])                             # [hd]: longrope's attention factor, else 1
+    return emb.cos() * mag, emb.sin() * sign * mag
+
+
+def build_model(config: LlamaConfig, weights: dict, dtype: str | torch.dtype = "fp32",
+                device: str | torch.device = "cpu") -> "LlamaModel":
+    """The model a config describes: a LlamaModel, or for Gemma 3 a gemma.GemmaModel."""
+    if config.gemma:
+        from .gemma import GemmaModel
+
+        return GemmaModel(config, weights, dtype=dtype, device=device)
+    return LlamaModel(config, weights, dtype=dtype, device=device)
+
+
 class LlamaModel:
-    """Weights + math. Build with `LlamaModel(config, weights, dtype="bf16", device="cpu")`."""
+    """Weights + math. Build with `LlamaModel(config, weights, dtype="bf16", device="cpu")`
+    (`build_model` for any config: Gemma 3's is a subclass)."""
+
+    computes_gemma = False      # gemma.GemmaModel: the pieces Gemma 3 differs in
+    attn_scale: float | None = None   # the attention's scale (None: head_dim ** -0.5)
+    windows: list | None = None       # per layer: the keys a sliding layer attends to (0: all); None: none has
 
     def __init__(self, config: LlamaConfig, weights: dict, dtype: str | torch.dtype = "fp32",
                  device: str | torch.device = "cpu"):
+        if config.gemma and not self.computes_gemma:
+            raise ValueError("a Gemma 3 config needs gemma.GemmaModel (model.build_model picks it)")
         self.config = c = config
         self.device = torch.device(device)
         self.weight_kind, self.dtype = resolve_dtype(dtype, self.device)
@@ -235,15 +274,9 @@ class LlamaModel:
             layer.down = linear(p + "down")
             self.layers.append(layer)
         # RoPE tables [max_position, head_dim] ("rotate half": halves share a frequency)
-        inv_freq = torch.tensor(rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling), dtype=torch.float64)
-        pos = torch.arange(c.max_position, dtype=torch.float64)
-        freqs = torch.outer(pos, inv_freq)                      # [P, hd/2]
-        emb = torch.cat([freqs, freqs], dim=-1)                 # [P, hd]
-        sign = torch.cat([-torch.ones(c.head_dim // 2), torch.ones(c.head_dim // 2)]).double()
-        mag = torch.tensor(rope_magnitudes(c.head_dim, c.rope_scaling), dtype=torch.float64)
-        mag = torch.cat([mag, mag])                             # [hd]: longrope's attention factor, else 1
-        self.cos = (emb.cos() * mag).to(device=dev, dtype=dt)   # in the compute dtype: no cast per step
-        self.sin = (emb.sin() * sign * mag).to(device=dev, dtype=dt)  # [-sin, sin]: see _rope
+        cos, sin = rope_table(c.head_dim, c.rope_theta, c.rope_scaling, c.max_position)
+        self.cos = cos.to(device=dev, dtype=dt)                 # in the compute dtype: no cast per step
+        self.sin = sin.to(device=dev, dtype=dt)                 # [-sin, sin]: see _rope
         self.rope, self.silu_mul, self.rms_fn = _rope, _silu_mul, _rms
 
     def weight_bytes(self) -> int:
@@ -302,6 +335,14 @@ class LlamaModel:
         """The compiled pieces that failed and run eagerly, with the reasons."""
         pieces = (getattr(self, name, None) for name in ("rope", "silu_mul", "rms_fn"))
         return [f.failed for f in pieces if isinstance(f, _Fallback) and f.failed is not None]
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [T] -> their embeddings [T, H]."""
+        return F.embedding(tokens, self.embed)
+
+    def attn_out(self, layer: _Layer, a: torch.Tensor) -> torch.Tensor:
+        """The attention's output a [T, nh*hd] as the residual stream adds it [T, H]."""
+        return layer.o(a)
 
     def mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
         gu = layer.gate_up(self.rms(x, layer.ffn_norm))        # [T, 2I]
@@ -402,7 +443,8 @@ class ModelRunner:
             return
         from .flex import unusable
 
-        why = unusable(self.block_size, self.dtype, self.device)
+        why = unusable(self.block_size, self.dtype, self.device) if not self.model.config.gemma else \
+            "flex attention here computes no sliding window and no query scale of Gemma 3's: gather + SDPA does"
         if why is not None:
             if attention == "flex":
                 raise ValueError(f"attention = flex cannot serve here: {why}")
@@ -434,6 +476,12 @@ class ModelRunner:
         returned dict as "fallback") says why, as a flex compile that fails at load does."""
         import time
 
+        if self.model.config.gemma:             # the graphs' own embedding and layer pieces are llama's
+            import logging
+
+            self.graphs_fallback = "CUDA graphs capture llama's layers, not Gemma 3's: every step runs eagerly"
+            logging.getLogger("agp.model").warning("%s", self.graphs_fallback)
+            return {"graphs": 0, "piece_graphs": 0, "capture_s": 0.0, "fallback": self.graphs_fallback}
         from .cuda_graphs import DecodeGraphs   # CUDA-only code: imported only here
 
         self.pad_decode = True                  # static shapes: the decode batch padded to a bucket
@@ -584,11 +632,11 @@ class ModelRunner:
         """The eager layers over a step (K/V written to the pool): final hidden states [T, H],
         before the last norm. Static in shape for a padded decode step: what a graph captures."""
         m = self.model
-        x = F.embedding(step.tokens, m.embed)                   # [T, H]
+        x = m.embed_tokens(step.tokens)                         # [T, H]
         for li, layer in enumerate(m.layers):
             q, k, v = m.qkv(layer, x, step.cos, step.sin)       # [T, nh, hd], [T, kv, hd] x2
             a = self.attend(step, li, q, k, v)                  # [T, nh*hd]
-            x = x + layer.o(a)
+            x = x + m.attn_out(layer, a)
             x = x + m.mlp(layer, x)
         return x
 
@@ -638,59 +686,93 @@ class ModelRunner:
         c = self.model.config
         nkv, g, hd = c.num_kv_heads, c.group, c.head_dim
         T = q.shape[0]
+        scale = self.model.attn_scale                           # None: head_dim ** -0.5
+        window = self.model.windows[li] if self.model.windows else 0   # a sliding layer's keys (Gemma 3)
         if step.invariant is not None:
             from .invariant import attention
             key_slots, item_of = step.invariant
-            return attention(q, kc, vc, key_slots, item_of, step.positions, g)   # [T, nh*hd]
+            return attention(q, kc, vc, key_slots, item_of, step.positions, g, scale, window)   # [T, nh*hd]
         if step.flex is not None:                               # every row, the pool read in place
             return self.flex.attention(step.flex, q, kc, vc)    # [T, nh*hd]
         if step.all_decode:
             if step.dec_tables is not None:                     # native: the blocks read in place
                 return self.native.attention(li, q, step.dec_tables, step.dec_lens)  # [B, nh*hd]
-            return self._decode_attention(q, kc, vc, step.dec_gather, step.dec_mask, step.dec_len,
-                                          step.dec_first).reshape(T, -1)
+            return self._decode_attention(q, kc, vc, step.dec_gather, _decode_mask(step, window), step.dec_len,
+                                          step.dec_first, scale, window).reshape(T, -1)
         out = torch.empty(T, c.num_heads * hd, dtype=q.dtype, device=q.device)
         if step.dec_rows is not None:
             qd = q.index_select(0, step.dec_rows)               # [B, nh, hd]
             if step.dec_tables is not None:
                 a = self.native.attention(li, qd, step.dec_tables, step.dec_lens)   # [B, nh*hd]
             else:
-                a = self._decode_attention(qd, kc, vc, step.dec_gather, step.dec_mask, step.dec_len,
-                                           step.dec_first)
+                a = self._decode_attention(qd, kc, vc, step.dec_gather, _decode_mask(step, window), step.dec_len,
+                                           step.dec_first, scale, window)
             out.index_copy_(0, step.dec_rows, a)
         for row0, n, gather, mask in step.prefills:
             if gather is None:      # (warm-up only) the chunk's own keys, causal
                 qs4 = q[row0:row0 + n].transpose(0, 1)                     # [nh, n, hd]
                 ks = k[row0:row0 + n].transpose(0, 1).repeat_interleave(g, dim=0)  # [nh, n, hd]
                 vs = v[row0:row0 + n].transpose(0, 1).repeat_interleave(g, dim=0)
-                a = F.scaled_dot_product_attention(qs4, ks, vs.to(qs4.dtype), is_causal=True)
+                a = F.scaled_dot_product_attention(qs4, ks, vs.to(qs4.dtype), is_causal=True, scale=scale)
                 out[row0:row0 + n] = a.transpose(0, 1).reshape(n, -1)     # [n, nh*hd]
                 continue
             qs = q[row0:row0 + n].view(n, nkv, g, hd).permute(1, 2, 0, 3).reshape(nkv, g * n, hd)
             ks = kc.index_select(0, gather).transpose(0, 1).to(q.dtype)   # [kv, L, hd]
             vs = vc.index_select(0, gather).transpose(0, 1).to(q.dtype)
-            a = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)  # [kv, g*n, hd]
+            if window:                                          # a sliding layer: the chunk's last keys only
+                mask = _window_mask(step, row0, n, mask, window, g)
+            a = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)  # [kv, g*n, hd]
             out[row0:row0 + n] = a.view(nkv, g, n, hd).permute(2, 0, 1, 3).reshape(n, -1)
         return out
 
-    def _decode_attention(self, q, kc, vc, blocks, mask, length=None, first=None) -> torch.Tensor:
+    def _decode_attention(self, q, kc, vc, blocks, mask, length=None, first=None, scale=None,
+                          window: int = 0) -> torch.Tensor:
         """q [B, nh, hd] against the contexts in blocks [B*nblk] -> [B, nh*hd]. length: B = 1
         and its context is the first `length` gathered slots (then mask is None); first: and
-        they are the pool's slots [first, first + length)."""
+        they are the pool's slots [first, first + length). window: with `length`, only its last
+        `window` keys (a sliding layer; a mask says so itself)."""
         c = self.model.config
         B, bs = q.shape[0], self.block_size
         qg = q.view(B, c.num_kv_heads, c.group, c.head_dim)    # [B, kv, g, hd]: group as query rows
+        lo = max(0, length - window) if window and length is not None else 0
         if first is not None:
-            ks, vs = kc[None, first:first + length], vc[None, first:first + length]  # [1, L, kv, hd]
+            ks, vs = kc[None, first + lo:first + length], vc[None, first + lo:first + length]  # [1, L, kv, hd]
             a = F.scaled_dot_product_attention(qg, _as(ks.transpose(1, 2), q.dtype),
-                                               _as(vs.transpose(1, 2), q.dtype))  # [1, kv, g, hd]
+                                               _as(vs.transpose(1, 2), q.dtype), scale=scale)  # [1, kv, g, hd]
             return a.reshape(B, -1)
         kb = kc[: self.num_slots].view(self.num_blocks, bs * c.num_kv_heads * c.head_dim)  # [blocks, bs*kv*hd]
         vb = vc[: self.num_slots].view(self.num_blocks, bs * c.num_kv_heads * c.head_dim)
         ks = kb.index_select(0, blocks).view(B, -1, c.num_kv_heads, c.head_dim)  # [B, Lmax, kv, hd]
         vs = vb.index_select(0, blocks).view(B, -1, c.num_kv_heads, c.head_dim)
         if length is not None:
-            ks, vs = ks[:, :length], vs[:, :length]             # [1, L, kv, hd]
+            ks, vs = ks[:, lo:length], vs[:, lo:length]         # [1, L, kv, hd]
         a = F.scaled_dot_product_attention(qg, _as(ks.transpose(1, 2), q.dtype), _as(vs.transpose(1, 2), q.dtype),
-                                           attn_mask=mask)     # [B, kv, g, hd]
+                                           attn_mask=mask, scale=scale)     # [B, kv, g, hd]
         return a.reshape(B, -1)
+
+
+def _decode_mask(step: Step, window: int) -> torch.Tensor | None:
+    """The decode rows' additive mask [B, 1, 1, Lmax], for a sliding layer also -inf on the keys
+    `window` or more positions back (built once a step, for every sliding layer)."""
+    if not window or step.dec_mask is None:
+        return step.dec_mask
+    masks = step.window_masks if step.window_masks is not None else {}
+    step.window_masks = masks
+    if ("decode", window) not in masks:
+        pos = step.positions if step.all_decode else step.positions.index_select(0, step.dec_rows)   # [B]
+        keys = torch.arange(step.dec_mask.shape[-1], device=pos.device)                          # [Lmax]
+        far = keys[None, :] <= (pos - window)[:, None]                        # [B, Lmax]
+        masks[("decode", window)] = step.dec_mask.masked_fill(far[:, None, None, :], float("-inf"))
+    return masks[("decode", window)]
+
+
+def _window_mask(step: Step, row0: int, n: int, mask: torch.Tensor, window: int, group: int) -> torch.Tensor:
+    """A prefill chunk's mask [g*n, L] (key <= query) less the keys `window` or more positions before
+    each query (a sliding layer's), built once a step."""
+    masks = step.window_masks if step.window_masks is not None else {}
+    step.window_masks = masks
+    if (row0, window) not in masks:
+        pos = step.positions[row0:row0 + n]                                                      # [n]
+        near = torch.arange(mask.shape[-1], device=pos.device)[None, :] > (pos - window)[:, None]   # [n, L]
+        masks[(row0, window)] = mask & near.repeat(group, 1)
+    return masks[(row0, window)]

@@ -92,11 +92,11 @@ def load_model(model: str | ModelSource | None = None, dtype: str = "auto", devi
                generation_config: dict | None = None):
     """(LlamaModel, Tokenizer) for a model name/path, dequantised to `dtype` (`generation_config`:
     as load_weights takes it)."""
-    from .model import LlamaModel
+    from .model import build_model
 
     source = model if isinstance(model, ModelSource) else resolve_model(model)
     config, weights, tokenizer = load_weights(source, generation_config)
-    return LlamaModel(config, weights, dtype=dtype, device=device), tokenizer
+    return build_model(config, weights, dtype=dtype, device=device), tokenizer
 
 
 class LoadedModels:

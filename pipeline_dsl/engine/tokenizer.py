@@ -288,6 +288,8 @@ class Tokenizer:
             # a Phi-3 file names <|endoftext|> its eos while each chat turn ends with <|end|>
             # (its generation_config.json lists both; llama.cpp ends on <|end|> by its text)
             eos_ids += [vocab.get("<|end|>"), vocab.get("<|endoftext|>")]
+        if meta.get("general.architecture") == "gemma3" and "<end_of_turn>" in vocab:
+            eos_ids.append(vocab["<end_of_turn>"])    # a Gemma turn ends there, as llama.cpp stops it
         # llama.cpp starts a SentencePiece prompt with bos unless the file says otherwise
         return cls(tk, bos_token=tok("bos_token_id"), eos_token=tok("eos_token_id"),
                    eos_token_ids=eos_ids, chat_template=meta.get("tokenizer.chat_template"),

@@ -1,7 +1,7 @@
 """Model files checked without loading weights: stdlib only, so `agp check` can use it.
 
     header = read_gguf_header("m.gguf")    # magic, version, metadata, tensor infos
-    config = gguf_llama_config(header)     # LlamaConfig fields (llama, qwen2, qwen3, phi3), values and shapes checked
+    config = gguf_llama_config(header)     # LlamaConfig fields (llama, qwen2, qwen3, phi3, gemma3), values and shapes checked
     config = hf_llama_config(folder)       # the same for config.json + *.safetensors headers
     check_model_path(path)                 # all of the above (and tokenizer.json for a folder)
     kv_shape("smollm2-135m-instruct")      # (layers, KV heads, head size): what a KV block holds
@@ -21,6 +21,7 @@ metadata the engine reads, the engine's tensor names and shapes) are the engine'
     hf.py            config.json and *.safetensors headers of a Hugging Face folder
     rope.py          the rotary base and scaling, and the frequencies they give
     phi3.py          what a Phi-3 file adds: fused weights, partial rotary, longrope
+    gemma.py         Gemma 3's text model: what its config adds (sliding layers, window, rotary of each kind)
 """
 
 from __future__ import annotations

@@ -11,11 +11,12 @@ import struct
 from pathlib import Path
 
 from . import phi3
+from .gemma import GEMMA_MODEL_TYPES, hf_gemma_fields, hf_text_config
 from .llama import HF_NAMES, check_config, check_extra, check_weights, hf_engine_name, hf_file_name
 from .problem import ModelFileProblem
 from .rope import hf_rope, rope_spec
 
-LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm", "smollm2")
+LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm", "smollm2", *GEMMA_MODEL_TYPES)
 _ST_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
               "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8}
 _ST_MAX_HEADER = 100 << 20     # safetensors' own limit on the JSON header
@@ -52,9 +53,12 @@ def hf_config(folder) -> dict:
         fail(f"it has no model_type; agp runs llama-family decoders ({', '.join(LLAMA_MODEL_TYPES)})")
     if mtype not in LLAMA_MODEL_TYPES:
         fail(f"model_type {mtype!r} is not a llama-family decoder ({', '.join(LLAMA_MODEL_TYPES)})")
-    theta, scaling = hf_rope(cfg, fail)
+    gemma = mtype in GEMMA_MODEL_TYPES     # Gemma 3: its text model (model_files/gemma.py)
+    if gemma:
+        cfg = hf_text_config(cfg, fail)
+    theta, scaling = hf_rope(cfg, fail) if not gemma else (1e6, ())   # Gemma's: hf_gemma_fields
     act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
-    if act != "silu":                      # the MLP is SwiGLU: another activation is another model
+    if act != "silu" and not gemma:        # the MLP is SwiGLU: another activation is another model
         fail(f"hidden_act {json.dumps(act)} is not supported (agp's MLP is SwiGLU: 'silu')")
     qkv_bias = mtype == "qwen2"            # Qwen2 = llama + biases on q, k and v
     qk_norm = mtype == "qwen3"             # Qwen3 = llama + an RMSNorm over each head of q and k
@@ -80,7 +84,9 @@ def hf_config(folder) -> dict:
              max_position=cfg.get("max_position_embeddings", 2048), tie_embeddings=tie, rope_scaling=scaling,
              qkv_bias=qkv_bias, qk_norm=qk_norm, fused=mtype == "phi3")   # Phi-3: q/k/v and gate/up fused
     c = check_config(fail, c, HF_NAMES)
-    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) is not False else None
+    if gemma:                              # the layer count checked first: the layer kinds list one each
+        c = check_config(fail, {**c, **hf_gemma_fields(cfg, fail, c["num_layers"])}, HF_NAMES)
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) is not False and not gemma else None
     if window is not None:
         # Mistral's layers attend to the last `sliding_window` tokens only; the engine's attend to
         # all. Up to the window the two are the same, so the context stops there (as vLLM did
@@ -168,13 +174,14 @@ def hf_llama_config(folder) -> dict:
     if not files:
         raise ModelFileProblem(folder, "no *.safetensors weights in the folder")
     found, where = {}, {}
+    gemma = bool(c.get("gemma"))
     for f in files:
         for name, (_, shape) in read_safetensors_header(f).items():
-            mapped = hf_engine_name(name)
+            mapped = hf_engine_name(name, gemma)
             if mapped is not None:
                 check_extra(f, name, mapped, c)
                 found[mapped], where[name] = (name, shape), f
-    check_weights(folder, c, found, spell=hf_file_name, file_of=lambda name: where.get(name, ""),
+    check_weights(folder, c, found, spell=lambda n: hf_file_name(n, gemma), file_of=lambda name: where.get(name, ""),
                   config="config.json")
     if c["tie_embeddings"] is False and "lm_head" not in found:
         # transformers would give such a model a freshly initialised (random) output layer; a

@@ -14,9 +14,10 @@ from .rope import gguf_rope
 # the GGUF architectures the engine runs -> (biases on Q, K and V; llama.cpp's converter
 # permuted the Q/K rows, as it does for a rotary of interleaved pairs; an RMSNorm over each
 # head of Q and K before the rotary): Qwen2 = llama + biases, Qwen3 = llama + the per-head norms,
-# Phi-3 = llama with Q/K/V and gate/up fused, a partial rotary and longrope (model_files/phi3.py)
+# Phi-3 = llama with Q/K/V and gate/up fused, a partial rotary and longrope (model_files/phi3.py);
+# Gemma 3 has the per-head norms and more (model_files/gemma.py)
 GGUF_ARCHITECTURES = {"llama": (False, True, False), "qwen2": (True, False, False), "qwen3": (False, False, True),
-                      "phi3": (False, False, False)}
+                      "phi3": (False, False, False), "gemma3": (False, False, True)}
 # the tokenizers the engine builds (tokenizer.ggml.model): byte-level BPE, SentencePiece
 GGUF_TOKENIZERS = {"gpt2": "byte-level BPE", "llama": "SentencePiece"}
 # the GGUF metadata the engine reads (key -> kind), the model's under its architecture's name
@@ -26,6 +27,7 @@ _MODEL_KEYS = {
     "block_count": "int", "attention.key_length": "int", "attention.head_count_kv": "int",
     "rope.freq_base": "float", "attention.layer_norm_rms_epsilon": "float", "context_length": "int",
     "rope.scaling.type": "str", "rope.scaling.factor": "float", "rope.dimension_count": "int",
+    "attention.sliding_window": "int",
 }
 _TOKENIZER_KEYS = {
     "tokenizer.ggml.model": "str", "tokenizer.ggml.tokens": "str[]", "tokenizer.ggml.token_type": "int[]",
@@ -63,12 +65,16 @@ _KINDS = {  # kind -> (type names that fit, in words)
 
 _GGUF_PARTS = {"attn_norm": "attn_norm", "attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "o",
                "ffn_norm": "ffn_norm", "ffn_gate": "gate", "ffn_up": "up", "ffn_down": "down",
-               "attn_q_norm": "q_norm", "attn_k_norm": "k_norm", "attn_qkv": "qkv"}
+               "attn_q_norm": "q_norm", "attn_k_norm": "k_norm", "attn_qkv": "qkv",
+               "post_attention_norm": "post_attn_norm", "post_ffw_norm": "post_ffw_norm"}   # Gemma 3's
 _HF_PARTS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
              "self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v",
              "self_attn.o_proj": "o", "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down",
              "self_attn.q_norm": "q_norm", "self_attn.k_norm": "k_norm",
              "self_attn.qkv_proj": "qkv", "mlp.gate_up_proj": "gate_up"}
+# Gemma 3's four norms a layer: its post_attention_layernorm follows attention (llama's precedes the MLP)
+GEMMA_HF_PARTS = {"post_attention_layernorm": "post_attn_norm", "pre_feedforward_layernorm": "ffn_norm",
+                  "post_feedforward_layernorm": "post_ffw_norm"}
 _GGUF_TOP = {"token_embd.weight": "embed", "output_norm.weight": "norm", "output.weight": "lm_head"}
 _HF_TOP = {"model.embed_tokens.weight": "embed", "model.norm.weight": "norm", "lm_head.weight": "lm_head"}
 
@@ -86,16 +92,23 @@ def gguf_engine_name(name: str, arch: str = "llama") -> str | None:
     return None
 
 
-def hf_engine_name(name: str) -> str | None:
+def hf_engine_name(name: str, gemma: bool = False) -> str | None:
     """model.layers.3.self_attn.q_proj.weight -> layers.3.q (.bias -> layers.3.q_bias); None for
-    one the engine does not use."""
+    one the engine does not use. `gemma`: Gemma 3's names (model_files/gemma.py)."""
+    if gemma:
+        from .gemma import hf_gemma_name
+
+        name = hf_gemma_name(name)
+        if name is None:
+            return None
     if name in _HF_TOP:
         return _HF_TOP[name]
+    parts = _HF_PARTS if not gemma else {**_HF_PARTS, **GEMMA_HF_PARTS}
     for suffix, tail in ((".weight", ""), (".bias", "_bias")):
         if name.startswith("model.layers.") and name.endswith(suffix):
             idx, _, part = name[len("model.layers."):-len(suffix)].partition(".")
-            if idx.isdigit() and part in _HF_PARTS:
-                return f"layers.{int(idx)}.{_HF_PARTS[part]}{tail}"
+            if idx.isdigit() and part in parts:
+                return f"layers.{int(idx)}.{parts[part]}{tail}"
     return None
 
 
@@ -114,6 +127,8 @@ def expected_shapes(c: dict) -> dict:
         for part in ("q", "k", "v", "gate", "up"):
             del per_layer[part]
         per_layer.update(qkv=(q + 2 * kv, H), gate_up=(2 * I, H))
+    if c.get("gemma"):             # Gemma 3: norms of the attention's and the MLP's outputs too
+        per_layer.update(post_attn_norm=(H,), post_ffw_norm=(H,))
     for i in range(c["num_layers"]):
         shapes.update({f"layers.{i}.{p}": s for p, s in per_layer.items()})
     return shapes
@@ -136,8 +151,9 @@ def gguf_file_name(engine_name: str) -> str:
     return _spell(engine_name, _GGUF_TOP, _GGUF_PARTS, "blk.{i}.{part}.weight")
 
 
-def hf_file_name(engine_name: str) -> str:
-    return _spell(engine_name, _HF_TOP, _HF_PARTS, "model.layers.{i}.{part}.weight")
+def hf_file_name(engine_name: str, gemma: bool = False) -> str:
+    parts = _HF_PARTS if not gemma else {**{k: v for k, v in _HF_PARTS.items() if v != "ffn_norm"}, **GEMMA_HF_PARTS}
+    return _spell(engine_name, _HF_TOP, parts, "model.layers.{i}.{part}.weight")
 
 
 def check_extra(path, name: str, engine_name: str, c: dict) -> None:
@@ -154,6 +170,9 @@ def check_extra(path, name: str, engine_name: str, c: dict) -> None:
     if part in ("q_norm", "k_norm") and not c.get("qk_norm"):
         raise ModelFileProblem(path, f"tensor {name!r} is an RMSNorm over each head of {part[0]}, which only "
                                      f"a qwen3 model has: this model would run without it")
+    if part in ("post_attn_norm", "post_ffw_norm") and not c.get("gemma"):
+        raise ModelFileProblem(path, f"tensor {name!r} is a norm of the {'attention' if 'attn' in part else 'MLP'}'s "
+                                     f"output, which only a gemma3 model has: this model would run without it")
 
 
 def check_weights(path, c: dict, found: dict, *, spell=gguf_file_name, file_of=lambda name: "",
@@ -212,6 +231,9 @@ def check_config(fail, c: dict, names: dict) -> dict:
     c.setdefault("qkv_bias", False)
     c.setdefault("qk_norm", False)
     c.setdefault("fused", False)
+    for key, value in (("gemma", False), ("sliding_window", 0), ("window_layers", ()), ("rope_local_theta", 10000.0),
+                       ("attn_scale", 0.0)):   # Gemma 3's (model_files/gemma.py); a llama's have none
+        c.setdefault(key, value)
     return c
 
 
@@ -250,7 +272,8 @@ def gguf_llama_config(h: GGUFHeader) -> dict:
     for t in h.tensors:
         name = gguf_engine_name(t.name, arch)
         if name is not None:
-            check_extra(h.path, t.name, name, {"qkv_bias": qkv_bias, "qk_norm": qk_norm, "fused": fused})
+            check_extra(h.path, t.name, name, {"qkv_bias": qkv_bias, "qk_norm": qk_norm, "fused": fused,
+                                               "gemma": arch == "gemma3"})
             found[name] = (t.name, t.shape)
             if t.type_name not in DEQUANTIZABLE:
                 fail(f"tensor {t.name!r} has type {t.type_name}, which this engine cannot turn into weights")
@@ -279,7 +302,12 @@ def gguf_llama_config(h: GGUFHeader) -> dict:
              rms_eps=m.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
              max_position=context, tie_embeddings="lm_head" not in found,
              rope_scaling=scaling, qkv_bias=qkv_bias, qk_norm=qk_norm, fused=fused)
-    c = check_config(fail, c, {k: v.format(arch=arch) for k, v in _GGUF_NAMES.items()})
+    names = {k: v.format(arch=arch) for k, v in _GGUF_NAMES.items()}
+    c = check_config(fail, c, names)
+    if arch == "gemma3":               # the layer count and head size checked first
+        from .gemma import gguf_gemma_fields
+
+        c = check_config(fail, {**c, **gguf_gemma_fields(m, fail, c)}, names)
     n_tokens = len(m["tokenizer.ggml.tokens"])
     for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):   # one entry per token
         if key in m and len(m[key]) != n_tokens:
