@@ -191,6 +191,9 @@ class EngineSegment:
         constraint = self.constraint_spec(gen, data)
         if constraint is not None:
             given["constraint"] = self.compile(constraint)
+        model = data.get("model")                # a LoRA adapter this engine serves (agp serve --lora-modules)
+        if isinstance(model, str) and model in getattr(self.engine, "loras", ()):
+            given["lora"] = model
         params = replace(self.defaults[gen], **given)
         if "max_tokens" not in given:
             room = self.engine.max_model_len - prompt_len
