@@ -108,9 +108,11 @@ def test_adapter_logits_equal_the_merged_models(tiny, folders):
         assert (got - base).abs().max() > 1e-2                             # it did change something
 
 
-def test_a_step_mixing_adapters_gives_each_row_what_it_gives_alone(tiny, folders):
+@pytest.mark.parametrize("size", [5, 11])      # 11: more decode rows than a native step takes (the glued path)
+def test_a_step_mixing_adapters_gives_each_row_what_it_gives_alone(tiny, folders, size):
     model = LlamaModel(tiny.config, tiny.weights, "fp32")
-    seqs = [(ids(9, 1), "a"), (ids(11, 2), None), (ids(7, 3), "b"), (ids(10, 4), "a"), (ids(6, 5), None)]
+    names = ["a", None, "b", "a", None, "strong", None, "b", None, "a", None]
+    seqs = [(ids(6 + i % 5, i), names[i]) for i in range(size)]
     together = feed(runner_with(model, tiny, folders), seqs)
     for (toks, name), got in zip(seqs, together):
         (alone,) = feed(runner_with(model, tiny, folders), [(toks, name)])
