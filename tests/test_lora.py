@@ -150,6 +150,18 @@ def test_the_engine_answers_with_the_adapter_a_request_names(tiny_gguf, folders)
         eng.add_request("x", prompt=prompt, params=SamplingParams(lora="nope"))
 
 
+def test_the_engine_counts_the_adapters_of_running_and_waiting_requests(tiny_gguf, folders):
+    eng = tiny_engine(tiny_gguf, max_batch_size=1)
+    eng.add_lora(read_adapter(folders["a"], "a"))
+    eng.add_lora(read_adapter(folders["b"], "b"))
+    eng.add_request("1", prompt="hello", params=SamplingParams(max_tokens=4, lora="b"))
+    eng.add_request("2", prompt="hello", params=SamplingParams(max_tokens=4, lora="a"))
+    eng.step()
+    s = eng.stats(latencies=False)
+    assert (s["lora_adapters"], s["lora_running"], s["lora_waiting"]) == (["a", "b"], ["b"], ["a"])
+    assert "lora_adapters" not in tiny_engine(tiny_gguf).stats(latencies=False)
+
+
 def test_the_prefix_cache_is_not_shared_across_adapters(tiny_gguf, folders):
     eng = tiny_engine(tiny_gguf)
     eng.add_lora(read_adapter(folders["a"], "a"))

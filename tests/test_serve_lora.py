@@ -63,6 +63,13 @@ def test_adapters_are_listed_as_vllm_lists_them(client):
     assert client.get("/v1/models/sql").json()["root"] == "strong-adapter"
 
 
+def test_metrics_carry_vllms_lora_requests_info(client):
+    chat(client, "strong")
+    lines = [ln for ln in client.get("/metrics").text.splitlines() if ln.startswith("vllm:lora_requests_info{")]
+    assert len(lines) == 1 and 'max_lora="2"' in lines[0], lines
+    assert 'running_lora_adapters=""' in lines[0] and 'waiting_lora_adapters=""' in lines[0]   # none now
+
+
 def test_a_request_naming_an_adapter_is_answered_with_it(client):
     base = chat(client, "tiny")
     adapted = chat(client, "strong")
@@ -91,6 +98,14 @@ def test_a_request_naming_an_adapter_is_answered_with_it(client):
         return r.json()["output"][0]["content"][0]["text"]
 
     assert response("strong") != response("tiny")
+
+    def embedding(model):
+        r = client.post("/v1/embeddings", json={"model": model, "input": "the quick brown fox"})
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == model
+        return r.json()["data"][0]["embedding"]
+
+    assert embedding("strong") != embedding("tiny")
 
 
 def test_an_unknown_model_is_still_a_404(client):
@@ -167,3 +182,77 @@ def test_an_adapter_agp_cannot_serve_stops_the_start(capsys, tiny_gguf, tmp_path
     assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert said in err and "Traceback" not in err, err
+
+
+ONE = """pipeline one {{
+    model  = "{model}"
+    device = cpu
+    dtype  = fp32
+    stage request : requests {{}}
+    stage batch : dynamic_batch {{ timeout = 1ms }}
+    stage encode : encode {{}}
+    stage kv : kv_lookup {{ budget = 1MiB }}
+    stage gen : generate {{ max_new_tokens = 8{lora} }}
+    stage out : respond {{}}
+    request -> batch -> encode -> kv -> gen -> out
+}}
+"""
+
+
+def pipeline_file(tmp_path, model, lora=None, name="one.agp"):
+    path = tmp_path / name
+    path.write_text(ONE.format(model=model, lora=f'  lora = "{lora}"' if lora else ""))
+    return path
+
+
+def test_a_generate_stage_answers_with_its_own_adapter(tiny_gguf, strong, tmp_path):
+    import shutil
+
+    shutil.copytree(strong, tmp_path / "mine")
+    other = write_tiny_lora(tmp_path / "other", seed=9, strength=30.0)
+
+    def texts(path, *models, lora_modules=()):
+        serving = build(parse([str(path), "--threads", "1", *(["--lora-modules", *lora_modules] if lora_modules
+                                                              else [])]))
+        try:
+            with TestClient(serving.app, base_url="http://localhost") as c:
+                out = []
+                for model in models:
+                    r = c.post("/v1/completions", json={"model": model, "prompt": "the quick brown fox", **GREEDY})
+                    assert r.status_code == 200, r.text
+                    out.append(r.json()["choices"][0]["text"])
+                return out
+        finally:
+            serving.runtime.close()
+
+    (base,) = texts(pipeline_file(tmp_path, tiny_gguf, name="base.agp"), "one")
+    own, named = texts(pipeline_file(tmp_path, tiny_gguf, "mine"), "one", "other", lora_modules=[f"other={other}"])
+    (served,) = texts(pipeline_file(tmp_path, tiny_gguf, name="base.agp"), "mine", lora_modules=[f"mine={strong}"])
+    (other_alone,) = texts(pipeline_file(tmp_path, tiny_gguf, name="base.agp"), "other",
+                           lora_modules=[f"other={other}"])
+    assert own != base and own == served           # the stage's adapter, as the same adapter served by name
+    assert named == other_alone != own             # a request naming another adapter takes that one
+
+
+def test_agp_check_refuses_a_generate_stages_adapter_at_its_setting(tiny_gguf, tmp_path, capsys):
+    write_tiny_lora(tmp_path / "dora", config={"use_dora": True})
+    for lora, said in (("missing", "lora folder not found: 'missing'"),
+                       ("dora", "lora adapter dora/adapter_config.json: use_dora: DoRA adapters are not supported")):
+        path = pipeline_file(tmp_path, tiny_gguf, lora)
+        assert cli.main(["check", str(path)]) == 2
+        err = capsys.readouterr().err
+        col = ONE.format(model=tiny_gguf, lora=f'  lora = "{lora}"').splitlines()[8].index(f'"{lora}"') + 1
+        assert f"one.agp:9:{col}: error: {said}" in err, err
+
+
+def test_a_generate_stages_adapter_that_does_not_fit_stops_the_start(tiny_gguf, tmp_path, capsys):
+    import torch
+
+    write_tiny_lora(tmp_path / "wide", targets=("q_proj",),
+                    extra={"base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight": torch.zeros(96, 4)})
+    path = pipeline_file(tmp_path, tiny_gguf, "wide")
+    assert cli.main(["serve", str(path), "--port", "0", "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert ("generate stage 'gen': lora: " f"{tmp_path}/wide/adapter_model.safetensors: "
+            "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight: has shape [96, 4]") in err, err
+    assert "Traceback" not in err

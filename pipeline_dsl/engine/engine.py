@@ -682,6 +682,11 @@ class Engine:
         c["hit_rate"] = self.blocks.hit_rate
         c["running"] = len(self.scheduler.running)
         c["waiting"] = len(self.scheduler.waiting)
+        if self.loras:                      # LoRA adapters: those loaded, and those of running and waiting requests
+            c["lora_adapters"] = list(self.loras)
+            for key, seqs in (("lora_running", list(self.scheduler.running)),
+                              ("lora_waiting", list(self.scheduler.waiting))):   # copies: taken under the GIL
+                c[key] = sorted({s.params.lora for s in seqs if s.params.lora is not None})
         c["preemptions"] = self.scheduler.num_preemptions
         c["busy_s"] = self._busy_s
         c["batch_size_hist"] = dict(sorted(self._batch_hist.items()))

@@ -29,8 +29,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
@@ -66,8 +64,10 @@ def _refuse(file: Path, key: str, why: str) -> LoraError:
     return LoraError(f"{file}: {key}: {why}")
 
 
-def read_adapter(path: str | Path, name: str | None = None, base_model_name: str | None = None) -> LoraAdapter:
-    """The adapter in PEFT folder `path`; LoraError naming the file and key of what agp can't apply."""
+def read_config(path: str | Path) -> tuple[int, float]:
+    """(r, scale) of the adapter in PEFT folder `path` from its adapter_config.json (no torch: agp
+    check reads it too); LoraError naming the file and key of what agp can't apply, or a missing
+    file."""
     folder = Path(path)
     cfg_file = folder / CONFIG_FILE
     if not folder.is_dir():
@@ -110,13 +110,20 @@ def read_adapter(path: str | Path, name: str | None = None, base_model_name: str
             raise _refuse(cfg_file, "target_modules", f"{other[0]!r}: agp applies adapters to "
                           f"{', '.join(MODULES)} only")
     scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         bin_file = folder / "adapter_model.bin"
         extra = f" ({bin_file.name} is a pickle agp does not read: save with safe_serialization)" \
             if bin_file.exists() else ""
         raise LoraError(f"{weights}: missing{extra}")
+    return r, float(scale)
+
+
+def read_adapter(path: str | Path, name: str | None = None, base_model_name: str | None = None) -> LoraAdapter:
+    """The adapter in PEFT folder `path`; LoraError naming the file and key of what agp can't apply."""
+    folder = Path(path)
+    r, scale = read_config(folder)
+    weights = folder / WEIGHTS_FILE
     try:
         from safetensors import SafetensorError, safe_open
     except ImportError:  # pragma: no cover - a dependency
@@ -153,7 +160,7 @@ def read_adapter(path: str | Path, name: str | None = None, base_model_name: str
             raise _refuse(weights, key, f"has no lora_{other} beside it")
         if half == "A":
             pairs[(layer, module)] = (t, halves[(layer, module, "B")][1])
-    return LoraAdapter(name or folder.name, str(folder), r, float(scale), base_model_name, pairs)
+    return LoraAdapter(name or folder.name, str(folder), r, scale, base_model_name, pairs)
 
 
 def _key(layer: int, module: str) -> str:
@@ -191,7 +198,9 @@ class LoraWeights:
     """An adapter fitted to one model: per layer and fused linear, (A [R, in], B [out, R]) in the
     model's dtype and device (scale folded into B), or None where the adapter leaves it alone."""
 
-    def __init__(self, adapter: LoraAdapter, config, dtype: torch.dtype, device: torch.device):
+    def __init__(self, adapter: LoraAdapter, config, dtype, device):
+        import torch
+
         check_fits(adapter, config)
         self.name, self.adapter = adapter.name, adapter
         want = shapes(config)
@@ -254,6 +263,8 @@ class LayerLora:
 def step_lora(loras: dict, names, offs, counts, device) -> StepLora | None:
     """The StepLora of a step whose items (first row offs[i], counts[i] rows) name adapters
     `names` (None: the base model), from the runner's fitted adapters `loras` (name -> LoraWeights)."""
+    import torch
+
     rows: dict = {}
     for i, name in enumerate(names):
         if name is None:
