@@ -183,7 +183,11 @@ def build(args, *, host: str | None = None) -> Serving:
     except InputError as e:
         raise SetupError(str(e)) from None
     names = model_names(runtime, served)
-    loras = attach(runtime, adapters, names, tuple(runtime.seg_of_gen))
+    try:
+        loras = attach(runtime, adapters, names, tuple(runtime.seg_of_gen))
+    except SetupError:
+        runtime.close()                       # loaded already: its engines' threads go with it
+        raise
     names += tuple(a.name for a in loras)     # a request may name an adapter as it names the model
     copied = request_headers(args.request_headers, runtime.graph)
     contexts = [es.max_model_len for es in runtime.segments]

@@ -87,9 +87,11 @@ def attach(runtime, adapters: list, names: tuple[str, ...], stages=()) -> tuple[
 
     served = []
     for adapter in adapters:
-        if adapter.name in names or adapter.name in stages:
+        if adapter.name in names or adapter.name in stages or any(adapter.name in es.engine.loras
+                                                                  for es in runtime.segments):
             raise SetupError(f"--lora-modules {adapter.name}: the name is already the server's (a served "
-                             "model name, the pipeline's or a generate stage's): give the adapter another")
+                             "model name, the pipeline's, a generate stage's or its adapter's): give the adapter "
+                             "another")
         fits, why = 0, None
         for es in runtime.segments:
             try:
