@@ -207,6 +207,9 @@ def test_unsupported_adapters_are_refused_naming_file_and_key(tmp_path, tiny):
     refused(write_tiny_lora(tmp_path / "save", config={"modules_to_save": ["lm_head"]}),
             r"adapter_config.json: modules_to_save")
     refused(write_tiny_lora(tmp_path / "dora", config={"use_dora": True}), r"adapter_config.json: use_dora: DoRA")
+    refused(write_tiny_lora(tmp_path / "alora", config={"alora_invocation_tokens": [5, 6]}),
+            r"adapter_config.json: alora_invocation_tokens: activated LoRA .* is not supported")
+    refused(write_tiny_lora(tmp_path / "bias", config={"lora_bias": True}), r"adapter_config.json: lora_bias")
     refused(write_tiny_lora(tmp_path / "dora2", extra={
         f"{PREFIX}.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(64)}), r"lora_magnitude_vector.*DoRA")
     refused(write_tiny_lora(tmp_path / "rank", config={"r": 8}),

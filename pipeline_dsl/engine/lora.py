@@ -38,6 +38,13 @@ MODULES = {"q_proj": ("self_attn", "q"), "k_proj": ("self_attn", "k"), "v_proj":
            "down_proj": ("mlp", "down")}
 # agp's fused linears and the modules each holds, in the order of its output rows
 FUSED = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
+# PEFT's LoRA settings that change what an adapter computes beyond y = W x + scale * B A x: each
+# refused where set (the initialisations, corda_config, eva_config, loftq_config ..., train a plain one)
+VARIANTS = {"alora_invocation_tokens": "activated LoRA (applied after its invocation tokens only)",
+            "layer_replication": "replicated layers", "lora_bias": "a bias on lora_B",
+            "trainable_token_indices": "trained embedding rows", "target_parameters": "adapted parameters",
+            "use_qalora": "QA-LoRA", "use_bdlora": "block-diagonal LoRA", "arrow_config": "Arrow routing",
+            "kasa_config": "KaSA", "monteclora_config": "MonteCLoRA"}
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 
 
@@ -103,6 +110,9 @@ def read_config(path: str | Path) -> tuple[int, float]:
     for key in ("rank_pattern", "alpha_pattern"):
         if cfg.get(key):
             raise _refuse(cfg_file, key, "per-module ranks or alphas are not supported")
+    for key, what in VARIANTS.items():
+        if cfg.get(key):
+            raise _refuse(cfg_file, key, f"{what} is not supported (agp applies plain LoRA pairs)")
     targets = cfg.get("target_modules")
     if isinstance(targets, (list, tuple)):
         other = [t for t in targets if t not in MODULES]
