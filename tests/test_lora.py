@@ -119,6 +119,23 @@ def test_a_step_mixing_adapters_gives_each_row_what_it_gives_alone(tiny, folders
         assert torch.allclose(got, alone, atol=1e-4), name   # fp32 GEMMs of other row counts round apart
 
 
+def test_batch_invariant_mode_keeps_an_adapter_rows_logits_bit_for_bit(tiny, folders):
+    """AGP_BATCH_INVARIANT's promise holds for adapter rows: a row's logits do not depend on the
+    rows beside it (each row's delta is computed alone there)."""
+    model = LlamaModel(tiny.config, tiny.weights, "fp32")
+
+    def invariant_runner():
+        runner = ModelRunner(model, num_blocks=96, block_size=BS, batch_invariant=True)
+        runner.loras["a"] = LoraWeights(read_adapter(folders["a"], "a"), tiny.config, model.dtype, model.device)
+        return runner
+
+    seqs = [(ids(9, 1), "a"), (ids(11, 2), None), (ids(7, 3), "a"), (ids(10, 4), "a")]
+    together = feed(invariant_runner(), seqs)
+    for (toks, name), got in zip(seqs, together):
+        (alone,) = feed(invariant_runner(), [(toks, name)])
+        assert torch.equal(got, alone), name
+
+
 def test_a_step_of_no_adapter_rows_is_the_base_models(tiny, folders):
     """Loaded adapters change nothing for the rows that name none (the native decode step included)."""
     model = LlamaModel(tiny.config, tiny.weights, "fp32")

@@ -216,7 +216,7 @@ def prepare_step(runner, batch: StepBatch) -> Step:
     if lora:
         from .lora import step_lora
 
-        step.lora = step_lora(getattr(runner, "loras", {}), batch.lora, offs, counts, dev)
+        step.lora = step_lora(getattr(runner, "loras", {}), batch.lora, offs, counts, dev, per_row=invariant)
     if wants.any():
         step.row_items = [(i, int(offs[i]), int(counts[i]), tuple(batch.rows[i])) for i in np.nonzero(wants)[0].tolist()]
     if invariant:                                # every row over its own context, one path (invariant.py)

@@ -238,10 +238,11 @@ class LoraWeights:
 
 class StepLora:
     """The adapters of one step's rows: (weights, rows) per adapter, rows a slice where its
-    sequences' rows are contiguous, else an index tensor."""
+    sequences' rows are contiguous, else an index tensor. `per_row` (batch-invariant mode): each
+    row's delta computed alone, so that it does not depend on which rows share the step."""
 
-    def __init__(self, groups: list):
-        self.groups = groups
+    def __init__(self, groups: list, per_row: bool = False):
+        self.groups, self.per_row = groups, per_row
 
     def add(self, li: int, which: str, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """y [T, out] (linear `which` of layer li on x [T, in]) with each group's delta added in place."""
@@ -250,7 +251,10 @@ class StepLora:
             if pair is None:
                 continue
             a, b = pair
-            if isinstance(rows, slice):
+            if self.per_row:
+                for r in (range(rows.start, rows.stop) if isinstance(rows, slice) else rows.tolist()):
+                    y[r:r + 1] += (x[r:r + 1] @ a.t()) @ b.t()
+            elif isinstance(rows, slice):
                 y[rows] += (x[rows] @ a.t()) @ b.t()
             else:
                 y.index_add_(0, rows, (x.index_select(0, rows) @ a.t()) @ b.t())
@@ -270,9 +274,10 @@ class LayerLora:
         return self.step.add(self.li, which, y, x)
 
 
-def step_lora(loras: dict, names, offs, counts, device) -> StepLora | None:
+def step_lora(loras: dict, names, offs, counts, device, per_row: bool = False) -> StepLora | None:
     """The StepLora of a step whose items (first row offs[i], counts[i] rows) name adapters
-    `names` (None: the base model), from the runner's fitted adapters `loras` (name -> LoraWeights)."""
+    `names` (None: the base model), from the runner's fitted adapters `loras` (name -> LoraWeights);
+    per_row: each row's delta alone (batch-invariant mode)."""
     import torch
 
     rows: dict = {}
@@ -292,4 +297,4 @@ def step_lora(loras: dict, names, offs, counts, device) -> StepLora | None:
         else:
             idx = torch.cat([torch.arange(s, s + n) for s, n in spans]).to(device)
             groups.append((loras[name], idx))
-    return StepLora(groups)
+    return StepLora(groups, per_row)
