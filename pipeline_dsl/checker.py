@@ -973,6 +973,11 @@ def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set,
             params["model"], d = _model_location(model, where("model"))
             if d:
                 diags.append(d)
+        lora = params.get("lora")
+        if lora is not None and "lora" in given:
+            params["lora"], d = _lora_folder(lora, _base_dir(where("lora") or st.name.pos), where("lora"), allowed)
+            if d:
+                diags.append(d)
         schema = params.get("json_schema")
         if schema is not None and "json_schema" in given:
             params["json_schema"], d = _json_schema_file(schema, _base_dir(where("json_schema") or st.name.pos),
@@ -980,6 +985,37 @@ def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set,
             if d:
                 diags.append(d)
     return diags
+
+
+LORA_EXPECTED = "a LoRA adapter: a PEFT folder holding adapter_config.json and adapter_model.safetensors"
+
+
+def _lora_folder(path: str, base: str | None, pos: SourcePos,
+                 allowed: tuple[str, ...]) -> tuple[str, Diagnostic | None]:
+    """generate.lora: the adapter folder found beside the .agp file (or from the working directory),
+    inside the allowed folders, made absolute, once its adapter_config.json says an adapter agp can
+    apply (engine/lora.py; its matrices are checked against the model when the engine loads)."""
+    from pipeline_dsl.engine.lora import LoraError, read_config
+
+    from .loader import inside
+
+    found = None
+    for folder in ([base] if base else []) + [os.getcwd()]:
+        candidate = os.path.join(folder, os.path.expanduser(path))
+        if os.path.isdir(candidate):
+            found = os.path.abspath(candidate)
+            break
+    if found is None:
+        return path, _err(f"lora folder not found: '{path}'", pos, expected=LORA_EXPECTED)
+    if not inside(found, allowed):
+        return path, _err(f"lora folder '{path}' is outside the pipeline's folder", pos, expected=LORA_EXPECTED,
+                          hint="move it there, or allow its folder with --allow-path DIR")
+    try:
+        read_config(found)
+    except LoraError as e:
+        shown = str(e).replace(found, path.rstrip("/"), 1)       # the file as the .agp file names it
+        return path, _err(f"lora adapter {shown}", pos, expected=LORA_EXPECTED)
+    return found, None
 
 
 SCHEMA_EXPECTED = "a JSON Schema file (relative to this .agp file) that constrained decoding can enforce"

@@ -354,7 +354,8 @@ _INPUT_ERRORS = {"InputError", "ModelNotFoundError", "ModelFileError", "QueueFul
 _NO_DOWNLOAD = "agp downloads nothing: serve a local .gguf file or Hugging Face folder (agp serve MODEL)"
 _NO_PROMPT_LOG = "agp never logs a request's prompt or parameters, only its access line"
 _CHUNKED = "prefill is always chunked (generate's `prefill_chunk` tokens a step)"
-_NO_LORA = "agp serves no LoRA adapters: merge one into the weights"
+_LORA = ("agp's is --lora-modules NAME=PATH, a PEFT adapter folder (adapter_config.json, "
+         "adapter_model.safetensors) that requests name as their model")
 VLLM_FLAGS = {
     "--model": "the model is the pipeline's `model` setting (or a generate stage's)",
     "--gpu-memory-utilization": "the KV cache's size is the pipeline's `kv_budget` (or a kv_lookup stage's `budget`)",
@@ -396,8 +397,6 @@ VLLM_FLAGS = {
     "--enable-prompt-embeds": "a prompt comes as text or token ids; `prompt_embeds` is refused",
     "--trust-request-chat-template": "a request brings no chat template of its own: --chat-template sets the "
                                      "server's",
-    "--enable-lora": _NO_LORA,
-    "--lora-modules": _NO_LORA,
 }
 
 
@@ -447,7 +446,7 @@ LLAMA_CPP_FLAGS = {
     "--chat-template-file": "agp's is --chat-template FILE",
     "--grammar": "a request's `guided_grammar` takes GBNF text (docs/openai.md)",
     "--grammar-file": "a request's `guided_grammar` takes GBNF text (docs/openai.md)",
-    "--lora": _NO_LORA,
+    "--lora": _LORA,
     "--log-disable": "agp's is --log-level error", "--log-file": "agp logs to standard error: redirect it",
     "-v": "agp's is --log-level debug", "--verbose": "agp's is --log-level debug",
 }

@@ -149,6 +149,9 @@ GENERATE = StageKind(
               "response_format or forced tool call", optional=True),
         Param("model", STR, None, "this stage's model (default: the pipeline's `model`)", optional=True,
               inherits="model"),
+        Param("lora", STR, None, "a LoRA adapter this stage answers with: a PEFT folder (adapter_config.json, "
+              "adapter_model.safetensors) relative to the .agp file, applied beside the model's weights (a "
+              "request naming an adapter of agp serve --lora-modules takes that one instead)", optional=True),
         Param("device", STR, None, "this stage's device: auto | cpu | cuda | cuda:N, a word or a string "
               "(default: the pipeline's `device`)", optional=True,
               inherits="device"),

@@ -311,9 +311,17 @@ class Generate:
             from pathlib import Path
 
             spec.json_schema[stage or "generate"] = json.loads(Path(params["json_schema"]).read_text("utf-8"))
+        if params.get("lora"):                  # checked and made absolute by agp check
+            spec.loras[stage or "generate"] = params["lora"]
+            sampling["lora"] = lora_name(stage or "generate")
         spec.sampling[stage or "generate"] = sampling
         spec.given_sampling[stage or "generate"] = {self.SAMPLING[p] for p in given if p in self.SAMPLING}
         spec.n[stage or "generate"] = int(params.get("n") or 1)
+
+
+def lora_name(stage: str) -> str:
+    """The name a generate stage's own LoRA adapter (its `lora`) is loaded under in its engine."""
+    return f"generate {stage}"
 
 
 class NoImplementation(LookupError):

@@ -50,6 +50,7 @@ class StepBatch:
                                           # concatenated sampled tensors of earlier steps
     rows: list | None = None  # [n] per item: () or the outputs wanted for EVERY row it feeds
                               # ("logits", "hidden": prompt logprobs, pooling; prompt_outputs.py)
+    lora: list | None = None  # [n] per item: the name of its LoRA adapter or None (lora.py); None: no adapter
 
     @classmethod
     def from_items(cls, items, pad_to: int | None = None) -> "StepBatch":
@@ -62,9 +63,10 @@ class StepBatch:
             tables[i, :len(it.block_table)] = it.block_table
         tokens = np.fromiter((t for it in items for t in it.token_ids), np.int64, int(counts.sum()))
         wanted = [tuple(getattr(it, "rows", ())) for it in items]
+        lora = [getattr(it, "lora", None) for it in items]
         return cls(tokens, np.fromiter((it.start_pos for it in items), np.int64, n), counts,
                    np.fromiter((bool(it.sample) for it in items), bool, n), tables, lens, pad_to,
-                   rows=wanted if any(wanted) else None)
+                   rows=wanted if any(wanted) else None, lora=lora if any(lora) else None)
 
     def __len__(self) -> int:
         return len(self.counts)
@@ -98,6 +100,7 @@ class Step:
     flex: object = None                # flex.FlexMeta: attention reads the pool in place (flex backend)
     graph_key: tuple | None = None     # (B, context blocks) of a padded all-decode step: its CUDA graph
     window_masks: dict | None = None   # a sliding layer's masks, built by its first layer (model._attention)
+    lora: object = None                # lora.StepLora: the LoRA adapters of some rows (None: none)
 
 
 class Uploader:
@@ -174,10 +177,12 @@ def prepare_step(runner, batch: StepBatch) -> Step:
     pre_idx = (~dec).nonzero()[0]
     B = len(dec_idx)
     all_decode = not len(pre_idx)
-    use_native = runner.native is not None and all_decode and B <= runner.native_max_batch
+    # a row of a LoRA adapter: the eager layers, which add its deltas (no native step, no graph)
+    lora = batch.lora is not None and any(name is not None for name in batch.lora)
+    use_native = runner.native is not None and all_decode and B <= runner.native_max_batch and not lora
     invariant = getattr(runner, "batch_invariant", False)
     padded = all_decode and (runner.pad_decode or batch.pad_to is not None) and runner.native is None \
-        and not invariant
+        and not invariant and not lora
     tokens = batch.tokens
     dec_rows = offs[dec_idx]
     pad = 0
@@ -209,6 +214,10 @@ def prepare_step(runner, batch: StepBatch) -> Step:
                 dec_rows=None, dec_gather=None, dec_mask=None, prefills=[], positions=pos_t,
                 native=use_native, items=n, fills=fills_t if fills.size else None,
                 fill_from=from_t if fills.size else None)
+    if lora:
+        from .lora import step_lora
+
+        step.lora = step_lora(getattr(runner, "loras", {}), batch.lora, offs, counts, dev, per_row=invariant)
     if wants.any():
         step.row_items = [(i, int(offs[i]), int(counts[i]), tuple(batch.rows[i])) for i in np.nonzero(wants)[0].tolist()]
     if invariant:                                # every row over its own context, one path (invariant.py)

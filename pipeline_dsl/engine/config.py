@@ -106,6 +106,7 @@ class SamplingParams:
     allowed_token_ids: tuple[int, ...] | None = None  # (vLLM) only these may be sampled; None: every token
     bad_words: tuple[str, ...] = ()        # (vLLM) words never generated (the engine bans their token sequences)
     cache_salt: str | None = None          # (vLLM) prefix-cache blocks are shared only with the same salt
+    lora: str | None = None                # the LoRA adapter that answers (Engine.add_lora); None: the base model
     logprobs: int | None = None            # 0..20: the sampled token's logprob + this many alternatives
     prompt_logprobs: int | None = None     # 0..20: each prompt token's logprob + alternatives (prompt_outputs.py)
     pooling: str | None = None             # "mean": the mean of the prompt's final normed hidden states
@@ -139,6 +140,12 @@ class SamplingParams:
             except TypeError:                # mixed key types: check() names them
                 bias = tuple(merged.items())
             object.__setattr__(self, "logit_bias", bias)
+
+    @property
+    def prefix_key(self) -> str | tuple | None:
+        """What the prefix cache keys a sequence's blocks by (kv_cache.root_key): its cache salt,
+        and its LoRA adapter where it has one (an adapter's K/V differ from the base model's)."""
+        return self.cache_salt if self.lora is None else (self.lora, self.cache_salt)
 
     @property
     def greedy(self) -> bool:
@@ -181,6 +188,8 @@ class SamplingParams:
                     check_field(name, list(value))
                 except ParamError as e:
                     raise InputError(str(e), param=e.field) from None
+        if self.lora is not None and not isinstance(self.lora, str):
+            raise InputError(f"lora must be the name of a LoRA adapter, not {self.lora!r}", param="model")
         if self.cache_salt is not None:
             try:
                 check_cache_salt(self.cache_salt)

@@ -122,6 +122,23 @@ class Engine:
         self._iteration_tokens: dict[int, int] = {}  # vLLM's tokens per step -> steps (vllm:iteration_tokens_total)
         self._busy_s = 0.0
 
+    # ---- LoRA adapters (lora.py) --------------------------------------------------------
+    def add_lora(self, adapter) -> None:
+        """Serve a LoRA adapter (lora.read_adapter's) beside the base weights: a request whose
+        SamplingParams.lora names it is answered with it. lora.LoraError where its matrices don't fit
+        the model, or this engine's runner cannot apply adapters."""
+        from .lora import LoraError, LoraWeights
+
+        model = getattr(self.runner, "model", None)
+        if not isinstance(getattr(self.runner, "loras", None), dict) or model is None:
+            raise LoraError(f"{adapter.path}: this engine's model runner cannot apply LoRA adapters")
+        self.runner.loras[adapter.name] = LoraWeights(adapter, model.config, model.dtype, self.device)
+
+    @property
+    def loras(self) -> tuple[str, ...]:
+        """The names of the LoRA adapters this engine serves."""
+        return tuple(getattr(self.runner, "loras", None) or ())
+
     # ---- requests ----------------------------------------------------------------------
     def add_request(self, request_id, *, prompt=None, messages=None, prompt_token_ids=None,
                     params: SamplingParams | None = None, chat_template: bool = True,
@@ -136,6 +153,9 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise InputError(f"params must be SamplingParams, not {type(params).__name__}")
         params.check()
+        if params.lora is not None and params.lora not in self.loras:
+            raise InputError(f"no LoRA adapter named {params.lora!r} is loaded"
+                             + (f" (these are: {', '.join(self.loras)})" if self.loras else ""), param="model")
         self.check_priority(priority)
         request_id = str(request_id)
         if request_id in self.seqs:
@@ -439,8 +459,9 @@ class Engine:
             toks = chain.from_iterable(it.seq.token_ids[it.start:it.start + it.num_tokens] for it in items)
             tokens = np.fromiter(toks, np.int64, int(counts.sum()))
         wanted = [self.rows_of(it) for it in items] if any(outs) else ()    # prompt outputs, per item
+        lora = [it.seq.params.lora for it in items] if getattr(self.runner, "loras", None) else ()
         return StepBatch(tokens, starts, counts, np.array(sample, bool), tables, lens, plan.pad_to,
-                         rows=wanted if any(wanted) else None)
+                         rows=wanted if any(wanted) else None, lora=lora if any(lora) else None)
 
     def prepare(self, batch: StepBatch):
         """The runner's index tensors of a step (host work; on CUDA one non-blocking upload)."""
@@ -661,6 +682,11 @@ class Engine:
         c["hit_rate"] = self.blocks.hit_rate
         c["running"] = len(self.scheduler.running)
         c["waiting"] = len(self.scheduler.waiting)
+        if self.loras:                      # LoRA adapters: those loaded, and those of running and waiting requests
+            c["lora_adapters"] = list(self.loras)
+            for key, seqs in (("lora_running", list(self.scheduler.running)),
+                              ("lora_waiting", list(self.scheduler.waiting))):   # copies: taken under the GIL
+                c[key] = sorted({s.params.lora for s in seqs if s.params.lora is not None})
         c["preemptions"] = self.scheduler.num_preemptions
         c["busy_s"] = self._busy_s
         c["batch_size_hist"] = dict(sorted(self._batch_hist.items()))

@@ -37,10 +37,16 @@ BlockKey = bytes  # 16 bytes: blake2b(parent key + the block's token ids)
 ROOT_KEY = b""     # the parent of a sequence's first block (one without a cache salt)
 
 
-def root_key(salt: str | None = None) -> BlockKey:
-    """The parent of a sequence's first block: ROOT_KEY, or a digest of its cache salt."""
+def root_key(salt: str | tuple | None = None) -> BlockKey:
+    """The parent of a sequence's first block: ROOT_KEY, or a digest of its cache salt. A tuple
+    (LoRA adapter, cache salt or None) is a sequence of an adapter (SamplingParams.prefix_key): its
+    K/V are the adapter's, so its blocks are shared only with the same adapter's sequences."""
     if salt is None:
         return ROOT_KEY
+    if isinstance(salt, tuple):
+        adapter, salt = salt
+        tail = b"" if salt is None else b"\0cache_salt\0" + salt.encode("utf-8", "surrogatepass")
+        return hashlib.blake2b(b"lora\0" + adapter.encode("utf-8", "surrogatepass") + tail, digest_size=16).digest()
     return hashlib.blake2b(b"cache_salt\0" + salt.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 

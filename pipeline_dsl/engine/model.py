@@ -88,6 +88,7 @@ class SeqBatchItem:
     block_table: list[int]    # physical blocks covering [0, start_pos + len(token_ids))
     sample: bool              # logits wanted for the last token
     rows: tuple[str, ...] = ()   # "logits" / "hidden" of every row wanted (prompt_outputs.py)
+    lora: str | None = None      # the LoRA adapter of the sequence (ModelRunner.loras), None: the base model
 
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -344,14 +345,24 @@ class LlamaModel:
         """The attention's output a [T, nh*hd] as the residual stream adds it [T, H]."""
         return layer.o(a)
 
-    def mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
+    def mlp(self, layer: _Layer, x: torch.Tensor, lora=None) -> torch.Tensor:
+        """lora: the step's LoRA adapters at this layer (lora.LayerLora), added to their rows."""
+        if lora is not None:
+            h = self.rms(x, layer.ffn_norm)
+            a = self.silu_mul(lora.add("gate_up", layer.gate_up(h), h))   # [T, I]
+            return lora.add("down", layer.down(a), a)                      # [T, H]
         gu = layer.gate_up(self.rms(x, layer.ffn_norm))        # [T, 2I]
         return layer.down(self.silu_mul(gu))                    # [T, H]
 
-    def qkv(self, layer: _Layer, x: torch.Tensor, cos, sin):
-        """x [T, H] -> q [T, nh, hd], k/v [T, kv, hd] (q, k rotated; Qwen3's: each head normed first)."""
+    def qkv(self, layer: _Layer, x: torch.Tensor, cos, sin, lora=None):
+        """x [T, H] -> q [T, nh, hd], k/v [T, kv, hd] (q, k rotated; Qwen3's: each head normed first).
+        lora: the step's LoRA adapters at this layer (lora.LayerLora), added to their rows."""
         c = self.config
-        qkv = layer.qkv(self.rms(x, layer.attn_norm))           # [T, (nh+2kv)*hd]
+        if lora is not None:
+            h = self.rms(x, layer.attn_norm)
+            qkv = lora.add("qkv", layer.qkv(h), h)
+        else:
+            qkv = layer.qkv(self.rms(x, layer.attn_norm))       # [T, (nh+2kv)*hd]
         if layer.qkv_bias is not None:
             qkv = qkv + layer.qkv_bias
         T = qkv.shape[0]
@@ -435,6 +446,9 @@ class ModelRunner:
         self.flex = None
         self.attention_fallback: str | None = None    # why flex was dropped at load, if it was
         self._choose_attention(attention)
+        # LoRA adapters (lora.py), name -> LoraWeights: a step with any row of one runs eagerly
+        # (hidden), where each linear adds its adapters' deltas to their rows
+        self.loras: dict = {}
 
     def _choose_attention(self, attention: str) -> None:
         if attention not in ("auto", "flex", "sdpa"):
@@ -589,7 +603,7 @@ class ModelRunner:
         first. `graphs`: replay a captured CUDA graph where one fits (capture_graphs)."""
         if step.sample_rows is None:
             want_logits = False
-        if graphs and self.graphs is not None:
+        if graphs and self.graphs is not None and step.lora is None:
             x = self.graphs.replay(step)                        # [T, H] hidden states, or None: no graph fits
             if x is not None:
                 if step.row_items:                              # prompt outputs: every row of those items
@@ -619,7 +633,7 @@ class ModelRunner:
             logits = self.native.decode(step.tokens, step.positions, step.slots, step.dec_tables,
                                         step.sample_rows if want_logits else None)  # [n_sample, V]
             return logits if want_logits else None
-        if step.all_decode and step.dec_tables is not None:
+        if step.all_decode and step.dec_tables is not None and step.lora is None:
             return self._forward_glued(step, want_logits)
         x = self.hidden(step)                                   # [T, H]
         if step.row_items:                                      # prompt outputs: every row of those items
@@ -633,6 +647,14 @@ class ModelRunner:
         before the last norm. Static in shape for a padded decode step: what a graph captures."""
         m = self.model
         x = m.embed_tokens(step.tokens)                         # [T, H]
+        if step.lora is not None:                               # LoRA adapters on some rows (lora.py)
+            for li, layer in enumerate(m.layers):
+                lora = step.lora.layer(li)
+                q, k, v = m.qkv(layer, x, step.cos, step.sin, lora)
+                a = self.attend(step, li, q, k, v)
+                x = x + lora.add("o", layer.o(a), a)
+                x = x + m.mlp(layer, x, lora)
+            return x
         for li, layer in enumerate(m.layers):
             q, k, v = m.qkv(layer, x, step.cos, step.sin)       # [T, nh, hd], [T, kv, hd] x2
             a = self.attend(step, li, q, k, v)                  # [T, nh*hd]

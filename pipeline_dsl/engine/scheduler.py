@@ -411,7 +411,7 @@ class Scheduler:
             if not static and (left := self._room_left()) is not None and left <= 0:
                 break                             # the prefill room of this step is spent
             fresh = seq.prompt_out is not None   # every prompt row computed: no prefix cache read
-            salt = seq.params.cache_salt
+            salt = seq.params.prefix_key
             hit = [] if fresh else bm.lookup(seq.token_ids, salt)
             if in_flight and not fresh:
                 keys = self._prompt_keys(seq)
@@ -461,7 +461,7 @@ class Scheduler:
         if keys is None:
             usable = (seq.num_prompt - 1) // self.blocks.block_size * self.blocks.block_size
             keys = self._prompt_keys_of[seq] = self.blocks.block_keys(seq.token_ids[:usable],
-                                                                      root_key(seq.params.cache_salt))
+                                                                      root_key(seq.params.prefix_key))
         return keys
 
     def _victim(self) -> Sequence:

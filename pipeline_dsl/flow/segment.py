@@ -39,6 +39,7 @@ class SegmentSpec:
     given_sampling: dict[str, set] = field(default_factory=dict)  # generate stage -> those its file sets
     n: dict[str, int] = field(default_factory=dict)               # generate stage -> answers per request
     json_schema: dict[str, dict] = field(default_factory=dict)    # generate stage -> schema every answer follows
+    loras: dict[str, str] = field(default_factory=dict)           # generate stage -> its LoRA adapter's folder
     chat_template: bool = True                                    # encode: render messages with the template
     add_special_tokens: bool = True                               # encode: BOS on raw prompts
 
@@ -102,6 +103,7 @@ class EngineSegment:
         self.config = EngineConfig(**values)
         # models (engine.models.LoadedModels): the runtime's, so that segments on the same weights load them once
         self.engine = engine if engine is not None else Engine(self.config, models=models)
+        self._add_loras(spec, InputError)
         self.executor = Executor(self.engine, plan, overlap=overlap, trace=trace)
         # a stage's sampling defaults: what its file sets, over the model's generation config (vLLM's
         # --generation-config auto), over the stage parameters' own defaults
@@ -115,6 +117,18 @@ class EngineSegment:
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self.run_stats: dict = {}
+
+    def _add_loras(self, spec: SegmentSpec, InputError) -> None:
+        """Load each generate stage's own LoRA adapter (its `lora`) into the engine; InputError
+        naming the stage, the file and the key of one that does not fit the model."""
+        from pipeline_dsl.engine.lora import LoraError, read_adapter
+        from stages.impl import lora_name
+
+        for gen, folder in spec.loras.items():
+            try:
+                self.engine.add_lora(read_adapter(folder, lora_name(gen)))
+            except LoraError as e:
+                raise InputError(f"generate stage '{gen}': lora: {e}") from None
 
     # ---- the engine's public facts (the runtime asks these, never the engine) ----------
     @property
@@ -191,6 +205,9 @@ class EngineSegment:
         constraint = self.constraint_spec(gen, data)
         if constraint is not None:
             given["constraint"] = self.compile(constraint)
+        model = data.get("model")                # a LoRA adapter this engine serves (agp serve --lora-modules)
+        if isinstance(model, str) and model in getattr(self.engine, "loras", ()):
+            given["lora"] = model
         params = replace(self.defaults[gen], **given)
         if "max_tokens" not in given:
             room = self.engine.max_model_len - prompt_len

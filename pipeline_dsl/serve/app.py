@@ -92,7 +92,10 @@ FOREIGN_ROUTES = {
     "/apply-template": "llama.cpp's; POST /tokenize with 'messages' renders the chat template (POST /detokenize "
                        "reads the ids back as text)",
     "/reranking": "llama.cpp's; agp's is POST /v1/rerank",
-    "/lora-adapters": "llama.cpp's; agp serves no LoRA adapters",
+    "/lora-adapters": "llama.cpp's; agp's LoRA adapters are given at start (agp serve --lora-modules NAME=PATH) and "
+                      "listed by GET /v1/models; a request names one as its model",
+    "/v1/load_lora_adapter": "vLLM's; agp's LoRA adapters are given at start (agp serve --lora-modules NAME=PATH)",
+    "/v1/unload_lora_adapter": "vLLM's; agp's LoRA adapters are given at start (agp serve --lora-modules NAME=PATH)",
     "/api/chat": _OLLAMA + "; Ollama's /api/chat is POST /v1/chat/completions",
     "/api/generate": _OLLAMA + "; Ollama's /api/generate is POST /v1/completions",
     "/api/tags": _OLLAMA + "; Ollama's /api/tags is GET /v1/models",

@@ -146,6 +146,7 @@ def build(args, *, host: str | None = None) -> Serving:
     from .app import create_app
     from .async_pipeline import AsyncPipeline
     from .config import ServeConfig
+    from .lora import attach, read_modules
     from .metrics import ServerMetrics
 
     check_args(args)
@@ -159,6 +160,7 @@ def build(args, *, host: str | None = None) -> Serving:
             shown = "(the template given inline)" if inline else args.chat_template
             raise SetupError(f"--chat-template {shown}: {e}") from None
     served = served_names(args)
+    adapters = read_modules(getattr(args, "lora_modules", None))    # before the model loads: a bad folder stops at once
     try:
         runtime = build_runtime(pipeline_graph(args), args.name, overlap=False if args.no_overlap else None, max_queue=args.max_queue,
                                 allow_paths=getattr(args, "allow_path", ()),
@@ -181,10 +183,17 @@ def build(args, *, host: str | None = None) -> Serving:
     except InputError as e:
         raise SetupError(str(e)) from None
     names = model_names(runtime, served)
+    try:
+        loras = attach(runtime, adapters, names, tuple(runtime.seg_of_gen))
+    except SetupError:
+        runtime.close()                       # loaded already: its engines' threads go with it
+        raise
+    names += tuple(a.name for a in loras)     # a request may name an adapter as it names the model
     copied = request_headers(args.request_headers, runtime.graph)
     contexts = [es.max_model_len for es in runtime.segments]
     config = ServeConfig(model_names=names, max_model_len=int(min(contexts) if contexts else 1 << 20),
                          stages=tuple((g, Path(str(es.config.model)).name) for g, es in runtime.seg_of_gen.items()),
+                         loras=loras,
                          drain_timeout_s=args.drain_timeout, max_body_bytes=args.max_body_bytes,
                          body_timeout_s=args.body_timeout, body_min_rate=args.body_min_rate,
                          max_connections=args.max_connections, max_body_bytes_arriving=args.max_body_bytes_arriving,

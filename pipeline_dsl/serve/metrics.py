@@ -366,6 +366,14 @@ class _Snapshot:
                 fams[name] = GaugeMetricFamily("vllm:cache_config_info", "The KV cache's configuration (value 1)",
                                                labels=list(info))
             fams[name].add_metric(list(info.values()), 1.0)
+            name = "lora_requests_info"         # vLLM's: the adapters of running and waiting requests (value: now)
+            if name not in fams:
+                fams[name] = GaugeMetricFamily(
+                    "vllm:lora_requests_info", "Running stats on LoRA requests (value: the time of the scrape)",
+                    labels=["model_name", "engine", "max_lora", "waiting_lora_adapters", "running_lora_adapters"])
+            fams[name].add_metric([model, str(i), str(len(e.get("lora_adapters") or ())),
+                                   ",".join(e.get("lora_waiting") or ()), ",".join(e.get("lora_running") or ())],
+                                  time.time())
             yield counts_histogram("vllm:iteration_tokens_total", "Number of tokens per engine_step (prompt tokens of prefills that end in it + tokens sampled)",
                                    e.get("iteration_tokens_hist") or {}, STEP_TOKEN_BUCKETS,
                                    {"model_name": model, "engine": str(i)})

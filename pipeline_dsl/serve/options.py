@@ -111,6 +111,12 @@ def add_arguments(p) -> None:
     p.add_argument("--served-model-name", action=ExtendOrReplace, nargs="+", default=None, metavar="NAME",
                    help="the model id(s) clients use; the first is reported in answers (default: the "
                         "pipeline's name)")
+    p.add_argument("--lora-modules", action=ExtendOrReplace, nargs="+", default=None, metavar="NAME=PATH",
+                   help="LoRA adapters (PEFT folders: adapter_config.json, adapter_model.safetensors) served "
+                        "beside the model, each as NAME=PATH or vLLM's JSON form '{\"name\": ..., \"path\": ..., "
+                        "\"base_model_name\": ...}': a request whose model is NAME is answered with it")
+    p.add_argument("--enable-lora", action="store_true",
+                   help="vLLM's switch, accepted: adapters are served whenever --lora-modules names some")
     p.add_argument("--api-key", action=ExtendOrReplace, nargs="+", default=None, metavar="KEY",
                    help="answer only requests with 'Authorization: Bearer KEY' (401 otherwise); "
                         f"{', '.join(OPEN_PATHS)} stay open (vLLM's VLLM_API_KEY is read too, below AGP_API_KEY)")
@@ -487,6 +493,10 @@ def check_args(args) -> None:
     _check_values(args, (*FILES, "root_path"))
     if any(not k for k in args.api_key or ()):
         raise SetupError("--api-key must not be empty")
+    if getattr(args, "lora_modules", None):
+        from .lora import parse_specs
+
+        parse_specs(args.lora_modules)          # the values' form; the folders are read by build
     check_ray_args(args)
 
 

@@ -152,7 +152,8 @@ def model_entry(state, name: str) -> dict | None:
     """vLLM's model card: `root` the model that answers (its file's or folder's name; null for a
     served name that several models answer: each of its generate stages has an entry naming
     its own), `parent` the served name a generate stage's entry belongs to (null for a served
-    name), and vLLM's one `permission` object."""
+    name), and vLLM's one `permission` object. A LoRA adapter's (--lora-modules): `root` its folder's
+    name, `parent` its base model (its base_model_name, else the first served name), as vLLM's."""
     config = state.config
 
     def card(root: str | None, parent: str | None) -> dict:
@@ -164,6 +165,9 @@ def model_entry(state, name: str) -> dict | None:
                                 "allow_fine_tuning": False, "organization": "*", "group": None,
                                 "is_blocking": False}]}
 
+    for lora in config.loras:               # vLLM's card of an adapter: root its folder, parent the base model
+        if lora.name == name:
+            return card(lora.root, lora.parent)
     if name in config.model_names:
         models = {model for _, model in config.stages}
         return card(models.pop() if len(models) == 1 else None, None)

@@ -1,0 +1,105 @@
+"""`agp serve --lora-modules`: LoRA adapters served beside the pipeline's model (engine/lora.py).
+
+    adapters = read_modules(args.lora_modules)           # SetupError (exit 2): a bad spec or folder
+    served = attach(runtime, adapters, names)            # each onto the engines whose model it fits
+
+Each adapter is read before the model loads (a folder agp can't apply stops the start at once,
+naming the file and the key), then given to every engine of the pipeline whose model its
+matrices fit: a request whose `model` is the adapter's name goes through the pipeline as one
+for the pipeline's name does, and each generate stage on such an engine answers it with the
+adapter; a stage on another model answers with its own weights. An adapter that fits no engine
+stops the start.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .options import SetupError
+
+
+@dataclass(frozen=True)
+class Served:
+    """An adapter as /v1/models shows it: `root` its folder's name, `parent` the base model's name."""
+    name: str
+    root: str
+    parent: str
+
+
+def parse_spec(spec: str) -> tuple[str, str, str | None]:
+    """(name, path, base_model_name) of one --lora-modules value: NAME=PATH or vLLM's JSON object."""
+    text = spec.strip()
+    if text.startswith("{"):
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SetupError(f"--lora-modules {spec!r}: not JSON ({e})") from None
+        if not isinstance(obj, dict):
+            raise SetupError(f"--lora-modules {spec!r}: expected a JSON object")
+        other = sorted(set(obj) - {"name", "path", "base_model_name"})
+        if other:
+            raise SetupError(f"--lora-modules {spec!r}: unknown key {other[0]!r} (expected name, path, "
+                             "base_model_name)")
+        name, path, base = obj.get("name"), obj.get("path"), obj.get("base_model_name")
+        for key, value in (("name", name), ("path", path)):
+            if not isinstance(value, str) or not value:
+                raise SetupError(f"--lora-modules {spec!r}: {key!r} must be a non-empty string")
+        if base is not None and (not isinstance(base, str) or not base):
+            raise SetupError(f"--lora-modules {spec!r}: 'base_model_name' must be a non-empty string")
+        return name, path, base
+    name, sep, path = text.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise SetupError(f"--lora-modules {spec!r}: expected NAME=PATH (or vLLM's JSON object with name and path)")
+    return name.strip(), path.strip(), None
+
+
+def parse_specs(specs) -> list[tuple[str, str, str | None]]:
+    """(name, path, base_model_name) of each --lora-modules value; SetupError for a bad one or a
+    name given twice."""
+    out, seen = [], set()
+    for spec in specs or ():
+        name, path, base = parse_spec(spec)
+        if name in seen:
+            raise SetupError(f"--lora-modules: the name {name!r} is given twice")
+        seen.add(name)
+        out.append((name, path, base))
+    return out
+
+
+def read_modules(specs) -> list:
+    """The adapters of --lora-modules, read and checked (engine.lora.LoraAdapter each)."""
+    from pipeline_dsl.engine.lora import LoraError, read_adapter
+
+    out = []
+    for name, path, base in parse_specs(specs):
+        try:
+            out.append(read_adapter(path, name, base))
+        except LoraError as e:
+            raise SetupError(f"--lora-modules {name}: {e}") from None
+    return out
+
+
+def attach(runtime, adapters: list, names: tuple[str, ...], stages=()) -> tuple[Served, ...]:
+    """Give each adapter to the engines whose model it fits; SetupError for one that fits none, or
+    whose name is already one of the server's model names or generate stages."""
+    from pipeline_dsl.engine.lora import LoraError
+
+    served = []
+    for adapter in adapters:
+        if adapter.name in names or adapter.name in stages or any(adapter.name in es.engine.loras
+                                                                  for es in runtime.segments):
+            raise SetupError(f"--lora-modules {adapter.name}: the name is already the server's (a served "
+                             "model name, the pipeline's, a generate stage's or its adapter's): give the adapter "
+                             "another")
+        fits, why = 0, None
+        for es in runtime.segments:
+            try:
+                es.engine.add_lora(adapter)
+                fits += 1
+            except LoraError as e:
+                why = why or e
+        if not fits:
+            raise SetupError(f"--lora-modules {adapter.name}: {why}")
+        served.append(Served(adapter.name, Path(adapter.path).name, adapter.base_model_name or names[0]))
+    return tuple(served)
