@@ -526,10 +526,12 @@ def hold_end(item, chunks):
 def test_ctrl_c_stops_agp_run_cleanly_and_resume_finishes_the_job(tmp_path, tiny_gguf, sig, code):
     # a python stage holds every request but the first two until agp has exited: the run is
     # interrupted with requests in flight however fast the machine (a tiny model answers all 40
-    # in half a second, quicker than a busy test could see two lines and signal)
+    # in half a second, quicker than a busy test could see two lines and signal). The hold, not
+    # an answer's length, keeps them in flight: 8 tokens each (the --resume run generates the
+    # other 38 answers in full, 60 tokens each made it 2,280 decode tokens on a batch of four)
     n = 40
     inp = tmp_path / "in.jsonl"
-    inp.write_text("\n".join(json.dumps({"id": f"q{i}", "prompt": f"hello {i}", "max_tokens": 60,
+    inp.write_text("\n".join(json.dumps({"id": f"q{i}", "prompt": f"hello {i}", "max_tokens": 8,
                                          "ignore_eos": True}) for i in range(n)) + "\n")
     out, stats = tmp_path / "out.jsonl", tmp_path / "stats.json"
     (tmp_path / "holdhook.py").write_text(HOLD_HOOK)

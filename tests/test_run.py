@@ -473,3 +473,16 @@ def test_a_request_lines_logit_bias_forces_and_bans_tokens(tmp_path, tiny_gguf):
     forced, banned = token_ids({str(other): 100}, {str(plain[0]): -100})
     assert forced == [other] * 6
     assert banned[0] != plain[0] and plain[0] not in banned
+
+
+def test_agp_runs_request_path_imports_no_web_framework():
+    """`agp run` answers its requests and maps a failed one to its error record without fastapi,
+    starlette or pydantic: each is imported only by `agp serve` (an `agp run` child paid for them
+    at every start, some 0.5 s of CPU, before its model loaded)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pipeline_dsl.commands.run, pipeline_dsl.commands.runner;"
+            "print(sorted(m for m in ('fastapi', 'starlette', 'pydantic') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr

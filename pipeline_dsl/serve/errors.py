@@ -12,12 +12,14 @@ import json
 import logging
 import math
 import re
-
-from fastapi.responses import JSONResponse
+from typing import TYPE_CHECKING
 
 from pipeline_dsl.flow import ANSWER_FAILED_CODE, PipelineError, unbuilt_error
 
 from .api_error import APIError
+
+if TYPE_CHECKING:
+    from fastapi.responses import JSONResponse
 
 log = logging.getLogger("agp.serve")
 # "METHOD /path" of the request being served, for the log line of an error answer
@@ -152,6 +154,8 @@ def log_error(err: APIError) -> None:
 
 
 def error_response(err: APIError) -> JSONResponse:
+    from fastapi.responses import JSONResponse      # here: `agp run` reads this module's table without fastapi
+
     log_error(err)
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
