@@ -100,3 +100,19 @@ def test_without_a_reasoning_parser_the_stage_gets_every_call_in_the_text(pipeli
     got = seen(pipeline)
     assert [name for _, name in got["plain"]] == ["secret", "add"]
     assert [(c["id"], c["function"]["name"]) for c in plain["tool_calls"]] == got["plain"]
+
+
+def test_after_a_fan_out_and_a_join_the_answer_gives_the_call_the_branches_got(tmp_path, folder):
+    """A join's answer (one branch's text) keeps what its generate stage read, the content's call:
+    the client's is the one the branches' stages got, id and all, not the text read again."""
+    body = ('stage request : requests {}\nstage gen : generate { max_new_tokens = 8 }\n'
+            'stage a : python { fn = "hooks:note" }\nstage b : python { fn = "hooks:note" }\n'
+            'stage j : join { policy = first }\nstage out : respond {}\n'
+            + chain() + "request -> batch\ngen -> a\ngen -> b\na -> j\nb -> j\nj -> out\n")
+    path = write(tmp_path, folder[0], body, hooks=HOOKS)
+    assert flowkit.errors(path) == []
+    [answer] = flowkit.run_lines(path, [line("joined", folder[1])], {"reasoning_parser": "qwen3"})
+    lines = (path.parent / "seen.jsonl").read_text(encoding="utf-8").splitlines()
+    (_, a), (_, b) = map(json.loads, lines)
+    assert a == b and [name for _, name in a] == ["add"]
+    assert [[c["id"], c["function"]["name"]] for c in answer["tool_calls"]] == a
