@@ -38,6 +38,28 @@ def thinks(parser: str | None, template_kwargs: dict | None) -> bool:
     return not (parser == "qwen3" and (template_kwargs or {}).get("enable_thinking") is False)
 
 
+def answer_thinks(runtime, gen, request, constrained: bool | None = None, thinking: bool | None = None) -> bool:
+    """Whether generate stage `gen`'s answer to `request` (the dict the stage got) starts in its
+    thinking under the runtime's --reasoning-parser: the one rule both the Generated result (its
+    `tool_calls`, its usage's reasoning_tokens) and the client's answer (serve/answers.py's
+    stage_thinks, agp serve's and agp run's) split an answer by, so a stage runs no call the client
+    is not told of. `thinking`: whether the request's chat answers start in their thinking, where
+    the caller knows it from the client's request; else told from `request`: a chat request (a
+    completions one is never split) whose chat_template_kwargs leave thinking on (thinks). An
+    answer no model wrote (`gen` names none of the pipeline's generate stages: a python stage's own),
+    or one its stage held to a format or a forced tool call from its first token (`constrained`,
+    told from `request` where not given), has none: it is all content."""
+    parser = getattr(runtime, "reasoning_parser", None)
+    if thinking is None:
+        thinking = (parser is not None and isinstance(request, dict) and request.get("messages") is not None
+                    and thinks(parser, request.get("chat_template_kwargs")))
+    if not thinking or not (isinstance(gen, str) and gen in (getattr(runtime, "seg_of_gen", None) or {})):
+        return False                                   # text no model wrote: no thinking
+    if not isinstance(constrained, bool):          # not known: told from the request the stage got
+        constrained = bool(getattr(runtime, "constrained", None)) and runtime.constrained(gen, request)
+    return not constrained
+
+
 class Splitter:
     """One answer's reasoning and content, a piece at a time. `thinking`: the answer starts in
     its thinking (thinks); else every piece is content."""

@@ -382,10 +382,12 @@ class EngineSide:
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "cached_tokens": cached_tokens},
                 "generated_by": gen, "request": request, "constrained": self.constrained(gen, request)}
+        from pipeline_dsl.reasoning import answer_thinks
+
+        thinking = answer_thinks(self, gen, request, data["constrained"])
         if self.reasoning_parser is not None:
-            data["usage"]["reasoning_tokens"] = self._reasoning_tokens(gen, request, item.token_ids or (),
-                                                                       data["constrained"])
-        item.tool_read = read = self._read_tool_calls(gen, request, text)
+            data["usage"]["reasoning_tokens"] = self._reasoning_tokens(gen, item.token_ids or ()) if thinking else 0
+        item.tool_read = read = self._read_tool_calls(gen, request, text, thinking)
         if read is not None and read.calls:     # the stages' own copy: the answer gives the calls as read
             data["tool_calls"] = [{**c, "function": dict(c["function"])} for c in read.calls]
         if item.logprobs is not None:
@@ -398,27 +400,29 @@ class EngineSide:
                 data["prompt_logprobs"] = item.entry["prompt_logprobs"]
         return data
 
-    def _reasoning_tokens(self, gen: str, request: dict, ids, constrained: bool) -> int:
-        """How many of the answer's tokens `ids` are its thinking, under --reasoning-parser
-        (pipeline_dsl.reasoning's count_tokens): none for a completions request (never split), one
-        whose chat template turned thinking off (thinks), or one its stage held to a format from its
-        first token (`constrained`), as those answers are all content."""
-        from pipeline_dsl.reasoning import count_tokens, thinks
+    def _reasoning_tokens(self, gen: str, ids) -> int:
+        """How many of the tokens `ids` of generate stage `gen`'s answer, one that thinks
+        (pipeline_dsl.reasoning's answer_thinks), are its thinking (pipeline_dsl.reasoning's count_tokens)."""
+        from pipeline_dsl.reasoning import count_tokens
 
-        if constrained or request.get("messages") is None or not thinks(self.reasoning_parser,
-                                                                          request.get("chat_template_kwargs")):
-            return 0
         bytes_of = self.seg_of_gen[gen].tokenizer.token_bytes
         return count_tokens([bytes_of(t) for t in ids])
 
-    def _read_tool_calls(self, gen: str, request: dict, text: str):
+    def _read_tool_calls(self, gen: str, request: dict, text: str, thinking: bool = False):
         """The tool calls generate stage `gen`'s answer `text` holds (tools.ToolCallsRead), parsed
         as agp serve parses them for its answer (`tool_calls`: id, type, function name and JSON
         arguments), in the form its model writes them (tool_parser), where its request gave tools
         and a tool_choice other than none: what a python tool stage after the generate stage reads
-        and runs, and what the answer gives (Choice.tool_read). None where the request gave no
-        tools (or the answer is empty)."""
+        and runs, and what the answer gives (Choice.tool_read). `thinking` (reasoning.answer_thinks): the
+        answer starts in its thinking, so its calls are read from its content after `</think>`
+        alone, as the client's answer reads them (pipeline_dsl.reasoning's split): a call written
+        while thinking is reasoning text, run by no stage. None where the request gave no tools (or
+        the answer, or its content, is empty)."""
         choice = request.get("tool_choice", "auto")
+        if thinking:
+            from pipeline_dsl.reasoning import split
+
+            text = split(text, True)[1]
         if not text or not request.get("tools") or choice == "none":
             return None
         from pipeline_dsl.tools import read_tool_calls

@@ -767,7 +767,7 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         item = Item(GENERATED, data, req, stage, first.branch[:-1] if first.branch else (), dict(first.turns))
         # the answer is one branch's text (or a fn's): what its generate stage read of it still holds
         item.tool_read = next((it.tool_read for it in waiting
-                               if it.tool_read is not None and it.tool_read.text == data.get("text")), None)
+                               if it.tool_read is not None and it.data.get("text") == data.get("text")), None)
         with self._lock:
             if req.done:
                 return []

@@ -72,11 +72,9 @@ def stage_thinks(runtime, thinking: bool | None, gen=None, request=None,
     (thinking_of's; `agp run`'s lines tell it from their own fields)."""
     if not thinking:
         return thinking
-    if not (isinstance(gen, str) and gen in (getattr(runtime, "seg_of_gen", None) or {})):
-        return False                                   # text no model wrote: no thinking
-    if not isinstance(constrained, bool):          # not known: told from the request the stage got
-        constrained = bool(getattr(runtime, "constrained", None)) and runtime.constrained(gen, request)
-    return False if constrained else thinking
+    from pipeline_dsl.reasoning import answer_thinks as by_stage
+
+    return by_stage(runtime, gen, request, constrained, thinking)   # the rule the stages' tool calls follow too
 
 
 def reasoning_tokens(runtime, req, choices) -> int | None:
