@@ -393,6 +393,51 @@ def test_longrope_factor_tensors_of_a_type_agp_cannot_read_are_refused_by_name(t
             read(ints)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_longrope_factors_or_attention_factor_outside_phi3_are_refused_by_name(tmp_path, arch):
+    """agp computes longrope for a phi3 alone: another architecture's file carrying its factor
+    tensors or an attention factor would run plain RoPE without them (one of 1 scales nothing)."""
+    from gguf import GGUFValueType
+    from test_gguf_families import _rewrite
+    from tiny_model import write_tiny_gguf
+
+    factors = write_tiny_gguf(tmp_path / "factors.gguf", arch=arch, longrope=([1.0] * 8, [2.0] * 8, 32, 1.0))
+    with pytest.raises(ModelFileProblem, match=f"tensor 'rope_factors_short.weight' holds longrope's rotary "
+                                               f"factors, which agp computes for a phi3 model alone: this {arch} "
+                                               f"model would run without them"):
+        check_model_path(factors)
+    plain = write_tiny_gguf(tmp_path / "plain.gguf", arch=arch)
+
+    def attn(value):
+        return lambda m: m.update({f"{arch}.rope.scaling.attn_factor": (value, GGUFValueType.FLOAT32, None)})
+
+    check_model_path(_rewrite(plain, tmp_path / "one.gguf", attn(1.0)))
+    with pytest.raises(ModelFileProblem, match=f"metadata '{arch}.rope.scaling.attn_factor' is 1.25: agp scales "
+                                               f"cos and sin by an attention factor for a phi3 model's longrope alone"):
+        check_model_path(_rewrite(plain, tmp_path / "attn.gguf", attn(1.25)))
+
+
+def test_a_separate_projection_beside_phi3_s_fused_ones_is_refused_by_name(tmp_path, tiny_tokenizer):
+    """A phi3 file's q, k, v and gate, up are its fused tensors: another blk.N.ffn_gate (or a
+    folder's self_attn.q_proj) would be read, then overwritten by the split, so it is refused."""
+    from safetensors.torch import load_file, save_file
+    from tiny_model import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path / "phi3.gguf", arch="phi3")
+    gate = load_gguf(path).weights["layers.0.gate"].numpy()
+    extra = with_tensors(path, tmp_path / "gate.gguf", {"blk.0.ffn_gate.weight": 2 * gate})
+    with pytest.raises(ModelFileProblem, match="tensor 'blk.0.ffn_gate.weight' is a projection of gate alone, but "
+                                               "a phi3 model holds gate and up in one tensor"):
+        check_model_path(extra)
+    folder = phi3_folder(tmp_path / "hf", tiny_tokenizer)
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["model.layers.1.self_attn.q_proj.weight"] = tensors["model.layers.1.self_attn.qkv_proj.weight"][:64].clone()
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(ModelFileProblem, match="tensor 'model.layers.1.self_attn.q_proj.weight' is a projection of q "
+                                               "alone, but a phi3 model holds q, k and v in one tensor"):
+        check_model_path(folder)
+
+
 # Phi-3-mini-4k-instruct's and Phi-3.5-mini-instruct's template (Phi-4-mini's writes no newlines)
 PHI3_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'system' and message['content'] %}"
