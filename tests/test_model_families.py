@@ -95,6 +95,23 @@ def test_mistral_sliding_window_bounds_the_context_where_full_attention_is_the_s
     assert_same_logits(folder, TOKENS[:16])
 
 
+@pytest.mark.parametrize("cls, context", [
+    ("LlamaConfig", 2048), ("Qwen2Config", 32768), ("Qwen3Config", 32768), ("Phi3Config", 4096),
+    ("MistralConfig", 4096),         # max_position_embeddings 131072, bounded by its sliding_window 4096
+])
+def test_a_config_without_its_context_takes_its_model_type_s_transformers_default(tmp_path, tiny_tokenizer,
+                                                                                   cls, context):
+    folder = save_folder(tmp_path, tiny_tokenizer, cls=cls, pad_token_id=None)
+    config = json.loads((folder / "config.json").read_text())
+    for key in ("max_position_embeddings", "sliding_window"):
+        config.pop(key, None)
+    (folder / "config.json").write_text(json.dumps(config))
+    theirs = transformers.AutoConfig.from_pretrained(str(folder))
+    window = getattr(theirs, "sliding_window", None) if getattr(theirs, "use_sliding_window", True) else None
+    assert min(theirs.max_position_embeddings, window or theirs.max_position_embeddings) == context
+    assert context_length(str(folder)) == context
+
+
 @pytest.mark.parametrize("fields, words", [
     (dict(attention_bias=True), "'attention_bias' is true"),
     (dict(mlp_bias=True), "'mlp_bias' is true"),

@@ -99,6 +99,25 @@ def test_a_longrope_context_within_the_original_takes_the_short_factors(tmp_path
     assert_greedy_like_transformers(reference(folder), folder, SHORT_WAVES)
 
 
+@pytest.mark.parametrize("drop, context, long", [
+    ("max_position_embeddings", 4096, True),            # Phi3Config's 4096: factor 4096 / 32, long factors
+    ("original_max_position_embeddings", 64, False),    # Phi3Config's 4096 (not the rope dict's 32): short
+])
+def test_a_longrope_phi3_config_without_a_context_takes_phi3config_s_default(tmp_path, tiny_tokenizer, drop,
+                                                                            context, long):
+    """transformers fills in 4096 for a max_position_embeddings or original_max_position_embeddings
+    that config.json leaves out (the rope dict's original_max_position_embeddings is not read):
+    the context, the factors and the attention factor follow, so do the logits."""
+    folder = phi3_folder(tmp_path, tiny_tokenizer, **PHI4)
+    config = json.loads((folder / "config.json").read_text())
+    del config[drop]
+    config["rope_parameters"]["original_max_position_embeddings"] = 32
+    (folder / "config.json").write_text(json.dumps(config))
+    assert context_length(str(folder)) == context
+    model = assert_logits(folder, TOKENS)
+    assert dict(model.config.rope_scaling)["long"] is long
+
+
 def test_the_older_spelling_of_a_phi3_config_reads_the_same(tmp_path, tiny_tokenizer):
     """transformers < 5 wrote rope_theta and rope_scaling at the top (Phi-3.5's type "longrope",
     Phi-3-mini-128k's older "su"), partial_rotary_factor beside them."""
@@ -118,6 +137,11 @@ def test_the_older_spelling_of_a_phi3_config_reads_the_same(tmp_path, tiny_token
     (lambda c: c["rope_parameters"].update(partial_rotary_factor=1.5), "partial_rotary_factor must be a number in"),
     (lambda c: c["rope_parameters"].update(partial_rotary_factor=0.1), "the rotary needs an even number"),
     (lambda c: c.update(hidden_act="gelu"), "hidden_act \"gelu\" is not supported"),
+    (lambda c: c["rope_parameters"].update(factor="2"),
+     "rope_parameters 'factor' must be a positive number, not \"2\""),
+    (lambda c: c["rope_parameters"].update(factor=0), "rope_parameters 'factor' must be a positive number, not 0"),
+    (lambda c: c.update(original_max_position_embeddings=1),
+     "'original_max_position_embeddings' is 1: longrope's attention factor"),
 ])
 def test_a_phi3_config_agp_does_not_compute_is_refused_by_name(tmp_path, tiny_tokenizer, change, words):
     folder = phi3_folder(tmp_path, tiny_tokenizer, **PHI4)
@@ -299,12 +323,23 @@ def linear_scaling(meta):
     meta["phi3.rope.scaling.factor"] = (2.0, GGUFValueType.FLOAT32, None)
 
 
+def original_one_without_attn_factor(meta):
+    meta["phi3.rope.scaling.original_context_length"] = (1,) + meta["phi3.rope.scaling.original_context_length"][1:]
+    del meta["phi3.rope.scaling.attn_factor"]      # computed from it then: ln 1 = 0
+
+
 @pytest.mark.parametrize("change, words", [
     (lambda m: m.update({"phi3.rope.dimension_count": (7,) + m["phi3.rope.dimension_count"][1:]}),
      "'phi3.rope.dimension_count' is 7: the rotary needs"),
     (lambda m: m.pop("phi3.rope.scaling.original_context_length") and None,
      "lacks 'phi3.rope.scaling.original_context_length'"),
     (lambda m: linear_scaling(m), "a phi3 file's rotary is scaled by longrope's rope_factors_short/long alone"),
+    (lambda m: m.update({"phi3.rope.scaling.original_context_length":
+                         (0,) + m["phi3.rope.scaling.original_context_length"][1:]}),
+     "'phi3.rope.scaling.original_context_length' is 0: it must be a positive integer"),
+    (lambda m: original_one_without_attn_factor(m),
+     "'phi3.rope.scaling.original_context_length' is 1: longrope's attention factor .* needs it to be at least 2, "
+     "or metadata 'phi3.rope.scaling.attn_factor' given"),
 ])
 def test_a_phi3_gguf_rotary_agp_cannot_run_is_refused_by_name(tmp_path, tiny_tokenizer, change, words):
     from test_gguf_families import _rewrite
@@ -318,6 +353,89 @@ def test_a_phi3_gguf_rotary_agp_cannot_run_is_refused_by_name(tmp_path, tiny_tok
     with pytest.raises(ModelFileProblem, match="'rope_factors_short.weight' is there without "
                                                "'rope_factors_long.weight'"):
         check_model_path(short_only)
+
+
+def with_tensors(src, dst, tensors):
+    """A copy of GGUF `src` at `dst` with `tensors` (name -> numpy array) in place of its own
+    of those names, or beside them."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    r = GGUFReader(str(src))
+    w = GGUFWriter(str(dst), r.fields["general.architecture"].contents())
+    for f in r.fields.values():
+        if not f.name.startswith("GGUF.") and f.name != "general.architecture":
+            kind = f.types[0]
+            w.add_key_value(f.name, f.contents(), kind, sub_type=f.types[-1] if kind == GGUFValueType.ARRAY else None)
+    for t in (t for t in r.tensors if t.name not in tensors):
+        w.add_tensor(t.name, t.data, raw_shape=list(reversed([int(d) for d in t.shape])), raw_dtype=t.tensor_type)
+    for name, a in tensors.items():
+        w.add_tensor(name, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def test_longrope_factor_tensors_of_a_type_agp_cannot_read_are_refused_by_name(tmp_path):
+    """Integer factors (I32: gguf has no dequantisation of them) are a check error, as they are
+    at load, not a crash of the loader."""
+    from tiny_model import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path / "phi3.gguf", arch="phi3", context=64, rope_dims=12,
+                           longrope=(SHORT, LONG, 32, 1.2))
+    assert dict(load_gguf(path).config.rope_scaling)["factors"] == pytest.approx(LONG)
+    ints = with_tensors(path, tmp_path / "i32.gguf", {"rope_factors_short.weight": np.arange(1, 7, dtype=np.int32),
+                                                      "rope_factors_long.weight": np.arange(1, 7, dtype=np.int32)})
+    for read in (check_model_path, load_gguf):
+        with pytest.raises(ModelFileProblem, match=r"tensor 'rope_factors_short.weight' has shape \[6\] and type I32; "
+                                                   r"the rotary factors need \[6\] numbers"):
+            read(ints)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_longrope_factors_or_attention_factor_outside_phi3_are_refused_by_name(tmp_path, arch):
+    """agp computes longrope for a phi3 alone: another architecture's file carrying its factor
+    tensors or an attention factor would run plain RoPE without them (one of 1 scales nothing)."""
+    from gguf import GGUFValueType
+    from test_gguf_families import _rewrite
+    from tiny_model import write_tiny_gguf
+
+    factors = write_tiny_gguf(tmp_path / "factors.gguf", arch=arch, longrope=([1.0] * 8, [2.0] * 8, 32, 1.0))
+    with pytest.raises(ModelFileProblem, match=f"tensor 'rope_factors_short.weight' holds longrope's rotary "
+                                               f"factors, which agp computes for a phi3 model alone: this {arch} "
+                                               f"model would run without them"):
+        check_model_path(factors)
+    plain = write_tiny_gguf(tmp_path / "plain.gguf", arch=arch)
+
+    def attn(value):
+        return lambda m: m.update({f"{arch}.rope.scaling.attn_factor": (value, GGUFValueType.FLOAT32, None)})
+
+    check_model_path(_rewrite(plain, tmp_path / "one.gguf", attn(1.0)))
+    with pytest.raises(ModelFileProblem, match=f"metadata '{arch}.rope.scaling.attn_factor' is 1.25: agp scales "
+                                               f"cos and sin by an attention factor for a phi3 model's longrope alone"):
+        check_model_path(_rewrite(plain, tmp_path / "attn.gguf", attn(1.25)))
+
+
+def test_a_separate_projection_beside_phi3_s_fused_ones_is_refused_by_name(tmp_path, tiny_tokenizer):
+    """A phi3 file's q, k, v and gate, up are its fused tensors: another blk.N.ffn_gate (or a
+    folder's self_attn.q_proj) would be read, then overwritten by the split, so it is refused."""
+    from safetensors.torch import load_file, save_file
+    from tiny_model import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path / "phi3.gguf", arch="phi3")
+    gate = load_gguf(path).weights["layers.0.gate"].numpy()
+    extra = with_tensors(path, tmp_path / "gate.gguf", {"blk.0.ffn_gate.weight": 2 * gate})
+    with pytest.raises(ModelFileProblem, match="tensor 'blk.0.ffn_gate.weight' is a projection of gate alone, but "
+                                               "a phi3 model holds gate and up in one tensor"):
+        check_model_path(extra)
+    folder = phi3_folder(tmp_path / "hf", tiny_tokenizer)
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["model.layers.1.self_attn.q_proj.weight"] = tensors["model.layers.1.self_attn.qkv_proj.weight"][:64].clone()
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(ModelFileProblem, match="tensor 'model.layers.1.self_attn.q_proj.weight' is a projection of q "
+                                               "alone, but a phi3 model holds q, k and v in one tensor"):
+        check_model_path(folder)
 
 
 # Phi-3-mini-4k-instruct's and Phi-3.5-mini-instruct's template (Phi-4-mini's writes no newlines)

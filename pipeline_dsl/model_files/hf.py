@@ -17,6 +17,12 @@ from .problem import ModelFileProblem
 from .rope import hf_rope, rope_spec
 
 LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm", "smollm2", *GEMMA_MODEL_TYPES)
+# the max_position_embeddings of a config.json that leaves it out, as each model type's transformers
+# config class fills it in (LlamaConfig's 2048 for the others; Gemma 3's: model_files/gemma.py), and
+# MistralConfig's sliding_window
+_MAX_POSITION = {"mistral": 131072, "qwen2": 32768, "qwen3": 32768,
+                 "phi3": phi3.HF_DEFAULTS["max_position_embeddings"]}
+_MISTRAL_WINDOW = 4096
 _ST_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
               "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8}
 _ST_MAX_HEADER = 100 << 20     # safetensors' own limit on the JSON header
@@ -81,12 +87,14 @@ def hf_config(folder) -> dict:
              num_layers=cfg["num_hidden_layers"], num_heads=heads,
              num_kv_heads=cfg.get("num_key_value_heads") or heads, head_dim=head_dim,
              rope_theta=theta, rms_eps=cfg.get("rms_norm_eps", 1e-5),
-             max_position=cfg.get("max_position_embeddings", 2048), tie_embeddings=tie, rope_scaling=scaling,
+             max_position=cfg.get("max_position_embeddings", _MAX_POSITION.get(mtype, 2048)),
+             tie_embeddings=tie, rope_scaling=scaling,
              qkv_bias=qkv_bias, qk_norm=qk_norm, fused=mtype == "phi3")   # Phi-3: q/k/v and gate/up fused
     c = check_config(fail, c, HF_NAMES)
     if gemma:                              # the layer count checked first: the layer kinds list one each
         c = check_config(fail, {**c, **hf_gemma_fields(cfg, fail, c["num_layers"])}, HF_NAMES)
-    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) is not False and not gemma else None
+    window = cfg.get("sliding_window", _MISTRAL_WINDOW if mtype == "mistral" else None) \
+        if cfg.get("use_sliding_window", True) is not False and not gemma else None
     if window is not None:
         # Mistral's layers attend to the last `sliding_window` tokens only; the engine's attend to
         # all. Up to the window the two are the same, so the context stops there (as vLLM did

@@ -27,7 +27,7 @@ _MODEL_KEYS = {
     "block_count": "int", "attention.key_length": "int", "attention.head_count_kv": "int",
     "rope.freq_base": "float", "attention.layer_norm_rms_epsilon": "float", "context_length": "int",
     "rope.scaling.type": "str", "rope.scaling.factor": "float", "rope.dimension_count": "int",
-    "attention.sliding_window": "int",
+    "attention.sliding_window": "int", "rope.scaling.attn_factor": "float",
 }
 _TOKENIZER_KEYS = {
     "tokenizer.ggml.model": "str", "tokenizer.ggml.tokens": "str[]", "tokenizer.ggml.token_type": "int[]",
@@ -167,6 +167,10 @@ def check_extra(path, name: str, engine_name: str, c: dict) -> None:
     if part in ("qkv", "gate_up") and not c.get("fused"):
         raise ModelFileProblem(path, f"tensor {name!r} holds {'q, k and v' if part == 'qkv' else 'gate and up'} in "
                                      f"one, which only a phi3 model has: this model would run without it")
+    if part in ("q", "k", "v", "gate", "up") and c.get("fused"):
+        fused = "q, k and v" if part in ("q", "k", "v") else "gate and up"
+        raise ModelFileProblem(path, f"tensor {name!r} is a projection of {part} alone, but a phi3 model holds "
+                                     f"{fused} in one tensor: this model would run without it")
     if part in ("q_norm", "k_norm") and not c.get("qk_norm"):
         raise ModelFileProblem(path, f"tensor {name!r} is an RMSNorm over each head of {part[0]}, which only "
                                      f"a qwen3 model has: this model would run without it")
@@ -295,6 +299,15 @@ def gguf_llama_config(h: GGUFHeader) -> dict:
             fail("a phi3 file's rotary is scaled by longrope's rope_factors_short/long alone, not by "
                  "'phi3.rope.scaling.type' or a rope_freqs tensor")
         scaling = phi3.gguf_scaling(fail, m, {t.name: t for t in h.tensors}, head_dim, context)
+    else:       # longrope is a phi3's: another model would run plain RoPE without its factors
+        stray = next((t.name for t in h.tensors if t.name in phi3.GGUF_FACTORS), None)
+        if stray is not None:
+            fail(f"tensor {stray!r} holds longrope's rotary factors, which agp computes for a phi3 model "
+                 f"alone: this {arch} model would run without them")
+        attn = m.get(f"{arch}.rope.scaling.attn_factor", 1.0)
+        if attn != 1.0:
+            fail(f"metadata '{arch}.rope.scaling.attn_factor' is {attn}: agp scales cos and sin by an attention "
+                 f"factor for a phi3 model's longrope alone, so this {arch} model would run without it")
     c = dict(vocab_size=found["embed"][1][0], hidden_size=hidden,
              intermediate_size=m[f"{arch}.feed_forward_length"], num_layers=m[f"{arch}.block_count"],
              num_heads=heads, num_kv_heads=m.get(f"{arch}.attention.head_count_kv", heads), head_dim=head_dim,

@@ -33,10 +33,14 @@ from __future__ import annotations
 import json
 import math
 
+from .gguf_header import DEQUANTIZABLE
+
 # the GGUF metadata a phi3 file adds (key under "phi3." -> kind)
 GGUF_KEYS = {"rope.scaling.attn_factor": "float", "rope.scaling.original_context_length": "int",
              "attention.sliding_window": "int"}
 GGUF_FACTORS = ("rope_factors_short.weight", "rope_factors_long.weight")
+# transformers' Phi3Config's values for a config.json that leaves them out
+HF_DEFAULTS = {"max_position_embeddings": 4096, "original_max_position_embeddings": 4096}
 
 
 def rotary_dims(fail, head_dim: int, factor) -> int:
@@ -56,6 +60,17 @@ def _factors(fail, where: str, key: str, value, n: int) -> tuple:
         fail(f"{where} '{key}' must be a list of {n} positive numbers (one per rotary frequency), not "
              f"{json.dumps(value)[:80]}")
     return tuple(float(f) for f in value)
+
+
+def longrope_attention(fail, factor: float, original: int, original_name: str, attn_name: str) -> float:
+    """longrope's attention factor where the file gives none, as transformers computes it:
+    sqrt(1 + ln(factor) / ln(original)), 1 for a factor up to 1."""
+    if factor <= 1.0:
+        return 1.0
+    if original < 2:    # ln 1 = 0: transformers divides by zero
+        fail(f"{original_name} is {original}: longrope's attention factor sqrt(1 + ln(factor) / ln(original)) "
+             f"needs it to be at least 2, or {attn_name} given")
+    return math.sqrt(1 + math.log(factor) / math.log(original))
 
 
 def scaling_pairs(dims: int, head_dim: int, context: int, *, short, long, original: int,
@@ -79,8 +94,9 @@ def hf_scaling(fail, where: str, spec: dict, cfg: dict, head_dim: int, context: 
     kind = spec.get("rope_type", spec.get("type", "default"))
     if kind not in ("longrope", "su", "yarn"):     # su and yarn: Phi3Config's old names of longrope
         return scaling_pairs(dims, head_dim, context, short=None, long=None, original=0, attention_factor=1.0)
-    # transformers' Phi3Config: original_max_position_embeddings outside the rope dict wins
-    original = cfg.get("original_max_position_embeddings", spec.get("original_max_position_embeddings"))
+    # transformers' Phi3Config: original_max_position_embeddings outside the rope dict wins, and
+    # where the config has none, Phi3Config's default does (the rope dict's is not read)
+    original = cfg.get("original_max_position_embeddings", HF_DEFAULTS["original_max_position_embeddings"])
     if isinstance(original, bool) or not isinstance(original, int) or original < 1:
         fail(f"'original_max_position_embeddings' must be a positive integer for a longrope rotary, not "
              f"{json.dumps(original)}")
@@ -88,13 +104,15 @@ def hf_scaling(fail, where: str, spec: dict, cfg: dict, head_dim: int, context: 
     long = _factors(fail, where, "long_factor", spec.get("long_factor"), dims // 2)
     factor = spec.get("factor")
     if factor is None:
-        factor = cfg.get("max_position_embeddings", 2048) / original
+        factor = cfg.get("max_position_embeddings", HF_DEFAULTS["max_position_embeddings"]) / original
+    elif isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < math.inf:
+        fail(f"{where} 'factor' must be a positive number, not {json.dumps(factor)}")
     attn = spec.get("attention_factor")
     if attn is None:
-        attn = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
-    for key, v in (("factor", factor), ("attention_factor", attn)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
-            fail(f"{where} '{key}' must be a positive number, not {json.dumps(v)}")
+        attn = longrope_attention(fail, factor, original, "'original_max_position_embeddings'",
+                                f"{where} 'attention_factor'")
+    if isinstance(attn, bool) or not isinstance(attn, (int, float)) or not 0 < attn < math.inf:
+        fail(f"{where} 'attention_factor' must be a positive number, not {json.dumps(attn)}")
     return scaling_pairs(dims, head_dim, context, short=short, long=long, original=original,
                          attention_factor=float(attn))
 
@@ -114,15 +132,21 @@ def gguf_scaling(fail, m: dict, tensors: dict, head_dim: int, context: int) -> t
              f"longrope needs both")
     for name in GGUF_FACTORS:
         t = tensors[name]
-        if tuple(t.shape) != (dims // 2,):
-            fail(f"tensor {name!r} has shape {list(t.shape)}; the rotary factors need [{dims // 2}] numbers")
-    original = m.get("phi3.rope.scaling.original_context_length")
-    if original is None or original < 1:
-        fail("the metadata lacks 'phi3.rope.scaling.original_context_length' (longrope needs it)")
+        if tuple(t.shape) != (dims // 2,) or t.type_name not in DEQUANTIZABLE:
+            fail(f"tensor {name!r} has shape {list(t.shape)} and type {t.type_name}; the rotary factors need "
+                 f"[{dims // 2}] numbers")
+    key = "phi3.rope.scaling.original_context_length"
+    original = m.get(key)
+    if original is None:
+        fail(f"the metadata lacks {key!r} (longrope needs it)")
+    if original < 1:
+        fail(f"metadata {key!r} is {original}: it must be a positive integer (the context longrope's "
+             f"factors extend)")
     attn = m.get("phi3.rope.scaling.attn_factor")
     if attn is None:    # as transformers computes it from the two contexts
         factor = m.get("phi3.context_length", context) / original
-        attn = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        attn = longrope_attention(fail, factor, original, f"metadata {key!r}",
+                                  "metadata 'phi3.rope.scaling.attn_factor'")
     if not 0 < attn < math.inf:
         fail(f"metadata 'phi3.rope.scaling.attn_factor' must be a positive number, not {attn}")
     placeholder = (1.0,) * (dims // 2)        # the loader puts the tensor's values here
