@@ -30,8 +30,13 @@ def engine(path, **cfg) -> Engine:
     return Engine(EngineConfig(**cfg))
 
 
-def spec_engine(path, **cfg) -> Engine:
-    return engine(path, speculate="ngram", prompt_lookup_min=1, **cfg)
+def spec_engine(path, plain_s: float = 100.0, **cfg) -> Engine:
+    """An engine that drafts from a single token on; its plain decode steps look `plain_s` long to
+    the measured rule (test_drafting_pauses_...), so that here it never pauses drafting."""
+    e = engine(path, speculate="ngram", prompt_lookup_min=1, **cfg)
+    for _ in range(8):
+        e.scheduler.observe(0, plain_s)
+    return e
 
 
 def run(e: Engine, prompts, params: SamplingParams, ids: bool = False):
@@ -289,3 +294,22 @@ def test_the_engines_counters_are_vllms_spec_decode_metrics(soft_gguf):
         for series in (f"vllm:spec_decode_{name}_total{{", f"agp_spec_decode_{name}_total{{"):
             line = next(x for x in text.splitlines() if x.startswith(series))
             assert float(line.split()[-1]) == s[key], line
+
+
+def test_drafting_pauses_where_verifying_steps_pay_less_than_plain_ones(soft_gguf):
+    """Measured on CPU: verifying steps that give fewer tokens a second than plain decode steps
+    (here plain steps are made to look a microsecond long before every step) pause drafting,
+    longer each time a trial loses; the answer is the same."""
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    want = run(engine(soft_gguf), REPEATING[:1], params)["0"][2]
+    e = spec_engine(soft_gguf, plain_s=1e-6)
+    e.add_request("0", prompt=REPEATING[0], params=params)
+    got = []
+    while e.has_unfinished():
+        for _ in range(8):                           # the recent plain steps, all of them
+            e.scheduler.observe(0, 1e-6)
+        got += [t for out in e.step() for t in out.new_token_ids]
+    assert got == want
+    assert 2 <= spec_stats(e)["spec_drafts"] <= 3        # two that lost, then at most one trial (after 16)
+    again = spec_engine(soft_gguf)                       # plain steps slow: every verifying step pays
+    assert run(again, REPEATING[:1], params)["0"][2] == want and spec_stats(again)["spec_drafts"] > 5

@@ -476,6 +476,8 @@ class Engine:
         out = self._phases.run(step, want_logits, graphs)
         dt = time.perf_counter() - t0
         self.scheduler.observe(plan.num_prefill_tokens + plan.num_draft_tokens, dt)   # drafts: rows as a prompt's
+        if plan.num_draft_tokens and not plan.num_prefill_tokens:
+            self.scheduler.observe_verify(dt)
         self._busy_s += dt                  # stepped here or by an executor: the model's time
         return out
 
@@ -563,6 +565,8 @@ class Engine:
             if it.draft:
                 got = verified[j] = self.verify(it.seq, rows[index[id(it)]]["logits"], it.draft)
                 out[j] = got[-1]
+        decodes = sum(1 for it in items if it.draft or it.num_tokens == 1)
+        self.scheduler.verified(decodes, sum(len(v) for v in verified.values()) + decodes - len(verified))
         return out, verified
 
     def verify(self, seq: Sequence, logits: torch.Tensor, draft: tuple[int, ...]) -> list[int]:

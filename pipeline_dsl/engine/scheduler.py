@@ -159,6 +159,12 @@ class Scheduler:
         # speculative decoding (speculate.py): on when the config asks and the engine's runner can
         # return every row's logits (the engine sets `verify`)
         self.verify = config.speculate == "ngram"
+        # measured (CPU): per verifying step, its tokens per decoding sequence times a plain decode
+        # step's time over its own time (> 1: it paid); while their median is below 1 drafting
+        # pauses, tried again after `_spec_wait` steps (doubling while it keeps losing)
+        self._spec_gain: deque[float] = deque(maxlen=8)
+        self._spec_seconds: float | None = None     # the latest verifying step's forward
+        self._spec_wait, self._spec_skip = 0, 0
 
     # ---- queue -------------------------------------------------------------------------
     @property
@@ -252,6 +258,26 @@ class Scheduler:
         return self.waiting[0].arrival
 
     # ---- prefill sized by time ------------------------------------------------------------
+    def observe_verify(self, seconds: float) -> None:
+        """A verifying step's forward took `seconds` (the engine, on CPU; its gain follows)."""
+        self._spec_seconds = seconds
+
+    def verified(self, decodes: int, tokens: int) -> None:
+        """The verifying step just observed gave `tokens` to its `decodes` decoding sequences:
+        its gain against plain decode steps (their recent median time, one token each)."""
+        seconds, self._spec_seconds = self._spec_seconds, None
+        plain = _median(self._fixed_s)
+        if seconds is None or plain is None or decodes <= 0 or seconds <= 0:
+            return
+        self._spec_gain.append(tokens / decodes * plain / seconds)
+        # the first steps (two) or, after a pause, the one trial step decide whether it pays
+        if len(self._spec_gain) >= (1 if self._spec_wait else 2) and _median(self._spec_gain) < 1.0:
+            self._spec_wait = min(max(2 * self._spec_wait, 16), 1024)   # losing: pause, longer each time
+            self._spec_skip = self._spec_wait
+            self._spec_gain.clear()
+        elif self._spec_gain[-1] >= 1.0 and self._spec_wait and len(self._spec_gain) == 1:
+            self._spec_wait = 0                                          # the trial paid: go on
+
     def observe(self, prefill_tokens: int, seconds: float) -> None:
         """A step's forward took `seconds` with `prefill_tokens` prompt rows in it (the engine
         measures its forwards on CPU). A step's time is taken as a fixed part (the median of
@@ -365,7 +391,7 @@ class Scheduler:
                 continue  # preempted earlier in this loop, or its last token is in flight
             left = len(seq.token_ids) - seq.num_computed
             draft = ()
-            if speculating and left == 1 and self._may_draft(seq):
+            if left == 1 and self.verify and (speculating or self._always_drafts(seq)) and self._may_draft(seq):
                 if seq.state.pending:
                     continue          # its last token is in flight: wait for it, and draft from it next step
                 draft = self._draft(seq, budget)
@@ -411,8 +437,23 @@ class Scheduler:
     # ---- speculative decoding (speculate.py) ------------------------------------------------
     def _speculating(self) -> bool:
         """Whether this step drafts: while at most speculate.MAX_BATCH running sequences decode
-        (beyond that a step is bound by its arithmetic, and drafts cost what they save)."""
-        return sum(1 for s in self.running if len(s.token_ids) - s.num_computed <= 1) <= SPECULATE_MAX_BATCH
+        (beyond that a step is bound by its arithmetic, and drafts cost what they save), and
+        unless measured verifying steps gave fewer tokens a second than plain ones (a CPU whose
+        GEMM of a few rows costs several times one row's, drafts that are seldom accepted): then
+        it pauses for a number of steps, and tries again (verified())."""
+        if sum(1 for s in self.running if len(s.token_ids) - s.num_computed <= 1) > SPECULATE_MAX_BATCH:
+            return False
+        if self._spec_skip > 0:
+            self._spec_skip -= 1
+            return False
+        return True
+
+    @staticmethod
+    def _always_drafts(seq: Sequence) -> bool:
+        """A seeded sampled sequence drafts whatever the batch and the measured times: a drafted
+        row maps its uniform number to a token otherwise than a plain draw, so its text must not
+        depend on them to be the same every time."""
+        return seq.params.seed is not None and not seq.params.greedy
 
     @staticmethod
     def _may_draft(seq: Sequence) -> bool:
