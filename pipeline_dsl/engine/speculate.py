@@ -23,8 +23,13 @@ When speculation pays. Verifying k drafts costs a forward over k + 1 rows; for o
 a CPU the step is bound by reading the weights, so that costs little more than one row and any
 accepted draft is a token for free. In a large decode batch the step is bound by arithmetic, the
 extra rows cost what they compute, and the sequences' own tokens already share the weights'
-reading: speculation runs only while at most `MAX_BATCH` sequences decode (docs/engine_benchmarks.md,
-"Speculative decoding", has the measurement), and a step of more decodes them all plainly.
+reading: speculation runs only while at most `MAX_BATCH` sequences decode, and a step of more
+decodes them all plainly. Where a GEMM of a few rows costs several times one row's (a CPU's fp32
+GEMM against its GEMV, or the native one-row decode kernel), drafts that are seldom accepted lose:
+on CPU the scheduler measures each verifying step against plain decode steps and pauses drafting
+while it loses, trying again after a pause that doubles (Scheduler.verified). A seeded sampled
+request drafts whatever the batch and the times, so that its text does not depend on them.
+docs/engine_benchmarks.md, "Speculative decoding", has the measurements.
 """
 from __future__ import annotations
 
