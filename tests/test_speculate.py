@@ -310,6 +310,6 @@ def test_drafting_pauses_where_verifying_steps_pay_less_than_plain_ones(soft_ggu
             e.scheduler.observe(0, 1e-6)
         got += [t for out in e.step() for t in out.new_token_ids]
     assert got == want
-    assert 2 <= spec_stats(e)["spec_drafts"] <= 3        # two that lost, then at most one trial (after 16)
+    assert spec_stats(e)["spec_drafts"] == 1             # it lost by far: the pause outlasts the answer
     again = spec_engine(soft_gguf)                       # plain steps slow: every verifying step pays
     assert run(again, REPEATING[:1], params)["0"][2] == want and spec_stats(again)["spec_drafts"] > 5

@@ -43,6 +43,7 @@ One step is `schedule() -> SchedulerOutput`, then the engine executes it, then
 from __future__ import annotations
 
 import bisect
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -269,13 +270,16 @@ class Scheduler:
         plain = _median(self._fixed_s)
         if seconds is None or plain is None or decodes <= 0 or seconds <= 0:
             return
-        self._spec_gain.append(tokens / decodes * plain / seconds)
-        # the first steps (two) or, after a pause, the one trial step decide whether it pays
-        if len(self._spec_gain) >= (1 if self._spec_wait else 2) and _median(self._spec_gain) < 1.0:
-            self._spec_wait = min(max(2 * self._spec_wait, 16), 1024)   # losing: pause, longer each time
+        gain = tokens / decodes * plain / seconds
+        self._spec_gain.append(gain)
+        # the recent steps' median (the first step alone, or after a pause the one trial step)
+        if _median(self._spec_gain) < 1.0:
+            # losing: pause, longer each time, and long enough that a trial costs at most an eighth
+            # of the plain steps between two (a step of gain g costs about 1 / g plain ones)
+            self._spec_wait = min(max(2 * self._spec_wait, 16, math.ceil(8 / max(gain, 1e-3))), 1024)
             self._spec_skip = self._spec_wait
             self._spec_gain.clear()
-        elif self._spec_gain[-1] >= 1.0 and self._spec_wait and len(self._spec_gain) == 1:
+        elif gain >= 1.0 and self._spec_wait and len(self._spec_gain) == 1:
             self._spec_wait = 0                                          # the trial paid: go on
 
     def observe(self, prefill_tokens: int, seconds: float) -> None:
