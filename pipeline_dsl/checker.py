@@ -968,6 +968,17 @@ def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set,
             diags.append(_warn(f"min_tokens = {low} is more than max_new_tokens = {high}: an answer that keeps "
                                f"these defaults stops at {high} tokens", where("min_tokens"),
                                hint=f"lower min_tokens to {high} or less, or raise max_new_tokens"))
+        low, high = params.get("prompt_lookup_min"), params.get("prompt_lookup_max")
+        if isinstance(low, int) and isinstance(high, int) and low > high:
+            at = "prompt_lookup_min" if "prompt_lookup_min" in given else "prompt_lookup_max"
+            diags.append(_err(f"prompt_lookup_min = {low} is more than prompt_lookup_max = {high}: no suffix "
+                              "could be looked up for a draft", where(at),
+                              expected=f"prompt_lookup_min at most prompt_lookup_max ({high})",
+                              hint="lower prompt_lookup_min or raise prompt_lookup_max"))
+        spec = [p for p in ("speculative_tokens", "prompt_lookup_max", "prompt_lookup_min") if p in given]
+        if spec and params.get("speculate", "off") == "off":
+            diags.append(_warn(f"generate '{st.name.text}' sets {spec[0]} but speculate = off: it does nothing",
+                               where(spec[0]), hint="add speculate = ngram, or remove it"))
         model = params.get("model")
         if model is not None and "model" in given:
             params["model"], d = _model_location(model, where("model"))

@@ -216,6 +216,54 @@ def override_generation_config(text: str) -> dict:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+SPECULATIVE_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+SPECULATIVE_CONFIG_HELP = ("speculative decoding, as vLLM's flag takes it: a JSON object of "
+                           f"{', '.join(SPECULATIVE_KEYS)}; agp has method ngram (prompt lookup), e.g. "
+                           "'{\"method\": \"ngram\", \"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4}' "
+                           "(overrides generate's speculate parameters)")
+
+
+def speculative_config(text: str) -> dict:
+    """vLLM's --speculative-config for its ngram method -> the EngineConfig fields it sets (speculate,
+    speculative_tokens, prompt_lookup_max, prompt_lookup_min). A lookup length left out is vLLM's:
+    both out, 5 each; one out, the other's. Another method or key: an error naming what agp reads."""
+    import json
+
+    from stages.fields import ParamError, check_engine_field
+
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise argparse.ArgumentTypeError(f"not a JSON object ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object of {', '.join(SPECULATIVE_KEYS)}")
+    unknown = sorted(set(value) - set(SPECULATIVE_KEYS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"agp does not read {', '.join(map(repr, unknown))}: it takes "
+                                         f"{', '.join(SPECULATIVE_KEYS)} (method ngram only)")
+    method = value.get("method")
+    if method not in ("ngram", "[ngram]"):
+        raise argparse.ArgumentTypeError(f"method {json.dumps(method)} is not one agp has: it speculates by "
+                                         "method \"ngram\" (prompt lookup) only, with num_speculative_tokens, "
+                                         "prompt_lookup_max and prompt_lookup_min")
+    low, high = value.get("prompt_lookup_min"), value.get("prompt_lookup_max")
+    if low is None and high is None:
+        low = high = 5
+    low, high = (high if low is None else low), (low if high is None else high)
+    out = {"speculate": "ngram", "prompt_lookup_max": high, "prompt_lookup_min": low}
+    if value.get("num_speculative_tokens") is not None:
+        out["speculative_tokens"] = value["num_speculative_tokens"]
+    names = {"speculative_tokens": "num_speculative_tokens"}
+    try:
+        for field, v in out.items():
+            out[field] = check_engine_field(field, v)
+    except ParamError as e:
+        raise argparse.ArgumentTypeError(f"{names.get(field, field)}: {e}") from None
+    if out["prompt_lookup_min"] > out["prompt_lookup_max"]:
+        raise argparse.ArgumentTypeError(f"prompt_lookup_min ({low}) must be at most prompt_lookup_max ({high})")
+    return out
+
+
 # --dtype: agp's names and vLLM's (`--dtype bfloat16`, `half`, `float`), each to agp's
 DTYPE_NAMES = {"auto": "auto", "fp32": "fp32", "float32": "fp32", "float": "fp32", "bf16": "bf16",
                "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "half": "fp16", "int8": "int8"}

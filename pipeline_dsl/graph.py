@@ -973,7 +973,8 @@ def _check_streams(r: Resolved, receives: dict) -> list[Diagnostic]:
 
 ENGINE_KINDS = ("dynamic_batch", "encode", "kv_lookup", "generate")
 # generate parameters that configure the engine (the same for every generate stage of one engine)
-ENGINE_PARAMS = ("model", "device", "dtype", "compile", "prefill_chunk")
+ENGINE_PARAMS = ("model", "device", "dtype", "compile", "prefill_chunk", "speculate", "speculative_tokens",
+                 "prompt_lookup_max", "prompt_lookup_min")
 
 
 @dataclass(frozen=True)

@@ -160,6 +160,13 @@ GENERATE = StageKind(
               choices=("auto", "fp32", "bf16", "fp16", "int8"), inherits="dtype"),
         Param("compile", BOOL, FROM_MODE, "torch.compile the decode step (the mode presets false | false | true)"),
         Param("prefill_chunk", INT, 256, "prompt tokens prefilled per step (chunked prefill)", min=1, max=1 << 20),
+        Param("speculate", ENUM, "off", "speculative decoding: off, or ngram (drafts looked up in the sequence's "
+              "own prompt and output, verified in one forward; vLLM's method = ngram)", choices=("off", "ngram")),
+        Param("speculative_tokens", INT, 4, "drafted tokens verified per step (speculate = ngram; vLLM's "
+              "num_speculative_tokens)", min=1, max=16),
+        Param("prompt_lookup_max", INT, 4, "longest suffix looked up for a draft (speculate = ngram)", min=1, max=64),
+        Param("prompt_lookup_min", INT, 2, "shortest suffix looked up for a draft, at most prompt_lookup_max "
+              "(speculate = ngram)", min=1, max=64),
     ),
     inputs=(Port("cached", "CachedTokens"),),
     outputs=(Port("generated", "Generated"),),

@@ -59,6 +59,10 @@ ENGINE_FIELDS: dict[str, tuple[str, str]] = {
     "dtype": ("generate", "dtype"),
     "compile": ("generate", "compile"),
     "prefill_chunk": ("generate", "prefill_chunk"),
+    "speculate": ("generate", "speculate"),
+    "speculative_tokens": ("generate", "speculative_tokens"),
+    "prompt_lookup_max": ("generate", "prompt_lookup_max"),
+    "prompt_lookup_min": ("generate", "prompt_lookup_min"),
     "seed": ("generate", "seed"),                   # serve --seed: the requests' range
     "max_queue": ("requests", "max_queue"),
     "max_prompt_tokens": ("requests", "max_prompt_tokens"),

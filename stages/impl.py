@@ -300,7 +300,10 @@ class Generate:
         """`given`: the parameters the file sets (the model's generation config fills the others'
         sampling defaults, flow/segment.py)."""
         _copy(params, spec.engine, {"model": "model", "device": "device", "dtype": "dtype",
-                                    "compile": "compile", "prefill_chunk": "prefill_chunk"})
+                                    "compile": "compile", "prefill_chunk": "prefill_chunk",
+                                    "speculate": "speculate", "speculative_tokens": "speculative_tokens",
+                                    "prompt_lookup_max": "prompt_lookup_max",
+                                    "prompt_lookup_min": "prompt_lookup_min"})
         sampling: dict[str, Any] = {}
         _copy(params, sampling, self.SAMPLING)
         for name in ("stop", "bad_words"):

@@ -55,6 +55,12 @@ class EngineConfig:
     generation_config: str = "auto"
     # vLLM's --override-generation-config: generation_config.json keys set over those defaults
     override_generation_config: dict | None = None
+    # speculative decoding (speculate.py): "off" or "ngram" (prompt lookup, vLLM's method = ngram);
+    # drafts of at most speculative_tokens, from a suffix of prompt_lookup_min..prompt_lookup_max tokens
+    speculate: str = "off"
+    speculative_tokens: int = 4
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
 
     def __post_init__(self) -> None:
         from stages.fields import ENGINE_FIELDS, ParamError, check_engine_field
@@ -80,6 +86,9 @@ class EngineConfig:
                 self.override_generation_config = check_generation_override(self.override_generation_config)
             except ValueError as e:
                 raise InputError(f"override_generation_config: {e}") from None
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise InputError(f"prompt_lookup_min ({self.prompt_lookup_min}) must be at most prompt_lookup_max "
+                             f"({self.prompt_lookup_max})")
         if self.batch_timeout_s < 0:
             raise InputError(f"batch_timeout_s must be >= 0, not {self.batch_timeout_s!r}")
         if self.max_tokens_per_step < self.max_batch_size:

@@ -108,13 +108,16 @@ class Engine:
         # the runner's two phases (prepare: host arrays -> index tensors; run: the forward); a
         # runner that only has execute(items) is adapted once here
         self._phases = runner if callable(getattr(runner, "prepare", None)) else ItemsRunner(runner)
+        # speculative decoding verifies drafts from every row's logits: a runner that returns them
+        self.scheduler.verify = self.scheduler.verify and bool(getattr(self._phases, "returns_rows", False))
         self._step_rows: dict = {}            # _execute -> update: reduced prompt rows per item index
         self.eos_token_ids = frozenset(getattr(tokenizer, "eos_token_ids", ()) or ())
         self.features = Features(self.vocab_size, self.eos_token_ids)   # penalties, bias, logprobs, grammars
         self.seqs: dict[str, Sequence] = {}
         self._counters = dict(requests_done=0, requests_aborted=0, prompt_tokens=0,
                               completion_tokens=0, cached_tokens=0, generated_tokens=0, steps=0, decode_steps=0,
-                              decode_seqs=0, prefill_tokens=0)
+                              decode_seqs=0, prefill_tokens=0, spec_drafts=0, spec_draft_tokens=0,
+                              spec_accepted_tokens=0)
         self._ttft = deque(maxlen=LATENCY_SAMPLES)
         self._itl = deque(maxlen=LATENCY_SAMPLES)
         self._batch_hist: dict[int, int] = {}
@@ -426,13 +429,15 @@ class Engine:
             return on_compute(self._execute, plan)
         return self._execute(plan)
 
-    def _execute(self, plan: SchedulerOutput) -> list[int]:
+    def _execute(self, plan: SchedulerOutput) -> list:
         t0 = time.perf_counter()
         with torch.inference_mode():
             step = self.prepare(self.step_batch(plan))
             logits = self.forward(step, plan=plan)                          # [n_sample, V] or None
-        sampling = [it.seq for it in plan.items if it.sample]
-        tokens = self.sample(logits, sampling).tolist() if sampling else []
+            sampled, verified = self.sample_step(plan, logits, step.rows)
+        tokens = sampled.tolist()
+        for j, got in verified.items():           # a verifying item samples its accepted tokens
+            tokens[j] = got
         self._step_rows = self.reduce_rows(plan, step.rows or {})
         if not self._cpu:                   # on CPU forward() counted the model's time
             self._busy_s += time.perf_counter() - t0
@@ -443,7 +448,7 @@ class Engine:
         """The step's inputs as arrays: tokens (PLACEHOLDER where a token is still in flight),
         starts, counts, sample flags, and the block tables as rows of the block manager's array."""
         items = plan.items
-        decodes = not plan.num_prefill_tokens                               # decodes: one token each
+        decodes = not plan.num_prefill_tokens and not plan.num_draft_tokens  # decodes: one token each
         # one pass over the items, its columns split by zip (per item no call: a step of 32
         # sequences took ~230 Python calls here as generator expressions)
         cols = [(it.start, it.num_tokens, it.sample, it.seq.request_id,
@@ -455,10 +460,12 @@ class Engine:
         tables, lens = self.blocks.tables.rows(rows)                        # [n, W], [n]
         if decodes:
             tokens = np.array(first, np.int64)
-        else:
-            toks = chain.from_iterable(it.seq.token_ids[it.start:it.start + it.num_tokens] for it in items)
+        else:       # a verifying item: its last token, then its drafts (speculate.py)
+            toks = chain.from_iterable(it.seq.token_ids[it.start:it.start + it.num_tokens] if not it.draft
+                                       else (it.seq.token_ids[it.start], *it.draft) for it in items)
             tokens = np.fromiter(toks, np.int64, int(counts.sum()))
-        wanted = [self.rows_of(it) for it in items] if any(outs) else ()    # prompt outputs, per item
+        wanted = ([self.rows_of(it) for it in items]                         # prompt outputs, drafts' rows
+                  if any(outs) or plan.num_draft_tokens else ())
         lora = [it.seq.params.lora for it in items] if getattr(self.runner, "loras", None) else ()
         return StepBatch(tokens, starts, counts, np.array(sample, bool), tables, lens, plan.pad_to,
                          rows=wanted if any(wanted) else None, lora=lora if any(lora) else None)
@@ -489,7 +496,9 @@ class Engine:
         t0 = time.perf_counter()
         out = self._phases.run(step, want_logits, graphs)
         dt = time.perf_counter() - t0
-        self.scheduler.observe(plan.num_prefill_tokens, dt)
+        self.scheduler.observe(plan.num_prefill_tokens + plan.num_draft_tokens, dt)   # drafts: rows as a prompt's
+        if plan.num_draft_tokens and not plan.num_prefill_tokens:
+            self.scheduler.observe_verify(dt)
         self._busy_s += dt                  # stepped here or by an executor: the model's time
         return out
 
@@ -497,7 +506,10 @@ class Engine:
     @staticmethod
     def rows_of(item) -> tuple[str, ...]:
         """What the runner returns for every row of a scheduled item: () unless it is a prompt
-        chunk of a sequence that wants its prompt's logprobs or pooled hidden states."""
+        chunk of a sequence that wants its prompt's logprobs or pooled hidden states, or a decode
+        that verifies drafts."""
+        if item.draft:                    # speculative decoding: every row's logits, to verify the drafts
+            return ("logits",)
         seq = item.seq
         if seq.prompt_out is None or item.start >= seq.num_prompt:
             return ()
@@ -510,6 +522,8 @@ class Engine:
         with torch.inference_mode():
             for index, got in rows.items():
                 it = plan.items[index]
+                if it.draft:                      # a verifying decode's rows: sample_step's
+                    continue
                 seq = it.seq
                 end = min(it.start + it.num_tokens + 1, seq.num_prompt)
                 targets = seq.token_ids[it.start + 1:end]         # the prompt token after each row
@@ -549,16 +563,98 @@ class Engine:
         with torch.inference_mode():
             return self.features.sample(logits, seqs, self.sampler, self.is_live)
 
-    def update(self, plan: SchedulerOutput, tokens: list[int]) -> list[RequestOutput]:
+    # ---- speculative decoding (speculate.py) ----------------------------------------------
+    def sample_step(self, plan: SchedulerOutput, logits: torch.Tensor | None, rows: dict | None):
+        """A step's sampling: ([n_sample] long tokens on the logits' device, {sample index: accepted
+        tokens} of the items that verify drafts). Without drafts, sample() over the step's rows.
+        An item with drafts is verified from every row's logits (`rows`, the runner's); its
+        entry in the tensor is its last token."""
+        items = [it for it in plan.items if it.sample]
+        if not items:
+            return torch.empty(0, dtype=torch.long), {}
+        seqs = [it.seq for it in items]
+        if not plan.num_draft_tokens:
+            return self.sample(logits, seqs), {}
+        index = {id(it): i for i, it in enumerate(plan.items)}
+        plain = [j for j, it in enumerate(items) if not it.draft]
+        out = torch.zeros(len(items), dtype=torch.long, device=logits.device)
+        if plain:
+            at = torch.tensor(plain, dtype=torch.long).to(logits.device)
+            out.index_copy_(0, at, self.sample(logits.index_select(0, at), [seqs[j] for j in plain]))
+        verified = {}
+        for j, it in enumerate(items):
+            if it.draft:
+                got = verified[j] = self.verify(it.seq, rows[index[id(it)]]["logits"], it.draft)
+                out[j] = got[-1]
+        decodes = sum(1 for it in items if it.draft or it.num_tokens == 1)
+        self.scheduler.verified(decodes, sum(len(v) for v in verified.values()) + decodes - len(verified))
+        return out, verified
+
+    def verify(self, seq: Sequence, logits: torch.Tensor, draft: tuple[int, ...]) -> list[int]:
+        """The tokens a verifying step gives `seq`: logits [1 + k, V] of its last token's row and
+        its k drafts' rows. Each row in turn is sampled as an ordinary row with its draft as the
+        proposal (Features.sample: the features' state advanced by each token taken); the first
+        token that is not its row's draft is the last. A plain greedy sequence: the argmax of
+        every row at once, the drafts accepted while they equal it."""
+        if seq.params.greedy and seq.state.plain:
+            best = logits.argmax(dim=-1).tolist()                               # [1 + k]
+            n = 0
+            while n < len(draft) and best[n] == draft[n]:
+                n += 1
+            return best[:n + 1]
+        got = []
+        for i in range(len(draft) + 1):
+            proposal = draft[i] if i < len(draft) else None
+            token = int(self.sample_drafts(logits[i:i + 1], [seq], [proposal])[0])
+            got.append(token)
+            if token != proposal:
+                break
+        return got
+
+    def sample_drafts(self, logits: torch.Tensor, seqs: list[Sequence], drafts: list) -> torch.Tensor:
+        """sample() with a proposal per row (a drafted token or None), which the draw accepts with
+        its probability under the row's processed distribution or replaces (Sampler.sample_tensor)."""
+        return self.features.sample(logits, seqs, self.sampler, self.is_live, drafts)
+
+    def accept_tokens(self, seq: Sequence, item, tokens: list[int], now: float) -> RequestOutput:
+        """A verifying step's tokens (already appended to the sequence's ids, scheduler.accept_drafts)
+        accepted one by one as decoded tokens are (stops, max_tokens, logprobs), up to the first
+        that finishes it: one output for them all."""
+        c = self._counters
+        c["spec_drafts"] += 1
+        c["spec_draft_tokens"] += len(item.draft)
+        c["spec_accepted_tokens"] += len(tokens) - 1
+        ids = seq.token_ids
+        base = len(ids) - len(tokens)
+        del ids[base:]
+        outs = []
+        for token in tokens:
+            ids.append(token)
+            outs.append(self.accept_token(seq, token, now))
+            if outs[-1].finished:
+                break
+        if len(outs) == 1:
+            return outs[0]
+        last = outs[-1]
+        logprobs = None if last.logprobs is None else [e for o in outs for e in (o.logprobs or ())]
+        return RequestOutput(last.request_id, [t for o in outs for t in o.new_token_ids],
+                             "".join(o.delta_text for o in outs), last.text, last.finished, last.finish_reason,
+                             last.prompt_tokens, last.completion_tokens, last.cached_tokens, last.metrics,
+                             logprobs, outs[0].prompt_logprobs, outs[0].pooled, last.stop_reason)
+
+    def update(self, plan: SchedulerOutput, tokens: list) -> list[RequestOutput]:
         self.record_step(plan)
         now = self.clock()
         outputs = []
         chunks, self._step_rows = self._step_rows, {}
         chunk_of = {plan.items[i].seq: c for i, c in chunks.items()}
+        draft_of = {it.seq: it for it in plan.items if it.draft} if plan.num_draft_tokens else {}
         for seq, token in self.scheduler.update(plan, tokens):
             if seq in chunk_of:
                 self.accept_rows(seq, chunk_of[seq])
-            if token is not None:
+            if seq in draft_of:
+                outputs.append(self.accept_tokens(seq, draft_of[seq], token, now))
+            elif token is not None:
                 outputs.append(self.accept_token(seq, token, now))
             else:
                 done = self.finish_prefilled(seq, seq.num_computed, now)
@@ -576,7 +672,7 @@ class Engine:
             c["decode_steps"] += 1
             c["decode_seqs"] += len(plan.items)
         self._batch_hist[len(plan.items)] = self._batch_hist.get(len(plan.items), 0) + 1
-        tokens = plan.num_prefill_tokens + plan.num_decodes      # through the model in this step
+        tokens = plan.num_prefill_tokens + plan.num_decodes + plan.num_draft_tokens   # through the model
         self._step_tokens[tokens] = self._step_tokens.get(tokens, 0) + 1
         # vLLM v1's count of a step's tokens: those sampled, plus the whole prompt of each sequence
         # whose prompt's prefill ends in it (a chunk before that counts none; a recompute after a

@@ -93,6 +93,7 @@ class _Launch:
     host_tokens: Any = None                   # pinned CPU tensor (CUDA) or list
     tokens: list | None = None
     rows: dict | None = None                  # item index -> prompt_outputs.ChunkRows (prompt outputs)
+    verified: dict = field(default_factory=dict)  # sample index -> tokens of an item that verified drafts
     cuda: dict = field(default_factory=dict)  # work -> (start event, end event)
     spans: list = field(default_factory=list)  # (stream, work name, start event, end event): traced at emit
 
@@ -302,6 +303,11 @@ class Executor:
             pos, seqs = [], []
             for it in so.items:       # advance as if the step were done (its token unknown)
                 seq = it.seq
+                if it.draft:          # verifying drafts: how many tokens it keeps is known at emit
+                    seq.state.verifying = True
+                    pos.append(None)
+                    seqs.append(seq)
+                    continue
                 seq.num_computed = it.start + it.num_tokens
                 if it.sample:
                     ids = seq.token_ids
@@ -368,8 +374,12 @@ class Executor:
         self.engine.fill(L.step, [self._sampled[s_m] for s_m in L.fill_srcs])   # tokens of earlier steps
         logits = self.engine.forward(L.step, graphs=self.graphs, plan=L.so)  # [n_sample, V] or None
         rows = L.step.rows
-        L.sampled = (self._sample(logits, L.sample_seqs) if logits is not None
-                     else torch.empty(0, dtype=torch.long, device=self.device))
+        if logits is None:
+            L.sampled = torch.empty(0, dtype=torch.long, device=self.device)
+        elif L.so.num_draft_tokens:               # speculative decoding: some items verify drafts
+            L.sampled, L.verified = self.engine.sample_step(L.so, logits, rows)
+        else:
+            L.sampled = self._sample(logits, L.sample_seqs)
         if rows:                                      # prompt outputs, reduced per chunk
             L.rows = self.engine.reduce_rows(L.so, rows)
         with self._samples_lock:
@@ -452,12 +462,22 @@ class Executor:
         with self.lock:
             eng.record_step(L.so)
             now = eng.clock()
-            ti = iter(tokens)
+            ti = iter(enumerate(tokens))
             for index, (it, pos, pre) in enumerate(zip(L.so.items, L.sample_pos, L.preemptions)):
                 seq = it.seq
-                tok = next(ti) if it.sample else None
+                j, tok = next(ti) if it.sample else (None, None)
+                if it.draft:
+                    seq.state.verifying = False
                 if not eng.is_live(seq):                        # finished or aborted meanwhile
                     self.discarded_tokens += tok is not None
+                    continue
+                if it.draft:                                    # its accepted drafts, then the model's token
+                    got = L.verified[j]
+                    if seq.num_released == pre:
+                        eng.scheduler.accept_drafts(seq, it, got)
+                    else:                                       # preempted meanwhile: recomputed when back
+                        seq.token_ids.extend(got)
+                    outputs.append(eng.accept_tokens(seq, it, got, now))
                     continue
                 if tok is not None:
                     seq.token_ids[pos] = tok

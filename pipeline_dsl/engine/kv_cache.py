@@ -101,6 +101,10 @@ class BlockTables:
         self.array[row, n:end] = blocks
         self.lens[row] = end
 
+    def truncate(self, row: int, n: int) -> None:
+        """Keep a row's first n blocks."""
+        self.lens[row] = min(int(self.lens[row]), n)
+
     def rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """([n, W] tables, [n] lengths) of `rows`, W = the longest of them."""
         lens = self.lens[rows]                                  # [n]
@@ -271,6 +275,25 @@ class BlockManager:
             seq.table.extend(new)
             self.tables.extend(seq.row, new)
         return True
+
+    def trim(self, seq_id: str, num_tokens: int) -> None:
+        """Shrink the sequence's table to cover positions [0, num_tokens): the blocks past them
+        (speculative decoding's rejected drafts) go back to the free queue. Never a block the prefix
+        cache knows: only blocks of committed (accepted) tokens are keyed, and those are kept."""
+        seq = self.seqs.get(seq_id)
+        if seq is None:
+            return
+        keep = max(self.blocks_for(num_tokens), len(seq.keys))
+        if keep >= len(seq.table):
+            return
+        dropped, seq.table = seq.table[keep:], seq.table[:keep]
+        self.tables.truncate(seq.row, keep)
+        for block in reversed(dropped):
+            self.ref[block] -= 1
+            if self.ref[block] == 0:
+                self.free[block] = None
+                if self.key[block] is None:
+                    self.free.move_to_end(block, last=False)
 
     def free_seq(self, seq_id: str) -> None:
         """Release a sequence's blocks; cached ones stay reusable until evicted."""

@@ -43,6 +43,7 @@ One step is `schedule() -> SchedulerOutput`, then the engine executes it, then
 from __future__ import annotations
 
 import bisect
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ from typing import Any
 
 from .config import EngineConfig, SamplingParams
 from .kv_cache import BlockManager, root_key
+from .speculate import MAX_BATCH as SPECULATE_MAX_BATCH, ngram_draft
 from .state import DecodeState
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
@@ -94,8 +96,9 @@ class Sequence:
 class ScheduledItem:
     seq: Sequence
     start: int          # = seq.num_computed when scheduled
-    num_tokens: int     # prefill chunk length, or 1 for a decode
+    num_tokens: int     # prefill chunk length, or 1 for a decode (1 + its drafts when it has any)
     sample: bool        # this chunk reaches the last known token: sample the next
+    draft: tuple = ()   # speculative decoding: tokens drafted after the last one, verified by this step
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,7 @@ class SchedulerOutput:
     num_prefill_tokens: int
     pad_to: int | None                    # bucket for the decode batch (padding=True)
     preempted: tuple[str, ...] = ()
+    num_draft_tokens: int = 0             # drafted tokens the decodes verify (speculate.py)
 
     @property
     def empty(self) -> bool:
@@ -153,6 +157,15 @@ class Scheduler:
         self._prefill_left: int | None | object = None
         # this step's tokens still allowed to long prefills (None: no cut; _CAP_UNKNOWN: not worked out yet)
         self._long_left: int | None | object = None
+        # speculative decoding (speculate.py): on when the config asks and the engine's runner can
+        # return every row's logits (the engine sets `verify`)
+        self.verify = config.speculate == "ngram"
+        # measured (CPU): per verifying step, its tokens per decoding sequence times a plain decode
+        # step's time over its own time (> 1: it paid); while their median is below 1 drafting
+        # pauses, tried again after `_spec_wait` steps (doubling while it keeps losing)
+        self._spec_gain: deque[float] = deque(maxlen=8)
+        self._spec_seconds: float | None = None     # the latest verifying step's forward
+        self._spec_wait, self._spec_skip = 0, 0
 
     # ---- queue -------------------------------------------------------------------------
     @property
@@ -246,6 +259,29 @@ class Scheduler:
         return self.waiting[0].arrival
 
     # ---- prefill sized by time ------------------------------------------------------------
+    def observe_verify(self, seconds: float) -> None:
+        """A verifying step's forward took `seconds` (the engine, on CPU; its gain follows)."""
+        self._spec_seconds = seconds
+
+    def verified(self, decodes: int, tokens: int) -> None:
+        """The verifying step just observed gave `tokens` to its `decodes` decoding sequences:
+        its gain against plain decode steps (their recent median time, one token each)."""
+        seconds, self._spec_seconds = self._spec_seconds, None
+        plain = _median(self._fixed_s)
+        if seconds is None or plain is None or decodes <= 0 or seconds <= 0:
+            return
+        gain = tokens / decodes * plain / seconds
+        self._spec_gain.append(gain)
+        # the recent steps' median (the first step alone, or after a pause the one trial step)
+        if _median(self._spec_gain) < 1.0:
+            # losing: pause, longer each time, and long enough that a trial costs at most an eighth
+            # of the plain steps between two (a step of gain g costs about 1 / g plain ones)
+            self._spec_wait = min(max(2 * self._spec_wait, 16, math.ceil(8 / max(gain, 1e-3))), 1024)
+            self._spec_skip = self._spec_wait
+            self._spec_gain.clear()
+        elif gain >= 1.0 and self._spec_wait and len(self._spec_gain) == 1:
+            self._spec_wait = 0                                          # the trial paid: go on
+
     def observe(self, prefill_tokens: int, seconds: float) -> None:
         """A step's forward took `seconds` with `prefill_tokens` prompt rows in it (the engine
         measures its forwards on CPU). A step's time is taken as a fixed part (the median of
@@ -343,6 +379,7 @@ class Scheduler:
         preempted: list[str] = []
         decoding = any(len(s.token_ids) - s.num_computed == 1 for s in self.running)
         self._prefill_left = _CAP_UNKNOWN if decoding else None   # worked out when a prefill piece asks
+        speculating = self.verify and self._speculating()
         self._long_left = _CAP_UNKNOWN
 
         # decodes first (one token each), then prefill chunks: a long prompt never delays them
@@ -354,12 +391,22 @@ class Scheduler:
         for seq in order:
             if budget <= 0:
                 break
-            if seq.status != RUNNING or self.done_pending(seq):
+            if seq.status != RUNNING or self.done_pending(seq) or seq.state.verifying:
                 continue  # preempted earlier in this loop, or its last token is in flight
             left = len(seq.token_ids) - seq.num_computed
+            draft = ()
+            if left == 1 and self.verify and (speculating or self._always_drafts(seq)) and self._may_draft(seq):
+                if seq.state.pending:
+                    continue          # its last token is in flight: wait for it, and draft from it next step
+                draft = self._draft(seq, budget)
             n = self._prefill_room(self._long_room(left, min(left, budget, cfg.prefill_chunk), budget))
             if n <= 0:
                 continue                          # this step's prefill room is spent
+            if draft:                             # the drafts' blocks when free ones hold them; else no drafts
+                if self.blocks.allocate(seq.request_id, seq.num_computed + 1 + len(draft)):
+                    n = 1 + len(draft)
+                else:
+                    draft = ()
             while not self.blocks.allocate(seq.request_id, seq.num_computed + n):
                 victim = self._victim()
                 self._preempt(victim)
@@ -371,21 +418,63 @@ class Scheduler:
                     break
             if seq.status != RUNNING:
                 continue
-            scheduled[seq] = ScheduledItem(seq, seq.num_computed, n, seq.samples_after(seq.num_computed, n))
+            if draft:
+                scheduled[seq] = ScheduledItem(seq, seq.num_computed, n, True, draft)
+            else:
+                scheduled[seq] = ScheduledItem(seq, seq.num_computed, n, seq.samples_after(seq.num_computed, n))
             budget -= n
         items = list(scheduled.values())
-        decodes = len([it for it in items if it.num_tokens == 1 and it.sample])   # lists: no call an item
+        drafts = sum([len(it.draft) for it in items])
+        decodes = len([it for it in items if it.num_tokens - len(it.draft) == 1 and it.sample])   # lists: no call an item
 
         # a step that preempted admits nobody (vLLM's v1 scheduler): the blocks it freed are the
         # running sequences', and a request admitted on them would only cause the next preemption
         if not preempted and self.window_open():
             budget = self._admit(items, budget)
 
-        prefill_tokens = sum([it.num_tokens for it in items]) - decodes
+        prefill_tokens = sum([it.num_tokens for it in items]) - decodes - drafts
         pad_to = None
-        if cfg.padding and items and decodes == len(items):
+        if cfg.padding and items and decodes == len(items) and not drafts:
             pad_to = bucket(decodes, cfg.max_batch_size)
-        return SchedulerOutput(tuple(items), decodes, prefill_tokens, pad_to, tuple(preempted))
+        return SchedulerOutput(tuple(items), decodes, prefill_tokens, pad_to, tuple(preempted), drafts)
+
+    # ---- speculative decoding (speculate.py) ------------------------------------------------
+    def _speculating(self) -> bool:
+        """Whether this step drafts: while at most speculate.MAX_BATCH running sequences decode
+        (beyond that a step is bound by its arithmetic, and drafts cost what they save), and
+        unless measured verifying steps gave fewer tokens a second than plain ones (a CPU whose
+        GEMM of a few rows costs several times one row's, drafts that are seldom accepted): then
+        it pauses for a number of steps, and tries again (verified())."""
+        if sum(1 for s in self.running if len(s.token_ids) - s.num_computed <= 1) > SPECULATE_MAX_BATCH:
+            return False
+        if self._spec_skip > 0:
+            self._spec_skip -= 1
+            return False
+        return True
+
+    @staticmethod
+    def _always_drafts(seq: Sequence) -> bool:
+        """A seeded sampled sequence drafts whatever the batch and the measured times: a drafted
+        row maps its uniform number to a token otherwise than a plain draw, so its text must not
+        depend on them to be the same every time."""
+        return seq.params.seed is not None and not seq.params.greedy
+
+    @staticmethod
+    def _may_draft(seq: Sequence) -> bool:
+        """Whether a decoding sequence may be verified several tokens at once: not under a grammar
+        (its matcher is advanced one token at a time, where a mask of the tokens so far is exact)."""
+        return seq.params.constraint is None
+
+    def _draft(self, seq: Sequence, budget: int) -> tuple[int, ...]:
+        """The sequence's drafts for this step, as many as its max_tokens, the context and the step's
+        token budget leave room for beyond the one token it makes anyway."""
+        cfg = self.config
+        ids = seq.token_ids
+        k = min(cfg.speculative_tokens, seq.params.max_tokens - seq.num_output - 1,
+                self.max_len - len(ids), budget - 1)
+        if k <= 0:
+            return ()
+        return tuple(ngram_draft(ids, cfg.prompt_lookup_min, cfg.prompt_lookup_max, k))
 
     def _admit(self, items: list[ScheduledItem], budget: int) -> int:
         """Move waiting sequences to running (in queue order: FIFO, or by priority) while there is
@@ -410,6 +499,8 @@ class Scheduler:
                 break
             if not static and (left := self._room_left()) is not None and left <= 0:
                 break                             # the prefill room of this step is spent
+            if seq.state.verifying:
+                continue          # preempted while a step verifies its drafts: back once that step is done
             fresh = seq.prompt_out is not None   # every prompt row computed: no prefix cache read
             salt = seq.params.prefix_key
             hit = [] if fresh else bm.lookup(seq.token_ids, salt)
@@ -495,8 +586,10 @@ class Scheduler:
         else:
             self.waiting.appendleft(seq)
 
-    def update(self, output: SchedulerOutput, sampled: list[int]) -> list[tuple[Sequence, int | None]]:
-        """Advance the scheduled sequences; returns (seq, new token or None) per item still running."""
+    def update(self, output: SchedulerOutput, sampled: list) -> list[tuple[Sequence, Any]]:
+        """Advance the scheduled sequences; returns (seq, new token or None) per item still running.
+        An item with drafts samples a list of tokens (the drafts it accepted, then the model's own):
+        those are appended, and it returns the list."""
         it = iter(sampled)
         touched = []
         for item in output.items:
@@ -504,9 +597,22 @@ class Scheduler:
             token = next(it) if item.sample else None
             if seq.status != RUNNING:
                 continue  # aborted while the step ran
+            if item.draft:
+                self.accept_drafts(seq, item, token)
+                touched.append((seq, token))
+                continue
             seq.num_computed = item.start + item.num_tokens
             if token is not None:
                 seq.token_ids.append(token)
             self.blocks.commit(seq.request_id, seq.token_ids, seq.num_computed)
             touched.append((seq, token))
         return touched
+
+    def accept_drafts(self, seq: Sequence, item: ScheduledItem, tokens: list[int]) -> None:
+        """A verifying step's tokens onto its sequence: the K/V of its last token and of the
+        accepted drafts are kept (len(tokens) - 1 of them), those of the rejected ones dropped,
+        with the blocks only they held; the prefix cache publishes accepted tokens only."""
+        seq.num_computed = item.start + len(tokens)
+        seq.token_ids.extend(tokens)
+        self.blocks.trim(seq.request_id, len(seq.token_ids))
+        self.blocks.commit(seq.request_id, seq.token_ids, seq.num_computed)

@@ -44,3 +44,6 @@ class DecodeState:
     error_param: str | None = None        # ... and the request field at fault, when not the grammar (bad_words)
     # executor: output position -> (micro-batch, sample index) of a token still in flight
     pending: dict[int, tuple[int, int]] = field(default_factory=dict)
+    # executor: a step verifying this sequence's drafts is in flight (speculate.py): it is scheduled
+    # again once that step's tokens are known
+    verifying: bool = False

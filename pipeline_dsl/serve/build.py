@@ -179,7 +179,8 @@ def build(args, *, host: str | None = None) -> Serving:
                                            "reasoning_parser": getattr(args, "reasoning_parser", None),
                                            "generation_config": args.generation_config,
                                            "override_generation_config": args.override_generation_config,
-                                           "prefix_reuse": False if args.no_prefix_reuse else None})
+                                           "prefix_reuse": False if args.no_prefix_reuse else None,
+                                           **(getattr(args, "speculative_config", None) or {})})
     except InputError as e:
         raise SetupError(str(e)) from None
     names = model_names(runtime, served)

@@ -336,6 +336,11 @@ class _Snapshot:
              e.get("kv_queried_tokens", 0)),
             ("counter", "prefix_cache_hits", "Prompt tokens the prefix cache served", e.get("kv_hit_tokens", 0)),
             ("counter", "generation_tokens", "Generated tokens (aborted requests' too)", e.get("generated_tokens", 0)),
+            ("counter", "spec_decode_num_drafts", "Steps of a sequence that verified drafted tokens "
+             "(speculative decoding)", e.get("spec_drafts", 0)),
+            ("counter", "spec_decode_num_draft_tokens", "Drafted tokens verified", e.get("spec_draft_tokens", 0)),
+            ("counter", "spec_decode_num_accepted_tokens", "Drafted tokens accepted",
+             e.get("spec_accepted_tokens", 0)),
         )
 
     def per_engine(self, stats: dict):

@@ -15,7 +15,8 @@ import os
 import re
 from pathlib import Path
 
-from pipeline_dsl.cliargs import (GENERATION_CONFIG_HELP, OVERRIDE_GENERATION_CONFIG_HELP, generation_config,
+from pipeline_dsl.cliargs import (GENERATION_CONFIG_HELP, OVERRIDE_GENERATION_CONFIG_HELP, SPECULATIVE_CONFIG_HELP,
+                                  generation_config, speculative_config,
                                   add_dtype_argument, output_file, override_generation_config, reasoning_parser,
                                   switch, token_count)
 from pipeline_dsl.diagnostics import closest
@@ -125,6 +126,8 @@ def add_arguments(p) -> None:
                         "32000, 32K = 32768)")
     p.add_argument("--max-num-seqs", type=int, default=None,
                    help="sequences batched at once (overrides the pipeline's max_batch_size)")
+    p.add_argument("--speculative-config", type=speculative_config, default=None, metavar="JSON",
+                   help=SPECULATIVE_CONFIG_HELP)
     p.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default=None,
                    help="which waiting request is admitted first (overrides dynamic_batch's scheduling_policy): "
                         "fcfs, in order of arrival; priority, by the request's 'priority' field, lower first")

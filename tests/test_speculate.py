@@ -1,0 +1,315 @@
+"""Speculative decoding by n-gram prompt lookup (engine/speculate.py; generate's `speculate = ngram`,
+agp serve's --speculative-config): drafts looked up in the sequence's own tokens, verified in one
+forward. Greedy answers are token for token those without speculation, whatever the drafts; every
+request feature holds (stops, max_tokens, logprobs, penalties, n, streaming); rejected drafts
+leave nothing in the KV or prefix cache; and the sampled acceptance rule keeps the distribution."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import clikit
+import flowkit
+from flowkit import chain, write
+from pipeline_dsl import cli
+from pipeline_dsl.cliargs import speculative_config
+from pipeline_dsl.serve.metrics import ServerMetrics
+from pipeline_dsl.engine import Engine, EngineConfig, InputError, SamplingParams
+from pipeline_dsl.engine.executor import run_requests
+from pipeline_dsl.engine.sampler import Sampler, make_generator
+from pipeline_dsl.engine.speculate import ngram_draft
+
+# prompts whose answers repeat what they read (drafts found and accepted), and ones that do not
+REPEATING = ["the cat and the world " * 4, "hello world is the cat of the world " * 3, "a b c d e f g"]
+FREE = ["world and cat is us", "is it"]
+
+
+def engine(path, **cfg) -> Engine:
+    cfg = {"model": str(path), "dtype": "fp32", "kv_budget_bytes": 1 << 20, "batch_timeout_s": 0.0,
+           "block_size": 8, **cfg}
+    return Engine(EngineConfig(**cfg))
+
+
+def spec_engine(path, plain_s: float = 100.0, **cfg) -> Engine:
+    """An engine that drafts from a single token on; its plain decode steps look `plain_s` long to
+    the measured rule (test_drafting_pauses_...), so that here it never pauses drafting."""
+    e = engine(path, speculate="ngram", prompt_lookup_min=1, **cfg)
+    for _ in range(8):
+        e.scheduler.observe(0, plain_s)
+    return e
+
+
+def run(e: Engine, prompts, params: SamplingParams, ids: bool = False):
+    """Step until done: {id: (final output, every delta joined, every new token id, logprob entries)}."""
+    for i, p in enumerate(prompts):
+        if ids:
+            e.add_request(str(i), prompt_token_ids=p, params=params)
+        else:
+            e.add_request(str(i), prompt=p, params=params)
+    got: dict = {}
+    for _ in range(10_000):
+        if not e.has_unfinished():
+            break
+        for out in e.step():
+            final, text, toks, lps = got.get(out.request_id, (None, "", [], []))
+            got[out.request_id] = (out, text + out.delta_text, toks + list(out.new_token_ids),
+                                   lps + list(out.logprobs or ()))
+    else:
+        raise AssertionError("the engine did not finish")
+    e.blocks.check_invariants()
+    return got
+
+
+def spec_stats(e: Engine) -> dict:
+    s = e.stats(latencies=False)
+    return {k: s[k] for k in ("spec_drafts", "spec_draft_tokens", "spec_accepted_tokens")}
+
+
+# ---- drafting ------------------------------------------------------------------------------
+
+def test_ngram_draft_takes_the_longest_suffix_seen_before():
+    #        0  1  2  3  4  5  6  7  8  9
+    tokens = [5, 6, 7, 8, 9, 1, 6, 7, 2, 6, 7]
+    assert ngram_draft(tokens, 1, 3, 2) == [2, 6]        # "6 7" at 1 and at 6: the latest
+    assert ngram_draft(tokens + [8], 1, 4, 3) == [9, 1, 6]   # "6 7 8" seen once, at 1
+    assert ngram_draft([1, 2, 3, 4], 1, 3, 4) == []      # no suffix occurred before
+    assert ngram_draft(tokens, 3, 3, 2) == []            # "2 6 7": never before; shorter ones are below min
+    assert ngram_draft([3, 3, 3, 3, 3], 1, 2, 2) == [3, 3]   # a short period: an occurrence with k after it
+
+
+# ---- greedy: token for token the answers without speculation -------------------------------
+
+@pytest.mark.parametrize("prompts", [REPEATING, FREE], ids=["repeating", "free"])
+def test_greedy_answers_equal_those_without_speculation(soft_gguf, prompts):
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    plain = run(engine(soft_gguf), prompts, params)
+    e = spec_engine(soft_gguf)
+    spec = run(e, prompts, params)
+    for k, (out, text, toks, _) in plain.items():
+        assert spec[k][2] == toks and spec[k][0].text == out.text == text == spec[k][1], k
+        assert spec[k][0].completion_tokens == 40
+    if prompts is REPEATING:
+        s = spec_stats(e)
+        assert s["spec_accepted_tokens"] > 20 and s["spec_drafts"] < 3 * 40   # fewer steps than tokens
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_greedy_through_the_executor_equals_without_speculation(soft_gguf, overlap):
+    """The executor's path (agp run, agp serve), overlapped or not: the same tokens."""
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    got = {}
+    for spec in ("off", "ngram"):
+        e = engine(soft_gguf, speculate=spec, prompt_lookup_min=1)
+        outs: dict = {}
+        run_requests(e, [(str(i), dict(prompt=p, params=params)) for i, p in enumerate(REPEATING)],
+                     overlap=overlap, on_output=lambda os: [outs.setdefault(o.request_id, []).append(o) for o in os])
+        got[spec] = {k: ([t for o in v for t in o.new_token_ids], "".join(o.delta_text for o in v), v[-1].text)
+                     for k, v in outs.items()}
+        e.blocks.check_invariants()
+        if spec == "ngram":
+            assert spec_stats(e)["spec_accepted_tokens"] > 0
+    assert got["ngram"] == got["off"]
+
+
+def test_penalties_and_logprobs_apply_per_position(soft_gguf):
+    """A repetition penalty depends on the tokens accepted before each position, and logprobs are
+    each accepted token's own row's: both as without speculation."""
+    params = SamplingParams(max_tokens=30, ignore_eos=True, repetition_penalty=1.3, frequency_penalty=0.2,
+                            logprobs=2)
+    plain = run(engine(soft_gguf), REPEATING, params)
+    e = spec_engine(soft_gguf)
+    spec = run(e, REPEATING, params)
+    assert spec_stats(e)["spec_accepted_tokens"] > 0
+    for k, (out, _, toks, lps) in plain.items():
+        assert spec[k][2] == toks and spec[k][0].text == out.text
+        got = spec[k][3]
+        assert [x["token_id"] for x in got] == toks == [x["token_id"] for x in lps]
+        for a, b in zip(lps, got):
+            assert a["logprob"] == pytest.approx(b["logprob"], abs=1e-4)
+            assert [t for t, _ in a["top"]] == [t for t, _ in b["top"]]
+
+
+def test_max_tokens_min_tokens_and_stop_strings_hold(soft_gguf):
+    full = run(engine(soft_gguf), REPEATING[:1], SamplingParams(max_tokens=40, ignore_eos=True))["0"][0].text
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    for params in (SamplingParams(max_tokens=7, ignore_eos=True),
+                   SamplingParams(max_tokens=40, ignore_eos=True, stop=[stop]),
+                   SamplingParams(max_tokens=40, min_tokens=9, stop_token_ids=[full and 60]),
+                   SamplingParams(max_tokens=13, ignore_eos=True, include_stop_str_in_output=True, stop=[stop])):
+        plain = run(engine(soft_gguf), REPEATING[:1], params)["0"]
+        e = spec_engine(soft_gguf)
+        spec = run(e, REPEATING[:1], params)["0"]
+        assert spec_stats(e)["spec_drafts"] > 0
+        assert spec[2] == plain[2] and spec[0].text == plain[0].text == spec[1]
+        assert (spec[0].finish_reason, spec[0].stop_reason, spec[0].completion_tokens) == \
+            (plain[0].finish_reason, plain[0].stop_reason, plain[0].completion_tokens)
+    assert "stop" == run(spec_engine(soft_gguf), REPEATING[:1],
+                         SamplingParams(max_tokens=40, ignore_eos=True, stop=[stop]))["0"][0].finish_reason
+
+
+def test_the_prefix_cache_holds_no_rejected_draft(soft_gguf):
+    """Drafts rejected by one request left K/V in its blocks; a later request whose prompt is that
+    request's prompt and answer reads those blocks from the prefix cache and answers as an engine
+    that computed them itself."""
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    e = spec_engine(soft_gguf)
+    tok = e.tokenizer
+    prompt = tok.encode("the cat is the world of the cat and us", add_special_tokens=False)
+    first = run(e, [prompt], params, ids=True)["0"]
+    s = spec_stats(e)
+    assert s["spec_draft_tokens"] > s["spec_accepted_tokens"] > 0      # some drafts were rejected
+    again = prompt + first[2][:33]
+    later = run(e, [again], SamplingParams(max_tokens=20, ignore_eos=True), ids=True)["0"]
+    assert later[0].cached_tokens >= len(prompt)
+    fresh = run(engine(soft_gguf, prefix_reuse=False), [again], SamplingParams(max_tokens=20, ignore_eos=True),
+                ids=True)["0"]
+    assert later[2] == fresh[2]
+
+
+def test_a_large_batch_decodes_without_drafts(soft_gguf):
+    """Beyond speculate.MAX_BATCH decoding sequences a step drafts nothing (and answers are the same)."""
+    prompts = [p + str(i) for i in range(3) for p in REPEATING]          # 9 sequences at once
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    e = spec_engine(soft_gguf)
+    spec = run(e, prompts, params)
+    assert spec_stats(e)["spec_drafts"] == 0
+    plain = run(engine(soft_gguf), prompts, params)
+    assert {k: v[2] for k, v in spec.items()} == {k: v[2] for k, v in plain.items()}
+
+
+# ---- sampled: the acceptance rule keeps the distribution -------------------------------------
+
+def frequencies(sampler, logits, params, seed: int, n: int, draft=None) -> torch.Tensor:
+    """The tokens of n draws (n rows of one request's generator, in one call) counted, / n."""
+    rows = logits.expand(n, -1).clone()
+    gen = make_generator(seed)
+    tokens = sampler.sample_tensor(rows, [params] * n, [gen] * n, None if draft is None else [draft] * n)
+    return torch.bincount(tokens, minlength=logits.shape[-1]).double() / n
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(top_k=3), dict(top_p=0.8), dict(min_p=0.2)])
+def test_sampled_acceptance_draws_from_the_processed_distribution(extra):
+    """A draft t accepted with probability p(t), else a draw from p without t: the token's
+    frequencies are p's, whichever token is drafted (fixed seeds: the bound cannot flake)."""
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.2, -1.0]])
+    params = SamplingParams(temperature=0.7, **extra)
+    sampler = Sampler(0)
+    N = 20_000
+    p = frequencies(sampler, logits, params, 11, N)              # p: plain draws, the sampler's processing
+    for draft in (0, 2, 4):
+        got = frequencies(sampler, logits, params, 100 + draft, N, draft)
+        assert torch.allclose(got, p, atol=0.02), (draft, got, p)
+        if p[draft] == 0:                            # cut by top-k/top-p/min-p: never accepted
+            assert got[draft] == 0
+
+
+def test_sampled_acceptance_rate_is_the_drafts_probability():
+    """With the draft's probability known (1/4: four equal logits), it comes that often."""
+    got = frequencies(Sampler(0), torch.zeros(1, 4), SamplingParams(temperature=1.0), 7, 20_000, 1)
+    assert abs(float(got[1]) - 0.25) < 0.02 and torch.allclose(got, torch.full((4,), 0.25, dtype=got.dtype), atol=0.02)
+
+
+def test_seeded_sampled_requests_are_reproducible_with_speculation(soft_gguf):
+    params = SamplingParams(max_tokens=30, ignore_eos=True, temperature=0.8, seed=3)
+    a = run(spec_engine(soft_gguf), REPEATING, params)
+    e = spec_engine(soft_gguf)
+    b = run(e, REPEATING, params)
+    assert spec_stats(e)["spec_drafts"] > 0
+    assert {k: v[2] for k, v in a.items()} == {k: v[2] for k, v in b.items()}
+    assert all(v[0].completion_tokens == 30 for v in b.values())
+
+
+# ---- the switch: pipeline parameters, n = 2, errors -----------------------------------------
+
+def test_a_pipeline_with_speculate_ngram_answers_n_copies_as_without(tmp_path, soft_gguf):
+    body = ("stage request : requests {}\nstage gen : generate { max_new_tokens = 24  n = 2  SPEC }\n"
+            "stage out : respond {}\nrequest -> batch\n" + chain("gen") + "gen -> out\n")
+    texts = {}
+    for spec in ("", "speculate = ngram  speculative_tokens = 3  prompt_lookup_min = 1"):
+        d = tmp_path / (spec[:9] or "off")
+        d.mkdir()
+        path = write(d, soft_gguf, body.replace("SPEC", spec))
+        assert flowkit.errors(path) == []
+        (res,), rt = flowkit.run(path, [flowkit.chat("a", REPEATING[0], max_tokens=None)])
+        assert res.ok and len(res.choices) == 2
+        texts[spec[:9]] = [c.text for c in res.choices]
+    assert texts["speculate"] == texts[""]
+
+
+@pytest.mark.parametrize("setting, at, message", [
+    ("speculate = eagle", "eagle", "speculate"),
+    ("speculate = ngram  speculative_tokens = 0", "0 }", "speculative_tokens"),
+    ("speculate = ngram  prompt_lookup_min = 5  prompt_lookup_max = 3", "5  prompt_lookup_max",
+     "prompt_lookup_min = 5 is more than"),
+])
+def test_agp_check_refuses_bad_speculation_settings_at_their_place(tmp_path, soft_gguf, capsys, setting, at, message):
+    """The error names the value where the file writes it (file:line:col)."""
+    body = ("stage request : requests {}\nstage gen : generate { max_new_tokens = 4  " + setting + " }\n"
+            "stage out : respond {}\nrequest -> batch\n" + chain("gen") + "gen -> out\n")
+    path = write(tmp_path, soft_gguf, body)
+    assert cli.main(["check", str(path)]) == 2
+    err = capsys.readouterr().err
+    line = next(i + 1 for i, text in enumerate(path.read_text().splitlines()) if "stage gen" in text)
+    col = path.read_text().splitlines()[line - 1].index(at) + 1
+    assert f"p.agp:{line}:{col}:" in err and message in err, err
+
+
+def test_engine_config_refuses_bad_speculation_settings():
+    with pytest.raises(InputError, match="speculate"):
+        EngineConfig(speculate="eagle")
+    with pytest.raises(InputError, match="prompt_lookup_min"):
+        EngineConfig(speculate="ngram", prompt_lookup_min=4, prompt_lookup_max=2)
+
+
+@pytest.mark.parametrize("value, said", [
+    ('{"method": "eagle", "num_speculative_tokens": 3}', 'method "eagle" is not one agp has: it speculates by '
+                                                        'method "ngram" (prompt lookup) only'),
+    ('{"model": "org/draft-model", "num_speculative_tokens": 3}', "agp does not read 'model': it takes method, "
+                                                                  "num_speculative_tokens, prompt_lookup_max"),
+    ('{"method": "ngram", "num_speculative_tokens": 0}', "num_speculative_tokens"),
+    ('{"method": "ngram", "prompt_lookup_min": 6, "prompt_lookup_max": 3}', "prompt_lookup_min (6) must be at most"),
+    ('{"method": "ngram"', "not a JSON object"),
+])
+def test_a_speculative_config_agp_cannot_follow_exits_2_naming_what_it_reads(value, said):
+    proc = clikit.agp_in("serve", "examples/chat.agp", "--speculative-config", value)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"agp serve: error: argument --speculative-config: {said}" in proc.stderr, proc.stderr
+
+
+def test_speculative_config_takes_vllms_keys_and_lookup_defaults():
+    assert speculative_config('{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4}') == \
+        {"speculate": "ngram", "speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 4}
+    assert speculative_config('{"method": "[ngram]"}') == \
+        {"speculate": "ngram", "prompt_lookup_max": 5, "prompt_lookup_min": 5}
+
+
+def test_the_engines_counters_are_vllms_spec_decode_metrics(soft_gguf):
+    e = spec_engine(soft_gguf)
+    run(e, REPEATING[:1], SamplingParams(max_tokens=20, ignore_eos=True))
+    s = spec_stats(e)
+    assert s["spec_drafts"] > 0
+    text = ServerMetrics("m", process=False).render({"engines": {"gen": e.stats(latencies=False)}})[0].decode()
+    for name, key in (("num_drafts", "spec_drafts"), ("num_draft_tokens", "spec_draft_tokens"),
+                      ("num_accepted_tokens", "spec_accepted_tokens")):
+        for series in (f"vllm:spec_decode_{name}_total{{", f"agp_spec_decode_{name}_total{{"):
+            line = next(x for x in text.splitlines() if x.startswith(series))
+            assert float(line.split()[-1]) == s[key], line
+
+
+def test_drafting_pauses_where_verifying_steps_pay_less_than_plain_ones(soft_gguf):
+    """Measured on CPU: verifying steps that give fewer tokens a second than plain decode steps
+    (here plain steps are made to look a microsecond long before every step) pause drafting,
+    longer each time a trial loses; the answer is the same."""
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    want = run(engine(soft_gguf), REPEATING[:1], params)["0"][2]
+    e = spec_engine(soft_gguf, plain_s=1e-6)
+    e.add_request("0", prompt=REPEATING[0], params=params)
+    got = []
+    while e.has_unfinished():
+        for _ in range(8):                           # the recent plain steps, all of them
+            e.scheduler.observe(0, 1e-6)
+        got += [t for out in e.step() for t in out.new_token_ids]
+    assert got == want
+    assert spec_stats(e)["spec_drafts"] == 1             # it lost by far: the pause outlasts the answer
+    again = spec_engine(soft_gguf)                       # plain steps slow: every verifying step pays
+    assert run(again, REPEATING[:1], params)["0"][2] == want and spec_stats(again)["spec_drafts"] > 5
