@@ -28,6 +28,8 @@ def answer(item):
         item["usage"] = {**item["usage"], "prompt_tokens": -2}
     elif bad == "bool":
         item["usage"] = {**item["usage"], "cached_tokens": True}
+    elif bad == "reasoning":
+        item["usage"] = {**item["usage"], "reasoning_tokens": "many"}    # summed over an answer's choices
     elif bad == "huge":
         item["usage"] = {**item["usage"], "completion_tokens": 10 ** 400}   # no float holds it: TPOT, metrics
     elif bad == "logprobs":
@@ -163,6 +165,8 @@ def answered_except(results, bad_id):
     ("count", "stage 'a' returned a result whose usage.completion_tokens is '3'; expected a non-negative integer"),
     ("negative", "stage 'a' returned a result whose usage.prompt_tokens is -2; expected a non-negative integer"),
     ("bool", "stage 'a' returned a result whose usage.cached_tokens is True; expected a non-negative integer"),
+    ("reasoning", "stage 'a' returned a result whose usage.reasoning_tokens is 'many'; expected a non-negative "
+                  "integer"),
     ("huge", "stage 'a' returned a result whose usage.completion_tokens is an integer of 401 digits; expected a "
              "non-negative integer of at most 9007199254740991 (2**53 - 1)"),
     ("logprobs", "stage 'a' returned a result whose logprobs is a str; expected a list of an object {token_id, "
