@@ -16,10 +16,14 @@ is held back until it is whole or is not a tag, so the pieces it gives, joined, 
 """
 from __future__ import annotations
 
+from bisect import bisect_left
+from itertools import accumulate
+
 from pipeline_dsl.tools import partial_suffix
 
 PARSERS = ("qwen3", "deepseek_r1")            # vLLM's --reasoning-parser names agp reads
 START, END = "<think>", "</think>"
+START_BYTES, END_BYTES = START.encode(), END.encode()
 
 
 def check_parser(name: str) -> str:
@@ -114,15 +118,38 @@ def count_tokens(pieces: list[bytes]) -> int:
     `</think>`, less a `<think>` tag before that (all of them where no `</think>` came). A token
     that holds the start of `</think>` with text of the thinking before it counts."""
     text = b"".join(pieces)
-    end = text.find(END.encode())
+    end = text.find(END_BYTES)
     stop = end if end >= 0 else len(text)
-    start = text.find(START.encode(), 0, stop)
-    tag = range(start, start + len(START)) if start >= 0 else range(0)
-    count, at = 0, 0
-    for piece in pieces:
-        if end >= 0 and at >= end:
-            break
-        if at not in tag:
-            count += 1
-        at += len(piece)
+    start = text.find(START_BYTES, 0, stop)
+    begins = list(accumulate(map(len, pieces), initial=0))     # where each token's bytes begin (and the end)
+    begins.pop()
+    count = bisect_left(begins, end) if end >= 0 else len(pieces)     # the tokens that begin before `</think>`
+    if start >= 0:            # less those that begin inside the `<think>` tag (which ends before `</think>`)
+        count -= bisect_left(begins, start + len(START_BYTES)) - bisect_left(begins, start)
     return count
+
+
+def count_token_ids(ids, bytes_of, end_id: int | None = None, chunk: int = 512) -> int:
+    """count_tokens of an answer's token `ids`, read only as far as its first `</think>`: each
+    token's bytes are `bytes_of(id)` (a cached lookup), and the tokens after the tag are not looked
+    at (most of a long answer, whose count is taken under the runtime's lock). `end_id`: the id of
+    `</think>` where it is one token of the vocabulary (Qwen3's, R1's): the answer is read up to
+    its first such id; else a chunk of tokens at a time until the tag has come. A `</think>` the
+    model spelt in several tokens before the end id is found in the bytes read, so the count is
+    count_tokens' of every token's bytes."""
+    if end_id is not None:
+        try:
+            n = ids.index(end_id) + 1
+        except ValueError:
+            n = len(ids)
+        return count_tokens(list(map(bytes_of, ids[:n])))
+    pieces: list[bytes] = []
+    tail = b""                                 # the bytes read last that may begin the tag
+    for at in range(0, len(ids), chunk):
+        read = list(map(bytes_of, ids[at:at + chunk]))
+        pieces.extend(read)
+        window = tail + b"".join(read)
+        if END_BYTES in window:
+            break
+        tail = window[-(len(END_BYTES) - 1):]
+    return count_tokens(pieces)

@@ -118,7 +118,8 @@ def _is_int(v) -> bool:
 def check_metadata(value, name: str = "metadata") -> dict:
     """A request's `metadata`: an object of at most METADATA_KEYS keys, each of at most
     METADATA_KEY_CHARS characters, each value at most METADATA_VALUE_CHARS (a string's length, or
-    another value's JSON text's); a RequestError naming the key otherwise."""
+    another value's compact JSON text's, without the spaces json.dumps puts after , and : that a
+    client need not send); a RequestError naming the key otherwise."""
     _check(name, value, isinstance(value, dict), "an object")
     if len(value) > METADATA_KEYS:
         raise RequestError(f"'{name}' has {len(value)} keys: at most {METADATA_KEYS} are taken (OpenAI's limit)",
@@ -127,12 +128,28 @@ def check_metadata(value, name: str = "metadata") -> dict:
         if len(key) > METADATA_KEY_CHARS:
             raise RequestError(f"a key of '{name}' is {len(key)} characters long ({json.dumps(key[:40])}...): at "
                                f"most {METADATA_KEY_CHARS} are taken (OpenAI's limit)", param=name)
-        size = len(item) if isinstance(item, str) else len(json.dumps(item, ensure_ascii=False, default=str))
+        size = len(item) if isinstance(item, str) else len(json.dumps(item, ensure_ascii=False, default=str,
+                                                                    separators=(",", ":")))
         if size > METADATA_VALUE_CHARS:
             raise RequestError(f"'{name}.{key}' is {size} characters long"
                                f"{'' if isinstance(item, str) else ' as JSON'}: at most {METADATA_VALUE_CHARS} "
                                "are taken (OpenAI's limit)", param=f"{name}.{key}")
     return value
+
+
+def check_identifiers(obj: dict, names: tuple[str, ...] | None = None) -> None:
+    """A client's identifiers (`names` of IDENTIFIERS) that `obj` gives (null is left out): each a
+    string (IGNORED), of at most IDENTIFIER_CHARS characters; a RequestError naming the first that
+    is not. Only where a client's body or batch-API line is read: IGNORED alone checks a request
+    line's and the request a python stage returns, whose identifiers are stored nowhere."""
+    names = IDENTIFIERS if names is None else names
+    check_fields(obj, {name: IGNORED[name] for name in names})
+    for name in names:
+        value = obj.get(name)
+        if value is not None and len(value) > IDENTIFIER_CHARS[name]:
+            whose = " (OpenAI's limit)" if name in OPENAI_BOUNDED else ""
+            raise RequestError(f"'{name}' is {len(value)} characters long: at most {IDENTIFIER_CHARS[name]} are "
+                               f"taken{whose}", param=name)
 
 
 def _check(name: str, value, ok: bool, expected: str):
@@ -229,9 +246,11 @@ RESPONSES_LACKING = {"moderation": CHAT_LACKING["moderation"],
 # changes nothing (agp's prefix cache reuses a prompt's KV blocks by their tokens)
 IDENTIFIERS = ("user", "safety_identifier", "prompt_cache_key")
 IDENTITY = ("user", "safety_identifier")
-# their length: a Responses answer is stored with them (and logged, and held by the item); OpenAI's
+# their length where a client's chat, completions or Responses body (or a batch-API line's) is read
+# (check_identifiers): a Responses answer is stored with them (and logged, and held by the item); OpenAI's
 # safety_identifier takes 64 characters, and user and prompt_cache_key as many as a metadata value
 IDENTIFIER_CHARS = {"user": 512, "safety_identifier": 64, "prompt_cache_key": 512}
+OPENAI_BOUNDED = ("safety_identifier",)        # the bound OpenAI documents (the others are agp's)
 # `metadata` as OpenAI bounds it (chat, responses, batches): 16 keys, each of at most 64 characters,
 # each value at most 512 (a Responses answer is stored with its metadata: unbounded, one client's
 # megabytes evicted everyone else's stored answers); agp also takes values that are no strings
@@ -274,8 +293,7 @@ TOOL_GROUP = ("tools", "tool_choice", "parallel_tool_calls")
 # request_id (a line's `id` names its answer) and the one structured-output backend's name
 IGNORED = {"stream": (lambda v: isinstance(v, bool), "true or false"),
            "stream_options": (lambda v: isinstance(v, dict), "an object"),
-           **{name: (lambda v, n=n: isinstance(v, str) and len(v) <= n, f"a string of at most {n} characters")
-              for name, n in IDENTIFIER_CHARS.items()},
+           **{name: (lambda v: isinstance(v, str), "a string") for name in IDENTIFIERS},   # bounded: check_identifiers
            "store": (lambda v: isinstance(v, bool), "true or false"),
            "service_tier": (lambda v: isinstance(v, str), "a string"),
            "request_id": (lambda v: isinstance(v, str) and 0 < len(v) <= 128 and v.isascii() and v.isprintable()
@@ -1019,14 +1037,14 @@ def parse_line(line: str, lineno: int) -> ParsedRequest:
 def parse_line_object(obj, lineno: int) -> ParsedRequest:
     """One JSONL line already decoded (load_json), for a reader that looked at it first (a batch-API
     line?); the id defaults to the line number. A line that is a JSON array (most often a whole
-    file written as one `[{...}, {...}]`) is told the format it needs."""
+    file written as one `[{...}, {...}]`) is told the format it needs. Its metadata and identifiers
+    are not bounded as agp serve's bodies are (check_metadata, check_identifiers: a stored Responses
+    answer keeps them; a line's answer is written out and kept by nobody); a batch-API line's body,
+    parsed as agp serve parses it (commands/batch_api.py), is."""
     if isinstance(obj, list):
         raise RequestError("a request must be a JSON object, got an array: the input is JSON Lines, one request "
                            "object per line, not a JSON array (jq -c '.[]' FILE turns an array into lines)")
-    req = parse_request(obj, default_id=lineno)
-    if req.metadata is not None:          # a client's, bounded as agp serve's bodies (a stage's own request is not)
-        check_metadata(req.metadata)
-    return req
+    return parse_request(obj, default_id=lineno)
 
 # ---------------------------------------------------------------- structured output
 # `response_format` (OpenAI), `structured_outputs` (vLLM >= 0.11: one of `json`, `regex`, `choice`,

@@ -161,6 +161,14 @@ def test_a_thousand_inputs_are_embedded_and_the_answer_names_the_model_asked_for
     assert r.data[1].embedding == r.data[3].embedding != r.data[0].embedding
 
 
+def test_a_long_user_is_taken_as_this_route_stores_nothing(server):
+    """Chat, completions and Responses bound `user` to 512 characters (a stored Responses answer
+    keeps it); /v1/embeddings keeps nothing with it, and OpenAI's embeddings `user` has no bound:
+    a string of any length is taken, and still no other type."""
+    r = server.http.post(server.url + "/v1/embeddings", json={"input": "x", "user": "u" * 600}, timeout=30)
+    assert r.status_code == 200, r.text[:300]
+
+
 def test_request_id_is_the_answers_x_request_id(server):
     """docs/openai.md, /v1/embeddings: vLLM's request_id is the answer's X-Request-Id, as on chat."""
     r = server.http.post(server.url + "/v1/embeddings", json={"input": "x", "request_id": "emb-7"}, timeout=30)

@@ -28,6 +28,8 @@ def answer(item):
         item["usage"] = {**item["usage"], "prompt_tokens": -2}
     elif bad == "bool":
         item["usage"] = {**item["usage"], "cached_tokens": True}
+    elif bad == "reasoning":
+        item["usage"] = {**item["usage"], "reasoning_tokens": "many"}    # summed over an answer's choices
     elif bad == "huge":
         item["usage"] = {**item["usage"], "completion_tokens": 10 ** 400}   # no float holds it: TPOT, metrics
     elif bad == "logprobs":
@@ -93,6 +95,9 @@ def ask(item):
         return {"prompt_token_ids": item["metadata"]["ids"], "metadata": item["metadata"]}
     if item.get("metadata", {}).get("bad") == "pass_ids":      # the client's own ids, in a new dict
         return {"prompt_token_ids": list(item["prompt_token_ids"]), "metadata": item["metadata"]}
+    if item.get("metadata", {}).get("long") == "ids":      # identifiers and metadata past agp serve's bounds
+        item.update(user="u" * 600, safety_identifier="s" * 100, prompt_cache_key="p" * 600)
+        item["metadata"] = {**item["metadata"], **{f"k{i}": "v" * 600 for i in range(20)}}
     if item.get("metadata", {}).get("bad") == "both":      # made a chat of a text request, kept its prompt
         item["messages"] = [{"role": "user", "content": item["prompt"]}]
     if item.get("metadata", {}).get("constrain"):          # every answer a number, over the request's own
@@ -160,6 +165,8 @@ def answered_except(results, bad_id):
     ("count", "stage 'a' returned a result whose usage.completion_tokens is '3'; expected a non-negative integer"),
     ("negative", "stage 'a' returned a result whose usage.prompt_tokens is -2; expected a non-negative integer"),
     ("bool", "stage 'a' returned a result whose usage.cached_tokens is True; expected a non-negative integer"),
+    ("reasoning", "stage 'a' returned a result whose usage.reasoning_tokens is 'many'; expected a non-negative "
+                  "integer"),
     ("huge", "stage 'a' returned a result whose usage.completion_tokens is an integer of 401 digits; expected a "
              "non-negative integer of at most 9007199254740991 (2**53 - 1)"),
     ("logprobs", "stage 'a' returned a result whose logprobs is a str; expected a list of an object {token_id, "
@@ -315,6 +322,19 @@ def test_a_request_hook_returning_invalid_unicode_fails_at_the_hook_not_at_encod
     assert r.error.kind == "failed" and r.error.stage == "a"
     assert r.error.message == ("stage 'a' returned an invalid request: the request holds a lone UTF-16 "
                                "surrogate (invalid Unicode) in 'messages[0].content'")
+
+
+def test_a_request_hook_may_give_identifiers_and_metadata_past_agp_serves_bounds(tmp_path, soft_gguf):
+    """agp serve bounds a client's metadata, user, safety_identifier and prompt_cache_key (a
+    stored Responses answer keeps them); a python stage's own request is stored nowhere and is
+    checked as a request line is: their types, not their sizes. A user of 600 characters failed
+    the request at the stage ("returned an invalid request": agp serve's 500)."""
+    path = pipeline(tmp_path, soft_gguf, 'stage a : python { fn = "hooks:ask" }', "request -> a -> batch\ngen -> out\n")
+    results, _ = run(path, [chat("ok", "hi"), chat("long", "hi", metadata={"long": "ids"})])
+    (long,) = [r for r in results if r.id == "long"]
+    assert all(r.ok for r in results), [r.error.message for r in results if not r.ok]
+    request = long.choices[0].data["request"]
+    assert (len(request["user"]), len(request["safety_identifier"]), len(request["metadata"])) == (600, 100, 21)
 
 
 def test_a_request_hook_that_gives_both_prompt_and_messages_is_told_which_it_gave(tmp_path, soft_gguf):

@@ -87,9 +87,11 @@ BOUNDED = [
     ("metadata", {"a": "v" * 513}, "metadata.a", "'metadata.a' is 513 characters long: at most 512"),
     ("metadata", {"a": {"b": ["x" * 600]}}, "metadata.a", "characters long as JSON: at most 512"),
     ("metadata", {"a": "v" * (3 << 20)}, "metadata.a", "at most 512"),            # megabytes, stored with an answer
-    ("user", "u" * 513, "user", "a string of at most 512 characters"),
-    ("safety_identifier", "s" * 65, "safety_identifier", "a string of at most 64 characters"),
-    ("prompt_cache_key", "p" * 513, "prompt_cache_key", "a string of at most 512 characters"),
+    ("user", "u" * 513, "user", "'user' is 513 characters long: at most 512 are taken"),
+    ("safety_identifier", "s" * 65, "safety_identifier",
+     "'safety_identifier' is 65 characters long: at most 64 are taken (OpenAI's limit)"),
+    ("prompt_cache_key", "p" * 513, "prompt_cache_key", "'prompt_cache_key' is 513 characters long: at most 512"),
+    ("user", 7, "user", "'user' must be a string, not 7"),
 ]
 
 
@@ -114,6 +116,20 @@ def test_metadata_and_identifiers_are_bounded_as_openai_bounds_them(server, rout
     if route == "/v1/responses":                       # stored and echoed whole
         kept = server.http.get(f"{server.url}/v1/responses/{r.json()['id']}", timeout=30).json()
         assert kept[field] == fine[field]
+
+
+def test_a_metadata_value_that_is_no_string_is_measured_by_its_compact_json(server):
+    """120 one-letter strings are 481 characters as a client writes them (compact JSON, the way
+    OpenAI's SDKs and JSON.stringify write them) and 600 with json.dumps' default ", " separators,
+    spaces the client never sent: taken. 128 are 513 characters, compact: refused."""
+    fits, over = ["x"] * 120, ["x"] * 128
+    assert len(json.dumps(fits, separators=(",", ":"))) == 481 and len(json.dumps(fits)) == 600
+    for route, body in (("/v1/completions", {"prompt": "hi", "max_tokens": 1}),
+                        ("/v1/responses", {"input": "hi", "max_output_tokens": 1})):
+        r = post(server, json.dumps({**body, "metadata": {"a": fits, "b": {"k": 1}}}), route)
+        assert r.status_code == 200, r.text[:300]
+        r = post(server, json.dumps({**body, "metadata": {"a": over}}), route)
+        assert_openai_error(r, 400, "'metadata.a' is 513 characters long as JSON: at most 512")
 
 
 TOOL = {"type": "function", "function": {"name": "w", "parameters": {"type": "object"}}}

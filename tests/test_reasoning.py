@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from pipeline_dsl.reasoning import PARSERS, Splitter, split, thinks
+from pipeline_dsl.reasoning import PARSERS, Splitter, count_token_ids, count_tokens, split, thinks
 from pipeline_dsl.serve.protocol import chat_message
 from test_qwen3_chat import WEATHER, qwen3_folder  # noqa: F401 - the tiny Qwen3 folder
 from test_serve import LiveServer
@@ -52,6 +52,63 @@ def test_the_pieces_of_a_stream_join_to_the_whole_split_wherever_a_tag_is_cut(te
         assert (reasoning, content or None) == whole, pieces
     s = Splitter(True)
     assert s.feed("a</th") == ("a", "") and s.feed("ink>b") == ("", "b")    # held back until it is whole
+
+
+def _counted_one_by_one(pieces: list[bytes]) -> int:
+    """reasoning_tokens as the definition reads: each token that begins before the first `</think>`
+    (every token where none came), less those that begin inside a `<think>` before it."""
+    text = b"".join(pieces)
+    end = text.find(b"</think>")
+    start = text.find(b"<think>", 0, end if end >= 0 else len(text))
+    count, at = 0, 0
+    for piece in pieces:
+        if end >= 0 and at >= end:
+            break
+        count += not (start >= 0 and start <= at < start + len("<think>"))
+        at += len(piece)
+    return count
+
+
+def test_the_thinking_tokens_are_counted_alike_by_bytes_and_by_the_end_tags_id_wherever_tags_are_cut():
+    """count_tokens, and count_token_ids reading the tokens only up to the first `</think>` (by the
+    tag's id where it is one token, else a chunk of bytes at a time, the chunk a tag may straddle):
+    the same count as each token taken in turn, tags cut across tokens or spelt in several
+    before the tag's own token, a `<think>` after `</think>`, none at all."""
+    import random
+
+    rng = random.Random(7)
+    vocab = [b"a", b"bc", b"<", b"think", b">", b"</", b"/", b"<think>", b"x\n", b"", b"</think>", b"k>", b"thi"]
+    end_id = vocab.index(b"</think>")
+    for _ in range(3000):
+        ids = [rng.randrange(len(vocab)) for _ in range(rng.randrange(0, 40))]
+        pieces = [vocab[i] for i in ids]
+        want = _counted_one_by_one(pieces)
+        assert count_tokens(pieces) == want, pieces
+        assert count_token_ids(ids, vocab.__getitem__, end_id) == want, pieces
+        for chunk in (1, 3, 512):
+            assert count_token_ids(ids, vocab.__getitem__, None, chunk) == want, (pieces, chunk)
+
+
+def test_the_tokens_after_the_first_end_tag_are_not_read():
+    """A 32k-token answer whose thinking ends early is counted from its first tokens alone: the
+    count was taken under the runtime's lock and decoded every token of the answer (~156 ms),
+    which every other request waited for. By the end tag's id and by bytes alike."""
+    vocab = [b"<think>", b"hm ", b"</think>", b"ok ", b"</", b"think>"]
+    read: list[int] = []
+
+    def bytes_of(i: int) -> bytes:
+        read.append(i)
+        return vocab[i]
+
+    answer = [0, 1, 1, 2] + [3] * 32_000
+    assert count_token_ids(answer, bytes_of, 2) == 2 and len(read) == 4
+    read.clear()
+    assert count_token_ids(answer, bytes_of, None, chunk=64) == 2 and len(read) == 64
+    read.clear()
+    spelt = [1, 4, 5] + [3] * 32_000 + [2]          # the tag in two tokens before its own id
+    assert count_token_ids(spelt, bytes_of, 2) == 1 and len(read) == len(spelt)       # read to the id ...
+    read.clear()
+    assert count_token_ids(spelt, bytes_of, None, chunk=64) == 1 and len(read) == 64  # ... by bytes, the first chunk
 
 
 def test_qwen3s_enable_thinking_false_means_no_thinking_and_deepseek_r1_always_thinks():

@@ -423,4 +423,22 @@ def test_a_batch_lines_metadata_is_bounded_as_openai_bounds_it(tmp_path, pipelin
     assert keys["response"]["body"]["error"]["param"] == "metadata"
     assert long["response"]["body"]["error"]["param"] == "metadata.a" and "at most 512" in long["error"]["message"]
     assert safety["response"]["body"]["error"]["param"] == "safety_identifier"
+    assert safety["error"]["message"] == ("'safety_identifier' is 65 characters long: at most 64 are taken "
+                                          "(OpenAI's limit)")
     assert fine["error"] is None and fine["response"]["status_code"] == 200
+
+
+def test_a_plain_lines_metadata_and_identifiers_are_not_bounded(tmp_path, pipeline):
+    """agp serve's bounds on metadata, user, safety_identifier and prompt_cache_key keep a stored
+    Responses answer small; a plain line's answer is written out and stored nowhere, so a line past
+    them is answered (docs/language.md), where a batch-API line's body is bounded as agp serve's."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    line = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "user": "u" * 600,
+            "safety_identifier": "s" * 100, "prompt_cache_key": "p" * 600,
+            "metadata": {f"k{i}" + "k" * 70: "v" * 600 for i in range(20)}}
+    inp.write_text(json.dumps({"id": "long", **line}) + "\n" + json.dumps({"id": "typed", **line, "user": 5}) + "\n")
+    r = run(pipeline, "-i", inp, "-o", out)
+    assert r.returncode == 0, r.stderr
+    long, typed = records(out)
+    assert long.get("error") is None and long["finish_reason"] in ("stop", "length"), long
+    assert typed["error"]["param"] == "user" and "'user' must be a string" in typed["error"]["message"], typed

@@ -142,3 +142,24 @@ def test_batch_api_lines_are_answered_as_agp_serve_answers_them(pipeline, tmp_pa
     assert (message["reasoning"], message["reasoning_content"], message["content"]) == (reasoning, reasoning, content)
     assert got[1]["response"]["status_code"] == 400
     assert got[1]["error"]["message"].startswith("'response_format' cannot be enforced while the model thinks")
+
+
+def test_a_python_stage_that_sets_reasoning_tokens_to_no_count_fails_there(qwen3_folder, tmp_path, ids):  # noqa: F811
+    """usage.reasoning_tokens of a result a python stage returns is a token count, held to what
+    the other counts are: "many" is that line's error naming the stage and the field, not a
+    TypeError when the record's usage sums the choices' counts; an integer is taken as it is."""
+    (tmp_path / "hooks.py").write_text(
+        "def recount(item):\n"
+        "    item['usage'] = {**item['usage'], 'reasoning_tokens': item['request']['metadata']['n']}\n"
+        "    return item\n")
+    stage = 'stage fix : python { fn = "hooks:recount" }\n    stage out'
+    text = TINY.format(model=qwen3_folder, max_queue=64, max_batch_size=4, timeout=20).replace("stage out", stage, 1)
+    path = tmp_path / "p.agp"
+    path.write_text(text.replace("kv -> gen -> out", "kv -> gen -> fix -> out"))
+    got, r = _run(path, tmp_path, [_line(ids, 0, id="words", metadata={"n": "many"}),
+                                   _line(ids, 1, id="count", metadata={"n": 5})], "--reasoning-parser", "qwen3")
+    assert r.returncode == 0, r.stderr
+    words, count = got
+    assert words["error"]["message"] == ("stage 'fix' returned a result whose usage.reasoning_tokens is 'many'; "
+                                         "expected a non-negative integer"), words
+    assert count.get("error") is None and count["usage"]["reasoning_tokens"] == 5, count

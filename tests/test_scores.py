@@ -159,6 +159,13 @@ def test_scoring_requests_are_counted_by_status_and_leave_nothing_in_flight(serv
     assert server.metric("agp_requests_in_flight") == 0
 
 
+def test_a_long_user_is_taken_as_these_routes_store_nothing(server):
+    """/v1/score and /v1/rerank keep nothing with `user` (as /v1/embeddings): a string of any
+    length is taken, where chat's and Responses' are bounded to 512 characters."""
+    post(server, "/v1/score", {"text_1": "q", "text_2": "a", "user": "u" * 600})
+    post(server, "/v1/rerank", {"query": "q", "documents": ["a"], "user": "u" * 600})
+
+
 def test_request_id_is_the_answers_x_request_id_and_its_id(server):
     r = server.http.post(server.url + "/v1/rerank", json={"query": "q", "documents": ["a"], "request_id": "rr-1",
                                                           "user": "alice"}, timeout=60)

@@ -373,20 +373,22 @@ class EngineSide:
             self._task(self._leave_generate, child)
 
     def _generated(self, item: Item, request: dict, gen: str, text: str, reason, prompt_tokens: int,
-                   completion_tokens: int, cached_tokens: int) -> dict:
+                   completion_tokens: int, cached_tokens: int, counted: tuple[bool, int] | None = None) -> dict:
         """A Generated item's dict (what later stages and the answer see). `constrained`: whether
         `gen` held it to a format or a forced tool call from its first token, decided here, where
         the request it answers is known: after a join of a `returns = many` stage's elements the
-        answer's `request` is the one that stage got, not the element's that set the format."""
+        answer's `request` is the one that stage got, not the element's that set the format.
+        `counted`: (constrained, reasoning tokens) worked out before (_thinking, outside the lock)."""
+        constrained, thought = counted if counted is not None else self._thinking(item, request, gen)
         data = {"id": item.req.id, "text": text, "finish_reason": reason,
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "cached_tokens": cached_tokens},
-                "generated_by": gen, "request": request, "constrained": self.constrained(gen, request)}
+                "generated_by": gen, "request": request, "constrained": constrained}
         from pipeline_dsl.reasoning import answer_thinks
 
-        thinking = answer_thinks(self, gen, request, data["constrained"])
-        if self.reasoning_parser is not None:
-            data["usage"]["reasoning_tokens"] = self._reasoning_tokens(gen, item.token_ids or ()) if thinking else 0
+        if thought is not None:
+            data["usage"]["reasoning_tokens"] = thought
+        thinking = answer_thinks(self, gen, request, constrained)
         item.tool_read = read = self._read_tool_calls(gen, request, text, thinking)
         if read is not None and read.calls:     # the stages' own copy: the answer gives the calls as read
             data["tool_calls"] = [{**c, "function": dict(c["function"])} for c in read.calls]
@@ -400,13 +402,22 @@ class EngineSide:
                 data["prompt_logprobs"] = item.entry["prompt_logprobs"]
         return data
 
-    def _reasoning_tokens(self, gen: str, ids) -> int:
-        """How many of the tokens `ids` of generate stage `gen`'s answer, one that thinks
-        (pipeline_dsl.reasoning's answer_thinks), are its thinking (pipeline_dsl.reasoning's count_tokens)."""
-        from pipeline_dsl.reasoning import count_tokens
+    def _thinking(self, item: Item, request: dict, gen: str) -> tuple[bool, int | None]:
+        """(whether `gen` held the answer to a format from its first token, how many of its tokens
+        are its thinking under --reasoning-parser, None without one), for _generated. The count is
+        taken where no lock is held: it reads the answer's tokens up to its first `</think>`
+        (pipeline_dsl.reasoning's count_token_ids, each token's bytes looked up once per segment);
+        0 for an answer that does not think (reasoning.answer_thinks: a completions request, thinking
+        turned off by the chat template, an answer held to a format from its first token)."""
+        from pipeline_dsl.reasoning import answer_thinks, count_token_ids
 
-        bytes_of = self.seg_of_gen[gen].tokenizer.token_bytes
-        return count_tokens([bytes_of(t) for t in ids])
+        constrained = self.constrained(gen, request)
+        if self.reasoning_parser is None:
+            return constrained, None
+        if not answer_thinks(self, gen, request, constrained):
+            return constrained, 0
+        bytes_of, end_id = self.seg_of_gen[gen].thinking_reader
+        return constrained, count_token_ids(item.token_ids or (), bytes_of, end_id)
 
     def _read_tool_calls(self, gen: str, request: dict, text: str, thinking: bool = False):
         """The tool calls generate stage `gen`'s answer `text` holds (tools.ToolCallsRead), parsed
@@ -496,8 +507,11 @@ class EngineSide:
                                                "invalid", item.at, param=param), item)
         if not finished:
             return
+        # each answer's format and thinking tokens, worked out before the lock (a long answer's
+        # count reads its tokens up to </think>, and every other request waits on the lock)
+        counted = [None if item.req.done else self._thinking(item, item.data, item.at) for item, _ in finished]
         with self._lock:
-            for item, out in finished:
+            for (item, out), known in zip(finished, counted):
                 req = item.req
                 self.ledger.release(out.request_id)
                 if req.done:
@@ -510,7 +524,7 @@ class EngineSide:
                 self.ledger.finished_sequence(item, out, es.name)
                 item.kind = GENERATED
                 item.data = self._generated(item, item.data, gen, out.text, out.finish_reason, out.prompt_tokens,
-                                            out.completion_tokens, out.cached_tokens)
+                                            out.completion_tokens, out.cached_tokens, known)
                 if getattr(out, "pooled", None) is not None:   # pooling = "mean": the prompt's mean hidden state
                     item.data["pooled"] = out.pooled
                 if getattr(out, "stop_reason", None) is not None:   # the stop string or stop token id that ended it

@@ -186,6 +186,9 @@ def unicode_problem(text: str) -> str | None:
 
 WRITTEN_AS_IS = ("stop_reason", "generated_by", "branches")   # result fields an answer carries unformatted
 COUNTED = ("prompt_tokens", "completion_tokens", "cached_tokens")  # a result's usage: what the run adds up
+# the counts a result's usage may carry, held to non-negative integers: COUNTED and the thinking's
+# tokens (--reasoning-parser), which an answer's usage sums over its choices
+USAGE_COUNTS = (*COUNTED, "reasoning_tokens")
 MAX_COUNT = 2 ** 53 - 1               # the largest token count every JSON reader (and a float metric) holds exactly
 # the code of a request whose result its listener could not make an answer of (unbuilt)
 ANSWER_FAILED_CODE = "answer_failed"
@@ -214,7 +217,7 @@ def check_result(d: dict, stage: str, made: str, got: dict | None = None, vocab:
         if not isinstance(usage, dict):
             raise PipelineError(f"{made} a result whose usage is {a_type(usage)}; expected an object of token "
                                 f"counts ({', '.join(COUNTED)}) or null", "failed", stage)
-        for key in COUNTED:
+        for key in USAGE_COUNTS:
             n = usage.get(key)
             if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
                 raise PipelineError(f"{made} a result whose usage.{key} is {n!r}; expected a non-negative "

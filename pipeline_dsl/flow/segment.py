@@ -12,6 +12,7 @@ on the pipeline's worker pool) and leave as finished sequences.
 """
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -139,6 +140,18 @@ class EngineSegment:
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    @functools.cached_property
+    def thinking_reader(self) -> tuple:
+        """(id -> the token's bytes, cached; the id of `</think>` where it is one token, else None):
+        what counting an answer's thinking tokens reads (reasoning.count_token_ids)."""
+        from pipeline_dsl.reasoning import END, END_BYTES
+
+        tok = self.tokenizer
+        bytes_of = functools.lru_cache(maxsize=1 << 16)(tok.token_bytes)
+        to_id = getattr(tok, "token_to_id", None)
+        end_id = to_id(END) if to_id is not None else None
+        return bytes_of, end_id if end_id is not None and bytes_of(end_id) == END_BYTES else None
 
     @property
     def vocab_size(self) -> int:

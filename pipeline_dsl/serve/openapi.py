@@ -86,7 +86,7 @@ METADATA = {"type": "object", "maxProperties": METADATA_KEYS, "propertyNames": {
             "additionalProperties": {"oneOf": [{"type": "string", "maxLength": METADATA_VALUE_CHARS},
                                                {"not": {"type": "string"}}]},
             "description": f"at most {METADATA_KEYS} keys of {METADATA_KEY_CHARS} characters, each value at most "
-                           f"{METADATA_VALUE_CHARS} characters (another value than a string: its JSON's)"}
+                           f"{METADATA_VALUE_CHARS} characters (another value than a string: its compact JSON's)"}
 OBFUSCATION = {"include_obfuscation": {"type": ["boolean", "null"],
                                        "description": "taken; agp's chunks carry no obfuscation field"}}
 
@@ -490,8 +490,7 @@ def _embeddings_request() -> dict:
         "input": EMBEDDINGS_INPUT,
         "encoding_format": {"enum": ["float", "base64"]}, "normalize": {"type": "boolean"},
         "dimensions": {"type": "integer", "description": "only the model's own"},
-        "user": {"type": "string", "maxLength": IDENTIFIER_CHARS["user"]}, "request_id": SAMPLING["request_id"],
-        "priority": SAMPLING["priority"],
+        "user": {"type": "string"}, "request_id": SAMPLING["request_id"], "priority": SAMPLING["priority"],
         "add_special_tokens": ADD_SPECIAL_TOKENS,
         "embed_dtype": {"enum": list(EMBED_DTYPES), "description": "a base64 embedding's numbers (vLLM's)"},
         "endianness": {"enum": list(ENDIANNESS), "description": "a base64 embedding's byte order (vLLM's)"},
@@ -520,8 +519,7 @@ EMBEDDINGS = {
 # vLLM's scoring routes (serve/scores.py): the cosine similarity of the texts' embeddings
 TEXTS = {"oneOf": [{"type": "string", "minLength": 1},
                    {"type": "array", "minItems": 1, "maxItems": MAX_INPUTS, "items": {"type": "string", "minLength": 1}}]}
-_SCORING_COMMON = {"model": {"type": "string"}, "user": {"type": "string", "maxLength": IDENTIFIER_CHARS["user"]},
-                   "request_id": SAMPLING["request_id"],
+_SCORING_COMMON = {"model": {"type": "string"}, "user": {"type": "string"}, "request_id": SAMPLING["request_id"],
                    "priority": SAMPLING["priority"]}
 
 

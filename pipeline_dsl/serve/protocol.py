@@ -20,9 +20,9 @@ from pipeline_dsl.diagnostics import closest
 from pipeline_dsl.requests_io import (CACHE_SETTINGS, CHAT_FIELDS, CHAT_LACKING, CHAT_NEUTRAL,  # noqa: F401
                                       COMPLETION_FIELDS, COMPLETION_LACKING, IDENTIFIERS, IDENTITY, IGNORED,
                                       ITEM_FIELDS, MAX_HEADER_VALUE, NEUTRAL, REASONING_EFFORTS, RESPONSES_LACKING,
-                                      check_fields, check_metadata, check_min_tokens, check_neutral, foreign_hint, json_type,
-                                      load_json, logprobs_of_chat, must_be, parse_logit_bias, parse_messages,
-                                      parse_tools, priority, request_item)
+                                      check_fields, check_identifiers, check_metadata, check_min_tokens,
+                                      check_neutral, foreign_hint, json_type, load_json, logprobs_of_chat, must_be,
+                                      parse_logit_bias, parse_messages, parse_tools, priority, request_item)
 from pipeline_dsl.requests_io import check_lacking as request_check_lacking
 from stages.fields import REQUEST_FIELDS, ParamError, check_value, param_of
 
@@ -170,7 +170,6 @@ _CHAT_NEUTRAL = NEUTRAL | CHAT_NEUTRAL
 _COMPLETION_CHECKED = {"guided_decoding_backend": IGNORED["guided_decoding_backend"]}
 _CHAT_CHECKED = _COMPLETION_CHECKED | {name: IGNORED[name]
                                        for name in ("reasoning_effort", "include_reasoning", "store", "service_tier")}
-_IDENTIFIER_RULES = {name: IGNORED[name] for name in IDENTIFIERS}
 
 
 def _check_unsupported(obj: dict, chat: bool = False) -> None:
@@ -200,10 +199,11 @@ def _metadata(obj: dict) -> dict | None:
 
 
 def _check_identifiers(obj: dict) -> dict:
-    """The request's identifiers checked (strings); the end user's (IDENTITY: user, safety_identifier)
-    returned, for the item a pipeline's stages and conditions see."""
+    """The request's identifiers checked (strings, bounded: requests_io.check_identifiers); the end
+    user's (IDENTITY: user, safety_identifier) returned, for the item a pipeline's stages and
+    conditions see."""
     with request_errors:
-        check_fields(obj, _IDENTIFIER_RULES)
+        check_identifiers(obj)
     return {k: obj[k] for k in IDENTITY if obj.get(k) is not None} or None
 
 

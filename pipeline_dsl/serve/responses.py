@@ -32,14 +32,14 @@ from fastapi.responses import Response
 from pipeline_dsl.constraints import json_copy
 from pipeline_dsl.diagnostics import closest
 from pipeline_dsl.flow import PipelineError
-from pipeline_dsl.requests_io import shown
+from pipeline_dsl.requests_io import check_identifiers, shown
 
 from . import protocol as P
 from .access import request_info
 from .answers import Vocabularies, answer_thinks, call_parser, check_reasoning, reasoning_tokens
 from .body import read_json
 from .errors import api_error, as_responses_wrote
-from .extras import bad, parsed_off_loop
+from .extras import bad, parsed_off_loop, request_errors
 from .generation import Generations
 from .responses_events import ResponseEvents
 from .responses_output import (call_item, ending, message_item, output_messages, reasoning_item, response_object,
@@ -397,10 +397,8 @@ def _checked(obj: dict) -> None:
             ("previous_response_id", lambda v: isinstance(v, str), "a string"),
             ("metadata", lambda v: isinstance(v, dict), "an object"),
             ("service_tier", *P.IGNORED["service_tier"]),          # chat's check: a string
-            ("prompt_cache_key", *P.IGNORED["prompt_cache_key"]),
             ("top_logprobs", lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_LOGPROBS,
              f"an integer from 0 to {MAX_LOGPROBS}"),
-            ("safety_identifier", *P.IGNORED["safety_identifier"]),
             ("max_tool_calls", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
              "a positive integer"),
             ("reasoning", lambda v: isinstance(v, dict), 'an object {"effort", "summary"}'),    # keys: _reasoning
@@ -410,6 +408,8 @@ def _checked(obj: dict) -> None:
              'an object {"context_compression": "auto", "enabled" or "disabled"}')):
         if obj.get(name) is not None and not ok(obj[name]):
             raise bad(name, expected, obj[name])
+    with request_errors:            # stored with the answer: bounded
+        check_identifiers(obj)
 
 
 def _include(obj: dict) -> list[str]:
