@@ -373,22 +373,21 @@ class EngineSide:
             self._task(self._leave_generate, child)
 
     def _generated(self, item: Item, request: dict, gen: str, text: str, reason, prompt_tokens: int,
-                   completion_tokens: int, cached_tokens: int, counted: tuple[bool, int] | None = None) -> dict:
+                   completion_tokens: int, cached_tokens: int, counted: tuple | None = None) -> dict:
         """A Generated item's dict (what later stages and the answer see). `constrained`: whether
         `gen` held it to a format or a forced tool call from its first token, decided here, where
         the request it answers is known: after a join of a `returns = many` stage's elements the
         answer's `request` is the one that stage got, not the element's that set the format.
-        `counted`: (constrained, reasoning tokens) worked out before (_thinking, outside the lock)."""
-        constrained, thought = counted if counted is not None else self._thinking(item, request, gen)
+        `counted`: (constrained, thinks, reasoning tokens) worked out before (_format_and_thinking,
+        outside the lock)."""
+        constrained, thinking, thought = (counted if counted is not None
+                                          else self._format_and_thinking(item, request, gen))
         data = {"id": item.req.id, "text": text, "finish_reason": reason,
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "cached_tokens": cached_tokens},
                 "generated_by": gen, "request": request, "constrained": constrained}
-        from pipeline_dsl.reasoning import answer_thinks
-
         if thought is not None:
             data["usage"]["reasoning_tokens"] = thought
-        thinking = answer_thinks(self, gen, request, constrained)
         item.tool_read = read = self._read_tool_calls(gen, request, text, thinking)
         if read is not None and read.calls:     # the stages' own copy: the answer gives the calls as read
             data["tool_calls"] = [{**c, "function": dict(c["function"])} for c in read.calls]
@@ -402,9 +401,10 @@ class EngineSide:
                 data["prompt_logprobs"] = item.entry["prompt_logprobs"]
         return data
 
-    def _thinking(self, item: Item, request: dict, gen: str) -> tuple[bool, int | None]:
-        """(whether `gen` held the answer to a format from its first token, how many of its tokens
-        are its thinking under --reasoning-parser, None without one), for _generated. The count is
+    def _format_and_thinking(self, item: Item, request: dict, gen: str) -> tuple[bool, bool, int | None]:
+        """(whether `gen` held the answer to a format from its first token, whether the answer
+        thinks (reasoning.answer_thinks), how many of its tokens are its thinking under
+        --reasoning-parser, None without one), for _generated. The count is
         taken where no lock is held: it reads the answer's tokens up to its first `</think>`
         (pipeline_dsl.reasoning's count_token_ids, each token's bytes looked up once per segment);
         0 for an answer that does not think (reasoning.answer_thinks: a completions request, thinking
@@ -412,12 +412,13 @@ class EngineSide:
         from pipeline_dsl.reasoning import answer_thinks, count_token_ids
 
         constrained = self.constrained(gen, request)
+        thinking = answer_thinks(self, gen, request, constrained)
         if self.reasoning_parser is None:
-            return constrained, None
-        if not answer_thinks(self, gen, request, constrained):
-            return constrained, 0
+            return constrained, thinking, None
+        if not thinking:
+            return constrained, False, 0
         bytes_of, end_id = self.seg_of_gen[gen].thinking_reader
-        return constrained, count_token_ids(item.token_ids or (), bytes_of, end_id)
+        return constrained, True, count_token_ids(item.token_ids or (), bytes_of, end_id)
 
     def _read_tool_calls(self, gen: str, request: dict, text: str, thinking: bool = False):
         """The tool calls generate stage `gen`'s answer `text` holds (tools.ToolCallsRead), parsed
@@ -509,7 +510,7 @@ class EngineSide:
             return
         # each answer's format and thinking tokens, worked out before the lock (a long answer's
         # count reads its tokens up to </think>, and every other request waits on the lock)
-        counted = [None if item.req.done else self._thinking(item, item.data, item.at) for item, _ in finished]
+        counted = [None if item.req.done else self._format_and_thinking(item, item.data, item.at) for item, _ in finished]
         with self._lock:
             for (item, out), known in zip(finished, counted):
                 req = item.req
