@@ -256,3 +256,44 @@ def test_a_generate_stages_adapter_that_does_not_fit_stops_the_start(tiny_gguf, 
     assert ("generate stage 'gen': lora: " f"{tmp_path}/wide/adapter_model.safetensors: "
             "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight: has shape [96, 4]") in err, err
     assert "Traceback" not in err
+
+
+def test_a_derived_pipeline_in_another_folder_answers_with_the_adapter_its_base_names(tiny_gguf, strong, tmp_path):
+    """`lora` and `json_schema` are looked up beside the file that wrote them: a derived pipeline
+    that copies a stage from a base in another folder (use "../A/base.agp") runs with the files
+    agp check found there, not with paths read from the working directory."""
+    import shutil
+
+    import pipeline_dsl
+
+    (tmp_path / "A").mkdir()
+    (tmp_path / "B").mkdir()
+    shutil.copytree(strong, tmp_path / "A" / "mine")
+    (tmp_path / "A" / "person.json").write_text('{"type": "object"}')
+    pipeline_file(tmp_path / "A", tiny_gguf, "mine", name="base.agp")
+    derived = tmp_path / "B" / "derived.agp"
+    derived.write_text('use "../A/base.agp"\npipeline two : one { gen.max_new_tokens = 6 }\n')
+    allow = ["--allow-path", str(tmp_path)]
+    assert cli.main(["check", str(derived), *allow]) == 0
+
+    def text(path, model, *flags):
+        serving = build(parse([str(path), "--threads", "1", *flags]))
+        try:
+            with TestClient(serving.app, base_url="http://localhost") as c:
+                r = c.post("/v1/completions", json={"model": model, "prompt": "the quick brown fox", **GREEDY,
+                                                    "max_tokens": 6})
+                assert r.status_code == 200, r.text
+                return r.json()["choices"][0]["text"]
+        finally:
+            serving.runtime.close()
+
+    assert text(derived, "two", *allow) == text(tmp_path / "A" / "base.agp", "one")
+    # json_schema too: the graph agp run and agp serve run holds the file beside the base
+    schema = tmp_path / "B" / "schema.agp"
+    schema.write_text(ONE.format(model=tiny_gguf, lora="").replace("max_new_tokens = 8",
+                                                                   'json_schema = "person.json"')
+                      .replace("pipeline one", "pipeline base"), encoding="utf-8")
+    shutil.move(str(schema), tmp_path / "A" / "schema.agp")
+    derived.write_text('use "../A/schema.agp"\npipeline two : base { gen.max_new_tokens = 6 }\n')
+    graph = pipeline_dsl.load_pipeline_graph(str(derived), "two", allow_paths=[str(tmp_path)])
+    assert graph.nodes["gen"]["params"]["json_schema"] == str(tmp_path / "A" / "person.json")
