@@ -297,3 +297,32 @@ def test_a_derived_pipeline_in_another_folder_answers_with_the_adapter_its_base_
     derived.write_text('use "../A/schema.agp"\npipeline two : base { gen.max_new_tokens = 6 }\n')
     graph = pipeline_dsl.load_pipeline_graph(str(derived), "two", allow_paths=[str(tmp_path)])
     assert graph.nodes["gen"]["params"]["json_schema"] == str(tmp_path / "A" / "person.json")
+
+
+@pytest.mark.parametrize("value, specs", [
+    ('{"name": "sql", "path": "/a/sql"}', [("sql", "/a/sql", None)]),        # vLLM's JSON form: commas inside
+    ('[{"name": "sql", "path": "/a/sql", "base_model_name": "b"}, "chat=/a/chat"]',
+     [("sql", "/a/sql", "b"), ("chat", "/a/chat", None)]),
+    ('sql=/a/sql, {"name": "chat", "path": "/a/x,y"}', [("sql", "/a/sql", None), ("chat", "/a/x,y", None)]),
+    ("sql=/a/s,q,l,chat=/a/chat", [("sql", "/a/s,q,l", None), ("chat", "/a/chat", None)]),
+])
+def test_agp_lora_modules_takes_what_the_flag_takes(value, specs):
+    from pipeline_dsl.serve.lora import parse_specs
+    from pipeline_dsl.serve.options import env_defaults
+
+    p = argparse.ArgumentParser(prog="agp serve")
+    serve.add_arguments(p)
+    env_defaults(p, {"AGP_LORA_MODULES": value})
+    assert parse_specs(p.parse_args(["model.gguf"]).lora_modules) == specs
+
+
+def test_a_bad_agp_lora_modules_list_is_refused_naming_the_variable(capsys):
+    from pipeline_dsl.serve.options import env_defaults
+
+    p = argparse.ArgumentParser(prog="agp serve")
+    serve.add_arguments(p)
+    with pytest.raises(SystemExit) as e:
+        env_defaults(p, {"AGP_LORA_MODULES": "[1]"})
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "environment variable AGP_LORA_MODULES='[1]': a JSON list of adapters holds NAME=PATH" in err, err
