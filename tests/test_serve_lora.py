@@ -326,3 +326,26 @@ def test_a_bad_agp_lora_modules_list_is_refused_naming_the_variable(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "environment variable AGP_LORA_MODULES='[1]': a JSON list of adapters holds NAME=PATH" in err, err
+
+
+def test_a_generate_stages_own_adapter_is_shown_by_its_card_and_adapters_are_listed_last(tiny_gguf, strong, tmp_path):
+    """/v1/models: the served names, the generate stages, then the adapters (docs/serve.md); the card
+    of a stage that answers with its own adapter shows it (root its folder, parent the stage's
+    model), and the engine holds it under the stage's name, which its metrics' labels show."""
+    import shutil
+
+    shutil.copytree(strong, tmp_path / "mine")
+    other = write_tiny_lora(tmp_path / "other-adapter", seed=9, strength=30.0)
+    serving = build(parse([str(pipeline_file(tmp_path, tiny_gguf, "mine")), "--threads", "1",
+                           "--lora-modules", f"other={other}"]))
+    try:
+        with TestClient(serving.app, base_url="http://localhost") as c:
+            cards = c.get("/v1/models").json()["data"]
+            assert [m["id"] for m in cards] == ["one", tiny_gguf.name, tiny_gguf.stem, "gen", "other"]
+            gen = c.get("/v1/models/gen").json()
+            assert (gen["root"], gen["parent"]) == ("mine", tiny_gguf.name)
+            assert (cards[-1]["root"], cards[-1]["parent"]) == ("other-adapter", "one")
+            engines = c.get("/stats").json()["engines"]
+            assert [e["lora_adapters"] for e in engines.values()] == [["gen", "other"]]
+    finally:
+        serving.runtime.close()
