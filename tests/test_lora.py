@@ -282,3 +282,19 @@ def test_an_adapter_of_base_weights_its_initialisation_changed_is_refused_with_t
                                     {"loftq_config": {}, "corda_config": None}])
 def test_initialisations_that_leave_the_base_alone_are_read(tmp_path, config):
     assert read_adapter(write_tiny_lora(tmp_path / "a", config=config)).rank == 4
+
+
+def test_a_fitted_adapter_keeps_no_host_copy_of_the_matrices_it_was_read_with(tiny, folders):
+    """LoraWeights holds the matrices fitted to the model (its dtype and device) and the adapter's
+    name, path and rank: the float32 matrices read from the folder are freed once it is fitted."""
+    import gc
+    import weakref
+
+    model = LlamaModel(tiny.config, tiny.weights, "bf16")
+    adapter = read_adapter(folders["a"], "a")
+    read = [weakref.ref(t) for pair in adapter.pairs.values() for t in pair]
+    weights = LoraWeights(adapter, tiny.config, model.dtype, model.device)
+    del adapter
+    gc.collect()
+    assert [r for r in read if r() is not None] == []
+    assert (weights.name, weights.path, weights.rank) == ("a", str(folders["a"]), 4)

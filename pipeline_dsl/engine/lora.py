@@ -228,13 +228,15 @@ def check_fits(adapter: LoraAdapter, config) -> None:
 
 class LoraWeights:
     """An adapter fitted to one model: per layer and fused linear, (A [R, in], B [out, R]) in the
-    model's dtype and device (scale folded into B), or None where the adapter leaves it alone."""
+    model's dtype and device (scale folded into B), or None where the adapter leaves it alone.
+    Of the adapter read from its folder it keeps its name, path and rank only: its float32 host
+    matrices go once fitted."""
 
     def __init__(self, adapter: LoraAdapter, config, dtype, device):
         import torch
 
         check_fits(adapter, config)
-        self.name, self.adapter = adapter.name, adapter
+        self.name, self.path, self.rank = adapter.name, adapter.path, adapter.rank
         want = shapes(config)
         self.layers: list[dict] = []
         for li in range(config.num_layers):
