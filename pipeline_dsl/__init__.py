@@ -162,7 +162,7 @@ def load_pipeline_graph(path: str, pipeline_name: str | None = None, allow_paths
                else f"{path} defines no pipeline")
         raise CheckFailed([Diagnostic(ERROR, msg, None, expected="one of: " + (", ".join(names) or "(none)"),
                                       hint=did_you_mean(pipeline_name or "", names))], program.sources)
-    g = build_graph(p)
+    g = build_graph(p, allowed=getattr(program, "allowed", None) or None)   # the folders agp check allowed
     g.graph["sources"] = program.sources     # what it was made from (agp run's --resume fingerprint)
     return g
 
@@ -174,7 +174,8 @@ def load_pipeline_graphs(path: str, allow_paths=()) -> dict:
     program, diags = load(path, allow_paths)
     if has_errors(diags):
         raise CheckFailed(diags, program.sources)
-    return {p.name.text: build_graph(p) for p in program.pipelines}
+    allowed = getattr(program, "allowed", None) or None
+    return {p.name.text: build_graph(p, allowed=allowed) for p in program.pipelines}
 
 
 def read_pipeline_source(path: str) -> tuple[str, str | None]:

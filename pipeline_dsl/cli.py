@@ -356,6 +356,9 @@ _NO_PROMPT_LOG = "agp never logs a request's prompt or parameters, only its acce
 _CHUNKED = "prefill is always chunked (generate's `prefill_chunk` tokens a step)"
 _LORA = ("agp's is --lora-modules NAME=PATH, a PEFT adapter folder (adapter_config.json, "
          "adapter_model.safetensors) that requests name as their model")
+_LORA_SIZED = ("agp sizes each LoRA adapter from its files (its rank, the modules it targets) and holds every one "
+               "given (--lora-modules, a generate stage's `lora`) on the device in the model's dtype, so there is "
+               "nothing to set")
 VLLM_FLAGS = {
     "--model": "the model is the pipeline's `model` setting (or a generate stage's)",
     "--gpu-memory-utilization": "the KV cache's size is the pipeline's `kv_budget` (or a kv_lookup stage's `budget`)",
@@ -397,6 +400,9 @@ VLLM_FLAGS = {
     "--enable-prompt-embeds": "a prompt comes as text or token ids; `prompt_embeds` is refused",
     "--trust-request-chat-template": "a request brings no chat template of its own: --chat-template sets the "
                                      "server's",
+    # what vLLM's --enable-lora comes with: the sizes of its LoRA slots
+    **dict.fromkeys(("--max-lora-rank", "--max-loras", "--max-cpu-loras", "--lora-dtype", "--fully-sharded-loras",
+                     "--lora-extra-vocab-size"), _LORA_SIZED),
 }
 
 

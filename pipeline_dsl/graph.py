@@ -42,17 +42,21 @@ from .diagnostics import ERROR, WARNING, Diagnostic, sort_diagnostics
 from .reachability import check_dead_ends, check_islands, check_turn, check_unreachable, reachable
 
 
-def _resolve(pipeline, registry: Registry | None = None) -> Resolved:
+def _resolve(pipeline, registry: Registry | None = None, allowed: tuple[str, ...] | None = None) -> Resolved:
     if isinstance(pipeline, Resolved):
         return pipeline
     if isinstance(pipeline, ast.Pipeline):
-        return check_pipeline(pipeline, registry)[0]
+        return check_pipeline(pipeline, registry, allowed)[0]
     raise TypeError(f"build_graph takes an ast.Pipeline or a checker.Resolved, not {type(pipeline).__name__}")
 
 
-def build_graph(pipeline, registry: Registry | None = None) -> nx.DiGraph:
-    """The pipeline as a DiGraph (see the module docstring for its attributes)."""
-    r = _resolve(pipeline, registry)
+def build_graph(pipeline, registry: Registry | None = None, allowed: tuple[str, ...] | None = None) -> nx.DiGraph:
+    """The pipeline as a DiGraph (see the module docstring for its attributes). `allowed`: the
+    folders its files may name (loader.Program.allowed, as check_program checks it with; default:
+    the pipeline file's folder), where its file-valued parameters (a generate stage's lora and
+    json_schema) are found and made absolute: a derived pipeline's, copied from a base in another
+    folder, are found beside the base's file as `agp check` found them."""
+    r = _resolve(pipeline, registry, allowed)
     g = nx.DiGraph(name=r.name, base=r.base, settings=dict(r.settings), pos=r.pos,
                    given_settings=sorted(r.given_settings), setting_pos=dict(r.setting_pos))
     for s in r.stages.values():

@@ -323,8 +323,10 @@ class Generate:
 
 
 def lora_name(stage: str) -> str:
-    """The name a generate stage's own LoRA adapter (its `lora`) is loaded under in its engine."""
-    return f"generate {stage}"
+    """The name a generate stage's own LoRA adapter (its `lora`) is loaded under in its engine: the
+    stage's, unique in the pipeline and what a user knows it by (vllm:lora_requests_info's
+    running_lora_adapters and waiting_lora_adapters show it)."""
+    return stage
 
 
 class NoImplementation(LookupError):

@@ -540,3 +540,13 @@ def test_the_agp_process_ends_with_its_heap_frozen_and_main_in_a_process_that_go
     before = gc.get_freeze_count()
     assert agp_in("check", ROOT / "examples" / "chat.agp").returncode == 0
     assert gc.get_freeze_count() == before
+
+
+@pytest.mark.parametrize("flag", ["--max-lora-rank=64", "--max-loras=4", "--max-cpu-loras=8", "--lora-dtype=bfloat16",
+                                  "--fully-sharded-loras", "--lora-extra-vocab-size=256"])
+def test_vllms_lora_sizes_are_refused_saying_agp_sizes_adapters_from_their_files(flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["serve", "examples/chat.agp", "--enable-lora", flag])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{flag.split('=')[0]} is vLLM's: agp sizes each LoRA adapter from its files" in err, err

@@ -259,3 +259,42 @@ def test_an_adapter_is_refused_for_a_family_whose_layers_it_is_not_added_to(tiny
     config = dataclasses.replace(tiny.config, **{field: True})
     with pytest.raises(LoraError, match=f"not to {family}'s layers"):
         check_fits(read_adapter(folders["a"], "a"), config)
+
+
+@pytest.mark.parametrize("config, key", [
+    ({"init_lora_weights": "pissa"}, "init_lora_weights: 'pissa': PiSSA"),
+    ({"init_lora_weights": "pissa_niter_4"}, "init_lora_weights: 'pissa_niter_4': PiSSA"),
+    ({"init_lora_weights": "olora"}, "init_lora_weights: 'olora': OLoRA"),
+    ({"init_lora_weights": "corda"}, "init_lora_weights: 'corda': CorDA"),
+    ({"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4}}, "init_lora_weights: 'loftq': LoftQ"),
+    ({"loftq_config": {"loftq_bits": 4}}, "loftq_config: LoftQ"),
+    ({"corda_config": {"cache_file": "c.pt"}}, "corda_config: CorDA"),
+])
+def test_an_adapter_of_base_weights_its_initialisation_changed_is_refused_with_the_way_to_convert_it(
+        tmp_path, config, key):
+    f = write_tiny_lora(tmp_path / "a", config=config)
+    refused(f, f"adapter_config.json: {key} trains an adapter on base weights it changes.*"
+               "path_initial_model_for_weight_conversion")
+
+
+@pytest.mark.parametrize("config", [{"init_lora_weights": True}, {"init_lora_weights": "gaussian"},
+                                    {"init_lora_weights": "eva", "eva_config": {"rho": 2.0}},
+                                    {"loftq_config": {}, "corda_config": None}])
+def test_initialisations_that_leave_the_base_alone_are_read(tmp_path, config):
+    assert read_adapter(write_tiny_lora(tmp_path / "a", config=config)).rank == 4
+
+
+def test_a_fitted_adapter_keeps_no_host_copy_of_the_matrices_it_was_read_with(tiny, folders):
+    """LoraWeights holds the matrices fitted to the model (its dtype and device) and the adapter's
+    name, path and rank: the float32 matrices read from the folder are freed once it is fitted."""
+    import gc
+    import weakref
+
+    model = LlamaModel(tiny.config, tiny.weights, "bf16")
+    adapter = read_adapter(folders["a"], "a")
+    read = [weakref.ref(t) for pair in adapter.pairs.values() for t in pair]
+    weights = LoraWeights(adapter, tiny.config, model.dtype, model.device)
+    del adapter
+    gc.collect()
+    assert [r for r in read if r() is not None] == []
+    assert (weights.name, weights.path, weights.rank) == ("a", str(folders["a"]), 4)

@@ -256,3 +256,96 @@ def test_a_generate_stages_adapter_that_does_not_fit_stops_the_start(tiny_gguf, 
     assert ("generate stage 'gen': lora: " f"{tmp_path}/wide/adapter_model.safetensors: "
             "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight: has shape [96, 4]") in err, err
     assert "Traceback" not in err
+
+
+def test_a_derived_pipeline_in_another_folder_answers_with_the_adapter_its_base_names(tiny_gguf, strong, tmp_path):
+    """`lora` and `json_schema` are looked up beside the file that wrote them: a derived pipeline
+    that copies a stage from a base in another folder (use "../A/base.agp") runs with the files
+    agp check found there, not with paths read from the working directory."""
+    import shutil
+
+    import pipeline_dsl
+
+    (tmp_path / "A").mkdir()
+    (tmp_path / "B").mkdir()
+    shutil.copytree(strong, tmp_path / "A" / "mine")
+    (tmp_path / "A" / "person.json").write_text('{"type": "object"}')
+    pipeline_file(tmp_path / "A", tiny_gguf, "mine", name="base.agp")
+    derived = tmp_path / "B" / "derived.agp"
+    derived.write_text('use "../A/base.agp"\npipeline two : one { gen.max_new_tokens = 6 }\n')
+    allow = ["--allow-path", str(tmp_path)]
+    assert cli.main(["check", str(derived), *allow]) == 0
+
+    def text(path, model, *flags):
+        serving = build(parse([str(path), "--threads", "1", *flags]))
+        try:
+            with TestClient(serving.app, base_url="http://localhost") as c:
+                r = c.post("/v1/completions", json={"model": model, "prompt": "the quick brown fox", **GREEDY,
+                                                    "max_tokens": 6})
+                assert r.status_code == 200, r.text
+                return r.json()["choices"][0]["text"]
+        finally:
+            serving.runtime.close()
+
+    assert text(derived, "two", *allow) == text(tmp_path / "A" / "base.agp", "one")
+    # json_schema too: the graph agp run and agp serve run holds the file beside the base
+    schema = tmp_path / "B" / "schema.agp"
+    schema.write_text(ONE.format(model=tiny_gguf, lora="").replace("max_new_tokens = 8",
+                                                                   'json_schema = "person.json"')
+                      .replace("pipeline one", "pipeline base"), encoding="utf-8")
+    shutil.move(str(schema), tmp_path / "A" / "schema.agp")
+    derived.write_text('use "../A/schema.agp"\npipeline two : base { gen.max_new_tokens = 6 }\n')
+    graph = pipeline_dsl.load_pipeline_graph(str(derived), "two", allow_paths=[str(tmp_path)])
+    assert graph.nodes["gen"]["params"]["json_schema"] == str(tmp_path / "A" / "person.json")
+
+
+@pytest.mark.parametrize("value, specs", [
+    ('{"name": "sql", "path": "/a/sql"}', [("sql", "/a/sql", None)]),        # vLLM's JSON form: commas inside
+    ('[{"name": "sql", "path": "/a/sql", "base_model_name": "b"}, "chat=/a/chat"]',
+     [("sql", "/a/sql", "b"), ("chat", "/a/chat", None)]),
+    ('sql=/a/sql, {"name": "chat", "path": "/a/x,y"}', [("sql", "/a/sql", None), ("chat", "/a/x,y", None)]),
+    ("sql=/a/s,q,l,chat=/a/chat", [("sql", "/a/s,q,l", None), ("chat", "/a/chat", None)]),
+])
+def test_agp_lora_modules_takes_what_the_flag_takes(value, specs):
+    from pipeline_dsl.serve.lora import parse_specs
+    from pipeline_dsl.serve.options import env_defaults
+
+    p = argparse.ArgumentParser(prog="agp serve")
+    serve.add_arguments(p)
+    env_defaults(p, {"AGP_LORA_MODULES": value})
+    assert parse_specs(p.parse_args(["model.gguf"]).lora_modules) == specs
+
+
+def test_a_bad_agp_lora_modules_list_is_refused_naming_the_variable(capsys):
+    from pipeline_dsl.serve.options import env_defaults
+
+    p = argparse.ArgumentParser(prog="agp serve")
+    serve.add_arguments(p)
+    with pytest.raises(SystemExit) as e:
+        env_defaults(p, {"AGP_LORA_MODULES": "[1]"})
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "environment variable AGP_LORA_MODULES='[1]': a JSON list of adapters holds NAME=PATH" in err, err
+
+
+def test_a_generate_stages_own_adapter_is_shown_by_its_card_and_adapters_are_listed_last(tiny_gguf, strong, tmp_path):
+    """/v1/models: the served names, the generate stages, then the adapters (docs/serve.md); the card
+    of a stage that answers with its own adapter shows it (root its folder, parent the stage's
+    model), and the engine holds it under the stage's name, which its metrics' labels show."""
+    import shutil
+
+    shutil.copytree(strong, tmp_path / "mine")
+    other = write_tiny_lora(tmp_path / "other-adapter", seed=9, strength=30.0)
+    serving = build(parse([str(pipeline_file(tmp_path, tiny_gguf, "mine")), "--threads", "1",
+                           "--lora-modules", f"other={other}"]))
+    try:
+        with TestClient(serving.app, base_url="http://localhost") as c:
+            cards = c.get("/v1/models").json()["data"]
+            assert [m["id"] for m in cards] == ["one", tiny_gguf.name, tiny_gguf.stem, "gen", "other"]
+            gen = c.get("/v1/models/gen").json()
+            assert (gen["root"], gen["parent"]) == ("mine", tiny_gguf.name)
+            assert (cards[-1]["root"], cards[-1]["parent"]) == ("other-adapter", "one")
+            engines = c.get("/stats").json()["engines"]
+            assert [e["lora_adapters"] for e in engines.values()] == [["gen", "other"]]
+    finally:
+        serving.runtime.close()

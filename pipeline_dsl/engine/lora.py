@@ -39,12 +39,19 @@ MODULES = {"q_proj": ("self_attn", "q"), "k_proj": ("self_attn", "k"), "v_proj":
 # agp's fused linears and the modules each holds, in the order of its output rows
 FUSED = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
 # PEFT's LoRA settings that change what an adapter computes beyond y = W x + scale * B A x: each
-# refused where set (the initialisations, corda_config, eva_config, loftq_config ..., train a plain one)
+# refused where set
 VARIANTS = {"alora_invocation_tokens": "activated LoRA (applied after its invocation tokens only)",
             "layer_replication": "replicated layers", "lora_bias": "a bias on lora_B",
             "trainable_token_indices": "trained embedding rows", "target_parameters": "adapted parameters",
             "use_qalora": "QA-LoRA", "use_bdlora": "block-diagonal LoRA", "arrow_config": "Arrow routing",
             "kasa_config": "KaSA", "monteclora_config": "MonteCLoRA"}
+# PEFT's initialisations that change the base weights too (W - B0 A0, the residual model, is what
+# the adapter was trained on): an adapter saved as they leave it does not apply to the base model.
+# PEFT converts one into a plain adapter of the base (path_initial_model_for_weight_conversion),
+# whose config then says init_lora_weights true. EVA leaves the base alone: read as any other.
+BASE_CHANGING_INITS = {"pissa": "PiSSA", "olora": "OLoRA", "corda": "CorDA", "loftq": "LoftQ"}
+INIT_HINT = ("re-save it with PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...), which "
+             "converts it into an adapter of the base model (its config then says init_lora_weights true)")
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 
 
@@ -113,6 +120,17 @@ def read_config(path: str | Path) -> tuple[int, float]:
     for key, what in VARIANTS.items():
         if cfg.get(key):
             raise _refuse(cfg_file, key, f"{what} is not supported (agp applies plain LoRA pairs)")
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str):
+        family = next((what for prefix, what in BASE_CHANGING_INITS.items() if init.lower().startswith(prefix)), None)
+        if family is not None:
+            raise _refuse(cfg_file, "init_lora_weights", f"{init!r}: {family} trains an adapter on base weights it "
+                          f"changes, not on the model's: {INIT_HINT}")
+    for key in ("loftq_config", "corda_config"):
+        if cfg.get(key):
+            family = BASE_CHANGING_INITS[key.split("_")[0]]
+            raise _refuse(cfg_file, key, f"{family} trains an adapter on base weights it changes, not on the "
+                          f"model's: {INIT_HINT}")
     targets = cfg.get("target_modules")
     if isinstance(targets, (list, tuple)):
         other = [t for t in targets if t not in MODULES]
@@ -210,13 +228,15 @@ def check_fits(adapter: LoraAdapter, config) -> None:
 
 class LoraWeights:
     """An adapter fitted to one model: per layer and fused linear, (A [R, in], B [out, R]) in the
-    model's dtype and device (scale folded into B), or None where the adapter leaves it alone."""
+    model's dtype and device (scale folded into B), or None where the adapter leaves it alone.
+    Of the adapter read from its folder it keeps its name, path and rank only: its float32 host
+    matrices go once fitted."""
 
     def __init__(self, adapter: LoraAdapter, config, dtype, device):
         import torch
 
         check_fits(adapter, config)
-        self.name, self.adapter = adapter.name, adapter
+        self.name, self.path, self.rank = adapter.name, adapter.path, adapter.rank
         want = shapes(config)
         self.layers: list[dict] = []
         for li in range(config.num_layers):

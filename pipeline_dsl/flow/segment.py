@@ -125,6 +125,7 @@ class EngineSegment:
         from pipeline_dsl.engine.lora import LoraError, read_adapter
         from stages.impl import lora_name
 
+        self.own_loras = frozenset(lora_name(gen) for gen in spec.loras)   # not a request's to name
         for gen, folder in spec.loras.items():
             try:
                 self.engine.add_lora(read_adapter(folder, lora_name(gen)))
@@ -219,7 +220,7 @@ class EngineSegment:
         if constraint is not None:
             given["constraint"] = self.compile(constraint)
         model = data.get("model")                # a LoRA adapter this engine serves (agp serve --lora-modules)
-        if isinstance(model, str) and model in getattr(self.engine, "loras", ()):
+        if isinstance(model, str) and model in getattr(self.engine, "loras", ()) and model not in self.own_loras:
             given["lora"] = model
         params = replace(self.defaults[gen], **given)
         if "max_tokens" not in given:

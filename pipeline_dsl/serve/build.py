@@ -195,6 +195,8 @@ def build(args, *, host: str | None = None) -> Serving:
     config = ServeConfig(model_names=names, max_model_len=int(min(contexts) if contexts else 1 << 20),
                          stages=tuple((g, Path(str(es.config.model)).name) for g, es in runtime.seg_of_gen.items()),
                          loras=loras,
+                         stage_loras=tuple((g, Path(str(es.spec.loras[g])).name) for g, es in runtime.seg_of_gen.items()
+                                           if g in es.spec.loras),
                          drain_timeout_s=args.drain_timeout, max_body_bytes=args.max_body_bytes,
                          body_timeout_s=args.body_timeout, body_min_rate=args.body_min_rate,
                          max_connections=args.max_connections, max_body_bytes_arriving=args.max_body_bytes_arriving,

@@ -18,6 +18,7 @@ class ServeConfig:
     max_model_len: int                     # context length: max_tokens beyond it is a 400
     stages: tuple[tuple[str, str], ...] = ()   # (generate stage, its model) a request may name
     loras: tuple = ()                      # serve.lora.Served: the LoRA adapters a request may name (in model_names too)
+    stage_loras: tuple[tuple[str, str], ...] = ()   # (generate stage, its own LoRA adapter's folder name: its `lora`)
     retry_after_s: int = 1                 # Retry-After of a 429 / 503
     drain_timeout_s: float = 60.0          # at shutdown: how long in-flight requests may take
     max_body_bytes: int = 4 << 20          # a longer request body is a 413

@@ -62,6 +62,54 @@ def _origins(value: str) -> list[str]:
     return names
 
 
+def _lora_specs(value: str) -> list[str]:
+    """AGP_LORA_MODULES: what --lora-modules takes, several at once: a JSON list (of vLLM's objects
+    or of NAME=PATH strings), one JSON object, or specs split on the commas outside {...} and
+    quotes (`sql=/a/sql,{"name": "chat", "path": "/a/chat"}`); a comma that does not start another
+    spec (one followed by neither `{` nor NAME=) stays in the path before it. Each object is given
+    on as its JSON text, which serve/lora.py reads as the flag's."""
+    import json
+
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            items = json.loads(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"not a JSON list of adapters ({e})") from None
+        except RecursionError:
+            raise argparse.ArgumentTypeError("not a JSON list of adapters (nested too deeply to read)") from None
+        if not isinstance(items, list) or not all(isinstance(i, (str, dict)) for i in items):
+            raise argparse.ArgumentTypeError("a JSON list of adapters holds NAME=PATH strings or "
+                                             '{"name": ..., "path": ...} objects')
+        return [i if isinstance(i, str) else json.dumps(i, ensure_ascii=False) for i in items]
+    pieces, depth, quoted, escaped, start = [], 0, False, False, 0
+    for i, ch in enumerate(text):
+        if quoted:
+            escaped, quoted = (not escaped and ch == "\\"), quoted and (escaped or ch != '"')
+        elif ch == '"':
+            quoted = True
+        elif ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth = max(depth - 1, 0)
+        elif ch == "," and depth == 0:
+            pieces.append(text[start:i])
+            start = i + 1
+    pieces.append(text[start:])
+    specs: list[str] = []
+    for piece in pieces:
+        head = piece.strip()
+        if specs and not head.startswith("{") and "=" not in head:
+            specs[-1] += "," + piece          # a comma inside NAME=PATH's path
+        else:
+            specs.append(piece)
+    return [s.strip() for s in specs if s.strip()]
+
+
+# AGP_<FLAG> of a flag taking several values whose values may hold commas: its own reading
+ENV_LISTS = {"lora_modules": _lora_specs}
+
+
 def _header_names(value: str) -> list[str]:
     """--request-headers: comma-separated HTTP header names, lower-cased (HTTP's are case-blind)."""
     from pipeline_dsl.requests_io import HEADER_NAME, MAX_HEADERS
@@ -313,6 +361,8 @@ def env_defaults(p: argparse.ArgumentParser, environ=None) -> None:
                 value = switch(raw) if raw.strip() else False
                 # --no-x's own variable (AGP_NO_ACCESS_LOG=1) as well as --x's (AGP_ACCESS_LOG=0)
                 value = value if isinstance(action, argparse._StoreTrueAction) else not value
+            elif action.dest in ENV_LISTS:
+                value = ENV_LISTS[action.dest](raw)
             elif isinstance(action, argparse._ExtendAction):
                 value = _names(raw)
             elif action.type in (int, float):

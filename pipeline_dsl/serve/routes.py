@@ -153,7 +153,9 @@ def model_entry(state, name: str) -> dict | None:
     served name that several models answer: each of its generate stages has an entry naming
     its own), `parent` the served name a generate stage's entry belongs to (null for a served
     name), and vLLM's one `permission` object. A LoRA adapter's (--lora-modules): `root` its folder's
-    name, `parent` its base model (its base_model_name, else the first served name), as vLLM's."""
+    name, `parent` its base model (its base_model_name, else the first served name), as vLLM's; a
+    generate stage's that answers with its own adapter (its `lora`) likewise: `root` the adapter's
+    folder's name, `parent` the stage's model."""
     config = state.config
 
     def card(root: str | None, parent: str | None) -> dict:
@@ -171,17 +173,20 @@ def model_entry(state, name: str) -> dict | None:
     if name in config.model_names:
         models = {model for _, model in config.stages}
         return card(models.pop() if len(models) == 1 else None, None)
+    own = dict(config.stage_loras)
     for stage, model in config.stages:
         if stage == name:
-            return card(model, config.model_names[0])
+            return card(own[stage], model) if stage in own else card(model, config.model_names[0])
     return None
 
 
 @router.get("/v1/models", openapi_extra=OA.MODELS)
 async def models(request: Request):
     state = _state(request)
-    names = list(state.config.model_names) + [s for s in _stage_names(state.config)
-                                              if s not in state.config.model_names]
+    config = state.config
+    adapters = [lora.name for lora in config.loras]     # listed last, as vLLM lists them (docs/serve.md)
+    names = [n for n in config.model_names if n not in adapters]
+    names += [s for s in _stage_names(config) if s not in names] + [a for a in adapters if a not in names]
     return {"object": "list", "data": [model_entry(state, name) for name in names]}
 
 
