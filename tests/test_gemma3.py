@@ -322,8 +322,9 @@ def test_with_the_native_library_a_gemma3_model_decodes_on_the_eager_path(monkey
 
 def test_flex_attention_and_cuda_graphs_leave_a_gemma3_model_to_the_gather_path(tmp_path, tiny_tokenizer, caplog):
     """Flex attention asked for by name cannot serve a Gemma model (a clear error, as for any model
-    it cannot serve); the graphs' capture says why it leaves every step eager. The runner's steps,
-    padded as on CUDA, give the tokens of the model's own forward."""
+    it cannot serve); the graphs' capture says why it leaves every step eager. The runner's steps
+    (asked to pad as on CUDA: a Gemma model's are not, no graph replays them) give the tokens of the
+    model's own forward."""
     from test_gpu_path import EagerGraphs
 
     from pipeline_dsl.engine.model import ModelRunner, SeqBatchItem
@@ -341,7 +342,7 @@ def test_flex_attention_and_cuda_graphs_leave_a_gemma3_model_to_the_gather_path(
     alone.native = None
     ids = TOKENS[:20]
     want = model.forward_full(ids + [9, 4, 77])                          # [23, V]
-    for r, table, beside in ((runner, [0, 1, 2], [SeqBatchItem([5], 0, [3], True)]),   # padded, masked
+    for r, table, beside in ((runner, [0, 1, 2], [SeqBatchItem([5], 0, [3], True)]),   # two, masked
                              (alone, [0, 1, 2], []), (alone, [5, 3, 4], [])):          # one slice; gathered
         first = r.execute([SeqBatchItem(ids, 0, table, True)])[0]
         steps = [r.execute([SeqBatchItem([t], 20 + i, table, True), *beside])[0] for i, t in enumerate([9, 4, 77])]
