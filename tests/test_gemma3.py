@@ -374,7 +374,8 @@ def test_a_bf16_gemma3_keeps_its_norms_in_float32_as_transformers_does(tmp_path,
 
     folder = save_gemma(tmp_path, tiny_tokenizer)
     tensors = load_file(str(folder / "model.safetensors"))
-    save_file({k: t.bfloat16() for k, t in tensors.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_file({k: t.bfloat16() for k, t in tensors.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
     ids = list(range(3, 60)) + list(range(100, 160))
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16).eval()
     with torch.no_grad():
@@ -402,7 +403,8 @@ def test_a_gemma3_decode_batch_is_not_padded_where_no_graph_replays_it(tmp_path,
 
         engine.runner.prepare = seen
         for i in range(9):
-            engine.add_request(str(i), prompt_token_ids=[5 + i] * 10, params=SamplingParams(max_tokens=4, ignore_eos=True))
+            engine.add_request(str(i), prompt_token_ids=[5 + i] * 10,
+                               params=SamplingParams(max_tokens=4, ignore_eos=True))
         got = {}
         while engine.has_unfinished():
             for o in engine.step():
