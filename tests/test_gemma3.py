@@ -322,8 +322,9 @@ def test_with_the_native_library_a_gemma3_model_decodes_on_the_eager_path(monkey
 
 def test_flex_attention_and_cuda_graphs_leave_a_gemma3_model_to_the_gather_path(tmp_path, tiny_tokenizer, caplog):
     """Flex attention asked for by name cannot serve a Gemma model (a clear error, as for any model
-    it cannot serve); the graphs' capture says why it leaves every step eager. The runner's steps,
-    padded as on CUDA, give the tokens of the model's own forward."""
+    it cannot serve); the graphs' capture says why it leaves every step eager. The runner's steps
+    (asked to pad as on CUDA: a Gemma model's are not, no graph replays them) give the tokens of the
+    model's own forward."""
     from test_gpu_path import EagerGraphs
 
     from pipeline_dsl.engine.model import ModelRunner, SeqBatchItem
@@ -341,7 +342,7 @@ def test_flex_attention_and_cuda_graphs_leave_a_gemma3_model_to_the_gather_path(
     alone.native = None
     ids = TOKENS[:20]
     want = model.forward_full(ids + [9, 4, 77])                          # [23, V]
-    for r, table, beside in ((runner, [0, 1, 2], [SeqBatchItem([5], 0, [3], True)]),   # padded, masked
+    for r, table, beside in ((runner, [0, 1, 2], [SeqBatchItem([5], 0, [3], True)]),   # two, masked
                              (alone, [0, 1, 2], []), (alone, [5, 3, 4], [])):          # one slice; gathered
         first = r.execute([SeqBatchItem(ids, 0, table, True)])[0]
         steps = [r.execute([SeqBatchItem([t], 20 + i, table, True), *beside])[0] for i, t in enumerate([9, 4, 77])]
@@ -360,3 +361,94 @@ def test_batch_invariant_steps_of_a_gemma3_model_are_its_own(tmp_path, tiny_toke
     for ids, out in zip(prompts, got):
         with torch.no_grad():
             assert out == ref(torch.tensor([ids + out])).logits[0, len(ids) - 1:-1].argmax(-1).tolist()
+
+
+# -- precision, padding, tables, names ----------------------------------------------------------
+
+def test_a_bf16_gemma3_keeps_its_norms_in_float32_as_transformers_does(tmp_path, tiny_tokenizer):
+    """A bf16 checkpoint run in bf16: every RMSNorm computes x * (1 + w) in float32 (1 + w not
+    rounded to bf16) and casts the result, as transformers' Gemma3RMSNorm; the logits stay as
+    close to transformers' bf16 ones as that arithmetic allows (norms applied in bf16 drift by
+    0.013 on average here, float32 ones by 0.009)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = save_gemma(tmp_path, tiny_tokenizer)
+    tensors = load_file(str(folder / "model.safetensors"))
+    save_file({k: t.bfloat16() for k, t in tensors.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    ids = list(range(3, 60)) + list(range(100, 160))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0].float()             # [T, V]
+    model, _ = load_model(str(folder), dtype="bf16")
+    got = model.forward_full(ids)
+    assert (got - want).abs().mean().item() < 0.011
+
+
+def test_a_gemma3_decode_batch_is_not_padded_where_no_graph_replays_it(tmp_path, tiny_tokenizer):
+    """No CUDA graph runs a Gemma model's steps: a decode batch of 9 sequences runs as 9 rows
+    (padding = true pads a llama's to its bucket of 16 for a graph), and the answers are the same."""
+    folder = save_gemma(tmp_path, tiny_tokenizer)
+    answers = []
+    for padding in (True, False):
+        engine = Engine(EngineConfig(model=str(folder), dtype="fp32", kv_budget_bytes=1 << 20, batch_timeout_s=0.0,
+                                     block_size=8, padding=padding))
+        prepare, rows = engine.runner.prepare, []
+
+        def seen(batch, prepare=prepare, rows=rows):
+            step = prepare(batch)
+            if step.all_decode:
+                rows.append(int(step.tokens.shape[0]))
+            return step
+
+        engine.runner.prepare = seen
+        for i in range(9):
+            engine.add_request(str(i), prompt_token_ids=[5 + i] * 10,
+                               params=SamplingParams(max_tokens=4, ignore_eos=True))
+        got = {}
+        while engine.has_unfinished():
+            for o in engine.step():
+                got.setdefault(o.request_id, []).extend(o.new_token_ids)
+        assert rows and set(rows) == {9}
+        answers.append(got)
+    assert answers[0] == answers[1]
+
+
+def test_a_gemma3_model_builds_its_two_rotary_tables_and_no_third(tmp_path, tiny_tokenizer, monkeypatch):
+    """The full layers' table and the sliding layers', each once (not llama's one besides, to be
+    thrown away: at 131072 positions each is seconds and hundreds of MB)."""
+    from pipeline_dsl.engine import gemma, model as llama
+
+    built = []
+
+    def counted(*args, real=llama.rope_table, **kw):
+        built.append(args[1])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(llama, "rope_table", counted)
+    monkeypatch.setattr(gemma, "rope_table", counted)
+    model, _ = load_model(str(save_gemma(tmp_path, tiny_tokenizer)), dtype="fp32")
+    assert sorted(built) == [1e4, 1e6]
+    full = llama.rope_table(32, 1e6, model.config.rope_scaling, 256)
+    assert torch.equal(model.cos[:, 0], full[0].float()) and torch.equal(model.sin[:, 1],
+                                                                          llama.rope_table(32, 1e4, (), 256)[1].float())
+
+
+def test_fp16_is_refused_for_a_gemma3_model_naming_bf16_and_fp32(tmp_path, tiny_tokenizer):
+    """Gemma 3's activations overflow float16: an engine asked for fp16 refuses at load, naming the
+    dtypes that run it, as a user error (exit status 2), not a model of inf logits."""
+    from pipeline_dsl.engine.errors import InputError
+
+    folder = save_gemma(tmp_path, tiny_tokenizer)
+    with pytest.raises(InputError, match="dtype fp16 cannot run Gemma 3.*use bf16 or fp32"):
+        Engine(EngineConfig(model=str(folder), dtype="fp16", kv_budget_bytes=1 << 20))
+
+
+def test_a_multimodal_checkpoints_vision_tensors_have_no_text_model_name():
+    from pipeline_dsl.model_files.gemma import hf_gemma_name
+
+    assert hf_gemma_name("vision_tower.vision_model.embeddings.patch_embedding.weight") is None
+    assert hf_gemma_name("model.multi_modal_projector.mm_input_projection_weight") is None
+    assert hf_gemma_name("language_model.model.norm.weight") == "model.norm.weight"
+    assert hf_gemma_name("model.language_model.layers.0.mlp.up_proj.weight") == "model.layers.0.mlp.up_proj.weight"
+    assert hf_gemma_name("model.layers.0.mlp.up_proj.weight") == "model.layers.0.mlp.up_proj.weight"

@@ -265,3 +265,21 @@ def test_a_template_s_tojson_keeps_text_as_written_and_strftime_now_is_there(tok
     tok.set_chat_template("{{ messages[0].content | tojson }}|{{ strftime_now('%Y') | length }}")
     assert tok.apply_chat_template([{"role": "user", "content": "día ✓"}], add_generation_prompt=False) == \
         '"día ✓"|4'
+
+
+def test_a_folder_s_chat_template_json_is_its_template_where_no_jinja_is(tmp_path, tok):
+    """A multimodal folder (Gemma 3 4B's, as its processor saved it) may keep the template in
+    chat_template.json ({"chat_template": …}): it renders that, over tokenizer_config.json's
+    (the processor's template, as vLLM prefers it); a chat_template.jinja still wins over both."""
+    import json
+
+    tok.tk.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "JSON{{ messages[0].content }}"}))
+    hi = [{"role": "user", "content": "hi"}]
+    assert Tokenizer.from_hf_folder(tmp_path).apply_chat_template(hi) == "JSONhi"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>",
+                                                                 "chat_template": "CONFIG{{ messages[0].content }}"}))
+    assert Tokenizer.from_hf_folder(tmp_path).apply_chat_template(hi) == "JSONhi"
+    (tmp_path / "chat_template.jinja").write_text("FILE{{ messages[0].content }}", encoding="utf-8")
+    assert Tokenizer.from_hf_folder(tmp_path).apply_chat_template(hi) == "FILEhi"

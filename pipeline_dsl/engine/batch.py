@@ -181,8 +181,9 @@ def prepare_step(runner, batch: StepBatch) -> Step:
     lora = batch.lora is not None and any(name is not None for name in batch.lora)
     use_native = runner.native is not None and all_decode and B <= runner.native_max_batch and not lora
     invariant = getattr(runner, "batch_invariant", False)
+    # padded to a bucket (static shapes, for a CUDA graph): never for a model no graph can replay
     padded = all_decode and (runner.pad_decode or batch.pad_to is not None) and runner.native is None \
-        and not invariant and not lora
+        and not invariant and not lora and getattr(runner, "graphs_refused", None) is None
     tokens = batch.tokens
     dec_rows = offs[dec_idx]
     pad = 0

@@ -15,7 +15,8 @@ What changes against LlamaModel:
     attention      scaled by config.attn_scale; a sliding layer (`windows[li]` keys) masks the keys
                    `window` or more positions back (ModelRunner._attention, on every SDPA path)
 
-Every norm weight is 1 + w already (the loaders: model_files/gemma.py). The native CPU kernels, the
+Every norm weight is 1 + w already (the loaders: model_files/gemma.py), kept in float32: `rms` norms in
+float32 and casts the result to the compute dtype, as transformers' Gemma3RMSNorm. The native CPU kernels, the
 flex backend and the CUDA graphs compute llama's layers: a Gemma model runs the eager layers with
 gather + SDPA attention on every device (NativeDecoder.create, ModelRunner._choose_attention and
 capture_graphs say so).
@@ -26,7 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .model import LlamaConfig, LlamaModel, _Fallback, _Layer, rope_table
+from .errors import InputError
+from .model import LlamaConfig, LlamaModel, _Fallback, _Layer, resolve_dtype, rope_table
 
 
 class GemmaLayer(_Layer):
@@ -44,15 +46,26 @@ class GemmaModel(LlamaModel):
 
     def __init__(self, config: LlamaConfig, weights: dict, dtype: str | torch.dtype = "fp32",
                  device: str | torch.device = "cpu"):
+        if resolve_dtype(dtype, device)[1] == torch.float16:
+            raise InputError("dtype fp16 cannot run Gemma 3: its activations overflow float16 (transformers "
+                             "says so too); use bf16 or fp32")
         super().__init__(config, weights, dtype, device)
         c, dt, dev = config, self.dtype, self.device
+
+        def norm(name):     # 1 + w kept in float32, as transformers' Gemma3RMSNorm computes it (rms)
+            return weights[name].to(device=dev, dtype=torch.float32).contiguous()
+
+        self.norm = norm("norm")
         layers = []
         for i, ly in enumerate(self.layers):
             g = GemmaLayer()
             for name in _Layer.__slots__:
                 setattr(g, name, getattr(ly, name))
-            g.post_attn_norm = weights[f"layers.{i}.post_attn_norm"].to(device=dev, dtype=dt).contiguous()
-            g.post_ffw_norm = weights[f"layers.{i}.post_ffw_norm"].to(device=dev, dtype=dt).contiguous()
+            p = f"layers.{i}."
+            g.attn_norm, g.ffn_norm = norm(p + "attn_norm"), norm(p + "ffn_norm")
+            if c.qk_norm:
+                g.q_norm, g.k_norm = norm(p + "q_norm"), norm(p + "k_norm")
+            g.post_attn_norm, g.post_ffw_norm = norm(p + "post_attn_norm"), norm(p + "post_ffw_norm")
             g.window = c.sliding_window if i in c.window_layers else 0
             layers.append(g)
         self.layers = layers
@@ -60,11 +73,20 @@ class GemmaModel(LlamaModel):
         self.attn_scale = c.attn_scale or None
         # transformers: torch.tensor(sqrt(H)) (float32) cast to the weights' dtype
         self.embed_scale = torch.tensor(c.hidden_size ** 0.5, dtype=torch.float32).to(device=dev, dtype=dt)
-        full = rope_table(c.head_dim, c.rope_theta, c.rope_scaling, c.max_position)
-        local = rope_table(c.head_dim, c.rope_local_theta, (), c.max_position)
-        self.cos = torch.stack([full[0], local[0]], dim=1).to(device=dev, dtype=dt)   # [P, 2, hd]
-        self.sin = torch.stack([full[1], local[1]], dim=1).to(device=dev, dtype=dt)
         self.silu_mul = _gelu_mul                               # the MLP's gate piece (compiled as llama's)
+
+    def build_rope(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [P, 2, hd] in the compute dtype: [:, 0] the full layers' rotary, [:, 1] the
+        sliding layers' (LlamaModel.__init__ calls this in place of llama's one table)."""
+        c = self.config
+        cos, sin = (torch.empty(c.max_position, 2, c.head_dim, dtype=self.dtype) for _ in range(2))
+        rope_table(c.head_dim, c.rope_theta, c.rope_scaling, c.max_position, out=(cos[:, 0], sin[:, 0]))
+        rope_table(c.head_dim, c.rope_local_theta, (), c.max_position, out=(cos[:, 1], sin[:, 1]))
+        return cos.to(self.device), sin.to(self.device)
+
+    def rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Gemma3RMSNorm: x normed and times w (1 + w, float32) in float32, then in x's dtype."""
+        return self.rms_fn(x.float(), w, self.config.rms_eps).to(x.dtype)
 
     def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, 2, hd]: the full layers' rotary, then the sliding layers'."""

@@ -191,17 +191,23 @@ class _Layer:
     __slots__ = ("attn_norm", "qkv", "qkv_bias", "q_norm", "k_norm", "o", "ffn_norm", "gate_up", "down")
 
 
-def rope_table(head_dim: int, theta: float, scaling: tuple, max_position: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE tables cos, sin [max_position, head_dim] float64 ("rotate half": halves share a
-    frequency; sin's first half negated, see _rope)."""
-    inv_freq = torch.tensor(rope_inv_freq(head_dim, theta, scaling), dtype=torch.float64)
-    pos = torch.arange(max_position, dtype=torch.float64)
-    freqs = torch.outer(pos, inv_freq)                      # [P, hd/2]
-    emb = torch.cat([freqs, freqs], dim=-1)                 # [P, hd]
-    sign = torch.cat([-torch.ones(head_dim // 2), torch.ones(head_dim // 2)]).double()
-    mag = torch.tensor(rope_magnitudes(head_dim, scaling), dtype=torch.float64)
-    mag = torch.cat([mag, mag])                             # [hd]: longrope's attention factor, else 1
-    return emb.cos() * mag, emb.sin() * sign * mag
+def rope_table(head_dim: int, theta: float, scaling: tuple, max_position: int,
+               dtype: torch.dtype = torch.float64, out: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE tables cos, sin [max_position, head_dim] in `dtype` ("rotate half": halves share a
+    frequency; sin's first half negated, see _rope), computed in float64 a block of positions at a
+    time: no float64 [max_position, head_dim] temporaries. out: two [max_position, head_dim]
+    tensors (views too) to fill instead."""
+    half = head_dim // 2
+    inv_freq = torch.tensor(rope_inv_freq(head_dim, theta, scaling), dtype=torch.float64)   # [hd/2]
+    mag = torch.tensor(rope_magnitudes(head_dim, scaling), dtype=torch.float64)   # longrope's attention factor, else 1
+    cos, sin = out if out is not None else (torch.empty(max_position, head_dim, dtype=dtype) for _ in range(2))
+    for a in range(0, max_position, 4096):
+        b = min(max_position, a + 4096)
+        freqs = torch.outer(torch.arange(a, b, dtype=torch.float64), inv_freq)   # [n, hd/2]
+        c, s = freqs.cos() * mag, freqs.sin() * mag
+        cos[a:b, :half], cos[a:b, half:] = c, c
+        sin[a:b, :half], sin[a:b, half:] = -s, s
+    return cos, sin
 
 
 def build_model(config: LlamaConfig, weights: dict, dtype: str | torch.dtype = "fp32",
@@ -274,10 +280,7 @@ class LlamaModel:
             layer.gate_up = linear(p + "gate", p + "up")         # [2I, H]
             layer.down = linear(p + "down")
             self.layers.append(layer)
-        # RoPE tables [max_position, head_dim] ("rotate half": halves share a frequency)
-        cos, sin = rope_table(c.head_dim, c.rope_theta, c.rope_scaling, c.max_position)
-        self.cos = cos.to(device=dev, dtype=dt)                 # in the compute dtype: no cast per step
-        self.sin = sin.to(device=dev, dtype=dt)                 # [-sin, sin]: see _rope
+        self.cos, self.sin = self.build_rope()
         self.rope, self.silu_mul, self.rms_fn = _rope, _silu_mul, _rms
 
     def weight_bytes(self) -> int:
@@ -307,6 +310,13 @@ class LlamaModel:
                 slots = [getattr(x, n, None) for c in type(x).__mro__ for n in getattr(c, "__slots__", ())]
                 todo.extend([*getattr(x, "__dict__", {}).values(), *slots])
         return total
+
+    def build_rope(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The RoPE tables cos, sin [max_position, head_dim] ("rotate half": halves share a
+        frequency) that rope_tables reads, in the compute dtype (no cast per step) on the device."""
+        c = self.config
+        cos, sin = rope_table(c.head_dim, c.rope_theta, c.rope_scaling, c.max_position, dtype=self.dtype)
+        return cos.to(self.device), sin.to(self.device)        # sin: [-sin, sin], see _rope
 
     # -- pieces -----------------------------------------------------------------------
     def rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -422,7 +432,11 @@ class ModelRunner:
         self._v_pool = torch.zeros(shape, dtype=kv_dtype, device=self.device)
         self.k_cache = self._k_pool[:, : self.num_slots]   # [layers, num_blocks*block_size, kv, hd]
         self.v_cache = self._v_pool[:, : self.num_slots]
-        self.pad_decode = pad_decode
+        # why no CUDA graph can replay this model's steps (None: they can): its decode batches are
+        # then never padded to a bucket, as padding buys nothing without a graph to replay it
+        self.graphs_refused = "CUDA graphs capture llama's layers, not Gemma 3's: every step runs eagerly" \
+            if c.gemma else None
+        self.pad_decode = pad_decode and self.graphs_refused is None
         self.compile = compile
         if compile:
             model.enable_compile()
@@ -490,10 +504,10 @@ class ModelRunner:
         returned dict as "fallback") says why, as a flex compile that fails at load does."""
         import time
 
-        if self.model.config.gemma:             # the graphs' own embedding and layer pieces are llama's
+        if self.graphs_refused is not None:     # the graphs' own embedding and layer pieces are llama's
             import logging
 
-            self.graphs_fallback = "CUDA graphs capture llama's layers, not Gemma 3's: every step runs eagerly"
+            self.graphs_fallback = self.graphs_refused
             logging.getLogger("agp.model").warning("%s", self.graphs_fallback)
             return {"graphs": 0, "piece_graphs": 0, "capture_s": 0.0, "fallback": self.graphs_fallback}
         from .cuda_graphs import DecodeGraphs   # CUDA-only code: imported only here

@@ -317,9 +317,16 @@ class Tokenizer:
 
         bos, eos = name(cfg.get("bos_token")), name(cfg.get("eos_token"))
         # a chat_template.jinja beside it is the template, whatever tokenizer_config.json holds (as
-        # transformers reads a folder: the file is newer than the config's template it replaces)
+        # transformers reads a folder: the file is newer than the config's template it replaces);
+        # else a chat_template.json ({"chat_template": …}: a multimodal folder's, as its processor
+        # keeps it; transformers' processor reads it after the .jinja, and vLLM prefers the
+        # processor's template to the tokenizer's), else the config's
         jinja = folder / "chat_template.jinja"
-        template = jinja.read_text(encoding="utf-8") if jinja.is_file() else cfg.get("chat_template")
+        if jinja.is_file():
+            template = jinja.read_text(encoding="utf-8")
+        else:
+            legacy = _read_json(folder / "chat_template.json")
+            template = legacy.get("chat_template") or cfg.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": …}, …]
             named = {t.get("name"): t.get("template") for t in template}
             template = named.get("default") or next(iter(named.values()), None)

@@ -36,14 +36,16 @@ _TEXT_DEFAULTS = {"vocab_size": 262208, "hidden_size": 2304, "intermediate_size"
 # tower and projector are not the text model's
 _PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
              ("language_model.lm_head.", "lm_head."))
+_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 
 
 def hf_gemma_name(name: str) -> str | None:
-    """A gemma3 checkpoint's tensor name as a text model's (model.layers.…), or None for a vision one."""
+    """A gemma3 checkpoint's tensor name as a text model's (model.layers.…), or None for a vision one
+    (the vision tower's, the projector's); a gemma3_text checkpoint's names are the text model's."""
     for theirs, ours in _PREFIXES:
         if name.startswith(theirs):
             return ours + name[len(theirs):]
-    return name
+    return None if name.startswith(_VISION_PREFIXES) else name
 
 
 def hf_text_config(cfg: dict, fail) -> dict:
