@@ -42,11 +42,12 @@ def thinks(parser: str | None, template_kwargs: dict | None) -> bool:
     return not (parser == "qwen3" and (template_kwargs or {}).get("enable_thinking") is False)
 
 
-def answer_thinks(runtime, gen, request, constrained: bool | None = None, thinking: bool | None = None) -> bool:
+def stage_answer_thinks(runtime, gen, request, constrained: bool | None = None,
+                        thinking: bool | None = None) -> bool:
     """Whether generate stage `gen`'s answer to `request` (the dict the stage got) starts in its
     thinking under the runtime's --reasoning-parser: the one rule both the Generated result (its
     `tool_calls`, its usage's reasoning_tokens) and the client's answer (serve/answers.py's
-    stage_thinks, agp serve's and agp run's) split an answer by, so a stage runs no call the client
+    answer_thinks, agp serve's; commands/runner.py, agp run's) split an answer by, so a stage runs no call the client
     is not told of. `thinking`: whether the request's chat answers start in their thinking, where
     the caller knows it from the client's request; else told from `request`: a chat request (a
     completions one is never split) whose chat_template_kwargs leave thinking on (thinks). An

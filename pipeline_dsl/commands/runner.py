@@ -20,8 +20,9 @@ from typing import Callable
 from pipeline_dsl.commands.batch_api import BatchLine
 from pipeline_dsl.engine.config import percentile
 from pipeline_dsl.flow import unbuilt
+from pipeline_dsl.reasoning import stage_answer_thinks
 from pipeline_dsl.requests_io import ParsedRequest
-from pipeline_dsl.serve.answers import Vocabularies, refuse_while_thinking, stage_thinks, tool_form
+from pipeline_dsl.serve.answers import Vocabularies, refuse_while_thinking, tool_form
 from pipeline_dsl.serve.errors import api_error
 from pipeline_dsl.serve.protocol import chat_message, completion_logprobs
 from pipeline_dsl.serve.token_fields import prompt_logprobs_json
@@ -89,8 +90,8 @@ def record(req: RunRequest, result, several: bool = False, runtime=None) -> dict
     parts = [_choice_parts(req, c, vocabs) for c in result.choices]
     thinking = _thinking(req.parsed, runtime)
     if thinking is not None:        # an answer no model wrote, or one its stage held to a format, has none
-        thinks = [stage_thinks(runtime, thinking, c.data.get("generated_by"), c.data.get("request"),
-                               c.data.get("constrained")) for c in result.choices]
+        thinks = [stage_answer_thinks(runtime, c.data.get("generated_by"), c.data.get("request"),
+                                      c.data.get("constrained"), thinking) for c in result.choices]
     else:
         thinks = [None] * len(result.choices)
     reasons = [_tool_calls(req.parsed, c, p, runtime, t) for c, p, t in zip(result.choices, parts, thinks)]

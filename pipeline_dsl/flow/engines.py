@@ -403,16 +403,16 @@ class EngineSide:
 
     def _format_and_thinking(self, item: Item, request: dict, gen: str) -> tuple[bool, bool, int | None]:
         """(whether `gen` held the answer to a format from its first token, whether the answer
-        thinks (reasoning.answer_thinks), how many of its tokens are its thinking under
+        thinks (reasoning.stage_answer_thinks), how many of its tokens are its thinking under
         --reasoning-parser, None without one), for _generated. The count is
         taken where no lock is held: it reads the answer's tokens up to its first `</think>`
         (pipeline_dsl.reasoning's count_token_ids, each token's bytes looked up once per segment);
-        0 for an answer that does not think (reasoning.answer_thinks: a completions request, thinking
+        0 for an answer that does not think (reasoning.stage_answer_thinks: a completions request, thinking
         turned off by the chat template, an answer held to a format from its first token)."""
-        from pipeline_dsl.reasoning import answer_thinks, count_token_ids
+        from pipeline_dsl.reasoning import count_token_ids, stage_answer_thinks
 
         constrained = self.constrained(gen, request)
-        thinking = answer_thinks(self, gen, request, constrained)
+        thinking = stage_answer_thinks(self, gen, request, constrained)
         if self.reasoning_parser is None:
             return constrained, thinking, None
         if not thinking:
@@ -425,7 +425,7 @@ class EngineSide:
         as agp serve parses them for its answer (`tool_calls`: id, type, function name and JSON
         arguments), in the form its model writes them (tool_parser), where its request gave tools
         and a tool_choice other than none: what a python tool stage after the generate stage reads
-        and runs, and what the answer gives (Choice.tool_read). `thinking` (reasoning.answer_thinks): the
+        and runs, and what the answer gives (Choice.tool_read). `thinking` (reasoning.stage_answer_thinks): the
         answer starts in its thinking, so its calls are read from its content after `</think>`
         alone, as the client's answer reads them (pipeline_dsl.reasoning's split): a call written
         while thinking is reasoning text, run by no stage. None where the request gave no tools (or

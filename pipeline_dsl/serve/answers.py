@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from pipeline_dsl.reasoning import stage_answer_thinks
+
 from . import protocol as P
 from .token_fields import answer_fields, logprob_names
 
@@ -63,18 +65,10 @@ def answer_thinks(runtime, req, gen=None, request=None, constrained: bool | None
     `constrained`, which its generate stage set, as after a join `request` is no longer the one
     the stage got): each is all content, as with thinking off. The request's own format is refused while thinking
     (check_reasoning); one the pipeline sets is its choice."""
-    return stage_thinks(runtime, thinking_of(runtime, req), gen, request, constrained)
-
-
-def stage_thinks(runtime, thinking: bool | None, gen=None, request=None,
-                 constrained: bool | None = None) -> bool | None:
-    """answer_thinks from `thinking`, whether the request's chat answers start in their thinking
-    (thinking_of's; `agp run`'s lines tell it from their own fields)."""
+    thinking = thinking_of(runtime, req)
     if not thinking:
         return thinking
-    from pipeline_dsl.reasoning import answer_thinks as by_stage
-
-    return by_stage(runtime, gen, request, constrained, thinking)   # the rule the stages' tool calls follow too
+    return stage_answer_thinks(runtime, gen, request, constrained, thinking)   # the stages' tool calls' rule too
 
 
 def reasoning_tokens(runtime, req, choices) -> int | None:
