@@ -22,7 +22,7 @@ from pipeline_dsl.engine.config import percentile
 from pipeline_dsl.flow import unbuilt
 from pipeline_dsl.reasoning import stage_answer_thinks
 from pipeline_dsl.requests_io import ParsedRequest
-from pipeline_dsl.serve.answers import Vocabularies, refuse_while_thinking, tool_form
+from pipeline_dsl.serve.answers import Vocabularies, refuse_while_thinking, thinking_tokens, tool_form
 from pipeline_dsl.serve.errors import api_error
 from pipeline_dsl.serve.protocol import chat_message, completion_logprobs
 from pipeline_dsl.serve.token_fields import prompt_logprobs_json
@@ -98,8 +98,7 @@ def record(req: RunRequest, result, several: bool = False, runtime=None) -> dict
     out = {"id": req.parsed.id, "text": parts[0]["text"], "finish_reason": reasons[0],
            "usage": dict(result.usage)}
     if thinking is not None:        # the tokens of the answers' thinking, as agp serve's usage counts them
-        out["usage"]["reasoning_tokens"] = sum((c.data.get("usage") or {}).get("reasoning_tokens") or 0
-                                               for c, t in zip(result.choices, thinks) if t)
+        out["usage"]["reasoning_tokens"] = thinking_tokens(result.choices, thinks)
     if several and first.data.get("generated_by"):
         out["generated_by"] = first.data["generated_by"]
     if first.data.get("branches"):

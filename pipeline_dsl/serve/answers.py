@@ -78,9 +78,15 @@ def reasoning_tokens(runtime, req, choices) -> int | None:
     them (thinking_of), so the usage says nothing of reasoning."""
     if thinking_of(runtime, req) is None:
         return None
-    return sum((c.data.get("usage") or {}).get("reasoning_tokens") or 0 for c in choices
-               if answer_thinks(runtime, req, c.data.get("generated_by"), c.data.get("request"),
-                                c.data.get("constrained")))
+    return thinking_tokens(choices, [answer_thinks(runtime, req, c.data.get("generated_by"), c.data.get("request"),
+                                                   c.data.get("constrained")) for c in choices])
+
+
+def thinking_tokens(choices, thinks) -> int:
+    """The reasoning_tokens of `choices` (a Result's), each choice's own (its generate stage counted
+    them, `usage`'s `reasoning_tokens`) summed over those whose `thinks` (answer_thinks's, one per
+    choice) is true: agp serve's usage (reasoning_tokens) and `agp run`'s lines count them so."""
+    return sum((c.data.get("usage") or {}).get("reasoning_tokens") or 0 for c, t in zip(choices, thinks) if t)
 
 
 def check_reasoning(runtime, req) -> None:
