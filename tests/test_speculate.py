@@ -5,6 +5,9 @@ request feature holds (stops, max_tokens, logprobs, penalties, n, streaming); re
 leave nothing in the KV or prefix cache; and the sampled acceptance rule keeps the distribution."""
 from __future__ import annotations
 
+import functools
+import itertools
+
 import pytest
 import torch
 
@@ -17,6 +20,7 @@ from pipeline_dsl.serve.metrics import ServerMetrics
 from pipeline_dsl.engine import Engine, EngineConfig, InputError, SamplingParams
 from pipeline_dsl.engine.executor import run_requests
 from pipeline_dsl.engine.sampler import Sampler, make_generator
+from pipeline_dsl.engine.scheduler import TIMING_WINDOW
 from pipeline_dsl.engine.speculate import ngram_draft
 
 # prompts whose answers repeat what they read (drafts found and accepted), and ones that do not
@@ -30,11 +34,20 @@ def engine(path, **cfg) -> Engine:
     return Engine(EngineConfig(**cfg))
 
 
+def fake_timer(step_s: float = 1.0):
+    """A step timer whose every forward looks `step_s` long (Engine's step_timer): the measured
+    rules follow it, not the machine's load."""
+    return functools.partial(next, itertools.count(0.0, step_s))
+
+
 def spec_engine(path, plain_s: float = 100.0, **cfg) -> Engine:
-    """An engine that drafts from a single token on; its plain decode steps look `plain_s` long to
-    the measured rule (test_drafting_pauses_...), so that here it never pauses drafting."""
-    e = engine(path, speculate="ngram", prompt_lookup_min=1, **cfg)
-    for _ in range(8):
+    """An engine that drafts from a single token on; its forwards are timed by fake_timer (each one
+    second long) and its first plain decode steps look `plain_s` long to the measured rule
+    (test_drafting_pauses_...), so that here it never pauses drafting."""
+    cfg = {"model": str(path), "dtype": "fp32", "kv_budget_bytes": 1 << 20, "batch_timeout_s": 0.0,
+           "block_size": 8, "speculate": "ngram", "prompt_lookup_min": 1, **cfg}
+    e = Engine(EngineConfig(**cfg), step_timer=fake_timer())
+    for _ in range(TIMING_WINDOW):
         e.scheduler.observe(0, plain_s)
     return e
 
@@ -298,15 +311,16 @@ def test_the_engines_counters_are_vllms_spec_decode_metrics(soft_gguf):
 
 def test_drafting_pauses_where_verifying_steps_pay_less_than_plain_ones(soft_gguf):
     """Measured on CPU: verifying steps that give fewer tokens a second than plain decode steps
-    (here plain steps are made to look a microsecond long before every step) pause drafting,
-    longer each time a trial loses; the answer is the same."""
+    (here plain steps are made to look a microsecond long before every step, every forward a
+    second long by the fake step timer) pause drafting, longer each time a trial loses; the
+    answer is the same. Where plain steps take as long as verifying ones, drafting goes on."""
     params = SamplingParams(max_tokens=40, ignore_eos=True)
     want = run(engine(soft_gguf), REPEATING[:1], params)["0"][2]
     e = spec_engine(soft_gguf, plain_s=1e-6)
     e.add_request("0", prompt=REPEATING[0], params=params)
     got = []
     while e.has_unfinished():
-        for _ in range(8):                           # the recent plain steps, all of them
+        for _ in range(TIMING_WINDOW):               # the recent plain steps, all of them
             e.scheduler.observe(0, 1e-6)
         got += [t for out in e.step() for t in out.new_token_ids]
     assert got == want

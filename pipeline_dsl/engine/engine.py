@@ -47,10 +47,11 @@ LATENCY_SAMPLES = 200_000  # most recent TTFT / per-token latencies kept for per
 
 class Engine:
     def __init__(self, config: EngineConfig | None = None, *, runner=None, tokenizer=None,
-                 clock=time.monotonic, models=None):
+                 clock=time.monotonic, models=None, step_timer=time.perf_counter):
         """Load the model named by `config` (or use an injected runner + tokenizer). `models`: a
         models.LoadedModels whose copy of the same weights this engine takes (loaded once for
-        several engines); its own KV pool is allocated all the same."""
+        several engines); its own KV pool is allocated all the same. `step_timer`: what a CPU
+        forward is timed with for the scheduler's time-sized rules (Scheduler.step_timer)."""
         self.config = config = config or EngineConfig()
         self.clock = clock
         # the forward's threads: the pipeline's, else torch's lowered to the CPUs a cgroup quota allows
@@ -96,7 +97,8 @@ class Engine:
         self.model_context = context
         self.max_model_len = min(int(config.max_model_len or context), pool)
         self.blocks = BlockManager(runner.num_blocks, runner.block_size, config.prefix_reuse)
-        self.scheduler = Scheduler(config, self.blocks, clock, max_len=self.max_model_len)
+        self.scheduler = Scheduler(config, self.blocks, clock, max_len=self.max_model_len,
+                                   step_timer=step_timer)
         self.sampler = Sampler(config.seed)
         if config.chat_template is not None:
             if tokenizer is None:
@@ -493,9 +495,10 @@ class Engine:
         (itl_target_s; on CUDA the call returns before the device has computed)."""
         if plan is None or not self._cpu:
             return self._phases.run(step, want_logits, graphs)
-        t0 = time.perf_counter()
+        timer = self.scheduler.step_timer
+        t0 = timer()
         out = self._phases.run(step, want_logits, graphs)
-        dt = time.perf_counter() - t0
+        dt = timer() - t0
         self.scheduler.observe(plan.num_prefill_tokens + plan.num_draft_tokens, dt)   # drafts: rows as a prompt's
         if plan.num_draft_tokens and not plan.num_prefill_tokens:
             self.scheduler.observe_verify(dt)

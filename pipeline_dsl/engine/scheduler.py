@@ -120,6 +120,9 @@ class SchedulerOutput:
 
 
 _CAP_UNKNOWN = object()                       # a step's prefill room, not worked out yet
+# how many recent measured steps the time-sized rules read (their median): plain decode steps,
+# prefill cost per token, and verifying steps' gains
+TIMING_WINDOW = 8
 
 
 def _median(values) -> float | None:
@@ -137,10 +140,13 @@ def bucket(n: int, cap: int) -> int:
 
 class Scheduler:
     def __init__(self, config: EngineConfig, blocks: BlockManager, clock=time.monotonic,
-                 max_len: int | None = None):
+                 max_len: int | None = None, step_timer=time.perf_counter):
         self.config = config
         self.blocks = blocks
         self.clock = clock
+        # what the engine times its forwards with (observe(), observe_verify()): a test's fake one
+        # makes the time-sized rules follow the times it gives, not a busy machine's
+        self.step_timer = step_timer
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.max_len = max_len or (1 << 62)  # the model's context: a sequence this long is done
@@ -151,8 +157,8 @@ class Scheduler:
         # sequences paused by whoever reads their output (park): neither waiting nor running, no blocks
         self.parked: dict[str, Sequence] = {}
         # recent forwards' seconds: steps without prefill, and per prefill token beyond those
-        self._fixed_s: deque[float] = deque(maxlen=8)
-        self._per_token_s: deque[float] = deque(maxlen=8)
+        self._fixed_s: deque[float] = deque(maxlen=TIMING_WINDOW)
+        self._per_token_s: deque[float] = deque(maxlen=TIMING_WINDOW)
         # this step's prefill tokens still allowed (None: no cut; _CAP_UNKNOWN: not worked out yet, _room_left)
         self._prefill_left: int | None | object = None
         # this step's tokens still allowed to long prefills (None: no cut; _CAP_UNKNOWN: not worked out yet)
@@ -163,7 +169,7 @@ class Scheduler:
         # measured (CPU): per verifying step, its tokens per decoding sequence times a plain decode
         # step's time over its own time (> 1: it paid); while their median is below 1 drafting
         # pauses, tried again after `_spec_wait` steps (doubling while it keeps losing)
-        self._spec_gain: deque[float] = deque(maxlen=8)
+        self._spec_gain: deque[float] = deque(maxlen=TIMING_WINDOW)
         self._spec_seconds: float | None = None     # the latest verifying step's forward
         self._spec_wait, self._spec_skip = 0, 0
 
