@@ -620,16 +620,14 @@ class Engine:
         return self.features.sample(logits, seqs, self.sampler, self.is_live, drafts)
 
     def accept_tokens(self, seq: Sequence, item, tokens: list[int], now: float) -> RequestOutput:
-        """A verifying step's tokens (already appended to the sequence's ids, scheduler.accept_drafts)
-        accepted one by one as decoded tokens are (stops, max_tokens, logprobs), up to the first
-        that finishes it: one output for them all."""
+        """A verifying step's tokens (their K/V kept by scheduler.accept_drafts, or recomputed after
+        a preemption) appended to the sequence's ids and accepted one by one as decoded tokens are
+        (stops, max_tokens, logprobs), up to the first that finishes it: one output for them all."""
         c = self._counters
         c["spec_drafts"] += 1
         c["spec_draft_tokens"] += len(item.draft)
         c["spec_accepted_tokens"] += len(tokens) - 1
         ids = seq.token_ids
-        base = len(ids) - len(tokens)
-        del ids[base:]
         outs = []
         for token in tokens:
             ids.append(token)

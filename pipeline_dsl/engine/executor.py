@@ -473,10 +473,8 @@ class Executor:
                     continue
                 if it.draft:                                    # its accepted drafts, then the model's token
                     got = L.verified[j]
-                    if seq.num_released == pre:
+                    if seq.num_released == pre:                 # else preempted meanwhile: recomputed when back
                         eng.scheduler.accept_drafts(seq, it, got)
-                    else:                                       # preempted meanwhile: recomputed when back
-                        seq.token_ids.extend(got)
                     outputs.append(eng.accept_tokens(seq, it, got, now))
                     continue
                 if tok is not None:

@@ -595,7 +595,8 @@ class Scheduler:
     def update(self, output: SchedulerOutput, sampled: list) -> list[tuple[Sequence, Any]]:
         """Advance the scheduled sequences; returns (seq, new token or None) per item still running.
         An item with drafts samples a list of tokens (the drafts it accepted, then the model's own):
-        those are appended, and it returns the list."""
+        their K/V is kept (accept_drafts), and it returns the list, which the engine appends
+        (Engine.accept_tokens)."""
         it = iter(sampled)
         touched = []
         for item in output.items:
@@ -615,10 +616,12 @@ class Scheduler:
         return touched
 
     def accept_drafts(self, seq: Sequence, item: ScheduledItem, tokens: list[int]) -> None:
-        """A verifying step's tokens onto its sequence: the K/V of its last token and of the
+        """A verifying step's tokens' K/V and blocks: the K/V of its last token and of the
         accepted drafts are kept (len(tokens) - 1 of them), those of the rejected ones dropped,
-        with the blocks only they held; the prefix cache publishes accepted tokens only."""
+        with the blocks only they held; the prefix cache publishes accepted tokens only. The
+        tokens themselves go onto the sequence's ids in the engine (Engine.accept_tokens), one by
+        one up to the first that finishes it."""
         seq.num_computed = item.start + len(tokens)
-        seq.token_ids.extend(tokens)
-        self.blocks.trim(seq.request_id, len(seq.token_ids))
-        self.blocks.commit(seq.request_id, seq.token_ids, seq.num_computed)
+        ids = seq.token_ids + list(tokens)
+        self.blocks.trim(seq.request_id, len(ids))
+        self.blocks.commit(seq.request_id, ids, seq.num_computed)
