@@ -113,6 +113,7 @@ class Engine:
         # speculative decoding verifies drafts from every row's logits: a runner that returns them
         self.scheduler.verify = self.scheduler.verify and bool(getattr(self._phases, "returns_rows", False))
         self._step_rows: dict = {}            # _execute -> update: reduced prompt rows per item index
+        self._forward_s: float | None = None  # forward -> sample_step: the step's forward seconds (CPU only)
         self.eos_token_ids = frozenset(getattr(tokenizer, "eos_token_ids", ()) or ())
         self.features = Features(self.vocab_size, self.eos_token_ids)   # penalties, bias, logprobs, grammars
         self.seqs: dict[str, Sequence] = {}
@@ -493,15 +494,14 @@ class Engine:
         tokens still in flight (step.fills) must have been filled on the device first. With the
         step's `plan`, on CPU, its time goes to the scheduler, which sizes prefill by it
         (itl_target_s; on CUDA the call returns before the device has computed)."""
+        self._forward_s = None
         if plan is None or not self._cpu:
             return self._phases.run(step, want_logits, graphs)
         timer = self.scheduler.step_timer
         t0 = timer()
         out = self._phases.run(step, want_logits, graphs)
-        dt = timer() - t0
+        dt = self._forward_s = timer() - t0
         self.scheduler.observe(plan.num_prefill_tokens + plan.num_draft_tokens, dt)   # drafts: rows as a prompt's
-        if plan.num_draft_tokens and not plan.num_prefill_tokens:
-            self.scheduler.observe_verify(dt)
         self._busy_s += dt                  # stepped here or by an executor: the model's time
         return out
 
@@ -590,7 +590,9 @@ class Engine:
                 got = verified[j] = self.verify(it.seq, rows[index[id(it)]]["logits"], it.draft)
                 out[j] = got[-1]
         decodes = sum(1 for it in items if it.draft or it.num_tokens == 1)
-        self.scheduler.verified(decodes, sum(len(v) for v in verified.values()) + decodes - len(verified))
+        # the step's forward time (forward()'s, on CPU) where it verified and prefilled nothing
+        seconds = self._forward_s if not plan.num_prefill_tokens else None
+        self.scheduler.verified(decodes, sum(len(v) for v in verified.values()) + decodes - len(verified), seconds)
         return out, verified
 
     def verify(self, seq: Sequence, logits: torch.Tensor, draft: tuple[int, ...]) -> list[int]:

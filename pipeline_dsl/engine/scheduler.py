@@ -144,7 +144,7 @@ class Scheduler:
         self.config = config
         self.blocks = blocks
         self.clock = clock
-        # what the engine times its forwards with (observe(), observe_verify()): a test's fake one
+        # what the engine times its forwards with (observe(), verified()): a test's fake one
         # makes the time-sized rules follow the times it gives, not a busy machine's
         self.step_timer = step_timer
         self.waiting: deque[Sequence] = deque()
@@ -170,7 +170,6 @@ class Scheduler:
         # step's time over its own time (> 1: it paid); while their median is below 1 drafting
         # pauses, tried again after `_spec_wait` steps (doubling while it keeps losing)
         self._spec_gain: deque[float] = deque(maxlen=TIMING_WINDOW)
-        self._spec_seconds: float | None = None     # the latest verifying step's forward
         self._spec_wait, self._spec_skip = 0, 0
 
     # ---- queue -------------------------------------------------------------------------
@@ -265,29 +264,6 @@ class Scheduler:
         return self.waiting[0].arrival
 
     # ---- prefill sized by time ------------------------------------------------------------
-    def observe_verify(self, seconds: float) -> None:
-        """A verifying step's forward took `seconds` (the engine, on CPU; its gain follows)."""
-        self._spec_seconds = seconds
-
-    def verified(self, decodes: int, tokens: int) -> None:
-        """The verifying step just observed gave `tokens` to its `decodes` decoding sequences:
-        its gain against plain decode steps (their recent median time, one token each)."""
-        seconds, self._spec_seconds = self._spec_seconds, None
-        plain = _median(self._fixed_s)
-        if seconds is None or plain is None or decodes <= 0 or seconds <= 0:
-            return
-        gain = tokens / decodes * plain / seconds
-        self._spec_gain.append(gain)
-        # the recent steps' median (the first step alone, or after a pause the one trial step)
-        if _median(self._spec_gain) < 1.0:
-            # losing: pause, longer each time, and long enough that a trial costs at most an eighth
-            # of the plain steps between two (a step of gain g costs about 1 / g plain ones)
-            self._spec_wait = min(max(2 * self._spec_wait, 16, math.ceil(8 / max(gain, 1e-3))), 1024)
-            self._spec_skip = self._spec_wait
-            self._spec_gain.clear()
-        elif gain >= 1.0 and self._spec_wait and len(self._spec_gain) == 1:
-            self._spec_wait = 0                                          # the trial paid: go on
-
     def observe(self, prefill_tokens: int, seconds: float) -> None:
         """A step's forward took `seconds` with `prefill_tokens` prompt rows in it (the engine
         measures its forwards on CPU). A step's time is taken as a fixed part (the median of
@@ -445,6 +421,25 @@ class Scheduler:
         return SchedulerOutput(tuple(items), decodes, prefill_tokens, pad_to, tuple(preempted), drafts)
 
     # ---- speculative decoding (speculate.py) ------------------------------------------------
+    def verified(self, decodes: int, tokens: int, seconds: float | None) -> None:
+        """A verifying step gave `tokens` to its `decodes` decoding sequences in `seconds` (its
+        forward's, as the engine timed it on CPU; None: not timed): its gain against plain decode
+        steps (their recent median time, one token each)."""
+        plain = _median(self._fixed_s)
+        if seconds is None or plain is None or decodes <= 0 or seconds <= 0:
+            return
+        gain = tokens / decodes * plain / seconds
+        self._spec_gain.append(gain)
+        # the recent steps' median (the first step alone, or after a pause the one trial step)
+        if _median(self._spec_gain) < 1.0:
+            # losing: pause, longer each time, and long enough that a trial costs at most an eighth
+            # of the plain steps between two (a step of gain g costs about 1 / g plain ones)
+            self._spec_wait = min(max(2 * self._spec_wait, 16, math.ceil(8 / max(gain, 1e-3))), 1024)
+            self._spec_skip = self._spec_wait
+            self._spec_gain.clear()
+        elif gain >= 1.0 and self._spec_wait and len(self._spec_gain) == 1:
+            self._spec_wait = 0                                          # the trial paid: go on
+
     def _speculating(self) -> bool:
         """Whether this step drafts: while at most speculate.MAX_BATCH running sequences decode
         (beyond that a step is bound by its arithmetic, and drafts cost what they save), and
