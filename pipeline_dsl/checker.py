@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from stages.fields import ParamError, check_prompt_lookup
 from stages.registry import (BOOL, DURATION, ENUM, FLOAT, FROM_MODE, INT, LIST_STR, MAP, RESOURCES, SIZE, STR,
                              Param, Registry, StageKind, default_registry)
 
@@ -969,11 +970,12 @@ def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set,
                                f"these defaults stops at {high} tokens", where("min_tokens"),
                                hint=f"lower min_tokens to {high} or less, or raise max_new_tokens"))
         low, high = params.get("prompt_lookup_min"), params.get("prompt_lookup_max")
-        if isinstance(low, int) and isinstance(high, int) and low > high:
+        try:
+            if isinstance(low, int) and isinstance(high, int):
+                check_prompt_lookup(low, high)
+        except ParamError as e:
             at = "prompt_lookup_min" if "prompt_lookup_min" in given else "prompt_lookup_max"
-            diags.append(_err(f"prompt_lookup_min = {low} is more than prompt_lookup_max = {high}: no suffix "
-                              "could be looked up for a draft", where(at),
-                              expected=f"prompt_lookup_min at most prompt_lookup_max ({high})",
+            diags.append(_err(str(e), where(at), expected=f"prompt_lookup_min at most prompt_lookup_max ({high})",
                               hint="lower prompt_lookup_min or raise prompt_lookup_max"))
         spec = [p for p in ("speculative_tokens", "prompt_lookup_max", "prompt_lookup_min") if p in given]
         if spec and params.get("speculate", "off") == "off":

@@ -229,7 +229,7 @@ def speculative_config(text: str) -> dict:
     both out, 5 each; one out, the other's. Another method or key: an error naming what agp reads."""
     import json
 
-    from stages.fields import ParamError, check_engine_field
+    from stages.fields import ParamError, check_engine_field, check_prompt_lookup
 
     try:
         value = json.loads(text)
@@ -259,8 +259,10 @@ def speculative_config(text: str) -> dict:
             out[field] = check_engine_field(field, v)
     except ParamError as e:
         raise argparse.ArgumentTypeError(f"{names.get(field, field)}: {e}") from None
-    if out["prompt_lookup_min"] > out["prompt_lookup_max"]:
-        raise argparse.ArgumentTypeError(f"prompt_lookup_min ({low}) must be at most prompt_lookup_max ({high})")
+    try:
+        check_prompt_lookup(out["prompt_lookup_min"], out["prompt_lookup_max"])
+    except ParamError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return out
 
 

@@ -202,6 +202,14 @@ def check_engine_field(field: str, value: Any) -> Any:
     return check_value(param_of(kind, name), value, field)
 
 
+def check_prompt_lookup(low: int, high: int) -> None:
+    """speculate = ngram's lookup lengths (a generate stage's, EngineConfig's, --speculative-config's):
+    prompt_lookup_min at most prompt_lookup_max, else ParamError naming prompt_lookup_min."""
+    if low > high:
+        raise ParamError(f"prompt_lookup_min ({low}) must be at most prompt_lookup_max ({high}): no suffix "
+                         "could be looked up for a draft", "prompt_lookup_min")
+
+
 def check_token_ids(field: str, value: Any) -> tuple[int, ...]:
     """A request's non-empty list of token ids (TOKEN_ID_FIELDS), as a tuple, or ParamError naming
     the field; whether each id is in the vocabulary is the engine's to say (it knows the model)."""

@@ -253,7 +253,7 @@ def test_a_pipeline_with_speculate_ngram_answers_n_copies_as_without(tmp_path, s
     ("speculate = eagle", "eagle", "speculate"),
     ("speculate = ngram  speculative_tokens = 0", "0 }", "speculative_tokens"),
     ("speculate = ngram  prompt_lookup_min = 5  prompt_lookup_max = 3", "5  prompt_lookup_max",
-     "prompt_lookup_min = 5 is more than"),
+     "prompt_lookup_min (5) must be at most prompt_lookup_max (3): no suffix could be looked up"),
 ])
 def test_agp_check_refuses_bad_speculation_settings_at_their_place(tmp_path, soft_gguf, capsys, setting, at, message):
     """The error names the value where the file writes it (file:line:col)."""
@@ -270,7 +270,8 @@ def test_agp_check_refuses_bad_speculation_settings_at_their_place(tmp_path, sof
 def test_engine_config_refuses_bad_speculation_settings():
     with pytest.raises(InputError, match="speculate"):
         EngineConfig(speculate="eagle")
-    with pytest.raises(InputError, match="prompt_lookup_min"):
+    said = r"prompt_lookup_min \(4\) must be at most prompt_lookup_max \(2\): no suffix could be looked up"
+    with pytest.raises(InputError, match=said):
         EngineConfig(speculate="ngram", prompt_lookup_min=4, prompt_lookup_max=2)
 
 
@@ -280,7 +281,8 @@ def test_engine_config_refuses_bad_speculation_settings():
     ('{"model": "org/draft-model", "num_speculative_tokens": 3}', "agp does not read 'model': it takes method, "
                                                                   "num_speculative_tokens, prompt_lookup_max"),
     ('{"method": "ngram", "num_speculative_tokens": 0}', "num_speculative_tokens"),
-    ('{"method": "ngram", "prompt_lookup_min": 6, "prompt_lookup_max": 3}', "prompt_lookup_min (6) must be at most"),
+    ('{"method": "ngram", "prompt_lookup_min": 6, "prompt_lookup_max": 3}',
+     "prompt_lookup_min (6) must be at most prompt_lookup_max (3): no suffix could be looked up for a draft"),
     ('{"method": "ngram"', "not a JSON object"),
 ])
 def test_a_speculative_config_agp_cannot_follow_exits_2_naming_what_it_reads(value, said):

@@ -86,9 +86,12 @@ class EngineConfig:
                 self.override_generation_config = check_generation_override(self.override_generation_config)
             except ValueError as e:
                 raise InputError(f"override_generation_config: {e}") from None
-        if self.prompt_lookup_min > self.prompt_lookup_max:
-            raise InputError(f"prompt_lookup_min ({self.prompt_lookup_min}) must be at most prompt_lookup_max "
-                             f"({self.prompt_lookup_max})")
+        from stages.fields import ParamError, check_prompt_lookup
+
+        try:
+            check_prompt_lookup(self.prompt_lookup_min, self.prompt_lookup_max)
+        except ParamError as e:
+            raise InputError(str(e)) from None
         if self.batch_timeout_s < 0:
             raise InputError(f"batch_timeout_s must be >= 0, not {self.batch_timeout_s!r}")
         if self.max_tokens_per_step < self.max_batch_size:
