@@ -470,6 +470,13 @@ class ModelRunner:
         # (hidden), where each linear adds its adapters' deltas to their rows
         self.loras: dict = {}
 
+    def add_lora(self, adapter) -> None:
+        """Fit a LoRA adapter (lora.read_adapter's) to the model and keep it in `loras`;
+        lora.LoraError where its matrices don't fit the model."""
+        from .lora import LoraWeights
+
+        self.loras[adapter.name] = LoraWeights(adapter, self.model.config, self.model.dtype, self.device)
+
     def _choose_attention(self, attention: str) -> None:
         if attention not in ("auto", "flex", "sdpa"):
             raise ValueError(f"attention must be auto, flex or sdpa, not {attention!r}")
