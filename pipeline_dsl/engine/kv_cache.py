@@ -290,12 +290,7 @@ class BlockManager:
             return
         dropped, seq.table = seq.table[keep:], seq.table[:keep]
         self.tables.truncate(seq.row, keep)
-        for block in reversed(dropped):
-            self.ref[block] -= 1
-            if self.ref[block] == 0:
-                self.free[block] = None
-                if self.key[block] is None:
-                    self.free.move_to_end(block, last=False)
+        self._release(dropped)
 
     def free_seq(self, seq_id: str) -> None:
         """Release a sequence's blocks; cached ones stay reusable until evicted."""
@@ -303,8 +298,13 @@ class BlockManager:
         if seq is None:
             return
         self.tables.give_row(seq.row)
-        # reversed: a sequence's tail blocks are evicted before its head (shared prefixes)
-        for block in reversed(seq.table):
+        self._release(seq.table)
+
+    def _release(self, blocks: list[int]) -> None:
+        """Drop one reference to each of a table's `blocks`; those left unreferenced go to the free
+        queue, a keyed one at the back (still reusable), one without a key at the front. Reversed:
+        a table's tail blocks are evicted before its head (shared prefixes)."""
+        for block in reversed(blocks):
             self.ref[block] -= 1
             if self.ref[block] == 0:
                 self.free[block] = None
