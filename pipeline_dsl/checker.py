@@ -1007,8 +1007,9 @@ def _lora_folder(path: str, base: str | None, pos: SourcePos,
                  allowed: tuple[str, ...]) -> tuple[str, Diagnostic | None]:
     """generate.lora: the adapter folder found beside the .agp file (or from the working directory),
     inside the allowed folders, made absolute, once its adapter_config.json says an adapter agp can
-    apply (engine/lora.py; its matrices are checked against the model when the engine loads)."""
-    from pipeline_dsl.engine.lora import LoraError, read_config
+    apply and its weights file is there (engine/lora.py check_folder; its matrices are checked
+    against the model when the engine loads)."""
+    from pipeline_dsl.engine.lora import LoraError, check_folder
 
     from .loader import inside
 
@@ -1024,7 +1025,7 @@ def _lora_folder(path: str, base: str | None, pos: SourcePos,
         return path, _err(f"lora folder '{path}' is outside the pipeline's folder", pos, expected=LORA_EXPECTED,
                           hint="move it there, or allow its folder with --allow-path DIR")
     try:
-        read_config(found)
+        check_folder(found)
     except LoraError as e:
         shown = str(e).replace(found, path.rstrip("/"), 1)       # the file as the .agp file names it
         return path, _err(f"lora adapter {shown}", pos, expected=LORA_EXPECTED)

@@ -22,6 +22,7 @@ from pipeline_dsl.model_files import ModelFileProblem, check_model_path
 transformers = pytest.importorskip("transformers")
 
 from test_model_families import TOKENS, assert_greedy_like_transformers, greedy_in_waves  # noqa: E402
+from tiny_model import assert_same_logits  # noqa: E402
 
 # prompts of 30+ tokens against a window of 8: the sliding layers see a fraction of them
 WAVES = [[TOKENS[:30], TOKENS[5:12]], [TOKENS[:30] + [7, 99, 4], TOKENS[:17], TOKENS[:30] + [250]]]
@@ -65,15 +66,6 @@ def reference(folder):
     return transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
 
 
-def assert_same_logits(ref, model, ids=TOKENS):
-    with torch.no_grad():
-        want = ref(torch.tensor([ids])).logits[0]                     # [T, V]
-    got = model.forward_full(ids)                                     # [T, V]
-    assert want.abs().max() > 1                                       # real logits, not near zero
-    assert (got - want).abs().max().item() < 1e-4
-    assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
-
-
 # the 4.x spelling of the same model: rope_theta + rope_scaling (the full layers'), the sliding layers'
 # base apart, and a pattern in place of layer_types (every 2nd layer full: 0 and 2 sliding, 1 full)
 LEGACY = dict(rope_theta=1e6, rope_scaling={"rope_type": "linear", "factor": 4.0}, rope_local_base_freq=10000.0,
@@ -91,7 +83,7 @@ def test_a_gemma3_folder_gives_transformers_logits_and_greedy_tokens(tmp_path, t
     assert c.gemma and c.window_layers == (0, 2) and c.sliding_window == 8 and c.rope_local_theta == 10000.0
     assert c.rope_scaling == (("rope_type", "linear"), ("factor", 4.0)) and c.attn_scale == 24 ** -0.5
     ref = reference(folder)
-    assert_same_logits(ref, model)
+    assert_same_logits(ref, model, TOKENS)
     assert_greedy_like_transformers(ref, folder, WAVES, n=12)
     for dtype in ("bf16", "int8"):           # the other precisions run the same layers
         assert all(len(g) == 10 for g, _ in greedy_in_waves(folder, WAVES, dtype))
@@ -103,7 +95,7 @@ def test_the_sliding_window_changes_the_answer_past_it(tmp_path, tiny_tokenizer)
     narrow, _ = load_model(str(save_gemma(tmp_path / "a", tiny_tokenizer)), dtype="fp32")
     wide_folder = save_gemma(tmp_path / "b", tiny_tokenizer, sliding_window=1000)
     wide, _ = load_model(str(wide_folder), dtype="fp32")
-    assert_same_logits(reference(wide_folder), wide)
+    assert_same_logits(reference(wide_folder), wide, TOKENS)
     a, b = narrow.forward_full(TOKENS), wide.forward_full(TOKENS)
     assert (a[:8] - b[:8]).abs().max() < 1e-5 and (a[8:] - b[8:]).abs().max() > 0.1
 
@@ -130,7 +122,7 @@ def test_a_multimodal_gemma3_folder_runs_its_text_model(tmp_path, tiny_tokenizer
         (folder / "tokenizer.json").write_text((text / "tokenizer.json").read_text())
         check_model_path(folder)
         model, _ = load_model(str(folder), dtype="fp32")
-        assert_same_logits(ref, model)
+        assert_same_logits(ref, model, TOKENS)
 
 
 def test_a_gemma3_text_config_that_states_only_its_sizes_takes_transformers_defaults(tmp_path):
@@ -229,7 +221,7 @@ def test_a_gemma3_gguf_gives_transformers_logits_and_greedy_tokens(gemma_gguf):
     model, tok = load_model(str(gemma_gguf), dtype="fp32")
     c = model.config
     assert c.gemma and c.window_layers == (0, 1, 2, 3, 4) and c.sliding_window == 5 and c.tie_embeddings
-    assert_same_logits(ref, model)
+    assert_same_logits(ref, model, TOKENS)
     assert_greedy_like_transformers(ref, gemma_gguf, WAVES)
     assert tok.token_to_id("<end_of_turn>") in tok.eos_token_ids      # a turn's end stops the answer
 

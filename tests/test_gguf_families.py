@@ -17,6 +17,8 @@ from pipeline_dsl.model_files import ModelFileProblem, check_model_path
 
 transformers = pytest.importorskip("transformers")
 
+from tiny_model import assert_same_logits, rewrite_gguf  # noqa: E402
+
 TEXTS = [
     "Hello world", "the cat sat on the mat", "  two leading, two  inner and trailing spaces  ", " ", "",
     "line one\nline two\n\n\tand a tab", "über café naïve — “quotes”", "東京 日本語 中文 你好 こんにちは",
@@ -161,7 +163,7 @@ def test_a_stream_decoded_token_by_token_reads_as_its_ids_decoded_after_a_prompt
     lambda m: m.update({"tokenizer.ggml.add_eos_token": (True,) + m["tokenizer.ggml.add_eos_token"][1:]}),
 ], ids=["no-add-bos-key", "add-eos"])
 def test_a_sentencepiece_gguf_adds_bos_and_eos_as_transformers_does(tmp_path, spm_gguf, change):
-    path = _rewrite(spm_gguf, tmp_path / "m.gguf", change)
+    path = rewrite_gguf(spm_gguf, tmp_path / "m.gguf", change)
     _, tok = ours(path)
     ref = reference(path)
     for text in TEXTS:
@@ -218,13 +220,7 @@ def test_the_gguf_gives_transformers_logits_and_greedy_tokens(kind, spm_gguf, qw
                                                             dtype=torch.float32).eval()
     model, tok = ours(path)
     prompts = [tok.encode(t) for t in ("the cat sat on the mat", "東京 🙂 hello", "Don't stop: we're here!")]
-    ids = prompts[0] + prompts[1] + prompts[2]
-    with torch.no_grad():
-        want = ref(torch.tensor([ids])).logits[0]                      # [T, V]
-    got = model.forward_full(ids)                                       # [T, V]
-    assert want.abs().max() > 1                                         # real logits, not near zero
-    assert (got - want).abs().max().item() < 1e-4
-    assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
+    assert_same_logits(ref, model, prompts[0] + prompts[1] + prompts[2])
     ref_tok = reference(path)
     for p, (out, text) in zip(prompts, greedy(path, prompts)):
         with torch.no_grad():   # transformers' greedy choice after each of our tokens, in one forward
@@ -252,31 +248,6 @@ def test_a_qwen3_gguf_reads_its_qwen2_tokenizer_and_hits_the_prefix_cache_as_tra
     assert_greedy_like_transformers(ref, qwen3_gguf, QWEN3_WAVES)
 
 
-def _rewrite(src, dst, change=lambda meta: None, drop=()):
-    """A copy of GGUF `src` at `dst`, its metadata changed by `change(dict)` (which may return
-    another architecture), the tensors named in `drop` left out."""
-    from gguf import GGUFReader, GGUFValueType, GGUFWriter
-
-    r = GGUFReader(str(src))
-    meta = {}
-    for f in r.fields.values():
-        if f.name.startswith("GGUF.") or f.name == "general.architecture":
-            continue
-        kind = f.types[0]
-        meta[f.name] = (f.contents(), kind, f.types[-1] if kind == GGUFValueType.ARRAY else None)
-    arch = change(meta) or r.fields["general.architecture"].contents()
-    w = GGUFWriter(str(dst), arch)
-    for key, (value, kind, sub) in meta.items():
-        w.add_key_value(key, value, kind, sub_type=sub)
-    for t in (t for t in r.tensors if t.name not in drop):
-        w.add_tensor(t.name, t.data, raw_shape=list(reversed([int(d) for d in t.shape])), raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dst
-
-
 @pytest.mark.parametrize("change, words", [
     (lambda m: "gemma", "metadata 'general.architecture' 'gemma' is not supported"),
     (lambda m: "phi2", "metadata 'general.architecture' 'phi2' is not supported: this engine runs llama-family "
@@ -292,7 +263,7 @@ def _rewrite(src, dst, change=lambda meta: None, drop=()):
      "'tokenizer.ggml.token_type' has 9 entries, but 'tokenizer.ggml.tokens' 470"),
 ], ids=["architecture", "phi2", "tokenizer", "no-scores", "short-scores", "short-types"])
 def test_a_gguf_variant_agp_does_not_run_is_a_check_error_naming_key_and_value(tmp_path, spm_gguf, change, words):
-    path = _rewrite(spm_gguf, tmp_path / "m.gguf", change)
+    path = rewrite_gguf(spm_gguf, tmp_path / "m.gguf", change)
     with pytest.raises(ModelFileProblem, match=words):
         check_model_path(path)
 
@@ -305,11 +276,11 @@ def test_bias_tensors_of_a_llama_gguf_are_refused_and_a_qwen2_gguf_needs_its_own
             meta["llama." + key[len("qwen2."):]] = meta.pop(key)
         return "llama"
 
-    llama = _rewrite(qwen2_gguf, tmp_path / "llama.gguf", as_llama)
+    llama = rewrite_gguf(qwen2_gguf, tmp_path / "llama.gguf", as_llama)
     with pytest.raises(ModelFileProblem, match="tensor 'blk.0.attn_q.bias' is a bias"):
         check_model_path(llama)
     check_model_path(qwen2_gguf)
-    unbiased = _rewrite(qwen2_gguf, tmp_path / "q.gguf", drop={"blk.1.attn_k.bias"})
+    unbiased = rewrite_gguf(qwen2_gguf, tmp_path / "q.gguf", drop={"blk.1.attn_k.bias"})
     with pytest.raises(ModelFileProblem, match="missing tensors: blk.1.attn_k.bias"):
         check_model_path(unbiased)
 
@@ -322,12 +293,12 @@ def test_qk_norm_tensors_of_a_llama_gguf_are_refused_and_a_qwen3_gguf_needs_its_
             meta["qwen2." + key[len("qwen3."):]] = meta.pop(key)
         return "qwen2"
 
-    other = _rewrite(qwen3_gguf, tmp_path / "qwen2.gguf", as_qwen2)
+    other = rewrite_gguf(qwen3_gguf, tmp_path / "qwen2.gguf", as_qwen2)
     with pytest.raises(ModelFileProblem, match="tensor 'blk.0.attn_q_norm.weight' is an RMSNorm over each head "
                                                "of q, which only a qwen3 model has"):
         check_model_path(other)
     check_model_path(qwen3_gguf)
-    unnormed = _rewrite(qwen3_gguf, tmp_path / "q.gguf", drop={"blk.1.attn_k_norm.weight"})
+    unnormed = rewrite_gguf(qwen3_gguf, tmp_path / "q.gguf", drop={"blk.1.attn_k_norm.weight"})
     with pytest.raises(ModelFileProblem, match="missing tensors: blk.1.attn_k_norm.weight"):
         check_model_path(unnormed)
 

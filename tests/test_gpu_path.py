@@ -137,40 +137,30 @@ def test_mixed_steps_replay_piecewise_graphs_and_give_the_eager_tokens(model, at
     assert runner.graphs.pieces.replays > 0 and runner.graphs.replays > 0 and stats["preemptions"] > 0
 
 
+# what sets a family's layers apart: (write_tiny_gguf's arguments, what the loaded config says of it)
+FAMILIES = {
+    "qwen3": (dict(arch="qwen3", head_dim=32), lambda c: c.qk_norm),       # per-head q/k norms
+    "phi3": (dict(arch="phi3", head_dim=32, rope_dims=24,                   # partial rotary, longrope
+                  longrope=([1.0] * 12, [1.0 + i for i in range(12)], 256, 1.2)),
+             lambda c: dict(c.rope_scaling)["long"]),
+}
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "flex"])
-def test_a_qwen3_model_replays_its_per_head_qk_norms_in_every_graph(tmp_path, attention):
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_models_own_layers_replay_in_every_graph(tmp_path, family, attention):
     """Qwen3's norms over each head of q and k are part of the layers the decode and piecewise
-    graphs capture (and of flex attention's steps): the tokens and logprobs of the eager path."""
+    graphs capture (and of flex attention's steps); Phi-3's partial rotary (24 of 32 dims) and
+    longrope (long factors, attention factor) are in the cos/sin tables they read: the tokens and
+    logprobs of the eager path."""
     from tiny_model import write_tiny_gguf
 
-    t = load_gguf(write_tiny_gguf(tmp_path / "qwen3.gguf", arch="qwen3", head_dim=32))
-    qwen3 = LlamaModel(t.config, t.weights, "fp32")
-    assert qwen3.config.qk_norm
-    ref, _ = run_engine(eager(qwen3), 2)
-    runner = ModelRunner(qwen3, num_blocks=40, block_size=BS, pad_decode=True, attention=attention)
-    runner.native = None
-    got = runner.capture_graphs(max_batch=8, max_len=96, graph_factory=EagerGraphs(), max_tokens=24)
-    assert got["graphs"] > 0 and got["piece_graphs"] > 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")                  # eager flex_attention says it is not compiled
-        out, _ = run_engine(runner, 2, True)
-    assert same_answers(out, ref) and len(out) == 12
-    assert runner.graphs.pieces.replays > 0 and runner.graphs.replays > 0
-
-
-@pytest.mark.parametrize("attention", ["sdpa", "flex"])
-def test_a_phi3_model_replays_its_partial_rotary_and_longrope_in_every_graph(tmp_path, attention):
-    """Phi-3's partial rotary (24 of 32 dims) and longrope (long factors, attention factor) are
-    in the cos/sin tables the decode and piecewise graphs and flex attention's steps read: the
-    tokens and logprobs of the eager path."""
-    from tiny_model import write_tiny_gguf
-
-    t = load_gguf(write_tiny_gguf(tmp_path / "phi3.gguf", arch="phi3", head_dim=32, rope_dims=24,
-                                  longrope=([1.0] * 12, [1.0 + i for i in range(12)], 256, 1.2)))
-    phi3 = LlamaModel(t.config, t.weights, "fp32")
-    assert dict(phi3.config.rope_scaling)["long"]
-    ref, _ = run_engine(eager(phi3), 2)
-    runner = ModelRunner(phi3, num_blocks=40, block_size=BS, pad_decode=True, attention=attention)
+    fields, has_it = FAMILIES[family]
+    t = load_gguf(write_tiny_gguf(tmp_path / f"{family}.gguf", **fields))
+    m = LlamaModel(t.config, t.weights, "fp32")
+    assert has_it(m.config)
+    ref, _ = run_engine(eager(m), 2)
+    runner = ModelRunner(m, num_blocks=40, block_size=BS, pad_decode=True, attention=attention)
     runner.native = None
     got = runner.capture_graphs(max_batch=8, max_len=96, graph_factory=EagerGraphs(), max_tokens=24)
     assert got["graphs"] > 0 and got["piece_graphs"] > 0

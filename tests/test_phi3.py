@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from test_model_families import TOKENS, assert_greedy_like_transformers, greedy_in_waves, save_folder
+from tiny_model import assert_same_logits, rewrite_gguf
 
 from pipeline_dsl.engine.gguf_loader import load_gguf
 from pipeline_dsl.engine.models import load_model
@@ -49,13 +50,8 @@ def reference(folder):
 
 def assert_logits(folder, ids, path=None):
     """agp's fp32 logits of `ids` (from `path`, else the folder) are transformers' on the folder."""
-    with torch.no_grad():
-        want = reference(folder)(torch.tensor([ids])).logits[0]                       # [T, V]
     model, _ = load_model(str(path or folder), dtype="fp32")
-    got = model.forward_full(ids)                                                     # [T, V]
-    assert want.abs().max() > 1
-    assert (got - want).abs().max().item() < 1e-4
-    assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
+    assert_same_logits(reference(folder), model, ids)
     return model
 
 
@@ -342,14 +338,13 @@ def original_one_without_attn_factor(meta):
      "or metadata 'phi3.rope.scaling.attn_factor' given"),
 ])
 def test_a_phi3_gguf_rotary_agp_cannot_run_is_refused_by_name(tmp_path, tiny_tokenizer, change, words):
-    from test_gguf_families import _rewrite
 
     folder = phi3_folder(tmp_path / "hf", tiny_tokenizer, **PHI4)
     path = gguf_of_folder(folder, tmp_path / "phi4.gguf", rope_dims=12, longrope=True)
-    bad = _rewrite(path, tmp_path / "bad.gguf", change)
+    bad = rewrite_gguf(path, tmp_path / "bad.gguf", change)
     with pytest.raises(ModelFileProblem, match=words):
         check_model_path(bad)
-    short_only = _rewrite(path, tmp_path / "one.gguf", drop=("rope_factors_long.weight",))
+    short_only = rewrite_gguf(path, tmp_path / "one.gguf", drop=("rope_factors_long.weight",))
     with pytest.raises(ModelFileProblem, match="'rope_factors_short.weight' is there without "
                                                "'rope_factors_long.weight'"):
         check_model_path(short_only)
@@ -398,7 +393,6 @@ def test_longrope_factors_or_attention_factor_outside_phi3_are_refused_by_name(t
     """agp computes longrope for a phi3 alone: another architecture's file carrying its factor
     tensors or an attention factor would run plain RoPE without them (one of 1 scales nothing)."""
     from gguf import GGUFValueType
-    from test_gguf_families import _rewrite
     from tiny_model import write_tiny_gguf
 
     factors = write_tiny_gguf(tmp_path / "factors.gguf", arch=arch, longrope=([1.0] * 8, [2.0] * 8, 32, 1.0))
@@ -411,10 +405,10 @@ def test_longrope_factors_or_attention_factor_outside_phi3_are_refused_by_name(t
     def attn(value):
         return lambda m: m.update({f"{arch}.rope.scaling.attn_factor": (value, GGUFValueType.FLOAT32, None)})
 
-    check_model_path(_rewrite(plain, tmp_path / "one.gguf", attn(1.0)))
+    check_model_path(rewrite_gguf(plain, tmp_path / "one.gguf", attn(1.0)))
     with pytest.raises(ModelFileProblem, match=f"metadata '{arch}.rope.scaling.attn_factor' is 1.25: agp scales "
                                                f"cos and sin by an attention factor for a phi3 model's longrope alone"):
-        check_model_path(_rewrite(plain, tmp_path / "attn.gguf", attn(1.25)))
+        check_model_path(rewrite_gguf(plain, tmp_path / "attn.gguf", attn(1.25)))
 
 
 def test_a_separate_projection_beside_phi3_s_fused_ones_is_refused_by_name(tmp_path, tiny_tokenizer):

@@ -236,8 +236,10 @@ def test_a_generate_stage_answers_with_its_own_adapter(tiny_gguf, strong, tmp_pa
 
 def test_agp_check_refuses_a_generate_stages_adapter_at_its_setting(tiny_gguf, tmp_path, capsys):
     write_tiny_lora(tmp_path / "dora", config={"use_dora": True})
+    (write_tiny_lora(tmp_path / "unsaved") / "adapter_model.safetensors").unlink()
     for lora, said in (("missing", "lora folder not found: 'missing'"),
-                       ("dora", "lora adapter dora/adapter_config.json: use_dora: DoRA adapters are not supported")):
+                       ("dora", "lora adapter dora/adapter_config.json: use_dora: DoRA adapters are not supported"),
+                       ("unsaved", "lora adapter unsaved/adapter_model.safetensors: missing")):
         path = pipeline_file(tmp_path, tiny_gguf, lora)
         assert cli.main(["check", str(path)]) == 2
         err = capsys.readouterr().err

@@ -316,3 +316,41 @@ def write_tiny_hf_folder(folder, gguf, decoder=None) -> Path:
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "eos_token": "<|im_end|>", "chat_template": tok.chat_template}))
     return folder
+
+
+def rewrite_gguf(src, dst, change=lambda meta: None, drop=()):
+    """A copy of GGUF `src` at `dst`, its metadata changed by `change(dict)` (which may return
+    another architecture), the tensors named in `drop` left out."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    r = GGUFReader(str(src))
+    meta = {}
+    for f in r.fields.values():
+        if f.name.startswith("GGUF.") or f.name == "general.architecture":
+            continue
+        kind = f.types[0]
+        meta[f.name] = (f.contents(), kind, f.types[-1] if kind == GGUFValueType.ARRAY else None)
+    arch = change(meta) or r.fields["general.architecture"].contents()
+    w = GGUFWriter(str(dst), arch)
+    for key, (value, kind, sub) in meta.items():
+        w.add_key_value(key, value, kind, sub_type=sub)
+    for t in (t for t in r.tensors if t.name not in drop):
+        w.add_tensor(t.name, t.data, raw_shape=list(reversed([int(d) for d in t.shape])), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def assert_same_logits(ref, model, ids) -> None:
+    """agp's fp32 logits of `ids` from `model` (forward_full) are transformers' from `ref`: real
+    logits (not near zero), within 1e-4 of them, the same argmax at every position."""
+    import torch
+
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0]                     # [T, V]
+    got = model.forward_full(ids)                                     # [T, V]
+    assert want.abs().max() > 1                                       # real logits, not near zero
+    assert (got - want).abs().max().item() < 1e-4
+    assert got.argmax(-1).tolist() == want.argmax(-1).tolist()

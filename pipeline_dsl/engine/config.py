@@ -154,10 +154,10 @@ class SamplingParams:
             object.__setattr__(self, "logit_bias", bias)
 
     @property
-    def prefix_key(self) -> str | tuple | None:
-        """What the prefix cache keys a sequence's blocks by (kv_cache.root_key): its cache salt,
-        and its LoRA adapter where it has one (an adapter's K/V differ from the base model's)."""
-        return self.cache_salt if self.lora is None else (self.lora, self.cache_salt)
+    def prefix_key(self) -> tuple[str | None, str | None]:
+        """What the prefix cache keys a sequence's blocks by (kv_cache.root_key's salt, adapter): its
+        cache salt and its LoRA adapter (an adapter's K/V differ from the base model's)."""
+        return self.cache_salt, self.lora
 
     @property
     def greedy(self) -> bool:

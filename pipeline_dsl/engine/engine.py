@@ -132,13 +132,13 @@ class Engine:
     def add_lora(self, adapter) -> None:
         """Serve a LoRA adapter (lora.read_adapter's) beside the base weights: a request whose
         SamplingParams.lora names it is answered with it. lora.LoraError where its matrices don't fit
-        the model, or this engine's runner cannot apply adapters."""
-        from .lora import LoraError, LoraWeights
+        the model, or this engine's runner (an injected one) cannot apply adapters."""
+        from .lora import LoraError
 
-        model = getattr(self.runner, "model", None)
-        if not isinstance(getattr(self.runner, "loras", None), dict) or model is None:
+        add = getattr(self.runner, "add_lora", None)
+        if add is None:
             raise LoraError(f"{adapter.path}: this engine's model runner cannot apply LoRA adapters")
-        self.runner.loras[adapter.name] = LoraWeights(adapter, model.config, model.dtype, self.device)
+        add(adapter)
 
     @property
     def loras(self) -> tuple[str, ...]:

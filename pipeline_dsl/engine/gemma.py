@@ -92,19 +92,18 @@ class GemmaModel(LlamaModel):
         """cos, sin [T, 2, hd]: the full layers' rotary, then the sliding layers'."""
         return self.cos[positions], self.sin[positions]
 
-    def qkv(self, layer: GemmaLayer, x: torch.Tensor, cos, sin):
+    def qkv(self, layer: GemmaLayer, x: torch.Tensor, cos, sin, lora=None):
         kind = 1 if layer.window else 0
-        return super().qkv(layer, x, cos[:, kind:kind + 1], sin[:, kind:kind + 1])
+        return super().qkv(layer, x, cos[:, kind:kind + 1], sin[:, kind:kind + 1], lora)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.embedding(tokens, self.embed) * self.embed_scale
 
-    def attn_out(self, layer: GemmaLayer, a: torch.Tensor) -> torch.Tensor:
-        return self.rms(layer.o(a), layer.post_attn_norm)
+    def attn_out(self, layer: GemmaLayer, a: torch.Tensor, lora=None) -> torch.Tensor:
+        return self.rms(super().attn_out(layer, a, lora), layer.post_attn_norm)
 
-    def mlp(self, layer: GemmaLayer, x: torch.Tensor) -> torch.Tensor:
-        gu = layer.gate_up(self.rms(x, layer.ffn_norm))        # [T, 2I]
-        return self.rms(layer.down(self.silu_mul(gu)), layer.post_ffw_norm)   # [T, H]
+    def mlp(self, layer: GemmaLayer, x: torch.Tensor, lora=None) -> torch.Tensor:
+        return self.rms(super().mlp(layer, x, lora), layer.post_ffw_norm)   # [T, H]
 
     def enable_compile(self, force: bool = False) -> None:
         super().enable_compile(force)

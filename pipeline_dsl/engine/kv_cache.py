@@ -14,7 +14,8 @@ block ids a sequence uses. Shape of the design (vLLM v1's block pool):
   (tests/test_kv_cache.py forces such a collision). Partly filled blocks are never
   shared, so no sequence ever writes into a block another one reads. A sequence with a
   cache salt (vLLM's cache_salt) chains its keys from a root digest of the salt instead
-  of the empty root, so its blocks are shared only with sequences of the same salt;
+  of the empty root, so its blocks are shared only with sequences of the same salt (a
+  sequence of a LoRA adapter chains from a digest of the adapter and its salt: root_key);
 - reference counts; a block whose count drops to 0 goes to the free queue but keeps its
   key, so a later request can still hit it. The free queue is in eviction order (front
   = least recently used; blocks without a key go to the front, they are worth nothing);
@@ -37,16 +38,15 @@ BlockKey = bytes  # 16 bytes: blake2b(parent key + the block's token ids)
 ROOT_KEY = b""     # the parent of a sequence's first block (one without a cache salt)
 
 
-def root_key(salt: str | tuple | None = None) -> BlockKey:
-    """The parent of a sequence's first block: ROOT_KEY, or a digest of its cache salt. A tuple
-    (LoRA adapter, cache salt or None) is a sequence of an adapter (SamplingParams.prefix_key): its
-    K/V are the adapter's, so its blocks are shared only with the same adapter's sequences."""
-    if salt is None:
-        return ROOT_KEY
-    if isinstance(salt, tuple):
-        adapter, salt = salt
+def root_key(salt: str | None = None, adapter: str | None = None) -> BlockKey:
+    """The parent of a sequence's first block: ROOT_KEY, or a digest of its cache salt and its LoRA
+    adapter (SamplingParams.prefix_key). A sequence of an adapter has the adapter's K/V, so its
+    blocks are shared only with the same adapter's sequences (of the same salt)."""
+    if adapter is not None:
         tail = b"" if salt is None else b"\0cache_salt\0" + salt.encode("utf-8", "surrogatepass")
         return hashlib.blake2b(b"lora\0" + adapter.encode("utf-8", "surrogatepass") + tail, digest_size=16).digest()
+    if salt is None:
+        return ROOT_KEY
     return hashlib.blake2b(b"cache_salt\0" + salt.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
@@ -170,10 +170,10 @@ class BlockManager:
         seqs = self.seqs
         return [seqs[s].row for s in seq_ids]
 
-    def _seq(self, seq_id: str, salt: str | None = None) -> _SeqBlocks:
+    def _seq(self, seq_id: str, salt: str | None = None, adapter: str | None = None) -> _SeqBlocks:
         seq = self.seqs.get(seq_id)
         if seq is None:
-            seq = self.seqs[seq_id] = _SeqBlocks(self.tables.take_row(), root=root_key(salt))
+            seq = self.seqs[seq_id] = _SeqBlocks(self.tables.take_row(), root=root_key(salt, adapter))
         return seq
 
     # ---- prefix reuse ------------------------------------------------------------------
@@ -189,9 +189,9 @@ class BlockManager:
             keys.append(parent)
         return keys
 
-    def lookup(self, token_ids: list[int], salt: str | None = None) -> list[int]:
+    def lookup(self, token_ids: list[int], salt: str | None = None, adapter: str | None = None) -> list[int]:
         """Cached blocks covering the longest full-block prefix (no side effects), among those
-        of sequences with the same cache `salt`.
+        of sequences with the same cache `salt` and LoRA `adapter`.
 
         The last token is never covered: the model must compute it to give logits.
         """
@@ -199,7 +199,7 @@ class BlockManager:
             return []
         usable = (len(token_ids) - 1) // self.block_size  # full blocks before the last token
         blocks = []
-        for key in self.block_keys(token_ids[:usable * self.block_size], root_key(salt)):
+        for key in self.block_keys(token_ids[:usable * self.block_size], root_key(salt, adapter)):
             block = self.cached.get(key)
             if block is None:
                 break
@@ -221,16 +221,18 @@ class BlockManager:
         from_free = sum(1 for b in hit if self.ref[b] == 0)  # cached but unused: they leave the free queue
         return self.blocks_for(num_tokens) - len(hit) + from_free
 
-    def match_prefix(self, seq_id: str, token_ids: list[int], count: bool = True, salt: str | None = None) -> int:
-        """Start a sequence: share its longest cached prefix of full blocks (of its cache `salt`).
+    def match_prefix(self, seq_id: str, token_ids: list[int], count: bool = True, salt: str | None = None,
+                     adapter: str | None = None) -> int:
+        """Start a sequence: share its longest cached prefix of full blocks (of its cache `salt`
+        and LoRA `adapter`).
 
         Returns the number of prompt tokens served from the cache. `count=False` keeps a
         re-admission (after preemption) out of the hit statistics.
         """
         if seq_id in self.seqs and self.seqs[seq_id].table:
             raise ValueError(f"sequence {seq_id!r} already holds blocks")
-        seq = self._seq(seq_id, salt)
-        hit = self.lookup(token_ids, salt)
+        seq = self._seq(seq_id, salt, adapter)
+        hit = self.lookup(token_ids, salt, adapter)
         for block in hit:
             self._acquire(block)
             seq.table.append(block)
@@ -259,12 +261,12 @@ class BlockManager:
                 self.key[block] = key
 
     # ---- allocation --------------------------------------------------------------------
-    def allocate(self, seq_id: str, num_tokens: int, salt: str | None = None) -> bool:
+    def allocate(self, seq_id: str, num_tokens: int, salt: str | None = None, adapter: str | None = None) -> bool:
         """Grow the sequence's table to cover positions [0, num_tokens). All or nothing. A
-        sequence it starts (one match_prefix did not) publishes its blocks under `salt`."""
+        sequence it starts (one match_prefix did not) publishes its blocks under `salt` and `adapter`."""
         seq = self.seqs.get(seq_id)
         if seq is None:
-            seq = self._seq(seq_id, salt)
+            seq = self._seq(seq_id, salt, adapter)
         need = -(-num_tokens // self.block_size) - len(seq.table)
         if need <= 0:                      # the common decode step: the last block has room
             return True
@@ -288,12 +290,7 @@ class BlockManager:
             return
         dropped, seq.table = seq.table[keep:], seq.table[:keep]
         self.tables.truncate(seq.row, keep)
-        for block in reversed(dropped):
-            self.ref[block] -= 1
-            if self.ref[block] == 0:
-                self.free[block] = None
-                if self.key[block] is None:
-                    self.free.move_to_end(block, last=False)
+        self._release(dropped)
 
     def free_seq(self, seq_id: str) -> None:
         """Release a sequence's blocks; cached ones stay reusable until evicted."""
@@ -301,8 +298,13 @@ class BlockManager:
         if seq is None:
             return
         self.tables.give_row(seq.row)
-        # reversed: a sequence's tail blocks are evicted before its head (shared prefixes)
-        for block in reversed(seq.table):
+        self._release(seq.table)
+
+    def _release(self, blocks: list[int]) -> None:
+        """Drop one reference to each of a table's `blocks`; those left unreferenced go to the free
+        queue, a keyed one at the back (still reusable), one without a key at the front. Reversed:
+        a table's tail blocks are evicted before its head (shared prefixes)."""
+        for block in reversed(blocks):
             self.ref[block] -= 1
             if self.ref[block] == 0:
                 self.free[block] = None

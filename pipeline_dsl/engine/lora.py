@@ -79,9 +79,8 @@ def _refuse(file: Path, key: str, why: str) -> LoraError:
 
 
 def read_config(path: str | Path) -> tuple[int, float]:
-    """(r, scale) of the adapter in PEFT folder `path` from its adapter_config.json (no torch: agp
-    check reads it too); LoraError naming the file and key of what agp can't apply, or a missing
-    file."""
+    """(r, scale) of the adapter in PEFT folder `path` from its adapter_config.json (no torch);
+    LoraError naming the file and key of what agp can't apply, or a missing folder or file."""
     folder = Path(path)
     cfg_file = folder / CONFIG_FILE
     if not folder.is_dir():
@@ -138,20 +137,33 @@ def read_config(path: str | Path) -> tuple[int, float]:
             raise _refuse(cfg_file, "target_modules", f"{other[0]!r}: agp applies adapters to "
                           f"{', '.join(MODULES)} only")
     scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    return r, float(scale)
+
+
+def _weights_file(folder: Path) -> Path:
+    """The adapter's adapter_model.safetensors in `folder`; LoraError where it is missing."""
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         bin_file = folder / "adapter_model.bin"
         extra = f" ({bin_file.name} is a pickle agp does not read: save with safe_serialization)" \
             if bin_file.exists() else ""
         raise LoraError(f"{weights}: missing{extra}")
-    return r, float(scale)
+    return weights
+
+
+def check_folder(path: str | Path) -> tuple[int, float]:
+    """What `agp check` asks of an adapter folder without torch: (r, scale) of its adapter_config.json
+    (read_config), and its weights file there (not read); LoraError as read_adapter's."""
+    r, scale = read_config(path)
+    _weights_file(Path(path))
+    return r, scale
 
 
 def read_adapter(path: str | Path, name: str | None = None, base_model_name: str | None = None) -> LoraAdapter:
     """The adapter in PEFT folder `path`; LoraError naming the file and key of what agp can't apply."""
     folder = Path(path)
     r, scale = read_config(folder)
-    weights = folder / WEIGHTS_FILE
+    weights = _weights_file(folder)
     try:
         from safetensors import SafetensorError, safe_open
     except ImportError:  # pragma: no cover - a dependency

@@ -351,28 +351,34 @@ class LlamaModel:
         """tokens [T] -> their embeddings [T, H]."""
         return F.embedding(tokens, self.embed)
 
-    def attn_out(self, layer: _Layer, a: torch.Tensor) -> torch.Tensor:
-        """The attention's output a [T, nh*hd] as the residual stream adds it [T, H]."""
-        return layer.o(a)
+    def attn_out(self, layer: _Layer, a: torch.Tensor, lora=None) -> torch.Tensor:
+        """The attention's output a [T, nh*hd] as the residual stream adds it [T, H].
+        lora: the step's LoRA adapters at this layer (lora.LayerLora), added to their rows."""
+        y = layer.o(a)
+        if lora is not None:
+            y = lora.add("o", y, a)
+        return y
 
     def mlp(self, layer: _Layer, x: torch.Tensor, lora=None) -> torch.Tensor:
         """lora: the step's LoRA adapters at this layer (lora.LayerLora), added to their rows."""
+        h = self.rms(x, layer.ffn_norm)
+        gu = layer.gate_up(h)                                   # [T, 2I]
         if lora is not None:
-            h = self.rms(x, layer.ffn_norm)
-            a = self.silu_mul(lora.add("gate_up", layer.gate_up(h), h))   # [T, I]
-            return lora.add("down", layer.down(a), a)                      # [T, H]
-        gu = layer.gate_up(self.rms(x, layer.ffn_norm))        # [T, 2I]
-        return layer.down(self.silu_mul(gu))                    # [T, H]
+            gu = lora.add("gate_up", gu, h)
+        a = self.silu_mul(gu)                                   # [T, I]
+        y = layer.down(a)                                       # [T, H]
+        if lora is not None:
+            y = lora.add("down", y, a)
+        return y
 
     def qkv(self, layer: _Layer, x: torch.Tensor, cos, sin, lora=None):
         """x [T, H] -> q [T, nh, hd], k/v [T, kv, hd] (q, k rotated; Qwen3's: each head normed first).
         lora: the step's LoRA adapters at this layer (lora.LayerLora), added to their rows."""
         c = self.config
+        h = self.rms(x, layer.attn_norm)
+        qkv = layer.qkv(h)                                      # [T, (nh+2kv)*hd]
         if lora is not None:
-            h = self.rms(x, layer.attn_norm)
-            qkv = lora.add("qkv", layer.qkv(h), h)
-        else:
-            qkv = layer.qkv(self.rms(x, layer.attn_norm))       # [T, (nh+2kv)*hd]
+            qkv = lora.add("qkv", qkv, h)
         if layer.qkv_bias is not None:
             qkv = qkv + layer.qkv_bias
         T = qkv.shape[0]
@@ -463,6 +469,13 @@ class ModelRunner:
         # LoRA adapters (lora.py), name -> LoraWeights: a step with any row of one runs eagerly
         # (hidden), where each linear adds its adapters' deltas to their rows
         self.loras: dict = {}
+
+    def add_lora(self, adapter) -> None:
+        """Fit a LoRA adapter (lora.read_adapter's) to the model and keep it in `loras`;
+        lora.LoraError where its matrices don't fit the model."""
+        from .lora import LoraWeights
+
+        self.loras[adapter.name] = LoraWeights(adapter, self.model.config, self.model.dtype, self.device)
 
     def _choose_attention(self, attention: str) -> None:
         if attention not in ("auto", "flex", "sdpa"):
@@ -661,19 +674,12 @@ class ModelRunner:
         before the last norm. Static in shape for a padded decode step: what a graph captures."""
         m = self.model
         x = m.embed_tokens(step.tokens)                         # [T, H]
-        if step.lora is not None:                               # LoRA adapters on some rows (lora.py)
-            for li, layer in enumerate(m.layers):
-                lora = step.lora.layer(li)
-                q, k, v = m.qkv(layer, x, step.cos, step.sin, lora)
-                a = self.attend(step, li, q, k, v)
-                x = x + lora.add("o", layer.o(a), a)
-                x = x + m.mlp(layer, x, lora)
-            return x
         for li, layer in enumerate(m.layers):
-            q, k, v = m.qkv(layer, x, step.cos, step.sin)       # [T, nh, hd], [T, kv, hd] x2
+            lora = step.lora.layer(li) if step.lora is not None else None   # LoRA adapters on some rows (lora.py)
+            q, k, v = m.qkv(layer, x, step.cos, step.sin, lora)  # [T, nh, hd], [T, kv, hd] x2
             a = self.attend(step, li, q, k, v)                  # [T, nh*hd]
-            x = x + m.attn_out(layer, a)
-            x = x + m.mlp(layer, x)
+            x = x + m.attn_out(layer, a, lora)
+            x = x + m.mlp(layer, x, lora)
         return x
 
     def attend(self, step: Step, li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

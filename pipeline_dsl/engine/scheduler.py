@@ -503,8 +503,8 @@ class Scheduler:
             if seq.state.verifying:
                 continue          # preempted while a step verifies its drafts: back once that step is done
             fresh = seq.prompt_out is not None   # every prompt row computed: no prefix cache read
-            salt = seq.params.prefix_key
-            hit = [] if fresh else bm.lookup(seq.token_ids, salt)
+            salt, adapter = seq.params.prefix_key
+            hit = [] if fresh else bm.lookup(seq.token_ids, salt, adapter)
             if in_flight and not fresh:
                 keys = self._prompt_keys(seq)
                 if len(hit) < len(keys) and keys[len(hit)] in in_flight:
@@ -525,11 +525,11 @@ class Scheduler:
             if bm.admission_cost(hit, need) + spare > bm.num_free:
                 break  # wait for running sequences to finish and free blocks
             seq.num_computed = 0 if fresh else bm.match_prefix(seq.request_id, seq.token_ids,
-                                                               count=not seq.admitted, salt=salt)
+                                                               count=not seq.admitted, salt=salt, adapter=adapter)
             if not seq.admitted:
                 seq.cached_tokens, seq.admitted = seq.num_computed, True
                 seq.scheduled = self.clock()
-            if not bm.allocate(seq.request_id, seq.num_computed + n, salt):
+            if not bm.allocate(seq.request_id, seq.num_computed + n, salt, adapter):
                 raise AssertionError("admission check and allocation disagree")
             self.waiting.remove(seq)
             seq.status = RUNNING
@@ -553,7 +553,7 @@ class Scheduler:
         if keys is None:
             usable = (seq.num_prompt - 1) // self.blocks.block_size * self.blocks.block_size
             keys = self._prompt_keys_of[seq] = self.blocks.block_keys(seq.token_ids[:usable],
-                                                                      root_key(seq.params.prefix_key))
+                                                                      root_key(*seq.params.prefix_key))
         return keys
 
     def _victim(self) -> Sequence:

@@ -128,9 +128,19 @@ class EngineSegment:
         self.own_loras = frozenset(lora_name(gen) for gen in spec.loras)   # not a request's to name
         for gen, folder in spec.loras.items():
             try:
-                self.engine.add_lora(read_adapter(folder, lora_name(gen)))
+                self.add_lora(read_adapter(folder, lora_name(gen)))
             except LoraError as e:
                 raise InputError(f"generate stage '{gen}': lora: {e}") from None
+
+    def add_lora(self, adapter) -> None:
+        """Serve a LoRA adapter (engine.lora.read_adapter's) on this segment's engine; lora.LoraError
+        where its matrices don't fit the model."""
+        self.engine.add_lora(adapter)
+
+    @property
+    def loras(self) -> tuple[str, ...]:
+        """The names of the LoRA adapters this segment's engine serves (its stages' own among them)."""
+        return self.engine.loras
 
     # ---- the engine's public facts (the runtime asks these, never the engine) ----------
     @property
@@ -220,7 +230,7 @@ class EngineSegment:
         if constraint is not None:
             given["constraint"] = self.compile(constraint)
         model = data.get("model")                # a LoRA adapter this engine serves (agp serve --lora-modules)
-        if isinstance(model, str) and model in getattr(self.engine, "loras", ()) and model not in self.own_loras:
+        if isinstance(model, str) and model in self.loras and model not in self.own_loras:
             given["lora"] = model
         params = replace(self.defaults[gen], **given)
         if "max_tokens" not in given:

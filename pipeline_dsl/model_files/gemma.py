@@ -98,11 +98,8 @@ def hf_gemma_fields(cfg: dict, fail, num_layers) -> dict:
             not set(kinds) <= {"sliding_attention", "full_attention"}:
         fail(f"'layer_types' must list 'sliding_attention' or 'full_attention' for each of the "
              f"{num_layers} layers, not {json.dumps(kinds)[:120]}")
-    window = cfg.get("sliding_window")
     sliding = tuple(i for i, k in enumerate(kinds) if k == "sliding_attention")
-    if sliding and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-        fail(f"'sliding_window' must be a positive integer, not {json.dumps(window)}")
-    window = window if sliding else 0
+    window = _window(fail, cfg.get("sliding_window"), "'sliding_window'", sliding)
     scalar = cfg.get("query_pre_attn_scalar")
     if isinstance(scalar, bool) or not isinstance(scalar, (int, float)) or not scalar > 0:
         fail(f"'query_pre_attn_scalar' must be a positive number, not {json.dumps(scalar)}")
@@ -120,14 +117,23 @@ def gguf_gemma_fields(m: dict, fail, c: dict) -> dict:
     n = c["num_layers"]
     sliding = tuple(i for i in range(n) if (i + 1) % 6)
     per_head = c["hidden_size"] // c["num_heads"] if n == 62 else c["head_dim"]
+    window = _window(fail, window, "metadata 'gemma3.attention.sliding_window'", sliding)
     return _fields(fail, window, sliding, 10000.0, float(per_head) ** -0.5)
 
 
-def _fields(fail, window, sliding: tuple, local_theta, scale) -> dict:
-    if sliding and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-        fail(f"metadata 'gemma3.attention.sliding_window' must be a positive integer, not {window!r}")
+def _window(fail, window, where: str, sliding: tuple):
+    """The sliding window in keys (0 where no layer slides); fail naming `where`, its key in the
+    file read, unless it is a positive integer where some layer slides."""
+    if not sliding:
+        return 0
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        fail(f"{where} must be a positive integer, not {json.dumps(window)}")
+    return window
+
+
+def _fields(fail, window: int, sliding: tuple, local_theta, scale) -> dict:
     if isinstance(local_theta, bool) or not isinstance(local_theta, (int, float)) or not local_theta > 0:
         fail(f"'rope_local_base_freq' must be a positive number, not {json.dumps(local_theta)}")
-    return dict(gemma=True, qk_norm=True, sliding_window=window if sliding else 0,
+    return dict(gemma=True, qk_norm=True, sliding_window=window,
                 window_layers=sliding, rope_local_theta=float(local_theta),
                 attn_scale=float(scale))

@@ -34,6 +34,7 @@ import json
 import math
 
 from .gguf_header import DEQUANTIZABLE
+from .rope import positive
 
 # the GGUF metadata a phi3 file adds (key under "phi3." -> kind)
 GGUF_KEYS = {"rope.scaling.attn_factor": "float", "rope.scaling.original_context_length": "int",
@@ -105,14 +106,14 @@ def hf_scaling(fail, where: str, spec: dict, cfg: dict, head_dim: int, context: 
     factor = spec.get("factor")
     if factor is None:
         factor = cfg.get("max_position_embeddings", HF_DEFAULTS["max_position_embeddings"]) / original
-    elif isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < math.inf:
-        fail(f"{where} 'factor' must be a positive number, not {json.dumps(factor)}")
+    else:
+        factor = positive(fail, where, "factor", factor)
     attn = spec.get("attention_factor")
     if attn is None:
         attn = longrope_attention(fail, factor, original, "'original_max_position_embeddings'",
                                 f"{where} 'attention_factor'")
-    if isinstance(attn, bool) or not isinstance(attn, (int, float)) or not 0 < attn < math.inf:
-        fail(f"{where} 'attention_factor' must be a positive number, not {json.dumps(attn)}")
+    else:
+        attn = positive(fail, where, "attention_factor", attn)
     return scaling_pairs(dims, head_dim, context, short=short, long=long, original=original,
                          attention_factor=float(attn))
 

@@ -31,7 +31,8 @@ SUPPORTED = ("default", "linear", "llama3")
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
-def _positive(fail, where: str, key: str, value):
+def positive(fail, where: str, key: str, value) -> float:
+    """`value` as a float; fail naming `where` and `key` unless it is a finite number above 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         fail(f"{where} '{key}' must be a positive number, not {json.dumps(value)}")
     return float(value)
@@ -77,8 +78,8 @@ def hf_rope(cfg: dict, fail) -> tuple[float, tuple]:
     if kind == "default":
         return theta, ()
     if kind == "linear":
-        return theta, (("rope_type", "linear"), ("factor", _positive(fail, where, "factor", spec.get("factor"))))
-    values = tuple((k, _positive(fail, where, k, spec.get(k))) for k in _LLAMA3_KEYS)
+        return theta, (("rope_type", "linear"), ("factor", positive(fail, where, "factor", spec.get("factor"))))
+    values = tuple((k, positive(fail, where, k, spec.get(k))) for k in _LLAMA3_KEYS)
     if dict(values)["high_freq_factor"] <= dict(values)["low_freq_factor"]:
         fail(f"{where}: 'high_freq_factor' must be larger than 'low_freq_factor'")
     return theta, (("rope_type", "llama3"), *values)
@@ -98,7 +99,7 @@ def gguf_rope(m: dict, fail, head_dim: int, arch: str = "llama") -> tuple[object
         return theta, ()
     if kind == "linear":
         return theta, (("rope_type", "linear"),
-                       ("factor", _positive(fail, "metadata", f"{arch}.rope.scaling.factor",
+                       ("factor", positive(fail, "metadata", f"{arch}.rope.scaling.factor",
                                             m.get(f"{arch}.rope.scaling.factor"))))
     fail(f"metadata '{arch}.rope.scaling.type' {kind!r} is not supported (agp computes none and linear, "
          f"and a rope_freqs tensor)")

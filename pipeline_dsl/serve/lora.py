@@ -87,7 +87,7 @@ def attach(runtime, adapters: list, names: tuple[str, ...], stages=()) -> tuple[
 
     served = []
     for adapter in adapters:
-        if adapter.name in names or adapter.name in stages or any(adapter.name in es.engine.loras
+        if adapter.name in names or adapter.name in stages or any(adapter.name in es.loras
                                                                   for es in runtime.segments):
             raise SetupError(f"--lora-modules {adapter.name}: the name is already the server's (a served "
                              "model name, the pipeline's, a generate stage's or its adapter's): give the adapter "
@@ -95,7 +95,7 @@ def attach(runtime, adapters: list, names: tuple[str, ...], stages=()) -> tuple[
         fits, why = 0, None
         for es in runtime.segments:
             try:
-                es.engine.add_lora(adapter)
+                es.add_lora(adapter)
                 fits += 1
             except LoraError as e:
                 why = why or e
