@@ -398,18 +398,18 @@ t.agp:5:77: error: unknown parameter 'threads' for stage kind 'dynamic_batch'
 t.agp:8:37: error: unknown parameter 'precision' for stage kind 'generate'
     8 |     stage gen     : generate      { precision = fp32  frobnicate = 1  temperatur = 1.0 }
       |                                     ^^^^^^^^^
-  = expected: a parameter of generate: bad_words, compile, device, dtype, frequency_penalty, ignore_eos, json_schema, lora, max_new_tokens, min_p, min_tokens, model, n, prefill_chunk, presence_penalty, repetition_penalty, seed, stop, temperature, top_k, top_p
+  = expected: a parameter of generate: bad_words, compile, device, dtype, frequency_penalty, ignore_eos, json_schema, lora, max_new_tokens, min_p, min_tokens, model, n, prefill_chunk, presence_penalty, prompt_lookup_max, prompt_lookup_min, repetition_penalty, seed, speculate, speculative_tokens, stop, temperature, top_k, top_p
   = help: it is called dtype now: dtype = …
 
 t.agp:8:55: error: unknown parameter 'frobnicate' for stage kind 'generate'
     8 |     stage gen     : generate      { precision = fp32  frobnicate = 1  temperatur = 1.0 }
       |                                                       ^^^^^^^^^^
-  = expected: a parameter of generate: bad_words, compile, device, dtype, frequency_penalty, ignore_eos, json_schema, lora, max_new_tokens, min_p, min_tokens, model, n, prefill_chunk, presence_penalty, repetition_penalty, seed, stop, temperature, top_k, top_p
+  = expected: a parameter of generate: bad_words, compile, device, dtype, frequency_penalty, ignore_eos, json_schema, lora, max_new_tokens, min_p, min_tokens, model, n, prefill_chunk, presence_penalty, prompt_lookup_max, prompt_lookup_min, repetition_penalty, seed, speculate, speculative_tokens, stop, temperature, top_k, top_p
 
 t.agp:8:71: error: unknown parameter 'temperatur' for stage kind 'generate'
     8 |     stage gen     : generate      { precision = fp32  frobnicate = 1  temperatur = 1.0 }
       |                                                                       ^^^^^^^^^^
-  = expected: a parameter of generate: bad_words, compile, device, dtype, frequency_penalty, ignore_eos, json_schema, lora, max_new_tokens, min_p, min_tokens, model, n, prefill_chunk, presence_penalty, repetition_penalty, seed, stop, temperature, top_k, top_p
+  = expected: a parameter of generate: bad_words, compile, device, dtype, frequency_penalty, ignore_eos, json_schema, lora, max_new_tokens, min_p, min_tokens, model, n, prefill_chunk, presence_penalty, prompt_lookup_max, prompt_lookup_min, repetition_penalty, seed, speculate, speculative_tokens, stop, temperature, top_k, top_p
   = help: did you mean 'temperature'?
 
 5 errors
