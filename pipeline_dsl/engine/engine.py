@@ -592,10 +592,14 @@ class Engine:
 
     def verify(self, seq: Sequence, logits: torch.Tensor, draft: tuple[int, ...]) -> list[int]:
         """The tokens a verifying step gives `seq`: logits [1 + k, V] of its last token's row and
-        its k drafts' rows. Each row in turn is sampled as an ordinary row with its draft as the
-        proposal (Features.sample: the features' state advanced by each token taken); the first
-        token that is not its row's draft is the last. A plain greedy sequence: the argmax of
-        every row at once, the drafts accepted while they equal it."""
+        its k drafts' rows. Each row in turn is sampled exactly as a plain decode step would sample
+        that position (sample(): the features' state advanced by each token taken, a sampled row
+        drawing its request's next uniform number), and its draft is accepted when the token drawn
+        is the draft; the first token that is not its row's draft is the last. The token at each
+        position is thus the one decoding without drafts would give (a seeded request's text does
+        not depend on whether, or how much, it drafted), and a draft t is accepted with
+        probability p(t), a rejected row's token drawn from p without t. A plain greedy sequence:
+        the argmax of every row at once, the drafts accepted while they equal it."""
         if seq.params.greedy and seq.state.plain:
             best = logits.argmax(dim=-1).tolist()                               # [1 + k]
             n = 0
@@ -604,17 +608,11 @@ class Engine:
             return best[:n + 1]
         got = []
         for i in range(len(draft) + 1):
-            proposal = draft[i] if i < len(draft) else None
-            token = int(self.sample_drafts(logits[i:i + 1], [seq], [proposal])[0])
+            token = int(self.sample(logits[i:i + 1], [seq])[0])
             got.append(token)
-            if token != proposal:
+            if i == len(draft) or token != draft[i]:
                 break
         return got
-
-    def sample_drafts(self, logits: torch.Tensor, seqs: list[Sequence], drafts: list) -> torch.Tensor:
-        """sample() with a proposal per row (a drafted token or None), which the draw accepts with
-        its probability under the row's processed distribution or replaces (Sampler.sample_tensor)."""
-        return self.features.sample(logits, seqs, self.sampler, self.is_live, drafts)
 
     def accept_tokens(self, seq: Sequence, item, tokens: list[int], now: float) -> RequestOutput:
         """A verifying step's tokens (already appended to the sequence's ids, scheduler.accept_drafts)
