@@ -353,6 +353,28 @@ def test_the_engines_counters_are_vllms_spec_decode_metrics(soft_gguf):
             assert float(line.split()[-1]) == s[key], line
 
 
+@pytest.mark.parametrize("how", ["step", "executor", "overlapped"])
+def test_iteration_tokens_count_every_token_a_verifying_step_gave(soft_gguf, how):
+    """vllm:iteration_tokens_total: a step's tokens are those it generated, a verifying sequence's
+    accepted drafts among them: over a request they add up to its prompt and its answer, as
+    without speculation (the engine's step() and the executor's path, overlapped or not)."""
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    e = spec_engine(soft_gguf)
+    if how == "step":
+        out = run(e, REPEATING[:1], params)["0"][0]
+    else:
+        outs: list = []
+        run_requests(e, [("0", dict(prompt=REPEATING[0], params=params))], overlap=how == "overlapped",
+                     on_output=outs.extend)
+        out = outs[-1]
+    assert spec_stats(e)["spec_accepted_tokens"] > 0 and out.completion_tokens == 40
+    hist = e.stats(latencies=False)["iteration_tokens_hist"]
+    assert sum(k * v for k, v in hist.items()) == out.prompt_tokens + 40
+    text = ServerMetrics("m", process=False).render({"engines": {"gen": e.stats(latencies=False)}})[0].decode()
+    line = next(x for x in text.splitlines() if x.startswith("vllm:iteration_tokens_total_sum{"))
+    assert float(line.split()[-1]) == out.prompt_tokens + 40, line
+
+
 def test_drafting_pauses_where_verifying_steps_pay_less_than_plain_ones(soft_gguf):
     """Measured on CPU: verifying steps that give fewer tokens a second than plain decode steps
     (here plain steps are made to look a microsecond long before every step) pause drafting,

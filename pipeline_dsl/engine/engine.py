@@ -641,7 +641,7 @@ class Engine:
                              logprobs, outs[0].prompt_logprobs, outs[0].pooled, last.stop_reason)
 
     def update(self, plan: SchedulerOutput, tokens: list) -> list[RequestOutput]:
-        self.record_step(plan)
+        self.record_step(plan, [t for t in tokens if isinstance(t, list)] if plan.num_draft_tokens else ())
         now = self.clock()
         outputs = []
         chunks, self._step_rows = self._step_rows, {}
@@ -661,8 +661,9 @@ class Engine:
         return outputs
 
     # ---- the contract of an executor that runs the phases itself (pipeline_dsl.engine.executor)
-    def record_step(self, plan: SchedulerOutput) -> None:
-        """Count one executed step (steps, prefill tokens, batch sizes)."""
+    def record_step(self, plan: SchedulerOutput, verified=()) -> None:
+        """Count one executed step (steps, prefill tokens, batch sizes). `verified`: the tokens
+        each item that verified drafts gave (sample_step's), its accepted drafts and its own."""
         c = self._counters
         c["steps"] += 1
         c["prefill_tokens"] += plan.num_prefill_tokens
@@ -672,11 +673,12 @@ class Engine:
         self._batch_hist[len(plan.items)] = self._batch_hist.get(len(plan.items), 0) + 1
         tokens = plan.num_prefill_tokens + plan.num_decodes + plan.num_draft_tokens   # through the model
         self._step_tokens[tokens] = self._step_tokens.get(tokens, 0) + 1
-        # vLLM v1's count of a step's tokens: those sampled, plus the whole prompt of each sequence
-        # whose prompt's prefill ends in it (a chunk before that counts none; a recompute after a
-        # preemption, which ends past the prompt, counts only its token)
+        # vLLM v1's count of a step's tokens: those generated (a verifying item's accepted drafts
+        # too), plus the whole prompt of each sequence whose prompt's prefill ends in it (a chunk
+        # before that counts none; a recompute after a preemption, which ends past the prompt,
+        # counts only its token)
         counted = sum(it.sample + (it.seq.num_prompt if it.start + it.num_tokens == it.seq.num_prompt else 0)
-                      for it in plan.items)
+                      for it in plan.items) + sum(len(got) - 1 for got in verified)
         self._iteration_tokens[counted] = self._iteration_tokens.get(counted, 0) + 1
 
     def block_table(self, seq: Sequence) -> list[int]:

@@ -460,7 +460,7 @@ class Executor:
         eng = self.engine
         outputs = []
         with self.lock:
-            eng.record_step(L.so)
+            eng.record_step(L.so, L.verified.values())
             now = eng.clock()
             ti = iter(enumerate(tokens))
             for index, (it, pos, pre) in enumerate(zip(L.so.items, L.sample_pos, L.preemptions)):
