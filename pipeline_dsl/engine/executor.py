@@ -469,7 +469,7 @@ class Executor:
                 if it.draft:
                     seq.state.verifying = False
                 if not eng.is_live(seq):                        # finished or aborted meanwhile
-                    self.discarded_tokens += tok is not None
+                    self.discarded_tokens += len(L.verified[j]) if it.draft else tok is not None
                     continue
                 if it.draft:                                    # its accepted drafts, then the model's token
                     got = L.verified[j]
