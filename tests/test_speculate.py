@@ -190,36 +190,93 @@ def test_a_large_batch_decodes_without_drafts(soft_gguf):
     assert {k: v[2] for k, v in spec.items()} == {k: v[2] for k, v in plain.items()}
 
 
-# ---- sampled: the acceptance rule keeps the distribution -------------------------------------
+# ---- sampled: each position drawn as without drafts, the acceptance rule keeps the distribution --
 
-def frequencies(sampler, logits, params, seed: int, n: int, draft=None) -> torch.Tensor:
-    """The tokens of n draws (n rows of one request's generator, in one call) counted, / n."""
+def frequencies(sampler, logits, params, seed: int, n: int) -> torch.Tensor:
+    """The tokens of n plain draws (n rows of one request's generator, in one call) counted, / n."""
     rows = logits.expand(n, -1).clone()
-    gen = make_generator(seed)
-    tokens = sampler.sample_tensor(rows, [params] * n, [gen] * n, None if draft is None else [draft] * n)
+    tokens = sampler.sample_tensor(rows, [params] * n, [make_generator(seed)] * n)
     return torch.bincount(tokens, minlength=logits.shape[-1]).double() / n
 
 
+def verifications(e: Engine, logits, params: SamplingParams, draft: tuple, n: int, twin: bool = False):
+    """n verifications of `draft` against rows `logits` [1 + k, V] by one request of `params`: the
+    tokens each gave; with `twin`, also what a request of the same params drew plainly, one
+    sample() a row, over the rows each verification read."""
+    for rid in ("v", "w") if twin else ("v",):
+        e.add_request(rid, prompt_token_ids=[1, 2], params=params)
+    got, plain = [], []
+    for _ in range(n):
+        got.append(e.verify(e.seqs["v"], logits.clone(), draft))
+        if twin:
+            plain.append([int(e.sample(logits[i:i + 1].clone(), [e.seqs["w"]])[0]) for i in range(len(got[-1]))])
+    for rid in ("v", "w") if twin else ("v",):
+        e.abort(rid)
+    return got, plain
+
+
 @pytest.mark.parametrize("extra", [dict(), dict(top_k=3), dict(top_p=0.8), dict(min_p=0.2)])
-def test_sampled_acceptance_draws_from_the_processed_distribution(extra):
-    """A draft t accepted with probability p(t), else a draw from p without t: the token's
-    frequencies are p's, whichever token is drafted (fixed seeds: the bound cannot flake)."""
-    logits = torch.tensor([[2.0, 1.5, 1.0, 0.2, -1.0]])
-    params = SamplingParams(temperature=0.7, **extra)
-    sampler = Sampler(0)
-    N = 20_000
-    p = frequencies(sampler, logits, params, 11, N)              # p: plain draws, the sampler's processing
+def test_a_verified_row_draws_as_the_plain_step_and_keeps_the_distribution(soft_gguf, extra):
+    """Each row of a verification draws the token the plain step at its position would (the same
+    request's next uniform number), and the draft is accepted when that token is the draft: the
+    tokens are a plain decode's, distributed as p, the draft accepted with probability p(t) (fixed
+    seeds: the bounds cannot flake)."""
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.2, -1.0], [0.3, -0.2, 1.1, 0.0, 0.5]])
+    params = SamplingParams(temperature=0.7, seed=5, **extra)
+    p = frequencies(Sampler(0), logits[:1], params, 11, 20_000)       # p: plain draws, the sampler's processing
+    e = engine(soft_gguf)
+    N = 500
     for draft in (0, 2, 4):
-        got = frequencies(sampler, logits, params, 100 + draft, N, draft)
-        assert torch.allclose(got, p, atol=0.02), (draft, got, p)
+        got, plain = verifications(e, logits, params, (draft,), N, twin=True)
+        assert got == plain, draft                                    # token for token the plain draws
+        first = torch.bincount(torch.tensor([g[0] for g in got]), minlength=5).double() / N
+        assert torch.allclose(first, p, atol=0.07), (draft, first, p)
+        accepted = sum(len(g) == 2 for g in got) / N
+        assert accepted == pytest.approx(float(p[draft]), abs=0.07)   # P(accept) = p(t)
         if p[draft] == 0:                            # cut by top-k/top-p/min-p: never accepted
-            assert got[draft] == 0
+            assert accepted == 0
 
 
-def test_sampled_acceptance_rate_is_the_drafts_probability():
-    """With the draft's probability known (1/4: four equal logits), it comes that often."""
-    got = frequencies(Sampler(0), torch.zeros(1, 4), SamplingParams(temperature=1.0), 7, 20_000, 1)
-    assert abs(float(got[1]) - 0.25) < 0.02 and torch.allclose(got, torch.full((4,), 0.25, dtype=got.dtype), atol=0.02)
+def test_sampled_acceptance_rate_is_the_drafts_probability(soft_gguf):
+    """With the draft's probability known (1/4: four equal logits), it is accepted that often, and a
+    rejected row's token is one of the other three, equally likely (p without t, renormalised)."""
+    got, _ = verifications(engine(soft_gguf), torch.zeros(2, 4), SamplingParams(temperature=1.0, seed=7), (1,), 4000)
+    assert abs(sum(len(g) == 2 for g in got) / len(got) - 0.25) < 0.02
+    rejected = [g[0] for g in got if len(g) == 1]
+    assert 1 not in rejected
+    share = torch.bincount(torch.tensor(rejected), minlength=4).double() / len(rejected)
+    assert torch.allclose(share, torch.tensor([1 / 3, 0.0, 1 / 3, 1 / 3], dtype=share.dtype), atol=0.03)
+
+
+def test_a_seeded_sampled_answer_is_the_one_without_speculation_whatever_the_batch(soft_gguf):
+    """A seeded sampled request answers token for token as without speculation, alone and beside
+    other requests under a KV budget so small that sequences are preempted and drafts find no free
+    blocks (whether a step drafts for it, and how much, does not change its text)."""
+    mine = SamplingParams(max_tokens=40, ignore_eos=True, temperature=0.8, seed=11)
+
+    def answers(e: Engine, others: int) -> dict:
+        e.add_request("a", prompt=REPEATING[0], params=mine)
+        for i in range(others):
+            e.add_request(f"o{i}", prompt=REPEATING[i % 3],
+                          params=SamplingParams(max_tokens=40, ignore_eos=True, temperature=0.8, seed=i))
+        got: dict = {}
+        while e.has_unfinished():
+            for out in e.step():
+                got.setdefault(out.request_id, []).extend(out.new_token_ids)
+        e.blocks.check_invariants()
+        return got
+
+    small = {"kv_budget_bytes": 1 << 16}
+    plain = answers(engine(soft_gguf, **small), 0)
+    for others in (0, 3):
+        e = spec_engine(soft_gguf, **small)
+        got = answers(e, others)
+        assert spec_stats(e)["spec_drafts"] > 0
+        assert got["a"] == plain["a"], others
+        if others:
+            assert e.scheduler.num_preemptions > 0
+            want = answers(engine(soft_gguf, **small), others)
+            assert got == want
 
 
 def test_seeded_sampled_requests_are_reproducible_with_speculation(soft_gguf):
@@ -309,6 +366,28 @@ def test_the_engines_counters_are_vllms_spec_decode_metrics(soft_gguf):
         for series in (f"vllm:spec_decode_{name}_total{{", f"agp_spec_decode_{name}_total{{"):
             line = next(x for x in text.splitlines() if x.startswith(series))
             assert float(line.split()[-1]) == s[key], line
+
+
+@pytest.mark.parametrize("how", ["step", "executor", "overlapped"])
+def test_iteration_tokens_count_every_token_a_verifying_step_gave(soft_gguf, how):
+    """vllm:iteration_tokens_total: a step's tokens are those it generated, a verifying sequence's
+    accepted drafts among them: over a request they add up to its prompt and its answer, as
+    without speculation (the engine's step() and the executor's path, overlapped or not)."""
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    e = spec_engine(soft_gguf)
+    if how == "step":
+        out = run(e, REPEATING[:1], params)["0"][0]
+    else:
+        outs: list = []
+        run_requests(e, [("0", dict(prompt=REPEATING[0], params=params))], overlap=how == "overlapped",
+                     on_output=outs.extend)
+        out = outs[-1]
+    assert spec_stats(e)["spec_accepted_tokens"] > 0 and out.completion_tokens == 40
+    hist = e.stats(latencies=False)["iteration_tokens_hist"]
+    assert sum(k * v for k, v in hist.items()) == out.prompt_tokens + 40
+    text = ServerMetrics("m", process=False).render({"engines": {"gen": e.stats(latencies=False)}})[0].decode()
+    line = next(x for x in text.splitlines() if x.startswith("vllm:iteration_tokens_total_sum{"))
+    assert float(line.split()[-1]) == out.prompt_tokens + 40, line
 
 
 def test_drafting_pauses_where_verifying_steps_pay_less_than_plain_ones(soft_gguf):

@@ -597,10 +597,14 @@ class Engine:
 
     def verify(self, seq: Sequence, logits: torch.Tensor, draft: tuple[int, ...]) -> list[int]:
         """The tokens a verifying step gives `seq`: logits [1 + k, V] of its last token's row and
-        its k drafts' rows. Each row in turn is sampled as an ordinary row with its draft as the
-        proposal (Features.sample: the features' state advanced by each token taken); the first
-        token that is not its row's draft is the last. A plain greedy sequence: the argmax of
-        every row at once, the drafts accepted while they equal it."""
+        its k drafts' rows. Each row in turn is sampled exactly as a plain decode step would sample
+        that position (sample(): the features' state advanced by each token taken, a sampled row
+        drawing its request's next uniform number), and its draft is accepted when the token drawn
+        is the draft; the first token that is not its row's draft is the last. The token at each
+        position is thus the one decoding without drafts would give (a seeded request's text does
+        not depend on whether, or how much, it drafted), and a draft t is accepted with
+        probability p(t), a rejected row's token drawn from p without t. A plain greedy sequence:
+        the argmax of every row at once, the drafts accepted while they equal it."""
         if seq.params.greedy and seq.state.plain:
             best = logits.argmax(dim=-1).tolist()                               # [1 + k]
             n = 0
@@ -609,17 +613,11 @@ class Engine:
             return best[:n + 1]
         got = []
         for i in range(len(draft) + 1):
-            proposal = draft[i] if i < len(draft) else None
-            token = int(self.sample_drafts(logits[i:i + 1], [seq], [proposal])[0])
+            token = int(self.sample(logits[i:i + 1], [seq])[0])
             got.append(token)
-            if token != proposal:
+            if i == len(draft) or token != draft[i]:
                 break
         return got
-
-    def sample_drafts(self, logits: torch.Tensor, seqs: list[Sequence], drafts: list) -> torch.Tensor:
-        """sample() with a proposal per row (a drafted token or None), which the draw accepts with
-        its probability under the row's processed distribution or replaces (Sampler.sample_tensor)."""
-        return self.features.sample(logits, seqs, self.sampler, self.is_live, drafts)
 
     def accept_tokens(self, seq: Sequence, item, tokens: list[int], now: float) -> RequestOutput:
         """A verifying step's tokens (their K/V kept by scheduler.accept_drafts, or recomputed after
@@ -646,7 +644,7 @@ class Engine:
                              logprobs, outs[0].prompt_logprobs, outs[0].pooled, last.stop_reason)
 
     def update(self, plan: SchedulerOutput, tokens: list) -> list[RequestOutput]:
-        self.record_step(plan)
+        self.record_step(plan, [t for t in tokens if isinstance(t, list)] if plan.num_draft_tokens else ())
         now = self.clock()
         outputs = []
         chunks, self._step_rows = self._step_rows, {}
@@ -666,8 +664,9 @@ class Engine:
         return outputs
 
     # ---- the contract of an executor that runs the phases itself (pipeline_dsl.engine.executor)
-    def record_step(self, plan: SchedulerOutput) -> None:
-        """Count one executed step (steps, prefill tokens, batch sizes)."""
+    def record_step(self, plan: SchedulerOutput, verified=()) -> None:
+        """Count one executed step (steps, prefill tokens, batch sizes). `verified`: the tokens
+        each item that verified drafts gave (sample_step's), its accepted drafts and its own."""
         c = self._counters
         c["steps"] += 1
         c["prefill_tokens"] += plan.num_prefill_tokens
@@ -677,11 +676,12 @@ class Engine:
         self._batch_hist[len(plan.items)] = self._batch_hist.get(len(plan.items), 0) + 1
         tokens = plan.num_prefill_tokens + plan.num_decodes + plan.num_draft_tokens   # through the model
         self._step_tokens[tokens] = self._step_tokens.get(tokens, 0) + 1
-        # vLLM v1's count of a step's tokens: those sampled, plus the whole prompt of each sequence
-        # whose prompt's prefill ends in it (a chunk before that counts none; a recompute after a
-        # preemption, which ends past the prompt, counts only its token)
+        # vLLM v1's count of a step's tokens: those generated (a verifying item's accepted drafts
+        # too), plus the whole prompt of each sequence whose prompt's prefill ends in it (a chunk
+        # before that counts none; a recompute after a preemption, which ends past the prompt,
+        # counts only its token)
         counted = sum(it.sample + (it.seq.num_prompt if it.start + it.num_tokens == it.seq.num_prompt else 0)
-                      for it in plan.items)
+                      for it in plan.items) + sum(len(got) - 1 for got in verified)
         self._iteration_tokens[counted] = self._iteration_tokens.get(counted, 0) + 1
 
     def block_table(self, seq: Sequence) -> list[int]:

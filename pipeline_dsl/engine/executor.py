@@ -460,7 +460,7 @@ class Executor:
         eng = self.engine
         outputs = []
         with self.lock:
-            eng.record_step(L.so)
+            eng.record_step(L.so, L.verified.values())
             now = eng.clock()
             ti = iter(enumerate(tokens))
             for index, (it, pos, pre) in enumerate(zip(L.so.items, L.sample_pos, L.preemptions)):
@@ -469,7 +469,7 @@ class Executor:
                 if it.draft:
                     seq.state.verifying = False
                 if not eng.is_live(seq):                        # finished or aborted meanwhile
-                    self.discarded_tokens += tok is not None
+                    self.discarded_tokens += len(L.verified[j]) if it.draft else tok is not None
                     continue
                 if it.draft:                                    # its accepted drafts, then the model's token
                     got = L.verified[j]

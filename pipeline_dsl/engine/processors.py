@@ -83,12 +83,11 @@ def top_logprobs(lp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return lp.gather(1, ids), ids
 
 
-def draw(sampler, logits: torch.Tensor, seqs, drafts=None) -> torch.Tensor:
-    """The plain draw: [n, V] -> [n] token ids (long, on the logits' device, no host sync).
-    `drafts`: per row a drafted token or None (Sampler.sample_tensor; speculate.py)."""
+def draw(sampler, logits: torch.Tensor, seqs) -> torch.Tensor:
+    """The plain draw: [n, V] -> [n] token ids (long, on the logits' device, no host sync)."""
     if all(s.params.greedy for s in seqs):
         return logits.argmax(dim=-1)                                   # [n]
-    return sampler.sample_tensor(logits, [s.params for s in seqs], [s.state.generator for s in seqs], drafts)
+    return sampler.sample_tensor(logits, [s.params for s in seqs], [s.state.generator for s in seqs])
 
 
 class StepLogprobs:
@@ -158,15 +157,13 @@ class Features:
         return [step.entry(row, k, token)]
 
     # ---- the sampling thread --------------------------------------------------------------
-    def sample(self, logits: torch.Tensor, seqs, sampler, is_live, drafts=None) -> torch.Tensor:
-        """One step's tokens: [n, V] logits (changed in place) -> [n] long on their device.
-        `drafts`: per row a drafted token or None, a proposal the draw accepts or replaces
-        (speculate.py); the state advances by the token drawn, as for any row."""
+    def sample(self, logits: torch.Tensor, seqs, sampler, is_live) -> torch.Tensor:
+        """One step's tokens: [n, V] logits (changed in place) -> [n] long on their device."""
         if self.released:                 # before the liveness checks: a slot is freed only once
             self._drain()                 # its sequence can no longer be seen live
         rows = [i for i, s in enumerate(seqs) if not s.state.plain and is_live(s)]
         if not rows:
-            return draw(sampler, logits, seqs, drafts)
+            return draw(sampler, logits, seqs)
         self.steps += 1
         dev = logits.device
         lp_rows = [i for i in rows if seqs[i].params.logprobs is not None]
@@ -185,7 +182,7 @@ class Features:
         constrained = [i for i in rows if matchers[i] is not None]
         if constrained:
             constrain.apply_masks(logits, matchers)
-        tokens = draw(sampler, logits, seqs, drafts)                            # [n]
+        tokens = draw(sampler, logits, seqs)                                    # [n]
         if slotted:
             self._count(tokens, *pen)
         tailed = any(seqs[i].state.tail is not None for i in rows)

@@ -92,8 +92,7 @@ class Sampler:
         return self.sample_tensor(logits, params, generators).tolist()
 
     def sample_tensor(self, logits: torch.Tensor, params: list[SamplingParams],
-                      generators: list[torch.Generator | None], drafts: list[int | None] | None = None
-                      ) -> torch.Tensor:
+                      generators: list[torch.Generator | None]) -> torch.Tensor:
         """logits [n, V] -> [n] long token ids on the logits' device, without a host sync.
 
         What a row's draw needs from the host — its temperature, top-k, top-p, min-p and its
@@ -101,13 +100,7 @@ class Sampler:
         own CPU generator (or the shared one), drawn in row order, one call per generator, then
         everything goes up in one non-blocking copy and the draw runs on the device over all
         sampled rows at once. The tokens are those a per-row draw would give (same generator
-        stream, same arithmetic): a seeded request gives the same tokens on any batch.
-
-        `drafts` (speculative decoding, speculate.py): per row a drafted token or None. A sampled
-        row with a draft t accepts it with probability p(t) (p: the row's distribution after
-        temperature, top-k, top-p and min-p), else draws from p without t, renormalised, with
-        the same uniform number rescaled: the token is distributed exactly as p. A greedy row
-        takes its argmax either way (which is the draft exactly when they agree)."""
+        stream, same arithmetic): a seeded request gives the same tokens on any batch."""
         greedy = logits.argmax(dim=-1)  # [n]
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if not rows:
@@ -123,11 +116,7 @@ class Sampler:
         sub = logits.index_select(0, idx).float()                                                # [m, V]
         need_sort = any(p.top_p < 1.0 or 0 < p.top_k < vocab for p in ps)
         need_min_p = any(p.min_p > 0.0 for p in ps)
-        draft = None
-        if drafts is not None and any(drafts[i] is not None for i in rows):
-            draft = torch.tensor([-1 if drafts[i] is None else int(drafts[i]) for i in rows], dtype=torch.long)
-            draft = to_device(draft, logits.device)                                              # [m]
-        picked = self._sample_rows(sub, temps, ks.long(), top_p, min_p, u, need_sort, need_min_p, draft)
+        picked = self._sample_rows(sub, temps, ks.long(), top_p, min_p, u, need_sort, need_min_p)
         return greedy.index_copy(0, idx, picked)
 
     def _uniforms(self, generators: list[torch.Generator | None]) -> torch.Tensor:
@@ -143,10 +132,8 @@ class Sampler:
             u[js] = torch.rand(len(js), generator=gens[key], dtype=torch.float64)   # = len(js) draws of 1
         return u
 
-    def _sample_rows(self, logits, temps, ks, top_p, min_p, u, need_sort: bool, need_min_p: bool, draft=None):
-        """logits [m, V] float32 and the rows' parameters [m] (on its device) -> [m] token ids.
-        `draft` [m] (-1: none): each row's proposed token, accepted with its probability
-        (sample_tensor)."""
+    def _sample_rows(self, logits, temps, ks, top_p, min_p, u, need_sort: bool, need_min_p: bool):
+        """logits [m, V] float32 and the rows' parameters [m] (on its device) -> [m] token ids."""
         m, vocab = logits.shape
         dev = logits.device
         logits = logits / temps.to(logits.dtype)[:, None]  # [m, V]
@@ -172,17 +159,6 @@ class Sampler:
             # and after the cuts above, which renormalise every kept token alike)
             top = probs.max(dim=-1, keepdim=True).values  # [m, 1]
             probs = probs.masked_fill(probs < min_p.to(probs.dtype)[:, None] * top, 0.0)  # the likeliest always stays
-        accept = None
-        if draft is not None:
-            has = draft >= 0                                               # [m]
-            at = draft.clamp(min=0)[:, None]                               # [m, 1]
-            p_draft = probs.gather(1, at).squeeze(1)                       # [m] its mass
-            share = torch.where(has, p_draft.double() / probs.sum(dim=-1).double(), torch.zeros_like(u))
-            accept = has & (u < share)                                     # [m] u ~ U(0,1): with probability p(t)
-            # rejected: u is uniform on [p(t), 1); rescaled, it draws from p without t
-            u = torch.where(has, (u - share) / (1.0 - share).clamp(min=1e-30), u).clamp(0.0, 1.0)
-            probs = probs.scatter(1, at, torch.where(has[:, None], torch.zeros_like(p_draft)[:, None],
-                                                     p_draft[:, None]))
         cdf = probs.cumsum(dim=-1)  # [m, V]
         u = u.to(cdf.dtype) * cdf[:, -1]  # [m] scaled to each row's total mass
         picked = torch.searchsorted(cdf, u[:, None], right=True).squeeze(1)  # [m]
@@ -190,8 +166,6 @@ class Sampler:
         # a zero-probability token can never be picked: step back past any flat cdf tail
         picked = torch.where(probs.gather(1, picked[:, None]).squeeze(1) > 0, picked,
                              probs.argmax(dim=-1))
-        if accept is not None:
-            picked = torch.where(accept, draft, picked)
         return picked
 
 

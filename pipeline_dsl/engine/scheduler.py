@@ -377,7 +377,7 @@ class Scheduler:
                 continue  # preempted earlier in this loop, or its last token is in flight
             left = len(seq.token_ids) - seq.num_computed
             draft = ()
-            if left == 1 and self.verify and (speculating or self._always_drafts(seq)) and self._may_draft(seq):
+            if left == 1 and speculating and self._may_draft(seq):
                 if seq.state.pending:
                     continue          # its last token is in flight: wait for it, and draft from it next step
                 draft = self._draft(seq, budget)
@@ -452,13 +452,6 @@ class Scheduler:
             self._spec_skip -= 1
             return False
         return True
-
-    @staticmethod
-    def _always_drafts(seq: Sequence) -> bool:
-        """A seeded sampled sequence drafts whatever the batch and the measured times: a drafted
-        row maps its uniform number to a token otherwise than a plain draw, so its text must not
-        depend on them to be the same every time."""
-        return seq.params.seed is not None and not seq.params.greedy
 
     @staticmethod
     def _may_draft(seq: Sequence) -> bool:

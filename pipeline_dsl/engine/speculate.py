@@ -8,13 +8,15 @@ earlier occurrence: no draft, and the sequence decodes one token as without spec
 
 Verify: the step feeds the sequence's last token and its drafts as one short chunk and keeps the
 logits of every row (the runner's `rows`, as prompt logprobs take them); row i is the model's
-distribution for the token after draft i - 1. Each row is processed and drawn in turn as an
-ordinary sampling row would be (processors.Features: penalties, bias, min_tokens, bad words and
-logprobs see the tokens accepted before it), with the draft as a point-mass proposal: a greedy
-row takes its argmax, which accepts the draft exactly when they are equal; a sampled row
-accepts the draft t with probability p(t) and otherwise draws from p with t removed and the rest
-renormalised (Sampler: one uniform number a row either way), which leaves each token's
-distribution exactly p. The first token that is not its row's draft ends the step: it is the
+distribution for the token after draft i - 1. Each row is processed and drawn in turn exactly as
+the plain decode step at its position would draw it (processors.Features: penalties, bias,
+min_tokens, bad words and logprobs see the tokens accepted before it; a sampled row takes its
+request's next uniform number), and the draft is accepted when the token drawn is the draft: a
+greedy row's argmax, a sampled row's draw x from p, accepted with probability p(t), a rejected
+row's x distributed as p without t, renormalised (the exact rule for a point-mass proposal).
+Each token is the one decoding without drafts would give at its position, so a seeded request's
+text is the same whether, and however much, it drafted (batch, step budget, free KV blocks,
+measured times). The first token that is not its row's draft ends the step: it is the
 model's own, and the drafts after it are dropped with their K/V (the sequence's length rolls
 back, blocks emptied by it are freed, and the prefix cache only ever publishes blocks of
 accepted tokens). A step whose every draft is accepted adds the last row's token too.
@@ -27,8 +29,7 @@ reading: speculation runs only while at most `MAX_BATCH` sequences decode, and a
 decodes them all plainly. Where a GEMM of a few rows costs several times one row's (a CPU's fp32
 GEMM against its GEMV, or the native one-row decode kernel), drafts that are seldom accepted lose:
 on CPU the scheduler measures each verifying step against plain decode steps and pauses drafting
-while it loses, trying again after a pause that doubles (Scheduler.verified). A seeded sampled
-request drafts whatever the batch and the times, so that its text does not depend on them.
+while it loses, trying again after a pause that doubles (Scheduler.verified).
 docs/engine_benchmarks.md, "Speculative decoding", has the measurements.
 """
 from __future__ import annotations

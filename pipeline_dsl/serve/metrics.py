@@ -379,7 +379,7 @@ class _Snapshot:
             fams[name].add_metric([model, str(i), str(len(e.get("lora_adapters") or ())),
                                    ",".join(e.get("lora_waiting") or ()), ",".join(e.get("lora_running") or ())],
                                   time.time())
-            yield counts_histogram("vllm:iteration_tokens_total", "Number of tokens per engine_step (prompt tokens of prefills that end in it + tokens sampled)",
+            yield counts_histogram("vllm:iteration_tokens_total", "Number of tokens per engine_step (prompt tokens of prefills that end in it + tokens generated)",
                                    e.get("iteration_tokens_hist") or {}, STEP_TOKEN_BUCKETS,
                                    {"model_name": model, "engine": str(i)})
         yield from fams.values()
