@@ -1009,7 +1009,7 @@ def _lora_folder(path: str, base: str | None, pos: SourcePos,
     inside the allowed folders, made absolute, once its adapter_config.json says an adapter agp can
     apply and its weights file is there (engine/lora.py check_folder; its matrices are checked
     against the model when the engine loads)."""
-    from pipeline_dsl.engine.lora import LoraError, check_folder
+    from pipeline_dsl.model_files.lora import LoraError, check_folder
 
     from .loader import inside
 

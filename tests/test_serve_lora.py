@@ -175,7 +175,7 @@ def test_an_adapter_agp_cannot_serve_stops_the_start(capsys, tiny_gguf, tmp_path
     write_tiny_lora(tmp_path / "ok")
     write_tiny_lora(tmp_path / "embed", config={"target_modules": ["q_proj", "lm_head"]})
     write_tiny_lora(tmp_path / "wide", targets=("q_proj",),
-                    extra={f"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 96)})
+                    extra={"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 96)})
     spec, said = [s.replace("{tmp}", str(tmp_path)) for s in spec], said.replace("{tmp}", str(tmp_path))
     args = ["serve", str(tiny_gguf), "--port", "0", "--served-model-name", "tiny", "--threads", "1",
             "--lora-modules", *spec]
@@ -309,7 +309,7 @@ def test_a_derived_pipeline_in_another_folder_answers_with_the_adapter_its_base_
     ("sql=/a/s,q,l,chat=/a/chat", [("sql", "/a/s,q,l", None), ("chat", "/a/chat", None)]),
 ])
 def test_agp_lora_modules_takes_what_the_flag_takes(value, specs):
-    from pipeline_dsl.serve.lora import parse_specs
+    from pipeline_dsl.serve.options import parse_specs
     from pipeline_dsl.serve.options import env_defaults
 
     p = argparse.ArgumentParser(prog="agp serve")

@@ -1,7 +1,7 @@
 """Gemma 3's text decoder: the pieces in which it differs from a llama (model_files/gemma.py
 lists them), over LlamaModel's weights and the ModelRunner's paged attention.
 
-    model = build_model(config, weights)     # model.build_model: a GemmaModel where config.gemma
+    model = build_model(config, weights)     # models.build_model: a GemmaModel where config.gemma
 
 What changes against LlamaModel:
 
@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
-from .model import LlamaConfig, LlamaModel, _Fallback, _Layer, resolve_dtype, rope_table
+from .model import LlamaConfig, LlamaModel, Fallback, Layer, resolve_dtype, rope_table
 
 
-class GemmaLayer(_Layer):
+class GemmaLayer(Layer):
     __slots__ = ("post_attn_norm", "post_ffw_norm", "window")
 
 
@@ -59,7 +59,7 @@ class GemmaModel(LlamaModel):
         layers = []
         for i, ly in enumerate(self.layers):
             g = GemmaLayer()
-            for name in _Layer.__slots__:
+            for name in Layer.__slots__:
                 setattr(g, name, getattr(ly, name))
             p = f"layers.{i}."
             g.attn_norm, g.ffn_norm = norm(p + "attn_norm"), norm(p + "ffn_norm")
@@ -107,8 +107,8 @@ class GemmaModel(LlamaModel):
 
     def enable_compile(self, force: bool = False) -> None:
         super().enable_compile(force)
-        if isinstance(self.silu_mul, _Fallback) and self.silu_mul.eager is not _gelu_mul:
-            self.silu_mul = _Fallback(_gelu_mul)            # the MLP's gate piece is GeGLU's here
+        if isinstance(self.silu_mul, Fallback) and self.silu_mul.eager is not _gelu_mul:
+            self.silu_mul = Fallback(_gelu_mul)            # the MLP's gate piece is GeGLU's here
 
     @torch.inference_mode()
     def forward_full(self, token_ids: list[int]) -> torch.Tensor:

@@ -23,44 +23,19 @@ each adapter's A and B once per row.
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline_dsl.model_files.lora import MODULES, WEIGHTS_FILE, LoraError, read_config, refuse, weights_file
+
 if TYPE_CHECKING:           # torch is imported where matrices are made: agp check reads adapters without it
     import torch
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-
-# PEFT's module names -> (the submodule of a decoder layer, agp's weight name)
-MODULES = {"q_proj": ("self_attn", "q"), "k_proj": ("self_attn", "k"), "v_proj": ("self_attn", "v"),
-           "o_proj": ("self_attn", "o"), "gate_proj": ("mlp", "gate"), "up_proj": ("mlp", "up"),
-           "down_proj": ("mlp", "down")}
 # agp's fused linears and the modules each holds, in the order of its output rows
 FUSED = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
-# PEFT's LoRA settings that change what an adapter computes beyond y = W x + scale * B A x: each
-# refused where set
-VARIANTS = {"alora_invocation_tokens": "activated LoRA (applied after its invocation tokens only)",
-            "layer_replication": "replicated layers", "lora_bias": "a bias on lora_B",
-            "trainable_token_indices": "trained embedding rows", "target_parameters": "adapted parameters",
-            "use_qalora": "QA-LoRA", "use_bdlora": "block-diagonal LoRA", "arrow_config": "Arrow routing",
-            "kasa_config": "KaSA", "monteclora_config": "MonteCLoRA"}
-# PEFT's initialisations that change the base weights too (W - B0 A0, the residual model, is what
-# the adapter was trained on): an adapter saved as they leave it does not apply to the base model.
-# PEFT converts one into a plain adapter of the base (path_initial_model_for_weight_conversion),
-# whose config then says init_lora_weights true. EVA leaves the base alone: read as any other.
-BASE_CHANGING_INITS = {"pissa": "PiSSA", "olora": "OLoRA", "corda": "CorDA", "loftq": "LoftQ"}
-INIT_HINT = ("re-save it with PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...), which "
-             "converts it into an adapter of the base model (its config then says init_lora_weights true)")
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
-
-
-class LoraError(ValueError):
-    """An adapter agp cannot apply: the message names the file and the key."""
 
 
 @dataclass
@@ -78,96 +53,11 @@ class LoraAdapter:
         return sorted({m for _, m in self.pairs})
 
 
-def _refuse(file: Path, key: str, why: str) -> LoraError:
-    return LoraError(f"{file}: {key}: {why}")
-
-
-def read_config(path: str | Path) -> tuple[int, float]:
-    """(r, scale) of the adapter in PEFT folder `path` from its adapter_config.json (no torch);
-    LoraError naming the file and key of what agp can't apply, or a missing folder or file."""
-    folder = Path(path)
-    cfg_file = folder / CONFIG_FILE
-    if not folder.is_dir():
-        raise LoraError(f"{folder}: not a folder (a LoRA adapter is a PEFT folder holding {CONFIG_FILE} "
-                        f"and {WEIGHTS_FILE})")
-    if not cfg_file.is_file():
-        raise LoraError(f"{cfg_file}: missing (a LoRA adapter is a PEFT folder holding {CONFIG_FILE} "
-                        f"and {WEIGHTS_FILE})")
-    try:
-        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LoraError(f"{cfg_file}: not JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise LoraError(f"{cfg_file}: not a JSON object")
-    peft_type = cfg.get("peft_type", "LORA")
-    if peft_type != "LORA":
-        raise _refuse(cfg_file, "peft_type", f"{peft_type!r}: agp applies LoRA adapters only")
-    r = cfg.get("r")
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise _refuse(cfg_file, "r", f"must be a positive integer, not {r!r}")
-    alpha = cfg.get("lora_alpha", r)
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise _refuse(cfg_file, "lora_alpha", f"must be a number, not {alpha!r}")
-    if cfg.get("use_dora"):
-        raise _refuse(cfg_file, "use_dora", "DoRA adapters are not supported (merge it into the weights)")
-    if cfg.get("modules_to_save"):
-        raise _refuse(cfg_file, "modules_to_save", f"{cfg['modules_to_save']!r}: agp applies only the low-rank "
-                      "pairs of the attention and MLP linears, not whole modules saved beside them")
-    if cfg.get("bias", "none") not in ("none", None):
-        raise _refuse(cfg_file, "bias", f"{cfg['bias']!r}: adapters with trained biases are not supported")
-    if cfg.get("fan_in_fan_out"):
-        raise _refuse(cfg_file, "fan_in_fan_out", "true is not supported (a Conv1D model's layout)")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if cfg.get(key):
-            raise _refuse(cfg_file, key, "per-module ranks or alphas are not supported")
-    for key, what in VARIANTS.items():
-        if cfg.get(key):
-            raise _refuse(cfg_file, key, f"{what} is not supported (agp applies plain LoRA pairs)")
-    init = cfg.get("init_lora_weights", True)
-    if isinstance(init, str):
-        family = next((what for prefix, what in BASE_CHANGING_INITS.items() if init.lower().startswith(prefix)), None)
-        if family is not None:
-            raise _refuse(cfg_file, "init_lora_weights", f"{init!r}: {family} trains an adapter on base weights it "
-                          f"changes, not on the model's: {INIT_HINT}")
-    for key in ("loftq_config", "corda_config"):
-        if cfg.get(key):
-            family = BASE_CHANGING_INITS[key.split("_")[0]]
-            raise _refuse(cfg_file, key, f"{family} trains an adapter on base weights it changes, not on the "
-                          f"model's: {INIT_HINT}")
-    targets = cfg.get("target_modules")
-    if isinstance(targets, (list, tuple)):
-        other = [t for t in targets if t not in MODULES]
-        if other:
-            raise _refuse(cfg_file, "target_modules", f"{other[0]!r}: agp applies adapters to "
-                          f"{', '.join(MODULES)} only")
-    scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-    return r, float(scale)
-
-
-def _weights_file(folder: Path) -> Path:
-    """The adapter's adapter_model.safetensors in `folder`; LoraError where it is missing."""
-    weights = folder / WEIGHTS_FILE
-    if not weights.is_file():
-        bin_file = folder / "adapter_model.bin"
-        extra = f" ({bin_file.name} is a pickle agp does not read: save with safe_serialization)" \
-            if bin_file.exists() else ""
-        raise LoraError(f"{weights}: missing{extra}")
-    return weights
-
-
-def check_folder(path: str | Path) -> tuple[int, float]:
-    """What `agp check` asks of an adapter folder without torch: (r, scale) of its adapter_config.json
-    (read_config), and its weights file there (not read); LoraError as read_adapter's."""
-    r, scale = read_config(path)
-    _weights_file(Path(path))
-    return r, scale
-
-
 def read_adapter(path: str | Path, name: str | None = None, base_model_name: str | None = None) -> LoraAdapter:
     """The adapter in PEFT folder `path`; LoraError naming the file and key of what agp can't apply."""
     folder = Path(path)
     r, scale = read_config(folder)
-    weights = _weights_file(folder)
+    weights = weights_file(folder)
     try:
         from safetensors import SafetensorError, safe_open
     except ImportError:  # pragma: no cover - a dependency
@@ -186,13 +76,13 @@ def read_adapter(path: str | Path, name: str | None = None, base_model_name: str
             what = "agp applies adapters to " + ", ".join(MODULES)
             if "lora_magnitude" in key:
                 what = "DoRA adapters are not supported"
-            raise _refuse(weights, key, f"not a LoRA matrix agp can apply ({what})")
+            raise refuse(weights, key, f"not a LoRA matrix agp can apply ({what})")
         layer, module, half = int(m.group(1)), MODULES[m.group(3)][1], m.group(4)
         if t.dim() != 2:
-            raise _refuse(weights, key, f"has shape {list(t.shape)}, not a matrix")
+            raise refuse(weights, key, f"has shape {list(t.shape)}, not a matrix")
         want = 0 if half == "A" else 1
         if t.shape[want] != r:
-            raise _refuse(weights, key, f"has shape {list(t.shape)}: its rank {t.shape[want]} is not the "
+            raise refuse(weights, key, f"has shape {list(t.shape)}: its rank {t.shape[want]} is not the "
                           f"config's r = {r}")
         halves[(layer, module, half)] = (key, t.float())
     if not halves:
@@ -201,7 +91,7 @@ def read_adapter(path: str | Path, name: str | None = None, base_model_name: str
     for (layer, module, half), (key, t) in halves.items():
         other = "B" if half == "A" else "A"
         if (layer, module, other) not in halves:
-            raise _refuse(weights, key, f"has no lora_{other} beside it")
+            raise refuse(weights, key, f"has no lora_{other} beside it")
         if half == "A":
             pairs[(layer, module)] = (t, halves[(layer, module, "B")][1])
     return LoraAdapter(name or folder.name, str(folder), r, scale, base_model_name, pairs)
@@ -232,13 +122,13 @@ def check_fits(adapter: LoraAdapter, config) -> None:
     for (layer, module), (a, b) in sorted(adapter.pairs.items()):
         key = _key(layer, module)
         if layer >= config.num_layers:
-            raise _refuse(file, key + ".lora_A.weight", f"layer {layer}: the model has {config.num_layers} layers")
+            raise refuse(file, key + ".lora_A.weight", f"layer {layer}: the model has {config.num_layers} layers")
         out, inp = want[module]
         if a.shape[1] != inp:
-            raise _refuse(file, key + ".lora_A.weight", f"has shape {list(a.shape)}: the model's {module} "
+            raise refuse(file, key + ".lora_A.weight", f"has shape {list(a.shape)}: the model's {module} "
                           f"projection takes {inp} inputs")
         if b.shape[0] != out:
-            raise _refuse(file, key + ".lora_B.weight", f"has shape {list(b.shape)}: the model's {module} "
+            raise refuse(file, key + ".lora_B.weight", f"has shape {list(b.shape)}: the model's {module} "
                           f"projection has {out} outputs")
 
 

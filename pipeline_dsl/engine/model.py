@@ -6,7 +6,7 @@ quant.Int4Linear) and knows the per-layer math: RMSNorm, RoPE ("rotate half"),
 grouped-query attention, SwiGLU, tied embeddings; Qwen2's Q/K/V biases and Qwen3's RMSNorm
 over each head of Q and K before RoPE; Phi-3's partial rotary and longrope live in the cos/sin
 tables (frequency 0 for the dims that pass, the attention factor on both: model_files/phi3.py);
-Gemma 3's decoder is a subclass (gemma.py: `build_model` picks it; the attention here computes its
+Gemma 3's decoder is a subclass (gemma.py: models.build_model picks it; the attention here computes its
 sliding windows and query scale). `ModelRunner` owns the KV pool and runs one engine step (see
 docs/architecture.md, "Model runner contract"):
 
@@ -164,7 +164,7 @@ def _silu_mul(gu: torch.Tensor) -> torch.Tensor:
     return F.silu(g) * u
 
 
-class _Fallback:
+class Fallback:
     """A torch.compile'd function that turns back into the eager one if compiling fails: said
     once at WARNING (logger agp.model) with the reason, and kept in `failed` (the engine's stats
     show it as `compile_fallbacks`)."""
@@ -187,7 +187,7 @@ class _Fallback:
             return self.eager(*args)
 
 
-class _Layer:
+class Layer:
     __slots__ = ("attn_norm", "qkv", "qkv_bias", "q_norm", "k_norm", "o", "ffn_norm", "gate_up", "down")
 
 
@@ -210,19 +210,9 @@ def rope_table(head_dim: int, theta: float, scaling: tuple, max_position: int,
     return cos, sin
 
 
-def build_model(config: LlamaConfig, weights: dict, dtype: str | torch.dtype = "fp32",
-                device: str | torch.device = "cpu") -> "LlamaModel":
-    """The model a config describes: a LlamaModel, or for Gemma 3 a gemma.GemmaModel."""
-    if config.gemma:
-        from .gemma import GemmaModel
-
-        return GemmaModel(config, weights, dtype=dtype, device=device)
-    return LlamaModel(config, weights, dtype=dtype, device=device)
-
-
 class LlamaModel:
     """Weights + math. Build with `LlamaModel(config, weights, dtype="bf16", device="cpu")`
-    (`build_model` for any config: Gemma 3's is a subclass)."""
+    (models.build_model for any config: Gemma 3's is a subclass)."""
 
     computes_gemma = False      # gemma.GemmaModel: the pieces Gemma 3 differs in
     attn_scale: float | None = None   # the attention's scale (None: head_dim ** -0.5)
@@ -231,7 +221,7 @@ class LlamaModel:
     def __init__(self, config: LlamaConfig, weights: dict, dtype: str | torch.dtype = "fp32",
                  device: str | torch.device = "cpu"):
         if config.gemma and not self.computes_gemma:
-            raise ValueError("a Gemma 3 config needs gemma.GemmaModel (model.build_model picks it)")
+            raise ValueError("a Gemma 3 config needs gemma.GemmaModel (models.build_model picks it)")
         self.config = c = config
         self.device = torch.device(device)
         self.weight_kind, self.dtype = resolve_dtype(dtype, self.device)
@@ -269,7 +259,7 @@ class LlamaModel:
         self.layers = []
         for i in range(c.num_layers):
             p = f"layers.{i}."
-            layer = _Layer()
+            layer = Layer()
             layer.attn_norm = vec(p + "attn_norm")
             layer.qkv = linear(p + "q", p + "k", p + "v")        # [(nh+2kv)*hd, H]
             layer.qkv_bias = torch.cat([vec(p + n) for n in ("q_bias", "k_bias", "v_bias")]) \
@@ -333,25 +323,25 @@ class LlamaModel:
         compiled pieces made a decode step slower, not faster."""
         if (self.device.type == "cpu" and not force) or self.compiled():
             return                      # a second engine on these weights (models.LoadedModels): done
-        self.rope = _Fallback(_rope)
-        self.silu_mul = _Fallback(_silu_mul)
-        self.rms_fn = _Fallback(_rms)
+        self.rope = Fallback(_rope)
+        self.silu_mul = Fallback(_silu_mul)
+        self.rms_fn = Fallback(_rms)
 
     def compiled(self) -> bool:
         """Whether any piece runs through torch.compile (enable_compile took effect)."""
-        return isinstance(self.rope, _Fallback) or isinstance(self.silu_mul, _Fallback) or \
-            isinstance(self.rms_fn, _Fallback)                  # asked every step: no generator
+        return isinstance(self.rope, Fallback) or isinstance(self.silu_mul, Fallback) or \
+            isinstance(self.rms_fn, Fallback)                  # asked every step: no generator
 
     def compile_fallbacks(self) -> list[str]:
         """The compiled pieces that failed and run eagerly, with the reasons."""
         pieces = (getattr(self, name, None) for name in ("rope", "silu_mul", "rms_fn"))
-        return [f.failed for f in pieces if isinstance(f, _Fallback) and f.failed is not None]
+        return [f.failed for f in pieces if isinstance(f, Fallback) and f.failed is not None]
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [T] -> their embeddings [T, H]."""
         return F.embedding(tokens, self.embed)
 
-    def attn_out(self, layer: _Layer, a: torch.Tensor, lora=None) -> torch.Tensor:
+    def attn_out(self, layer: Layer, a: torch.Tensor, lora=None) -> torch.Tensor:
         """The attention's output a [T, nh*hd] as the residual stream adds it [T, H].
         lora: the step's LoRA adapters at this layer (lora.LayerLora), added to their rows."""
         y = layer.o(a)
@@ -359,7 +349,7 @@ class LlamaModel:
             y = lora.add("o", y, a)
         return y
 
-    def mlp(self, layer: _Layer, x: torch.Tensor, lora=None) -> torch.Tensor:
+    def mlp(self, layer: Layer, x: torch.Tensor, lora=None) -> torch.Tensor:
         """lora: the step's LoRA adapters at this layer (lora.LayerLora), added to their rows."""
         h = self.rms(x, layer.ffn_norm)
         gu = layer.gate_up(h)                                   # [T, 2I]
@@ -371,7 +361,7 @@ class LlamaModel:
             y = lora.add("down", y, a)
         return y
 
-    def qkv(self, layer: _Layer, x: torch.Tensor, cos, sin, lora=None):
+    def qkv(self, layer: Layer, x: torch.Tensor, cos, sin, lora=None):
         """x [T, H] -> q [T, nh, hd], k/v [T, kv, hd] (q, k rotated; Qwen3's: each head normed first).
         lora: the step's LoRA adapters at this layer (lora.LayerLora), added to their rows."""
         c = self.config

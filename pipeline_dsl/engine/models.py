@@ -88,12 +88,22 @@ def load_weights(source: ModelSource, generation_config: dict | None = None):
         raise ModelFileError(" ".join(str(e).split())) from e
 
 
+def build_model(config, weights: dict, dtype="fp32", device="cpu"):
+    """The model a model.LlamaConfig describes (`dtype`, `device` as LlamaModel takes them): a
+    model.LlamaModel, or for Gemma 3 a gemma.GemmaModel."""
+    if config.gemma:
+        from .gemma import GemmaModel
+
+        return GemmaModel(config, weights, dtype=dtype, device=device)
+    from .model import LlamaModel
+
+    return LlamaModel(config, weights, dtype=dtype, device=device)
+
+
 def load_model(model: str | ModelSource | None = None, dtype: str = "auto", device: str = "cpu",
                generation_config: dict | None = None):
     """(LlamaModel, Tokenizer) for a model name/path, dequantised to `dtype` (`generation_config`:
     as load_weights takes it)."""
-    from .model import build_model
-
     source = model if isinstance(model, ModelSource) else resolve_model(model)
     config, weights, tokenizer = load_weights(source, generation_config)
     return build_model(config, weights, dtype=dtype, device=device), tokenizer

@@ -12,11 +12,10 @@ stops the start.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .options import SetupError
+from .options import SetupError, parse_specs
 
 
 @dataclass(frozen=True)
@@ -25,46 +24,6 @@ class Served:
     name: str
     root: str
     parent: str
-
-
-def parse_spec(spec: str) -> tuple[str, str, str | None]:
-    """(name, path, base_model_name) of one --lora-modules value: NAME=PATH or vLLM's JSON object."""
-    text = spec.strip()
-    if text.startswith("{"):
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SetupError(f"--lora-modules {spec!r}: not JSON ({e})") from None
-        if not isinstance(obj, dict):
-            raise SetupError(f"--lora-modules {spec!r}: expected a JSON object")
-        other = sorted(set(obj) - {"name", "path", "base_model_name"})
-        if other:
-            raise SetupError(f"--lora-modules {spec!r}: unknown key {other[0]!r} (expected name, path, "
-                             "base_model_name)")
-        name, path, base = obj.get("name"), obj.get("path"), obj.get("base_model_name")
-        for key, value in (("name", name), ("path", path)):
-            if not isinstance(value, str) or not value:
-                raise SetupError(f"--lora-modules {spec!r}: {key!r} must be a non-empty string")
-        if base is not None and (not isinstance(base, str) or not base):
-            raise SetupError(f"--lora-modules {spec!r}: 'base_model_name' must be a non-empty string")
-        return name, path, base
-    name, sep, path = text.partition("=")
-    if not sep or not name.strip() or not path.strip():
-        raise SetupError(f"--lora-modules {spec!r}: expected NAME=PATH (or vLLM's JSON object with name and path)")
-    return name.strip(), path.strip(), None
-
-
-def parse_specs(specs) -> list[tuple[str, str, str | None]]:
-    """(name, path, base_model_name) of each --lora-modules value; SetupError for a bad one or a
-    name given twice."""
-    out, seen = [], set()
-    for spec in specs or ():
-        name, path, base = parse_spec(spec)
-        if name in seen:
-            raise SetupError(f"--lora-modules: the name {name!r} is given twice")
-        seen.add(name)
-        out.append((name, path, base))
-    return out
 
 
 def read_modules(specs) -> list:

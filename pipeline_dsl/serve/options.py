@@ -10,6 +10,7 @@ live here, below both.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -547,10 +548,48 @@ def check_args(args) -> None:
     if any(not k for k in args.api_key or ()):
         raise SetupError("--api-key must not be empty")
     if getattr(args, "lora_modules", None):
-        from .lora import parse_specs
-
         parse_specs(args.lora_modules)          # the values' form; the folders are read by build
     check_ray_args(args)
+
+
+def parse_spec(spec: str) -> tuple[str, str, str | None]:
+    """(name, path, base_model_name) of one --lora-modules value: NAME=PATH or vLLM's JSON object."""
+    text = spec.strip()
+    if text.startswith("{"):
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SetupError(f"--lora-modules {spec!r}: not JSON ({e})") from None
+        if not isinstance(obj, dict):
+            raise SetupError(f"--lora-modules {spec!r}: expected a JSON object")
+        other = sorted(set(obj) - {"name", "path", "base_model_name"})
+        if other:
+            raise SetupError(f"--lora-modules {spec!r}: unknown key {other[0]!r} (expected name, path, "
+                             "base_model_name)")
+        name, path, base = obj.get("name"), obj.get("path"), obj.get("base_model_name")
+        for key, value in (("name", name), ("path", path)):
+            if not isinstance(value, str) or not value:
+                raise SetupError(f"--lora-modules {spec!r}: {key!r} must be a non-empty string")
+        if base is not None and (not isinstance(base, str) or not base):
+            raise SetupError(f"--lora-modules {spec!r}: 'base_model_name' must be a non-empty string")
+        return name, path, base
+    name, sep, path = text.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise SetupError(f"--lora-modules {spec!r}: expected NAME=PATH (or vLLM's JSON object with name and path)")
+    return name.strip(), path.strip(), None
+
+
+def parse_specs(specs) -> list[tuple[str, str, str | None]]:
+    """(name, path, base_model_name) of each --lora-modules value; SetupError for a bad one or a
+    name given twice."""
+    out, seen = [], set()
+    for spec in specs or ():
+        name, path, base = parse_spec(spec)
+        if name in seen:
+            raise SetupError(f"--lora-modules: the name {name!r} is given twice")
+        seen.add(name)
+        out.append((name, path, base))
+    return out
 
 
 def check_ray_args(args) -> None:
