@@ -20,6 +20,11 @@ Gemma 3 (model_files/gemma.py): its post_attention_layernorm -> layers.N.post_at
 pre_feedforward_layernorm -> layers.N.ffn_norm, post_feedforward_layernorm -> layers.N.post_ffw_norm,
 and every norm weight w becomes 1 + w (its RMSNorm computes x * (1 + w), in float32 as here: exact).
 
+A folder whose config.json has a quantization_config (AWQ's "gemm" checkpoints, GPTQ's of 4 or 8
+bits: model_files/quantized.py) holds qweight, qzeros, scales (and g_idx) for each quantized linear
+layer: each is dequantized to the float32 weight, and where its 4-bit groups fit the engine's int4
+blocks also kept as those (`weights.int4`, as a GGUF's Q4 blocks are: engine/hf_quant.py).
+
 HF checkpoints keep the "rotate half" Q/K layout the model uses, so nothing is permuted.
 config.json and the header of every *.safetensors file are checked first
 (`pipeline_dsl.model_files`): a malformed config, a missing or corrupt weights file or a
@@ -32,18 +37,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline_dsl.model_files import ModelFileProblem, hf_engine_name, hf_llama_config, weight_files
+from pipeline_dsl.model_files.hf import hf_quant_config
+from pipeline_dsl.model_files.quantized import quant_parts
 
 from .model import LlamaConfig
+from .quant import Int4Blocks
 
 
 class HFModelError(ModelFileProblem):
     """The folder is not a llama-family safetensors checkpoint this engine can run."""
 
 
+class Weights(dict):
+    """engine name -> float32 tensor; `.int4`: engine name -> Int4Blocks of a quantized layer."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.int4: dict[str, Int4Blocks] = {}
+
+
 @dataclass(frozen=True)
 class HFModel:
     config: LlamaConfig
-    weights: dict          # engine name -> float32 torch.Tensor
+    weights: dict          # engine name -> float32 torch.Tensor (a Weights: .int4 as well)
 
 
 def load_hf_folder(folder: str | Path) -> HFModel:
@@ -53,18 +69,34 @@ def load_hf_folder(folder: str | Path) -> HFModel:
     folder = Path(folder)
     try:
         config = LlamaConfig(**hf_llama_config(folder))  # config.json + every safetensors header
+        spec = hf_quant_config(folder)
     except ModelFileProblem as e:
         raise HFModelError(e.path, e.problem) from None
-    weights = {}
+    weights, quantized = Weights(), {}
     for f in weight_files(folder):
         try:
             tensors = load_file(str(f))
         except SafetensorError as e:
             raise HFModelError(f, f"cannot read the weights ({e})") from e
         for name, t in tensors.items():
+            parts = quant_parts(name)
+            if parts is not None and hf_engine_name(parts[0] + ".weight", config.gemma) is not None:
+                quantized.setdefault(parts[0], ({}, f))[0][parts[1]] = t
+                continue
             mapped = hf_engine_name(name, config.gemma)
             if mapped is not None:
                 weights[mapped] = t.float() + 1.0 if config.gemma and mapped.endswith("norm") else t.float()
+    if quantized:
+        from .hf_quant import dequantize
+
+        for module, (parts, f) in quantized.items():
+            mapped = hf_engine_name(module + ".weight", config.gemma)
+            try:
+                weights[mapped], blocks = dequantize(spec, parts, module)
+            except ValueError as e:
+                raise HFModelError(f, str(e)) from None
+            if blocks is not None:
+                weights.int4[mapped] = blocks
     if config.fused:                                     # Phi-3: q/k/v and gate/up split (engine/phi3.py)
         from .phi3 import split_fused
         split_fused(config, weights)

@@ -14,6 +14,7 @@ from . import phi3
 from .gemma import GEMMA_MODEL_TYPES, hf_gemma_fields, hf_text_config
 from .llama import HF_NAMES, check_config, check_extra, check_weights, hf_engine_name, hf_file_name
 from .problem import ModelFileProblem
+from .quantized import QuantSpec, check_quantized, hf_quant_spec, quant_parts
 from .rope import hf_rope, rope_spec
 
 LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm", "smollm2", *GEMMA_MODEL_TYPES)
@@ -59,6 +60,7 @@ def hf_config(folder) -> dict:
         fail(f"it has no model_type; agp runs llama-family decoders ({', '.join(LLAMA_MODEL_TYPES)})")
     if mtype not in LLAMA_MODEL_TYPES:
         fail(f"model_type {mtype!r} is not a llama-family decoder ({', '.join(LLAMA_MODEL_TYPES)})")
+    hf_quant_spec(cfg, path)               # a quantization_config agp cannot read: refused by its key
     gemma = mtype in GEMMA_MODEL_TYPES     # Gemma 3: its text model (model_files/gemma.py)
     if gemma:
         cfg = hf_text_config(cfg, fail)
@@ -173,22 +175,43 @@ def weight_files(folder) -> list[Path]:
     return files
 
 
+def hf_quant_config(folder) -> QuantSpec | None:
+    """How the folder's linear layers are quantized (config.json's quantization_config, checked:
+    model_files/quantized.py), or None."""
+    path = Path(folder) / "config.json"
+    return hf_quant_spec(read_json_object(path, "config.json"), path)
+
+
 def hf_llama_config(folder) -> dict:
     """LlamaConfig fields of an HF folder, after checking config.json and the header (names,
-    shapes) of every *.safetensors file; tie_embeddings is True when there is no lm_head."""
+    shapes) of every *.safetensors file; tie_embeddings is True when there is no lm_head. The
+    tensors of a quantized layer (AWQ's, GPTQ's) stand for its weight of the shape they unpack to."""
     folder = Path(folder)
     c = hf_config(folder)
+    spec = hf_quant_config(folder)
     files = weight_files(folder)
     if not files:
         raise ModelFileProblem(folder, "no *.safetensors weights in the folder")
-    found, where = {}, {}
+    found, where, quantized = {}, {}, {}
     gemma = bool(c.get("gemma"))
     for f in files:
-        for name, (_, shape) in read_safetensors_header(f).items():
+        for name, (dtype, shape) in read_safetensors_header(f).items():
+            parts = quant_parts(name)
+            if parts is not None and hf_engine_name(parts[0] + ".weight", gemma) is not None:
+                quantized.setdefault(parts[0], {})[parts[1]] = (dtype, shape, f)
+                continue
             mapped = hf_engine_name(name, gemma)
             if mapped is not None:
                 check_extra(f, name, mapped, c)
                 found[mapped], where[name] = (name, shape), f
+    for module, parts in quantized.items():
+        shape = check_quantized(spec, folder / "config.json", module, parts)
+        mapped, name = hf_engine_name(module + ".weight", gemma), module + ".qweight"
+        if mapped in found:
+            raise ModelFileProblem(parts["qweight"][2] if "qweight" in parts else folder,
+                                   f"the folder holds both {found[mapped][0]!r} and quantized tensors of {module!r}")
+        check_extra(parts["qweight"][2], name, mapped, c)
+        found[mapped], where[name] = (name, shape), parts["qweight"][2]
     check_weights(folder, c, found, spell=lambda n: hf_file_name(n, gemma), file_of=lambda name: where.get(name, ""),
                   config="config.json")
     if c["tie_embeddings"] is False and "lm_head" not in found:

@@ -1,0 +1,74 @@
+"""The quantized linear layers of a Hugging Face folder (AWQ, GPTQ; layouts and checks in
+model_files/quantized.py) -> the float32 weight [out, in], and where the file's groups fit the
+engine's int4 blocks, those blocks too (quant.Int4Blocks).
+
+Every layer is dequantized at load, w[n, k] = (q - z) * s, exactly as the checkpoint defines
+it (the codes, zeros and scales are small integers and fp16 numbers: their products and
+differences are exact in float32). The layers whose codes are 4-bit, in groups of a multiple
+of 32 consecutive inputs (or one group per column), without act order (g_idx is k // group),
+are also kept as `Int4Blocks`: a group of 128 is 4 blocks of 32 with its scale s and
+zero (8 - z) * s, which the int4 kernels run as they run a GGUF's Q4_1 blocks
+(models.LlamaModel, quant.make_linear): `(q - 8) * s + (8 - z) * s` is `(q - z) * s` exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline_dsl.model_files.quantized import QuantSpec
+
+from .quant import INT4_GROUP, Int4Blocks
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)    # output column 8c + AWQ_ORDER[i] sits in nibble i of int32 c
+
+
+def _codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 [..., M] -> int16 [..., M, 32/bits]: field i of each int32 (lowest bits first)."""
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32)
+    return ((packed.to(torch.int32)[..., None] >> shifts) & ((1 << bits) - 1)).to(torch.int16)
+
+
+def _along_outputs(packed: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """An int32 [R, N/p] packed along the outputs -> int16 [R, N] in column order."""
+    q = _codes(packed, spec.bits)                                  # [R, N/p, p]
+    if spec.method == "awq":                                       # nibble i holds column AWQ_ORDER[i]
+        q = q[..., list(torch.argsort(torch.tensor(AWQ_ORDER)))]
+    return q.reshape(q.shape[0], -1)
+
+
+def unpack(spec: QuantSpec, t: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes int16 [K, N], zeros int16 [G, N], scales float32 [G, N], group of each input int64 [K])
+    of one layer's tensors `t` (suffix -> tensor, shapes checked by model_files.quantized)."""
+    if spec.method == "awq":
+        q = _along_outputs(t["qweight"], spec)                     # [K, N]
+    else:                                                          # packed along the inputs
+        q = _codes(t["qweight"], spec.bits)                        # [K/p, N, p]
+        q = q.permute(0, 2, 1).reshape(-1, q.shape[1])             # [K, N]
+    K = q.shape[0]
+    z = _along_outputs(t["qzeros"], spec)                          # [G, N]
+    if spec.zeros_minus_one:                                       # GPTQ v1: z - 1 is stored
+        z = z + 1
+    s = t["scales"].float()
+    group = spec.group_size if spec.group_size != -1 else K
+    g_idx = t.get("g_idx")
+    g = g_idx.long() if g_idx is not None else torch.arange(K) // group
+    return q, z, s, g
+
+
+def dequantize(spec: QuantSpec, t: dict, name: str = "") -> tuple[torch.Tensor, Int4Blocks | None]:
+    """(float32 weight [N, K], Int4Blocks or None) of one quantized layer; a g_idx naming a group
+    the layer has not is a ValueError naming the tensor."""
+    q, z, s, g = unpack(spec, t)
+    K, N = q.shape
+    if g.shape != (K,) or (K and (int(g.min()) < 0 or int(g.max()) >= s.shape[0])):
+        raise ValueError(f"tensor '{name}.g_idx' names groups outside the layer's {s.shape[0]}")
+    w = ((q - z[g]).float() * s[g]).t().contiguous()               # [N, K]
+    blocks = None
+    group = spec.group_size if spec.group_size != -1 else K
+    if spec.bits == 4 and group % INT4_GROUP == 0 and K % group == 0 \
+            and torch.equal(g, torch.arange(K) // group):          # act order: inputs not in runs of 32
+        per = group // INT4_GROUP
+        scale = s.t().repeat_interleave(per, dim=1)                # [N, K/32]
+        zero = ((8 - z).float() * s).t().repeat_interleave(per, dim=1)
+        blocks = Int4Blocks(q.t().to(torch.uint8).contiguous(), scale.contiguous(), zero.contiguous())
+    return w, blocks

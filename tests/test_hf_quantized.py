@@ -1,0 +1,236 @@
+"""4-bit Hugging Face checkpoints (AWQ, GPTQ) run as the dense model they stand for, or are refused
+saying which setting of config.json's quantization_config agp does not read.
+
+Each test saves a tiny random Llama with transformers, quantizes its linear layers here (groups,
+zero points, act order) and packs them as each format lays them out, written from the formats'
+description and independently of agp's reader: AWQ's qweight [in, out/8] with nibble i holding
+output column 8c + (0 2 4 6 1 3 5 7)[i]; GPTQ's qweight [in/p, out] holding p consecutive inputs,
+its qzeros storing z - 1 in the v1 checkpoint format. The dequantized weights (w = (q - z) * s)
+go to a dense folder that transformers runs: agp's fp32 logits on the quantized folder must be
+transformers' on the dense one.
+"""
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from clikit import ROOT, agp_in
+from pipeline_dsl.engine.models import load_model, load_weights, resolve_model
+from pipeline_dsl.model_files import ModelFileProblem, check_model_path
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file, save_file  # noqa: E402  (after transformers' importorskip)
+
+TOKENS = [5, 77, 130, 9, 260, 41, 3, 200, 17, 99, 150, 64, 12, 240, 8, 33] * 2
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+AWQ_NIBBLE_COLUMN = [0, 2, 4, 6, 1, 3, 5, 7]
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tiny_gguf):
+    _, tok = load_model(str(tiny_gguf), dtype="fp32")
+    return tok
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory, tiny_tokenizer):
+    """A tiny Llama (hidden 128, MLP 256) saved by transformers with its tokenizer: its tensors."""
+    folder = tmp_path_factory.mktemp("dense")
+    cfg = transformers.LlamaConfig(vocab_size=tiny_tokenizer.vocab_size, hidden_size=128, intermediate_size=256,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if p.dim() == 1 else torch.randn_like(p) * p.shape[-1] ** -0.5)
+    model.save_pretrained(folder)
+    tiny_tokenizer.tk.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}))
+    return folder
+
+
+def quantize(w: np.ndarray, bits: int, group: int, sym: bool, rng, act_order: bool = False, min_zero: int = 0):
+    """w [out, in] -> (codes [in, out], zeros [G, out], fp16 scales [G, out], g_idx [in], dequantized [out, in])."""
+    n, k = w.shape
+    size = k if group == -1 else group
+    top = (1 << bits) - 1
+    g_idx = np.arange(k) // size
+    if act_order:                      # act order: the groups are taken over the inputs in another order
+        g_idx = g_idx[np.argsort(rng.permutation(k))]
+    groups = g_idx.max() + 1
+    scales, zeros = np.zeros((groups, n), np.float16), np.zeros((groups, n), np.int64)
+    for j in range(groups):
+        cols = w[:, g_idx == j]
+        if sym:
+            s, z = np.abs(cols).max(1) / ((top + 1) // 2 - 1), np.full(n, (top + 1) // 2)
+        else:
+            lo, hi = np.minimum(cols.min(1), 0), np.maximum(cols.max(1), 0)
+            s = (hi - lo) / top
+            z = np.clip(np.round(-lo / s), min_zero, top)
+        scales[j], zeros[j] = s.astype(np.float16), z
+    s32 = scales.astype(np.float32)
+    codes = np.clip(np.round(w.T / s32[g_idx]) + zeros[g_idx], 0, top).astype(np.int64)    # [in, out]
+    deq = ((codes - zeros[g_idx]).astype(np.float32) * s32[g_idx]).T
+    return codes, zeros, scales, g_idx, np.ascontiguousarray(deq)
+
+
+def pack_fields(values: np.ndarray, bits: int, axis: int, order=None) -> np.ndarray:
+    """values (0 .. 2^bits - 1) -> int32, 32/bits consecutive along `axis` in one, the first in the
+    lowest bits; `order[i]`: which of the run sits in field i."""
+    per = 32 // bits
+    v = np.moveaxis(values.astype(np.uint64), axis, -1)
+    v = v.reshape(*v.shape[:-1], v.shape[-1] // per, per)
+    order = list(range(per)) if order is None else order
+    out = np.zeros(v.shape[:-1], np.uint64)
+    for field, which in enumerate(order):
+        out |= v[..., which] << np.uint64(bits * field)
+    return np.ascontiguousarray(np.moveaxis(out.astype(np.uint32).view(np.int32), -1, axis))
+
+
+def write_quantized(dense_folder, out, method: str, qc: dict, *, bits=4, group=128, sym=False,
+                    act_order=False, v1=True, seed=1):
+    """A quantized copy of the dense folder in `out` and the dense folder of its dequantized weights."""
+    rng = np.random.default_rng(seed)
+    tensors = load_file(str(dense_folder / "model.safetensors"))
+    qfolder, dfolder = out / "quantized", out / "dequantized"
+    qt, dt = {}, dict(tensors)
+    for name in list(tensors):
+        module = name[:-len(".weight")]
+        if not name.endswith(".weight") or not module.endswith(LINEARS):
+            qt[name] = tensors[name]
+            continue
+        codes, zeros, scales, g_idx, deq = quantize(tensors[name].numpy(), bits, group, sym, rng, act_order,
+                                                    min_zero=1 if v1 else 0)
+        dt[name] = torch.from_numpy(deq)
+        if method == "awq":
+            qt[module + ".qweight"] = torch.from_numpy(pack_fields(codes, 4, 1, AWQ_NIBBLE_COLUMN))
+            qt[module + ".qzeros"] = torch.from_numpy(pack_fields(zeros, 4, 1, AWQ_NIBBLE_COLUMN))
+        else:
+            qt[module + ".qweight"] = torch.from_numpy(pack_fields(codes, bits, 0))
+            qt[module + ".qzeros"] = torch.from_numpy(pack_fields(zeros - 1 if v1 else zeros, bits, 1))
+            qt[module + ".g_idx"] = torch.from_numpy(g_idx.astype(np.int32))
+        qt[module + ".scales"] = torch.from_numpy(scales)
+    config = json.loads((dense_folder / "config.json").read_text())
+    for folder, weights, extra in ((qfolder, qt, {"quantization_config": {"quant_method": method, **qc}}),
+                                   (dfolder, dt, {})):
+        folder.mkdir()
+        save_file(weights, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps({**config, **extra}))
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            (folder / f).write_bytes((dense_folder / f).read_bytes())
+    return qfolder, dfolder
+
+
+def assert_same_logits(qfolder, dfolder):
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(dfolder), dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = ref(torch.tensor([TOKENS])).logits[0]
+    model, _ = load_model(str(qfolder), dtype="fp32")
+    got = model.forward_full(TOKENS)
+    assert want.abs().max() > 1
+    assert (got - want).abs().max().item() < 1e-4
+    assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
+
+
+AWQ = {"bits": 4, "version": "gemm"}
+CASES = {
+    "awq-g128": ("awq", {**AWQ, "group_size": 128, "zero_point": True}, dict(group=128)),
+    "awq-g64": ("awq", {**AWQ, "group_size": 64, "zero_point": True}, dict(group=64)),
+    "awq-g32": ("awq", {"w_bit": 4, "q_group_size": 32, "zero_point": True, "version": "GEMM"}, dict(group=32)),
+    "awq-column": ("awq", {**AWQ, "group_size": -1, "zero_point": True}, dict(group=-1)),
+    "awq-no-zero-point": ("awq", {**AWQ, "group_size": 128, "zero_point": False}, dict(group=128, sym=True)),
+    "gptq-sym-v1": ("gptq", {"bits": 4, "group_size": 128, "sym": True, "desc_act": False}, dict(sym=True)),
+    "gptq-asym-v1-g32": ("gptq", {"bits": 4, "group_size": 32, "sym": False}, dict(group=32)),
+    "gptq-asym-v2": ("gptq", {"bits": 4, "group_size": 64, "sym": False, "checkpoint_format": "gptq_v2"},
+                     dict(group=64, v1=False)),
+    "gptq-desc-act": ("gptq", {"bits": 4, "group_size": 32, "sym": True, "desc_act": True},
+                      dict(group=32, sym=True, act_order=True)),
+    "gptq-column": ("gptq", {"bits": 4, "group_size": -1, "sym": False}, dict(group=-1)),
+    "gptq-8bit-desc-act": ("gptq", {"bits": 8, "group_size": 64, "sym": False, "desc_act": True},
+                           dict(bits=8, group=64, act_order=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_quantized_folder_gives_transformers_logits_of_its_dequantized_weights(tmp_path, dense, case):
+    method, qc, kw = CASES[case]
+    qfolder, dfolder = write_quantized(dense, tmp_path, method, qc, **kw)
+    check_model_path(qfolder)                         # agp check's reading: accepted
+    assert_same_logits(qfolder, dfolder)
+
+
+def test_4bit_groups_in_input_order_are_kept_as_int4_blocks_equal_to_the_weight(tmp_path, dense):
+    qfolder, _ = write_quantized(dense, tmp_path, "gptq", {"bits": 4, "group_size": 64, "sym": False}, group=64)
+    _, weights, _ = load_weights(resolve_model(str(qfolder)))
+    names = [f"layers.{i}.{p}" for i in range(2) for p in ("q", "k", "v", "o", "gate", "up", "down")]
+    assert sorted(weights.int4) == sorted(names)
+    for name in names:                               # (q - 8) * s + (8 - z) * s is (q - z) * s, exactly
+        assert torch.equal(weights.int4[name].dequantized(), weights[name])
+
+
+def test_act_order_groups_are_dequantized_only(tmp_path, dense):
+    qfolder, _ = write_quantized(dense, tmp_path, "gptq", {"bits": 4, "group_size": 32, "desc_act": True},
+                                 group=32, sym=True, act_order=True)
+    _, weights, _ = load_weights(resolve_model(str(qfolder)))
+    assert weights.int4 == {}
+
+
+@pytest.mark.parametrize("qc, words", [
+    ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "'version' is \"gemv\""),
+    ({"quant_method": "awq", "bits": 3, "version": "gemm"}, "'bits' is 3"),
+    ({"quant_method": "gptq", "bits": 3, "group_size": 128}, "'bits' is 3"),
+    ({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"}, "'checkpoint_format' is \"marlin\""),
+    ({"quant_method": "gptq", "bits": 4, "dynamic": {"-:.*down": {}}}, "'dynamic'"),
+    ({"quant_method": "compressed-tensors", "format": "pack-quantized"}, "\"compressed-tensors\" is not supported"),
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "\"bitsandbytes\" is not supported"),
+], ids=["awq-gemv", "awq-3bit", "gptq-3bit", "gptq-marlin", "gptq-dynamic", "compressed-tensors", "bnb"])
+def test_a_quantization_agp_does_not_read_is_refused_naming_config_json_and_the_key(tmp_path, dense, qc, words):
+    qfolder, _ = write_quantized(dense, tmp_path, "gptq", {"bits": 4, "group_size": 128})
+    config = json.loads((qfolder / "config.json").read_text())
+    (qfolder / "config.json").write_text(json.dumps({**config, "quantization_config": qc}))
+    with pytest.raises(ModelFileProblem, match=words) as e:
+        check_model_path(qfolder)
+    assert e.value.path == str(qfolder / "config.json")
+    with pytest.raises(Exception, match=words):      # the loader reads config.json the same way
+        load_model(str(qfolder), dtype="fp32")
+
+
+def test_agp_check_accepts_a_gptq_folder_and_refuses_an_unread_setting_with_exit_2(tmp_path, dense):
+    qfolder, _ = write_quantized(dense, tmp_path, "gptq", {"bits": 4, "group_size": 128, "sym": True}, sym=True)
+    program = tmp_path / "chat.agp"
+    chat = (ROOT / "examples" / "chat.agp").read_text()
+    program.write_text(re.sub(r'(?m)^(\s*model\s*=\s*)"[^"]*"', r'\1"quantized"', chat, count=1))
+    r = agp_in("check", program, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    config = json.loads((qfolder / "config.json").read_text())
+    config["quantization_config"]["checkpoint_format"] = "marlin"
+    (qfolder / "config.json").write_text(json.dumps(config))
+    r = agp_in("check", program, cwd=tmp_path)
+    assert r.returncode == 2
+    assert "error: bad model file 'quantized/config.json': quantization_config's 'checkpoint_format' is " \
+           "\"marlin\"" in r.stderr
+
+
+def test_quantized_tensors_without_a_quantization_config_are_refused_by_name(tmp_path, dense):
+    qfolder, _ = write_quantized(dense, tmp_path, "awq", AWQ)
+    config = json.loads((qfolder / "config.json").read_text())
+    del config["quantization_config"]
+    (qfolder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFileProblem, match="qweight' is a quantized layer's, but config.json has no"):
+        check_model_path(qfolder)
+
+
+def test_a_scales_tensor_of_the_wrong_group_count_is_refused_by_name(tmp_path, dense):
+    qfolder, _ = write_quantized(dense, tmp_path, "gptq", {"bits": 4, "group_size": 64}, group=64)
+    config = json.loads((qfolder / "config.json").read_text())
+    config["quantization_config"]["group_size"] = 32             # the file's are groups of 64
+    (qfolder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFileProblem, match=r"'model\.layers\.\d\.\S+\.qzeros' has shape \[\d+, \d+\], but a GPTQ "
+                                               r"4-bit, groups of 32 layer"):
+        check_model_path(qfolder)
