@@ -108,6 +108,15 @@ def write_quantized(dense_folder, out, method: str, qc: dict, *, bits=4, group=1
         codes, zeros, scales, g_idx, deq = quantize(tensors[name].numpy(), bits, group, sym, rng, act_order,
                                                     min_zero=1 if v1 else 0)
         dt[name] = torch.from_numpy(deq)
+        if method == "compressed-tensors":           # codes and zeros stored unsigned (signed + 2^(bits-1))
+            qt[module + ".weight_packed"] = torch.from_numpy(pack_fields(codes.T, bits, 1))
+            qt[module + ".weight_scale"] = torch.from_numpy(np.ascontiguousarray(scales.T))
+            qt[module + ".weight_shape"] = torch.tensor(list(deq.shape))
+            if not sym:
+                qt[module + ".weight_zero_point"] = torch.from_numpy(pack_fields(zeros.T, bits, 0))
+            if act_order:
+                qt[module + ".weight_g_idx"] = torch.from_numpy(g_idx.astype(np.int32))
+            continue
         if method == "awq":
             qt[module + ".qweight"] = torch.from_numpy(pack_fields(codes, 4, 1, AWQ_NIBBLE_COLUMN))
             qt[module + ".qzeros"] = torch.from_numpy(pack_fields(zeros, 4, 1, AWQ_NIBBLE_COLUMN))
@@ -139,6 +148,17 @@ def assert_same_logits(qfolder, dfolder):
 
 
 AWQ = {"bits": 4, "version": "gemm"}
+
+
+def ct(bits=4, group=128, sym=True, actorder=None):
+    """compressed-tensors' quantization_config of a weight-only scheme (llm-compressor's W4A16's form)."""
+    weights = {"num_bits": bits, "type": "int", "symmetric": sym, "strategy": "group" if group != -1 else "channel",
+               "group_size": group if group != -1 else None, "actorder": actorder, "dynamic": False}
+    return {"format": "pack-quantized", "quantization_status": "compressed", "ignore": ["lm_head"],
+            "kv_cache_scheme": None, "sparsity_config": {},
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                          "output_activations": None}}}
+
 CASES = {
     "awq-g128": ("awq", {**AWQ, "group_size": 128, "zero_point": True}, dict(group=128)),
     "awq-g64": ("awq", {**AWQ, "group_size": 64, "zero_point": True}, dict(group=64)),
@@ -154,6 +174,11 @@ CASES = {
     "gptq-column": ("gptq", {"bits": 4, "group_size": -1, "sym": False}, dict(group=-1)),
     "gptq-8bit-desc-act": ("gptq", {"bits": 8, "group_size": 64, "sym": False, "desc_act": True},
                            dict(bits=8, group=64, act_order=True)),
+    "ct-w4a16-sym": ("compressed-tensors", ct(), dict(sym=True)),
+    "ct-w4a16-asym-g32": ("compressed-tensors", ct(group=32, sym=False), dict(group=32)),
+    "ct-w4a16-channel": ("compressed-tensors", ct(group=-1, sym=False), dict(group=-1)),
+    "ct-w4a16-actorder": ("compressed-tensors", ct(group=64, actorder="group"), dict(group=64, sym=True, act_order=True)),
+    "ct-w8a16": ("compressed-tensors", ct(bits=8, group=-1), dict(bits=8, group=-1, sym=True)),
 }
 
 
@@ -187,9 +212,12 @@ def test_act_order_groups_are_dequantized_only(tmp_path, dense):
     ({"quant_method": "gptq", "bits": 3, "group_size": 128}, "'bits' is 3"),
     ({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"}, "'checkpoint_format' is \"marlin\""),
     ({"quant_method": "gptq", "bits": 4, "dynamic": {"-:.*down": {}}}, "'dynamic'"),
-    ({"quant_method": "compressed-tensors", "format": "pack-quantized"}, "\"compressed-tensors\" is not supported"),
+    ({"quant_method": "compressed-tensors", **ct(), "format": "float-quantized"}, "'format' is \"float-quantized\""),
+    ({"quant_method": "compressed-tensors", **ct(), "config_groups": {"group_0": {
+        **ct()["config_groups"]["group_0"], "input_activations": {"num_bits": 8, "type": "int"}}}},
+     "'input_activations' is set"),
     ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "\"bitsandbytes\" is not supported"),
-], ids=["awq-gemv", "awq-3bit", "gptq-3bit", "gptq-marlin", "gptq-dynamic", "compressed-tensors", "bnb"])
+], ids=["awq-gemv", "awq-3bit", "gptq-3bit", "gptq-marlin", "gptq-dynamic", "ct-fp8", "ct-w8a8", "bnb"])
 def test_a_quantization_agp_does_not_read_is_refused_naming_config_json_and_the_key(tmp_path, dense, qc, words):
     qfolder, _ = write_quantized(dense, tmp_path, "gptq", {"bits": 4, "group_size": 128})
     config = json.loads((qfolder / "config.json").read_text())
@@ -222,7 +250,7 @@ def test_quantized_tensors_without_a_quantization_config_are_refused_by_name(tmp
     config = json.loads((qfolder / "config.json").read_text())
     del config["quantization_config"]
     (qfolder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelFileProblem, match="qweight' is a quantized layer's, but config.json has no"):
+    with pytest.raises(ModelFileProblem, match=r"\.(qweight|qzeros|scales)' is a quantized layer's, but config.json has no"):
         check_model_path(qfolder)
 
 

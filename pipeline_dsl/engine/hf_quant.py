@@ -1,4 +1,5 @@
-"""The quantized linear layers of a Hugging Face folder (AWQ, GPTQ; layouts and checks in
+"""The quantized linear layers of a Hugging Face folder (AWQ, GPTQ, compressed-tensors' pack-quantized;
+layouts and checks in
 model_files/quantized.py) -> the float32 weight [out, in], and where the file's groups fit the
 engine's int4 blocks, those blocks too (quant.Int4Blocks).
 
@@ -36,9 +37,33 @@ def _along_outputs(packed: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return q.reshape(q.shape[0], -1)
 
 
+def _compressed_tensors(spec: QuantSpec, t: dict):
+    """compressed-tensors' tensors in unpack's form: its codes and zeros are stored plus 2^(bits-1),
+    so (q - z) of the stored values is the scheme's; a symmetric scheme's zero is that offset."""
+    q = _codes(t["qweight"], spec.bits)                            # [N, K/p, p]: consecutive inputs
+    N = q.shape[0]
+    q = q.reshape(N, -1).t()                                       # [K, N]
+    s = t["scales"].float().t()                                    # [G, N]
+    if spec.zero_point:
+        z = _codes(t["qzeros"], spec.bits)                         # [N/p, G, p]: consecutive outputs
+        z = z.permute(1, 0, 2).reshape(z.shape[1], -1)             # [G, N]
+    else:
+        z = torch.full(s.shape, 1 << (spec.bits - 1), dtype=torch.int16)
+    return q, z, s
+
+
 def unpack(spec: QuantSpec, t: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes int16 [K, N], zeros int16 [G, N], scales float32 [G, N], group of each input int64 [K])
-    of one layer's tensors `t` (suffix -> tensor, shapes checked by model_files.quantized)."""
+    of one layer's tensors `t` (role -> tensor, shapes checked by model_files.quantized)."""
+    if spec.method == "compressed-tensors":
+        q, z, s = _compressed_tensors(spec, t)
+        K = q.shape[0]
+        if "shape" in t and t["shape"].tolist() != [q.shape[1], K]:
+            raise ValueError(f"its weight_shape {t['shape'].tolist()} is not the [{q.shape[1]}, {K}] that "
+                             f"weight_packed unpacks to")
+        group = spec.group_size if spec.group_size != -1 else K
+        g_idx = t.get("g_idx")
+        return q, z, s, (g_idx.long() if g_idx is not None else torch.arange(K) // group)
     if spec.method == "awq":
         q = _along_outputs(t["qweight"], spec)                     # [K, N]
     else:                                                          # packed along the inputs
@@ -58,10 +83,13 @@ def unpack(spec: QuantSpec, t: dict) -> tuple[torch.Tensor, torch.Tensor, torch.
 def dequantize(spec: QuantSpec, t: dict, name: str = "") -> tuple[torch.Tensor, Int4Blocks | None]:
     """(float32 weight [N, K], Int4Blocks or None) of one quantized layer; a g_idx naming a group
     the layer has not is a ValueError naming the tensor."""
-    q, z, s, g = unpack(spec, t)
+    try:
+        q, z, s, g = unpack(spec, t)
+    except ValueError as e:
+        raise ValueError(f"layer '{name}': {e}") from None
     K, N = q.shape
     if g.shape != (K,) or (K and (int(g.min()) < 0 or int(g.max()) >= s.shape[0])):
-        raise ValueError(f"tensor '{name}.g_idx' names groups outside the layer's {s.shape[0]}")
+        raise ValueError(f"the g_idx of layer '{name}' names groups outside its {s.shape[0]}")
     w = ((q - z[g]).float() * s[g]).t().contiguous()               # [N, K]
     blocks = None
     group = spec.group_size if spec.group_size != -1 else K

@@ -22,6 +22,7 @@ metadata the engine reads, the engine's tensor names and shapes) are the engine'
     rope.py          the rotary base and scaling, and the frequencies they give
     phi3.py          what a Phi-3 file adds: fused weights, partial rotary, longrope
     gemma.py         Gemma 3's text model: what its config adds (sliding layers, window, rotary of each kind)
+    quantized.py     quantization_config (AWQ, GPTQ, compressed-tensors) and each quantized layer's tensors
 """
 
 from __future__ import annotations

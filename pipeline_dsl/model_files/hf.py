@@ -198,7 +198,7 @@ def hf_llama_config(folder) -> dict:
         for name, (dtype, shape) in read_safetensors_header(f).items():
             parts = quant_parts(name)
             if parts is not None and hf_engine_name(parts[0] + ".weight", gemma) is not None:
-                quantized.setdefault(parts[0], {})[parts[1]] = (dtype, shape, f)
+                quantized.setdefault(parts[0], {})[parts[1]] = (dtype, shape, f, name)
                 continue
             mapped = hf_engine_name(name, gemma)
             if mapped is not None:
@@ -206,10 +206,10 @@ def hf_llama_config(folder) -> dict:
                 found[mapped], where[name] = (name, shape), f
     for module, parts in quantized.items():
         shape = check_quantized(spec, folder / "config.json", module, parts)
-        mapped, name = hf_engine_name(module + ".weight", gemma), module + ".qweight"
+        mapped, name = hf_engine_name(module + ".weight", gemma), parts["qweight"][3]
         if mapped in found:
-            raise ModelFileProblem(parts["qweight"][2] if "qweight" in parts else folder,
-                                   f"the folder holds both {found[mapped][0]!r} and quantized tensors of {module!r}")
+            raise ModelFileProblem(parts["qweight"][2], f"the folder holds both {found[mapped][0]!r} and "
+                                                        f"quantized tensors of {module!r}")
         check_extra(parts["qweight"][2], name, mapped, c)
         found[mapped], where[name] = (name, shape), parts["qweight"][2]
     check_weights(folder, c, found, spell=lambda n: hf_file_name(n, gemma), file_of=lambda name: where.get(name, ""),

@@ -12,6 +12,12 @@ shapes), without reading a weight. The engine (engine/hf_quant.py) reads the sam
          outputs in the same order; scales [G, N]; g_idx int32 [K] (input k's group; without it
          k // g). The "gptq" checkpoint format (AutoGPTQ's, optimum's: v1) stores z - 1,
          "gptq_v2" z itself. sym: z is 2^(bits-1) (stored all the same).
+    compressed-tensors (quant_method "compressed-tensors", format "pack-quantized": RedHatAI's,
+         llm-compressor's w4a16 and w8a16): weight_packed int32 [N, K/p] packing consecutive inputs
+         as GPTQ packs them, each code stored plus 2^(bits-1) (unsigned); weight_scale [N, G];
+         weight_zero_point int32 [N/p, G] packed along the outputs (asymmetric schemes only: a
+         symmetric one's zero is 0, i.e. 2^(bits-1) unsigned); weight_shape [N, K]; weight_g_idx
+         [K] (actorder "group"). Strategy "group" (group_size) or "channel" (one group).
 
 A module the file holds as a plain `.weight` is read as one (AWQ's modules_to_not_convert, a
 GPTQ model's unquantized layers): the file decides, layer by layer. Settings whose layout agp
@@ -29,21 +35,28 @@ from pathlib import Path
 
 from .problem import ModelFileProblem
 
-QUANT_METHODS = ("awq", "gptq")
-# the tensors of one quantized linear layer, by method (g_idx: optional)
+QUANT_METHODS = ("awq", "gptq", "compressed-tensors")
+# the tensors of one quantized linear layer: AWQ's and GPTQ's (g_idx: GPTQ's, optional), and
+# compressed-tensors' under the same roles (weight_zero_point: asymmetric only; weight_shape: [out, in])
 QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+CT_SUFFIXES = {"weight_packed": "qweight", "weight_zero_point": "qzeros", "weight_scale": "scales",
+               "weight_g_idx": "g_idx", "weight_shape": "shape"}
 _FLOAT = ("F16", "BF16", "F32")
 _INT = ("I32",)
 
 
 @dataclass(frozen=True)
 class QuantSpec:
-    method: str          # "awq" | "gptq"
+    method: str          # "awq" | "gptq" | "compressed-tensors"
     bits: int            # 4 (AWQ); 4 or 8 (GPTQ)
     group_size: int      # inputs per group; -1: one group of every input
     zero_point: bool     # zeros vary (AWQ's zero_point, GPTQ's not sym): informational, the file's zeros are read
     desc_act: bool       # GPTQ: groups by g_idx (act order)
     zeros_minus_one: bool   # GPTQ's v1 checkpoint format: the stored zero is z - 1
+
+    @property
+    def name(self) -> str:
+        return {"awq": "AWQ", "gptq": "GPTQ"}.get(self.method, self.method)
 
     @property
     def pack(self) -> int:
@@ -56,7 +69,7 @@ class QuantSpec:
 
     def describe(self) -> str:
         group = "per column" if self.group_size == -1 else f"groups of {self.group_size}"
-        return f"{self.method.upper()} {self.bits}-bit, {group}"
+        return f"{self.name} {self.bits}-bit, {group}"
 
 
 def _where(key: str) -> str:
@@ -76,13 +89,12 @@ def hf_quant_spec(cfg: dict, path) -> QuantSpec | None:
     if not isinstance(q, dict):
         fail(f"'quantization_config' must be an object, not {json.dumps(q)[:80]}")
     method = q.get("quant_method")
-    if method == "compressed-tensors":
-        fail("quantization_config's 'quant_method' \"compressed-tensors\" is not supported: agp loads AWQ "
-             "(\"awq\", version \"gemm\") and GPTQ (\"gptq\") checkpoints, a GGUF file's Q4/Q8 types, or "
-             "the unquantized model with --dtype int8")
     if method not in QUANT_METHODS:
-        fail(f"quantization_config's 'quant_method' {json.dumps(method)} is not supported: agp loads AWQ (\"awq\") "
-             f"and GPTQ (\"gptq\") checkpoints")
+        fail(f"quantization_config's 'quant_method' {json.dumps(method)[:40]} is not supported: agp loads AWQ "
+             f"(\"awq\"), GPTQ (\"gptq\") and compressed-tensors' pack-quantized (\"compressed-tensors\") "
+             f"checkpoints, a GGUF file's Q4/Q8 types, or the unquantized model with --dtype int8")
+    if method == "compressed-tensors":
+        return _compressed_tensors_spec(q, fail)
 
     def get(key, *aliases, default=None):
         for k in (key, *aliases):
@@ -136,53 +148,131 @@ def hf_quant_spec(cfg: dict, path) -> QuantSpec | None:
     return QuantSpec("gptq", bits, group, not sym, desc_act, fmt == "gptq")
 
 
+def _compressed_tensors_spec(q: dict, fail) -> QuantSpec:
+    """compressed-tensors' weight-only integer schemes in its pack-quantized format."""
+    fmt = q.get("format")
+    groups = q.get("config_groups")
+    if not isinstance(groups, dict) or not groups or not all(isinstance(g, dict) for g in groups.values()):
+        fail(f"{_where('config_groups')} must be an object of quantization schemes, not "
+             f"{json.dumps(groups)[:80]}")
+    weights = []
+    for name, group in groups.items():
+        where = f"quantization_config's config_groups.{name}"
+        fmt_here = group.get("format", fmt)
+        if fmt_here != "pack-quantized":
+            fail(f"{where}'s 'format' is {json.dumps(fmt_here)[:40]}: agp reads compressed-tensors' "
+                 f"\"pack-quantized\" weights (integer codes packed in int32) alone")
+        for key in ("input_activations", "output_activations"):
+            if group.get(key) is not None:
+                fail(f"{where}'s '{key}' is set: agp runs weight-only schemes (w4a16, w8a16), its "
+                     f"activations unquantized")
+        w = group.get("weights")
+        if not isinstance(w, dict):
+            fail(f"{where}'s 'weights' must be an object, not {json.dumps(w)[:80]}")
+        weights.append((where, w))
+    where, w = weights[0]
+    if any(other != w for _, other in weights[1:]):
+        fail("quantization_config's config_groups quantize their weights differently: agp loads one "
+             "setting for every layer")
+    if w.get("type", "int") != "int":
+        fail(f"{where}.weights' 'type' is {json.dumps(w.get('type'))[:40]}: agp reads integer codes (\"int\")")
+    bits = w.get("num_bits")
+    if isinstance(bits, bool) or bits not in (4, 8):
+        fail(f"{where}.weights' 'num_bits' is {json.dumps(bits)[:40]}: agp loads 4 or 8 bits")
+    strategy = w.get("strategy")
+    if strategy not in ("group", "channel"):
+        fail(f"{where}.weights' 'strategy' is {json.dumps(strategy)[:40]}: agp reads scales per group "
+             f"(\"group\") or per output channel (\"channel\")")
+    group = w.get("group_size") if strategy == "group" else -1
+    if isinstance(group, bool) or not isinstance(group, int) or not (group == -1 or 1 <= group <= 1 << 20):
+        fail(f"{where}.weights' 'group_size' must be a positive integer, not {json.dumps(group)[:40]}")
+    if w.get("dynamic", False) is not False:
+        fail(f"{where}.weights' 'dynamic' is {json.dumps(w['dynamic'])[:40]}: agp reads scales stored in the file")
+    sym = w.get("symmetric", True)
+    if not isinstance(sym, bool):
+        fail(f"{where}.weights' 'symmetric' must be true or false, not {json.dumps(sym)[:40]}")
+    actorder = w.get("actorder")
+    if actorder not in (None, "static", "group", "weight"):
+        fail(f"{where}.weights' 'actorder' is {json.dumps(actorder)[:40]}: agp reads null, \"static\", "
+             f"\"weight\" and \"group\"")
+    if q.get("kv_cache_scheme") is not None:
+        fail("quantization_config's 'kv_cache_scheme' is set: agp's KV cache has the engine's compute dtype")
+    sparsity = q.get("sparsity_config") or {}
+    if not isinstance(sparsity, dict) or sparsity.get("format", "dense") != "dense":
+        fail(f"quantization_config's 'sparsity_config' is {json.dumps(sparsity)[:80]}: agp reads dense weights")
+    return QuantSpec("compressed-tensors", bits, group, not sym, actorder == "group", False)
+
+
 def quant_parts(name: str):
-    """'model.layers.0.mlp.up_proj.qweight' -> ('model.layers.0.mlp.up_proj', 'qweight'); None if
-    the name is not a quantized layer's tensor."""
+    """'model.layers.0.mlp.up_proj.qweight' -> ('model.layers.0.mlp.up_proj', 'qweight'), and a
+    compressed-tensors name under the same role ('...up_proj.weight_packed' -> 'qweight'); None if the
+    name is not a quantized layer's tensor."""
     prefix, _, suffix = name.rpartition(".")
-    return (prefix, suffix) if suffix in QUANT_SUFFIXES and prefix else None
+    if not prefix:
+        return None
+    if suffix in QUANT_SUFFIXES:
+        return prefix, suffix
+    return (prefix, CT_SUFFIXES[suffix]) if suffix in CT_SUFFIXES else None
+
+
+def file_suffix(spec: QuantSpec | None, role: str) -> str:
+    """How a file spells a quantized tensor's role ('qweight' -> compressed-tensors' 'weight_packed')."""
+    if spec is not None and spec.method == "compressed-tensors":
+        return next(k for k, v in CT_SUFFIXES.items() if v == role)
+    return role
 
 
 def check_quantized(spec: QuantSpec | None, config_path, module: str, parts: dict) -> tuple[int, int]:
     """The dense shape (out, in) of one quantized linear layer, after checking its tensors
-    (`parts`: suffix -> (dtype, shape, file)) against the spec. Raises ModelFileProblem."""
-    first = next(iter(parts.values()))[2]
+    (`parts`: role (quant_parts') -> (dtype, shape, file, the file's name)) against the spec.
+    Raises ModelFileProblem."""
+    first = next(iter(parts.values()))
     if spec is None:
-        name = f"{module}.{next(iter(parts))}"
-        raise ModelFileProblem(first, f"tensor {name!r} is a quantized layer's, but {Path(config_path).name} has no "
-                                      f"'quantization_config' saying how to read it")
-    for need in ("qweight", "qzeros", "scales"):
-        if need not in parts:
-            raise ModelFileProblem(first, f"missing tensor '{module}.{need}' of a {spec.method.upper()} layer "
-                                          f"('{module}.qweight' is there)" if "qweight" in parts else
-                                   f"missing tensor '{module}.{need}': '{module}.{next(iter(parts))}' is a "
-                                   f"{spec.method.upper()} layer's")
+        raise ModelFileProblem(first[2], f"tensor {first[3]!r} is a quantized layer's, but "
+                                         f"{Path(config_path).name} has no 'quantization_config' saying how to read it")
+    ct = spec.method == "compressed-tensors"
+
+    def spell(role):
+        return f"{module}.{file_suffix(spec, role)}"
+
+    if not ct and any(name.rpartition(".")[2] in CT_SUFFIXES for *_, name in parts.values()) \
+            or ct and any(name.rpartition(".")[2] in QUANT_SUFFIXES for *_, name in parts.values()):
+        other = next(name for *_, name in parts.values())
+        raise ModelFileProblem(first[2], f"tensor {other!r} is not how a {spec.name} checkpoint names a layer's "
+                                         f"tensors (config.json's quantization_config says {spec.name})")
+    need = ("qweight", "scales") + (("shape",) if ct else ()) + (("qzeros",) if not ct or spec.zero_point else ())
+    for role in need:
+        if role not in parts:
+            raise ModelFileProblem(first[2], f"missing tensor {spell(role)!r} of a {spec.name} layer "
+                                             f"({first[3]!r} is there)")
     if "g_idx" in parts and spec.method == "awq":
         raise ModelFileProblem(parts["g_idx"][2], f"tensor '{module}.g_idx' is a GPTQ layer's, but config.json's "
                                                   f"quantization_config says AWQ")
-    for suffix, (dtype, shape, f) in parts.items():
-        want = _FLOAT if suffix == "scales" else _INT
+    if ct and not spec.zero_point:
+        parts = {r: v for r, v in parts.items() if r != "qzeros"}   # a symmetric scheme's zero is 0
+    for role, (dtype, shape, f, name) in parts.items():
+        want = _FLOAT if role == "scales" else ("I64", "I32") if role == "shape" else _INT
         if dtype not in want:
-            raise ModelFileProblem(f, f"tensor '{module}.{suffix}' is {dtype}, but a {spec.method.upper()} layer's "
-                                      f"{suffix} is {' or '.join(want)}")
-        if len(shape) != (1 if suffix == "g_idx" else 2):
-            raise ModelFileProblem(f, f"tensor '{module}.{suffix}' has shape {list(shape)}: not a "
-                                      f"{spec.method.upper()} layer's")
-    qw = parts["qweight"][1]
-    p = spec.pack
-    k, n = (qw[0], qw[1] * p) if spec.method == "awq" else (qw[0] * p, qw[1])
+            raise ModelFileProblem(f, f"tensor {name!r} is {dtype}, but a {spec.name} layer's "
+                                      f"{name.rpartition('.')[2]} is {' or '.join(want)}")
+        if len(shape) != (1 if role in ("g_idx", "shape") else 2):
+            raise ModelFileProblem(f, f"tensor {name!r} has shape {list(shape)}: not a {spec.name} layer's")
+    qw, p = parts["qweight"][1], spec.pack
+    k, n = (qw[0], qw[1] * p) if spec.method == "awq" else (qw[0] * p, qw[1]) if spec.method == "gptq" \
+        else (qw[1] * p, qw[0])
     g = spec.groups(k)
-    want = {"qzeros": [g, n // p], "scales": [g, n], "g_idx": [k]}
+    want = {"qzeros": [g, n // p] if not ct else [n // p, g], "scales": [g, n] if not ct else [n, g],
+            "g_idx": [k], "shape": [2]}
     if n % p:
-        raise ModelFileProblem(parts["qweight"][2], f"tensor '{module}.qweight' has shape {list(qw)}: its {n} "
+        raise ModelFileProblem(parts["qweight"][2], f"tensor {spell('qweight')!r} has shape {list(qw)}: its {n} "
                                                     f"outputs do not pack {p} to an int32")
     if spec.method == "awq" and spec.group_size != -1 and k % spec.group_size:
-        raise ModelFileProblem(parts["qweight"][2], f"tensor '{module}.qweight' has {k} inputs, not a multiple of "
+        raise ModelFileProblem(parts["qweight"][2], f"tensor {spell('qweight')!r} has {k} inputs, not a multiple of "
                                                     f"{_where('group_size')} {spec.group_size}")
-    for suffix, shape in want.items():
-        if suffix in parts and list(parts[suffix][1]) != shape:
-            raise ModelFileProblem(parts[suffix][2],
-                                   f"tensor '{module}.{suffix}' has shape {list(parts[suffix][1])}, but a "
-                                   f"{spec.describe()} layer of {k} inputs and {n} outputs ('{module}.qweight' "
+    for role, shape in want.items():
+        if role in parts and list(parts[role][1]) != shape:
+            raise ModelFileProblem(parts[role][2],
+                                   f"tensor {parts[role][3]!r} has shape {list(parts[role][1])}, but a "
+                                   f"{spec.describe()} layer of {k} inputs and {n} outputs ({spell('qweight')!r} "
                                    f"{list(qw)}) has {shape}")
     return n, k
