@@ -373,7 +373,10 @@ VLLM_FLAGS = {
     "--enforce-eager": "only the performance mode compiles; generate's `compile = false` turns it off",
     "--trust-remote-code": "agp runs no code of a model folder, so there is nothing to trust",
     "--kv-cache-dtype": "the KV cache has the engine's compute dtype (--dtype)",
-    "--quantization": "--dtype int8 (weight-only int8), or a quantized .gguf file",
+    "--quantization": "agp reads a model's quantization from its files, as vLLM does without the flag: a Hugging "
+                      "Face folder's config.json quantization_config (AWQ, GPTQ, compressed-tensors' "
+                      "pack-quantized) or a .gguf file's types; --dtype int8 quantizes an unquantized model to "
+                      "weight-only int8",
     "--tokenizer": "the tokenizer is the model's own (its .gguf file or folder)",
     "--enable-auto-tool-choice": "tool calls are parsed whenever a request gives `tools` (tool_choice `auto`, "
                                  "their default), with nothing to turn on",

@@ -262,3 +262,17 @@ def test_a_scales_tensor_of_the_wrong_group_count_is_refused_by_name(tmp_path, d
     with pytest.raises(ModelFileProblem, match=r"'model\.layers\.\d\.\S+\.qzeros' has shape \[\d+, \d+\], but a GPTQ "
                                                r"4-bit, groups of 32 layer"):
         check_model_path(qfolder)
+
+
+def test_a_g_idx_naming_a_group_the_layer_has_not_is_refused_at_load_naming_the_file_and_layer(tmp_path, dense):
+    from pipeline_dsl.engine.errors import ModelFileError
+
+    qfolder, _ = write_quantized(dense, tmp_path, "gptq", {"bits": 4, "group_size": 64, "desc_act": True},
+                                 group=64, act_order=True)
+    tensors = load_file(str(qfolder / "model.safetensors"))
+    tensors["model.layers.1.mlp.up_proj.g_idx"][5] = 2             # a layer of 128 inputs has groups 0 and 1
+    save_file(tensors, str(qfolder / "model.safetensors"))
+    check_model_path(qfolder)                                      # the header is fine: the values are the weights'
+    with pytest.raises(ModelFileError, match=r"model\.safetensors: the g_idx of layer "
+                                             r"'model\.layers\.1\.mlp\.up_proj' names groups outside its 2"):
+        load_model(str(qfolder), dtype="fp32")
