@@ -166,6 +166,9 @@ def test_a_vllm_flag_is_refused_with_where_agp_sets_it(command, capsys):
     (["--enable-prompt-embeds", "--trust-request-chat-template"],
      ["--enable-prompt-embeds is vLLM's: a prompt comes as text or token ids",
       "--trust-request-chat-template is vLLM's: a request brings no chat template of its own"]),
+    (["--quantization", "awq"],      # an AWQ, GPTQ or compressed-tensors folder loads without it
+     ["--quantization is vLLM's: agp reads a model's quantization from its files, as vLLM does without the flag: "
+      "a Hugging Face folder's config.json quantization_config (AWQ, GPTQ, compressed-tensors' pack-quantized)"]),
 ])
 def test_the_vllm_flags_of_a_deployment_say_what_agp_does_instead(argv, said, capsys):
     """They were refused as any unknown flag is, with nothing on what agp does about them."""
