@@ -177,7 +177,8 @@ CASES = {
     "ct-w4a16-sym": ("compressed-tensors", ct(), dict(sym=True)),
     "ct-w4a16-asym-g32": ("compressed-tensors", ct(group=32, sym=False), dict(group=32)),
     "ct-w4a16-channel": ("compressed-tensors", ct(group=-1, sym=False), dict(group=-1)),
-    "ct-w4a16-actorder": ("compressed-tensors", ct(group=64, actorder="group"), dict(group=64, sym=True, act_order=True)),
+    "ct-w4a16-actorder": ("compressed-tensors", ct(group=64, actorder="group"),
+                          dict(group=64, sym=True, act_order=True)),
     "ct-w8a16": ("compressed-tensors", ct(bits=8, group=-1), dict(bits=8, group=-1, sym=True)),
 }
 
@@ -250,7 +251,8 @@ def test_quantized_tensors_without_a_quantization_config_are_refused_by_name(tmp
     config = json.loads((qfolder / "config.json").read_text())
     del config["quantization_config"]
     (qfolder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelFileProblem, match=r"\.(qweight|qzeros|scales)' is a quantized layer's, but config.json has no"):
+    with pytest.raises(ModelFileProblem, match=r"\.(qweight|qzeros|scales)' is a quantized layer's, but config.json "
+                                               r"has no"):
         check_model_path(qfolder)
 
 
