@@ -36,11 +36,9 @@ def tiny_tokenizer(tiny_gguf):
     return tok
 
 
-@pytest.fixture(scope="module")
-def dense(tmp_path_factory, tiny_tokenizer):
-    """A tiny Llama (hidden 128, MLP 256) saved by transformers with its tokenizer: its tensors."""
-    folder = tmp_path_factory.mktemp("dense")
-    cfg = transformers.LlamaConfig(vocab_size=tiny_tokenizer.vocab_size, hidden_size=128, intermediate_size=256,
+def save_dense(folder, tok, cls="LlamaConfig"):
+    """A tiny model (hidden 128, MLP 256) saved by transformers with the tiny tokenizer."""
+    cfg = getattr(transformers, cls)(vocab_size=tok.vocab_size, hidden_size=128, intermediate_size=256,
                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                    max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
                                    tie_word_embeddings=False)
@@ -50,9 +48,14 @@ def dense(tmp_path_factory, tiny_tokenizer):
         for p in model.parameters():
             p.copy_(1 + 0.1 * torch.randn_like(p) if p.dim() == 1 else torch.randn_like(p) * p.shape[-1] ** -0.5)
     model.save_pretrained(folder)
-    tiny_tokenizer.tk.save(str(folder / "tokenizer.json"))
+    tok.tk.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}))
     return folder
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory, tiny_tokenizer):
+    return save_dense(tmp_path_factory.mktemp("dense"), tiny_tokenizer)
 
 
 def quantize(w: np.ndarray, bits: int, group: int, sym: bool, rng, act_order: bool = False, min_zero: int = 0):
@@ -191,6 +194,25 @@ def test_a_quantized_folder_gives_transformers_logits_of_its_dequantized_weights
     assert_same_logits(qfolder, dfolder)
 
 
+@pytest.mark.parametrize("method, qc", [("awq", {**AWQ, "group_size": 64}), ("gptq", {"bits": 4, "group_size": 32})])
+def test_a_quantized_qwen2_folder_keeps_its_float_qkv_biases(tmp_path, tiny_tokenizer, method, qc):
+    """Qwen2.5's AWQ and GPTQ checkpoints: the linears quantized, their q, k, v biases in float."""
+    dense_qwen2 = save_dense(tmp_path / "dense", tiny_tokenizer, cls="Qwen2Config")
+    qfolder, dfolder = write_quantized(dense_qwen2, tmp_path, method, qc, group=qc["group_size"])
+    assert "model.layers.0.self_attn.q_proj.bias" in load_file(str(qfolder / "model.safetensors"))
+    assert_same_logits(qfolder, dfolder)
+
+
+def test_a_layer_whose_unpacked_shape_is_not_the_configs_is_refused_saying_both(tmp_path, dense):
+    qfolder, _ = write_quantized(dense, tmp_path, "awq", {**AWQ, "group_size": 64}, group=64)
+    config = json.loads((qfolder / "config.json").read_text())
+    (qfolder / "config.json").write_text(json.dumps({**config, "intermediate_size": 512}))
+    with pytest.raises(ModelFileProblem, match=r"'model\.layers\.0\.mlp\.down_proj\.qweight' has shape \[256, 16\]: a "
+                                               r"layer of 256 inputs and 128 outputs, but config.json needs 512 "
+                                               r"inputs and 128 outputs"):
+        check_model_path(qfolder)
+
+
 def test_4bit_groups_in_input_order_are_kept_as_int4_blocks_equal_to_the_weight(tmp_path, dense):
     qfolder, _ = write_quantized(dense, tmp_path, "gptq", {"bits": 4, "group_size": 64, "sym": False}, group=64)
     _, weights, _ = load_weights(resolve_model(str(qfolder)))
@@ -217,8 +239,10 @@ def test_act_order_groups_are_dequantized_only(tmp_path, dense):
     ({"quant_method": "compressed-tensors", **ct(), "config_groups": {"group_0": {
         **ct()["config_groups"]["group_0"], "input_activations": {"num_bits": 8, "type": "int"}}}},
      "'input_activations' is set"),
+    ({"quant_method": "compressed-tensors", **ct(), "transform_config": {"config_groups": {}}},
+     "'transform_config' is set"),
     ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "\"bitsandbytes\" is not supported"),
-], ids=["awq-gemv", "awq-3bit", "gptq-3bit", "gptq-marlin", "gptq-dynamic", "ct-fp8", "ct-w8a8", "bnb"])
+], ids=["awq-gemv", "awq-3bit", "gptq-3bit", "gptq-marlin", "gptq-dynamic", "ct-fp8", "ct-w8a8", "ct-transform", "bnb"])
 def test_a_quantization_agp_does_not_read_is_refused_naming_config_json_and_the_key(tmp_path, dense, qc, words):
     qfolder, _ = write_quantized(dense, tmp_path, "gptq", {"bits": 4, "group_size": 128})
     config = json.loads((qfolder / "config.json").read_text())

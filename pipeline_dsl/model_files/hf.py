@@ -12,7 +12,8 @@ from pathlib import Path
 
 from . import phi3
 from .gemma import GEMMA_MODEL_TYPES, hf_gemma_fields, hf_text_config
-from .llama import HF_NAMES, check_config, check_extra, check_weights, hf_engine_name, hf_file_name
+from .llama import (HF_NAMES, check_config, check_extra, check_weights, expected_shapes, hf_engine_name,
+                    hf_file_name)
 from .problem import ModelFileProblem
 from .quantized import QuantSpec, check_quantized, hf_quant_spec, quant_parts
 from .rope import hf_rope, rope_spec
@@ -211,6 +212,12 @@ def hf_llama_config(folder) -> dict:
             raise ModelFileProblem(parts["qweight"][2], f"the folder holds both {found[mapped][0]!r} and "
                                                         f"quantized tensors of {module!r}")
         check_extra(parts["qweight"][2], name, mapped, c)
+        need = expected_shapes(c).get(mapped)
+        if need is not None and tuple(shape) != need:      # said of the layer: the packed shape is another
+            raise ModelFileProblem(parts["qweight"][2],
+                                   f"tensor {name!r} has shape {list(parts['qweight'][1])}: a layer of {shape[1]} "
+                                   f"inputs and {shape[0]} outputs, but config.json needs {need[1]} inputs and "
+                                   f"{need[0]} outputs")
         found[mapped], where[name] = (name, shape), parts["qweight"][2]
     check_weights(folder, c, found, spell=lambda n: hf_file_name(n, gemma), file_of=lambda name: where.get(name, ""),
                   config="config.json")

@@ -195,6 +195,9 @@ def _compressed_tensors_spec(q: dict, fail) -> QuantSpec:
     if actorder not in (None, "static", "group", "weight"):
         fail(f"{where}.weights' 'actorder' is {json.dumps(actorder)[:40]}: agp reads null, \"static\", "
              f"\"weight\" and \"group\"")
+    if q.get("transform_config") is not None:
+        fail("quantization_config's 'transform_config' is set: agp reads weights without rotations or other "
+             "transforms applied to them")
     if q.get("kv_cache_scheme") is not None:
         fail("quantization_config's 'kv_cache_scheme' is set: agp's KV cache has the engine's compute dtype")
     sparsity = q.get("sparsity_config") or {}
