@@ -1,11 +1,10 @@
 """The quantized linear layers of a Hugging Face folder (AWQ, GPTQ, compressed-tensors' pack-quantized;
-layouts and checks in
-model_files/quantized.py) -> the float32 weight [out, in], and where the file's groups fit the
-engine's int4 blocks, those blocks too (quant.Int4Blocks).
+layouts and checks in model_files/quantized.py) -> the float32 weight [out, in], and where the file's
+groups fit the engine's int4 blocks, those blocks too (quant.Int4Blocks).
 
 Every layer is dequantized at load, w[n, k] = (q - z) * s, exactly as the checkpoint defines
-it (the codes, zeros and scales are small integers and fp16 numbers: their products and
-differences are exact in float32). The layers whose codes are 4-bit, in groups of a multiple
+it (the codes and zeros are small integers, the scales fp16 or bf16 numbers: their differences
+and products are exact in float32). The layers whose codes are 4-bit, in groups of a multiple
 of 32 consecutive inputs (or one group per column), without act order (g_idx is k // group),
 are also kept as `Int4Blocks`: a group of 128 is 4 blocks of 32 with its scale s and
 zero (8 - z) * s, which the int4 kernels run as they run a GGUF's Q4_1 blocks
