@@ -50,17 +50,9 @@ from pipeline_dsl.model_files import (GGML_TYPES, GGUF_ARCHITECTURES, GGUFHeader
 from pipeline_dsl.model_files.phi3 import gguf_factor_tensor
 
 from .model import LlamaConfig
-from .quant import Int4Blocks
+from .quant import Int4Blocks, Weights
 
 log = logging.getLogger("agp.model")
-
-
-class Weights(dict):
-    """engine name -> float32 tensor; `.int4`: engine name -> Int4Blocks for 4-bit tensors."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.int4: dict[str, Int4Blocks] = {}
 
 
 class GGUFError(ModelFileProblem):

@@ -41,19 +41,11 @@ from pipeline_dsl.model_files.hf import hf_quant_config
 from pipeline_dsl.model_files.quantized import quant_parts
 
 from .model import LlamaConfig
-from .quant import Int4Blocks
+from .quant import Weights
 
 
 class HFModelError(ModelFileProblem):
     """The folder is not a llama-family safetensors checkpoint this engine can run."""
-
-
-class Weights(dict):
-    """engine name -> float32 tensor; `.int4`: engine name -> Int4Blocks of a quantized layer."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.int4: dict[str, Int4Blocks] = {}
 
 
 @dataclass(frozen=True)

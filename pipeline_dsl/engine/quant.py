@@ -161,6 +161,16 @@ class Int4Blocks:
         return ((q - 8) * self.scale[..., None] + self.zero[..., None]).view(N, K)  # float32 [N, K]
 
 
+class Weights(dict):
+    """engine name -> float32 tensor, as a loader reads a model; `.int4`: engine name -> Int4Blocks of
+    the weights the file holds as 4-bit groups (a GGUF's Q4_0/Q4_1, a Hugging Face folder's AWQ/GPTQ
+    layers), which the model runs on the int4 kernels (make_linear)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.int4: dict[str, Int4Blocks] = {}
+
+
 class Int4Linear:
     """Weight-only int4 (groups of 32) on the CPU int4 kernel; bf16 activations.
 
