@@ -21,8 +21,8 @@ pre_feedforward_layernorm -> layers.N.ffn_norm, post_feedforward_layernorm -> la
 and every norm weight w becomes 1 + w (its RMSNorm computes x * (1 + w), in float32 as here: exact).
 
 A folder whose config.json has a quantization_config (AWQ's "gemm" checkpoints, GPTQ's of 4 or 8
-bits: model_files/quantized.py) holds qweight, qzeros, scales (and g_idx) for each quantized linear
-layer: each is dequantized to the float32 weight, and where its 4-bit groups fit the engine's int4
+bits, compressed-tensors' pack-quantized: model_files/quantized.py) holds qweight, qzeros, scales (and
+g_idx), or weight_packed, weight_scale, ..., for each quantized linear layer: each is dequantized to the float32 weight, and where its 4-bit groups fit the engine's int4
 blocks also kept as those (`weights.int4`, as a GGUF's Q4 blocks are: engine/hf_quant.py).
 
 HF checkpoints keep the "rotate half" Q/K layout the model uses, so nothing is permuted.

@@ -186,7 +186,7 @@ def hf_quant_config(folder) -> QuantSpec | None:
 def hf_llama_config(folder) -> dict:
     """LlamaConfig fields of an HF folder, after checking config.json and the header (names,
     shapes) of every *.safetensors file; tie_embeddings is True when there is no lm_head. The
-    tensors of a quantized layer (AWQ's, GPTQ's) stand for its weight of the shape they unpack to."""
+    tensors of a quantized layer (AWQ's, GPTQ's, compressed-tensors') stand for its weight of the shape they unpack to."""
     folder = Path(folder)
     c = hf_config(folder)
     spec = hf_quant_config(folder)
@@ -205,6 +205,7 @@ def hf_llama_config(folder) -> dict:
             if mapped is not None:
                 check_extra(f, name, mapped, c)
                 found[mapped], where[name] = (name, shape), f
+    shapes = expected_shapes(c) if quantized else {}
     for module, parts in quantized.items():
         shape = check_quantized(spec, folder / "config.json", module, parts)
         mapped, name = hf_engine_name(module + ".weight", gemma), parts["qweight"][3]
@@ -212,7 +213,7 @@ def hf_llama_config(folder) -> dict:
             raise ModelFileProblem(parts["qweight"][2], f"the folder holds both {found[mapped][0]!r} and "
                                                         f"quantized tensors of {module!r}")
         check_extra(parts["qweight"][2], name, mapped, c)
-        need = expected_shapes(c).get(mapped)
+        need = shapes.get(mapped)
         if need is not None and tuple(shape) != need:      # said of the layer: the packed shape is another
             raise ModelFileProblem(parts["qweight"][2],
                                    f"tensor {name!r} has shape {list(parts['qweight'][1])}: a layer of {shape[1]} "
