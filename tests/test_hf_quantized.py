@@ -232,6 +232,7 @@ def test_act_order_groups_are_dequantized_only(tmp_path, dense):
 @pytest.mark.parametrize("qc, words", [
     ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "'version' is \"gemv\""),
     ({"quant_method": "awq", "bits": 3, "version": "gemm"}, "'bits' is 3"),
+    ({"quant_method": "awq", "bits": 4, "version": "gemm", "backend": "llm-awq"}, "'backend' is \"llm-awq\""),
     ({"quant_method": "gptq", "bits": 3, "group_size": 128}, "'bits' is 3"),
     ({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"}, "'checkpoint_format' is \"marlin\""),
     ({"quant_method": "gptq", "bits": 4, "dynamic": {"-:.*down": {}}}, "'dynamic'"),
@@ -242,7 +243,7 @@ def test_act_order_groups_are_dequantized_only(tmp_path, dense):
     ({"quant_method": "compressed-tensors", **ct(), "transform_config": {"config_groups": {}}},
      "'transform_config' is set"),
     ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "\"bitsandbytes\" is not supported"),
-], ids=["awq-gemv", "awq-3bit", "gptq-3bit", "gptq-marlin", "gptq-dynamic", "ct-fp8", "ct-w8a8", "ct-transform", "bnb"])
+], ids=["awq-gemv", "awq-3bit", "awq-llm-awq", "gptq-3bit", "gptq-marlin", "gptq-dynamic", "ct-fp8", "ct-w8a8", "ct-transform", "bnb"])
 def test_a_quantization_agp_does_not_read_is_refused_naming_config_json_and_the_key(tmp_path, dense, qc, words):
     qfolder, _ = write_quantized(dense, tmp_path, "gptq", {"bits": 4, "group_size": 128})
     config = json.loads((qfolder / "config.json").read_text())

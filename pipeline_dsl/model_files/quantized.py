@@ -102,8 +102,8 @@ def hf_quant_spec(cfg: dict, path) -> QuantSpec | None:
                 return k, q[k]
         return key, default
 
-    def boolean(key, default, *aliases):
-        k, v = get(key, *aliases, default=default)
+    def boolean(key, default):
+        k, v = get(key, default=default)
         if not isinstance(v, bool):
             fail(f"{_where(k)} must be true or false, not {json.dumps(v)[:80]}")
         return v
@@ -123,6 +123,10 @@ def hf_quant_spec(cfg: dict, path) -> QuantSpec | None:
         if not isinstance(version, str) or version.lower() != "gemm":
             fail(f"{_where(key)} is {json.dumps(version)[:40]}: agp reads the layout of AWQ's \"gemm\" "
                  f"checkpoints (the common one); \"gemv\", \"gemv_fast\" and \"marlin\" pack their weights otherwise")
+        backend = q.get("backend", "autoawq")
+        if backend != "autoawq":
+            fail(f"{_where('backend')} is {json.dumps(backend)[:40]}: agp reads AutoAWQ's (\"autoawq\") packing; "
+                 f"llm-awq's orders its codes otherwise")
         zero_point = boolean("zero_point", True)
         not_convert = q.get("modules_to_not_convert")
         if not_convert is not None and not (isinstance(not_convert, list)
