@@ -5,7 +5,8 @@ Each test saves a tiny random Llama with transformers, quantizes its linear laye
 zero points, act order) and packs them as each format lays them out, written from the formats'
 description and independently of agp's reader: AWQ's qweight [in, out/8] with nibble i holding
 output column 8c + (0 2 4 6 1 3 5 7)[i]; GPTQ's qweight [in/p, out] holding p consecutive inputs,
-its qzeros storing z - 1 in the v1 checkpoint format. The dequantized weights (w = (q - z) * s)
+its qzeros storing z - 1 in the v1 checkpoint format (GPTQModel's: the packed word less 0x11111111,
+a zero of 0 borrowing from the next field). The dequantized weights (w = (q - z) * s)
 go to a dense folder that transformers runs: agp's fp32 logits on the quantized folder must be
 transformers' on the dense one.
 """
@@ -58,8 +59,9 @@ def dense(tmp_path_factory, tiny_tokenizer):
     return save_dense(tmp_path_factory.mktemp("dense"), tiny_tokenizer)
 
 
-def quantize(w: np.ndarray, bits: int, group: int, sym: bool, rng, act_order: bool = False, min_zero: int = 0):
-    """w [out, in] -> (codes [in, out], zeros [G, out], fp16 scales [G, out], g_idx [in], dequantized [out, in])."""
+def quantize(w: np.ndarray, bits: int, group: int, sym: bool, rng, act_order: bool = False, scale_dtype=np.float16):
+    """w [out, in] -> (codes [in, out], zeros [G, out], scales [G, out] (fp16, or `scale_dtype`), g_idx [in],
+    dequantized [out, in])."""
     n, k = w.shape
     size = k if group == -1 else group
     top = (1 << bits) - 1
@@ -67,7 +69,7 @@ def quantize(w: np.ndarray, bits: int, group: int, sym: bool, rng, act_order: bo
     if act_order:                      # act order: the groups are taken over the inputs in another order
         g_idx = g_idx[np.argsort(rng.permutation(k))]
     groups = g_idx.max() + 1
-    scales, zeros = np.zeros((groups, n), np.float16), np.zeros((groups, n), np.int64)
+    scales, zeros = np.zeros((groups, n), scale_dtype), np.zeros((groups, n), np.int64)
     for j in range(groups):
         cols = w[:, g_idx == j]
         if sym:
@@ -75,8 +77,8 @@ def quantize(w: np.ndarray, bits: int, group: int, sym: bool, rng, act_order: bo
         else:
             lo, hi = np.minimum(cols.min(1), 0), np.maximum(cols.max(1), 0)
             s = (hi - lo) / top
-            z = np.clip(np.round(-lo / s), min_zero, top)
-        scales[j], zeros[j] = s.astype(np.float16), z
+            z = np.clip(np.round(-lo / s), 0, top)
+        scales[j], zeros[j] = s.astype(scale_dtype), z
     s32 = scales.astype(np.float32)
     codes = np.clip(np.round(w.T / s32[g_idx]) + zeros[g_idx], 0, top).astype(np.int64)    # [in, out]
     deq = ((codes - zeros[g_idx]).astype(np.float32) * s32[g_idx]).T
@@ -96,22 +98,37 @@ def pack_fields(values: np.ndarray, bits: int, axis: int, order=None) -> np.ndar
     return np.ascontiguousarray(np.moveaxis(out.astype(np.uint32).view(np.int32), -1, axis))
 
 
+def gptq_v1_zeros(zeros: np.ndarray, bits: int, form: str) -> np.ndarray:
+    """GPTQ's v1 qzeros of the zeros [G, out]: "word", GPTQModel's (the packed int32 less 0x11111111,
+    0x01010101 for 8 bits, a field of 0 borrowing from the next); "field", each field z - 1 in its bits."""
+    if form == "field":
+        return pack_fields((zeros - 1) & ((1 << bits) - 1), bits, 1)
+    ones = sum(1 << f for f in range(0, 32, bits))
+    words = pack_fields(zeros, bits, 1).view(np.uint32).astype(np.int64)
+    return np.ascontiguousarray(((words - ones) & 0xFFFFFFFF).astype(np.uint32).view(np.int32))
+
+
 def write_quantized(dense_folder, out, method: str, qc: dict, *, bits=4, group=128, sym=False,
-                    act_order=False, v1=True, seed=1):
-    """A quantized copy of the dense folder in `out` and the dense folder of its dequantized weights."""
+                    act_order=False, v1="word", seed=1, zero_rows=slice(0, None, 3), skip=(),
+                    scale_dtype=np.float16, key="quantization_config", config_extra=None):
+    """A quantized copy of the dense folder in `out` and the dense folder of its dequantized weights.
+    `zero_rows`: outputs made non-negative, whose zero point is then 0 (asymmetric); `v1`: GPTQ's v1
+    form of the zeros (gptq_v1_zeros), or False: v2's; `skip`: module prefixes left unquantized."""
     rng = np.random.default_rng(seed)
     tensors = load_file(str(dense_folder / "model.safetensors"))
     qfolder, dfolder = out / "quantized", out / "dequantized"
     qt, dt = {}, dict(tensors)
     for name in list(tensors):
         module = name[:-len(".weight")]
-        if not name.endswith(".weight") or not module.endswith(LINEARS):
+        if not name.endswith(".weight") or not module.endswith(LINEARS) or module.startswith(tuple(skip)):
             qt[name] = tensors[name]
             continue
-        codes, zeros, scales, g_idx, deq = quantize(tensors[name].numpy(), bits, group, sym, rng, act_order,
-                                                    min_zero=1 if v1 else 0)
+        w = tensors[name].numpy().copy()
+        if not sym:
+            w[zero_rows] = np.abs(w[zero_rows])
+        codes, zeros, scales, g_idx, deq = quantize(w, bits, group, sym, rng, act_order, scale_dtype)
         dt[name] = torch.from_numpy(deq)
-        if method == "compressed-tensors":           # codes and zeros stored unsigned (signed + 2^(bits-1))
+        if method.lower().replace("_", "-") == "compressed-tensors":   # codes, zeros unsigned (signed + 2^(bits-1))
             qt[module + ".weight_packed"] = torch.from_numpy(pack_fields(codes.T, bits, 1))
             qt[module + ".weight_scale"] = torch.from_numpy(np.ascontiguousarray(scales.T))
             qt[module + ".weight_shape"] = torch.tensor(list(deq.shape))
@@ -125,11 +142,12 @@ def write_quantized(dense_folder, out, method: str, qc: dict, *, bits=4, group=1
             qt[module + ".qzeros"] = torch.from_numpy(pack_fields(zeros, 4, 1, AWQ_NIBBLE_COLUMN))
         else:
             qt[module + ".qweight"] = torch.from_numpy(pack_fields(codes, bits, 0))
-            qt[module + ".qzeros"] = torch.from_numpy(pack_fields(zeros - 1 if v1 else zeros, bits, 1))
+            qt[module + ".qzeros"] = torch.from_numpy(gptq_v1_zeros(zeros, bits, v1) if v1
+                                                      else pack_fields(zeros, bits, 1))
             qt[module + ".g_idx"] = torch.from_numpy(g_idx.astype(np.int32))
         qt[module + ".scales"] = torch.from_numpy(scales)
     config = json.loads((dense_folder / "config.json").read_text())
-    for folder, weights, extra in ((qfolder, qt, {"quantization_config": {"quant_method": method, **qc}}),
+    for folder, weights, extra in ((qfolder, qt, {key: {"quant_method": method, **qc}, **(config_extra or {})}),
                                    (dfolder, dt, {})):
         folder.mkdir()
         save_file(weights, str(folder / "model.safetensors"))
@@ -158,7 +176,7 @@ def ct(bits=4, group=128, sym=True, actorder=None):
     weights = {"num_bits": bits, "type": "int", "symmetric": sym, "strategy": "group" if group != -1 else "channel",
                "group_size": group if group != -1 else None, "actorder": actorder, "dynamic": False}
     return {"format": "pack-quantized", "quantization_status": "compressed", "ignore": ["lm_head"],
-            "kv_cache_scheme": None, "sparsity_config": {},
+            "kv_cache_scheme": None, "sparsity_config": {}, "transform_config": {},
             "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
                                           "output_activations": None}}}
 
@@ -168,8 +186,21 @@ CASES = {
     "awq-g32": ("awq", {"w_bit": 4, "q_group_size": 32, "zero_point": True, "version": "GEMM"}, dict(group=32)),
     "awq-column": ("awq", {**AWQ, "group_size": -1, "zero_point": True}, dict(group=-1)),
     "awq-no-zero-point": ("awq", {**AWQ, "group_size": 128, "zero_point": False}, dict(group=128, sym=True)),
+    # transformers 5's AwqConfig: the layout in format (and version), backend the kernel that runs it
+    "awq-transformers-5": ("awq", {"bits": 4, "group_size": 64, "zero_point": True, "backend": "auto",
+                                   "format": "gemm", "version": "gemm"}, dict(group=64)),
+    "awq-gptqmodel": ("awq", {"bits": 4, "group_size": 64, "zero_point": True, "format": "gemm",
+                              "checkpoint_format": "gemm", "sym": False, "rotation": None}, dict(group=64)),
     "gptq-sym-v1": ("gptq", {"bits": 4, "group_size": 128, "sym": True, "desc_act": False}, dict(sym=True)),
     "gptq-asym-v1-g32": ("gptq", {"bits": 4, "group_size": 32, "sym": False}, dict(group=32)),
+    "gptq-asym-v1-per-field-zeros": ("gptq", {"bits": 4, "group_size": 32, "sym": False},
+                                     dict(group=32, v1="field", zero_rows=slice(7, None, 8))),
+    "gptq-upper-case": ("GPTQ", {"bits": 4, "group_size": 64, "sym": False, "checkpoint_format": "GPTQ"},
+                        dict(group=64)),
+    # GPTQModel: layer 0's linears skipped ("-:"), so held as plain weights
+    "gptq-dynamic-skip": ("gptq", {"bits": 4, "group_size": 64, "sym": False, "rotation": "",
+                                   "dynamic": {"-:model\\.layers\\.0\\..*": {}}},
+                          dict(group=64, skip=("model.layers.0.",))),
     "gptq-asym-v2": ("gptq", {"bits": 4, "group_size": 64, "sym": False, "checkpoint_format": "gptq_v2"},
                      dict(group=64, v1=False)),
     "gptq-desc-act": ("gptq", {"bits": 4, "group_size": 32, "sym": True, "desc_act": True},
@@ -183,6 +214,14 @@ CASES = {
     "ct-w4a16-actorder": ("compressed-tensors", ct(group=64, actorder="group"),
                           dict(group=64, sym=True, act_order=True)),
     "ct-w8a16": ("compressed-tensors", ct(bits=8, group=-1), dict(bits=8, group=-1, sym=True)),
+    "ct-actorder-true": ("compressed-tensors", ct(group=64, actorder=True), dict(group=64, sym=True, act_order=True)),
+    "ct-actorder-dynamic": ("compressed-tensors", ct(group=64, actorder="dynamic"),
+                            dict(group=64, sym=True, act_order=True)),
+    "ct-actorder-false": ("compressed-tensors", ct(group=64, actorder=False), dict(group=64, sym=True)),
+    "ct-fp32-scales": ("compressed-tensors", ct(group=32, sym=False), dict(group=32, scale_dtype=np.float32)),
+    # as vLLM reads them: compressed-tensors' older key, and spellings normalised
+    "ct-compression-config": ("compressed_tensors", {**ct(group=64), "format": "Pack_Quantized"},
+                              dict(group=64, sym=True, key="compression_config")),
 }
 
 
@@ -222,6 +261,14 @@ def test_4bit_groups_in_input_order_are_kept_as_int4_blocks_equal_to_the_weight(
         assert torch.equal(weights.int4[name].dequantized(), weights[name])
 
 
+def test_4bit_groups_of_fp32_scales_are_dequantized_only(tmp_path, dense):
+    """compressed-tensors allows fp32 scales, whose (q - 8) * s + (8 - z) * s may round away from (q - z) * s."""
+    qfolder, _ = write_quantized(dense, tmp_path, "compressed-tensors", ct(group=32, sym=False), group=32,
+                                 scale_dtype=np.float32)
+    _, weights, _ = load_weights(resolve_model(str(qfolder)))
+    assert weights.int4 == {}
+
+
 def test_act_order_groups_are_dequantized_only(tmp_path, dense):
     qfolder, _ = write_quantized(dense, tmp_path, "gptq", {"bits": 4, "group_size": 32, "desc_act": True},
                                  group=32, sym=True, act_order=True)
@@ -235,7 +282,19 @@ def test_act_order_groups_are_dequantized_only(tmp_path, dense):
     ({"quant_method": "awq", "bits": 4, "version": "gemm", "backend": "llm-awq"}, "'backend' is \"llm-awq\""),
     ({"quant_method": "gptq", "bits": 3, "group_size": 128}, "'bits' is 3"),
     ({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"}, "'checkpoint_format' is \"marlin\""),
-    ({"quant_method": "gptq", "bits": 4, "dynamic": {"-:.*down": {}}}, "'dynamic'"),
+    ({"quant_method": "gptq", "bits": 4, "dynamic": {"+:.*down": {"bits": 8}}}, "'dynamic'"),
+    ({"quant_method": "gptq", "bits": 4, "dynamic": {"-:.*up": {}, ".*down": {"group_size": 32}}}, "'dynamic'"),
+    ({"quant_method": "gptq", "bits": 4, "rotation": "hadamard"}, "'rotation' is \"hadamard\""),
+    ({"quant_method": "awq", "bits": 4, "version": "gemm", "rotation": "random"}, "'rotation' is \"random\""),
+    ({"quant_method": "awq", "bits": 4, "format": "gemv", "backend": "auto"}, "'format' is \"gemv\""),
+    ({"quant_method": "awq", "bits": 4, "format": "llm-awq"}, "'format' is \"llm-awq\""),
+    ({"quant_method": "gptq", "bits": 4.0, "group_size": 128}, "'bits' must be an integer number of bits, not 4.0"),
+    ({"quant_method": "awq", "w_bit": 4.0, "version": "gemm"}, "'w_bit' must be an integer number of bits, not 4.0"),
+    ({"quant_method": "compressed-tensors", **ct(), "config_groups": {"group_0": {
+        **ct()["config_groups"]["group_0"], "weights": {**ct()["config_groups"]["group_0"]["weights"], "num_bits": 4.0}}}},
+     "'num_bits' must be an integer number of bits, not 4.0"),
+    ({"quant_method": "compressed-tensors", **ct(), "kv_cache_scheme": {"num_bits": 8, "type": "float"}},
+     "'kv_cache_scheme' is set"),
     ({"quant_method": "compressed-tensors", **ct(), "format": "float-quantized"}, "'format' is \"float-quantized\""),
     ({"quant_method": "compressed-tensors", **ct(), "config_groups": {"group_0": {
         **ct()["config_groups"]["group_0"], "input_activations": {"num_bits": 8, "type": "int"}}}},
@@ -243,7 +302,9 @@ def test_act_order_groups_are_dequantized_only(tmp_path, dense):
     ({"quant_method": "compressed-tensors", **ct(), "transform_config": {"config_groups": {}}},
      "'transform_config' is set"),
     ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "\"bitsandbytes\" is not supported"),
-], ids=["awq-gemv", "awq-3bit", "awq-llm-awq", "gptq-3bit", "gptq-marlin", "gptq-dynamic", "ct-fp8", "ct-w8a8", "ct-transform", "bnb"])
+], ids=["awq-gemv", "awq-3bit", "awq-llm-awq", "gptq-3bit", "gptq-marlin", "gptq-dynamic", "gptq-dynamic-mixed",
+        "gptq-rotation", "awq-rotation", "awq-format-gemv", "awq-format-llm-awq", "gptq-float-bits", "awq-float-bits",
+        "ct-float-bits", "ct-kv-cache", "ct-fp8", "ct-w8a8", "ct-transform", "bnb"])
 def test_a_quantization_agp_does_not_read_is_refused_naming_config_json_and_the_key(tmp_path, dense, qc, words):
     qfolder, _ = write_quantized(dense, tmp_path, "gptq", {"bits": 4, "group_size": 128})
     config = json.loads((qfolder / "config.json").read_text())
@@ -253,6 +314,29 @@ def test_a_quantization_agp_does_not_read_is_refused_naming_config_json_and_the_
     assert e.value.path == str(qfolder / "config.json")
     with pytest.raises(Exception, match=words):      # the loader reads config.json the same way
         load_model(str(qfolder), dtype="fp32")
+
+
+def test_a_gemma3_folder_quantization_config_is_read_from_its_text_config():
+    """A multimodal folder's config.json may hold the quantization config in its text_config (vLLM reads it
+    there): it is read, and refused by its key there as one at the top is."""
+    from pipeline_dsl.model_files.quantized import hf_quant_spec
+
+    qc = {"quant_method": "gptq", "bits": 4, "group_size": 64, "sym": False, "checkpoint_format": "gptq_v2"}
+    spec = hf_quant_spec({"model_type": "gemma3", "text_config": {"quantization_config": qc}}, "config.json")
+    assert (spec.method, spec.bits, spec.group_size, spec.zeros_minus_one) == ("gptq", 4, 64, False)
+    with pytest.raises(ModelFileProblem, match=r"text_config\.quantization_config's 'bits' is 3"):
+        hf_quant_spec({"model_type": "gemma3", "text_config": {"quantization_config": {**qc, "bits": 3}}}, "config.json")
+
+
+def test_a_float_bit_count_is_refused_by_agp_check_with_exit_2(tmp_path, dense):
+    qfolder, _ = write_quantized(dense, tmp_path, "gptq", {"bits": 4.0, "group_size": 128, "sym": True}, sym=True)
+    program = tmp_path / "chat.agp"
+    chat = (ROOT / "examples" / "chat.agp").read_text()
+    program.write_text(re.sub(r'(?m)^(\s*model\s*=\s*)"[^"]*"', r'\1"quantized"', chat, count=1))
+    r = agp_in("check", program, cwd=tmp_path)
+    assert r.returncode == 2
+    assert "error: bad model file 'quantized/config.json': quantization_config's 'bits' must be an integer " \
+           "number of bits, not 4.0" in r.stderr
 
 
 def test_agp_check_accepts_a_gptq_folder_and_refuses_an_unread_setting_with_exit_2(tmp_path, dense):

@@ -2,13 +2,14 @@
 layouts and checks in model_files/quantized.py) -> the float32 weight [out, in], and where the file's
 groups fit the engine's int4 blocks, those blocks too (quant.Int4Blocks).
 
-Every layer is dequantized at load, w[n, k] = (q - z) * s, exactly as the checkpoint defines
-it (the codes and zeros are small integers, the scales fp16 or bf16 numbers: their differences
-and products are exact in float32). The layers whose codes are 4-bit, in groups of a multiple
-of 32 consecutive inputs (or one group per column), without act order (g_idx is k // group),
-are also kept as `Int4Blocks`: a group of 128 is 4 blocks of 32 with its scale s and
-zero (8 - z) * s, which the int4 kernels run as they run a GGUF's Q4_1 blocks
-(models.LlamaModel, quant.make_linear): `(q - 8) * s + (8 - z) * s` is `(q - z) * s` exactly.
+Every layer is dequantized at load, w[n, k] = (q - z) * s, as the checkpoint defines it (the
+codes and zeros are small integers; with fp16 or bf16 scales their differences and products are
+exact in float32, with fp32 scales — compressed-tensors allows them — the product is float32's).
+The layers whose codes are 4-bit, in groups of a multiple of 32 consecutive inputs (or one group
+per column), without act order (g_idx is k // group), and whose scales are fp16 or bf16, are also
+kept as `Int4Blocks`: a group of 128 is 4 blocks of 32 with its scale s and zero (8 - z) * s,
+which the int4 kernels run as they run a GGUF's Q4_1 blocks (models.LlamaModel,
+quant.make_linear): `(q - 8) * s + (8 - z) * s` is `(q - z) * s` exactly for those scales.
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ def _codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """int32 [..., M] -> int16 [..., M, 32/bits]: field i of each int32 (lowest bits first)."""
     shifts = torch.arange(0, 32, bits, dtype=torch.int32)
     return ((packed.to(torch.int32)[..., None] >> shifts) & ((1 << bits) - 1)).to(torch.int16)
+
+
+def _plus_ones(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 words + 0x11111111 (0x01010101 for 8 bits), wrapping as int32 does: one added to every
+    field, a carry going on into the next field (GPTQModel's v1 -> v2 conversion)."""
+    ones = sum(1 << f for f in range(0, 32, bits))
+    word = (packed.to(torch.int64) + ones) & 0xFFFFFFFF
+    return torch.where(word >= 1 << 31, word - (1 << 32), word).to(torch.int32)
 
 
 def _along_outputs(packed: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -69,9 +78,10 @@ def unpack(spec: QuantSpec, t: dict) -> tuple[torch.Tensor, torch.Tensor, torch.
         q = _codes(t["qweight"], spec.bits)                        # [K/p, N, p]
         q = q.permute(0, 2, 1).reshape(-1, q.shape[1])             # [K, N]
     K = q.shape[0]
-    z = _along_outputs(t["qzeros"], spec)                          # [G, N]
-    if spec.zeros_minus_one:                                       # GPTQ v1: z - 1 is stored
-        z = z + 1
+    qzeros = t["qzeros"]
+    if spec.zeros_minus_one:       # GPTQ v1 stores z - 1, the whole word less 0x11111111 (GPTQModel's
+        qzeros = _plus_ones(qzeros, spec.bits)   # form): a zero of 0 borrows from the next field
+    z = _along_outputs(qzeros, spec)                               # [G, N]
     s = t["scales"].float()
     group = spec.group_size if spec.group_size != -1 else K
     g_idx = t.get("g_idx")
@@ -92,7 +102,10 @@ def dequantize(spec: QuantSpec, t: dict, name: str = "") -> tuple[torch.Tensor, 
     w = ((q - z[g]).float() * s[g]).t().contiguous()               # [N, K]
     blocks = None
     group = spec.group_size if spec.group_size != -1 else K
+    # (q - 8) * s + (8 - z) * s is (q - z) * s exactly for fp16 and bf16 scales (11 significant bits or
+    # fewer, times a code of 5): with fp32 scales, whose products round, the dequantized weight alone
     if spec.bits == 4 and group % INT4_GROUP == 0 and K % group == 0 \
+            and t["scales"].dtype in (torch.float16, torch.bfloat16) \
             and torch.equal(g, torch.arange(K) // group):          # act order: inputs not in runs of 32
         per = group // INT4_GROUP
         scale = s.t().repeat_interleave(per, dim=1)                # [N, K/32]

@@ -10,8 +10,9 @@ shapes), without reading a weight. The engine (engine/hf_quant.py) reads the sam
     GPTQ (quant_method "gptq", 4 or 8 bits): qweight int32 [K/p, N], p = 32/bits codes of
          consecutive inputs per int32, lowest bits first; qzeros int32 [G, N/p] packed along the
          outputs in the same order; scales [G, N]; g_idx int32 [K] (input k's group; without it
-         k // g). The "gptq" checkpoint format (AutoGPTQ's, optimum's: v1) stores z - 1,
-         "gptq_v2" z itself. sym: z is 2^(bits-1) (stored all the same).
+         k // g). The "gptq" checkpoint format (AutoGPTQ's, optimum's, GPTQModel's: v1) stores
+         z - 1 (GPTQModel: each packed int32 less 0x11111111, a zero of 0 borrowing from the next
+         field), "gptq_v2" z itself. sym: z is 2^(bits-1) (stored all the same).
     compressed-tensors (quant_method "compressed-tensors", format "pack-quantized": RedHatAI's,
          llm-compressor's w4a16 and w8a16): weight_packed int32 [N, K/p] packing consecutive inputs
          as GPTQ packs them, each code stored plus 2^(bits-1) (unsigned); weight_scale [N, G];
@@ -22,8 +23,10 @@ shapes), without reading a weight. The engine (engine/hf_quant.py) reads the sam
 A module the file holds as a plain `.weight` is read as one (AWQ's modules_to_not_convert, a
 GPTQ model's unquantized layers): the file decides, layer by layer. Settings whose layout agp
 does not read (other bit widths, AWQ's gemv/marlin kernels' layouts, Marlin or other
-checkpoint formats, GPTQModel's per-module `dynamic` overrides) are a ModelFileProblem naming
-config.json and the key.
+checkpoint formats, GPTQModel's per-module `dynamic` overrides and rotations) are a
+ModelFileProblem naming config.json and the key. The config is found and spelled as vLLM reads
+it: quantization_config, else compression_config, else a gemma3 text_config's; quant_method
+and formats in any case ("compressed_tensors" too).
 """
 
 from __future__ import annotations
@@ -79,16 +82,18 @@ def _where(key: str) -> str:
 def hf_quant_spec(cfg: dict, path) -> QuantSpec | None:
     """The QuantSpec of a config.json's quantization_config (None: no quantization_config).
     `cfg`: config.json as read; `path`: config.json, for the message."""
-    q = cfg.get("quantization_config")
+    label, q = _quant_config(cfg)
     if q is None:
         return None
 
-    def fail(problem):
-        raise ModelFileProblem(path, problem)
+    def fail(problem):        # named by the key the config came from
+        raise ModelFileProblem(path, problem.replace("quantization_config", label, 1))
 
     if not isinstance(q, dict):
         fail(f"'quantization_config' must be an object, not {json.dumps(q)[:80]}")
     method = q.get("quant_method")
+    if isinstance(method, str):               # as vLLM reads it: "GPTQ", "compressed_tensors"
+        method = method.lower().replace("compressed_tensors", "compressed-tensors")
     if method not in QUANT_METHODS:
         fail(f"quantization_config's 'quant_method' {json.dumps(method)[:40]} is not supported: agp loads AWQ "
              f"(\"awq\"), GPTQ (\"gptq\") and compressed-tensors' pack-quantized (\"compressed-tensors\") "
@@ -111,22 +116,30 @@ def hf_quant_spec(cfg: dict, path) -> QuantSpec | None:
     key, bits = get("bits", "w_bit")
     if bits is None:
         fail(f"{_where('bits')} is missing")
+    _integer(bits, _where(key), fail)
     allowed = (4,) if method == "awq" else (4, 8)
-    if isinstance(bits, bool) or bits not in allowed:
+    if bits not in allowed:
         fail(f"{_where(key)} is {json.dumps(bits)[:40]}: agp loads {method.upper()} checkpoints of "
              f"{' or '.join(map(str, allowed))} bits")
     key, group = get("group_size", "q_group_size", default=128 if method == "awq" else -1)
     if isinstance(group, bool) or not isinstance(group, int) or not (group == -1 or 1 <= group <= 1 << 20):
         fail(f"{_where(key)} must be a positive integer or -1 (one group per column), not {json.dumps(group)[:40]}")
+    rotation = q.get("rotation")
+    if rotation:
+        fail(f"{_where('rotation')} is {json.dumps(rotation)[:40]}: agp reads weights without a rotation "
+             f"applied to them")
     if method == "awq":
-        key, version = get("version", default="gemm")
-        if not isinstance(version, str) or version.lower() != "gemm":
-            fail(f"{_where(key)} is {json.dumps(version)[:40]}: agp reads the layout of AWQ's \"gemm\" "
-                 f"checkpoints (the common one); \"gemv\", \"gemv_fast\" and \"marlin\" pack their weights otherwise")
-        backend = q.get("backend", "autoawq")
-        if backend != "autoawq":
-            fail(f"{_where('backend')} is {json.dumps(backend)[:40]}: agp reads AutoAWQ's (\"autoawq\") packing; "
-                 f"llm-awq's orders its codes otherwise")
+        # the layout: version (AutoAWQ's), format (transformers' AwqConfig, GPTQModel's); backend names
+        # the kernel that runs it, except llm-awq's, which orders its codes otherwise
+        for key in ("version", "format", "checkpoint_format", "backend"):
+            value = q.get(key)
+            if isinstance(value, str) and value.lower() == "llm-awq":
+                fail(f"{_where(key)} is {json.dumps(value)[:40]}: agp reads AutoAWQ's packing; llm-awq's "
+                     f"orders its codes otherwise")
+            if key != "backend" and value is not None and (not isinstance(value, str) or value.lower() != "gemm"):
+                fail(f"{_where(key)} is {json.dumps(value)[:40]}: agp reads the layout of AWQ's \"gemm\" "
+                     f"checkpoints (the common one); \"gemv\", \"gemv_fast\" and \"marlin\" pack their weights "
+                     f"otherwise")
         zero_point = boolean("zero_point", True)
         not_convert = q.get("modules_to_not_convert")
         if not_convert is not None and not (isinstance(not_convert, list)
@@ -137,15 +150,19 @@ def hf_quant_spec(cfg: dict, path) -> QuantSpec | None:
     sym = boolean("sym", True)
     desc_act = boolean("desc_act", False)
     key, fmt = get("checkpoint_format", "format", default="gptq")
+    if isinstance(fmt, str):
+        fmt = fmt.lower()
     if fmt not in ("gptq", "gptq_v2"):
         fail(f"{_where(key)} is {json.dumps(fmt)[:40]}: agp reads GPTQ's \"gptq\" (zeros stored minus one, "
              f"AutoGPTQ's and optimum's) and \"gptq_v2\" checkpoints, not Marlin's or other kernels' layouts")
     if q.get("is_marlin_format", False) is not False:
         fail(f"{_where('is_marlin_format')} is {json.dumps(q['is_marlin_format'])}: agp reads GPTQ's own layout, "
              f"not Marlin's")
-    if q.get("dynamic"):
+    dynamic = q.get("dynamic")
+    # GPTQModel's per-module overrides; a "-:" key skips its modules, which the file holds as plain weights
+    if dynamic and not (isinstance(dynamic, dict) and all(isinstance(k, str) and k.startswith("-:") for k in dynamic)):
         fail(f"{_where('dynamic')} sets bits or groups per module: agp loads GPTQ checkpoints with one setting "
-             f"for every layer")
+             f"for every layer (a \"-:\" entry, which leaves modules unquantized, alone is read)")
     key, pack_dtype = get("pack_dtype", default="int32")
     if pack_dtype not in ("int32", "torch.int32"):
         fail(f"{_where(key)} is {json.dumps(pack_dtype)[:40]}: agp reads codes packed in int32")
@@ -154,7 +171,7 @@ def hf_quant_spec(cfg: dict, path) -> QuantSpec | None:
 
 def _compressed_tensors_spec(q: dict, fail) -> QuantSpec:
     """compressed-tensors' weight-only integer schemes in its pack-quantized format."""
-    fmt = q.get("format")
+    fmt = _ct_format(q.get("format"))
     groups = q.get("config_groups")
     if not isinstance(groups, dict) or not groups or not all(isinstance(g, dict) for g in groups.values()):
         fail(f"{_where('config_groups')} must be an object of quantization schemes, not "
@@ -162,7 +179,7 @@ def _compressed_tensors_spec(q: dict, fail) -> QuantSpec:
     weights = []
     for name, group in groups.items():
         where = f"quantization_config's config_groups.{name}"
-        fmt_here = group.get("format", fmt)
+        fmt_here = _ct_format(group.get("format", fmt))
         if fmt_here != "pack-quantized":
             fail(f"{where}'s 'format' is {json.dumps(fmt_here)[:40]}: agp reads compressed-tensors' "
                  f"\"pack-quantized\" weights (integer codes packed in int32) alone")
@@ -181,7 +198,8 @@ def _compressed_tensors_spec(q: dict, fail) -> QuantSpec:
     if w.get("type", "int") != "int":
         fail(f"{where}.weights' 'type' is {json.dumps(w.get('type'))[:40]}: agp reads integer codes (\"int\")")
     bits = w.get("num_bits")
-    if isinstance(bits, bool) or bits not in (4, 8):
+    _integer(bits, f"{where}.weights' 'num_bits'", fail)
+    if bits not in (4, 8):
         fail(f"{where}.weights' 'num_bits' is {json.dumps(bits)[:40]}: agp loads 4 or 8 bits")
     strategy = w.get("strategy")
     if strategy not in ("group", "channel"):
@@ -196,18 +214,45 @@ def _compressed_tensors_spec(q: dict, fail) -> QuantSpec:
     if not isinstance(sym, bool):
         fail(f"{where}.weights' 'symmetric' must be true or false, not {json.dumps(sym)[:40]}")
     actorder = w.get("actorder")
-    if actorder not in (None, "static", "group", "weight"):
-        fail(f"{where}.weights' 'actorder' is {json.dumps(actorder)[:40]}: agp reads null, \"static\", "
-             f"\"weight\" and \"group\"")
-    if q.get("transform_config") is not None:
+    # as compressed-tensors reads it: true is "group", false none, "dynamic" "group"'s other name
+    actorder = {True: "group", False: None}.get(actorder, actorder) if isinstance(actorder, bool) \
+        else actorder.lower() if isinstance(actorder, str) else actorder
+    if actorder not in (None, "static", "group", "weight", "dynamic"):
+        fail(f"{where}.weights' 'actorder' is {json.dumps(w.get('actorder'))[:40]}: agp reads null, false, true, "
+             f"\"static\", \"weight\", \"group\" and \"dynamic\"")
+    if q.get("transform_config"):             # compressed-tensors writes {} where there is none
         fail("quantization_config's 'transform_config' is set: agp reads weights without rotations or other "
              "transforms applied to them")
-    if q.get("kv_cache_scheme") is not None:
+    if q.get("kv_cache_scheme"):
         fail("quantization_config's 'kv_cache_scheme' is set: agp's KV cache has the engine's compute dtype")
     sparsity = q.get("sparsity_config") or {}
     if not isinstance(sparsity, dict) or sparsity.get("format", "dense") != "dense":
         fail(f"quantization_config's 'sparsity_config' is {json.dumps(sparsity)[:80]}: agp reads dense weights")
-    return QuantSpec("compressed-tensors", bits, group, not sym, actorder == "group", False)
+    return QuantSpec("compressed-tensors", bits, group, not sym, actorder in ("group", "dynamic"), False)
+
+
+def _ct_format(fmt):
+    """A compressed-tensors format as vLLM compares it ("Pack_Quantized" is "pack-quantized")."""
+    return fmt.lower().replace("_", "-") if isinstance(fmt, str) else fmt
+
+
+def _integer(bits, where: str, fail) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        fail(f"{where} must be an integer number of bits, not {json.dumps(bits)[:40]}")
+
+
+def _quant_config(cfg: dict):
+    """(the key it was read from, the quantization config) of a config.json, as vLLM finds it:
+    quantization_config, else compression_config (compressed-tensors' older name), else those of a
+    multimodal folder's text_config (where agp reads the text model from it); (None, None) if none."""
+    places = [(cfg, "")]
+    if cfg.get("model_type") == "gemma3" and isinstance(cfg.get("text_config"), dict):
+        places.append((cfg["text_config"], "text_config."))
+    for where, prefix in places:
+        for key in ("quantization_config", "compression_config"):
+            if where.get(key) is not None:
+                return prefix + key, where[key]
+    return None, None
 
 
 def quant_parts(name: str):
