@@ -291,7 +291,8 @@ def test_act_order_groups_are_dequantized_only(tmp_path, dense):
     ({"quant_method": "gptq", "bits": 4.0, "group_size": 128}, "'bits' must be an integer number of bits, not 4.0"),
     ({"quant_method": "awq", "w_bit": 4.0, "version": "gemm"}, "'w_bit' must be an integer number of bits, not 4.0"),
     ({"quant_method": "compressed-tensors", **ct(), "config_groups": {"group_0": {
-        **ct()["config_groups"]["group_0"], "weights": {**ct()["config_groups"]["group_0"]["weights"], "num_bits": 4.0}}}},
+        **ct()["config_groups"]["group_0"],
+        "weights": {**ct()["config_groups"]["group_0"]["weights"], "num_bits": 4.0}}}},
      "'num_bits' must be an integer number of bits, not 4.0"),
     ({"quant_method": "compressed-tensors", **ct(), "kv_cache_scheme": {"num_bits": 8, "type": "float"}},
      "'kv_cache_scheme' is set"),
@@ -325,7 +326,8 @@ def test_a_gemma3_folder_quantization_config_is_read_from_its_text_config():
     spec = hf_quant_spec({"model_type": "gemma3", "text_config": {"quantization_config": qc}}, "config.json")
     assert (spec.method, spec.bits, spec.group_size, spec.zeros_minus_one) == ("gptq", 4, 64, False)
     with pytest.raises(ModelFileProblem, match=r"text_config\.quantization_config's 'bits' is 3"):
-        hf_quant_spec({"model_type": "gemma3", "text_config": {"quantization_config": {**qc, "bits": 3}}}, "config.json")
+        hf_quant_spec({"model_type": "gemma3", "text_config": {"quantization_config": {**qc, "bits": 3}}},
+                      "config.json")
 
 
 def test_a_float_bit_count_is_refused_by_agp_check_with_exit_2(tmp_path, dense):
