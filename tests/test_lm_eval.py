@@ -71,18 +71,28 @@ def test_lm_eval_loglikelihoods_are_the_servers_scores(run):
     drops the last logprob as the generated token's: without the engine's logprob of that
     token, it would drop the continuation's last one instead)."""
     result, s, _ = run
+    pairs, contexts = [], {}                 # (context, continuation, lm-eval's ll and is_greedy, ids)
     for item in result["items"]:
         for (context, continuation), ll, greedy in zip(item["pairs"], item["loglikelihoods"], item["is_greedy"]):
-            ctx = _tokens(s, context)
+            if context not in contexts:      # an item's choices share its context: tokenized once
+                contexts[context] = _tokens(s, context)
             whole = _tokens(s, context + continuation)
-            assert whole[:len(ctx)] == ctx
-            r = httpx.post(s.url + "/v1/completions", json={"prompt": whole, "max_tokens": 0, "echo": True,
-                                                            "logprobs": 1}, timeout=60).json()
-            lp = r["choices"][0]["logprobs"]
-            scored = lp["token_logprobs"][len(ctx):]
-            assert ll == pytest.approx(sum(scored), abs=1e-4), (context, continuation)
-            tops = lp["top_logprobs"][len(ctx):]
-            assert greedy == all(v == max(top.values()) for v, top in zip(scored, tops))
+            assert whole[:len(contexts[context])] == contexts[context]
+            pairs.append((context, continuation, ll, greedy, whole))
+    # every pair's tokens scored in one request (an array of token-id prompts, as lm-eval sends
+    # them): each choice's logprobs are its own prompt's
+    r = httpx.post(s.url + "/v1/completions", json={"prompt": [whole for *_, whole in pairs], "max_tokens": 0,
+                                                    "echo": True, "logprobs": 1}, timeout=60).json()
+    choices = sorted(r["choices"], key=lambda c: c["index"])
+    assert [c["index"] for c in choices] == list(range(len(pairs))) == list(range(PAIRS))
+    for (context, continuation, ll, greedy, whole), choice in zip(pairs, choices):
+        lp = choice["logprobs"]
+        assert len(lp["token_logprobs"]) == len(whole), (context, continuation)
+        n = len(contexts[context])
+        scored = lp["token_logprobs"][n:]
+        assert ll == pytest.approx(sum(scored), abs=1e-4), (context, continuation)
+        tops = lp["top_logprobs"][n:]
+        assert greedy == all(v == max(top.values()) for v, top in zip(scored, tops))
 
 
 def _tokens(s, text: str) -> list[int]:

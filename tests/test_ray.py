@@ -358,4 +358,6 @@ def test_a_flag_the_replicas_cannot_start_with_is_named(cluster, tmp_path, tiny_
         assert on_ray.start_failure(e.value, app="agp-bad") == (
             2, "--max-model-len 100000 is beyond the model's context of 512 tokens; set at most 512 or leave it out")
     finally:
-        serve.delete("agp-bad")
+        # not waited for: its replicas' graceful stop (seconds) goes on beside the tests after this
+        # one, or ends with the cluster (the module's last use of it)
+        serve.delete("agp-bad", _blocking=False)

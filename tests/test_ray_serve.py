@@ -8,6 +8,7 @@ Skipped when Ray is not installed.
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import os
 import signal
 import socket
@@ -25,7 +26,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_serve import TINY, _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-pytest.importorskip("ray")
+# Ray runs in the `agp serve --ray` process alone: looked for, not imported (seconds) by every
+# worker that collects this module
+if importlib.util.find_spec("ray") is None:
+    pytest.skip("Ray is not installed (pip install 'ray[serve]')", allow_module_level=True)
 
 
 def _wait(predicate, what: str, timeout: float = 60.0, every: float = 0.2):
@@ -64,7 +68,7 @@ def ray_server(tmp_path_factory, tiny_gguf, ray_turn):
         return healthy() and "agp serving pipeline" in (d / "serve.log").read_text()
 
     try:
-        _wait(serving, "agp serve --ray did not come up", timeout=240, every=1.0)
+        _wait(serving, "agp serve --ray did not come up", timeout=240, every=0.25)
         yield proc, url, d
     finally:
         if proc.poll() is None:
