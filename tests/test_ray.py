@@ -160,6 +160,34 @@ def test_a_drain_whose_timeout_cuts_requests_exits_1_naming_how_many_as_one_proc
         assert said[-1] == "stopped (drained)" and not any("cut" in line for line in said)
 
 
+def test_a_local_cluster_that_times_out_starting_is_started_again_and_other_failures_are_not(monkeypatch, caplog):
+    on_ray = pytest.importorskip("pipeline_dsl.serve.ray", exc_type=ImportError)
+    calls, shutdowns = [], []
+    outcomes = [Exception("The current node timed out during startup. This could happen because ..."), None]
+
+    def init(**kw):
+        calls.append(kw)
+        if (outcome := outcomes.pop(0)) is not None:
+            raise outcome
+
+    monkeypatch.setattr(on_ray.ray, "init", init)
+    monkeypatch.setattr(on_ray.ray, "shutdown", lambda: shutdowns.append(1))
+    caplog.set_level(logging.WARNING, logger="agp.serve")
+    on_ray.init_cluster(num_cpus=2)
+    assert calls == [{"num_cpus": 2}, {"num_cpus": 2}] and shutdowns == [1]
+    assert any("did not start in time" in r.getMessage() for r in caplog.records)
+
+    outcomes[:] = [RuntimeError("bad address"), None]
+    with pytest.raises(RuntimeError, match="bad address"):
+        on_ray.init_cluster()
+    assert len(calls) == 3 and shutdowns == [1]
+
+    outcomes[:] = [Exception("timed out during startup")] * on_ray.STARTS
+    with pytest.raises(Exception, match="timed out during startup"):
+        on_ray.init_cluster()
+    assert len(calls) == 3 + on_ray.STARTS
+
+
 @pytest.mark.parametrize("level", ["critical", "error", "warning", "info", "debug"])
 def test_ray_serves_deployments_log_at_the_log_level_and_write_no_access_line_of_their_own(level, tmp_path,
                                                                                          tiny_gguf):
@@ -208,7 +236,7 @@ def cluster(tiny_gguf, tmp_path_factory, ray_turn):
     # the failure this module checks is the same each time
     saved = os.environ.get("RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT")
     os.environ["RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT"] = "1"
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="warning", object_store_memory=100 << 20)
+    on_ray.init_cluster(num_cpus=4, include_dashboard=False, logging_level="warning", object_store_memory=100 << 20)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         args = on_ray.parse([str(path), "--replicas", "2", "--threads", "1", "--port", str(port),

@@ -37,7 +37,8 @@ APP = "agp"
 DEFAULT_TARGET = 8.0              # --target-ongoing-requests
 
 __all__ = ["APP", "AgpIngress", "AgpPipeline", "PrefixAffinityRouter", "affinity_key", "app_builder", "build_app",
-           "drain", "logging_config", "main", "parse", "pipeline_options", "rank", "start_failure", "stop"]
+           "drain", "init_cluster", "logging_config", "main", "parse", "pipeline_options", "rank", "start_failure",
+           "stop"]
 
 
 # ---------------------------------------------------------------- the application
@@ -196,6 +197,25 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
+STARTS = 3                        # tries of a local cluster's start (init_cluster)
+
+
+def init_cluster(**kw) -> None:
+    """`ray.init(**kw)`, tried up to STARTS times: Ray gives a local node's raylet a fixed 30 s to
+    register, and on a machine busy enough (every core held) the start fails with "timed out
+    during startup" though a second one goes through. Any other failure is raised at once."""
+    for attempt in range(1, STARTS + 1):
+        try:
+            ray.init(**kw)
+            return
+        except Exception as e:    # Ray raises a bare Exception for this one
+            if "timed out during startup" not in str(e) or attempt == STARTS:
+                raise
+            ray.shutdown()
+            log.warning("the local Ray cluster did not start in time (a busy machine?): starting it again (%d of %d)",
+                        attempt + 1, STARTS)
+
+
 def main(args) -> int:
     """`agp serve … --ray`: deploy, serve until SIGINT / SIGTERM, then drain and stop."""
     from pipeline_dsl.diagnostics import CheckFailed
@@ -210,7 +230,7 @@ def main(args) -> int:
         return 2
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(logging_level=logging.WARNING, include_dashboard=False)
+        init_cluster(logging_level=logging.WARNING, include_dashboard=False)
     gpus = replica_gpus(device)
     port = args.port or _free_port(args.host)
     serve.start(proxy_location="EveryNode",
