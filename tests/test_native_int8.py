@@ -87,6 +87,24 @@ def test_q8_x16_kernel_is_the_dot_product_with_the_int8_input_for_any_row_count(
     assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("T", [1, 3])
+def test_q8_x16_kernel_is_exact_at_the_largest_weights_and_inputs(T, act):
+    """Every weight at +-127 and every input at its block's largest magnitude: a pair of products
+    reaches 2 * 255 * 127 in the unsigned form (q + 128) that vpdpbusd multiplies, past the int16
+    into which AVX2's pmaddubsw sums a pair; the kernel must still give the exact dot product."""
+    N, K = 32, 64
+    g = torch.Generator().manual_seed(T)
+    sign = torch.randint(0, 2, (N, K), generator=g).float() * 2 - 1
+    sign[: N // 2] = 1.0                                                   # rows of +127 only
+    lin = Q8Linear(sign * 0.01, torch.bfloat16)
+    assert lin.qweight.abs().min().item() == 127
+    x = torch.ones(T, K)
+    x[1:, ::3] = -1.0                                                      # every |input| its block's largest
+    y = native_linear(lin, x).double()
+    ref = quantised(x, PARTS[act]) @ (lin.qweight.double().view(N, K // 32, 32) * lin.scale.double()[..., None]).view(N, K).t()
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
 def test_int8_activations_off_keeps_the_float_kernels(monkeypatch):
     monkeypatch.setenv("AGP_NATIVE_ACT", "f32")
     g = torch.Generator().manual_seed(0)
