@@ -1,5 +1,5 @@
-"""Without a C++ compiler (or AVX-512) the native kernels are not built: one warning line,
-and the runner runs its eager path."""
+"""Without a C++ compiler (or a CPU with neither AVX-512 nor AVX2 + FMA) the native kernels are
+not built: one warning line, and the runner runs its eager path."""
 
 import os
 import stat

@@ -3,7 +3,8 @@ interleaved, inputs quantised to int8 per block of 32 in one or two parts) again
 
 The kernels must compute exactly the dot product of the file's weights with the quantised
 input (fp32 rounding aside); how far that moves a model's logits from float activations is
-in test_fast_paths. Skipped where the kernels or AVX512-VNNI are missing.
+in test_fast_paths. Skipped where the kernels or their int8 dot products are missing
+(native.int8_dot_products()).
 """
 
 import pytest
@@ -14,7 +15,7 @@ from pipeline_dsl.engine.quant import (KIND_Q4, KIND_Q4X16, KIND_Q8, KIND_Q8X16,
                                        Int4Linear, Q8Linear, native_linear)
 
 pytestmark = pytest.mark.skipif(native.load() is None or not native.int8_activations(),
-                                reason="native kernels or AVX512-VNNI unavailable here")
+                                reason="native kernels or their int8 dot products unavailable here")
 
 
 PARTS = {"int8": 1, "int8x2": 2}

@@ -12,8 +12,9 @@ agp-native-<uid> (TMPDIR; used only while this user owns it and no one else may 
 processes sharing a folder share the library: one builds it (a lock in the folder), the others
 wait and load it, and it lands by an atomic rename. It links libgomp by its soname,
 which resolves to the copy torch has already loaded: the kernels share torch's one OpenMP
-pool. Without a compiler, without AVX-512, or with AGP_NATIVE=0, `load()` returns None
-after a one-line warning and the runner keeps its eager path (same tokens, slower).
+pool. Without a compiler, without AVX-512 or AVX2 + FMA + F16C (cpu_supported()), or with
+AGP_NATIVE=0, `load()` returns None after a one-line warning and the runner keeps its eager
+path (same tokens, slower).
 
 What it offers (see kernels.cpp): `agp_decode_step` (a whole all-decode step in one
 parallel region), `agp_paged_attention` (decode attention reading the paged KV blocks in
