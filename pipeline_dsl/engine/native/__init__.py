@@ -214,9 +214,10 @@ def activation_parts() -> int:
 def int8_dot_products() -> bool:
     """Whether the kernels' int8 dot products pay here: AVX512-VNNI, or a CPU whose kernels are
     the AVX2 build (pmaddubsw, or AVX-VNNI where present): on a 2-core AVX2 EPYC one request
-    decoded ~3x faster and W32 ran ~1.7x faster with them (and bf16 storage, `dtype = auto`)
-    than with float inputs and fp32 (docs/engine_benchmarks.md). AVX-512 without VNNI (Skylake)
-    would run the AVX2 form on each half: unmeasured, it keeps float inputs."""
+    alone decoded 2.9x faster with them (and bf16 storage, `dtype = auto`) than with float inputs
+    (fp32), and W32 ran 1.7-1.9x faster than the eager fp32 path (docs/engine_benchmarks.md).
+    AVX-512 without VNNI (Skylake) would run the AVX2 form on each half: unmeasured, it keeps
+    float inputs."""
     flags = set(_cpu_flags().split())
     return "avx512_vnni" in flags or ("avx512f" not in flags and all(f in flags for f in AVX2))
 
