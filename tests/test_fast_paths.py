@@ -5,8 +5,8 @@ decode batches of every size, chunked prefill, prefix hits on shared blocks, pre
 with recompute): the fast one runs whole decode steps natively (and paged attention in
 place for larger batches), the reference runs every layer with torch ops. Then whole
 engines, stepped directly and through the plan's executor, on a pool small enough to
-preempt. Skipped where the native kernels cannot be built (no compiler, no AVX-512):
-there the eager path is the only path and the rest of the suite covers it.
+preempt. Skipped where the native kernels cannot be built (no compiler, neither AVX-512 nor
+AVX2 + FMA): there the eager path is the only path and the rest of the suite covers it.
 """
 
 import contextlib
