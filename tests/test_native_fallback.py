@@ -1,5 +1,5 @@
-"""Without a C++ compiler (or AVX-512) the native kernels are not built: one warning line,
-and the runner runs its eager path."""
+"""Without a C++ compiler (or a CPU with neither AVX-512 nor AVX2 + FMA) the native kernels are
+not built: one warning line, and the runner runs its eager path."""
 
 import os
 import stat
@@ -33,6 +33,24 @@ def test_no_compiler_warns_once_in_one_line_and_runs_eagerly(monkeypatch, tiny_g
         ids = [5, 6, 7, 8, 9]
         out = runner.execute([SeqBatchItem(ids, 0, [0, 1], True)])
         assert out.shape == (1, tiny.config.vocab_size)
+    finally:
+        native.reset()
+
+
+def test_the_kernels_run_on_an_avx2_cpu_without_avx512(monkeypatch):
+    """AVX2 with FMA and F16C is enough: kernels.cpp's 16 lanes are two AVX2 registers there, and
+    its int8 dot products (pmaddubsw) pay, so the int4 / Q8 linears take int8 inputs."""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
+    if "avx512f" in flags or not {"avx2", "fma", "f16c"} <= flags or native.compiler() is None:
+        pytest.skip("not an AVX2 CPU without AVX-512, or no compiler")
+    monkeypatch.delenv("AGP_NATIVE", raising=False)
+    monkeypatch.delenv("AGP_NATIVE_ACT", raising=False)
+    native.reset()
+    try:
+        assert native.cpu_supported()
+        assert native.load() is not None
+        assert native.int8_activations() and native.activation_parts() == 2
     finally:
         native.reset()
 

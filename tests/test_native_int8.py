@@ -3,7 +3,8 @@ interleaved, inputs quantised to int8 per block of 32 in one or two parts) again
 
 The kernels must compute exactly the dot product of the file's weights with the quantised
 input (fp32 rounding aside); how far that moves a model's logits from float activations is
-in test_fast_paths. Skipped where the kernels or AVX512-VNNI are missing.
+in test_fast_paths. Skipped where the kernels or their int8 dot products are missing
+(native.int8_dot_products()).
 """
 
 import pytest
@@ -14,7 +15,7 @@ from pipeline_dsl.engine.quant import (KIND_Q4, KIND_Q4X16, KIND_Q8, KIND_Q8X16,
                                        Int4Linear, Q8Linear, native_linear)
 
 pytestmark = pytest.mark.skipif(native.load() is None or not native.int8_activations(),
-                                reason="native kernels or AVX512-VNNI unavailable here")
+                                reason="native kernels or their int8 dot products unavailable here")
 
 
 PARTS = {"int8": 1, "int8x2": 2}
@@ -84,6 +85,24 @@ def test_q8_x16_kernel_is_the_dot_product_with_the_int8_input_for_any_row_count(
     y = native_linear(lin, x).double()                                     # [T, N]: no write past N
     ref = quantised(x, PARTS[act]) @ (lin.qweight.double().view(N, K // 32, 32) * lin.scale.double()[..., None]).view(N, K).t()
     assert y.shape == (T, N)
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_q8_x16_kernel_is_exact_at_the_largest_weights_and_inputs(T, act):
+    """Every weight at +-127 and every input at its block's largest magnitude: a pair of products
+    reaches 2 * 255 * 127 in the unsigned form (q + 128) that vpdpbusd multiplies, past the int16
+    into which AVX2's pmaddubsw sums a pair; the kernel must still give the exact dot product."""
+    N, K = 32, 64
+    g = torch.Generator().manual_seed(T)
+    sign = torch.randint(0, 2, (N, K), generator=g).float() * 2 - 1
+    sign[: N // 2] = 1.0                                                   # rows of +127 only
+    lin = Q8Linear(sign * 0.01, torch.bfloat16)
+    assert lin.qweight.abs().min().item() == 127
+    x = torch.ones(T, K)
+    x[1:, ::3] = -1.0                                                      # every |input| its block's largest
+    y = native_linear(lin, x).double()
+    ref = quantised(x, PARTS[act]) @ (lin.qweight.double().view(N, K // 32, 32) * lin.scale.double()[..., None]).view(N, K).t()
     assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 

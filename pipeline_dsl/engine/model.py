@@ -129,10 +129,12 @@ LINEAR_WEIGHTS = ("q", "k", "v", "o", "gate", "up", "down")
 
 def int4_runs_natively(weights, config: LlamaConfig, device: torch.device) -> bool:
     """Whether every linear of a CPU model is the file's own 4-bit blocks and agp's native int8
-    kernels (AVX512-VNNI) can run them. Then `dtype = auto` takes bf16 even where bf16 is not in
-    hardware: those kernels compute in int8 and steps of every row count go through them (bf16
-    is the storage of the KV pool and the glue), against dense fp32 GEMMs reading 8x the bytes;
-    on the embedded model here one request alone decodes ~4x faster and W32 ~1.6x."""
+    kernels can run them (native.int8_dot_products(): AVX512-VNNI, or AVX2 without AVX-512).
+    Then `dtype = auto` takes bf16 even where bf16 is not in hardware: those kernels compute in
+    int8 and steps of every row count go through them (bf16 is the storage of the KV pool and
+    the glue), against dense fp32 GEMMs reading 8x the bytes; on the embedded model here one
+    request alone decodes ~4x faster and W32 ~1.6x (AVX-512; docs/engine_benchmarks.md has the
+    AVX2 figures)."""
     int4 = getattr(weights, "int4", {})
     return (device.type == "cpu" and not config.gemma and native.int8_activations() and native.load() is not None
             and all(f"layers.{i}.{n}" in int4 for i in range(config.num_layers) for n in LINEAR_WEIGHTS)

@@ -12,8 +12,9 @@ agp-native-<uid> (TMPDIR; used only while this user owns it and no one else may 
 processes sharing a folder share the library: one builds it (a lock in the folder), the others
 wait and load it, and it lands by an atomic rename. It links libgomp by its soname,
 which resolves to the copy torch has already loaded: the kernels share torch's one OpenMP
-pool. Without a compiler, without AVX-512, or with AGP_NATIVE=0, `load()` returns None
-after a one-line warning and the runner keeps its eager path (same tokens, slower).
+pool. Without a compiler, without AVX-512 or AVX2 + FMA + F16C (cpu_supported()), or with
+AGP_NATIVE=0, `load()` returns None after a one-line warning and the runner keeps its eager
+path (same tokens, slower).
 
 What it offers (see kernels.cpp): `agp_decode_step` (a whole all-decode step in one
 parallel region), `agp_paged_attention` (decode attention reading the paged KV blocks in
@@ -44,7 +45,7 @@ BUILD = HERE / "build"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 STALE_BUILD_S = 600               # a partial build (.tmp…) older than this was left by a killed one; another
                                   # process's build in progress (maybe in another container: its pid unseen) is younger
-VERSION = 7                       # agp_native_version() of a library this module can drive
+VERSION = 8                       # agp_native_version() of a library this module can drive
 
 _LIB: list = []                   # [lib or None] once tried
 _WARNED: set = set()
@@ -60,9 +61,15 @@ def compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
 
 
+AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
+AVX2 = ("avx2", "fma", "f16c")
+
+
 def cpu_supported() -> bool:
-    flags = _cpu_flags()
-    return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq"))
+    """Whether the kernels build here: AVX-512 (F, BW, VL, DQ), or AVX2 with FMA and F16C (each
+    kernel is compiled for what -march=native gives: kernels.cpp's 16-lane layer)."""
+    flags = set(_cpu_flags().split())
+    return all(f in flags for f in AVX512) or all(f in flags for f in AVX2)
 
 
 def library_path(cxx: str | None = None, folder: Path | None = None) -> Path:
@@ -174,7 +181,7 @@ def load():
     if not env_switch("AGP_NATIVE", True):
         pass                      # switched off: the eager path, silently (tests, A/B)
     elif not cpu_supported():
-        _warn_once("agp: this CPU has no AVX-512; the decode step runs eagerly (slower)")
+        _warn_once("agp: this CPU has neither AVX-512 nor AVX2 with FMA; the decode step runs eagerly (slower)")
     elif compiler() is None:
         _warn_once("agp: no C++ compiler found; the decode step runs eagerly (slower). "
                    "Install g++ and run `make native` for the native kernels")
@@ -196,12 +203,23 @@ def load():
 def activation_parts() -> int:
     """How the native int4 / Q8 linears take their inputs (read when a layer is built):
     2: int8 in two parts per block of 32, the leftover of the first rounding quantised again
-       (finer than bf16; VNNI dot products at memory speed: the default),
+       (finer than bf16; int8 dot products at memory speed: the default),
     1: int8 in one part (llama.cpp's numerics: greedy text parts from the float path sooner),
     0: float (the eager path's numerics; the kernels are bound by converting weights).
-    AGP_NATIVE_ACT=int8x2 | int8 | f32 picks; without AVX512-VNNI it is 0."""
+    AGP_NATIVE_ACT=int8x2 | int8 | f32 picks; where int8_dot_products() is False it is 0."""
     parts = activation_choice()
-    return parts if "avx512_vnni" in _cpu_flags() else 0
+    return parts if int8_dot_products() else 0
+
+
+def int8_dot_products() -> bool:
+    """Whether the kernels' int8 dot products pay here: AVX512-VNNI, or a CPU whose kernels are
+    the AVX2 build (pmaddubsw, or AVX-VNNI where present): on a 2-core AVX2 EPYC one request
+    alone decoded 2.9x faster with them (and bf16 storage, `dtype = auto`) than with float inputs
+    (fp32), and W32 ran 1.7-1.9x faster than the eager fp32 path (docs/engine_benchmarks.md).
+    AVX-512 without VNNI (Skylake) would run the AVX2 form on each half: unmeasured, it keeps
+    float inputs."""
+    flags = set(_cpu_flags().split())
+    return "avx512_vnni" in flags or ("avx512f" not in flags and all(f in flags for f in AVX2))
 
 
 ACTIVATIONS = {"int8x2": 2, "int8": 1, "f32": 0}     # AGP_NATIVE_ACT's words -> activation_parts()

@@ -1,7 +1,8 @@
 // agp native kernels: the whole decode step of a Llama decoder in one call, for small batches.
 //
-// Built by `make native` (or on first use, see __init__.py) into a shared library with a C ABI,
-// loaded with ctypes. It links the same libgomp as torch (one OpenMP pool): a step is ONE
+// Built by `make native` (or on first use, see __init__.py) with -march=native, for AVX-512 or
+// AVX2 + FMA (each kernel written once on the 16-lane layer below), into a shared library with
+// a C ABI, loaded with ctypes. It links the same libgomp as torch (one OpenMP pool): a step is ONE
 // parallel region with barriers between its phases, instead of ~250 torch ops that each wake
 // the pool. Weights are read in place from the model's tensors:
 //
@@ -18,8 +19,9 @@
 // that the eager path would store in bf16 (linear outputs, norms, RoPE, residual adds, attention
 // output) is rounded to bf16 at the same point, so greedy tokens agree with it. Kinds 4 and 5
 // are the exception, by design: they quantise their input to int8 per block of 32 (one float
-// scale a block, as llama.cpp's Q8 activations) and multiply with AVX512-VNNI, which reads the
-// weights at memory speed where kinds 2 and 3 are bound by converting every weight to float.
+// scale a block, as llama.cpp's Q8 activations) and multiply in int8 (AVX512-VNNI; AVX2's
+// pmaddubsw or AVX-VNNI: i32x16 below), which reads the weights at memory speed where kinds 2
+// and 3 are bound by converting every weight to float.
 // The weights are the same; the dot products differ from kinds 2 and 3 by the activations'
 // rounding: |error| <= half a step of 1/127 of each block's largest input in one part (kinds 4,
 // 5: llama.cpp's numerics), 1/254 of that in two (kinds 6, 7: finer than bf16, twice the
@@ -87,12 +89,255 @@ struct Step {
 // Where a thread's time in agp_decode_step goes, when Step.prof asks (bench/roofline.py).
 enum Phase { P_GLUE, P_QKV, P_ATTENTION, P_O, P_GATE_UP, P_DOWN, P_HEAD, P_BARRIER, PHASES };
 
-int agp_native_version() { return 7; }
+int agp_native_version() { return 8; }
 int agp_phases() { return PHASES; }
 
 }  // extern "C"
 
 namespace {
+
+// ---- 16 lanes at a time: one AVX-512 register, or two AVX2 ones --------------------------
+//
+// The kernels below are written once on this layer and compiled for the ISA that -march=native
+// gives: `f32x16` is 16 floats, `i32x16` 64 bytes (16 int32 or 64 int8), `mask16` the first n of 16
+// lanes. With AVX-512 each operation is the one intrinsic the kernels called before the layer
+// existed (the same instructions); with AVX2 + FMA it is two 256-bit ones, or a few where AVX2
+// has no instruction for it (masked tails, reductions, scalef, the int8 dot products).
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#define AGP_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#define AGP_AVX512 0
+#else
+#error "agp's native kernels need AVX-512 (F, BW, VL, DQ) or AVX2 with FMA"
+#endif
+
+#define AGP_INLINE inline __attribute__((always_inline))
+
+// 8 int32 lanes of acc += the dot product of 4 unsigned bytes of u by the 4 signed bytes of s
+// beside them (vpdpbusd). Without VNNI: pmaddubsw sums two products into a saturating int16,
+// exact while each pair stays within 32767: u <= 15 (q4's nibbles) against |s| <= 127 does.
+AGP_INLINE __m256i dot_u4_256(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
+// The same for Q8's weights stored unsigned (w = q + 128). With VNNI: acc + sum w s, and the
+// caller takes Q8_DOT_BIAS (128) times sum s back; without: a pair of 255 * 127 would saturate
+// pmaddubsw, so it multiplies |q| by s with q's sign (at most 128 * 127 a product, 32512 a
+// pair) into acc + sum q s, and Q8_DOT_BIAS is 0.
+AGP_INLINE __m256i dot_q8_256(__m256i acc, __m256i w, __m256i s) {
+#if defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(acc, w, s);
+#else
+    const __m256i q = _mm256_xor_si256(w, _mm256_set1_epi8((char)0x80));
+    const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(s, q));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+#endif
+}
+
+#if defined(__AVXVNNI__) || defined(__AVX512VNNI__)
+constexpr float Q8_DOT_BIAS = 128.0f;   // vi_dot_q8 below is vpdpbusd
+#else
+constexpr float Q8_DOT_BIAS = 0.0f;
+#endif
+
+#if AGP_AVX512
+
+using f32x16 = __m512;
+using i32x16 = __m512i;
+using mask16 = __mmask16;
+
+AGP_INLINE f32x16 vf_zero() { return _mm512_setzero_ps(); }
+AGP_INLINE f32x16 vf_set(float x) { return _mm512_set1_ps(x); }
+AGP_INLINE f32x16 vf_load(const float* p) { return _mm512_loadu_ps(p); }
+AGP_INLINE f32x16 vf_load_aligned(const float* p) { return _mm512_load_ps(p); }
+AGP_INLINE void vf_store(float* p, f32x16 v) { _mm512_storeu_ps(p, v); }
+AGP_INLINE mask16 vmask_first(int n) { return (mask16)((1u << n) - 1); }             // 0 <= n <= 16
+AGP_INLINE mask16 vmask_all() { return (mask16)0xFFFF; }
+AGP_INLINE f32x16 vf_load_masked(mask16 k, const float* p) { return _mm512_maskz_loadu_ps(k, p); }
+AGP_INLINE void vf_store_masked(float* p, mask16 k, f32x16 v) { _mm512_mask_storeu_ps(p, k, v); }
+AGP_INLINE f32x16 vf_keep(mask16 k, f32x16 v) { return _mm512_maskz_mov_ps(k, v); }
+AGP_INLINE f32x16 vf_add(f32x16 a, f32x16 b) { return _mm512_add_ps(a, b); }
+AGP_INLINE f32x16 vf_sub(f32x16 a, f32x16 b) { return _mm512_sub_ps(a, b); }
+AGP_INLINE f32x16 vf_mul(f32x16 a, f32x16 b) { return _mm512_mul_ps(a, b); }
+AGP_INLINE f32x16 vf_div(f32x16 a, f32x16 b) { return _mm512_div_ps(a, b); }
+AGP_INLINE f32x16 vf_max(f32x16 a, f32x16 b) { return _mm512_max_ps(a, b); }
+AGP_INLINE f32x16 vf_min(f32x16 a, f32x16 b) { return _mm512_min_ps(a, b); }
+AGP_INLINE f32x16 vf_and(f32x16 a, f32x16 b) { return _mm512_and_ps(a, b); }
+AGP_INLINE f32x16 vf_fmadd(f32x16 a, f32x16 b, f32x16 c) { return _mm512_fmadd_ps(a, b, c); }   // a b + c
+AGP_INLINE f32x16 vf_fmsub(f32x16 a, f32x16 b, f32x16 c) { return _mm512_fmsub_ps(a, b, c); }   // a b - c
+AGP_INLINE float vf_reduce_add(f32x16 v) { return _mm512_reduce_add_ps(v); }
+AGP_INLINE float vf_reduce_max(f32x16 v) { return _mm512_reduce_max_ps(v); }
+AGP_INLINE f32x16 vf_round(f32x16 v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+AGP_INLINE f32x16 vf_scalef(f32x16 p, f32x16 n) { return _mm512_scalef_ps(p, n); }          // p 2^n, n whole
+AGP_INLINE f32x16 vf_from_i32(i32x16 v) { return _mm512_cvtepi32_ps(v); }
+AGP_INLINE f32x16 vf_cast(i32x16 v) { return _mm512_castsi512_ps(v); }
+AGP_INLINE f32x16 vf_load_bf16(const uint16_t* p) {                                 // 16 bf16 as floats
+    i32x16 v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+
+AGP_INLINE i32x16 vi_zero() { return _mm512_setzero_si512(); }
+AGP_INLINE i32x16 vi_set32(int x) { return _mm512_set1_epi32(x); }
+AGP_INLINE i32x16 vi_set8(char x) { return _mm512_set1_epi8(x); }
+AGP_INLINE i32x16 vi_load(const void* p) { return _mm512_load_si512(p); }          // 64-byte aligned
+AGP_INLINE i32x16 vi_cast(f32x16 v) { return _mm512_castps_si512(v); }
+AGP_INLINE i32x16 vi_from_f32(f32x16 v) { return _mm512_cvtps_epi32(v); }               // nearest even
+AGP_INLINE i32x16 vi_from_u8(__m128i b) { return _mm512_cvtepu8_epi32(b); }
+AGP_INLINE i32x16 vi_from_i8(__m128i b) { return _mm512_cvtepi8_epi32(b); }
+AGP_INLINE i32x16 vi_and(i32x16 a, i32x16 b) { return _mm512_and_si512(a, b); }
+AGP_INLINE i32x16 vi_add32(i32x16 a, i32x16 b) { return _mm512_add_epi32(a, b); }
+AGP_INLINE i32x16 vi_sub32(i32x16 a, i32x16 b) { return _mm512_sub_epi32(a, b); }
+AGP_INLINE i32x16 vi_add64(i32x16 a, i32x16 b) { return _mm512_add_epi64(a, b); }
+AGP_INLINE i32x16 vi_srli16(i32x16 a, int n) { return _mm512_srli_epi16(a, n); }
+AGP_INLINE i32x16 vi_srli32(i32x16 a, int n) { return _mm512_srli_epi32(a, n); }
+AGP_INLINE int vi_reduce_add32(i32x16 v) { return _mm512_reduce_add_epi32(v); }
+AGP_INLINE int64_t vi_reduce_add64(i32x16 v) { return _mm512_reduce_add_epi64(v); }
+AGP_INLINE void vi_store_i8(int8_t* p, i32x16 v) {                                  // 16 int32 -> int8
+    _mm_storeu_si128((__m128i*)p, _mm512_cvtepi32_epi8(v));
+}
+
+#if defined(__AVX512VNNI__)
+AGP_INLINE i32x16 vi_dot_u4(i32x16 acc, i32x16 u, i32x16 s) { return _mm512_dpbusd_epi32(acc, u, s); }
+AGP_INLINE i32x16 vi_dot_q8(i32x16 acc, i32x16 w, i32x16 s) { return _mm512_dpbusd_epi32(acc, w, s); }
+#else   // AVX-512 without VNNI (Skylake): the AVX2 forms on each half
+AGP_INLINE i32x16 vi_dot_u4(i32x16 acc, i32x16 u, i32x16 s) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(dot_u4_256(_mm512_castsi512_si256(acc), _mm512_castsi512_si256(u),
+                                                                _mm512_castsi512_si256(s))),
+                              dot_u4_256(_mm512_extracti64x4_epi64(acc, 1), _mm512_extracti64x4_epi64(u, 1),
+                                         _mm512_extracti64x4_epi64(s, 1)), 1);
+}
+AGP_INLINE i32x16 vi_dot_q8(i32x16 acc, i32x16 w, i32x16 s) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(dot_q8_256(_mm512_castsi512_si256(acc), _mm512_castsi512_si256(w),
+                                                                _mm512_castsi512_si256(s))),
+                              dot_q8_256(_mm512_extracti64x4_epi64(acc, 1), _mm512_extracti64x4_epi64(w, 1),
+                                         _mm512_extracti64x4_epi64(s, 1)), 1);
+}
+#endif
+
+#else  // AVX2 + FMA: lanes 0-7 in .a, 8-15 in .b
+
+struct f32x16 { __m256 a, b; };
+struct i32x16 { __m256i a, b; };
+struct mask16 { __m256i a, b; };
+
+AGP_INLINE f32x16 vf_zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+AGP_INLINE f32x16 vf_set(float x) { const __m256 v = _mm256_set1_ps(x); return {v, v}; }
+AGP_INLINE f32x16 vf_load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+AGP_INLINE f32x16 vf_load_aligned(const float* p) { return {_mm256_load_ps(p), _mm256_load_ps(p + 8)}; }
+AGP_INLINE void vf_store(float* p, f32x16 v) { _mm256_storeu_ps(p, v.a); _mm256_storeu_ps(p + 8, v.b); }
+AGP_INLINE mask16 vmask_all() { return {_mm256_set1_epi32(-1), _mm256_set1_epi32(-1)}; }
+AGP_INLINE mask16 vmask_first(int n) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), nv = _mm256_set1_epi32(n);
+    return {_mm256_cmpgt_epi32(nv, lane), _mm256_cmpgt_epi32(nv, _mm256_add_epi32(lane, _mm256_set1_epi32(8)))};
+}
+AGP_INLINE f32x16 vf_load_masked(mask16 k, const float* p) {                        // lanes off: 0, not read
+    return {_mm256_maskload_ps(p, k.a), _mm256_maskload_ps(p + 8, k.b)};
+}
+AGP_INLINE void vf_store_masked(float* p, mask16 k, f32x16 v) {
+    _mm256_maskstore_ps(p, k.a, v.a);
+    _mm256_maskstore_ps(p + 8, k.b, v.b);
+}
+AGP_INLINE f32x16 vf_keep(mask16 k, f32x16 v) {
+    return {_mm256_and_ps(v.a, _mm256_castsi256_ps(k.a)), _mm256_and_ps(v.b, _mm256_castsi256_ps(k.b))};
+}
+#define AGP_VF2(name, op) \
+    AGP_INLINE f32x16 name(f32x16 x, f32x16 y) { return {op(x.a, y.a), op(x.b, y.b)}; }
+AGP_VF2(vf_add, _mm256_add_ps)
+AGP_VF2(vf_sub, _mm256_sub_ps)
+AGP_VF2(vf_mul, _mm256_mul_ps)
+AGP_VF2(vf_div, _mm256_div_ps)
+AGP_VF2(vf_max, _mm256_max_ps)
+AGP_VF2(vf_min, _mm256_min_ps)
+AGP_VF2(vf_and, _mm256_and_ps)
+#undef AGP_VF2
+AGP_INLINE f32x16 vf_fmadd(f32x16 x, f32x16 y, f32x16 z) {
+    return {_mm256_fmadd_ps(x.a, y.a, z.a), _mm256_fmadd_ps(x.b, y.b, z.b)};
+}
+AGP_INLINE f32x16 vf_fmsub(f32x16 x, f32x16 y, f32x16 z) {
+    return {_mm256_fmsub_ps(x.a, y.a, z.a), _mm256_fmsub_ps(x.b, y.b, z.b)};
+}
+AGP_INLINE float vf_reduce_add(f32x16 v) {
+    const __m256 s = _mm256_add_ps(v.a, v.b);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+AGP_INLINE float vf_reduce_max(f32x16 v) {
+    const __m256 s = _mm256_max_ps(v.a, v.b);
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+}
+AGP_INLINE f32x16 vf_round(f32x16 v) {
+    return {_mm256_round_ps(v.a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+            _mm256_round_ps(v.b, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+}
+// p 2^n for whole n in [-126, 127] (exp16's range): 2^n built in the exponent field, exact as
+// scalef is
+AGP_INLINE __m256 pow2_256(__m256 n) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+AGP_INLINE f32x16 vf_scalef(f32x16 p, f32x16 n) {
+    return {_mm256_mul_ps(p.a, pow2_256(n.a)), _mm256_mul_ps(p.b, pow2_256(n.b))};
+}
+AGP_INLINE f32x16 vf_from_i32(i32x16 v) { return {_mm256_cvtepi32_ps(v.a), _mm256_cvtepi32_ps(v.b)}; }
+AGP_INLINE f32x16 vf_cast(i32x16 v) { return {_mm256_castsi256_ps(v.a), _mm256_castsi256_ps(v.b)}; }
+AGP_INLINE f32x16 vf_load_bf16(const uint16_t* p) {
+    const __m256i a = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
+    const __m256i b = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(p + 8)));
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(a, 16)), _mm256_castsi256_ps(_mm256_slli_epi32(b, 16))};
+}
+
+AGP_INLINE i32x16 vi_zero() { return {_mm256_setzero_si256(), _mm256_setzero_si256()}; }
+AGP_INLINE i32x16 vi_set32(int x) { const __m256i v = _mm256_set1_epi32(x); return {v, v}; }
+AGP_INLINE i32x16 vi_set8(char x) { const __m256i v = _mm256_set1_epi8(x); return {v, v}; }
+AGP_INLINE i32x16 vi_load(const void* p) {
+    return {_mm256_load_si256((const __m256i*)p), _mm256_load_si256((const __m256i*)p + 1)};
+}
+AGP_INLINE i32x16 vi_cast(f32x16 v) { return {_mm256_castps_si256(v.a), _mm256_castps_si256(v.b)}; }
+AGP_INLINE i32x16 vi_from_f32(f32x16 v) { return {_mm256_cvtps_epi32(v.a), _mm256_cvtps_epi32(v.b)}; }
+AGP_INLINE i32x16 vi_from_u8(__m128i b) {
+    return {_mm256_cvtepu8_epi32(b), _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8))};
+}
+AGP_INLINE i32x16 vi_from_i8(__m128i b) {
+    return {_mm256_cvtepi8_epi32(b), _mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))};
+}
+#define AGP_VI2(name, op) \
+    AGP_INLINE i32x16 name(i32x16 x, i32x16 y) { return {op(x.a, y.a), op(x.b, y.b)}; }
+AGP_VI2(vi_and, _mm256_and_si256)
+AGP_VI2(vi_add32, _mm256_add_epi32)
+AGP_VI2(vi_sub32, _mm256_sub_epi32)
+AGP_VI2(vi_add64, _mm256_add_epi64)
+#undef AGP_VI2
+AGP_INLINE i32x16 vi_srli16(i32x16 v, int n) { return {_mm256_srli_epi16(v.a, n), _mm256_srli_epi16(v.b, n)}; }
+AGP_INLINE i32x16 vi_srli32(i32x16 v, int n) { return {_mm256_srli_epi32(v.a, n), _mm256_srli_epi32(v.b, n)}; }
+AGP_INLINE int vi_reduce_add32(i32x16 v) {
+    const __m256i s = _mm256_add_epi32(v.a, v.b);
+    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+    return _mm_cvtsi128_si32(_mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1)));
+}
+AGP_INLINE int64_t vi_reduce_add64(i32x16 v) {
+    const __m256i s = _mm256_add_epi64(v.a, v.b);
+    const __m128i h = _mm_add_epi64(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    return _mm_cvtsi128_si64(h) + _mm_extract_epi64(h, 1);
+}
+AGP_INLINE void vi_store_i8(int8_t* p, i32x16 v) {   // 16 int32 in [-128, 127] -> int8 (as cvtepi32_epi8)
+    const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(v.a, v.b), 0xD8);   // int16, in order
+    _mm_storeu_si128((__m128i*)p, _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
+}
+AGP_INLINE i32x16 vi_dot_u4(i32x16 acc, i32x16 u, i32x16 s) {
+    return {dot_u4_256(acc.a, u.a, s.a), dot_u4_256(acc.b, u.b, s.b)};
+}
+AGP_INLINE i32x16 vi_dot_q8(i32x16 acc, i32x16 w, i32x16 s) {
+    return {dot_q8_256(acc.a, w.a, s.a), dot_q8_256(acc.b, w.b, s.b)};
+}
+
+#endif
 
 inline float bf16_to_f32(uint16_t h) {
     uint32_t u = uint32_t(h) << 16;
@@ -110,74 +355,69 @@ inline uint16_t f32_to_bf16(float f) {   // round to nearest even (no NaNs here)
 
 inline float rb(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
-inline __m512 rb16(__m512 x);
+inline f32x16 rb16(f32x16 x);
 
 inline void round_vec(float* x, int n) {
     int i = 0;
-    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, rb16(_mm512_loadu_ps(x + i)));
+    for (; i + 16 <= n; i += 16) vf_store(x + i, rb16(vf_load(x + i)));
     for (; i < n; ++i) x[i] = rb(x[i]);
 }
 
 // 16 floats rounded to bf16 (nearest even), kept as floats
-inline __m512 rb16(__m512 x) {
-    __m512i u = _mm512_castps_si512(x);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-    return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000u)));
+inline f32x16 rb16(f32x16 x) {
+    i32x16 u = vi_cast(x);
+    const i32x16 lsb = vi_and(vi_srli32(u, 16), vi_set32(1));
+    u = vi_add32(u, vi_add32(lsb, vi_set32(0x7FFF)));
+    return vf_cast(vi_and(u, vi_set32((int)0xFFFF0000u)));
 }
 
 // exp for 16 lanes: 2^n * 2^f, |f| <= 1/2, degree-7 polynomial (error ~1 ulp of float)
-inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-87.0f));
-    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(1.525273380405984e-05f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381606e-04f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-03f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-02f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-01f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-01f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
+inline f32x16 exp16(f32x16 x) {
+    x = vf_max(vf_min(x, vf_set(88.0f)), vf_set(-87.0f));
+    const f32x16 t = vf_mul(x, vf_set(1.44269504088896341f));
+    const f32x16 n = vf_round(t);
+    const f32x16 f = vf_sub(t, n);
+    f32x16 p = vf_set(1.525273380405984e-05f);
+    p = vf_fmadd(p, f, vf_set(1.5403530393381606e-04f));
+    p = vf_fmadd(p, f, vf_set(1.3333558146428443e-03f));
+    p = vf_fmadd(p, f, vf_set(9.618129107628477e-03f));
+    p = vf_fmadd(p, f, vf_set(5.550410866482158e-02f));
+    p = vf_fmadd(p, f, vf_set(2.402265069591007e-01f));
+    p = vf_fmadd(p, f, vf_set(6.931471805599453e-01f));
+    p = vf_fmadd(p, f, vf_set(1.0f));
+    return vf_scalef(p, n);
 }
 
 // x[i] = exp(x[i] - mx) for n values; returns their sum
 inline float exp_sub_sum(float* x, int n, float mx) {
-    __m512 acc = _mm512_setzero_ps();
-    const __m512 m = _mm512_set1_ps(mx);
+    f32x16 acc = vf_zero();
+    const f32x16 m = vf_set(mx);
     int i = 0;
     for (; i + 16 <= n; i += 16) {
-        __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), m));
-        _mm512_storeu_ps(x + i, e);
-        acc = _mm512_add_ps(acc, e);
+        f32x16 e = exp16(vf_sub(vf_load(x + i), m));
+        vf_store(x + i, e);
+        acc = vf_add(acc, e);
     }
     if (i < n) {
-        const __mmask16 k = (__mmask16)((1u << (n - i)) - 1);
-        __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + i), m));
-        _mm512_mask_storeu_ps(x + i, k, e);
-        acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(k, e));
+        const mask16 k = vmask_first(n - i);
+        f32x16 e = exp16(vf_sub(vf_load_masked(k, x + i), m));
+        vf_store_masked(x + i, k, e);
+        acc = vf_add(acc, vf_keep(k, e));
     }
-    return _mm512_reduce_add_ps(acc);
+    return vf_reduce_add(acc);
 }
 
 // out[i] = silu(g[i]) * u[i] (each step rounded to bf16 when bf16), n % 16 == 0
 inline void silu_mul(const float* g, const float* u, float* out, int n, bool bf16) {
-    const __m512 one = _mm512_set1_ps(1.0f);
+    const f32x16 one = vf_set(1.0f);
     for (int i = 0; i < n; i += 16) {
-        const __m512 gv = _mm512_loadu_ps(g + i);
-        __m512 sl = _mm512_div_ps(gv, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+        const f32x16 gv = vf_load(g + i);
+        f32x16 sl = vf_div(gv, vf_add(one, exp16(vf_sub(vf_zero(), gv))));
         if (bf16) sl = rb16(sl);
-        __m512 r = _mm512_mul_ps(sl, _mm512_loadu_ps(u + i));
+        f32x16 r = vf_mul(sl, vf_load(u + i));
         if (bf16) r = rb16(r);
-        _mm512_storeu_ps(out + i, r);
+        vf_store(out + i, r);
     }
-}
-
-inline __m512 load_bf16x16(const uint16_t* p) {
-    __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
 }
 
 // ---- linear layers: rows [n0, n1) of y[t, n] = sum_k x[t, k] w[n, k], T <= 8 -----------------
@@ -189,25 +429,25 @@ void q4_rows(const Lin& L, const float* x, float* y, int n0, int n1) {
     const uint8_t* W = (const uint8_t*)L.w;
     const uint16_t* SZ = (const uint16_t*)L.s;
     const __m128i m4 = _mm_set1_epi8(0x0F);
-    const __m512i eight = _mm512_set1_epi32(8);
+    const i32x16 eight = vi_set32(8);
     for (int n = n0; n < n1; ++n) {
         const uint8_t* w = W + (int64_t)n * (K / 2);
         const uint16_t* sz = SZ + (int64_t)n * nb * 2;
-        __m512 acc[T];
-        for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+        f32x16 acc[T];
+        for (int t = 0; t < T; ++t) acc[t] = vf_zero();
         for (int b = 0; b < nb; ++b) {
             const __m128i bytes = _mm_loadu_si128((const __m128i*)(w + 16 * b));
-            const __m512 sv = _mm512_set1_ps(bf16_to_f32(sz[2 * b])), zv = _mm512_set1_ps(bf16_to_f32(sz[2 * b + 1]));
-            const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(
-                _mm512_cvtepu8_epi32(_mm_and_si128(bytes, m4)), eight)), sv, zv);
-            const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(
-                _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), m4)), eight)), sv, zv);
+            const f32x16 sv = vf_set(bf16_to_f32(sz[2 * b])), zv = vf_set(bf16_to_f32(sz[2 * b + 1]));
+            const f32x16 lo = vf_fmadd(vf_from_i32(vi_sub32(
+                vi_from_u8(_mm_and_si128(bytes, m4)), eight)), sv, zv);
+            const f32x16 hi = vf_fmadd(vf_from_i32(vi_sub32(
+                vi_from_u8(_mm_and_si128(_mm_srli_epi16(bytes, 4), m4)), eight)), sv, zv);
             for (int t = 0; t < T; ++t) {
                 const float* xt = x + (int64_t)t * K + 32 * b;
-                acc[t] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xt + 16), _mm512_fmadd_ps(lo, _mm512_loadu_ps(xt), acc[t]));
+                acc[t] = vf_fmadd(hi, vf_load(xt + 16), vf_fmadd(lo, vf_load(xt), acc[t]));
             }
         }
-        for (int t = 0; t < T; ++t) y[(int64_t)t * N + n] = _mm512_reduce_add_ps(acc[t]);
+        for (int t = 0; t < T; ++t) y[(int64_t)t * N + n] = vf_reduce_add(acc[t]);
     }
 }
 
@@ -220,19 +460,19 @@ void q8_rows(const Lin& L, const float* x, float* y, int n0, int n1) {
     for (int n = n0; n < n1; ++n) {
         const int8_t* w = W + (int64_t)n * K;
         const float* s = S + (int64_t)n * nb;
-        __m512 acc[T];
-        for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+        f32x16 acc[T];
+        for (int t = 0; t < T; ++t) acc[t] = vf_zero();
         for (int b = 0; b < nb; ++b) {
             const __m256i v = _mm256_loadu_si256((const __m256i*)(w + 32 * b));
-            const __m512 sv = _mm512_set1_ps(s[b]);
-            const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v))), sv);
-            const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1))), sv);
+            const f32x16 sv = vf_set(s[b]);
+            const f32x16 lo = vf_mul(vf_from_i32(vi_from_i8(_mm256_castsi256_si128(v))), sv);
+            const f32x16 hi = vf_mul(vf_from_i32(vi_from_i8(_mm256_extracti128_si256(v, 1))), sv);
             for (int t = 0; t < T; ++t) {
                 const float* xt = x + (int64_t)t * K + 32 * b;
-                acc[t] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xt + 16), _mm512_fmadd_ps(lo, _mm512_loadu_ps(xt), acc[t]));
+                acc[t] = vf_fmadd(hi, vf_load(xt + 16), vf_fmadd(lo, vf_load(xt), acc[t]));
             }
         }
-        for (int t = 0; t < T; ++t) y[(int64_t)t * N + n] = _mm512_reduce_add_ps(acc[t]);
+        for (int t = 0; t < T; ++t) y[(int64_t)t * N + n] = vf_reduce_add(acc[t]);
     }
 }
 
@@ -242,13 +482,13 @@ void bf16_rows(const Lin& L, const float* x, float* y, int n0, int n1) {
     const uint16_t* W = (const uint16_t*)L.w;
     for (int n = n0; n < n1; ++n) {
         const uint16_t* w = W + (int64_t)n * K;
-        __m512 acc[T];
-        for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+        f32x16 acc[T];
+        for (int t = 0; t < T; ++t) acc[t] = vf_zero();
         for (int k = 0; k < K; k += 16) {
-            __m512 wv = load_bf16x16(w + k);
-            for (int t = 0; t < T; ++t) acc[t] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + (int64_t)t * K + k), acc[t]);
+            f32x16 wv = vf_load_bf16(w + k);
+            for (int t = 0; t < T; ++t) acc[t] = vf_fmadd(wv, vf_load(x + (int64_t)t * K + k), acc[t]);
         }
-        for (int t = 0; t < T; ++t) y[(int64_t)t * N + n] = _mm512_reduce_add_ps(acc[t]);
+        for (int t = 0; t < T; ++t) y[(int64_t)t * N + n] = vf_reduce_add(acc[t]);
     }
 }
 
@@ -258,13 +498,13 @@ void f32_rows(const Lin& L, const float* x, float* y, int n0, int n1) {
     const float* W = (const float*)L.w;
     for (int n = n0; n < n1; ++n) {
         const float* w = W + (int64_t)n * K;
-        __m512 acc[T];
-        for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+        f32x16 acc[T];
+        for (int t = 0; t < T; ++t) acc[t] = vf_zero();
         for (int k = 0; k < K; k += 16) {
-            __m512 wv = _mm512_loadu_ps(w + k);
-            for (int t = 0; t < T; ++t) acc[t] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + (int64_t)t * K + k), acc[t]);
+            f32x16 wv = vf_load(w + k);
+            for (int t = 0; t < T; ++t) acc[t] = vf_fmadd(wv, vf_load(x + (int64_t)t * K + k), acc[t]);
         }
-        for (int t = 0; t < T; ++t) y[(int64_t)t * N + n] = _mm512_reduce_add_ps(acc[t]);
+        for (int t = 0; t < T; ++t) y[(int64_t)t * N + n] = vf_reduce_add(acc[t]);
     }
 }
 
@@ -286,26 +526,26 @@ struct XBlk {
 
 // x [T, K] -> q [T, parts, K] int8 (hi, then lo when parts == 2), meta [T, K/32]
 void quantize_rows(const float* x, int T, int K, int parts, int8_t* q, XBlk* meta) {
-    const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+    const f32x16 sign = vf_cast(vi_set32(0x7FFFFFFF));
     for (int t = 0; t < T; ++t)
         for (int b = 0; b < K / 32; ++b) {
             const float* xb = x + (int64_t)t * K + 32 * b;
-            const __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
-            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(v0, sign), _mm512_and_ps(v1, sign)));
+            const f32x16 v0 = vf_load(xb), v1 = vf_load(xb + 16);
+            const float amax = vf_reduce_max(vf_max(vf_and(v0, sign), vf_and(v1, sign)));
             const float d = amax / 127.0f, id = amax > 0.f ? 127.0f / amax : 0.f;
-            const __m512 s0 = _mm512_mul_ps(v0, _mm512_set1_ps(id)), s1 = _mm512_mul_ps(v1, _mm512_set1_ps(id));
-            const __m512i q0 = _mm512_cvtps_epi32(s0), q1 = _mm512_cvtps_epi32(s1);   // nearest even
+            const f32x16 s0 = vf_mul(v0, vf_set(id)), s1 = vf_mul(v1, vf_set(id));
+            const i32x16 q0 = vi_from_f32(s0), q1 = vi_from_f32(s1);   // nearest even
             int8_t* qb = q + (int64_t)t * parts * K + 32 * b;
-            _mm_storeu_si128((__m128i*)qb, _mm512_cvtepi32_epi8(q0));
-            _mm_storeu_si128((__m128i*)(qb + 16), _mm512_cvtepi32_epi8(q1));
-            float qs = (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+            vi_store_i8(qb, q0);
+            vi_store_i8(qb + 16, q1);
+            float qs = (float)vi_reduce_add32(vi_add32(q0, q1));
             if (parts == 2) {
-                const __m512 lo = _mm512_set1_ps(LO);
-                const __m512i r0 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(s0, _mm512_cvtepi32_ps(q0)), lo));
-                const __m512i r1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(s1, _mm512_cvtepi32_ps(q1)), lo));
-                _mm_storeu_si128((__m128i*)(qb + K), _mm512_cvtepi32_epi8(r0));
-                _mm_storeu_si128((__m128i*)(qb + K + 16), _mm512_cvtepi32_epi8(r1));
-                qs += (float)_mm512_reduce_add_epi32(_mm512_add_epi32(r0, r1)) / LO;
+                const f32x16 lo = vf_set(LO);
+                const i32x16 r0 = vi_from_f32(vf_mul(vf_sub(s0, vf_from_i32(q0)), lo));
+                const i32x16 r1 = vi_from_f32(vf_mul(vf_sub(s1, vf_from_i32(q1)), lo));
+                vi_store_i8(qb + K, r0);
+                vi_store_i8(qb + K + 16, r1);
+                qs += (float)vi_reduce_add32(vi_add32(r0, r1)) / LO;
             }
             meta[(int64_t)t * (K / 32) + b] = XBlk{d, 8.f * qs * d, qs * d, 128.f * qs * d};
         }
@@ -313,9 +553,9 @@ void quantize_rows(const float* x, int T, int K, int parts, int8_t* q, XBlk* met
 
 // y[t, 16 g + i] = acc[t][i] for the rows that exist (the last group of N % 16 != 0 is padded)
 template <int T>
-inline void store_group(float* y, int N, int g, const __m512* acc) {
-    const __mmask16 k = N - 16 * g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - 16 * g)) - 1);
-    for (int t = 0; t < T; ++t) _mm512_mask_storeu_ps(y + (int64_t)t * N + 16 * g, k, acc[t]);
+inline void store_group(float* y, int N, int g, const f32x16* acc) {
+    const mask16 k = N - 16 * g >= 16 ? vmask_all() : vmask_first(N - 16 * g);
+    for (int t = 0; t < T; ++t) vf_store_masked(y + (int64_t)t * N + 16 * g, k, acc[t]);
 }
 
 // Kind 4: 16 output rows interleaved, one 320-byte record per group of 16 rows and block of 32
@@ -329,44 +569,44 @@ inline void store_group(float* y, int N, int g, const __m512* acc) {
 template <int T, int PARTS>
 void q4x_rows(const Lin& L, const int8_t* xq, const XBlk* xm, float* y, int g0, int g1) {
     const int K = L.K, nb = K / 32, N = L.N;
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const i32x16 m4 = vi_set8(0x0F);
     for (int g = g0; g < g1; ++g) {
         const uint8_t* p = (const uint8_t*)L.w + (int64_t)g * nb * 320;
-        __m512 acc[T];
-        for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+        f32x16 acc[T];
+        for (int t = 0; t < T; ++t) acc[t] = vf_zero();
         for (int b = 0; b < nb; ++b, p += 320) {
             _mm_prefetch((const char*)p + 2560, _MM_HINT_T0);
             _mm_prefetch((const char*)p + 2624, _MM_HINT_T0);
             _mm_prefetch((const char*)p + 2688, _MM_HINT_T0);
             _mm_prefetch((const char*)p + 2752, _MM_HINT_T0);
             _mm_prefetch((const char*)p + 2816, _MM_HINT_T0);
-            __m512i lo[4], hi[4];
+            i32x16 lo[4], hi[4];
             for (int j = 0; j < 4; ++j) {
-                const __m512i v = _mm512_load_si512((const void*)(p + 64 * j));
-                lo[j] = _mm512_and_si512(v, m4);
-                hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+                const i32x16 v = vi_load(p + 64 * j);
+                lo[j] = vi_and(v, m4);
+                hi[j] = vi_and(vi_srli16(v, 4), m4);
             }
-            const __m512 s = load_bf16x16((const uint16_t*)(p + 256)), z = load_bf16x16((const uint16_t*)(p + 288));
+            const f32x16 s = vf_load_bf16((const uint16_t*)(p + 256)), z = vf_load_bf16((const uint16_t*)(p + 288));
             for (int t = 0; t < T; ++t) {
                 const int32_t* xw = (const int32_t*)(xq + (int64_t)t * PARTS * K + 32 * b);
-                __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+                i32x16 a0 = vi_zero(), a1 = vi_zero();
                 for (int j = 0; j < 4; ++j) {
-                    a0 = _mm512_dpbusd_epi32(a0, lo[j], _mm512_set1_epi32(xw[j]));
-                    a1 = _mm512_dpbusd_epi32(a1, hi[j], _mm512_set1_epi32(xw[j + 4]));
+                    a0 = vi_dot_u4(a0, lo[j], vi_set32(xw[j]));
+                    a1 = vi_dot_u4(a1, hi[j], vi_set32(xw[j + 4]));
                 }
                 const XBlk& m = xm[(int64_t)t * nb + b];
-                __m512 f = _mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1));
+                f32x16 f = vf_from_i32(vi_add32(a0, a1));
                 if (PARTS == 2) {
                     const int32_t* xl = xw + K / 4;
-                    __m512i b0 = _mm512_setzero_si512(), b1 = _mm512_setzero_si512();
+                    i32x16 b0 = vi_zero(), b1 = vi_zero();
                     for (int j = 0; j < 4; ++j) {
-                        b0 = _mm512_dpbusd_epi32(b0, lo[j], _mm512_set1_epi32(xl[j]));
-                        b1 = _mm512_dpbusd_epi32(b1, hi[j], _mm512_set1_epi32(xl[j + 4]));
+                        b0 = vi_dot_u4(b0, lo[j], vi_set32(xl[j]));
+                        b1 = vi_dot_u4(b1, hi[j], vi_set32(xl[j + 4]));
                     }
-                    f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(b0, b1)), _mm512_set1_ps(1.0f / LO), f);
+                    f = vf_fmadd(vf_from_i32(vi_add32(b0, b1)), vf_set(1.0f / LO), f);
                 }
-                acc[t] = _mm512_fmadd_ps(s, _mm512_fmsub_ps(f, _mm512_set1_ps(m.d), _mm512_set1_ps(m.c8)), acc[t]);
-                acc[t] = _mm512_fmadd_ps(z, _mm512_set1_ps(m.c1), acc[t]);
+                acc[t] = vf_fmadd(s, vf_fmsub(f, vf_set(m.d), vf_set(m.c8)), acc[t]);
+                acc[t] = vf_fmadd(z, vf_set(m.c1), acc[t]);
             }
         }
         store_group<T>(y, N, g, acc);
@@ -383,32 +623,32 @@ void q8x_rows(const Lin& L, const int8_t* xq, const XBlk* xm, float* y, int g0, 
     const int K = L.K, nb = K / 32, N = L.N;
     for (int g = g0; g < g1; ++g) {
         const uint8_t* p = (const uint8_t*)L.w + (int64_t)g * nb * 576;
-        __m512 acc[T];
-        for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+        f32x16 acc[T];
+        for (int t = 0; t < T; ++t) acc[t] = vf_zero();
         for (int b = 0; b < nb; ++b, p += 576) {
             for (int c = 0; c < 9; ++c) _mm_prefetch((const char*)p + 4608 + 64 * c, _MM_HINT_T0);
-            __m512i w[8];
-            for (int j = 0; j < 8; ++j) w[j] = _mm512_load_si512((const void*)(p + 64 * j));
-            const __m512 s = _mm512_load_ps((const float*)(p + 512));
+            i32x16 w[8];
+            for (int j = 0; j < 8; ++j) w[j] = vi_load(p + 64 * j);
+            const f32x16 s = vf_load_aligned((const float*)(p + 512));
             for (int t = 0; t < T; ++t) {
                 const int32_t* xw = (const int32_t*)(xq + (int64_t)t * PARTS * K + 32 * b);
-                __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+                i32x16 a0 = vi_zero(), a1 = vi_zero();
                 for (int j = 0; j < 8; j += 2) {
-                    a0 = _mm512_dpbusd_epi32(a0, w[j], _mm512_set1_epi32(xw[j]));
-                    a1 = _mm512_dpbusd_epi32(a1, w[j + 1], _mm512_set1_epi32(xw[j + 1]));
+                    a0 = vi_dot_q8(a0, w[j], vi_set32(xw[j]));
+                    a1 = vi_dot_q8(a1, w[j + 1], vi_set32(xw[j + 1]));
                 }
                 const XBlk& m = xm[(int64_t)t * nb + b];
-                __m512 f = _mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1));
+                f32x16 f = vf_from_i32(vi_add32(a0, a1));
                 if (PARTS == 2) {
                     const int32_t* xl = xw + K / 4;
-                    __m512i b0 = _mm512_setzero_si512(), b1 = _mm512_setzero_si512();
+                    i32x16 b0 = vi_zero(), b1 = vi_zero();
                     for (int j = 0; j < 8; j += 2) {
-                        b0 = _mm512_dpbusd_epi32(b0, w[j], _mm512_set1_epi32(xl[j]));
-                        b1 = _mm512_dpbusd_epi32(b1, w[j + 1], _mm512_set1_epi32(xl[j + 1]));
+                        b0 = vi_dot_q8(b0, w[j], vi_set32(xl[j]));
+                        b1 = vi_dot_q8(b1, w[j + 1], vi_set32(xl[j + 1]));
                     }
-                    f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(b0, b1)), _mm512_set1_ps(1.0f / LO), f);
+                    f = vf_fmadd(vf_from_i32(vi_add32(b0, b1)), vf_set(1.0f / LO), f);
                 }
-                acc[t] = _mm512_fmadd_ps(s, _mm512_fmsub_ps(f, _mm512_set1_ps(m.d), _mm512_set1_ps(m.c128)), acc[t]);
+                acc[t] = vf_fmadd(s, vf_fmsub(f, vf_set(m.d), vf_set(Q8_DOT_BIAS == 0.0f ? 0.0f : m.c128)), acc[t]);
             }
         }
         store_group<T>(y, N, g, acc);
@@ -591,15 +831,15 @@ void linear_par(const Lin& L, const In& in, int T, float* y, Queue* q = nullptr)
 
 void rmsnorm(const float* x, const float* w, int H, float eps, bool bf16, float* out) {
     int i = 0;
-    __m512 acc = _mm512_setzero_ps();
-    for (; i + 16 <= H; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(x + i), acc);
-    float ss = _mm512_reduce_add_ps(acc);
+    f32x16 acc = vf_zero();
+    for (; i + 16 <= H; i += 16) acc = vf_fmadd(vf_load(x + i), vf_load(x + i), acc);
+    float ss = vf_reduce_add(acc);
     for (; i < H; ++i) ss += x[i] * x[i];
     const float r = 1.0f / std::sqrt(ss / H + eps);
-    const __m512 rv = _mm512_set1_ps(r);
+    const f32x16 rv = vf_set(r);
     for (i = 0; i + 16 <= H; i += 16) {
-        __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), rv), _mm512_loadu_ps(w + i));
-        _mm512_storeu_ps(out + i, bf16 ? rb16(v) : v);
+        f32x16 v = vf_mul(vf_mul(vf_load(x + i), rv), vf_load(w + i));
+        vf_store(out + i, bf16 ? rb16(v) : v);
     }
     for (; i < H; ++i) out[i] = bf16 ? rb(x[i] * r * w[i]) : x[i] * r * w[i];
 }
@@ -622,11 +862,11 @@ void attend(const Model& m, const float* q /*[g, hd] */, const int64_t* table, i
         const int64_t base = ((table[p / bs] * bs + p % bs) * nkv + kvh) * hd;
         for (int d = 0; d < hd; d += 16) {
             if (kbf) {
-                _mm512_storeu_ps(Kf + (size_t)p * hd + d, load_bf16x16((const uint16_t*)kl + base + d));
-                _mm512_storeu_ps(Vf + (size_t)p * hd + d, load_bf16x16((const uint16_t*)vl + base + d));
+                vf_store(Kf + (size_t)p * hd + d, vf_load_bf16((const uint16_t*)kl + base + d));
+                vf_store(Vf + (size_t)p * hd + d, vf_load_bf16((const uint16_t*)vl + base + d));
             } else {
-                _mm512_storeu_ps(Kf + (size_t)p * hd + d, _mm512_loadu_ps((const float*)kl + base + d));
-                _mm512_storeu_ps(Vf + (size_t)p * hd + d, _mm512_loadu_ps((const float*)vl + base + d));
+                vf_store(Kf + (size_t)p * hd + d, vf_load((const float*)kl + base + d));
+                vf_store(Vf + (size_t)p * hd + d, vf_load((const float*)vl + base + d));
             }
         }
     }
@@ -636,28 +876,28 @@ void attend(const Model& m, const float* q /*[g, hd] */, const int64_t* table, i
         float mx = -INFINITY;
         for (int p = 0; p < L; ++p) {
             const float* k = Kf + (size_t)p * hd;
-            __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(k), _mm512_loadu_ps(qj));
-            for (int d = 16; d < hd; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(k + d), _mm512_loadu_ps(qj + d), acc);
-            s[p] = _mm512_reduce_add_ps(acc) * scale;
+            f32x16 acc = vf_mul(vf_load(k), vf_load(qj));
+            for (int d = 16; d < hd; d += 16) acc = vf_fmadd(vf_load(k + d), vf_load(qj + d), acc);
+            s[p] = vf_reduce_add(acc) * scale;
             mx = s[p] > mx ? s[p] : mx;
         }
         const float inv = 1.0f / exp_sub_sum(s, L, mx);
         for (int d = 0; d < hd; d += 16) {
-            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+            f32x16 a0 = vf_zero(), a1 = vf_zero();
             int p = 0;
             for (; p + 1 < L; p += 2) {
-                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(Vf + (size_t)p * hd + d), _mm512_set1_ps(s[p]), a0);
-                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(Vf + (size_t)(p + 1) * hd + d), _mm512_set1_ps(s[p + 1]), a1);
+                a0 = vf_fmadd(vf_load(Vf + (size_t)p * hd + d), vf_set(s[p]), a0);
+                a1 = vf_fmadd(vf_load(Vf + (size_t)(p + 1) * hd + d), vf_set(s[p + 1]), a1);
             }
-            if (p < L) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(Vf + (size_t)p * hd + d), _mm512_set1_ps(s[p]), a0);
-            _mm512_storeu_ps(out + j * hd + d, _mm512_mul_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(inv)));
+            if (p < L) a0 = vf_fmadd(vf_load(Vf + (size_t)p * hd + d), vf_set(s[p]), a0);
+            vf_store(out + j * hd + d, vf_mul(vf_add(a0, a1), vf_set(inv)));
         }
     }
 }
 
 // 16 K or V values of the pool at element i, as float
-inline __m512 kv16(const void* pool, bool bf, int64_t i) {
-    return bf ? load_bf16x16((const uint16_t*)pool + i) : _mm512_loadu_ps((const float*)pool + i);
+inline f32x16 kv16(const void* pool, bool bf, int64_t i) {
+    return bf ? vf_load_bf16((const uint16_t*)pool + i) : vf_load((const float*)pool + i);
 }
 
 // A part of one sequence's attention for one KV head and its g query heads: positions [p0, p1)
@@ -692,17 +932,17 @@ void attend_part(const Model& m, const float* q /*[g, hd]*/, const int64_t* tabl
             }
         }
     };
-    __m512 qv[48];
-    for (int i = 0; i < g * nc; ++i) qv[i] = _mm512_loadu_ps(q + 16 * i);
+    f32x16 qv[48];
+    for (int i = 0; i < g * nc; ++i) qv[i] = vf_load(q + 16 * i);
     float mx[16];
     for (int j = 0; j < g; ++j) mx[j] = -INFINITY;
     auto score = [&](int p, const float* kf, const void* kp, int64_t base) {   // one position, every head
-        __m512 k[16];
-        for (int c = 0; c < nc; ++c) k[c] = kf ? _mm512_loadu_ps(kf + 16 * c) : kv16(kp, kbf, base + 16 * c);
+        f32x16 k[16];
+        for (int c = 0; c < nc; ++c) k[c] = kf ? vf_load(kf + 16 * c) : kv16(kp, kbf, base + 16 * c);
         for (int j = 0; j < g; ++j) {
-            __m512 acc = _mm512_mul_ps(k[0], qv[j * nc]);
-            for (int c = 1; c < nc; ++c) acc = _mm512_fmadd_ps(k[c], qv[j * nc + c], acc);
-            const float v = _mm512_reduce_add_ps(acc) * scale;
+            f32x16 acc = vf_mul(k[0], qv[j * nc]);
+            for (int c = 1; c < nc; ++c) acc = vf_fmadd(k[c], qv[j * nc + c], acc);
+            const float v = vf_reduce_add(acc) * scale;
             scores[(size_t)j * n + p - p0] = v;
             mx[j] = v > mx[j] ? v : mx[j];
         }
@@ -716,18 +956,18 @@ void attend_part(const Model& m, const float* q /*[g, hd]*/, const int64_t* tabl
         a = b_end;
     }
     if (p1 == L) score(L - 1, k_cur, nullptr, 0);
-    __m512 o[48];
+    f32x16 o[48];
     float sum[16];
     for (int j = 0; j < g; ++j) {
         sum[j] = exp_sub_sum(scores + (size_t)j * n, n, mx[j]);
-        for (int c = 0; c < nc; ++c) o[j * nc + c] = _mm512_setzero_ps();
+        for (int c = 0; c < nc; ++c) o[j * nc + c] = vf_zero();
     }
     auto accumulate = [&](int p, const float* vf, int64_t base) {
-        __m512 v[16];
-        for (int c = 0; c < nc; ++c) v[c] = vf ? _mm512_loadu_ps(vf + 16 * c) : kv16(vl, kbf, base + 16 * c);
+        f32x16 v[16];
+        for (int c = 0; c < nc; ++c) v[c] = vf ? vf_load(vf + 16 * c) : kv16(vl, kbf, base + 16 * c);
         for (int j = 0; j < g; ++j) {
-            const __m512 w = _mm512_set1_ps(scores[(size_t)j * n + p - p0]);
-            for (int c = 0; c < nc; ++c) o[j * nc + c] = _mm512_fmadd_ps(v[c], w, o[j * nc + c]);
+            const f32x16 w = vf_set(scores[(size_t)j * n + p - p0]);
+            for (int c = 0; c < nc; ++c) o[j * nc + c] = vf_fmadd(v[c], w, o[j * nc + c]);
         }
     };
     for (int a = p0; a < pool_end;) {
@@ -741,7 +981,7 @@ void attend_part(const Model& m, const float* q /*[g, hd]*/, const int64_t* tabl
         float* pj = part + (size_t)j * (hd + 2);
         pj[0] = mx[j];
         pj[1] = sum[j];
-        for (int c = 0; c < nc; ++c) _mm512_storeu_ps(pj + 2 + 16 * c, o[j * nc + c]);
+        for (int c = 0; c < nc; ++c) vf_store(pj + 2 + 16 * c, o[j * nc + c]);
     }
 }
 
@@ -786,16 +1026,16 @@ int64_t agp_read_bytes(const void* p, int64_t n, int nthreads) {
         const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
         const int64_t lines = n / 64, l0 = lines * tid / nt, l1 = lines * (tid + 1) / nt;
         const char* q = (const char*)p;
-        __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+        i32x16 a0 = vi_zero(), a1 = vi_zero();
         int64_t l = l0;
         for (; l + 2 <= l1; l += 2) {
             _mm_prefetch(q + 64 * l + 2560, _MM_HINT_T0);
             _mm_prefetch(q + 64 * l + 2624, _MM_HINT_T0);
-            a0 = _mm512_add_epi64(a0, _mm512_load_si512((const void*)(q + 64 * l)));
-            a1 = _mm512_add_epi64(a1, _mm512_load_si512((const void*)(q + 64 * l + 64)));
+            a0 = vi_add64(a0, vi_load(q + 64 * l));
+            a1 = vi_add64(a1, vi_load(q + 64 * l + 64));
         }
-        if (l < l1) a0 = _mm512_add_epi64(a0, _mm512_load_si512((const void*)(q + 64 * l)));
-        total += _mm512_reduce_add_epi64(_mm512_add_epi64(a0, a1));
+        if (l < l1) a0 = vi_add64(a0, vi_load(q + 64 * l));
+        total += vi_reduce_add64(vi_add64(a0, a1));
     }
     return total;
 }
@@ -991,8 +1231,8 @@ void agp_decode_step(const Model* mp, const Step* sp, float* logits, int nthread
             }
         auto residual = [&]() {        // x += tmp (the o or down output); B * H is a multiple of 16
             for (size_t i = 0; i < x.size(); i += 16) {
-                const __m512 v = _mm512_add_ps(_mm512_loadu_ps(&x[i]), _mm512_loadu_ps(&tmp[i]));
-                _mm512_storeu_ps(&x[i], bf ? rb16(v) : v);
+                const f32x16 v = vf_add(vf_load(&x[i]), vf_load(&tmp[i]));
+                vf_store(&x[i], bf ? rb16(v) : v);
             }
         };
         auto norm_rows = [&](const float* w, int rows, const int64_t* which) {
