@@ -78,7 +78,7 @@ def cli_check(path, cwd=None, child: bool = True) -> str:
     if child:
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         proc = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "check", str(path)], cwd=cwd or ROOT,
-                              capture_output=True, text=True, timeout=60, env=env)
+                              capture_output=True, text=True, timeout=300, env=env)
     else:
         proc = agp_in("check", path, cwd=cwd or ROOT)
     assert proc.returncode == 2, proc.stderr[-2000:]
