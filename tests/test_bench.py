@@ -362,16 +362,19 @@ def _workload(tmp_path, n=6) -> Path:
     return path
 
 
-def test_in_process_and_http_targets_measure_the_same_work(tmp_path, tiny_gguf):
+@pytest.fixture(scope="module")
+def server(tiny_gguf):
+    """A live server of the tiny model that the HTTP targets below measure (none changes it)."""
+    s = LiveServer(tiny_gguf)
+    yield s
+    s.close()
+
+
+def test_in_process_and_http_targets_measure_the_same_work(tmp_path, tiny_gguf, server):
     items = B.load_workload(_workload(tmp_path))
     local = asyncio.run(B.bench_one(B.EngineTarget.from_pipeline(str(_pipeline_file(tmp_path, tiny_gguf))),
                                     items, rate=math.inf, num=6, progress=False))
-    server = LiveServer(tiny_gguf)
-    try:
-        remote = asyncio.run(B.bench_one(B.HTTPTarget(server.url), items, rate=50.0, num=6,
-                                         progress=False))
-    finally:
-        server.close()
+    remote = asyncio.run(B.bench_one(B.HTTPTarget(server.url), items, rate=50.0, num=6, progress=False))
     for r in (local, remote):
         assert (r.completed, r.errors, r.truncated) == (6, 0, 0)
         assert r.completion_tokens == sum(5 + i for i in range(6))
@@ -380,8 +383,7 @@ def test_in_process_and_http_targets_measure_the_same_work(tmp_path, tiny_gguf):
     assert local.engine["mean_batch_size"] > 1                 # all at once: batched
 
 
-def test_closed_loop_keeps_the_asked_number_of_clients_busy_for_the_duration(tmp_path, tiny_gguf):
-    server = LiveServer(tiny_gguf)
+def test_closed_loop_keeps_the_asked_number_of_clients_busy_for_the_duration(tmp_path, server):
     items = B.load_workload(_workload(tmp_path))
 
     async def go():
@@ -393,10 +395,7 @@ def test_closed_loop_keeps_the_asked_number_of_clients_busy_for_the_duration(tmp
         finally:
             await target.close()
 
-    try:
-        records, wall = asyncio.run(go())
-    finally:
-        server.close()
+    records, wall = asyncio.run(go())
     assert all(r.error is None and not r.truncated for r in records) and len(records) > 8
     assert max(r.sent for r in records) - min(r.sent for r in records) <= 1.5 <= wall
     events = sorted([(r.sent, 1) for r in records] + [(r.done, -1) for r in records],
@@ -408,14 +407,10 @@ def test_closed_loop_keeps_the_asked_number_of_clients_busy_for_the_duration(tmp
     assert peak == 4                                            # four clients, never more
 
 
-def test_http_target_counts_refused_requests_as_errors(tiny_gguf):
-    server = LiveServer(tiny_gguf)
-    try:
-        target = B.HTTPTarget(server.url, model="tiny")
-        items = [parse_line(json.dumps({"prompt": "the cat " * 300, "max_tokens": 4}), 1)]
-        r = asyncio.run(B.bench_one(target, items, rate=math.inf, num=2, progress=False, warmup=0))
-    finally:
-        server.close()
+def test_http_target_counts_refused_requests_as_errors(server):
+    target = B.HTTPTarget(server.url, model="tiny")
+    items = [parse_line(json.dumps({"prompt": "the cat " * 300, "max_tokens": 4}), 1)]
+    r = asyncio.run(B.bench_one(target, items, rate=math.inf, num=2, progress=False, warmup=0))
     assert r.errors == 2 and r.completed == 0
     assert r.error_samples[0].startswith("HTTP 400:") and "context" in r.error_samples[0]
 

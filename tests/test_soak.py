@@ -29,7 +29,7 @@ from test_serve import TINY, LiveServer
 from tiny_model import write_tiny_gguf
 
 SEED = 3
-REQUESTS = 90
+REQUESTS = 60
 CONCURRENCY = 16
 CONTEXT = 512
 
