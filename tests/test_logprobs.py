@@ -145,34 +145,39 @@ def offsets_fit(text: str, lp) -> bool:
         for o, b, t in zip(at, [*at[1:], len(text)], lp.tokens) if "\ufffd" not in t)
 
 
+@pytest.fixture(scope="module")
+def bos_server(tmp_path_factory):
+    """A server of a model whose tokenizer puts a start token before each prompt."""
+    s = LiveServer(write_tiny_gguf(tmp_path_factory.mktemp("bos") / "bos.gguf", add_bos=True))
+    yield s
+    s.close()
+
+
 @pytest.mark.parametrize("skip", [True, False])
-def test_text_offsets_count_no_text_for_tokens_the_text_leaves_out(tmp_path, skip):
+def test_text_offsets_count_no_text_for_tokens_the_text_leaves_out(bos_server, skip):
     """A start token the tokenizer put before the prompt is not in the echoed prompt, and special
     tokens an answer generates are left out of its text with skip_special_tokens: they take no
     characters there, so the offsets after them still point into the text, whole and streamed."""
-    s = LiveServer(write_tiny_gguf(tmp_path / "bos.gguf", add_bos=True))
+    s = bos_server
+    start = s.engine.tokenizer.bos_token_id
+    kw = dict(model="tiny", prompt="the cat", max_tokens=4, echo=True, logprobs=0, temperature=0,
+              extra_body={"skip_special_tokens": skip, "logit_bias": {str(start): 100}, "ignore_eos": True})
+    whole = s.client.completions.create(**kw).choices[0]
+    assert whole.logprobs.tokens[0] == whole.logprobs.tokens[-1] == "<|im_start|>"   # added, then generated
+    assert whole.text == "the cat" + ("" if skip else "<|im_start|>" * 4)
+    assert whole.logprobs.text_offset[:2] == [0, 0] and offsets_fit(whole.text, whole.logprobs)
+    chunks = list(s.client.completions.create(**kw, stream=True))
+    assert [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset] == \
+        whole.logprobs.text_offset
+    runtime = build_runtime(Path(s.dir) / "tiny.agp", overrides={"threads": 1})   # agp run's lines
+    line = {k: v for k, v in kw.items() if k not in ("model", "extra_body")} | kw["extra_body"]
+    out: dict = {}
     try:
-        start = s.engine.tokenizer.bos_token_id
-        kw = dict(model="tiny", prompt="the cat", max_tokens=4, echo=True, logprobs=0, temperature=0,
-                  extra_body={"skip_special_tokens": skip, "logit_bias": {str(start): 100}, "ignore_eos": True})
-        whole = s.client.completions.create(**kw).choices[0]
-        assert whole.logprobs.tokens[0] == whole.logprobs.tokens[-1] == "<|im_start|>"   # added, then generated
-        assert whole.text == "the cat" + ("" if skip else "<|im_start|>" * 4)
-        assert whole.logprobs.text_offset[:2] == [0, 0] and offsets_fit(whole.text, whole.logprobs)
-        chunks = list(s.client.completions.create(**kw, stream=True))
-        assert [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset] == \
-            whole.logprobs.text_offset
-        runtime = build_runtime(Path(s.dir) / "tiny.agp", overrides={"threads": 1})   # agp run's lines
-        line = {k: v for k, v in kw.items() if k not in ("model", "extra_body")} | kw["extra_body"]
-        out: dict = {}
-        try:
-            run_pipeline(runtime, [RunRequest(slot=0, line=1, parsed=parse_request(line, default_id=0))],
-                         on_done=out.__setitem__, progress=False)
-        finally:
-            runtime.shutdown()
-        assert out[0]["text"] == whole.text and out[0]["logprobs"]["text_offset"] == whole.logprobs.text_offset
+        run_pipeline(runtime, [RunRequest(slot=0, line=1, parsed=parse_request(line, default_id=0))],
+                     on_done=out.__setitem__, progress=False)
     finally:
-        s.close()
+        runtime.shutdown()
+    assert out[0]["text"] == whole.text and out[0]["logprobs"]["text_offset"] == whole.logprobs.text_offset
 
 
 def test_text_offsets_of_an_echoed_sentencepiece_prompt_start_at_its_first_word(tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -62,21 +63,28 @@ def _chat(client, **kw):
     return client.chat.completions.create(model="tiny", messages=kw.pop("messages", USER), **kw)
 
 
+def _each_seed(ask, seeds) -> list:
+    """ask(seed) for each seed, sent at once: the server decodes them in one batch, a step for all
+    of them (one after another, each took its own hundreds of steps); the answers in seed order."""
+    with ThreadPoolExecutor(len(seeds)) as pool:
+        return list(pool.map(ask, seeds))
+
+
 # ---------------------------------------------------------------- structured output
 
 def test_json_schema_output_always_parses_and_validates(client):
-    for seed in range(4):
-        out = _chat(client, max_tokens=200, temperature=1.0, seed=seed,
-                    response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}})
-        assert out.choices[0].finish_reason == "stop"
+    outs = _each_seed(lambda seed: _chat(client, max_tokens=200, temperature=1.0, seed=seed, response_format={
+        "type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}), range(4))
+    for seed, out in enumerate(outs):
+        assert out.choices[0].finish_reason == "stop", seed
         jsonschema.validate(json.loads(out.choices[0].message.content), PERSON)
 
 
 def test_json_object_mode_and_streaming_give_an_object(client):
     # json_object bounds no value: the random model may ramble inside a string until max_tokens
     # (finish "length"); whatever finished is an object
-    outs = [_chat(client, max_tokens=300, temperature=1.0, seed=s, response_format={"type": "json_object"})
-            for s in range(4)]
+    outs = _each_seed(lambda s: _chat(client, max_tokens=300, temperature=1.0, seed=s,
+                                      response_format={"type": "json_object"}), range(4))
     finished = [o.choices[0].message.content for o in outs if o.choices[0].finish_reason == "stop"]
     assert finished and all(o.choices[0].finish_reason in ("stop", "length") for o in outs)
     assert all(isinstance(json.loads(text), dict) for text in finished)
@@ -133,8 +141,9 @@ def test_constrained_requests_leave_the_rest_of_the_batch_alone(client, server):
 # ---------------------------------------------------------------- tools
 
 def test_required_tool_choice_always_gives_a_parsed_call(client):
-    for seed in range(3):
-        out = _chat(client, max_tokens=300, temperature=1.0, seed=seed, tools=[WEATHER, ADD], tool_choice="required")
+    outs = _each_seed(lambda seed: _chat(client, max_tokens=300, temperature=1.0, seed=seed, tools=[WEATHER, ADD],
+                                         tool_choice="required"), range(3))
+    for out in outs:
         choice = out.choices[0]
         assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
         for call in choice.message.tool_calls:
@@ -158,8 +167,9 @@ def test_a_named_tool_choice_calls_that_function_once(client):
 def test_a_forced_call_of_a_function_without_parameters_has_no_arguments(client, choice, params):
     # OpenAI: leaving `parameters` out defines a function with an empty parameter list; vLLM writes '{}'
     now = {"type": "function", "function": {"name": "now", "description": "The time", **params}}
-    for seed in range(3):
-        out = _chat(client, max_tokens=300, temperature=1.0, seed=seed, tools=[now], tool_choice=choice)
+    outs = _each_seed(lambda seed: _chat(client, max_tokens=300, temperature=1.0, seed=seed, tools=[now],
+                                         tool_choice=choice), range(3))
+    for out in outs:
         calls = out.choices[0].message.tool_calls
         assert out.choices[0].finish_reason == "tool_calls" and calls
         assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("now", {})] * len(calls)

@@ -22,13 +22,16 @@ def live(tiny_gguf):
     s.close()
 
 
+@pytest.fixture(scope="module")
 def operations(live):
+    """The described operations, read from /openapi.json once for the module (reading and
+    resolving the description is seconds; each test only draws cases from them)."""
     schema = schemathesis.openapi.from_url(live.url + "/openapi.json")
     return [result.ok() for result in schema.get_all_operations()]
 
 
-def test_every_route_is_described(live):
-    labels = {op.label for op in operations(live)}
+def test_every_route_is_described(operations):
+    labels = {op.label for op in operations}
     assert {"POST /v1/completions", "POST /v1/chat/completions", "POST /v1/responses", "GET /v1/models",
             "GET /health", "GET /metrics", "GET /stats", "GET /tokenizer_info"} <= labels
 
@@ -36,8 +39,8 @@ def test_every_route_is_described(live):
 @pytest.mark.parametrize("label", ["POST /v1/completions", "POST /v1/chat/completions", "POST /v1/responses",
                                    "POST /v1/embeddings", "POST /v1/score", "POST /v1/rerank", "GET /v1/models",
                                    "GET /health", "GET /stats", "GET /metrics", "GET /tokenizer_info"])
-def test_the_served_api_matches_its_description(live, label):
-    op = next(o for o in operations(live) if o.label == label)
+def test_the_served_api_matches_its_description(live, operations, label):
+    op = next(o for o in operations if o.label == label)
 
     @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))

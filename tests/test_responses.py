@@ -307,17 +307,19 @@ def test_the_store_keeps_at_most_its_bytes_of_responses_however_few_they_are():
                                        "content": [{"type": "output_text", "text": text}]}]}
 
     big = "x" * (STORED_BYTES // 10)                    # ten of them fill the store
-    for i in range(40):
+    puts = 14                                           # past ten: the oldest have to go (each a 6 MiB JSON)
+    last = f"resp_{puts - 1}"
+    for i in range(puts):
         store.put(f"resp_{i}", response(f"resp_{i}", big), [{"role": "user", "content": "hi"}])
-    kept = [i for i in range(40) if store.get(f"resp_{i}") is not None]
-    assert kept == list(range(40 - len(kept), 40)) and 1 <= len(kept) < 10
+    kept = [i for i in range(puts) if store.get(f"resp_{i}") is not None]
+    assert kept == list(range(puts - len(kept), puts)) and 1 <= len(kept) < 10
     assert store.bytes <= STORED_BYTES
     assert store.item(f"msg_resp_{kept[0]}")["id"] == f"msg_resp_{kept[0]}"
     assert store.item("msg_resp_0") is None                          # a forgotten response's items go with it
-    assert store.get("resp_39") == (response("resp_39", big), [{"role": "user", "content": "hi"}])
+    assert store.get(last) == (response(last, big), [{"role": "user", "content": "hi"}])
     assert store.put("huge", response("huge", "x" * (STORED_BYTES + 1)), []) is False
-    assert store.get("huge") is None and store.get("resp_39") is not None    # too big alone: not kept
-    assert store.delete("resp_39") and store.get("resp_39") is None
+    assert store.get("huge") is None and store.get(last) is not None    # too big alone: not kept
+    assert store.delete(last) and store.get(last) is None
     assert store.bytes == sum(len(text) for text in store.items.values())
 
 

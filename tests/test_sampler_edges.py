@@ -271,21 +271,24 @@ def test_a_seeded_request_without_cuts_draws_the_same_tokens_whatever_its_neighb
 
 def test_a_seeded_row_draws_the_same_token_whether_or_not_a_neighbour_asks_for_top_p_or_top_k():
     """A row that cuts nothing (temperature 1, no top-k, no top-p) among 512 seeds, over a
-    vocabulary of SmolLM2's size: alone, and beside a row that asks for top-p or top-k (which makes
-    the batch sort). Its probabilities must be the same bits both ways: a softmax computed over
-    sorted logits sums in another order, and its last-bit differences moved a cdf boundary past
-    the draw for seeds 20, 266, 425 and 457 here (the token changed with the neighbour)."""
+    vocabulary of SmolLM2's size: alone, and beside a row that asks for top-p and one that asks
+    for top-k (either makes the batch sort). Its probabilities must be the same bits both ways: a
+    softmax computed over sorted logits sums in another order, and its last-bit differences moved
+    a cdf boundary past the draw for seeds 20, 266, 425 and 457 here (the token changed with the
+    neighbour). Both neighbours share one batch: the sort of 49152 columns a row is the test's
+    cost, and the plain rows take the same path beside either (one sort of the whole batch)."""
     vocab, n = 49152, 256
     row = torch.randn(vocab, generator=torch.Generator().manual_seed(0)) * 3      # [V]
     plain = SamplingParams(temperature=1.0)
-    for neighbour in (SamplingParams(temperature=1.0, top_p=0.9), SamplingParams(temperature=1.0, top_k=40)):
-        for start in (0, n):
-            seeds = range(start, start + n)
-            alone = Sampler().sample_tensor(row.expand(n, vocab).clone(), [plain] * n,
-                                            [make_generator(s) for s in seeds])                   # [n]
-            beside = Sampler().sample_tensor(torch.cat([row.expand(n, vocab), row[None]]), [plain] * n + [neighbour],
-                                             [make_generator(s) for s in seeds] + [None])[:n]        # [n]
-            assert torch.equal(alone, beside), [s for s, a, b in zip(seeds, alone, beside) if a != b]
+    neighbours = [SamplingParams(temperature=1.0, top_p=0.9), SamplingParams(temperature=1.0, top_k=40)]
+    for start in (0, n):
+        seeds = range(start, start + n)
+        alone = Sampler().sample_tensor(row.expand(n, vocab).clone(), [plain] * n,
+                                        [make_generator(s) for s in seeds])                       # [n]
+        beside = Sampler().sample_tensor(torch.cat([row.expand(n, vocab), row[None], row[None]]),
+                                         [plain] * n + neighbours,
+                                         [make_generator(s) for s in seeds] + [None, None])[:n]  # [n]
+        assert torch.equal(alone, beside), [s for s, a, b in zip(seeds, alone, beside) if a != b]
 
 
 # ---- Detokenizer -------------------------------------------------------------------------------

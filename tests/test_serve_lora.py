@@ -32,8 +32,9 @@ def strong(tmp_path_factory):
     return write_tiny_lora(tmp_path_factory.mktemp("loras") / "strong-adapter", seed=3, strength=30.0)
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def client(tiny_gguf, strong):
+    """One server for the tests that only send it requests (none changes what it serves)."""
     spec = json.dumps({"name": "sql", "path": str(strong), "base_model_name": "tiny-base"})
     serving = build(parse([str(tiny_gguf), "--threads", "1", "--served-model-name", "tiny",
                            "--enable-lora", "--lora-modules", f"strong={strong}", spec]))
@@ -225,11 +226,11 @@ def test_a_generate_stage_answers_with_its_own_adapter(tiny_gguf, strong, tmp_pa
         finally:
             serving.runtime.close()
 
-    (base,) = texts(pipeline_file(tmp_path, tiny_gguf, name="base.agp"), "one")
     own, named = texts(pipeline_file(tmp_path, tiny_gguf, "mine"), "one", "other", lora_modules=[f"other={other}"])
-    (served,) = texts(pipeline_file(tmp_path, tiny_gguf, name="base.agp"), "mine", lora_modules=[f"mine={strong}"])
-    (other_alone,) = texts(pipeline_file(tmp_path, tiny_gguf, name="base.agp"), "other",
-                           lora_modules=[f"other={other}"])
+    # the pipeline without a stage adapter, both adapters served by name beside it (one server:
+    # a request naming one adapter, or none, is answered with that one alone)
+    base, served, other_alone = texts(pipeline_file(tmp_path, tiny_gguf, name="base.agp"), "one", "mine", "other",
+                                      lora_modules=[f"mine={strong}", f"other={other}"])
     assert own != base and own == served           # the stage's adapter, as the same adapter served by name
     assert named == other_alone != own             # a request naming another adapter takes that one
 

@@ -293,19 +293,22 @@ CASCADE = """pipeline tiny {{
 """
 
 
+@pytest.fixture(scope="module")
+def cascade(tiny_gguf):
+    s = LiveServer(tiny_gguf, text=CASCADE.format(model=tiny_gguf))
+    yield s
+    s.close()
+
+
 @pytest.mark.parametrize("n", [1, 2])
-def test_continuous_usage_of_a_stream_from_a_second_stage_counts_the_draft_too(tiny_gguf, n):
+def test_continuous_usage_of_a_stream_from_a_second_stage_counts_the_draft_too(cascade, n):
     """A cascade streams the second generate stage's answer while the request's usage also counts
     the first's draft: each chunk carries the request's usage so far, draft included, so the
     counts never go down and the last chunk's are the final usage chunk's (they counted the
     second stage's sequence alone, far below the totals)."""
-    s = LiveServer(tiny_gguf, text=CASCADE.format(model=tiny_gguf))
-    try:
-        chunks = list(s.client.chat.completions.create(
-            model="tiny", messages=USER, max_tokens=5, n=n, stream=True, extra_body={"ignore_eos": True},
-            stream_options={"include_usage": True, "continuous_usage_stats": True}))
-    finally:
-        s.close()
+    chunks = list(cascade.client.chat.completions.create(
+        model="tiny", messages=USER, max_tokens=5, n=n, stream=True, extra_body={"ignore_eos": True},
+        stream_options={"include_usage": True, "continuous_usage_stats": True}))
     *streamed, final = chunks
     assert not final.choices and final.usage.completion_tokens == 2 * 5 * n    # the drafts and the answers
     usages = [(c.usage.prompt_tokens, c.usage.completion_tokens,
