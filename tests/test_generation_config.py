@@ -180,7 +180,7 @@ def test_override_generation_config_sets_keys_over_the_defaults_and_null_unsets_
 ])
 def test_a_bad_override_generation_config_exits_2_naming_the_flag(tmp_path, value, said):
     for command in ("run", "serve"):
-        proc = clikit.agp(command, "examples/chat.agp", "--override-generation-config", value)
+        proc = clikit.agp_in(command, "examples/chat.agp", "--override-generation-config", value)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert f"agp {command}: error: argument --override-generation-config: {said}" in proc.stderr, proc.stderr
 
@@ -197,7 +197,7 @@ def test_resume_fingerprints_what_the_generation_config_folder_holds_not_its_pat
         (d / "generation_config.json").write_text(json.dumps({"temperature": 0.3}))
 
     def run(*flags):
-        return clikit.agp("run", agp, "-i", inp, "-o", out, "--threads", "1", "--no-progress", *flags)
+        return clikit.agp_in("run", agp, "-i", inp, "-o", out, "--threads", "1", "--no-progress", *flags)
 
     assert run("--overwrite", "--generation-config", mine).returncode == 0
     same = run("--resume", "--generation-config", moved)               # the same defaults elsewhere

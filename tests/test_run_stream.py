@@ -40,27 +40,19 @@ def finish(proc: subprocess.Popen, last: bytes) -> str:
     return proc.communicate(last, timeout=120)[1].decode()
 
 
-def test_an_answer_is_written_before_the_input_pipe_is_closed(tmp_path, pipeline):
-    out = tmp_path / "out.jsonl"
-    with reaped(start(pipeline, "-o", out)) as proc:
-        proc.stdin.write(b'{"id": "first", "prompt": "hello", "max_tokens": 2}\n')
-        proc.stdin.flush()
-        (got,) = wait_for_lines(out, 1, proc)            # the pipe is still open: more may come
-        assert got["id"] == "first" and "text" in got
-        err = finish(proc, b'{"id": "second", "prompt": "again", "max_tokens": 2}\n')
-    assert proc.returncode == 0, err
-    assert [g["id"] for g in records(out)] == ["first", "second"]
-
-
-def test_a_second_run_writing_the_same_output_is_refused_while_the_first_writes_it(tmp_path, pipeline):
-    """Two `agp run -o out.jsonl` at once: the second's --overwrite emptied the file under the
-    first, both wrote at their own offsets (a hole of NULs, lines cut and lost) and both exited 0."""
+def test_an_answer_is_written_before_the_input_pipe_is_closed_and_a_second_run_writing_it_is_refused(tmp_path,
+                                                                                                    pipeline):
+    """The first line's answer is in the output while the input pipe is still open. Two `agp run
+    -o out.jsonl` at once: the second's --overwrite emptied the file under the first, both wrote at
+    their own offsets (a hole of NULs, lines cut and lost) and both exited 0. (One run serves
+    both: a run writing its output with its input open is the second check's setting.)"""
     out, other = tmp_path / "out.jsonl", tmp_path / "other.jsonl"
     other.write_text('{"id": "x", "prompt": "other", "max_tokens": 2}\n')
     with reaped(start(pipeline, "-o", out)) as proc:
         proc.stdin.write(b'{"id": "first", "prompt": "hello", "max_tokens": 2}\n')
         proc.stdin.flush()
-        wait_for_lines(out, 1, proc)                     # the first run writes out.jsonl, its input open
+        (got,) = wait_for_lines(out, 1, proc)            # the pipe is still open: more may come
+        assert got["id"] == "first" and "text" in got, got
         for how in ("--overwrite", "--resume"):
             r = run(pipeline, "-i", other, "-o", out, how)
             assert r.returncode == 2 and f"{out} is being written by another agp run" in r.stderr, r.stderr
@@ -118,59 +110,53 @@ def test_a_run_whose_output_another_run_created_and_finished_meanwhile_is_refuse
     assert [g["id"] for g in records(out)] == ["first"]
 
 
-def test_answers_on_stdout_come_before_the_input_pipe_is_closed(tmp_path, pipeline):
+def test_answers_on_stdout_come_before_the_input_pipe_is_closed_and_a_malformed_line_later_is_an_error_record(
+        tmp_path, pipeline):
+    """The answers so far are on stdout while the input is still open; a malformed line later in
+    the stream is an error record with its line number and loses no answer around it. (One run
+    serves both.)"""
     with reaped(start(pipeline)) as proc:
-        proc.stdin.write(b'{"id": "a", "prompt": "hello", "max_tokens": 2}\n')
-        proc.stdin.flush()
-        ready, _, _ = select.select([proc.stdout], [], [], 120)    # the input is still open meanwhile
-        assert ready, "no answer on stdout within 120 s"
-        assert json.loads(proc.stdout.readline())["id"] == "a"
-        err = finish(proc, b"")
-    assert proc.returncode == 0, err
-
-
-def test_a_malformed_line_later_in_a_stream_is_an_error_record_with_its_line_number(tmp_path, pipeline):
-    out = tmp_path / "out.jsonl"
-    with reaped(start(pipeline, "-o", out)) as proc:
         proc.stdin.write(b'{"id": "a", "prompt": "one", "max_tokens": 2}\n\n{"id": "b", "prompt": "two", '
                          b'"max_tokens": 2}\n')
         proc.stdin.flush()
-        wait_for_lines(out, 2, proc)                      # the answers so far, written
-        err = finish(proc, b'{"id": "c", "prompt": \n{"id": "d", "prompt": "four", "max_tokens": 2}\n')
+        so_far = b""
+        while so_far.count(b"\n") < 2:                   # the answers so far, the input still open
+            ready, _, _ = select.select([proc.stdout], [], [], 120)
+            assert ready, "no answer on stdout within 120 s"
+            so_far += os.read(proc.stdout.fileno(), 1 << 16)    # unbuffered: select sees what is left
+        so_far = [json.loads(line) for line in so_far.decode().splitlines()]
+        assert [g["id"] for g in so_far] == ["a", "b"]
+        rest, err = proc.communicate(b'{"id": "c", "prompt": \n{"id": "d", "prompt": "four", "max_tokens": 2}\n',
+                                     timeout=120)
+        err = err.decode()
     assert proc.returncode == 0, err
-    got = records(out)
+    got = so_far + [json.loads(line) for line in rest.decode().splitlines()]
     assert [g["id"] for g in got] == ["a", "b", 4, "d"]
     assert "text" in got[0] and "text" in got[1] and "text" in got[3]
     assert got[2]["error"]["line"] == 4 and "not valid JSON" in got[2]["error"]["message"]
     assert "1 failed" in err
 
 
-def test_a_gzip_compressed_stream_is_answered_as_it_comes(tmp_path, pipeline):
+def test_a_gzip_compressed_stream_is_answered_as_it_comes_even_when_its_first_write_is_one_byte(tmp_path,
+                                                                                                  pipeline):
+    """A gzip'd stream's first answer is written before the rest of the stream comes. The gzip
+    magic is two bytes; a pipe's first read may hold only the first (a producer that writes byte
+    by byte, a network stream split there): the stream was then taken for text and refused as not
+    JSON Lines. (One run serves both: the first line's compressed bytes go as one byte, then the
+    rest.)"""
     out = tmp_path / "out.jsonl"
     packer = zlib.compressobj(wbits=31)                  # gzip
+    first = packer.compress(b'{"id": "z1", "prompt": "hello", "max_tokens": 2}\n') + packer.flush(zlib.Z_SYNC_FLUSH)
     with reaped(start(pipeline, "-o", out)) as proc:
-        proc.stdin.write(packer.compress(b'{"id": "z1", "prompt": "hello", "max_tokens": 2}\n')
-                         + packer.flush(zlib.Z_SYNC_FLUSH))
+        proc.stdin.write(first[:1])
+        proc.stdin.flush()
+        time.sleep(1.0)                                   # read alone, before the rest is written
+        proc.stdin.write(first[1:])
         proc.stdin.flush()
         assert [g["id"] for g in wait_for_lines(out, 1, proc)] == ["z1"]
         err = finish(proc, packer.compress(b'{"id": "z2", "prompt": "again", "max_tokens": 2}\n') + packer.flush())
     assert proc.returncode == 0, err
     assert [g["id"] for g in records(out)] == ["z1", "z2"]
-
-
-def test_a_gzip_stream_whose_first_write_is_one_byte_is_still_read_decompressed(tmp_path, pipeline):
-    """The gzip magic is two bytes; a pipe's first read may hold only the first (a producer that
-    writes byte by byte, a network stream split there): the stream was then taken for text and
-    refused as not JSON Lines."""
-    packed = gzip.compress(b'{"id": "z1", "prompt": "hello", "max_tokens": 2}\n')
-    out = tmp_path / "out.jsonl"
-    with reaped(start(pipeline, "-o", out)) as proc:
-        proc.stdin.write(packed[:1])
-        proc.stdin.flush()
-        time.sleep(1.0)                                   # read alone, before the rest is written
-        err = finish(proc, packed[1:])
-    assert proc.returncode == 0, err
-    assert [g["id"] for g in records(out)] == ["z1"]
 
 
 def test_an_input_cut_short_keeps_the_answers_before_it_and_says_after_which_line(tmp_path, pipeline):

@@ -159,10 +159,11 @@ def test_a_model_samples_by_vllms_defaults_where_its_generation_config_sets_none
     """vLLM answers a request that sets no max_tokens with all the context leaves, at temperature 1
     (its SamplingParams' defaults), unless the model's generation config says otherwise; agp's
     generate stage defaults (128 tokens, greedy) cut such answers short."""
-    chat, resp = answers([str(tiny_gguf)], ("/v1/chat/completions", {"messages": HI, "ignore_eos": True}),
+    chat, resp = answers([str(tiny_gguf), "--max-model-len", "96"],    # the context: 96 of the tiny model's 512
+                         ("/v1/chat/completions", {"messages": HI, "ignore_eos": True}),
                          ("/v1/responses", {"input": "hi", "max_output_tokens": 2}))
     use = chat["usage"]
-    assert use["prompt_tokens"] + use["completion_tokens"] == 512           # the tiny model's context
+    assert use["prompt_tokens"] + use["completion_tokens"] == 96            # all the context leaves
     assert chat["choices"][0]["finish_reason"] == "length"
     assert resp["temperature"] == 1.0
     # what the generation config sets is the default, as in vLLM (here set by the override flag)
