@@ -481,20 +481,28 @@ def test_the_next_request_on_a_kept_connection_has_the_header_timeout():
 def test_agp_serve_keeps_an_idle_connection_for_its_keep_alive_timeout(serve):
     """Through `agp serve --keep-alive-timeout 7` (the fixture): a connection idle past uvicorn's
     5 s serves the next request (uvicorn had closed it: the request found the connection closed);
-    left idle, the server closes it."""
+    left idle, the server closes it. Two connections side by side, so that one wait shows both:
+    one serves its second request after 5.5 s idle, and the other, idle since its first answer,
+    is then closed (the idle time counted again from each answer: the test on the protocol above)."""
     _, _, port = serve
     request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-    c = socket.create_connection(("127.0.0.1", port))
+
+    def served(c: socket.socket) -> None:
+        c.sendall(request)
+        head, _, body = head_of_answer(c).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ") and b"connection: close" not in head.lower(), head
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
+        while len(body) < length:                          # the whole answer: the next one starts clean
+            body += c.recv(65536)
+
+    reused, left = socket.create_connection(("127.0.0.1", port)), socket.create_connection(("127.0.0.1", port))
     try:
-        for idle in (5.5, 0):
-            c.sendall(request)
-            head, _, body = head_of_answer(c).partition(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 200 ") and b"connection: close" not in head.lower(), head
-            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                              if line.lower().startswith(b"content-length:")))
-            while len(body) < length:                      # the whole answer: the next one starts clean
-                body += c.recv(65536)
-            time.sleep(idle)                               # past the old 5 s, within --keep-alive-timeout 7
-        assert closed_within(c, 30)
+        served(left)
+        served(reused)
+        time.sleep(5.5)                                    # past the old 5 s, within --keep-alive-timeout 7
+        served(reused)
+        assert closed_within(left, 30)                    # idle since its answer: closed at 7 s
     finally:
-        c.close()
+        reused.close()
+        left.close()

@@ -154,10 +154,11 @@ def test_a_body_still_arriving_at_sigterm_gets_a_json_503_at_once(tmp_path, tiny
         c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 100\r\n\r\n{\"prompt\": ")          # the rest never comes
         deadline = time.monotonic() + 60               # the request is in its handler, its body arriving
-        while not re.search(r"^agp_http_bodies_arriving(\{[^}]*\})? 1\.0$", httpx.get(url + "/metrics", timeout=30).text,
-                            re.M):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        with httpx.Client(timeout=30) as http:         # one for the polls, as wait_for_health's
+            while not re.search(r"^agp_http_bodies_arriving(\{[^}]*\})? 1\.0$", http.get(url + "/metrics").text,
+                                re.M):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         c.settimeout(60)
         answer = b""
