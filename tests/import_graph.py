@@ -48,6 +48,13 @@ def _parse(path: Path) -> ast.Module:
     return ast.parse(path.read_text(encoding="utf-8"))
 
 
+@functools.lru_cache(maxsize=None)
+def import_nodes(path: Path) -> tuple[ast.Import | ast.ImportFrom, ...]:
+    """Every import statement of the file, at its top or nested, in ast.walk's order: read and
+    walked once however many checks look at them."""
+    return tuple(n for n in ast.walk(_parse(path)) if isinstance(n, (ast.Import, ast.ImportFrom)))
+
+
 def _reexports(package: str, files: dict[str, Path]) -> dict[str, str]:
     """{name: module it comes from} for the names a package's __init__ imports at its top."""
     out = {}
@@ -64,7 +71,7 @@ def imports_of(name: str, files: dict[str, Path]) -> list[tuple[str, int]]:
     path = files[name]
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out = []
-    for node in ast.walk(_parse(path)):
+    for node in import_nodes(path):
         if isinstance(node, ast.Import):
             out.extend((a.name, node.lineno) for a in node.names)
         elif isinstance(node, ast.ImportFrom):

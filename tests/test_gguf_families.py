@@ -9,6 +9,8 @@ and K, a head size apart from hidden / heads, the qwen2 pre-tokenizer). transfor
 file itself (`gguf_file=`): its token ids, decoded text, chat template, fp32 logits and greedy tokens are the reference.
 """
 
+import functools
+
 import pytest
 import torch
 
@@ -27,7 +29,10 @@ TEXTS = [
 ]
 
 
+@functools.cache
 def reference(path):
+    """transformers' tokenizer of the file, read once per file (converting a SentencePiece
+    vocabulary takes seconds); the checks only encode and decode with it."""
     return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
