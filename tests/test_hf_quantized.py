@@ -330,12 +330,17 @@ def test_a_gemma3_folder_quantization_config_is_read_from_its_text_config():
                       "config.json")
 
 
-def test_a_float_bit_count_is_refused_by_agp_check_with_exit_2(tmp_path, dense):
-    qfolder, _ = write_quantized(dense, tmp_path, "gptq", {"bits": 4.0, "group_size": 128, "sym": True}, sym=True)
-    program = tmp_path / "chat.agp"
+def chat_on_quantized(folder):
+    """examples/chat.agp written into `folder`, its model the folder's quantized/."""
+    program = folder / "chat.agp"
     chat = (ROOT / "examples" / "chat.agp").read_text()
     program.write_text(re.sub(r'(?m)^(\s*model\s*=\s*)"[^"]*"', r'\1"quantized"', chat, count=1))
-    r = agp_in("check", program, cwd=tmp_path)
+    return program
+
+
+def test_a_float_bit_count_is_refused_by_agp_check_with_exit_2(tmp_path, dense):
+    qfolder, _ = write_quantized(dense, tmp_path, "gptq", {"bits": 4.0, "group_size": 128, "sym": True}, sym=True)
+    r = agp_in("check", chat_on_quantized(tmp_path), cwd=tmp_path)
     assert r.returncode == 2
     assert "error: bad model file 'quantized/config.json': quantization_config's 'bits' must be an integer " \
            "number of bits, not 4.0" in r.stderr
@@ -343,9 +348,7 @@ def test_a_float_bit_count_is_refused_by_agp_check_with_exit_2(tmp_path, dense):
 
 def test_agp_check_accepts_a_gptq_folder_and_refuses_an_unread_setting_with_exit_2(tmp_path, dense):
     qfolder, _ = write_quantized(dense, tmp_path, "gptq", {"bits": 4, "group_size": 128, "sym": True}, sym=True)
-    program = tmp_path / "chat.agp"
-    chat = (ROOT / "examples" / "chat.agp").read_text()
-    program.write_text(re.sub(r'(?m)^(\s*model\s*=\s*)"[^"]*"', r'\1"quantized"', chat, count=1))
+    program = chat_on_quantized(tmp_path)
     r = agp_in("check", program, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     config = json.loads((qfolder / "config.json").read_text())
