@@ -89,8 +89,47 @@ struct Step {
 // Where a thread's time in agp_decode_step goes, when Step.prof asks (bench/roofline.py).
 enum Phase { P_GLUE, P_QKV, P_ATTENTION, P_O, P_GATE_UP, P_DOWN, P_HEAD, P_BARRIER, PHASES };
 
-int agp_native_version() { return 8; }
+int agp_native_version() { return 9; }
 int agp_phases() { return PHASES; }
+
+// The instruction sets this library was compiled for (-march=native on the machine that built it),
+// one bit each, in native.ISA_BITS's order: a loader refuses a library whose bits this CPU lacks
+// before calling any kernel (a library built elsewhere would stop the process at its first
+// instruction the CPU does not have). Plain code: safe to call on any x86-64.
+int agp_isa() {
+    return 0
+#if defined(__AVX2__)
+           | 1 << 0
+#endif
+#if defined(__FMA__)
+           | 1 << 1
+#endif
+#if defined(__F16C__)
+           | 1 << 2
+#endif
+#if defined(__AVX512F__)
+           | 1 << 3
+#endif
+#if defined(__AVX512BW__)
+           | 1 << 4
+#endif
+#if defined(__AVX512VL__)
+           | 1 << 5
+#endif
+#if defined(__AVX512DQ__)
+           | 1 << 6
+#endif
+#if defined(__AVX512VNNI__)
+           | 1 << 7
+#endif
+#if defined(__AVX512BF16__)
+           | 1 << 8
+#endif
+#if defined(__AVXVNNI__)
+           | 1 << 9
+#endif
+        ;
+}
 
 }  // extern "C"
 
