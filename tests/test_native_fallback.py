@@ -38,11 +38,10 @@ def test_no_compiler_warns_once_in_one_line_and_runs_eagerly(monkeypatch, tiny_g
 
 
 def test_the_kernels_run_on_an_avx2_cpu_without_avx512(monkeypatch):
-    """AVX2 with FMA and F16C is enough: kernels.cpp's 16 lanes are two AVX2 registers there, and
+    """AVX2 with FMA is enough: kernels.cpp's 16 lanes are two AVX2 registers there, and
     its int8 dot products (pmaddubsw) pay, so the int4 / Q8 linears take int8 inputs."""
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
-    if "avx512f" in flags or not {"avx2", "fma", "f16c"} <= flags or native.compiler() is None:
+    flags = native.cpu_flags()
+    if "avx512f" in flags or not {"avx2", "fma"} <= flags or native.compiler() is None:
         pytest.skip("not an AVX2 CPU without AVX-512, or no compiler")
     monkeypatch.delenv("AGP_NATIVE", raising=False)
     monkeypatch.delenv("AGP_NATIVE_ACT", raising=False)
@@ -165,3 +164,99 @@ def test_a_container_with_no_writable_temporary_folder_still_loads_the_built_lib
 
     monkeypatch.setattr(tempfile, "gettempdir", none)
     assert native.build() == built and len(calls) == 1
+
+
+def test_the_library_name_follows_the_cpus_instruction_sets(tmp_path):
+    """A folder shared by machines of different CPUs (an image baked on an AVX-512 runner, an NFS
+    home) held one library for all of them: the name hashed `-march=native` as written. It
+    hashes the instruction sets that compiles for too."""
+    avx2 = native.library_path("g++", tmp_path, isa=("fma", "avx2"))
+    assert avx2 == native.library_path("g++", tmp_path, isa=("avx2", "fma"))
+    assert avx2 != native.library_path("g++", tmp_path, isa=("avx2", "fma", "avx512f", "avx512bw",
+                                                             "avx512vl", "avx512dq"))
+    assert avx2 != native.library_path("g++", tmp_path, isa=("avx2", "fma", "avx_vnni"))
+    assert native.library_path("g++", tmp_path) == native.library_path("g++", tmp_path, isa=native.target_isa())
+
+
+def test_a_library_built_for_another_cpu_is_refused_before_any_kernel_runs(tmp_path):
+    """A library compiled for a CPU with more instruction sets than this one (here: -march of an
+    AVX-512 server), found where load() looks under the name this machine would build, stopped
+    the process with SIGILL at the first kernel. load() asks the library what it was compiled for
+    (agp_isa()) and refuses it with a warning naming what this CPU lacks: the eager path runs."""
+    import subprocess
+    import sys
+
+    flags = native.cpu_flags()
+    foreign = ("icelake-server" if "avx512f" not in flags else
+               "sapphirerapids" if "avx512_bf16" not in flags else None)
+    if foreign is None or native.compiler() is None or not native.cpu_supported():
+        pytest.skip("no compiler, or no instruction set foreign to this CPU to build for")
+    (tmp_path / "image").write_text("a file: build/ cannot be made under it")
+    script = f"""
+import warnings
+from pathlib import Path
+import torch
+from pipeline_dsl.engine import native
+from pipeline_dsl.engine.quant import Q8Linear
+native.BUILD = Path({str(tmp_path / "image" / "build")!r})
+mine = native.FLAGS
+native.FLAGS = [f.replace("-march=native", "-march={foreign}") for f in mine]
+built = native.build()                       # the other machine's library ...
+native.FLAGS = mine
+here = native.library_path(native.compiler(), built.parent)
+built.replace(here)                          # ... where this one looks for its own
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    lin = Q8Linear(torch.randn(32, 64), torch.bfloat16)
+    y = lin(torch.randn(1, 64, dtype=torch.bfloat16))      # the layer's own call: a kernel, were it loaded
+print(native.load() is None, tuple(y.shape))
+print("|".join(str(w.message) for w in caught))
+"""
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), AGP_NATIVE="1",
+               PYTHONPATH=os.pathsep.join([str(Path(native.__file__).parents[3]), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    eager, warning = r.stdout.strip().splitlines()[-2:]
+    assert eager == "True (1, 32)"
+    assert "lacks" in warning and "avx512" in warning and "eagerly" in warning and "\n" not in warning
+
+
+def test_f16c_is_not_required_and_the_warning_names_what_the_cpu_lacks(monkeypatch):
+    """The kernels use no F16C instruction; cpu_supported() required it and the warning spoke
+    of AVX2 and FMA only. Without F16C they run; without FMA the warning says FMA is missing."""
+    monkeypatch.delenv("AGP_NATIVE", raising=False)
+    monkeypatch.setattr(native, "_WARNED", set())
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"avx", "avx2", "fma"}))
+    assert native.cpu_supported() and native.cpu_missing() == []
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"avx", "avx2", "f16c"}))
+    assert not native.cpu_supported() and native.cpu_missing() == ["fma"]
+    native.reset()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert native.load() is None
+        msgs = [str(w.message) for w in caught]
+        assert len(msgs) == 1 and "lacks fma" in msgs[0] and "f16c" not in msgs[0]
+    finally:
+        native.reset()
+
+
+def test_the_cpu_flags_are_read_once_per_process(monkeypatch):
+    """cpu_supported(), int8_dot_products() and activation_parts() (once per linear as a model
+    loads) each read /proc/cpuinfo again."""
+    reads = []
+    real = Path.read_text
+
+    def read_text(self, *a, **kw):
+        if str(self) == "/proc/cpuinfo":
+            reads.append(1)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    native.cpu_flags.cache_clear()
+    try:
+        for _ in range(5):
+            native.cpu_supported(), native.int8_dot_products(), native.activation_parts(), native.fast_bf16()
+        assert len(reads) <= 1
+    finally:
+        native.cpu_flags.cache_clear()

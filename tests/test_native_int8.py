@@ -106,6 +106,26 @@ def test_q8_x16_kernel_is_exact_at_the_largest_weights_and_inputs(T, act):
     assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_a_non_finite_input_row_stays_non_finite_and_leaves_the_other_rows_alone(bad, act):
+    """+inf into the int8 linears came out of the AVX2 build as -inf (its int8 code -128: packs
+    saturating the conversion's 0x80000000, where AVX-512 truncates it to 0), and a NaN could
+    come out finite (max drops a NaN). A row with inf or NaN gives non-finite outputs (NaN), as
+    torch's float product is non-finite, the same on either ISA; the other rows are exact."""
+    g = torch.Generator().manual_seed(7)
+    for lin, w in ((lambda b: (Int4Linear(b, torch.bfloat16), effective(b)))(random_int4(32, 64, g)),
+                   (lambda q: (q, (q.qweight.double().view(32, 2, 32) * q.scale.double()[..., None]).view(32, 64)))(
+                       Q8Linear(torch.ones(32, 64) * 0.01, torch.bfloat16))):
+        x = torch.randn(3, 64, generator=g)
+        x[1, 40] = bad                                                     # the second block of row 1
+        y = native_linear(lin, x).double()
+        assert not torch.isfinite(y[1]).any(), (type(lin).__name__, y[1, :4])
+        assert not torch.isfinite(x[1:2].double() @ w.t()).any()           # torch's is non-finite too
+        keep = [0, 2]
+        ref = quantised(x[keep], PARTS[act]) @ w.t()
+        assert torch.allclose(y[keep], ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
 def test_int8_activations_off_keeps_the_float_kernels(monkeypatch):
     monkeypatch.setenv("AGP_NATIVE_ACT", "f32")
     g = torch.Generator().manual_seed(0)

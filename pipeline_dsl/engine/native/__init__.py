@@ -4,15 +4,19 @@
     python -m pipeline_dsl.engine.native      # build it now (what `make native` runs)
 
 The library is compiled once per machine with the system's C++ compiler (`-O3 -march=native
--fopenmp`) into build/ beside this file, named by a hash of the source and flags, so a
-changed source is rebuilt and a stale one is never loaded. Where that folder cannot be written
+-fopenmp`) into build/ beside this file, named by a hash of the source, the flags, the compiler
+and the CPU's instruction sets (target_isa()), so a changed source is rebuilt, a stale one is
+never loaded, and a folder shared by machines of different CPUs (an image baked elsewhere, an
+NFS home) holds one library per instruction set. The library says what it was compiled for
+(`agp_isa()`); one that needs an instruction set this CPU lacks is refused before any kernel
+runs (a warning; the eager path), never called into an illegal instruction. Where that folder cannot be written
 (a read-only install: a container's image) it is built into the user's cache,
 $XDG_CACHE_HOME/agp/native (else ~/.cache/agp/native), else the temporary folder's
 agp-native-<uid> (TMPDIR; used only while this user owns it and no one else may write there);
 processes sharing a folder share the library: one builds it (a lock in the folder), the others
 wait and load it, and it lands by an atomic rename. It links libgomp by its soname,
 which resolves to the copy torch has already loaded: the kernels share torch's one OpenMP
-pool. Without a compiler, without AVX-512 or AVX2 + FMA + F16C (cpu_supported()), or with
+pool. Without a compiler, without AVX-512 or AVX2 + FMA (cpu_supported()), or with
 AGP_NATIVE=0, `load()` returns None after a one-line warning and the runner keeps its eager
 path (same tokens, slower).
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -45,7 +50,7 @@ BUILD = HERE / "build"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 STALE_BUILD_S = 600               # a partial build (.tmp…) older than this was left by a killed one; another
                                   # process's build in progress (maybe in another container: its pid unseen) is younger
-VERSION = 8                       # agp_native_version() of a library this module can drive
+VERSION = 9                       # agp_native_version() of a library this module can drive
 
 _LIB: list = []                   # [lib or None] once tried
 _WARNED: set = set()
@@ -62,19 +67,43 @@ def compiler() -> str | None:
 
 
 AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
-AVX2 = ("avx2", "fma", "f16c")
+AVX2 = ("avx2", "fma")            # the kernels use no F16C instruction (their bf16 is integer shifts)
+# kernels.cpp's agp_isa() bits, in order, as /proc/cpuinfo names them: what -march=native compiled in
+ISA_BITS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni",
+            "avx512_bf16", "avx_vnni")
 
 
 def cpu_supported() -> bool:
-    """Whether the kernels build here: AVX-512 (F, BW, VL, DQ), or AVX2 with FMA and F16C (each
-    kernel is compiled for what -march=native gives: kernels.cpp's 16-lane layer)."""
-    flags = set(_cpu_flags().split())
+    """Whether the kernels build here: AVX-512 (F, BW, VL, DQ), or AVX2 with FMA (each kernel is
+    compiled for what -march=native gives: kernels.cpp's 16-lane layer)."""
+    flags = cpu_flags()
     return all(f in flags for f in AVX512) or all(f in flags for f in AVX2)
 
 
-def library_path(cxx: str | None = None, folder: Path | None = None) -> Path:
-    h = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + str(cxx).encode()).hexdigest()[:12]
+def cpu_missing() -> list[str]:
+    """What cpu_supported() lacks here (the warning names it): the AVX2 set's, [] when supported."""
+    return [] if cpu_supported() else [f for f in AVX2 if f not in cpu_flags()]
+
+
+def target_isa() -> tuple[str, ...]:
+    """The instruction sets -march=native compiles for on this CPU (of those the kernels' code
+    depends on: ISA_BITS), sorted: part of the library's name."""
+    return tuple(sorted(f for f in ISA_BITS if f in cpu_flags()))
+
+
+def library_path(cxx: str | None = None, folder: Path | None = None, isa: tuple[str, ...] | None = None) -> Path:
+    """Where the library for this source, FLAGS, compiler `cxx` and instruction sets `isa`
+    (default: this CPU's, target_isa()) is, in `folder` (default build/)."""
+    isa = target_isa() if isa is None else tuple(sorted(isa))
+    key = SOURCE.read_bytes() + " ".join(FLAGS).encode() + str(cxx).encode() + " ".join(isa).encode()
+    h = hashlib.sha256(key).hexdigest()[:12]
     return (BUILD if folder is None else folder) / f"libagp_native-{h}.so"
+
+
+def library_isa(lib) -> list[str]:
+    """The instruction sets a loaded library was compiled for (its agp_isa())."""
+    bits = lib.agp_isa()
+    return [f for i, f in enumerate(ISA_BITS) if bits >> i & 1]
 
 
 def folders() -> list[Path]:
@@ -181,17 +210,27 @@ def load():
     if not env_switch("AGP_NATIVE", True):
         pass                      # switched off: the eager path, silently (tests, A/B)
     elif not cpu_supported():
-        _warn_once("agp: this CPU has neither AVX-512 nor AVX2 with FMA; the decode step runs eagerly (slower)")
+        _warn_once(f"agp: this CPU has no AVX-512 and lacks {' and '.join(cpu_missing())} of AVX2 with FMA; "
+                   "the decode step runs eagerly (slower)")
     elif compiler() is None:
         _warn_once("agp: no C++ compiler found; the decode step runs eagerly (slower). "
                    "Install g++ and run `make native` for the native kernels")
     else:
         try:
             import torch  # noqa: F401  (its libgomp must be loaded first: one OpenMP pool)
-            lib = ctypes.CDLL(str(build()))
+            path = build()
+            lib = ctypes.CDLL(str(path))
             if lib.agp_native_version() != VERSION:
                 raise RuntimeError("version mismatch")
-            _declare(lib)
+            # built on another CPU (a shared folder): its first kernel would be an illegal instruction
+            lacking = [f for f in library_isa(lib) if f not in cpu_flags()]
+            if lacking:
+                _warn_once(f"agp: the native kernels at {path} were built for {', '.join(lacking)}, which this "
+                           "CPU lacks (another machine's; remove the file to rebuild it here); "
+                           "the decode step runs eagerly (slower)")
+                lib = None
+            else:
+                _declare(lib)
         except (OSError, RuntimeError, AttributeError) as e:
             _warn_once(f"agp: native kernels unavailable ({str(e).splitlines()[0][:160]}); "
                        "the decode step runs eagerly (slower)")
@@ -218,7 +257,7 @@ def int8_dot_products() -> bool:
     (fp32), and W32 ran 1.7-1.9x faster than the eager fp32 path (docs/engine_benchmarks.md).
     AVX-512 without VNNI (Skylake) would run the AVX2 form on each half: unmeasured, it keeps
     float inputs."""
-    flags = set(_cpu_flags().split())
+    flags = cpu_flags()
     return "avx512_vnni" in flags or ("avx512f" not in flags and all(f in flags for f in AVX2))
 
 
@@ -243,15 +282,17 @@ def int8_activations() -> bool:
 def fast_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware (AMX or AVX512-BF16): oneDNN's bf16 GEMMs
     are fast there and emulated, ~10x slower, elsewhere."""
-    flags = _cpu_flags()
+    flags = cpu_flags()
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def _cpu_flags() -> str:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's flags (/proc/cpuinfo's words), read once per process; empty where unknown."""
     try:
-        return Path("/proc/cpuinfo").read_text()
+        return frozenset(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return ""
+        return frozenset()
 
 
 def reset() -> None:

@@ -89,8 +89,47 @@ struct Step {
 // Where a thread's time in agp_decode_step goes, when Step.prof asks (bench/roofline.py).
 enum Phase { P_GLUE, P_QKV, P_ATTENTION, P_O, P_GATE_UP, P_DOWN, P_HEAD, P_BARRIER, PHASES };
 
-int agp_native_version() { return 8; }
+int agp_native_version() { return 9; }
 int agp_phases() { return PHASES; }
+
+// The instruction sets this library was compiled for (-march=native on the machine that built it),
+// one bit each, in native.ISA_BITS's order: a loader refuses a library whose bits this CPU lacks
+// before calling any kernel (a library built elsewhere would stop the process at its first
+// instruction the CPU does not have). Plain code: safe to call on any x86-64.
+int agp_isa() {
+    return 0
+#if defined(__AVX2__)
+           | 1 << 0
+#endif
+#if defined(__FMA__)
+           | 1 << 1
+#endif
+#if defined(__F16C__)
+           | 1 << 2
+#endif
+#if defined(__AVX512F__)
+           | 1 << 3
+#endif
+#if defined(__AVX512BW__)
+           | 1 << 4
+#endif
+#if defined(__AVX512VL__)
+           | 1 << 5
+#endif
+#if defined(__AVX512DQ__)
+           | 1 << 6
+#endif
+#if defined(__AVX512VNNI__)
+           | 1 << 7
+#endif
+#if defined(__AVX512BF16__)
+           | 1 << 8
+#endif
+#if defined(__AVXVNNI__)
+           | 1 << 9
+#endif
+        ;
+}
 
 }  // extern "C"
 
@@ -531,11 +570,20 @@ void quantize_rows(const float* x, int T, int K, int parts, int8_t* q, XBlk* met
         for (int b = 0; b < K / 32; ++b) {
             const float* xb = x + (int64_t)t * K + 32 * b;
             const f32x16 v0 = vf_load(xb), v1 = vf_load(xb + 16);
+            int8_t* qb = q + (int64_t)t * parts * K + 32 * b;
+            // an inf or NaN in the block: x * 0 is NaN there (max would drop a NaN, and the int8
+            // conversion of inf or NaN differs by ISA: 0 with AVX-512, -128 with AVX2's packs).
+            // Zero codes and a NaN scale: the row's outputs are NaN, non-finite as torch's are
+            if (vf_reduce_add(vf_add(vf_mul(v0, vf_zero()), vf_mul(v1, vf_zero()))) != 0.f) {
+                for (int p = 0; p < parts; ++p) std::memset(qb + (int64_t)p * K, 0, 32);
+                const float nan = __builtin_nanf("");
+                meta[(int64_t)t * (K / 32) + b] = XBlk{nan, nan, nan, nan};
+                continue;
+            }
             const float amax = vf_reduce_max(vf_max(vf_and(v0, sign), vf_and(v1, sign)));
             const float d = amax / 127.0f, id = amax > 0.f ? 127.0f / amax : 0.f;
             const f32x16 s0 = vf_mul(v0, vf_set(id)), s1 = vf_mul(v1, vf_set(id));
             const i32x16 q0 = vi_from_f32(s0), q1 = vi_from_f32(s1);   // nearest even
-            int8_t* qb = q + (int64_t)t * parts * K + 32 * b;
             vi_store_i8(qb, q0);
             vi_store_i8(qb + 16, q1);
             float qs = (float)vi_reduce_add32(vi_add32(q0, q1));
