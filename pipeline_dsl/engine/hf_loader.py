@@ -22,8 +22,9 @@ and every norm weight w becomes 1 + w (its RMSNorm computes x * (1 + w), in floa
 
 A folder whose config.json has a quantization_config (AWQ's "gemm" checkpoints, GPTQ's of 4 or 8
 bits, compressed-tensors' pack-quantized: model_files/quantized.py) holds qweight, qzeros, scales (and
-g_idx), or weight_packed, weight_scale, ..., for each quantized linear layer: each is dequantized to the float32 weight, and where its 4-bit groups fit the engine's int4
-blocks also kept as those (`weights.int4`, as a GGUF's Q4 blocks are: engine/hf_quant.py).
+g_idx), or weight_packed, weight_scale, ..., for each quantized linear layer: each is dequantized to
+the float32 weight, and where its 4-bit groups fit the engine's int4 blocks also kept as those
+(`weights.int4`, as a GGUF's Q4 blocks are: engine/hf_quant.py).
 
 HF checkpoints keep the "rotate half" Q/K layout the model uses, so nothing is permuted.
 config.json and the header of every *.safetensors file are checked first
@@ -72,8 +73,9 @@ def load_hf_folder(folder: str | Path) -> HFModel:
             raise HFModelError(f, f"cannot read the weights ({e})") from e
         for name, t in tensors.items():
             parts = quant_parts(name)
-            if parts is not None and hf_engine_name(parts[0] + ".weight", config.gemma) is not None:
-                quantized.setdefault(parts[0], ({}, f))[0][parts[1]] = t
+            layer = None if parts is None else hf_engine_name(parts[0] + ".weight", config.gemma)
+            if layer is not None:                        # engine name -> (the module, its tensors, its file)
+                quantized.setdefault(layer, (parts[0], {}, f))[1][parts[1]] = t
                 continue
             mapped = hf_engine_name(name, config.gemma)
             if mapped is not None:
@@ -81,14 +83,13 @@ def load_hf_folder(folder: str | Path) -> HFModel:
     if quantized:
         from .hf_quant import dequantize
 
-        for module, (parts, f) in quantized.items():
-            mapped = hf_engine_name(module + ".weight", config.gemma)
+        for layer, (module, parts, f) in quantized.items():
             try:
-                weights[mapped], blocks = dequantize(spec, parts, module)
+                weights[layer], blocks = dequantize(spec, parts, module)
             except ValueError as e:
                 raise HFModelError(f, str(e)) from None
             if blocks is not None:
-                weights.int4[mapped] = blocks
+                weights.int4[layer] = blocks
     if config.fused:                                     # Phi-3: q/k/v and gate/up split (engine/phi3.py)
         from .phi3 import split_fused
         split_fused(config, weights)
