@@ -60,33 +60,33 @@ def _compressed_tensors(spec: QuantSpec, t: dict):
     return q, z, s
 
 
+def _group(spec: QuantSpec, K: int) -> int:
+    """Inputs per group of a layer of K inputs (group_size -1: one group per column)."""
+    return spec.group_size if spec.group_size != -1 else K
+
+
 def unpack(spec: QuantSpec, t: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes int16 [K, N], zeros int16 [G, N], scales float32 [G, N], group of each input int64 [K])
     of one layer's tensors `t` (role -> tensor, shapes checked by model_files.quantized)."""
     if spec.method == "compressed-tensors":
         q, z, s = _compressed_tensors(spec, t)
-        K = q.shape[0]
-        if "shape" in t and t["shape"].tolist() != [q.shape[1], K]:
-            raise ValueError(f"its weight_shape {t['shape'].tolist()} is not the [{q.shape[1]}, {K}] that "
-                             f"weight_packed unpacks to")
-        group = spec.group_size if spec.group_size != -1 else K
-        g_idx = t.get("g_idx")
-        return q, z, s, (g_idx.long() if g_idx is not None else torch.arange(K) // group)
-    if spec.method == "awq":
-        q = _along_outputs(t["qweight"], spec)                     # [K, N]
-    else:                                                          # packed along the inputs
-        q = _codes(t["qweight"], spec.bits)                        # [K/p, N, p]
-        q = q.permute(0, 2, 1).reshape(-1, q.shape[1])             # [K, N]
+        if "shape" in t and t["shape"].tolist() != [q.shape[1], q.shape[0]]:
+            raise ValueError(f"its weight_shape {t['shape'].tolist()} is not the [{q.shape[1]}, {q.shape[0]}] "
+                             f"that weight_packed unpacks to")
+    else:
+        if spec.method == "awq":
+            q = _along_outputs(t["qweight"], spec)                 # [K, N]
+        else:                                                      # packed along the inputs
+            q = _codes(t["qweight"], spec.bits)                    # [K/p, N, p]
+            q = q.permute(0, 2, 1).reshape(-1, q.shape[1])         # [K, N]
+        qzeros = t["qzeros"]
+        if spec.zeros_minus_one:   # GPTQ v1 stores z - 1, the whole word less 0x11111111 (GPTQModel's
+            qzeros = _plus_ones(qzeros, spec.bits)   # form): a zero of 0 borrows from the next field
+        z = _along_outputs(qzeros, spec)                           # [G, N]
+        s = t["scales"].float()
     K = q.shape[0]
-    qzeros = t["qzeros"]
-    if spec.zeros_minus_one:       # GPTQ v1 stores z - 1, the whole word less 0x11111111 (GPTQModel's
-        qzeros = _plus_ones(qzeros, spec.bits)   # form): a zero of 0 borrows from the next field
-    z = _along_outputs(qzeros, spec)                               # [G, N]
-    s = t["scales"].float()
-    group = spec.group_size if spec.group_size != -1 else K
     g_idx = t.get("g_idx")
-    g = g_idx.long() if g_idx is not None else torch.arange(K) // group
-    return q, z, s, g
+    return q, z, s, (g_idx.long() if g_idx is not None else torch.arange(K) // _group(spec, K))
 
 
 def dequantize(spec: QuantSpec, t: dict, name: str = "") -> tuple[torch.Tensor, Int4Blocks | None]:
@@ -101,7 +101,7 @@ def dequantize(spec: QuantSpec, t: dict, name: str = "") -> tuple[torch.Tensor, 
         raise ValueError(f"the g_idx of layer '{name}' names groups outside its {s.shape[0]}")
     w = ((q - z[g]).float() * s[g]).t().contiguous()               # [N, K]
     blocks = None
-    group = spec.group_size if spec.group_size != -1 else K
+    group = _group(spec, K)
     # (q - 8) * s + (8 - z) * s is (q - z) * s exactly for fp16 and bf16 scales (11 significant bits or
     # fewer, times a code of 5): with fp32 scales, whose products round, the dequantized weight alone
     if spec.bits == 4 and group % INT4_GROUP == 0 and K % group == 0 \
