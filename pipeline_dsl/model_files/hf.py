@@ -186,7 +186,8 @@ def hf_quant_config(folder) -> QuantSpec | None:
 def hf_llama_config(folder) -> dict:
     """LlamaConfig fields of an HF folder, after checking config.json and the header (names,
     shapes) of every *.safetensors file; tie_embeddings is True when there is no lm_head. The
-    tensors of a quantized layer (AWQ's, GPTQ's, compressed-tensors') stand for its weight of the shape they unpack to."""
+    tensors of a quantized layer (AWQ's, GPTQ's, compressed-tensors') stand for its weight of the
+    shape they unpack to."""
     folder = Path(folder)
     c = hf_config(folder)
     spec = hf_quant_config(folder)
