@@ -156,18 +156,26 @@ HI = [{"role": "user", "content": "hi"}]
 
 
 def test_a_model_samples_by_vllms_defaults_where_its_generation_config_sets_none(tiny_gguf):
-    """vLLM answers a request that sets no max_tokens with all the context leaves, at temperature 1
+    """vLLM answers a chat request that sets no max_tokens with all the context leaves, at temperature 1
     (its SamplingParams' defaults), unless the model's generation config says otherwise; agp's
-    generate stage defaults (128 tokens, greedy) cut such answers short."""
-    chat, resp = answers([str(tiny_gguf), "--max-model-len", "96"],    # the context: 96 of the tiny model's 512
-                         ("/v1/chat/completions", {"messages": HI, "ignore_eos": True}),
-                         ("/v1/responses", {"input": "hi", "max_output_tokens": 2}))
+    generate stage defaults (128 tokens, greedy) cut such answers short. A completions request without
+    max_tokens gets 16 tokens, as vLLM's CompletionRequest and OpenAI's completions API default it (it
+    got all the context leaves, as chat does)."""
+    chat, resp, text = answers([str(tiny_gguf), "--max-model-len", "96"],    # the context: 96 of the tiny model's 512
+                               ("/v1/chat/completions", {"messages": HI, "ignore_eos": True}),
+                               ("/v1/responses", {"input": "hi", "max_output_tokens": 2}),
+                               ("/v1/completions", {"prompt": "hi", "ignore_eos": True}))
     use = chat["usage"]
     assert use["prompt_tokens"] + use["completion_tokens"] == 96            # all the context leaves
     assert chat["choices"][0]["finish_reason"] == "length"
     assert resp["temperature"] == 1.0
-    # what the generation config sets is the default, as in vLLM (here set by the override flag)
-    chat, resp = answers([str(tiny_gguf), "--override-generation-config", '{"max_new_tokens": 3, "temperature": 0.5}'],
-                         ("/v1/chat/completions", {"messages": HI, "ignore_eos": True}),
-                         ("/v1/responses", {"input": "hi", "max_output_tokens": 2}))
+    assert text["usage"]["completion_tokens"] == 16 and text["choices"][0]["finish_reason"] == "length"
+    # what the generation config sets is the default, as in vLLM (here set by the override flag), and
+    # where it is fewer than 16 it holds for completions too
+    chat, resp, text = answers([str(tiny_gguf), "--override-generation-config",
+                                '{"max_new_tokens": 3, "temperature": 0.5}'],
+                               ("/v1/chat/completions", {"messages": HI, "ignore_eos": True}),
+                               ("/v1/responses", {"input": "hi", "max_output_tokens": 2}),
+                               ("/v1/completions", {"prompt": "hi", "ignore_eos": True}))
     assert chat["usage"]["completion_tokens"] == 3 and resp["temperature"] == 0.5
+    assert text["usage"]["completion_tokens"] == 3

@@ -32,6 +32,9 @@ MODEL_PIPELINE_NAME = "model"
 # vLLM's sampling defaults where the model's generation config sets none (its SamplingParams'):
 # temperature 1, and max_tokens all the context leaves (the generate stage cuts max_new_tokens to it)
 VLLM_SAMPLING = {"temperature": ("temperature", 1.0), "max_tokens": ("max_new_tokens", 1 << 20)}
+# ... but a /v1/completions request that sets no max_tokens gets 16, as vLLM's CompletionRequest (and
+# OpenAI's completions API) defaults it, or the generation config's max_new_tokens where that is fewer
+VLLM_COMPLETION_MAX_TOKENS = 16
 
 
 def pipeline_graph(args):
@@ -192,6 +195,10 @@ def build(args, *, host: str | None = None) -> Serving:
     names += tuple(a.name for a in loras)     # a request may name an adapter as it names the model
     copied = request_headers(args.request_headers, runtime.graph)
     contexts = [es.max_model_len for es in runtime.segments]
+    completion_max_tokens = None
+    if model_named(args.pipeline) is not None:      # vLLM's defaults (MODEL_PIPELINE has one generate stage)
+        completion_max_tokens = min([VLLM_COMPLETION_MAX_TOKENS, *(params.max_tokens for es in runtime.segments
+                                                                    for params in es.defaults.values())])
     config = ServeConfig(model_names=names, max_model_len=int(min(contexts) if contexts else 1 << 20),
                          stages=tuple((g, Path(str(es.config.model)).name) for g, es in runtime.seg_of_gen.items()),
                          loras=loras,
@@ -204,6 +211,7 @@ def build(args, *, host: str | None = None) -> Serving:
                          max_prompt_chars=max((es.max_prompt_chars or 0 for es in runtime.segments),
                                               default=0) or None,
                          max_stage_n=max((n for es in runtime.segments for n in es.n.values()), default=1),
+                         completion_max_tokens=completion_max_tokens,
                          lenient=args.lenient, api_keys=tuple(args.api_key or ()),
                          allowed_origins=tuple(args.allowed_origins or ()),
                          stats_interval_s=args.stats_interval, trace_path=args.trace,

@@ -29,6 +29,10 @@ class ServeConfig:
     max_body_bytes_arriving: int = 256 << 20   # bytes of bodies still arriving, all together; more: 503
     allowed_hosts: tuple[str, ...] = ("*",)  # Host header values accepted (a 400 otherwise); "*": any
     max_stage_n: int = 1                   # the largest n of the pipeline's generate stages
+    # agp serve MODEL: what a /v1/completions request that sets no max_tokens generates at most (vLLM's and
+    # OpenAI's completions default, 16, or less where the model's generation config says); None: the
+    # generate stage's max_new_tokens, as for chat
+    completion_max_tokens: int | None = None
     lenient: bool = False                  # unknown request fields: logged and ignored, not a 400
     api_keys: tuple[str, ...] = ()         # when given, every route but OPEN_PATHS wants one (401)
     allowed_origins: tuple[str, ...] = ()  # CORS: origins browsers may call from ("*": any)

@@ -77,6 +77,9 @@ class Generations:
             P.check_choices(1 + len(req.more_prompts), c.max_stage_n)
         P.check_queue_room(1 + len(req.more_prompts), self.apipe.runtime.max_queue, "prompt")
         check_reasoning(self.apipe.runtime, req)
+        if c.completion_max_tokens is not None and req.kind == "completion" and "max_tokens" not in req.fields:
+            # agp serve MODEL: vLLM's completions default (16), which its request model sets as if sent
+            req = replace(req, fields={**req.fields, "max_tokens": c.completion_max_tokens})
         return self.token_names(req, body)
 
     def token_names(self, req: P.GenerationRequest, body: dict) -> P.GenerationRequest:
