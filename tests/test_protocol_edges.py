@@ -851,16 +851,20 @@ def test_a_response_format_keeps_its_own_json_options(kind):
     assert "compact" not in parse_response_format({**kind, "compact": "yes"})
 
 
-def test_continuous_usage_stats_take_effect_with_include_usage_only():
+def test_continuous_usage_stats_take_effect_where_the_stream_asks_for_usage():
     """vLLM's stream_options.continuous_usage_stats puts the usage so far on every chunk where the
-    stream asks for usage at all (include_usage); alone it changes nothing."""
+    stream asks for usage at all (include_usage); alone it asks for both, as vLLM's StreamOptions
+    default include_usage to true (it changed nothing: a vLLM client sending it alone got no usage)."""
     def usage(options):
         req = chat({"messages": HI, "stream": True, "stream_options": options})
         return req.include_usage, req.continuous_usage
 
     assert usage({"include_usage": True, "continuous_usage_stats": True}) == (True, True)
-    assert usage({"continuous_usage_stats": True}) == (False, False)
+    assert usage({"continuous_usage_stats": True}) == (True, True)
+    assert usage({"include_usage": False, "continuous_usage_stats": True}) == (False, False)
+    assert usage({"include_usage": None, "continuous_usage_stats": True}) == (False, False)
     assert usage({"include_usage": True}) == (True, False)
+    assert usage({"continuous_usage_stats": False}) == (False, False)
 
 
 def test_logit_bias_takes_minus_100_to_100_inclusive_and_refuses_beyond():

@@ -225,10 +225,16 @@ def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(client, kind
     plain = list(client.completions.create(model="tiny", prompt="hey", max_tokens=3, stream=True,
                                            stream_options={"include_usage": True}))
     assert [c.usage is not None for c in plain] == [False] * (len(plain) - 1) + [True]   # the last alone
+    # alone it asks for the usage too, as vLLM's StreamOptions default include_usage to true; include_usage
+    # false turns both off
     alone = {"stream": True, "stream_options": {"continuous_usage_stats": True}, "max_tokens": 3}
     chunks = list(client.chat.completions.create(model="tiny", messages=USER, **alone) if kind == "chat"
                   else client.completions.create(model="tiny", prompt="hey", **alone))
-    assert len(chunks) > 1 and all(c.usage is None for c in chunks)   # only with include_usage, as vLLM takes it
+    assert len(chunks) > 1 and all(c.usage is not None for c in chunks) and chunks[-1].usage.completion_tokens == 3
+    off = {**alone, "stream_options": {"include_usage": False, "continuous_usage_stats": True}}
+    chunks = list(client.chat.completions.create(model="tiny", messages=USER, **off) if kind == "chat"
+                  else client.completions.create(model="tiny", prompt="hey", **off))
+    assert len(chunks) > 1 and all(c.usage is None for c in chunks)
 
 
 

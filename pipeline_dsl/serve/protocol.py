@@ -296,7 +296,8 @@ def stream_options(obj: dict, keys: tuple[str, ...], lenient: bool = False) -> d
 
 def _stream_flags(obj: dict, lenient: bool = False) -> dict:
     """stream, and stream_options' include_usage and continuous_usage_stats (vLLM's: every chunk
-    carries the usage so far; with include_usage, as vLLM takes it)."""
+    carries the usage so far; with include_usage, as vLLM takes it, whose StreamOptions default
+    include_usage to true: continuous_usage_stats alone asks for both)."""
     stream = _field(obj, "stream", lambda v: isinstance(v, bool), "true or false") or False
     options = stream_options(obj, STREAM_OPTIONS, lenient)
     flags = {"stream": stream, "include_usage": False, "continuous_usage": False}
@@ -304,7 +305,10 @@ def _stream_flags(obj: dict, lenient: bool = False) -> dict:
         if not stream:
             raise APIError("'stream_options' is only allowed with \"stream\": true",
                            param="stream_options")
-        flags["include_usage"] = bool(options.get("include_usage"))
+        usage = options.get("include_usage")
+        if "include_usage" not in options and options.get("continuous_usage_stats"):
+            usage = True           # vLLM's field, vLLM's meaning: a usage stream is asked for (null asks for none)
+        flags["include_usage"] = bool(usage)
         flags["continuous_usage"] = bool(options.get("continuous_usage_stats") and flags["include_usage"])
     return flags
 
