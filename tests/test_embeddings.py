@@ -150,6 +150,24 @@ def test_bad_input_is_an_error_naming_the_field(server, body, status, param):
     assert r.json()["error"]["param"] == param
 
 
+def test_truncate_prompt_tokens_embeds_each_inputs_last_tokens(server, client):
+    """vLLM's truncate_prompt_tokens, as on completions and chat: each input's last k tokens are
+    embedded (a text's once tokenised), so an input longer than the context is embedded from its end;
+    -1 keeps the context's worth. It was an unknown field (a 400), which vLLM clients send for long
+    documents."""
+    long_ids = [(7 * i + 3) % 200 + 3 for i in range(600)]              # beyond the context of 512
+    text = "the cat is here " * 3
+    out = client.embeddings.create(model="tiny", input=[long_ids, text], encoding_format="float",
+                                   extra_body={"truncate_prompt_tokens": 5})
+    assert torch.allclose(torch.tensor(out.data[0].embedding), expected(server, long_ids[-5:]), atol=1e-4)
+    assert torch.allclose(torch.tensor(out.data[1].embedding), expected(server, ids_of(server, text)[-5:]), atol=1e-4)
+    assert out.usage.prompt_tokens == 10
+    whole = client.embeddings.create(model="tiny", input=[long_ids], extra_body={"truncate_prompt_tokens": -1})
+    assert whole.usage.prompt_tokens == 512
+    r = server.http.post(server.url + "/v1/embeddings", json={"input": "x", "truncate_prompt_tokens": 513}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "truncate_prompt_tokens", r.text
+
+
 def test_a_thousand_inputs_are_embedded_and_the_answer_names_the_model_asked_for(server, client):
     """docs/openai.md, /v1/embeddings: up to 2048 inputs a request, OpenAI's limit, and no more
     than the queue holds (2049, and 1025 on a queue of 1024, are 400s, above): LangChain's

@@ -50,7 +50,7 @@ from .extras import bad, request_errors
 from .generation import wait_or_disconnect
 
 FIELDS = {"model", "input", "encoding_format", "dimensions", "user", "normalize", "request_id", "priority",
-          "add_special_tokens", "embed_dtype", "endianness",
+          "add_special_tokens", "embed_dtype", "endianness", "truncate_prompt_tokens",
           "messages", "add_generation_prompt", "continue_final_message", "chat_template_kwargs"}   # the chat form
 # vLLM's embed_dtype of a base64 embedding: its torch dtype, and the integer dtype of the same width
 # whose bytes are written (bfloat16 and fp8 are their bit patterns)
@@ -61,8 +61,9 @@ MAX_INPUTS = 2048          # inputs one request may embed: OpenAI's limit (clien
                            # 1000, the Vercel AI SDK 2048); each is a request in the queue, so --max-queue bounds it too
 
 
-def _inputs(value, max_model_len: int) -> list:
-    """`input`: a string, an array of token ids, or an array of either (each a string or ids)."""
+def _inputs(value, max_model_len: int, keep: int | None = None) -> list:
+    """`input`: a string, an array of token ids, or an array of either (each a string or ids; its
+    last `keep` ids when truncated: vLLM's truncate_prompt_tokens)."""
     def ids_ok(v) -> bool:
         return isinstance(v, list) and bool(v) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
                                                        for t in v)
@@ -75,6 +76,8 @@ def _inputs(value, max_model_len: int) -> list:
         raise bad("input", "a string, an array of token ids, or a non-empty array of those", value)
     if len(batch) > MAX_INPUTS:
         raise P.APIError(f"'input' holds {len(batch)} inputs; at most {MAX_INPUTS} a request", param="input")
+    if keep:
+        batch = [v[-keep:] if isinstance(v, list) else v for v in batch]
     for i, v in enumerate(batch):
         where = "'input'" if len(batch) == 1 else f"'input[{i}]'"
         if isinstance(v, str) and not v:
@@ -192,14 +195,16 @@ class Embeddings:
         if endianness not in ENDIANNESS:
             raise bad("endianness", "one of " + ", ".join(ENDIANNESS), endianness)
         extras = P.parse_extras({"request_id": body.get("request_id")}, chat=False)
-        inputs = [messages] if chat else _inputs(body["input"], c.max_model_len)
+        truncated = P.truncation(body, c.max_model_len)      # vLLM's: each input's last k tokens
+        keep = truncated.get("truncate_prompt_tokens")
+        inputs = [messages] if chat else _inputs(body["input"], c.max_model_len, keep)
         P.check_queue_room(len(inputs), self.g.apipe.runtime.max_queue, "input")
         return {**base, "format": fmt,
                 "inputs": inputs,
                 "chat_template_kwargs": template_kwargs,
                 "dimensions": dims, "normalize": normalize, "request_id": extras.request_id,
                 "dtype": dtype, "endianness": endianness,
-                "fields": {"max_tokens": 0, "pooling": "mean", **P.priority_field(body),
+                "fields": {"max_tokens": 0, "pooling": "mean", **P.priority_field(body), **truncated,
                            **({"add_generation_prompt": False, **render} if chat else P.add_special_tokens(body))}}
 
     async def create(self, request: Request, body: dict | None = None) -> Response:

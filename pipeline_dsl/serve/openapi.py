@@ -491,7 +491,7 @@ def _embeddings_request() -> dict:
         "encoding_format": {"enum": ["float", "base64"]}, "normalize": {"type": "boolean"},
         "dimensions": {"type": "integer", "description": "only the model's own"},
         "user": {"type": "string"}, "request_id": SAMPLING["request_id"], "priority": SAMPLING["priority"],
-        "add_special_tokens": ADD_SPECIAL_TOKENS,
+        "add_special_tokens": ADD_SPECIAL_TOKENS, "truncate_prompt_tokens": SAMPLING["truncate_prompt_tokens"],
         "embed_dtype": {"enum": list(EMBED_DTYPES), "description": "a base64 embedding's numbers (vLLM's)"},
         "endianness": {"enum": list(ENDIANNESS), "description": "a base64 embedding's byte order (vLLM's)"},
         # vLLM's chat form: one conversation, rendered by the chat template, instead of `input`

@@ -213,8 +213,9 @@ def check_cache_settings(obj: dict) -> None:
         check_fields(obj, CACHE_SETTINGS)
 
 
-def _truncation(obj: dict, max_model_len: int) -> dict:
-    """vLLM's truncate_prompt_tokens: keep the prompt's last k tokens (-1: the context)."""
+def truncation(obj: dict, max_model_len: int) -> dict:
+    """vLLM's truncate_prompt_tokens: keep the prompt's last k tokens (-1: the context), on
+    completions, chat and embeddings."""
     k = _field(obj, "truncate_prompt_tokens", *ITEM_FIELDS["truncate_prompt_tokens"])
     if k is None:
         return {}
@@ -342,10 +343,10 @@ def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     model, pin = model_of(obj, served, stages)
     _check_unsupported(obj)
     identity = _check_identifiers(obj)
-    truncation = _truncation(obj, max_model_len)
+    truncated = truncation(obj, max_model_len)
     if "prompt" not in obj or obj["prompt"] is None:
         raise APIError("'prompt' is required", param="prompt")
-    prompts = _prompts(obj["prompt"], max_model_len, truncation.get("truncate_prompt_tokens"))
+    prompts = _prompts(obj["prompt"], max_model_len, truncated.get("truncate_prompt_tokens"))
     flags = _stream_flags(obj, lenient)
     echo = _field(obj, "echo", lambda v: isinstance(v, bool), "true or false") or False
     metadata = _metadata(obj)
@@ -373,7 +374,7 @@ def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     fields.update(add_special_tokens(obj))
     extras = parse_extras(obj, chat=False)
     fields.update(extras.fields)
-    fields.update(truncation)
+    fields.update(truncated)
     fields.update(priority_field(obj))
     check_choices(len(prompts), int(fields.get("n") or 1))
     first, rest = prompts[0], prompts[1:]
@@ -469,7 +470,7 @@ def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     _check_unsupported(obj, chat=True)
     identity = _check_identifiers(obj)
     check_cache_settings(obj)
-    truncation = _truncation(obj, max_model_len)
+    truncated = truncation(obj, max_model_len)
     messages = _messages(obj.get("messages"))
     flags = _stream_flags(obj, lenient)
     fields = _sampling(obj, max_model_len, max_tokens_field="max_completion_tokens")
@@ -489,7 +490,7 @@ def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     extras = parse_extras(obj, chat=True)
     fields.update(extras.fields)
     fields.update(_render_flags(obj))
-    fields.update(truncation)
+    fields.update(truncated)
     fields.update(priority_field(obj))
     return GenerationRequest("chat", model, fields, messages=messages, **flags, pin=pin, metadata=metadata,
                              tools=tuple(tools) if tools else None, tool_choice=choice,
