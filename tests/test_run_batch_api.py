@@ -14,7 +14,7 @@ def batch_line(cid, url, body) -> str:
     return json.dumps({"custom_id": cid, "method": "POST", "url": url, "body": body}) + "\n"
 
 
-CHAT, COMP = "/v1/chat/completions", "/v1/completions"
+CHAT, COMP, EMB = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
 
 
 def test_a_batch_api_file_is_answered_in_the_batch_output_shape_in_input_order(tmp_path, pipeline):
@@ -46,10 +46,60 @@ def test_a_batch_api_file_is_answered_in_the_batch_output_shape_in_input_order(t
     typo, emb, dup, plain = got[2:]
     assert typo["response"]["status_code"] == 400 and "did you mean 'max_tokens'" in typo["error"]["message"]
     assert typo["response"]["body"]["error"]["param"] == "max_tokenz" and typo["error"]["line"] == 3
-    assert emb["response"]["status_code"] == 400 and "'url' must be" in emb["error"]["message"]
+    assert emb["error"] is None and emb["response"]["body"]["object"] == "list"      # an embeddings line: below
     assert "also the custom_id of line 1" in dup["error"]["message"]
     assert "not a batch request line" in plain["error"]["message"]
     assert len({g["id"] for g in got}) == len(got)
+
+
+def test_an_embeddings_line_is_answered_as_agp_serve_answers_its_body(tmp_path, pipeline, tiny_gguf):
+    """OpenAI's Batch API and vLLM's run-batch take /v1/embeddings lines: each is answered with the
+    body agp serve's /v1/embeddings gives (the same vectors, usage and fields), or the error record
+    of what it refuses. They were error records ('url' must be /v1/chat/completions or /v1/completions).
+    agp bench's workload refuses them: they generate nothing."""
+    import base64
+    import struct
+
+    import pytest
+    import torch
+
+    from pipeline_dsl.commands.batch_api import workload_request
+    from pipeline_dsl.requests_io import RequestError
+    from test_serve import LiveServer
+
+    bodies = [{"input": ["hello world", "the cat"]},
+              {"input": [[5, 6, 7]], "encoding_format": "base64", "normalize": False},
+              {"input": "hello world", "truncate_prompt_tokens": 1}]
+    inp, out = tmp_path / "batch.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(batch_line("named", EMB, {**bodies[0], "model": "text-embedding-3-small"})
+                   + "".join(batch_line(f"e{i}", EMB, b) for i, b in enumerate(bodies[1:], 1))
+                   + batch_line("dims", EMB, {"input": "x", "dimensions": 3}))
+    r = run(pipeline, "-i", inp, "-o", out)
+    assert r.returncode == 0, r.stderr
+    got = records(out)
+
+    def floats(v):
+        return torch.tensor(v if isinstance(v, list) else struct.unpack(f"<{len(base64.b64decode(v)) // 4}f",
+                                                                         base64.b64decode(v)))
+
+    server = LiveServer(tiny_gguf, text=PIPELINE.format(model=tiny_gguf))
+    try:
+        for line, body in zip(got, bodies):
+            want = server.http.post(server.url + "/v1/embeddings", json=body, timeout=60).json()
+            assert line["error"] is None and line["response"]["status_code"] == 200, line
+            answer = line["response"]["body"]
+            assert line["response"]["request_id"].startswith("embd-") and answer["usage"] == want["usage"]
+            assert [d["index"] for d in answer["data"]] == [d["index"] for d in want["data"]]
+            for d, w in zip(answer["data"], want["data"]):
+                assert torch.allclose(floats(d["embedding"]), floats(w["embedding"]), atol=1e-5)
+    finally:
+        server.close()
+    assert got[0]["response"]["body"]["model"] == "text-embedding-3-small"      # the file's own, echoed
+    assert got[2]["response"]["body"]["usage"]["prompt_tokens"] == 1
+    dims = got[3]
+    assert dims["response"]["status_code"] == 400 and dims["response"]["body"]["error"]["param"] == "dimensions"
+    with pytest.raises(RequestError, match="generates nothing"):
+        workload_request(json.loads(batch_line("w", EMB, {"input": "x"})), 1)
 
 
 def test_a_batch_lines_envelope_is_checked_field_by_field_and_method_defaults_to_post(tmp_path, pipeline):

@@ -1,7 +1,7 @@
 """OpenAI batch-API files in `agp run`: input lines and output lines in the Batch API's shapes.
 
 An input line `{"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions", "body": {...}}`
-(`url` also /v1/completions) is answered by one output line, in input order, as OpenAI's batch
+(`url` also /v1/completions and /v1/embeddings) is answered by one output line, in input order, as OpenAI's batch
 output file and vLLM's `run_batch` write it:
 
     {"id": "batch_req_3", "custom_id": "r1",
@@ -28,7 +28,8 @@ from pipeline_dsl.serve.answers import answer_body
 from pipeline_dsl.serve.api_error import APIError
 
 ENDPOINTS = {"/v1/chat/completions": ("chat", P.parse_chat, "chatcmpl"),
-             "/v1/completions": ("completion", P.parse_completion, "cmpl")}
+             "/v1/completions": ("completion", P.parse_completion, "cmpl"),
+             "/v1/embeddings": ("embeddings", None, "embd")}      # serve/embeddings.py reads its bodies
 
 
 def is_batch_line(obj) -> bool:
@@ -46,6 +47,8 @@ class BatchLine:
     line: int
     call: P.GenerationRequest | None = None      # the body, parsed as agp serve parses it
     per: int = 1                                 # choice numbers each prompt of a batch takes
+    embed: dict | None = None                    # an embeddings body instead, parsed as agp serve parses it
+    parts: list | None = None                    # ... and its inputs' results, once in (result)
 
     @property
     def id(self):
@@ -57,6 +60,11 @@ class BatchLine:
         _, parse, _ = ENDPOINTS[self.url]
         model = self.body.get("model")
         served = (model if isinstance(model, str) and model else default_model,)
+        if parse is None:                        # embeddings: one pipeline request per input, taken as the queue has room
+            from pipeline_dsl.serve.embeddings import parse_request
+
+            self.embed = parse_request(self.body, max_model_len=max_model_len, served=served, stages=stages)
+            return
         body = {k: v for k, v in self.body.items() if k not in ("stream", "stream_options")}
         call = parse(body, max_model_len=max_model_len, served=served, stages=stages)
         if "n" not in call.fields:
@@ -72,14 +80,32 @@ class BatchLine:
         """The pipeline requests of the body: one, or one per prompt of a completions batch
         (`"prompt": ["a", "b"]`), answered together as POST /v1/completions answers them
         (choice i of prompt k numbered k * per + i, those past per after every prompt's)."""
+        if self.embed is not None:
+            from pipeline_dsl.serve.embeddings import input_items
+
+            return input_items(self.embed, self.rid)
         return [part.item(self.rid if k == 0 else f"{self.rid}-{k}") for k, part in enumerate(self.call.split())]
 
     @property
     def pin(self) -> str | None:
-        return self.call.pin
+        return self.embed["pin"] if self.embed is not None else self.call.pin
+
+    def result(self, results: list):
+        """One result of its items' results (several: a completions batch's prompts, an embeddings
+        body's inputs), as agp serve answers them: choices renumbered, usage summed, the first error
+        wins. An embeddings line keeps its inputs' own results too (`parts`), which its answer reads."""
+        if self.embed is not None:
+            self.parts = results
+        if len(results) == 1:
+            return results[0]
+        from pipeline_dsl.serve.async_pipeline import combine
+
+        return combine(results, self.per)
 
     def answer(self, result, runtime) -> dict:
         """The output line of a finished request: its answer, or the error it ended with."""
+        if self.embed is not None:
+            return self._embeddings(result)
         if result.error is not None:
             from pipeline_dsl.serve.errors import api_error
 
@@ -87,6 +113,21 @@ class BatchLine:
                 result.error, self.call.kind, max_tokens_field=self.call.max_tokens_field,
                 format_field=self.call.format_field), self.rid)
         body, _ = answer_body(runtime, result, self.call, self.rid, fingerprint=fingerprint(runtime))
+        return {"id": f"batch_req_{self.line}", "custom_id": self.custom_id,
+                "response": {"status_code": 200, "request_id": self.rid, "body": body}, "error": None}
+
+
+    def _embeddings(self, result) -> dict:
+        """The output line of an embeddings body: agp serve's answer, or the error it would have given."""
+        from pipeline_dsl.serve.embeddings import answer_body as embeddings_body
+        from pipeline_dsl.serve.errors import api_error
+
+        try:
+            if result.error is not None:
+                raise api_error(result.error, "embeddings")
+            body = embeddings_body(self.embed, self.parts)
+        except APIError as err:
+            return error_record(self.custom_id, self.line, err, self.rid)
         return {"id": f"batch_req_{self.line}", "custom_id": self.custom_id,
                 "response": {"status_code": 200, "request_id": self.rid, "body": body}, "error": None}
 
@@ -140,6 +181,9 @@ def workload_request(obj: dict, line: int) -> ParsedRequest:
     it (RequestError saying why not), its custom_id the id. The body's `model` names the batch
     file's model, not a target: each target answers with its own."""
     batch = read_line(obj, line)
+    if batch.url == "/v1/embeddings":
+        raise RequestError("an /v1/embeddings line generates nothing: agp bench measures generation (chat and "
+                           "completions lines)", param="url")
     try:
         batch.parse(1 << 30, (), "workload")        # the context is each target's to bound
     except APIError as e:

@@ -593,7 +593,8 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
         it (a name it serves, or a generate stage's: else the same 404 message)."""
         if isinstance(req, batch_api.BatchLine):
             req.parse(max_model_len, stages, runtime.name, max_stage_n)
-            check_reasoning(runtime, req.call)
+            if req.call is not None:             # an embeddings body has no answer to split
+                check_reasoning(runtime, req.call)
         else:
             if req.model is not None:
                 model_of({"model": req.model}, served, stages)

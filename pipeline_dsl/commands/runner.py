@@ -48,11 +48,9 @@ class RunRequest:
         """One result of its items' results: choice i of prompt k numbered k * per + i (those past
         per, a fan-out's, after every prompt's: ChoiceNumbers), usage summed, as agp serve answers a
         completions batch."""
-        if len(results) == 1:
-            return results[0]
-        from pipeline_dsl.serve.async_pipeline import combine
-
-        return combine(results, self.batch.per)
+        if self.batch is not None:
+            return self.batch.result(results)
+        return results[0]
 
     def answer(self, result, runtime) -> dict:
         """Its output line."""

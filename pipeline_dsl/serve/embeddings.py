@@ -147,6 +147,95 @@ def pooled_vectors(req: dict, results) -> list[list[float]]:
     return vectors
 
 
+def request_base(body: dict, served: tuple[str, ...], stages: tuple[str, ...]) -> dict:
+    """{"model", "pin", "identity"} of a request on the embeddings path (embeddings, score,
+    rerank): the model it names and its end user, as chat's `user` (a string), who reaches the
+    pipeline as on chat (a per-user gate or route sees who embeds)."""
+    model, pin = P.model_of(body, served, stages)
+    with request_errors:
+        check_fields(body, {"user": IGNORED["user"]})
+    return {"model": model, "pin": pin, "identity": {"user": body["user"]} if body.get("user") is not None else None}
+
+
+def parse_request(body: dict, *, max_model_len: int, served: tuple[str, ...], stages: tuple[str, ...] = (),
+                  lenient: bool = False, max_queue: int | None = None) -> dict:
+    """An embeddings body checked (APIError naming the field at fault): the request to run, its
+    inputs and how its answer is written. agp serve's /v1/embeddings and agp run's batch-API lines
+    read it alike; `max_queue`: what the pipeline's queue holds (agp serve admits a request's inputs
+    together), None where they are taken as the queue has room (agp run)."""
+    body = P.check_unknown(body, FIELDS, lenient)
+    base = request_base(body, served, stages)
+    chat = body.get("messages") is not None
+    if chat and body.get("input") is not None:
+        raise P.APIError("give 'input' or 'messages', not both", param="messages")
+    if not chat and body.get("input") is None:
+        raise P.APIError("'input' is required (or 'messages', vLLM's chat form)", param="input")
+    rendering = [k for k in ("add_generation_prompt", "continue_final_message", "chat_template_kwargs")
+                 if body.get(k) is not None]
+    if rendering and not chat:
+        raise P.APIError(f"'{rendering[0]}' renders 'messages', and this request embeds an 'input'",
+                         param=rendering[0])
+    if chat and body.get("add_special_tokens"):
+        raise P.APIError("'add_special_tokens' = true is not supported with 'messages': the chat template writes "
+                         "the special tokens (leave it out or use false)", param="add_special_tokens")
+    messages, render, template_kwargs = P.conversation(body) if chat else (None, {}, None)
+    fmt = body.get("encoding_format") or "float"
+    if fmt not in ("float", "base64"):
+        raise bad("encoding_format", "float or base64", fmt)
+    dims = body.get("dimensions")
+    if dims is not None and not (isinstance(dims, int) and not isinstance(dims, bool) and dims > 0):
+        raise bad("dimensions", "a positive integer", dims)
+    normalize = True if body.get("normalize") is None else body["normalize"]     # null: left out
+    if not isinstance(normalize, bool):
+        raise bad("normalize", "true or false", normalize)
+    dtype, endianness = body.get("embed_dtype") or "float32", body.get("endianness") or "native"
+    if not isinstance(dtype, str) or dtype not in EMBED_DTYPES:      # a list or an object is no key
+        raise bad("embed_dtype", "one of " + ", ".join(EMBED_DTYPES), dtype)
+    if endianness not in ENDIANNESS:
+        raise bad("endianness", "one of " + ", ".join(ENDIANNESS), endianness)
+    extras = P.parse_extras({"request_id": body.get("request_id")}, chat=False)
+    truncated = P.truncation(body, max_model_len)      # vLLM's: each input's last k tokens
+    keep = truncated.get("truncate_prompt_tokens")
+    inputs = [messages] if chat else _inputs(body["input"], max_model_len, keep)
+    if max_queue is not None:
+        P.check_queue_room(len(inputs), max_queue, "input")
+    return {**base, "format": fmt,
+            "inputs": inputs,
+            "chat_template_kwargs": template_kwargs,
+            "dimensions": dims, "normalize": normalize, "request_id": extras.request_id,
+            "dtype": dtype, "endianness": endianness,
+            "fields": {"max_tokens": 0, "pooling": "mean", **P.priority_field(body), **truncated,
+                       **({"add_generation_prompt": False, **render} if chat else P.add_special_tokens(body))}}
+
+
+def input_items(req: dict, rid: str, headers: dict | None = None) -> list[dict]:
+    """The pipeline requests of a parsed embeddings request (parse_request), one per input,
+    `{rid}-{i}` each."""
+    return [request_item(f"{rid}-{i}", messages=v if isinstance(v, tuple) else None,
+                         prompt=v if isinstance(v, str) else None,
+                         prompt_token_ids=v if isinstance(v, list) else None,
+                         fields=req["fields"], model=req["model"], chat_template_kwargs=req["chat_template_kwargs"],
+                         identity=req["identity"], headers=headers)
+            for i, v in enumerate(req["inputs"])]
+
+
+def answer_body(req: dict, results) -> dict:
+    """The embeddings answer of a parsed request's results (one per input, in order); an input the
+    pipeline answered with words is a 400 (answered_in_words), a `dimensions` other than the
+    model's too."""
+    data, tokens = [], 0
+    for i, (res, pooled) in enumerate(zip(results, pooled_vectors(req, results))):
+        if req["dimensions"] is not None and req["dimensions"] != len(pooled):
+            raise P.APIError(f"'dimensions' = {req['dimensions']}: this model's embeddings have {len(pooled)}",
+                             param="dimensions")
+        vector = normalised(pooled) if req["normalize"] else pooled
+        data.append({"object": "embedding", "index": i, "embedding": encode(vector, req["format"], req["dtype"],
+                                                                          req["endianness"])})
+        tokens += res.usage.get("prompt_tokens", 0)
+    return {"object": "list", "data": data, "model": req["model"],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
 class Embeddings:
     """The serving object of /v1/embeddings, on the app's AsyncPipeline."""
 
@@ -155,57 +244,13 @@ class Embeddings:
 
     def request_base(self, body: dict) -> dict:
         """{"model", "pin", "identity"} of a request on the embeddings path (embeddings, score,
-        rerank): the model it names and its end user, as chat's `user` (a string), who reaches the
-        pipeline as on chat (a per-user gate or route sees who embeds)."""
-        model, pin = P.model_of(body, self.g.config.model_names, self.g.stage_names)
-        with request_errors:
-            check_fields(body, {"user": IGNORED["user"]})
-        return {"model": model, "pin": pin, "identity": {"user": body["user"]} if body.get("user") is not None else None}
+        rerank): request_base with this server's names."""
+        return request_base(body, self.g.config.model_names, self.g.stage_names)
 
     def parse(self, body: dict) -> dict:
         c = self.g.config
-        body = P.check_unknown(body, FIELDS, c.lenient)
-        base = self.request_base(body)
-        chat = body.get("messages") is not None
-        if chat and body.get("input") is not None:
-            raise P.APIError("give 'input' or 'messages', not both", param="messages")
-        if not chat and body.get("input") is None:
-            raise P.APIError("'input' is required (or 'messages', vLLM's chat form)", param="input")
-        rendering = [k for k in ("add_generation_prompt", "continue_final_message", "chat_template_kwargs")
-                     if body.get(k) is not None]
-        if rendering and not chat:
-            raise P.APIError(f"'{rendering[0]}' renders 'messages', and this request embeds an 'input'",
-                             param=rendering[0])
-        if chat and body.get("add_special_tokens"):
-            raise P.APIError("'add_special_tokens' = true is not supported with 'messages': the chat template writes "
-                             "the special tokens (leave it out or use false)", param="add_special_tokens")
-        messages, render, template_kwargs = P.conversation(body) if chat else (None, {}, None)
-        fmt = body.get("encoding_format") or "float"
-        if fmt not in ("float", "base64"):
-            raise bad("encoding_format", "float or base64", fmt)
-        dims = body.get("dimensions")
-        if dims is not None and not (isinstance(dims, int) and not isinstance(dims, bool) and dims > 0):
-            raise bad("dimensions", "a positive integer", dims)
-        normalize = True if body.get("normalize") is None else body["normalize"]     # null: left out
-        if not isinstance(normalize, bool):
-            raise bad("normalize", "true or false", normalize)
-        dtype, endianness = body.get("embed_dtype") or "float32", body.get("endianness") or "native"
-        if not isinstance(dtype, str) or dtype not in EMBED_DTYPES:      # a list or an object is no key
-            raise bad("embed_dtype", "one of " + ", ".join(EMBED_DTYPES), dtype)
-        if endianness not in ENDIANNESS:
-            raise bad("endianness", "one of " + ", ".join(ENDIANNESS), endianness)
-        extras = P.parse_extras({"request_id": body.get("request_id")}, chat=False)
-        truncated = P.truncation(body, c.max_model_len)      # vLLM's: each input's last k tokens
-        keep = truncated.get("truncate_prompt_tokens")
-        inputs = [messages] if chat else _inputs(body["input"], c.max_model_len, keep)
-        P.check_queue_room(len(inputs), self.g.apipe.runtime.max_queue, "input")
-        return {**base, "format": fmt,
-                "inputs": inputs,
-                "chat_template_kwargs": template_kwargs,
-                "dimensions": dims, "normalize": normalize, "request_id": extras.request_id,
-                "dtype": dtype, "endianness": endianness,
-                "fields": {"max_tokens": 0, "pooling": "mean", **P.priority_field(body), **truncated,
-                           **({"add_generation_prompt": False, **render} if chat else P.add_special_tokens(body))}}
+        return parse_request(body, max_model_len=c.max_model_len, served=c.model_names, stages=self.g.stage_names,
+                             lenient=c.lenient, max_queue=self.g.apipe.runtime.max_queue)
 
     async def create(self, request: Request, body: dict | None = None) -> Response:
         """The answer to an embeddings request (`body`: the request's, when already read)."""
@@ -226,13 +271,7 @@ class Embeddings:
         req["id"] = rid                          # the answer's id (a scoring answer carries one)
         streams, i = [], 0
         try:
-            for i, v in enumerate(req["inputs"]):
-                item = request_item(f"{rid}-{i}", messages=v if isinstance(v, tuple) else None,
-                                    prompt=v if isinstance(v, str) else None,
-                                    prompt_token_ids=v if isinstance(v, list) else None,
-                                    fields=req["fields"], model=req["model"],
-                                    chat_template_kwargs=req["chat_template_kwargs"],
-                                    identity=req["identity"], headers=headers)
+            for i, item in enumerate(input_items(req, rid, headers)):
                 streams.append(await g.apipe.add(item, pin=req["pin"]))
         except PipelineError as e:           # refused as it came (a full queue, a text too long for any engine)
             for st in streams:
@@ -279,14 +318,4 @@ class Embeddings:
                 return event[1]
 
     def answer(self, req: dict, results) -> dict:
-        data, tokens = [], 0
-        for i, (res, pooled) in enumerate(zip(results, pooled_vectors(req, results))):
-            if req["dimensions"] is not None and req["dimensions"] != len(pooled):
-                raise P.APIError(f"'dimensions' = {req['dimensions']}: this model's embeddings have {len(pooled)}",
-                                 param="dimensions")
-            vector = normalised(pooled) if req["normalize"] else pooled
-            data.append({"object": "embedding", "index": i, "embedding": encode(vector, req["format"], req["dtype"],
-                                                                              req["endianness"])})
-            tokens += res.usage.get("prompt_tokens", 0)
-        return {"object": "list", "data": data, "model": req["model"],
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        return answer_body(req, results)
