@@ -293,7 +293,10 @@ def test_a_batch_api_file_is_a_workload_as_agp_run_takes_it(tmp_path):
     assert (comp.id, comp.prompt, comp.sampling) == ("b", "once", {"max_tokens": 3})
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({**lines[1], "url": "/v1/embeddings"}) + "\n")
-    with pytest.raises(B.BenchError, match=r"bad\.jsonl:1: 'url' must be /v1/chat/completions or /v1/completions"):
+    with pytest.raises(B.BenchError, match=r"bad\.jsonl:1: an /v1/embeddings line generates nothing"):
+        B.load_workload(bad)                    # agp run answers it; a workload measures generation
+    bad.write_text(json.dumps({**lines[1], "url": "/v1/responses"}) + "\n")
+    with pytest.raises(B.BenchError, match=r"bad\.jsonl:1: 'url' must be /v1/chat/completions, /v1/completions or"):
         B.load_workload(bad)
 
 

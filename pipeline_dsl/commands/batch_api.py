@@ -161,7 +161,9 @@ def read_line(obj: dict, line: int) -> BatchLine:
         raise RequestError(f"'method' must be \"POST\", got {json.dumps(obj.get('method'))[:40]}", param="method")
     url = obj.get("url")
     if url not in ENDPOINTS:
-        raise RequestError(f"'url' must be {' or '.join(ENDPOINTS)}, got {json.dumps(url)[:60]}", param="url")
+        urls = list(ENDPOINTS)
+        raise RequestError(f"'url' must be {', '.join(urls[:-1])} or {urls[-1]}, got {json.dumps(url)[:60]}",
+                           param="url")
     if not isinstance(obj.get("body"), dict):
         raise RequestError("'body' must be the request object, as POSTed to the url", param="body")
     return BatchLine(cid, url, obj["body"], line)
