@@ -93,6 +93,7 @@ def ray_server(tmp_path_factory, tiny_gguf, ray_turn):
         _wait(serving, "agp serve --ray did not come up", timeout=240, every=0.25)
         yield proc, url, d
     finally:
+        (d / "release").touch()     # a request the SIGTERM test held, should it have failed before its release
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
             try:
