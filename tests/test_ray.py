@@ -4,7 +4,6 @@ not installed: `pip install -e '.[ray]'`)."""
 
 import gzip
 import logging
-import os
 import socket
 import sys
 import threading
@@ -232,10 +231,6 @@ def cluster(tiny_gguf, tmp_path_factory, ray_turn):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    # a replica whose constructor fails is started once, not three times (Ray Serve's default):
-    # the failure this module checks is the same each time
-    saved = os.environ.get("RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT")
-    os.environ["RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT"] = "1"
     on_ray.init_cluster(num_cpus=4, include_dashboard=False, logging_level="warning", object_store_memory=100 << 20)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -245,10 +240,6 @@ def cluster(tiny_gguf, tmp_path_factory, ray_turn):
         yield Cluster(f"http://127.0.0.1:{port}", ray)
     finally:
         ray.shutdown()      # ends Serve's actors with the cluster, without their graceful drain (seconds)
-        if saved is None:
-            os.environ.pop("RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT", None)
-        else:
-            os.environ["RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT"] = saved
 
 
 def expected_texts(model, requests: list[dict]) -> list[str]:
@@ -315,6 +306,27 @@ def busy_replica(url: str, waiting: int) -> str | None:
     return None
 
 
+def test_a_flag_the_replicas_cannot_start_with_is_named_at_the_first_failure(cluster, tmp_path, tiny_gguf):
+    """A SetupError fails a replica the same way each time Serve starts it again (3 times per
+    replica by default, each a process that loads the model): `deploy` reports the first."""
+    from ray import serve
+
+    from pipeline_dsl.serve import ray as on_ray
+
+    path = tiny_pipeline(tmp_path / "tiny.agp", tiny_gguf)
+    args = on_ray.parse([str(path), "--threads", "1", "--max-model-len", "100000"])   # checked by the replica
+    with pytest.raises(RuntimeError) as e:
+        on_ray.deploy(on_ray.build_app(args), "agp-bad", "/bad")
+    try:
+        status = serve.status().applications["agp-bad"].status
+        assert status != "DEPLOY_FAILED", "agp waited out Serve's retries of a replica that fails on a flag"
+        assert on_ray.start_failure(e.value, app="agp-bad") == (
+            2, "--max-model-len 100000 is beyond the model's context of 512 tokens; set at most 512 or leave it out")
+    finally:
+        # not waited for: its replicas' stop goes on beside the test after this one
+        serve.delete("agp-bad", _blocking=False)
+
+
 def test_a_replica_lost_mid_load_loses_no_request_that_had_not_started_streaming(cluster):
     client = cluster.client
     n, tokens = 24, 160
@@ -371,21 +383,3 @@ def test_a_replica_lost_mid_load_loses_no_request_that_had_not_started_streaming
     # the cluster serves on (Serve starts a replica in place of the lost one)
     r = client.completions.create(model="tiny", prompt="after", max_tokens=4, extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 4
-
-
-def test_a_flag_the_replicas_cannot_start_with_is_named(cluster, tmp_path, tiny_gguf):
-    from ray import serve
-
-    from pipeline_dsl.serve import ray as on_ray
-
-    path = tiny_pipeline(tmp_path / "tiny.agp", tiny_gguf)
-    args = on_ray.parse([str(path), "--threads", "1", "--max-model-len", "100000"])   # checked by the replica
-    with pytest.raises(RuntimeError) as e:
-        serve.run(on_ray.build_app(args), name="agp-bad", route_prefix="/bad")
-    try:
-        assert on_ray.start_failure(e.value, app="agp-bad") == (
-            2, "--max-model-len 100000 is beyond the model's context of 512 tokens; set at most 512 or leave it out")
-    finally:
-        # not waited for: its replicas' graceful stop (seconds) goes on beside the tests after this
-        # one, or ends with the cluster (the module's last use of it)
-        serve.delete("agp-bad", _blocking=False)

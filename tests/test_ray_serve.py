@@ -32,6 +32,22 @@ if importlib.util.find_spec("ray") is None:
     pytest.skip("Ray is not installed (pip install 'ray[serve]')", allow_module_level=True)
 
 
+HOLD = "hold until "
+HOLDS = f'''import os
+import time
+
+
+def hold(item):
+    prompt = item.get("prompt")
+    if isinstance(prompt, str) and prompt.startswith({HOLD!r}):
+        path = prompt[len({HOLD!r}):]
+        open(path + ".held", "w").close()
+        while not os.path.exists(path):
+            time.sleep(0.05)
+    return item
+'''
+
+
 def _wait(predicate, what: str, timeout: float = 60.0, every: float = 0.2):
     deadline = time.monotonic() + timeout
     while True:
@@ -45,8 +61,14 @@ def _wait(predicate, what: str, timeout: float = 60.0, every: float = 0.2):
 @pytest.fixture(scope="module")
 def ray_server(tmp_path_factory, tiny_gguf, ray_turn):
     d = tmp_path_factory.mktemp("rayserve")
-    # a 6 s batch window: a request alone waits in it, so one is surely in flight at SIGTERM
-    (d / "tiny.agp").write_text(TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=4, timeout=6000))
+    # a request whose prompt is HOLD + a file's path waits in the `hold` stage until the test
+    # makes the file (`hold` writes PATH.held first): in flight at SIGTERM for as long as the test needs
+    (d / "holds.py").write_text(HOLDS)
+    text = TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=4, timeout=20)
+    text = text.replace("    request -> batch\n", "    stage hold    : python        { fn = \"holds:hold\" }\n"
+                                                   "    request -> hold -> batch\n")
+    assert "request -> hold -> batch" in text
+    (d / "tiny.agp").write_text(text)
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("RAY_ADDRESS", None)
@@ -71,6 +93,7 @@ def ray_server(tmp_path_factory, tiny_gguf, ray_turn):
         _wait(serving, "agp serve --ray did not come up", timeout=240, every=0.25)
         yield proc, url, d
     finally:
+        (d / "release").touch()     # a request the SIGTERM test held, should it have failed before its release
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
             try:
@@ -170,28 +193,34 @@ def test_the_ingress_refuses_what_one_process_refuses_huge_bodies_and_headers_an
 
 def test_sigterm_drains_with_503_and_retry_after_and_finishes_the_request_in_flight(ray_server):
     proc, url, d = ray_server
+    release = d / "release"
     result = {}
 
-    def in_flight():                               # alone in a 6 s batch window: in flight at SIGTERM
+    def in_flight():                # held in the `hold` stage of its replica until `release` exists
         r = httpx.post(url + "/v1/completions", timeout=120,
-                       json={"model": "tiny", "prompt": "the last one", "max_tokens": 6, "ignore_eos": True})
+                       json={"model": "tiny", "prompt": HOLD + str(release), "max_tokens": 6, "ignore_eos": True})
         result["status"], result["body"] = r.status_code, r.json()
 
-    def queued():                   # the request reached a replica (its metrics show it waiting)
+    def held():                     # one request in a replica's hold stage, by the merged /metrics
         fams = {f.name: f for f in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text)}
-        return sum(s.value for name in ("vllm:num_requests_waiting", "vllm:num_requests_running")
-                   for s in fams[name].samples) >= 1
+        into, out = (sum(s.value for s in fams[name].samples
+                         if s.name.endswith("_total") and s.labels["stage"] == "hold")
+                     for name in ("agp_stage_items_in", "agp_stage_items_out"))
+        return into - out == 1
 
     t = threading.Thread(target=in_flight)
     t.start()
-    _wait(queued, "the request did not reach a replica", 30, 0.1)
+    _wait(lambda: Path(str(release) + ".held").exists(), "the request did not reach a replica's hold stage", 60, 0.05)
+    _wait(held, "the request held in a replica does not show on /metrics", 30, 0.1)
     proc.send_signal(signal.SIGTERM)
     _wait(lambda: httpx.get(url + "/health", timeout=5).status_code == 503, "/health did not turn 503", 20, 0.05)
     r = httpx.post(url + "/llm/v1/chat/completions", timeout=30,
                    json={"model": "tiny", "messages": [{"role": "user", "content": "late"}]})
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
     assert r.json()["error"]["code"] == "unavailable" and "shutting down" in r.json()["error"]["message"]
-    assert queued()                                # /metrics still answers: the drain is watched
+    assert held()                                  # /metrics still answers: the drain is watched
+    assert t.is_alive() and proc.poll() is None    # the drain waits for the request held in flight
+    release.touch()
     t.join(120)
     assert result["status"] == 200 and result["body"]["usage"]["completion_tokens"] == 6
     assert proc.wait(120) == 0, (d / "serve.log").read_text()

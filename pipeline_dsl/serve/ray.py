@@ -7,9 +7,10 @@
 The application `agp` is three deployments (serve/ray_deployments.py): `AgpIngress` behind
 Ray's HTTP proxy, the `AgpPipeline` replicas (each the app `agp serve` builds for the same
 flags) and `AgpMetrics` (serve/ray_metrics.py). This module sets them up from the flags
-(`build_app`: replica counts, autoscaling, resources, Ray's logging), runs them (`main`), and drains them at
-SIGTERM (`stop`, `drain`: new requests get 503 + Retry-After while those in flight finish, then the
-application is deleted; the exit status is 1 when the drain timeout cut requests, as in one process).
+(`build_app`: replica counts, autoscaling, resources, Ray's logging), runs them (`main`; `deploy`
+reports a replica that fails on a flag at its first failure), and drains them at SIGTERM (`stop`,
+`drain`: new requests get 503 + Retry-After while those in flight finish, then the application is
+deleted; the exit status is 1 when the drain timeout cut requests, as in one process).
 
 The application is served at "/" and answers under --root-path too (the app strips it), so a
 route answers with and without the prefix, as in one process.
@@ -36,9 +37,9 @@ log = logging.getLogger("agp.serve")
 APP = "agp"
 DEFAULT_TARGET = 8.0              # --target-ongoing-requests
 
-__all__ = ["APP", "AgpIngress", "AgpPipeline", "PrefixAffinityRouter", "affinity_key", "app_builder", "build_app",
-           "drain", "init_cluster", "logging_config", "main", "parse", "pipeline_options", "rank", "start_failure",
-           "stop"]
+__all__ = ["APP", "AgpIngress", "AgpPipeline", "PrefixAffinityRouter", "StartFailed", "affinity_key", "app_builder",
+           "build_app", "deploy", "drain", "init_cluster", "logging_config", "main", "parse", "pipeline_options",
+           "rank", "setup_failure", "start_failure", "stop"]
 
 
 # ---------------------------------------------------------------- the application
@@ -179,13 +180,55 @@ def app_builder(config: dict):
     return build_app(args, replica_gpus(pipeline_device(args)))
 
 
+class StartFailed(RuntimeError):
+    """A replica's constructor raised a SetupError (`deploy`): the message is Serve's status of
+    the AgpPipeline deployment, with the replica's traceback."""
+
+
+def setup_failure(app: str) -> str | None:
+    """Serve's message on the AgpPipeline deployment of `app` when a replica of it failed to start
+    on a SetupError (a flag the pipeline cannot run with), else None."""
+    try:
+        message = serve.status().applications[app].deployments["AgpPipeline"].message
+    except Exception:                           # noqa: BLE001 - not deployed yet
+        return None
+    return message.strip() if "SetupError: " in message else None
+
+
+def deploy(target, name: str = APP, route_prefix: str = "/", every: float = 0.2) -> None:
+    """`serve.run(target)`: returns once every replica runs, or raises as Serve does when they do
+    not start. A replica that fails on a SetupError would fail the same way each time Serve starts
+    it again (up to 3 times per replica, RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT, each a process
+    that loads the model): its first failure raises StartFailed at once (`start_failure` reads it),
+    and the caller deletes the application."""
+    outcome: dict = {}
+
+    def run():
+        try:
+            serve.run(target, name=name, route_prefix=route_prefix)
+        except Exception as e:                  # noqa: BLE001 - raised in the caller's thread
+            outcome["error"] = e
+
+    waiter = threading.Thread(target=run, name="agp-serve-run", daemon=True)
+    waiter.start()
+    while waiter.is_alive():
+        waiter.join(every)
+        if waiter.is_alive() and (detail := setup_failure(name)) is not None:
+            raise StartFailed(detail)           # serve.run's wait ends with the application's delete
+    if "error" in outcome:
+        raise outcome["error"]
+
+
 def start_failure(e: Exception, app: str = APP) -> tuple[int, str]:
     """Exit status and message when the replicas did not start: what a replica's constructor
     raised, from Serve's status (a SetupError is a flag the pipeline cannot run with: 2)."""
-    try:
-        detail = serve.status().applications[app].deployments["AgpPipeline"].message.strip()
-    except Exception:                           # noqa: BLE001 - no status: Serve's own message
-        detail = ""
+    if isinstance(e, StartFailed):
+        detail = str(e)
+    else:
+        try:
+            detail = serve.status().applications[app].deployments["AgpPipeline"].message.strip()
+        except Exception:                       # noqa: BLE001 - no status: Serve's own message
+            detail = ""
     if "SetupError: " in detail:
         return 2, detail.rsplit("SetupError: ", 1)[1]
     return 1, detail.splitlines()[-1] if detail else str(e)
@@ -240,7 +283,7 @@ def main(args) -> int:
                               "keep_alive_timeout_s": math.ceil(args.keep_alive_timeout)},
                 logging_config=logging_config(args))
     try:
-        serve.run(build_app(args, gpus), name=APP, route_prefix="/")   # the app answers under --root-path
+        deploy(build_app(args, gpus), APP, "/")      # the app answers under --root-path too
     except Exception as e:                      # noqa: BLE001 - Serve says why the replicas did not start
         code, why = start_failure(e)
         report(why if code == 2 else f"the application did not start: {why}")
