@@ -891,6 +891,19 @@ def _check_many_params(name: str, params: dict, given: set, where) -> list[Diagn
     return []
 
 
+def _module_path_hint(module: str, attr: str) -> str:
+    """`fn = "lib/hooks.py:f"`: a module is named as Python imports it, not by its file's path."""
+    parts = [p for p in re.split(r"[/\\]+", module) if p not in ("", ".")]
+    if parts and parts[-1].endswith(".py"):
+        parts[-1] = parts[-1][:-3]
+    if parts and not os.path.isabs(module) and all(p.isidentifier() and p.isascii() for p in parts):
+        return ("a module is named by its dotted name from this file's folder, not by a path: "
+                f'write "{".".join(parts)}:{attr}"')
+    stem = parts[-1] if parts else module
+    return (f"a module is named, not given by a path: put {stem}.py beside this file (or its folder on "
+            f'PYTHONPATH) and write "{stem}:{attr}"')
+
+
 def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set, pos: dict,
                        allowed: tuple[str, ...]) -> list[Diagnostic]:
     """What one parameter's type and range cannot say: functions that must exist, a model that
@@ -914,6 +927,8 @@ def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set,
             module, _, attr = ref.partition(":")
             if e.names:
                 hint = did_you_mean(attr, e.names)
+            elif attr and ("/" in module or "\\" in module):    # a path where the module's name goes
+                hint = _module_path_hint(module, attr)
             elif module.endswith(".py") and attr:     # a file name where the module's name goes
                 hint = f'write the module\'s name, without .py: "{module[:-3]}:{attr}"'
             diags.append(_err(f"{e} (stage '{st.name.text}')", where(param),
@@ -1269,6 +1284,17 @@ def _cond_words(ir) -> str:
 _SEGMENT_INNER = {"dynamic_batch": "the batcher", "encode": "the encode stage"}
 
 
+def _compare_example(word: str, ftype: str) -> str:
+    """A comparison of `word` of its own type, for a field written alone as if it were a label."""
+    from . import conditions as C
+
+    if ftype == C.NUMBER:
+        return f"e.g. when {word} > 512"
+    if ftype == C.BOOLEAN:
+        return f"e.g. when {word} == true"
+    return f'e.g. when {word} == "…"'
+
+
 def _check_condition_source(cond, src: ResolvedStage, name: str) -> list[Diagnostic]:
     """Labels the source stage's items can carry; where field comparisons may stand."""
     from . import conditions as C
@@ -1289,10 +1315,11 @@ def _check_condition_source(cond, src: ResolvedStage, name: str) -> list[Diagnos
                               expected=f"{keyed.form} == VALUE" + (", ..." if keyed.keys == "any" else ""),
                               hint=f"e.g. when {keyed.example}"))
         elif word in fields:
+            ftype = C.field_type(word, ["Generated"])
             diags.append(_err(f"field '{word}' needs a comparison", lab.pos,
-                              expected=f"{word} == VALUE, {word} > N, ...",
-                              hint=f"e.g. when {word} > 512" if C.field_type(word, ["Generated"]) == C.NUMBER
-                              else f'e.g. when {word} == "…"'))
+                              expected=f"{word} == true or {word} == false" if ftype == C.BOOLEAN
+                              else f"{word} == VALUE, {word} > N, ...",
+                              hint=_compare_example(word, ftype)))
         elif kind.conditions:
             diags.append(_err(f"unknown condition '{word}' on an edge from '{name}'", lab.pos,
                               expected="when " + " | ".join(kind.conditions) + " (the labels of "

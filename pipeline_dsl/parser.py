@@ -438,6 +438,18 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
                               expected="a comparison FIELD OP VALUE with == != < <= > >=, joined with and, or, not",
                               hint="for a test no comparison makes, let a python stage return a label and "
                                    "write `when LABEL`")
+    if tok.type == "OTHERWISE" and prev == "when":      # `a -> b when otherwise`
+        m = re.search(r"(\w+)[ \t]*->[ \t]*(\w+)[ \t]+when[ \t]*$", text[_line_of_end(text, at):at])
+        hint = ("`otherwise` is written without `when`: "
+                + (f"`{m.group(1)} -> {m.group(2)} otherwise`" if m else "`a -> b otherwise`"))
+    if "EQUAL" in wanted and "__ANON_0" in wanted and prev in ("else", "default"):
+        w = _end_of_previous(text, at) - len(prev)
+        m = re.search(r"(\w+)[ \t]*->[ \t]*(\w+)[ \t]+$", text[text.rfind("\n", 0, w) + 1:w])
+        if m:   # `a -> b else`: the word was read as the next statement's name
+            return Diagnostic(ERROR, f"'{prev}' is not a condition", _point(file, text, w, len(prev)),
+                              expected="`when CONDITION` or `otherwise` after an edge",
+                              hint=f"the edge taken when no condition holds is written "
+                                   f"`{m.group(1)} -> {m.group(2)} otherwise`")
     paren = _open_paren(text, at) if "RPAR" in wanted else None
     if paren is not None and text.count("\n", paren, at):   # `when (a > 1` and the next line read on
         return Diagnostic(ERROR, "'(' is not closed", _point(file, text, paren),

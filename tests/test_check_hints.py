@@ -537,3 +537,46 @@ def test_a_stage_name_with_two_letters_swapped_gets_a_did_you_mean():
     """Every name suggested goes through the same matcher: an edge's stage, as a pipeline's name."""
     err = one(SEED.replace("encode -> kv -> gen", "encode -> vk -> gen"))
     assert "'vk'" in err.message and err.hint == "did you mean 'kv'?"
+
+
+def test_when_otherwise_is_told_to_drop_the_when():
+    err = one(SEED.replace("batch -> encode when timeout", "batch -> encode when otherwise"))
+    assert (err.message, at(err)) == ("unexpected 'otherwise'", (11, 26))
+    assert err.hint == "`otherwise` is written without `when`: `batch -> encode otherwise`"
+
+
+@pytest.mark.parametrize("word", ["else", "default"])
+def test_else_after_an_edge_is_reported_at_the_word_with_otherwise_to_write(word):
+    """`a -> b else` read the word as the next statement's name, and the error stood at what
+    followed it (the pipeline's `}`), saying an '=' or '->' was expected there."""
+    err = one(SEED.replace("batch -> encode when timeout", f"batch -> encode {word}"))
+    assert (err.message, at(err), err.pos.end_col - err.pos.col) == (f"'{word}' is not a condition", (11, 21),
+                                                                      len(word))
+    assert err.hint == "the edge taken when no condition holds is written `batch -> encode otherwise`"
+    assert errors(SEED.replace("batch -> encode when timeout", "batch -> encode otherwise")) == []
+
+
+@pytest.mark.parametrize("ref, hint", [
+    ("sub/hooks.py:after", 'a module is named by its dotted name from this file\'s folder, not by a path: '
+                           'write "sub.hooks:after"'),
+    ("./sub/hooks:after", 'a module is named by its dotted name from this file\'s folder, not by a path: '
+                          'write "sub.hooks:after"'),
+    ("/opt/lib/hooks.py:after", 'a module is named, not given by a path: put hooks.py beside this file (or its '
+                                'folder on PYTHONPATH) and write "hooks:after"'),
+    ("../lib/hooks.py:after", 'a module is named, not given by a path: put hooks.py beside this file (or its '
+                              'folder on PYTHONPATH) and write "hooks:after"'),
+])
+def test_a_path_where_the_module_name_goes_is_told_a_name_that_imports(tmp_path, ref, hint):
+    """The hint was `write the module's name, without .py: "sub/hooks:after"`, itself refused."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "hooks.py").write_text("def after(item):\n    return item\n")
+    text = SEED.replace("gen -> out", "gen -> x -> out").replace(
+        "stage out : respond {}", 'stage x : python { fn = "REF" }\n    stage out : respond {}')
+    path = tmp_path / "p.agp"
+    path.write_text(text.replace("REF", ref))
+    [err] = [d for d in pipeline_dsl.load(str(path))[1] if d.is_error]
+    assert err.message.startswith(f"'{ref}' is not a function reference") and err.hint == hint
+    fixed = hint.rsplit('"', 2)[1]
+    if fixed.startswith("sub."):          # the name the hint writes is found
+        path.write_text(text.replace("REF", fixed))
+        assert [d for d in pipeline_dsl.load(str(path))[1] if d.is_error] == []
