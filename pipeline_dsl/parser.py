@@ -438,6 +438,13 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
                               expected="a comparison FIELD OP VALUE with == != < <= > >=, joined with and, or, not",
                               hint="for a test no comparison makes, let a python stage return a label and "
                                    "write `when LABEL`")
+    bare = re.match(r"[\w./-]+", text[at:]) if prev == "use" and "STRING" in wanted and \
+        "\n" not in text[_end_of_previous(text, at):at] else None
+    if bare:                                                                  # use common.agp
+        hint = f'the path is a string: write use "{bare.group()}"'
+    elif tok.type == "NAME" and "USE" in wanted and tok.value in ("include", "import", "require", "load"):
+        path = re.match(r'[ \t]*("[^"\n]*")?', text[at + len(tok.value):]).group(1)   # include "common.agp"
+        hint = f"a file is included with use: write use {path or chr(34) + 'file.agp' + chr(34)}"
     if tok.type == "OTHERWISE" and prev == "when":      # `a -> b when otherwise`
         m = re.search(r"(\w+)[ \t]*->[ \t]*(\w+)[ \t]+when[ \t]*$", text[_line_of_end(text, at):at])
         hint = ("`otherwise` is written without `when`: "

@@ -580,3 +580,22 @@ def test_a_path_where_the_module_name_goes_is_told_a_name_that_imports(tmp_path,
     if fixed.startswith("sub."):          # the name the hint writes is found
         path.write_text(text.replace("REF", fixed))
         assert [d for d in pipeline_dsl.load(str(path))[1] if d.is_error] == []
+
+
+@pytest.mark.parametrize("written, hint", [
+    ('use common.agp', 'the path is a string: write use "common.agp"'),
+    ('use ../lib/common.agp', 'the path is a string: write use "../lib/common.agp"'),
+    ('include "common.agp"', 'a file is included with use: write use "common.agp"'),
+    ('import "lib/common.agp"', 'a file is included with use: write use "lib/common.agp"'),
+    ('include common', 'a file is included with use: write use "file.agp"'),
+])
+def test_an_include_written_another_way_is_told_the_use_to_write(written, hint):
+    """`include "x.agp"` was told that stages, settings and edges go inside a pipeline; `use
+    common.agp` got no hint at all."""
+    err = errors(f"{written}\n" + SEED)[0]
+    assert (err.pos.line, err.hint) == (1, hint)
+
+
+def test_a_use_alone_on_its_line_is_no_unquoted_path():
+    err = errors("use\n" + SEED)[0]
+    assert err.pos.line == 2 and (err.hint or "").startswith("the path is a string") is False
