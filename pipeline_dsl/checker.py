@@ -360,7 +360,15 @@ def _model_location(model: str, pos: SourcePos) -> tuple[str, Diagnostic | None]
             why = f"the folder '{model}' has no config.json"
     what = why or f"'{model}'"
     return model, _err(f"model not found: {what}", pos, expected=_MODEL_EXPECTED,
-                       hint=(why is None and _hub_hint(model)) or did_you_mean(model, (EMBEDDED_MODEL,)))
+                       hint=(why is None and _hub_hint(model)) or did_you_mean(model, (EMBEDDED_MODEL,))
+                       or _embedded_prefix_hint(model))
+
+
+def _embedded_prefix_hint(model: str) -> str | None:
+    """`model = "smollm2"`: the embedded model's name cut short, too far from it for a did-you-mean."""
+    short = model.strip().lower()
+    return f"did you mean '{EMBEDDED_MODEL}' (the embedded model)?" \
+        if len(short) >= 4 and EMBEDDED_MODEL.startswith(short) else None
 
 
 def _hub_hint(model: str) -> str | None:

@@ -162,6 +162,14 @@ def _end_of_previous(text: str, at: int) -> int:
         start = text.rfind("\n", 0, end) + 1
 
 
+def _bare_dashed_value(text: str, at: int) -> str | None:
+    """`model = smollm2-135m-instruct`, `stop = [end-of-text]`: the bare value (after '=', or in a
+    list) that a '-' at `at` continues (`-135m` read as a number, or the '-' an unexpected
+    character), whole; None where no such word stands right before it."""
+    m = re.search(r"[=\[,][ \t]*([A-Za-z_][\w.]*)$", text[_line_of_end(text, at):at])
+    return m.group(1) + re.match(r"[\w.:/-]*", text[at:]).group() if m else None
+
+
 def _context_hint(expected: set[str], tok: Token, prev: str = "",
                   in_map: bool = False) -> tuple[str | None, str | None]:
     """(what the parser wanted in words, a fix) for the common mistakes."""
@@ -328,6 +336,8 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
             keyed = re.search(r"\b(when|and|or|not|\()[ \t]*([A-Za-z_][\w.]*)\.(\w+)$", text[:err.pos_in_stream])
             if keyed:                    # when headers.x-tenant == "a": a key with '-' goes in brackets
                 hint = f"a key that is not a name goes in brackets: {keyed.group(2)}[{quote(keyed.group(3) + word)}]"
+            elif value := _bare_dashed_value(text, err.pos_in_stream):    # model = my-model.gguf
+                hint = f'a value with \'-\' in it is a string: write "{value}"'
             else:
                 hint = f"names are letters, digits and '_', not '-': write {name}{word.replace('-', '_')}"
         elif ch == "!":
@@ -373,6 +383,8 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
             "" if fan[-1] else " (edges without a condition out of one stage each get a copy)")
     elif tok.type in ("COLON", "DOT") and (ref := _unquoted_fn_ref(text, at)):        # fn = hooks:redact
         hint = f'"module:function" is a string: write {ref[0]} = "{ref[1]}"'
+    elif tok.type == "NUMBER" and tok.value.startswith("-") and (word := _bare_dashed_value(text, at)):
+        hint = f'a value with \'-\' in it is a string: write "{word}"'      # model = smollm2-135m-instruct
     elif tok.type == "NUMBER" and tok.value.startswith(".") and re.search(r"[A-Za-z_]\w*$", text[:at]):
         hint = "a key after '.' is a name: letters, digits and '_', not starting with a digit"   # metadata.1
     elif tok.type == "ON" and _previous(text, at) == "}":                            # kv_lookup {} on copy

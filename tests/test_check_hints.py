@@ -599,3 +599,27 @@ def test_an_include_written_another_way_is_told_the_use_to_write(written, hint):
 def test_a_use_alone_on_its_line_is_no_unquoted_path():
     err = errors("use\n" + SEED)[0]
     assert err.pos.line == 2 and (err.hint or "").startswith("the path is a string") is False
+
+
+@pytest.mark.parametrize("old, new, hint", [
+    ('"smollm2-135m-instruct"', "smollm2-135m-instruct", 'write "smollm2-135m-instruct"'),   # '-135m' a number
+    ('"smollm2-135m-instruct"', "my-model.gguf", 'write "my-model.gguf"'),                    # '-' a character
+    ("stage gen : generate {}", "stage gen : generate { stop = [end-of-text] }", 'write "end-of-text"'),
+])
+def test_a_bare_value_with_a_dash_is_told_to_quote_it(old, new, hint):
+    """`model = smollm2-135m-instruct` was told "one value per setting; write a list as [a, b]", and
+    `model = my-model.gguf` to write the name my_model: a value is quoted, not renamed."""
+    err = errors(SEED.replace(old, new))[0]
+    assert err.hint == "a value with '-' in it is a string: " + hint
+
+
+def test_a_stage_name_with_a_dash_is_still_told_the_name_to_write():
+    err = errors(SEED.replace("stage out : respond {}", "stage my-out : respond {}"))[0]
+    assert err.hint == "names are letters, digits and '_', not '-': write my_out"
+
+
+@pytest.mark.parametrize("written", ["smollm2", "SmolLM", "smol"])
+def test_the_embedded_models_name_cut_short_gets_a_did_you_mean(written):
+    err = one(SEED.replace('"smollm2-135m-instruct"', f'"{written}"'))
+    assert err.message == f"model not found: '{written}'"
+    assert err.hint == "did you mean 'smollm2-135m-instruct' (the embedded model)?"
