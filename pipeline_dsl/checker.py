@@ -533,10 +533,17 @@ ELSEWHERE = {
 }
 
 
+# another name of a value (join's `policy = vote`: the self-consistency vote is majority)
+_VALUE_NAMES = {("join", "policy", "vote"): "majority", ("join", "policy", "consensus"): "majority"}
+
+
 def _sibling_value(kind: StageKind, schema: Param, value: ast.Value, d: Diagnostic) -> Diagnostic:
     """An enum value refused by one parameter that is a value of another of the same kind
     (dynamic_batch's `policy = priority`, meant for scheduling_policy): the hint names that one."""
     word = getattr(value, "value", None)
+    meant = _VALUE_NAMES.get((kind.name, schema.name, word)) if isinstance(word, str) else None
+    if meant is not None and d.hint is None:
+        return replace(d, hint=f"write {schema.name} = {meant} (the answer most branches agree on)")
     owner = next((q.name for q in kind.params if q is not schema and q.type == ENUM and word in q.choices), None)
     if owner is None:
         return d
@@ -550,6 +557,8 @@ def resolve_params(kind: StageKind, stage: ast.Stage, mode: str,
     diags: list[Diagnostic] = []
     given: dict[str, ast.Param] = {}
     params: dict[str, Any] = {}
+    unknown: list[tuple[int, str | None]] = []      # (where in diags, its hint) of each unknown parameter
+    missing: list = []
     for prm in stage.params:
         name = prm.name.text
         if name in given:
@@ -564,6 +573,7 @@ def resolve_params(kind: StageKind, stage: ast.Stage, mode: str,
             if hint is None and name in SETTING_BY_NAME:
                 hint = f"'{name}' is a pipeline setting: set it outside the stages"
             hint = RETIRED.get((kind.name, name), ELSEWHERE.get((kind.name, name), hint))
+            unknown.append((len(diags), hint))
             diags.append(_err(f"unknown parameter '{name}' for stage kind '{kind.name}'", prm.name.pos,
                               expected=f"a parameter of {kind.name}: " + one_of(names), hint=hint))
             continue
@@ -588,14 +598,22 @@ def resolve_params(kind: StageKind, stage: ast.Stage, mode: str,
         if has:
             params[schema.name] = value
         elif schema.required:
-            diags.append(_err(f"missing parameter '{schema.name}' in stage '{stage.name.text}' ({kind.name})",
-                              stage.name.pos, expected=f"{schema.name} = {_type_expected(schema)}",
-                              hint=schema.doc or None))
+            missing.append(schema)
         elif schema.default is FROM_MODE:
             params[schema.name] = modes.preset(modes.DEFAULT_MODE, kind.name, schema.name)[1]
         else:
             d = schema.default
             params[schema.name] = list(d) if isinstance(d, tuple) else d
+    if len(missing) == 1 and len(unknown) == 1 and unknown[0][1] is None:
+        # `system_prompt { prompt = "…" }`: one slip, the required parameter under another name
+        i, schema = unknown[0][0], missing[0]
+        diags[i] = replace(diags[i], hint=f"did you mean '{schema.name}'? {kind.name} needs it, and this stage "
+                                          "does not set it")
+        return params, diags
+    for schema in missing:
+        diags.append(_err(f"missing parameter '{schema.name}' in stage '{stage.name.text}' ({kind.name})",
+                          stage.name.pos, expected=f"{schema.name} = {_type_expected(schema)}",
+                          hint=schema.doc or None))
     return params, diags
 
 

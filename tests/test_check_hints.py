@@ -623,3 +623,32 @@ def test_the_embedded_models_name_cut_short_gets_a_did_you_mean(written):
     err = one(SEED.replace('"smollm2-135m-instruct"', f'"{written}"'))
     assert err.message == f"model not found: '{written}'"
     assert err.hint == "did you mean 'smollm2-135m-instruct' (the embedded model)?"
+
+
+@pytest.mark.parametrize("stage, at_, meant", [
+    ('stage sys : system_prompt { prompt = "Be brief." }', "prompt", "text"),
+    ('stage sys : python { function = "hooks:redact" }', "function", "fn"),
+])
+def test_a_required_parameter_under_another_name_is_one_error_that_names_it(stage, at_, meant):
+    """`system_prompt { prompt = "…" }` was two errors, a missing 'text' at the stage and an unknown
+    'prompt' with no hint: one slip, one error, at the name written, saying which one is meant."""
+    text = SEED.replace("stage out : respond {}", f"stage out : respond {{}}\n    {stage}").replace(
+        "request -> batch", "request -> sys -> batch")
+    err = one(text)
+    assert err.message.startswith(f"unknown parameter '{at_}'") and err.pos.line == 9
+    kind = stage.split(":")[1].split()[0]
+    assert err.hint == f"did you mean '{meant}'? {kind} needs it, and this stage does not set it"
+
+
+def test_a_missing_parameter_beside_several_unknown_ones_is_still_its_own_error():
+    text = SEED.replace("stage out : respond {}", 'stage out : respond {}\n    stage sys : system_prompt '
+                        '{ prompt = "x"  extra = 1 }').replace("request -> batch", "request -> sys -> batch")
+    assert [e.message.split(" for ")[0].split(" in ")[0] for e in errors(text)] == [
+        "missing parameter 'text'", "unknown parameter 'prompt'", "unknown parameter 'extra'"]
+
+
+def test_a_join_policy_named_vote_is_told_majority():
+    text = SEED.replace("stage out : respond {}", "stage out : respond {}\n    stage j : join { policy = vote }")
+    err = one(text.replace("gen -> out", "gen -> j -> out"))
+    assert (err.message, err.hint) == ("'vote' is not a valid value for 'policy'",
+                                       "write policy = majority (the answer most branches agree on)")
