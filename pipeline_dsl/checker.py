@@ -360,7 +360,15 @@ def _model_location(model: str, pos: SourcePos) -> tuple[str, Diagnostic | None]
             why = f"the folder '{model}' has no config.json"
     what = why or f"'{model}'"
     return model, _err(f"model not found: {what}", pos, expected=_MODEL_EXPECTED,
-                       hint=(why is None and _hub_hint(model)) or did_you_mean(model, (EMBEDDED_MODEL,)))
+                       hint=(why is None and _hub_hint(model)) or did_you_mean(model, (EMBEDDED_MODEL,))
+                       or _embedded_prefix_hint(model))
+
+
+def _embedded_prefix_hint(model: str) -> str | None:
+    """`model = "smollm2"`: the embedded model's name cut short, too far from it for a did-you-mean."""
+    short = model.strip().lower()
+    return f"did you mean '{EMBEDDED_MODEL}' (the embedded model)?" \
+        if len(short) >= 4 and EMBEDDED_MODEL.startswith(short) else None
 
 
 def _hub_hint(model: str) -> str | None:
@@ -525,10 +533,17 @@ ELSEWHERE = {
 }
 
 
+# another name of a value (join's `policy = vote`: the self-consistency vote is majority)
+_VALUE_NAMES = {("join", "policy", "vote"): "majority", ("join", "policy", "consensus"): "majority"}
+
+
 def _sibling_value(kind: StageKind, schema: Param, value: ast.Value, d: Diagnostic) -> Diagnostic:
     """An enum value refused by one parameter that is a value of another of the same kind
     (dynamic_batch's `policy = priority`, meant for scheduling_policy): the hint names that one."""
     word = getattr(value, "value", None)
+    meant = _VALUE_NAMES.get((kind.name, schema.name, word)) if isinstance(word, str) else None
+    if meant is not None and d.hint is None:
+        return replace(d, hint=f"write {schema.name} = {meant} (the answer most branches agree on)")
     owner = next((q.name for q in kind.params if q is not schema and q.type == ENUM and word in q.choices), None)
     if owner is None:
         return d
@@ -542,6 +557,8 @@ def resolve_params(kind: StageKind, stage: ast.Stage, mode: str,
     diags: list[Diagnostic] = []
     given: dict[str, ast.Param] = {}
     params: dict[str, Any] = {}
+    unknown: list[tuple[int, str | None]] = []      # (where in diags, its hint) of each unknown parameter
+    missing: list = []
     for prm in stage.params:
         name = prm.name.text
         if name in given:
@@ -556,6 +573,7 @@ def resolve_params(kind: StageKind, stage: ast.Stage, mode: str,
             if hint is None and name in SETTING_BY_NAME:
                 hint = f"'{name}' is a pipeline setting: set it outside the stages"
             hint = RETIRED.get((kind.name, name), ELSEWHERE.get((kind.name, name), hint))
+            unknown.append((len(diags), hint))
             diags.append(_err(f"unknown parameter '{name}' for stage kind '{kind.name}'", prm.name.pos,
                               expected=f"a parameter of {kind.name}: " + one_of(names), hint=hint))
             continue
@@ -580,14 +598,22 @@ def resolve_params(kind: StageKind, stage: ast.Stage, mode: str,
         if has:
             params[schema.name] = value
         elif schema.required:
-            diags.append(_err(f"missing parameter '{schema.name}' in stage '{stage.name.text}' ({kind.name})",
-                              stage.name.pos, expected=f"{schema.name} = {_type_expected(schema)}",
-                              hint=schema.doc or None))
+            missing.append(schema)
         elif schema.default is FROM_MODE:
             params[schema.name] = modes.preset(modes.DEFAULT_MODE, kind.name, schema.name)[1]
         else:
             d = schema.default
             params[schema.name] = list(d) if isinstance(d, tuple) else d
+    if len(missing) == 1 and len(unknown) == 1 and unknown[0][1] is None:
+        # `system_prompt { prompt = "…" }`: one slip, the required parameter under another name
+        i, schema = unknown[0][0], missing[0]
+        diags[i] = replace(diags[i], hint=f"did you mean '{schema.name}'? {kind.name} needs it, and this stage "
+                                          "does not set it")
+        return params, diags
+    for schema in missing:
+        diags.append(_err(f"missing parameter '{schema.name}' in stage '{stage.name.text}' ({kind.name})",
+                          stage.name.pos, expected=f"{schema.name} = {_type_expected(schema)}",
+                          hint=schema.doc or None))
     return params, diags
 
 
@@ -891,6 +917,19 @@ def _check_many_params(name: str, params: dict, given: set, where) -> list[Diagn
     return []
 
 
+def _module_path_hint(module: str, attr: str) -> str:
+    """`fn = "lib/hooks.py:f"`: a module is named as Python imports it, not by its file's path."""
+    parts = [p for p in re.split(r"[/\\]+", module) if p not in ("", ".")]
+    if parts and parts[-1].endswith(".py"):
+        parts[-1] = parts[-1][:-3]
+    if parts and not os.path.isabs(module) and all(p.isidentifier() and p.isascii() for p in parts):
+        return ("a module is named by its dotted name from this file's folder, not by a path: "
+                f'write "{".".join(parts)}:{attr}"')
+    stem = parts[-1] if parts else module
+    return (f"a module is named, not given by a path: put {stem}.py beside this file (or its folder on "
+            f'PYTHONPATH) and write "{stem}:{attr}"')
+
+
 def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set, pos: dict,
                        allowed: tuple[str, ...]) -> list[Diagnostic]:
     """What one parameter's type and range cannot say: functions that must exist, a model that
@@ -914,6 +953,8 @@ def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set,
             module, _, attr = ref.partition(":")
             if e.names:
                 hint = did_you_mean(attr, e.names)
+            elif attr and ("/" in module or "\\" in module):    # a path where the module's name goes
+                hint = _module_path_hint(module, attr)
             elif module.endswith(".py") and attr:     # a file name where the module's name goes
                 hint = f'write the module\'s name, without .py: "{module[:-3]}:{attr}"'
             diags.append(_err(f"{e} (stage '{st.name.text}')", where(param),
@@ -1269,6 +1310,17 @@ def _cond_words(ir) -> str:
 _SEGMENT_INNER = {"dynamic_batch": "the batcher", "encode": "the encode stage"}
 
 
+def _compare_example(word: str, ftype: str) -> str:
+    """A comparison of `word` of its own type, for a field written alone as if it were a label."""
+    from . import conditions as C
+
+    if ftype == C.NUMBER:
+        return f"e.g. when {word} > 512"
+    if ftype == C.BOOLEAN:
+        return f"e.g. when {word} == true"
+    return f'e.g. when {word} == "…"'
+
+
 def _check_condition_source(cond, src: ResolvedStage, name: str) -> list[Diagnostic]:
     """Labels the source stage's items can carry; where field comparisons may stand."""
     from . import conditions as C
@@ -1289,10 +1341,11 @@ def _check_condition_source(cond, src: ResolvedStage, name: str) -> list[Diagnos
                               expected=f"{keyed.form} == VALUE" + (", ..." if keyed.keys == "any" else ""),
                               hint=f"e.g. when {keyed.example}"))
         elif word in fields:
+            ftype = C.field_type(word, ["Generated"])
             diags.append(_err(f"field '{word}' needs a comparison", lab.pos,
-                              expected=f"{word} == VALUE, {word} > N, ...",
-                              hint=f"e.g. when {word} > 512" if C.field_type(word, ["Generated"]) == C.NUMBER
-                              else f'e.g. when {word} == "…"'))
+                              expected=f"{word} == true or {word} == false" if ftype == C.BOOLEAN
+                              else f"{word} == VALUE, {word} > N, ...",
+                              hint=_compare_example(word, ftype)))
         elif kind.conditions:
             diags.append(_err(f"unknown condition '{word}' on an edge from '{name}'", lab.pos,
                               expected="when " + " | ".join(kind.conditions) + " (the labels of "

@@ -276,6 +276,18 @@ def _check_keys(c: ast.Compare) -> None:
                                  hint=f"write headers[{quote(fixed)}]" if fixed and fixed != header else None)
 
 
+def _inner_field_hint(path) -> str | None:
+    """`usage.completion_tokens`, `request.metadata.tier`: a field written under a prefix the
+    item's dict has, where the condition reads it by its own name."""
+    if not isinstance(path, tuple):
+        return None
+    for i in range(1, len(path)):
+        tail = path[i] if i == len(path) - 1 else path[i:]
+        if field_type(tail, [REQUEST, GENERATED]) is not None:
+            return f"a condition reads the field by its own name: write {path_text(tail)}"
+    return None
+
+
 def check_compare(c: ast.Compare, item_types) -> None:
     """Raise ConditionError when `c` cannot hold on items of these types."""
     _check_keys(c)
@@ -290,7 +302,7 @@ def check_compare(c: ast.Compare, item_types) -> None:
                                  expected="one of " + ", ".join(known_fields(item_types)))
         raise ConditionError(f"unknown field '{format_field(c)}'", c.field[0],
                              expected="one of " + ", ".join(known_fields(item_types)),
-                             hint=did_you_mean(name, [*FIELDS[GENERATED], *KEYED]))
+                             hint=_inner_field_hint(path) or did_you_mean(name, [*FIELDS[GENERATED], *KEYED]))
     v = c.value
     if isinstance(v, ast.Word):
         raise ConditionError(f"'{v.value}' is a bare word; a condition compares a field with a literal",

@@ -595,7 +595,8 @@ def _check_kv_blocks(r: Resolved, g: nx.DiGraph) -> list[Diagnostic]:
 
 def _check_prompt_limit(r: Resolved, g: nx.DiGraph) -> list[Diagnostic]:
     """A request source's max_prompt_tokens past a generating model's context (read from its
-    header) is a warning: every engine takes the limit, and the context caps it there."""
+    header) is a warning: every engine takes the limit, and the context caps it there. So is one
+    in a pipeline without a generate stage, where no engine takes it."""
     from .model_files import context_length
 
     diags = []
@@ -604,6 +605,11 @@ def _check_prompt_limit(r: Resolved, g: nx.DiGraph) -> list[Diagnostic]:
         limit = s.params.get("max_prompt_tokens")
         if s.kind is None or s.kind.name != "requests" or "max_prompt_tokens" not in s.given or not limit:
             continue
+        if not models:                  # no engine takes the limit: nothing counts a prompt's tokens
+            diags.append(_warn(f"max_prompt_tokens = {limit} bounds nothing: the pipeline has no generate stage, "
+                               "so no model reads its prompts", s.param_pos.get("max_prompt_tokens") or s.pos,
+                               hint="remove max_prompt_tokens, or refuse a long prompt in a python stage "
+                                    "(raise pipeline_dsl.Reject)"))
         for model in models:
             ctx = context_length(model)
             if ctx is not None and limit > ctx:

@@ -162,6 +162,14 @@ def _end_of_previous(text: str, at: int) -> int:
         start = text.rfind("\n", 0, end) + 1
 
 
+def _bare_dashed_value(text: str, at: int) -> str | None:
+    """`model = smollm2-135m-instruct`, `stop = [end-of-text]`: the bare value (after '=', or in a
+    list) that a '-' at `at` continues (`-135m` read as a number, or the '-' an unexpected
+    character), whole; None where no such word stands right before it."""
+    m = re.search(r"[=\[,][ \t]*([A-Za-z_][\w.]*)$", text[_line_of_end(text, at):at])
+    return m.group(1) + re.match(r"[\w.:/-]*", text[at:]).group() if m else None
+
+
 def _context_hint(expected: set[str], tok: Token, prev: str = "",
                   in_map: bool = False) -> tuple[str | None, str | None]:
     """(what the parser wanted in words, a fix) for the common mistakes."""
@@ -328,6 +336,8 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
             keyed = re.search(r"\b(when|and|or|not|\()[ \t]*([A-Za-z_][\w.]*)\.(\w+)$", text[:err.pos_in_stream])
             if keyed:                    # when headers.x-tenant == "a": a key with '-' goes in brackets
                 hint = f"a key that is not a name goes in brackets: {keyed.group(2)}[{quote(keyed.group(3) + word)}]"
+            elif value := _bare_dashed_value(text, err.pos_in_stream):    # model = my-model.gguf
+                hint = f'a value with \'-\' in it is a string: write "{value}"'
             else:
                 hint = f"names are letters, digits and '_', not '-': write {name}{word.replace('-', '_')}"
         elif ch == "!":
@@ -373,6 +383,8 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
             "" if fan[-1] else " (edges without a condition out of one stage each get a copy)")
     elif tok.type in ("COLON", "DOT") and (ref := _unquoted_fn_ref(text, at)):        # fn = hooks:redact
         hint = f'"module:function" is a string: write {ref[0]} = "{ref[1]}"'
+    elif tok.type == "NUMBER" and tok.value.startswith("-") and (word := _bare_dashed_value(text, at)):
+        hint = f'a value with \'-\' in it is a string: write "{word}"'      # model = smollm2-135m-instruct
     elif tok.type == "NUMBER" and tok.value.startswith(".") and re.search(r"[A-Za-z_]\w*$", text[:at]):
         hint = "a key after '.' is a name: letters, digits and '_', not starting with a digit"   # metadata.1
     elif tok.type == "ON" and _previous(text, at) == "}":                            # kv_lookup {} on copy
@@ -438,6 +450,25 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
                               expected="a comparison FIELD OP VALUE with == != < <= > >=, joined with and, or, not",
                               hint="for a test no comparison makes, let a python stage return a label and "
                                    "write `when LABEL`")
+    bare = re.match(r"[\w./-]+", text[at:]) if prev == "use" and "STRING" in wanted and \
+        "\n" not in text[_end_of_previous(text, at):at] else None
+    if bare:                                                                  # use common.agp
+        hint = f'the path is a string: write use "{bare.group()}"'
+    elif tok.type == "NAME" and "USE" in wanted and tok.value in ("include", "import", "require", "load"):
+        path = re.match(r'[ \t]*("[^"\n]*")?', text[at + len(tok.value):]).group(1)   # include "common.agp"
+        hint = f"a file is included with use: write use {path or chr(34) + 'file.agp' + chr(34)}"
+    if tok.type == "OTHERWISE" and prev == "when":      # `a -> b when otherwise`
+        m = re.search(r"(\w+)[ \t]*->[ \t]*(\w+)[ \t]+when[ \t]*$", text[_line_of_end(text, at):at])
+        hint = ("`otherwise` is written without `when`: "
+                + (f"`{m.group(1)} -> {m.group(2)} otherwise`" if m else "`a -> b otherwise`"))
+    if "EQUAL" in wanted and "__ANON_0" in wanted and prev in ("else", "default"):
+        w = _end_of_previous(text, at) - len(prev)
+        m = re.search(r"(\w+)[ \t]*->[ \t]*(\w+)[ \t]+$", text[text.rfind("\n", 0, w) + 1:w])
+        if m:   # `a -> b else`: the word was read as the next statement's name
+            return Diagnostic(ERROR, f"'{prev}' is not a condition", _point(file, text, w, len(prev)),
+                              expected="`when CONDITION` or `otherwise` after an edge",
+                              hint=f"the edge taken when no condition holds is written "
+                                   f"`{m.group(1)} -> {m.group(2)} otherwise`")
     paren = _open_paren(text, at) if "RPAR" in wanted else None
     if paren is not None and text.count("\n", paren, at):   # `when (a > 1` and the next line read on
         return Diagnostic(ERROR, "'(' is not closed", _point(file, text, paren),

@@ -537,3 +537,118 @@ def test_a_stage_name_with_two_letters_swapped_gets_a_did_you_mean():
     """Every name suggested goes through the same matcher: an edge's stage, as a pipeline's name."""
     err = one(SEED.replace("encode -> kv -> gen", "encode -> vk -> gen"))
     assert "'vk'" in err.message and err.hint == "did you mean 'kv'?"
+
+
+def test_when_otherwise_is_told_to_drop_the_when():
+    err = one(SEED.replace("batch -> encode when timeout", "batch -> encode when otherwise"))
+    assert (err.message, at(err)) == ("unexpected 'otherwise'", (11, 26))
+    assert err.hint == "`otherwise` is written without `when`: `batch -> encode otherwise`"
+
+
+@pytest.mark.parametrize("word", ["else", "default"])
+def test_else_after_an_edge_is_reported_at_the_word_with_otherwise_to_write(word):
+    """`a -> b else` read the word as the next statement's name, and the error stood at what
+    followed it (the pipeline's `}`), saying an '=' or '->' was expected there."""
+    err = one(SEED.replace("batch -> encode when timeout", f"batch -> encode {word}"))
+    assert (err.message, at(err), err.pos.end_col - err.pos.col) == (f"'{word}' is not a condition", (11, 21),
+                                                                      len(word))
+    assert err.hint == "the edge taken when no condition holds is written `batch -> encode otherwise`"
+    assert errors(SEED.replace("batch -> encode when timeout", "batch -> encode otherwise")) == []
+
+
+@pytest.mark.parametrize("ref, hint", [
+    ("sub/hooks.py:after", 'a module is named by its dotted name from this file\'s folder, not by a path: '
+                           'write "sub.hooks:after"'),
+    ("./sub/hooks:after", 'a module is named by its dotted name from this file\'s folder, not by a path: '
+                          'write "sub.hooks:after"'),
+    ("/opt/lib/hooks.py:after", 'a module is named, not given by a path: put hooks.py beside this file (or its '
+                                'folder on PYTHONPATH) and write "hooks:after"'),
+    ("../lib/hooks.py:after", 'a module is named, not given by a path: put hooks.py beside this file (or its '
+                              'folder on PYTHONPATH) and write "hooks:after"'),
+])
+def test_a_path_where_the_module_name_goes_is_told_a_name_that_imports(tmp_path, ref, hint):
+    """The hint was `write the module's name, without .py: "sub/hooks:after"`, itself refused."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "hooks.py").write_text("def after(item):\n    return item\n")
+    text = SEED.replace("gen -> out", "gen -> x -> out").replace(
+        "stage out : respond {}", 'stage x : python { fn = "REF" }\n    stage out : respond {}')
+    path = tmp_path / "p.agp"
+    path.write_text(text.replace("REF", ref))
+    [err] = [d for d in pipeline_dsl.load(str(path))[1] if d.is_error]
+    assert err.message.startswith(f"'{ref}' is not a function reference") and err.hint == hint
+    fixed = hint.rsplit('"', 2)[1]
+    if fixed.startswith("sub."):          # the name the hint writes is found
+        path.write_text(text.replace("REF", fixed))
+        assert [d for d in pipeline_dsl.load(str(path))[1] if d.is_error] == []
+
+
+@pytest.mark.parametrize("written, hint", [
+    ('use common.agp', 'the path is a string: write use "common.agp"'),
+    ('use ../lib/common.agp', 'the path is a string: write use "../lib/common.agp"'),
+    ('include "common.agp"', 'a file is included with use: write use "common.agp"'),
+    ('import "lib/common.agp"', 'a file is included with use: write use "lib/common.agp"'),
+    ('include common', 'a file is included with use: write use "file.agp"'),
+])
+def test_an_include_written_another_way_is_told_the_use_to_write(written, hint):
+    """`include "x.agp"` was told that stages, settings and edges go inside a pipeline; `use
+    common.agp` got no hint at all."""
+    err = errors(f"{written}\n" + SEED)[0]
+    assert (err.pos.line, err.hint) == (1, hint)
+
+
+def test_a_use_alone_on_its_line_is_no_unquoted_path():
+    err = errors("use\n" + SEED)[0]
+    assert err.pos.line == 2 and (err.hint or "").startswith("the path is a string") is False
+
+
+@pytest.mark.parametrize("old, new, hint", [
+    ('"smollm2-135m-instruct"', "smollm2-135m-instruct", 'write "smollm2-135m-instruct"'),   # '-135m' a number
+    ('"smollm2-135m-instruct"', "my-model.gguf", 'write "my-model.gguf"'),                    # '-' a character
+    ("stage gen : generate {}", "stage gen : generate { stop = [end-of-text] }", 'write "end-of-text"'),
+])
+def test_a_bare_value_with_a_dash_is_told_to_quote_it(old, new, hint):
+    """`model = smollm2-135m-instruct` was told "one value per setting; write a list as [a, b]", and
+    `model = my-model.gguf` to write the name my_model: a value is quoted, not renamed."""
+    err = errors(SEED.replace(old, new))[0]
+    assert err.hint == "a value with '-' in it is a string: " + hint
+
+
+def test_a_stage_name_with_a_dash_is_still_told_the_name_to_write():
+    err = errors(SEED.replace("stage out : respond {}", "stage my-out : respond {}"))[0]
+    assert err.hint == "names are letters, digits and '_', not '-': write my_out"
+
+
+@pytest.mark.parametrize("written", ["smollm2", "SmolLM", "smol"])
+def test_the_embedded_models_name_cut_short_gets_a_did_you_mean(written):
+    err = one(SEED.replace('"smollm2-135m-instruct"', f'"{written}"'))
+    assert err.message == f"model not found: '{written}'"
+    assert err.hint == "did you mean 'smollm2-135m-instruct' (the embedded model)?"
+
+
+@pytest.mark.parametrize("stage, at_, meant", [
+    ('stage sys : system_prompt { prompt = "Be brief." }', "prompt", "text"),
+    ('stage sys : python { function = "hooks:redact" }', "function", "fn"),
+])
+def test_a_required_parameter_under_another_name_is_one_error_that_names_it(stage, at_, meant):
+    """`system_prompt { prompt = "…" }` was two errors, a missing 'text' at the stage and an unknown
+    'prompt' with no hint: one slip, one error, at the name written, saying which one is meant."""
+    text = SEED.replace("stage out : respond {}", f"stage out : respond {{}}\n    {stage}").replace(
+        "request -> batch", "request -> sys -> batch")
+    err = one(text)
+    assert err.message.startswith(f"unknown parameter '{at_}'") and err.pos.line == 9
+    kind = stage.split(":")[1].split()[0]
+    assert err.hint == f"did you mean '{meant}'? {kind} needs it, and this stage does not set it"
+
+
+def test_a_missing_parameter_beside_several_unknown_ones_is_still_its_own_error():
+    text = SEED.replace("stage out : respond {}", 'stage out : respond {}\n    stage sys : system_prompt '
+                        '{ prompt = "x"  extra = 1 }').replace("request -> batch", "request -> sys -> batch")
+    assert [e.message.split(" for ")[0].split(" in ")[0] for e in errors(text)] == [
+        "missing parameter 'text'", "unknown parameter 'prompt'", "unknown parameter 'extra'"]
+
+
+def test_a_join_policy_named_vote_is_told_majority():
+    text = SEED.replace("stage out : respond {}", "stage out : respond {}\n    stage j : join { policy = vote }")
+    err = one(text.replace("gen -> out", "gen -> j -> out"))
+    assert (err.message, err.hint) == ("'vote' is not a valid value for 'policy'",
+                                       "write policy = majority (the answer most branches agree on)")

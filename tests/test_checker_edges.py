@@ -1637,6 +1637,27 @@ t.agp:4:57: warning: max_prompt_tokens = 100000 is more than the context of smol
     assert render(limited(8192)) == ""
 
 
+def test_max_prompt_tokens_in_a_pipeline_without_a_generate_stage_is_a_warning_that_it_bounds_nothing(tmp_path):
+    """No engine takes the limit where no model reads the prompts: a prompt of any length went on."""
+    (tmp_path / "canned.py").write_text("def answer(item):\n    return {'text': 'hi'}\n")
+    (tmp_path / "t.agp").write_text("""\
+pipeline p {
+    stage request : requests { max_prompt_tokens = 5 }
+    stage answer  : python   { fn = "canned:answer"  returns = generated }
+    stage out     : respond  {}
+    request -> answer -> out
+}
+""")
+    assert render_file(tmp_path / "t.agp").replace(str(tmp_path) + "/", "") == """\
+t.agp:2:52: warning: max_prompt_tokens = 5 bounds nothing: the pipeline has no generate stage, so no model reads its prompts
+    2 |     stage request : requests { max_prompt_tokens = 5 }
+      |                                                    ^
+  = help: remove max_prompt_tokens, or refuse a long prompt in a python stage (raise pipeline_dsl.Reject)
+
+1 warning
+"""
+
+
 def test_context_length_is_read_from_a_gguf_header_and_caps_a_file_models_prompt_limit(tmp_path):
     from pipeline_dsl.model_files import context_length
     from tiny_model import write_tiny_gguf

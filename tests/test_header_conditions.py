@@ -112,6 +112,13 @@ def test_the_drawing_writes_the_condition_as_the_file_would():
     ('header["x-tenant"] == "a"', "unknown field 'header[\"x-tenant\"]'", "header", "did you mean 'headers'?"),
     ('metdata.tier == "a"', "unknown field 'metdata.tier'", "metdata", "did you mean 'metadata'?"),
     ('prompt_token > 5', "unknown field 'prompt_token'", "prompt_token", "did you mean 'prompt_tokens'?"),
+    # a field under a prefix of the item's dict, as a python stage reads it: the field's own name
+    ('usage.prompt_tokens > 5', "unknown field 'usage.prompt_tokens'", "usage", "a condition reads the field by "
+     "its own name: write prompt_tokens"),
+    ('request.metadata.tier == "a"', "unknown field 'request.metadata.tier'", "request", "a condition reads the "
+     "field by its own name: write metadata.tier"),
+    ('request.headers["x-tenant"] == "a"', "unknown field 'request.headers[\"x-tenant\"]'", "request",
+     "a condition reads the field by its own name: write headers[\"x-tenant\"]"),
     ('prompt_tokens["a"] > 5', "'prompt_tokens' is a number: it has no keys", '["a"]', None),
     ('headers["x-tenant"] > 5', "type mismatch: 'headers[\"x-tenant\"]' is a string, not a number", "5", None),
     ('headers["x-tenant"] < "b"', "'<' compares numbers", None, None),
@@ -126,6 +133,14 @@ def test_check_points_at_the_part_of_the_field_that_is_wrong(cond, message, at, 
         start = line.index(cond) + cond.index(at, 1 if at == "[1]" else 0)
         assert (d.pos.col - 1, d.pos.end_col - 1) == (start, start + len(at)), (d.pos, line)
     assert d.hint == hint
+
+
+def test_a_boolean_field_alone_is_told_to_compare_it_with_true():
+    """`when stream` was told `e.g. when stream == "…"`, a comparison check refuses (a string for a boolean)."""
+    [error] = [d for d in diagnostics("stream")[1] if d.is_error]
+    assert (error.message, error.expected, error.hint) == (
+        "field 'stream' needs a comparison", "stream == true or stream == false", "e.g. when stream == true")
+    assert [d for d in diagnostics("stream == true")[1] if d.is_error] == []
 
 
 def test_a_bare_headers_or_metadata_is_a_field_that_needs_a_key_and_a_comparison():

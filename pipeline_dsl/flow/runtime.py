@@ -74,6 +74,21 @@ RENDER_THREADS = 16                      # the render pool's threads: conversati
 _off_pool = threading.local()            # .here: "compile" or "render" on a thread running _go_off
 
 
+def _refuse_what_needs_a_model(data: dict) -> None:
+    """A request to a pipeline without a model (python stages answer it) that asks for what only a
+    model's tokens give — logprobs, the prompt's logprobs, an echo of a prompt sent as token ids —
+    is refused as its client's error (400, naming the field), not failed as the server's once
+    answered (500: no tokenizer to build that part of the answer with)."""
+    for name in ("logprobs", "prompt_logprobs"):          # chat's top_logprobs comes as logprobs
+        if data.get(name) is not None:
+            raise PipelineError(f"this pipeline has no model, so its answers have no {name}: leave '{name}' out",
+                                "invalid", param=name)
+    if data.get("echo") and data.get("prompt_token_ids") is not None:
+        raise PipelineError("this pipeline has no model to read token ids with, so 'echo' cannot repeat a "
+                            "prompt given as token ids: send the prompt as text, or leave 'echo' out",
+                            "invalid", param="echo")
+
+
 class PipelineRuntime(EngineSide, LiveStages, Driving):
     def __init__(self, graph: nx.DiGraph, *, overrides: dict | None = None, overlap: bool | None = None,
                  trace=None, workers: int = ITEM_WORKERS, max_queue: int | None = None,
@@ -218,6 +233,8 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         a bad request is a 400 whether or not the queue has room)."""
         if pin is not None and pin not in self.seg_of_gen:
             raise PipelineError(f"no generate stage named '{pin}'", "invalid")
+        if not self.segments:
+            _refuse_what_needs_a_model(data)
         self.check_prompt_length(data)
         with self._lock:
             if self.error is not None:

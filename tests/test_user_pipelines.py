@@ -1,0 +1,45 @@
+"""Pipelines a new user writes from the docs, run as they would run them (`agp run`): what the
+docs promise holds, and a request the pipeline cannot answer is the client's error, not a failure."""
+from __future__ import annotations
+
+import json
+
+from clikit import agp_in
+
+CANNED = '''\
+def canned(item):
+    return {"text": "canned answer"}
+'''
+
+NO_MODEL = '''\
+# no model at all: a python stage answers every request
+pipeline echo {
+    stage request : requests {}
+    stage ans     : python   { fn = "nomodel_hooks:canned"  returns = generated }
+    stage out     : respond  {}
+    request -> ans -> out
+}
+'''
+
+
+def test_a_pipeline_without_a_model_refuses_logprobs_as_the_clients_error(tmp_path):
+    """Asking a model-less pipeline for logprobs, the prompt's logprobs or an echo of token ids
+    failed once answered, with a traceback (`agp serve`: a 500, `answer_failed`): there is no
+    tokenizer to build them with. They are a 400 naming the field; the other lines are answered."""
+    (tmp_path / "nomodel_hooks.py").write_text(CANNED)
+    (tmp_path / "p.agp").write_text(NO_MODEL)
+    lines = [{"id": "chat", "messages": [{"role": "user", "content": "Hi"}], "logprobs": True, "top_logprobs": 2},
+             {"id": "text", "prompt": "Hi", "logprobs": 2},
+             {"id": "prompt", "prompt": "Hi", "prompt_logprobs": 1},
+             {"id": "ids", "prompt_token_ids": [1, 2, 3], "echo": True},
+             {"id": "plain", "prompt": "Hi", "echo": True},
+             {"id": "no_lp", "messages": [{"role": "user", "content": "Hi"}], "logprobs": False}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    r = agp_in("run", "p.agp", "-i", "in.jsonl", cwd=tmp_path)
+    assert "Traceback" not in r.stderr, r.stderr
+    got = {d["id"]: d for d in map(json.loads, r.stdout.splitlines())}
+    for rid, param in (("chat", "logprobs"), ("text", "logprobs"), ("prompt", "prompt_logprobs"), ("ids", "echo")):
+        error = got[rid]["error"]
+        assert (error["status"], error["type"], error["param"]) == (400, "invalid", param), error
+        assert "this pipeline has no model" in error["message"]
+    assert got["plain"]["text"] == "Hicanned answer" and got["no_lp"]["text"] == "canned answer"
