@@ -4,9 +4,12 @@ long a retry waits; and the slots that calls of paused requests lend (StageWorke
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
+import sys
 import threading
+import time
 
 import pytest
 
@@ -310,5 +313,41 @@ def test_the_thread_a_paused_call_lent_ends_once_it_is_let_go():
             threading.Event().wait(0.01)
         assert stage_threads("lent-thread") == 1
         calls.finish("a")
+    finally:
+        calls.close()
+
+
+@contextlib.contextmanager
+def threads_switch_only_when_they_wait():
+    """No thread takes the interpreter from another that runs (a 60 s switch interval): only a
+    thread that waits lets the others run. What runs between two waits is one step."""
+    was = sys.getswitchinterval()
+    sys.setswitchinterval(60.0)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(was)
+
+
+def test_calls_submitted_before_the_idle_threads_wake_each_start_while_the_stage_has_workers_to_spare():
+    """workers = 8 (sync), two threads idle after two calls: six calls submitted at once, before
+    a woken thread has taken its call, all run at once. Each submit saw a thread idle (one woken
+    counted so until it took its call) and started none: two ran and the other four waited
+    behind them for as long as they ran (an `agp run` whose python stage held its calls until a
+    condition passed them two at a time, minutes each, with 14 of its 16 workers never started)."""
+    calls = Calls(8, False, name="burst")
+    try:
+        with threads_switch_only_when_they_wait():
+            for name in ("a", "b"):                  # two threads, each idle as its call ends
+                calls.submit(name)
+                assert calls.started[name].wait(30)
+            calls.finish("a")
+            calls.finish("b")
+            burst = [f"c{i}" for i in range(6)]
+            for name in burst:                       # at once: no thread runs meanwhile
+                calls.submit(name)
+        deadline = time.monotonic() + 30
+        started = [name for name in burst if calls.started[name].wait(max(0.0, deadline - time.monotonic()))]
+        assert started == burst, f"of {burst} only {started} started: the rest waited for a thread"
     finally:
         calls.close()

@@ -5,12 +5,14 @@ answered as it comes too, and an input that cannot be read to its end keeps the 
 lines before the failure (exit 2, saying after which line)."""
 from __future__ import annotations
 
+import fcntl
 import gzip
 import json
 import os
 import select
 import subprocess
 import sys
+import termios
 import time
 import zlib
 from pathlib import Path
@@ -33,6 +35,19 @@ def wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 
         assert time.monotonic() < deadline, f"no {n} answer(s) within {timeout} s"
         time.sleep(0.05)
     return records(path)
+
+
+def wait_until_read(proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until the run has read what its input pipe holds (the pipe is empty), the run still going."""
+    deadline = time.monotonic() + timeout
+    while True:
+        waiting = bytearray(4)
+        fcntl.ioctl(proc.stdin.fileno(), termios.FIONREAD, waiting)
+        if int.from_bytes(waiting, "little") == 0:
+            return
+        assert proc.poll() is None, proc.communicate()[1].decode()
+        assert time.monotonic() < deadline, f"the input not read within {timeout} s"
+        time.sleep(0.05)
 
 
 def finish(proc: subprocess.Popen, last: bytes) -> str:
@@ -150,7 +165,7 @@ def test_a_gzip_compressed_stream_is_answered_as_it_comes_even_when_its_first_wr
     with reaped(start(pipeline, "-o", out)) as proc:
         proc.stdin.write(first[:1])
         proc.stdin.flush()
-        time.sleep(1.0)                                   # read alone, before the rest is written
+        wait_until_read(proc)                             # read alone, before the rest is written
         proc.stdin.write(first[1:])
         proc.stdin.flush()
         assert [g["id"] for g in wait_for_lines(out, 1, proc)] == ["z1"]

@@ -7,7 +7,8 @@ per call, retries with backoff for transient errors, a cap on stuck calls.
     workers.submit(lambda: afn(view), done, is_async=True)
 
 A stage's calls never wait for another stage's: a sync function runs on threads of its
-stage (at most `workers` at once, started as needed), a coroutine on the stage's event loop
+stage (at most `workers` at once, started as needed: a call waits for a thread only while
+`workers` calls run, however many are submitted at once), a coroutine on the stage's event loop
 (at most `workers` at once), so an `async def` that blocks its loop stalls its own stage
 only; a probe on the timer names it in a warning once the loop has not turned for STALL_S.
 Timeouts are armed on the timer thread, so they fire even while a loop is blocked. A call
@@ -230,9 +231,16 @@ class StageWorkers:
             self._warned = False
 
     def _spawn_if_waiting(self, job: _Job) -> None:
-        """(under the lock) A sync stage's calls wait and no thread is idle: a new thread takes one."""
-        if not job.is_async and self._queue and self._idle == 0:
+        """(under the lock) A sync stage's calls wait, more of them than idle threads: a new thread takes one."""
+        if not job.is_async and self._more_waiting():
             self._spawn()
+
+    def _more_waiting(self) -> bool:
+        """(under the lock) More calls wait than the idle threads take: each takes one as it
+        wakes, and a thread woken but not yet running counts as idle still, so calls submitted
+        at once beyond them need threads of their own (else they wait behind the running calls,
+        for as long as those block, while the stage has workers to spare)."""
+        return len(self._queue) > self._idle
 
     def _take_async(self) -> None:
         """Async slots lent: the calls waiting take them."""
@@ -276,7 +284,7 @@ class StageWorkers:
             return
         with self._cv:
             self._queue.append(job)
-            if self._idle == 0:
+            if self._more_waiting():
                 self._spawn()
             self._cv.notify()
 
