@@ -106,6 +106,29 @@ def test_q8_x16_kernel_is_exact_at_the_largest_weights_and_inputs(T, act):
     assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("T", [1, 3])
+def test_int4_x16_kernel_is_exact_at_the_largest_nibbles_and_inputs(T, act):
+    """Every nibble 15 (or 0) and every input at its block's largest magnitude, or (second part)
+    half a step from it: without VNNI the kernel sums a block's eight pmaddubsw results in int16,
+    each of them 2 * 15 * 127 = 3810 here, eight 30480, next to 32767; the kernel must still give
+    the exact dot product, of either sign."""
+    N, K = 32, 96
+    q = torch.full((N, K), 15, dtype=torch.uint8)
+    q[N // 2:, 1::5] = 0                                                   # some rows mix 15 and 0
+    blocks = Int4Blocks(q, torch.full((N, K // 32), 0.01), torch.full((N, K // 32), -0.02))
+    lin = Int4Linear(blocks, torch.bfloat16)
+    x = torch.full((T, K), 127.0)                                          # hi 127 at every input
+    x[0, 32:64] = -127.0
+    x[0, 64:] = 126.5                                                      # hi 126, lo 127 (v - hi = 1/2)
+    x[0, 64] = 127.0                                                       # the block's largest
+    if T > 1:
+        x[1] = -x[0]
+        x[2, ::2] = -127.0
+    y = native_linear(lin, x).double()
+    ref = quantised(x, PARTS[act]) @ effective(blocks).t()
+    assert torch.allclose(y, ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
+
+
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
 def test_a_non_finite_input_row_stays_non_finite_and_leaves_the_other_rows_alone(bad, act):
     """+inf into the int8 linears came out of the AVX2 build as -inf (its int8 code -128: packs

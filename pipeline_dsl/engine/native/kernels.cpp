@@ -152,14 +152,29 @@ namespace {
 
 #define AGP_INLINE inline __attribute__((always_inline))
 
-// 8 int32 lanes of acc += the dot product of 4 unsigned bytes of u by the 4 signed bytes of s
-// beside them (vpdpbusd). Without VNNI: pmaddubsw sums two products into a saturating int16,
-// exact while each pair stays within 32767: u <= 15 (q4's nibbles) against |s| <= 127 does.
-AGP_INLINE __m256i dot_u4_256(__m256i acc, __m256i u, __m256i s) {
+// A q4 block's dot products, 8 int32 lanes (rows) of sum_j u[j] . s[j] over its eight pairs of
+// 32 bytes: u[j] 4 unsigned bytes a lane (nibbles: lanes' inputs 4j..4j+3, or 16 + those for
+// j >= 4), s[j] the 4 signed input bytes they multiply, broadcast. With VNNI, vpdpbusd in two
+// chains. Without: pmaddubsw sums each pair of products into an int16 (saturating, exact while a
+// pair stays within 32767), and the eight results are summed in int16 before one pmaddwd widens
+// them, instead of pmaddwd and an int32 add for each. Exact: with u <= 15 and |s| <= 128 (the
+// inputs are within 127), a pmaddubsw lane is at most 2 * 15 * 128 = 3840 in magnitude and eight
+// of them at most 8 * 3840 = 30720 <= 32767, so no int16 add wraps and the int32 sums are the
+// same integers as one pmaddwd per pmaddubsw gave (tests/test_native_int8.py, at those extremes).
+AGP_INLINE __m256i dot_u4_block_256(const __m256i* u, const __m256i* s) {
 #if defined(__AVXVNNI__)
-    return _mm256_dpbusd_avx_epi32(acc, u, s);
+    __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+    for (int j = 0; j < 4; ++j) {
+        a0 = _mm256_dpbusd_avx_epi32(a0, u[j], s[j]);
+        a1 = _mm256_dpbusd_avx_epi32(a1, u[j + 4], s[j + 4]);
+    }
+    return _mm256_add_epi32(a0, a1);
 #else
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+    __m256i p[8];
+    for (int j = 0; j < 8; ++j) p[j] = _mm256_maddubs_epi16(u[j], s[j]);
+    const __m256i lo = _mm256_add_epi16(_mm256_add_epi16(p[0], p[1]), _mm256_add_epi16(p[2], p[3]));
+    const __m256i hi = _mm256_add_epi16(_mm256_add_epi16(p[4], p[5]), _mm256_add_epi16(p[6], p[7]));
+    return _mm256_madd_epi16(_mm256_add_epi16(lo, hi), _mm256_set1_epi16(1));
 #endif
 }
 
@@ -239,15 +254,28 @@ AGP_INLINE void vi_store_i8(int8_t* p, i32x16 v) {                              
     _mm_storeu_si128((__m128i*)p, _mm512_cvtepi32_epi8(v));
 }
 
+// The 16 rows' dot products of a q4 block (dot_u4_block_256): lo[j] and hi[j] the rows' nibbles of
+// inputs 4j..4j+3 and 16 + those, x the block's 32 int8 inputs as 8 words.
 #if defined(__AVX512VNNI__)
-AGP_INLINE i32x16 vi_dot_u4(i32x16 acc, i32x16 u, i32x16 s) { return _mm512_dpbusd_epi32(acc, u, s); }
+AGP_INLINE i32x16 vi_dot_u4_block(const i32x16* lo, const i32x16* hi, const int32_t* x) {
+    i32x16 a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+    for (int j = 0; j < 4; ++j) {
+        a0 = _mm512_dpbusd_epi32(a0, lo[j], _mm512_set1_epi32(x[j]));
+        a1 = _mm512_dpbusd_epi32(a1, hi[j], _mm512_set1_epi32(x[j + 4]));
+    }
+    return _mm512_add_epi32(a0, a1);
+}
 AGP_INLINE i32x16 vi_dot_q8(i32x16 acc, i32x16 w, i32x16 s) { return _mm512_dpbusd_epi32(acc, w, s); }
-#else   // AVX-512 without VNNI (Skylake): the AVX2 forms on each half
-AGP_INLINE i32x16 vi_dot_u4(i32x16 acc, i32x16 u, i32x16 s) {
-    return _mm512_inserti64x4(_mm512_castsi256_si512(dot_u4_256(_mm512_castsi512_si256(acc), _mm512_castsi512_si256(u),
-                                                                _mm512_castsi512_si256(s))),
-                              dot_u4_256(_mm512_extracti64x4_epi64(acc, 1), _mm512_extracti64x4_epi64(u, 1),
-                                         _mm512_extracti64x4_epi64(s, 1)), 1);
+#else   // AVX-512 without VNNI (Skylake): q4 in int16 as dot_u4_block_256 (the same bound), Q8 the AVX2 form on each half
+AGP_INLINE i32x16 vi_dot_u4_block(const i32x16* lo, const i32x16* hi, const int32_t* x) {
+    __m512i p[8];
+    for (int j = 0; j < 4; ++j) {
+        p[j] = _mm512_maddubs_epi16(lo[j], _mm512_set1_epi32(x[j]));
+        p[j + 4] = _mm512_maddubs_epi16(hi[j], _mm512_set1_epi32(x[j + 4]));
+    }
+    const __m512i a = _mm512_add_epi16(_mm512_add_epi16(p[0], p[1]), _mm512_add_epi16(p[2], p[3]));
+    const __m512i b = _mm512_add_epi16(_mm512_add_epi16(p[4], p[5]), _mm512_add_epi16(p[6], p[7]));
+    return _mm512_madd_epi16(_mm512_add_epi16(a, b), _mm512_set1_epi16(1));
 }
 AGP_INLINE i32x16 vi_dot_q8(i32x16 acc, i32x16 w, i32x16 s) {
     return _mm512_inserti64x4(_mm512_castsi256_si512(dot_q8_256(_mm512_castsi512_si256(acc), _mm512_castsi512_si256(w),
@@ -369,8 +397,15 @@ AGP_INLINE void vi_store_i8(int8_t* p, i32x16 v) {   // 16 int32 in [-128, 127] 
     const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(v.a, v.b), 0xD8);   // int16, in order
     _mm_storeu_si128((__m128i*)p, _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
 }
-AGP_INLINE i32x16 vi_dot_u4(i32x16 acc, i32x16 u, i32x16 s) {
-    return {dot_u4_256(acc.a, u.a, s.a), dot_u4_256(acc.b, u.b, s.b)};
+AGP_INLINE i32x16 vi_dot_u4_block(const i32x16* lo, const i32x16* hi, const int32_t* x) {   // as AVX-512's
+    __m256i s[8], ua[8], ub[8];
+    for (int j = 0; j < 4; ++j) {
+        s[j] = _mm256_set1_epi32(x[j]);
+        s[j + 4] = _mm256_set1_epi32(x[j + 4]);
+        ua[j] = lo[j].a, ua[j + 4] = hi[j].a;
+        ub[j] = lo[j].b, ub[j + 4] = hi[j].b;
+    }
+    return {dot_u4_block_256(ua, s), dot_u4_block_256(ub, s)};
 }
 AGP_INLINE i32x16 vi_dot_q8(i32x16 acc, i32x16 w, i32x16 s) {
     return {dot_q8_256(acc.a, w.a, s.a), dot_q8_256(acc.b, w.b, s.b)};
@@ -637,22 +672,10 @@ void q4x_rows(const Lin& L, const int8_t* xq, const XBlk* xm, float* y, int g0, 
             const f32x16 s = vf_load_bf16((const uint16_t*)(p + 256)), z = vf_load_bf16((const uint16_t*)(p + 288));
             for (int t = 0; t < T; ++t) {
                 const int32_t* xw = (const int32_t*)(xq + (int64_t)t * PARTS * K + 32 * b);
-                i32x16 a0 = vi_zero(), a1 = vi_zero();
-                for (int j = 0; j < 4; ++j) {
-                    a0 = vi_dot_u4(a0, lo[j], vi_set32(xw[j]));
-                    a1 = vi_dot_u4(a1, hi[j], vi_set32(xw[j + 4]));
-                }
                 const XBlk& m = xm[(int64_t)t * nb + b];
-                f32x16 f = vf_from_i32(vi_add32(a0, a1));
-                if (PARTS == 2) {
-                    const int32_t* xl = xw + K / 4;
-                    i32x16 b0 = vi_zero(), b1 = vi_zero();
-                    for (int j = 0; j < 4; ++j) {
-                        b0 = vi_dot_u4(b0, lo[j], vi_set32(xl[j]));
-                        b1 = vi_dot_u4(b1, hi[j], vi_set32(xl[j + 4]));
-                    }
-                    f = vf_fmadd(vf_from_i32(vi_add32(b0, b1)), vf_set(1.0f / LO), f);
-                }
+                f32x16 f = vf_from_i32(vi_dot_u4_block(lo, hi, xw));
+                if (PARTS == 2)
+                    f = vf_fmadd(vf_from_i32(vi_dot_u4_block(lo, hi, xw + K / 4)), vf_set(1.0f / LO), f);
                 acc[t] = vf_fmadd(s, vf_fmsub(f, vf_set(m.d), vf_set(m.c8)), acc[t]);
                 acc[t] = vf_fmadd(z, vf_set(m.c1), acc[t]);
             }
