@@ -13,7 +13,9 @@ reports a replica that fails on a flag at its first failure), and drains them at
 deleted; the exit status is 1 when the drain timeout cut requests, as in one process).
 
 The application is served at "/" and answers under --root-path too (the app strips it), so a
-route answers with and without the prefix, as in one process.
+route answers with and without the prefix, as in one process. On a cluster where Ray Serve already
+runs, its HTTP options are the cluster's: agp serves on Serve's port (`served_address`), and refuses
+a --port / --host it would not be served on, and an application `agp` already deployed there.
 """
 from __future__ import annotations
 
