@@ -203,6 +203,34 @@ def test_ray_serves_deployments_log_at_the_log_level_and_write_no_access_line_of
     assert on_ray.logging_config(on_ray.parse([str(path)]))["enable_access_log"] is False   # agp's log is on
 
 
+@pytest.mark.parametrize("flags, served", [
+    ([], ("127.0.0.1", 8123, "http")),                            # --port left at its default: Serve's port
+    (["--port", "0"], ("127.0.0.1", 8123, "http")),               # any port: Serve's
+    (["--port", "8123", "--host", "127.0.0.1"], ("127.0.0.1", 8123, "http")),
+    (["--port", "9000"], "--port 9000 cannot be served"),
+    (["--host", "0.0.0.0"], "--host 0.0.0.0 cannot be served"),
+    (["--port", "9000", "--ssl-keyfile", "k.pem", "--ssl-certfile", "c.pem"], "--port 9000 and --ssl-certfile c.pem"),
+])
+def test_joining_a_running_serve_serves_on_its_port_or_refuses_another(flags, served, tmp_path, tiny_gguf):
+    """Ray Serve's HTTP options hold for its whole cluster (a later serve.start keeps them): agp
+    serves on Serve's port when the flags leave it open, and refuses a --port, --host or TLS
+    certificate it would not be served on, naming both."""
+    on_ray = pytest.importorskip("pipeline_dsl.serve.ray", exc_type=ImportError)
+    from ray.serve.config import HTTPOptions
+
+    from pipeline_dsl.serve.options import SetupError
+
+    running = HTTPOptions(host="127.0.0.1", port=8123)
+    args = on_ray.parse([str(tiny_pipeline(tmp_path / "tiny.agp", tiny_gguf)), *flags])
+    if isinstance(served, tuple):
+        assert on_ray.served_address(args, running) == served
+        return
+    with pytest.raises(SetupError) as e:
+        on_ray.served_address(args, running)
+    assert served in str(e.value)
+    assert "its HTTP proxy on 127.0.0.1:8123" in str(e.value) and "--port 8123" in str(e.value)
+
+
 # ---------------------------------------------------------------- a local Ray cluster
 
 class Cluster:
@@ -240,6 +268,49 @@ def cluster(tiny_gguf, tmp_path_factory, ray_turn):
         yield Cluster(f"http://127.0.0.1:{port}", ray)
     finally:
         ray.shutdown()      # ends Serve's actors with the cluster, without their graceful drain (seconds)
+
+
+def serve_beside(args) -> tuple[int | None, bool]:
+    """`agp serve --ray` (its main) in this process, on the cluster it has joined: its exit status
+    (None when it raised: one that deployed fails at setting its signal handlers, which only the
+    main thread may), and whether it still runs after two minutes."""
+    from pipeline_dsl.serve import ray as on_ray
+
+    outcome = {}
+    t = threading.Thread(target=lambda: outcome.setdefault("code", on_ray.main(args)), daemon=True)
+    t.start()
+    t.join(120)
+    return outcome.get("code"), t.is_alive()
+
+
+def test_a_second_agp_serve_on_the_cluster_refuses_another_port_and_the_same_application(cluster, tmp_path,
+                                                                                           tiny_gguf, capsys):
+    """Ray Serve already runs on the cluster with its proxy on the fixture's port: a --port that
+    differs would never be listened on (it said it served there), and the same port would replace
+    the application `agp` already deployed. Both exit 2 before deploying anything, and the first
+    application serves on."""
+    from ray import serve
+
+    from pipeline_dsl.serve import ray as on_ray
+
+    port = int(cluster.url.rsplit(":", 1)[1])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        other = s.getsockname()[1]
+    path = tiny_pipeline(tmp_path / "tiny.agp", tiny_gguf)
+    flags = [str(path), "--threads", "1", "--stats-interval", "0", "--log-level", "warning"]
+    assert serve_beside(on_ray.parse([*flags, "--port", str(other)])) == (2, False)
+    err = capsys.readouterr().err
+    assert f"agp serve: error: Ray Serve already runs on this cluster with its HTTP proxy on 127.0.0.1:{port}" in err
+    assert f"--port {other} cannot be served" in err and "Traceback" not in err
+    assert serve_beside(on_ray.parse([*flags, "--port", str(port)])) == (2, False)
+    err = capsys.readouterr().err
+    assert "agp serve: error: Ray Serve on this cluster already runs an application named 'agp'" in err
+    assert "serve delete agp" in err and "Traceback" not in err
+    assert serve.status().applications["agp"].status == "RUNNING"
+    r = cluster.client.completions.create(model="tiny", prompt="still here", max_tokens=2,
+                                          extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 2
 
 
 def expected_texts(model, requests: list[dict]) -> list[str]:

@@ -13,7 +13,9 @@ reports a replica that fails on a flag at its first failure), and drains them at
 deleted; the exit status is 1 when the drain timeout cut requests, as in one process).
 
 The application is served at "/" and answers under --root-path too (the app strips it), so a
-route answers with and without the prefix, as in one process.
+route answers with and without the prefix, as in one process. On a cluster where Ray Serve already
+runs, its HTTP options are the cluster's: agp serves on Serve's port (`served_address`), and refuses
+a --port / --host it would not be served on, and an application `agp` already deployed there.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ DEFAULT_TARGET = 8.0              # --target-ongoing-requests
 
 __all__ = ["APP", "AgpIngress", "AgpPipeline", "PrefixAffinityRouter", "StartFailed", "affinity_key", "app_builder",
            "build_app", "deploy", "drain", "init_cluster", "logging_config", "main", "parse", "pipeline_options",
-           "rank", "setup_failure", "start_failure", "stop"]
+           "rank", "running_http_options", "served_address", "setup_failure", "start_failure", "stop"]
 
 
 # ---------------------------------------------------------------- the application
@@ -259,12 +261,53 @@ def init_cluster(**kw) -> None:
                         attempt + 1, STARTS)
 
 
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000       # agp serve's --host and --port when not given
+
+
+def running_http_options():
+    """The HTTP options (host, port, TLS files) of the Ray Serve already running on the cluster
+    this process joined, from its controller, or None when Serve does not run there. They are the
+    cluster's: `serve.start` on a running Serve keeps them and ignores new ones."""
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:                          # no controller: Serve is not running
+        return None
+    return ray.get(controller.get_http_config.remote())
+
+
+def served_address(args, running) -> tuple[str, int, str]:
+    """(host, port, scheme) agp serves on when joining a cluster whose Serve already runs with the
+    HTTP options `running` (`running_http_options`): Serve's own, as its proxies listen there
+    whatever a later `serve.start` asks. Raises SetupError for a --host, --port or TLS certificate
+    the user set (other than the defaults; --port 0 takes any port) that differs from Serve's."""
+    from .logs import endpoint
+    from .options import SetupError
+
+    host, port, cert = running.host, running.port, running.ssl_certfile
+    asked = []
+    if args.port not in (0, DEFAULT_PORT, port):
+        asked.append(f"--port {args.port}")
+    if args.host not in (DEFAULT_HOST, host):
+        asked.append(f"--host {args.host}")
+    if args.ssl_certfile and args.ssl_certfile != cert:
+        asked.append(f"--ssl-certfile {args.ssl_certfile}")
+    if asked:
+        raise SetupError(
+            f"Ray Serve already runs on this cluster with its HTTP proxy on {endpoint(host, port)}"
+            f"{' (TLS)' if cert else ''}, and its HTTP options hold for the whole cluster: {' and '.join(asked)} "
+            f"cannot be served. Leave the flag out (or give --port {port}) to serve on Serve's port, "
+            "or run `serve shutdown` on the cluster first to start Serve again with yours")
+    return host, port, "https" if cert else "http"
+
+
 def main(args) -> int:
     """`agp serve … --ray`: deploy, serve until SIGINT / SIGTERM, then drain and stop."""
     from pipeline_dsl.diagnostics import CheckFailed
 
     from .logs import endpoint, fatal
-    from .options import report
+    from .options import SetupError, report
 
     try:
         device = pipeline_device(args)
@@ -275,13 +318,31 @@ def main(args) -> int:
     if started_here:
         init_cluster(logging_level=logging.WARNING, include_dashboard=False)
     gpus = replica_gpus(device)
-    port = args.port or _free_port(args.host)
-    serve.start(proxy_location="EveryNode",
-                http_options={"host": args.host, "port": port, "ssl_keyfile": args.ssl_keyfile,
-                              "ssl_certfile": args.ssl_certfile,
-                              # its proxy's idle connections, in whole seconds (Ray's own default: 90 s)
-                              "keep_alive_timeout_s": math.ceil(args.keep_alive_timeout)},
-                logging_config=logging_config(args))
+    running = running_http_options()
+    if running is None:
+        host, port, scheme = args.host, args.port or _free_port(args.host), "https" if args.ssl_certfile else "http"
+        serve.start(proxy_location="EveryNode",
+                    http_options={"host": host, "port": port, "ssl_keyfile": args.ssl_keyfile,
+                                  "ssl_certfile": args.ssl_certfile,
+                                  # its proxy's idle connections, in whole seconds (Ray's own default: 90 s)
+                                  "keep_alive_timeout_s": math.ceil(args.keep_alive_timeout)},
+                    logging_config=logging_config(args))
+    else:                         # a cluster's Serve keeps the HTTP options it started with
+        try:
+            host, port, scheme = served_address(args, running)
+            if APP in serve.status().applications:
+                raise SetupError(
+                    f"Ray Serve on this cluster already runs an application named {APP!r} (another "
+                    "`agp serve --ray`?), which deploying would replace: stop that one first (SIGTERM to "
+                    f"its agp serve, or `serve delete {APP}`)")
+        except SetupError as e:
+            report(str(e))
+            if started_here:
+                ray.shutdown()
+            return 2
+        if (host, port) != (args.host, args.port):
+            log.warning("Ray Serve already runs on this cluster with its HTTP proxy on %s: serving there",
+                        endpoint(host, port))
     try:
         deploy(build_app(args, gpus), APP, "/")      # the app answers under --root-path too
     except Exception as e:                      # noqa: BLE001 - Serve says why the replicas did not start
@@ -291,12 +352,11 @@ def main(args) -> int:
         if started_here:
             ray.shutdown()
         return code
-    scheme = "https" if args.ssl_certfile else "http"
     count = (f"{args.replicas or 1} replica(s)" if args.max_replicas is None else
              f"{1 if args.min_replicas is None else args.min_replicas}-{args.max_replicas} replicas "
              f"(autoscaling towards {args.target_ongoing_requests or DEFAULT_TARGET:g} requests in flight each)")
     log.info("agp serving pipeline %s on Ray Serve as %s at %s://%s%s/v1; prefix affinity %s",
-             Path(args.pipeline).name, count, scheme, endpoint(args.host, port), args.root_path,
+             Path(args.pipeline).name, count, scheme, endpoint(host, port), args.root_path,
              f"on the first {args.affinity_chars} characters" if args.affinity_chars else "off")
     signalled = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
