@@ -231,6 +231,17 @@ def test_joining_a_running_serve_serves_on_its_port_or_refuses_another(flags, se
     assert "its HTTP proxy on 127.0.0.1:8123" in str(e.value) and "--port 8123" in str(e.value)
 
 
+def test_a_ray_without_the_controllers_names_starts_serve_as_on_a_new_cluster(monkeypatch, caplog):
+    """Where a running Serve listens is read through Ray's controller names, which Ray keeps out of
+    its public API: a Ray laid out otherwise gets a warning and the start of a new cluster (agp's
+    --host and --port asked of serve.start), not an ImportError out of `agp serve --ray`."""
+    on_ray = pytest.importorskip("pipeline_dsl.serve.ray", exc_type=ImportError)
+    monkeypatch.setitem(sys.modules, "ray.serve._private.constants", None)   # import fails
+    with caplog.at_level(logging.WARNING, logger="agp.serve"):
+        assert on_ray.running_http_options() is None
+    assert "does not say where a running Serve listens" in caplog.text
+
+
 # ---------------------------------------------------------------- a local Ray cluster
 
 class Cluster:

@@ -268,8 +268,11 @@ def running_http_options():
     """The HTTP options (host, port, TLS files) of the Ray Serve already running on the cluster
     this process joined, from its controller, or None when Serve does not run there. They are the
     cluster's: `serve.start` on a running Serve keeps them and ignores new ones."""
-    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
-
+    try:                                        # Ray has no public call for them: its controller's names
+        from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+    except ImportError:                         # another Ray's layout: start Serve as on a new cluster
+        log.warning("this Ray does not say where a running Serve listens: --host/--port are asked of serve.start")
+        return None
     try:
         controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
     except ValueError:                          # no controller: Serve is not running
