@@ -109,12 +109,12 @@ def test_tenants_refuses_a_tenant_over_its_rate_with_a_429_and_admits_pro_tenant
 
 
 def test_fallback_asks_the_second_engine_only_for_answers_the_first_could_not_finish():
-    # the long request asks 24 tokens, the fast stage's own max_new_tokens: the fast engine cuts
-    # it where it did without them (finish_reason length, so it goes on to the strong engine),
-    # and the strong engine's bf16 answer is 24 tokens instead of its stage's 128 (most of the
-    # test's time; only which engine answered is checked)
+    # the long request asks 8 tokens: the fast engine cuts it there (finish_reason length, as at
+    # its stage's own max_new_tokens of 24, so it goes on to the strong engine), and the strong
+    # engine's bf16 answer is 8 tokens instead of its stage's 128 (only which engine answered is
+    # checked; the short answer ends by itself within the fast stage's 24)
     reqs = [user("short", "What is 2+3? Answer with a number."),
-            user("long", "Write a long story about a dragon who learns to bake bread.", max_tokens=24)]
+            user("long", "Write a long story about a dragon who learns to bake bread.", max_tokens=8)]
     (short, long_), stats = run("fallback.agp", reqs)
     assert short.choices[0].data["generated_by"] == "fast"
     assert long_.choices[0].data["generated_by"] == "strong"

@@ -322,15 +322,28 @@ def test_logs_are_timestamped_json_with_access_lines_reasons_and_stats(ops):
     assert {"running", "waiting", "prompt_tok_s", "kv_usage", "prefix_hit_rate"} <= stats[0].keys()
 
 
-def test_text_logs_and_no_access_log(tmp_path, tiny_gguf):
-    (tmp_path / "p.agp").write_text(PIPELINE.format(model=tiny_gguf))
-    server = Proc([str(tmp_path / "p.agp"), "--threads", "1", "--no-access-log"])
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory, tiny_gguf):
+    """A second server, with text logs, no access log and a trace file, asked a few requests and
+    then stopped (SIGTERM): what it wrote and its exit status, for the tests after it to read."""
+    d = tmp_path_factory.mktemp("stopped")
+    (d / "p.agp").write_text(PIPELINE.format(model=tiny_gguf))
+    server = Proc([str(d / "p.agp"), "--threads", "1", "--no-access-log", "--trace", str(d / "t.json")])
     try:
-        assert server.client.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}
-                                  ).status_code == 200
-        assert server.client.post(server.url + "/v1/completions", json={"prompt": ""}).status_code == 400
+        server.answers = [server.client.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}),
+                          server.client.post(server.url + "/v1/completions", json={"prompt": ""})]
+        for i in range(3):
+            server.client.post(server.url + "/v1/completions", json={"prompt": f"n{i}", "max_tokens": 3})
     finally:
-        assert server.stop() == 0
+        server.code = server.stop()
+    server.dir = d
+    return server
+
+
+def test_text_logs_and_no_access_log(stopped):
+    server = stopped
+    assert [r.status_code for r in server.answers] == [200, 400]
+    assert server.code == 0
     text = "\n".join(server.lines)
     assert "agp.access" not in text and "uvicorn.access" not in text
     line = next(x for x in server.lines if "-> 400" in x)
@@ -381,7 +394,8 @@ def test_warnings_and_other_libraries_records_are_log_records_too():
 def test_with_json_logs_a_start_that_fails_says_why_in_a_json_record(tmp_path):
     """Under --log-format json the one line saying why the server did not start (a port in use, a
     pipeline that does not check) was bare text, the only line a JSON collector could not parse,
-    and the one that mattered. It is a JSON record at ERROR; text logs keep the bare line."""
+    and the one that mattered. It is a JSON record at ERROR; text logs keep the bare line. The JSON
+    logs in a child process, whose every line of stderr is read; the text ones in this process."""
     import socket
 
     held = socket.socket()
@@ -399,7 +413,8 @@ def test_with_json_logs_a_start_that_fails_says_why_in_a_json_record(tmp_path):
                             f"cannot listen on [::1]:{port6}"),
                            ([str(tmp_path / "bad.agp"), "--port", "0"], "nosuchkind")):
             for fmt in ("json", "text"):
-                r = agp("serve", *argv, "--log-format", fmt, timeout=120)
+                r = (agp("serve", *argv, "--log-format", fmt, timeout=120) if fmt == "json"
+                     else agp_in("serve", *argv, "--log-format", fmt))
                 assert r.returncode == 2 and said in r.stderr, r.stderr
                 if fmt == "text":
                     assert not r.stderr.startswith("{") and "Traceback" not in r.stderr
@@ -414,11 +429,11 @@ def test_with_json_logs_a_start_that_fails_says_why_in_a_json_record(tmp_path):
 def test_why_a_start_failed_is_written_whatever_the_log_level(tmp_path):
     """--log-level critical keeps the ERROR records out, but not the one saying why the server
     did not start: exit 2 with nothing on stderr left the operator guessing. Text logs write it
-    as a bare line at any level; JSON logs as their ERROR record."""
+    as a bare line at any level; JSON logs as their ERROR record. (In this process: what it writes
+    is the point, not the process.)"""
     (tmp_path / "bad.agp").write_text("pipeline p {\n    stage a : nosuchkind {}\n}\n")
     for fmt in ("json", "text"):
-        r = agp("serve", tmp_path / "bad.agp", "--port", "0", "--log-format", fmt, "--log-level", "critical",
-                timeout=120)
+        r = agp_in("serve", tmp_path / "bad.agp", "--port", "0", "--log-format", fmt, "--log-level", "critical")
         assert r.returncode == 2 and "nosuchkind" in r.stderr, (fmt, r.stderr)
         if fmt == "json":
             record = json.loads(r.stderr.splitlines()[-1])
@@ -736,15 +751,9 @@ def check_trace_event_format(trace: dict) -> None:
             stack.append(b)
 
 
-def test_the_trace_is_written_at_shutdown(tmp_path, tiny_gguf):
-    (tmp_path / "p.agp").write_text(PIPELINE.format(model=tiny_gguf))
-    server = Proc([str(tmp_path / "p.agp"), "--threads", "1", "--trace", str(tmp_path / "t.json")])
-    try:
-        for i in range(3):
-            server.client.post(server.url + "/v1/completions", json={"prompt": f"n{i}", "max_tokens": 3})
-    finally:
-        assert server.stop() == 0
-    trace = json.loads((tmp_path / "t.json").read_text())
+def test_the_trace_is_written_at_shutdown(stopped):
+    assert stopped.code == 0
+    trace = json.loads((stopped.dir / "t.json").read_text())
     check_trace_event_format(trace)
     lanes = {e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "thread_name"}
     assert "requests #1" in lanes and "compute" in lanes
@@ -770,14 +779,14 @@ def test_agp_version_and_the_usage_of_an_unknown_serve_flag():
     (["--root-path", "llm"], "--root-path must start with '/'"),
 ])
 def test_bad_serve_flags_exit_2_naming_the_flag(argv, message):
-    r = agp("serve", "examples/chat.agp", "--port", "0", *argv)
+    r = agp_in("serve", "examples/chat.agp", "--port", "0", *argv)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
 
 
 def test_a_chat_template_that_does_not_parse_is_named_by_its_flag_and_line(tmp_path):
     # it said "chat_template: the model's chat template does not parse", once the model had loaded
     (tmp_path / "t.jinja").write_text("{% for m in messages %}\n{{ m.content }\n")
-    r = agp("serve", "examples/chat.agp", "--port", "0", "--chat-template", tmp_path / "t.jinja")
+    r = agp_in("serve", "examples/chat.agp", "--port", "0", "--chat-template", tmp_path / "t.jinja")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert f"agp serve: error: --chat-template {tmp_path / 't.jinja'}: the template does not parse (line 2): " \
            "unexpected '}'" in r.stderr
