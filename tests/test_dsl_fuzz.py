@@ -13,9 +13,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -101,6 +103,13 @@ def _check_never_raises(data: bytes, path: str):
 
 _DIR = tempfile.mkdtemp(prefix="agp-fuzz-")
 _FILE = os.path.join(_DIR, "mutant.agp")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_dir():
+    """The module's files (a 1 MiB one, a FIFO) go with it: not left in the temporary folder."""
+    yield
+    shutil.rmtree(_DIR, ignore_errors=True)
 
 
 @FUZZ
