@@ -4,6 +4,7 @@ nothing CUDA-only is imported on a machine without CUDA, and through the overlap
 and the graphs: requests parked with a step in flight, engines sharing one model's weights,
 and long prompts cut beside short ones (long_prefill_threshold)."""
 
+import functools
 import random
 import subprocess
 import sys
@@ -88,9 +89,16 @@ def eager(model, num_blocks=40):
     return r
 
 
+@pytest.fixture(scope="module")
+def eager_answers(model):
+    """run_engine's answers on the eager path of `model` for (seed, executor), each made once for
+    the module: the tests that compare with one only read it."""
+    return functools.cache(lambda seed, executor: run_engine(eager(model), seed, executor)[0])
+
+
 @pytest.mark.parametrize("executor", [False, True], ids=["engine.step", "executor"])
-def test_decode_graphs_replayed_from_static_buffers_give_the_eager_tokens(model, executor):
-    ref, _ = run_engine(eager(model), 0, executor)
+def test_decode_graphs_replayed_from_static_buffers_give_the_eager_tokens(model, eager_answers, executor):
+    ref = eager_answers(0, executor)
     runner = eager(model)
     factory = EagerGraphs()
     got = runner.capture_graphs(max_batch=8, max_len=96, graph_factory=factory)
@@ -101,10 +109,10 @@ def test_decode_graphs_replayed_from_static_buffers_give_the_eager_tokens(model,
     assert runner.k_cache[:, :].isfinite().all()
 
 
-def test_a_capture_that_fails_at_load_leaves_every_step_eager_and_says_why(model, caplog):
+def test_a_capture_that_fails_at_load_leaves_every_step_eager_and_says_why(model, eager_answers, caplog):
     # a capture CUDA refuses (an operation a stream capture does not allow) must cost the graphs,
     # not the load: the first device run would otherwise have no figure at all
-    ref, _ = run_engine(eager(model), 0, True)
+    ref = eager_answers(0, True)
 
     class Refused(EagerGraphs):
         def capture(self, fn):
@@ -125,8 +133,8 @@ def test_a_capture_that_fails_at_load_leaves_every_step_eager_and_says_why(model
 
 @pytest.mark.parametrize("attention", ["sdpa", "flex"])
 @pytest.mark.parametrize("executor", [False, True], ids=["engine.step", "executor"])
-def test_mixed_steps_replay_piecewise_graphs_and_give_the_eager_tokens(model, attention, executor):
-    ref, _ = run_engine(eager(model), 1, executor)
+def test_mixed_steps_replay_piecewise_graphs_and_give_the_eager_tokens(model, eager_answers, attention, executor):
+    ref = eager_answers(1, executor)
     runner = ModelRunner(model, num_blocks=40, block_size=BS, pad_decode=True, attention=attention)
     runner.native = None
     factory = EagerGraphs()

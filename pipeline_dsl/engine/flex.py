@@ -34,7 +34,8 @@ every key is masked for them and their output is 0.
 
 On CUDA the call is `torch.compile(flex_attention, fullgraph=True)` (Triton), compiled at load
 by ModelRunner.warm_up; on CPU it is torch's eager flex_attention (it materialises the scores
-over the whole pool: for tests, not speed — the CPU path keeps its native kernels).
+over the whole pool: for tests, not speed — the CPU path keeps its native kernels), given the
+mask_mod's mask evaluated once a call (`FlexPaged._eager_mask`).
 
 Compiled versions. Dynamo keeps the versions of flex_attention per code object, so every runner
 of the process shares one list, and with fullgraph=True reaching the recompile limit (8 by
@@ -52,6 +53,7 @@ mode is part of every version's guards, so a step outside it would compile again
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -275,6 +277,22 @@ class FlexPaged:
                 mask_mod=mask_mod, seq_lengths=(meta.item.shape[0], self.slots), compute_q_blocks=False)
         return meta.mask
 
+    def _eager_mask(self, meta: FlexMeta):
+        """The BlockMask for eager flex_attention (CPU), whose mask_mod reads the mask evaluated once.
+
+        Eager flex_attention calls mask_mod under four nested vmaps, each indexing op of it a
+        vmapped autograd function: ~24 ms of CPU a call with _paged_mask's four, ~10 ms with one. The
+        same mask_mod called once on the [Tp, slots] grid (its indexing and comparisons broadcast)
+        gives the same mask, which a copy of the step's BlockMask looks up in one indexing op.
+        Evaluated at every call, not kept with the BlockMask: a decode graph's replay copies the
+        next step's arrays into the tensors the mask_mod reads (FlexMeta.copy_)."""
+        mask = self.block_mask(meta)
+        grid = mask.mask_mod(0, 0, torch.arange(meta.item.shape[0], device=self.device)[:, None],
+                             torch.arange(self.slots, device=self.device)[None, :])     # [Tp, slots] bool
+        eager = copy.copy(mask)
+        eager.mask_mod = lambda b, h, q, kv: grid[q, kv]
+        return eager
+
     def attention(self, meta: FlexMeta, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
         """q [T, nh, hd] (rows in step order) against the pool kc/vc [slots(+1), kv, hd] -> [T, nh*hd]."""
         T, nh, hd = q.shape
@@ -290,6 +308,6 @@ class FlexPaged:
             for t, dims in ((qq, (0, 1, 3)), (k, (0, 1, 2, 3)), (v, (0, 1, 2, 3))):
                 for d in dims:
                     torch._dynamo.mark_static(t, d)
-        out = self.fn(qq, k, v, block_mask=self.block_mask(meta),
-                      enable_gqa=nh != k.shape[1], **kw)                    # [1, nh, Tp, hd]
+        mask = self.block_mask(meta) if self.compiled else self._eager_mask(meta)
+        out = self.fn(qq, k, v, block_mask=mask, enable_gqa=nh != k.shape[1], **kw)   # [1, nh, Tp, hd]
         return out[0, :, :T].transpose(0, 1).reshape(T, nh * hd)            # [T, nh*hd]
