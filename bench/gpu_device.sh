@@ -12,6 +12,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/agp-gpu}
 LIMIT=${LIMIT:-575}                          # seconds from this script's start; the device stops it at 600
 STEP=${STEP:-60}                             # seconds each step around the suite may take: none hangs it
+TABLE_S=${TABLE_S:-60}                       # seconds the tables may take (a python start, a JSON file read)
 start=$(date +%s)
 mkdir -p "$OUT" /tmp/site
 timeout -k 5 "$STEP" python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/gpu/*.whl \
@@ -32,7 +33,7 @@ rc=$?
 grep -m 3 -E "^preflight|Error|Traceback" "$OUT/gpu.stderr" "$OUT/gpu.log" | cut -c1-200
 echo "suite exit $rc; rows as they ran: $OUT/gpu.log; stderr: $OUT/gpu.stderr"
 if [ -s "$OUT/gpu.json" ]; then
-    timeout -k 5 "$STEP" python3 bench/gpu_suite.py --table "$OUT/gpu.json" 2>>"$OUT/gpu.stderr" \
+    timeout -k 5 "$TABLE_S" python3 bench/gpu_suite.py --table "$OUT/gpu.json" 2>>"$OUT/gpu.stderr" \
         || tail -n 40 "$OUT/gpu.log"
 else
     tail -n 20 "$OUT/gpu.log"; tail -n 5 "$OUT/gpu.stderr" | cut -c1-300
