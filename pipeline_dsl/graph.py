@@ -463,7 +463,9 @@ def _check_sources(r: Resolved, g: nx.DiGraph, carry: dict, sources: list[str]) 
             diags.append(_err(f"the {t} items of '{n}' can reach no respond stage: every path from '{n}' "
                               f"leads through a stage that cannot carry them", s.pos,
                               hint=f"add a path from '{n}' that takes {t} items to a respond stage "
-                                   "(e.g. through generate)"))
+                                   + ("through dynamic_batch -> encode -> kv_lookup -> generate stages (or a "
+                                      "python stage that says returns = generated)" if t == "Request" else
+                                      "(e.g. through generate)")))
     return diags
 
 
@@ -726,7 +728,11 @@ def _check_ports(r: Resolved, registry: Registry, g: nx.DiGraph, carry: dict, re
         takes = b.kind.accepts
         if not gives & takes:
             shown = " | ".join(sorted(gives))
-            hint = _route_hint(r, a.name, b.name, _kinds_between(registry, gives, takes))
+            between = _kinds_between(registry, gives, takes)
+            hint = _route_hint(r, a.name, b.name, between)
+            if between and between[-1] == "generate" and "Request" in gives and not any(
+                    s.kind is not None and s.kind.name == "generate" for s in r.stages.values()):
+                hint += " (or answer each request with a python stage that says returns = generated)"
             if a.kind.name == "python" and "returns" not in a.given and takes & ITEM_TYPES:
                 hint = f"if '{a.name}' turns its items into {' or '.join(sorted(takes & ITEM_TYPES))}, say so: " \
                        f"returns = {'request' if 'Request' in takes else 'generated'} (or any)"
@@ -795,9 +801,10 @@ def _turner_after(r: Resolved, g: nx.DiGraph, carry: dict, n: str, t: str) -> st
     return None
 
 
-def _kinds_between(registry: Registry, gives: frozenset, takes: frozenset, most: int = 3) -> list[str]:
+def _kinds_between(registry: Registry, gives: frozenset, takes: frozenset, most: int = 4) -> list[str]:
     """The shortest chain of kinds that turns `gives` into something `takes` accepts (request ->
-    generate: dynamic_batch, encode, kv_lookup), at most `most` long; [] when there is none."""
+    generate: dynamic_batch, encode, kv_lookup; request -> respond: those and generate), at most
+    `most` long; [] when there is none."""
     steps = [k for k in registry.kinds() if k.inputs and k.outputs and not k.passthrough
              and k.name != "python" and len(k.emits) == 1]
     paths = deque([(frozenset(gives), [])])

@@ -652,3 +652,25 @@ def test_a_join_policy_named_vote_is_told_majority():
     err = one(text.replace("gen -> out", "gen -> j -> out"))
     assert (err.message, err.hint) == ("'vote' is not a valid value for 'policy'",
                                        "write policy = majority (the answer most branches agree on)")
+
+
+def test_a_request_edge_straight_into_respond_names_the_engine_chain_it_skips():
+    """`request -> out` (or a join, or a system prompt into respond) skips the whole engine: the hint
+    names the four stages between them, or the stages the pipeline already has."""
+    bare = "pipeline p {\n    stage request : requests {}\n    stage out : respond {}\n    request -> out\n}\n"
+    err = one(bare)
+    assert err.message.startswith("port type mismatch on edge request -> out")
+    assert err.hint == ("insert dynamic_batch -> encode -> kv_lookup -> generate stages between them "
+                        "(or answer each request with a python stage that says returns = generated)")
+    text = SEED.replace("request -> batch", "stage s : system_prompt { text = \"Be brief.\" }\n    request -> s -> out")
+    [err] = [e for e in errors(text) if e.message.startswith("port type mismatch")]
+    assert err.hint == "route the edge through the stages the pipeline already has: s -> batch -> encode -> kv -> gen -> out"
+
+
+def test_requests_that_pass_a_route_into_respond_are_told_the_engine_chain():
+    err = one("pipeline p {\n    stage request : requests {}\n    stage r : route {}\n    stage out : respond {}\n"
+              "    request -> r -> out\n}\n")
+    assert err.message.startswith("the Request items of 'request' can reach no respond stage")
+    assert err.hint == ("add a path from 'request' that takes Request items to a respond stage through "
+                        "dynamic_batch -> encode -> kv_lookup -> generate stages (or a python stage that says "
+                        "returns = generated)")
