@@ -226,6 +226,7 @@ def validate(r: Resolved, registry: Registry | None = None) -> list[Diagnostic]:
     diags += check_turn(r, g, bounded_stages(r))
     diags += _check_type_routes(r, carry, emits)
     diags += _check_streams(r, receives)
+    diags += _check_twice_answered(r, emits, carry)
     diags += _check_loop_exits(r, g, carry, receives)
     diags += _check_join_fan_out(r, g, reachable(g.successors, maybe_sources))
     diags += _check_many(r, g)
@@ -943,6 +944,27 @@ def _check_type_routes(r: Resolved, carry: dict, emits: dict) -> list[Diagnostic
                               f"send the fallback to a stage that takes {t} items too",
                               notes=[(f"{t} items may take {conditional[0].src} -> {conditional[0].dst}",
                                       conditional[0].pos)]))
+    return diags
+
+
+def _check_twice_answered(r: Resolved, emits: dict, carry: dict) -> list[Diagnostic]:
+    """A warning at a stage whose edges without a condition lead straight into two respond stages:
+    each takes a copy of every item (a fan-out), so every answer reaches the client twice, as two
+    identical choices of one request (`gen -> out` and `gen -> out2`)."""
+    diags = []
+    for n, out in _edges_by_source(r).items():
+        sent = emits.get(n, frozenset()) & ITEM_TYPES
+        into = [e for e in out if e.condition is None and r.stages[e.dst].kind is not None
+                and r.stages[e.dst].kind.name == "respond" and sent & carry.get(e.dst, frozenset())]
+        if len(into) < 2:
+            continue
+        names = " and ".join(f"'{e.dst}'" for e in into)
+        diags.append(_warn(f"stage '{n}' sends every item to {len(into)} respond stages, {names}, along edges "
+                           "without a condition: each request gets every answer "
+                           f"{'twice' if len(into) == 2 else f'{len(into)} times'}, as identical choices",
+                           into[1].pos, notes=[(f"{n} -> {e.dst} is here", e.pos) for e in into[:1] + into[2:]],
+                           hint="keep one of these edges (one respond stage answers every request), or put a "
+                                "condition on them so that each item takes one"))
     return diags
 
 
