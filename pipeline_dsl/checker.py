@@ -1178,6 +1178,20 @@ def python_stage_labels(stage: ResolvedStage) -> set[str] | None:
         return None
 
 
+def python_stage_returned_kinds(stage: ResolvedStage) -> list[tuple[int, str, str]]:
+    """The returns of a python stage's function that give, by its source, surely a Request or surely
+    a Generated result (userfn.returned_kinds): [(line, kind, the value as written)]; [] when the
+    source says nothing (or the function is not found)."""
+    from .userfn import FunctionNotFound, function_info, returned_kinds
+
+    if stage.kind is None or stage.kind.name != "python" or not isinstance(stage.params.get("fn"), str):
+        return []
+    try:
+        return returned_kinds(function_info(stage.params["fn"], _fn_folder(stage)))
+    except FunctionNotFound:
+        return []
+
+
 def _check_python_labels(edges: list[ResolvedEdge], stages: dict[str, ResolvedStage]) -> list[Diagnostic]:
     """A `when LABEL` edge of a python stage whose function, by its source, never returns that
     label is a warning: a misspelt label (`when maths`) would otherwise send every item to

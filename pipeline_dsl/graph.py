@@ -37,7 +37,7 @@ import networkx as nx
 from stages.registry import Registry, default_registry
 
 from . import ast
-from .checker import EMBEDDED_MODEL, Resolved, check_pipeline, python_stage_labels
+from .checker import EMBEDDED_MODEL, Resolved, check_pipeline, python_stage_labels, python_stage_returned_kinds
 from .diagnostics import ERROR, WARNING, Diagnostic, sort_diagnostics
 from .reachability import check_dead_ends, check_islands, check_turn, check_unreachable, reachable
 
@@ -227,6 +227,7 @@ def validate(r: Resolved, registry: Registry | None = None) -> list[Diagnostic]:
     diags += _check_type_routes(r, carry, emits)
     diags += _check_streams(r, receives)
     diags += _check_twice_answered(r, emits, carry)
+    diags += _check_returned_kinds(r, g, receives, carry)
     diags += _check_loop_exits(r, g, carry, receives)
     diags += _check_join_fan_out(r, g, reachable(g.successors, maybe_sources))
     diags += _check_many(r, g)
@@ -944,6 +945,52 @@ def _check_type_routes(r: Resolved, carry: dict, emits: dict) -> list[Diagnostic
                               f"send the fallback to a stage that takes {t} items too",
                               notes=[(f"{t} items may take {conditional[0].src} -> {conditional[0].dst}",
                                       conditional[0].pos)]))
+    return diags
+
+
+def _check_returned_kinds(r: Resolved, g: nx.DiGraph, receives: dict, carry: dict) -> list[Diagnostic]:
+    """A python stage's function that returns, by its source, the other item type than the stage
+    says it gives (`return item["request"]` in a stage that gets Generated results and says returns
+    = same, as by default): the runtime holds the stage to `returns`, so every request that reaches
+    that return fails there. An error at the `fn` value, naming the line; not where `returns` is any
+    or many, nor where both types reach a `returns = same` stage."""
+    diags = []
+    for n, s in r.stages.items():
+        if s.kind is None or s.kind.name != "python" or s.params.get("stream"):
+            continue
+        declared = s.params.get("returns") or "same"
+        got = receives[n] & ITEM_TYPES
+        if declared in ("any", "many") or not got:
+            continue
+        gives = {"request": "Request", "generated": "Generated"}.get(declared) or \
+            (next(iter(got)) if len(got) == 1 else None)
+        if gives is None:
+            continue
+        wrong = [w for w in python_stage_returned_kinds(s) if w[1] != gives]
+        if not wrong:
+            continue
+        line, kind, text = wrong[0]
+        more = f" (and {len(wrong) - 1} more return{'s' if len(wrong) > 2 else ''} like it)" if len(wrong) > 1 else ""
+        says = (f"says returns = {declared}" if "returns" in s.given else
+                "gives the type it gets (returns = same, the default)")
+        onward = set().union(*(carry[v] for v in g.successors(n))) & ITEM_TYPES
+        word = "request" if kind == "Request" else "generated"
+        if kind in onward:
+            every = len(wrong) == len(python_stage_returned_kinds(s)) and gives not in onward
+            hint = (f"say so: returns = {word}" if every else f"say returns = any (it returns both)")
+        elif kind == "Request":
+            hint = (f"a Request cannot go on from '{n}' (its edges lead only to stages that take "
+                    f"{' | '.join(sorted(onward)) or 'nothing'}): to answer, return a result (the item, or "
+                    "{\"text\": …}); to ask the model again, say returns = any and add an edge from "
+                    f"'{n}' back to a batcher (with max_turns to bound the loop)")
+        else:
+            hint = (f"to answer the request here, say returns = any (or generated) and add an edge from '{n}' "
+                    "to a respond stage")
+        diags.append(_err(f"stage '{n}': {s.params['fn']} returns a {kind} at line {line} (return {text}){more}, "
+                          f"but the stage gets {' | '.join(sorted(got))} items and {says}: each request that "
+                          "reaches that return fails there", s.param_pos.get("fn") or s.pos,
+                          expected=f"a function that returns {gives} items (or a label, or None), as the stage "
+                                   "says", hint=hint))
     return diags
 
 

@@ -323,6 +323,73 @@ def test_a_return_no_python_stage_may_give_is_an_error_at_fn(tmp_path, fn, said)
     assert (err.hint is not None) == (fn == "both")
 
 
+KINDS = '''
+import copy
+
+def again(item):
+    return item["request"]
+
+def revise(item):
+    req = copy.deepcopy(item["request"])
+    req["messages"].append({"role": "user", "content": "Shorter, please."})
+    return req if item["finish_reason"] == "length" else item
+
+def canned(item):
+    if item.get("prompt") == "hi":
+        return {"text": "Hello!"}
+    return item
+
+def same(item):
+    return dict(item)
+'''
+
+
+def _kinds_pipeline(tmp_path, fn: str, where: str, returns: str = "") -> list:
+    (tmp_path / "hooks.py").write_text(KINDS)
+    path = tmp_path / "p.agp"
+    text = SEED.replace("stage out : respond {}", f'stage out : respond {{}}\n    stage p : python '
+                        f'{{ fn = "hooks:{fn}"{returns} }}')
+    text = text.replace("gen -> out", "gen -> p -> out") if where == "after" else \
+        text.replace("request -> batch", "request -> p -> batch")
+    path.write_text(text)
+    return pipeline_dsl.load(str(path))[1]
+
+
+def test_a_function_that_returns_the_request_after_generate_is_an_error_at_fn(tmp_path):
+    """`gen -> p -> out` with `return item["request"]` in p (returns = same, the default): check
+    accepted it and every request failed at run (`stage 'p' returned a Request but declares returns =
+    same`, a 500). Check reads the return and says the fix: a Request cannot reach respond."""
+    [err] = [d for d in _kinds_pipeline(tmp_path, "again", "after") if d.is_error]
+    assert err.message == ("stage 'p': hooks:again returns a Request at line 5 (return item['request']), but the "
+                           "stage gets Generated items and gives the type it gets (returns = same, the default): "
+                           "each request that reaches that return fails there")
+    assert (err.pos.line, err.pos.col) == (9, 29)
+    assert err.hint == ("a Request cannot go on from 'p' (its edges lead only to stages that take Generated): to "
+                        "answer, return a result (the item, or {\"text\": …}); to ask the model again, say returns "
+                        "= any and add an edge from 'p' back to a batcher (with max_turns to bound the loop)")
+    [err] = [d for d in _kinds_pipeline(tmp_path, "revise", "after", "  returns = generated") if d.is_error]
+    assert err.message.startswith("stage 'p': hooks:revise returns a Request at line 10 (return req), but the stage "
+                                  "gets Generated items and says returns = generated: ")
+
+
+def test_a_function_that_answers_a_request_before_the_batcher_is_an_error_at_fn(tmp_path):
+    [err] = [d for d in _kinds_pipeline(tmp_path, "canned", "before") if d.is_error]
+    assert err.message.startswith("stage 'p': hooks:canned returns a Generated at line 14 (return {'text': "
+                                  "'Hello!'}), but the stage gets Request items")
+    assert err.hint == ("to answer the request here, say returns = any (or generated) and add an edge from 'p' to a "
+                        "respond stage")
+
+
+@pytest.mark.parametrize("fn, where, returns", [
+    ("revise", "after", "  returns = any  max_turns = 2"),   # says it may do both
+    ("same", "after", ""),                                     # dict(item): the same type
+    ("canned", "before", "  returns = any"),
+])
+def test_a_function_whose_returns_fit_what_the_stage_says_is_no_error(tmp_path, fn, where, returns):
+    diags = _kinds_pipeline(tmp_path, fn, where, returns)
+    assert [d.message for d in diags if "returns a" in d.message] == []
+
+
 def test_a_stream_filters_return_of_another_value_is_no_error(tmp_path):
     """A `stream = true` generator's `return` is its label (a string) or nothing: the run keeps a
     string and ignores any other value, so `return n, "counted"` after its yields fails no
