@@ -731,7 +731,8 @@ def test_a_request_edge_straight_into_respond_names_the_engine_chain_it_skips():
                         "(or answer each request with a python stage that says returns = generated)")
     text = SEED.replace("request -> batch", "stage s : system_prompt { text = \"Be brief.\" }\n    request -> s -> out")
     [err] = [e for e in errors(text) if e.message.startswith("port type mismatch")]
-    assert err.hint == "route the edge through the stages the pipeline already has: s -> batch -> encode -> kv -> gen -> out"
+    assert err.hint == ("route the edge through the stages the pipeline already has: "
+                        "s -> batch -> encode -> kv -> gen -> out")
 
 
 def test_requests_that_pass_a_route_into_respond_are_told_the_engine_chain():
