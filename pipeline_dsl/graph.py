@@ -976,8 +976,7 @@ def _check_returned_kinds(r: Resolved, g: nx.DiGraph, receives: dict, carry: dic
         onward = set().union(*(carry[v] for v in g.successors(n))) & ITEM_TYPES
         word = "request" if kind == "Request" else "generated"
         if kind in onward:
-            every = len(wrong) == len(python_stage_returned_kinds(s)) and gives not in onward
-            hint = (f"say so: returns = {word}" if every else f"say returns = any (it returns both)")
+            hint = f"say so: returns = {word} (or any, where it also gives {gives} items back)"
         elif kind == "Request":
             hint = (f"a Request cannot go on from '{n}' (its edges lead only to stages that take "
                     f"{' | '.join(sorted(onward)) or 'nothing'}): to answer, return a result (the item, or "

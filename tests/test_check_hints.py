@@ -372,6 +372,18 @@ def test_a_function_that_returns_the_request_after_generate_is_an_error_at_fn(tm
                                   "gets Generated items and says returns = generated: ")
 
 
+def test_a_function_that_returns_the_request_into_a_loop_is_told_to_say_returns_request(tmp_path):
+    """Where the stage's edges do lead back to a batcher, the fix is only to say what it returns."""
+    (tmp_path / "hooks.py").write_text(KINDS)
+    path = tmp_path / "p.agp"
+    path.write_text(SEED.replace("stage out : respond {}", 'stage out : respond {}\n    stage p : python '
+                                 '{ fn = "hooks:again"  max_turns = 2 }\n    stage r : route {}')
+                    .replace("gen -> out", "gen -> p -> r\n    r -> batch\n    r -> out\n    p -> out"))
+    [err] = [d for d in pipeline_dsl.load(str(path))[1] if d.is_error and d.message.startswith("stage 'p'")]
+    assert err.message.startswith("stage 'p': hooks:again returns a Request at line 5")
+    assert err.hint == "say so: returns = request (or any, where it also gives Generated items back)"
+
+
 def test_a_function_that_answers_a_request_before_the_batcher_is_an_error_at_fn(tmp_path):
     [err] = [d for d in _kinds_pipeline(tmp_path, "canned", "before") if d.is_error]
     assert err.message.startswith("stage 'p': hooks:canned returns a Generated at line 14 (return {'text': "
