@@ -1178,6 +1178,20 @@ def python_stage_labels(stage: ResolvedStage) -> set[str] | None:
         return None
 
 
+def python_stage_returned_kinds(stage: ResolvedStage) -> list[tuple[int, str, str]]:
+    """The returns of a python stage's function that give, by its source, surely a Request or surely
+    a Generated result (userfn.returned_kinds): [(line, kind, the value as written)]; [] when the
+    source says nothing (or the function is not found)."""
+    from .userfn import FunctionNotFound, function_info, returned_kinds
+
+    if stage.kind is None or stage.kind.name != "python" or not isinstance(stage.params.get("fn"), str):
+        return []
+    try:
+        return returned_kinds(function_info(stage.params["fn"], _fn_folder(stage)))
+    except FunctionNotFound:
+        return []
+
+
 def _check_python_labels(edges: list[ResolvedEdge], stages: dict[str, ResolvedStage]) -> list[Diagnostic]:
     """A `when LABEL` edge of a python stage whose function, by its source, never returns that
     label is a warning: a misspelt label (`when maths`) would otherwise send every item to
@@ -1280,6 +1294,7 @@ def _check_edges(p: ast.Pipeline, stages: dict[str, ResolvedStage]):
             seen[key] = pos
             edges.append(ResolvedEdge(a.text, b.text, ir, pos, cond))
     diags += _shadowed_conditions(edges)
+    diags += _conditions_otherwise_repeats(edges, refused)
     return edges, diags, refused
 
 
@@ -1296,6 +1311,33 @@ def _shadowed_conditions(edges: list[ResolvedEdge]) -> list[Diagnostic]:
                   hint="remove one of them (the edge without a condition, for the condition to apply)")
             for e in edges if e.condition not in (None, ("otherwise",)) and (e.src, e.dst) in plain
             and e.src not in elsewhere]
+
+
+def _conditions_otherwise_repeats(edges: list[ResolvedEdge], refused: set[str]) -> list[Diagnostic]:
+    """A warning at a conditional edge into the stage its source's `otherwise` edge leads to, where
+    no conditional edge after it (in file order) leads elsewhere: an item its condition holds for
+    goes there, and one it does not hold for goes there too (`r -> x when C` beside `r -> x
+    otherwise`), so the condition decides nothing. An edge to another stage listed after it keeps
+    it: the first condition that holds wins, so it keeps those items from that edge. Not for a
+    stage one of whose conditional edges an error dropped."""
+    by_src: dict[str, list[ResolvedEdge]] = {}
+    for e in edges:
+        by_src.setdefault(e.src, []).append(e)
+    diags = []
+    for n, out in by_src.items():
+        fallback = next((e for e in out if e.condition == ("otherwise",)), None)
+        if fallback is None or n in refused:
+            continue
+        conditional = [e for e in out if e.condition not in (None, ("otherwise",))]
+        for i, e in enumerate(conditional):
+            if e.dst != fallback.dst or any(later.dst != e.dst for later in conditional[i + 1:]):
+                continue
+            diags.append(_warn(f"edge {n} -> {e.dst}{_cond_words(e.condition)} decides nothing: the `otherwise` "
+                               f"edge of '{n}' leads to '{e.dst}' too, so an item goes there whether the condition "
+                               "holds or not", e.pos, notes=[("the `otherwise` edge is here", fallback.pos)],
+                               hint=f"send one of them to another stage, or write `{n} -> {e.dst}` once "
+                                    "without a condition"))
+    return diags
 
 
 def _cond_words(ir) -> str:

@@ -37,7 +37,7 @@ import networkx as nx
 from stages.registry import Registry, default_registry
 
 from . import ast
-from .checker import EMBEDDED_MODEL, Resolved, check_pipeline, python_stage_labels
+from .checker import EMBEDDED_MODEL, Resolved, check_pipeline, python_stage_labels, python_stage_returned_kinds
 from .diagnostics import ERROR, WARNING, Diagnostic, sort_diagnostics
 from .reachability import check_dead_ends, check_islands, check_turn, check_unreachable, reachable
 
@@ -226,6 +226,8 @@ def validate(r: Resolved, registry: Registry | None = None) -> list[Diagnostic]:
     diags += check_turn(r, g, bounded_stages(r))
     diags += _check_type_routes(r, carry, emits)
     diags += _check_streams(r, receives)
+    diags += _check_twice_answered(r, emits, carry)
+    diags += _check_returned_kinds(r, g, receives, carry)
     diags += _check_loop_exits(r, g, carry, receives)
     diags += _check_join_fan_out(r, g, reachable(g.successors, maybe_sources))
     diags += _check_many(r, g)
@@ -463,7 +465,9 @@ def _check_sources(r: Resolved, g: nx.DiGraph, carry: dict, sources: list[str]) 
             diags.append(_err(f"the {t} items of '{n}' can reach no respond stage: every path from '{n}' "
                               f"leads through a stage that cannot carry them", s.pos,
                               hint=f"add a path from '{n}' that takes {t} items to a respond stage "
-                                   "(e.g. through generate)"))
+                                   + ("through dynamic_batch -> encode -> kv_lookup -> generate stages (or a "
+                                      "python stage that says returns = generated)" if t == "Request" else
+                                      "(e.g. through generate)")))
     return diags
 
 
@@ -726,7 +730,11 @@ def _check_ports(r: Resolved, registry: Registry, g: nx.DiGraph, carry: dict, re
         takes = b.kind.accepts
         if not gives & takes:
             shown = " | ".join(sorted(gives))
-            hint = _route_hint(r, a.name, b.name, _kinds_between(registry, gives, takes))
+            between = _kinds_between(registry, gives, takes)
+            hint = _route_hint(r, a.name, b.name, between)
+            if between and between[-1] == "generate" and "Request" in gives and not any(
+                    s.kind is not None and s.kind.name == "generate" for s in r.stages.values()):
+                hint += " (or answer each request with a python stage that says returns = generated)"
             if a.kind.name == "python" and "returns" not in a.given and takes & ITEM_TYPES:
                 hint = f"if '{a.name}' turns its items into {' or '.join(sorted(takes & ITEM_TYPES))}, say so: " \
                        f"returns = {'request' if 'Request' in takes else 'generated'} (or any)"
@@ -795,9 +803,10 @@ def _turner_after(r: Resolved, g: nx.DiGraph, carry: dict, n: str, t: str) -> st
     return None
 
 
-def _kinds_between(registry: Registry, gives: frozenset, takes: frozenset, most: int = 3) -> list[str]:
+def _kinds_between(registry: Registry, gives: frozenset, takes: frozenset, most: int = 4) -> list[str]:
     """The shortest chain of kinds that turns `gives` into something `takes` accepts (request ->
-    generate: dynamic_batch, encode, kv_lookup), at most `most` long; [] when there is none."""
+    generate: dynamic_batch, encode, kv_lookup; request -> respond: those and generate), at most
+    `most` long; [] when there is none."""
     steps = [k for k in registry.kinds() if k.inputs and k.outputs and not k.passthrough
              and k.name != "python" and len(k.emits) == 1]
     paths = deque([(frozenset(gives), [])])
@@ -936,6 +945,72 @@ def _check_type_routes(r: Resolved, carry: dict, emits: dict) -> list[Diagnostic
                               f"send the fallback to a stage that takes {t} items too",
                               notes=[(f"{t} items may take {conditional[0].src} -> {conditional[0].dst}",
                                       conditional[0].pos)]))
+    return diags
+
+
+def _check_returned_kinds(r: Resolved, g: nx.DiGraph, receives: dict, carry: dict) -> list[Diagnostic]:
+    """A python stage's function that returns, by its source, the other item type than the stage
+    says it gives (`return item["request"]` in a stage that gets Generated results and says returns
+    = same, as by default): the runtime holds the stage to `returns`, so every request that reaches
+    that return fails there. An error at the `fn` value, naming the line; not where `returns` is any
+    or many, nor where both types reach a `returns = same` stage."""
+    diags = []
+    for n, s in r.stages.items():
+        if s.kind is None or s.kind.name != "python" or s.params.get("stream"):
+            continue
+        declared = s.params.get("returns") or "same"
+        got = receives[n] & ITEM_TYPES
+        if declared in ("any", "many") or not got:
+            continue
+        gives = {"request": "Request", "generated": "Generated"}.get(declared) or \
+            (next(iter(got)) if len(got) == 1 else None)
+        if gives is None:
+            continue
+        wrong = [w for w in python_stage_returned_kinds(s) if w[1] != gives]
+        if not wrong:
+            continue
+        line, kind, text = wrong[0]
+        more = f" (and {len(wrong) - 1} more return{'s' if len(wrong) > 2 else ''} like it)" if len(wrong) > 1 else ""
+        says = (f"says returns = {declared}" if "returns" in s.given else
+                "gives the type it gets (returns = same, the default)")
+        onward = set().union(*(carry[v] for v in g.successors(n))) & ITEM_TYPES
+        word = "request" if kind == "Request" else "generated"
+        if kind in onward:
+            hint = f"say so: returns = {word} (or any, where it also gives {gives} items back)"
+        elif kind == "Request":
+            hint = (f"a Request cannot go on from '{n}' (its edges lead only to stages that take "
+                    f"{' | '.join(sorted(onward)) or 'nothing'}): to answer, return a result (the item, or "
+                    "{\"text\": …}); to ask the model again, say returns = any and add an edge from "
+                    f"'{n}' back to a batcher (with max_turns to bound the loop)")
+        else:
+            hint = (f"to answer the request here, say returns = any (or generated) and add an edge from '{n}' "
+                    "to a respond stage")
+        diags.append(_err(f"stage '{n}': {s.params['fn']} returns a {kind} at line {line} (return {text}){more}, "
+                          f"but the stage gets {' | '.join(sorted(got))} items and {says}: each request that "
+                          "reaches that return fails there", s.param_pos.get("fn") or s.pos,
+                          expected=f"a function that returns {gives} items (or a label, or None), as the stage "
+                                   "says", hint=hint))
+    return diags
+
+
+def _check_twice_answered(r: Resolved, emits: dict, carry: dict) -> list[Diagnostic]:
+    """A warning at a stage whose edges without a condition lead straight into two respond stages:
+    each takes a copy of every item (a fan-out), so every answer reaches the client twice, as two
+    identical choices of one request (`gen -> out` and `gen -> out2`)."""
+    diags = []
+    for n, out in _edges_by_source(r).items():
+        sent = emits.get(n, frozenset()) & ITEM_TYPES
+        into = [e for e in out if e.condition is None and r.stages[e.dst].kind is not None
+                and r.stages[e.dst].kind.name == "respond" and sent & carry.get(e.dst, frozenset())]
+        if len(into) < 2:
+            continue
+        names = " and ".join(f"'{e.dst}'" for e in into)
+        diags.append(_warn(f"stage '{n}' sends every item to {len(into)} respond stages, {names}, along edges "
+                           "without a condition: each request gets every answer "
+                           f"{'twice' if len(into) == 2 else f'{len(into)} times'}, as identical choices",
+                           into[1].pos, notes=[(f"{n} -> {e.dst} is here", e.pos) for e in into[:1] + into[2:]],
+                           hint="keep one of these edges (one respond stage answers every request), or put a "
+                                "condition on them so that each item takes one"))
     return diags
 
 

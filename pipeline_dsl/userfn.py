@@ -652,6 +652,110 @@ def wrong_many_returns(info: FunctionInfo | None) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+_COPIES = ("dict", "copy", "deepcopy")          # dict(x), copy.copy(x), deepcopy(x), x.copy(): x's kind
+
+
+def returned_kinds(info: FunctionInfo | None) -> list[tuple[int, str, str]]:
+    """The `return`s of a python stage's function whose value is, by its source, surely a Request or
+    surely a Generated result, as the runtime tells them apart (a dict with `messages` or `prompt` is
+    a request, else one with `text` a result): (line, "Request" | "Generated", the value as written).
+    Known: the request a result carries, `item["request"]` (its first parameter's, or a copy of it:
+    `dict(item["request"])`, `copy.deepcopy(...)`, `{**item["request"], ...}`), a dict literal whose
+    keys say (`{"prompt": p}`, `{"text": t}` without `**`), a local name bound once to one of these
+    (`req = dict(item["request"])` … `return req`), and either side of `a if c else b`. Only for a
+    plain def (or async def) the module binds the name to alone and no decorator wraps; its own
+    returns, not those of the functions inside it. Anything else (the item, a call, a variable bound
+    twice) says nothing."""
+    node = info.node if info is not None and info.settled else None
+    if shape_of_def(node) not in ("function", "coroutine") or node.decorator_list:
+        return []
+    params = node.args.posonlyargs + node.args.args
+    item = params[0].arg if params else None
+    binds: dict[str, int] = {a.arg: 1 for a in params + node.args.kwonlyargs}
+    value_of: dict[str, pyast.AST] = {}
+    for n in _own_nodes(node):
+        named = []
+        if isinstance(n, pyast.Name) and not isinstance(n.ctx, pyast.Load):
+            named = [n.id]
+        elif isinstance(n, (pyast.Global, pyast.Nonlocal)):
+            named = list(n.names) * 2
+        elif isinstance(n, (pyast.FunctionDef, pyast.AsyncFunctionDef, pyast.ClassDef)):
+            named = [n.name]
+        elif isinstance(n, pyast.ExceptHandler) and n.name:
+            named = [n.name]
+        elif isinstance(n, (pyast.Import, pyast.ImportFrom)):
+            named = [(a.asname or a.name).split(".")[0] for a in n.names]
+        for name in named:
+            binds[name] = binds.get(name, 0) + 1
+        if isinstance(n, pyast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], pyast.Name):
+            value_of[n.targets[0].id] = n.value
+
+    def kind(value, depth: int = 0) -> str | None:
+        if depth > 8:
+            return None
+        if isinstance(value, pyast.Subscript):
+            key = value.slice
+            if isinstance(value.value, pyast.Name) and value.value.id == item and binds.get(item) == 1 \
+                    and isinstance(key, pyast.Constant) and key.value == "request":
+                return "Request"
+            return None
+        if isinstance(value, pyast.Call):
+            f = value.func
+            name = f.id if isinstance(f, pyast.Name) else f.attr if isinstance(f, pyast.Attribute) else None
+            if name not in _COPIES:
+                return None
+            if isinstance(f, pyast.Attribute) and not value.args and not value.keywords:
+                return kind(f.value, depth + 1)            # x.copy()
+            if isinstance(f, pyast.Name) and binds.get(name):
+                return None                                # a local `dict` or `copy` of its own
+            if name == "dict" and not value.args and all(k.arg for k in value.keywords):
+                return _dict_kind({k.arg for k in value.keywords}, [])
+            if len(value.args) != 1:
+                return None
+            got = kind(value.args[0], depth + 1)
+            if not value.keywords:
+                return got
+            if name == "dict" and all(k.arg for k in value.keywords):   # dict(x, text=…): x's keys and these
+                return _dict_kind({k.arg for k in value.keywords}, [got])
+            return None
+        if isinstance(value, pyast.Dict):
+            keys = {k.value for k in value.keys if isinstance(k, pyast.Constant) and isinstance(k.value, str)}
+            if any(k is not None and not isinstance(k, pyast.Constant) for k in value.keys):
+                return None                                # a computed key may be any
+            splats = [kind(v, depth + 1) for k, v in zip(value.keys, value.values) if k is None]
+            return _dict_kind(keys, splats)
+        if isinstance(value, pyast.Name) and value.id != item and binds.get(value.id) == 1 \
+                and value.id in value_of:
+            return kind(value_of[value.id], depth + 1)
+        return None
+
+    found: list[tuple[int, str, str]] = []
+
+    def note(value) -> bool:
+        for v in (value.body, value.orelse) if isinstance(value, pyast.IfExp) else (value,):
+            if isinstance(v, pyast.IfExp):
+                note(v)
+                continue
+            got = kind(v)
+            if got is not None:
+                found.append((v.lineno, got, pyast.unparse(v)))
+        return True
+
+    _every_return(node, lambda v: v is None or note(v))
+    return sorted(found)
+
+
+def _dict_kind(keys: set, splats: list) -> str | None:
+    """The kind of a dict with these literal keys and `**` parts of these kinds (None: unknown)."""
+    if keys & {"messages", "prompt"} or "Request" in splats:
+        return "Request"
+    if splats:
+        return None                                        # what a `**` part brings is not known
+    if "text" in keys:
+        return "Generated"
+    return "Request" if "prompt_token_ids" in keys else None
+
+
 def runs_off_end(info: FunctionInfo | None) -> int | None:
     """The line after which a plain def (or async def) surely can run off its end, returning None:
     its body ends in a statement that is no `return` or `raise` (an assignment, a call, `pass`), or

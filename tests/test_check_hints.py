@@ -323,6 +323,85 @@ def test_a_return_no_python_stage_may_give_is_an_error_at_fn(tmp_path, fn, said)
     assert (err.hint is not None) == (fn == "both")
 
 
+KINDS = '''
+import copy
+
+def again(item):
+    return item["request"]
+
+def revise(item):
+    req = copy.deepcopy(item["request"])
+    req["messages"].append({"role": "user", "content": "Shorter, please."})
+    return req if item["finish_reason"] == "length" else item
+
+def canned(item):
+    if item.get("prompt") == "hi":
+        return {"text": "Hello!"}
+    return item
+
+def same(item):
+    return dict(item)
+'''
+
+
+def _kinds_pipeline(tmp_path, fn: str, where: str, returns: str = "") -> list:
+    (tmp_path / "hooks.py").write_text(KINDS)
+    path = tmp_path / "p.agp"
+    text = SEED.replace("stage out : respond {}", f'stage out : respond {{}}\n    stage p : python '
+                        f'{{ fn = "hooks:{fn}"{returns} }}')
+    text = text.replace("gen -> out", "gen -> p -> out") if where == "after" else \
+        text.replace("request -> batch", "request -> p -> batch")
+    path.write_text(text)
+    return pipeline_dsl.load(str(path))[1]
+
+
+def test_a_function_that_returns_the_request_after_generate_is_an_error_at_fn(tmp_path):
+    """`gen -> p -> out` with `return item["request"]` in p (returns = same, the default): check
+    accepted it and every request failed at run (`stage 'p' returned a Request but declares returns =
+    same`, a 500). Check reads the return and says the fix: a Request cannot reach respond."""
+    [err] = [d for d in _kinds_pipeline(tmp_path, "again", "after") if d.is_error]
+    assert err.message == ("stage 'p': hooks:again returns a Request at line 5 (return item['request']), but the "
+                           "stage gets Generated items and gives the type it gets (returns = same, the default): "
+                           "each request that reaches that return fails there")
+    assert (err.pos.line, err.pos.col) == (9, 29)
+    assert err.hint == ("a Request cannot go on from 'p' (its edges lead only to stages that take Generated): to "
+                        "answer, return a result (the item, or {\"text\": …}); to ask the model again, say returns "
+                        "= any and add an edge from 'p' back to a batcher (with max_turns to bound the loop)")
+    [err] = [d for d in _kinds_pipeline(tmp_path, "revise", "after", "  returns = generated") if d.is_error]
+    assert err.message.startswith("stage 'p': hooks:revise returns a Request at line 10 (return req), but the stage "
+                                  "gets Generated items and says returns = generated: ")
+
+
+def test_a_function_that_returns_the_request_into_a_loop_is_told_to_say_returns_request(tmp_path):
+    """Where the stage's edges do lead back to a batcher, the fix is only to say what it returns."""
+    (tmp_path / "hooks.py").write_text(KINDS)
+    path = tmp_path / "p.agp"
+    path.write_text(SEED.replace("stage out : respond {}", 'stage out : respond {}\n    stage p : python '
+                                 '{ fn = "hooks:again"  max_turns = 2 }\n    stage r : route {}')
+                    .replace("gen -> out", "gen -> p -> r\n    r -> batch\n    r -> out\n    p -> out"))
+    [err] = [d for d in pipeline_dsl.load(str(path))[1] if d.is_error and d.message.startswith("stage 'p'")]
+    assert err.message.startswith("stage 'p': hooks:again returns a Request at line 5")
+    assert err.hint == "say so: returns = request (or any, where it also gives Generated items back)"
+
+
+def test_a_function_that_answers_a_request_before_the_batcher_is_an_error_at_fn(tmp_path):
+    [err] = [d for d in _kinds_pipeline(tmp_path, "canned", "before") if d.is_error]
+    assert err.message.startswith("stage 'p': hooks:canned returns a Generated at line 14 (return {'text': "
+                                  "'Hello!'}), but the stage gets Request items")
+    assert err.hint == ("to answer the request here, say returns = any (or generated) and add an edge from 'p' to a "
+                        "respond stage")
+
+
+@pytest.mark.parametrize("fn, where, returns", [
+    ("revise", "after", "  returns = any  max_turns = 2"),   # says it may do both
+    ("same", "after", ""),                                     # dict(item): the same type
+    ("canned", "before", "  returns = any"),
+])
+def test_a_function_whose_returns_fit_what_the_stage_says_is_no_error(tmp_path, fn, where, returns):
+    diags = _kinds_pipeline(tmp_path, fn, where, returns)
+    assert [d.message for d in diags if "returns a" in d.message] == []
+
+
 def test_a_stream_filters_return_of_another_value_is_no_error(tmp_path):
     """A `stream = true` generator's `return` is its label (a string) or nothing: the run keeps a
     string and ignores any other value, so `return n, "counted"` after its yields fails no
@@ -652,3 +731,26 @@ def test_a_join_policy_named_vote_is_told_majority():
     err = one(text.replace("gen -> out", "gen -> j -> out"))
     assert (err.message, err.hint) == ("'vote' is not a valid value for 'policy'",
                                        "write policy = majority (the answer most branches agree on)")
+
+
+def test_a_request_edge_straight_into_respond_names_the_engine_chain_it_skips():
+    """`request -> out` (or a join, or a system prompt into respond) skips the whole engine: the hint
+    names the four stages between them, or the stages the pipeline already has."""
+    bare = "pipeline p {\n    stage request : requests {}\n    stage out : respond {}\n    request -> out\n}\n"
+    err = one(bare)
+    assert err.message.startswith("port type mismatch on edge request -> out")
+    assert err.hint == ("insert dynamic_batch -> encode -> kv_lookup -> generate stages between them "
+                        "(or answer each request with a python stage that says returns = generated)")
+    text = SEED.replace("request -> batch", "stage s : system_prompt { text = \"Be brief.\" }\n    request -> s -> out")
+    [err] = [e for e in errors(text) if e.message.startswith("port type mismatch")]
+    assert err.hint == ("route the edge through the stages the pipeline already has: "
+                        "s -> batch -> encode -> kv -> gen -> out")
+
+
+def test_requests_that_pass_a_route_into_respond_are_told_the_engine_chain():
+    err = one("pipeline p {\n    stage request : requests {}\n    stage r : route {}\n    stage out : respond {}\n"
+              "    request -> r -> out\n}\n")
+    assert err.message.startswith("the Request items of 'request' can reach no respond stage")
+    assert err.hint == ("add a path from 'request' that takes Request items to a respond stage through "
+                        "dynamic_batch -> encode -> kv_lookup -> generate stages (or a python stage that says "
+                        "returns = generated)")

@@ -492,6 +492,26 @@ def test_a_condition_beside_an_edge_without_one_between_the_same_stages_is_a_war
     assert pipeline_dsl.loads(other, "t.agp")[1] == []
 
 
+def test_a_condition_beside_an_otherwise_edge_into_the_same_stage_is_a_warning():
+    """`r -> out when C` beside `r -> out otherwise`: an item goes to out whether C holds or not, so C
+    decides nothing (check said nothing). A conditional edge to another stage after it keeps C
+    deciding (the first condition that holds wins); one before it does not."""
+    text = ROUTED.replace("    r -> out\n", "    r -> out otherwise\n").replace("    r2 -> out\n", "")
+    text = text.replace("    stage r2      : route {}\n", "")
+    (d,) = pipeline_dsl.loads(text, "t.agp")[1]
+    assert (d.severity, d.message, d.pos.line, d.notes) == (
+        "warning", "edge r -> out when finish_reason == \"length\" decides nothing: the `otherwise` edge of 'r' "
+        "leads to 'out' too, so an item goes there whether the condition holds or not", 11,
+        (("the `otherwise` edge is here", SourcePos("t.agp", 10, 5, 10, 13)),))
+    assert d.hint == "send one of them to another stage, or write `r -> out` once without a condition"
+    before = ROUTED.replace("    r -> out\n", '    r -> r2 when finish_reason == "stop"\n    r -> out otherwise\n')
+    (d,) = pipeline_dsl.loads(before, "t.agp")[1]
+    assert d.message.startswith('edge r -> out when finish_reason == "length" decides nothing')
+    after = ROUTED.replace("    r -> out\n", "    r -> out otherwise\n") + ""
+    after = after.replace("    r2 -> out\n", '    r -> r2 when finish_reason == "stop"\n    r2 -> out\n')
+    assert pipeline_dsl.loads(after, "t.agp")[1] == []
+
+
 def test_a_retired_respond_parameter_and_a_missing_required_one():
     assert render(pipeline().replace("stage out     : respond       {}", "stage out     : respond       { stream = true }").replace("request -> batch", "request -> sys -> batch").replace("stage batch", 'stage sys : system_prompt {}\n    stage batch')) == """\
 t.agp:5:11: error: missing parameter 'text' in stage 'sys' (system_prompt)

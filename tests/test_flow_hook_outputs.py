@@ -84,11 +84,15 @@ def answer(item):
         item["finish_reason"] = "content_filter"   # a guard may say why it ended the answer
     return item
 
+# an answer made where check cannot read it (it refuses a literal `return {"text": …}` in a stage
+# that says it gives requests): the runtime holds such a function to its returns on its own
+ANSWER = {"text": "an answer, not a request"}
+
 def ask(item):
     if item.get("metadata", {}).get("bad") == "request":
         item["messages"][0]["content"] = "half a pair \\ud800 here"
     if item.get("metadata", {}).get("bad") == "answer":
-        return {"text": "an answer, not a request"}
+        return dict(ANSWER)
     if item.get("metadata", {}).get("bad") == "ids":           # a prompt of its own, one id past the vocabulary
         return {"prompt_token_ids": [1, 5, 10 ** 6], "metadata": item["metadata"]}
     if item.get("metadata", {}).get("bad") == "own_ids":       # a prompt of the ids metadata lists

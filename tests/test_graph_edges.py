@@ -589,6 +589,7 @@ def test_a_python_stage_that_returns_requests_cannot_feed_respond():
            15 |     p -> out
               |     ^^^^^^^^
           = expected: an edge into a stage that takes Request
+          = help: route the edge through the stages the pipeline already has: p -> batch -> encode -> kv -> gen -> out
 
         2 errors
         """)
@@ -836,6 +837,7 @@ def test_a_python_stage_that_says_returns_same_gets_no_returns_hint():
            15 |     q -> out
               |     ^^^^^^^^
           = expected: an edge into a stage that takes Request
+          = help: route the edge through the stages the pipeline already has: q -> batch -> encode -> kv -> gen -> out
 
         1 error
         """)
@@ -1247,7 +1249,6 @@ pipeline p {
     b2 -> e2 -> k2 -> g2 -> out
     b1 -> e1 -> k1
     k1 -> gb when prompt_tokens > 100
-    k1 -> ga when prompt_tokens > 50
     k1 -> ga otherwise
     ga -> out
     gb -> out
@@ -1343,3 +1344,24 @@ def test_a_join_after_a_fan_out_or_a_generate_stage_is_not_warned(edges):
     body = ["stage vote : join { policy = majority }", "stage log : python { fn = \"json:loads\" }",
             "request -> batch"] + edges
     assert check(chain("".join(line + "\n" for line in body))) == ""
+
+
+def test_two_edges_without_a_condition_into_two_respond_stages_are_a_warning():
+    """`gen -> out` beside `gen -> out2`: each respond stage gets a copy of every answer, so each
+    request is answered with two identical choices (check said nothing). A condition that sends
+    each item one way, or a stage between them, is no such copy."""
+    twice = SEED.replace("    stage out     : respond       {}\n",
+                         "    stage out     : respond       {}\n    stage out2    : respond       {}\n")
+    assert check(twice.replace("encode -> kv -> gen -> out\n", "encode -> kv -> gen -> out\n    gen -> out2\n")) == \
+        expect("""\
+        t.agp:15:5: warning: stage 'gen' sends every item to 2 respond stages, 'out' and 'out2', along edges without a condition: each request gets every answer twice, as identical choices
+           15 |     gen -> out2
+              |     ^^^^^^^^^^^
+          = note: gen -> out is here (t.agp:14:21)
+          = help: keep one of these edges (one respond stage answers every request), or put a condition on them so that each item takes one
+
+        1 warning
+        """)
+    chosen = twice.replace("encode -> kv -> gen -> out\n",
+                           'encode -> kv -> gen\n    gen -> out when finish_reason == "stop"\n    gen -> out2 otherwise\n')
+    assert check(chosen) == ""

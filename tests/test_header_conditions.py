@@ -77,7 +77,8 @@ def test_two_spellings_of_one_field_are_one_condition():
         text = ROUTED.format(cond=first).replace("    route -> batch otherwise\n",
                                                  f"    route -> batch when {second}\n    route -> batch otherwise\n")
         _, diags = pipeline_dsl.loads(text, "p.agp")
-        assert [d.message for d in diags] == [f"duplicate edge route -> batch when {compiled_text(first)}"]
+        assert [d.message for d in diags if "decides nothing" not in d.message] == \
+            [f"duplicate edge route -> batch when {compiled_text(first)}"]
 
 
 def compiled_text(cond: str) -> str:
@@ -321,9 +322,9 @@ def test_a_metadata_key_compared_with_true_and_with_1_are_two_edges():
                               ("metadata.x != false", False), ("metadata.x == 0", False)):
         text = ROUTED.format(cond="metadata.x == 1").replace(
             "    route -> batch otherwise\n", f"    route -> batch when {second}\n    route -> batch otherwise\n")
-        _, diags = pipeline_dsl.loads(text, "p.agp")
-        assert [d.message for d in diags] == ([f"duplicate edge route -> batch when {compiled_text(second)}"]
-                                              if duplicate else []), second
+        _, diags = pipeline_dsl.loads(text, "p.agp")      # (both lead to batch, as `otherwise` does)
+        assert [d.message for d in diags if "decides nothing" not in d.message] == (
+            [f"duplicate edge route -> batch when {compiled_text(second)}"] if duplicate else []), second
         if not duplicate:
             graph = pipeline_dsl.load_pipeline_graph("p.agp", text=text)
             assert [c for _, c in graph.nodes["route"]["routes"]] == [

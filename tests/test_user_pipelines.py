@@ -43,3 +43,21 @@ def test_a_pipeline_without_a_model_refuses_logprobs_as_the_clients_error(tmp_pa
         assert (error["status"], error["type"], error["param"]) == (400, "invalid", param), error
         assert "this pipeline has no model" in error["message"]
     assert got["plain"]["text"] == "Hicanned answer" and got["no_lp"]["text"] == "canned answer"
+
+
+def test_a_key_a_stage_sets_on_a_result_that_no_answer_carries_is_warned_of_once(tmp_path, caplog):
+    """A python stage that sets `metadata` (or any key an answer has no place for) on a result saw it
+    dropped without a word. The answer still leaves it out (a chat answer has no such field), and
+    the run warns once per key, naming the respond stage and where such a value goes instead."""
+    (tmp_path / "nomodel_hooks.py").write_text('def canned(item):\n'
+                                               '    return {"text": "canned answer", "metadata": {"tag": "x"}}\n')
+    (tmp_path / "p.agp").write_text(NO_MODEL)
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"id": i, "prompt": "Hi"}) + "\n" for i in range(3)))
+    r = agp_in("run", "p.agp", "-i", "in.jsonl", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(line)["text"] for line in r.stdout.splitlines()] == ["canned answer"] * 3
+    assert "metadata" not in r.stdout
+    warned = [rec.getMessage() for rec in caplog.records if "no answer has a place for" in rec.getMessage()]
+    assert len(warned) == 1, warned
+    assert "respond 'out': a result carries 'metadata'" in warned[0]
+    assert "in the request's metadata" in warned[0]

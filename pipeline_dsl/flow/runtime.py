@@ -35,6 +35,7 @@ flow/driving.py starts, drives and closes it all.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import threading
 import time
@@ -117,6 +118,7 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         self.params = {n: dict(graph.nodes[n].get("params") or {}) for n in graph}
         self.router = Router.from_graph(graph)
         self.loops = Loops.from_graph(graph, self.router.routes)
+        self._unanswered: set[str] = set()     # result keys warned of at respond (no answer carries them)
         self.returns = {n: p.get("returns", "same") for n, p in self.params.items() if self.kind[n] == "python"}
         # stages of plug-in kinds (the agp.stages entry points): what they return, how they start
         plugins = {n: kind for n, k in self.kind.items()
@@ -341,6 +343,18 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
             except BaseException as e:              # noqa: BLE001 - a stage's failure fails its request only
                 self._fail_item(item, item.at or stage, e)
 
+    def _unanswered_keys(self, stage: str, data: dict) -> None:
+        """A result that reaches a respond stage with a key no answer carries (a python stage set
+        `metadata` on it, say): a warning, once per key, that the answer leaves it out."""
+        with self._lock:
+            new = sorted(k for k in data.keys() - ANSWER_KEYS if k not in self._unanswered)
+            self._unanswered.update(new)
+        for key in new:
+            log.warning("respond '%s': a result carries '%s', which no answer has a place for, so the answer "
+                        "leaves it out (an answer gives its text, finish_reason, usage, and the fields "
+                        "docs/language.md lists); to tell the client, put it in the text, and for stages "
+                        "after, in the request's metadata (item[\"request\"][\"metadata\"])", stage, key)
+
     def _step(self, item: Item, stage: str) -> list[tuple[Item, str]]:
         kind = self.kind[stage]
         with self._lock:
@@ -349,6 +363,8 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
                 self.flow.taken(stage)
         if kind == "respond":
             t0 = time.perf_counter()
+            if item.kind == GENERATED and not item.data.keys() <= ANSWER_KEYS:
+                self._unanswered_keys(stage, item.data)
             with self._lock:
                 item.req.results.append(item)
                 item.req.items.discard(item)
@@ -995,6 +1011,14 @@ def _valid_request(d: dict, stage: str, whose: str = "") -> dict:
         return item
     except RequestError as e:
         raise PipelineError(f"stage '{stage}' returned {whose}an invalid request: {e}", "failed", stage) from None
+
+
+# the keys of a result that an answer is made of, or that the runtime keeps on it (a hollow item's
+# from_many, an embedding's pooled vector): another key a stage sets reaches no client
+ANSWER_KEYS = frozenset({"id", "text", "finish_reason", "usage", "generated_by", "request", "constrained",
+                         "stop_reason", "branches", "tool_calls", "logprobs", "prompt_logprobs", "token_ids",
+                         "prompt_token_ids", "pooled", "from_many"})
+log = logging.getLogger("agp.flow")
 
 
 def _completed(out: dict, got: dict, got_kind: str) -> dict:
