@@ -3,7 +3,11 @@
     .venv/bin/python bench/roofline.py [--threads 2] [--batches 1,8,32] [--weights bf16,int4]
 
 First measures the ceilings here (same threads): memory read bandwidth (a 512 MiB sum),
-and dense GEMM throughput in bf16 and fp32 (torch/oneDNN, large square-ish shapes). Then,
+and dense GEMM throughput in bf16 and fp32 (torch/oneDNN, large square-ish shapes). The bf16
+ones need oneDNN's bf16 (AVX-512 BW+VL+DQ, or AVX-NE-CONVERT; the model-shape one also its
+weight packing, PackedLinear): on a CPU without it (an AVX2 one) they are skipped, the reason
+printed before anything is measured (torch's fallback there took 14 s of CPU a 512x2048x2048
+call, 200x fp32's, and the packing raises), and the table's GFLOP/s are against fp32's. Then,
 for each configuration (batch B of decode sequences with ~100 tokens of context; weights
 bf16 = dense bf16 layers, int4 = the GGUF's 4-bit blocks with the int8 head where the
 file has it), the runner's median step time and:
@@ -42,7 +46,7 @@ from pipeline_dsl.engine import native
 from pipeline_dsl.engine.batch import StepBatch
 from pipeline_dsl.engine.model import LlamaModel, ModelRunner, SeqBatchItem
 from pipeline_dsl.engine.models import load_weights, resolve_model
-from pipeline_dsl.engine.quant import Int4Linear, PackedLinear
+from pipeline_dsl.engine.quant import Int4Linear, PackedLinear, packing_works
 
 try:
     from pipeline_dsl.engine.quant import Q8Linear
@@ -62,17 +66,55 @@ def timed(fn, reps: int) -> float:
     return statistics.median(ts)
 
 
-def ceilings(reps: int = 5) -> dict:
+# oneDNN's bf16 (its GEMMs and its weight packing) needs one of these sets, as its error names them;
+# without it torch's bf16 GEMMs fall back to a slow reference path and the packing raises
+ONEDNN_BF16 = (("avx512bw", "avx512vl", "avx512dq"), ("avx_ne_convert",))
+
+
+def cpu_flags() -> frozenset[str]:
+    """native.cpu_flags(), or /proc/cpuinfo's words where an older tree has no such reader."""
+    reader = getattr(native, "cpu_flags", None)
+    if reader is not None:
+        return reader()
+    try:
+        return frozenset(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return frozenset()
+
+
+def skipped_ceilings() -> dict[str, str]:
+    """The ceilings this CPU cannot give, each with why, decided before anything is measured:
+    from its flags (cpu_flags()) and a tiny try of the packing (quant.packing_works())."""
+    flags = cpu_flags()
+    skip = {}
+    if flags and not any(all(f in flags for f in need) for need in ONEDNN_BF16):
+        why = ("oneDNN's bf16 needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, which this CPU lacks "
+               f"(it has {', '.join(sorted(f for f in flags if f.startswith(('avx', 'amx')))) or 'no AVX'})")
+        skip["gemm_bf16_GFLOPs"] = (f"{why}: torch's fallback bf16 GEMM is no ceiling (a 512x2048x2048 "
+                                    "call took 14 s of CPU on a 2-core AVX2 EPYC, fp32 0.07 s)")
+        skip["gemm_bf16_model_shape_GFLOPs"] = (f"{why}: its bf16 weight packing (PackedLinear) raises; "
+                                                "the engine runs its bf16 layers unpacked here (DenseLinear)")
+    elif not packing_works():
+        skip["gemm_bf16_model_shape_GFLOPs"] = ("oneDNN's bf16 weight packing (PackedLinear) fails here "
+                                                f"(torch {torch.__version__}): the engine runs its bf16 layers unpacked")
+    return skip
+
+
+def ceilings(reps: int = 5, skip=()) -> dict:
+    """The measured ceilings; those named in `skip` (skipped_ceilings()) are left out."""
     x = torch.ones(128 << 20, dtype=torch.float32)                         # 512 MiB
     read = x.numel() * 4 / timed(lambda: x.sum(), reps) / 1e9
     del x
     out = {"read_GBs": read}
     for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        if f"gemm_{name}_GFLOPs" in skip:
+            continue
         a, b = torch.randn(512, 2048, dtype=dt), torch.randn(2048, 2048, dtype=dt)
         out[f"gemm_{name}_GFLOPs"] = 2 * 512 * 2048 * 2048 / timed(lambda: a @ b, reps) / 1e9
-    w = torch.randn(1536 * 2, 576).bfloat16()                              # this model's gate_up, 32 rows
-    lin, xs = PackedLinear(w), torch.randn(32, 576).bfloat16()
-    out["gemm_bf16_model_shape_GFLOPs"] = 2 * 32 * w.numel() / timed(lambda: lin(xs), reps * 20) / 1e9
+    if "gemm_bf16_model_shape_GFLOPs" not in skip:
+        w = torch.randn(1536 * 2, 576).bfloat16()                          # this model's gate_up, 32 rows
+        lin, xs = PackedLinear(w), torch.randn(32, 576).bfloat16()
+        out["gemm_bf16_model_shape_GFLOPs"] = 2 * 32 * w.numel() / timed(lambda: lin(xs), reps * 20) / 1e9
     return out
 
 
@@ -229,26 +271,66 @@ def engine_overhead(runner_s: float, threads: int) -> None:
               f"{(per_token - runner_s) * 1e3:.3f} | | | |")
 
 
+# the options are checked as they are read: a typo exits 2 there, not after minutes of measuring
+
+def positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: at least 1")
+    return v
+
+
+def batches(text: str) -> list[int]:
+    """--batches: comma-separated batch sizes, each at least 1."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("no batch size")
+    return [positive(t) for t in items]
+
+
+WEIGHT_KINDS = ("bf16", "int4")
+
+
+def weight_kinds(text: str) -> list[str]:
+    """--weights: comma-separated of WEIGHT_KINDS."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    for t in items:
+        if t not in WEIGHT_KINDS:
+            raise argparse.ArgumentTypeError(f"{t!r}: expected {' or '.join(WEIGHT_KINDS)}")
+    if not items:
+        raise argparse.ArgumentTypeError(f"none of {', '.join(WEIGHT_KINDS)}")
+    return items
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--weights", default="bf16,int4")
-    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--threads", type=positive, default=2)
+    ap.add_argument("--batches", type=batches, default=[1, 8, 32])
+    ap.add_argument("--weights", type=weight_kinds, default=list(WEIGHT_KINDS))
+    ap.add_argument("--reps", type=positive, default=15)
     ap.add_argument("--no-engine", action="store_true", help="batch 1: skip the engine runs")
     args = ap.parse_args(argv)
+    skip = skipped_ceilings()
+    for name, why in skip.items():
+        print(f"ceiling {name} skipped: {why}", flush=True)
     torch.set_num_threads(args.threads)
     with torch.inference_mode():
-        ceil = ceilings()
+        ceil = ceilings(skip=skip)
+    bf16 = ceil.get("gemm_bf16_GFLOPs")
+    shape = ceil.get("gemm_bf16_model_shape_GFLOPs")
     print(f"ceilings ({args.threads} threads): memory read {ceil['read_GBs']:.1f} GB/s; GEMM bf16 "
-          f"{ceil['gemm_bf16_GFLOPs']:.0f} GFLOP/s (this model's gate_up at 32 rows: "
-          f"{ceil['gemm_bf16_model_shape_GFLOPs']:.0f}), fp32 {ceil['gemm_fp32_GFLOPs']:.0f} GFLOP/s")
+          f"{f'{bf16:.0f} GFLOP/s' if bf16 else 'skipped'} (this model's gate_up at 32 rows: "
+          f"{f'{shape:.0f}' if shape else 'skipped'}), fp32 {ceil['gemm_fp32_GFLOPs']:.0f} GFLOP/s", flush=True)
+    flops_of = f"{bf16:.0f}" if bf16 else f"{ceil['gemm_fp32_GFLOPs']:.0f} fp32"
     config, weights, _ = load_weights(resolve_model(None))
     print(f"| weights | batch | path | step ms | tok/s | weights MB | GB/s (of {ceil['read_GBs']:.0f}) | "
-          f"GFLOP/s (of {ceil['gemm_bf16_GFLOPs']:.0f}) | GEMM ms | attention ms | outside |")
+          f"GFLOP/s (of {flops_of}) | GEMM ms | attention ms | outside |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for kind in args.weights.split(","):
-        for B in (int(b) for b in args.batches.split(",")):
+    for kind in args.weights:
+        for B in args.batches:
             case = Case(config, weights, kind, B)
             with torch.inference_mode():
                 step = timed(case.step, args.reps)
