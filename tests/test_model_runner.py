@@ -254,11 +254,11 @@ def test_int4_kernel_logits_match_the_dense_bf16_weights(q4):
 
 
 def test_efficient_mode_runs_a_4bit_file_on_int4_alone(q4):
-    from pipeline_dsl.engine.model import cpu_has_fast_bf16
+    from pipeline_dsl.engine import native
     from pipeline_dsl.engine.quant import Int4Linear, int4_kernel_works
     if not int4_kernel_works():
         pytest.skip("no CPU int4 kernel in this torch build")
-    if not cpu_has_fast_bf16():   # int8 weights then compute in fp32: the int4 kernel is bf16's
+    if not native.fast_bf16():   # int8 weights then compute in fp32: the int4 kernel is bf16's
         pytest.skip("this CPU has no fast bf16 (AMX or AVX512-BF16)")
     m = LlamaModel(q4.config, q4.weights, "int8")
     layer = m.layers[0]

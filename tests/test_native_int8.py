@@ -205,10 +205,10 @@ def test_auto_takes_bf16_for_the_files_4bit_blocks_on_int8_kernels(tmp_path, qty
     4-bit blocks runs them on the int8 kernels in bf16 storage; a float file stays on the CPU's
     best float dtype (fp32 there: emulated bf16 GEMMs would be ~10x slower)."""
     from pipeline_dsl.engine.gguf_loader import load_gguf
-    from pipeline_dsl.engine.model import LlamaModel, cpu_has_fast_bf16
+    from pipeline_dsl.engine.model import LlamaModel
     from tiny_model import write_tiny_gguf
 
     g = load_gguf(write_tiny_gguf(tmp_path / "m.gguf", qtype=qtype, hidden_size=64, intermediate_size=128))
-    best = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    best = torch.bfloat16 if native.fast_bf16() else torch.float32
     assert LlamaModel(g.config, g.weights, "auto").dtype == (want or best)
     assert LlamaModel(g.config, g.weights, "fp32").dtype == torch.float32        # asked for: kept

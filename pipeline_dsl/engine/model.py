@@ -95,15 +95,6 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 
-def cpu_has_fast_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 def resolve_dtype(name: str | torch.dtype, device: str | torch.device = "cpu") -> tuple[str, torch.dtype]:
     """'auto'|'fp32'|'bf16'|'fp16'|'int8' -> (weight kind 'dense'|'int8', compute dtype)."""
     if isinstance(name, torch.dtype):
@@ -113,7 +104,7 @@ def resolve_dtype(name: str | torch.dtype, device: str | torch.device = "cpu") -
         with torch.cuda.device(device):          # that device's, not the current one's (cuda:N)
             fast_bf16 = torch.cuda.is_bf16_supported()
     else:
-        fast_bf16 = cpu_has_fast_bf16()
+        fast_bf16 = native.fast_bf16()
     best = torch.bfloat16 if fast_bf16 else torch.float32
     if name == "auto":
         return "dense", best
