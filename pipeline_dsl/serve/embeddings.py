@@ -305,10 +305,13 @@ class Embeddings:
 
     @staticmethod
     def _placed(req: dict, i: int, err: P.APIError) -> P.APIError:
-        """`err`, about input i, naming a scoring request's field and which text it is."""
+        """`err`, about input i, naming a scoring request's field and which text it is, or
+        `messages` where the input is vLLM's chat form."""
         if "places" in req and err.param == "input":
             err.param, place = req["places"][i]
             err.message = f"'{place}': {err.message}"
+        elif err.param == "input" and isinstance(req["inputs"][i], tuple):
+            err.param = "messages"
         return err
 
     @staticmethod
