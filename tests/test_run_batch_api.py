@@ -510,3 +510,16 @@ def test_an_embeddings_line_refused_as_its_answer_is_built_is_counted_as_failed(
     assert s["requests"] == 3 and s["errors"] == sum(g["error"] is not None for g in got) == 2
     assert s["prompt_tokens"] == got[2]["response"]["body"]["usage"]["prompt_tokens"]
     assert "2 failed" in r.stderr, r.stderr
+
+
+def test_a_chat_form_embeddings_line_beyond_the_context_names_messages(tmp_path, pipeline):
+    """vLLM's chat form of an embeddings body (`messages`) too long for the context: its error
+    record names `messages`, as agp serve's 400 does (it named `input`, a field the line has not)."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(batch_line("m", EMB, {"messages": [{"role": "user", "content": "word " * 700}]})
+                   + batch_line("i", EMB, {"input": "word " * 700}))
+    run(pipeline, "-i", inp, "-o", out)
+    got = records(out)
+    assert [g["response"]["status_code"] for g in got] == [400, 400]
+    assert [g["response"]["body"]["error"]["param"] for g in got] == ["messages", "input"]
+    assert got[0]["error"]["code"] == "context_length_exceeded"
