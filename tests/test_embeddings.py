@@ -95,6 +95,7 @@ def test_vllms_chat_form_embeds_the_rendered_conversation(server):
      "messages[0].content"),
     ({"input": "x", "add_generation_prompt": True}, "add_generation_prompt"),
     ({"messages": [{"role": "user", "content": "x"}], "add_special_tokens": True}, "add_special_tokens"),
+    ({"messages": [{"role": "user", "content": "word " * 700}]}, "messages"),     # beyond the context (input)
 ])
 def test_a_chat_form_embedding_request_that_cannot_be_embedded_is_a_400_naming_the_field(server, body, param):
     r = server.http.post(server.url + "/v1/embeddings", json={"model": "tiny", **body}, timeout=30)

@@ -397,9 +397,14 @@ def test_a_flag_the_replicas_cannot_start_with_is_named_at_the_first_failure(clu
 
     path = tiny_pipeline(tmp_path / "tiny.agp", tiny_gguf)
     args = on_ray.parse([str(path), "--threads", "1", "--max-model-len", "100000"])   # checked by the replica
+    before = set(threading.enumerate())
     with pytest.raises(RuntimeError) as e:
         on_ray.deploy(on_ray.build_app(args), "agp-bad", "/bad")
     try:
+        # nothing of deploy's goes on calling Ray once it raised: `agp serve --ray` shuts Ray down
+        # next, and a Ray call after that starts a second local cluster in the exiting process
+        left = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
+        assert left == [], f"deploy raised with threads of its own still running: {left}"
         status = serve.status().applications["agp-bad"].status
         assert status != "DEPLOY_FAILED", "agp waited out Serve's retries of a replica that fails on a flag"
         assert on_ray.start_failure(e.value, app="agp-bad") == (
@@ -407,6 +412,45 @@ def test_a_flag_the_replicas_cannot_start_with_is_named_at_the_first_failure(clu
     finally:
         # not waited for: its replicas' stop goes on beside the test after this one
         serve.delete("agp-bad", _blocking=False)
+
+
+def test_ctrl_c_while_deploying_deletes_the_application_it_was_deploying(cluster, tmp_path, tiny_gguf):
+    """Ctrl-C while `agp serve --ray` waits for its replicas (`deploy`): on a cluster it joined,
+    the application it was deploying is deleted before the command exits, not left deploying on
+    (and serving once it runs)."""
+    import _thread
+    import time
+
+    from ray import serve
+
+    from pipeline_dsl.serve import ray as on_ray
+
+    path = tiny_pipeline(tmp_path / "tiny.agp", tiny_gguf)
+    args = on_ray.parse([str(path), "--threads", "1"])
+    seen = threading.Event()
+
+    def interrupt_once_deploying():
+        for _ in range(2400):                       # two minutes at most
+            if "agp-int" in serve.status().applications:
+                seen.set()
+                _thread.interrupt_main()            # SIGINT's KeyboardInterrupt, in the main thread
+                return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=interrupt_once_deploying, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            on_ray.deploy(on_ray.build_app(args), "agp-int", "/int")
+            t.join(150)                             # deployed before the interrupt: it comes here
+    finally:
+        t.join(150)
+    assert seen.is_set()
+    try:
+        assert "agp-int" not in serve.status().applications, "the application was left deploying"
+    finally:
+        if "agp-int" in serve.status().applications:
+            serve.delete("agp-int", _blocking=False)
 
 
 def test_a_replica_lost_mid_load_loses_no_request_that_had_not_started_streaming(cluster):

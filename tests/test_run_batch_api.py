@@ -492,3 +492,34 @@ def test_a_plain_lines_metadata_and_identifiers_are_not_bounded(tmp_path, pipeli
     long, typed = records(out)
     assert long.get("error") is None and long["finish_reason"] in ("stop", "length"), long
     assert typed["error"]["param"] == "user" and "'user' must be a string" in typed["error"]["message"], typed
+
+
+def test_an_embeddings_line_refused_as_its_answer_is_built_is_counted_as_failed(tmp_path, pipeline):
+    """A `dimensions` the model cannot give is found as the line's answer is built, after the
+    pipeline ran it: its output line is a 400 error record, and the summary and --stats count it
+    as one (an error, its prompt's tokens in no line's usage), as they count the line written."""
+    inp, out, stats = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "stats.json"
+    inp.write_text(batch_line("dims", EMB, {"input": "x", "dimensions": 3})
+                   + batch_line("dims2", EMB, {"input": ["a", "b"], "dimensions": 7})
+                   + batch_line("ok", EMB, {"input": "fine"}))
+    r = run(pipeline, "-i", inp, "-o", out, "--stats", stats)
+    assert r.returncode == 0, r.stderr
+    got = records(out)
+    assert [g["response"]["status_code"] for g in got] == [400, 400, 200]
+    s = json.loads(stats.read_text())
+    assert s["requests"] == 3 and s["errors"] == sum(g["error"] is not None for g in got) == 2
+    assert s["prompt_tokens"] == got[2]["response"]["body"]["usage"]["prompt_tokens"]
+    assert "2 failed" in r.stderr, r.stderr
+
+
+def test_a_chat_form_embeddings_line_beyond_the_context_names_messages(tmp_path, pipeline):
+    """vLLM's chat form of an embeddings body (`messages`) too long for the context: its error
+    record names `messages`, as agp serve's 400 does (it named `input`, a field the line has not)."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(batch_line("m", EMB, {"messages": [{"role": "user", "content": "word " * 700}]})
+                   + batch_line("i", EMB, {"input": "word " * 700}))
+    run(pipeline, "-i", inp, "-o", out)
+    got = records(out)
+    assert [g["response"]["status_code"] for g in got] == [400, 400]
+    assert [g["response"]["body"]["error"]["param"] for g in got] == ["messages", "input"]
+    assert got[0]["error"]["code"] == "context_length_exceeded"

@@ -179,3 +179,24 @@ def test_a_model_samples_by_vllms_defaults_where_its_generation_config_sets_none
                                ("/v1/completions", {"prompt": "hi", "ignore_eos": True}))
     assert chat["usage"]["completion_tokens"] == 3 and resp["temperature"] == 0.5
     assert text["usage"]["completion_tokens"] == 3
+
+
+def test_a_min_tokens_above_the_completions_default_of_16_is_refused_as_when_16_is_sent(tiny_gguf):
+    """A completions request with min_tokens 20 and no max_tokens got 16 tokens in silence (the
+    default was set after min_tokens was checked), though with max_tokens 16 sent it is a 400:
+    refused alike, as vLLM does. Chat has no such default: its min_tokens is checked as sent."""
+    serving = build(parse([str(tiny_gguf), "--threads", "1"]))
+    try:
+        with TestClient(serving.app, base_url="http://localhost") as client:
+            sent = client.post("/v1/completions", json={"prompt": "hi", "min_tokens": 20, "max_tokens": 16})
+            default = client.post("/v1/completions", json={"prompt": "hi", "min_tokens": 20})
+            within = client.post("/v1/completions", json={"prompt": "hi", "min_tokens": 16, "ignore_eos": True})
+            chat = client.post("/v1/chat/completions", json={"messages": HI, "min_tokens": 20, "max_tokens": 24,
+                                                             "ignore_eos": True})
+    finally:
+        serving.runtime.close()
+    assert sent.status_code == default.status_code == 400, default.text
+    assert default.json()["error"]["param"] == sent.json()["error"]["param"] == "min_tokens"
+    assert "'min_tokens' = 20 is above 'max_tokens' = 16" in default.json()["error"]["message"]
+    assert within.status_code == 200 and within.json()["usage"]["completion_tokens"] == 16
+    assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] == 24

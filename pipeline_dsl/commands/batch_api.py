@@ -119,12 +119,13 @@ class BatchLine:
 
     def _embeddings(self, result) -> dict:
         """The output line of an embeddings body: agp serve's answer, or the error it would have given."""
-        from pipeline_dsl.serve.embeddings import answer_body as embeddings_body
+        from pipeline_dsl.serve.embeddings import answer_body as embeddings_body, placed
         from pipeline_dsl.serve.errors import api_error
 
         try:
-            if result.error is not None:
-                raise api_error(result.error, "embeddings")
+            if result.error is not None:       # the first input that failed: its field, as agp serve names it
+                failed = next((i for i, r in enumerate(self.parts or ()) if r.error is not None), 0)
+                raise placed(self.embed, failed, api_error(result.error, "embeddings"))
             body = embeddings_body(self.embed, self.parts)
         except APIError as err:
             return error_record(self.custom_id, self.line, err, self.rid)

@@ -135,6 +135,17 @@ def answered_in_words(req: dict, i: int, res) -> P.APIError:
                       f"{': ' + said if said else ''}", param=param, code="rejected", quoted=(said,))
 
 
+def placed(req: dict, i: int, err: P.APIError) -> P.APIError:
+    """`err`, about input i of the parsed request `req`, naming a scoring request's field and which
+    text it is, or `messages` where the input is vLLM's chat form (agp serve and agp run alike)."""
+    if "places" in req and err.param == "input":
+        err.param, place = req["places"][i]
+        err.message = f"'{place}': {err.message}"
+    elif err.param == "input" and isinstance(req["inputs"][i], tuple):
+        err.param = "messages"
+    return err
+
+
 def pooled_vectors(req: dict, results) -> list[list[float]]:
     """Each input's pooled vector (the raw mean), in order; an input the pipeline answered with
     words instead is a 400 (answered_in_words)."""
@@ -276,7 +287,7 @@ class Embeddings:
         except PipelineError as e:           # refused as it came (a full queue, a text too long for any engine)
             for st in streams:
                 st.abort()
-            return g.refused(self._placed(req, i, api_error(e, "embeddings", g.config.retry_after_s)))
+            return g.refused(placed(req, i, api_error(e, "embeddings", g.config.retry_after_s)))
         g.metrics.in_flight.inc()
         status = "499"
         try:
@@ -285,7 +296,7 @@ class Embeddings:
                 return Response(status_code=499)
             failed = next((i for i, r in enumerate(results) if r.error is not None), None)
             if failed is not None:
-                err = self._placed(req, failed, api_error(results[failed].error, "embeddings", g.config.retry_after_s))
+                err = placed(req, failed, api_error(results[failed].error, "embeddings", g.config.retry_after_s))
                 status = str(err.status)
                 return error_response(err)
             try:
@@ -302,14 +313,6 @@ class Embeddings:
                     st.abort()
             g.metrics.requests.labels(status).inc()
             g.metrics.in_flight.dec()
-
-    @staticmethod
-    def _placed(req: dict, i: int, err: P.APIError) -> P.APIError:
-        """`err`, about input i, naming a scoring request's field and which text it is."""
-        if "places" in req and err.param == "input":
-            err.param, place = req["places"][i]
-            err.message = f"'{place}': {err.message}"
-        return err
 
     @staticmethod
     async def _result(stream):

@@ -79,6 +79,12 @@ class Generations:
         check_reasoning(self.apipe.runtime, req)
         if c.completion_max_tokens is not None and req.kind == "completion" and "max_tokens" not in req.fields:
             # agp serve MODEL: vLLM's completions default (16), which its request model sets as if sent
+            # (a min_tokens above it is refused as when that max_tokens is sent, as vLLM does)
+            low = req.fields.get("min_tokens")
+            if low is not None and low > c.completion_max_tokens:
+                raise P.APIError(f"'min_tokens' = {low} is above 'max_tokens' = {c.completion_max_tokens}, the "
+                                 "completions default where a request sets none: an answer cannot be longer than "
+                                 "max_tokens allows (give max_tokens >= min_tokens)", param="min_tokens")
             req = replace(req, fields={**req.fields, "max_tokens": c.completion_max_tokens})
         return self.token_names(req, body)
 

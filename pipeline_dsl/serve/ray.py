@@ -198,27 +198,33 @@ def setup_failure(app: str) -> str | None:
 
 
 def deploy(target, name: str = APP, route_prefix: str = "/", every: float = 0.2) -> None:
-    """`serve.run(target)`: returns once every replica runs, or raises as Serve does when they do
-    not start. A replica that fails on a SetupError would fail the same way each time Serve starts
-    it again (up to 3 times per replica, RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT, each a process
-    that loads the model): its first failure raises StartFailed at once (`start_failure` reads it),
-    and the caller deletes the application."""
-    outcome: dict = {}
-
-    def run():
-        try:
-            serve.run(target, name=name, route_prefix=route_prefix)
-        except Exception as e:                  # noqa: BLE001 - raised in the caller's thread
-            outcome["error"] = e
-
-    waiter = threading.Thread(target=run, name="agp-serve-run", daemon=True)
-    waiter.start()
-    while waiter.is_alive():
-        waiter.join(every)
-        if waiter.is_alive() and (detail := setup_failure(name)) is not None:
-            raise StartFailed(detail)           # serve.run's wait ends with the application's delete
-    if "error" in outcome:
-        raise outcome["error"]
+    """Deploy `target` as the application `name` and return once it runs, or raise as `serve.run`
+    does when its replicas do not start. Serve is asked not to wait (`serve.run_many`), and its
+    status is polled here, in the caller's thread: no thread of agp's goes on calling Ray after this
+    returns or raises (a Ray call after `ray.shutdown()` would start a new local cluster). A replica
+    that fails on a SetupError would fail the same way each time Serve starts it again (up to 3
+    times per replica, RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT, each a process that loads the model):
+    its first failure raises StartFailed at once (`start_failure` reads it), and the caller deletes
+    the application. A KeyboardInterrupt (Ctrl-C) deletes it here before it is raised: the cluster
+    would go on deploying it (and serving it once it runs) after the command has exited."""
+    try:
+        serve.run_many([serve.RunTarget(target=target, name=name, route_prefix=route_prefix)],
+                       wait_for_applications_running=False)
+        while True:
+            app = serve.status().applications.get(name)
+            if app is None:
+                raise RuntimeError(f"Waiting for application {name} to be RUNNING, but application doesn't exist.")
+            if app.status == "RUNNING":
+                return
+            if (detail := setup_failure(name)) is not None:
+                raise StartFailed(detail)
+            if app.status == "DEPLOY_FAILED":   # serve.run's own message
+                raise RuntimeError(f"Deploying application {name} failed: {app.message}")
+            time.sleep(every)
+    except KeyboardInterrupt:
+        log.warning("interrupted while deploying: deleting the application %r", name)
+        serve.delete(name)
+        raise
 
 
 def start_failure(e: Exception, app: str = APP) -> tuple[int, str]:
@@ -355,6 +361,10 @@ def main(args) -> int:
         if started_here:
             ray.shutdown()
         return code
+    except KeyboardInterrupt:                   # Ctrl-C while deploying: deploy deleted the application
+        if started_here:
+            ray.shutdown()
+        raise
     count = (f"{args.replicas or 1} replica(s)" if args.max_replicas is None else
              f"{1 if args.min_replicas is None else args.min_replicas}-{args.max_replicas} replicas "
              f"(autoscaling towards {args.target_ongoing_requests or DEFAULT_TARGET:g} requests in flight each)")
