@@ -137,6 +137,9 @@ GGUF_PROBES = [
           "'tokenizer.ggml.tokens' claims 4611686018427387904 elements"),
     Probe("array_longer_than_file", lambda L: patch(L.data, L.value("tokenizer.ggml.tokens") + 4, u64(10**6)),
           "'tokenizer.ggml.tokens' claims 1000000 elements"),
+    Probe("array_element_longer_than_file",   # the first token's length
+          lambda L: patch(L.data, L.value("tokenizer.ggml.tokens") + 12, u64(2**62)),
+          "element 0 of metadata 'tokenizer.ggml.tokens' .*4611686018427387904 bytes.* past the end"),
     Probe("unknown_value_type", lambda L: patch(L.data, L.kv_type("general.name"), u32(77)),
           "'general.name' has unknown value type 77"),
     Probe("duplicate_key", lambda L: rename(L.data, b"llama.rope.freq_base", b"llama.context_length"),
