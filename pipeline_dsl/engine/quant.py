@@ -241,6 +241,9 @@ class Int4Linear:
                                                           self.scales_zeros)  # [T, out]
 
 
+Q8_CHECK_ROWS = 2048    # rows per piece of Q8Linear's lossless check (a bounded temporary)
+
+
 class Q8Linear:
     """w ≈ q * scale: q int8 [out, in], one float scale per block of 32 inputs (GGUF Q8_0).
 
@@ -254,9 +257,14 @@ class Q8Linear:
     def __init__(self, weight: torch.Tensor, compute_dtype: torch.dtype, dense=None):
         N, K = weight.shape
         w = weight.float().view(N, K // INT4_GROUP, INT4_GROUP)                 # [N, K/32, 32]
-        scale = w.abs().amax(dim=-1) / 127.0                                    # [N, K/32]
-        q = torch.round(w / scale.clamp(min=1e-30)[..., None]).clamp(-127, 127)
-        self.lossless = bool(torch.equal(q * scale[..., None], w))              # the file was Q8_0
+        # one float32 temporary, its ops in place: a tied lm_head is the vocabulary x hidden (113 MB
+        # for SmolLM2-135M), and each fresh copy of it cost more CPU in page faults than its op
+        q = w.abs()
+        scale = q.amax(dim=-1) / 127.0                                          # [N, K/32]
+        torch.div(w, scale.clamp(min=1e-30)[..., None], out=q).round_().clamp_(-127, 127)
+        self.lossless = all(torch.equal(q[i:i + Q8_CHECK_ROWS] * scale[i:i + Q8_CHECK_ROWS, :, None],
+                                        w[i:i + Q8_CHECK_ROWS])                # the file was Q8_0
+                            for i in range(0, N, Q8_CHECK_ROWS))
         self.qweight = q.to(torch.int8).view(N, K).contiguous()
         self.scale = scale.contiguous()
         self.out_features, self.compute_dtype, self.dense = N, compute_dtype, dense
