@@ -84,7 +84,8 @@ def pack_q8x16(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     N, K = q.shape
     G, nb = -(-N // ROWS), K // INT4_GROUP
     pad = G * ROWS - N
-    qp = F.pad(q.to(torch.int16) + 128, (0, 0, 0, pad), value=128).to(torch.uint8)   # [G*16, K]
+    qp = q.view(torch.uint8) ^ 0x80                           # x + 128 of each int8 x, in its own byte
+    qp = F.pad(qp, (0, 0, 0, pad), value=128) if pad else qp                         # [G*16, K]
     w = qp.view(G, ROWS, nb, 8, 4).permute(0, 2, 3, 1, 4).reshape(G, nb, 512)       # [G, b, j*i*t]
     s = F.pad(scale.float(), (0, 0, 0, pad)).view(G, ROWS, nb).transpose(1, 2).contiguous()
     return torch.cat([w, s.view(torch.uint8).view(G, nb, 64)], dim=-1).contiguous()  # [G, b, 576]
