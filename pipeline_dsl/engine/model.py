@@ -245,7 +245,10 @@ class LlamaModel:
         int4 = getattr(weights, "int4", {})   # the file's own 4-bit blocks (GGUF Q4_0/Q4_1)
 
         def linear(*names):
-            w = torch.cat([weights[n] for n in names], dim=0) if len(names) > 1 else weights[names[0]]
+            parts = [weights[n] for n in names]
+            if kind == "dense":     # each part in the compute dtype before they are joined: with bf16 half
+                parts = [p.to(dtype=dt) for p in parts]   # the bytes to copy, the same values (elementwise)
+            w = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
             q4 = Int4Blocks.cat([int4[n] for n in names]) if all(n in int4 for n in names) else None
             return make_linear(w, kind, dt, dev, int4=q4)
 

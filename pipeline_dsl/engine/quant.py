@@ -84,7 +84,8 @@ def pack_q8x16(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     N, K = q.shape
     G, nb = -(-N // ROWS), K // INT4_GROUP
     pad = G * ROWS - N
-    qp = F.pad(q.to(torch.int16) + 128, (0, 0, 0, pad), value=128).to(torch.uint8)   # [G*16, K]
+    qp = q.view(torch.uint8) ^ 0x80                           # x + 128 of each int8 x, in its own byte
+    qp = F.pad(qp, (0, 0, 0, pad), value=128) if pad else qp                         # [G*16, K]
     w = qp.view(G, ROWS, nb, 8, 4).permute(0, 2, 3, 1, 4).reshape(G, nb, 512)       # [G, b, j*i*t]
     s = F.pad(scale.float(), (0, 0, 0, pad)).view(G, ROWS, nb).transpose(1, 2).contiguous()
     return torch.cat([w, s.view(torch.uint8).view(G, nb, 64)], dim=-1).contiguous()  # [G, b, 576]
@@ -241,6 +242,9 @@ class Int4Linear:
                                                           self.scales_zeros)  # [T, out]
 
 
+Q8_CHECK_ROWS = 2048    # rows per piece of Q8Linear's lossless check (a bounded temporary)
+
+
 class Q8Linear:
     """w ≈ q * scale: q int8 [out, in], one float scale per block of 32 inputs (GGUF Q8_0).
 
@@ -254,9 +258,14 @@ class Q8Linear:
     def __init__(self, weight: torch.Tensor, compute_dtype: torch.dtype, dense=None):
         N, K = weight.shape
         w = weight.float().view(N, K // INT4_GROUP, INT4_GROUP)                 # [N, K/32, 32]
-        scale = w.abs().amax(dim=-1) / 127.0                                    # [N, K/32]
-        q = torch.round(w / scale.clamp(min=1e-30)[..., None]).clamp(-127, 127)
-        self.lossless = bool(torch.equal(q * scale[..., None], w))              # the file was Q8_0
+        # one float32 temporary, its ops in place: a tied lm_head is the vocabulary x hidden (113 MB
+        # for SmolLM2-135M), and each fresh copy of it cost more CPU in page faults than its op
+        q = w.abs()
+        scale = q.amax(dim=-1) / 127.0                                          # [N, K/32]
+        torch.div(w, scale.clamp(min=1e-30)[..., None], out=q).round_().clamp_(-127, 127)
+        self.lossless = all(torch.equal(q[i:i + Q8_CHECK_ROWS] * scale[i:i + Q8_CHECK_ROWS, :, None],
+                                        w[i:i + Q8_CHECK_ROWS])                # the file was Q8_0
+                            for i in range(0, N, Q8_CHECK_ROWS))
         self.qweight = q.to(torch.int8).view(N, K).contiguous()
         self.scale = scale.contiguous()
         self.out_features, self.compute_dtype, self.dense = N, compute_dtype, dense

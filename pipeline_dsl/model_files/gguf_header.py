@@ -26,6 +26,7 @@ VALUE_NAMES = {0: "uint8", 1: "int8", 2: "uint16", 3: "int16", 4: "uint32", 5: "
                 7: "bool", 8: "string", 9: "array", 10: "uint64", 11: "int64", 12: "float64"}
 INT_TYPES, FLOAT_TYPES = {0, 1, 2, 3, 4, 5, 10, 11}, {6, 12}
 _MIN_VALUE = {**{t: struct.calcsize("<" + c) for t, c in _SCALARS.items()}, _STRING: 8, _ARRAY: 12}
+_U64 = struct.Struct("<Q")
 _MIN_KV = 8 + 4 + 1            # key length, value type, the smallest value
 _MIN_TENSOR = 8 + 4 + 8 + 4 + 8  # name length, n_dims, one dim, type, offset
 _MAX_ARRAY_DEPTH = 4
@@ -225,15 +226,35 @@ class _GGUFParser:
             if not self.arrays:
                 return GGUFArray(VALUE_NAMES[etype], n), tname
             return list(struct.unpack_from(f"<{n}{code}", self.buf, start)), tname
+        if etype == _STRING:
+            items = self.strings(n, key)
+        else:
+            items = [self.value(_ARRAY, key, depth + 1)[0] for _ in range(n)]
+        return (items if self.arrays else GGUFArray(VALUE_NAMES[etype], n)), tname
+
+    def strings(self, n: int, key: str) -> list:
+        """The n strings of an array at self.pos (a tokenizer's vocabulary and merges: ~10^5 of
+        them, read in one tight loop; an element that runs past the end or is not UTF-8 is
+        reported by raw_string / text, as one at a time would be)."""
+        buf, size, pos, arrays = self.buf, self.size, self.pos, self.arrays
+        length = _U64.unpack_from
         items = []
         for j in range(n):
-            if etype == _STRING:
-                raw = self.raw_string(f"element {j} of metadata {key!r}")
-                if self.arrays:
-                    items.append(self.text(raw, f"element {j}"))
-            else:
-                items.append(self.value(_ARRAY, key, depth + 1)[0])
-        return (items if self.arrays else GGUFArray(VALUE_NAMES[etype], n)), tname
+            if size - pos >= 8:
+                (m,) = length(buf, pos)
+                if m <= size - pos - 8:
+                    raw = buf[pos + 8:pos + 8 + m]
+                    pos += 8 + m
+                    if arrays:
+                        try:
+                            items.append(raw.decode("utf-8"))
+                        except UnicodeDecodeError:
+                            items.append(self.text(raw, f"element {j}"))
+                    continue
+            self.pos = pos              # the file's fault: the slow path names the element and the byte
+            self.raw_string(f"element {j} of metadata {key!r}")
+        self.pos = pos
+        return items
 
     def tensor_info(self, i: int, alignment: int) -> GGUFTensorInfo:
         name = self.name(f"the name of tensor {i}")
