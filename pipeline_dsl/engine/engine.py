@@ -887,9 +887,10 @@ def load_runner(config: EngineConfig, models=None):
         rows = f"steps of more than {runner.native_max_batch} rows" if runner.native is not None else "every step"
         logging.getLogger("agp.engine").warning(
             "dtype %s on a CPU without bf16 in hardware (no AMX, no AVX512-BF16): %s (a batch of more "
-            "decodes, a prefill) run the model's linears on emulated bf16 GEMMs, many times slower than "
-            "fp32; set dtype = auto (fp32 for these weights here) or fp32 (agp serve: --dtype auto), "
-            "or serve a 4-bit GGUF, whose blocks run on agp's int8 kernels", config.dtype, rows)
+            "decodes, a prefill) compute the model's linears in fp32 from its bf16 weights converted every "
+            "call (emulated bf16 GEMMs where oneDNN packs them), slower than fp32 weights; set dtype = auto "
+            "(fp32 for these weights here) or fp32 (agp serve: --dtype auto), or serve a 4-bit GGUF, whose "
+            "blocks run on agp's int8 kernels", config.dtype, rows)
     extra = {}
     if runner.device.type == "cuda" and not invariant:
         # every mode: compile and capture happen here, at load, never inside a request's TTFT

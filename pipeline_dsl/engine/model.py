@@ -268,9 +268,10 @@ class LlamaModel:
 
     def emulates_bf16(self) -> bool:
         """Whether the layers' GEMMs of a step of many rows (beyond the native step's: a batch of
-        over 8 decodes, a prefill) run in bf16 on a CPU that emulates it (no AMX, no AVX512-BF16):
-        many times slower than fp32 there. dtype = bf16 with dense weights does; auto never takes
-        bf16 for them on such a CPU."""
+        over 8 decodes, a prefill) read bf16 weights on a CPU that emulates bf16 (no AMX, no
+        AVX512-BF16): converted to fp32 every call (DenseLinear) or emulated bf16 GEMMs
+        (PackedLinear), slower than fp32 weights there. dtype = bf16 with dense weights does; auto
+        never takes bf16 for them on such a CPU."""
         if self.device.type != "cpu" or native.fast_bf16():
             return False
         return any(runs_bf16_gemm(getattr(layer, n)) for layer in self.layers for n in ("qkv", "o", "gate_up", "down"))
