@@ -1,12 +1,13 @@
 """Engine end to end: on a toy runner over a real paged pool (fast, exact), on the tiny
 random GGUF model (the real ModelRunner), and once on the embedded model (slow)."""
 
+import logging
 import random
 
 import pytest
 import torch
 
-from pipeline_dsl.engine import Engine, EngineConfig, InputError, QueueFullError, SamplingParams
+from pipeline_dsl.engine import Engine, EngineConfig, InputError, QueueFullError, SamplingParams, native
 
 VOCAB = 96  # toy tokens: id i <-> chr(32 + i); id 0 (" ") doubles as nothing special
 
@@ -476,6 +477,27 @@ def tiny_engine(path, **cfg):
 
 
 TINY_PARAMS = SamplingParams(max_tokens=16, ignore_eos=True)
+
+
+@pytest.mark.parametrize("fast_bf16, dtype, warned", [(False, "bf16", True), (True, "bf16", False),
+                                                      (False, "fp32", False), (False, "auto", False)])
+def test_bf16_weights_on_a_cpu_that_emulates_bf16_warn_once_at_engine_start(tiny_gguf, monkeypatch, caplog,
+                                                                           fast_bf16, dtype, warned):
+    """Past the native step's rows the linears are torch's GEMMs, which without AMX or AVX512-BF16
+    run bf16 weights slower than fp32 ones: the engine says so once, at start, with what to write
+    instead."""
+    monkeypatch.setattr(native, "fast_bf16", lambda: fast_bf16)
+    with caplog.at_level(logging.WARNING, logger="agp.engine"):
+        engine = tiny_engine(tiny_gguf, dtype=dtype, max_batch_size=12)
+        for i in range(12):                  # more decodes than the native step's rows: no warning a step
+            engine.add_request(str(i), prompt=TINY_PROMPTS[i % len(TINY_PROMPTS)], params=TINY_PARAMS)
+        run_all(engine)
+    said = [r.getMessage() for r in caplog.records if "without bf16 in hardware" in r.getMessage()]
+    assert len(said) == (1 if warned else 0), said
+    if warned:
+        assert said[0].startswith("dtype bf16 on a CPU without bf16 in hardware")
+        assert "more than 8 rows" in said[0] or "every step" in said[0]
+        assert "dtype = auto" in said[0] and "fp32" in said[0]
 
 
 @pytest.fixture(scope="module")

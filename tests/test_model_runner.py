@@ -169,6 +169,27 @@ def test_low_precision_logits_stay_close_to_fp32(tiny, model, dtype, tol):
     assert got.argmax() == ref[-1].argmax()
 
 
+@pytest.mark.parametrize("fast_bf16", [False, True])
+def test_a_dense_bf16_linear_computes_many_rows_in_fp32_where_bf16_is_emulated(monkeypatch, fast_bf16):
+    """Without AMX or AVX512-BF16 torch's bf16 GEMM is emulated, many times slower than fp32: a
+    dense bf16 weight computes more rows than the native step's in fp32, rounded once to bf16;
+    fewer rows, or any with bf16 in hardware, stay on torch's bf16 GEMM."""
+    import torch.nn.functional as F
+
+    from pipeline_dsl.engine import native
+    from pipeline_dsl.engine.quant import DenseLinear
+
+    monkeypatch.setattr(native, "fast_bf16", lambda: fast_bf16)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(2048, 576, generator=g).bfloat16()
+    lin = DenseLinear(w)
+    for rows in (1, 8, 9, 64):
+        x = torch.randn(rows, 576, generator=g).bfloat16()
+        fp32 = F.linear(x.float(), w.float()).bfloat16()
+        want = fp32 if rows > 8 and not fast_bf16 else F.linear(x, w)
+        assert torch.equal(lin(x), want), rows
+
+
 def test_int8_weights_are_int8_with_per_channel_scales(tiny):
     m = LlamaModel(tiny.config, tiny.weights, "int8")
     qkv = m.layers[0].qkv
