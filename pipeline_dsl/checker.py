@@ -1178,10 +1178,10 @@ def python_stage_labels(stage: ResolvedStage) -> set[str] | None:
         return None
 
 
-def python_stage_returned_kinds(stage: ResolvedStage) -> list[tuple[int, str, str]]:
+def python_stage_returned_kinds(stage: ResolvedStage) -> list[tuple[int, str, str, bool]]:
     """The returns of a python stage's function that give, by its source, surely a Request or surely
-    a Generated result (userfn.returned_kinds): [(line, kind, the value as written)]; [] when the
-    source says nothing (or the function is not found)."""
+    a Generated result (userfn.returned_kinds): [(line, kind, the value as written, whether every
+    call returns it)]; [] when the source says nothing (or the function is not found)."""
     from .userfn import FunctionNotFound, function_info, returned_kinds
 
     if stage.kind is None or stage.kind.name != "python" or not isinstance(stage.params.get("fn"), str):

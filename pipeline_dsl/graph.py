@@ -952,8 +952,11 @@ def _check_returned_kinds(r: Resolved, g: nx.DiGraph, receives: dict, carry: dic
     """A python stage's function that returns, by its source, the other item type than the stage
     says it gives (`return item["request"]` in a stage that gets Generated results and says returns
     = same, as by default): the runtime holds the stage to `returns`, so every request that reaches
-    that return fails there. An error at the `fn` value, naming the line; not where `returns` is any
-    or many, nor where both types reach a `returns = same` stage."""
+    that return fails there. At the `fn` value, naming the line: an error where every call reaches
+    that return (a statement of the body before any other return or raise), a warning that it may
+    where the return is behind a condition (`if retry and …`: a function shared with a looping
+    pipeline, whose args may never take that path here); not where `returns` is any or many, nor
+    where both types reach a `returns = same` stage."""
     diags = []
     for n, s in r.stages.items():
         if s.kind is None or s.kind.name != "python" or s.params.get("stream"):
@@ -969,7 +972,8 @@ def _check_returned_kinds(r: Resolved, g: nx.DiGraph, receives: dict, carry: dic
         wrong = [w for w in python_stage_returned_kinds(s) if w[1] != gives]
         if not wrong:
             continue
-        line, kind, text = wrong[0]
+        surely = [w for w in wrong if w[3]]
+        line, kind, text, _ = (surely or wrong)[0]
         more = f" (and {len(wrong) - 1} more return{'s' if len(wrong) > 2 else ''} like it)" if len(wrong) > 1 else ""
         says = (f"says returns = {declared}" if "returns" in s.given else
                 "gives the type it gets (returns = same, the default)")
@@ -985,11 +989,11 @@ def _check_returned_kinds(r: Resolved, g: nx.DiGraph, receives: dict, carry: dic
         else:
             hint = (f"to answer the request here, say returns = any (or generated) and add an edge from '{n}' "
                     "to a respond stage")
-        diags.append(_err(f"stage '{n}': {s.params['fn']} returns a {kind} at line {line} (return {text}){more}, "
-                          f"but the stage gets {' | '.join(sorted(got))} items and {says}: each request that "
-                          "reaches that return fails there", s.param_pos.get("fn") or s.pos,
-                          expected=f"a function that returns {gives} items (or a label, or None), as the stage "
-                                   "says", hint=hint))
+        diags.append((_err if surely else _warn)(
+            f"stage '{n}': {s.params['fn']} {'returns' if surely else 'may return'} a {kind} at line {line} "
+            f"(return {text}){more}, but the stage gets {' | '.join(sorted(got))} items and {says}: "
+            f"{'each' if surely else 'a'} request that reaches that return fails there", s.param_pos.get("fn") or s.pos,
+            expected=f"a function that returns {gives} items (or a label, or None), as the stage says", hint=hint))
     return diags
 
 

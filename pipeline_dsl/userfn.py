@@ -655,10 +655,13 @@ def wrong_many_returns(info: FunctionInfo | None) -> list[tuple[int, str]]:
 _COPIES = ("dict", "copy", "deepcopy")          # dict(x), copy.copy(x), deepcopy(x), x.copy(): x's kind
 
 
-def returned_kinds(info: FunctionInfo | None) -> list[tuple[int, str, str]]:
+def returned_kinds(info: FunctionInfo | None) -> list[tuple[int, str, str, bool]]:
     """The `return`s of a python stage's function whose value is, by its source, surely a Request or
     surely a Generated result, as the runtime tells them apart (a dict with `messages` or `prompt` is
-    a request, else one with `text` a result): (line, "Request" | "Generated", the value as written).
+    a request, else one with `text` a result): (line, "Request" | "Generated", the value as written,
+    whether every call returns it). Every call does where the `return` is a statement of the body
+    itself, before any other `return` or `raise` (one inside an `if`, a loop, a `try` or a `with`
+    may be passed by), and the value is the return's own, not one side of `a if c else b`.
     Known: the request a result carries, `item["request"]` (its first parameter's, or a copy of it:
     `dict(item["request"])`, `copy.deepcopy(...)`, `{**item["request"], ...}`), a dict literal whose
     keys say (`{"prompt": p}`, `{"text": t}` without `**`), a local name bound once to one of these
@@ -729,19 +732,23 @@ def returned_kinds(info: FunctionInfo | None) -> list[tuple[int, str, str]]:
             return kind(value_of[value.id], depth + 1)
         return None
 
-    found: list[tuple[int, str, str]] = []
+    found: list[tuple[int, str, str, bool]] = []
+    exits = [n for n in _own_nodes(node) if isinstance(n, (pyast.Return, pyast.Raise))]
+    first = min(exits, key=lambda n: (n.lineno, n.col_offset), default=None)
+    surely = first if first is not None and any(first is stmt for stmt in node.body) else None
 
-    def note(value) -> bool:
+    def note(value, always: bool) -> None:
         for v in (value.body, value.orelse) if isinstance(value, pyast.IfExp) else (value,):
             if isinstance(v, pyast.IfExp):
-                note(v)
+                note(v, False)
                 continue
             got = kind(v)
             if got is not None:
-                found.append((v.lineno, got, pyast.unparse(v)))
-        return True
+                found.append((v.lineno, got, pyast.unparse(v), always and v is value))
 
-    _every_return(node, lambda v: v is None or note(v))
+    for n in exits:
+        if isinstance(n, pyast.Return) and n.value is not None:
+            note(n.value, n is surely)
     return sorted(found)
 
 

@@ -341,6 +341,20 @@ def canned(item):
 
 def same(item):
     return dict(item)
+
+def maybe_retry(item, retry=False):
+    if retry and item["finish_reason"] == "length":
+        return item["request"]
+    return item
+
+def checked(item):
+    if not item["text"]:
+        raise ValueError("no answer")
+    return item["request"]
+
+def copied(item):
+    req = dict(item["request"])
+    return req
 '''
 
 
@@ -367,9 +381,28 @@ def test_a_function_that_returns_the_request_after_generate_is_an_error_at_fn(tm
     assert err.hint == ("a Request cannot go on from 'p' (its edges lead only to stages that take Generated): to "
                         "answer, return a result (the item, or {\"text\": …}); to ask the model again, say returns "
                         "= any and add an edge from 'p' back to a batcher (with max_turns to bound the loop)")
-    [err] = [d for d in _kinds_pipeline(tmp_path, "revise", "after", "  returns = generated") if d.is_error]
-    assert err.message.startswith("stage 'p': hooks:revise returns a Request at line 10 (return req), but the stage "
-                                  "gets Generated items and says returns = generated: ")
+    [err] = [d for d in _kinds_pipeline(tmp_path, "copied", "after", "  returns = generated") if d.is_error]
+    assert err.message.startswith("stage 'p': hooks:copied returns a Request at line 32 (return req), but the stage "
+                                  "gets Generated items and says returns = generated: each request that reaches")
+
+
+@pytest.mark.parametrize("fn, line, text", [
+    ("maybe_retry", 22, "item['request']"),   # behind `if retry and …` (False unless args say so)
+    ("checked", 28, "item['request']"),       # after a raise: not every call gets there
+    ("revise", 10, "req"),                    # one side of `req if … else item`
+])
+def test_a_function_that_may_return_the_request_after_generate_is_a_warning_at_fn(tmp_path, fn, line, text):
+    """A hook shared between a looping pipeline (`args = { retry = true }`, returns = any) and a plain
+    one returns `item["request"]` only behind a condition: check refused it in the plain one (an
+    error), which runs fine. A return behind a condition is a warning that the function may return
+    a Request, and a request that reaches it fails; one every call reaches stays an error (above)."""
+    diags = [d for d in _kinds_pipeline(tmp_path, fn, "after") if "returns" in d.message]
+    assert [d.message for d in diags if d.is_error] == []
+    [warn] = diags
+    assert warn.message == (f"stage 'p': hooks:{fn} may return a Request at line {line} (return {text}), but the "
+                            "stage gets Generated items and gives the type it gets (returns = same, the default): "
+                            "a request that reaches that return fails there")
+    assert (warn.pos.line, warn.pos.col) == (9, 29)
 
 
 def test_a_function_that_returns_the_request_into_a_loop_is_told_to_say_returns_request(tmp_path):
@@ -384,9 +417,10 @@ def test_a_function_that_returns_the_request_into_a_loop_is_told_to_say_returns_
     assert err.hint == "say so: returns = request (or any, where it also gives Generated items back)"
 
 
-def test_a_function_that_answers_a_request_before_the_batcher_is_an_error_at_fn(tmp_path):
-    [err] = [d for d in _kinds_pipeline(tmp_path, "canned", "before") if d.is_error]
-    assert err.message.startswith("stage 'p': hooks:canned returns a Generated at line 14 (return {'text': "
+def test_a_function_that_may_answer_a_request_before_the_batcher_is_a_warning_at_fn(tmp_path):
+    [err] = [d for d in _kinds_pipeline(tmp_path, "canned", "before") if "returns" in d.message]
+    assert not err.is_error
+    assert err.message.startswith("stage 'p': hooks:canned may return a Generated at line 14 (return {'text': "
                                   "'Hello!'}), but the stage gets Request items")
     assert err.hint == ("to answer the request here, say returns = any (or generated) and add an edge from 'p' to a "
                         "respond stage")
