@@ -1319,7 +1319,10 @@ def _conditions_otherwise_repeats(edges: list[ResolvedEdge], refused: set[str]) 
     goes there, and one it does not hold for goes there too (`r -> x when C` beside `r -> x
     otherwise`), so the condition decides nothing. An edge to another stage listed after it keeps
     it: the first condition that holds wins, so it keeps those items from that edge. Not for a
-    stage one of whose conditional edges an error dropped."""
+    stage one of whose conditional edges an error dropped. The hint offers `r -> x` once without a
+    condition only where no conditional edge of the stage leads elsewhere: beside one that does
+    (`r -> y when D` before it), an edge without a condition takes a copy of every item, a D one
+    too (a fan-out: two answers), so there the fix is to remove the conditional edge."""
     by_src: dict[str, list[ResolvedEdge]] = {}
     for e in edges:
         by_src.setdefault(e.src, []).append(e)
@@ -1332,11 +1335,18 @@ def _conditions_otherwise_repeats(edges: list[ResolvedEdge], refused: set[str]) 
         for i, e in enumerate(conditional):
             if e.dst != fallback.dst or any(later.dst != e.dst for later in conditional[i + 1:]):
                 continue
+            others = sorted({c.dst for c in conditional if c.dst != e.dst})
+            if others:
+                hint = (f"remove `{n} -> {e.dst}{_cond_words(e.condition)}` (the `otherwise` edge takes those items to "
+                        f"'{e.dst}'), or send it to another stage; not `{n} -> {e.dst}` without a condition: beside "
+                        f"the conditional edge{'s' if len(others) > 1 else ''} to "
+                        f"{', '.join(repr(o) for o in others)} it would take a copy of every item (a fan-out)")
+            else:
+                hint = f"send one of them to another stage, or write `{n} -> {e.dst}` once without a condition"
             diags.append(_warn(f"edge {n} -> {e.dst}{_cond_words(e.condition)} decides nothing: the `otherwise` "
                                f"edge of '{n}' leads to '{e.dst}' too, so an item goes there whether the condition "
                                "holds or not", e.pos, notes=[("the `otherwise` edge is here", fallback.pos)],
-                               hint=f"send one of them to another stage, or write `{n} -> {e.dst}` once "
-                                    "without a condition"))
+                               hint=hint))
     return diags
 
 
