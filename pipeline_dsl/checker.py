@@ -550,6 +550,25 @@ def _sibling_value(kind: StageKind, schema: Param, value: ast.Value, d: Diagnost
     return replace(d, hint=f"'{word}' is a value of {owner}: write {owner} = {word}")
 
 
+# names a required parameter is often written under: `system_prompt { prompt = "…" }`, `python { function = … }`
+_PARAM_ALIASES = {"prompt": "text", "content": "text", "message": "text", "system": "text",
+                  "function": "fn", "func": "fn", "callable": "fn"}
+
+
+def _meant_for(prm: ast.Param, hint: str | None, schema) -> bool:
+    """Whether an unknown parameter is surely the missing required `schema` under another name: its
+    name close to it (the did-you-mean closeness) or a name it is known by (prompt for text), and
+    its value one the parameter takes. `python { concurrency = 4 }` is no `fn`."""
+    name = prm.name.text
+    if hint not in (None, f"did you mean '{schema.name}'?"):
+        return False                               # a hint of its own (a setting's name, a retired one)
+    if closest(name, [schema.name]) is None and _PARAM_ALIASES.get(name) != schema.name:
+        return False
+    if schema.inherits == "device":
+        return not check_device(prm.value)[1]
+    return not convert(prm.value, schema, f"'{schema.name}'")[1]
+
+
 def resolve_params(kind: StageKind, stage: ast.Stage, mode: str,
                    settings: dict | None = None) -> tuple[dict, list[Diagnostic]]:
     """Effective parameter values: kind default -> mode preset -> the pipeline's setting of the
@@ -557,7 +576,7 @@ def resolve_params(kind: StageKind, stage: ast.Stage, mode: str,
     diags: list[Diagnostic] = []
     given: dict[str, ast.Param] = {}
     params: dict[str, Any] = {}
-    unknown: list[tuple[int, str | None]] = []      # (where in diags, its hint) of each unknown parameter
+    unknown: list[tuple[int, str | None, ast.Param]] = []   # (where in diags, its hint, it) of each unknown one
     missing: list = []
     for prm in stage.params:
         name = prm.name.text
@@ -573,7 +592,7 @@ def resolve_params(kind: StageKind, stage: ast.Stage, mode: str,
             if hint is None and name in SETTING_BY_NAME:
                 hint = f"'{name}' is a pipeline setting: set it outside the stages"
             hint = RETIRED.get((kind.name, name), ELSEWHERE.get((kind.name, name), hint))
-            unknown.append((len(diags), hint))
+            unknown.append((len(diags), hint, prm))
             diags.append(_err(f"unknown parameter '{name}' for stage kind '{kind.name}'", prm.name.pos,
                               expected=f"a parameter of {kind.name}: " + one_of(names), hint=hint))
             continue
@@ -604,7 +623,7 @@ def resolve_params(kind: StageKind, stage: ast.Stage, mode: str,
         else:
             d = schema.default
             params[schema.name] = list(d) if isinstance(d, tuple) else d
-    if len(missing) == 1 and len(unknown) == 1 and unknown[0][1] is None:
+    if len(missing) == 1 and len(unknown) == 1 and _meant_for(unknown[0][2], unknown[0][1], missing[0]):
         # `system_prompt { prompt = "…" }`: one slip, the required parameter under another name
         i, schema = unknown[0][0], missing[0]
         diags[i] = replace(diags[i], hint=f"did you mean '{schema.name}'? {kind.name} needs it, and this stage "

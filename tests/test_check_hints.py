@@ -741,6 +741,7 @@ def test_the_embedded_models_name_cut_short_gets_a_did_you_mean(written):
 @pytest.mark.parametrize("stage, at_, meant", [
     ('stage sys : system_prompt { prompt = "Be brief." }', "prompt", "text"),
     ('stage sys : python { function = "hooks:redact" }', "function", "fn"),
+    ('stage sys : system_prompt { txt = "Be brief." }', "txt", "text"),       # close to it
 ])
 def test_a_required_parameter_under_another_name_is_one_error_that_names_it(stage, at_, meant):
     """`system_prompt { prompt = "…" }` was two errors, a missing 'text' at the stage and an unknown
@@ -751,6 +752,24 @@ def test_a_required_parameter_under_another_name_is_one_error_that_names_it(stag
     assert err.message.startswith(f"unknown parameter '{at_}'") and err.pos.line == 9
     kind = stage.split(":")[1].split()[0]
     assert err.hint == f"did you mean '{meant}'? {kind} needs it, and this stage does not set it"
+
+
+@pytest.mark.parametrize("stage, at_, missing", [
+    ('stage sys : python { concurrency = 4 }', "concurrency", "fn"),           # another thing, not fn
+    ('stage sys : system_prompt { role = "system" }', "role", "text"),        # not the text
+    ('stage sys : system_prompt { prompt = 3 }', "prompt", "text"),           # text's name, not its type
+])
+def test_an_unknown_parameter_that_is_not_the_missing_one_leaves_both_errors(stage, at_, missing):
+    """One unknown parameter beside one missing required one was taken for it whatever the names:
+    `python { concurrency = 4 }` was told "did you mean 'fn'?" and the missing fn went unsaid. They
+    are one slip only where the name is close to the missing one's (or one it is known by, prompt
+    for text) and the value is one it takes; else both errors stand, the unknown one without it."""
+    text = SEED.replace("stage out : respond {}", f"stage out : respond {{}}\n    {stage}").replace(
+        "request -> batch", "request -> sys -> batch")
+    got = [e for e in errors(text) if e.pos.line == 9]
+    assert [e.message.split(" for ")[0].split(" in ")[0] for e in got] == [
+        f"missing parameter '{missing}'", f"unknown parameter '{at_}'"]
+    assert "did you mean" not in (got[1].hint or "")
 
 
 def test_a_missing_parameter_beside_several_unknown_ones_is_still_its_own_error():
