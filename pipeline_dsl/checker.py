@@ -1211,6 +1211,19 @@ def python_stage_returned_kinds(stage: ResolvedStage) -> list[tuple[int, str, st
         return []
 
 
+def python_stage_passes_item_on(stage: ResolvedStage) -> bool:
+    """Whether a python stage's function surely gives back, on some path, the item it got
+    (userfn.passes_item_on): a guard that answers some requests and passes the rest on."""
+    from .userfn import FunctionNotFound, function_info, passes_item_on
+
+    if stage.kind is None or stage.kind.name != "python" or not isinstance(stage.params.get("fn"), str):
+        return False
+    try:
+        return passes_item_on(function_info(stage.params["fn"], _fn_folder(stage)))
+    except FunctionNotFound:
+        return False
+
+
 def _check_python_labels(edges: list[ResolvedEdge], stages: dict[str, ResolvedStage]) -> list[Diagnostic]:
     """A `when LABEL` edge of a python stage whose function, by its source, never returns that
     label is a warning: a misspelt label (`when maths`) would otherwise send every item to

@@ -37,7 +37,8 @@ import networkx as nx
 from stages.registry import Registry, default_registry
 
 from . import ast
-from .checker import EMBEDDED_MODEL, Resolved, check_pipeline, python_stage_labels, python_stage_returned_kinds
+from .checker import (EMBEDDED_MODEL, Resolved, check_pipeline, python_stage_labels, python_stage_passes_item_on,
+                      python_stage_returned_kinds)
 from .diagnostics import ERROR, WARNING, Diagnostic, sort_diagnostics
 from .reachability import check_dead_ends, check_islands, check_turn, check_unreachable, reachable
 
@@ -736,8 +737,16 @@ def _check_ports(r: Resolved, registry: Registry, g: nx.DiGraph, carry: dict, re
                     s.kind is not None and s.kind.name == "generate" for s in r.stages.values()):
                 hint += " (or answer each request with a python stage that says returns = generated)"
             if a.kind.name == "python" and "returns" not in a.given and takes & ITEM_TYPES:
-                hint = f"if '{a.name}' turns its items into {' or '.join(sorted(takes & ITEM_TYPES))}, say so: " \
-                       f"returns = {'request' if 'Request' in takes else 'generated'} (or any)"
+                # another out-edge that takes what it gives (a guard's `g -> batch` beside `g -> out`):
+                # returns = request | generated would refuse that edge, so the stage gives both
+                kept = sorted(v for v in g.successors(a.name) if v != b.name and r.stages[v].kind is not None
+                              and gives & r.stages[v].kind.accepts)
+                if kept:
+                    hint = f"if '{a.name}' turns some of its items into {' or '.join(sorted(takes & ITEM_TYPES))} " \
+                           f"and passes the rest on to '{kept[0]}', say so: returns = any"
+                else:
+                    hint = f"if '{a.name}' turns its items into {' or '.join(sorted(takes & ITEM_TYPES))}, say so: " \
+                           f"returns = {'request' if 'Request' in takes else 'generated'} (or any)"
             diags.append(_err(f"port type mismatch on edge {a.name} -> {b.name}: '{a.name}' ({a.kind.name}) "
                               f"gives {shown}, '{b.name}' ({b.kind.name}) takes {' | '.join(sorted(takes))}",
                               e.pos, expected=f"an edge into a stage that takes {shown}", hint=hint))
@@ -979,13 +988,21 @@ def _check_returned_kinds(r: Resolved, g: nx.DiGraph, receives: dict, carry: dic
                 "gives the type it gets (returns = same, the default)")
         onward = set().union(*(carry[v] for v in g.successors(n))) & ITEM_TYPES
         word = "request" if kind == "Request" else "generated"
-        if kind in onward:
+        # a function that also gives back the item it got (`return item` past a guard's answer) gives
+        # both types: returns = any, for `returns = request | generated` would fail the item it passes on
+        both = declared == "same" and python_stage_passes_item_on(s)
+        if kind in onward and both:
+            hint = f"say so: returns = any (it also passes the {gives} items it gets on)"
+        elif kind in onward:
             hint = f"say so: returns = {word} (or any, where it also gives {gives} items back)"
         elif kind == "Request":
             hint = (f"a Request cannot go on from '{n}' (its edges lead only to stages that take "
                     f"{' | '.join(sorted(onward)) or 'nothing'}): to answer, return a result (the item, or "
                     "{\"text\": …}); to ask the model again, say returns = any and add an edge from "
                     f"'{n}' back to a batcher (with max_turns to bound the loop)")
+        elif both:
+            hint = (f"to answer the request here, say returns = any (it also passes the requests it gets on) and "
+                    f"add an edge from '{n}' to a respond stage")
         else:
             hint = (f"to answer the request here, say returns = any (or generated) and add an edge from '{n}' "
                     "to a respond stage")

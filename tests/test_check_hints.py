@@ -422,8 +422,19 @@ def test_a_function_that_may_answer_a_request_before_the_batcher_is_a_warning_at
     assert not err.is_error
     assert err.message.startswith("stage 'p': hooks:canned may return a Generated at line 14 (return {'text': "
                                   "'Hello!'}), but the stage gets Request items")
-    assert err.hint == ("to answer the request here, say returns = any (or generated) and add an edge from 'p' to a "
-                        "respond stage")
+    assert err.hint == ("to answer the request here, say returns = any (it also passes the requests it gets on) and "
+                        "add an edge from 'p' to a respond stage")
+    # with the edge to respond, the hint is to say returns = any, which checks clean; returns =
+    # generated (what it said too) types p -> batch Generated
+    path = tmp_path / "p.agp"
+    path.write_text(path.read_text().replace("request -> p -> batch", "request -> p -> batch\n    p -> out"))
+    [err] = [d for d in pipeline_dsl.load(str(path))[1] if d.message.startswith("stage 'p'")]
+    assert err.hint == "say so: returns = any (it also passes the Request items it gets on)"
+    path.write_text(path.read_text().replace('"hooks:canned"', '"hooks:canned"  returns = any'))
+    assert [d.message for d in pipeline_dsl.load(str(path))[1] if d.is_error] == []
+    path.write_text(path.read_text().replace("returns = any", "returns = generated"))
+    assert [d.message for d in pipeline_dsl.load(str(path))[1] if d.is_error] == [
+        "port type mismatch on edge p -> batch: 'p' (python) gives Generated, 'batch' (dynamic_batch) takes Request"]
 
 
 @pytest.mark.parametrize("fn, where, returns", [
