@@ -67,8 +67,8 @@ def test_a_result_key_that_is_no_string_is_warned_of_and_the_request_answered(tm
     """A result with a key that is no string (`item[2] = …`) beside an unknown string key failed at
     the respond stage (a 500, a TypeError from ordering the keys to warn of): only a warning, it must
     never fail the request. Each key is warned of by its repr and the answers come back."""
-    (tmp_path / "intkey_hooks.py").write_text('def canned(item):\n'
-                                              '    return {"text": "canned answer", 1: "one", ("a", 2): 3, "score": 2}\n')
+    (tmp_path / "intkey_hooks.py").write_text(
+        'def canned(item):\n    return {"text": "canned answer", 1: "one", ("a", 2): 3, "score": 2}\n')
     (tmp_path / "p.agp").write_text(NO_MODEL.replace("nomodel_hooks", "intkey_hooks"))
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"id": i, "prompt": "Hi"}) + "\n" for i in range(3)))
     r = agp_in("run", "p.agp", "-i", "in.jsonl", cwd=tmp_path)
