@@ -550,6 +550,25 @@ def _sibling_value(kind: StageKind, schema: Param, value: ast.Value, d: Diagnost
     return replace(d, hint=f"'{word}' is a value of {owner}: write {owner} = {word}")
 
 
+# names a required parameter is often written under: `system_prompt { prompt = "…" }`, `python { function = … }`
+_PARAM_ALIASES = {"prompt": "text", "content": "text", "message": "text", "system": "text",
+                  "function": "fn", "func": "fn", "callable": "fn"}
+
+
+def _meant_for(prm: ast.Param, hint: str | None, schema) -> bool:
+    """Whether an unknown parameter is surely the missing required `schema` under another name: its
+    name close to it (the did-you-mean closeness) or a name it is known by (prompt for text), and
+    its value one the parameter takes. `python { concurrency = 4 }` is no `fn`."""
+    name = prm.name.text
+    if hint not in (None, f"did you mean '{schema.name}'?"):
+        return False                               # a hint of its own (a setting's name, a retired one)
+    if closest(name, [schema.name]) is None and _PARAM_ALIASES.get(name) != schema.name:
+        return False
+    if schema.inherits == "device":
+        return not check_device(prm.value)[1]
+    return not convert(prm.value, schema, f"'{schema.name}'")[1]
+
+
 def resolve_params(kind: StageKind, stage: ast.Stage, mode: str,
                    settings: dict | None = None) -> tuple[dict, list[Diagnostic]]:
     """Effective parameter values: kind default -> mode preset -> the pipeline's setting of the
@@ -557,7 +576,7 @@ def resolve_params(kind: StageKind, stage: ast.Stage, mode: str,
     diags: list[Diagnostic] = []
     given: dict[str, ast.Param] = {}
     params: dict[str, Any] = {}
-    unknown: list[tuple[int, str | None]] = []      # (where in diags, its hint) of each unknown parameter
+    unknown: list[tuple[int, str | None, ast.Param]] = []   # (where in diags, its hint, it) of each unknown one
     missing: list = []
     for prm in stage.params:
         name = prm.name.text
@@ -573,7 +592,7 @@ def resolve_params(kind: StageKind, stage: ast.Stage, mode: str,
             if hint is None and name in SETTING_BY_NAME:
                 hint = f"'{name}' is a pipeline setting: set it outside the stages"
             hint = RETIRED.get((kind.name, name), ELSEWHERE.get((kind.name, name), hint))
-            unknown.append((len(diags), hint))
+            unknown.append((len(diags), hint, prm))
             diags.append(_err(f"unknown parameter '{name}' for stage kind '{kind.name}'", prm.name.pos,
                               expected=f"a parameter of {kind.name}: " + one_of(names), hint=hint))
             continue
@@ -604,7 +623,7 @@ def resolve_params(kind: StageKind, stage: ast.Stage, mode: str,
         else:
             d = schema.default
             params[schema.name] = list(d) if isinstance(d, tuple) else d
-    if len(missing) == 1 and len(unknown) == 1 and unknown[0][1] is None:
+    if len(missing) == 1 and len(unknown) == 1 and _meant_for(unknown[0][2], unknown[0][1], missing[0]):
         # `system_prompt { prompt = "…" }`: one slip, the required parameter under another name
         i, schema = unknown[0][0], missing[0]
         diags[i] = replace(diags[i], hint=f"did you mean '{schema.name}'? {kind.name} needs it, and this stage "
@@ -1178,10 +1197,10 @@ def python_stage_labels(stage: ResolvedStage) -> set[str] | None:
         return None
 
 
-def python_stage_returned_kinds(stage: ResolvedStage) -> list[tuple[int, str, str]]:
+def python_stage_returned_kinds(stage: ResolvedStage) -> list[tuple[int, str, str, bool]]:
     """The returns of a python stage's function that give, by its source, surely a Request or surely
-    a Generated result (userfn.returned_kinds): [(line, kind, the value as written)]; [] when the
-    source says nothing (or the function is not found)."""
+    a Generated result (userfn.returned_kinds): [(line, kind, the value as written, whether every
+    call returns it)]; [] when the source says nothing (or the function is not found)."""
     from .userfn import FunctionNotFound, function_info, returned_kinds
 
     if stage.kind is None or stage.kind.name != "python" or not isinstance(stage.params.get("fn"), str):
@@ -1190,6 +1209,19 @@ def python_stage_returned_kinds(stage: ResolvedStage) -> list[tuple[int, str, st
         return returned_kinds(function_info(stage.params["fn"], _fn_folder(stage)))
     except FunctionNotFound:
         return []
+
+
+def python_stage_passes_item_on(stage: ResolvedStage) -> bool:
+    """Whether a python stage's function surely gives back, on some path, the item it got
+    (userfn.passes_item_on): a guard that answers some requests and passes the rest on."""
+    from .userfn import FunctionNotFound, function_info, passes_item_on
+
+    if stage.kind is None or stage.kind.name != "python" or not isinstance(stage.params.get("fn"), str):
+        return False
+    try:
+        return passes_item_on(function_info(stage.params["fn"], _fn_folder(stage)))
+    except FunctionNotFound:
+        return False
 
 
 def _check_python_labels(edges: list[ResolvedEdge], stages: dict[str, ResolvedStage]) -> list[Diagnostic]:
@@ -1319,7 +1351,10 @@ def _conditions_otherwise_repeats(edges: list[ResolvedEdge], refused: set[str]) 
     goes there, and one it does not hold for goes there too (`r -> x when C` beside `r -> x
     otherwise`), so the condition decides nothing. An edge to another stage listed after it keeps
     it: the first condition that holds wins, so it keeps those items from that edge. Not for a
-    stage one of whose conditional edges an error dropped."""
+    stage one of whose conditional edges an error dropped. The hint offers `r -> x` once without a
+    condition only where no conditional edge of the stage leads elsewhere: beside one that does
+    (`r -> y when D` before it), an edge without a condition takes a copy of every item, a D one
+    too (a fan-out: two answers), so there the fix is to remove the conditional edge."""
     by_src: dict[str, list[ResolvedEdge]] = {}
     for e in edges:
         by_src.setdefault(e.src, []).append(e)
@@ -1332,11 +1367,18 @@ def _conditions_otherwise_repeats(edges: list[ResolvedEdge], refused: set[str]) 
         for i, e in enumerate(conditional):
             if e.dst != fallback.dst or any(later.dst != e.dst for later in conditional[i + 1:]):
                 continue
+            others = sorted({c.dst for c in conditional if c.dst != e.dst})
+            if others:
+                hint = (f"remove `{n} -> {e.dst}{_cond_words(e.condition)}` (the `otherwise` edge takes those items to "
+                        f"'{e.dst}'), or send it to another stage; not `{n} -> {e.dst}` without a condition: beside "
+                        f"the conditional edge{'s' if len(others) > 1 else ''} to "
+                        f"{', '.join(repr(o) for o in others)} it would take a copy of every item (a fan-out)")
+            else:
+                hint = f"send one of them to another stage, or write `{n} -> {e.dst}` once without a condition"
             diags.append(_warn(f"edge {n} -> {e.dst}{_cond_words(e.condition)} decides nothing: the `otherwise` "
                                f"edge of '{n}' leads to '{e.dst}' too, so an item goes there whether the condition "
                                "holds or not", e.pos, notes=[("the `otherwise` edge is here", fallback.pos)],
-                               hint=f"send one of them to another stage, or write `{n} -> {e.dst}` once "
-                                    "without a condition"))
+                               hint=hint))
     return diags
 
 

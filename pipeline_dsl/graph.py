@@ -37,7 +37,8 @@ import networkx as nx
 from stages.registry import Registry, default_registry
 
 from . import ast
-from .checker import EMBEDDED_MODEL, Resolved, check_pipeline, python_stage_labels, python_stage_returned_kinds
+from .checker import (EMBEDDED_MODEL, Resolved, check_pipeline, python_stage_labels, python_stage_passes_item_on,
+                      python_stage_returned_kinds)
 from .diagnostics import ERROR, WARNING, Diagnostic, sort_diagnostics
 from .reachability import check_dead_ends, check_islands, check_turn, check_unreachable, reachable
 
@@ -736,8 +737,16 @@ def _check_ports(r: Resolved, registry: Registry, g: nx.DiGraph, carry: dict, re
                     s.kind is not None and s.kind.name == "generate" for s in r.stages.values()):
                 hint += " (or answer each request with a python stage that says returns = generated)"
             if a.kind.name == "python" and "returns" not in a.given and takes & ITEM_TYPES:
-                hint = f"if '{a.name}' turns its items into {' or '.join(sorted(takes & ITEM_TYPES))}, say so: " \
-                       f"returns = {'request' if 'Request' in takes else 'generated'} (or any)"
+                # another out-edge that takes what it gives (a guard's `g -> batch` beside `g -> out`):
+                # returns = request | generated would refuse that edge, so the stage gives both
+                kept = sorted(v for v in g.successors(a.name) if v != b.name and r.stages[v].kind is not None
+                              and gives & r.stages[v].kind.accepts)
+                if kept:
+                    hint = f"if '{a.name}' turns some of its items into {' or '.join(sorted(takes & ITEM_TYPES))} " \
+                           f"and passes the rest on to '{kept[0]}', say so: returns = any"
+                else:
+                    hint = f"if '{a.name}' turns its items into {' or '.join(sorted(takes & ITEM_TYPES))}, say so: " \
+                           f"returns = {'request' if 'Request' in takes else 'generated'} (or any)"
             diags.append(_err(f"port type mismatch on edge {a.name} -> {b.name}: '{a.name}' ({a.kind.name}) "
                               f"gives {shown}, '{b.name}' ({b.kind.name}) takes {' | '.join(sorted(takes))}",
                               e.pos, expected=f"an edge into a stage that takes {shown}", hint=hint))
@@ -952,8 +961,11 @@ def _check_returned_kinds(r: Resolved, g: nx.DiGraph, receives: dict, carry: dic
     """A python stage's function that returns, by its source, the other item type than the stage
     says it gives (`return item["request"]` in a stage that gets Generated results and says returns
     = same, as by default): the runtime holds the stage to `returns`, so every request that reaches
-    that return fails there. An error at the `fn` value, naming the line; not where `returns` is any
-    or many, nor where both types reach a `returns = same` stage."""
+    that return fails there. At the `fn` value, naming the line: an error where every call reaches
+    that return (a statement of the body before any other return or raise), a warning that it may
+    where the return is behind a condition (`if retry and …`: a function shared with a looping
+    pipeline, whose args may never take that path here); not where `returns` is any or many, nor
+    where both types reach a `returns = same` stage."""
     diags = []
     for n, s in r.stages.items():
         if s.kind is None or s.kind.name != "python" or s.params.get("stream"):
@@ -969,27 +981,36 @@ def _check_returned_kinds(r: Resolved, g: nx.DiGraph, receives: dict, carry: dic
         wrong = [w for w in python_stage_returned_kinds(s) if w[1] != gives]
         if not wrong:
             continue
-        line, kind, text = wrong[0]
+        surely = [w for w in wrong if w[3]]
+        line, kind, text, _ = (surely or wrong)[0]
         more = f" (and {len(wrong) - 1} more return{'s' if len(wrong) > 2 else ''} like it)" if len(wrong) > 1 else ""
         says = (f"says returns = {declared}" if "returns" in s.given else
                 "gives the type it gets (returns = same, the default)")
         onward = set().union(*(carry[v] for v in g.successors(n))) & ITEM_TYPES
         word = "request" if kind == "Request" else "generated"
-        if kind in onward:
+        # a function that also gives back the item it got (`return item` past a guard's answer) gives
+        # both types: returns = any, for `returns = request | generated` would fail the item it passes on
+        both = declared == "same" and python_stage_passes_item_on(s)
+        if kind in onward and both:
+            hint = f"say so: returns = any (it also passes the {gives} items it gets on)"
+        elif kind in onward:
             hint = f"say so: returns = {word} (or any, where it also gives {gives} items back)"
         elif kind == "Request":
             hint = (f"a Request cannot go on from '{n}' (its edges lead only to stages that take "
                     f"{' | '.join(sorted(onward)) or 'nothing'}): to answer, return a result (the item, or "
                     "{\"text\": …}); to ask the model again, say returns = any and add an edge from "
                     f"'{n}' back to a batcher (with max_turns to bound the loop)")
+        elif both:
+            hint = (f"to answer the request here, say returns = any (it also passes the requests it gets on) and "
+                    f"add an edge from '{n}' to a respond stage")
         else:
             hint = (f"to answer the request here, say returns = any (or generated) and add an edge from '{n}' "
                     "to a respond stage")
-        diags.append(_err(f"stage '{n}': {s.params['fn']} returns a {kind} at line {line} (return {text}){more}, "
-                          f"but the stage gets {' | '.join(sorted(got))} items and {says}: each request that "
-                          "reaches that return fails there", s.param_pos.get("fn") or s.pos,
-                          expected=f"a function that returns {gives} items (or a label, or None), as the stage "
-                                   "says", hint=hint))
+        diags.append((_err if surely else _warn)(
+            f"stage '{n}': {s.params['fn']} {'returns' if surely else 'may return'} a {kind} at line {line} "
+            f"(return {text}){more}, but the stage gets {' | '.join(sorted(got))} items and {says}: "
+            f"{'each' if surely else 'a'} request that reaches that return fails there", s.param_pos.get("fn") or s.pos,
+            expected=f"a function that returns {gives} items (or a label, or None), as the stage says", hint=hint))
     return diags
 
 

@@ -655,20 +655,9 @@ def wrong_many_returns(info: FunctionInfo | None) -> list[tuple[int, str]]:
 _COPIES = ("dict", "copy", "deepcopy")          # dict(x), copy.copy(x), deepcopy(x), x.copy(): x's kind
 
 
-def returned_kinds(info: FunctionInfo | None) -> list[tuple[int, str, str]]:
-    """The `return`s of a python stage's function whose value is, by its source, surely a Request or
-    surely a Generated result, as the runtime tells them apart (a dict with `messages` or `prompt` is
-    a request, else one with `text` a result): (line, "Request" | "Generated", the value as written).
-    Known: the request a result carries, `item["request"]` (its first parameter's, or a copy of it:
-    `dict(item["request"])`, `copy.deepcopy(...)`, `{**item["request"], ...}`), a dict literal whose
-    keys say (`{"prompt": p}`, `{"text": t}` without `**`), a local name bound once to one of these
-    (`req = dict(item["request"])` … `return req`), and either side of `a if c else b`. Only for a
-    plain def (or async def) the module binds the name to alone and no decorator wraps; its own
-    returns, not those of the functions inside it. Anything else (the item, a call, a variable bound
-    twice) says nothing."""
-    node = info.node if info is not None and info.settled else None
-    if shape_of_def(node) not in ("function", "coroutine") or node.decorator_list:
-        return []
+def _names_of(node) -> tuple[str | None, dict[str, int], dict[str, pyast.AST]]:
+    """A def's first parameter (the item it gets), how many times its body binds each name (its
+    parameters once), and the value of each name last bound by a plain `name = value`."""
     params = node.args.posonlyargs + node.args.args
     item = params[0].arg if params else None
     binds: dict[str, int] = {a.arg: 1 for a in params + node.args.kwonlyargs}
@@ -689,7 +678,60 @@ def returned_kinds(info: FunctionInfo | None) -> list[tuple[int, str, str]]:
             binds[name] = binds.get(name, 0) + 1
         if isinstance(n, pyast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], pyast.Name):
             value_of[n.targets[0].id] = n.value
+    return item, binds, value_of
 
+
+def passes_item_on(info: FunctionInfo | None) -> bool:
+    """Whether a plain def (or async def) surely gives back, on some path, the item it got: a
+    `return` of its first parameter (bound once) or a copy of it (`dict(item)`, `item.copy()`,
+    `copy.deepcopy(item)`), of None or of nothing (the item goes on, unlabelled), or a body that
+    can run off its end. A guard that answers some requests itself and passes the rest on."""
+    node = info.node if info is not None and info.settled else None
+    if shape_of_def(node) not in ("function", "coroutine") or node.decorator_list:
+        return False
+    item, binds, _ = _names_of(node)
+
+    def its_item(v, depth: int = 0) -> bool:
+        if isinstance(v, pyast.IfExp):
+            return its_item(v.body, depth) or its_item(v.orelse, depth)
+        if v is None or isinstance(v, pyast.Constant) and v.value is None:
+            return True
+        if isinstance(v, pyast.Name):
+            return v.id == item and binds.get(item) == 1
+        if isinstance(v, pyast.Call) and depth < 4 and not v.keywords:
+            f = v.func
+            name = f.id if isinstance(f, pyast.Name) else f.attr if isinstance(f, pyast.Attribute) else None
+            if name not in _COPIES:
+                return False
+            if isinstance(f, pyast.Attribute) and not v.args:
+                return its_item(f.value, depth + 1)        # item.copy()
+            if isinstance(f, pyast.Name) and binds.get(name):
+                return False                               # a local `dict` or `copy` of its own
+            return len(v.args) == 1 and its_item(v.args[0], depth + 1)
+        return False
+
+    return runs_off_end(info) is not None or any(
+        isinstance(n, pyast.Return) and its_item(n.value) for n in _own_nodes(node))
+
+
+def returned_kinds(info: FunctionInfo | None) -> list[tuple[int, str, str, bool]]:
+    """The `return`s of a python stage's function whose value is, by its source, surely a Request or
+    surely a Generated result, as the runtime tells them apart (a dict with `messages` or `prompt` is
+    a request, else one with `text` a result): (line, "Request" | "Generated", the value as written,
+    whether every call returns it). Every call does where the `return` is a statement of the body
+    itself, before any other `return` or `raise` (one inside an `if`, a loop, a `try` or a `with`
+    may be passed by), and the value is the return's own, not one side of `a if c else b`.
+    Known: the request a result carries, `item["request"]` (its first parameter's, or a copy of it:
+    `dict(item["request"])`, `copy.deepcopy(...)`, `{**item["request"], ...}`), a dict literal whose
+    keys say (`{"prompt": p}`, `{"text": t}` without `**`), a local name bound once to one of these
+    (`req = dict(item["request"])` … `return req`), and either side of `a if c else b`. Only for a
+    plain def (or async def) the module binds the name to alone and no decorator wraps; its own
+    returns, not those of the functions inside it. Anything else (the item, a call, a variable bound
+    twice) says nothing."""
+    node = info.node if info is not None and info.settled else None
+    if shape_of_def(node) not in ("function", "coroutine") or node.decorator_list:
+        return []
+    item, binds, value_of = _names_of(node)
     def kind(value, depth: int = 0) -> str | None:
         if depth > 8:
             return None
@@ -729,19 +771,23 @@ def returned_kinds(info: FunctionInfo | None) -> list[tuple[int, str, str]]:
             return kind(value_of[value.id], depth + 1)
         return None
 
-    found: list[tuple[int, str, str]] = []
+    found: list[tuple[int, str, str, bool]] = []
+    exits = [n for n in _own_nodes(node) if isinstance(n, (pyast.Return, pyast.Raise))]
+    first = min(exits, key=lambda n: (n.lineno, n.col_offset), default=None)
+    surely = first if first is not None and any(first is stmt for stmt in node.body) else None
 
-    def note(value) -> bool:
+    def note(value, always: bool) -> None:
         for v in (value.body, value.orelse) if isinstance(value, pyast.IfExp) else (value,):
             if isinstance(v, pyast.IfExp):
-                note(v)
+                note(v, False)
                 continue
             got = kind(v)
             if got is not None:
-                found.append((v.lineno, got, pyast.unparse(v)))
-        return True
+                found.append((v.lineno, got, pyast.unparse(v), always and v is value))
 
-    _every_return(node, lambda v: v is None or note(v))
+    for n in exits:
+        if isinstance(n, pyast.Return) and n.value is not None:
+            note(n.value, n is surely)
     return sorted(found)
 
 

@@ -341,6 +341,20 @@ def canned(item):
 
 def same(item):
     return dict(item)
+
+def maybe_retry(item, retry=False):
+    if retry and item["finish_reason"] == "length":
+        return item["request"]
+    return item
+
+def checked(item):
+    if not item["text"]:
+        raise ValueError("no answer")
+    return item["request"]
+
+def copied(item):
+    req = dict(item["request"])
+    return req
 '''
 
 
@@ -367,9 +381,28 @@ def test_a_function_that_returns_the_request_after_generate_is_an_error_at_fn(tm
     assert err.hint == ("a Request cannot go on from 'p' (its edges lead only to stages that take Generated): to "
                         "answer, return a result (the item, or {\"text\": …}); to ask the model again, say returns "
                         "= any and add an edge from 'p' back to a batcher (with max_turns to bound the loop)")
-    [err] = [d for d in _kinds_pipeline(tmp_path, "revise", "after", "  returns = generated") if d.is_error]
-    assert err.message.startswith("stage 'p': hooks:revise returns a Request at line 10 (return req), but the stage "
-                                  "gets Generated items and says returns = generated: ")
+    [err] = [d for d in _kinds_pipeline(tmp_path, "copied", "after", "  returns = generated") if d.is_error]
+    assert err.message.startswith("stage 'p': hooks:copied returns a Request at line 32 (return req), but the stage "
+                                  "gets Generated items and says returns = generated: each request that reaches")
+
+
+@pytest.mark.parametrize("fn, line, text", [
+    ("maybe_retry", 22, "item['request']"),   # behind `if retry and …` (False unless args say so)
+    ("checked", 28, "item['request']"),       # after a raise: not every call gets there
+    ("revise", 10, "req"),                    # one side of `req if … else item`
+])
+def test_a_function_that_may_return_the_request_after_generate_is_a_warning_at_fn(tmp_path, fn, line, text):
+    """A hook shared between a looping pipeline (`args = { retry = true }`, returns = any) and a plain
+    one returns `item["request"]` only behind a condition: check refused it in the plain one (an
+    error), which runs fine. A return behind a condition is a warning that the function may return
+    a Request, and a request that reaches it fails; one every call reaches stays an error (above)."""
+    diags = [d for d in _kinds_pipeline(tmp_path, fn, "after") if "returns" in d.message]
+    assert [d.message for d in diags if d.is_error] == []
+    [warn] = diags
+    assert warn.message == (f"stage 'p': hooks:{fn} may return a Request at line {line} (return {text}), but the "
+                            "stage gets Generated items and gives the type it gets (returns = same, the default): "
+                            "a request that reaches that return fails there")
+    assert (warn.pos.line, warn.pos.col) == (9, 29)
 
 
 def test_a_function_that_returns_the_request_into_a_loop_is_told_to_say_returns_request(tmp_path):
@@ -384,12 +417,24 @@ def test_a_function_that_returns_the_request_into_a_loop_is_told_to_say_returns_
     assert err.hint == "say so: returns = request (or any, where it also gives Generated items back)"
 
 
-def test_a_function_that_answers_a_request_before_the_batcher_is_an_error_at_fn(tmp_path):
-    [err] = [d for d in _kinds_pipeline(tmp_path, "canned", "before") if d.is_error]
-    assert err.message.startswith("stage 'p': hooks:canned returns a Generated at line 14 (return {'text': "
+def test_a_function_that_may_answer_a_request_before_the_batcher_is_a_warning_at_fn(tmp_path):
+    [err] = [d for d in _kinds_pipeline(tmp_path, "canned", "before") if "returns" in d.message]
+    assert not err.is_error
+    assert err.message.startswith("stage 'p': hooks:canned may return a Generated at line 14 (return {'text': "
                                   "'Hello!'}), but the stage gets Request items")
-    assert err.hint == ("to answer the request here, say returns = any (or generated) and add an edge from 'p' to a "
-                        "respond stage")
+    assert err.hint == ("to answer the request here, say returns = any (it also passes the requests it gets on) and "
+                        "add an edge from 'p' to a respond stage")
+    # with the edge to respond, the hint is to say returns = any, which checks clean; returns =
+    # generated (what it said too) types p -> batch Generated
+    path = tmp_path / "p.agp"
+    path.write_text(path.read_text().replace("request -> p -> batch", "request -> p -> batch\n    p -> out"))
+    [err] = [d for d in pipeline_dsl.load(str(path))[1] if d.message.startswith("stage 'p'")]
+    assert err.hint == "say so: returns = any (it also passes the Request items it gets on)"
+    path.write_text(path.read_text().replace('"hooks:canned"', '"hooks:canned"  returns = any'))
+    assert [d.message for d in pipeline_dsl.load(str(path))[1] if d.is_error] == []
+    path.write_text(path.read_text().replace("returns = any", "returns = generated"))
+    assert [d.message for d in pipeline_dsl.load(str(path))[1] if d.is_error] == [
+        "port type mismatch on edge p -> batch: 'p' (python) gives Generated, 'batch' (dynamic_batch) takes Request"]
 
 
 @pytest.mark.parametrize("fn, where, returns", [
@@ -707,6 +752,7 @@ def test_the_embedded_models_name_cut_short_gets_a_did_you_mean(written):
 @pytest.mark.parametrize("stage, at_, meant", [
     ('stage sys : system_prompt { prompt = "Be brief." }', "prompt", "text"),
     ('stage sys : python { function = "hooks:redact" }', "function", "fn"),
+    ('stage sys : system_prompt { txt = "Be brief." }', "txt", "text"),       # close to it
 ])
 def test_a_required_parameter_under_another_name_is_one_error_that_names_it(stage, at_, meant):
     """`system_prompt { prompt = "…" }` was two errors, a missing 'text' at the stage and an unknown
@@ -717,6 +763,24 @@ def test_a_required_parameter_under_another_name_is_one_error_that_names_it(stag
     assert err.message.startswith(f"unknown parameter '{at_}'") and err.pos.line == 9
     kind = stage.split(":")[1].split()[0]
     assert err.hint == f"did you mean '{meant}'? {kind} needs it, and this stage does not set it"
+
+
+@pytest.mark.parametrize("stage, at_, missing", [
+    ('stage sys : python { concurrency = 4 }', "concurrency", "fn"),           # another thing, not fn
+    ('stage sys : system_prompt { role = "system" }', "role", "text"),        # not the text
+    ('stage sys : system_prompt { prompt = 3 }', "prompt", "text"),           # text's name, not its type
+])
+def test_an_unknown_parameter_that_is_not_the_missing_one_leaves_both_errors(stage, at_, missing):
+    """One unknown parameter beside one missing required one was taken for it whatever the names:
+    `python { concurrency = 4 }` was told "did you mean 'fn'?" and the missing fn went unsaid. They
+    are one slip only where the name is close to the missing one's (or one it is known by, prompt
+    for text) and the value is one it takes; else both errors stand, the unknown one without it."""
+    text = SEED.replace("stage out : respond {}", f"stage out : respond {{}}\n    {stage}").replace(
+        "request -> batch", "request -> sys -> batch")
+    got = [e for e in errors(text) if e.pos.line == 9]
+    assert [e.message.split(" for ")[0].split(" in ")[0] for e in got] == [
+        f"missing parameter '{missing}'", f"unknown parameter '{at_}'"]
+    assert "did you mean" not in (got[1].hint or "")
 
 
 def test_a_missing_parameter_beside_several_unknown_ones_is_still_its_own_error():

@@ -512,6 +512,21 @@ def test_a_condition_beside_an_otherwise_edge_into_the_same_stage_is_a_warning()
     assert pipeline_dsl.loads(after, "t.agp")[1] == []
 
 
+def test_a_condition_beside_an_otherwise_edge_is_told_to_go_where_another_condition_leads_elsewhere():
+    """Where the stage has a conditional edge to another stage too (`r -> r2 when D` first), the hint
+    said to write `r -> out` once without a condition: beside `r -> r2 when D` that edge takes a copy
+    of every item, a D one too (a fan-out, two answers). The hint says to remove the conditional edge
+    there, which leaves the routing as it runs; the unconditional form only where no condition leads
+    elsewhere (above)."""
+    before = ROUTED.replace("    r -> out\n", '    r -> r2 when finish_reason == "stop"\n    r -> out otherwise\n')
+    (d,) = pipeline_dsl.loads(before, "t.agp")[1]
+    assert d.message.startswith('edge r -> out when finish_reason == "length" decides nothing')
+    assert d.hint == ("remove `r -> out when finish_reason == \"length\"` (the `otherwise` edge takes those items to "
+                      "'out'), or send it to another stage; not `r -> out` without a condition: beside the "
+                      "conditional edge to 'r2' it would take a copy of every item (a fan-out)")
+    assert pipeline_dsl.loads(before.replace('    r -> out when finish_reason == "length"\n', ""), "t.agp")[1] == []
+
+
 def test_a_retired_respond_parameter_and_a_missing_required_one():
     assert render(pipeline().replace("stage out     : respond       {}", "stage out     : respond       { stream = true }").replace("request -> batch", "request -> sys -> batch").replace("stage batch", 'stage sys : system_prompt {}\n    stage batch')) == """\
 t.agp:5:11: error: missing parameter 'text' in stage 'sys' (system_prompt)

@@ -807,22 +807,30 @@ def test_a_budget_parameter_of_another_kind_is_not_a_kv_pool():
 
 # ---------------------------------------------------------------- hints of port mismatches
 
-def test_a_python_stage_given_requests_into_respond_is_told_to_say_returns_generated():
-    assert check(chain("""\
-        stage q : python { fn = "json:loads" }
-        request -> q
-        q -> batch
-        q -> out
-        gen -> out
-        """)) == expect("""\
+GUARD = """\
+    stage q : python { fn = "json:loads"%s }
+    request -> q
+    q -> batch
+    q -> out
+    gen -> out
+    """
+
+
+def test_a_python_stage_given_requests_into_respond_is_told_to_say_returns_any():
+    """A guard (`request -> q`, `q -> batch`, `q -> out`) that answers some requests and passes the
+    rest on to the batcher was told to say returns = generated: that types `q -> batch` as Generated
+    into the batcher, an error of its own. Its other edge takes what it gives, so it gives both: any."""
+    assert check(chain(GUARD % "")) == expect("""\
         t.agp:15:5: error: port type mismatch on edge q -> out: 'q' (python) gives Request, 'out' (respond) takes Generated
            15 |     q -> out
               |     ^^^^^^^^
           = expected: an edge into a stage that takes Request
-          = help: if 'q' turns its items into Generated, say so: returns = generated (or any)
+          = help: if 'q' turns some of its items into Generated and passes the rest on to 'batch', say so: returns = any
 
         1 error
         """)
+    assert check(chain(GUARD % "  returns = any")) == ""
+    assert "port type mismatch on edge q -> batch" in check(chain(GUARD % "  returns = generated"))
 
 
 def test_a_python_stage_that_says_returns_same_gets_no_returns_hint():
@@ -870,7 +878,7 @@ def test_an_edge_into_a_route_that_can_carry_none_of_its_items_on_is_an_error():
         """)
 
 
-def test_a_python_stage_given_results_into_the_batcher_is_told_to_say_returns_request():
+def test_a_python_stage_given_results_into_the_batcher_and_respond_is_told_to_say_returns_any():
     assert check(chain("""\
         stage q : python { fn = "json:loads"  max_turns = 2 }
         request -> batch
@@ -882,10 +890,17 @@ def test_a_python_stage_given_results_into_the_batcher_is_told_to_say_returns_re
            16 |     q -> batch
               |     ^^^^^^^^^^
           = expected: an edge into a stage that takes Generated
-          = help: if 'q' turns its items into Request, say so: returns = request (or any)
+          = help: if 'q' turns some of its items into Request and passes the rest on to 'out', say so: returns = any
 
         1 error
         """)
+    assert check(chain("""\
+        stage q : python { fn = "json:loads"  max_turns = 2  returns = any }
+        request -> batch
+        gen -> q
+        q -> out
+        q -> batch
+        """)) == ""
 
 
 def test_results_that_reach_a_python_stage_making_requests_of_them_are_told_to_say_returns_request():

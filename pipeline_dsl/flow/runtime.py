@@ -119,6 +119,7 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         self.router = Router.from_graph(graph)
         self.loops = Loops.from_graph(graph, self.router.routes)
         self._unanswered: set[str] = set()     # result keys warned of at respond (no answer carries them)
+        self._unanswered_past = False          # more such keys came than are named: nothing more is told
         self.returns = {n: p.get("returns", "same") for n, p in self.params.items() if self.kind[n] == "python"}
         # stages of plug-in kinds (the agp.stages entry points): what they return, how they start
         plugins = {n: kind for n, k in self.kind.items()
@@ -345,15 +346,29 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
 
     def _unanswered_keys(self, stage: str, data: dict) -> None:
         """A result that reaches a respond stage with a key no answer carries (a python stage set
-        `metadata` on it, say): a warning, once per key, that the answer leaves it out."""
+        `metadata` on it, say): a warning, once per key, that the answer leaves it out. At most
+        UNANSWERED_NAMED keys are named, then one warning that more are not (a stage that names a key
+        per request would log a line per request, and remember every name, for as long as it serves).
+        A key need not be a string (a function may set `item[2]`): each is named by its repr. Only
+        a warning: nothing here fails the request."""
         with self._lock:
-            new = sorted(k for k in data.keys() - ANSWER_KEYS if k not in self._unanswered)
+            if self._unanswered_past:
+                return                             # as many named as will be, and the last warning given
+            new = sorted({_key_name(k) for k in data.keys() - ANSWER_KEYS} - self._unanswered)
+            room = UNANSWERED_NAMED - len(self._unanswered)
+            new, more = new[:room], len(new) > room
             self._unanswered.update(new)
+            self._unanswered_past = more
         for key in new:
-            log.warning("respond '%s': a result carries '%s', which no answer has a place for, so the answer "
+            log.warning("respond '%s': a result carries %s, which no answer has a place for, so the answer "
                         "leaves it out (an answer gives its text, finish_reason, usage, and the fields "
                         "docs/language.md lists); to tell the client, put it in the text, and for stages "
                         "after, in the request's metadata (item[\"request\"][\"metadata\"])", stage, key)
+        if more:
+            log.warning("respond '%s': results carry more keys that no answer has a place for than the %d "
+                        "named above; the others are not named (a stage that sets a key named per request, "
+                        "item[f\"score_{id}\"], makes a new one each time: keep such values under one key)",
+                        stage, UNANSWERED_NAMED)
 
     def _step(self, item: Item, stage: str) -> list[tuple[Item, str]]:
         kind = self.kind[stage]
@@ -1019,6 +1034,16 @@ ANSWER_KEYS = frozenset({"id", "text", "finish_reason", "usage", "generated_by",
                          "stop_reason", "branches", "tool_calls", "logprobs", "prompt_logprobs", "token_ids",
                          "prompt_token_ids", "pooled", "from_many"})
 log = logging.getLogger("agp.flow")
+UNANSWERED_NAMED = 64       # result keys no answer carries that a run names at most (one warning each)
+
+
+def _key_name(key) -> str:
+    """A result's key as a warning names it: its repr ('metadata', 2, ('a', 1)), or its type's
+    name where the repr fails."""
+    try:
+        return repr(key)
+    except Exception:                              # noqa: BLE001 - a user's key; the name is only for a warning
+        return f"<{type(key).__name__}>"
 
 
 def _completed(out: dict, got: dict, got_kind: str) -> dict:
