@@ -414,38 +414,32 @@ def test_a_flag_the_replicas_cannot_start_with_is_named_at_the_first_failure(clu
         serve.delete("agp-bad", _blocking=False)
 
 
-def test_ctrl_c_while_deploying_deletes_the_application_it_was_deploying(cluster, tmp_path, tiny_gguf):
+def test_ctrl_c_while_deploying_deletes_the_application_it_was_deploying(cluster, tmp_path, tiny_gguf, monkeypatch):
     """Ctrl-C while `agp serve --ray` waits for its replicas (`deploy`): on a cluster it joined,
     the application it was deploying is deleted before the command exits, not left deploying on
-    (and serving once it runs)."""
-    import _thread
-    import time
-
+    (and serving once it runs). The KeyboardInterrupt comes where a SIGINT's would, in the main
+    thread while deploy polls Serve's status, at the first poll that finds the application (a
+    thread's interrupt_main raced the deploy on a busy machine: it could come after deploy returned)."""
     from ray import serve
 
     from pipeline_dsl.serve import ray as on_ray
 
     path = tiny_pipeline(tmp_path / "tiny.agp", tiny_gguf)
     args = on_ray.parse([str(path), "--threads", "1"])
-    seen = threading.Event()
+    status, seen = serve.status, []
 
-    def interrupt_once_deploying():
-        for _ in range(2400):                       # two minutes at most
-            if "agp-int" in serve.status().applications:
-                seen.set()
-                _thread.interrupt_main()            # SIGINT's KeyboardInterrupt, in the main thread
-                return
-            time.sleep(0.05)
+    def interrupted_once_deploying():
+        now = status()
+        if "agp-int" in now.applications and not seen:
+            seen.append(now.applications["agp-int"].status)
+            raise KeyboardInterrupt
+        return now
 
-    t = threading.Thread(target=interrupt_once_deploying, daemon=True)
-    t.start()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            on_ray.deploy(on_ray.build_app(args), "agp-int", "/int")
-            t.join(150)                             # deployed before the interrupt: it comes here
-    finally:
-        t.join(150)
-    assert seen.is_set()
+    monkeypatch.setattr(serve, "status", interrupted_once_deploying)
+    with pytest.raises(KeyboardInterrupt):
+        on_ray.deploy(on_ray.build_app(args), "agp-int", "/int")
+    monkeypatch.setattr(serve, "status", status)
+    assert seen
     try:
         assert "agp-int" not in serve.status().applications, "the application was left deploying"
     finally:
