@@ -1183,45 +1183,43 @@ def _fn_folder(stage: ResolvedStage) -> str | None:
     return _base_dir(stage.param_pos.get("fn") or stage.pos)
 
 
+def _read_fn(stage: ResolvedStage, read, default):
+    """read(the function's info) of a python stage's `fn`, by its source (userfn); `default` for a
+    stage that is no python stage with an `fn`, or whose function is not found."""
+    from .userfn import FunctionNotFound, function_info
+
+    if stage.kind is None or stage.kind.name != "python" or not isinstance(stage.params.get("fn"), str):
+        return default
+    try:
+        return read(function_info(stage.params["fn"], _fn_folder(stage)))
+    except FunctionNotFound:
+        return default
+
+
 def python_stage_labels(stage: ResolvedStage) -> set[str] | None:
     """The labels a python stage's function returns on every path, read from its source
     (userfn.always_labels): its every item leaves it carrying one of them. None when the source
     does not settle that (or the function is not found)."""
-    from .userfn import FunctionNotFound, always_labels, function_info
+    from .userfn import always_labels
 
-    if stage.kind is None or stage.kind.name != "python" or not isinstance(stage.params.get("fn"), str):
-        return None
-    try:
-        return always_labels(function_info(stage.params["fn"], _fn_folder(stage)))
-    except FunctionNotFound:
-        return None
+    return _read_fn(stage, always_labels, None)
 
 
 def python_stage_returned_kinds(stage: ResolvedStage) -> list[tuple[int, str, str, bool]]:
     """The returns of a python stage's function that give, by its source, surely a Request or surely
     a Generated result (userfn.returned_kinds): [(line, kind, the value as written, whether every
     call returns it)]; [] when the source says nothing (or the function is not found)."""
-    from .userfn import FunctionNotFound, function_info, returned_kinds
+    from .userfn import returned_kinds
 
-    if stage.kind is None or stage.kind.name != "python" or not isinstance(stage.params.get("fn"), str):
-        return []
-    try:
-        return returned_kinds(function_info(stage.params["fn"], _fn_folder(stage)))
-    except FunctionNotFound:
-        return []
+    return _read_fn(stage, returned_kinds, [])
 
 
 def python_stage_passes_item_on(stage: ResolvedStage) -> bool:
     """Whether a python stage's function surely gives back, on some path, the item it got
     (userfn.passes_item_on): a guard that answers some requests and passes the rest on."""
-    from .userfn import FunctionNotFound, function_info, passes_item_on
+    from .userfn import passes_item_on
 
-    if stage.kind is None or stage.kind.name != "python" or not isinstance(stage.params.get("fn"), str):
-        return False
-    try:
-        return passes_item_on(function_info(stage.params["fn"], _fn_folder(stage)))
-    except FunctionNotFound:
-        return False
+    return _read_fn(stage, passes_item_on, False)
 
 
 def _check_python_labels(edges: list[ResolvedEdge], stages: dict[str, ResolvedStage]) -> list[Diagnostic]:
