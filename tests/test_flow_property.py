@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 import flowkit
@@ -237,6 +237,53 @@ def pipelines(draw):
     return b.text()
 
 
+_SEG = """    stage batch{a} : dynamic_batch {{ max_batch_size = 4  timeout = 0 policy = continuous }}
+    stage enc{a} : encode {{ chat_template = true }}
+    stage kv{a} : kv_lookup {{ block_size = 8  budget = 1MiB  reuse = prefix }}
+    stage gen{a} : generate {{ max_new_tokens = 3  temperature = 0  seed = 1  n = {n} }}
+    batch{a} -> enc{a} when full
+    batch{a} -> enc{a} when timeout
+    enc{a} -> kv{a}
+    kv{a} -> gen{a}
+"""
+_HEAD = 'pipeline p {\n    model = "@MODEL@"\n    device = cpu\n    dtype = fp32\n    stage request0 : requests { max_queue = 16 }\n    stage out0 : respond {}\n'
+# Forms the random draws reach rarely or never at EXAMPLES draws, run every time (@example):
+# the judged form through a route stage, into a join by index, behind a route on id
+JUDGED_BY_ROUTE = _HEAD + _SEG.format(a=1, n=2) + _SEG.format(a=2, n=1) + """    stage judge1 : python { fn = "hooks:judge"  workers = 2  returns = any }
+    stage rt1 : route {}
+    stage join1 : join { fn = "hooks:merge_index"  on_reject = fail }
+    request0 -> batch1 when id != "a" and not n > 1
+    request0 -> batch2 otherwise
+    gen1 -> judge1
+    judge1 -> join1 when accept
+    judge1 -> rt1 otherwise
+    rt1 -> batch2
+    rt1 -> join1
+    gen2 -> join1
+    join1 -> out0
+}
+"""
+# the judged form whose otherwise edge goes straight to another batcher: check rejects it
+JUDGED_TO_BATCHER = _HEAD + _SEG.format(a=1, n=1) + _SEG.format(a=2, n=1) + """    stage judge1 : python { fn = "hooks:judge"  returns = any }
+    request0 -> batch1 when prompt_tokens > 20
+    request0 -> batch2 otherwise
+    gen1 -> judge1
+    judge1 -> out0 when accept
+    judge1 -> batch2 otherwise
+    gen2 -> out0
+}
+"""
+# a fan-out into two engines joined by index, with drop
+FAN_JOINED_BY_INDEX = _HEAD + _SEG.format(a=1, n=2) + _SEG.format(a=2, n=1) + """    stage join1 : join { fn = "hooks:merge_index"  on_reject = drop }
+    request0 -> batch1
+    request0 -> batch2
+    gen1 -> join1
+    gen2 -> join1
+    join1 -> out0
+}
+"""
+
+
 REQUESTS = [
     {"id": "a", "messages": [{"role": "user", "content": "hello there"}], "ignore_eos": True},
     {"id": "bx", "messages": [{"role": "user", "content": "the cat and the world is " * 4}], "max_tokens": 3},
@@ -256,7 +303,11 @@ def _env(soft_gguf, tmp_path_factory):
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                  HealthCheck.data_too_large])
 @given(text=pipelines())
+@example(text=JUDGED_BY_ROUTE)
+@example(text=JUDGED_TO_BATCHER)
+@example(text=FAN_JOINED_BY_INDEX)
 def test_every_pipeline_check_accepts_runs(text, tmp_path_factory):
+    text = text.replace("@MODEL@", MODEL)
     folder = tmp_path_factory.mktemp("p")
     (folder / "hooks.py").write_text(HOOKS, encoding="utf-8")
     path = folder / "p.agp"
