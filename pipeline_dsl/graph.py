@@ -228,6 +228,7 @@ def validate(r: Resolved, registry: Registry | None = None) -> list[Diagnostic]:
     diags += _check_type_routes(r, carry, emits)
     diags += _check_streams(r, receives)
     diags += _check_twice_answered(r, emits, carry)
+    diags += _check_fan_beside_condition(r, g, emits, carry)
     diags += _check_returned_kinds(r, g, receives, carry)
     diags += _check_loop_exits(r, g, carry, receives)
     diags += _check_join_fan_out(r, g, reachable(g.successors, maybe_sources))
@@ -1032,6 +1033,45 @@ def _check_twice_answered(r: Resolved, emits: dict, carry: dict) -> list[Diagnos
                            into[1].pos, notes=[(f"{n} -> {e.dst} is here", e.pos) for e in into[:1] + into[2:]],
                            hint="keep one of these edges (one respond stage answers every request), or put a "
                                 "condition on them so that each item takes one"))
+    return diags
+
+
+def _check_fan_beside_condition(r: Resolved, g: nx.DiGraph, emits: dict, carry: dict) -> list[Diagnostic]:
+    """A warning at an edge without a condition out of a stage whose other edges have conditions and
+    lead elsewhere, where the stage has no `otherwise` edge: every item takes it, and an item whose
+    condition holds takes the conditional edge as well (a fan-out: two branches of one request,
+    two answers), where `otherwise` (the items no condition takes) was the likely meaning
+    (`r -> big when prompt_tokens > 500` beside `r -> small`). Not where the item types part them
+    (a Request along one, a result along the other), nor where both branches go on into one join
+    (a fan-out it merges, on purpose)."""
+    from . import conditions as C
+
+    diags = []
+    for n, out in _edges_by_source(r).items():
+        s = r.stages[n]
+        if s.kind is None or s.kind.name in ENGINE_INSIDE or any(e.condition == ("otherwise",) for e in out):
+            continue
+        sent = emits.get(n, frozenset()) & ITEM_TYPES
+        conditional = [e for e in out if e.condition is not None]
+        for e in out:
+            if e.condition is not None:
+                continue
+            both = [c for c in conditional if c.dst != e.dst and sent & carry.get(e.dst, frozenset())
+                    & carry.get(c.dst, frozenset())]
+            if not both:
+                continue
+            joins = {v for v in nx.descendants(g, e.dst) | {e.dst}
+                     if r.stages[v].kind is not None and r.stages[v].kind.name == "join"}
+            if all(joins & (nx.descendants(g, c.dst) | {c.dst}) for c in both):
+                continue
+            c = both[0]
+            diags.append(_warn(f"edge {n} -> {e.dst} has no condition beside the conditional edge {n} -> {c.dst}"
+                               f" when {C.text(c.condition)}: every item goes to '{e.dst}', and one the condition "
+                               f"holds for goes to '{c.dst}' as well (a fan-out: two branches of one request, two "
+                               "answers)", e.pos, notes=[(f"{n} -> {c.dst} is here", c.pos)],
+                               hint=f"write `{n} -> {e.dst} otherwise` if '{e.dst}' is for the items no condition "
+                                    "takes; for a copy on purpose, merge the branches in a join"))
+            break
     return diags
 
 

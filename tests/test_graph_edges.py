@@ -1047,12 +1047,18 @@ def test_route_checks_go_on_past_unknown_kinds_and_covered_batchers_and_a_plain_
               |               ^^^^^^^
           = expected: a stage kind: dynamic_batch, encode, generate, join, kv_lookup, python, requests, respond, route, system_prompt
 
+        t.agp:19:5: warning: edge r -> a has no condition beside the conditional edge r -> batch when prompt_tokens > 10: every item goes to 'a', and one the condition holds for goes to 'batch' as well (a fan-out: two branches of one request, two answers)
+           19 |     r -> a
+              |     ^^^^^^
+          = note: r -> batch is here (t.agp:18:5)
+          = help: write `r -> a otherwise` if 'a' is for the items no condition takes; for a copy on purpose, merge the branches in a join
+
         t.agp:22:5: error: an item of 'r2' that matches none of its conditions has nowhere to go (no unconditional edge and no `otherwise`)
            22 |     r2 -> batch when prompt_tokens > 10
               |     ^^^^^^^^^^^
           = help: add `r2 -> batch otherwise` (or to another stage)
 
-        2 errors
+        2 errors, 1 warning
         """)
 
 
@@ -1380,3 +1386,36 @@ def test_two_edges_without_a_condition_into_two_respond_stages_are_a_warning():
     chosen = twice.replace("encode -> kv -> gen -> out\n",
                            'encode -> kv -> gen\n    gen -> out when finish_reason == "stop"\n    gen -> out2 otherwise\n')
     assert check(chosen) == ""
+
+
+def test_an_edge_without_a_condition_beside_conditional_ones_elsewhere_is_a_fan_out_warning():
+    """`gen -> long when finish_reason == "length"` beside `gen -> out`: every answer goes to
+    `out`, and a cut one to `long` as well (two answers), where `otherwise` was likely meant (check
+    said nothing). With `otherwise` it is quiet; so is a fan-out both of whose branches a join
+    merges, and one where the item types part the edges (a Request to the batcher, a result on)."""
+    two = SEED.replace("    stage out     : respond       {}\n",
+                       "    stage out     : respond       {}\n"
+                       "    stage long    : python        { fn = \"json:dumps\" }\n")
+    fan = two.replace("encode -> kv -> gen -> out\n",
+                      'encode -> kv -> gen -> out\n    gen -> long when finish_reason == "length"\n    long -> out\n')
+    assert check(fan) == expect("""\
+        t.agp:14:21: warning: edge gen -> out has no condition beside the conditional edge gen -> long when finish_reason == "length": every item goes to 'out', and one the condition holds for goes to 'long' as well (a fan-out: two branches of one request, two answers)
+           14 |     encode -> kv -> gen -> out
+              |                     ^^^^^^^^^^
+          = note: gen -> long is here (t.agp:15:5)
+          = help: write `gen -> out otherwise` if 'out' is for the items no condition takes; for a copy on purpose, merge the branches in a join
+
+        1 warning
+        """)
+    assert check(fan.replace("encode -> kv -> gen -> out\n", "encode -> kv -> gen\n    gen -> out otherwise\n")) == ""
+    joined = fan.replace("    stage out     : respond       {}\n",
+                         "    stage out     : respond       {}\n    stage j       : join          { policy = first }\n")
+    joined = joined.replace("encode -> kv -> gen -> out\n", "encode -> kv -> gen -> j -> out\n").replace(
+        "long -> out\n", "long -> j\n")
+    assert check(joined) == ""
+    parted = SEED.replace("    stage out     : respond       {}\n",
+                          "    stage out     : respond       {}\n"
+                          "    stage judge   : python        { fn = \"json:dumps\"  returns = any  max_turns = 2 }\n")
+    parted = parted.replace("encode -> kv -> gen -> out\n",
+                            "encode -> kv -> gen -> judge\n    judge -> out when accept\n    judge -> batch\n")
+    assert "fan-out" not in check(parted)
