@@ -655,6 +655,15 @@ def test_log_lines_go_to_the_stderr_of_the_moment_not_the_one_at_configure(monke
     assert "INFO agp.serve: after the swap" in second.getvalue()
 
 
+def test_every_series_but_the_process_collectors_carries_the_first_served_name(ops):
+    """docs/serve.md, "Metrics": each series has a `model_name` label, the first served name
+    (--served-model-name alpha beta: alpha), but the process's own (`process_…`, prometheus-client's)."""
+    samples = [(f.name, s) for f in _scrape(ops).values() for s in f.samples]
+    unlabelled = {name for name, s in samples if "model_name" not in s.labels}
+    assert unlabelled == {name for name, _ in samples if name.startswith("process_")} != set()
+    assert {s.labels["model_name"] for name, s in samples if name not in unlabelled} == {"alpha"}
+
+
 def test_metrics_carry_vllm_names_types_model_label_and_move_under_load(ops):
     before = _scrape(ops)
     for name, kind in VLLM.items():

@@ -383,14 +383,17 @@ def test_the_authorization_scheme_is_read_whatever_its_case(live):
 
 
 def test_a_client_request_id_of_up_to_128_printable_characters_is_kept(live):
-    """docs/serve.md, "Request ids": the client's X-Request-Id, at most 128 printable characters,
-    comes back and names the answer; a longer one is replaced by a new id."""
+    """docs/serve.md, "Request ids": the client's X-Request-Id, 1 to 128 printable ASCII characters
+    without spaces, comes back and names the answer; a longer one, or one with a space (an access-log
+    line ends `id=...`), is replaced by a new id."""
     longest = "r" * 127 + "~"
     r = live.http.post(live.url + "/v1/completions", headers={**KEY, "X-Request-Id": longest},
                    json={"model": "tiny", "prompt": "hi", "max_tokens": 1}, timeout=60)
     assert r.status_code == 200 and r.headers["x-request-id"] == longest and r.json()["id"] == f"cmpl-{longest}"
     r = live.http.get(live.url + "/health", headers={"X-Request-Id": longest + "r"}, timeout=30)
     assert r.headers["x-request-id"] not in ("", longest, longest + "r")
+    r = live.http.get(live.url + "/health", headers={"X-Request-Id": "two words"}, timeout=30)
+    assert r.headers["x-request-id"] not in ("", "two words", "two", "words")
 
 
 def test_a_failed_pipeline_says_so_on_its_probes_and_still_answers_its_other_routes():

@@ -130,6 +130,12 @@ def test_a_second_signal_cuts_what_is_in_flight_with_an_answer_each_and_exit_1(t
             r = httpx.request(method, url + path, json=body, timeout=30)
             assert r.status_code == 503 and r.headers["retry-after"], (path, r.status_code, r.text[:200])
             assert r.json()["error"]["code"] == "unavailable", (path, r.text[:200])
+        # the probes say "draining" themselves, with the Retry-After every other route's 503 has
+        # (and theirs while the model loads); it was left out of theirs
+        for method, path in (("GET", "/health"), ("HEAD", "/health"), ("GET", "/ping"), ("POST", "/ping")):
+            r = httpx.request(method, url + path, timeout=30)
+            assert r.status_code == 503 and r.headers.get("retry-after") == "1", (method, path, r.headers)
+            assert method == "HEAD" or r.json() == {"status": "draining"}, (path, r.text[:200])
         metrics = httpx.get(url + "/metrics", timeout=30)
         assert metrics.status_code == 200 and "agp_num_requests_running" in metrics.text
         assert httpx.get(url + "/stats", timeout=30).status_code == 200

@@ -262,8 +262,9 @@ async def health(request: Request):
     apipe = _state(request).apipe
     if apipe.error is not None:
         return JSONResponse({"status": "failed", "error": str(apipe.error)}, 503)
-    if not apipe.accepting:
-        return JSONResponse({"status": "draining"}, 503)
+    if not apipe.accepting:            # with the Retry-After of every other route's 503 (and of loading's)
+        wait = str(_state(request).config.retry_after_s)
+        return JSONResponse({"status": "draining"}, 503, headers={"Retry-After": wait})
     return {"status": "ok"}
 
 
