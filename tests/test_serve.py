@@ -324,6 +324,10 @@ def test_a_model_is_looked_up_by_its_id_and_an_unknown_one_is_404(server):
     r = server.http.get(server.url + "/v1/models/nope", timeout=30)
     assert r.status_code == 404, r.text
     assert (r.json()["error"]["code"], r.json()["error"]["param"]) == ("model_not_found", "model")
+    listed = [m["id"] for m in server.http.get(server.url + "/v1/models", timeout=30).json()["data"]]
+    assert r.json()["error"]["message"] == f"the model 'nope' does not exist; the pipeline answers to {', '.join(listed)}"
+    close = server.http.get(server.url + "/v1/models/tiny-modle", timeout=30).json()["error"]["message"]
+    assert close == "the model 'tiny-modle' does not exist; did you mean 'tiny-model'?", close
 
 
 def test_a_request_naming_a_generate_stage_is_answered_by_that_stage(tmp_path, tiny_gguf):

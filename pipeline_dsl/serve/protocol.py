@@ -324,13 +324,18 @@ def model_of(obj: dict, served: tuple[str, ...], stages: tuple[str, ...] = ()) -
     if not isinstance(model, str):
         raise _bad("model", "a string", model)
     if model not in served:
-        known = tuple(served) + tuple(stages)
-        close = closest(model, known)
-        hint = f"; did you mean '{close}'?" if close else f"; the pipeline answers to {', '.join(known)}"
-        shown = model if len(model) <= 64 else model[:61] + "..."      # not megabytes back, nor in the log
-        raise APIError(f"the model '{shown}' does not exist{hint}", status=404, param="model",
-                       code="model_not_found")
+        raise unknown_model(model, tuple(served) + tuple(stages))
     return model, None
+
+
+def unknown_model(model: str, known: tuple, type: str = "invalid_request_error") -> APIError:
+    """The 404 for a model name the server does not answer to: the closest name it does, or all of
+    them (a request's `model`, `GET /v1/models/{id}`)."""
+    close = closest(model, known)
+    hint = f"; did you mean '{close}'?" if close else f"; the pipeline answers to {', '.join(known)}"
+    shown = model if len(model) <= 64 else model[:61] + "..."          # not megabytes back, nor in the log
+    return APIError(f"the model '{shown}' does not exist{hint}", status=404, type=type, param="model",
+                    code="model_not_found")
 
 
 # ---------------------------------------------------------------- requests

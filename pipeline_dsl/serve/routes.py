@@ -180,22 +180,25 @@ def model_entry(state, name: str) -> dict | None:
     return None
 
 
+def _listed(config) -> list[str]:
+    """The names `/v1/models` lists, in its order."""
+    adapters = [lora.name for lora in config.loras]     # listed last, as vLLM lists them (docs/serve.md)
+    names = [n for n in config.model_names if n not in adapters]
+    return names + [s for s in _stage_names(config) if s not in names] + [a for a in adapters if a not in names]
+
+
 @router.get("/v1/models", openapi_extra=OA.MODELS)
 async def models(request: Request):
     state = _state(request)
-    config = state.config
-    adapters = [lora.name for lora in config.loras]     # listed last, as vLLM lists them (docs/serve.md)
-    names = [n for n in config.model_names if n not in adapters]
-    names += [s for s in _stage_names(config) if s not in names] + [a for a in adapters if a not in names]
-    return {"object": "list", "data": [model_entry(state, name) for name in names]}
+    return {"object": "list", "data": [model_entry(state, name) for name in _listed(state.config)]}
 
 
 @router.get("/v1/models/{model_id:path}", openapi_extra=OA.MODEL)
 async def model(model_id: str, request: Request):
-    entry = model_entry(_state(request), model_id)
-    if entry is None:
-        return error_response(P.APIError(f"the model '{model_id}' does not exist", status=404,
-                                         type="not_found_error", param="model", code="model_not_found"))
+    state = _state(request)
+    entry = model_entry(state, model_id)
+    if entry is None:        # the names it answers to, as a request's unknown `model` is told
+        return error_response(P.unknown_model(model_id, tuple(_listed(state.config)), type="not_found_error"))
     return entry
 
 
