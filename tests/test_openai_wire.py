@@ -109,6 +109,53 @@ def test_each_of_several_api_keys_lets_a_client_in(tiny_gguf):
         s.close()
 
 
+def test_azure_openais_client_is_let_in_with_its_api_key_header_and_served_at_its_deployment_routes(tiny_gguf):
+    """openai.AzureOpenAI sends the key as `api-key: KEY` (not `Authorization: Bearer`) and calls
+    /openai/deployments/{deployment}/chat/completions?api-version=...: with --api-key set it was a
+    401, and its routes 404s. The key is taken from either header on every route that wants one,
+    streams included; the deployment is the model that answers (a generate stage too, whatever
+    the body's `model`); Azure's routes agp does not serve are 404s naming those it does and /v1."""
+    import openai
+
+    s = LiveServer(tiny_gguf, api_keys=("first-key", "second-key"))
+    http = openai.DefaultHttpxClient(verify=False)
+    try:
+        azure = openai.AzureOpenAI(azure_endpoint=s.url, api_key="second-key", api_version="2024-10-21",
+                                   max_retries=0, timeout=60, http_client=http)
+        out = azure.chat.completions.create(model="tiny", messages=USER, max_tokens=3)
+        assert out.model == "tiny" and out.choices[0].message.content is not None
+        streamed = azure.chat.completions.create(model="tiny", messages=USER, max_tokens=3, stream=True,
+                                                 stream_options={"include_usage": True})
+        assert [c.usage.completion_tokens for c in streamed if c.usage] == [3]
+        assert azure.completions.create(model="tiny", prompt="hi", max_tokens=2).usage.completion_tokens == 2
+        assert len(azure.embeddings.create(model="tiny", input=["a", "b"]).data) == 2
+        pinned = openai.AzureOpenAI(azure_endpoint=s.url, azure_deployment="gen", api_key="first-key",
+                                    api_version="2024-10-21", max_retries=0, timeout=60, http_client=http)
+        assert pinned.chat.completions.create(model="not-served", messages=USER, max_tokens=2).model == "gen"
+        with pytest.raises(openai.NotFoundError) as missing:
+            azure.chat.completions.create(model="nope", messages=USER, max_tokens=2)
+        assert missing.value.body["param"] == "model" and "the model 'nope' does not exist" in missing.value.message
+        with pytest.raises(openai.NotFoundError) as other:
+            azure.models.list()
+        assert "Azure OpenAI's" in other.value.message and "http://HOST:PORT/v1" in other.value.message
+        wrong = openai.AzureOpenAI(azure_endpoint=s.url, api_key="third-key", api_version="2024-10-21",
+                                   max_retries=0, timeout=60, http_client=http)
+        with pytest.raises(openai.AuthenticationError) as refused:
+            wrong.chat.completions.create(model="tiny", messages=USER, max_tokens=2)
+        assert "'api-key: KEY'" in refused.value.message
+        # the header alone, on /v1's routes and a stream of them
+        body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+        assert s.http.post(s.url + "/v1/completions", json=body, headers={"api-key": "first-key"},
+                           timeout=60).status_code == 200
+        assert events(s, "/v1/completions", body, headers={"api-key": "first-key"})[-1] == "[DONE]"
+        assert s.http.get(s.url + "/v1/models", headers={"api-key": "first-key"}, timeout=60).status_code == 200
+        assert s.http.get(s.url + "/v1/models", headers={"api-key": "other"}, timeout=60).status_code == 401
+        assert s.metric("agp_requests_total", '{status="401"}') == 1        # the Azure route's refusal counted
+    finally:
+        http.close()
+        s.close()
+
+
 def test_a_generate_stage_named_as_the_pipeline_is_listed_once(tiny_gguf):
     """GET /v1/models lists each id once: a generate stage that has the pipeline's (served) name is
     that name's entry, not a second one of the same id."""

@@ -361,6 +361,17 @@ ERRORS = {
 }
 
 
+def azure(operation: dict) -> dict:
+    """openapi_extra of an Azure OpenAI route: `operation` (its /v1 route's) with the deployment
+    in its path (the model that answers) and Azure's api-version query, which it takes and reads not."""
+    return {**operation, "parameters": [
+        {"name": "deployment", "in": "path", "required": True, "schema": {"type": "string"},
+         "description": "the model that answers (a served name, a generate stage or a LoRA adapter); the body's "
+                        "'model' is replaced by it"},
+        {"name": "api-version", "in": "query", "required": False, "schema": {"type": "string"},
+         "description": "Azure's API version (openai.AzureOpenAI sends it): taken, and answered as /v1"}]}
+
+
 def generation(request_schema: dict, response_schema: dict, summary: str) -> dict:
     """openapi_extra of a generation route."""
     return {
