@@ -156,6 +156,35 @@ def test_azure_openais_client_is_let_in_with_its_api_key_header_and_served_at_it
         s.close()
 
 
+@pytest.mark.parametrize("words", [300, 100_000])    # over the context's tokens; over its characters too
+def test_the_item_of_a_list_input_over_the_context_is_named_by_its_place(server, words):
+    """A completions batch (`prompt: [...]`) or an embeddings list (`input: [...]`) one of whose
+    texts is over the context: the 400 names that item (`'prompt[1]'`, `'input[1]'`, as a list of
+    token ids too long was named), so a client of a batch knows which to cut; it said only
+    "prompt of N tokens exceeds the model's context", whichever it was. A lone prompt is not numbered."""
+    import openai
+
+    long = "hello " * words
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client.completions.create(model="tiny", prompt=["hi", long, "there"], max_tokens=2)
+    assert e.value.body["message"].startswith("'prompt[1]': prompt of "), e.value.body
+    assert e.value.code == "context_length_exceeded" and e.value.param == "prompt"
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client.embeddings.create(model="tiny", input=["hi", "there", long])
+    assert e.value.body["message"].startswith("'input[2]': prompt of "), e.value.body
+    assert e.value.code == "context_length_exceeded" and e.value.param == "input"
+    for call in (lambda: server.client.completions.create(model="tiny", prompt=long, max_tokens=2),
+                 lambda: server.client.embeddings.create(model="tiny", input=long)):
+        with pytest.raises(openai.BadRequestError) as e:
+            call()
+        assert e.value.body["message"].startswith("prompt of ") and e.value.code == "context_length_exceeded"
+    # streamed: refused before its first chunk, or an error event after the other prompts' chunks
+    with server.http.stream("POST", server.url + "/v1/completions", timeout=60, json={
+            "model": "tiny", "prompt": ["hi", long], "max_tokens": 2, "stream": True}) as r:
+        said = r.read().decode()
+    assert "'prompt[1]': " in said, said[:500]
+
+
 def test_a_generate_stage_named_as_the_pipeline_is_listed_once(tiny_gguf):
     """GET /v1/models lists each id once: a generate stage that has the pipeline's (served) name is
     that name's entry, not a second one of the same id."""
