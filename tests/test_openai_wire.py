@@ -185,6 +185,40 @@ def test_the_item_of_a_list_input_over_the_context_is_named_by_its_place(server,
     assert "'prompt[1]': " in said, said[:500]
 
 
+def test_a_python_stage_that_answers_itself_answers_each_of_n_choices(tiny_gguf):
+    """A guard before the model that answers a request itself (no generate stage on its path),
+    asked for n = 3: each of the 3 choices is its answer (the stage runs once; a model at
+    temperature 0 answers n times alike), streamed or not, chat and completions; it gave one
+    choice, and a client reading choices[2] failed. Requests it lets through get the model's n."""
+    import openai
+
+    from test_serve import TINY
+
+    guard = 'stage guard   : python        { fn = "flowkit:refuse_blocked"  returns = any }\n    stage out'
+    text = TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=8, timeout=20).replace("stage out", guard, 1)
+    text = text.replace("request -> batch", "request -> guard -> batch\n    guard -> out")
+    s = LiveServer(tiny_gguf, text=text)
+    try:
+        said = "I can't help with that."
+        blocked = [{"role": "user", "content": "a blocked topic"}]
+        out = s.client.chat.completions.create(model="tiny", messages=blocked, n=3, max_tokens=4)
+        assert [(c.index, c.message.content, c.finish_reason) for c in out.choices] == [
+            (k, said, "content_filter") for k in range(3)]
+        chunks = list(s.client.chat.completions.create(model="tiny", messages=blocked, n=3, max_tokens=4, stream=True))
+        texts: dict[int, str] = {}
+        for c in chunks:
+            for choice in c.choices:
+                texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+        assert texts == {0: said, 1: said, 2: said}
+        done = s.client.completions.create(model="tiny", prompt="blocked", n=2, max_tokens=4)
+        assert [(c.index, c.text) for c in done.choices] == [(0, said), (1, said)]
+        assert len(s.client.chat.completions.create(model="tiny", messages=blocked, max_tokens=4).choices) == 1
+        passed = s.client.chat.completions.create(model="tiny", messages=USER, n=3, max_tokens=2)
+        assert len(passed.choices) == 3 and passed.usage.completion_tokens == 6
+    finally:
+        s.close()
+
+
 def test_a_generate_stage_named_as_the_pipeline_is_listed_once(tiny_gguf):
     """GET /v1/models lists each id once: a generate stage that has the pipeline's (served) name is
     that name's entry, not a second one of the same id."""
