@@ -480,7 +480,9 @@ def parse_tools(obj: dict) -> tuple[list | None, Any, bool]:
             if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
                 raise RequestError(f"'{tool_param(i)}' must be a JSON Schema object", param=tool_param(i),
                                    code=INVALID_PARAMETERS)
-        tools = tools or None
+        if not tools:               # as OpenAI and vLLM refuse it: a client means none, and says so by leaving it out
+            raise RequestError("'tools' is an empty array: give at least one tool, or leave 'tools' out",
+                               param="tools")
     choice = obj.get("tool_choice")
     names = [t["function"]["name"] for t in tools or []]
     if choice is None:
@@ -493,14 +495,19 @@ def parse_tools(obj: dict) -> tuple[list | None, Any, bool]:
             hint = (" (for OpenAI's allowed_tools, give the allowed tools as 'tools' and its mode as 'tool_choice')"
                     if kind == "allowed_tools" else "")
             raise bad("tool_choice", TOOL_CHOICES, choice, hint)
-        if fn["name"] not in names:
-            raise RequestError(f"'tool_choice' names {json.dumps(fn['name'])}, which is not among the tools "
-                               f"({', '.join(names) or 'none'})", param="tool_choice",
-                               quoted=(json.dumps(fn["name"]),))
     elif choice not in ("none", "auto", "required"):
         raise bad("tool_choice", TOOL_CHOICES, choice)
-    if choice in ("required",) and not tools:
-        raise RequestError("'tool_choice' is required but no 'tools' are given", param="tool_choice")
+    if choice != "none" and not tools:
+        # a choice among no tools: refused, as vLLM refuses it ("When using `tool_choice`, `tools` must
+        # be set."), "auto" too (it was taken and changed nothing)
+        named = isinstance(choice, dict)
+        value = json.dumps(choice["function"]["name"] if named else choice)[:40]
+        raise RequestError(f"'tool_choice' {'names' if named else 'is'} {value} but no 'tools' are given: give the "
+                           "tools it chooses among, or leave 'tool_choice' out", param="tool_choice", quoted=(value,))
+    if isinstance(choice, dict) and choice["function"]["name"] not in names:
+        name = json.dumps(choice["function"]["name"])
+        raise RequestError(f"'tool_choice' names {name}, which is not among the tools ({', '.join(names)})",
+                           param="tool_choice", quoted=(name,))
     parallel = obj.get("parallel_tool_calls")
     if parallel is None:                       # left out or null (what clients send by default): true
         parallel = True

@@ -154,6 +154,31 @@ def test_a_tool_choice_of_another_shape_is_a_400_naming_it(server, choice, fragm
     assert r.json()["error"]["param"] == "tool_choice"
 
 
+@pytest.mark.parametrize("fields, param, fragment", [
+    ({"tool_choice": "auto"}, "tool_choice", "'tool_choice' is \"auto\" but no 'tools' are given"),   # was taken
+    ({"tool_choice": "auto", "tools": None}, "tool_choice", "'tool_choice' is \"auto\" but no 'tools' are given"),
+    ({"tool_choice": "required"}, "tool_choice", "'tool_choice' is \"required\" but no 'tools' are given"),
+    ({"tool_choice": {"type": "function", "function": {"name": "w"}}}, "tool_choice",
+     "'tool_choice' names \"w\" but no 'tools' are given"),
+    ({"tools": []}, "tools", "'tools' is an empty array"),                                          # was taken
+    ({"tools": [], "tool_choice": "auto"}, "tools", "'tools' is an empty array"),
+])
+def test_a_tool_choice_without_tools_and_empty_tools_are_400s_naming_the_field(server, fields, param, fragment):
+    """A tool_choice other than "none" with no tools to choose among, and an empty 'tools', are
+    refused as vLLM and OpenAI refuse them (vLLM: "When using `tool_choice`, `tools` must be set.",
+    "`tools` must not be an empty array"): a client that sent them believes tools are in play. A
+    tool_choice of "none" without tools is still taken, as is a Responses request's "auto" (its default)."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, **fields}
+    r = post(server, json.dumps(body), "/v1/chat/completions")
+    assert_openai_error(r, 400, fragment)
+    assert r.json()["error"]["param"] == param
+    ok = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "tool_choice": "none"}
+    assert post(server, json.dumps(ok), "/v1/chat/completions").status_code == 200
+    r = post(server, json.dumps({"input": "hi", "max_output_tokens": 1, "tool_choice": "auto"}), "/v1/responses")
+    assert r.status_code == 200, r.text[:300]
+    assert r.json()["tool_choice"] == "auto"
+
+
 def test_wrong_content_type_and_oversized_bodies_are_415_and_413(server):
     assert_openai_error(post(server, '{"prompt": "hi"}', ctype="text/plain"), 415, "must be application/json")
     r = server.http.post(server.url + "/v1/completions", data={"prompt": "hi"}, timeout=30)   # a form post

@@ -109,6 +109,116 @@ def test_each_of_several_api_keys_lets_a_client_in(tiny_gguf):
         s.close()
 
 
+def test_azure_openais_client_is_let_in_with_its_api_key_header_and_served_at_its_deployment_routes(tiny_gguf):
+    """openai.AzureOpenAI sends the key as `api-key: KEY` (not `Authorization: Bearer`) and calls
+    /openai/deployments/{deployment}/chat/completions?api-version=...: with --api-key set it was a
+    401, and its routes 404s. The key is taken from either header on every route that wants one,
+    streams included; the deployment is the model that answers (a generate stage too, whatever
+    the body's `model`); Azure's routes agp does not serve are 404s naming those it does and /v1."""
+    import openai
+
+    s = LiveServer(tiny_gguf, api_keys=("first-key", "second-key"))
+    http = openai.DefaultHttpxClient(verify=False)
+    try:
+        azure = openai.AzureOpenAI(azure_endpoint=s.url, api_key="second-key", api_version="2024-10-21",
+                                   max_retries=0, timeout=60, http_client=http)
+        out = azure.chat.completions.create(model="tiny", messages=USER, max_tokens=3)
+        assert out.model == "tiny" and out.choices[0].message.content is not None
+        streamed = azure.chat.completions.create(model="tiny", messages=USER, max_tokens=3, stream=True,
+                                                 stream_options={"include_usage": True})
+        assert [c.usage.completion_tokens for c in streamed if c.usage] == [3]
+        assert azure.completions.create(model="tiny", prompt="hi", max_tokens=2).usage.completion_tokens == 2
+        assert len(azure.embeddings.create(model="tiny", input=["a", "b"]).data) == 2
+        pinned = openai.AzureOpenAI(azure_endpoint=s.url, azure_deployment="gen", api_key="first-key",
+                                    api_version="2024-10-21", max_retries=0, timeout=60, http_client=http)
+        assert pinned.chat.completions.create(model="not-served", messages=USER, max_tokens=2).model == "gen"
+        with pytest.raises(openai.NotFoundError) as missing:
+            azure.chat.completions.create(model="nope", messages=USER, max_tokens=2)
+        assert missing.value.body["param"] == "model" and "the model 'nope' does not exist" in missing.value.message
+        with pytest.raises(openai.NotFoundError) as other:
+            azure.models.list()
+        assert "Azure OpenAI's" in other.value.message and "http://HOST:PORT/v1" in other.value.message
+        wrong = openai.AzureOpenAI(azure_endpoint=s.url, api_key="third-key", api_version="2024-10-21",
+                                   max_retries=0, timeout=60, http_client=http)
+        with pytest.raises(openai.AuthenticationError) as refused:
+            wrong.chat.completions.create(model="tiny", messages=USER, max_tokens=2)
+        assert "'api-key: KEY'" in refused.value.message
+        # the header alone, on /v1's routes and a stream of them
+        body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+        assert s.http.post(s.url + "/v1/completions", json=body, headers={"api-key": "first-key"},
+                           timeout=60).status_code == 200
+        assert events(s, "/v1/completions", body, headers={"api-key": "first-key"})[-1] == "[DONE]"
+        assert s.http.get(s.url + "/v1/models", headers={"api-key": "first-key"}, timeout=60).status_code == 200
+        assert s.http.get(s.url + "/v1/models", headers={"api-key": "other"}, timeout=60).status_code == 401
+        assert s.metric("agp_requests_total", '{status="401"}') == 1        # the Azure route's refusal counted
+    finally:
+        http.close()
+        s.close()
+
+
+@pytest.mark.parametrize("words", [300, 100_000])    # over the context's tokens; over its characters too
+def test_the_item_of_a_list_input_over_the_context_is_named_by_its_place(server, words):
+    """A completions batch (`prompt: [...]`) or an embeddings list (`input: [...]`) one of whose
+    texts is over the context: the 400 names that item (`'prompt[1]'`, `'input[1]'`, as a list of
+    token ids too long was named), so a client of a batch knows which to cut; it said only
+    "prompt of N tokens exceeds the model's context", whichever it was. A lone prompt is not numbered."""
+    import openai
+
+    long = "hello " * words
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client.completions.create(model="tiny", prompt=["hi", long, "there"], max_tokens=2)
+    assert e.value.body["message"].startswith("'prompt[1]': prompt of "), e.value.body
+    assert e.value.code == "context_length_exceeded" and e.value.param == "prompt"
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client.embeddings.create(model="tiny", input=["hi", "there", long])
+    assert e.value.body["message"].startswith("'input[2]': prompt of "), e.value.body
+    assert e.value.code == "context_length_exceeded" and e.value.param == "input"
+    for call in (lambda: server.client.completions.create(model="tiny", prompt=long, max_tokens=2),
+                 lambda: server.client.embeddings.create(model="tiny", input=long)):
+        with pytest.raises(openai.BadRequestError) as e:
+            call()
+        assert e.value.body["message"].startswith("prompt of ") and e.value.code == "context_length_exceeded"
+    # streamed: refused before its first chunk, or an error event after the other prompts' chunks
+    with server.http.stream("POST", server.url + "/v1/completions", timeout=60, json={
+            "model": "tiny", "prompt": ["hi", long], "max_tokens": 2, "stream": True}) as r:
+        said = r.read().decode()
+    assert "'prompt[1]': " in said, said[:500]
+
+
+def test_a_python_stage_that_answers_itself_answers_each_of_n_choices(tiny_gguf):
+    """A guard before the model that answers a request itself (no generate stage on its path),
+    asked for n = 3: each of the 3 choices is its answer (the stage runs once; a model at
+    temperature 0 answers n times alike), streamed or not, chat and completions; it gave one
+    choice, and a client reading choices[2] failed. Requests it lets through get the model's n."""
+    import openai
+
+    from test_serve import TINY
+
+    guard = 'stage guard   : python        { fn = "flowkit:refuse_blocked"  returns = any }\n    stage out'
+    text = TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=8, timeout=20).replace("stage out", guard, 1)
+    text = text.replace("request -> batch", "request -> guard -> batch\n    guard -> out")
+    s = LiveServer(tiny_gguf, text=text)
+    try:
+        said = "I can't help with that."
+        blocked = [{"role": "user", "content": "a blocked topic"}]
+        out = s.client.chat.completions.create(model="tiny", messages=blocked, n=3, max_tokens=4)
+        assert [(c.index, c.message.content, c.finish_reason) for c in out.choices] == [
+            (k, said, "content_filter") for k in range(3)]
+        chunks = list(s.client.chat.completions.create(model="tiny", messages=blocked, n=3, max_tokens=4, stream=True))
+        texts: dict[int, str] = {}
+        for c in chunks:
+            for choice in c.choices:
+                texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+        assert texts == {0: said, 1: said, 2: said}
+        done = s.client.completions.create(model="tiny", prompt="blocked", n=2, max_tokens=4)
+        assert [(c.index, c.text) for c in done.choices] == [(0, said), (1, said)]
+        assert len(s.client.chat.completions.create(model="tiny", messages=blocked, max_tokens=4).choices) == 1
+        passed = s.client.chat.completions.create(model="tiny", messages=USER, n=3, max_tokens=2)
+        assert len(passed.choices) == 3 and passed.usage.completion_tokens == 6
+    finally:
+        s.close()
+
+
 def test_a_generate_stage_named_as_the_pipeline_is_listed_once(tiny_gguf):
     """GET /v1/models lists each id once: a generate stage that has the pipeline's (served) name is
     that name's entry, not a second one of the same id."""

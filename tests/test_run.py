@@ -185,13 +185,15 @@ def test_a_tool_choice_the_request_cannot_meet_is_refused_naming_tool_choice():
     chat = [{"role": "user", "content": "x"}]
     tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
     assert parse_request({"messages": chat, "tools": tools, "tool_choice": "required"}).tool_choice == "required"
-    for fields, words in [({"tool_choice": "required"}, "'tool_choice' is required but no 'tools' are given"),
-                          ({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "mul"}}},
-                           "'tool_choice' names \"mul\", which is not among the tools"),
-                          ({"tools": [], "tool_choice": "required"}, "no 'tools' are given")]:
+    for fields, words, param in [
+            ({"tool_choice": "required"}, "'tool_choice' is \"required\" but no 'tools' are given", "tool_choice"),
+            ({"tool_choice": "auto"}, "'tool_choice' is \"auto\" but no 'tools' are given", "tool_choice"),
+            ({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "mul"}}},
+             "'tool_choice' names \"mul\", which is not among the tools", "tool_choice"),
+            ({"tools": [], "tool_choice": "required"}, "'tools' is an empty array", "tools")]:
         with pytest.raises(RequestError, match=words) as refused:
             parse_request({"messages": chat, **fields})
-        assert refused.value.param == "tool_choice"
+        assert refused.value.param == param
 
 
 @pytest.mark.parametrize("line", ['{"prompt": [1, 2, 3]}', '{"prompt": ["a", "b"]}'])

@@ -140,6 +140,10 @@ class RequestLedger:
             return Choice(index, it.data.get("text", ""), it.data.get("finish_reason"), it.data,
                           it.index if it.index != index else None, it.tool_read)
 
+        n = answered_without_model(req)
+        if n > 1:          # a python stage's one answer is each of the n choices the request asked for
+            return Result(req.key, req.id, [choice(k, req.results[0]) for k in range(n)], None, dict(req.usage),
+                          self.metrics(req), self.engine_usage(req))
         if not req.stream:
             choices = [choice(k, it) for k, it in enumerate(sorted(req.results, key=lambda it: it.branch))]
         else:
@@ -173,3 +177,18 @@ class RequestLedger:
         now = self.clock()
         return {"arrival": req.arrival, "latency_s": now - req.arrival,
                 "ttft_s": None if req.first_token is None else req.first_token - req.arrival, **req.timings}
+
+
+def answered_without_model(req: RequestState) -> int:
+    """The `n` of a request a python stage answered itself, no generate stage on the way (a guard's
+    canned answer, a cache, a tool that answers): its one answer, the only result, made by no
+    sampling (no generate stage made copies of it). The stage runs once and its answer is each
+    of the n choices, as a model asked for n answers at temperature 0 gives n alike; 1 otherwise
+    (a generate stage's n copies are choices of their own)."""
+    if len(req.results) != 1:
+        return 1
+    it = req.results[0]
+    if it.sampled or it.split:
+        return 1
+    n = (it.data.get("request") or {}).get("n")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1

@@ -105,14 +105,23 @@ FOREIGN_ROUTES = {
 }
 
 
+# Azure OpenAI's routes beyond the three agp serves (serve/routes.py: AZURE): /openai/models,
+# /openai/responses, a deployment's other APIs (audio, images)
+_AZURE = ("Azure OpenAI's; agp serves Azure's POST /openai/deployments/{model}/chat/completions, /completions and "
+          "/embeddings (openai.AzureOpenAI with azure_endpoint=http://HOST:PORT), and every other route under /v1 "
+          "(an OpenAI client with base_url=http://HOST:PORT/v1; its key may go in an 'api-key' header too)")
+
+
 def foreign_route(path: str) -> str | None:
-    """Where agp serves what another server's route (llama.cpp's, Ollama's) does; None for others.
-    `path`: below the root path (guard.route_path)."""
+    """Where agp serves what another server's route (llama.cpp's, Ollama's, Azure OpenAI's) does;
+    None for others. `path`: below the root path (guard.route_path)."""
     path = path.rstrip("/") or path
     if path in FOREIGN_ROUTES:
         return FOREIGN_ROUTES[path]
     if path.startswith("/slots/"):
         return FOREIGN_ROUTES["/slots"]
+    if path == "/openai" or path.startswith("/openai/"):
+        return _AZURE
     return _OLLAMA if path == "/api" or path.startswith("/api/") else None
 
 

@@ -369,11 +369,26 @@ class StreamGroup:
                 t.cancel()
 
 
+def of_prompt(error: PipelineError, k: int) -> PipelineError:
+    """`error`, which failed prompt k of a completions request's batch of prompts, naming it
+    (`'prompt[1]': prompt of 2088 tokens exceeds ...`) where it is about the prompt: an error of
+    its input (a prompt over the context) or a Reject naming it; a client of a batch is told
+    which prompt to fix. Any other error (a full queue, a failed stage) is the request's."""
+    if not ((error.kind == "invalid" and error.param in (None, "prompt"))
+            or (error.kind == "rejected" and error.param == "prompt")):
+        return error
+    named = PipelineError(f"'prompt[{k}]': {error.message}", error.kind, error.stage, error.code, error.param,
+                          error.status, error.retry_after)
+    named.__cause__ = error.__cause__
+    return named
+
+
 def combine(results: list[Result], per: int, numbers: ChoiceNumbers | None = None) -> Result:
-    """One Result for several: choices renumbered (ChoiceNumbers: `numbers`, the ones a stream
-    of them already gave, else new ones) and in the order of their index, usage (and each
-    engine's) summed, the first error wins."""
-    error = next((r.error for r in results if r.error is not None), None)
+    """One Result for several (a completions request's batch of prompts): choices renumbered
+    (ChoiceNumbers: `numbers`, the ones a stream of them already gave, else new ones) and in the
+    order of their index, usage (and each engine's) summed, the first error wins, naming the
+    prompt it failed (of_prompt)."""
+    error = next((of_prompt(r.error, k) for k, r in enumerate(results) if r.error is not None), None)
     numbers = numbers or ChoiceNumbers(len(results), per)
     choices = sorted((replace(c, index=numbers.index(k, c.index)) for k, r in enumerate(results)
                       for c in r.choices), key=lambda c: c.index)

@@ -2,6 +2,7 @@
 `app.state.config` and read by every route (serve/routes.py) and the guard (serve/guard.py)."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 OPEN_PATHS = ("/health", "/ping", "/metrics", "/version", "/openapi.json")   # answered without an API key
@@ -10,6 +11,13 @@ WATCHED = ("/metrics", "/stats")       # still answered while the server drains:
 # the requests agp_requests_total counts by status, refused ones (401, 503 ...) too
 COUNTED_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings",
                  "/v1/score", "/score", "/v1/rerank", "/rerank", "/v2/rerank")
+# Azure OpenAI's routes of the same (serve/routes.py), their deployment in the path: counted too
+AZURE_PATH = re.compile(r"/openai/deployments/[^/]+/(chat/completions|completions|embeddings)")
+
+
+def counted(path: str) -> bool:
+    """Whether agp_requests_total counts a POST to `path` (below the root path)."""
+    return path in COUNTED_PATHS or AZURE_PATH.fullmatch(path) is not None
 
 
 @dataclass(frozen=True)

@@ -137,12 +137,16 @@ def answered_in_words(req: dict, i: int, res) -> P.APIError:
 
 def placed(req: dict, i: int, err: P.APIError) -> P.APIError:
     """`err`, about input i of the parsed request `req`, naming a scoring request's field and which
-    text it is, or `messages` where the input is vLLM's chat form (agp serve and agp run alike)."""
+    text it is, `messages` where the input is vLLM's chat form, or which of a list's inputs it is
+    (`'input[1]': prompt of 2088 tokens exceeds ...`: a client of a batch is told which to fix);
+    agp serve and agp run alike."""
     if "places" in req and err.param == "input":
         err.param, place = req["places"][i]
         err.message = f"'{place}': {err.message}"
     elif err.param == "input" and isinstance(req["inputs"][i], tuple):
         err.param = "messages"
+    elif err.param == "input" and len(req["inputs"]) > 1:
+        err.message = f"'input[{i}]': {err.message}"
     return err
 
 

@@ -18,7 +18,7 @@ from pipeline_dsl.flow import PipelineError
 from . import protocol as P
 from .access import client_of, request_info
 from .answers import answer_body, check_reasoning
-from .async_pipeline import AsyncPipeline, RequestStream, StreamGroup
+from .async_pipeline import AsyncPipeline, RequestStream, StreamGroup, of_prompt
 from .body import read_json
 from .config import ServeConfig
 from .errors import answer_failed, api_error, error_response
@@ -146,6 +146,8 @@ class Generations:
         except PipelineError as e:
             for st in streams:
                 st.abort()
+            if len(parts) > 1:                # refused as it came: which prompt of the batch
+                e = of_prompt(e, len(streams))
             return self.refused(api_error(e, req.kind, self.config.retry_after_s, req.max_tokens_field,
                                           req.format_field))
         stream = streams[0] if len(streams) == 1 else StreamGroup(streams, max(req.choices_per_prompt,

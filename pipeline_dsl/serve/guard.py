@@ -1,12 +1,13 @@
 """ASGI middleware in front of every route: who may come in.
 
-`Guard` answers before any route runs: 401 without a valid API key (whatever the request
-accepts, a stream included), 400 for a Host header the server does not answer for (DNS
-rebinding), 503 + Retry-After from the drain's start on (a signal: every new request but the
-probes, which say "draining" themselves, and /metrics and /stats, through which the drain is
-watched; as under --ray) and beyond --max-connections requests served at once. A refused
-generation request (POST to one of COUNTED_PATHS) is counted in the metrics by its status, as
-the routes count theirs: a client with a wrong key shows as 401s on the dashboard.
+`Guard` answers before any route runs: 401 without a valid API key (`Authorization: Bearer KEY`,
+or Azure's `api-key: KEY`; whatever the request accepts, a stream included), 400 for a Host
+header the server does not answer for (DNS rebinding), 503 + Retry-After from the drain's start
+on (a signal: every new request but the probes, which say "draining" themselves, and /metrics and
+/stats, through which the drain is watched; as under --ray) and beyond --max-connections requests
+served at once. A refused generation request (POST to one of COUNTED_PATHS, or an Azure route of
+theirs: config.counted) is counted in the metrics by its status, as the routes count theirs: a
+client with a wrong key shows as 401s on the dashboard.
 
 A request holds one of the --max-connections slots only once its body is complete (a request
 without a body: at once), as nginx's limit_conn counts a request only once it is read: a client
@@ -22,7 +23,7 @@ from __future__ import annotations
 import hmac
 
 from . import protocol as P
-from .config import COUNTED_PATHS, OPEN_PATHS, PROBES, WATCHED, ServeConfig
+from .config import OPEN_PATHS, PROBES, WATCHED, ServeConfig, counted
 from .errors import current_request, send_error
 
 
@@ -75,9 +76,11 @@ class Guard:
         if route_path(scope) in OPEN_PATHS or scope.get("method") == "OPTIONS":
             return True
         scheme, _, token = header(scope, b"authorization").partition(" ")
-        token = token.strip().encode()
-        return scheme.lower() == "bearer" and any(hmac.compare_digest(token, key.encode())
-                                                   for key in self.config.api_keys)
+        # the key as OpenAI's clients send it (Authorization: Bearer KEY), or as Azure OpenAI's do
+        # (api-key: KEY, openai.AzureOpenAI's header): either one valid lets the request in
+        given = [token.strip()] if scheme.lower() == "bearer" else []
+        given += [azure.strip()] if (azure := header(scope, b"api-key")) else []
+        return any(hmac.compare_digest(one.encode(), key.encode()) for one in given for key in self.config.api_keys)
 
     def draining(self) -> bool:
         """Whether the pipeline stopped admitting for the drain (not because it failed: a failed
@@ -96,7 +99,8 @@ class Guard:
         """Why this request may not come in, or None (a request with a `body` is counted against
         --max-connections once the body is complete, not now)."""
         if not self.key_ok(scope):
-            return P.APIError("a valid API key is required: send it as 'Authorization: Bearer KEY'", status=401,
+            return P.APIError("a valid API key is required: send it as 'Authorization: Bearer KEY' (or 'api-key: KEY', "
+                              "as Azure OpenAI's clients do)", status=401,
                               code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
         if not self.host_ok(scope):
             return P.APIError("the Host header names a host this server does not answer for (see --allowed-hosts)",
@@ -112,7 +116,7 @@ class Guard:
         body = has_body(scope)
         refusal = self.refusal(scope, body)
         if refusal is not None:
-            if self.metrics is not None and scope.get("method") == "POST" and route_path(scope) in COUNTED_PATHS:
+            if self.metrics is not None and scope.get("method") == "POST" and counted(route_path(scope)):
                 self.metrics.requests.labels(str(refusal.status)).inc()
             return await send_error(send, refusal)
         if not body:

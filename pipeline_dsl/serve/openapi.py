@@ -211,8 +211,8 @@ CHAT_REQUEST = _request("messages", {
     "parallel_tool_calls": {"type": ["boolean", "null"]},
     "logprobs": {"type": ["boolean", "null"]},
     "top_logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS, "description": "with logprobs"},
-    "tools": {"type": "array", "maxItems": MAX_TOOLS, "items": TOOL},
-    "tool_choice": TOOL_CHOICE,
+    "tools": {"type": "array", "minItems": 1, "maxItems": MAX_TOOLS, "items": TOOL},
+    "tool_choice": {**TOOL_CHOICE, "description": "with 'tools' (without them, only \"none\")"},
     "store": {"type": ["boolean", "null"], "description": "taken and ignored"},
     "service_tier": {"type": ["string", "null"], "description": "taken and ignored"},
     "reasoning_effort": {"enum": [*REASONING_EFFORTS, None],
@@ -361,6 +361,17 @@ ERRORS = {
 }
 
 
+def azure(operation: dict) -> dict:
+    """openapi_extra of an Azure OpenAI route: `operation` (its /v1 route's) with the deployment
+    in its path (the model that answers) and Azure's api-version query, which it takes and reads not."""
+    return {**operation, "parameters": [
+        {"name": "deployment", "in": "path", "required": True, "schema": {"type": "string"},
+         "description": "the model that answers (a served name, a generate stage or a LoRA adapter); the body's "
+                        "'model' is replaced by it"},
+        {"name": "api-version", "in": "query", "required": False, "schema": {"type": "string"},
+         "description": "Azure's API version (openai.AzureOpenAI sends it): taken, and answered as /v1"}]}
+
+
 def generation(request_schema: dict, response_schema: dict, summary: str) -> dict:
     """openapi_extra of a generation route."""
     return {
@@ -419,7 +430,7 @@ TOKENIZE_REQUEST = _request(None, {      # a prompt or messages (the other left 
     "messages": {"type": "array", "minItems": 1, "items": MESSAGE},
     "add_special_tokens": {"type": "boolean"}, "add_generation_prompt": {"type": "boolean"},
     "continue_final_message": {"type": "boolean"}, "return_token_strs": {"type": "boolean"},
-    "tools": {"type": "array", "maxItems": MAX_TOOLS, "items": {"type": "object"}},
+    "tools": {"type": "array", "minItems": 1, "maxItems": MAX_TOOLS, "items": {"type": "object"}},
     "chat_template_kwargs": {"type": "object", "description": "extra variables of the chat template"}})
 
 TOKENIZE = {"requestBody": {"required": True, "content": {"application/json": {"schema": TOKENIZE_REQUEST}}},

@@ -168,7 +168,8 @@ def add_arguments(p) -> None:
     p.add_argument("--enable-lora", action="store_true",
                    help="vLLM's switch, accepted: adapters are served whenever --lora-modules names some")
     p.add_argument("--api-key", action=ExtendOrReplace, nargs="+", default=None, metavar="KEY",
-                   help="answer only requests with 'Authorization: Bearer KEY' (401 otherwise); "
+                   help="answer only requests with 'Authorization: Bearer KEY', or Azure's 'api-key: KEY' "
+                        "(401 otherwise); "
                         f"{', '.join(OPEN_PATHS)} stay open (vLLM's VLLM_API_KEY is read too, below AGP_API_KEY)")
     p.add_argument("--max-model-len", type=token_count, default=None,
                    help="context length in tokens (prompt + answer); at most the model's (vLLM's suffixes: 32k = "

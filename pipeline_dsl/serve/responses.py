@@ -363,6 +363,10 @@ def _tools(obj: dict) -> tuple[list | None, object]:
         if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
             raise bad("tool_choice", "none, auto, required or {\"type\": \"function\", \"name\"}", choice)
         choice = {"type": "function", "function": {"name": choice["name"]}}
+    if not chat_tools and choice == "auto":
+        # the Responses API's own default (OpenAI echoes "auto" on an answer without tools): taken,
+        # where chat refuses a tool_choice without tools
+        choice = None
     return chat_tools or None, choice
 
 

@@ -8,7 +8,9 @@ DELETE /v1/responses/{id}, POST /v1/responses/input_tokens: serve/responses.py),
 /v1/models/{id}, POST /tokenize, /detokenize, GET /tokenizer_info, /version, /health (and HEAD;
 /ping, GET and POST, its vLLM name), POST /invocations (SageMaker's, as vLLM's: chat, completions,
 embeddings, rerank or score by the body's shape),
-/metrics (Prometheus), /stats (counters as JSON), POST /trace/flush.
+/metrics (Prometheus), /stats (counters as JSON), POST /trace/flush; Azure OpenAI's
+/openai/deployments/{deployment}/chat/completions, /completions and /embeddings (the deployment
+is the model).
 """
 from __future__ import annotations
 
@@ -144,6 +146,45 @@ async def invocations(request: Request):
     fields = f"{', '.join(said[:-1])} or {said[-1]}"
     return state.generations.refused(P.APIError(f"/invocations answers a body holding one of {fields}; this one "
                                                  "holds none of them", code="unknown_request_type"))
+
+
+# Azure OpenAI's routes, as openai.AzureOpenAI calls them (its key in an `api-key` header, which the
+# guard takes): POST /openai/deployments/{deployment}/chat/completions, /completions and /embeddings.
+# The deployment in the path is the model that answers (a served name, a generate stage, a LoRA
+# adapter), whatever the body's `model` says, as Azure takes it; the `api-version` query is Azure's
+# version of its API, which these answer as /v1's do. Azure's other routes (/openai/models,
+# /openai/responses) are 404s saying where agp serves them (app.FOREIGN_ROUTES)
+AZURE = "/openai/deployments/{deployment}"
+
+
+async def _deployed(request: Request, deployment: str, answer):
+    """`answer(state, body)` of an Azure route's body, its `model` the deployment the path names."""
+    state = _state(request)
+    try:
+        body = await read_json(request, state.config)
+    except P.APIError as err:
+        return state.generations.refused(err)
+    return await answer(state, {**body, "model": deployment})
+
+
+@router.post(AZURE + "/chat/completions", openapi_extra=OA.azure(OA.generation(
+    OA.CHAT_REQUEST, OA.CHAT_RESPONSE, "Azure OpenAI's chat completions: POST /v1/chat/completions")))
+async def azure_chat_completions(deployment: str, request: Request):
+    return await _deployed(request, deployment,
+                           lambda state, body: state.generations.handle(request, P.parse_chat, body))
+
+
+@router.post(AZURE + "/completions", openapi_extra=OA.azure(OA.generation(
+    OA.COMPLETION_REQUEST, OA.COMPLETION_RESPONSE, "Azure OpenAI's completions: POST /v1/completions")))
+async def azure_completions(deployment: str, request: Request):
+    return await _deployed(request, deployment,
+                           lambda state, body: state.generations.handle(request, P.parse_completion, body))
+
+
+@router.post(AZURE + "/embeddings", openapi_extra=OA.azure({**OA.EMBEDDINGS,
+                                                          "summary": "Azure OpenAI's embeddings: POST /v1/embeddings"}))
+async def azure_embeddings(deployment: str, request: Request):
+    return await _deployed(request, deployment, lambda state, body: state.embeddings.create(request, body))
 
 
 # ---------------------------------------------------------------- models, tokenizer
