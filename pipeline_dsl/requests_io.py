@@ -566,14 +566,17 @@ def checked(name: str, value, given_as: str | None = None):
     return through_schema(check_field, name, value, given_as)
 
 
-def check_min_tokens(sampling: dict, max_tokens_field: str = "max_tokens") -> None:
+def check_min_tokens(sampling: dict, max_tokens_field: str = "max_tokens", default: str | None = None) -> None:
     """min_tokens above max_tokens asks for an answer no limit allows: a RequestError naming
-    min_tokens, as vLLM refuses it (a max_tokens the request leaves out is its stage's to cut)."""
+    min_tokens, as vLLM refuses it (a max_tokens the request leaves out is its stage's to cut).
+    `default`: where the max_tokens in `sampling` comes from when the request set none (agp serve
+    MODEL's completions default), which the error names; the request then gives max_tokens."""
     low, high = sampling.get("min_tokens"), sampling.get("max_tokens")
     if low is not None and high is not None and low > high:
-        raise RequestError(f"'min_tokens' = {low} is above '{max_tokens_field}' = {high}: an answer cannot be "
-                           f"longer than {max_tokens_field} allows (give min_tokens <= {max_tokens_field})",
-                           param="min_tokens")
+        source = f", {default}" if default else ""
+        fix = f"{max_tokens_field} >= min_tokens" if default else f"min_tokens <= {max_tokens_field}"
+        raise RequestError(f"'min_tokens' = {low} is above '{max_tokens_field}' = {high}{source}: an answer cannot "
+                           f"be longer than {max_tokens_field} allows (give {fix})", param="min_tokens")
 
 
 def token_ids(name: str, value) -> tuple[int, ...]:

@@ -686,6 +686,30 @@ def test_min_tokens_above_max_tokens_is_refused_naming_min_tokens():
     assert err.value.param == "min_tokens"
 
 
+def test_a_completions_default_max_tokens_is_set_as_if_sent_and_bounds_min_tokens():
+    """parse_completion's default_max_tokens (agp serve MODEL's 16) is the max_tokens of a body that
+    sets none (or sets null), checked against min_tokens as a sent one is, with an error that says where
+    it comes from; a sent max_tokens wins, a scored prompt (echo, max_tokens 0) takes none, and the
+    default is not bounded by the context as a sent max_tokens is (the engine cuts at the context)."""
+    def defaulted(obj, max_model_len=512):
+        return P.parse_completion(obj, max_model_len=max_model_len, served=SERVED, default_max_tokens=16)
+
+    assert defaulted({"prompt": "hi"}).fields["max_tokens"] == 16
+    assert defaulted({"prompt": "hi", "max_tokens": None}).fields["max_tokens"] == 16
+    assert defaulted({"prompt": "hi", "max_tokens": 40, "min_tokens": 30}).fields["max_tokens"] == 40
+    assert defaulted({"prompt": "hi", "min_tokens": 16}).fields["min_tokens"] == 16
+    assert defaulted({"prompt": "hi", "echo": True, "max_tokens": 0, "min_tokens": 20}).fields["max_tokens"] == 0
+    assert defaulted({"prompt": "hi"}, max_model_len=8).fields["max_tokens"] == 16
+    e = refused(defaulted, {"prompt": "hi", "min_tokens": 20})
+    assert e.status == 400 and e.param == "min_tokens"
+    assert e.message == ("'min_tokens' = 20 is above 'max_tokens' = 16, the completions default where a request sets "
+                         "none: an answer cannot be longer than max_tokens allows (give max_tokens >= min_tokens)")
+    e = refused(defaulted, {"prompt": "hi", "max_tokens": 16, "min_tokens": 20})      # sent: no default to name
+    assert e.message == ("'min_tokens' = 20 is above 'max_tokens' = 16: an answer cannot be longer than max_tokens "
+                         "allows (give min_tokens <= max_tokens)")
+    assert "max_tokens" not in completion({"prompt": "hi"}).fields          # no default: the stage's
+
+
 @pytest.mark.parametrize("kind, status, code, retry_after", [
     ("invalid", 400, None, False),
     ("rejected", 400, "rejected", False),            # a python stage's Reject

@@ -243,9 +243,16 @@ def priority_field(obj: dict) -> dict:
         return {"priority": priority(obj["priority"])}
 
 
-def _sampling(obj: dict, max_model_len: int, max_tokens_field: str = "max_tokens") -> dict:
+# where agp serve MODEL's completions max_tokens comes from when a request sets none, as its errors say
+COMPLETIONS_DEFAULT = "the completions default where a request sets none"
+
+
+def _sampling(obj: dict, max_model_len: int, max_tokens_field: str = "max_tokens",
+              default_max_tokens: int | None = None) -> dict:
     """The request's sampling fields, each checked against the generate parameter it sets (one
-    schema: stages/fields.py); what it leaves out, its generate stage decides."""
+    schema: stages/fields.py); what it leaves out, its generate stage decides, but for
+    `default_max_tokens`: the max_tokens of a request that sets none, as if sent (agp serve MODEL's
+    completions: vLLM's 16), so that min_tokens is checked against it."""
     values: dict[str, Any] = {}
     if max_tokens_field != "max_tokens" and obj.get(max_tokens_field) is None:
         max_tokens_field = "max_tokens"
@@ -262,8 +269,11 @@ def _sampling(obj: dict, max_model_len: int, max_tokens_field: str = "max_tokens
                        f"{max_model_len} tokens, which the prompt shares; ask for at most {max_model_len} "
                        "less the prompt's tokens",
                        param=max_tokens_field, code="context_length_exceeded")
+    default = None
+    if default_max_tokens is not None and "max_tokens" not in values:
+        values["max_tokens"], default = default_max_tokens, COMPLETIONS_DEFAULT
     with request_errors:
-        check_min_tokens(values, max_tokens_field)
+        check_min_tokens(values, max_tokens_field, default)
     stop_ids = obj.get("stop_token_ids")
     if stop_ids is not None:
         if not isinstance(stop_ids, list) or not all(_is_int(t) and t >= 0 for t in stop_ids):
@@ -337,8 +347,11 @@ def model_of(obj: dict, served: tuple[str, ...], stages: tuple[str, ...] = ()) -
 
 
 def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
-                     stages: tuple[str, ...] = (), lenient: bool = False) -> GenerationRequest:
-    """POST /v1/completions: `prompt` is a string, an array of token ids, or a batch of those."""
+                     stages: tuple[str, ...] = (), lenient: bool = False,
+                     default_max_tokens: int | None = None) -> GenerationRequest:
+    """POST /v1/completions: `prompt` is a string, an array of token ids, or a batch of those.
+    `default_max_tokens`: the max_tokens of a request that sets none (agp serve MODEL's: vLLM's 16,
+    which its request model sets as if sent); a prompt scored (max_tokens 0) takes none."""
     obj = check_unknown(obj, COMPLETION_FIELDS, lenient)
     model, pin = model_of(obj, served, stages)
     _check_unsupported(obj)
@@ -358,7 +371,8 @@ def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
                        "scored, with \"logprobs\": lm-eval's loglikelihood); give 1 or more to generate",
                        param="max_tokens")
     scoring = echo and zero
-    fields = _sampling({k: v for k, v in obj.items() if not (scoring and k == "max_tokens")}, max_model_len)
+    fields = _sampling({k: v for k, v in obj.items() if not (scoring and k == "max_tokens")}, max_model_len,
+                       default_max_tokens=None if scoring else default_max_tokens)
     top = _field(obj, "logprobs", lambda v: _is_int(v) and 0 <= v <= MAX_LOGPROBS,
                  f"an integer from 0 to {MAX_LOGPROBS}")
     tokens = parse_token_fields(obj, stream=flags["stream"])
