@@ -512,6 +512,38 @@ def test_an_embeddings_line_refused_as_its_answer_is_built_is_counted_as_failed(
     assert "2 failed" in r.stderr, r.stderr
 
 
+def test_an_embeddings_lines_result_fails_where_its_answer_cannot_be_made_of_it():
+    """BatchLine.result makes an embeddings line's answer of its inputs' results: one agp serve would
+    refuse (a `dimensions` the model cannot give) is a failed result there, with no choices and no
+    usage, and the output line is that result's error as agp serve's 400 words it; one it answers
+    keeps its result, and its line is the body made of it."""
+    from pipeline_dsl.commands.batch_api import read_line
+    from pipeline_dsl.flow import Choice, Result
+
+    def line(body):
+        batch = read_line(json.loads(batch_line("e", EMB, body)), 4)
+        batch.parse(512, (), "tiny")
+        return batch
+
+    def embedded(key):
+        return Result(key, key, [Choice(0, "", "stop", {"pooled": [3.0, 4.0]})], None,
+                      {"prompt_tokens": 2, "completion_tokens": 0, "cached_tokens": 0}, {"latency_s": 0.1})
+
+    dims = line({"input": ["a", "b"], "dimensions": 3})
+    failed = dims.result([embedded("k0"), embedded("k1")])
+    assert failed.error is not None and failed.choices == [] and failed.usage["prompt_tokens"] == 0
+    assert failed.metrics == {"latency_s": 0.1}
+    record = dims.answer(failed, None)
+    assert record["response"]["status_code"] == 400 and record["error"]["line"] == 4
+    assert record["response"]["body"]["error"] == {"message": "'dimensions' = 3: this model's embeddings have 2",
+                                                   "type": "invalid_request_error", "param": "dimensions", "code": None}
+    ok = line({"input": "a", "dimensions": 2})
+    result = ok.result([embedded("k")])
+    assert result.error is None and result.usage["prompt_tokens"] == 2
+    body = ok.answer(result, None)["response"]["body"]
+    assert body["data"][0]["embedding"] == [0.6, 0.8] and body["usage"] == {"prompt_tokens": 2, "total_tokens": 2}
+
+
 def test_a_chat_form_embeddings_line_beyond_the_context_names_messages(tmp_path, pipeline):
     """vLLM's chat form of an embeddings body (`messages`) too long for the context: its error
     record names `messages`, as agp serve's 400 does (it named `input`, a field the line has not)."""

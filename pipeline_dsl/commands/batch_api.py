@@ -22,6 +22,7 @@ import json
 import weakref
 from dataclasses import dataclass
 
+from pipeline_dsl.flow import failed_with
 from pipeline_dsl.requests_io import SAMPLING_FIELDS, ParsedRequest, RequestError
 from pipeline_dsl.serve import protocol as P
 from pipeline_dsl.serve.answers import answer_body
@@ -49,6 +50,7 @@ class BatchLine:
     per: int = 1                                 # choice numbers each prompt of a batch takes
     embed: dict | None = None                    # an embeddings body instead, parsed as agp serve parses it
     parts: list | None = None                    # ... and its inputs' results, once in (result)
+    built: dict | None = None                    # ... and the answer's body made of them (result)
 
     @property
     def id(self):
@@ -93,14 +95,27 @@ class BatchLine:
     def result(self, results: list):
         """One result of its items' results (several: a completions batch's prompts, an embeddings
         body's inputs), as agp serve answers them: choices renumbered, usage summed, the first error
-        wins. An embeddings line keeps its inputs' own results too (`parts`), which its answer reads."""
+        wins. An embeddings line keeps its inputs' own results too (`parts`), and its answer's body is
+        made of them here (`built`): a body agp serve would refuse (a `dimensions` the model cannot
+        give, an input the pipeline answered with words) fails the result here, with that 400, so the
+        run's summary and --stats count the line as its output line shows it."""
+        if len(results) == 1:
+            result = results[0]
+        else:
+            from pipeline_dsl.serve.async_pipeline import combine
+
+            result = combine(results, self.per)
         if self.embed is not None:
             self.parts = results
-        if len(results) == 1:
-            return results[0]
-        from pipeline_dsl.serve.async_pipeline import combine
+            if result.error is None:
+                from pipeline_dsl.serve.embeddings import answer_body as embeddings_body
+                from pipeline_dsl.serve.errors import as_pipeline_error
 
-        return combine(results, self.per)
+                try:
+                    self.built = embeddings_body(self.embed, results)
+                except APIError as err:
+                    return failed_with(result, as_pipeline_error(err))
+        return result
 
     def answer(self, result, runtime) -> dict:
         """The output line of a finished request: its answer, or the error it ended with."""
@@ -118,19 +133,19 @@ class BatchLine:
 
 
     def _embeddings(self, result) -> dict:
-        """The output line of an embeddings body: agp serve's answer, or the error it would have given."""
-        from pipeline_dsl.serve.embeddings import answer_body as embeddings_body, placed
+        """The output line of an embeddings body: agp serve's answer (made in `result`), or the error
+        it would have given."""
+        from pipeline_dsl.serve.embeddings import placed
         from pipeline_dsl.serve.errors import api_error
 
-        try:
-            if result.error is not None:       # the first input that failed: its field, as agp serve names it
-                failed = next((i for i, r in enumerate(self.parts or ()) if r.error is not None), 0)
-                raise placed(self.embed, failed, api_error(result.error, "embeddings"))
-            body = embeddings_body(self.embed, self.parts)
-        except APIError as err:
+        if result.error is not None:
+            err = api_error(result.error, "embeddings")
+            failed = next((i for i, r in enumerate(self.parts or ()) if r.error is not None), None)
+            if failed is not None:             # the first input that failed: its field, as agp serve names it
+                err = placed(self.embed, failed, err)
             return error_record(self.custom_id, self.line, err, self.rid)
         return {"id": f"batch_req_{self.line}", "custom_id": self.custom_id,
-                "response": {"status_code": 200, "request_id": self.rid, "body": body}, "error": None}
+                "response": {"status_code": 200, "request_id": self.rid, "body": self.built}, "error": None}
 
 
 # runtime -> its system_fingerprint, computed once; weak, so a finished run's runtime (its model
