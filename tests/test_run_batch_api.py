@@ -307,10 +307,14 @@ def test_a_batch_line_is_numbered_by_the_stages_n_and_its_stream_fields_are_igno
     prompts = ["once upon", "the end"]
     inp.write_text(batch_line("two", COMP, {"prompt": prompts, "max_tokens": 2, "echo": True})
                    + batch_line("s", COMP, {"prompt": "hi", "max_tokens": 2, "stream": True, "prompt_logprobs": 1,
-                                            "stream_options": {"include_usage": True}}))
+                                            "stream_options": {"include_usage": True}})
+                   + batch_line("many", COMP, {"prompt": ["x"] * 129, "max_tokens": 1}))
     r = run(path, "-i", inp, "-o", out)
     assert r.returncode == 0, r.stderr
-    two, streamed = records(out)
+    two, streamed, many = records(out)
+    # the stage's n bounds a line's answers as a sent n does, as agp serve bounds a body's
+    assert many["response"]["status_code"] == 400 and many["response"]["body"]["error"]["param"] == "prompt"
+    assert "129 prompts x n = 2 asks for 258 answers; at most 256" in many["error"]["message"], many
     choices = two["response"]["body"]["choices"]
     assert [c["index"] for c in choices] == [0, 1, 2, 3], choices
     assert all(c["text"].startswith(prompts[c["index"] // 2]) for c in choices), choices

@@ -47,7 +47,6 @@ class BatchLine:
     body: dict
     line: int
     call: P.GenerationRequest | None = None      # the body, parsed as agp serve parses it
-    per: int = 1                                 # choice numbers each prompt of a batch takes
     embed: dict | None = None                    # an embeddings body instead, parsed as agp serve parses it
     parts: list | None = None                    # ... and its inputs' results, once in (result)
     built: dict | None = None                    # ... and the answer's body made of them (result)
@@ -68,11 +67,7 @@ class BatchLine:
             self.embed = parse_request(self.body, max_model_len=max_model_len, served=served, stages=stages)
             return
         body = {k: v for k, v in self.body.items() if k not in ("stream", "stream_options")}
-        call = parse(body, max_model_len=max_model_len, served=served, stages=stages)
-        if "n" not in call.fields:
-            P.check_choices(1 + len(call.more_prompts), max_stage_n)
-        self.call = call
-        self.per = max(call.choices_per_prompt, max_stage_n)
+        self.call = parse(body, max_model_len=max_model_len, served=served, stages=stages, stage_n=max_stage_n)
 
     @property
     def rid(self) -> str:
@@ -104,7 +99,7 @@ class BatchLine:
         else:
             from pipeline_dsl.serve.async_pipeline import combine
 
-            result = combine(results, self.per)
+            result = combine(results, self.call.choices_per_prompt if self.call is not None else 1)
         if self.embed is not None:
             self.parts = results
             if result.error is None:

@@ -58,6 +58,7 @@ class GenerationRequest:
     format_field: str = "response_format"      # the field response_format came in (guided_json, ...)
     identity: dict | None = None               # user / safety_identifier, as the client sent them
     include_reasoning: bool = True             # vLLM's: false leaves a split-out thinking out of the answer
+    stage_n: int = 1                           # the n that answers a request that sets none (its stages')
 
     def split(self) -> list["GenerationRequest"]:
         """One request per prompt of a batched completions request (choice indexes: i * n + j)."""
@@ -71,7 +72,9 @@ class GenerationRequest:
 
     @property
     def choices_per_prompt(self) -> int:
-        return int(self.fields.get("n") or 1)
+        """The choice numbers each prompt takes (choice i of prompt k is k * this + i): its n, or the
+        generate stages' where it sets none, and never fewer than the stages' (a fan-out's)."""
+        return max(int(self.fields.get("n") or 1), self.stage_n)
 
     @property
     def tools_active(self) -> bool:
@@ -348,10 +351,12 @@ def model_of(obj: dict, served: tuple[str, ...], stages: tuple[str, ...] = ()) -
 
 def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
                      stages: tuple[str, ...] = (), lenient: bool = False,
-                     default_max_tokens: int | None = None) -> GenerationRequest:
+                     default_max_tokens: int | None = None, stage_n: int = 1) -> GenerationRequest:
     """POST /v1/completions: `prompt` is a string, an array of token ids, or a batch of those.
     `default_max_tokens`: the max_tokens of a request that sets none (agp serve MODEL's: vLLM's 16,
-    which its request model sets as if sent); a prompt scored (max_tokens 0) takes none."""
+    which its request model sets as if sent); a prompt scored (max_tokens 0) takes none. `stage_n`:
+    the n that answers a request that sets none (the largest of the pipeline's generate stages'),
+    which bounds its answers (check_choices) as a sent n does."""
     obj = check_unknown(obj, COMPLETION_FIELDS, lenient)
     model, pin = model_of(obj, served, stages)
     _check_unsupported(obj)
@@ -390,14 +395,14 @@ def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     fields.update(extras.fields)
     fields.update(truncated)
     fields.update(priority_field(obj))
-    check_choices(len(prompts), int(fields.get("n") or 1))
+    check_choices(len(prompts), int(fields.get("n") or stage_n))
     first, rest = prompts[0], prompts[1:]
     return GenerationRequest("completion", model, fields, prompt=first if isinstance(first, str) else None,
                              prompt_token_ids=tuple(first) if not isinstance(first, str) else None,
                              **flags, pin=pin, more_prompts=tuple(rest), metadata=metadata,
                              response_format=extras.constraint, request_id=extras.request_id,
                              prompt_logprobs=tokens.prompt_logprobs, identity=identity,
-                             format_field=extras.format_field)
+                             format_field=extras.format_field, stage_n=stage_n)
 
 
 MAX_PROMPTS = 256          # prompts one completions request may batch
@@ -477,8 +482,8 @@ def _messages(value) -> tuple[dict, ...]:
 
 
 def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
-               stages: tuple[str, ...] = (), lenient: bool = False) -> GenerationRequest:
-    """POST /v1/chat/completions."""
+               stages: tuple[str, ...] = (), lenient: bool = False, stage_n: int = 1) -> GenerationRequest:
+    """POST /v1/chat/completions (`stage_n`: as parse_completion's)."""
     obj = check_unknown(obj, CHAT_FIELDS, lenient)
     model, pin = model_of(obj, served, stages)
     _check_unsupported(obj, chat=True)
@@ -506,6 +511,7 @@ def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     fields.update(_render_flags(obj))
     fields.update(truncated)
     fields.update(priority_field(obj))
+    check_choices(1, int(fields.get("n") or stage_n))
     return GenerationRequest("chat", model, fields, messages=messages, **flags, pin=pin, metadata=metadata,
                              tools=tuple(tools) if tools else None, tool_choice=choice,
                              parallel_tool_calls=parallel, response_format=extras.constraint,
@@ -513,7 +519,8 @@ def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
                              request_id=extras.request_id, chat_template_kwargs=extras.template_kwargs,
                              prompt_logprobs=tokens.prompt_logprobs, identity=identity,
                              max_tokens_field="max_completion_tokens" if obj.get("max_completion_tokens") is not None
-                             else "max_tokens", include_reasoning=obj.get("include_reasoning") is not False)
+                             else "max_tokens", include_reasoning=obj.get("include_reasoning") is not False,
+                             stage_n=stage_n)
 
 
 def _render_flags(obj: dict) -> dict:
