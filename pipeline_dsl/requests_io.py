@@ -566,6 +566,13 @@ def checked(name: str, value, given_as: str | None = None):
     return through_schema(check_field, name, value, given_as)
 
 
+def max_tokens_field(obj: dict) -> str:
+    """The field a request's max_tokens is read from: chat's newer name, max_completion_tokens, as
+    OpenAI's chat clients send it, where given (it wins over max_tokens; null is not given), else
+    max_tokens. Its errors name that field (agp serve's bodies and agp run's lines alike)."""
+    return "max_completion_tokens" if obj.get("max_completion_tokens") is not None else "max_tokens"
+
+
 def check_min_tokens(sampling: dict, max_tokens_field: str = "max_tokens", default: str | None = None) -> None:
     """min_tokens above max_tokens asks for an answer no limit allows: a RequestError naming
     min_tokens, as vLLM refuses it (a max_tokens the request leaves out is its stage's to cut).
@@ -762,8 +769,7 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
     # (agp serve's /v1/embeddings), which a python stage hands back
     scoring = ((obj.get("echo") is True or obj.get("pooling") is not None)
                and _is_int(obj.get("max_tokens")) and obj["max_tokens"] == 0)
-    # chat's newer name for max_tokens, as OpenAI's chat clients send it; it wins when both are given
-    limit = "max_completion_tokens" if obj.get("max_completion_tokens") is not None else "max_tokens"
+    limit = max_tokens_field(obj)
     for name in SAMPLING_FIELDS:
         key = limit if name == "max_tokens" else name
         if obj.get(key) is not None and not (scoring and name == "max_tokens"):

@@ -366,6 +366,26 @@ def test_max_tokens_beyond_the_context_names_the_field_the_client_wrote():
     assert chat({"messages": HI, "max_completion_tokens": None, "max_tokens": 5}).fields == {"max_tokens": 5}
 
 
+def test_a_chat_body_and_an_agp_run_line_read_max_tokens_from_the_same_field():
+    """max_completion_tokens wins over max_tokens where given (null is not given), for agp serve's
+    chat bodies and agp run's lines alike (requests_io.max_tokens_field): the same max_tokens, and
+    the same field named where it is refused."""
+    from pipeline_dsl.requests_io import RequestError, parse_request
+
+    for given, field, value in [({"max_tokens": 5}, "max_tokens", 5),
+                                ({"max_completion_tokens": 6, "max_tokens": 5}, "max_completion_tokens", 6),
+                                ({"max_completion_tokens": None, "max_tokens": 5}, "max_tokens", 5),
+                                ({"max_completion_tokens": 7}, "max_completion_tokens", 7)]:
+        served, line = chat({"messages": HI, **given}), parse_request({"messages": HI, **given})
+        assert (served.max_tokens_field, served.fields["max_tokens"]) == (field, value), given
+        assert (line.max_tokens_field, line.sampling["max_tokens"]) == (field, value), given
+        body = {"messages": HI, **given, "min_tokens": 9}
+        with pytest.raises(RequestError) as e:
+            parse_request(body)
+        assert refused(chat, body).message == str(e.value)
+        assert f"above '{field}' = {value}" in str(e.value)
+
+
 @pytest.mark.parametrize("extra, message, param", [
     ({"stop_token_ids": [1, -2]}, "'stop_token_ids[1]' = -2 is not a token id (an integer from 0)", "stop_token_ids"),
     ({"stop_token_ids": [1, True]}, "'stop_token_ids[1]' = true is not a token id (an integer from 0)",

@@ -21,8 +21,9 @@ from pipeline_dsl.requests_io import (CACHE_SETTINGS, CHAT_FIELDS, CHAT_LACKING,
                                       COMPLETION_FIELDS, COMPLETION_LACKING, IDENTIFIERS, IDENTITY, IGNORED,
                                       ITEM_FIELDS, MAX_HEADER_VALUE, NEUTRAL, REASONING_EFFORTS, RESPONSES_LACKING,
                                       check_fields, check_identifiers, check_metadata, check_min_tokens,
-                                      check_neutral, foreign_hint, json_type, load_json, logprobs_of_chat, must_be,
-                                      parse_logit_bias, parse_messages, parse_tools, priority, request_item)
+                                      check_neutral, foreign_hint, json_type, load_json, logprobs_of_chat,
+                                      max_tokens_field, must_be, parse_logit_bias, parse_messages, parse_tools,
+                                      priority, request_item)
 from pipeline_dsl.requests_io import check_lacking as request_check_lacking
 from stages.fields import REQUEST_FIELDS, ParamError, check_value, param_of
 
@@ -250,17 +251,15 @@ def priority_field(obj: dict) -> dict:
 COMPLETIONS_DEFAULT = "the completions default where a request sets none"
 
 
-def _sampling(obj: dict, max_model_len: int, max_tokens_field: str = "max_tokens",
+def _sampling(obj: dict, max_model_len: int, limit: str = "max_tokens",
               default_max_tokens: int | None = None) -> dict:
     """The request's sampling fields, each checked against the generate parameter it sets (one
-    schema: stages/fields.py); what it leaves out, its generate stage decides, but for
-    `default_max_tokens`: the max_tokens of a request that sets none, as if sent (agp serve MODEL's
-    completions: vLLM's 16), so that min_tokens is checked against it."""
+    schema: stages/fields.py), max_tokens read from `limit` (chat's: max_tokens_field); what it leaves
+    out, its generate stage decides, but for `default_max_tokens`: the max_tokens of a request that sets
+    none, as if sent (agp serve MODEL's completions: vLLM's 16), so that min_tokens is checked against it."""
     values: dict[str, Any] = {}
-    if max_tokens_field != "max_tokens" and obj.get(max_tokens_field) is None:
-        max_tokens_field = "max_tokens"
     for name in REQUEST_FIELDS:
-        key = max_tokens_field if name == "max_tokens" else name
+        key = limit if name == "max_tokens" else name
         if obj.get(key) is None:
             continue
         try:
@@ -268,15 +267,15 @@ def _sampling(obj: dict, max_model_len: int, max_tokens_field: str = "max_tokens
         except ParamError as e:
             raise APIError(str(e), param=e.field, quoted=e.quoted) from None
     if values.get("max_tokens", 0) > max_model_len:
-        raise APIError(f"'{max_tokens_field}' = {values['max_tokens']} is beyond the context of "
+        raise APIError(f"'{limit}' = {values['max_tokens']} is beyond the context of "
                        f"{max_model_len} tokens, which the prompt shares; ask for at most {max_model_len} "
                        "less the prompt's tokens",
-                       param=max_tokens_field, code="context_length_exceeded")
+                       param=limit, code="context_length_exceeded")
     default = None
     if default_max_tokens is not None and "max_tokens" not in values:
         values["max_tokens"], default = default_max_tokens, COMPLETIONS_DEFAULT
     with request_errors:
-        check_min_tokens(values, max_tokens_field, default)
+        check_min_tokens(values, limit, default)
     stop_ids = obj.get("stop_token_ids")
     if stop_ids is not None:
         if not isinstance(stop_ids, list) or not all(_is_int(t) and t >= 0 for t in stop_ids):
@@ -492,7 +491,8 @@ def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     truncated = truncation(obj, max_model_len)
     messages = _messages(obj.get("messages"))
     flags = _stream_flags(obj, lenient)
-    fields = _sampling(obj, max_model_len, max_tokens_field="max_completion_tokens")
+    limit = max_tokens_field(obj)
+    fields = _sampling(obj, max_model_len, limit)
     want = _field(obj, "logprobs", lambda v: isinstance(v, bool), "true or false")
     top = _field(obj, "top_logprobs", lambda v: _is_int(v) and 0 <= v <= MAX_LOGPROBS,
                  f"an integer from 0 to {MAX_LOGPROBS}")
@@ -518,8 +518,7 @@ def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
                              format_field=extras.format_field,
                              request_id=extras.request_id, chat_template_kwargs=extras.template_kwargs,
                              prompt_logprobs=tokens.prompt_logprobs, identity=identity,
-                             max_tokens_field="max_completion_tokens" if obj.get("max_completion_tokens") is not None
-                             else "max_tokens", include_reasoning=obj.get("include_reasoning") is not False,
+                             max_tokens_field=limit, include_reasoning=obj.get("include_reasoning") is not False,
                              stage_n=stage_n)
 
 
