@@ -322,6 +322,42 @@ def test_a_batch_line_is_numbered_by_the_stages_n_and_its_stream_fields_are_igno
     assert len(streamed["response"]["body"]["choices"][0]["prompt_logprobs"]) > 1
 
 
+def test_a_line_is_bounded_by_the_context_and_the_stages_n_as_agp_serve_bounds_its_body(tmp_path, tiny_gguf):
+    """agp run and agp serve take the bounds of a body from the loaded pipeline alike (serve/build.py's
+    served_context and stage_n): a max_tokens beyond the context, and a batch of prompts whose answers
+    at the generate stage's n = 2 are more than 256, are the same 400 from both."""
+    import argparse
+
+    from starlette.testclient import TestClient
+
+    from pipeline_dsl.commands import serve
+    from pipeline_dsl.serve.build import build
+    from test_run_errors import PIPELINE
+
+    path = tmp_path / "n2.agp"
+    path.write_text(PIPELINE.format(model=tiny_gguf).replace("generate { max_new_tokens = 4 }",
+                                                             "generate { max_new_tokens = 3  n = 2 }"))
+    bodies = [{"prompt": "x", "max_tokens": 100000}, {"prompt": ["x"] * 129, "max_tokens": 1}]
+    inp, out = tmp_path / "batch.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(batch_line(f"b{i}", COMP, b) for i, b in enumerate(bodies))
+                   + batch_line("fine", COMP, {"prompt": "x", "max_tokens": 1}))     # a run all refused exits 1
+    assert run(path, "-i", inp, "-o", out).returncode == 0
+    p = argparse.ArgumentParser(prog="agp serve")
+    serve.add_arguments(p)
+    serving = build(p.parse_args([str(path), "--threads", "1"]))
+    try:
+        with TestClient(serving.app, base_url="http://localhost") as client:
+            answers = [client.post("/v1/completions", json=b) for b in bodies]
+    finally:
+        serving.runtime.close()
+    for line, answer in zip(records(out), answers):
+        assert line["response"]["status_code"] == answer.status_code == 400, (line, answer.text)
+        assert line["response"]["body"] == answer.json(), (line, answer.text)
+    context, many = answers
+    assert context.json()["error"]["param"] == "max_tokens" and "beyond the context of" in context.text
+    assert "129 prompts x n = 2 asks for 258 answers" in many.json()["error"]["message"]
+
+
 def test_an_error_record_carries_the_status_and_body_serve_would_have_answered():
     """A line that fails in a stage is the 5xx agp serve answers (a refused one its 4xx): the
     record's response.status_code and body are that answer's, its error the code and message."""
