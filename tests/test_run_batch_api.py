@@ -580,8 +580,14 @@ def test_an_embeddings_lines_result_fails_where_its_answer_cannot_be_made_of_it(
     ok = line({"input": "a", "dimensions": 2})
     result = ok.result([embedded("k")])
     assert result.error is None and result.usage["prompt_tokens"] == 2
-    body = ok.answer(result, None)["response"]["body"]
+    answered = ok.answer(result, None)
+    body = answered["response"]["body"]
     assert body["data"][0]["embedding"] == [0.6, 0.8] and body["usage"] == {"prompt_tokens": 2, "total_tokens": 2}
+    # both lines in the Batch API's one shape: the input line's id, the request's, the answer's status
+    assert answered == {"id": "batch_req_4", "custom_id": "e", "error": None,
+                        "response": {"status_code": 200, "request_id": "embd-4", "body": body}}
+    assert {k: record[k] for k in ("id", "custom_id")} == {"id": "batch_req_4", "custom_id": "e"}
+    assert record["response"]["request_id"] == "embd-4" and set(record) == set(answered)
 
 
 def test_a_chat_form_embeddings_line_beyond_the_context_names_messages(tmp_path, pipeline):

@@ -123,9 +123,7 @@ class BatchLine:
                 result.error, self.call.kind, max_tokens_field=self.call.max_tokens_field,
                 format_field=self.call.format_field), self.rid)
         body, _ = answer_body(runtime, result, self.call, self.rid, fingerprint=fingerprint(runtime))
-        return {"id": f"batch_req_{self.line}", "custom_id": self.custom_id,
-                "response": {"status_code": 200, "request_id": self.rid, "body": body}, "error": None}
-
+        return output_record(self.custom_id, self.line, 200, body, self.rid)
 
     def _embeddings(self, result) -> dict:
         """The output line of an embeddings body: agp serve's answer (made in `result`), or the error
@@ -139,8 +137,7 @@ class BatchLine:
             if failed is not None:             # the first input that failed: its field, as agp serve names it
                 err = placed(self.embed, failed, err)
             return error_record(self.custom_id, self.line, err, self.rid)
-        return {"id": f"batch_req_{self.line}", "custom_id": self.custom_id,
-                "response": {"status_code": 200, "request_id": self.rid, "body": self.built}, "error": None}
+        return output_record(self.custom_id, self.line, 200, self.built, self.rid)
 
 
 # runtime -> its system_fingerprint, computed once; weak, so a finished run's runtime (its model
@@ -180,13 +177,19 @@ def read_line(obj: dict, line: int) -> BatchLine:
     return BatchLine(cid, url, obj["body"], line)
 
 
+def output_record(custom_id, line: int, status: int, body: dict, rid: str | None = None,
+                  error: dict | None = None) -> dict:
+    """The output line of input line `line`, in the Batch API's shape: the HTTP answer agp serve
+    gives its body (`status`, `body`; `rid` its request id) and the error, where it is one."""
+    return {"id": f"batch_req_{line}", "custom_id": custom_id,
+            "response": {"status_code": status, "request_id": rid, "body": body}, "error": error}
+
+
 def error_record(custom_id, line: int, err: APIError, rid: str | None = None) -> dict:
     """The output line of a batch line that could not run: the HTTP answer agp serve would have
     given (status and error body), and the error itself with the input line it came from."""
-    body = err.body()
-    return {"id": f"batch_req_{line}", "custom_id": custom_id,
-            "response": {"status_code": err.status, "request_id": rid, "body": body},
-            "error": {"code": err.code or err.type, "message": err.message, "line": line}}
+    return output_record(custom_id, line, err.status, err.body(), rid,
+                         {"code": err.code or err.type, "message": err.message, "line": line})
 
 
 def workload_request(obj: dict, line: int) -> ParsedRequest:
