@@ -57,3 +57,30 @@ def test_the_server_refuses_unbounded_requests_with_a_400(tiny_gguf):
         assert httpx.post(s.url + "/detokenize", json={"tokens": [5, 6]}, timeout=60).status_code == 200
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("field, noun, most", [("prompt", "prompts", P.MAX_PROMPTS), ("input", "inputs", 2048)])
+def test_a_completions_prompt_and_an_embeddings_input_are_bounded_alike(field, noun, most):
+    """A batch of texts (completions' prompt, embeddings' input) is bounded by one rule
+    (protocol.bounded_batch): so many a request, none empty, none of more token ids than the
+    context once truncate_prompt_tokens has kept its last ids."""
+    from pipeline_dsl.serve.embeddings import parse_request
+
+    def parse(value, **more):
+        body = {field: value, **more}
+        if field == "prompt":
+            return P.parse_completion(body, max_model_len=8, served=("tiny",))
+        return parse_request(body, max_model_len=8, served=("tiny",))
+
+    for value, message, code in [(["a"] * (most + 1), f"'{field}' holds {most + 1} {noun}; at most {most} a request",
+                                  None),
+                                 (["a", ""], f"'{field}[1]' is empty", None),
+                                 ([5] * 9, f"'{field}' holds 9 tokens, beyond the context of 8 tokens",
+                                  "context_length_exceeded"),
+                                 (["a", [5] * 9], f"'{field}[1]' holds 9 tokens, beyond the context of 8 tokens",
+                                  "context_length_exceeded")]:
+        with pytest.raises(P.APIError) as e:
+            parse(value)
+        assert (e.value.message, e.value.param, e.value.code) == (message, field, code)
+    parse(["a"] * most)
+    parse([5] * 9, truncate_prompt_tokens=8)            # its last 8 ids: within the context

@@ -459,17 +459,25 @@ def _prompts(prompt, max_model_len: int, keep: int | None = None) -> list:
     else:
         raise _bad_ids("prompt", prompt) or _bad("prompt", "a string, an array of token ids, or an array of those",
                                                  prompt)
-    if len(batch) > MAX_PROMPTS:
-        raise APIError(f"'prompt' holds {len(batch)} prompts; at most {MAX_PROMPTS} a request", param="prompt")
+    return bounded_batch(batch, "prompt", "prompts", MAX_PROMPTS, max_model_len, keep)
+
+
+def bounded_batch(batch: list, field: str, noun: str, most: int, max_model_len: int, keep: int | None) -> list:
+    """The texts a request's `field` holds (a completions prompt, an embeddings input), each a
+    string or a list of token ids: at most `most` (`noun`: what each is called), each list its
+    last `keep` ids when truncated (truncate_prompt_tokens), none empty, none of more ids than
+    the context (a string's tokens are counted once encoded)."""
+    if len(batch) > most:
+        raise APIError(f"'{field}' holds {len(batch)} {noun}; at most {most} a request", param=field)
     if keep:
         batch = [p[-keep:] if isinstance(p, list) else p for p in batch]
     for i, p in enumerate(batch):
-        where = "'prompt'" if len(batch) == 1 else f"'prompt[{i}]'"
+        where = f"'{field}'" if len(batch) == 1 else f"'{field}[{i}]'"
         if isinstance(p, str) and not p:
-            raise APIError(f"{where} is empty", param="prompt")
+            raise APIError(f"{where} is empty", param=field)
         if isinstance(p, list) and len(p) > max_model_len:
             raise APIError(f"{where} holds {len(p)} tokens, beyond the context of {max_model_len} tokens",
-                           param="prompt", code="context_length_exceeded")
+                           param=field, code="context_length_exceeded")
     return batch
 
 
