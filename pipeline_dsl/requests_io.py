@@ -573,14 +573,24 @@ def checked(name: str, value, given_as: str | None = None):
     return through_schema(check_field, name, value, given_as)
 
 
-def check_min_tokens(sampling: dict, max_tokens_field: str = "max_tokens") -> None:
+def max_tokens_field(obj: dict) -> str:
+    """The field a request's max_tokens is read from: chat's newer name, max_completion_tokens, as
+    OpenAI's chat clients send it, where given (it wins over max_tokens; null is not given), else
+    max_tokens. Its errors name that field (agp serve's bodies and agp run's lines alike)."""
+    return "max_completion_tokens" if obj.get("max_completion_tokens") is not None else "max_tokens"
+
+
+def check_min_tokens(sampling: dict, max_tokens_field: str = "max_tokens", default: str | None = None) -> None:
     """min_tokens above max_tokens asks for an answer no limit allows: a RequestError naming
-    min_tokens, as vLLM refuses it (a max_tokens the request leaves out is its stage's to cut)."""
+    min_tokens, as vLLM refuses it (a max_tokens the request leaves out is its stage's to cut).
+    `default`: where the max_tokens in `sampling` comes from when the request set none (agp serve
+    MODEL's completions default), which the error names; the request then gives max_tokens."""
     low, high = sampling.get("min_tokens"), sampling.get("max_tokens")
     if low is not None and high is not None and low > high:
-        raise RequestError(f"'min_tokens' = {low} is above '{max_tokens_field}' = {high}: an answer cannot be "
-                           f"longer than {max_tokens_field} allows (give min_tokens <= {max_tokens_field})",
-                           param="min_tokens")
+        source = f", {default}" if default else ""
+        fix = f"{max_tokens_field} >= min_tokens" if default else f"min_tokens <= {max_tokens_field}"
+        raise RequestError(f"'min_tokens' = {low} is above '{max_tokens_field}' = {high}{source}: an answer cannot "
+                           f"be longer than {max_tokens_field} allows (give {fix})", param="min_tokens")
 
 
 def token_ids(name: str, value) -> tuple[int, ...]:
@@ -766,8 +776,7 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
     # (agp serve's /v1/embeddings), which a python stage hands back
     scoring = ((obj.get("echo") is True or obj.get("pooling") is not None)
                and _is_int(obj.get("max_tokens")) and obj["max_tokens"] == 0)
-    # chat's newer name for max_tokens, as OpenAI's chat clients send it; it wins when both are given
-    limit = "max_completion_tokens" if obj.get("max_completion_tokens") is not None else "max_tokens"
+    limit = max_tokens_field(obj)
     for name in SAMPLING_FIELDS:
         key = limit if name == "max_tokens" else name
         if obj.get(key) is not None and not (scoring and name == "max_tokens"):

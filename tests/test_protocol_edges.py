@@ -366,6 +366,26 @@ def test_max_tokens_beyond_the_context_names_the_field_the_client_wrote():
     assert chat({"messages": HI, "max_completion_tokens": None, "max_tokens": 5}).fields == {"max_tokens": 5}
 
 
+def test_a_chat_body_and_an_agp_run_line_read_max_tokens_from_the_same_field():
+    """max_completion_tokens wins over max_tokens where given (null is not given), for agp serve's
+    chat bodies and agp run's lines alike (requests_io.max_tokens_field): the same max_tokens, and
+    the same field named where it is refused."""
+    from pipeline_dsl.requests_io import RequestError, parse_request
+
+    for given, field, value in [({"max_tokens": 5}, "max_tokens", 5),
+                                ({"max_completion_tokens": 6, "max_tokens": 5}, "max_completion_tokens", 6),
+                                ({"max_completion_tokens": None, "max_tokens": 5}, "max_tokens", 5),
+                                ({"max_completion_tokens": 7}, "max_completion_tokens", 7)]:
+        served, line = chat({"messages": HI, **given}), parse_request({"messages": HI, **given})
+        assert (served.max_tokens_field, served.fields["max_tokens"]) == (field, value), given
+        assert (line.max_tokens_field, line.sampling["max_tokens"]) == (field, value), given
+        body = {"messages": HI, **given, "min_tokens": 9}
+        with pytest.raises(RequestError) as e:
+            parse_request(body)
+        assert refused(chat, body).message == str(e.value)
+        assert f"above '{field}' = {value}" in str(e.value)
+
+
 @pytest.mark.parametrize("extra, message, param", [
     ({"stop_token_ids": [1, -2]}, "'stop_token_ids[1]' = -2 is not a token id (an integer from 0)", "stop_token_ids"),
     ({"stop_token_ids": [1, True]}, "'stop_token_ids[1]' = true is not a token id (an integer from 0)",
@@ -684,6 +704,30 @@ def test_min_tokens_above_max_tokens_is_refused_naming_min_tokens():
     with pytest.raises(RequestError) as err:
         parse_request({"prompt": "hi", "max_tokens": 2, "min_tokens": 3})
     assert err.value.param == "min_tokens"
+
+
+def test_a_completions_default_max_tokens_is_set_as_if_sent_and_bounds_min_tokens():
+    """parse_completion's default_max_tokens (agp serve MODEL's 16) is the max_tokens of a body that
+    sets none (or sets null), checked against min_tokens as a sent one is, with an error that says where
+    it comes from; a sent max_tokens wins, a scored prompt (echo, max_tokens 0) takes none, and the
+    default is not bounded by the context as a sent max_tokens is (the engine cuts at the context)."""
+    def defaulted(obj, max_model_len=512):
+        return P.parse_completion(obj, max_model_len=max_model_len, served=SERVED, default_max_tokens=16)
+
+    assert defaulted({"prompt": "hi"}).fields["max_tokens"] == 16
+    assert defaulted({"prompt": "hi", "max_tokens": None}).fields["max_tokens"] == 16
+    assert defaulted({"prompt": "hi", "max_tokens": 40, "min_tokens": 30}).fields["max_tokens"] == 40
+    assert defaulted({"prompt": "hi", "min_tokens": 16}).fields["min_tokens"] == 16
+    assert defaulted({"prompt": "hi", "echo": True, "max_tokens": 0, "min_tokens": 20}).fields["max_tokens"] == 0
+    assert defaulted({"prompt": "hi"}, max_model_len=8).fields["max_tokens"] == 16
+    e = refused(defaulted, {"prompt": "hi", "min_tokens": 20})
+    assert e.status == 400 and e.param == "min_tokens"
+    assert e.message == ("'min_tokens' = 20 is above 'max_tokens' = 16, the completions default where a request sets "
+                         "none: an answer cannot be longer than max_tokens allows (give max_tokens >= min_tokens)")
+    e = refused(defaulted, {"prompt": "hi", "max_tokens": 16, "min_tokens": 20})      # sent: no default to name
+    assert e.message == ("'min_tokens' = 20 is above 'max_tokens' = 16: an answer cannot be longer than max_tokens "
+                         "allows (give min_tokens <= max_tokens)")
+    assert "max_tokens" not in completion({"prompt": "hi"}).fields          # no default: the stage's
 
 
 @pytest.mark.parametrize("kind, status, code, retry_after", [

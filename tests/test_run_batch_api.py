@@ -307,15 +307,55 @@ def test_a_batch_line_is_numbered_by_the_stages_n_and_its_stream_fields_are_igno
     prompts = ["once upon", "the end"]
     inp.write_text(batch_line("two", COMP, {"prompt": prompts, "max_tokens": 2, "echo": True})
                    + batch_line("s", COMP, {"prompt": "hi", "max_tokens": 2, "stream": True, "prompt_logprobs": 1,
-                                            "stream_options": {"include_usage": True}}))
+                                            "stream_options": {"include_usage": True}})
+                   + batch_line("many", COMP, {"prompt": ["x"] * 129, "max_tokens": 1}))
     r = run(path, "-i", inp, "-o", out)
     assert r.returncode == 0, r.stderr
-    two, streamed = records(out)
+    two, streamed, many = records(out)
+    # the stage's n bounds a line's answers as a sent n does, as agp serve bounds a body's
+    assert many["response"]["status_code"] == 400 and many["response"]["body"]["error"]["param"] == "prompt"
+    assert "129 prompts x n = 2 asks for 258 answers; at most 256" in many["error"]["message"], many
     choices = two["response"]["body"]["choices"]
     assert [c["index"] for c in choices] == [0, 1, 2, 3], choices
     assert all(c["text"].startswith(prompts[c["index"] // 2]) for c in choices), choices
     assert streamed["error"] is None and streamed["response"]["status_code"] == 200, streamed
     assert len(streamed["response"]["body"]["choices"][0]["prompt_logprobs"]) > 1
+
+
+def test_a_line_is_bounded_by_the_context_and_the_stages_n_as_agp_serve_bounds_its_body(tmp_path, tiny_gguf):
+    """agp run and agp serve take the bounds of a body from the loaded pipeline alike (serve/build.py's
+    served_context and stage_n): a max_tokens beyond the context, and a batch of prompts whose answers
+    at the generate stage's n = 2 are more than 256, are the same 400 from both."""
+    import argparse
+
+    from starlette.testclient import TestClient
+
+    from pipeline_dsl.commands import serve
+    from pipeline_dsl.serve.build import build
+    from test_run_errors import PIPELINE
+
+    path = tmp_path / "n2.agp"
+    path.write_text(PIPELINE.format(model=tiny_gguf).replace("generate { max_new_tokens = 4 }",
+                                                             "generate { max_new_tokens = 3  n = 2 }"))
+    bodies = [{"prompt": "x", "max_tokens": 100000}, {"prompt": ["x"] * 129, "max_tokens": 1}]
+    inp, out = tmp_path / "batch.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(batch_line(f"b{i}", COMP, b) for i, b in enumerate(bodies))
+                   + batch_line("fine", COMP, {"prompt": "x", "max_tokens": 1}))     # a run all refused exits 1
+    assert run(path, "-i", inp, "-o", out).returncode == 0
+    p = argparse.ArgumentParser(prog="agp serve")
+    serve.add_arguments(p)
+    serving = build(p.parse_args([str(path), "--threads", "1"]))
+    try:
+        with TestClient(serving.app, base_url="http://localhost") as client:
+            answers = [client.post("/v1/completions", json=b) for b in bodies]
+    finally:
+        serving.runtime.close()
+    for line, answer in zip(records(out), answers):
+        assert line["response"]["status_code"] == answer.status_code == 400, (line, answer.text)
+        assert line["response"]["body"] == answer.json(), (line, answer.text)
+    context, many = answers
+    assert context.json()["error"]["param"] == "max_tokens" and "beyond the context of" in context.text
+    assert "129 prompts x n = 2 asks for 258 answers" in many.json()["error"]["message"]
 
 
 def test_an_error_record_carries_the_status_and_body_serve_would_have_answered():
@@ -510,6 +550,44 @@ def test_an_embeddings_line_refused_as_its_answer_is_built_is_counted_as_failed(
     assert s["requests"] == 3 and s["errors"] == sum(g["error"] is not None for g in got) == 2
     assert s["prompt_tokens"] == got[2]["response"]["body"]["usage"]["prompt_tokens"]
     assert "2 failed" in r.stderr, r.stderr
+
+
+def test_an_embeddings_lines_result_fails_where_its_answer_cannot_be_made_of_it():
+    """BatchLine.result makes an embeddings line's answer of its inputs' results: one agp serve would
+    refuse (a `dimensions` the model cannot give) is a failed result there, with no choices and no
+    usage, and the output line is that result's error as agp serve's 400 words it; one it answers
+    keeps its result, and its line is the body made of it."""
+    from pipeline_dsl.commands.batch_api import read_line
+    from pipeline_dsl.flow import Choice, Result
+
+    def line(body):
+        batch = read_line(json.loads(batch_line("e", EMB, body)), 4)
+        batch.parse(512, (), "tiny")
+        return batch
+
+    def embedded(key):
+        return Result(key, key, [Choice(0, "", "stop", {"pooled": [3.0, 4.0]})], None,
+                      {"prompt_tokens": 2, "completion_tokens": 0, "cached_tokens": 0}, {"latency_s": 0.1})
+
+    dims = line({"input": ["a", "b"], "dimensions": 3})
+    failed = dims.result([embedded("k0"), embedded("k1")])
+    assert failed.error is not None and failed.choices == [] and failed.usage["prompt_tokens"] == 0
+    assert failed.metrics == {"latency_s": 0.1}
+    record = dims.answer(failed, None)
+    assert record["response"]["status_code"] == 400 and record["error"]["line"] == 4
+    assert record["response"]["body"]["error"] == {"message": "'dimensions' = 3: this model's embeddings have 2",
+                                                   "type": "invalid_request_error", "param": "dimensions", "code": None}
+    ok = line({"input": "a", "dimensions": 2})
+    result = ok.result([embedded("k")])
+    assert result.error is None and result.usage["prompt_tokens"] == 2
+    answered = ok.answer(result, None)
+    body = answered["response"]["body"]
+    assert body["data"][0]["embedding"] == [0.6, 0.8] and body["usage"] == {"prompt_tokens": 2, "total_tokens": 2}
+    # both lines in the Batch API's one shape: the input line's id, the request's, the answer's status
+    assert answered == {"id": "batch_req_4", "custom_id": "e", "error": None,
+                        "response": {"status_code": 200, "request_id": "embd-4", "body": body}}
+    assert {k: record[k] for k in ("id", "custom_id")} == {"id": "batch_req_4", "custom_id": "e"}
+    assert record["response"]["request_id"] == "embd-4" and set(record) == set(answered)
 
 
 def test_a_chat_form_embeddings_line_beyond_the_context_names_messages(tmp_path, pipeline):

@@ -191,6 +191,7 @@ def test_a_min_tokens_above_the_completions_default_of_16_is_refused_as_when_16_
             sent = client.post("/v1/completions", json={"prompt": "hi", "min_tokens": 20, "max_tokens": 16})
             default = client.post("/v1/completions", json={"prompt": "hi", "min_tokens": 20})
             within = client.post("/v1/completions", json={"prompt": "hi", "min_tokens": 16, "ignore_eos": True})
+            invoked = client.post("/invocations", json={"prompt": "hi", "min_tokens": 20})
             chat = client.post("/v1/chat/completions", json={"messages": HI, "min_tokens": 20, "max_tokens": 24,
                                                              "ignore_eos": True})
     finally:
@@ -198,5 +199,9 @@ def test_a_min_tokens_above_the_completions_default_of_16_is_refused_as_when_16_
     assert sent.status_code == default.status_code == 400, default.text
     assert default.json()["error"]["param"] == sent.json()["error"]["param"] == "min_tokens"
     assert "'min_tokens' = 20 is above 'max_tokens' = 16" in default.json()["error"]["message"]
+    assert "16, the completions default where a request sets none" in default.json()["error"]["message"]
+    assert "(give max_tokens >= min_tokens)" in default.json()["error"]["message"]
+    assert "completions default" not in sent.json()["error"]["message"]      # sent: no default to name
+    assert invoked.status_code == 400 and invoked.json()["error"] == default.json()["error"]
     assert within.status_code == 200 and within.json()["usage"]["completion_tokens"] == 16
     assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] == 24

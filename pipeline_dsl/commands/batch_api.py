@@ -22,6 +22,7 @@ import json
 import weakref
 from dataclasses import dataclass
 
+from pipeline_dsl.flow import failed_with
 from pipeline_dsl.requests_io import SAMPLING_FIELDS, ParsedRequest, RequestError
 from pipeline_dsl.serve import protocol as P
 from pipeline_dsl.serve.answers import answer_body
@@ -46,9 +47,9 @@ class BatchLine:
     body: dict
     line: int
     call: P.GenerationRequest | None = None      # the body, parsed as agp serve parses it
-    per: int = 1                                 # choice numbers each prompt of a batch takes
     embed: dict | None = None                    # an embeddings body instead, parsed as agp serve parses it
     parts: list | None = None                    # ... and its inputs' results, once in (result)
+    built: dict | None = None                    # ... and the answer's body made of them (result)
 
     @property
     def id(self):
@@ -66,11 +67,7 @@ class BatchLine:
             self.embed = parse_request(self.body, max_model_len=max_model_len, served=served, stages=stages)
             return
         body = {k: v for k, v in self.body.items() if k not in ("stream", "stream_options")}
-        call = parse(body, max_model_len=max_model_len, served=served, stages=stages)
-        if "n" not in call.fields:
-            P.check_choices(1 + len(call.more_prompts), max_stage_n)
-        self.call = call
-        self.per = max(call.choices_per_prompt, max_stage_n)
+        self.call = parse(body, max_model_len=max_model_len, served=served, stages=stages, stage_n=max_stage_n)
 
     @property
     def rid(self) -> str:
@@ -93,14 +90,27 @@ class BatchLine:
     def result(self, results: list):
         """One result of its items' results (several: a completions batch's prompts, an embeddings
         body's inputs), as agp serve answers them: choices renumbered, usage summed, the first error
-        wins. An embeddings line keeps its inputs' own results too (`parts`), which its answer reads."""
+        wins. An embeddings line keeps its inputs' own results too (`parts`), and its answer's body is
+        made of them here (`built`): a body agp serve would refuse (a `dimensions` the model cannot
+        give, an input the pipeline answered with words) fails the result here, with that 400, so the
+        run's summary and --stats count the line as its output line shows it."""
+        if len(results) == 1:
+            result = results[0]
+        else:
+            from pipeline_dsl.serve.async_pipeline import combine
+
+            result = combine(results, self.call.choices_per_prompt if self.call is not None else 1)
         if self.embed is not None:
             self.parts = results
-        if len(results) == 1:
-            return results[0]
-        from pipeline_dsl.serve.async_pipeline import combine
+            if result.error is None:
+                from pipeline_dsl.serve.embeddings import answer_body as embeddings_body
+                from pipeline_dsl.serve.errors import as_pipeline_error
 
-        return combine(results, self.per)
+                try:
+                    self.built = embeddings_body(self.embed, results)
+                except APIError as err:
+                    return failed_with(result, as_pipeline_error(err))
+        return result
 
     def answer(self, result, runtime) -> dict:
         """The output line of a finished request: its answer, or the error it ended with."""
@@ -113,24 +123,21 @@ class BatchLine:
                 result.error, self.call.kind, max_tokens_field=self.call.max_tokens_field,
                 format_field=self.call.format_field), self.rid)
         body, _ = answer_body(runtime, result, self.call, self.rid, fingerprint=fingerprint(runtime))
-        return {"id": f"batch_req_{self.line}", "custom_id": self.custom_id,
-                "response": {"status_code": 200, "request_id": self.rid, "body": body}, "error": None}
-
+        return output_record(self.custom_id, self.line, 200, body, self.rid)
 
     def _embeddings(self, result) -> dict:
-        """The output line of an embeddings body: agp serve's answer, or the error it would have given."""
-        from pipeline_dsl.serve.embeddings import answer_body as embeddings_body, placed
+        """The output line of an embeddings body: agp serve's answer (made in `result`), or the error
+        it would have given."""
+        from pipeline_dsl.serve.embeddings import placed
         from pipeline_dsl.serve.errors import api_error
 
-        try:
-            if result.error is not None:       # the first input that failed: its field, as agp serve names it
-                failed = next((i for i, r in enumerate(self.parts or ()) if r.error is not None), 0)
-                raise placed(self.embed, failed, api_error(result.error, "embeddings"))
-            body = embeddings_body(self.embed, self.parts)
-        except APIError as err:
+        if result.error is not None:
+            err = api_error(result.error, "embeddings")
+            failed = next((i for i, r in enumerate(self.parts or ()) if r.error is not None), None)
+            if failed is not None:             # the first input that failed: its field, as agp serve names it
+                err = placed(self.embed, failed, err)
             return error_record(self.custom_id, self.line, err, self.rid)
-        return {"id": f"batch_req_{self.line}", "custom_id": self.custom_id,
-                "response": {"status_code": 200, "request_id": self.rid, "body": body}, "error": None}
+        return output_record(self.custom_id, self.line, 200, self.built, self.rid)
 
 
 # runtime -> its system_fingerprint, computed once; weak, so a finished run's runtime (its model
@@ -170,13 +177,19 @@ def read_line(obj: dict, line: int) -> BatchLine:
     return BatchLine(cid, url, obj["body"], line)
 
 
+def output_record(custom_id, line: int, status: int, body: dict, rid: str | None = None,
+                  error: dict | None = None) -> dict:
+    """The output line of input line `line`, in the Batch API's shape: the HTTP answer agp serve
+    gives its body (`status`, `body`; `rid` its request id) and the error, where it is one."""
+    return {"id": f"batch_req_{line}", "custom_id": custom_id,
+            "response": {"status_code": status, "request_id": rid, "body": body}, "error": error}
+
+
 def error_record(custom_id, line: int, err: APIError, rid: str | None = None) -> dict:
     """The output line of a batch line that could not run: the HTTP answer agp serve would have
     given (status and error body), and the error itself with the input line it came from."""
-    body = err.body()
-    return {"id": f"batch_req_{line}", "custom_id": custom_id,
-            "response": {"status_code": err.status, "request_id": rid, "body": body},
-            "error": {"code": err.code or err.type, "message": err.message, "line": line}}
+    return output_record(custom_id, line, err.status, err.body(), rid,
+                         {"code": err.code or err.type, "message": err.message, "line": line})
 
 
 def workload_request(obj: dict, line: int) -> ParsedRequest:

@@ -19,7 +19,7 @@ from typing import Callable
 
 from pipeline_dsl.commands.batch_api import BatchLine
 from pipeline_dsl.engine.config import percentile
-from pipeline_dsl.flow import PipelineError, Result, unbuilt
+from pipeline_dsl.flow import unbuilt
 from pipeline_dsl.reasoning import stage_answer_thinks
 from pipeline_dsl.requests_io import ParsedRequest
 from pipeline_dsl.serve.answers import Vocabularies, refuse_while_thinking, thinking_tokens, tool_form
@@ -258,8 +258,6 @@ def run_pipeline(runtime, requests: Iterable[RunRequest], *, on_done: Callable[[
             log.exception("line %d: its answer could not be built; an error is written for it", req.line)
             result = unbuilt(result, e)
             line = req.answer(result, runtime)
-        if result.error is None and line.get("error") is not None:
-            result = failed_as_written(result, line)
         tally.add(result)
         on_done(req.slot, line)
         if bar is not None:
@@ -287,17 +285,6 @@ def run_pipeline(runtime, requests: Iterable[RunRequest], *, on_done: Callable[[
 def _pin(runtime, parsed: ParsedRequest) -> str | None:
     """A request line's `model` naming a generate stage pins it there."""
     return parsed.model if parsed.model in runtime.seg_of_gen else None
-
-
-def failed_as_written(result, line: dict):
-    """`result`, failed as its output line says though the pipeline answered it (an /v1/embeddings
-    body its answer could not be made of: a `dimensions` the model cannot give, an answer that is
-    not a vector): no choices and no usage, so the run's summary counts it as the line does."""
-    status = (line.get("response") or {}).get("status_code") or 500
-    error = PipelineError(line["error"]["message"], "invalid" if status < 500 else "failed",
-                          code=line["error"].get("code"))
-    return Result(result.key, result.id, [], error,
-                  {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}, dict(result.metrics or {}), {})
 
 
 class Tally:

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import networkx as nx
 
-from .items import ANSWER_FAILED_CODE, Choice, Delta, PipelineError, Result, unbuilt, unbuilt_error
+from .items import ANSWER_FAILED_CODE, Choice, Delta, PipelineError, Result, failed_with, unbuilt, unbuilt_error
 from .runtime import PipelineRuntime
 from .stats import StageCounter
 
 __all__ = ["ANSWER_FAILED_CODE", "Choice", "Delta", "PipelineError", "PipelineRuntime", "Result", "StageCounter",
-           "build_runtime", "load_graph", "unbuilt", "unbuilt_error"]
+           "build_runtime", "failed_with", "load_graph", "unbuilt", "unbuilt_error"]
 
 
 def load_graph(pipeline: str | os.PathLike | nx.DiGraph, name: str | None = None, allow_paths=()) -> nx.DiGraph:

@@ -456,8 +456,14 @@ def deliver(listener, result: Result) -> None:
 
 def unbuilt(result: Result, e: BaseException) -> Result:
     """`result` failed: its answer could not be built of it (`e`, a bug or a value no stage
-    checked). No choices and no usage (what failed may be in them)."""
-    return Result(result.key, result.id, [], unbuilt_error(e), no_usage(), dict(result.metrics or {}), {})
+    checked)."""
+    return failed_with(result, unbuilt_error(e))
+
+
+def failed_with(result: Result, error: PipelineError) -> Result:
+    """`result` failed with `error`, found as its answer was made of it (the pipeline answered it).
+    No choices and no usage (what failed may be in them)."""
+    return Result(result.key, result.id, [], error, no_usage(), dict(result.metrics or {}), {})
 
 
 def unbuilt_error(e: BaseException) -> PipelineError:

@@ -82,6 +82,17 @@ def model_names(runtime, served: list[str] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(n for n in names if n))
 
 
+def served_context(runtime) -> int:
+    """The context a request is bounded by (its max_tokens, its prompt's tokens): the least of the
+    pipeline's engines', or 1 << 20 where it has none (no generate stage: its stages bound it)."""
+    return int(min((es.max_model_len for es in runtime.segments), default=1 << 20))
+
+
+def stage_n(runtime) -> int:
+    """The n that answers a request that sets none: the largest of the pipeline's generate stages'."""
+    return max((n for es in runtime.segments for n in es.n.values()), default=1)
+
+
 def allowed_hosts(host: str, given: str | None) -> tuple[str, ...]:
     """The Host header values the server answers for (DNS rebinding protection)."""
     if given:
@@ -194,12 +205,11 @@ def build(args, *, host: str | None = None) -> Serving:
         raise
     names += tuple(a.name for a in loras)     # a request may name an adapter as it names the model
     copied = request_headers(args.request_headers, runtime.graph)
-    contexts = [es.max_model_len for es in runtime.segments]
     completion_max_tokens = None
     if model_named(args.pipeline) is not None:      # vLLM's defaults (MODEL_PIPELINE has one generate stage)
         completion_max_tokens = min([VLLM_COMPLETION_MAX_TOKENS, *(params.max_tokens for es in runtime.segments
                                                                     for params in es.defaults.values())])
-    config = ServeConfig(model_names=names, max_model_len=int(min(contexts) if contexts else 1 << 20),
+    config = ServeConfig(model_names=names, max_model_len=served_context(runtime),
                          stages=tuple((g, Path(str(es.config.model)).name) for g, es in runtime.seg_of_gen.items()),
                          loras=loras,
                          stage_loras=tuple((g, Path(str(es.spec.loras[g])).name) for g, es in runtime.seg_of_gen.items()
@@ -210,7 +220,7 @@ def build(args, *, host: str | None = None) -> Serving:
                          allowed_hosts=allowed_hosts(host or args.host, args.allowed_hosts),
                          max_prompt_chars=max((es.max_prompt_chars or 0 for es in runtime.segments),
                                               default=0) or None,
-                         max_stage_n=max((n for es in runtime.segments for n in es.n.values()), default=1),
+                         max_stage_n=stage_n(runtime),
                          completion_max_tokens=completion_max_tokens,
                          lenient=args.lenient, api_keys=tuple(args.api_key or ()),
                          allowed_origins=tuple(args.allowed_origins or ()),

@@ -74,18 +74,7 @@ def _inputs(value, max_model_len: int, keep: int | None = None) -> list:
         batch = list(value)
     else:
         raise bad("input", "a string, an array of token ids, or a non-empty array of those", value)
-    if len(batch) > MAX_INPUTS:
-        raise P.APIError(f"'input' holds {len(batch)} inputs; at most {MAX_INPUTS} a request", param="input")
-    if keep:
-        batch = [v[-keep:] if isinstance(v, list) else v for v in batch]
-    for i, v in enumerate(batch):
-        where = "'input'" if len(batch) == 1 else f"'input[{i}]'"
-        if isinstance(v, str) and not v:
-            raise P.APIError(f"{where} is empty", param="input")
-        if isinstance(v, list) and len(v) > max_model_len:
-            raise P.APIError(f"{where} holds {len(v)} tokens, beyond the context of {max_model_len} tokens",
-                             param="input", code="context_length_exceeded")
-    return batch
+    return P.bounded_batch(batch, "input", "inputs", MAX_INPUTS, max_model_len, keep)
 
 
 def encode(vector: list[float], fmt: str, dtype: str = "float32", endianness: str = "native"):

@@ -109,6 +109,13 @@ def api_error(e: PipelineError, kind: str, retry_after_s: int = 1, max_tokens_fi
     return err
 
 
+def as_pipeline_error(err: APIError) -> PipelineError:
+    """The PipelineError that api_error answers as `err`, a 400 of the request's own (found as its
+    answer was made: a `dimensions` the model cannot give), for a front end that answers from a
+    request's result (agp run's output lines, its summary's errors); anything else is a failure."""
+    return PipelineError(err.message, "invalid" if err.status == 400 else "failed", code=err.code, param=err.param)
+
+
 QUOTED = "<value>"       # what the log writes for the request's own content an error message quotes
 
 

@@ -71,21 +71,13 @@ class Generations:
 
     def parse(self, body: dict, parse) -> P.GenerationRequest:
         c = self.config
+        # agp serve MODEL: vLLM's completions default (16), which its request model sets as if sent (a
+        # min_tokens above it is refused as when that max_tokens is sent, as vLLM does)
+        default = {"default_max_tokens": c.completion_max_tokens} if parse is P.parse_completion else {}
         req = parse(body, max_model_len=c.max_model_len, served=c.model_names, stages=self.stage_names,
-                    lenient=c.lenient)
-        if "n" not in req.fields:           # the generate stage's n answers each prompt
-            P.check_choices(1 + len(req.more_prompts), c.max_stage_n)
+                    lenient=c.lenient, stage_n=c.max_stage_n, **default)
         P.check_queue_room(1 + len(req.more_prompts), self.apipe.runtime.max_queue, "prompt")
         check_reasoning(self.apipe.runtime, req)
-        if c.completion_max_tokens is not None and req.kind == "completion" and "max_tokens" not in req.fields:
-            # agp serve MODEL: vLLM's completions default (16), which its request model sets as if sent
-            # (a min_tokens above it is refused as when that max_tokens is sent, as vLLM does)
-            low = req.fields.get("min_tokens")
-            if low is not None and low > c.completion_max_tokens:
-                raise P.APIError(f"'min_tokens' = {low} is above 'max_tokens' = {c.completion_max_tokens}, the "
-                                 "completions default where a request sets none: an answer cannot be longer than "
-                                 "max_tokens allows (give max_tokens >= min_tokens)", param="min_tokens")
-            req = replace(req, fields={**req.fields, "max_tokens": c.completion_max_tokens})
         return self.token_names(req, body)
 
     def token_names(self, req: P.GenerationRequest, body: dict) -> P.GenerationRequest:
@@ -150,8 +142,7 @@ class Generations:
                 e = of_prompt(e, len(streams))
             return self.refused(api_error(e, req.kind, self.config.retry_after_s, req.max_tokens_field,
                                           req.format_field))
-        stream = streams[0] if len(streams) == 1 else StreamGroup(streams, max(req.choices_per_prompt,
-                                                                              self.config.max_stage_n))
+        stream = streams[0] if len(streams) == 1 else StreamGroup(streams, req.choices_per_prompt)
         self.metrics.in_flight.inc()
         here, first = await wait_or_disconnect(request, stream.__anext__())
         if not here:                          # the client went away while it waited

@@ -21,8 +21,9 @@ from pipeline_dsl.requests_io import (CACHE_SETTINGS, CHAT_FIELDS, CHAT_LACKING,
                                       COMPLETION_FIELDS, COMPLETION_LACKING, IDENTIFIERS, IDENTITY, IGNORED,
                                       ITEM_FIELDS, MAX_HEADER_VALUE, NEUTRAL, REASONING_EFFORTS, RESPONSES_LACKING,
                                       check_fields, check_identifiers, check_metadata, check_min_tokens,
-                                      check_neutral, foreign_hint, json_type, load_json, logprobs_of_chat, must_be,
-                                      parse_logit_bias, parse_messages, parse_tools, priority, request_item)
+                                      check_neutral, foreign_hint, json_type, load_json, logprobs_of_chat,
+                                      max_tokens_field, must_be, parse_logit_bias, parse_messages, parse_tools,
+                                      priority, request_item)
 from pipeline_dsl.requests_io import check_lacking as request_check_lacking
 from stages.fields import REQUEST_FIELDS, ParamError, check_value, param_of
 
@@ -58,6 +59,7 @@ class GenerationRequest:
     format_field: str = "response_format"      # the field response_format came in (guided_json, ...)
     identity: dict | None = None               # user / safety_identifier, as the client sent them
     include_reasoning: bool = True             # vLLM's: false leaves a split-out thinking out of the answer
+    stage_n: int = 1                           # the n that answers a request that sets none (its stages')
 
     def split(self) -> list["GenerationRequest"]:
         """One request per prompt of a batched completions request (choice indexes: i * n + j)."""
@@ -71,7 +73,9 @@ class GenerationRequest:
 
     @property
     def choices_per_prompt(self) -> int:
-        return int(self.fields.get("n") or 1)
+        """The choice numbers each prompt takes (choice i of prompt k is k * this + i): its n, or the
+        generate stages' where it sets none, and never fewer than the stages' (a fan-out's)."""
+        return max(int(self.fields.get("n") or 1), self.stage_n)
 
     @property
     def tools_active(self) -> bool:
@@ -243,14 +247,19 @@ def priority_field(obj: dict) -> dict:
         return {"priority": priority(obj["priority"])}
 
 
-def _sampling(obj: dict, max_model_len: int, max_tokens_field: str = "max_tokens") -> dict:
+# where agp serve MODEL's completions max_tokens comes from when a request sets none, as its errors say
+COMPLETIONS_DEFAULT = "the completions default where a request sets none"
+
+
+def _sampling(obj: dict, max_model_len: int, limit: str = "max_tokens",
+              default_max_tokens: int | None = None) -> dict:
     """The request's sampling fields, each checked against the generate parameter it sets (one
-    schema: stages/fields.py); what it leaves out, its generate stage decides."""
+    schema: stages/fields.py), max_tokens read from `limit` (chat's: max_tokens_field); what it leaves
+    out, its generate stage decides, but for `default_max_tokens`: the max_tokens of a request that sets
+    none, as if sent (agp serve MODEL's completions: vLLM's 16), so that min_tokens is checked against it."""
     values: dict[str, Any] = {}
-    if max_tokens_field != "max_tokens" and obj.get(max_tokens_field) is None:
-        max_tokens_field = "max_tokens"
     for name in REQUEST_FIELDS:
-        key = max_tokens_field if name == "max_tokens" else name
+        key = limit if name == "max_tokens" else name
         if obj.get(key) is None:
             continue
         try:
@@ -258,12 +267,15 @@ def _sampling(obj: dict, max_model_len: int, max_tokens_field: str = "max_tokens
         except ParamError as e:
             raise APIError(str(e), param=e.field, quoted=e.quoted) from None
     if values.get("max_tokens", 0) > max_model_len:
-        raise APIError(f"'{max_tokens_field}' = {values['max_tokens']} is beyond the context of "
+        raise APIError(f"'{limit}' = {values['max_tokens']} is beyond the context of "
                        f"{max_model_len} tokens, which the prompt shares; ask for at most {max_model_len} "
                        "less the prompt's tokens",
-                       param=max_tokens_field, code="context_length_exceeded")
+                       param=limit, code="context_length_exceeded")
+    default = None
+    if default_max_tokens is not None and "max_tokens" not in values:
+        values["max_tokens"], default = default_max_tokens, COMPLETIONS_DEFAULT
     with request_errors:
-        check_min_tokens(values, max_tokens_field)
+        check_min_tokens(values, limit, default)
     stop_ids = obj.get("stop_token_ids")
     if stop_ids is not None:
         if not isinstance(stop_ids, list) or not all(_is_int(t) and t >= 0 for t in stop_ids):
@@ -342,8 +354,13 @@ def unknown_model(model: str, known: tuple, type: str = "invalid_request_error")
 
 
 def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
-                     stages: tuple[str, ...] = (), lenient: bool = False) -> GenerationRequest:
-    """POST /v1/completions: `prompt` is a string, an array of token ids, or a batch of those."""
+                     stages: tuple[str, ...] = (), lenient: bool = False,
+                     default_max_tokens: int | None = None, stage_n: int = 1) -> GenerationRequest:
+    """POST /v1/completions: `prompt` is a string, an array of token ids, or a batch of those.
+    `default_max_tokens`: the max_tokens of a request that sets none (agp serve MODEL's: vLLM's 16,
+    which its request model sets as if sent); a prompt scored (max_tokens 0) takes none. `stage_n`:
+    the n that answers a request that sets none (the largest of the pipeline's generate stages'),
+    which bounds its answers (check_choices) as a sent n does."""
     obj = check_unknown(obj, COMPLETION_FIELDS, lenient)
     model, pin = model_of(obj, served, stages)
     _check_unsupported(obj)
@@ -363,7 +380,8 @@ def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
                        "scored, with \"logprobs\": lm-eval's loglikelihood); give 1 or more to generate",
                        param="max_tokens")
     scoring = echo and zero
-    fields = _sampling({k: v for k, v in obj.items() if not (scoring and k == "max_tokens")}, max_model_len)
+    fields = _sampling({k: v for k, v in obj.items() if not (scoring and k == "max_tokens")}, max_model_len,
+                       default_max_tokens=None if scoring else default_max_tokens)
     top = _field(obj, "logprobs", lambda v: _is_int(v) and 0 <= v <= MAX_LOGPROBS,
                  f"an integer from 0 to {MAX_LOGPROBS}")
     tokens = parse_token_fields(obj, stream=flags["stream"])
@@ -381,14 +399,14 @@ def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     fields.update(extras.fields)
     fields.update(truncated)
     fields.update(priority_field(obj))
-    check_choices(len(prompts), int(fields.get("n") or 1))
+    check_choices(len(prompts), int(fields.get("n") or stage_n))
     first, rest = prompts[0], prompts[1:]
     return GenerationRequest("completion", model, fields, prompt=first if isinstance(first, str) else None,
                              prompt_token_ids=tuple(first) if not isinstance(first, str) else None,
                              **flags, pin=pin, more_prompts=tuple(rest), metadata=metadata,
                              response_format=extras.constraint, request_id=extras.request_id,
                              prompt_logprobs=tokens.prompt_logprobs, identity=identity,
-                             format_field=extras.format_field)
+                             format_field=extras.format_field, stage_n=stage_n)
 
 
 MAX_PROMPTS = 256          # prompts one completions request may batch
@@ -446,17 +464,25 @@ def _prompts(prompt, max_model_len: int, keep: int | None = None) -> list:
     else:
         raise _bad_ids("prompt", prompt) or _bad("prompt", "a string, an array of token ids, or an array of those",
                                                  prompt)
-    if len(batch) > MAX_PROMPTS:
-        raise APIError(f"'prompt' holds {len(batch)} prompts; at most {MAX_PROMPTS} a request", param="prompt")
+    return bounded_batch(batch, "prompt", "prompts", MAX_PROMPTS, max_model_len, keep)
+
+
+def bounded_batch(batch: list, field: str, noun: str, most: int, max_model_len: int, keep: int | None) -> list:
+    """The texts a request's `field` holds (a completions prompt, an embeddings input), each a
+    string or a list of token ids: at most `most` (`noun`: what each is called), each list its
+    last `keep` ids when truncated (truncate_prompt_tokens), none empty, none of more ids than
+    the context (a string's tokens are counted once encoded)."""
+    if len(batch) > most:
+        raise APIError(f"'{field}' holds {len(batch)} {noun}; at most {most} a request", param=field)
     if keep:
         batch = [p[-keep:] if isinstance(p, list) else p for p in batch]
     for i, p in enumerate(batch):
-        where = "'prompt'" if len(batch) == 1 else f"'prompt[{i}]'"
+        where = f"'{field}'" if len(batch) == 1 else f"'{field}[{i}]'"
         if isinstance(p, str) and not p:
-            raise APIError(f"{where} is empty", param="prompt")
+            raise APIError(f"{where} is empty", param=field)
         if isinstance(p, list) and len(p) > max_model_len:
             raise APIError(f"{where} holds {len(p)} tokens, beyond the context of {max_model_len} tokens",
-                           param="prompt", code="context_length_exceeded")
+                           param=field, code="context_length_exceeded")
     return batch
 
 
@@ -468,8 +494,8 @@ def _messages(value) -> tuple[dict, ...]:
 
 
 def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
-               stages: tuple[str, ...] = (), lenient: bool = False) -> GenerationRequest:
-    """POST /v1/chat/completions."""
+               stages: tuple[str, ...] = (), lenient: bool = False, stage_n: int = 1) -> GenerationRequest:
+    """POST /v1/chat/completions (`stage_n`: as parse_completion's)."""
     obj = check_unknown(obj, CHAT_FIELDS, lenient)
     model, pin = model_of(obj, served, stages)
     _check_unsupported(obj, chat=True)
@@ -478,7 +504,8 @@ def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     truncated = truncation(obj, max_model_len)
     messages = _messages(obj.get("messages"))
     flags = _stream_flags(obj, lenient)
-    fields = _sampling(obj, max_model_len, max_tokens_field="max_completion_tokens")
+    limit = max_tokens_field(obj)
+    fields = _sampling(obj, max_model_len, limit)
     want = _field(obj, "logprobs", lambda v: isinstance(v, bool), "true or false")
     top = _field(obj, "top_logprobs", lambda v: _is_int(v) and 0 <= v <= MAX_LOGPROBS,
                  f"an integer from 0 to {MAX_LOGPROBS}")
@@ -497,14 +524,15 @@ def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     fields.update(_render_flags(obj))
     fields.update(truncated)
     fields.update(priority_field(obj))
+    check_choices(1, int(fields.get("n") or stage_n))
     return GenerationRequest("chat", model, fields, messages=messages, **flags, pin=pin, metadata=metadata,
                              tools=tuple(tools) if tools else None, tool_choice=choice,
                              parallel_tool_calls=parallel, response_format=extras.constraint,
                              format_field=extras.format_field,
                              request_id=extras.request_id, chat_template_kwargs=extras.template_kwargs,
                              prompt_logprobs=tokens.prompt_logprobs, identity=identity,
-                             max_tokens_field="max_completion_tokens" if obj.get("max_completion_tokens") is not None
-                             else "max_tokens", include_reasoning=obj.get("include_reasoning") is not False)
+                             max_tokens_field=limit, include_reasoning=obj.get("include_reasoning") is not False,
+                             stage_n=stage_n)
 
 
 def _render_flags(obj: dict) -> dict:
