@@ -205,10 +205,15 @@ async def send(client: httpx.AsyncClient, url: str, req: dict, timeout: float) -
 
 def answer(req: dict, res: dict) -> tuple[dict, dict | None]:
     """({choice index: {tokens, reason}}, usage) of a whole generation answer, streamed or not."""
-    choices: dict = defaultdict(lambda: {"tokens": 0, "reason": None})
+    choices: dict = defaultdict(lambda: {"tokens": 0, "reason": None, "logprobs": 0})
+
+    def logprobs(lp) -> int:
+        return 0 if not lp else len(lp["content"] or []) if "content" in lp else len(lp["tokens"])
+
     if "json" in res:
         for c in res["json"]["choices"]:
-            choices[c["index"]].update(tokens=len(c.get("token_ids") or []), reason=c["finish_reason"])
+            choices[c["index"]].update(tokens=len(c.get("token_ids") or []), reason=c["finish_reason"],
+                                       logprobs=logprobs(c.get("logprobs")))
         return dict(choices), res["json"].get("usage")
     usage = None
     for c in res["chunks"]:
@@ -218,6 +223,7 @@ def answer(req: dict, res: dict) -> tuple[dict, dict | None]:
         for x in c.get("choices") or []:
             e = choices[x["index"]]
             e["tokens"] += len(x.get("token_ids") or [])
+            e["logprobs"] += logprobs(x.get("logprobs"))
             if x.get("finish_reason"):
                 if e["reason"] is not None:
                     raise ValueError(f"choice {x['index']} finished twice")
@@ -245,6 +251,8 @@ def check_answer(req: dict, res: dict) -> tuple[list[str], int, int, int]:
     for i, c in choices.items():
         if c["reason"] not in ("stop", "length"):
             out.append(f"choice {i}: finish_reason {c['reason']!r}")
+        if req["body"].get("logprobs") not in (None, False) and c["logprobs"] != c["tokens"]:
+            out.append(f"choice {i}: {c['logprobs']} logprobs for {c['tokens']} tokens")
         if c["tokens"] > req["body"]["max_tokens"]:
             out.append(f"choice {i}: {c['tokens']} tokens for max_tokens {req['body']['max_tokens']}")
         if req["kind"] == "long" and c["tokens"] != req["body"]["max_tokens"] and c["reason"] != "length":
