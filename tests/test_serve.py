@@ -450,6 +450,21 @@ def test_the_usage_of_a_batch_of_prompts_sums_its_prompts(server, stream):
     assert usage["total_tokens"] == sum(sizes) + 18
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_batch_with_a_prompt_over_the_context_is_a_400_streamed_or_not(server, stream):
+    """A completions batch one of whose prompts does not fit the context is refused whole, as that
+    prompt alone is: a 400 naming it, streamed too (not a 200 stream of the other prompts' tokens
+    that ends in an error event), counted as a 400, nothing left running."""
+    body = {"model": "tiny", "prompt": ["hi", "the cat " * 300], "max_tokens": 4, "stream": stream}
+    before = server.metric("agp_requests_total", '{status="400"}', default=0)
+    r = server.http.post(server.url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "context_length_exceeded" and err["param"] == "prompt"
+    assert server.metric("agp_requests_total", '{status="400"}') == before + 1
+    server.stats_when(lambda s: s["in_flight"] == 0 and s["running"] == 0 and s["kv_blocks_used"] == 0)
+
+
 def test_raw_sse_stream_ends_with_done(server):
     body = {"model": "tiny", "prompt": "hello", "max_tokens": 5, "stream": True}
     with server.http.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:

@@ -345,6 +345,26 @@ class StreamGroup:
             async for event in self.streams[0]:
                 yield event
             return
+        # the group starts once each request has begun (its first event): a request refused before
+        # its first token (a prompt over the context) refuses the whole batch, as a batch of that
+        # prompt alone is, rather than ending a stream of the others' tokens with an error event
+        firsts: list = [None] * len(self.streams)
+        waiting = {asyncio.ensure_future(s.__anext__()): k for k, s in enumerate(self.streams)}
+        refused = None
+        try:
+            while waiting and refused is None:
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                for future in done:
+                    k = waiting.pop(future)
+                    firsts[k] = future.result()
+                    if firsts[k][0] == "done" and firsts[k][1].error is not None:
+                        refused = firsts[k]
+        finally:
+            for future in waiting:
+                future.cancel()
+        if refused is not None:
+            yield refused
+            return
         # one event at a time: the rest wait in their own stream, where its unread bound sees them
         queue: asyncio.Queue = asyncio.Queue(maxsize=1)
 
@@ -352,10 +372,16 @@ class StreamGroup:
             async for event in stream:
                 await queue.put((k, event))
 
-        tasks = [asyncio.ensure_future(pump(k, s)) for k, s in enumerate(self.streams)]
         results: list = [None] * len(self.streams)
+        left = len(self.streams)
+        for k, event in enumerate(firsts):
+            if event[0] == "delta":
+                yield ("delta", self.numbers.index(k, event[1]), event[2])
+            else:
+                results[k] = event[1]
+                left -= 1
+        tasks = [asyncio.ensure_future(pump(k, s)) for k, s in enumerate(self.streams) if results[k] is None]
         try:
-            left = len(self.streams)
             while left:
                 k, event = await queue.get()
                 if event[0] == "delta":

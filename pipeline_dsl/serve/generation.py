@@ -150,6 +150,7 @@ class Generations:
             self.gone()
             return Response(status_code=499)
         if first[0] == "done" and first[1].error is not None:
+            stream.abort()                    # a batch's other prompts, when one of them was refused
             self.metrics.in_flight.dec()
             return self.refused(api_error(first[1].error, req.kind, self.config.retry_after_s,
                                           req.max_tokens_field, req.format_field))
