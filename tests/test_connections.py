@@ -6,10 +6,12 @@ counting the child's open sockets."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
 import socket
+import struct
 import time
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import pytest
 import uvicorn
 from uvicorn.server import ServerState
 
-from pipeline_dsl.serve.server import ClosingConnection, agp_protocol
+from pipeline_dsl.serve.server import SEND_WATCH, TCP_INFO_BYTES, ClosingConnection, agp_protocol
 
 from test_serve import TINY, start_agp_serve
 
@@ -412,6 +414,153 @@ def test_a_client_that_reads_none_of_its_answer_is_cut_after_the_send_timeout():
         clock.advance(0.5)
         assert stalled.aborted and not slow.aborted and not slow.closed
     finally:
+        loop.close()
+
+
+
+async def _endless_stream(scope, receive, send):
+    """An answer far longer than a client's receive buffer and the server's send buffer hold."""
+    _endless_stream.watches.append(scope["extensions"][SEND_WATCH])
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+    await send({"type": "http.response.body", "body": b"data: x\n\n" * (1 << 20), "more_body": True})
+    while (await receive())["type"] != "http.disconnect":     # the client's going ends it
+        pass
+
+
+def _stalls_told(reads_until: float, seconds: float, step: float = 0.05) -> tuple[float | None, list[float]]:
+    """A GET answered by `_endless_stream` through agp_protocol (send_timeout 30: a client that
+    takes nothing for a second stalls) on a real loopback TCP connection, whose timers run on a
+    clock moved `step` at a time; its client reads 256 KiB (what its receive buffer holds, and
+    what more comes as it reads) every half second until `reads_until`, then nothing. (Its buffer
+    is Linux's default: one under 64 KiB has no window scaling, and loopback's MSS of 64 KiB rounds
+    its window down to 0 even once read, until the server's next zero-window probe; nor does a
+    read of less than 64 KiB open a window on loopback.) (when the request first heard its client stall, when the
+    client read)."""
+    loop = asyncio.new_event_loop()
+    clock = _Clock(loop)
+    config = uvicorn.Config(app=_endless_stream, log_level="warning")
+    config.load()
+    _endless_stream.watches = []
+    cls = agp_protocol(header_timeout=10, send_timeout=30)
+    server = loop.run_until_complete(loop.create_server(
+        lambda: cls(config=config, server_state=ServerState(), app_state={}, _loop=clock), "127.0.0.1", 0))
+    c = socket.socket()
+    try:
+        c.connect(server.sockets[0].getsockname())
+        c.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        c.setblocking(False)
+        loop.run_until_complete(asyncio.sleep(0.3))       # the answer fills the client's buffer and the server's
+        watch, = _endless_stream.watches
+        stalled_at, reads = None, []
+        for i in range(1, round(seconds / step) + 1):
+            if i * step <= reads_until and i % round(0.5 / step) == 0:
+                got = 0
+                with contextlib.suppress(BlockingIOError):
+                    while got < 256 << 10:
+                        got += len(c.recv((256 << 10) - got))
+                assert got > 0
+                reads.append(clock.now)
+                loop.run_until_complete(asyncio.sleep(0.02))   # its window opens: more is sent, and taken
+            clock.advance(step)
+            if watch.stalled and stalled_at is None:
+                stalled_at = clock.now
+        return stalled_at, reads
+    finally:
+        c.close()                                         # the answer's end (_endless_stream)
+        loop.run_until_complete(asyncio.sleep(0.1))
+        server.close()
+        loop.run_until_complete(server.wait_closed())
+        loop.close()
+
+
+def test_a_client_that_stops_reading_is_told_stalled_a_second_after_its_last_read():
+    """The request hears that its client stalls (SEND_WATCH) a second after the client took its
+    last byte, the time of that byte known to a quarter of a second: the server's buffers are
+    still filling then (a CPU engine writes some 600 tokens of 150 bytes a second). (Before: the
+    connection was looked at once a second and the stall told two looks after the look that last
+    saw bytes taken, the first look a second after the answer began: 3 s into a stream whose
+    client read once, at 0.5 s; a 2,000-token stream was generated to its end for a client that
+    read none of it.)"""
+    stalled_at, reads = _stalls_told(reads_until=0.5, seconds=5)
+    assert reads == [pytest.approx(0.45)]
+    assert stalled_at is not None and reads[-1] + 1.0 <= stalled_at <= reads[-1] + 1.0 + 2 * 0.25 + 0.05
+
+
+def test_a_client_that_reads_slowly_but_steadily_is_never_told_stalled():
+    """A client that reads every half second, however little its buffer holds, takes bytes at each
+    read: in 6 s it is never told stalled; once it stops reading it is."""
+    stalled_at, reads = _stalls_told(reads_until=6, seconds=8)
+    assert len(reads) == 12
+    assert stalled_at is not None and reads[-1] < stalled_at <= reads[-1] + 1.0 + 2 * 0.25 + 0.05
+
+
+class _FarSocket:
+    """A TCP socket whose TCP_INFO says: a round trip of `rtt` seconds, bytes waiting, none of
+    them acknowledged since the connection opened."""
+    family = socket.AF_INET
+
+    def __init__(self, rtt: float):
+        self.rtt = rtt
+
+    def setsockopt(self, *args):
+        pass
+
+    def getsockname(self):
+        return ("127.0.0.1", 8000)
+
+    def getpeername(self):
+        return ("10.0.0.2", 50000)
+
+    def getsockopt(self, level, option, size):
+        info = bytearray(TCP_INFO_BYTES)
+        struct.pack_into("=I", info, 24, 3)                        # tcpi_unacked
+        struct.pack_into("=I", info, 68, round(self.rtt * 1e6))    # tcpi_rtt
+        return bytes(info)
+
+
+class _FarTransport(_Transport):
+    def __init__(self, rtt: float):
+        super().__init__()
+        self.sock = _FarSocket(rtt)
+
+    def get_extra_info(self, name, default=None):
+        return self.sock if name == "socket" else default
+
+    def get_write_buffer_size(self):
+        return 0
+
+    def can_write_eof(self):
+        return True
+
+
+@pytest.mark.parametrize("rtt", [0.0001, 0.5])
+def test_a_client_far_away_is_given_four_round_trips_before_it_is_told_stalled(rtt):
+    """What is written to a client a round trip away is acknowledged a round trip later at best:
+    a stall is told after a second without a byte taken, or after four round trips where those
+    are longer (a client 500 ms away: 2 s)."""
+    loop = asyncio.new_event_loop()
+    clock = _Clock(loop)
+    try:
+        config = uvicorn.Config(app=_endless_stream, log_level="warning")
+        config.load()
+        _endless_stream.watches = []
+        proto = agp_protocol(header_timeout=10, send_timeout=30)(
+            config=config, server_state=ServerState(), app_state={}, _loop=clock)
+        proto.connection_made(_FarTransport(rtt))
+        proto.data_received(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        loop.run_until_complete(asyncio.sleep(0.05))        # the app writes its answer
+        watch, = _endless_stream.watches
+        stalled_at = None
+        for _ in range(60):
+            clock.advance(0.05)
+            if watch.stalled and stalled_at is None:
+                stalled_at = clock.now
+        want = max(1.0, 4 * rtt)
+        assert stalled_at is not None and want <= stalled_at <= want + 0.25 + 0.05
+    finally:
+        if "proto" in locals():
+            proto.connection_lost(None)                   # the answer's end (_endless_stream)
+            loop.run_until_complete(asyncio.sleep(0.05))
         loop.close()
 
 

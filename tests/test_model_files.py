@@ -509,3 +509,23 @@ def test_a_folder_without_config_json_is_not_found(tmp_path, hf_folder):
 
 def test_model_file_problem_is_one_line():
     assert str(ModelFileProblem("/m.gguf", "two\nlines")) == "/m.gguf: two lines"
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+def test_4bit_gguf_weights_are_ggufs_own_floats_bit_for_bit(tmp_path, qtype):
+    # the loader unpacks a 4-bit tensor's nibbles once for its int4 blocks and its float copy:
+    # the floats are still gguf's formula's, and the blocks give them back
+    import numpy as np
+    import torch
+    from gguf import quants
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", qtype=qtype)
+    weights = load_gguf(path).weights
+    tensors = {t.name: t for t in GGUFReader(path).tensors}
+    for engine, name in [("layers.0.v", "blk.0.attn_v.weight"), ("layers.1.o", "blk.1.attn_output.weight"),
+                         ("layers.0.down", "blk.0.ffn_down.weight"), ("layers.1.up", "blk.1.ffn_up.weight")]:
+        t = tensors[name]
+        want = np.asarray(quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        got = weights[engine].numpy()
+        assert got.shape == want.shape and np.array_equal(got.view(np.uint32), want.view(np.uint32)), engine
+        assert torch.allclose(weights.int4[engine].dequantized(), weights[engine], atol=1e-6), engine

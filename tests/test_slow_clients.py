@@ -256,7 +256,9 @@ def test_a_client_whose_tcp_takes_nothing_pauses_its_stream_before_any_token_que
     queued in the server, far from its end; read at last, it goes on and the client gets all
     2,000 tokens. (Before: only queued tokens paused a stream, so this one was generated to its
     end for a client that read none of it, a thousand of its tokens in the kernel's buffers.
-    The pause comes some 350 tokens in here.)"""
+    The pause comes about a second after the client's 4 KiB receive buffer filled, some 1.5 s
+    in: 300 to 1,000 tokens here, as fast as the machine generates; the stall was told 3 s in,
+    1,500 to 1,950 tokens, or past the end.)"""
     path = tmp_path / "tiny.agp"
     path.write_text(TINY.format(model=long_gguf, max_queue=64, max_batch_size=4, timeout=1).replace("1MiB", "8MiB"))
     proc, url = start_agp_serve(str(path), "--threads", "1", "--no-access-log", "--send-timeout", "600",

@@ -162,6 +162,14 @@ def int4_blocks(tensor) -> Int4Blocks | None:
     Q4_0 = d f16, 16 bytes (w = (q-8)*d). Byte j holds element j (low nibble) and
     element j+16 (high nibble). With Int4Blocks' (q-8)*scale + zero: scale = d,
     zero = m + 8d (Q4_1) or 0 (Q4_0)."""
+    parts = int4_parts(tensor)
+    return None if parts is None else blocks_of(*parts)
+
+
+def int4_parts(tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+    """A Q4_0/Q4_1 tensor's nibbles q [N, K] uint8 0..15 (element order), d [N, K/32] float32 and
+    m [N, K/32] float32 (Q4_1; None for Q4_0), unpacked once for both of the loader's forms of it
+    (int4_blocks' and dequantize_int4's); None for other types."""
     from gguf import GGMLQuantizationType as Q
 
     kind = tensor.tensor_type
@@ -171,13 +179,34 @@ def int4_blocks(tensor) -> Int4Blocks | None:
     head = 4 if kind == Q.Q4_1 else 2
     raw = np.asarray(tensor.data, dtype=np.uint8).reshape(rows, cols // 32, head + 16)  # [N, K/32, bytes]
     d = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)            # [N, K/32]
-    if kind == Q.Q4_1:
-        zero = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) + 8 * d
-    else:
-        zero = np.zeros_like(d)
+    m = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if kind == Q.Q4_1 else None
     qs = raw[..., head:]                                                             # [N, K/32, 16]
     q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, cols)            # [N, K] in 0..15
+    return q, d, m
+
+
+def blocks_of(q: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> Int4Blocks:
+    """int4_parts' pieces as Int4Blocks ((q-8)*scale + zero)."""
+    zero = m + 8 * d if m is not None else np.zeros_like(d)
     return Int4Blocks(torch.from_numpy(np.ascontiguousarray(q)), torch.from_numpy(d), torch.from_numpy(zero))
+
+
+def dequantize_int4(q: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
+    """int4_parts' pieces as float32 [N, K]: gguf's own formulas (Q4_1: d*q + m; Q4_0: d*(q-8)),
+    the same floats bit for bit as dequantize, without unpacking the nibbles a second time."""
+    rows, cols = q.shape
+    out = np.empty((rows, cols // 32, 32), dtype=np.float32)                        # [N, K/32, 32]
+    q3 = q.reshape(rows, cols // 32, 32)
+    for i in range(0, rows, DEQUANT_ROWS):
+        part = out[i:i + DEQUANT_ROWS]
+        if m is None:
+            np.subtract(q3[i:i + DEQUANT_ROWS], 8, out=part, dtype=np.float32)
+        else:
+            part[...] = q3[i:i + DEQUANT_ROWS]
+        np.multiply(d[i:i + DEQUANT_ROWS, :, None], part, out=part)
+        if m is not None:
+            np.add(part, m[i:i + DEQUANT_ROWS, :, None], out=part)
+    return out.reshape(rows, cols)
 
 
 def load_gguf(path: str | Path) -> GGUFModel:
@@ -212,11 +241,12 @@ def load_gguf(path: str | Path) -> GGUFModel:
         name = gguf_engine_name(t.name, arch)
         if name is None or (name.startswith("layers.") and int(name.split(".")[1]) >= config.num_layers):
             continue  # a tensor the llama decoder does not use
+        parts = int4_parts(t)       # a 4-bit tensor's nibbles, unpacked once for both forms
         try:
-            w = dequantize(t)
+            w = dequantize(t) if parts is None else dequantize_int4(*parts)
         except NotImplementedError as e:
             raise GGUFError(path, f"tensor {t.name!r}: type {t.tensor_type.name} is not supported") from e
-        blocks = int4_blocks(t)
+        blocks = blocks_of(*parts) if parts is not None else None
         heads = {".q": config.num_heads, ".k": config.num_kv_heads}.get(name[-2:])
         if heads and permuted:
             w = unpermute_qk(w, heads)

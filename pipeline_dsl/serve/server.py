@@ -12,7 +12,7 @@ that tells the truth.
 | the body arriving | the app's `--body-timeout` and `--body-min-rate` (408); no `--max-connections` slot until it is complete (serve/guard.py) |
 | answered with an error, or before the body was all read | `Connection: close`, closed after the answer |
 | closed with the client still sending (a refused body, headers too long) | half-closed: what it sends is read and dropped for up to `LINGER_S` (2 s), then closed |
-| the answer being written, the client not reading it | two checks with none of it taken: the request hears it (`SendWatch`) and pauses its generation; `send_timeout` with none of it taken (below): cut |
+| the answer being written, the client not reading it | `min(1 s, send_timeout / 4)` with none of it taken: the request hears it (`SendWatch`) and pauses its generation; `send_timeout` with none of it taken (below): cut |
 | the same at shutdown (after the drain) | cut at once |
 | the kernel's buffer of the answer | `SEND_BUFFER` (128 KiB; Linux doubles it), not Linux's autotuned 4 MiB |
 | idle between requests (keep-alive) | `keep_alive_timeout` (`KEEP_ALIVE_S`, 75 s, as nginx; not uvicorn's 5 s): closed; the next request's bytes end the idle wait and start its `header_timeout` |
@@ -35,19 +35,29 @@ destroy the 413 or 431 before the client has read it (a client still uploading i
 "connection reset" or a broken pipe instead of the answer); so the answer and a FIN go first,
 and the client's remaining bytes are dropped.
 
-A client that stops reading is seen by its TCP: its receive window closes, so the bytes written
-to it stay in this kernel, unacknowledged. While an answer's bytes wait for their client, the
-connection is checked every `min(1 s, send_timeout / 4)` (Linux's TCP_INFO: the bytes the client
-has acknowledged, and whether more wait); `send_timeout` without one more byte taken and the
+A client that stops reading is seen by its TCP: its receive window closes (a proxy that stopped
+reading) or no acknowledgement comes at all (a phone gone to sleep), so the bytes written to it
+stay in this kernel, unacknowledged. While an answer's bytes wait for their client, the
+connection is looked at `STALL_LOOKS` (4) times per `stall_s` = `min(1 s, send_timeout / 4)`
+(Linux's TCP_INFO: the bytes the client has acknowledged, whether more wait, the round trip to
+it), so the last look that saw bytes taken is at most a quarter of `stall_s` after the client's
+last byte. `stall_s` after it without one more byte taken (or `STALL_RTTS` (4) round trips, where
+those are longer: a client far away acknowledges a round trip after the bytes are sent), the
+request being answered hears that its client stalls, and again when it takes bytes: the
+connection's `SendWatch`, in the ASGI scope's extensions under SEND_WATCH (serve/sse.py hands it
+to the stream, which pauses its generation: serve/async_pipeline.py). A client that reads, however
+slowly, takes bytes every time it reads (its window opens, what waits is sent and acknowledged):
+a pause for it ends at its next read. `send_timeout` without one more byte taken and the
 connection is cut (`transport.abort()`: the app hears a disconnect, the request is aborted and
-counted as a 499). Sooner, after two checks without a byte taken, the request being answered
-hears that its client stalls, and again when it takes bytes: the connection's `SendWatch`, in
-the ASGI scope's extensions under SEND_WATCH (serve/sse.py hands it to the stream, which pauses
-its generation: serve/async_pipeline.py). So a stalled stream is cut `send_timeout` after its client's own receive
-buffer filled, whether or not the server's buffers (256 KiB in the kernel, 64 KiB in asyncio,
-some 1,100 streamed tokens) have filled: a shorter answer would otherwise be generated to its
-end for a client that reads none of it. Where TCP_INFO is missing (not Linux), the clock runs
-while asyncio's buffer is over its high-water mark (the kernel's full) and restarts when it drains.
+counted as a 499). So a stalled stream is paused about a second, and cut `send_timeout`, after
+its client's own receive buffer filled, whether or not the server's buffers (256 KiB in the
+kernel, 64 KiB in asyncio, some 1,100 streamed tokens) have filled: a shorter answer
+would otherwise be generated to its end for a client that reads none of it. (The stall was once
+told two looks of a second each after the look that last saw bytes taken, and the first look
+came a second after the answer's first byte: 3 s into a stream whose client read nothing, when a
+CPU engine's 600 tokens a second had filled the kernel's buffer a second before.) Where
+TCP_INFO is missing (not Linux), the clock runs while asyncio's buffer is over its high-water
+mark (the kernel's full) and restarts when it drains.
 
 The kernel's send buffer of a connection is fixed at `SEND_BUFFER`: left to itself Linux grows it
 to 4 MiB for a client that reads nothing, which costs 4 MiB of kernel memory per such connection
@@ -104,6 +114,8 @@ SEND_BUFFER = 128 << 10
 # (a request on a pooled connection idle for about 5 s fails with "Server disconnected")
 KEEP_ALIVE_S = 75.0
 TCP_INFO_BYTES = 148            # Linux's struct tcp_info up to tcpi_notsent_bytes (Linux 4.6)
+STALL_LOOKS = 4                 # looks at a connection whose answer waits per stall_s (agp_protocol)
+STALL_RTTS = 4                  # and a stall lasts at least this many of its round trips
 SMALL_CHUNKS = 4096             # chunks a chunked body may have beyond one per CHUNK_BYTES of it
 CHUNK_BYTES = 1024
 REUSE = 32                      # connections waiting for a request closed at once past max_open (nginx: 32)
@@ -160,11 +172,12 @@ def origin_form(request: h11.Request) -> h11.Request | str:
                        http_version=request.http_version)
 
 
-def tcp_progress(sock) -> tuple[int, bool] | None:
+def tcp_progress(sock) -> tuple[int, bool, float] | None:
     """(the bytes a TCP connection's peer has acknowledged, whether more of what was written to
-    it wait in this kernel: unacknowledged or not yet sent) from Linux's TCP_INFO; None where the
-    platform has none. A client that stops reading closes its receive window: what was written to
-    it then waits here and the first number stops moving."""
+    it wait in this kernel: unacknowledged or not yet sent, its smoothed round-trip time in
+    seconds) from Linux's TCP_INFO; None where the platform has none. A client that stops reading
+    closes its receive window: what was written to it then waits here and the first number stops
+    moving."""
     option = getattr(socket, "TCP_INFO", None)
     if option is None:
         return None
@@ -175,9 +188,10 @@ def tcp_progress(sock) -> tuple[int, bool] | None:
     if len(info) < TCP_INFO_BYTES:
         return None
     unacked, = struct.unpack_from("=I", info, 24)            # tcpi_unacked: segments in flight
+    rtt, = struct.unpack_from("=I", info, 68)                # tcpi_rtt: smoothed RTT, microseconds
     acked, = struct.unpack_from("=Q", info, 120)             # tcpi_bytes_acked
     not_sent, = struct.unpack_from("=I", info, 144)          # tcpi_notsent_bytes
-    return acked, bool(unacked or not_sent)
+    return acked, bool(unacked or not_sent), rtt / 1e6
 
 
 class ClosingConnection(h11.Connection):
@@ -278,8 +292,8 @@ SEND_WATCH = "agp.send_watch"   # the scope's extension through which a request 
 
 
 class SendWatch:
-    """Whether the client of the answer being written has taken nothing of it for two checks
-    while some waits (`stalled`); `listener(stalled)`, when the app sets one, hears each change.
+    """Whether the client of the answer being written has taken nothing of it for `stall_s`
+    while some waits (`stalled`: agp_protocol); `listener(stalled)`, when the app sets one, hears each change.
     A request finds it in its ASGI scope's extensions under SEND_WATCH."""
 
     def __init__(self):
@@ -299,7 +313,8 @@ def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
     """An H11Protocol class with the limits of the module docstring (`keep_alive_timeout` in
     place of the uvicorn.Config's `timeout_keep_alive`; `max_open` connections at most before
     those waiting for a request are closed: None, no bound). One class serves one server."""
-    tick = min(1.0, send_timeout / 4)     # how often a connection whose answer waits is checked
+    stall_s = min(1.0, send_timeout / 4)  # nothing of its waiting answer taken this long: its client stalls
+    look = stall_s / STALL_LOOKS          # how often a connection whose answer waits is checked
     waiting = collections.OrderedDict()   # connections with no request under way, longest waiting first
     reused = [0, None]                    # connections closed to make room since the last log line, and when it was
 
@@ -439,35 +454,36 @@ def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
             self._paused = False
             self._drained += 1
 
-        def _progress(self) -> tuple[int, bool]:
+        def _progress(self) -> tuple[int, bool, float]:
             """(a mark that moves whenever the client takes bytes of its answer, whether bytes of
-            it wait for the client): its TCP's acknowledged bytes, else (no TCP_INFO) how often
-            asyncio's buffer drained and whether it is over its high-water mark."""
+            it wait for the client, the round-trip time to it in seconds): its TCP's acknowledged
+            bytes, else (no TCP_INFO) how often asyncio's buffer drained and whether it is over
+            its high-water mark (round trip 0: unknown)."""
             tcp = tcp_progress(self._tcp) if self._tcp is not None else None
             if tcp is None:
-                return self._drained, self._paused
-            return tcp[0], tcp[1] or self.transport.get_write_buffer_size() > 0
+                return self._drained, self._paused, 0.0
+            return tcp[0], tcp[1] or self.transport.get_write_buffer_size() > 0, tcp[2]
 
         def watch_sending(self) -> None:
             """Bytes were written to the client (or writing paused): check that it takes them,
-            every `tick` while some wait (the module docstring)."""
+            every `look` while some wait (the module docstring)."""
             if self._send_timer is None and not self.transport.is_closing():
                 self._taken, self._taken_at = self._progress()[0], self.loop.time()
-                self._send_timer = self.loop.call_later(tick, self._check_sending)
+                self._send_timer = self.loop.call_later(look, self._check_sending)
 
         def _check_sending(self) -> None:
             self._send_timer = None
             if self.transport.is_closing():
                 return
-            taken, waiting = self._progress()
+            taken, waiting, rtt = self._progress()
             if not waiting:                       # all taken: watched again from the next write
                 self._watch.set(False)
                 return
             now = self.loop.time()
-            if taken != self._taken:
-                self._taken, self._taken_at = taken, now
+            if taken != self._taken:              # it took bytes since the last look: its last byte, as
+                self._taken, self._taken_at = taken, now    # far as a look can tell
                 self._watch.set(False)
-            elif now - self._taken_at >= 2 * tick:
+            elif now - self._taken_at >= max(stall_s, STALL_RTTS * rtt):
                 self._watch.set(True)             # the request may pause its generation (serve/async_pipeline.py)
             if now - self._taken_at >= send_timeout:    # _taken_at moved above when it took bytes
                 log.info("cutting the connection of %s: it took nothing of its answer (%s) for %gs",
@@ -475,7 +491,7 @@ def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
                          extra={"client": self._client(), "request_id": self.conn.request_id})
                 self.transport.abort()            # connection_lost: the app hears a disconnect
                 return
-            self._send_timer = self.loop.call_later(tick, self._check_sending)
+            self._send_timer = self.loop.call_later(look, self._check_sending)
 
         def _client(self) -> str:
             return endpoint(*self.client[:2]) if self.client else "a client"
