@@ -357,8 +357,8 @@ class StreamGroup:
                 for future in done:
                     k = waiting.pop(future)
                     firsts[k] = future.result()
-                    if firsts[k][0] == "done" and firsts[k][1].error is not None:
-                        refused = firsts[k]
+                    if firsts[k][0] == "done" and firsts[k][1].error is not None:    # naming its prompt
+                        refused = ("done", replace(firsts[k][1], error=of_prompt(firsts[k][1].error, k)))
         finally:
             for future in waiting:
                 future.cancel()
