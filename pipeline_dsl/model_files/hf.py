@@ -16,7 +16,7 @@ from .llama import (HF_NAMES, check_config, check_extra, check_weights, expected
                     hf_file_name)
 from .problem import ModelFileProblem
 from .quantized import QuantSpec, check_quantized, hf_quant_spec, quant_parts
-from .rope import hf_rope, rope_spec
+from .rope import hf_rope, rope_spec, scaled_context
 
 LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm", "smollm2", *GEMMA_MODEL_TYPES)
 # the max_position_embeddings of a config.json that leaves it out, as each model type's transformers
@@ -93,6 +93,8 @@ def hf_config(folder) -> dict:
              max_position=cfg.get("max_position_embeddings", _MAX_POSITION.get(mtype, 2048)),
              tie_embeddings=tie, rope_scaling=scaling,
              qkv_bias=qkv_bias, qk_norm=qk_norm, fused=mtype == "phi3")   # Phi-3: q/k/v and gate/up fused
+    if isinstance(c["max_position"], int) and not isinstance(c["max_position"], bool):
+        c["max_position"] = scaled_context(c["max_position"], scaling)   # Gemma 3's is scaled already
     c = check_config(fail, c, HF_NAMES)
     if gemma:                              # the layer count checked first: the layer kinds list one each
         c = check_config(fail, {**c, **hf_gemma_fields(cfg, fail, c["num_layers"])}, HF_NAMES)
