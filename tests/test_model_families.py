@@ -414,3 +414,11 @@ def test_a_folder_transformers_saved_in_several_shards_runs_as_transformers_runs
     assert not (tmp_path / "sharded" / "model.safetensors").exists()
     assert_same_logits(tmp_path / "sharded")
 
+
+def test_a_folder_of_pickled_weights_alone_is_told_why_they_are_not_read(tmp_path, tiny_tokenizer):
+    folder = save_folder(tmp_path, tiny_tokenizer)
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"PK\x03\x04")
+    with pytest.raises(ModelFileProblem, match=r"no \*\.safetensors weights in the folder \(pytorch_model\.bin: "
+                                               r"PyTorch's pickled checkpoint format, which agp does not read"):
+        check_model_path(folder)

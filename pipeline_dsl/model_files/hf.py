@@ -195,7 +195,11 @@ def hf_llama_config(folder) -> dict:
     spec = hf_quant_config(folder)
     files = weight_files(folder)
     if not files:
-        raise ModelFileProblem(folder, "no *.safetensors weights in the folder")
+        pickled = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth"))
+        raise ModelFileProblem(folder, "no *.safetensors weights in the folder" + (
+            f" ({', '.join(pickled[:3])}{', ...' if len(pickled) > 3 else ''}: PyTorch's pickled checkpoint format, "
+            f"which agp does not read, as loading one runs the code it holds; transformers' "
+            f"save_pretrained() writes the same weights as model.safetensors)" if pickled else ""))
     found, where, quantized = {}, {}, {}
     gemma = bool(c.get("gemma"))
     for f in files:
