@@ -422,3 +422,21 @@ def test_a_folder_of_pickled_weights_alone_is_told_why_they_are_not_read(tmp_pat
     with pytest.raises(ModelFileProblem, match=r"no \*\.safetensors weights in the folder \(pytorch_model\.bin: "
                                                r"PyTorch's pickled checkpoint format, which agp does not read"):
         check_model_path(folder)
+
+
+@pytest.mark.parametrize("cls", ["Qwen2Config", "Qwen3Config"])
+def test_a_qwen_sliding_window_without_use_sliding_window_is_off_as_transformers_reads_it(tmp_path, tiny_tokenizer,
+                                                                                          cls):
+    folder = save_folder(tmp_path, tiny_tokenizer, cls=cls)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("use_sliding_window", None)
+    config["sliding_window"] = 16
+    config.pop("layer_types", None)
+    (folder / "config.json").write_text(json.dumps(config))
+    theirs = transformers.AutoConfig.from_pretrained(str(folder))
+    assert not theirs.use_sliding_window and theirs.max_position_embeddings == 256
+    assert context_length(str(folder)) == 256
+    assert_same_logits(folder)                          # 48 tokens: past the window transformers leaves off
+    config["use_sliding_window"] = True
+    (folder / "config.json").write_text(json.dumps(config))
+    assert context_length(str(folder)) == 16

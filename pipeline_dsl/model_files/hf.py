@@ -98,8 +98,11 @@ def hf_config(folder) -> dict:
     c = check_config(fail, c, HF_NAMES)
     if gemma:                              # the layer count checked first: the layer kinds list one each
         c = check_config(fail, {**c, **hf_gemma_fields(cfg, fail, c["num_layers"])}, HF_NAMES)
+    # Qwen2's and Qwen3's configs have a sliding window only where use_sliding_window says so (their
+    # transformers config classes' default: false); Mistral's and Phi-3's have no such switch
+    windowed = cfg.get("use_sliding_window", mtype not in ("qwen2", "qwen3")) is not False
     window = cfg.get("sliding_window", _MISTRAL_WINDOW if mtype == "mistral" else None) \
-        if cfg.get("use_sliding_window", True) is not False and not gemma else None
+        if windowed and not gemma else None
     if window is not None:
         # Mistral's layers attend to the last `sliding_window` tokens only; the engine's attend to
         # all. Up to the window the two are the same, so the context stops there (as vLLM did
