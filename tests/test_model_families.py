@@ -440,3 +440,25 @@ def test_a_qwen_sliding_window_without_use_sliding_window_is_off_as_transformers
     config["use_sliding_window"] = True
     (folder / "config.json").write_text(json.dumps(config))
     assert context_length(str(folder)) == 16
+
+
+def test_a_yarn_folder_is_served_with_vllm_s_max_model_len(tmp_path, tiny_tokenizer):
+    from test_serve_model_arg import parse
+    from starlette.testclient import TestClient
+
+    from pipeline_dsl.serve.build import build
+
+    folder = save_folder(tmp_path / "yarn", tiny_tokenizer, rope_scaling=YARN_SCALING)
+    serving = build(parse([str(folder), "--served-model-name", "long", "--threads", "1"]))
+    try:
+        with TestClient(serving.app, base_url="http://localhost") as client:
+            card = client.get("/v1/models").json()["data"][0]
+            assert (card["id"], card["max_model_len"]) == ("long", 128)
+            r = client.post("/v1/completions", json={"model": "long", "prompt": [5] * 100, "max_tokens": 20})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 20, r.text
+    finally:
+        serving.runtime.close()
+
+
+def test_fp16_weights_give_transformers_logits(tmp_path, tiny_tokenizer):
+    assert_same_logits(save_folder(tmp_path, tiny_tokenizer, dtype=torch.float16, rope_scaling=YARN_SCALING))
