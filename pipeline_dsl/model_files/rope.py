@@ -22,7 +22,8 @@ plain RoPE. The kinds the engine computes exactly as transformers and llama.cpp 
              than `beta_fast` kept, a linear ramp between (over dims rounded outward unless
              `truncate` is false), and cos and sin times its `attention_factor` (0.1 ln(factor)
              + 1 where the config gives none; from `mscale` and `mscale_all_dim` where it gives
-             both), at every position, as transformers and vLLM compute it
+             both), at every position, as transformers computes it (and vLLM, which reads no
+             attention_factor or mscale but its own attn_factor: refused unless 1)
 
 Any other kind (dynamic, longrope outside phi3, …) changes what the model computes in ways the
 engine does not follow, so it is refused rather than run as plain RoPE.
@@ -125,6 +126,10 @@ def _yarn(fail, where: str, spec: dict, cfg: dict) -> tuple:
         attention = _yarn_mscale(factor)
     betas = tuple((k, positive(fail, where, k, spec.get(k) or default)) for k, default in (("beta_fast", 32),
                                                                                         ("beta_slow", 1)))
+    for key, neutral in (("attn_factor", 1), ("extrapolation_factor", 1), ("apply_yarn_scaling", True)):
+        if spec.get(key, neutral) != neutral:    # vLLM's own keys, which transformers does not read
+            fail(f"{where} '{key}' {json.dumps(spec[key])} is not supported (agp computes yarn as transformers "
+                 f"does, which reads no '{key}')")
     truncate = spec.get("truncate", True)
     if not isinstance(truncate, bool):
         fail(f"{where} 'truncate' must be true or false, not {json.dumps(truncate)}")
