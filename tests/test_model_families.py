@@ -139,7 +139,8 @@ def test_the_context_of_a_scaled_rotary_is_the_one_vllm_serves(tmp_path, tiny_to
     (dict(mlp_bias=True), "'mlp_bias' is true"),
     (dict(hidden_act="gelu"), "hidden_act \"gelu\" is not supported"),
     (dict(rope_scaling={**YARN_SCALING, "attn_factor": 2.0}), "'attn_factor' 2.0 is not supported"),
-    (dict(rope_scaling={"rope_type": "yarn", "factor": 0}), "rope_parameters 'factor' must be a positive number, not 0"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 0}),
+     "rope_parameters 'factor' must be a positive number, not 0"),
     (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope_type 'dynamic' is not supported"),
 ])
 def test_a_config_field_agp_does_not_compute_is_refused_by_name(tmp_path, tiny_tokenizer, fields, words):
