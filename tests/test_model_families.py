@@ -20,6 +20,8 @@ transformers = pytest.importorskip("transformers")
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 32}
+# the 48-token prompt runs past the original context of 32: both sides of the ramp count
+YARN_SCALING = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
 TOKENS = [5, 77, 130, 9, 260, 41, 3, 200, 17, 99, 150, 64, 12, 240, 8, 33] * 3     # 48 prompt tokens
 
 
@@ -71,7 +73,14 @@ def assert_same_logits(folder, ids=TOKENS):
     (dict(rope_theta=500000.0, rope_scaling=LLAMA3_SCALING),
      dict(rope_theta=500000.0, rope_scaling=LLAMA3_SCALING)),
     (dict(rope_scaling={"rope_type": "linear", "factor": 4.0}), None),
-], ids=["theta", "theta-4.x", "llama3", "llama3-4.x", "linear"])
+    (dict(rope_scaling=YARN_SCALING), None),
+    (dict(rope_theta=100000.0), dict(rope_theta=100000.0, rope_scaling={"type": "yarn", "factor": 4.0,   # Qwen2.5's
+                                                                        "original_max_position_embeddings": 32})),
+    (dict(rope_scaling={**YARN_SCALING, "beta_fast": 16, "beta_slow": 2, "truncate": False}), None),
+    (dict(rope_scaling={**YARN_SCALING, "attention_factor": 1.5}), None),
+    (dict(rope_scaling={**YARN_SCALING, "mscale": 1.0, "mscale_all_dim": 0.5}), None),
+], ids=["theta", "theta-4.x", "llama3", "llama3-4.x", "linear", "yarn", "yarn-4.x", "yarn-betas", "yarn-attention",
+        "yarn-mscale"])
 def test_rotary_settings_of_either_config_format_give_transformers_logits(tmp_path, tiny_tokenizer, fields, legacy):
     assert_same_logits(save_folder(tmp_path, tiny_tokenizer, legacy=legacy, **fields))
 
@@ -112,11 +121,26 @@ def test_a_config_without_its_context_takes_its_model_type_s_transformers_defaul
     assert context_length(str(folder)) == context
 
 
+@pytest.mark.parametrize("scaling, context", [
+    ({"rope_type": "linear", "factor": 4.0}, 1024),                                   # 256 x 4
+    (YARN_SCALING, 128),                                                              # the original 32 x 4
+    ({"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 200}, 400),  # beyond the stated 256
+    (LLAMA3_SCALING, 256),                                                            # stated as scaled
+])
+def test_the_context_of_a_scaled_rotary_is_the_one_vllm_serves(tmp_path, tiny_tokenizer, scaling, context):
+    folder = save_folder(tmp_path, tiny_tokenizer, legacy=dict(rope_scaling=scaling))
+    assert context_length(str(folder)) == context
+    model, _ = load_model(str(folder), dtype="fp32")
+    assert model.config.max_position == context
+
+
 @pytest.mark.parametrize("fields, words", [
     (dict(attention_bias=True), "'attention_bias' is true"),
     (dict(mlp_bias=True), "'mlp_bias' is true"),
     (dict(hidden_act="gelu"), "hidden_act \"gelu\" is not supported"),
-    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_type 'yarn' is not supported"),
+    (dict(rope_scaling={**YARN_SCALING, "attn_factor": 2.0}), "'attn_factor' 2.0 is not supported"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 0}),
+     "rope_parameters 'factor' must be a positive number, not 0"),
     (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope_type 'dynamic' is not supported"),
 ])
 def test_a_config_field_agp_does_not_compute_is_refused_by_name(tmp_path, tiny_tokenizer, fields, words):
@@ -380,3 +404,63 @@ def test_a_sharded_folder_reads_the_shards_its_index_names_and_no_other_safetens
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "../elsewhere"}}))
     with pytest.raises(ModelFileProblem, match="names shard '../elsewhere', which is not a file in the folder"):
         check_model_path(folder)
+
+
+def test_a_folder_transformers_saved_in_several_shards_runs_as_transformers_runs_it(tmp_path, tiny_tokenizer):
+    folder = save_folder(tmp_path / "one", tiny_tokenizer)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="50KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "sharded" / name).write_bytes((folder / name).read_bytes())
+    assert len(list((tmp_path / "sharded").glob("model-0000*-of-*.safetensors"))) > 2
+    assert not (tmp_path / "sharded" / "model.safetensors").exists()
+    assert_same_logits(tmp_path / "sharded")
+
+
+def test_a_folder_of_pickled_weights_alone_is_told_why_they_are_not_read(tmp_path, tiny_tokenizer):
+    folder = save_folder(tmp_path, tiny_tokenizer)
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"PK\x03\x04")
+    with pytest.raises(ModelFileProblem, match=r"no \*\.safetensors weights in the folder \(pytorch_model\.bin: "
+                                               r"PyTorch's pickled checkpoint format, which agp does not read"):
+        check_model_path(folder)
+
+
+@pytest.mark.parametrize("cls", ["Qwen2Config", "Qwen3Config"])
+def test_a_qwen_sliding_window_without_use_sliding_window_is_off_as_transformers_reads_it(tmp_path, tiny_tokenizer,
+                                                                                          cls):
+    folder = save_folder(tmp_path, tiny_tokenizer, cls=cls)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("use_sliding_window", None)
+    config["sliding_window"] = 16
+    config.pop("layer_types", None)
+    (folder / "config.json").write_text(json.dumps(config))
+    theirs = transformers.AutoConfig.from_pretrained(str(folder))
+    assert not theirs.use_sliding_window and theirs.max_position_embeddings == 256
+    assert context_length(str(folder)) == 256
+    assert_same_logits(folder)                          # 48 tokens: past the window transformers leaves off
+    config["use_sliding_window"] = True
+    (folder / "config.json").write_text(json.dumps(config))
+    assert context_length(str(folder)) == 16
+
+
+def test_a_yarn_folder_is_served_with_vllm_s_max_model_len(tmp_path, tiny_tokenizer):
+    from test_serve_model_arg import parse
+    from starlette.testclient import TestClient
+
+    from pipeline_dsl.serve.build import build
+
+    folder = save_folder(tmp_path / "yarn", tiny_tokenizer, rope_scaling=YARN_SCALING)
+    serving = build(parse([str(folder), "--served-model-name", "long", "--threads", "1"]))
+    try:
+        with TestClient(serving.app, base_url="http://localhost") as client:
+            card = client.get("/v1/models").json()["data"][0]
+            assert (card["id"], card["max_model_len"]) == ("long", 128)
+            r = client.post("/v1/completions", json={"model": "long", "prompt": [5] * 100, "max_tokens": 20})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 20, r.text
+    finally:
+        serving.runtime.close()
+
+
+def test_fp16_weights_give_transformers_logits(tmp_path, tiny_tokenizer):
+    assert_same_logits(save_folder(tmp_path, tiny_tokenizer, dtype=torch.float16, rope_scaling=YARN_SCALING))

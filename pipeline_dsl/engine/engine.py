@@ -351,7 +351,9 @@ class Engine:
         if tools or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages):
             from pipeline_dsl.tools import prepare_messages, template_takes_tools
 
-            native = template_takes_tools(getattr(self.tokenizer, "chat_template", None))
+            pick = getattr(self.tokenizer, "chat_template_for", None)    # a model's tool_use template
+            template = pick(tools or None) if pick else getattr(self.tokenizer, "chat_template", None)
+            native = template_takes_tools(template)
             messages = prepare_messages(list(messages), tools, template_takes_tools=native, choice=tool_choice)
             if native and tools:        # tool_choice "none" too, as vLLM renders them
                 extra["tools"] = tools

@@ -214,20 +214,24 @@ def _pre_tokenizer(pre: str | None):
 
 class Tokenizer:
     def __init__(self, tk: HFTokenizer, *, bos_token: str | None, eos_token: str | None,
-                 eos_token_ids, chat_template: str | None, add_bos: bool = False, add_eos: bool = False):
+                 eos_token_ids, chat_template: str | None, add_bos: bool = False, add_eos: bool = False,
+                 tool_template: str | None = None):
         self.tk = tk
         self.bos_token, self.eos_token = bos_token, eos_token
         self.bos_token_id = tk.token_to_id(bos_token) if bos_token else None
         self.eos_token_id = tk.token_to_id(eos_token) if eos_token else None
         self.eos_token_ids = frozenset(i for i in eos_token_ids if i is not None)
         self.chat_template = chat_template
+        # the model's named "tool_use" template, which renders a request that gives tools (as
+        # transformers' and vLLM's get_chat_template pick it; Hermes' folders and GGUF files have one)
+        self.tool_template = tool_template
         self.add_bos = add_bos and self.bos_token_id is not None
         self.add_eos = add_eos and self.eos_token_id is not None
         self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
         # added tokens (special or not): id -> their text, matched and decoded whole
         self.added = {i: t.content for i, t in tk.get_added_tokens_decoder().items()}
         self.special_ids = frozenset(i for i, t in tk.get_added_tokens_decoder().items() if t.special)
-        self._template = None
+        self._template = self._tool_compiled = None
         # a decoder that turns byte pieces <0xNN> into characters (a SentencePiece vocabulary's)
         self._byte_fallback = tk.decoder is not None and b'"ByteFallback"' in tk.decoder.__getstate__()
         # the most characters one token can stand for: a text longer than limit * this has more
@@ -293,6 +297,7 @@ class Tokenizer:
         # llama.cpp starts a SentencePiece prompt with bos unless the file says otherwise
         return cls(tk, bos_token=tok("bos_token_id"), eos_token=tok("eos_token_id"),
                    eos_token_ids=eos_ids, chat_template=meta.get("tokenizer.chat_template"),
+                   tool_template=meta.get("tokenizer.chat_template.tool_use"),
                    add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", spm)),
                    add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", False)))
 
@@ -321,15 +326,19 @@ class Tokenizer:
         # else a chat_template.json ({"chat_template": …}: a multimodal folder's, as its processor
         # keeps it; transformers' processor reads it after the .jinja, and vLLM prefers the
         # processor's template to the tokenizer's), else the config's
-        jinja = folder / "chat_template.jinja"
+        jinja, tool_template = folder / "chat_template.jinja", None
         if jinja.is_file():
             template = jinja.read_text(encoding="utf-8")
+            # the named ones beside it (transformers writes a template list's others there)
+            tool_jinja = folder / "additional_chat_templates" / "tool_use.jinja"
+            tool_template = tool_jinja.read_text(encoding="utf-8") if tool_jinja.is_file() else None
         else:
             legacy = _read_json(folder / "chat_template.json")
             template = legacy.get("chat_template") or cfg.get("chat_template")
-        if isinstance(template, list):  # [{"name": "default", "template": …}, …]
-            named = {t.get("name"): t.get("template") for t in template}
+        if isinstance(template, list):  # [{"name": "default", "template": …}, {"name": "tool_use", …}]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default") or next(iter(named.values()), None)
+            tool_template = named.get("tool_use")
         eos_ids = [tk.token_to_id(eos)] if eos else []
         for src in (gen, model_cfg):
             e = src.get("eos_token_id")
@@ -340,7 +349,7 @@ class Tokenizer:
             # prompt starts with bos, as transformers' and vLLM's encode(add_special_tokens=True)
             add_bos = tk.encode("a", add_special_tokens=True).ids[:1] == [tk.token_to_id(bos)]
         return cls(tk, bos_token=bos, eos_token=eos, eos_token_ids=eos_ids, chat_template=template,
-                   add_bos=bool(add_bos))
+                   add_bos=bool(add_bos), tool_template=tool_template if isinstance(tool_template, str) else None)
 
     # -- use ------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -452,6 +461,12 @@ class Tokenizer:
     def set_chat_template(self, source: str) -> None:
         """Use `source` (Jinja) instead of the model's chat template; a syntax error is raised now."""
         self.chat_template, self._template = source, compile_chat_template(source, "the chat template given")
+        self.tool_template = self._tool_compiled = None      # the template given renders tools too
+
+    def chat_template_for(self, tools) -> str | None:
+        """The template that renders a conversation: the model's "tool_use" one where the request
+        gives `tools` and the model has one, else its chat template."""
+        return self.tool_template if tools is not None and self.tool_template else self.chat_template
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tokenize: bool = False, **extra):
@@ -459,11 +474,17 @@ class Tokenizer:
         if not self.chat_template:
             raise TokenizerError("this model has no chat template: send a raw `prompt` instead (agp serve: "
                                  "POST /v1/completions), or give one (agp serve --chat-template FILE)")
-        if self._template is None:
-            self._template = compile_chat_template(self.chat_template)
+        if extra.get("tools") is not None and self.tool_template:
+            if self._tool_compiled is None:
+                self._tool_compiled = compile_chat_template(self.tool_template, "the model's tool_use chat template")
+            template = self._tool_compiled
+        else:
+            if self._template is None:
+                self._template = compile_chat_template(self.chat_template)
+            template = self._template
         try:
             with _deadline(TEMPLATE_SECONDS):
-                text = self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                text = template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                              bos_token=self.bos_token or "", eos_token=self.eos_token or "",
                                              **extra)
         except TokenizerError:

@@ -187,8 +187,8 @@ class EngineSide:
                 es = self.seg_of_gen.get(pin) if pin else None
                 es = es or self.prompt_segment or (self.segments[0] if self.segments else None)
                 tok = getattr(es, "tokenizer", None)
-                family = "hermes" if tok is None else tool_parser_for(getattr(tok, "chat_template", None),
-                                                                      _Tokens(tok))
+                template = getattr(tok, "tool_template", None) or getattr(tok, "chat_template", None)
+                family = "hermes" if tok is None else tool_parser_for(template, _Tokens(tok))
             self.tool_families[pin] = family
         return family
 

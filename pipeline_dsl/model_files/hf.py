@@ -16,7 +16,7 @@ from .llama import (HF_NAMES, check_config, check_extra, check_weights, expected
                     hf_file_name)
 from .problem import ModelFileProblem
 from .quantized import QuantSpec, check_quantized, hf_quant_spec, quant_parts
-from .rope import hf_rope, rope_spec
+from .rope import hf_rope, rope_spec, scaled_context
 
 LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm", "smollm2", *GEMMA_MODEL_TYPES)
 # the max_position_embeddings of a config.json that leaves it out, as each model type's transformers
@@ -93,11 +93,16 @@ def hf_config(folder) -> dict:
              max_position=cfg.get("max_position_embeddings", _MAX_POSITION.get(mtype, 2048)),
              tie_embeddings=tie, rope_scaling=scaling,
              qkv_bias=qkv_bias, qk_norm=qk_norm, fused=mtype == "phi3")   # Phi-3: q/k/v and gate/up fused
+    if isinstance(c["max_position"], int) and not isinstance(c["max_position"], bool):
+        c["max_position"] = scaled_context(c["max_position"], scaling)   # Gemma 3's is scaled already
     c = check_config(fail, c, HF_NAMES)
     if gemma:                              # the layer count checked first: the layer kinds list one each
         c = check_config(fail, {**c, **hf_gemma_fields(cfg, fail, c["num_layers"])}, HF_NAMES)
+    # Qwen2's and Qwen3's configs have a sliding window only where use_sliding_window says so (their
+    # transformers config classes' default: false); Mistral's and Phi-3's have no such switch
+    windowed = cfg.get("use_sliding_window", mtype not in ("qwen2", "qwen3")) is not False
     window = cfg.get("sliding_window", _MISTRAL_WINDOW if mtype == "mistral" else None) \
-        if cfg.get("use_sliding_window", True) is not False and not gemma else None
+        if windowed and not gemma else None
     if window is not None:
         # Mistral's layers attend to the last `sliding_window` tokens only; the engine's attend to
         # all. Up to the window the two are the same, so the context stops there (as vLLM did
@@ -193,7 +198,11 @@ def hf_llama_config(folder) -> dict:
     spec = hf_quant_config(folder)
     files = weight_files(folder)
     if not files:
-        raise ModelFileProblem(folder, "no *.safetensors weights in the folder")
+        pickled = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth"))
+        raise ModelFileProblem(folder, "no *.safetensors weights in the folder" + (
+            f" ({', '.join(pickled[:3])}{', ...' if len(pickled) > 3 else ''}: PyTorch's pickled checkpoint format, "
+            f"which agp does not read, as loading one runs the code it holds; transformers' "
+            f"save_pretrained() writes the same weights as model.safetensors)" if pickled else ""))
     found, where, quantized = {}, {}, {}
     gemma = bool(c.get("gemma"))
     for f in files:

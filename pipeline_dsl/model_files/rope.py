@@ -17,8 +17,15 @@ plain RoPE. The kinds the engine computes exactly as transformers and llama.cpp 
              a linear factor if the metadata has one too, as llama.cpp applies both)
     longrope phi3's: `factors` (its short or long ones) and an `attention_factor` on cos and
              sin; `rotary_dims`: a partial rotary (model_files/phi3.py)
+    yarn     YaRN (Qwen2.5's and Qwen3's long context): frequencies of fewer than `beta_slow`
+             turns over `original_max_position_embeddings` divided by `factor`, those of more
+             than `beta_fast` kept, a linear ramp between (over dims rounded outward unless
+             `truncate` is false), and cos and sin times its `attention_factor` (0.1 ln(factor)
+             + 1 where the config gives none; from `mscale` and `mscale_all_dim` where it gives
+             both), at every position, as transformers computes it (and vLLM, which reads no
+             attention_factor or mscale but its own attn_factor: refused unless 1)
 
-Any other kind (dynamic, yarn, longrope outside phi3, …) changes what the model computes in ways the
+Any other kind (dynamic, longrope outside phi3, …) changes what the model computes in ways the
 engine does not follow, so it is refused rather than run as plain RoPE.
 """
 
@@ -27,7 +34,7 @@ from __future__ import annotations
 import json
 import math
 
-SUPPORTED = ("default", "linear", "llama3")
+SUPPORTED = ("default", "linear", "llama3", "yarn")
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -79,10 +86,59 @@ def hf_rope(cfg: dict, fail) -> tuple[float, tuple]:
         return theta, ()
     if kind == "linear":
         return theta, (("rope_type", "linear"), ("factor", positive(fail, where, "factor", spec.get("factor"))))
+    if kind == "yarn":
+        return theta, _yarn(fail, where, spec, cfg)
     values = tuple((k, positive(fail, where, k, spec.get(k))) for k in _LLAMA3_KEYS)
     if dict(values)["high_freq_factor"] <= dict(values)["low_freq_factor"]:
         fail(f"{where}: 'high_freq_factor' must be larger than 'low_freq_factor'")
     return theta, (("rope_type", "llama3"), *values)
+
+
+def scaled_context(max_position: int, scaling: tuple) -> int:
+    """The context of a config.json's model under its rotary scaling, as vLLM derives it: linear's
+    `factor` times max_position_embeddings, yarn's times its original_max_position_embeddings
+    (a config that says 32768 with a yarn factor of 4 serves 131072); llama3's (and a phi3's
+    longrope) max_position_embeddings already is the scaled context."""
+    s = dict(scaling)
+    if s.get("rope_type") == "linear":
+        return int(max_position * s["factor"])
+    if s.get("rope_type") == "yarn":
+        return int(s["original_max_position_embeddings"] * s["factor"])
+    return max_position
+
+
+def _yarn(fail, where: str, spec: dict, cfg: dict) -> tuple:
+    """The scaling pairs of a yarn spec, its attention factor worked out as transformers'
+    _compute_yarn_parameters does (`original_max_position_embeddings` at the top of the config
+    wins, as transformers moves it in; left out, max_position_embeddings)."""
+    original = cfg.get("original_max_position_embeddings", spec.get("original_max_position_embeddings",
+                                                                     cfg.get("max_position_embeddings")))
+    factor = positive(fail, where, "factor", spec.get("factor"))
+    original = positive(fail, where, "original_max_position_embeddings", original)
+    attention = spec.get("attention_factor")
+    mscale, mscale_all = spec.get("mscale"), spec.get("mscale_all_dim")
+    if attention is not None:
+        attention = positive(fail, where, "attention_factor", attention)
+    elif mscale and mscale_all:
+        attention = _yarn_mscale(factor, positive(fail, where, "mscale", mscale)) / \
+            _yarn_mscale(factor, positive(fail, where, "mscale_all_dim", mscale_all))
+    else:
+        attention = _yarn_mscale(factor)
+    betas = tuple((k, positive(fail, where, k, spec.get(k) or default)) for k, default in (("beta_fast", 32),
+                                                                                        ("beta_slow", 1)))
+    for key, neutral in (("attn_factor", 1), ("extrapolation_factor", 1), ("apply_yarn_scaling", True)):
+        if spec.get(key, neutral) != neutral:    # vLLM's own keys, which transformers does not read
+            fail(f"{where} '{key}' {json.dumps(spec[key])} is not supported (agp computes yarn as transformers "
+                 f"does, which reads no '{key}')")
+    truncate = spec.get("truncate", True)
+    if not isinstance(truncate, bool):
+        fail(f"{where} 'truncate' must be true or false, not {json.dumps(truncate)}")
+    return (("rope_type", "yarn"), ("factor", factor), ("original_max_position_embeddings", original), *betas,
+            ("truncate", truncate), ("attention_factor", float(attention)))
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 def gguf_rope(m: dict, fail, head_dim: int, arch: str = "llama") -> tuple[object, tuple]:
@@ -116,7 +172,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: tuple = ()) -> list[floa
     inv = [1.0 / theta ** (i / dims) for i in range(0, dims, 2)]
     if "factors" in s:
         inv = [f / d for f, d in zip(inv, s["factors"], strict=True)]
-    return _scaled(inv, s) + [0.0] * ((head_dim - dims) // 2)
+    return _scaled(inv, s, theta) + [0.0] * ((head_dim - dims) // 2)
 
 
 def rope_magnitudes(head_dim: int, scaling: tuple = ()) -> list[float]:
@@ -127,10 +183,12 @@ def rope_magnitudes(head_dim: int, scaling: tuple = ()) -> list[float]:
     return [float(s.get("attention_factor", 1.0))] * (dims // 2) + [1.0] * ((head_dim - dims) // 2)
 
 
-def _scaled(inv: list[float], s: dict) -> list[float]:
+def _scaled(inv: list[float], s: dict, theta: float) -> list[float]:
     kind = s.get("rope_type")
     if kind == "linear":
         return [f / s["factor"] for f in inv]
+    if kind == "yarn":
+        return _yarn_scaled(inv, s, theta)
     if kind != "llama3":
         return inv
     factor, low, high, old = (s[k] for k in _LLAMA3_KEYS)
@@ -145,4 +203,24 @@ def _scaled(inv: list[float], s: dict) -> list[float]:
         else:                               # between: a blend of the two
             smooth = (old / wavelen - low) / (high - low)
             out.append((1 - smooth) * f / factor + smooth * f)
+    return out
+
+
+def _yarn_scaled(inv: list[float], s: dict, theta: float) -> list[float]:
+    """transformers' _compute_yarn_parameters on the frequencies `inv` (of the rotated dims)."""
+    dims = 2 * len(inv)
+
+    def dim_of(turns):       # the dim whose wavelength turns `turns` times over the original context
+        return dims * math.log(s["original_max_position_embeddings"] / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(s["beta_fast"]), dim_of(s["beta_slow"])
+    if s["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dims - 1)
+    if low == high:
+        high += 0.001
+    out = []
+    for i, f in enumerate(inv):
+        ramp = min(max((i - low) / (high - low), 0.0), 1.0)     # 0: kept (extrapolated), 1: interpolated
+        out.append(f / s["factor"] * ramp + f * (1 - ramp))
     return out
