@@ -327,6 +327,32 @@ def test_while_the_model_loads_probes_get_503_loading_and_the_port_stays_held():
         sock.close()
 
 
+def test_a_client_still_sending_its_head_when_the_model_is_up_is_closed_without_a_traceback(caplog):
+    """A connection the loading answerer took whose request head had not all come when the real
+    server took over: its read is cancelled and the connection closed, quietly (asyncio logged
+    "Exception in callback" with the CancelledError's traceback, an error in every such start)."""
+    import socket
+
+    from pipeline_dsl.commands import serve
+    from pipeline_dsl.serve.loading import Loading
+
+    sock = serve.listening_socket("127.0.0.1", 0)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="asyncio"):
+            with Loading(sock) as loading:
+                slow = socket.create_connection(sock.getsockname()[:2], timeout=10)
+                slow.sendall(b"GET /health HTTP/1.1\r\n")                # no blank line yet
+                r = httpx.get(f"http://127.0.0.1:{sock.getsockname()[1]}/health", timeout=10)
+                assert r.status_code == 503 and loading.answered == 1     # the other was taken, and waits
+            assert slow.recv(100) == b""                                  # closed, unanswered
+            slow.close()
+        said = [r.getMessage() + str(r.exc_info) for r in caplog.records
+                if r.name == "asyncio" and r.levelno >= logging.WARNING]
+        assert not said, said
+    finally:
+        sock.close()
+
+
 def test_a_browser_may_read_the_request_id_and_retry_after(tiny_gguf):
     """CORS answers expose X-Request-Id and Retry-After: without Access-Control-Expose-Headers a
     browser hides them from the page's script (its error report could not name the request).

@@ -104,5 +104,8 @@ class Loading:
             await writer.drain()
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
             pass                                   # a client that sent no whole request: closed
+        except asyncio.CancelledError:             # still reading its head when the app took over: closed
+            pass                                   # (ended, not cancelled: asyncio's stream callback logs a
+                                                   # cancelled client task's CancelledError as a traceback)
         finally:
             writer.close()
