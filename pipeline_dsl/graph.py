@@ -1037,22 +1037,23 @@ def _check_twice_answered(r: Resolved, emits: dict, carry: dict) -> list[Diagnos
 
 
 def _check_fan_beside_condition(r: Resolved, g: nx.DiGraph, emits: dict, carry: dict) -> list[Diagnostic]:
-    """A warning at an edge without a condition out of a stage whose other edges have conditions and
-    lead elsewhere, where the stage has no `otherwise` edge: every item takes it, and an item whose
-    condition holds takes the conditional edge as well (a fan-out: two branches of one request,
-    two answers), where `otherwise` (the items no condition takes) was the likely meaning
-    (`r -> big when prompt_tokens > 500` beside `r -> small`). Not where the item types part them
-    (a Request along one, a result along the other), nor where both branches go on into one join
-    (a fan-out it merges, on purpose)."""
+    """A warning at an edge without a condition out of a stage whose other edges have conditions (or
+    `otherwise`) and lead elsewhere: every item takes it, and an item also takes the first conditional
+    edge that holds, or the `otherwise` edge (a fan-out: two branches of one request, two answers),
+    where `otherwise` (the items no condition takes) was the likely meaning (`r -> big when
+    prompt_tokens > 500` beside `r -> small`), or, beside an `otherwise` edge, a condition. Not where
+    the item types part them (a Request along one, a result along the other), nor where both
+    branches go on into one join (a fan-out it merges, on purpose)."""
     from . import conditions as C
 
     diags = []
     for n, out in _edges_by_source(r).items():
         s = r.stages[n]
-        if s.kind is None or s.kind.name in ENGINE_INSIDE or any(e.condition == ("otherwise",) for e in out):
+        if s.kind is None or s.kind.name in ENGINE_INSIDE:
             continue
         sent = emits.get(n, frozenset()) & ITEM_TYPES
         conditional = [e for e in out if e.condition is not None]
+        fallback = any(e.condition == ("otherwise",) for e in out)
         for e in out:
             if e.condition is not None:
                 continue
@@ -1065,15 +1066,19 @@ def _check_fan_beside_condition(r: Resolved, g: nx.DiGraph, emits: dict, carry: 
             if all(joins & (nx.descendants(g, c.dst) | {c.dst}) for c in both):
                 continue
             c = both[0]
-            diags.append(_warn(f"edge {n} -> {e.dst} has no condition beside the conditional edge {n} -> {c.dst}"
-                               f" when {C.text(c.condition)}: every item goes to '{e.dst}', and one the condition "
-                               f"holds for goes to '{c.dst}' as well (a fan-out: two branches of one request, two "
-                               "answers)", e.pos, notes=[(f"{n} -> {c.dst} is here", c.pos)],
-                               hint=f"write `{n} -> {e.dst} otherwise` if '{e.dst}' is for the items no condition "
-                                    "takes; for a copy on purpose, merge the branches in a join"))
+            if c.condition == ("otherwise",):
+                which = f"the `otherwise` edge {n} -> {c.dst}: every item goes to '{e.dst}', and one no condition " \
+                        f"holds for to '{c.dst}' as well"
+            else:
+                which = f"the conditional edge {n} -> {c.dst} when {C.text(c.condition)}: every item goes to " \
+                        f"'{e.dst}', and one the condition holds for goes to '{c.dst}' as well"
+            hint = (f"give {n} -> {e.dst} a condition (or remove it)" if fallback else
+                    f"write `{n} -> {e.dst} otherwise` if '{e.dst}' is for the items no condition takes")
+            diags.append(_warn(f"edge {n} -> {e.dst} has no condition beside {which} (a fan-out: two branches of "
+                               "one request, two answers)", e.pos, notes=[(f"{n} -> {c.dst} is here", c.pos)],
+                               hint=hint + "; for a copy on purpose, merge the branches in a join"))
             break
     return diags
-
 
 def _check_loop_exits(r: Resolved, g: nx.DiGraph, carry: dict, receives: dict) -> list[Diagnostic]:
     """An item that reaches a loop's bounding stage after max_turns leaves the loop as it came:

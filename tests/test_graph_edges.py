@@ -1408,6 +1408,13 @@ def test_an_edge_without_a_condition_beside_conditional_ones_elsewhere_is_a_fan_
         1 warning
         """)
     assert check(fan.replace("encode -> kv -> gen -> out\n", "encode -> kv -> gen\n    gen -> out otherwise\n")) == ""
+    # beside an `otherwise` edge too: every item still takes the edge without a condition
+    three = fan.replace("    stage out     : respond       {}\n", "    stage out     : respond       {}\n"
+                        "    stage rest    : python        { fn = \"json:dumps\" }\n")
+    three = three.replace("    long -> out\n", "    long -> out\n    gen -> rest otherwise\n    rest -> out\n")
+    said = check(three)
+    assert said.count("warning: edge gen -> out has no condition beside the conditional edge gen -> long") == 1, said
+    assert "help: give gen -> out a condition (or remove it)" in said and said.endswith("1 warning\n"), said
     joined = fan.replace("    stage out     : respond       {}\n",
                          "    stage out     : respond       {}\n    stage j       : join          { policy = first }\n")
     joined = joined.replace("encode -> kv -> gen -> out\n", "encode -> kv -> gen -> j -> out\n").replace(
