@@ -1432,3 +1432,28 @@ def test_a_report_keeps_five_error_samples_and_shows_a_kv_hit_rate_of_nothing_as
     r = B.summarize("x", 1.0, records, duration=1.0)
     assert r.error_samples == [f"HTTP 50{i}: busy" for i in range(5)] and r.first_error == "HTTP 506: busy"
     assert r.kv_hit_rate == 0.0 and re.search(r"^KV hit rate\s+0\.0%$", B.format_table([r]), re.M)
+
+
+@pytest.mark.parametrize("argv, said", [
+    # the value of a flag agp has not was read as a PIPELINE ('sharegpt' left out of the message)
+    (["--dataset-name", "sharegpt", "--dataset-path", "sg.json"],
+     "unrecognized arguments: --dataset-name sharegpt --dataset-path sg.json; --dataset-name and --dataset-path "
+     "are vllm bench serve's: agp bench replays a JSONL file of requests: --workload FILE"),
+    (["--dataset-name=random", "--random-input-len", "128", "--random-output-len", "32", "--random-range-ratio", "0"],
+     "--random-input-len, --random-output-len and --random-range-ratio are vllm bench serve's: agp bench has no "
+     "synthetic dataset"),
+    (["--save-result", "--result-dir", "out", "--result-filename", "r.json"],
+     "--save-result, --result-dir and --result-filename are vllm bench serve's: agp's is --json FILE"),
+    (["--percentile-metrics", "ttft,tpot", "--bogus"], "unrecognized arguments: --percentile-metrics ttft,tpot --bogus"),
+    (["--metadata", "a=1", "b=2", "--backend", "openai-chat"],
+     "unrecognized arguments: --metadata a=1 b=2 --backend openai-chat"),
+    (["--tokenizer", "t"], "--tokenizer is vllm bench serve's: agp bench needs no tokenizer"),
+])
+def test_vllm_bench_serve_flags_agp_has_not_exit_2_naming_agps_way(tmp_path, capsys, argv, said):
+    """Were an argparse wall: "unrecognized arguments: --dataset-name --dataset-path sg.json"
+    (the dataset's name taken for a PIPELINE), with no word of --workload or --json."""
+    with pytest.raises(SystemExit) as e:
+        agp(["bench", "--url", "http://127.0.0.1:1", "-w", str(_workload(tmp_path))] + argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and said in err, err
+
