@@ -471,8 +471,8 @@ _SYNTHETIC = ("agp bench has no synthetic dataset: write the requests as a --wor
               "--ignore-eos fixes its output length)")
 _RESULT = ("agp's is --json FILE: each measurement's settings and summaries in seconds (not vLLM's per-request "
            "lists: docs/benchmarks.md)")
-_PERCENTILES = ("agp reports the mean, p50, p90 and p99 of TTFT, TPOT, ITL and E2E (vLLM's E2EL) always, in the "
-                "table and in --json's reports")
+_PERCENTILES = ("agp reports the mean and the percentiles (p50, p90 and p99, or --metric-percentiles') of all of "
+                "TTFT, TPOT, ITL and E2E (vLLM's E2EL), in the table and in --json's reports")
 _SAMPLING_BENCH = "a request's sampling fields are its workload line's (temperature, top_p, ... as agp run reads them)"
 _ENDPOINT = ("agp bench --url takes the server's base URL and sends each workload line where it belongs: a "
              "`messages` line to /v1/chat/completions, a `prompt` line to /v1/completions, streamed")
@@ -492,7 +492,7 @@ VLLM_BENCH_FLAGS = {
     "--result-dir": (True, _RESULT), "--result-filename": (True, _RESULT),
     "--metadata": ("*", "agp's --json reports hold what was measured (pipeline or model, rate, concurrency, "
                         "burstiness, SLOs) and no other keys"),
-    "--percentile-metrics": (True, _PERCENTILES), "--metric-percentiles": (True, _PERCENTILES),
+    "--percentile-metrics": (True, _PERCENTILES),
     "--backend": (True, _ENDPOINT), "--endpoint": (True, _ENDPOINT),
     "--host": (True, "agp's is --url http://HOST:PORT"), "--port": (True, "agp's is --url http://HOST:PORT"),
     "--tokenizer": (True, "agp bench needs no tokenizer: it counts tokens from the server's usage (the engine's "

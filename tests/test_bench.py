@@ -1457,3 +1457,52 @@ def test_vllm_bench_serve_flags_agp_has_not_exit_2_naming_agps_way(tmp_path, cap
     err = capsys.readouterr().err
     assert e.value.code == 2 and said in err, err
 
+
+def test_vllm_bench_serve_names_of_agps_options_are_taken(tmp_path):
+    """--base-url, --num-warmups and --disable-tqdm mean what agp's --url, --warmup and --no-progress do."""
+    from pipeline_dsl.cli import build_parser
+
+    args = build_parser(["bench"]).parse_args(["bench", "--base-url", "http://h:1", "-w", "w.jsonl",
+                                               "--num-warmups", "3", "--disable-tqdm"])
+    assert (args.url, args.warmup, args.no_progress) == (["http://h:1"], 3, True)
+
+
+def test_metric_percentiles_are_shown_and_saved_as_vllm_bench_serve_names_them(tmp_path, capsys):
+    """p95 (vllm bench serve --metric-percentiles 50,95,99) was not to be had: the percentiles were
+    50, 90 and 99 only. Hand-computed: TTFTs 100, 200, 300, 400, 1000 ms: p95 = 400 + 0.8 * 600."""
+    records = [_record(0.0, [t, t + 0.1]) for t in (0.1, 0.2, 0.3, 0.4, 1.0)]
+    r = B.summarize("x", 1.0, records, duration=2.0, percentiles=[95, 99.9])
+    assert r.ttft["p95"] == pytest.approx(0.88) and r.ttft["p50"] == pytest.approx(0.3)   # the defaults kept
+    rows = B.format_table([r]).splitlines()
+    assert [row.split()[1] for row in rows if row.startswith("TTFT")] == ["mean", "p95", "p99.9"]
+    assert "880.0" in next(row for row in rows if row.startswith("TTFT p95"))
+    saved = tmp_path / "r.json"
+    saved.write_text(json.dumps([r.to_dict()]))
+    again = B.load_reports(saved)[0]
+    assert again.ttft["p95"] == pytest.approx(0.88) and again.percentiles == [95, 99.9]
+
+    handler = type("Handler", (_Refusing,), {"refuse": 2, "seen": 0})      # every other request streams a token
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
+    out = tmp_path / "bench.json"
+    try:
+        code = agp(["bench", "--url", f"http://127.0.0.1:{server.server_address[1]}", "-w", str(_workload(tmp_path)),
+                    "--warmup", "0", "--no-progress", "--metric-percentiles", "50,95,99", "--json", str(out)])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "E2E p95 (ms)" in table and "E2E p90 (ms)" not in table
+    e2e = json.loads(out.read_text())[0]["e2e"]
+    assert {"mean", "p50", "p90", "p95", "p99"} <= set(e2e) and e2e["p50"] <= e2e["p95"] <= e2e["p99"]
+
+
+@pytest.mark.parametrize("value, message", [("50,abc", "'abc' is not a number"), ("101", "101 is not a percentile"),
+                                            ("-1", "not a percentile from 0 to 100")])
+def test_bad_metric_percentiles_are_refused_while_parsing(tmp_path, capsys, value, message):
+    with pytest.raises(SystemExit) as e:
+        agp(["bench", "--url", "http://127.0.0.1:1", "-w", str(_workload(tmp_path)), f"--metric-percentiles={value}"])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
