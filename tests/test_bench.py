@@ -1506,3 +1506,11 @@ def test_bad_metric_percentiles_are_refused_while_parsing(tmp_path, capsys, valu
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("key", ["output_tokens", "output_len"])
+def test_a_custom_dataset_line_with_its_output_length_is_told_agps_max_tokens(tmp_path, key):
+    """Was "unknown field 'output_tokens' (did you mean 'stop_token_ids'?)"."""
+    path = tmp_path / "custom.jsonl"
+    path.write_text(json.dumps({"prompt": "hi", key: 16}) + "\n")
+    with pytest.raises(B.BenchError, match=rf"custom\.jsonl:1: '{key}' is a custom benchmark dataset's output "
+                                           rf"length: agp's is max_tokens"):
+        B.load_workload(path)

@@ -70,6 +70,12 @@ def load_workload(path: str | Path) -> list[ParsedRequest]:
             if isinstance(obj, dict) and "conversations" in obj and "messages" not in obj:
                 raise BenchError(f"{path}:{lineno}: a ShareGPT conversation, not a request: turn the file into "
                                  f"chat lines first (a jq command for it is in docs/benchmarks.md)")
+            length = next((k for k in ("output_tokens", "output_len") if isinstance(obj, dict) and k in obj), None)
+            if length and "max_tokens" not in obj:       # a benchmark's custom dataset line
+                raise BenchError(f"{path}:{lineno}: '{length}' is a custom benchmark dataset's output length: "
+                                 f"agp's is max_tokens (with --ignore-eos every request generates that many): "
+                                 f"jq -c 'with_entries(if .key == \"{length}\" then .key = \"max_tokens\" "
+                                 f"else . end)' {path.name}")
             if batch_api.is_batch_line(obj):        # an OpenAI batch-API line, as agp run takes it
                 items.append(batch_api.workload_request(obj, lineno))
             else:
