@@ -504,8 +504,6 @@ VLLM_BENCH_FLAGS = {
                      "--repetition-penalty"), (True, _SAMPLING_BENCH)),
     "--extra-body": (True, "every field of a request is its workload line's: put them on the lines "
                            "(jq -c '. + {\"seed\": 42}' w.jsonl)"),
-    "--ready-check-timeout-sec": (True, "agp bench asks a --url for its models first and stops at once, naming "
-                                        "the error, when it does not answer"),
     "--label": (True, "a column is labelled with its pipeline or URL (and model)"),
     "--request-id-prefix": (True, "agp sends no request ids: the server makes them"),
     "--use-beam-search": (False, "agp serves no beam search"),

@@ -1351,6 +1351,13 @@ class _KeepAlive(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
+    def do_GET(self):                   # /v1/models, asked first on the same connection
+        body = json.dumps({"data": [{"id": "m"}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
         self.send_response(200)
@@ -1514,3 +1521,58 @@ def test_a_custom_dataset_line_with_its_output_length_is_told_agps_max_tokens(tm
     with pytest.raises(B.BenchError, match=rf"custom\.jsonl:1: '{key}' is a custom benchmark dataset's output "
                                            rf"length: agp's is max_tokens"):
         B.load_workload(path)
+
+
+class _Loading(_Refusing):
+    """A server still loading its model for its first `loading` GETs: 503 with Retry-After, as
+    agp serve and vLLM answer then; then up, every completion streaming a token."""
+    loading, gets, refuse = 2, 0, 10**9
+
+    def _loading(self) -> bool:
+        if type(self).gets > type(self).loading:
+            return False
+        body = json.dumps({"error": {"message": "the server is loading its model; retry later",
+                                     "code": "loading"}}).encode()
+        self.send_response(503)
+        self.send_header("Retry-After", "0")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        return True
+
+    def do_GET(self):
+        type(self).gets += 1
+        if not self._loading():
+            super().do_GET()
+
+    def do_POST(self):
+        if self._loading():
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        else:
+            super().do_POST()
+
+
+@pytest.mark.parametrize("loading, argv, code", [(2, [], 0), (2, ["--model", "m"], 0),
+                                                 (10**9, ["--ready-check-timeout-sec", "0.3"], 1)])
+def test_a_server_still_loading_its_model_is_waited_for_up_to_the_ready_timeout(tmp_path, capsys, loading, argv, code):
+    """`agp serve MODEL & agp bench --url …` stopped at once on the 503 of a server loading its
+    model: "cannot list the models of …: Server error '503 Service Unavailable' for url … For more
+    information check: https://developer.mozilla.org/…". vllm bench serve waits for a server to be
+    ready (--ready-check-timeout-sec)."""
+    handler = type("Handler", (_Loading,), {"loading": loading, "gets": 0, "seen": 0})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        got = agp(["bench", "--url", url, "-w", str(_workload(tmp_path)), "--warmup", "0", "--no-progress"] + argv)
+    finally:
+        server.shutdown()
+        server.server_close()
+    captured = capsys.readouterr()
+    assert got == code
+    assert "answers HTTP 503 (the server is loading its model; retry later); waiting up to" in captured.err
+    if code == 0:
+        assert re.search(r"requests ok/sent\s+6/6", captured.out)
+    else:                                   # still loading at the deadline: said as the server says it
+        assert (f"cannot list the models of {url}/v1: HTTP 503: the server is loading its model; retry later"
+                in captured.err) and "mozilla" not in captured.err

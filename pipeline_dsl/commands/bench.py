@@ -89,6 +89,9 @@ def add_arguments(p) -> None:
                    help="requests sent before measuring (default: 1)")
     p.add_argument("--request-timeout", type=seconds, default=600.0,
                    help="seconds before one request counts as an error (default: 600)")
+    p.add_argument("--ready-timeout", "--ready-check-timeout-sec", type=seconds, default=600.0,
+                   help="seconds to wait for a --url that answers 503 while it loads its model (default: 600, "
+                        "as vllm bench serve's --ready-check-timeout-sec)")
     p.add_argument("--no-progress", "--disable-tqdm", action="store_true", help="no progress bar")
 
 
@@ -196,7 +199,8 @@ def main(args) -> int:
                 threads=args.threads)
         for url in args.url:
             yield lambda url=url: HTTPTarget(url, args.model, timeout=args.request_timeout,
-                                                    api_key=args.api_key or os.environ.get("OPENAI_API_KEY"))
+                                                    api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
+                                                    ready_timeout=args.ready_timeout)
 
     reports, codes = [], []      # codes: the exit code of each target that could not be measured
     stopped = None               # Ctrl-C: why the measurements stopped there

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -455,11 +456,23 @@ class EngineTarget:
         rec.finish_reason = result.choices[0].finish_reason if result.choices else None
 
 
+def _error_message(r) -> str:
+    """The message of a server's error answer (OpenAI's {"error": {"message": ...}}), or its text."""
+    text = r.text
+    try:
+        text = json.loads(text)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        pass
+    return str(text)[:200]
+
+
 class HTTPTarget:
     """Any OpenAI-compatible server: streaming POSTs with httpx, usage from the last chunk."""
 
-    def __init__(self, url: str, model: str | None = None, timeout: float = 600.0, api_key: str | None = None):
+    def __init__(self, url: str, model: str | None = None, timeout: float = 600.0, api_key: str | None = None,
+                 ready_timeout: float = 600.0):
         self.label = url
+        self.ready_timeout = ready_timeout      # how long a server answering 503 (loading) is waited for
         self.pipeline = None
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.base = url.rstrip("/")
@@ -477,19 +490,52 @@ class HTTPTarget:
                                         headers=self.headers)
         if self.model is None:
             try:
-                r = await self.client.get(f"{self.base}/models")
+                r = await self._ready()
                 refused = r.status_code == 401
                 if not refused:
-                    r.raise_for_status()
+                    if r.status_code >= 400:
+                        raise BenchError(f"cannot list the models of {self.base}: HTTP {r.status_code}: "
+                                         f"{_error_message(r)}")
                     self.model = r.json()["data"][0]["id"]
             except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
                 await self.client.aclose()
                 raise BenchError(f"cannot list the models of {self.base}: {e}") from None
+            except BenchError:
+                await self.client.aclose()
+                raise
             if refused:
                 await self.client.aclose()
                 given = "the one given was refused" if self.headers else "none was given"
                 raise BenchError(f"{self.base} wants an API key ({given}): give it with --api-key KEY "
                                  "or the environment variable OPENAI_API_KEY")
+        else:                       # the model named: waited for all the same; a server without /models,
+            try:                    # or one down, is told by the requests' errors
+                await self._ready()
+            except httpx.HTTPError:
+                pass
+
+    async def _ready(self):
+        """GET /models until the server answers other than 503 (a server still loading its model,
+        as `agp serve` and vLLM answer then), at most `ready_timeout` seconds, each wait its
+        Retry-After (at most 5 s): the answer then. A server started beside `agp bench` is
+        measured once it is up, as vllm bench serve waits for it (--ready-check-timeout-sec)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.ready_timeout
+        said = False
+        while True:
+            r = await self.client.get(f"{self.base}/models")
+            left = deadline - loop.time()
+            if r.status_code != 503 or left <= 0:
+                return r
+            if not said:
+                print(f"agp bench: {self.base} answers HTTP 503 ({_error_message(r)}); waiting up to "
+                      f"{self.ready_timeout:g} s for it (--ready-timeout)", file=sys.stderr, flush=True)
+                said = True
+            try:
+                wait = min(max(float(r.headers.get("retry-after", 1)), 0.1), 5.0)
+            except ValueError:
+                wait = 1.0
+            await asyncio.sleep(min(wait, left))
 
     async def close(self) -> None:
         if self.client is not None:
