@@ -460,25 +460,82 @@ LLAMA_CPP_FLAGS = {
     "-v": "agp's is --log-level debug", "--verbose": "agp's is --log-level debug",
 }
 VLLM_WORDS = {flag: ("vLLM's", text) for flag, text in VLLM_FLAGS.items()}
+
+# vllm bench serve's flags that agp bench has no flag of that name for: whether each takes a value
+# (so that its value is named with it, not read as a PIPELINE) and agp bench's way to say it
+_WORKLOAD = ("agp bench replays a JSONL file of requests: --workload FILE (agp run's lines or OpenAI batch-API "
+             "lines, each with its own max_tokens); docs/benchmarks.md turns ShareGPT's json and a random "
+             "workload into one, and bench/workloads/ holds ready ones")
+_SYNTHETIC = ("agp bench has no synthetic dataset: write the requests as a --workload FILE (docs/benchmarks.md "
+              "writes a random one of N prompt token ids in and M tokens out; a line's max_tokens with "
+              "--ignore-eos fixes its output length)")
+_RESULT = ("agp's is --json FILE: each measurement's settings and summaries in seconds (not vLLM's per-request "
+           "lists: docs/benchmarks.md)")
+_PERCENTILES = ("agp reports the mean and the percentiles (p50, p90 and p99, or --metric-percentiles') of all of "
+                "TTFT, TPOT, ITL and E2E (vLLM's E2EL), in the table and in --json's reports")
+_SAMPLING_BENCH = "a request's sampling fields are its workload line's (temperature, top_p, ... as agp run reads them)"
+_ENDPOINT = ("agp bench --url takes the server's base URL and sends each workload line where it belongs: a "
+             "`messages` line to /v1/chat/completions, a `prompt` line to /v1/completions, streamed")
+VLLM_BENCH_FLAGS = {
+    "--dataset-name": (True, _WORKLOAD), "--dataset-path": (True, _WORKLOAD),
+    "--sharegpt-output-len": (True, "a ShareGPT request's output length is its line's max_tokens (docs/benchmarks.md's "
+                                    "jq sets it from the reply)"),
+    "--custom-output-len": (True, "each workload line's max_tokens sets its output length"),
+    "--custom-skip-chat-template": (False, "a `prompt` line is sent as it is (/v1/completions), a `messages` line "
+                                           "through the chat template"),
+    **dict.fromkeys(("--random-input-len", "--random-output-len", "--random-range-ratio", "--random-prefix-len",
+                     "--random-batch-size", "--input-len", "--output-len",
+                     "--sonnet-input-len", "--sonnet-output-len", "--sonnet-prefix-len",
+                     "--prefix-repetition-prefix-len", "--prefix-repetition-suffix-len",
+                     "--prefix-repetition-num-prefixes", "--prefix-repetition-output-len"), (True, _SYNTHETIC)),
+    "--save-result": (False, _RESULT), "--save-detailed": (False, _RESULT), "--append-result": (False, _RESULT),
+    "--result-dir": (True, _RESULT), "--result-filename": (True, _RESULT),
+    "--metadata": ("*", "agp's --json reports hold what was measured (pipeline or model, rate, concurrency, "
+                        "burstiness, SLOs) and no other keys"),
+    "--percentile-metrics": (True, _PERCENTILES),
+    "--backend": (True, _ENDPOINT), "--endpoint": (True, _ENDPOINT),
+    "--host": (True, "agp's is --url http://HOST:PORT"), "--port": (True, "agp's is --url http://HOST:PORT"),
+    "--tokenizer": (True, "agp bench needs no tokenizer: it counts tokens from the server's usage (the engine's "
+                          "in process)"),
+    "--tokenizer-mode": (True, "agp bench needs no tokenizer: it counts tokens from the server's usage"),
+    "--trust-remote-code": (False, "agp bench loads no tokenizer code: leave it out"),
+    "--served-model-name": (True, "agp's is --model ID (default: the server's first model)"),
+    **dict.fromkeys(("--temperature", "--top-p", "--top-k", "--min-p", "--frequency-penalty", "--presence-penalty",
+                     "--repetition-penalty"), (True, _SAMPLING_BENCH)),
+    "--extra-body": (True, "every field of a request is its workload line's: put them on the lines "
+                           "(jq -c '. + {\"seed\": 42}' w.jsonl)"),
+    "--label": (True, "a column is labelled with its pipeline or URL (and model)"),
+    "--request-id-prefix": (True, "agp sends no request ids: the server makes them"),
+    "--use-beam-search": (False, "agp serves no beam search"),
+    **dict.fromkeys(("--ramp-up-strategy", "--ramp-up-start-rps", "--ramp-up-end-rps"),
+                    (True, "agp's is a comma list of rates, each measured in turn: --rate 1,2,4,inf")),
+    "--profile": (False, "agp bench starts no profiler on the server: profile its process there"),
+    "--disable-shuffle": (False, "agp bench sends the workload's lines in order, never shuffled"),
+    "--no-oversample": (False, "agp bench sends --num requests, cycling the workload's lines in order when it "
+                               "holds fewer; without --num, one pass"),
+}
+VLLM_BENCH_WORDS = {flag: ("vllm bench serve's", text) for flag, (_, text) in VLLM_BENCH_FLAGS.items()}
 # llama-server's flags are told apart under agp serve alone: their hints name serve's flags
 SERVE_FOREIGN_FLAGS = {**{flag: ("llama.cpp's", text) for flag, text in LLAMA_CPP_FLAGS.items()}, **VLLM_WORDS}
 
 
 def foreign_flags(command: str | None) -> dict:
     """Other servers' flags the command explains: flag -> (whose, where agp sets it)."""
-    return SERVE_FOREIGN_FLAGS if command == "serve" else VLLM_WORDS
+    return {"serve": SERVE_FOREIGN_FLAGS, "bench": VLLM_BENCH_WORDS}.get(command, VLLM_WORDS)
 
 
 def foreign_equivalents(extra: list[str], command: str | None = "serve") -> str:
     """For each of vLLM's (or, under agp serve, llama.cpp's) flags among unrecognized arguments,
     agp's way to say it."""
     table = foreign_flags(command)
-    said = []
+    said: dict[tuple, list[str]] = {}       # flags of one hint are named together, the hint said once
     for arg in extra:
         flag = arg.split("=", 1)[0]
-        if flag in table and flag not in said:
-            said.append(flag)
-    return "".join(f"; {flag} is {table[flag][0]}: {table[flag][1]}" for flag in said)
+        if flag in table and flag not in said.get(table[flag], ()):
+            said.setdefault(table[flag], []).append(flag)
+    return "".join(f"; {flags[0]} is {whose}: {text}" if len(flags) == 1 else
+                   f"; {', '.join(flags[:-1])} and {flags[-1]} are {whose}: {text}"
+                   for (whose, text), flags in said.items())
 
 
 def misread_flags(command: argparse.ArgumentParser, argv: list[str]) -> list[str]:
@@ -499,6 +556,26 @@ def misread_flags(command: argparse.ArgumentParser, argv: list[str]) -> list[str
     return out
 
 
+def foreign_arguments(command: argparse.ArgumentParser, argv: list[str], table: dict) -> list[int]:
+    """The positions in `argv` of another tool's flags the command has no option of that name for,
+    each with its value (`table`: flag -> (takes a value: True, "*" for several, or False, ...)):
+    `--dataset-name sharegpt` is refused as a whole, its value not read as a positional argument."""
+    own = {f for a in command._actions for f in a.option_strings}
+    out, i = [], 0
+    while i < len(argv) and argv[i] != "--":
+        flag, eq, _ = argv[i].partition("=")
+        if flag in table and flag not in own:
+            out.append(i)
+            takes = table[flag][0]
+            while takes and not eq and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                i += 1
+                out.append(i)
+                if takes is True:
+                    break
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -512,6 +589,12 @@ def main(argv: list[str] | None = None) -> int:
             misread = misread_flags(command, argv[argv.index(named) + 1:])
             if misread:
                 command.error(f"unrecognized arguments: {' '.join(misread)}{foreign_equivalents(misread, named)}")
+            rest = argv[argv.index(named) + 1:]
+            foreign = foreign_arguments(command, rest, VLLM_BENCH_FLAGS) if named == "bench" else []
+            if foreign:                            # named with their values, beside any other unknown ones
+                _, extra = command.parse_known_args([a for i, a in enumerate(rest) if i not in foreign])
+                unknown = [rest[i] for i in foreign] + extra
+                command.error(f"unrecognized arguments: {' '.join(unknown)}{foreign_equivalents(unknown, named)}")
         args, extra = parser.parse_known_args(argv)
         if extra:                                  # the command's usage, not the top level's
             name = getattr(args, "command", None)

@@ -1351,6 +1351,13 @@ class _KeepAlive(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
+    def do_GET(self):                   # /v1/models, asked first on the same connection
+        body = json.dumps({"data": [{"id": "m"}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
         self.send_response(200)
@@ -1432,3 +1439,140 @@ def test_a_report_keeps_five_error_samples_and_shows_a_kv_hit_rate_of_nothing_as
     r = B.summarize("x", 1.0, records, duration=1.0)
     assert r.error_samples == [f"HTTP 50{i}: busy" for i in range(5)] and r.first_error == "HTTP 506: busy"
     assert r.kv_hit_rate == 0.0 and re.search(r"^KV hit rate\s+0\.0%$", B.format_table([r]), re.M)
+
+
+@pytest.mark.parametrize("argv, said", [
+    # the value of a flag agp has not was read as a PIPELINE ('sharegpt' left out of the message)
+    (["--dataset-name", "sharegpt", "--dataset-path", "sg.json"],
+     "unrecognized arguments: --dataset-name sharegpt --dataset-path sg.json; --dataset-name and --dataset-path "
+     "are vllm bench serve's: agp bench replays a JSONL file of requests: --workload FILE"),
+    (["--dataset-name=random", "--random-input-len", "128", "--random-output-len", "32", "--random-range-ratio", "0"],
+     "--random-input-len, --random-output-len and --random-range-ratio are vllm bench serve's: agp bench has no "
+     "synthetic dataset"),
+    (["--save-result", "--result-dir", "out", "--result-filename", "r.json"],
+     "--save-result, --result-dir and --result-filename are vllm bench serve's: agp's is --json FILE"),
+    (["--percentile-metrics", "ttft,tpot", "--bogus"], "unrecognized arguments: --percentile-metrics ttft,tpot --bogus"),
+    (["--metadata", "a=1", "b=2", "--backend", "openai-chat"],
+     "unrecognized arguments: --metadata a=1 b=2 --backend openai-chat"),
+    (["--tokenizer", "t"], "--tokenizer is vllm bench serve's: agp bench needs no tokenizer"),
+])
+def test_vllm_bench_serve_flags_agp_has_not_exit_2_naming_agps_way(tmp_path, capsys, argv, said):
+    """Were an argparse wall: "unrecognized arguments: --dataset-name --dataset-path sg.json"
+    (the dataset's name taken for a PIPELINE), with no word of --workload or --json."""
+    with pytest.raises(SystemExit) as e:
+        agp(["bench", "--url", "http://127.0.0.1:1", "-w", str(_workload(tmp_path))] + argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and said in err, err
+
+
+def test_vllm_bench_serve_names_of_agps_options_are_taken(tmp_path):
+    """--base-url, --num-warmups and --disable-tqdm mean what agp's --url, --warmup and --no-progress do."""
+    from pipeline_dsl.cli import build_parser
+
+    args = build_parser(["bench"]).parse_args(["bench", "--base-url", "http://h:1", "-w", "w.jsonl",
+                                               "--num-warmups", "3", "--disable-tqdm"])
+    assert (args.url, args.warmup, args.no_progress) == (["http://h:1"], 3, True)
+
+
+def test_metric_percentiles_are_shown_and_saved_as_vllm_bench_serve_names_them(tmp_path, capsys):
+    """p95 (vllm bench serve --metric-percentiles 50,95,99) was not to be had: the percentiles were
+    50, 90 and 99 only. Hand-computed: TTFTs 100, 200, 300, 400, 1000 ms: p95 = 400 + 0.8 * 600."""
+    records = [_record(0.0, [t, t + 0.1]) for t in (0.1, 0.2, 0.3, 0.4, 1.0)]
+    r = B.summarize("x", 1.0, records, duration=2.0, percentiles=[95, 99.9])
+    assert r.ttft["p95"] == pytest.approx(0.88) and r.ttft["p50"] == pytest.approx(0.3)   # the defaults kept
+    rows = B.format_table([r]).splitlines()
+    assert [row.split()[1] for row in rows if row.startswith("TTFT")] == ["mean", "p95", "p99.9"]
+    assert "880.0" in next(row for row in rows if row.startswith("TTFT p95"))
+    saved = tmp_path / "r.json"
+    saved.write_text(json.dumps([r.to_dict()]))
+    again = B.load_reports(saved)[0]
+    assert again.ttft["p95"] == pytest.approx(0.88) and again.percentiles == [95, 99.9]
+
+    handler = type("Handler", (_Refusing,), {"refuse": 2, "seen": 0})      # every other request streams a token
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
+    out = tmp_path / "bench.json"
+    try:
+        code = agp(["bench", "--url", f"http://127.0.0.1:{server.server_address[1]}", "-w", str(_workload(tmp_path)),
+                    "--warmup", "0", "--no-progress", "--metric-percentiles", "50,95,99", "--json", str(out)])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "E2E p95 (ms)" in table and "E2E p90 (ms)" not in table
+    e2e = json.loads(out.read_text())[0]["e2e"]
+    assert {"mean", "p50", "p90", "p95", "p99"} <= set(e2e) and e2e["p50"] <= e2e["p95"] <= e2e["p99"]
+
+
+@pytest.mark.parametrize("value, message", [("50,abc", "'abc' is not a number"), ("101", "101 is not a percentile"),
+                                            ("-1", "not a percentile from 0 to 100")])
+def test_bad_metric_percentiles_are_refused_while_parsing(tmp_path, capsys, value, message):
+    with pytest.raises(SystemExit) as e:
+        agp(["bench", "--url", "http://127.0.0.1:1", "-w", str(_workload(tmp_path)), f"--metric-percentiles={value}"])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key", ["output_tokens", "output_len"])
+def test_a_custom_dataset_line_with_its_output_length_is_told_agps_max_tokens(tmp_path, key):
+    """Was "unknown field 'output_tokens' (did you mean 'stop_token_ids'?)"."""
+    path = tmp_path / "custom.jsonl"
+    path.write_text(json.dumps({"prompt": "hi", key: 16}) + "\n")
+    with pytest.raises(B.BenchError, match=rf"custom\.jsonl:1: '{key}' is a custom benchmark dataset's output "
+                                           rf"length: agp's is max_tokens"):
+        B.load_workload(path)
+
+
+class _Loading(_Refusing):
+    """A server still loading its model for its first `loading` GETs: 503 with Retry-After, as
+    agp serve and vLLM answer then; then up, every completion streaming a token."""
+    loading, gets, refuse = 2, 0, 10**9
+
+    def _loading(self) -> bool:
+        if type(self).gets > type(self).loading:
+            return False
+        body = json.dumps({"error": {"message": "the server is loading its model; retry later",
+                                     "code": "loading"}}).encode()
+        self.send_response(503)
+        self.send_header("Retry-After", "0")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        return True
+
+    def do_GET(self):
+        type(self).gets += 1
+        if not self._loading():
+            super().do_GET()
+
+    def do_POST(self):
+        if self._loading():
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        else:
+            super().do_POST()
+
+
+@pytest.mark.parametrize("loading, argv, code", [(2, [], 0), (2, ["--model", "m"], 0),
+                                                 (10**9, ["--ready-check-timeout-sec", "0.3"], 1)])
+def test_a_server_still_loading_its_model_is_waited_for_up_to_the_ready_timeout(tmp_path, capsys, loading, argv, code):
+    """`agp serve MODEL & agp bench --url …` stopped at once on the 503 of a server loading its
+    model: "cannot list the models of …: Server error '503 Service Unavailable' for url … For more
+    information check: https://developer.mozilla.org/…". vllm bench serve waits for a server to be
+    ready (--ready-check-timeout-sec)."""
+    handler = type("Handler", (_Loading,), {"loading": loading, "gets": 0, "seen": 0})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        got = agp(["bench", "--url", url, "-w", str(_workload(tmp_path)), "--warmup", "0", "--no-progress"] + argv)
+    finally:
+        server.shutdown()
+        server.server_close()
+    captured = capsys.readouterr()
+    assert got == code
+    assert "answers HTTP 503 (the server is loading its model; retry later); waiting up to" in captured.err
+    if code == 0:
+        assert re.search(r"requests ok/sent\s+6/6", captured.out)
+    else:                                   # still loading at the deadline: said as the server says it
+        assert (f"cannot list the models of {url}/v1: HTTP 503: the server is loading its model; retry later"
+                in captured.err) and "mozilla" not in captured.err

@@ -355,7 +355,7 @@ def test_lazy_command_is_imported_only_when_invoked(monkeypatch, tmp_path, capsy
     (["bench", CHAT, "-w", "w.jsonl", "--json", "{tmp}"], "argument --json: '{tmp}' is a folder"),
     (["bench", CHAT, "-w", "w.jsonl", "--plot", "{tmp}"], "argument --plot: '{tmp}' is a folder"),
     (["serve", CHAT, "--trace", "{tmp}"], "argument --trace: '{tmp}' is a folder"),
-    (["bench", CHAT, "-w", "w.jsonl", "--warmup", "-1"], "argument --warmup: must be between 0 and"),
+    (["bench", CHAT, "-w", "w.jsonl", "--warmup", "-1"], "argument --warmup/--num-warmups: must be between 0 and"),
     (["bench", CHAT, "-w", "w.jsonl", "--request-timeout", "0"], "argument --request-timeout: must be a positive"),
     (["bench", CHAT, "-w", "w.jsonl", "--request-timeout", "nan"], "argument --request-timeout: must be a positive"),
     (["bench", CHAT, "-w", "w.jsonl", "--duration", "nan"], "argument --duration/-d: must be a positive"),

@@ -11,7 +11,7 @@ A PIPELINE runs in this process (its engine driven as `agp serve` drives it); ap
 `,override_generation_config={"temperature": 0.5}`). `--url` (repeatable) measures any
 OpenAI-compatible server over streaming HTTP. Arrivals are Poisson at each `--rate`
 (`inf`: all at once). Reports request and token throughput, TTFT, TPOT, inter-token and
-end-to-end latency (mean, p50, p90, p99), errors and the KV hit rate; `--baseline` sets an
+end-to-end latency (mean, p50, p90, p99 or --metric-percentiles'), errors and the KV hit rate; `--baseline` sets an
 earlier run's `--json` reports beside them.
 
 Exit status: 0 when every measurement had a request succeed (failed requests under load are
@@ -61,8 +61,11 @@ def add_arguments(p) -> None:
     p.add_argument("--goodput", nargs="+", metavar="METRIC:MS", type=slo_limit, default=None,
                    help="service-level objectives (ttft, tpot, e2el or e2e, in ms: --goodput ttft:500 tpot:50): "
                         "also report the completed requests/s that met all of them")
-    p.add_argument("--url", action="append", default=[], type=http_url,
-                   help="an OpenAI-compatible server to measure (repeatable)")
+    p.add_argument("--metric-percentiles", type=percentile_list, default=None, metavar="P,P,...",
+                   help="the latency percentiles to show besides the mean (--metric-percentiles 50,95,99; "
+                        "default: 50,90,99, which --json's reports always hold)")
+    p.add_argument("--url", "--base-url", action="append", default=[], type=http_url,
+                   help="an OpenAI-compatible server to measure: its base URL, http://HOST:PORT (repeatable)")
     p.add_argument("--model", default=None, help="model id for --url (default: its first model)")
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="sent to --url as 'Authorization: Bearer KEY' (a server started with --api-key; "
@@ -82,10 +85,14 @@ def add_arguments(p) -> None:
                    help="in-process: run the plan's streams serially (A/B against overlap; by default CUDA overlaps them, "
                         "CPU only with a core to spare beside the forward's threads)")
     p.add_argument("--seed", type=count(0, 2**64 - 1), default=0, help="seed of the arrival times (default: 0)")
-    p.add_argument("--warmup", type=count(0), default=1, help="requests sent before measuring (default: 1)")
+    p.add_argument("--warmup", "--num-warmups", type=count(0), default=1,
+                   help="requests sent before measuring (default: 1)")
     p.add_argument("--request-timeout", type=seconds, default=600.0,
                    help="seconds before one request counts as an error (default: 600)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--ready-timeout", "--ready-check-timeout-sec", type=seconds, default=600.0,
+                   help="seconds to wait for a --url that answers 503 while it loads its model (default: 600, "
+                        "as vllm bench serve's --ready-check-timeout-sec)")
+    p.add_argument("--no-progress", "--disable-tqdm", action="store_true", help="no progress bar")
 
 
 def burstiness(text: str) -> float:
@@ -99,6 +106,22 @@ def burstiness(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive (1 = Poisson), not {text}")
     return value
+
+
+def percentile_list(text: str) -> list[float]:
+    """`50,95,99.9` -> [50.0, 95.0, 99.9]: percentiles of --metric-percentiles, each from 0 to 100."""
+    import argparse
+
+    out = []
+    for part in text.split(","):
+        try:
+            p = float(part.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{part.strip()}' is not a number (give percentiles as 50,95,99)") from None
+        if not 0 <= p <= 100:
+            raise argparse.ArgumentTypeError(f"{part.strip()} is not a percentile from 0 to 100")
+        out.append(p)
+    return sorted(set(out))
 
 
 def slo_limit(text: str) -> tuple[str, float]:
@@ -139,7 +162,7 @@ def parse_rates(text: str) -> list[float]:
 
 
 def main(args) -> int:
-    from pipeline_dsl.commands.loadgen import (BenchError, EngineTarget, HTTPTarget, Interrupted, bench_one,
+    from pipeline_dsl.commands.loadgen import (DEFAULT_PERCENTILES, BenchError, EngineTarget, HTTPTarget, Interrupted, bench_one,
                                         failure, format_table, load_reports, load_workload, parse_target,
                                         rate_text)
     from pipeline_dsl.diagnostics import CheckFailed
@@ -176,7 +199,8 @@ def main(args) -> int:
                 threads=args.threads)
         for url in args.url:
             yield lambda url=url: HTTPTarget(url, args.model, timeout=args.request_timeout,
-                                                    api_key=args.api_key or os.environ.get("OPENAI_API_KEY"))
+                                                    api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
+                                                    ready_timeout=args.ready_timeout)
 
     reports, codes = [], []      # codes: the exit code of each target that could not be measured
     stopped = None               # Ctrl-C: why the measurements stopped there
@@ -201,7 +225,8 @@ def main(args) -> int:
                     target, items, rate=rate, num=num, duration=args.duration,
                     concurrency=args.concurrency, seed=args.seed, progress=not args.no_progress,
                     warmup=args.warmup, request_timeout=args.request_timeout, burstiness=args.burstiness,
-                    slo=dict(args.goodput or ())))
+                    slo=dict(args.goodput or ()),
+                    percentiles=args.metric_percentiles or DEFAULT_PERCENTILES))
             except BenchError as e:          # this target cannot be measured: the others still are
                 print(f"agp bench: error: {e}", file=sys.stderr)
                 codes.append(1)

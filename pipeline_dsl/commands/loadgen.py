@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -70,6 +71,12 @@ def load_workload(path: str | Path) -> list[ParsedRequest]:
             if isinstance(obj, dict) and "conversations" in obj and "messages" not in obj:
                 raise BenchError(f"{path}:{lineno}: a ShareGPT conversation, not a request: turn the file into "
                                  f"chat lines first (a jq command for it is in docs/benchmarks.md)")
+            length = next((k for k in ("output_tokens", "output_len") if isinstance(obj, dict) and k in obj), None)
+            if length and "max_tokens" not in obj:       # a benchmark's custom dataset line
+                raise BenchError(f"{path}:{lineno}: '{length}' is a custom benchmark dataset's output length: "
+                                 f"agp's is max_tokens (with --ignore-eos every request generates that many): "
+                                 f"jq -c 'with_entries(if .key == \"{length}\" then .key = \"max_tokens\" "
+                                 f"else . end)' {path.name}")
             if batch_api.is_batch_line(obj):        # an OpenAI batch-API line, as agp run takes it
                 items.append(batch_api.workload_request(obj, lineno))
             else:
@@ -149,12 +156,22 @@ class RequestRecord:
         self.chunk_times.setdefault(index, []).append(now)
 
 
-def _dist(values) -> dict[str, float | None]:
+# the percentiles every report holds (--metric-percentiles shows others beside them)
+DEFAULT_PERCENTILES = (50.0, 90.0, 99.0)
+
+
+def percentile_key(p: float) -> str:
+    """A percentile's name in a report, as vllm bench serve names it: 50 -> 'p50', 99.9 -> 'p99.9'."""
+    return f"p{p:g}"
+
+
+def _dist(values, percentiles=()) -> dict[str, float | None]:
+    """The mean and the percentiles of `values`: 50, 90 and 99 always, and those of `percentiles`."""
     xs = np.asarray(list(values), dtype=np.float64)
+    ps = sorted(set(DEFAULT_PERCENTILES) | set(percentiles))
     if xs.size == 0:
-        return {"mean": None, "p50": None, "p90": None, "p99": None}
-    return {"mean": float(xs.mean()), "p50": float(np.percentile(xs, 50)),
-            "p90": float(np.percentile(xs, 90)), "p99": float(np.percentile(xs, 99))}
+        return {"mean": None, **{percentile_key(p): None for p in ps}}
+    return {"mean": float(xs.mean()), **{percentile_key(p): float(np.percentile(xs, p)) for p in ps}}
 
 
 @dataclass
@@ -186,6 +203,7 @@ class Report:
     goodput: float | None = None       # completed requests within every `slo` / s (None: no slo)
     pipeline: str | None = None        # in process: the name of the pipeline measured
     model: str | None = None           # the model measured: the id sent to a server, a pipeline's model(s)
+    percentiles: list = field(default_factory=lambda: list(DEFAULT_PERCENTILES))   # those the table shows
     ttft_samples: list[float] = field(default_factory=list, repr=False)
     e2e_samples: list[float] = field(default_factory=list, repr=False)
 
@@ -240,8 +258,11 @@ _SAVED_FIELDS = {
                  "cached_tokens")},
     **{k: (lambda v: v is None or _number(v), "a number or null") for k in ("kv_hit_rate", "goodput", "concurrency")},
     **{k: (lambda v: v is None or isinstance(v, str), "a string or null") for k in ("pipeline", "model")},
-    **{k: (lambda v: isinstance(v, dict) and all(q in v and (v[q] is None or _number(v[q])) for q in _QUANTILES),
+    **{k: (lambda v: isinstance(v, dict) and all(q in v for q in _QUANTILES)
+                     and all(x is None or _number(x) for x in v.values()),
            f"an object of {', '.join(_QUANTILES)}") for k in ("ttft", "tpot", "itl", "e2e")},
+    "percentiles": (lambda v: isinstance(v, list) and all(_number(x) and 0 <= x <= 100 for x in v),
+                    "a list of numbers from 0 to 100"),
     # the table and the plot read these too (an edited one was an internal error there)
     "first_error": (lambda v: v is None or isinstance(v, str), "a string or null"),
     "error_samples": (lambda v: isinstance(v, list) and all(isinstance(e, str) for e in v), "a list of strings"),
@@ -311,7 +332,9 @@ def _good(r: RequestRecord, tpot: float | None, slo: dict) -> bool:
 def summarize(label: str, rate: float, records: list[RequestRecord], duration: float,
               engine_stats: dict | None = None, *, concurrency: int | None = None,
               burstiness: float = 1.0, slo: dict | None = None, pipeline: str | None = None,
-              model: str | None = None) -> Report:
+              model: str | None = None, percentiles=DEFAULT_PERCENTILES) -> Report:
+    """The figures of a measurement; latencies of the completed requests, their mean and
+    `percentiles` (50, 90 and 99 are always computed, the table shows `percentiles`)."""
     ok = [r for r in records if r.error is None and not r.truncated and r.done is not None]
     slo = dict(slo or {})
     ttft = [r.first_token - r.sent for r in ok if r.first_token is not None]
@@ -334,7 +357,8 @@ def summarize(label: str, rate: float, records: list[RequestRecord], duration: f
         output_throughput=out / duration, total_throughput=(prompt + out) / duration,
         prompt_tokens=prompt, completion_tokens=out, cached_tokens=cached,
         kv_hit_rate=cached / prompt if prompt else None,
-        ttft=_dist(ttft), tpot=_dist(tpot), itl=_dist(itl), e2e=_dist(e2e),
+        ttft=_dist(ttft, percentiles), tpot=_dist(tpot, percentiles), itl=_dist(itl, percentiles),
+        e2e=_dist(e2e, percentiles), percentiles=sorted(set(percentiles)),
         error_samples=sorted(set(errors))[:5], first_error=errors[0] if errors else None, engine=engine,
         concurrency=concurrency, burstiness=burstiness, slo=slo,
         goodput=sum(_good(r, t, slo) for r, t in zip(ok, tpots)) / duration if slo else None,
@@ -432,11 +456,23 @@ class EngineTarget:
         rec.finish_reason = result.choices[0].finish_reason if result.choices else None
 
 
+def _error_message(r) -> str:
+    """The message of a server's error answer (OpenAI's {"error": {"message": ...}}), or its text."""
+    text = r.text
+    try:
+        text = json.loads(text)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        pass
+    return str(text)[:200]
+
+
 class HTTPTarget:
     """Any OpenAI-compatible server: streaming POSTs with httpx, usage from the last chunk."""
 
-    def __init__(self, url: str, model: str | None = None, timeout: float = 600.0, api_key: str | None = None):
+    def __init__(self, url: str, model: str | None = None, timeout: float = 600.0, api_key: str | None = None,
+                 ready_timeout: float = 600.0):
         self.label = url
+        self.ready_timeout = ready_timeout      # how long a server answering 503 (loading) is waited for
         self.pipeline = None
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.base = url.rstrip("/")
@@ -454,19 +490,52 @@ class HTTPTarget:
                                         headers=self.headers)
         if self.model is None:
             try:
-                r = await self.client.get(f"{self.base}/models")
+                r = await self._ready()
                 refused = r.status_code == 401
                 if not refused:
-                    r.raise_for_status()
+                    if r.status_code >= 400:
+                        raise BenchError(f"cannot list the models of {self.base}: HTTP {r.status_code}: "
+                                         f"{_error_message(r)}")
                     self.model = r.json()["data"][0]["id"]
             except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
                 await self.client.aclose()
                 raise BenchError(f"cannot list the models of {self.base}: {e}") from None
+            except BenchError:
+                await self.client.aclose()
+                raise
             if refused:
                 await self.client.aclose()
                 given = "the one given was refused" if self.headers else "none was given"
                 raise BenchError(f"{self.base} wants an API key ({given}): give it with --api-key KEY "
                                  "or the environment variable OPENAI_API_KEY")
+        else:                       # the model named: waited for all the same; a server without /models,
+            try:                    # or one down, is told by the requests' errors
+                await self._ready()
+            except httpx.HTTPError:
+                pass
+
+    async def _ready(self):
+        """GET /models until the server answers other than 503 (a server still loading its model,
+        as `agp serve` and vLLM answer then), at most `ready_timeout` seconds, each wait its
+        Retry-After (at most 5 s): the answer then. A server started beside `agp bench` is
+        measured once it is up, as vllm bench serve waits for it (--ready-check-timeout-sec)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.ready_timeout
+        said = False
+        while True:
+            r = await self.client.get(f"{self.base}/models")
+            left = deadline - loop.time()
+            if r.status_code != 503 or left <= 0:
+                return r
+            if not said:
+                print(f"agp bench: {self.base} answers HTTP 503 ({_error_message(r)}); waiting up to "
+                      f"{self.ready_timeout:g} s for it (--ready-timeout)", file=sys.stderr, flush=True)
+                said = True
+            try:
+                wait = min(max(float(r.headers.get("retry-after", 1)), 0.1), 5.0)
+            except ValueError:
+                wait = 1.0
+            await asyncio.sleep(min(wait, left))
 
     async def close(self) -> None:
         if self.client is not None:
@@ -816,7 +885,8 @@ def _progress(total, enabled: bool):
 
 async def bench_one(target, items, *, rate: float, num=None, duration=None, concurrency=None,
                     seed: int = 0, progress: bool = True, warmup: int = 1,
-                    request_timeout: float = 600.0, burstiness: float = 1.0, slo: dict | None = None) -> Report:
+                    request_timeout: float = 600.0, burstiness: float = 1.0, slo: dict | None = None,
+                    percentiles=DEFAULT_PERCENTILES) -> Report:
     """Start the target, warm it up, run the load, summarise."""
     await target.start()
     stopped = None
@@ -839,7 +909,7 @@ async def bench_one(target, items, *, rate: float, num=None, duration=None, conc
         await target.close()
     report = summarize(target.label, rate, records, wall, stats, concurrency=concurrency,
                        burstiness=burstiness, slo=slo, pipeline=getattr(target, "pipeline", None),
-                       model=getattr(target, "model", None))
+                       model=getattr(target, "model", None), percentiles=percentiles)
     if stopped is not None:
         stopped.report = report
         raise stopped
@@ -884,9 +954,10 @@ def _rows(reports: list[Report]) -> list[tuple[str, list[str]]]:
         ("total tok/s", [f"{r.total_throughput:.1f}" for r in reports]),
         ("KV hit rate", ["-" if r.kv_hit_rate is None else f"{r.kv_hit_rate:.1%}" for r in reports]),
     ]
+    shown = ["mean"] + [percentile_key(p) for p in sorted({p for r in reports for p in r.percentiles})]
     for name in ("ttft", "tpot", "itl", "e2e"):
-        for q in ("mean", "p50", "p90", "p99"):
-            rows.append((f"{name.upper()} {q} (ms)", [_ms(getattr(r, name)[q]) for r in reports]))
+        for q in shown:
+            rows.append((f"{name.upper()} {q} (ms)", [_ms(getattr(r, name).get(q)) for r in reports]))
     if any(r.engine.get("mean_batch_size") is not None for r in reports):
         rows.append(("mean batch size", [f"{r.engine['mean_batch_size']:.1f}"
                                          if r.engine.get("mean_batch_size") is not None else "-"
