@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flowkit import chain, errors, run, write
+from pipeline_dsl.conditions import evaluate
 from pipeline_dsl.flow.router import OTHERWISE, Router, fields
 
 R, G = "Request", "Generated"
@@ -94,3 +95,30 @@ def test_otherwise_listed_before_a_conditional_edge_is_the_fallback_when_running
     assert long_.choices[0].data["generated_by"] == "long_gen"
     edges = {(e["from"], e["to"]): e["items"] for e in rt.stats()["edges"]}
     assert edges[("route", "batch_l")] == 1 and edges[("route", "batch_s")] == 1
+
+
+def tier_of(value):
+    """A getter whose item's metadata.tier is `value` (None: the request sent no tier)."""
+    return fields({"prompt": "x", "metadata": {} if value is None else {"tier": value}}, R, prompt_tokens=lambda: 3)
+
+
+@pytest.mark.parametrize("op, below, at, above", [
+    ("==", False, True, False), ("!=", True, False, True), ("<", True, False, False),
+    ("<=", True, True, False), (">", False, False, True), (">=", False, True, True)])
+def test_each_comparison_holds_on_its_side_of_the_literal(op, below, at, above):
+    """`when metadata.tier OP 5` (conditions.py): each operator at 4, 5 and 6."""
+    cond = ("cmp", ("metadata", "tier"), op, 5)
+    assert [evaluate(cond, tier_of(v)) for v in (4, 5, 6)] == [below, at, above]
+
+
+@pytest.mark.parametrize("value", [None, "5", True])
+@pytest.mark.parametrize("op", ["==", "!=", "<", "<=", ">", ">="])
+def test_a_missing_field_or_one_of_another_type_makes_only_not_equal_hold(op, value):
+    """docs (conditions.py): a field the item does not carry, or a metadata value of another type
+    than the literal, makes ==, <, <=, >, >= false and != true; so a request without the key
+    takes the `!=` edge, not the `otherwise` one."""
+    cond = ("cmp", ("metadata", "tier"), op, 5)
+    assert evaluate(cond, tier_of(value)) is (op == "!=")
+    routes = Router({"s": [("plain", cond), ("other", OTHERWISE)]}, {}, {"plain": frozenset({R}),
+                                                                          "other": frozenset({R})}, {})
+    assert routes.choose("s", R, tier_of(value)) == (["plain"] if op == "!=" else ["other"])

@@ -1426,3 +1426,21 @@ def test_an_edge_without_a_condition_beside_conditional_ones_elsewhere_is_a_fan_
     parted = parted.replace("encode -> kv -> gen -> out\n",
                             "encode -> kv -> gen -> judge\n    judge -> out when accept\n    judge -> batch\n")
     assert "fan-out" not in check(parted)
+
+
+@pytest.mark.parametrize("edges, clean", [
+    ("when full or timeout", True),                   # one true part decides an `or`: both labels covered
+    ("when not (full and timeout)", True),            # one false part decides an `and`: its `not` holds for both
+    ("when full and timeout\n    batch -> encode when timeout", False),   # never true for a full batch
+    ("when not (full or timeout)\n    batch -> encode when timeout", False),
+])
+def test_a_batcher_label_is_covered_by_a_condition_that_holds_for_it_whatever_else_it_says(edges, clean):
+    """A batch carries one label, full or timeout: `when full or timeout` alone covers both (the
+    part that holds decides the `or`), `when not (full and timeout)` too (the part that fails
+    decides the `and`), while `when full and timeout` and `when not (full or timeout)` never hold
+    for a full batch, which then has nowhere to go."""
+    diags = load(SEED.replace("    batch -> encode when full\n    batch -> encode when timeout\n",
+                              f"    batch -> encode {edges}\n"))[1]
+    assert [d.message for d in diags] == \
+        ([] if clean else ["full items of 'batch' have nowhere to go: no edge `when full`, no unconditional "
+                           "edge and no `otherwise`"])

@@ -221,3 +221,14 @@ def test_the_summary_says_how_many_copies_of_the_weights_its_engines_loaded():
 def test_a_stages_row_shows_its_median_call_in_milliseconds():
     row = {**StageCounter(items_in=3, items_out=3).row("python"), "latency_p50_s": 0.0125}
     assert _row(_summary({"lookup": row}), "lookup").endswith("  12.50 ms")
+
+
+def test_a_stages_latency_buckets_count_a_call_at_a_bound_in_that_bucket():
+    """The latency histogram of a stage's row (`--stats`, /stats) is cumulative with Prometheus's
+    `le` (less than or equal): a call of exactly 5 ms is in the 0.005 bucket, one just over it in
+    the next, and the +Inf bucket holds every call."""
+    c = StageCounter()
+    for seconds in (0.005, 0.0050001, 0.25, 1e9):
+        c.observe(seconds)
+    buckets = dict((le, n) for le, n in c.row("python")["latency"]["buckets"])
+    assert (buckets[0.0025], buckets[0.005], buckets[0.01], buckets[0.25], buckets["+Inf"]) == (0, 1, 2, 3, 4)
