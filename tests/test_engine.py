@@ -479,24 +479,25 @@ def tiny_engine(path, **cfg):
 TINY_PARAMS = SamplingParams(max_tokens=16, ignore_eos=True)
 
 
-@pytest.mark.parametrize("fast_bf16, dtype, warned", [(False, "bf16", True), (True, "bf16", False),
-                                                      (False, "fp32", False), (False, "auto", False)])
-def test_bf16_weights_on_a_cpu_that_emulates_bf16_warn_once_at_engine_start(tiny_gguf, monkeypatch, caplog,
-                                                                           fast_bf16, dtype, warned):
-    """Past the native step's rows the linears are torch's GEMMs, which without AMX or AVX512-BF16
-    run bf16 weights slower than fp32 ones: the engine says so once, at start, with what to write
-    instead."""
-    monkeypatch.setattr(native, "fast_bf16", lambda: fast_bf16)
+@pytest.mark.parametrize("fast, dtype, warned", [(False, "bf16", True), (True, "bf16", False), (False, "fp16", True),
+                                                 (True, "fp16", False), (False, "fp32", False), (False, "auto", False)])
+def test_half_weights_on_a_cpu_that_emulates_their_type_warn_once_at_engine_start(tiny_gguf, monkeypatch, caplog,
+                                                                                fast, dtype, warned):
+    """Past the native step's rows the linears are torch's GEMMs, which without the half type in
+    hardware (bf16: AMX or AVX512-BF16; fp16: AMX-FP16 or AVX512-FP16) run bf16 and fp16 weights
+    slower than fp32 ones: the engine says so once, at start, with what to write instead."""
+    monkeypatch.setattr(native, "fast_bf16", lambda: fast)
+    monkeypatch.setattr(native, "fast_fp16", lambda: fast)
     with caplog.at_level(logging.WARNING, logger="agp.engine"):
         engine = tiny_engine(tiny_gguf, dtype=dtype, max_batch_size=12)
         for i in range(12):                  # more decodes than the native step's rows: no warning a step
             engine.add_request(str(i), prompt=TINY_PROMPTS[i % len(TINY_PROMPTS)], params=TINY_PARAMS)
         run_all(engine)
-    said = [r.getMessage() for r in caplog.records if "without bf16 in hardware" in r.getMessage()]
+    said = [r.getMessage() for r in caplog.records if "in hardware" in r.getMessage()]
     assert len(said) == (1 if warned else 0), said
     if warned:
-        assert said[0].startswith("dtype bf16 on a CPU without bf16 in hardware")
-        assert "more than 8 rows" in said[0] or "every step" in said[0]
+        assert said[0].startswith(f"dtype {dtype} on a CPU without {dtype} in hardware")
+        assert "more than 8 rows" in said[0]
         assert "dtype = auto" in said[0] and "fp32" in said[0]
 
 

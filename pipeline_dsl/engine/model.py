@@ -47,7 +47,7 @@ from . import native
 from .batch import Step, StepBatch, Uploader, prepare_step
 from .compute import CPU_CONTENTION, ContentionGuard
 from .native.step import NativeDecoder
-from .quant import Int4Blocks, Q8Linear, int4_kernel_works, make_linear, runs_bf16_gemm
+from .quant import Int4Blocks, Q8Linear, emulated_half, int4_kernel_works, make_linear, runs_half_gemm
 
 
 @dataclass(frozen=True)
@@ -269,15 +269,19 @@ class LlamaModel:
         self.cos, self.sin = self.build_rope()
         self.rope, self.silu_mul, self.rms_fn = _rope, _silu_mul, _rms
 
-    def emulates_bf16(self) -> bool:
-        """Whether the layers' GEMMs of a step of many rows (beyond the native step's: a batch of
-        over 8 decodes, a prefill) read bf16 weights on a CPU that emulates bf16 (no AMX, no
-        AVX512-BF16): converted to fp32 every call (DenseLinear) or emulated bf16 GEMMs
-        (PackedLinear), slower than fp32 weights there. dtype = bf16 with dense weights does; auto
-        never takes bf16 for them on such a CPU."""
-        if self.device.type != "cpu" or native.fast_bf16():
-            return False
-        return any(runs_bf16_gemm(getattr(layer, n)) for layer in self.layers for n in ("qkv", "o", "gate_up", "down"))
+    def emulates_half(self) -> torch.dtype | None:
+        """The half type (bf16, fp16) the layers' GEMMs of a step of many rows (beyond the native
+        step's: a batch of over 8 decodes, a prefill) read their weights in on a CPU that emulates
+        it (bf16: no AMX, no AVX512-BF16; fp16: no AMX-FP16, no AVX512-FP16), or None: converted
+        to fp32 every call (DenseLinear) or emulated GEMMs (PackedLinear), slower than fp32
+        weights there. dtype = bf16 or fp16 with dense weights does; auto never takes a half type
+        for them on such a CPU."""
+        for layer in self.layers:
+            for n in ("qkv", "o", "gate_up", "down"):
+                dtype = runs_half_gemm(getattr(layer, n))
+                if dtype is not None and emulated_half(dtype, self.device):
+                    return dtype
+        return None
 
     def weight_bytes(self) -> int:
         """Bytes of the tensors the model holds (weights in every form its layers keep: dense,
