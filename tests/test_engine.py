@@ -3,6 +3,7 @@ random GGUF model (the real ModelRunner), and once on the embedded model (slow).
 
 import logging
 import random
+import re
 
 import pytest
 import torch
@@ -499,6 +500,40 @@ def test_half_weights_on_a_cpu_that_emulates_their_type_warn_once_at_engine_star
         assert said[0].startswith(f"dtype {dtype} on a CPU without {dtype} in hardware")
         assert "more than 8 rows" in said[0]
         assert "dtype = auto" in said[0] and "fp32" in said[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_q4(tmp_path_factory):
+    from tests.tiny_model import write_tiny_gguf
+
+    return write_tiny_gguf(tmp_path_factory.mktemp("q4") / "tiny-q4_1.gguf", qtype="Q4_1")
+
+
+@pytest.mark.parametrize("cpu", ["int8 kernels, bf16 emulated", "bf16 in hardware", "no native library"])
+def test_the_startup_words_for_a_4bit_gguf_say_what_runs_its_linears(tiny_q4, monkeypatch, cpu):
+    """A Q4_1 file's linears are its 4-bit blocks on agp's int8 kernels where those run (AVX-512
+    VNNI, AVX2), bf16 then only storage; with bf16 in hardware (AMX) steps past 8 rows go to a bf16
+    copy's GEMMs; without the native library the blocks are dequantised to fp32 weights."""
+    if cpu == "no native library":
+        monkeypatch.setenv("AGP_NATIVE", "0")
+    elif native.load() is None or not native.int8_dot_products():
+        pytest.skip("agp's int8 kernels do not run here")
+    native.reset()
+    monkeypatch.setattr(native, "fast_bf16", lambda: cpu == "bf16 in hardware")
+    try:
+        engine = tiny_engine(tiny_q4, dtype="auto")
+        words = engine.model_info["linears"]
+    finally:
+        monkeypatch.delenv("AGP_NATIVE", raising=False)
+        native.reset()
+    isa = r"\((AVX-512 VNNI|AVX-VNNI|AVX2)\)"
+    if cpu == "int8 kernels, bf16 emulated":
+        assert re.fullmatch(rf"4-bit block weights on agp's int8 kernels {isa}, bfloat16 storage", words), words
+    elif cpu == "bf16 in hardware":
+        assert re.match(rf"4-bit block weights on agp's int8 kernels {isa} up to 8 rows, ", words), words
+        assert words.endswith(" bfloat16 GEMMs past, bfloat16 compute") and "emulated" not in words
+    else:
+        assert words == "dense float32 weights on torch's float32 GEMMs, float32 compute"
 
 
 @pytest.fixture(scope="module")

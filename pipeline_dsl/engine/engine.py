@@ -909,7 +909,8 @@ def load_runner(config: EngineConfig, models=None):
     if runner.attention_fallback:
         extra["attention_fallback"] = runner.attention_fallback
     info = {"model": str(source.path), "dtype": str(model.dtype).replace("torch.", ""),
-            "weights": model.weight_kind, "device": device, "vocab_size": c.vocab_size,
+            "weights": model.weight_kind, "linears": model.linears_text(runner.native is not None),
+            "device": device, "vocab_size": c.vocab_size,
             "context_length": c.max_position, "kv_bytes_per_block": per_block, "generation_config": sampling,
             "weight_bytes": model.weight_bytes(), "weights_shared": shared, **extra,
             "load_s": time.perf_counter() - t0}

@@ -47,7 +47,8 @@ from . import native
 from .batch import Step, StepBatch, Uploader, prepare_step
 from .compute import CPU_CONTENTION, ContentionGuard
 from .native.step import NativeDecoder
-from .quant import Int4Blocks, Q8Linear, emulated_half, int4_kernel_works, make_linear, runs_half_gemm
+from .quant import (Int4Blocks, Q8Linear, emulated_half, int4_kernel_works, linear_runs, make_linear,
+                    runs_half_gemm)
 
 
 @dataclass(frozen=True)
@@ -282,6 +283,25 @@ class LlamaModel:
                 if dtype is not None and emulated_half(dtype, self.device):
                     return dtype
         return None
+
+    def linears_text(self, native_step: bool = False) -> str:
+        """What runs the layers' linears, one line for the startup banner: their weights' form, the
+        kernels of steps of up to 8 rows and of more, and the compute dtype ('storage' where every
+        step's linears are agp's int8 kernels: it then only holds the activations and the KV
+        cache), e.g. "4-bit block weights on agp's int8 kernels (AVX2), bfloat16 storage". native_step:
+        whether the runner's native decode step (agp's kernels) takes all-decode steps of up to
+        8 sequences."""
+        lins = [getattr(layer, n) for layer in self.layers for n in ("qkv", "o", "gate_up", "down")]
+        decodes = native_step and all(lin.native_struct() is not None for lin in lins)
+        dtype = str(self.dtype).replace("torch.", "")
+        parts, int8_only = [], True
+        for form, small, large in sorted({linear_runs(lin) for lin in lins}):
+            int8_only = int8_only and small == large and small.startswith("agp's int8 kernels")
+            steps = small + (f" up to 8 rows, {large} past" if large != small else "")
+            if decodes and not small.startswith("agp's"):
+                steps = f"agp's kernels in decode steps of up to 8 sequences, else {steps}"
+            parts.append(f"{form} weights on {steps}")
+        return "; ".join(parts) + f", {dtype} {'storage' if int8_only else 'compute'}"
 
     def weight_bytes(self) -> int:
         """Bytes of the tensors the model holds (weights in every form its layers keep: dense,

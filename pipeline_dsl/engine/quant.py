@@ -416,6 +416,36 @@ def int4_kernel_works() -> bool:
     return _INT4_OK["cpu"]
 
 
+def _dtype_word(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def linear_runs(lin) -> tuple[str, str, str]:
+    """What the linear `lin` is and what computes it: (its weights' form, what runs steps of up to
+    8 rows, what runs more rows), in words for the startup line (LlamaModel.linears_text)."""
+    if isinstance(lin, Int4Linear):
+        if lin.x16 is not None:
+            small = f"agp's int8 kernels ({native.int8_isa()})"
+        else:
+            small = "agp's int4 kernel" if lin.native else "torch's int4 kernel"
+        if lin.x16_rows >= NO_ROW_LIMIT:
+            return "4-bit block", small, small
+        dt = _dtype_word(lin.scales_zeros.dtype)
+        large = (linear_runs(lin.dense)[1] if lin.dense is not None else
+                 f"torch's int4 kernel, {dt} GEMMs (dequantised a call) past {lin.large_batch} rows")
+        return "4-bit block", small, large
+    if isinstance(lin, Int8Linear):
+        dequantised = f"torch's {_dtype_word(lin.compute_dtype)} GEMMs (dequantised a call)"
+        return "int8 per-channel", "torch's int8 kernel" if lin.use_kernel else dequantised, dequantised
+    dt = _dtype_word(lin.weight.dtype)
+    if isinstance(lin, PackedLinear):
+        gemm = f"oneDNN's {'' if native.fast_bf16() else 'emulated '}{dt} GEMMs"
+    else:
+        gemm = f"torch's {'emulated ' if emulated_half(lin.weight.dtype, lin.weight.device) else ''}{dt} GEMMs"
+    large = "torch's float32 GEMMs" if getattr(lin, "upcast_rows", NO_ROW_LIMIT) < NO_ROW_LIMIT else gemm
+    return f"dense {dt}", gemm, large
+
+
 def make_linear(weight: torch.Tensor, kind: str, dtype: torch.dtype, device: torch.device,
                 int4: Int4Blocks | None = None):
     """kind: 'dense' | 'int8'. bf16 on CPU gets prepacked when oneDNN supports it.

@@ -261,6 +261,16 @@ def int8_dot_products() -> bool:
     return "avx512_vnni" in flags or ("avx512f" not in flags and all(f in flags for f in AVX2))
 
 
+def int8_isa() -> str:
+    """The instruction set of the loaded library's int8 dot products, in words: "AVX-512 VNNI"
+    (vpdpbusd), "AVX-VNNI" (vpdpbusd on 256 bits) or "AVX2" (pmaddubsw); "" without a library."""
+    lib = load()
+    if lib is None:
+        return ""
+    isa = library_isa(lib)
+    return "AVX-512 VNNI" if "avx512_vnni" in isa else "AVX-VNNI" if "avx_vnni" in isa else "AVX2"
+
+
 ACTIVATIONS = {"int8x2": 2, "int8": 1, "f32": 0}     # AGP_NATIVE_ACT's words -> activation_parts()
 
 
