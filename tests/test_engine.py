@@ -504,7 +504,7 @@ def test_half_weights_on_a_cpu_that_emulates_their_type_warn_once_at_engine_star
 
 @pytest.fixture(scope="module")
 def tiny_q4(tmp_path_factory):
-    from tests.tiny_model import write_tiny_gguf
+    from tiny_model import write_tiny_gguf
 
     return write_tiny_gguf(tmp_path_factory.mktemp("q4") / "tiny-q4_1.gguf", qtype="Q4_1")
 

@@ -315,3 +315,23 @@ def test_int4_layer_agrees_with_its_dequantised_weight_for_small_and_large_batch
         x = torch.randn(rows, blocks.q.shape[1], generator=torch.Generator().manual_seed(rows)).bfloat16()
         ref = x.float() @ blocks.dequantized().t()
         assert (lin(x).float() - ref).abs().max() < 0.02 * ref.abs().max()
+
+
+def test_the_words_for_4bit_blocks_without_the_native_library_name_each_batchs_kernel(q4, monkeypatch):
+    """Without agp's kernels a Q4_1 file's blocks run torch's int4 kernel up to 8 rows and the
+    layer's bf16 copy past them, which on a CPU that emulates bf16 computes in fp32."""
+    from pipeline_dsl.engine import native
+    from pipeline_dsl.engine.quant import Int4Linear
+
+    monkeypatch.setenv("AGP_NATIVE", "0")
+    native.reset()
+    monkeypatch.setattr(native, "fast_bf16", lambda: False)
+    try:
+        model = LlamaModel(q4.config, q4.weights, "bf16")
+    finally:
+        monkeypatch.delenv("AGP_NATIVE")
+        native.reset()
+    if not isinstance(model.layers[0].qkv, Int4Linear):
+        pytest.skip("torch's int4 kernel does not run here")
+    assert model.linears_text() == ("4-bit block weights on torch's int4 kernel up to 8 rows, torch's float32 "
+                                    "GEMMs past, bfloat16 compute")

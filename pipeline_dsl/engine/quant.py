@@ -431,7 +431,7 @@ def linear_runs(lin) -> tuple[str, str, str]:
         if lin.x16_rows >= NO_ROW_LIMIT:
             return "4-bit block", small, small
         dt = _dtype_word(lin.scales_zeros.dtype)
-        large = (linear_runs(lin.dense)[1] if lin.dense is not None else
+        large = (linear_runs(lin.dense)[2] if lin.dense is not None else
                  f"torch's int4 kernel, {dt} GEMMs (dequantised a call) past {lin.large_batch} rows")
         return "4-bit block", small, large
     if isinstance(lin, Int8Linear):
