@@ -1,18 +1,21 @@
-"""What `dtype = bf16` with dense weights costs on a CPU without bf16 in hardware.
+"""What `dtype = bf16` / `fp16` with dense weights costs on a CPU without that type in hardware.
 
-    .venv/bin/python bench/dense_bf16.py [--threads 1] [--batch 32] [--prompt 20] [--reps 5]
+    .venv/bin/python bench/dense_bf16.py [--threads 1] [--batch 32] [--prompt 20] [--reps 5] [--dtypes bf16,fp16]
 
 The embedded model dequantized (its 4-bit blocks dropped: dense weights, as an fp32/f16 file or
 a Hugging Face folder gives), a batch of decode sequences with ~prompt tokens of context, the
-runner's median decode step (and the prefill before it, one step of batch x prompt rows) for:
+runner's median decode step (and the prefill before it, one step of batch x prompt rows) for each
+half type of --dtypes (bf16, fp16):
 
   bf16 emulated   DenseLinear on torch's bf16 GEMM at every row count (upcast_rows unlimited):
                   what a CPU without AMX / AVX512-BF16 ran before
-  bf16            as the engine runs it: more than EMULATED_BF16_ROWS rows in fp32, rounded to bf16
+  bf16            as the engine runs it: more than EMULATED_HALF_ROWS rows in fp32, rounded to bf16
+  fp16 emulated,  the same in fp16 (emulated without AMX-FP16 / AVX512-FP16)
+  fp16
   fp32            fp32 weights (what dtype = auto takes for dense weights there)
 
-and how many of the batch's greedy next tokens bf16 and bf16 emulated agree on. On a CPU with
-bf16 in hardware the first two are the same path (nothing is upcast there).
+and how many of the batch's greedy next tokens each type and its emulated GEMM agree on. On a
+CPU with the type in hardware its two rows are the same path (nothing is upcast there).
 """
 
 from __future__ import annotations
@@ -68,18 +71,25 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--prompt", type=int, default=20)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--dtypes", default="bf16,fp16", help="the half types to measure, comma-separated")
     args = ap.parse_args()
+    halves = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if not halves or any(d not in ("bf16", "fp16") for d in halves):
+        ap.error(f"--dtypes {args.dtypes!r}: expected bf16, fp16 or both, comma-separated")
     torch.set_num_threads(args.threads)
-    print(f"fast bf16 (AMX or AVX512-BF16): {native.fast_bf16()}; {args.threads} thread(s), batch {args.batch}, "
+    print(f"fast bf16 (AMX or AVX512-BF16): {native.fast_bf16()}; fast fp16 (AMX-FP16 or AVX512-FP16): "
+          f"{native.fast_fp16()}; {args.threads} thread(s), batch {args.batch}, "
           f"~{args.prompt} tokens of context", flush=True)
     config, weights, _ = load_weights(resolve_model(None))
     tokens = {}
     print(f"{'weights':<16}{'prefill s':>10}{'step ms':>10}{'tok/s':>8}")
-    for label, dtype, emulated in (("bf16 emulated", "bf16", True), ("bf16", "bf16", False), ("fp32", "fp32", False)):
+    runs = [r for d in halves for r in ((f"{d} emulated", d, True), (d, d, False))] + [("fp32", "fp32", False)]
+    for label, dtype, emulated in runs:
         prefill, step, tokens[label] = run(config, weights, dtype, emulated, args.batch, args.prompt, args.reps)
         print(f"{label:<16}{prefill:>10.2f}{step * 1e3:>10.0f}{args.batch / step:>8.1f}", flush=True)
-    same = int((tokens["bf16"] == tokens["bf16 emulated"]).sum())
-    print(f"greedy next tokens, bf16 vs bf16 emulated: {same}/{args.batch} the same")
+    for d in halves:
+        same = int((tokens[d] == tokens[f"{d} emulated"]).sum())
+        print(f"greedy next tokens, {d} vs {d} emulated: {same}/{args.batch} the same")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,13 @@ file has it), the runner's median step time and:
 
   weights GB/s   bytes of weights read per step / step time (each weight read once a step)
   GFLOP/s        2 * params * B (+ attention) / step time
-  GEMM ms        the step's linear layers alone (same kernels, same shapes; one call each, so
-                 at batch 1 it carries 121 calls' dispatch that the fused native step does not)
+  path           native step (batches of up to native_max_batch, one native call), or what
+                 computes the layers' GEMMs at that batch (agp's int8 kernels; torch's GEMMs and
+                 in which dtype: fp32 for bf16 weights where bf16 is emulated) + the native glue
+                 between them, or eager without the native library
+  GEMM ms        the step's linear layers alone (same kernels, same shapes: in the native step
+                 its kernels on each layer's records; one call each, so at batch 1 it carries
+                 121 calls' dispatch that the fused native step does not)
   attention ms   the step's decode attention alone
   outside        the share of the step that is neither: norms, RoPE, SwiGLU, residuals,
                  KV writes, embedding, host-side preparation, dispatch
@@ -53,6 +58,11 @@ try:
 except ImportError:          # an older tree (A/B against a baseline checkout)
     class Q8Linear:  # noqa: D101
         pass
+
+try:
+    from pipeline_dsl.engine.quant import linear_runs, native_linear
+except ImportError:          # an older tree: the table's path names no kernels, its GEMMs run as eager
+    linear_runs = native_linear = None
 
 
 def timed(fn, reps: int) -> float:
@@ -155,10 +165,12 @@ class Case:
         rng = np.random.default_rng(0)
         self.tables = [list(range(i * nblk, (i + 1) * nblk)) for i in range(batch)]
         self.lens = [int(rng.integers(prompt - 10, prompt + 11)) for _ in range(batch)]
-        self.runner.execute([SeqBatchItem(rng.integers(100, 40000, n).tolist(), 0, t, False)
+        vocab = min(40000, config.vocab_size)          # a small test model's too
+        self.runner.execute([SeqBatchItem(rng.integers(min(100, vocab // 2), vocab, n).tolist(), 0, t, False)
                              for t, n in zip(self.tables, self.lens)])
         self.batch, self.config = batch, config
-        self.items = [SeqBatchItem([1000 + i], n, t, True) for i, (n, t) in enumerate(zip(self.lens, self.tables))]
+        self.items = [SeqBatchItem([(1000 + i) % vocab], n, t, True)
+                      for i, (n, t) in enumerate(zip(self.lens, self.tables))]
 
     def step(self):
         return self.runner.execute(self.items)       # the same position again: a steady state
@@ -176,14 +188,35 @@ class Case:
             else m.lm_head
         return [lin for ly in m.layers for lin in (ly.qkv, ly.o, ly.gate_up, ly.down)] + [head]
 
+    def native_step(self) -> bool:
+        """Whether the step runs as one native call (ModelRunner: all-decode, up to native_max_batch)."""
+        r = self.runner
+        return getattr(r, "native", None) is not None and self.batch <= r.native_max_batch
+
+    def path(self) -> str:
+        """What runs the step: the native step, or the layers' GEMMs (what computes them at this
+        batch: agp's int8 kernels, torch's GEMMs in which dtype) with the native glue between
+        them (ModelRunner._forward_glued) or eager."""
+        if self.native_step():
+            return "native step"
+        glue = "native glue" if getattr(self.runner, "native", None) is not None else None
+        if linear_runs is None:
+            return "oneDNN GEMMs + native glue" if glue else "eager"
+        runs = linear_runs(self.model.layers[0].qkv)[2 if self.batch > 8 else 1]
+        return f"{runs} + {glue}" if glue else f"eager: {runs}"
+
     def gemm_only(self):
-        """The step's linear layers alone, inputs of the right shapes (in the step's own kernels)."""
+        """The step's linear layers alone, inputs of the right shapes, in the step's own kernels:
+        the native step's (quant.native_linear on each layer's native records) where it runs,
+        else each layer's call as the eager and glued paths make it."""
         B = self.batch
         xs = {}
         for lin in self.linears():
             xs.setdefault(self.in_features(lin), torch.randn(B, self.in_features(lin)).bfloat16())
-        lins = [(lin, xs[self.in_features(lin)]) for lin in self.linears()]
-        return lambda: [lin(x) for lin, x in lins]
+        in_step = self.native_step() and native_linear is not None
+        calls = [(native_linear if in_step and lin.native_struct() is not None else (lambda lin, x: lin(x)),
+                  lin, xs[self.in_features(lin)]) for lin in self.linears()]
+        return lambda: [call(lin, x) for call, lin, x in calls]
 
     def attention_only(self):
         r, c = self.runner, self.config
@@ -336,10 +369,7 @@ def main(argv=None) -> None:
                 step = timed(case.step, args.reps)
                 gemm = timed(case.gemm_only(), args.reps)
                 attn = timed(case.attention_only(), args.reps)
-            r = case.runner
-            nat = getattr(r, "native", None)
-            path = "native step" if (nat is not None and B <= r.native_max_batch) else (
-                "oneDNN GEMMs + native glue" if nat is not None else "eager")
+            path = case.path()
             mb = sum(weight_bytes(lin, B) for lin in case.linears()) / 1e6
             outside = max(0.0, 1 - (gemm + attn) / step)
             print(f"| {kind} | {B} | {path} | {step * 1e3:.1f} | {B / step:.0f} | {mb:.0f} | {mb / 1e3 / step:.1f} | "

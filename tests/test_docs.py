@@ -596,11 +596,11 @@ def test_the_stage_kind_the_architecture_page_writes_checks_and_runs(tmp_path, m
 
 
 def banner_shape(line: str) -> str:
-    """A startup line with its values left out: numbers, names, the model's file, the weights and
-    compute dtype, whether OpenMP waits passively (it depends on the machine's load)."""
+    """A startup line with its values left out: numbers, names, the model's file, what runs its
+    linears (the weights' form, the kernels, the compute dtype), whether OpenMP waits passively (it depends on the machine's load)."""
     line = re.sub(r"^\S+ INFO agp\.serve: ", "", line)
     line = re.sub(r"; OpenMP waits \w+", "", line)
-    line = re.sub(r"model \S+ \(\w+ weights, \w+ compute\)", "model M (W weights, D compute)", line)
+    line = re.sub(r"model \S+ \(.* weights on .*, \w+ (compute|storage)\) on ", "model M (W weights on K, D) on ", line)
     line = re.sub(r"'[^']*'", "'NAME'", re.sub(r"https?://\S+", "URL", line))
     return re.sub(r"\b(thread|CPU)s\b", r"\1", re.sub(r"\d+", "N", line))
 

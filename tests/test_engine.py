@@ -3,6 +3,7 @@ random GGUF model (the real ModelRunner), and once on the embedded model (slow).
 
 import logging
 import random
+import re
 
 import pytest
 import torch
@@ -479,25 +480,60 @@ def tiny_engine(path, **cfg):
 TINY_PARAMS = SamplingParams(max_tokens=16, ignore_eos=True)
 
 
-@pytest.mark.parametrize("fast_bf16, dtype, warned", [(False, "bf16", True), (True, "bf16", False),
-                                                      (False, "fp32", False), (False, "auto", False)])
-def test_bf16_weights_on_a_cpu_that_emulates_bf16_warn_once_at_engine_start(tiny_gguf, monkeypatch, caplog,
-                                                                           fast_bf16, dtype, warned):
-    """Past the native step's rows the linears are torch's GEMMs, which without AMX or AVX512-BF16
-    run bf16 weights slower than fp32 ones: the engine says so once, at start, with what to write
-    instead."""
-    monkeypatch.setattr(native, "fast_bf16", lambda: fast_bf16)
+@pytest.mark.parametrize("fast, dtype, warned", [(False, "bf16", True), (True, "bf16", False), (False, "fp16", True),
+                                                 (True, "fp16", False), (False, "fp32", False), (False, "auto", False)])
+def test_half_weights_on_a_cpu_that_emulates_their_type_warn_once_at_engine_start(tiny_gguf, monkeypatch, caplog,
+                                                                                fast, dtype, warned):
+    """Past the native step's rows the linears are torch's GEMMs, which without the half type in
+    hardware (bf16: AMX or AVX512-BF16; fp16: AMX-FP16 or AVX512-FP16) run bf16 and fp16 weights
+    slower than fp32 ones: the engine says so once, at start, with what to write instead."""
+    monkeypatch.setattr(native, "fast_bf16", lambda: fast)
+    monkeypatch.setattr(native, "fast_fp16", lambda: fast)
     with caplog.at_level(logging.WARNING, logger="agp.engine"):
         engine = tiny_engine(tiny_gguf, dtype=dtype, max_batch_size=12)
         for i in range(12):                  # more decodes than the native step's rows: no warning a step
             engine.add_request(str(i), prompt=TINY_PROMPTS[i % len(TINY_PROMPTS)], params=TINY_PARAMS)
         run_all(engine)
-    said = [r.getMessage() for r in caplog.records if "without bf16 in hardware" in r.getMessage()]
+    said = [r.getMessage() for r in caplog.records if "in hardware" in r.getMessage()]
     assert len(said) == (1 if warned else 0), said
     if warned:
-        assert said[0].startswith("dtype bf16 on a CPU without bf16 in hardware")
-        assert "more than 8 rows" in said[0] or "every step" in said[0]
+        assert said[0].startswith(f"dtype {dtype} on a CPU without {dtype} in hardware")
+        assert "more than 8 rows" in said[0]
         assert "dtype = auto" in said[0] and "fp32" in said[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_q4(tmp_path_factory):
+    from tiny_model import write_tiny_gguf
+
+    return write_tiny_gguf(tmp_path_factory.mktemp("q4") / "tiny-q4_1.gguf", qtype="Q4_1")
+
+
+@pytest.mark.parametrize("cpu", ["int8 kernels, bf16 emulated", "bf16 in hardware", "no native library"])
+def test_the_startup_words_for_a_4bit_gguf_say_what_runs_its_linears(tiny_q4, monkeypatch, cpu):
+    """A Q4_1 file's linears are its 4-bit blocks on agp's int8 kernels where those run (AVX-512
+    VNNI, AVX2), bf16 then only storage; with bf16 in hardware (AMX) steps past 8 rows go to a bf16
+    copy's GEMMs; without the native library the blocks are dequantised to fp32 weights."""
+    if cpu == "no native library":
+        monkeypatch.setenv("AGP_NATIVE", "0")
+    elif native.load() is None or not native.int8_dot_products():
+        pytest.skip("agp's int8 kernels do not run here")
+    native.reset()
+    monkeypatch.setattr(native, "fast_bf16", lambda: cpu == "bf16 in hardware")
+    try:
+        engine = tiny_engine(tiny_q4, dtype="auto")
+        words = engine.model_info["linears"]
+    finally:
+        monkeypatch.delenv("AGP_NATIVE", raising=False)
+        native.reset()
+    isa = r"\((AVX-512 VNNI|AVX-VNNI|AVX2)\)"
+    if cpu == "int8 kernels, bf16 emulated":
+        assert re.fullmatch(rf"4-bit block weights on agp's int8 kernels {isa}, bfloat16 storage", words), words
+    elif cpu == "bf16 in hardware":
+        assert re.match(rf"4-bit block weights on agp's int8 kernels {isa} up to 8 rows, ", words), words
+        assert words.endswith(" bfloat16 GEMMs past, bfloat16 compute") and "emulated" not in words
+    else:
+        assert words == "dense float32 weights on torch's float32 GEMMs, float32 compute"
 
 
 @pytest.fixture(scope="module")

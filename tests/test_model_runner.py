@@ -169,24 +169,27 @@ def test_low_precision_logits_stay_close_to_fp32(tiny, model, dtype, tol):
     assert got.argmax() == ref[-1].argmax()
 
 
-@pytest.mark.parametrize("fast_bf16", [False, True])
-def test_a_dense_bf16_linear_computes_many_rows_in_fp32_where_bf16_is_emulated(monkeypatch, fast_bf16):
-    """Without AMX or AVX512-BF16 torch's bf16 GEMM is emulated, many times slower than fp32: a
-    dense bf16 weight computes more rows than the native step's in fp32, rounded once to bf16;
-    fewer rows, or any with bf16 in hardware, stay on torch's bf16 GEMM."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_dense_half_linear_computes_many_rows_in_fp32_where_its_type_is_emulated(monkeypatch, fast, dtype):
+    """Without that type in hardware (bf16: AMX or AVX512-BF16; fp16: AMX-FP16 or AVX512-FP16)
+    torch's bf16 and fp16 GEMMs are emulated, many times slower than fp32: a dense half weight
+    computes more rows than the native step's in fp32, rounded once to its type; fewer rows, or
+    any with the type in hardware, stay on torch's GEMM in that type."""
     import torch.nn.functional as F
 
     from pipeline_dsl.engine import native
     from pipeline_dsl.engine.quant import DenseLinear
 
-    monkeypatch.setattr(native, "fast_bf16", lambda: fast_bf16)
+    monkeypatch.setattr(native, "fast_bf16", lambda: fast)
+    monkeypatch.setattr(native, "fast_fp16", lambda: fast)
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(2048, 576, generator=g).bfloat16()
+    w = torch.randn(2048, 576, generator=g).to(dtype)
     lin = DenseLinear(w)
     for rows in (1, 8, 9, 64):
-        x = torch.randn(rows, 576, generator=g).bfloat16()
-        fp32 = F.linear(x.float(), w.float()).bfloat16()
-        want = fp32 if rows > 8 and not fast_bf16 else F.linear(x, w)
+        x = torch.randn(rows, 576, generator=g).to(dtype)
+        fp32 = F.linear(x.float(), w.float()).to(dtype)
+        want = fp32 if rows > 8 and not fast else F.linear(x, w)
         assert torch.equal(lin(x), want), rows
 
 
@@ -312,3 +315,23 @@ def test_int4_layer_agrees_with_its_dequantised_weight_for_small_and_large_batch
         x = torch.randn(rows, blocks.q.shape[1], generator=torch.Generator().manual_seed(rows)).bfloat16()
         ref = x.float() @ blocks.dequantized().t()
         assert (lin(x).float() - ref).abs().max() < 0.02 * ref.abs().max()
+
+
+def test_the_words_for_4bit_blocks_without_the_native_library_name_each_batchs_kernel(q4, monkeypatch):
+    """Without agp's kernels a Q4_1 file's blocks run torch's int4 kernel up to 8 rows and the
+    layer's bf16 copy past them, which on a CPU that emulates bf16 computes in fp32."""
+    from pipeline_dsl.engine import native
+    from pipeline_dsl.engine.quant import Int4Linear
+
+    monkeypatch.setenv("AGP_NATIVE", "0")
+    native.reset()
+    monkeypatch.setattr(native, "fast_bf16", lambda: False)
+    try:
+        model = LlamaModel(q4.config, q4.weights, "bf16")
+    finally:
+        monkeypatch.delenv("AGP_NATIVE")
+        native.reset()
+    if not isinstance(model.layers[0].qkv, Int4Linear):
+        pytest.skip("torch's int4 kernel does not run here")
+    assert model.linears_text() == ("4-bit block weights on torch's int4 kernel up to 8 rows, torch's float32 "
+                                    "GEMMs past, bfloat16 compute")

@@ -64,3 +64,59 @@ def test_bad_options_exit_2_before_anything_is_measured(roofline, monkeypatch, c
         roofline.main(argv)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def q4(tmp_path_factory):
+    from tiny_model import write_tiny_gguf
+
+    from pipeline_dsl.engine.gguf_loader import load_gguf
+    return load_gguf(write_tiny_gguf(tmp_path_factory.mktemp("q4") / "q4.gguf", qtype="Q4_1"))
+
+
+def native_off(monkeypatch):
+    monkeypatch.setenv("AGP_NATIVE", "0")
+    native.reset()
+
+
+@pytest.fixture
+def fresh_native():
+    native.reset()
+    yield
+    native.reset()
+
+
+@pytest.mark.parametrize("cpu", ["int8 kernels, bf16 emulated", "bf16 in hardware", "no native library"])
+def test_the_path_column_names_what_computes_a_large_batch(roofline, q4, monkeypatch, fresh_native, cpu):
+    """Past the native step's rows the layers' GEMMs are agp's int8 kernels where bf16 is emulated
+    (AVX2, AVX-512 VNNI without AMX), a bf16 copy's GEMMs with bf16 in hardware, and torch's own
+    without the native library; at most native_max_batch rows the native step."""
+    if cpu == "no native library":
+        native_off(monkeypatch)
+    elif native.load() is None or not native.int8_dot_products():
+        pytest.skip("agp's int8 kernels do not run here")
+    monkeypatch.setattr(native, "fast_bf16", lambda: cpu == "bf16 in hardware")
+    path = roofline.Case(q4.config, q4.weights, "int4", 12, prompt=20).path()
+    if cpu == "int8 kernels, bf16 emulated":
+        assert path.startswith("agp's int8 kernels (") and path.endswith(") + native glue"), path
+    elif cpu == "bf16 in hardware":
+        assert "bfloat16 GEMMs" in path and "emulated" not in path and path.endswith(" + native glue"), path
+    else:
+        assert path.startswith("eager: ") and "agp's" not in path, path
+        return
+    assert roofline.Case(q4.config, q4.weights, "int4", 2, prompt=20).path() == "native step"
+
+
+def test_the_gemm_column_of_the_native_step_times_its_own_kernels(roofline, q4, monkeypatch, fresh_native):
+    """In the native step a dense bf16 layer runs agp's kernel on its bf16 records (float32 out),
+    not torch's bf16 GEMM (emulated without bf16 in hardware); a larger batch's layers are their
+    own calls, as the glued step makes them."""
+    if native.load() is None:
+        pytest.skip("no native library here")
+    import torch
+
+    small = roofline.Case(q4.config, q4.weights, "bf16", 2, prompt=20)
+    assert small.path() == "native step"
+    assert all(y.dtype == torch.float32 for y in small.gemm_only()())
+    large = roofline.Case(q4.config, q4.weights, "bf16", 12, prompt=20)
+    assert all(y.dtype == torch.bfloat16 for y in large.gemm_only()()[:-1])     # the head: Q8's own

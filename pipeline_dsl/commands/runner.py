@@ -4,8 +4,8 @@
 the pipeline admits), drives the first engine segment on the calling thread until every
 request is answered, hands each answer to `on_done` and returns the run summary:
 requests and errors, tokens in and out, output tokens/s over generation (model loading
-excluded), TTFT and TPOT p50/p99, mean batch size, KV hit rate, peak memory, dtype and
-weights per engine, per stage items in/out, rejects, failures, drops, queue depth, time
+excluded), TTFT and TPOT p50/p99, mean batch size, KV hit rate, peak memory, dtype,
+weights and what runs the linears per engine, per stage items in/out, rejects, failures, drops, queue depth, time
 spent and call latency, and per edge the items sent along it (they add up: flow/stats.py).
 """
 from __future__ import annotations
@@ -349,6 +349,7 @@ def summarize(runtime, tally: Tally, wall: float) -> dict:
         "weight_copies": (stats.get("models") or {}).get("models"),
         "dtype": {name: e.get("dtype") for name, e in stats["engines"].items()},       # per engine: two
         "weights": {name: e.get("weights") for name, e in stats["engines"].items()},   # may differ
+        "linears": {name: e.get("linears") for name, e in stats["engines"].items()},   # what runs them
         "measured_overlap": round(runtime.trace.measured_overlap(), 4),
         "streams": [s.name for s in runtime.plan.streams],
         "stages": stats["stages"],

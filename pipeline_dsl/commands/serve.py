@@ -70,8 +70,8 @@ def banner(serving: Serving, url: str, args) -> list[str]:
         e, c = es.engine, es.config
         info = e.model_info
         sharer = first_on.setdefault(id(e.runner.model), es.name)
-        lines.append(f"  engine {es.name}: model {Path(str(c.model)).name} ({info.get('weights', '?')} weights, "
-                     f"{info.get('dtype', c.dtype)} compute) on {c.device}"
+        runs = info.get("linears") or f"{info.get('weights', '?')} weights, {info.get('dtype', c.dtype)} compute"
+        lines.append(f"  engine {es.name}: model {Path(str(c.model)).name} ({runs}) on {c.device}"
                      + (f" (the weights engine {sharer} loaded, shared)" if sharer != es.name else "")
                      + (f" ({e.threads} thread{'s' * (e.threads != 1)} of the {cpus_text(e.cpus)} this process may use"
                         + (f"; OpenMP waits {e.omp_wait}" if e.omp_wait != "default" else "") + ")"

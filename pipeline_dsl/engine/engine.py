@@ -38,6 +38,7 @@ from .kv_cache import BlockManager, bytes_per_block, num_blocks_for_budget
 from .batch import ItemsRunner, StepBatch
 from .processors import Features
 from .prompt_outputs import PromptOutputs, reduce_chunk, rows_wanted
+from .quant import EMULATED_HALF_ROWS, HALF_TYPES
 from .sampler import Detokenizer, Sampler, StopStrings, make_generator
 from .scheduler import Scheduler, SchedulerOutput, Sequence
 from .tokenizer import open_final_message
@@ -885,14 +886,16 @@ def load_runner(config: EngineConfig, models=None):
         raise KVPoolError(f"the KV pool of {format_size(config.kv_budget_bytes)} ({num_blocks} blocks of "
                           f"{format_size(per_block)}) cannot be allocated on {device}: more memory than it "
                           f"can give; lower the budget") from None
-    if model.emulates_bf16():
-        rows = f"steps of more than {runner.native_max_batch} rows" if runner.native is not None else "every step"
+    half = model.emulates_half()
+    if half is not None:
+        name, lacks = HALF_TYPES[half]
+        rows = runner.native_max_batch if runner.native is not None else EMULATED_HALF_ROWS
         logging.getLogger("agp.engine").warning(
-            "dtype %s on a CPU without bf16 in hardware (no AMX, no AVX512-BF16): %s (a batch of more "
-            "decodes, a prefill) compute the model's linears in fp32 from its bf16 weights converted every "
-            "call (emulated bf16 GEMMs where oneDNN packs them), slower than fp32 weights; set dtype = auto "
-            "(fp32 for these weights here) or fp32 (agp serve: --dtype auto), or serve a 4-bit GGUF, whose "
-            "blocks run on agp's int8 kernels", config.dtype, rows)
+            "dtype %s on a CPU without %s in hardware (%s): steps of more than %d rows (a batch of more "
+            "decodes, a prefill) compute the model's linears in fp32 from its %s weights converted every "
+            "call (emulated %s GEMMs where oneDNN packs them), slower than fp32 weights; set dtype = auto "
+            "(fp32 for dense weights here; a 4-bit GGUF's blocks on agp's int8 kernels) or fp32 (agp "
+            "serve: --dtype auto)", config.dtype, name, lacks, rows, name, name)
     extra = {}
     if runner.device.type == "cuda" and not invariant:
         # every mode: compile and capture happen here, at load, never inside a request's TTFT
@@ -908,7 +911,8 @@ def load_runner(config: EngineConfig, models=None):
     if runner.attention_fallback:
         extra["attention_fallback"] = runner.attention_fallback
     info = {"model": str(source.path), "dtype": str(model.dtype).replace("torch.", ""),
-            "weights": model.weight_kind, "device": device, "vocab_size": c.vocab_size,
+            "weights": model.weight_kind, "linears": model.linears_text(runner.native is not None),
+            "device": device, "vocab_size": c.vocab_size,
             "context_length": c.max_position, "kv_bytes_per_block": per_block, "generation_config": sampling,
             "weight_bytes": model.weight_bytes(), "weights_shared": shared, **extra,
             "load_s": time.perf_counter() - t0}

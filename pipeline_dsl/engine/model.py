@@ -47,7 +47,8 @@ from . import native
 from .batch import Step, StepBatch, Uploader, prepare_step
 from .compute import CPU_CONTENTION, ContentionGuard
 from .native.step import NativeDecoder
-from .quant import Int4Blocks, Q8Linear, int4_kernel_works, make_linear, runs_bf16_gemm
+from .quant import (Int4Blocks, Q8Linear, emulated_half, int4_kernel_works, linear_runs, make_linear,
+                    runs_half_gemm)
 
 
 @dataclass(frozen=True)
@@ -269,15 +270,38 @@ class LlamaModel:
         self.cos, self.sin = self.build_rope()
         self.rope, self.silu_mul, self.rms_fn = _rope, _silu_mul, _rms
 
-    def emulates_bf16(self) -> bool:
-        """Whether the layers' GEMMs of a step of many rows (beyond the native step's: a batch of
-        over 8 decodes, a prefill) read bf16 weights on a CPU that emulates bf16 (no AMX, no
-        AVX512-BF16): converted to fp32 every call (DenseLinear) or emulated bf16 GEMMs
-        (PackedLinear), slower than fp32 weights there. dtype = bf16 with dense weights does; auto
-        never takes bf16 for them on such a CPU."""
-        if self.device.type != "cpu" or native.fast_bf16():
-            return False
-        return any(runs_bf16_gemm(getattr(layer, n)) for layer in self.layers for n in ("qkv", "o", "gate_up", "down"))
+    def emulates_half(self) -> torch.dtype | None:
+        """The half type (bf16, fp16) the layers' GEMMs of a step of many rows (beyond the native
+        step's: a batch of over 8 decodes, a prefill) read their weights in on a CPU that emulates
+        it (bf16: no AMX, no AVX512-BF16; fp16: no AMX-FP16, no AVX512-FP16), or None: converted
+        to fp32 every call (DenseLinear) or emulated GEMMs (PackedLinear), slower than fp32
+        weights there. dtype = bf16 or fp16 with dense weights does; auto never takes a half type
+        for them on such a CPU."""
+        for layer in self.layers:
+            for n in ("qkv", "o", "gate_up", "down"):
+                dtype = runs_half_gemm(getattr(layer, n))
+                if dtype is not None and emulated_half(dtype, self.device):
+                    return dtype
+        return None
+
+    def linears_text(self, native_step: bool = False) -> str:
+        """What runs the layers' linears, one line for the startup banner: their weights' form, the
+        kernels of steps of up to 8 rows and of more, and the compute dtype ('storage' where every
+        step's linears are agp's int8 kernels: it then only holds the activations and the KV
+        cache), e.g. "4-bit block weights on agp's int8 kernels (AVX2), bfloat16 storage". native_step:
+        whether the runner's native decode step (agp's kernels) takes all-decode steps of up to
+        8 sequences."""
+        lins = [getattr(layer, n) for layer in self.layers for n in ("qkv", "o", "gate_up", "down")]
+        decodes = native_step and all(lin.native_struct() is not None for lin in lins)
+        dtype = str(self.dtype).replace("torch.", "")
+        parts, int8_only = [], True
+        for form, small, large in sorted({linear_runs(lin) for lin in lins}):
+            int8_only = int8_only and small == large and small.startswith("agp's int8 kernels")
+            steps = small + (f" up to 8 rows, {large} past" if large != small else "")
+            if decodes and not small.startswith("agp's"):
+                steps = f"agp's kernels in decode steps of up to 8 sequences, else {steps}"
+            parts.append(f"{form} weights on {steps}")
+        return "; ".join(parts) + f", {dtype} {'storage' if int8_only else 'compute'}"
 
     def weight_bytes(self) -> int:
         """Bytes of the tensors the model holds (weights in every form its layers keep: dense,

@@ -56,16 +56,29 @@ def x16_max_rows() -> int:
     return 8 if native.fast_bf16() else NO_ROW_LIMIT
 
 
-def runs_bf16_gemm(lin) -> bool:
-    """Whether some row counts of the linear `lin` go to torch's GEMM on a bf16 weight: a dense or
-    prepacked bf16 one, or an int4/Q8 layer's bf16 copy past the rows its kernels take. On a CPU
-    without bf16 in hardware (native.fast_bf16) that GEMM is emulated (a 512 x 2048 x 2048 one:
-    ~14 s of CPU against 0.07 s in fp32 on an AVX2 EPYC, measured) where oneDNN packs the weight,
-    and DenseLinear's converts it to fp32 every call: either is slower than an fp32 weight."""
+HALF_TYPES = {torch.bfloat16: ("bf16", "no AMX, no AVX512-BF16"),          # native.fast_half's types:
+              torch.float16: ("fp16", "no AMX-FP16, no AVX512-FP16")}      # name, the flags a CPU lacks to emulate it
+
+
+def emulated_half(dtype: torch.dtype, device) -> bool:
+    """Whether torch's GEMM in `dtype` on `device` is emulated: a half type (bf16, fp16) on a CPU
+    without it in hardware (native.fast_half)."""
+    return dtype in HALF_TYPES and torch.device(device).type == "cpu" and not native.fast_half(dtype)
+
+
+def runs_half_gemm(lin) -> torch.dtype | None:
+    """The half type (bf16, fp16) in which some row counts of the linear `lin` go to torch's GEMM,
+    or None: a dense or prepacked half weight, or an int4/Q8 layer's bf16 copy past the rows its
+    kernels take. On a CPU without that type in hardware (native.fast_half) the GEMM is emulated
+    (a bf16 512 x 2048 x 2048 one: ~14 s of CPU against 0.07 s in fp32 on an AVX2 EPYC, measured)
+    where oneDNN packs the weight, and DenseLinear's converts it to fp32 every call: either is
+    slower than an fp32 weight."""
     if isinstance(lin, (DenseLinear, PackedLinear)):
-        return lin.weight.dtype == torch.bfloat16
+        return lin.weight.dtype if lin.weight.dtype in HALF_TYPES else None
     dense = getattr(lin, "dense", None)
-    return dense is not None and getattr(lin, "x16_rows", 0) < NO_ROW_LIMIT and runs_bf16_gemm(dense)
+    if dense is None or getattr(lin, "x16_rows", 0) >= NO_ROW_LIMIT:
+        return None
+    return runs_half_gemm(dense)
 
 
 def pack_q4x16(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -126,21 +139,22 @@ def _dense_struct(weight: torch.Tensor, round_out: bool):
     return _lin(kind, weight, None, N, K, round_out)
 
 
-EMULATED_BF16_ROWS = 8   # the native step's rows: above, a bf16 GEMM where bf16 is emulated runs in fp32
+EMULATED_HALF_ROWS = 8   # the native step's rows: above, a GEMM in an emulated half type runs in fp32
 
 
 class DenseLinear:
-    """F.linear on the weight. A bf16 weight on a CPU that emulates bf16 (native.fast_bf16 false:
-    no AMX, no AVX512-BF16) computes more than EMULATED_BF16_ROWS rows in fp32, weight and input
-    upcast a call, the result rounded to bf16 as torch's bf16 GEMM rounds it: on an AVX2 EPYC,
-    one thread, 3-7x faster than that emulated GEMM from 8 rows on (SmolLM2-135M's shapes at 32
-    rows: 11.6 against 35 ms a layer; 2048 x 2048 at 256 rows: 45 against 312 ms, measured)."""
+    """F.linear on the weight. A half weight (bf16, fp16) on a CPU that emulates its type
+    (native.fast_half false: for bf16 no AMX, no AVX512-BF16; for fp16 no AMX-FP16, no
+    AVX512-FP16) computes more than EMULATED_HALF_ROWS rows in fp32, weight and input upcast a
+    call, the result rounded to the half type as torch's GEMM rounds it: on an AVX2 EPYC, one
+    thread, 3-7x faster than the emulated GEMM from 8 rows on (bf16, SmolLM2-135M's shapes at 32
+    rows: 11.6 against 35 ms a layer; 2048 x 2048 at 256 rows: 45 against 312 ms; fp16 alike:
+    bench/dense_bf16.py, measured)."""
 
     def __init__(self, weight: torch.Tensor):
         self.weight = weight.contiguous()  # [out, in]
         self.out_features = weight.shape[0]
-        emulated = weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and not native.fast_bf16()
-        self.upcast_rows = EMULATED_BF16_ROWS if emulated else NO_ROW_LIMIT
+        self.upcast_rows = EMULATED_HALF_ROWS if emulated_half(weight.dtype, weight.device) else NO_ROW_LIMIT
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() > self.upcast_rows * x.shape[-1]:
@@ -400,6 +414,36 @@ def int4_kernel_works() -> bool:
         except (RuntimeError, AttributeError, NotImplementedError):
             _INT4_OK["cpu"] = False
     return _INT4_OK["cpu"]
+
+
+def _dtype_word(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def linear_runs(lin) -> tuple[str, str, str]:
+    """What the linear `lin` is and what computes it: (its weights' form, what runs steps of up to
+    8 rows, what runs more rows), in words for the startup line (LlamaModel.linears_text)."""
+    if isinstance(lin, Int4Linear):
+        if lin.x16 is not None:
+            small = f"agp's int8 kernels ({native.int8_isa()})"
+        else:
+            small = "agp's int4 kernel" if lin.native else "torch's int4 kernel"
+        if lin.x16_rows >= NO_ROW_LIMIT:
+            return "4-bit block", small, small
+        dt = _dtype_word(lin.scales_zeros.dtype)
+        large = (linear_runs(lin.dense)[2] if lin.dense is not None else
+                 f"torch's int4 kernel, {dt} GEMMs (dequantised a call) past {lin.large_batch} rows")
+        return "4-bit block", small, large
+    if isinstance(lin, Int8Linear):
+        dequantised = f"torch's {_dtype_word(lin.compute_dtype)} GEMMs (dequantised a call)"
+        return "int8 per-channel", "torch's int8 kernel" if lin.use_kernel else dequantised, dequantised
+    dt = _dtype_word(lin.weight.dtype)
+    if isinstance(lin, PackedLinear):
+        gemm = f"oneDNN's {'' if native.fast_bf16() else 'emulated '}{dt} GEMMs"
+    else:
+        gemm = f"torch's {'emulated ' if emulated_half(lin.weight.dtype, lin.weight.device) else ''}{dt} GEMMs"
+    large = "torch's float32 GEMMs" if getattr(lin, "upcast_rows", NO_ROW_LIMIT) < NO_ROW_LIMIT else gemm
+    return f"dense {dt}", gemm, large
 
 
 def make_linear(weight: torch.Tensor, kind: str, dtype: torch.dtype, device: torch.device,
