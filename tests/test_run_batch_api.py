@@ -601,3 +601,24 @@ def test_a_chat_form_embeddings_line_beyond_the_context_names_messages(tmp_path,
     assert [g["response"]["status_code"] for g in got] == [400, 400]
     assert [g["response"]["body"]["error"]["param"] for g in got] == ["messages", "input"]
     assert got[0]["error"]["code"] == "context_length_exceeded"
+
+
+def test_an_embeddings_line_whose_answer_cannot_be_built_fails_alone(tmp_path, tiny_gguf):
+    """A python stage after generate leaves an embeddings line's pooled vector made of words: the
+    answer cannot be built of it. That line is a 500 answer_failed error record, as agp serve answers
+    it; the lines after it are answered still, and the summary counts the line as failed."""
+    (tmp_path / "hk.py").write_text('def bad(item):\n    if "pooled" in item:\n        item["pooled"] = ["a", "b"]\n'
+                                    "    return item\n")
+    pipe = tmp_path / "p.agp"
+    pipe.write_text(PIPELINE.format(model=tiny_gguf).replace(
+        "stage out     : respond {}", 'stage fix : python { fn = "hk:bad" }\n    stage out     : respond {}')
+        .replace("gen -> out", "gen -> fix -> out"))
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(batch_line("e1", EMB, {"input": "hi"}) + batch_line("c1", COMP, {"prompt": "hi", "max_tokens": 2}))
+    r = run(pipe, "-i", inp, "-o", out)
+    assert r.returncode == 0, r.stderr
+    got = records(out)
+    assert [g["custom_id"] for g in got] == ["e1", "c1"], r.stderr
+    assert got[0]["response"]["status_code"] == 500 and got[0]["error"]["code"] == "answer_failed"
+    assert got[1]["response"]["status_code"] == 200 and got[1]["error"] is None
+    assert "2 (1 failed)" in r.stderr and "KeyError" not in r.stderr
