@@ -622,3 +622,20 @@ def test_an_embeddings_line_whose_answer_cannot_be_built_fails_alone(tmp_path, t
     assert got[0]["response"]["status_code"] == 500 and got[0]["error"]["code"] == "answer_failed"
     assert got[1]["response"]["status_code"] == 200 and got[1]["error"] is None
     assert "2 (1 failed)" in r.stderr and "KeyError" not in r.stderr
+
+
+def test_a_batch_lines_own_n_numbers_its_prompts_choices_not_the_stages(tmp_path, tiny_gguf):
+    """A completions line of two prompts with `n = 1`, to a generate stage of `n = 3`: the line's n
+    replaces the stage's (one answer a prompt), so its choices are numbered 0 and 1, as vLLM numbers
+    them (they were 0 and 3, numbered as if each prompt had the stage's three)."""
+    path = tmp_path / "n3.agp"
+    path.write_text(PIPELINE.format(model=tiny_gguf).replace("generate { max_new_tokens = 4 }",
+                                                             "generate { max_new_tokens = 2  n = 3 }"))
+    inp, out = tmp_path / "batch.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(batch_line("one", COMP, {"prompt": ["a b", "c d"], "n": 1, "echo": True})
+                   + batch_line("two", COMP, {"prompt": ["a b", "c d"], "n": 2, "echo": True}))
+    r = run(path, "-i", inp, "-o", out)
+    assert r.returncode == 0, r.stderr
+    one, two = (g["response"]["body"]["choices"] for g in records(out))
+    assert [(c["index"], c["text"][:3]) for c in one] == [(0, "a b"), (1, "c d")], one
+    assert [(c["index"], c["text"][:3]) for c in two] == [(0, "a b"), (1, "a b"), (2, "c d"), (3, "c d")], two
