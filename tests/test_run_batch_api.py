@@ -639,3 +639,18 @@ def test_a_batch_lines_own_n_numbers_its_prompts_choices_not_the_stages(tmp_path
     one, two = (g["response"]["body"]["choices"] for g in records(out))
     assert [(c["index"], c["text"][:3]) for c in one] == [(0, "a b"), (1, "c d")], one
     assert [(c["index"], c["text"][:3]) for c in two] == [(0, "a b"), (1, "a b"), (2, "c d"), (3, "c d")], two
+
+
+def test_an_embeddings_lines_input_over_the_context_is_named_once_as_agp_serve_names_it(tmp_path, pipeline):
+    """A list input whose second text is too long for the context: the error record names it once,
+    `'input[1]': prompt of …`, as agp serve's 400 does (it said `'input[1]': 'prompt[1]': …`)."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(batch_line("two", EMB, {"input": ["hi", "word " * 700]}) + batch_line("ok", EMB, {"input": "hi"}))
+    r = run(pipeline, "-i", inp, "-o", out)
+    assert r.returncode == 0, r.stderr
+    got, ok = records(out)
+    assert ok["response"]["status_code"] == 200, ok
+    error = got["response"]["body"]["error"]
+    assert got["response"]["status_code"] == 400 and error["param"] == "input", got
+    assert error["message"].startswith("'input[1]': prompt of "), error
+    assert "prompt[" not in error["message"] and got["error"]["message"] == error["message"]
