@@ -601,3 +601,56 @@ def test_a_chat_form_embeddings_line_beyond_the_context_names_messages(tmp_path,
     assert [g["response"]["status_code"] for g in got] == [400, 400]
     assert [g["response"]["body"]["error"]["param"] for g in got] == ["messages", "input"]
     assert got[0]["error"]["code"] == "context_length_exceeded"
+
+
+def test_an_embeddings_line_whose_answer_cannot_be_built_fails_alone(tmp_path, tiny_gguf):
+    """A python stage after generate leaves an embeddings line's pooled vector made of words: the
+    answer cannot be built of it. That line is a 500 answer_failed error record, as agp serve answers
+    it; the lines after it are answered still, and the summary counts the line as failed."""
+    (tmp_path / "hk.py").write_text('def bad(item):\n    if "pooled" in item:\n        item["pooled"] = ["a", "b"]\n'
+                                    "    return item\n")
+    pipe = tmp_path / "p.agp"
+    pipe.write_text(PIPELINE.format(model=tiny_gguf).replace(
+        "stage out     : respond {}", 'stage fix : python { fn = "hk:bad" }\n    stage out     : respond {}')
+        .replace("gen -> out", "gen -> fix -> out"))
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(batch_line("e1", EMB, {"input": "hi"}) + batch_line("c1", COMP, {"prompt": "hi", "max_tokens": 2}))
+    r = run(pipe, "-i", inp, "-o", out)
+    assert r.returncode == 0, r.stderr
+    got = records(out)
+    assert [g["custom_id"] for g in got] == ["e1", "c1"], r.stderr
+    assert got[0]["response"]["status_code"] == 500 and got[0]["error"]["code"] == "answer_failed"
+    assert got[1]["response"]["status_code"] == 200 and got[1]["error"] is None
+    assert "2 (1 failed)" in r.stderr and "KeyError" not in r.stderr
+
+
+def test_a_batch_lines_own_n_numbers_its_prompts_choices_not_the_stages(tmp_path, tiny_gguf):
+    """A completions line of two prompts with `n = 1`, to a generate stage of `n = 3`: the line's n
+    replaces the stage's (one answer a prompt), so its choices are numbered 0 and 1, as vLLM numbers
+    them (they were 0 and 3, numbered as if each prompt had the stage's three)."""
+    path = tmp_path / "n3.agp"
+    path.write_text(PIPELINE.format(model=tiny_gguf).replace("generate { max_new_tokens = 4 }",
+                                                             "generate { max_new_tokens = 2  n = 3 }"))
+    inp, out = tmp_path / "batch.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(batch_line("one", COMP, {"prompt": ["a b", "c d"], "n": 1, "echo": True})
+                   + batch_line("two", COMP, {"prompt": ["a b", "c d"], "n": 2, "echo": True}))
+    r = run(path, "-i", inp, "-o", out)
+    assert r.returncode == 0, r.stderr
+    one, two = (g["response"]["body"]["choices"] for g in records(out))
+    assert [(c["index"], c["text"][:3]) for c in one] == [(0, "a b"), (1, "c d")], one
+    assert [(c["index"], c["text"][:3]) for c in two] == [(0, "a b"), (1, "a b"), (2, "c d"), (3, "c d")], two
+
+
+def test_an_embeddings_lines_input_over_the_context_is_named_once_as_agp_serve_names_it(tmp_path, pipeline):
+    """A list input whose second text is too long for the context: the error record names it once,
+    `'input[1]': prompt of …`, as agp serve's 400 does (it said `'input[1]': 'prompt[1]': …`)."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(batch_line("two", EMB, {"input": ["hi", "word " * 700]}) + batch_line("ok", EMB, {"input": "hi"}))
+    r = run(pipeline, "-i", inp, "-o", out)
+    assert r.returncode == 0, r.stderr
+    got, ok = records(out)
+    assert ok["response"]["status_code"] == 200, ok
+    error = got["response"]["body"]["error"]
+    assert got["response"]["status_code"] == 400 and error["param"] == "input", got
+    assert error["message"].startswith("'input[1]': prompt of "), error
+    assert "prompt[" not in error["message"] and got["error"]["message"] == error["message"]

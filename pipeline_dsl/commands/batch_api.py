@@ -94,22 +94,35 @@ class BatchLine:
         made of them here (`built`): a body agp serve would refuse (a `dimensions` the model cannot
         give, an input the pipeline answered with words) fails the result here, with that 400, so the
         run's summary and --stats count the line as its output line shows it."""
+        if self.embed is not None:
+            return self._embedded(results)
+        if len(results) == 1:
+            return results[0]
+        from pipeline_dsl.serve.async_pipeline import combine
+
+        return combine(results, self.call.choices_per_prompt)
+
+    def _embedded(self, results: list):
+        """The result of an embeddings line's inputs: the first failed input's own error (its
+        output line names the input as agp serve does, `placed`, and nothing before it does), else
+        their usage summed, with the answer's body made of them (`built`)."""
+        self.parts = results
+        failed = next((r for r in results if r.error is not None), None)
+        if failed is not None:
+            return failed_with(results[0], failed.error)
         if len(results) == 1:
             result = results[0]
         else:
             from pipeline_dsl.serve.async_pipeline import combine
 
-            result = combine(results, self.call.choices_per_prompt if self.call is not None else 1)
-        if self.embed is not None:
-            self.parts = results
-            if result.error is None:
-                from pipeline_dsl.serve.embeddings import answer_body as embeddings_body
-                from pipeline_dsl.serve.errors import as_pipeline_error
+            result = combine(results, 1)
+        from pipeline_dsl.serve.embeddings import answer_body as embeddings_body
+        from pipeline_dsl.serve.errors import as_pipeline_error
 
-                try:
-                    self.built = embeddings_body(self.embed, results)
-                except APIError as err:
-                    return failed_with(result, as_pipeline_error(err))
+        try:
+            self.built = embeddings_body(self.embed, results)
+        except APIError as err:
+            return failed_with(result, as_pipeline_error(err))
         return result
 
     def answer(self, result, runtime) -> dict:

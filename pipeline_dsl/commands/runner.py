@@ -249,15 +249,7 @@ def run_pipeline(runtime, requests: Iterable[RunRequest], *, on_done: Callable[[
             if on_interrupted is not None:
                 on_interrupted(req.slot)
             return
-        result = req.result(results)
-        try:
-            line = req.answer(result, runtime)
-        except Exception as e:            # noqa: BLE001 - its line says so; the other lines go on
-            # a result no stage checked that its output line cannot be made of: the line is the
-            # error that says so, with the status agp serve answers it (500 answer_failed)
-            log.exception("line %d: its answer could not be built; an error is written for it", req.line)
-            result = unbuilt(result, e)
-            line = req.answer(result, runtime)
+        result, line = answered(req, results, runtime)
         tally.add(result)
         on_done(req.slot, line)
         if bar is not None:
@@ -280,6 +272,21 @@ def run_pipeline(runtime, requests: Iterable[RunRequest], *, on_done: Callable[[
     summary = summarize(runtime, tally, wall)
     summary["interrupted"] = interrupted + len(never)
     return summary
+
+
+def answered(req: RunRequest, results: list, runtime) -> tuple:
+    """(the result of a line's items' results, its output line). Whatever fails in making them, the
+    line's one result (combining its parts, building an embeddings body) as its output line, fails
+    this line alone: the line is the error that says so, with the status agp serve answers it
+    (500 answer_failed), and the other lines go on."""
+    result = None
+    try:
+        result = req.result(results)
+        return result, req.answer(result, runtime)
+    except Exception as e:            # noqa: BLE001 - its line says so; the other lines go on
+        log.exception("line %d: its answer could not be built; an error is written for it", req.line)
+        result = unbuilt(results[0] if result is None else result, e)
+        return result, req.answer(result, runtime)
 
 
 def _pin(runtime, parsed: ParsedRequest) -> str | None:

@@ -325,6 +325,7 @@ class EngineSide:
             if req.done:
                 return
             self.ledger.count(req, es.name, "prompt_tokens", len(ids))
+            req.generated = True
             per_target = collections.Counter(c[0] for c in copies)     # copies each target makes
             for g_i, gen, i, data, params in copies:
                 several = per_target[g_i] > 1
@@ -359,6 +360,7 @@ class EngineSide:
             if req.done:
                 return
             self.ledger.count(req, es.name, "prompt_tokens", len(ids))
+            req.generated = True
             entry["cached_tokens"] = 0
             for g_i, gen in enumerate(targets):
                 child = Item(GENERATED, {}, req, gen, item.branch + ((g_i,) if len(targets) > 1 else ()),

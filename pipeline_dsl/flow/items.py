@@ -115,6 +115,9 @@ class RequestState:
     results: list = field(default_factory=list)        # Generated items that reached a respond stage
     joins: dict = field(default_factory=dict)          # join stage -> waiting items (arrival order)
     seqs: dict = field(default_factory=dict)           # engine sequence id -> segment
+    # whether a generate stage took it (a sequence on an engine, or an echo answered at once): an
+    # answer of one that none took is a python stage's own (RequestLedger.answer)
+    generated: bool = False
     done: bool = False
     paused: bool = False              # its reader asked its generation to wait (FlowRuntime.pause)
     next_index: int = 0

@@ -129,18 +129,20 @@ class RequestLedger:
         self.totals["failed" if failed else "answered"] += 1
         return seqs
 
-    def answer(self, req: RequestState) -> Result:
+    def answer(self, req: RequestState, model_n: Callable[[RequestState, dict], int] = lambda req, request: 1
+               ) -> Result:
         """Its Result from what reached respond. A streamed request's choices streamed straight
         from a generate stage keep the index their chunks carried (numbered as they started
         there), the others fill the gaps in branch order; an answer sent whole is numbered in
         branch order throughout, so choice i is branch i's however the branches' timings fell
         (a seeded request answers the same choices in the same order). No answer at all is an
-        error."""
+        error. `model_n(req, request)`: the answers a generate stage would have given the request
+        (its item dict), which a python stage's own answer is copied into (answered_without_model)."""
         def choice(index: int, it) -> Choice:
             return Choice(index, it.data.get("text", ""), it.data.get("finish_reason"), it.data,
                           it.index if it.index != index else None, it.tool_read)
 
-        n = answered_without_model(req)
+        n = answered_without_model(req, model_n)
         if n > 1:          # a python stage's one answer is each of the n choices the request asked for
             return Result(req.key, req.id, [choice(k, req.results[0]) for k in range(n)], None, dict(req.usage),
                           self.metrics(req), self.engine_usage(req))
@@ -179,16 +181,16 @@ class RequestLedger:
                 "ttft_s": None if req.first_token is None else req.first_token - req.arrival, **req.timings}
 
 
-def answered_without_model(req: RequestState) -> int:
-    """The `n` of a request a python stage answered itself, no generate stage on the way (a guard's
-    canned answer, a cache, a tool that answers): its one answer, the only result, made by no
-    sampling (no generate stage made copies of it). The stage runs once and its answer is each
-    of the n choices, as a model asked for n answers at temperature 0 gives n alike; 1 otherwise
-    (a generate stage's n copies are choices of their own)."""
-    if len(req.results) != 1:
+def answered_without_model(req: RequestState,
+                           model_n: Callable[[RequestState, dict], int] = lambda req, request: 1) -> int:
+    """The `n` of a request a python stage answered itself (a guard's canned answer, a cache, a tool
+    that answers): no generate stage took the request at all (RequestState.generated, set where one
+    does: a join's merged answer, a fan-out's, a loop's or a cascade's all had one) and its one answer
+    is the only result. The stage runs once and its answer is each of the n choices the model would
+    have given (`model_n`: the request's n, or its generate stage's), as a model asked for n answers
+    at temperature 0 gives n alike; 1 otherwise (a generate stage's answers are choices of their own,
+    merged or not)."""
+    if req.generated or len(req.results) != 1:
         return 1
-    it = req.results[0]
-    if it.sampled or it.split:
-        return 1
-    n = (it.data.get("request") or {}).get("n")
+    n = model_n(req, req.results[0].data.get("request") or {})
     return n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1

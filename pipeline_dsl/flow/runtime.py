@@ -254,6 +254,17 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         self._task(self._go, [(item, self.source)])
         return req.key
 
+    def model_n(self, req: RequestState, request: dict) -> int:
+        """The answers a generate stage gives `request` (its item dict): its `n`, or where it sets
+        none that of the stage it pins, or the largest of the generate stages' (agp serve's
+        stage_n)."""
+        n = request.get("n")
+        if isinstance(n, int) and not isinstance(n, bool):
+            return n
+        if req.pin is not None and req.pin in self.seg_of_gen:
+            return self.seg_of_gen[req.pin].n.get(req.pin, 1)
+        return max((n for es in self.segments for n in es.n.values()), default=1)
+
     @property
     def max_in_flight(self) -> int:
         return self.max_queue + sum(es.config.max_batch_size for es in self.segments)
@@ -860,7 +871,7 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
 
     def _finish(self, req: RequestState) -> None:
         """(under the lock) Every item of the request is done: answer it."""
-        result = self.ledger.answer(req)
+        result = self.ledger.answer(req, self.model_n)
         self.ledger.close(req, failed=result.error is not None)
         self._telling += 1                  # idle (wait_idle, close) only once it is handed over
         self._task(self._tell_result, req, result)

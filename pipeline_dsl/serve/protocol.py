@@ -74,8 +74,10 @@ class GenerationRequest:
     @property
     def choices_per_prompt(self) -> int:
         """The choice numbers each prompt takes (choice i of prompt k is k * this + i): its n, or the
-        generate stages' where it sets none, and never fewer than the stages' (a fan-out's)."""
-        return max(int(self.fields.get("n") or 1), self.stage_n)
+        generate stages' where it sets none (a sent n replaces every stage's, as vLLM's does; a
+        fan-out's choices past it are numbered after every prompt's: ChoiceNumbers)."""
+        n = self.fields.get("n")
+        return int(n) if n else self.stage_n
 
     @property
     def tools_active(self) -> bool:
