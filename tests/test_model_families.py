@@ -135,7 +135,7 @@ def test_the_context_of_a_scaled_rotary_is_the_one_vllm_serves(tmp_path, tiny_to
 
 
 @pytest.mark.parametrize("fields, words", [
-    (dict(attention_bias=True), "'attention_bias' is true"),
+    (dict(cls="MistralConfig", attention_bias=True), "'attention_bias' is true, but a mistral model has no"),
     (dict(mlp_bias=True), "'mlp_bias' is true"),
     (dict(hidden_act="gelu"), "hidden_act \"gelu\" is not supported"),
     (dict(rope_scaling={**YARN_SCALING, "attn_factor": 2.0}), "'attn_factor' 2.0 is not supported"),
@@ -295,6 +295,41 @@ def test_a_qwen2_folder_runs_with_its_qkv_biases_as_transformers_does(tmp_path, 
         assert got == want and len(got) == 12
     for dtype in ("bf16", "int8"):           # the other precisions run too (their kernels take no bias)
         assert all(len(g) == 12 for g in engine_greedy(folder, prompts, dtype))
+
+
+@pytest.mark.parametrize("cls", ["LlamaConfig", "Qwen3Config"])
+def test_a_folder_with_attention_bias_runs_its_q_k_v_and_o_biases_as_transformers_does(tmp_path, tiny_tokenizer,
+                                                                                       cls):
+    # transformers' LlamaAttention (and Qwen3's) gives o_proj a bias too where attention_bias is true
+    folder = save_folder(tmp_path, tiny_tokenizer, cls=cls, attention_bias=True)
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        assert "model.layers.1.self_attn.o_proj.bias" in f.keys()
+    assert_same_logits(folder)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    prompts = [TOKENS[:7], TOKENS[3:20], TOKENS[10:12]]
+    for ids, got in zip(prompts, engine_greedy(folder, prompts)):   # paged KV, batched decode
+        with torch.no_grad():
+            want = ref(torch.tensor([ids + got])).logits[0, len(ids) - 1:-1].argmax(-1).tolist()
+        assert got == want and len(got) == 12
+    for dtype in ("bf16", "int8"):           # the other precisions run too (their kernels take no bias)
+        assert all(len(g) == 12 for g in engine_greedy(folder, prompts, dtype))
+
+
+def test_an_attention_bias_folder_through_the_gpu_path_s_graphs_answers_as_eager(tmp_path, tiny_tokenizer):
+    # the decode graphs and the piecewise graphs of mixed steps (captured with an eager stand-in for
+    # torch.cuda graphs) add the output projection's bias as the eager forward does
+    from test_gpu_path import EagerGraphs, eager, run_engine, same_answers
+
+    folder = save_folder(tmp_path, tiny_tokenizer, attention_bias=True)
+    model, _ = load_model(str(folder), dtype="fp32")
+    ref, _ = run_engine(eager(model, 64), 0)
+    graphs = eager(model, 64)
+    graphs.capture_graphs(max_batch=8, max_len=96, graph_factory=EagerGraphs(), max_tokens=24)
+    got, _ = run_engine(graphs, 0, executor=True)
+    assert graphs.graphs.replays > 0 and graphs.graphs.pieces.replays > 0
+    assert same_answers(got, ref)
 
 
 def test_a_qwen2_folder_without_its_biases_is_refused(tmp_path, tiny_tokenizer):

@@ -64,7 +64,8 @@ class LlamaConfig:
     max_position: int = 2048          # the model's context length
     tie_embeddings: bool = True       # lm_head shares the embedding matrix
     rope_scaling: tuple = ()          # (key, value) pairs of model_files.rope; () = plain RoPE
-    qkv_bias: bool = False            # biases on the Q, K, V projections (Qwen2)
+    qkv_bias: bool = False            # biases on the Q, K, V projections (Qwen2; a llama's attention_bias)
+    o_bias: bool = False              # a bias on the attention's output projection (a llama's attention_bias)
     qk_norm: bool = False             # an RMSNorm over each head of Q and of K before RoPE (Qwen3)
     fused: bool = False               # the file holds q/k/v and gate/up fused (Phi-3; engine/phi3.py splits them)
     # Gemma 3 (gemma.py, model_files/gemma.py): scaled embeddings, GeGLU, norms of the attention's and the
@@ -181,7 +182,7 @@ class Fallback:
 
 
 class Layer:
-    __slots__ = ("attn_norm", "qkv", "qkv_bias", "q_norm", "k_norm", "o", "ffn_norm", "gate_up", "down")
+    __slots__ = ("attn_norm", "qkv", "qkv_bias", "q_norm", "k_norm", "o", "o_bias", "ffn_norm", "gate_up", "down")
 
 
 def rope_table(head_dim: int, theta: float, scaling: tuple, max_position: int,
@@ -262,6 +263,7 @@ class LlamaModel:
                 if c.qkv_bias else None                         # [(nh+2kv)*hd]
             layer.q_norm, layer.k_norm = (vec(p + "q_norm"), vec(p + "k_norm")) if c.qk_norm else (None, None)  # [hd]
             layer.o = linear(p + "o")
+            layer.o_bias = vec(p + "o_bias") if c.o_bias else None   # [H]
             layer.ffn_norm = vec(p + "ffn_norm")
             layer.gate_up = linear(p + "gate", p + "up")         # [2I, H]
             layer.down = linear(p + "down")
@@ -353,6 +355,8 @@ class LlamaModel:
         y = layer.o(a)
         if lora is not None:
             y = lora.add("o", y, a)
+        if layer.o_bias is not None:
+            y = y + layer.o_bias
         return y
 
     def mlp(self, layer: Layer, x: torch.Tensor, lora=None) -> torch.Tensor:
@@ -406,7 +410,7 @@ class LlamaModel:
             k = k.transpose(0, 1).repeat_interleave(c.group, dim=0)  # [nh, T, hd]
             v = v.transpose(0, 1).repeat_interleave(c.group, dim=0)
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [nh, T, hd]
-            x = x + layer.o(a.transpose(0, 1).reshape(T, -1))
+            x = x + self.attn_out(layer, a.transpose(0, 1).reshape(T, -1))
             x = x + self.mlp(layer, x)
         return self.logits(x)
 

@@ -25,6 +25,8 @@ LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm", "sm
 _MAX_POSITION = {"mistral": 131072, "qwen2": 32768, "qwen3": 32768,
                  "phi3": phi3.HF_DEFAULTS["max_position_embeddings"]}
 _MISTRAL_WINDOW = 4096
+# the model types whose transformers attention takes config.attention_bias: a bias on q, k, v and o_proj
+_ATTENTION_BIAS_TYPES = ("llama", "smollm", "smollm2", "qwen3")
 _ST_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
               "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8}
 _ST_MAX_HEADER = 100 << 20     # safetensors' own limit on the JSON header
@@ -71,9 +73,17 @@ def hf_config(folder) -> dict:
         fail(f"hidden_act {json.dumps(act)} is not supported (agp's MLP is SwiGLU: 'silu')")
     qkv_bias = mtype == "qwen2"            # Qwen2 = llama + biases on q, k and v
     qk_norm = mtype == "qwen3"             # Qwen3 = llama + an RMSNorm over each head of q and k
-    for key in ("attention_bias", "mlp_bias"):
-        if cfg.get(key, False) is not False:
-            fail(f"'{key}' is {json.dumps(cfg[key])}: agp's linear layers have no bias terms")
+    o_bias = False
+    attention_bias = cfg.get("attention_bias", False)
+    if attention_bias is not False:
+        if attention_bias is not True:
+            fail(f"'attention_bias' must be true or false, not {json.dumps(attention_bias)}")
+        if mtype not in _ATTENTION_BIAS_TYPES:   # transformers' classes of these types have no such switch
+            fail(f"'attention_bias' is true, but a {mtype} model has no attention biases to switch on "
+                 f"(only {', '.join(_ATTENTION_BIAS_TYPES)} configs take it)")
+        qkv_bias = o_bias = True           # transformers' LlamaAttention: q, k, v and o_proj all with a bias
+    if cfg.get("mlp_bias", False) is not False:
+        fail(f"'mlp_bias' is {json.dumps(cfg['mlp_bias'])}: agp's MLP layers have no bias terms")
     for key in ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers", "vocab_size"):
         if key not in cfg:
             fail(f"'{key}' is missing")
@@ -92,7 +102,7 @@ def hf_config(folder) -> dict:
              rope_theta=theta, rms_eps=cfg.get("rms_norm_eps", 1e-5),
              max_position=cfg.get("max_position_embeddings", _MAX_POSITION.get(mtype, 2048)),
              tie_embeddings=tie, rope_scaling=scaling,
-             qkv_bias=qkv_bias, qk_norm=qk_norm, fused=mtype == "phi3")   # Phi-3: q/k/v and gate/up fused
+             qkv_bias=qkv_bias, o_bias=o_bias, qk_norm=qk_norm, fused=mtype == "phi3")   # Phi-3: q/k/v and gate/up fused
     if isinstance(c["max_position"], int) and not isinstance(c["max_position"], bool):
         c["max_position"] = scaled_context(c["max_position"], scaling)   # Gemma 3's is scaled already
     c = check_config(fail, c, HF_NAMES)
