@@ -71,7 +71,10 @@ def banner(serving: Serving, url: str, args) -> list[str]:
         info = e.model_info
         sharer = first_on.setdefault(id(e.runner.model), es.name)
         lines.append(f"  engine {es.name}: model {Path(str(c.model)).name} ({info.get('weights', '?')} weights, "
-                     f"{info.get('dtype', c.dtype)} compute) on {c.device}"
+                     f"{info.get('dtype', c.dtype)} compute"
+                     + (f", dtype auto: {e.runner.model.dtype_reason}"      # why auto chose it
+                        if c.dtype == "auto" and getattr(e.runner.model, "dtype_reason", None) else "")
+                     + f") on {c.device}"
                      + (f" (the weights engine {sharer} loaded, shared)" if sharer != es.name else "")
                      + (f" ({e.threads} thread{'s' * (e.threads != 1)} of the {cpus_text(e.cpus)} this process may use"
                         + (f"; OpenMP waits {e.omp_wait}" if e.omp_wait != "default" else "") + ")"

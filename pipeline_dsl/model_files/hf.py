@@ -50,6 +50,19 @@ def read_json_object(path, what: str) -> dict:
     return data
 
 
+# config.json's dtype names, as vLLM reads them (its _STR_DTYPE_TO_TORCH_DTYPE), and the safetensors ones
+_CONFIG_DTYPES = {"float16": "float16", "half": "float16", "bfloat16": "bfloat16", "float32": "float32",
+                  "float": "float32"}
+_WEIGHT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
+
+
+def checkpoint_dtype(cfg: dict) -> str:
+    """The dtype a config.json states its weights in (`torch_dtype`, or transformers 5's `dtype`):
+    "float16", "bfloat16", "float32", or "" where it states none (or one that is no float dtype)."""
+    value = cfg.get("torch_dtype", cfg.get("dtype"))
+    return _CONFIG_DTYPES.get(value.removeprefix("torch."), "") if isinstance(value, str) else ""
+
+
 def hf_config(folder) -> dict:
     """LlamaConfig fields from config.json (checked; tie_embeddings as the config says)."""
     path = Path(folder) / "config.json"
@@ -65,8 +78,10 @@ def hf_config(folder) -> dict:
         fail(f"model_type {mtype!r} is not a llama-family decoder ({', '.join(LLAMA_MODEL_TYPES)})")
     hf_quant_spec(cfg, path)               # a quantization_config agp cannot read: refused by its key
     gemma = mtype in GEMMA_MODEL_TYPES     # Gemma 3: its text model (model_files/gemma.py)
+    stated = checkpoint_dtype(cfg)
     if gemma:
         cfg = hf_text_config(cfg, fail)
+        stated = stated or checkpoint_dtype(cfg)
     theta, scaling = hf_rope(cfg, fail) if not gemma else (1e6, ())   # Gemma's: hf_gemma_fields
     act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
     if act != "silu" and not gemma:        # the MLP is SwiGLU: another activation is another model
@@ -102,7 +117,8 @@ def hf_config(folder) -> dict:
              rope_theta=theta, rms_eps=cfg.get("rms_norm_eps", 1e-5),
              max_position=cfg.get("max_position_embeddings", _MAX_POSITION.get(mtype, 2048)),
              tie_embeddings=tie, rope_scaling=scaling,
-             qkv_bias=qkv_bias, o_bias=o_bias, qk_norm=qk_norm, fused=mtype == "phi3")   # Phi-3: q/k/v and gate/up fused
+             qkv_bias=qkv_bias, o_bias=o_bias, qk_norm=qk_norm,
+             fused=mtype == "phi3", checkpoint_dtype=stated)   # Phi-3: q/k/v and gate/up fused
     if isinstance(c["max_position"], int) and not isinstance(c["max_position"], bool):
         c["max_position"] = scaled_context(c["max_position"], scaling)   # Gemma 3's is scaled already
     c = check_config(fail, c, HF_NAMES)
@@ -215,8 +231,11 @@ def hf_llama_config(folder) -> dict:
             f"save_pretrained() writes the same weights as model.safetensors)" if pickled else ""))
     found, where, quantized = {}, {}, {}
     gemma = bool(c.get("gemma"))
+    stored = set()                         # the float dtypes of the weights, where config.json states none
     for f in files:
         for name, (dtype, shape) in read_safetensors_header(f).items():
+            if dtype in _WEIGHT_DTYPES:
+                stored.add(_WEIGHT_DTYPES[dtype])
             parts = quant_parts(name)
             if parts is not None and hf_engine_name(parts[0] + ".weight", gemma) is not None:
                 quantized.setdefault(parts[0], {})[parts[1]] = (dtype, shape, f, name)
@@ -248,4 +267,6 @@ def hf_llama_config(folder) -> dict:
         raise ModelFileProblem(folder / "config.json", "it says tie_word_embeddings false, but no weights file "
                                                        "holds lm_head.weight (a checkpoint with a tensor missing?)")
     c["tie_embeddings"] = bool(c["tie_embeddings"]) or "lm_head" not in found
+    if not c["checkpoint_dtype"] and stored:   # as vLLM reads the weights then: one dtype, or float32 for a mix
+        c["checkpoint_dtype"] = stored.pop() if len(stored) == 1 else "float32"
     return c

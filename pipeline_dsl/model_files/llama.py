@@ -238,6 +238,7 @@ def check_config(fail, c: dict, names: dict) -> dict:
     c["rope_theta"], c["rms_eps"] = float(c["rope_theta"]), float(c["rms_eps"])
     c.setdefault("qkv_bias", False)
     c.setdefault("o_bias", False)
+    c.setdefault("checkpoint_dtype", "")
     c.setdefault("qk_norm", False)
     c.setdefault("fused", False)
     for key, value in (("gemma", False), ("sliding_window", 0), ("window_layers", ()), ("rope_local_theta", 10000.0),
