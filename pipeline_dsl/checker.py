@@ -32,8 +32,9 @@ SETTINGS: tuple[Param, ...] = (
     Param("mode", ENUM, modes.DEFAULT_MODE, "preset of stage settings", choices=modes.MODES),
     Param("device", STR, "auto", "auto | cpu | cuda | cuda:N"),
     Param("threads", INT, None, "CPU threads for torch (default: torch's choice)", min=1, max=1024, optional=True),
-    Param("dtype", ENUM, "auto", "weights and compute precision of the generate stages (auto = bf16 where "
-          "fast, else fp32; int8 = weight-only int8); a stage's own dtype wins",
+    Param("dtype", ENUM, "auto", "weights and compute precision of the generate stages (auto = on CUDA the "
+          "checkpoint's dtype as vLLM takes it, float32 downcast to bf16 or fp16; on a CPU bf16 where fast, else "
+          "fp32; int8 = weight-only int8); a stage's own dtype wins",
           choices=("auto", "fp32", "bf16", "fp16", "int8")),
     Param("kv_budget", SIZE, None, "memory of all KV pools together (default: the mode's budget per "
           "engine); kv_lookup stages without their own budget share what is left", min=1 << 16,

@@ -135,7 +135,7 @@ def test_the_context_of_a_scaled_rotary_is_the_one_vllm_serves(tmp_path, tiny_to
 
 
 @pytest.mark.parametrize("fields, words", [
-    (dict(attention_bias=True), "'attention_bias' is true"),
+    (dict(cls="MistralConfig", attention_bias=True), "'attention_bias' is true, but a mistral model has no"),
     (dict(mlp_bias=True), "'mlp_bias' is true"),
     (dict(hidden_act="gelu"), "hidden_act \"gelu\" is not supported"),
     (dict(rope_scaling={**YARN_SCALING, "attn_factor": 2.0}), "'attn_factor' 2.0 is not supported"),
@@ -295,6 +295,41 @@ def test_a_qwen2_folder_runs_with_its_qkv_biases_as_transformers_does(tmp_path, 
         assert got == want and len(got) == 12
     for dtype in ("bf16", "int8"):           # the other precisions run too (their kernels take no bias)
         assert all(len(g) == 12 for g in engine_greedy(folder, prompts, dtype))
+
+
+@pytest.mark.parametrize("cls", ["LlamaConfig", "Qwen3Config"])
+def test_a_folder_with_attention_bias_runs_its_q_k_v_and_o_biases_as_transformers_does(tmp_path, tiny_tokenizer,
+                                                                                       cls):
+    # transformers' LlamaAttention (and Qwen3's) gives o_proj a bias too where attention_bias is true
+    folder = save_folder(tmp_path, tiny_tokenizer, cls=cls, attention_bias=True)
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        assert "model.layers.1.self_attn.o_proj.bias" in f.keys()
+    assert_same_logits(folder)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    prompts = [TOKENS[:7], TOKENS[3:20], TOKENS[10:12]]
+    for ids, got in zip(prompts, engine_greedy(folder, prompts)):   # paged KV, batched decode
+        with torch.no_grad():
+            want = ref(torch.tensor([ids + got])).logits[0, len(ids) - 1:-1].argmax(-1).tolist()
+        assert got == want and len(got) == 12
+    for dtype in ("bf16", "int8"):           # the other precisions run too (their kernels take no bias)
+        assert all(len(g) == 12 for g in engine_greedy(folder, prompts, dtype))
+
+
+def test_an_attention_bias_folder_through_the_gpu_path_s_graphs_answers_as_eager(tmp_path, tiny_tokenizer):
+    # the decode graphs and the piecewise graphs of mixed steps (captured with an eager stand-in for
+    # torch.cuda graphs) add the output projection's bias as the eager forward does
+    from test_gpu_path import EagerGraphs, eager, run_engine, same_answers
+
+    folder = save_folder(tmp_path, tiny_tokenizer, attention_bias=True)
+    model, _ = load_model(str(folder), dtype="fp32")
+    ref, _ = run_engine(eager(model, 64), 0)
+    graphs = eager(model, 64)
+    graphs.capture_graphs(max_batch=8, max_len=96, graph_factory=EagerGraphs(), max_tokens=24)
+    got, _ = run_engine(graphs, 0, executor=True)
+    assert graphs.graphs.replays > 0 and graphs.graphs.pieces.replays > 0
+    assert same_answers(got, ref)
 
 
 def test_a_qwen2_folder_without_its_biases_is_refused(tmp_path, tiny_tokenizer):
@@ -464,3 +499,73 @@ def test_a_yarn_folder_is_served_with_vllm_s_max_model_len(tmp_path, tiny_tokeni
 
 def test_fp16_weights_give_transformers_logits(tmp_path, tiny_tokenizer):
     assert_same_logits(save_folder(tmp_path, tiny_tokenizer, dtype=torch.float16, rope_scaling=YARN_SCALING))
+
+
+@pytest.mark.parametrize("checkpoint, bf16, gemma, want", [
+    ("float16", True, False, torch.float16),     # an fp16 checkpoint runs in fp16, as vLLM runs it
+    ("bfloat16", True, False, torch.bfloat16),
+    ("float32", True, False, torch.bfloat16),    # float32 downcast to the first the GPU supports
+    ("", True, False, torch.bfloat16),           # a file that states none (a GGUF): as float32
+    ("bfloat16", False, False, torch.float16),   # a GPU without bf16 (V100, T4): fp16
+    ("float32", False, False, torch.float16),
+    ("float16", True, True, torch.bfloat16),     # Gemma 3 overflows float16: never chosen for it
+    ("float32", False, True, torch.float32),
+])
+def test_dtype_auto_on_cuda_follows_the_checkpoint_as_vllm_does(checkpoint, bf16, gemma, want):
+    from pipeline_dsl.engine.model import auto_dtype
+
+    got, why = auto_dtype("cuda", bf16, checkpoint, gemma)
+    assert got == want and why
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_dtype_auto_on_a_cpu_keeps_agp_s_choice_and_says_the_checkpoint_s_is_followed_on_cuda(bf16):
+    from pipeline_dsl.engine.model import auto_dtype
+
+    got, why = auto_dtype("cpu", bf16, "float16")
+    assert got == (torch.bfloat16 if bf16 else torch.float32)
+    assert "float16 is followed on CUDA only" in why
+    assert "CUDA" not in auto_dtype("cpu", bf16, "bfloat16" if bf16 else "float32")[1]
+
+
+@pytest.mark.parametrize("drop", [False, True], ids=["torch_dtype", "weights"])
+def test_a_folder_s_checkpoint_dtype_is_its_config_s_else_its_weights_and_auto_says_why(tmp_path, tiny_tokenizer,
+                                                                                        drop):
+    from pipeline_dsl.engine.model import has_bf16, resolve_dtype
+
+    folder = save_folder(tmp_path, tiny_tokenizer, dtype=torch.float16)
+    config = json.loads((folder / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "float16"
+    if drop:                          # no dtype stated: the weights' own (F16), as vLLM reads them then
+        config.pop("dtype", None)
+        config.pop("torch_dtype", None)
+        (folder / "config.json").write_text(json.dumps(config))
+    model, _ = load_model(str(folder), dtype="auto")
+    assert model.config.checkpoint_dtype == "float16"
+    cpu_bf16 = has_bf16(torch.device("cpu"))
+    assert model.dtype == resolve_dtype("auto", "cpu", model.config)[1] == \
+        (torch.bfloat16 if cpu_bf16 else torch.float32)
+    assert "float16 is followed on CUDA only" in model.dtype_reason
+    assert load_model(str(folder), dtype="fp32")[0].dtype_reason is None
+
+
+def test_agp_serve_s_banner_says_what_dtype_auto_chose_and_why(tmp_path, tiny_tokenizer):
+    import argparse
+
+    from pipeline_dsl.commands.serve import banner
+    from pipeline_dsl.serve.build import build
+    from pipeline_dsl.serve.options import add_arguments
+
+    folder = save_folder(tmp_path / "m", tiny_tokenizer, dtype=torch.float16)
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    lines = {}
+    for dtype in ("auto", "fp32"):
+        args = p.parse_args([str(folder), "--threads", "1", "--dtype", dtype, "--max-model-len", "64"])
+        serving = build(args)
+        try:
+            lines[dtype] = next(ln for ln in banner(serving, "http://127.0.0.1:8000/v1", args) if "engine" in ln)
+        finally:
+            serving.runtime.close()
+    assert "compute, dtype auto: " in lines["auto"] and "float16 is followed on CUDA only" in lines["auto"]
+    assert "dtype auto" not in lines["fp32"] and "float32 compute) on cpu" in lines["fp32"]

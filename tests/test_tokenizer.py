@@ -283,3 +283,27 @@ def test_a_folder_s_chat_template_json_is_its_template_where_no_jinja_is(tmp_pat
     assert Tokenizer.from_hf_folder(tmp_path).apply_chat_template(hi) == "JSONhi"
     (tmp_path / "chat_template.jinja").write_text("FILE{{ messages[0].content }}", encoding="utf-8")
     assert Tokenizer.from_hf_folder(tmp_path).apply_chat_template(hi) == "FILEhi"
+
+
+def test_a_chat_template_sees_the_folder_s_other_special_tokens_as_transformers_passes_them(tmp_path, tok):
+    """A template that writes pad_token, unk_token or a model's own named token (image_token) renders
+    them as transformers' apply_chat_template does (its special_tokens_map), not as empty; a name the
+    config leaves out (sep_token) stays undefined in both; a variable the request gives wins."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    tok.tk.save(str(tmp_path / "tokenizer.json"))
+    template = ("{{ bos_token }}{% for m in messages %}{{ m.content }}{{ pad_token }}{% endfor %}[{{ unk_token }}]"
+                "[{{ image_token }}][{{ sep_token is defined }}][{{ mask_token }}]{{ eos_token }}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": False,
+        "pad_token": "<pad>", "unk_token": {"__type": "AddedToken", "content": "<unk>", "special": True},
+        "mask_token": "<|im_end|>", "image_token": "<img>", "chat_template": template}))
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    ours = Tokenizer.from_hf_folder(tmp_path)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    want = theirs.apply_chat_template(messages, tokenize=False)
+    assert "<pad>" in want and "[<unk>][<img>][False][<|im_end|>]" in want
+    assert ours.apply_chat_template(messages) == want
+    assert ours.apply_chat_template(messages, pad_token="|") == theirs.apply_chat_template(
+        messages, tokenize=False, pad_token="|")

@@ -71,6 +71,8 @@ def banner(serving: Serving, url: str, args) -> list[str]:
         info = e.model_info
         sharer = first_on.setdefault(id(e.runner.model), es.name)
         runs = info.get("linears") or f"{info.get('weights', '?')} weights, {info.get('dtype', c.dtype)} compute"
+        if c.dtype == "auto" and getattr(e.runner.model, "dtype_reason", None):
+            runs += f", dtype auto: {e.runner.model.dtype_reason}"             # why auto chose it
         lines.append(f"  engine {es.name}: model {Path(str(c.model)).name} ({runs}) on {c.device}"
                      + (f" (the weights engine {sharer} loaded, shared)" if sharer != es.name else "")
                      + (f" ({e.threads} thread{'s' * (e.threads != 1)} of the {cpus_text(e.cpus)} this process may use"

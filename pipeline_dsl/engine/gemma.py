@@ -46,7 +46,7 @@ class GemmaModel(LlamaModel):
 
     def __init__(self, config: LlamaConfig, weights: dict, dtype: str | torch.dtype = "fp32",
                  device: str | torch.device = "cpu"):
-        if resolve_dtype(dtype, device)[1] == torch.float16:
+        if resolve_dtype(dtype, device, config)[1] == torch.float16:
             raise InputError("dtype fp16 cannot run Gemma 3: its activations overflow float16 (transformers "
                              "says so too); use bf16 or fp32")
         super().__init__(config, weights, dtype, device)

@@ -65,7 +65,8 @@ class LlamaConfig:
     max_position: int = 2048          # the model's context length
     tie_embeddings: bool = True       # lm_head shares the embedding matrix
     rope_scaling: tuple = ()          # (key, value) pairs of model_files.rope; () = plain RoPE
-    qkv_bias: bool = False            # biases on the Q, K, V projections (Qwen2)
+    qkv_bias: bool = False            # biases on the Q, K, V projections (Qwen2; a llama's attention_bias)
+    o_bias: bool = False              # a bias on the attention's output projection (a llama's attention_bias)
     qk_norm: bool = False             # an RMSNorm over each head of Q and of K before RoPE (Qwen3)
     fused: bool = False               # the file holds q/k/v and gate/up fused (Phi-3; engine/phi3.py splits them)
     # Gemma 3 (gemma.py, model_files/gemma.py): scaled embeddings, GeGLU, norms of the attention's and the
@@ -76,6 +77,10 @@ class LlamaConfig:
     window_layers: tuple = ()
     rope_local_theta: float = 10000.0
     attn_scale: float = 0.0
+    # the dtype the checkpoint states (an HF folder's config.json torch_dtype, else its weights' own):
+    # "float16" | "bfloat16" | "float32"; "" where the file states none (a GGUF). dtype = auto on
+    # CUDA follows it (auto_dtype)
+    checkpoint_dtype: str = ""
 
     @property
     def group(self) -> int:           # query heads per KV head
@@ -96,19 +101,58 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 
-def resolve_dtype(name: str | torch.dtype, device: str | torch.device = "cpu") -> tuple[str, torch.dtype]:
-    """'auto'|'fp32'|'bf16'|'fp16'|'int8' -> (weight kind 'dense'|'int8', compute dtype)."""
+_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def auto_dtype(device_type: str, bf16: bool, checkpoint: str = "", gemma: bool = False) -> tuple[torch.dtype, str]:
+    """What `dtype = auto` computes in, and why in words (the serve banner's): on CUDA vLLM's
+    rule (its _resolve_auto_dtype): the checkpoint's dtype (`checkpoint`: LlamaConfig's
+    checkpoint_dtype), a float32 one (or one that states none) downcast to the first the GPU
+    supports of bf16 (`bf16`: it has it), fp16 (never for Gemma 3, whose activations overflow
+    it), fp32, and a checkpoint dtype the GPU lacks replaced by that same one. On a CPU agp's
+    measured choice (docs/engine_benchmarks.md): bf16 where it is in hardware (`bf16`: AMX or
+    AVX512-BF16), else fp32, whatever the checkpoint's, as float16 GEMMs and emulated bf16 ones
+    run slower there than fp32."""
+    stated = DTYPES.get(checkpoint)
+    if device_type != "cuda":
+        best = torch.bfloat16 if bf16 else torch.float32
+        why = "bf16 in hardware on this CPU" if bf16 else "this CPU has no bf16 in hardware (no AMX, no AVX512-BF16)"
+        if stated is not None and stated != best:
+            why += f"; the checkpoint's {checkpoint} is followed on CUDA only"
+        return best, why
+    supported = [d for d in (torch.bfloat16 if bf16 else None, None if gemma else torch.float16, torch.float32)
+                 if d is not None]
+    preferred = supported[0]
+    if stated is None:
+        return preferred, f"the checkpoint states no dtype: {_NAMES[preferred]}, the first this GPU supports"
+    if stated == torch.float32:
+        return preferred, f"the checkpoint's float32 downcast to {_NAMES[preferred]}, as vLLM does"
+    if stated in supported:
+        return stated, f"the checkpoint's {checkpoint}"
+    lacks = "Gemma 3 overflows float16" if gemma and stated == torch.float16 else f"this GPU has no {checkpoint}"
+    return preferred, f"the checkpoint's {checkpoint}, but {lacks}: {_NAMES[preferred]}"
+
+
+def has_bf16(device: torch.device) -> bool:
+    """Whether the device computes bf16 in hardware: a GPU's, or a CPU's AMX / AVX512-BF16."""
+    if device.type == "cuda":
+        with torch.cuda.device(device):          # that device's, not the current one's (cuda:N)
+            return torch.cuda.is_bf16_supported()
+    return native.fast_bf16()
+
+
+def resolve_dtype(name: str | torch.dtype, device: str | torch.device = "cpu",
+                  config: "LlamaConfig | None" = None) -> tuple[str, torch.dtype]:
+    """'auto'|'fp32'|'bf16'|'fp16'|'int8' -> (weight kind 'dense'|'int8', compute dtype); auto
+    as auto_dtype chooses for `config`'s checkpoint dtype and model (None: one that states none)."""
     if isinstance(name, torch.dtype):
         return "dense", name
     device = torch.device(device)
-    if device.type == "cuda":
-        with torch.cuda.device(device):          # that device's, not the current one's (cuda:N)
-            fast_bf16 = torch.cuda.is_bf16_supported()
-    else:
-        fast_bf16 = native.fast_bf16()
+    fast_bf16 = has_bf16(device)
     best = torch.bfloat16 if fast_bf16 else torch.float32
     if name == "auto":
-        return "dense", best
+        return "dense", auto_dtype(device.type, fast_bf16, config.checkpoint_dtype if config else "",
+                                   bool(config and config.gemma))[0]
     if name == "int8":
         return "int8", best
     if name in DTYPES:
@@ -182,7 +226,7 @@ class Fallback:
 
 
 class Layer:
-    __slots__ = ("attn_norm", "qkv", "qkv_bias", "q_norm", "k_norm", "o", "ffn_norm", "gate_up", "down")
+    __slots__ = ("attn_norm", "qkv", "qkv_bias", "q_norm", "k_norm", "o", "o_bias", "ffn_norm", "gate_up", "down")
 
 
 def rope_table(head_dim: int, theta: float, scaling: tuple, max_position: int,
@@ -218,9 +262,13 @@ class LlamaModel:
             raise ValueError("a Gemma 3 config needs gemma.GemmaModel (models.build_model picks it)")
         self.config = c = config
         self.device = torch.device(device)
-        self.weight_kind, self.dtype = resolve_dtype(dtype, self.device)
+        self.weight_kind, self.dtype = resolve_dtype(dtype, self.device, config)
+        # why dtype = auto chose this one (the serve banner says it); None: another dtype was asked
+        self.dtype_reason = auto_dtype(self.device.type, has_bf16(self.device), c.checkpoint_dtype, c.gemma)[1] \
+            if dtype == "auto" else None
         if dtype == "auto" and self.dtype == torch.float32 and int4_runs_natively(weights, config, self.device):
             self.dtype = torch.bfloat16     # the file's 4-bit blocks on int8 kernels: bf16 is only storage
+            self.dtype_reason = "bf16 storage: the file's 4-bit blocks run on agp's int8 kernels here"
         kind, dt, dev = self.weight_kind, self.dtype, self.device
 
         def vec(name):
@@ -263,6 +311,7 @@ class LlamaModel:
                 if c.qkv_bias else None                         # [(nh+2kv)*hd]
             layer.q_norm, layer.k_norm = (vec(p + "q_norm"), vec(p + "k_norm")) if c.qk_norm else (None, None)  # [hd]
             layer.o = linear(p + "o")
+            layer.o_bias = vec(p + "o_bias") if c.o_bias else None   # [H]
             layer.ffn_norm = vec(p + "ffn_norm")
             layer.gate_up = linear(p + "gate", p + "up")         # [2I, H]
             layer.down = linear(p + "down")
@@ -377,6 +426,8 @@ class LlamaModel:
         y = layer.o(a)
         if lora is not None:
             y = lora.add("o", y, a)
+        if layer.o_bias is not None:
+            y = y + layer.o_bias
         return y
 
     def mlp(self, layer: Layer, x: torch.Tensor, lora=None) -> torch.Tensor:
@@ -430,7 +481,7 @@ class LlamaModel:
             k = k.transpose(0, 1).repeat_interleave(c.group, dim=0)  # [nh, T, hd]
             v = v.transpose(0, 1).repeat_interleave(c.group, dim=0)
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [nh, T, hd]
-            x = x + layer.o(a.transpose(0, 1).reshape(T, -1))
+            x = x + self.attn_out(layer, a.transpose(0, 1).reshape(T, -1))
             x = x + self.mlp(layer, x)
         return self.logits(x)
 

@@ -212,12 +212,35 @@ def _pre_tokenizer(pre: str | None):
     return byte_level  # gpt2 and anything unknown
 
 
+def template_special_tokens(cfg: dict) -> dict:
+    """The special tokens of a tokenizer_config.json that a chat template sees as variables beside
+    bos_token and eos_token, as transformers' apply_chat_template passes its special_tokens_map:
+    unk_token, sep_token, pad_token, cls_token and mask_token where the config names them, and a
+    model's own named ones (an `extra_special_tokens` object, {"image_token": "<image>"}, and any
+    other key ending in `_token` whose value is a token: a string, or an AddedToken's object)."""
+    def text(v):
+        v = v.get("content") if isinstance(v, dict) else v
+        return v if isinstance(v, str) else None
+
+    out = {}
+    for key, value in cfg.items():
+        if key.endswith("_token") and key not in ("bos_token", "eos_token") and text(value) is not None:
+            out[key] = text(value)
+    extra = cfg.get("extra_special_tokens")
+    if isinstance(extra, dict):
+        out.update({k: text(v) for k, v in extra.items() if isinstance(k, str) and text(v) is not None})
+    return out
+
+
 class Tokenizer:
     def __init__(self, tk: HFTokenizer, *, bos_token: str | None, eos_token: str | None,
                  eos_token_ids, chat_template: str | None, add_bos: bool = False, add_eos: bool = False,
-                 tool_template: str | None = None):
+                 tool_template: str | None = None, special_tokens: dict | None = None):
         self.tk = tk
         self.bos_token, self.eos_token = bos_token, eos_token
+        # the other named special tokens the chat template sees beside bos_token and eos_token
+        # (unk_token, pad_token, ..., a folder's own image_token: template_special_tokens)
+        self.special_tokens = dict(special_tokens or {})
         self.bos_token_id = tk.token_to_id(bos_token) if bos_token else None
         self.eos_token_id = tk.token_to_id(eos_token) if eos_token else None
         self.eos_token_ids = frozenset(i for i in eos_token_ids if i is not None)
@@ -299,7 +322,10 @@ class Tokenizer:
                    eos_token_ids=eos_ids, chat_template=meta.get("tokenizer.chat_template"),
                    tool_template=meta.get("tokenizer.chat_template.tool_use"),
                    add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", spm)),
-                   add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", False)))
+                   add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+                   # transformers' reading of a GGUF names these two beside bos and eos
+                   special_tokens={name: tok(f"{key}_token_id") for name, key in
+                                   (("unk_token", "unknown"), ("pad_token", "padding")) if tok(f"{key}_token_id")})
 
     @classmethod
     def from_hf_folder(cls, folder: str | Path, generation_config: dict | None = None) -> "Tokenizer":
@@ -349,7 +375,8 @@ class Tokenizer:
             # prompt starts with bos, as transformers' and vLLM's encode(add_special_tokens=True)
             add_bos = tk.encode("a", add_special_tokens=True).ids[:1] == [tk.token_to_id(bos)]
         return cls(tk, bos_token=bos, eos_token=eos, eos_token_ids=eos_ids, chat_template=template,
-                   add_bos=bool(add_bos), tool_template=tool_template if isinstance(tool_template, str) else None)
+                   add_bos=bool(add_bos), tool_template=tool_template if isinstance(tool_template, str) else None,
+                   special_tokens=template_special_tokens(cfg))
 
     # -- use ------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -484,9 +511,10 @@ class Tokenizer:
             template = self._template
         try:
             with _deadline(TEMPLATE_SECONDS):
-                text = template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                             bos_token=self.bos_token or "", eos_token=self.eos_token or "",
-                                             **extra)
+                # the special tokens first: a variable the caller gives wins (as transformers' kwargs do)
+                names = {**self.special_tokens, "bos_token": self.bos_token or "", "eos_token": self.eos_token or "",
+                         **extra}
+                text = template.render(messages=messages, add_generation_prompt=add_generation_prompt, **names)
         except TokenizerError:
             raise
         except Exception as e:  # a template error is the input's fault (bad roles, …)

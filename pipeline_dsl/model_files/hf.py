@@ -25,6 +25,8 @@ LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm", "sm
 _MAX_POSITION = {"mistral": 131072, "qwen2": 32768, "qwen3": 32768,
                  "phi3": phi3.HF_DEFAULTS["max_position_embeddings"]}
 _MISTRAL_WINDOW = 4096
+# the model types whose transformers attention takes config.attention_bias: a bias on q, k, v and o_proj
+_ATTENTION_BIAS_TYPES = ("llama", "smollm", "smollm2", "qwen3")
 _ST_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
               "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8}
 _ST_MAX_HEADER = 100 << 20     # safetensors' own limit on the JSON header
@@ -48,6 +50,19 @@ def read_json_object(path, what: str) -> dict:
     return data
 
 
+# config.json's dtype names, as vLLM reads them (its _STR_DTYPE_TO_TORCH_DTYPE), and the safetensors ones
+_CONFIG_DTYPES = {"float16": "float16", "half": "float16", "bfloat16": "bfloat16", "float32": "float32",
+                  "float": "float32"}
+_WEIGHT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
+
+
+def checkpoint_dtype(cfg: dict) -> str:
+    """The dtype a config.json states its weights in (`torch_dtype`, or transformers 5's `dtype`):
+    "float16", "bfloat16", "float32", or "" where it states none (or one that is no float dtype)."""
+    value = cfg.get("torch_dtype", cfg.get("dtype"))
+    return _CONFIG_DTYPES.get(value.removeprefix("torch."), "") if isinstance(value, str) else ""
+
+
 def hf_config(folder) -> dict:
     """LlamaConfig fields from config.json (checked; tie_embeddings as the config says)."""
     path = Path(folder) / "config.json"
@@ -63,17 +78,27 @@ def hf_config(folder) -> dict:
         fail(f"model_type {mtype!r} is not a llama-family decoder ({', '.join(LLAMA_MODEL_TYPES)})")
     hf_quant_spec(cfg, path)               # a quantization_config agp cannot read: refused by its key
     gemma = mtype in GEMMA_MODEL_TYPES     # Gemma 3: its text model (model_files/gemma.py)
+    stated = checkpoint_dtype(cfg)
     if gemma:
         cfg = hf_text_config(cfg, fail)
+        stated = stated or checkpoint_dtype(cfg)
     theta, scaling = hf_rope(cfg, fail) if not gemma else (1e6, ())   # Gemma's: hf_gemma_fields
     act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
     if act != "silu" and not gemma:        # the MLP is SwiGLU: another activation is another model
         fail(f"hidden_act {json.dumps(act)} is not supported (agp's MLP is SwiGLU: 'silu')")
     qkv_bias = mtype == "qwen2"            # Qwen2 = llama + biases on q, k and v
     qk_norm = mtype == "qwen3"             # Qwen3 = llama + an RMSNorm over each head of q and k
-    for key in ("attention_bias", "mlp_bias"):
-        if cfg.get(key, False) is not False:
-            fail(f"'{key}' is {json.dumps(cfg[key])}: agp's linear layers have no bias terms")
+    o_bias = False
+    attention_bias = cfg.get("attention_bias", False)
+    if attention_bias is not False:
+        if attention_bias is not True:
+            fail(f"'attention_bias' must be true or false, not {json.dumps(attention_bias)}")
+        if mtype not in _ATTENTION_BIAS_TYPES:   # transformers' classes of these types have no such switch
+            fail(f"'attention_bias' is true, but a {mtype} model has no attention biases to switch on "
+                 f"(only {', '.join(_ATTENTION_BIAS_TYPES)} configs take it)")
+        qkv_bias = o_bias = True           # transformers' LlamaAttention: q, k, v and o_proj all with a bias
+    if cfg.get("mlp_bias", False) is not False:
+        fail(f"'mlp_bias' is {json.dumps(cfg['mlp_bias'])}: agp's MLP layers have no bias terms")
     for key in ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers", "vocab_size"):
         if key not in cfg:
             fail(f"'{key}' is missing")
@@ -92,7 +117,8 @@ def hf_config(folder) -> dict:
              rope_theta=theta, rms_eps=cfg.get("rms_norm_eps", 1e-5),
              max_position=cfg.get("max_position_embeddings", _MAX_POSITION.get(mtype, 2048)),
              tie_embeddings=tie, rope_scaling=scaling,
-             qkv_bias=qkv_bias, qk_norm=qk_norm, fused=mtype == "phi3")   # Phi-3: q/k/v and gate/up fused
+             qkv_bias=qkv_bias, o_bias=o_bias, qk_norm=qk_norm,
+             fused=mtype == "phi3", checkpoint_dtype=stated)   # Phi-3: q/k/v and gate/up fused
     if isinstance(c["max_position"], int) and not isinstance(c["max_position"], bool):
         c["max_position"] = scaled_context(c["max_position"], scaling)   # Gemma 3's is scaled already
     c = check_config(fail, c, HF_NAMES)
@@ -205,8 +231,11 @@ def hf_llama_config(folder) -> dict:
             f"save_pretrained() writes the same weights as model.safetensors)" if pickled else ""))
     found, where, quantized = {}, {}, {}
     gemma = bool(c.get("gemma"))
+    stored = set()                         # the float dtypes of the weights, where config.json states none
     for f in files:
         for name, (dtype, shape) in read_safetensors_header(f).items():
+            if dtype in _WEIGHT_DTYPES:
+                stored.add(_WEIGHT_DTYPES[dtype])
             parts = quant_parts(name)
             if parts is not None and hf_engine_name(parts[0] + ".weight", gemma) is not None:
                 quantized.setdefault(parts[0], {})[parts[1]] = (dtype, shape, f, name)
@@ -238,4 +267,6 @@ def hf_llama_config(folder) -> dict:
         raise ModelFileProblem(folder / "config.json", "it says tie_word_embeddings false, but no weights file "
                                                        "holds lm_head.weight (a checkpoint with a tensor missing?)")
     c["tie_embeddings"] = bool(c["tie_embeddings"]) or "lm_head" not in found
+    if not c["checkpoint_dtype"] and stored:   # as vLLM reads the weights then: one dtype, or float32 for a mix
+        c["checkpoint_dtype"] = stored.pop() if len(stored) == 1 else "float32"
     return c

@@ -121,6 +121,8 @@ def expected_shapes(c: dict) -> dict:
                  "ffn_norm": (H,), "gate": (I, H), "up": (I, H), "down": (H, I)}
     if c.get("qkv_bias"):          # Qwen2: biases on the Q, K and V projections
         per_layer.update(q_bias=(q,), k_bias=(kv,), v_bias=(kv,))
+    if c.get("o_bias"):            # a llama's attention_bias: on the output projection too
+        per_layer.update(o_bias=(H,))
     if c.get("qk_norm"):           # Qwen3: an RMSNorm over each head of Q and of K (one weight per head size)
         per_layer.update(q_norm=(hd,), k_norm=(hd,))
     if c.get("fused"):             # Phi-3: [q | k | v] and [gate | up] in one tensor each
@@ -161,9 +163,11 @@ def check_extra(path, name: str, engine_name: str, c: dict) -> None:
     error: a bias (only Q, K and V have one, and only in a model whose config says so: Qwen2),
     or a per-head norm of Q or K in a model that has none (only Qwen3's has)."""
     part = engine_name.rsplit(".", 1)[-1]
-    if part.endswith("_bias") and not (c.get("qkv_bias") and part in ("q_bias", "k_bias", "v_bias")):
+    if part.endswith("_bias") and not (c.get("qkv_bias") and part in ("q_bias", "k_bias", "v_bias")
+                                       or c.get("o_bias") and part == "o_bias"):
         raise ModelFileProblem(path, f"tensor {name!r} is a bias: agp's linear layers and norms have none "
-                                     f"(but Qwen2's q, k, v), so this model would run without it")
+                                     f"(but Qwen2's q, k, v, and q, k, v, o of a config with attention_bias), "
+                                     f"so this model would run without it")
     if part in ("qkv", "gate_up") and not c.get("fused"):
         raise ModelFileProblem(path, f"tensor {name!r} holds {'q, k and v' if part == 'qkv' else 'gate and up'} in "
                                      f"one, which only a phi3 model has: this model would run without it")
@@ -233,6 +237,8 @@ def check_config(fail, c: dict, names: dict) -> dict:
         fail(f"the head size {c['head_dim']} is odd (rotary embeddings need an even size)")
     c["rope_theta"], c["rms_eps"] = float(c["rope_theta"]), float(c["rms_eps"])
     c.setdefault("qkv_bias", False)
+    c.setdefault("o_bias", False)
+    c.setdefault("checkpoint_dtype", "")
     c.setdefault("qk_norm", False)
     c.setdefault("fused", False)
     for key, value in (("gemma", False), ("sliding_window", 0), ("window_layers", ()), ("rope_local_theta", 10000.0),

@@ -83,7 +83,7 @@ class NativeDecoder:
         if (lib is None or model.device.type != "cpu" or model.dtype not in (torch.float32, torch.bfloat16)
                 or k_pool.dtype not in (torch.float32, torch.bfloat16) or c.head_dim % 16 or c.head_dim > 256
                 or c.hidden_size % 32 or c.intermediate_size % 32 or c.hidden_size > 4096
-                or not k_pool.is_contiguous() or c.qkv_bias    # the kernels have no bias terms
+                or not k_pool.is_contiguous() or c.qkv_bias or c.o_bias   # the kernels have no bias terms
                 or c.gemma):      # nor Gemma 3's norms, GeGLU and sliding windows: the eager path runs it
             return None
         try:
