@@ -135,6 +135,17 @@ def seconds(text: str) -> float:
     return positive_number(text, "seconds")
 
 
+def seconds_or_zero(text: str) -> float:
+    """A finite number of seconds, 0 or more (0: the wait it bounds is skipped)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of seconds") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive number of seconds, not {text}")
+    return value
+
+
 def http_url(text: str) -> str:
     """A server's base URL: an http or https scheme and a host (a port, if given, in range);
     `localhost:8000` or `notaurl` would otherwise fail only once the pipelines before it ran."""

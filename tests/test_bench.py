@@ -7,6 +7,7 @@ import json
 import math
 import re
 import socket
+import struct
 import threading
 import time
 from pathlib import Path
@@ -1576,3 +1577,63 @@ def test_a_server_still_loading_its_model_is_waited_for_up_to_the_ready_timeout(
     else:                                   # still loading at the deadline: said as the server says it
         assert (f"cannot list the models of {url}/v1: HTTP 503: the server is loading its model; retry later"
                 in captured.err) and "mozilla" not in captured.err
+
+
+class _Dropping(_Refusing):
+    """A server that begins every completion's stream, then resets the connection mid-answer
+    (a crashed worker, a proxy cutting it)."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        chunk = {"choices": [{"index": 0, "text": "hi"}]}
+        self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        time.sleep(0.3)                          # the client has the answer's start before the reset
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.connection.close()                  # linger 0: a reset, as a killed process's socket
+
+
+def test_a_connection_dropped_mid_answer_is_named_with_the_url_in_the_error_samples(tmp_path, capsys):
+    """The error sample of a request whose connection the server cut was `ReadError: ` (httpx's
+    message is empty): it names what happened and the URL it happened on."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Dropping)
+    threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        agp(["bench", "--url", url, "-w", str(_workload(tmp_path, 2)), "--warmup", "0", "--no-progress",
+             "--json", str(tmp_path / "r.json")])
+    finally:
+        server.shutdown()
+        server.server_close()
+    report = json.loads((tmp_path / "r.json").read_text())[0]
+    assert report["errors"] == 2
+    assert report["error_samples"] == [f"ReadError: connection closed by the server mid-answer ({url}/v1/completions)"]
+    assert f"ReadError: connection closed by the server mid-answer ({url}/v1/completions)" in capsys.readouterr().out
+
+
+def test_a_ready_timeout_of_0_skips_the_ready_check_as_vllms_does(tmp_path, capsys):
+    """vllm bench serve's --ready-check-timeout-sec 0 skips the check; agp bench refused 0 as not
+    positive. With the model named nothing is asked before the load; without it, the one GET that
+    finds the model is not waited on: a server still loading fails the run at once."""
+    handler = type("Handler", (_Loading,), {"loading": -1, "gets": 0, "seen": 0})   # up
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    argv = ["bench", "--url", url, "-w", str(_workload(tmp_path)), "--warmup", "0", "--no-progress"]
+    try:
+        assert agp(argv + ["--model", "m", "--ready-timeout", "0"]) == 0
+        assert handler.gets == 0                 # not one GET /v1/models
+        handler.loading = 10**9                  # from now on: loading
+        assert agp(argv + ["--ready-check-timeout-sec", "0"]) == 1
+        captured = capsys.readouterr()
+        assert f"cannot list the models of {url}/v1: HTTP 503: the server is loading its model" in captured.err
+        assert "waiting up to" not in captured.err
+        with pytest.raises(SystemExit) as exit_:
+            agp(argv + ["--ready-timeout", "-1"])
+        assert exit_.value.code == 2
+        assert "--ready-timeout" in capsys.readouterr().err
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -109,6 +109,25 @@ def test_each_of_several_api_keys_lets_a_client_in(tiny_gguf):
         s.close()
 
 
+def test_a_refused_key_is_counted_on_generation_routes_only(tiny_gguf):
+    """docs/serve.md, "Metrics": agp_requests_total counts generation requests, a 401 of the
+    --api-key guard among them; a 401 on a route that generates nothing (POST /tokenize, a GET
+    of /v1/models) leaves the count as it was, as that route's other answers do."""
+    s = LiveServer(tiny_gguf, api_keys=("k1",))
+    try:
+        def refused() -> float:
+            return s.metric("agp_requests_total", '{status="401"}', default=0.0)
+
+        assert s.http.post(s.url + "/tokenize", json={"model": "tiny", "prompt": "hi"}, timeout=60).status_code == 401
+        assert s.http.get(s.url + "/v1/models", timeout=60).status_code == 401
+        assert refused() == 0
+        r = s.http.post(s.url + "/v1/chat/completions", timeout=60,
+                        json={"model": "tiny", "messages": USER, "max_tokens": 2})
+        assert r.status_code == 401 and refused() == 1
+    finally:
+        s.close()
+
+
 def test_azure_openais_client_is_let_in_with_its_api_key_header_and_served_at_its_deployment_routes(tiny_gguf):
     """openai.AzureOpenAI sends the key as `api-key: KEY` (not `Authorization: Bearer`) and calls
     /openai/deployments/{deployment}/chat/completions?api-version=...: with --api-key set it was a

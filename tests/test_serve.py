@@ -696,6 +696,43 @@ def test_inputs_the_queue_could_hold_later_are_429_while_it_is_full(tiny_gguf):
         s.close()
 
 
+@pytest.mark.usefixtures("fresh_flowkit")
+def test_the_retry_after_of_a_full_queue_is_the_servers_on_every_generation_route(tiny_gguf):
+    """The server's retry_after_s is the Retry-After of each generation route's 429 (chat,
+    completions, embeddings, Responses; a stream refused before its first event is an HTTP 429
+    too), whatever api_error or a parser wrote first."""
+    text = (TINY.format(model=tiny_gguf, max_queue=2, max_batch_size=8, timeout=20)
+            .replace("request -> batch", "request -> hold -> batch")
+            .replace("stage out", 'stage hold    : python        { fn = "flowkit:hold" }\n    stage out'))
+    s = LiveServer(tiny_gguf, text=text, retry_after_s=4)
+    try:
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": 4}
+        answers = []
+        waiting = [threading.Thread(target=lambda: answers.append(httpx.post(s.url + "/v1/completions", json=body,
+                                                                             timeout=30)))
+                   for _ in range(2)]
+        for t in waiting:
+            t.start()
+        s.stats_when(lambda st: st["in_flight"] == 2)
+        chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        for path, more in [("/v1/completions", {"prompt": "a", "max_tokens": 2}),
+                           ("/v1/completions", {"prompt": ["a", "b"], "max_tokens": 2, "stream": True}),
+                           ("/v1/chat/completions", chat), ("/v1/chat/completions", {**chat, "stream": True}),
+                           ("/v1/embeddings", {"input": ["a", "b"]}),
+                           ("/v1/responses", {"input": "hi", "max_output_tokens": 2}),
+                           ("/v1/responses", {"input": "hi", "max_output_tokens": 2, "stream": True})]:
+            r = s.http.post(s.url + path, json={"model": "tiny", **more}, timeout=30)
+            assert r.status_code == 429 and r.headers["retry-after"] == "4", (path, more, r.text)
+            assert r.json()["error"]["code"] == "queue_full"
+        flowkit.gate("hold").set()
+        for t in waiting:
+            t.join(30)
+        assert [a.status_code for a in answers] == [200, 200]
+    finally:
+        flowkit.gate("hold").set()
+        s.close()
+
+
 def test_a_non_streaming_client_that_hangs_up_aborts_its_request(tiny_gguf):
     s = LiveServer(tiny_gguf, max_batch_size=8, batch_timeout_s=30.0)   # it waits in the window
     try:

@@ -32,7 +32,8 @@ HELP = "measure pipelines or OpenAI-compatible servers under a replayed workload
 
 
 def add_arguments(p) -> None:
-    from pipeline_dsl.cliargs import add_dtype_argument, count, http_url, output_file, output_file_of, seconds
+    from pipeline_dsl.cliargs import (add_dtype_argument, count, http_url, output_file, output_file_of, seconds,
+                                      seconds_or_zero)
     from pipeline_dsl.commands import add_allow_path
 
     p.add_argument("pipelines", nargs="*", metavar="PIPELINE",
@@ -89,9 +90,9 @@ def add_arguments(p) -> None:
                    help="requests sent before measuring (default: 1)")
     p.add_argument("--request-timeout", type=seconds, default=600.0,
                    help="seconds before one request counts as an error (default: 600)")
-    p.add_argument("--ready-timeout", "--ready-check-timeout-sec", type=seconds, default=600.0,
-                   help="seconds to wait for a --url that answers 503 while it loads its model (default: 600, "
-                        "as vllm bench serve's --ready-check-timeout-sec)")
+    p.add_argument("--ready-timeout", "--ready-check-timeout-sec", type=seconds_or_zero, default=600.0,
+                   help="seconds to wait for a --url that answers 503 while it loads its model; 0: no ready "
+                        "check (default: 600, as vllm bench serve's --ready-check-timeout-sec)")
     p.add_argument("--no-progress", "--disable-tqdm", action="store_true", help="no progress bar")
 
 

@@ -508,8 +508,8 @@ class HTTPTarget:
                 given = "the one given was refused" if self.headers else "none was given"
                 raise BenchError(f"{self.base} wants an API key ({given}): give it with --api-key KEY "
                                  "or the environment variable OPENAI_API_KEY")
-        else:                       # the model named: waited for all the same; a server without /models,
-            try:                    # or one down, is told by the requests' errors
+        elif self.ready_timeout > 0:  # the model named: waited for all the same (--ready-timeout 0: not);
+            try:                    # a server without /models, or one down, is told by the requests' errors
                 await self._ready()
             except httpx.HTTPError:
                 pass
@@ -569,10 +569,20 @@ class HTTPTarget:
         return "/completions", body
 
     async def send(self, item: ParsedRequest, rec: RequestRecord, clock) -> None:
+        import httpx
+
         route, body = self.body(item)
+        answering = []                  # not empty once the server's answer began (its status line)
+        try:
+            await self._send(route, body, rec, clock, answering)
+        except httpx.TransportError as e:
+            rec.error = transport_error(e, self.base + route, bool(answering), self.timeout)
+
+    async def _send(self, route: str, body: dict, rec: RequestRecord, clock, answering: list) -> None:
         chat = route.startswith("/chat")
         finished = done = False
         async with self.client.stream("POST", self.base + route, json=body) as r:
+            answering.append(True)
             if r.status_code != 200:
                 text = (await r.aread()).decode("utf-8", "replace")
                 try:
@@ -618,6 +628,24 @@ class HTTPTarget:
             rec.truncated = True
         elif rec.completion_tokens == 0:
             rec.completion_tokens = sum(map(len, rec.chunk_times.values()))   # a server without usage
+
+
+def transport_error(e, url: str, answering: bool, timeout: float) -> str:
+    """A request's error sample for an httpx transport failure, naming what happened and where:
+    httpx's own message is often empty (a connection the server reset is `ReadError: `)."""
+    import httpx
+
+    name, detail = type(e).__name__, str(e).strip()
+    if isinstance(e, (httpx.ConnectError, httpx.ConnectTimeout)):
+        what = "cannot connect to the server"
+    elif isinstance(e, httpx.TimeoutException):
+        what = f"nothing from the server for {timeout:g} s (--request-timeout)"
+    elif isinstance(e, (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError)):
+        what = ("connection closed by the server mid-answer" if answering
+                else "connection closed by the server before it answered")
+    else:
+        what = "the request failed on the wire"
+    return f"{name}: {what} ({url})" + (f": {detail}" if detail else "")
 
 
 # how long the rest of a response after its [DONE] may take to come (the end of its chunked body)

@@ -45,7 +45,7 @@ from pipeline_dsl.requests_io import IGNORED, check_fields, request_item
 from . import protocol as P
 from .access import request_info
 from .body import read_json
-from .errors import api_error, error_response
+from .errors import api_error
 from .extras import bad, request_errors
 from .generation import wait_or_disconnect
 
@@ -280,7 +280,7 @@ class Embeddings:
         except PipelineError as e:           # refused as it came (a full queue, a text too long for any engine)
             for st in streams:
                 st.abort()
-            return g.refused(placed(req, i, api_error(e, "embeddings", g.config.retry_after_s)))
+            return g.refused(placed(req, i, api_error(e, "embeddings")))
         g.metrics.in_flight.inc()
         status = "499"
         try:
@@ -289,15 +289,15 @@ class Embeddings:
                 return Response(status_code=499)
             failed = next((i for i, r in enumerate(results) if r.error is not None), None)
             if failed is not None:
-                err = placed(req, failed, api_error(results[failed].error, "embeddings", g.config.retry_after_s))
+                err = placed(req, failed, api_error(results[failed].error, "embeddings"))
                 status = str(err.status)
-                return error_response(err)
+                return g.error(err)
             try:
                 # built and written off the loop, as a generation's answer (generation.json_answer)
                 response = await asyncio.to_thread(lambda: JSONResponse(answer(req, results)))
             except P.APIError as err:
                 status = str(err.status)
-                return error_response(err)
+                return g.error(err)
             status = "200"
             return response
         finally:

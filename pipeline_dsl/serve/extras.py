@@ -46,8 +46,8 @@ TEMPLATE_OWN = ("messages", "tools", "add_generation_prompt", "bos_token", "eos_
 def refused(e: RequestError) -> APIError:
     """A request's RequestError (requests_io) as the 400 answering it: its message, param and code;
     ChecksBusy (its spec's grammar check would wait behind MAX_GRAMMAR_CHECKS others: parsed_off_loop
-    waits its turn, unless GRAMMAR_WAITING others wait) as a 503 with Retry-After, which the
-    server's --retry-after-s sets (Generations.refused)."""
+    waits its turn, unless GRAMMAR_WAITING others wait) as a 503 with Retry-After, whose value
+    the server's retry_after_s sets (Generations.error)."""
     if isinstance(e, ChecksBusy):
         return APIError(str(e), status=503, type="server_error", param=e.param, code=e.code,
                         headers={"Retry-After": "1"})

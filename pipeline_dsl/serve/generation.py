@@ -93,8 +93,10 @@ class Generations:
         return self.error(err)
 
     def error(self, err: P.APIError) -> Response:
-        """The error answer, not counted (a route that generates nothing, as /tokenize), with the
-        server's --retry-after-s where it says when to come back."""
+        """The error answer, not counted (a route that generates nothing, as Responses'
+        input_tokens). The one place that decides its Retry-After: the server's retry_after_s
+        where the error says to come back (a full queue, a drain, a grammar check's turn), a
+        Reject's own where it named one; api_error's and the parsers' are not final."""
         if "Retry-After" in err.headers and not err.rejected:     # a Reject's retry_after is its own
             err.headers["Retry-After"] = str(self.config.retry_after_s)
         return error_response(err)
@@ -140,8 +142,8 @@ class Generations:
                 st.abort()
             if len(parts) > 1:                # refused as it came: which prompt of the batch
                 e = of_prompt(e, len(streams))
-            return self.refused(api_error(e, req.kind, self.config.retry_after_s, req.max_tokens_field,
-                                          req.format_field))
+            return self.refused(api_error(e, req.kind, max_tokens_field=req.max_tokens_field,
+                                          format_field=req.format_field))
         stream = streams[0] if len(streams) == 1 else StreamGroup(streams, req.choices_per_prompt)
         self.metrics.in_flight.inc()
         here, first = await wait_or_disconnect(request, stream.__anext__())
@@ -152,8 +154,8 @@ class Generations:
         if first[0] == "done" and first[1].error is not None:
             stream.abort()                    # a batch's other prompts, when one of them was refused
             self.metrics.in_flight.dec()
-            return self.refused(api_error(first[1].error, req.kind, self.config.retry_after_s,
-                                          req.max_tokens_field, req.format_field))
+            return self.refused(api_error(first[1].error, req.kind, max_tokens_field=req.max_tokens_field,
+                                          format_field=req.format_field))
         return stream, first
 
     def gone(self) -> None:
@@ -185,16 +187,16 @@ class Generations:
                 stream.abort()
                 return Response(status_code=499)
             if res.error is not None:
-                err = api_error(res.error, req.kind, self.config.retry_after_s, req.max_tokens_field,
-                                req.format_field)
+                err = api_error(res.error, req.kind, max_tokens_field=req.max_tokens_field,
+                                format_field=req.format_field)
                 status = str(err.status)
-                return error_response(err)
+                return self.error(err)
             try:
                 response, reasons = await asyncio.to_thread(json_answer, build, res)
             except Exception as e:            # noqa: BLE001 - this request's 500; the others go on
                 err = answer_failed(e)
                 status = str(err.status)
-                return error_response(err)
+                return self.error(err)
             status, result = "200", res
             return response
         finally:
