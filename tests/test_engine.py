@@ -500,6 +500,9 @@ def test_half_weights_on_a_cpu_that_emulates_their_type_warn_once_at_engine_star
         assert said[0].startswith(f"dtype {dtype} on a CPU without {dtype} in hardware")
         assert "more than 8 rows" in said[0]
         assert "dtype = auto" in said[0] and "fp32" in said[0]
+        # fp16 has no native step: its steps of up to 8 rows are emulated too, and it says so
+        assert ("every step runs slower" in said[0] and "not fp16" in said[0] and "oneDNN" not in said[0]) \
+            == (dtype == "fp16"), said[0]
 
 
 @pytest.fixture(scope="module")

@@ -889,13 +889,21 @@ def load_runner(config: EngineConfig, models=None):
     half = model.emulates_half()
     if half is not None:
         name, lacks = HALF_TYPES[half]
-        rows = runner.native_max_batch if runner.native is not None else EMULATED_HALF_ROWS
-        logging.getLogger("agp.engine").warning(
-            "dtype %s on a CPU without %s in hardware (%s): steps of more than %d rows (a batch of more "
-            "decodes, a prefill) compute the model's linears in fp32 from its %s weights converted every "
-            "call (emulated %s GEMMs where oneDNN packs them), slower than fp32 weights; set dtype = auto "
-            "(fp32 for dense weights here; a 4-bit GGUF's blocks on agp's int8 kernels) or fp32 (agp "
-            "serve: --dtype auto)", config.dtype, name, lacks, rows, name, name)
+        advice = ("set dtype = auto (fp32 for dense weights here; a 4-bit GGUF's blocks on agp's int8 kernels) "
+                  "or fp32 (agp serve: --dtype auto)")
+        if runner.native is not None:       # its steps of up to native_max_batch rows run agp's kernels
+            logging.getLogger("agp.engine").warning(
+                "dtype %s on a CPU without %s in hardware (%s): steps of more than %d rows (a batch of more "
+                "decodes, a prefill) compute the model's linears in fp32 from its %s weights converted every "
+                "call (emulated %s GEMMs where oneDNN packs them), slower than fp32 weights; %s",
+                config.dtype, name, lacks, runner.native_max_batch, name, name, advice)
+        else:                               # no native step (none for fp16, or no library): every step pays
+            why = " (agp's native step takes fp32 and bf16 weights, not fp16)" if half == torch.float16 else ""
+            logging.getLogger("agp.engine").warning(
+                "dtype %s on a CPU without %s in hardware (%s): every step runs slower than with fp32 weights: "
+                "steps of up to %d rows on torch's emulated %s GEMMs%s, steps of more than %d rows computing "
+                "the linears in fp32 from the %s weights converted every call; %s",
+                config.dtype, name, lacks, EMULATED_HALF_ROWS, name, why, EMULATED_HALF_ROWS, name, advice)
     extra = {}
     if runner.device.type == "cuda" and not invariant:
         # every mode: compile and capture happen here, at load, never inside a request's TTFT
