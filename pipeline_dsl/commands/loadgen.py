@@ -494,15 +494,17 @@ class HTTPTarget:
                 refused = r.status_code == 401
                 if not refused:
                     if r.status_code >= 400:
+                        still = (f"; still answering 503 after {self.ready_timeout:g} s (--ready-timeout)"
+                                 if r.status_code == 503 and self.ready_timeout > 0 else "")
                         raise BenchError(f"cannot list the models of {self.base}: HTTP {r.status_code}: "
-                                         f"{_error_message(r)}")
+                                         f"{_error_message(r)}{still}")
                     self.model = r.json()["data"][0]["id"]
+            except BenchError:                  # a ValueError: caught before the others, said once
+                await self.client.aclose()
+                raise
             except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
                 await self.client.aclose()
                 raise BenchError(f"cannot list the models of {self.base}: {e}") from None
-            except BenchError:
-                await self.client.aclose()
-                raise
             if refused:
                 await self.client.aclose()
                 given = "the one given was refused" if self.headers else "none was given"
