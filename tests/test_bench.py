@@ -1580,6 +1580,48 @@ def test_a_server_still_loading_its_model_is_waited_for_up_to_the_ready_timeout(
         assert captured.err.count("cannot list the models") == 1 and "mozilla" not in captured.err
 
 
+@pytest.mark.parametrize("argv", [[], ["--model", "m"]])
+def test_a_server_not_listening_yet_is_waited_for_up_to_the_ready_timeout(tmp_path, capsys, argv):
+    """A port refusing connections (vLLM's server opens it only once its model is loaded; a container
+    still starting) failed `agp bench --url` at once: only a 503 was waited for. vllm bench serve's
+    ready check retries a refused connection until --ready-check-timeout-sec."""
+    with socket.socket() as s:                  # a free port, nothing listening on it yet
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    handler = type("Handler", (_Refusing,), {"refuse": 10**9, "seen": 0})
+    servers = []
+
+    def start_later():
+        time.sleep(1.5)
+        servers.append(http.server.ThreadingHTTPServer(("127.0.0.1", port), handler))
+        servers[0].serve_forever(0.01)
+
+    threading.Thread(target=start_later, daemon=True).start()
+    try:
+        got = agp(["bench", "--url", url, "-w", str(_workload(tmp_path)), "--warmup", "0", "--no-progress"] + argv)
+    finally:
+        while not servers:
+            time.sleep(0.05)
+        servers[0].shutdown()
+        servers[0].server_close()
+    captured = capsys.readouterr()
+    assert got == 0, captured.err
+    assert f"agp bench: {url}/v1 not answering: " in captured.err and "waiting up to 600 s" in captured.err
+    assert re.search(r"requests ok/sent\s+6/6", captured.out)
+
+
+def test_a_server_never_listening_is_said_at_the_ready_timeout(tmp_path, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    assert agp(["bench", "--url", url, "-w", str(_workload(tmp_path)), "--warmup", "0", "--no-progress",
+                "--ready-timeout", "0.5"]) == 1
+    err = capsys.readouterr().err
+    assert f"agp bench: error: cannot list the models of {url}/v1: " in err
+    assert "still not answering after 0.5 s (--ready-timeout)" in err and err.count("cannot list") == 1
+
+
 class _Dropping(_Refusing):
     """A server that begins every completion's stream, then resets the connection mid-answer
     (a crashed worker, a proxy cutting it)."""

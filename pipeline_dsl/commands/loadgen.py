@@ -517,26 +517,41 @@ class HTTPTarget:
                 pass
 
     async def _ready(self):
-        """GET /models until the server answers other than 503 (a server still loading its model,
-        as `agp serve` and vLLM answer then), at most `ready_timeout` seconds, each wait its
-        Retry-After (at most 5 s): the answer then. A server started beside `agp bench` is
-        measured once it is up, as vllm bench serve waits for it (--ready-check-timeout-sec)."""
+        """GET /models until the server listens and answers other than 503, at most `ready_timeout`
+        seconds: a port refusing connections (vLLM's server opens it only once its model is loaded;
+        a container still starting) is asked again each second, a 503 (`agp serve` loading its
+        model) at its Retry-After (at most 5 s). The answer then; at the deadline the last answer
+        or connection error. A server started beside `agp bench` is measured once it is up, as
+        vllm bench serve waits for it (--ready-check-timeout-sec)."""
+        import httpx
+
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.ready_timeout
         said = False
         while True:
-            r = await self.client.get(f"{self.base}/models")
-            left = deadline - loop.time()
-            if r.status_code != 503 or left <= 0:
-                return r
-            if not said:
-                print(f"agp bench: {self.base} answers HTTP 503 ({_error_message(r)}); waiting up to "
-                      f"{self.ready_timeout:g} s for it (--ready-timeout)", file=sys.stderr, flush=True)
-                said = True
             try:
-                wait = min(max(float(r.headers.get("retry-after", 1)), 0.1), 5.0)
-            except ValueError:
-                wait = 1.0
+                r = await self.client.get(f"{self.base}/models")
+            except (httpx.ConnectError, httpx.RemoteProtocolError) as e:
+                left = deadline - loop.time()
+                if left <= 0:
+                    if self.ready_timeout > 0:
+                        raise type(e)(f"{str(e) or type(e).__name__}; still not answering after "
+                                      f"{self.ready_timeout:g} s (--ready-timeout)") from None
+                    raise
+                why, wait = f"not answering: {str(e) or type(e).__name__}", 1.0
+            else:
+                left = deadline - loop.time()
+                if r.status_code != 503 or left <= 0:
+                    return r
+                why = f"answers HTTP 503 ({_error_message(r)})"
+                try:
+                    wait = min(max(float(r.headers.get("retry-after", 1)), 0.1), 5.0)
+                except ValueError:
+                    wait = 1.0
+            if not said:
+                print(f"agp bench: {self.base} {why}; waiting up to {self.ready_timeout:g} s for it "
+                      "(--ready-timeout)", file=sys.stderr, flush=True)
+                said = True
             await asyncio.sleep(min(wait, left))
 
     async def close(self) -> None:
