@@ -1506,6 +1506,20 @@ def test_metric_percentiles_are_shown_and_saved_as_vllm_bench_serve_names_them(t
     assert {"mean", "p50", "p90", "p95", "p99"} <= set(e2e) and e2e["p50"] <= e2e["p95"] <= e2e["p99"]
 
 
+def test_metric_percentiles_are_shown_for_baseline_reports_shown_alone(tmp_path, capsys):
+    """`agp bench --baseline r.json --metric-percentiles 50,95` showed p50, p90 and p99: the
+    option was read only for a new measurement. The file's p90 and p99 are left out, p95 (not in
+    it) shown as '-'."""
+    records = [_record(0.0, [t, t + 0.1]) for t in (0.1, 0.2, 0.3, 0.4, 1.0)]
+    saved = tmp_path / "r.json"
+    saved.write_text(json.dumps([B.summarize("x", 1.0, records, duration=2.0).to_dict()]))
+    assert agp(["bench", "--baseline", str(saved), "--metric-percentiles", "50,95"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert [row.split()[1] for row in rows if row.startswith("TTFT")] == ["mean", "p50", "p95"]
+    assert next(row for row in rows if row.startswith("TTFT p95")).split()[-1] == "-"
+    assert next(row for row in rows if row.startswith("TTFT p50")).split()[-1] == "300.0"
+
+
 @pytest.mark.parametrize("value, message", [("50,abc", "'abc' is not a number"), ("101", "101 is not a percentile"),
                                             ("-1", "not a percentile from 0 to 100")])
 def test_bad_metric_percentiles_are_refused_while_parsing(tmp_path, capsys, value, message):

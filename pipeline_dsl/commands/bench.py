@@ -179,6 +179,9 @@ def main(args) -> int:
         return _err(f"--threads must be at least 1, not {args.threads}")
     try:
         saved = [r for path in args.baseline for r in load_reports(path)]
+        if args.metric_percentiles:          # shown for the saved reports too: '-' where a file holds none
+            for r in saved:
+                r.percentiles = sorted(set(args.metric_percentiles))
         rates = parse_rates(args.rate)
         if not measured:
             return _show(saved, args)
