@@ -1534,8 +1534,40 @@ def test_a_custom_dataset_line_with_its_output_length_is_told_agps_max_tokens(tm
     path = tmp_path / "custom.jsonl"
     path.write_text(json.dumps({"prompt": "hi", key: 16}) + "\n")
     with pytest.raises(B.BenchError, match=rf"custom\.jsonl:1: '{key}' is a custom benchmark dataset's output "
-                                           rf"length: agp's is max_tokens"):
+                                           rf"length: agp's is the request's max_tokens"):
         B.load_workload(path)
+
+
+_BATCH = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions"}
+_CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize("line, told", [
+    # the line has its length already: 'unknown field (did you mean stop_token_ids?)', or told to rename
+    # output_tokens to max_tokens beside max_completion_tokens
+    ({"prompt": "hi", "max_tokens": 4, "output_tokens": 4},
+     "and the line's max_tokens is there: leave 'output_tokens' out: jq -c 'del(.output_tokens)' custom.jsonl"),
+    ({"prompt": "hi", "max_completion_tokens": 4, "output_tokens": 4},
+     "and the line's max_completion_tokens is there: leave 'output_tokens' out: jq -c 'del(.output_tokens)'"),
+    ({**_BATCH, "body": {**_CHAT, "max_tokens": 4}, "output_len": 4},
+     "and the request's body's max_tokens is there: leave 'output_len' out: jq -c 'del(.output_len)'"),
+    # a batch line's length goes in its body, not beside it
+    ({**_BATCH, "body": _CHAT, "output_len": 4},
+     "max_tokens (in the batch line's body) (with --ignore-eos every request generates that many): jq -c "
+     "'if has(\"output_len\") then .body.max_tokens //= .output_len | del(.output_len) else . end' custom.jsonl"),
+    ({**_BATCH, "body": {**_CHAT, "output_tokens": 4}},
+     "jq -c 'if .body | has(\"output_tokens\") then .body.max_tokens //= .body.output_tokens | "
+     "del(.body.output_tokens) else . end'"),
+    ({"prompt": "hi", "output_len": 4},
+     "jq -c 'if has(\"output_len\") then .max_tokens //= .output_len | del(.output_len) else . end'"),
+])
+def test_a_custom_dataset_output_length_is_told_where_the_lines_length_goes(tmp_path, line, told):
+    path = tmp_path / "custom.jsonl"
+    path.write_text(json.dumps(line) + "\n")
+    with pytest.raises(B.BenchError) as e:
+        B.load_workload(path)
+    assert "custom.jsonl:1: '" in str(e.value)
+    assert "is a custom benchmark dataset's output length" in str(e.value) and told in str(e.value), str(e.value)
 
 
 class _Loading(_Refusing):

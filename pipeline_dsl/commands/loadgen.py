@@ -71,12 +71,9 @@ def load_workload(path: str | Path) -> list[ParsedRequest]:
             if isinstance(obj, dict) and "conversations" in obj and "messages" not in obj:
                 raise BenchError(f"{path}:{lineno}: a ShareGPT conversation, not a request: turn the file into "
                                  f"chat lines first (a jq command for it is in docs/benchmarks.md)")
-            length = next((k for k in ("output_tokens", "output_len") if isinstance(obj, dict) and k in obj), None)
-            if length and "max_tokens" not in obj:       # a benchmark's custom dataset line
-                raise BenchError(f"{path}:{lineno}: '{length}' is a custom benchmark dataset's output length: "
-                                 f"agp's is max_tokens (with --ignore-eos every request generates that many): "
-                                 f"jq -c 'with_entries(if .key == \"{length}\" then .key = \"max_tokens\" "
-                                 f"else . end)' {path.name}")
+            told = _output_length_told(obj)
+            if told:                                    # a benchmark's custom dataset line
+                raise BenchError(f"{path}:{lineno}: {told} {path.name}")
             if batch_api.is_batch_line(obj):        # an OpenAI batch-API line, as agp run takes it
                 items.append(batch_api.workload_request(obj, lineno))
             else:
@@ -86,6 +83,32 @@ def load_workload(path: str | Path) -> list[ParsedRequest]:
     if not items:
         raise BenchError(f"{path} holds no requests")
     return items
+
+
+def _output_length_told(obj) -> str | None:
+    """What to do with a custom benchmark dataset's output length (output_tokens, output_len) on a
+    workload line, a jq command before the file's name; None when it has none. agp's length is
+    the request's max_tokens: on the line, or in a batch-API line's body."""
+    if not isinstance(obj, dict):
+        return None
+    body = obj.get("body") if batch_api.is_batch_line(obj) and isinstance(obj.get("body"), dict) else None
+    found = next(((at, k) for at, fields in (("", obj), (".body", body)) if fields is not None
+                  for k in ("output_tokens", "output_len") if k in fields), None)
+    if found is None:
+        return None
+    at, length = found
+    src, req = f"{at}.{length}", "the request's body's" if body is not None else "the line's"
+    has = next((k for k in ("max_tokens", "max_completion_tokens") if k in (obj if body is None else body)), None)
+    if has:
+        return (f"'{length}' is a custom benchmark dataset's output length: agp's is the request's max_tokens "
+                f"(or max_completion_tokens), and {req} {has} is there: leave '{length}' out: "
+                f"jq -c 'del({src})'")
+    dest = ".body.max_tokens" if body is not None else ".max_tokens"
+    test = f".body | has(\"{length}\")" if at else f"has(\"{length}\")"
+    inside = " (in the batch line's body)" if body is not None else ""
+    return (f"'{length}' is a custom benchmark dataset's output length: agp's is the request's max_tokens"
+            f"{inside} (with --ignore-eos every request "
+            f"generates that many): jq -c 'if {test} then {dest} //= {src} | del({src}) else . end'")
 
 
 def arrival_times(n: int | None, rate: float, *, duration: float | None = None,
