@@ -1506,6 +1506,17 @@ def test_metric_percentiles_are_shown_and_saved_as_vllm_bench_serve_names_them(t
     assert {"mean", "p50", "p90", "p95", "p99"} <= set(e2e) and e2e["p50"] <= e2e["p95"] <= e2e["p99"]
 
 
+def test_metric_percentiles_are_named_unrounded_as_vllm_bench_serve_names_them(tmp_path, capsys):
+    """99.99999 was named p100 (format 'g' keeps 6 digits): a second p100 row beside 100's, one
+    value written over the other in the report."""
+    records = [_record(0.0, [t, t + 0.1]) for t in (0.1, 0.2, 0.3, 0.4, 1.0)]
+    r = B.summarize("x", 1.0, records, duration=2.0, percentiles=[99.99999, 100, 99.5])
+    assert r.ttft["p100"] == pytest.approx(1.0) and r.ttft["p99.99999"] < r.ttft["p100"]
+    assert "p99.5" in r.ttft and "p99.5" in r.e2e
+    rows = B.format_table([r]).splitlines()
+    assert [row.split()[1] for row in rows if row.startswith("TTFT")] == ["mean", "p99.5", "p99.99999", "p100"]
+
+
 def test_metric_percentiles_are_shown_for_baseline_reports_shown_alone(tmp_path, capsys):
     """`agp bench --baseline r.json --metric-percentiles 50,95` showed p50, p90 and p99: the
     option was read only for a new measurement. The file's p90 and p99 are left out, p95 (not in

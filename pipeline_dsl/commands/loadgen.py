@@ -184,8 +184,9 @@ DEFAULT_PERCENTILES = (50.0, 90.0, 99.0)
 
 
 def percentile_key(p: float) -> str:
-    """A percentile's name in a report, as vllm bench serve names it: 50 -> 'p50', 99.9 -> 'p99.9'."""
-    return f"p{p:g}"
+    """A percentile's name in a report, as vllm bench serve names it: 50 -> 'p50', 99.9 -> 'p99.9',
+    99.99999 -> 'p99.99999' (never rounded: two percentiles keep two names)."""
+    return f"p{int(p)}" if p == int(p) else f"p{p}"
 
 
 def _dist(values, percentiles=()) -> dict[str, float | None]:
