@@ -517,11 +517,13 @@ VLLM_BENCH_FLAGS = {
 VLLM_BENCH_WORDS = {flag: ("vllm bench serve's", text) for flag, (_, text) in VLLM_BENCH_FLAGS.items()}
 # llama-server's flags are told apart under agp serve alone: their hints name serve's flags
 SERVE_FOREIGN_FLAGS = {**{flag: ("llama.cpp's", text) for flag, text in LLAMA_CPP_FLAGS.items()}, **VLLM_WORDS}
+# agp bench also takes a pipeline (and run/serve's options): vLLM serve's flags keep their hints there
+BENCH_FOREIGN_FLAGS = {**VLLM_WORDS, **VLLM_BENCH_WORDS}
 
 
 def foreign_flags(command: str | None) -> dict:
     """Other servers' flags the command explains: flag -> (whose, where agp sets it)."""
-    return {"serve": SERVE_FOREIGN_FLAGS, "bench": VLLM_BENCH_WORDS}.get(command, VLLM_WORDS)
+    return {"serve": SERVE_FOREIGN_FLAGS, "bench": BENCH_FOREIGN_FLAGS}.get(command, VLLM_WORDS)
 
 
 def foreign_equivalents(extra: list[str], command: str | None = "serve") -> str:

@@ -1506,6 +1506,31 @@ def test_metric_percentiles_are_shown_and_saved_as_vllm_bench_serve_names_them(t
     assert {"mean", "p50", "p90", "p95", "p99"} <= set(e2e) and e2e["p50"] <= e2e["p95"] <= e2e["p99"]
 
 
+def test_metric_percentiles_are_named_unrounded_as_vllm_bench_serve_names_them(tmp_path, capsys):
+    """99.99999 was named p100 (format 'g' keeps 6 digits): a second p100 row beside 100's, one
+    value written over the other in the report."""
+    records = [_record(0.0, [t, t + 0.1]) for t in (0.1, 0.2, 0.3, 0.4, 1.0)]
+    r = B.summarize("x", 1.0, records, duration=2.0, percentiles=[99.99999, 100, 99.5])
+    assert r.ttft["p100"] == pytest.approx(1.0) and r.ttft["p99.99999"] < r.ttft["p100"]
+    assert "p99.5" in r.ttft and "p99.5" in r.e2e
+    rows = B.format_table([r]).splitlines()
+    assert [row.split()[1] for row in rows if row.startswith("TTFT")] == ["mean", "p99.5", "p99.99999", "p100"]
+
+
+def test_metric_percentiles_are_shown_for_baseline_reports_shown_alone(tmp_path, capsys):
+    """`agp bench --baseline r.json --metric-percentiles 50,95` showed p50, p90 and p99: the
+    option was read only for a new measurement. The file's p90 and p99 are left out, p95 (not in
+    it) shown as '-'."""
+    records = [_record(0.0, [t, t + 0.1]) for t in (0.1, 0.2, 0.3, 0.4, 1.0)]
+    saved = tmp_path / "r.json"
+    saved.write_text(json.dumps([B.summarize("x", 1.0, records, duration=2.0).to_dict()]))
+    assert agp(["bench", "--baseline", str(saved), "--metric-percentiles", "50,95"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert [row.split()[1] for row in rows if row.startswith("TTFT")] == ["mean", "p50", "p95"]
+    assert next(row for row in rows if row.startswith("TTFT p95")).split()[-1] == "-"
+    assert next(row for row in rows if row.startswith("TTFT p50")).split()[-1] == "300.0"
+
+
 @pytest.mark.parametrize("value, message", [("50,abc", "'abc' is not a number"), ("101", "101 is not a percentile"),
                                             ("-1", "not a percentile from 0 to 100")])
 def test_bad_metric_percentiles_are_refused_while_parsing(tmp_path, capsys, value, message):
@@ -1520,8 +1545,40 @@ def test_a_custom_dataset_line_with_its_output_length_is_told_agps_max_tokens(tm
     path = tmp_path / "custom.jsonl"
     path.write_text(json.dumps({"prompt": "hi", key: 16}) + "\n")
     with pytest.raises(B.BenchError, match=rf"custom\.jsonl:1: '{key}' is a custom benchmark dataset's output "
-                                           rf"length: agp's is max_tokens"):
+                                           rf"length: agp's is the request's max_tokens"):
         B.load_workload(path)
+
+
+_BATCH = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions"}
+_CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize("line, told", [
+    # the line has its length already: 'unknown field (did you mean stop_token_ids?)', or told to rename
+    # output_tokens to max_tokens beside max_completion_tokens
+    ({"prompt": "hi", "max_tokens": 4, "output_tokens": 4},
+     "and the line's max_tokens is there: leave 'output_tokens' out: jq -c 'del(.output_tokens)' custom.jsonl"),
+    ({"prompt": "hi", "max_completion_tokens": 4, "output_tokens": 4},
+     "and the line's max_completion_tokens is there: leave 'output_tokens' out: jq -c 'del(.output_tokens)'"),
+    ({**_BATCH, "body": {**_CHAT, "max_tokens": 4}, "output_len": 4},
+     "and the request's body's max_tokens is there: leave 'output_len' out: jq -c 'del(.output_len)'"),
+    # a batch line's length goes in its body, not beside it
+    ({**_BATCH, "body": _CHAT, "output_len": 4},
+     "max_tokens (in the batch line's body) (with --ignore-eos every request generates that many): jq -c "
+     "'if has(\"output_len\") then .body.max_tokens //= .output_len | del(.output_len) else . end' custom.jsonl"),
+    ({**_BATCH, "body": {**_CHAT, "output_tokens": 4}},
+     "jq -c 'if .body | has(\"output_tokens\") then .body.max_tokens //= .body.output_tokens | "
+     "del(.body.output_tokens) else . end'"),
+    ({"prompt": "hi", "output_len": 4},
+     "jq -c 'if has(\"output_len\") then .max_tokens //= .output_len | del(.output_len) else . end'"),
+])
+def test_a_custom_dataset_output_length_is_told_where_the_lines_length_goes(tmp_path, line, told):
+    path = tmp_path / "custom.jsonl"
+    path.write_text(json.dumps(line) + "\n")
+    with pytest.raises(B.BenchError) as e:
+        B.load_workload(path)
+    assert "custom.jsonl:1: '" in str(e.value)
+    assert "is a custom benchmark dataset's output length" in str(e.value) and told in str(e.value), str(e.value)
 
 
 class _Loading(_Refusing):
@@ -1574,9 +1631,52 @@ def test_a_server_still_loading_its_model_is_waited_for_up_to_the_ready_timeout(
     assert "answers HTTP 503 (the server is loading its model; retry later); waiting up to" in captured.err
     if code == 0:
         assert re.search(r"requests ok/sent\s+6/6", captured.out)
-    else:                                   # still loading at the deadline: said as the server says it
-        assert (f"cannot list the models of {url}/v1: HTTP 503: the server is loading its model; retry later"
-                in captured.err) and "mozilla" not in captured.err
+    else:                                   # still loading at the deadline: said as the server says it, once
+        assert (f"agp bench: error: cannot list the models of {url}/v1: HTTP 503: the server is loading its model; "
+                "retry later; still answering 503 after 0.3 s (--ready-timeout)" in captured.err)
+        assert captured.err.count("cannot list the models") == 1 and "mozilla" not in captured.err
+
+
+@pytest.mark.parametrize("argv", [[], ["--model", "m"]])
+def test_a_server_not_listening_yet_is_waited_for_up_to_the_ready_timeout(tmp_path, capsys, argv):
+    """A port refusing connections (vLLM's server opens it only once its model is loaded; a container
+    still starting) failed `agp bench --url` at once: only a 503 was waited for. vllm bench serve's
+    ready check retries a refused connection until --ready-check-timeout-sec."""
+    with socket.socket() as s:                  # a free port, nothing listening on it yet
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    handler = type("Handler", (_Refusing,), {"refuse": 10**9, "seen": 0})
+    servers = []
+
+    def start_later():
+        time.sleep(1.5)
+        servers.append(http.server.ThreadingHTTPServer(("127.0.0.1", port), handler))
+        servers[0].serve_forever(0.01)
+
+    threading.Thread(target=start_later, daemon=True).start()
+    try:
+        got = agp(["bench", "--url", url, "-w", str(_workload(tmp_path)), "--warmup", "0", "--no-progress"] + argv)
+    finally:
+        while not servers:
+            time.sleep(0.05)
+        servers[0].shutdown()
+        servers[0].server_close()
+    captured = capsys.readouterr()
+    assert got == 0, captured.err
+    assert f"agp bench: {url}/v1 not answering: " in captured.err and "waiting up to 600 s" in captured.err
+    assert re.search(r"requests ok/sent\s+6/6", captured.out)
+
+
+def test_a_server_never_listening_is_said_at_the_ready_timeout(tmp_path, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    assert agp(["bench", "--url", url, "-w", str(_workload(tmp_path)), "--warmup", "0", "--no-progress",
+                "--ready-timeout", "0.5"]) == 1
+    err = capsys.readouterr().err
+    assert f"agp bench: error: cannot list the models of {url}/v1: " in err
+    assert "still not answering after 0.5 s (--ready-timeout)" in err and err.count("cannot list") == 1
 
 
 class _Dropping(_Refusing):

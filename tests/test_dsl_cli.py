@@ -137,7 +137,7 @@ def test_debug_shows_the_traceback_also_given_after_the_command_as_the_internal_
     assert "unrecognized arguments" not in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["serve", "run"])
+@pytest.mark.parametrize("command", ["serve", "run", "bench"])
 def test_a_vllm_flag_is_refused_with_where_agp_sets_it(command, capsys):
     """vLLM's flags that agp has no flag of that name for are still unknown (exit 2, the usage),
     and the message says where agp sets the same thing; another unknown flag gets nothing."""

@@ -91,7 +91,8 @@ def add_arguments(p) -> None:
     p.add_argument("--request-timeout", type=seconds, default=600.0,
                    help="seconds before one request counts as an error (default: 600)")
     p.add_argument("--ready-timeout", "--ready-check-timeout-sec", type=seconds_or_zero, default=600.0,
-                   help="seconds to wait for a --url that answers 503 while it loads its model; 0: no ready "
+                   help="seconds to wait for a --url not listening yet or answering 503 while it loads its "
+                        "model; 0: no ready "
                         "check (default: 600, as vllm bench serve's --ready-check-timeout-sec)")
     p.add_argument("--no-progress", "--disable-tqdm", action="store_true", help="no progress bar")
 
@@ -178,6 +179,9 @@ def main(args) -> int:
         return _err(f"--threads must be at least 1, not {args.threads}")
     try:
         saved = [r for path in args.baseline for r in load_reports(path)]
+        if args.metric_percentiles:          # shown for the saved reports too: '-' where a file holds none
+            for r in saved:
+                r.percentiles = sorted(set(args.metric_percentiles))
         rates = parse_rates(args.rate)
         if not measured:
             return _show(saved, args)

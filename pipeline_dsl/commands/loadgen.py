@@ -71,12 +71,9 @@ def load_workload(path: str | Path) -> list[ParsedRequest]:
             if isinstance(obj, dict) and "conversations" in obj and "messages" not in obj:
                 raise BenchError(f"{path}:{lineno}: a ShareGPT conversation, not a request: turn the file into "
                                  f"chat lines first (a jq command for it is in docs/benchmarks.md)")
-            length = next((k for k in ("output_tokens", "output_len") if isinstance(obj, dict) and k in obj), None)
-            if length and "max_tokens" not in obj:       # a benchmark's custom dataset line
-                raise BenchError(f"{path}:{lineno}: '{length}' is a custom benchmark dataset's output length: "
-                                 f"agp's is max_tokens (with --ignore-eos every request generates that many): "
-                                 f"jq -c 'with_entries(if .key == \"{length}\" then .key = \"max_tokens\" "
-                                 f"else . end)' {path.name}")
+            told = _output_length_told(obj)
+            if told:                                    # a benchmark's custom dataset line
+                raise BenchError(f"{path}:{lineno}: {told} {path.name}")
             if batch_api.is_batch_line(obj):        # an OpenAI batch-API line, as agp run takes it
                 items.append(batch_api.workload_request(obj, lineno))
             else:
@@ -86,6 +83,32 @@ def load_workload(path: str | Path) -> list[ParsedRequest]:
     if not items:
         raise BenchError(f"{path} holds no requests")
     return items
+
+
+def _output_length_told(obj) -> str | None:
+    """What to do with a custom benchmark dataset's output length (output_tokens, output_len) on a
+    workload line, a jq command before the file's name; None when it has none. agp's length is
+    the request's max_tokens: on the line, or in a batch-API line's body."""
+    if not isinstance(obj, dict):
+        return None
+    body = obj.get("body") if batch_api.is_batch_line(obj) and isinstance(obj.get("body"), dict) else None
+    found = next(((at, k) for at, fields in (("", obj), (".body", body)) if fields is not None
+                  for k in ("output_tokens", "output_len") if k in fields), None)
+    if found is None:
+        return None
+    at, length = found
+    src, req = f"{at}.{length}", "the request's body's" if body is not None else "the line's"
+    has = next((k for k in ("max_tokens", "max_completion_tokens") if k in (obj if body is None else body)), None)
+    if has:
+        return (f"'{length}' is a custom benchmark dataset's output length: agp's is the request's max_tokens "
+                f"(or max_completion_tokens), and {req} {has} is there: leave '{length}' out: "
+                f"jq -c 'del({src})'")
+    dest = ".body.max_tokens" if body is not None else ".max_tokens"
+    test = f".body | has(\"{length}\")" if at else f"has(\"{length}\")"
+    inside = " (in the batch line's body)" if body is not None else ""
+    return (f"'{length}' is a custom benchmark dataset's output length: agp's is the request's max_tokens"
+            f"{inside} (with --ignore-eos every request "
+            f"generates that many): jq -c 'if {test} then {dest} //= {src} | del({src}) else . end'")
 
 
 def arrival_times(n: int | None, rate: float, *, duration: float | None = None,
@@ -161,8 +184,9 @@ DEFAULT_PERCENTILES = (50.0, 90.0, 99.0)
 
 
 def percentile_key(p: float) -> str:
-    """A percentile's name in a report, as vllm bench serve names it: 50 -> 'p50', 99.9 -> 'p99.9'."""
-    return f"p{p:g}"
+    """A percentile's name in a report, as vllm bench serve names it: 50 -> 'p50', 99.9 -> 'p99.9',
+    99.99999 -> 'p99.99999' (never rounded: two percentiles keep two names)."""
+    return f"p{int(p)}" if p == int(p) else f"p{p}"
 
 
 def _dist(values, percentiles=()) -> dict[str, float | None]:
@@ -494,15 +518,17 @@ class HTTPTarget:
                 refused = r.status_code == 401
                 if not refused:
                     if r.status_code >= 400:
+                        still = (f"; still answering 503 after {self.ready_timeout:g} s (--ready-timeout)"
+                                 if r.status_code == 503 and self.ready_timeout > 0 else "")
                         raise BenchError(f"cannot list the models of {self.base}: HTTP {r.status_code}: "
-                                         f"{_error_message(r)}")
+                                         f"{_error_message(r)}{still}")
                     self.model = r.json()["data"][0]["id"]
+            except BenchError:                  # a ValueError: caught before the others, said once
+                await self.client.aclose()
+                raise
             except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
                 await self.client.aclose()
                 raise BenchError(f"cannot list the models of {self.base}: {e}") from None
-            except BenchError:
-                await self.client.aclose()
-                raise
             if refused:
                 await self.client.aclose()
                 given = "the one given was refused" if self.headers else "none was given"
@@ -515,26 +541,41 @@ class HTTPTarget:
                 pass
 
     async def _ready(self):
-        """GET /models until the server answers other than 503 (a server still loading its model,
-        as `agp serve` and vLLM answer then), at most `ready_timeout` seconds, each wait its
-        Retry-After (at most 5 s): the answer then. A server started beside `agp bench` is
-        measured once it is up, as vllm bench serve waits for it (--ready-check-timeout-sec)."""
+        """GET /models until the server listens and answers other than 503, at most `ready_timeout`
+        seconds: a port refusing connections (vLLM's server opens it only once its model is loaded;
+        a container still starting) is asked again each second, a 503 (`agp serve` loading its
+        model) at its Retry-After (at most 5 s). The answer then; at the deadline the last answer
+        or connection error. A server started beside `agp bench` is measured once it is up, as
+        vllm bench serve waits for it (--ready-check-timeout-sec)."""
+        import httpx
+
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.ready_timeout
         said = False
         while True:
-            r = await self.client.get(f"{self.base}/models")
-            left = deadline - loop.time()
-            if r.status_code != 503 or left <= 0:
-                return r
-            if not said:
-                print(f"agp bench: {self.base} answers HTTP 503 ({_error_message(r)}); waiting up to "
-                      f"{self.ready_timeout:g} s for it (--ready-timeout)", file=sys.stderr, flush=True)
-                said = True
             try:
-                wait = min(max(float(r.headers.get("retry-after", 1)), 0.1), 5.0)
-            except ValueError:
-                wait = 1.0
+                r = await self.client.get(f"{self.base}/models")
+            except (httpx.ConnectError, httpx.RemoteProtocolError) as e:
+                left = deadline - loop.time()
+                if left <= 0:
+                    if self.ready_timeout > 0:
+                        raise type(e)(f"{str(e) or type(e).__name__}; still not answering after "
+                                      f"{self.ready_timeout:g} s (--ready-timeout)") from None
+                    raise
+                why, wait = f"not answering: {str(e) or type(e).__name__}", 1.0
+            else:
+                left = deadline - loop.time()
+                if r.status_code != 503 or left <= 0:
+                    return r
+                why = f"answers HTTP 503 ({_error_message(r)})"
+                try:
+                    wait = min(max(float(r.headers.get("retry-after", 1)), 0.1), 5.0)
+                except ValueError:
+                    wait = 1.0
+            if not said:
+                print(f"agp bench: {self.base} {why}; waiting up to {self.ready_timeout:g} s for it "
+                      "(--ready-timeout)", file=sys.stderr, flush=True)
+                said = True
             await asyncio.sleep(min(wait, left))
 
     async def close(self) -> None:
