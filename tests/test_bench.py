@@ -618,8 +618,8 @@ def test_a_target_that_cannot_be_measured_loses_none_of_the_others(tmp_path, tin
     js = tmp_path / "cmp.json"
     code = agp(["bench", str(_pipeline_file(tmp_path, tiny_gguf)), "--url", f"http://127.0.0.1:{port}",
                 "--workload", str(_workload(tmp_path)), "--num", "3", "--compare", "--json", str(js),
-                "--plot", str(tmp_path / "cmp.png"), "--no-progress"])
-    captured = capsys.readouterr()
+                "--plot", str(tmp_path / "cmp.png"), "--no-progress", "--ready-timeout", "0"])
+    captured = capsys.readouterr()       # (--ready-timeout 0: not waited for, as vLLM's 0; else 600 s)
     assert code == 1
     assert f"127.0.0.1:{port}" in captured.err and "tiny" in captured.out.splitlines()[0]
     (report,) = json.loads(js.read_text())
