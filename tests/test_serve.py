@@ -665,14 +665,14 @@ def test_a_request_of_more_inputs_than_the_queue_holds_is_400_not_a_429_forever(
         s.close()
 
 
-@pytest.mark.usefixtures("fresh_flowkit")
-def test_inputs_the_queue_could_hold_later_are_429_while_it_is_full(tiny_gguf):
-    # a python stage before the engine holds two requests (flowkit.hold), which fill max_queue = 2
-    # until the test lets them go, however long it takes
+def _full_queue(tiny_gguf, check, **server):
+    """A server whose queue (max_queue = 2) is full: a python stage before the engine holds two
+    completions (flowkit.hold) until `check(server)` has run, however long it takes; then the
+    held ones are let go and must be served."""
     text = (TINY.format(model=tiny_gguf, max_queue=2, max_batch_size=8, timeout=20)
             .replace("request -> batch", "request -> hold -> batch")
             .replace("stage out", 'stage hold    : python        { fn = "flowkit:hold" }\n    stage out'))
-    s = LiveServer(tiny_gguf, text=text)
+    s = LiveServer(tiny_gguf, text=text, **server)
     try:
         body = {"model": "tiny", "prompt": "hello", "max_tokens": 4}
         answers = []
@@ -682,11 +682,7 @@ def test_inputs_the_queue_could_hold_later_are_429_while_it_is_full(tiny_gguf):
         for t in waiting:
             t.start()
         s.stats_when(lambda st: st["in_flight"] == 2)
-        for path, more in [("/v1/embeddings", {"input": ["a", "b"]}),
-                           ("/v1/completions", {"prompt": ["a", "b"], "max_tokens": 2})]:
-            r = s.http.post(s.url + path, json={"model": "tiny", **more}, timeout=30)
-            assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
-            assert r.json()["error"]["code"] == "queue_full"
+        check(s)
         flowkit.gate("hold").set()
         for t in waiting:
             t.join(30)
@@ -697,23 +693,22 @@ def test_inputs_the_queue_could_hold_later_are_429_while_it_is_full(tiny_gguf):
 
 
 @pytest.mark.usefixtures("fresh_flowkit")
+def test_inputs_the_queue_could_hold_later_are_429_while_it_is_full(tiny_gguf):
+    def check(s):
+        for path, more in [("/v1/embeddings", {"input": ["a", "b"]}),
+                           ("/v1/completions", {"prompt": ["a", "b"], "max_tokens": 2})]:
+            r = s.http.post(s.url + path, json={"model": "tiny", **more}, timeout=30)
+            assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
+            assert r.json()["error"]["code"] == "queue_full"
+    _full_queue(tiny_gguf, check)
+
+
+@pytest.mark.usefixtures("fresh_flowkit")
 def test_the_retry_after_of_a_full_queue_is_the_servers_on_every_generation_route(tiny_gguf):
     """The server's retry_after_s is the Retry-After of each generation route's 429 (chat,
     completions, embeddings, Responses; a stream refused before its first event is an HTTP 429
     too), whatever api_error or a parser wrote first."""
-    text = (TINY.format(model=tiny_gguf, max_queue=2, max_batch_size=8, timeout=20)
-            .replace("request -> batch", "request -> hold -> batch")
-            .replace("stage out", 'stage hold    : python        { fn = "flowkit:hold" }\n    stage out'))
-    s = LiveServer(tiny_gguf, text=text, retry_after_s=4)
-    try:
-        body = {"model": "tiny", "prompt": "hello", "max_tokens": 4}
-        answers = []
-        waiting = [threading.Thread(target=lambda: answers.append(httpx.post(s.url + "/v1/completions", json=body,
-                                                                             timeout=30)))
-                   for _ in range(2)]
-        for t in waiting:
-            t.start()
-        s.stats_when(lambda st: st["in_flight"] == 2)
+    def check(s):
         chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
         for path, more in [("/v1/completions", {"prompt": "a", "max_tokens": 2}),
                            ("/v1/completions", {"prompt": ["a", "b"], "max_tokens": 2, "stream": True}),
@@ -724,14 +719,7 @@ def test_the_retry_after_of_a_full_queue_is_the_servers_on_every_generation_rout
             r = s.http.post(s.url + path, json={"model": "tiny", **more}, timeout=30)
             assert r.status_code == 429 and r.headers["retry-after"] == "4", (path, more, r.text)
             assert r.json()["error"]["code"] == "queue_full"
-        flowkit.gate("hold").set()
-        for t in waiting:
-            t.join(30)
-        assert [a.status_code for a in answers] == [200, 200]
-    finally:
-        flowkit.gate("hold").set()
-        s.close()
-
+    _full_queue(tiny_gguf, check, retry_after_s=4)
 
 def test_a_non_streaming_client_that_hangs_up_aborts_its_request(tiny_gguf):
     s = LiveServer(tiny_gguf, max_batch_size=8, batch_timeout_s=30.0)   # it waits in the window
