@@ -20,8 +20,9 @@ def test_prompts_times_n_is_bounded():
 
 def test_the_stages_n_answers_and_numbers_a_request_that_sets_none():
     """parse_completion's and parse_chat's stage_n (the largest n of the pipeline's generate stages)
-    bounds the answers of a request that sets no n as a sent n does, and each prompt takes at least
-    that many choice numbers (choice i of prompt k is k * choices_per_prompt + i)."""
+    bounds the answers of a request that sets no n as a sent n does, and numbers each prompt's
+    choices (choice i of prompt k is k * choices_per_prompt + i); a request's own n replaces the
+    stage's, as it does for the answers (vLLM numbers [0, 1] for two prompts at n = 1)."""
     def completion(body, stage_n):
         return P.parse_completion(body, max_model_len=512, served=("tiny",), stage_n=stage_n)
 
@@ -29,7 +30,7 @@ def test_the_stages_n_answers_and_numbers_a_request_that_sets_none():
         completion({"prompt": ["hi"] * 8}, 64)
     assert (e.value.param, e.value.message) == ("prompt", "8 prompts x n = 64 asks for 512 answers; at most 256 a "
                                                           "request (send fewer prompts or a smaller n)")
-    assert completion({"prompt": ["hi"] * 8, "n": 2}, 64).choices_per_prompt == 64     # never fewer than the stage's
+    assert completion({"prompt": ["hi"] * 8, "n": 2}, 64).choices_per_prompt == 2      # the request's n, sent
     assert completion({"prompt": ["hi"] * 8, "n": 3}, 2).choices_per_prompt == 3
     assert completion({"prompt": ["hi"] * 4}, 64).choices_per_prompt == 64
     assert completion({"prompt": ["hi"] * 4}, 1).choices_per_prompt == 1
