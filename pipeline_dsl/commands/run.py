@@ -444,7 +444,7 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
     from pipeline_dsl.commands import batch_api
     from pipeline_dsl.commands.runner import RunRequest, check_line_reasoning, format_summary, run_pipeline
     from pipeline_dsl.serve.answers import check_reasoning
-    from pipeline_dsl.serve.build import model_names, served_context, stage_n
+    from pipeline_dsl.serve.build import model_names, served_context
     from pipeline_dsl.serve.protocol import model_of
 
     if args.resume and args.output == "-":
@@ -583,7 +583,7 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
     load_s = time.perf_counter() - t_load
 
     stages = tuple(runtime.seg_of_gen)
-    max_model_len, max_stage_n = served_context(runtime), stage_n(runtime)    # as agp serve bounds its bodies
+    max_model_len, max_stage_n = served_context(runtime), runtime.stage_n    # as agp serve bounds its bodies
 
     served = model_names(runtime, None)
 

@@ -256,13 +256,17 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
 
     def model_n(self, req: RequestState, request: dict) -> int:
         """The answers a generate stage gives `request` (its item dict): its `n`, or where it sets
-        none that of the stage it pins, or the largest of the generate stages' (agp serve's
-        stage_n)."""
+        none that of the stage it pins, or the largest of the generate stages' (stage_n)."""
         n = request.get("n")
         if isinstance(n, int) and not isinstance(n, bool):
             return n
         if req.pin is not None and req.pin in self.seg_of_gen:
             return self.seg_of_gen[req.pin].n.get(req.pin, 1)
+        return self.stage_n
+
+    @property
+    def stage_n(self) -> int:
+        """The n that answers a request that sets none: the largest of the generate stages'."""
         return max((n for es in self.segments for n in es.n.values()), default=1)
 
     @property

@@ -88,11 +88,6 @@ def served_context(runtime) -> int:
     return int(min((es.max_model_len for es in runtime.segments), default=1 << 20))
 
 
-def stage_n(runtime) -> int:
-    """The n that answers a request that sets none: the largest of the pipeline's generate stages'."""
-    return max((n for es in runtime.segments for n in es.n.values()), default=1)
-
-
 def allowed_hosts(host: str, given: str | None) -> tuple[str, ...]:
     """The Host header values the server answers for (DNS rebinding protection)."""
     if given:
@@ -220,7 +215,7 @@ def build(args, *, host: str | None = None) -> Serving:
                          allowed_hosts=allowed_hosts(host or args.host, args.allowed_hosts),
                          max_prompt_chars=max((es.max_prompt_chars or 0 for es in runtime.segments),
                                               default=0) or None,
-                         max_stage_n=stage_n(runtime),
+                         max_stage_n=runtime.stage_n,
                          completion_max_tokens=completion_max_tokens,
                          lenient=args.lenient, api_keys=tuple(args.api_key or ()),
                          allowed_origins=tuple(args.allowed_origins or ()),
