@@ -119,14 +119,14 @@ def count(low: int, high: int = MAX_COUNT):
     return parse
 
 
-def positive_number(text: str, unit: str) -> float:
-    """A finite, positive number of `unit` (seconds, milliseconds)."""
+def positive_number(text: str, unit: str, zero: bool = False) -> float:
+    """A finite, positive number of `unit` (seconds, milliseconds); 0 too where `zero`."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not a number of {unit}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive number of {unit}, not {text}")
+    if not ((value >= 0 if zero else value > 0) and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be {'0 or ' if zero else ''}a positive number of {unit}, not {text}")
     return value
 
 
@@ -137,13 +137,7 @@ def seconds(text: str) -> float:
 
 def seconds_or_zero(text: str) -> float:
     """A finite number of seconds, 0 or more (0: the wait it bounds is skipped)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number of seconds") from None
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be 0 or a positive number of seconds, not {text}")
-    return value
+    return positive_number(text, "seconds", zero=True)
 
 
 def http_url(text: str) -> str:

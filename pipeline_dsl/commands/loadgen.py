@@ -625,12 +625,8 @@ class HTTPTarget:
         async with self.client.stream("POST", self.base + route, json=body) as r:
             answering.append(True)
             if r.status_code != 200:
-                text = (await r.aread()).decode("utf-8", "replace")
-                try:
-                    text = json.loads(text)["error"]["message"]
-                except (ValueError, KeyError, TypeError):
-                    pass
-                rec.error = f"HTTP {r.status_code}: {text[:200]}"
+                await r.aread()
+                rec.error = f"HTTP {r.status_code}: {_error_message(r)}"
                 return
             lines = r.aiter_lines()
             async for line in lines:
