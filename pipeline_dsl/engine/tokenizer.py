@@ -501,7 +501,7 @@ class Tokenizer:
         if not self.chat_template:
             raise TokenizerError("this model has no chat template: send a raw `prompt` instead (agp serve: "
                                  "POST /v1/completions), or give one (agp serve --chat-template FILE)")
-        if extra.get("tools") is not None and self.tool_template:
+        if self.chat_template_for(extra.get("tools")) is not self.chat_template:      # the tool_use one
             if self._tool_compiled is None:
                 self._tool_compiled = compile_chat_template(self.tool_template, "the model's tool_use chat template")
             template = self._tool_compiled
