@@ -142,21 +142,21 @@ def has_bf16(device: torch.device) -> bool:
 
 
 def resolve_dtype(name: str | torch.dtype, device: str | torch.device = "cpu",
-                  config: "LlamaConfig | None" = None) -> tuple[str, torch.dtype]:
-    """'auto'|'fp32'|'bf16'|'fp16'|'int8' -> (weight kind 'dense'|'int8', compute dtype); auto
-    as auto_dtype chooses for `config`'s checkpoint dtype and model (None: one that states none)."""
+                  config: "LlamaConfig | None" = None) -> tuple[str, torch.dtype, str | None]:
+    """'auto'|'fp32'|'bf16'|'fp16'|'int8' -> (weight kind 'dense'|'int8', compute dtype, why auto
+    chose it: None for another name); auto as auto_dtype chooses for `config`'s checkpoint dtype
+    and model (None: one that states none)."""
     if isinstance(name, torch.dtype):
-        return "dense", name
+        return "dense", name, None
     device = torch.device(device)
     fast_bf16 = has_bf16(device)
-    best = torch.bfloat16 if fast_bf16 else torch.float32
     if name == "auto":
-        return "dense", auto_dtype(device.type, fast_bf16, config.checkpoint_dtype if config else "",
-                                   bool(config and config.gemma))[0]
+        return ("dense", *auto_dtype(device.type, fast_bf16, config.checkpoint_dtype if config else "",
+                                     bool(config and config.gemma)))
     if name == "int8":
-        return "int8", best
+        return "int8", torch.bfloat16 if fast_bf16 else torch.float32, None
     if name in DTYPES:
-        return "dense", DTYPES[name]
+        return "dense", DTYPES[name], None
     raise ValueError(f"unknown dtype {name!r}: expected auto, fp32, bf16, fp16 or int8")
 
 
@@ -262,10 +262,8 @@ class LlamaModel:
             raise ValueError("a Gemma 3 config needs gemma.GemmaModel (models.build_model picks it)")
         self.config = c = config
         self.device = torch.device(device)
-        self.weight_kind, self.dtype = resolve_dtype(dtype, self.device, config)
-        # why dtype = auto chose this one (the serve banner says it); None: another dtype was asked
-        self.dtype_reason = auto_dtype(self.device.type, has_bf16(self.device), c.checkpoint_dtype, c.gemma)[1] \
-            if dtype == "auto" else None
+        # dtype_reason: why dtype = auto chose this one (the serve banner says it); None: another was asked
+        self.weight_kind, self.dtype, self.dtype_reason = resolve_dtype(dtype, self.device, config)
         if dtype == "auto" and self.dtype == torch.float32 and int4_runs_natively(weights, config, self.device):
             self.dtype = torch.bfloat16     # the file's 4-bit blocks on int8 kernels: bf16 is only storage
             self.dtype_reason = "bf16 storage: the file's 4-bit blocks run on agp's int8 kernels here"
