@@ -87,10 +87,12 @@ class Loading:
         self.server = self.loop.run_until_complete(asyncio.start_server(self._client, sock=dup, limit=HEAD_LIMIT))
         self.ready.set()
         self.loop.run_forever()
-        tasks = asyncio.all_tasks(self.loop)
-        for t in tasks:
-            t.cancel()
-        self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        # until none is left: a connection accepted as the server closed starts its task while the
+        # others are cancelled (left pending, asyncio logs "Task was destroyed but it is pending")
+        while tasks := asyncio.all_tasks(self.loop):
+            for t in tasks:
+                t.cancel()
+            self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
 
     def _stop(self) -> None:
         self.server.close()
