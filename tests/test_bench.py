@@ -20,7 +20,7 @@ from pipeline_dsl.cli import main as agp
 from pipeline_dsl.requests_io import parse_line
 
 from clikit import ctrl_c_default
-from test_serve import LiveServer, _pipeline_file
+from test_serve import LiveServer, _free_port, _pipeline_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -1642,9 +1642,7 @@ def test_a_server_not_listening_yet_is_waited_for_up_to_the_ready_timeout(tmp_pa
     """A port refusing connections (vLLM's server opens it only once its model is loaded; a container
     still starting) failed `agp bench --url` at once: only a 503 was waited for. vllm bench serve's
     ready check retries a refused connection until --ready-check-timeout-sec."""
-    with socket.socket() as s:                  # a free port, nothing listening on it yet
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()                         # a free port, nothing listening on it yet
     url = f"http://127.0.0.1:{port}"
     handler = type("Handler", (_Refusing,), {"refuse": 10**9, "seen": 0})
     servers = []

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline_dsl import cli
 from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
-from test_serve import TINY
+from test_serve import TINY, _free_port
 
 TOKENS = 8                      # every answer of the load test: 8 tokens, ignore_eos
 SHARED = "the cat and the world " * 14          # 308 characters: longer than --affinity-chars
@@ -267,9 +267,7 @@ def cluster(tiny_gguf, tmp_path_factory, ray_turn):
     from pipeline_dsl.serve import ray as on_ray
 
     path = tiny_pipeline(tmp_path_factory.mktemp("ray") / "tiny.agp", tiny_gguf)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     on_ray.init_cluster(num_cpus=4, include_dashboard=False, logging_level="warning", object_store_memory=100 << 20)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -3,6 +3,8 @@ driven by the official `openai` client, httpx and a subprocess for SIGTERM."""
 
 import asyncio
 import json
+import os
+import random
 import re
 import signal
 import socket
@@ -866,7 +868,28 @@ def _pipeline_file(tmp_path, model_path) -> Path:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
+    """A port free now for a server that binds it later. Not one the kernel hands out itself: a port
+    from bind(0) lies in the ephemeral range, where any outgoing connection (Ray's own among them) may
+    take it before the server binds it (CI: Ray Serve's proxy 'Failed to bind to address'). Below
+    that range only an explicit bind takes a port; each xdist worker draws from its own slice."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").lstrip("gw") or 0)
+    slices = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    start = 10000
+    width = max(1, (low - start) // slices)
+    rng = random.Random()
+    for _ in range(200):
+        port = start + (worker % slices) * width + rng.randrange(width)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:                      # every draw taken: the kernel's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
