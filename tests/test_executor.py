@@ -185,6 +185,39 @@ def test_requests_submitted_while_running_are_all_answered(tiny_gguf):
     assert eng.blocks.num_used == 0
 
 
+def test_an_idle_executor_sleeps_until_a_request_comes_and_then_answers_it(tiny_gguf):
+    """A server with nothing to do looked for work every 5 ms (a tenth of a core, always: every
+    idle `agp serve`); every way work reaches the executor notifies it, so idle it waits for that.
+    Counted through the engine's schedule calls in one idle second: a busy machine makes fewer."""
+    import threading
+    import time
+
+    eng = engine(tiny_gguf)
+    calls = []
+    schedule = eng.schedule
+    eng.schedule = lambda *a, **kw: calls.append(1) or schedule(*a, **kw)
+    ex = Executor(eng, overlap=True)
+    done: dict = {}
+    runner = threading.Thread(target=ex.run, kwargs=dict(on_output=finished(done), until_idle=False))
+    runner.start()
+    try:
+        time.sleep(0.2)
+        before = len(calls)
+        time.sleep(1.0)
+        assert len(calls) - before <= 5, f"{len(calls) - before} schedules in an idle second"
+        reqs = greedy_requests(2)
+        for rid, kw in reqs:
+            ex.submit(rid, **kw)
+        deadline = time.monotonic() + 60
+        while len(done) < len(reqs) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        ex.close()
+        runner.join(timeout=60)
+    assert not runner.is_alive()
+    assert done == stepped(engine(tiny_gguf), reqs)
+
+
 def test_a_request_the_engine_refuses_is_reported_and_the_rest_run(tiny_gguf):
     eng = engine(tiny_gguf)
     ex = Executor(eng, overlap=True)

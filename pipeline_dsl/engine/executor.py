@@ -296,7 +296,8 @@ class Executor:
                     if deadline is not None:
                         wait = min(max(deadline - time.monotonic(), 0.0), 0.01)
                     else:
-                        wait = 0.005 if self._idle() else 0.002   # direct adds do not notify
+                        # idle, only a submit, abort, park or close (each notifies) brings work
+                        wait = 1.0 if self._idle() else 0.002
                     self._wake.wait(wait)
                 return False
             pre = [it.seq.num_released for it in so.items]
