@@ -381,7 +381,8 @@ def mid_served(tmp_path_factory, mid_gguf):
     folder = tmp_path_factory.mktemp("mid_served")
     loop = folder / "loop.jinja"
     loop.write_text("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}")
-    proc, url = start_serve(folder, mid_gguf, "--chat-template", str(loop), budget="64MiB")   # 4000 tokens of KV: 48 MiB
+    # 4000 tokens of KV: 48 MiB
+    proc, url = start_serve(folder, mid_gguf, "--chat-template", str(loop), budget="64MiB")
     with reaped(proc):
         yield url
 
