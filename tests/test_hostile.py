@@ -412,13 +412,20 @@ SPIN_TEMPLATE = ("{% if spin %}{% for i in range(100000) %}{% for j in range(100
                  "{% endif %}" + CHAT_TEMPLATE)
 
 
+@pytest.fixture(scope="module")
+def spin_server(tmp_path_factory):
+    """A LiveServer of a model whose chat template spins while `chat_template_kwargs` say so,
+    shared by the tests of spinning requests (each waits for its own to end)."""
+    s = LiveServer(write_tiny_gguf(tmp_path_factory.mktemp("spin") / "spin.gguf", chat_template=SPIN_TEMPLATE))
+    yield s
+    s.close()
+
+
 @contextlib.contextmanager
-def _spinning(tmp_path, route: str, body: dict, spinning: int):
-    """A LiveServer of a model whose chat template spins while `chat_template_kwargs` say so, and
-    `spinning` requests of `body` to `route` kept in it, each on a thread of its own: yields
-    (the server, the answers of those that ended); each is a 400 once they have all ended."""
-    model = write_tiny_gguf(tmp_path / "spin.gguf", chat_template=SPIN_TEMPLATE)
-    s = LiveServer(model)
+def _spinning(s, route: str, body: dict, spinning: int):
+    """`spinning` requests of `body` to `route` of the spin server `s`, kept in its template, each
+    on a thread of its own: yields (the server, the answers of those that ended); each is a 400
+    once they have all ended."""
     ended = []
     threads = [threading.Thread(target=lambda: ended.append(httpx.post(s.url + route, json=body, timeout=120)))
                for _ in range(spinning)]
@@ -429,11 +436,10 @@ def _spinning(tmp_path, route: str, body: dict, spinning: int):
     finally:
         for t in threads:
             t.join()
-        s.close()
     assert [r.status_code for r in ended] == [400] * spinning
 
 
-def test_chat_templates_kept_running_by_requests_hold_up_no_other_request(tmp_path):
+def test_chat_templates_kept_running_by_requests_hold_up_no_other_request(spin_server):
     """Each spinning request holds a thread for the template's TEMPLATE_SECONDS; twice as many of
     them as the host pool has threads used to hold every thread that admits requests and hands
     over answers, so a raw prompt waited for them (4 s). Conversations render on threads of
@@ -441,7 +447,7 @@ def test_chat_templates_kept_running_by_requests_hold_up_no_other_request(tmp_pa
     while every spinning request is still in its template."""
     spinning = 2 * ITEM_WORKERS
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "chat_template_kwargs": {"spin": True}}
-    with _spinning(tmp_path, "/v1/chat/completions", body, spinning) as (s, ended):
+    with _spinning(spin_server, "/v1/chat/completions", body, spinning) as (s, ended):
         s.stats_when(lambda st: st["in_flight"] == spinning)
         plain = s.http.post(s.url + "/v1/completions", json={"prompt": "hello", "max_tokens": 2}, timeout=120)
         chat = s.http.post(s.url + "/v1/chat/completions", timeout=120, json={
@@ -452,13 +458,13 @@ def test_chat_templates_kept_running_by_requests_hold_up_no_other_request(tmp_pa
     assert all("did not finish within" in r.json()["error"]["message"] for r in ended)
 
 
-def test_tokenize_requests_kept_in_their_template_hold_up_no_other_request(tmp_path):
+def test_tokenize_requests_kept_in_their_template_hold_up_no_other_request(spin_server):
     """/tokenize renders a conversation on the pipeline's render threads: more spinning ones than
     the threads that parse every request's body used to hold them all, and a plain prompt waited
     for their 2 s."""
     spinning = min(32, (os.cpu_count() or 1) + 4) + 2        # asyncio's default thread pool, and more
     body = {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"spin": True}}
-    with _spinning(tmp_path, "/tokenize", body, spinning) as (s, ended):
+    with _spinning(spin_server, "/tokenize", body, spinning) as (s, ended):
         time.sleep(0.5)                                      # let them reach their template
         plain = s.http.post(s.url + "/v1/completions", json={"prompt": "hello", "max_tokens": 2}, timeout=120)
         still = spinning - len(ended)
@@ -575,11 +581,12 @@ def hold_end(item, chunks):
                                        (signal.SIGKILL, -9)])
 def test_ctrl_c_stops_agp_run_cleanly_and_resume_finishes_the_job(tmp_path, tiny_gguf, sig, code):
     # a python stage holds every request but the first two until agp has exited: the run is
-    # interrupted with requests in flight however fast the machine (a tiny model answers all 40
-    # in half a second, quicker than a busy test could see two lines and signal). The hold, not
-    # an answer's length, keeps them in flight: 8 tokens each (the --resume run generates the
-    # other 38 answers in full, 60 tokens each made it 2,280 decode tokens on a batch of four)
-    n = 40
+    # interrupted with requests in flight however fast the machine (a tiny model answers all of
+    # them in a fraction of a second, quicker than a busy test could see two lines and signal).
+    # The hold, not an answer's length or their number, keeps them in flight: 16 requests of 8
+    # tokens each (the --resume run generates the other 14 answers in full; 40 of them, 60
+    # tokens each, made it 2,280 decode tokens on a batch of four)
+    n = 16
     inp = tmp_path / "in.jsonl"
     inp.write_text("\n".join(json.dumps({"id": f"q{i}", "prompt": f"hello {i}", "max_tokens": 8,
                                          "ignore_eos": True}) for i in range(n)) + "\n")
