@@ -19,7 +19,7 @@ import flowkit
 import httpx
 import pytest
 
-from clikit import agp_child, agp_in, reaped
+from clikit import agp_child, agp_in, reap, reaped
 from pipeline_dsl.engine.tokenizer import TEMPLATE_SECONDS
 from pipeline_dsl.plan import ITEM_WORKERS
 from test_serve import LiveServer, TINY, start_agp_serve
@@ -179,20 +179,16 @@ def test_a_tool_choice_without_tools_and_empty_tools_are_400s_naming_the_field(s
     assert r.json()["tool_choice"] == "auto"
 
 
-@pytest.fixture(scope="module")
-def small(tiny_gguf):
-    """A server that takes request bodies of 2048 bytes at most, shared by the tests of that limit."""
-    s = LiveServer(tiny_gguf, max_body_bytes=2048)
-    yield s
-    s.close()
-
-
-def test_wrong_content_type_and_oversized_bodies_are_415_and_413(server, small):
+def test_wrong_content_type_and_oversized_bodies_are_415_and_413(server):
     assert_openai_error(post(server, '{"prompt": "hi"}', ctype="text/plain"), 415, "must be application/json")
     r = server.http.post(server.url + "/v1/completions", data={"prompt": "hi"}, timeout=30)   # a form post
     assert r.status_code == 415
-    big = json.dumps({"prompt": "x" * 5000})
-    assert_openai_error(post(small, big), 413, "--max-body-bytes")
+    small = LiveServer(server.runtime.segments[0].config.model, max_body_bytes=2048)
+    try:
+        big = json.dumps({"prompt": "x" * 5000})
+        assert_openai_error(post(small, big), 413, "--max-body-bytes")
+    finally:
+        small.close()
 
 
 def test_a_gzip_or_deflate_body_is_decoded_within_the_body_limit_and_another_coding_is_a_415(server):
@@ -238,16 +234,20 @@ def test_a_body_without_a_content_type_is_415(server):
     assert_openai_error(r, 415, "not unspecified")
 
 
-def test_a_body_of_exactly_max_body_bytes_is_taken_and_one_byte_more_is_413(small):
-    body = '{"prompt": "hi", "max_tokens": 1}'
-    exact = body[:-1] + " " * (2048 - len(body)) + "}"          # JSON whitespace up to the limit
-    assert len(exact) == 2048
-    r = post(small, exact)
-    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 1, r.text[:300]
-    assert_openai_error(post(small, exact[:-1] + " }"), 413, "at most 2048 are accepted")
-    for data, status in ((exact, 200), (exact[:-1] + " }", 413)):       # chunked: no Content-Length
-        r = post(small, (part.encode() for part in (data[:1000], data[1000:])))
-        assert "content-length" not in r.request.headers and r.status_code == status, r.text[:300]
+def test_a_body_of_exactly_max_body_bytes_is_taken_and_one_byte_more_is_413(server):
+    small = LiveServer(server.runtime.segments[0].config.model, max_body_bytes=2048)
+    try:
+        body = '{"prompt": "hi", "max_tokens": 1}'
+        exact = body[:-1] + " " * (2048 - len(body)) + "}"          # JSON whitespace up to the limit
+        assert len(exact) == 2048
+        r = post(small, exact)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 1, r.text[:300]
+        assert_openai_error(post(small, exact[:-1] + " }"), 413, "at most 2048 are accepted")
+        for data, status in ((exact, 200), (exact[:-1] + " }", 413)):       # chunked: no Content-Length
+            r = post(small, (part.encode() for part in (data[:1000], data[1000:])))
+            assert "content-length" not in r.request.headers and r.status_code == status, r.text[:300]
+    finally:
+        small.close()
 
 
 def test_a_body_larger_than_the_longest_prompt_can_need_is_413_before_it_is_read(server):
@@ -372,35 +372,56 @@ def while_a_stream_runs(url: str, body_file: Path, route: str) -> tuple[int, str
     return status, text, victim.gaps_during(t0, t1)
 
 
-@pytest.fixture(scope="module")
-def mid_served(tmp_path_factory, mid_gguf):
+class MidServed:
     """`agp serve` of the mid model with a chat template that never ends (--chat-template: used
     instead of the model's own, as a template in the .gguf is), shared by the tests of what a
     victim stream notices: raw prompts need no template, so its streams and the 10 MB body never
-    meet it. The url."""
-    folder = tmp_path_factory.mktemp("mid_served")
-    loop = folder / "loop.jinja"
-    loop.write_text("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}")
-    # 4000 tokens of KV: 48 MiB
-    proc, url = start_serve(folder, mid_gguf, "--chat-template", str(loop), budget="64MiB")
-    with reaped(proc):
-        yield url
+    meet it. Started for the first test that asks (`url`), stopped by the last (an idle server
+    still costs some CPU), started again for a later one."""
+
+    def __init__(self, folder: Path, model):
+        self.folder, self.model, self.proc = folder, model, None
+        self.loop = folder / "loop.jinja"
+        self.loop.write_text("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}")
+
+    def url(self) -> str:
+        if self.proc is None or self.proc.poll() is not None:
+            # 4000 tokens of KV: 48 MiB
+            self.proc, self._url = start_serve(self.folder, self.model, "--chat-template", str(self.loop),
+                                               budget="64MiB")
+        return self._url
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            reap(self.proc)
+
+
+@pytest.fixture(scope="module")
+def mid_served(tmp_path_factory, mid_gguf):
+    served = MidServed(tmp_path_factory.mktemp("mid_served"), mid_gguf)
+    try:
+        yield served
+    finally:
+        served.stop()
 
 
 def test_a_10mb_prompt_does_not_stall_a_running_stream(tmp_path, mid_served):
     big = tmp_path / "big.json"
     big.write_text(json.dumps({"prompt": "word " * 2_000_000, "max_tokens": 4}))        # 10 MB
-    status, text, gaps = while_a_stream_runs(mid_served, big, "/v1/completions")
+    status, text, gaps = while_a_stream_runs(mid_served.url(), big, "/v1/completions")
     assert status == 413 and "body_too_large" in text
     assert gaps and max(gaps) < STALL, gaps
 
 
 def test_a_chat_template_that_never_ends_fails_its_request_only(tmp_path, mid_served):
-    # the mid model served with a template that never ends (the fixture)
+    # the mid model served with a template that never ends (the fixture; the last of its tests)
     chat = tmp_path / "chat.json"
     chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}))
     # raw prompts need no template: the victim goes on while the template runs its 2 s
-    status, text, gaps = while_a_stream_runs(mid_served, chat, "/v1/chat/completions")
+    try:
+        status, text, gaps = while_a_stream_runs(mid_served.url(), chat, "/v1/chat/completions")
+    finally:
+        mid_served.stop()
     assert status == 400 and "did not finish within" in text
     # the template runs to its limit: had it run on the engine's loop, one gap would be as long as
     # that; a busy machine's hiccups are shorter (1.4 s seen at load 11: above STALL)
@@ -412,20 +433,13 @@ SPIN_TEMPLATE = ("{% if spin %}{% for i in range(100000) %}{% for j in range(100
                  "{% endif %}" + CHAT_TEMPLATE)
 
 
-@pytest.fixture(scope="module")
-def spin_server(tmp_path_factory):
-    """A LiveServer of a model whose chat template spins while `chat_template_kwargs` say so,
-    shared by the tests of spinning requests (each waits for its own to end)."""
-    s = LiveServer(write_tiny_gguf(tmp_path_factory.mktemp("spin") / "spin.gguf", chat_template=SPIN_TEMPLATE))
-    yield s
-    s.close()
-
-
 @contextlib.contextmanager
-def _spinning(s, route: str, body: dict, spinning: int):
-    """`spinning` requests of `body` to `route` of the spin server `s`, kept in its template, each
-    on a thread of its own: yields (the server, the answers of those that ended); each is a 400
-    once they have all ended."""
+def _spinning(tmp_path, route: str, body: dict, spinning: int):
+    """A LiveServer of a model whose chat template spins while `chat_template_kwargs` say so, and
+    `spinning` requests of `body` to `route` kept in it, each on a thread of its own: yields
+    (the server, the answers of those that ended); each is a 400 once they have all ended."""
+    model = write_tiny_gguf(tmp_path / "spin.gguf", chat_template=SPIN_TEMPLATE)
+    s = LiveServer(model)
     ended = []
     threads = [threading.Thread(target=lambda: ended.append(httpx.post(s.url + route, json=body, timeout=120)))
                for _ in range(spinning)]
@@ -436,10 +450,11 @@ def _spinning(s, route: str, body: dict, spinning: int):
     finally:
         for t in threads:
             t.join()
+        s.close()
     assert [r.status_code for r in ended] == [400] * spinning
 
 
-def test_chat_templates_kept_running_by_requests_hold_up_no_other_request(spin_server):
+def test_chat_templates_kept_running_by_requests_hold_up_no_other_request(tmp_path):
     """Each spinning request holds a thread for the template's TEMPLATE_SECONDS; twice as many of
     them as the host pool has threads used to hold every thread that admits requests and hands
     over answers, so a raw prompt waited for them (4 s). Conversations render on threads of
@@ -447,7 +462,7 @@ def test_chat_templates_kept_running_by_requests_hold_up_no_other_request(spin_s
     while every spinning request is still in its template."""
     spinning = 2 * ITEM_WORKERS
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "chat_template_kwargs": {"spin": True}}
-    with _spinning(spin_server, "/v1/chat/completions", body, spinning) as (s, ended):
+    with _spinning(tmp_path, "/v1/chat/completions", body, spinning) as (s, ended):
         s.stats_when(lambda st: st["in_flight"] == spinning)
         plain = s.http.post(s.url + "/v1/completions", json={"prompt": "hello", "max_tokens": 2}, timeout=120)
         chat = s.http.post(s.url + "/v1/chat/completions", timeout=120, json={
@@ -458,13 +473,13 @@ def test_chat_templates_kept_running_by_requests_hold_up_no_other_request(spin_s
     assert all("did not finish within" in r.json()["error"]["message"] for r in ended)
 
 
-def test_tokenize_requests_kept_in_their_template_hold_up_no_other_request(spin_server):
+def test_tokenize_requests_kept_in_their_template_hold_up_no_other_request(tmp_path):
     """/tokenize renders a conversation on the pipeline's render threads: more spinning ones than
     the threads that parse every request's body used to hold them all, and a plain prompt waited
     for their 2 s."""
     spinning = min(32, (os.cpu_count() or 1) + 4) + 2        # asyncio's default thread pool, and more
     body = {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"spin": True}}
-    with _spinning(spin_server, "/tokenize", body, spinning) as (s, ended):
+    with _spinning(tmp_path, "/tokenize", body, spinning) as (s, ended):
         time.sleep(0.5)                                      # let them reach their template
         plain = s.http.post(s.url + "/v1/completions", json={"prompt": "hello", "max_tokens": 2}, timeout=120)
         still = spinning - len(ended)
