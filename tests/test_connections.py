@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -30,17 +31,25 @@ HUGE = b"Content-Length: 10737418240\r\n"
 
 
 @pytest.fixture(scope="module")
-def serve(tiny_gguf, tmp_path_factory):
-    """`agp serve` on the tiny model with short limits: (process, url, port)."""
+def serving(tiny_gguf, tmp_path_factory):
+    """`agp serve` on the tiny model with short limits, and the keep-alive probe begun on it as it
+    came up (KeepAliveProbe): (process, url, port, probe)."""
     path = tmp_path_factory.mktemp("conn") / "tiny.agp"
     path.write_text(TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=4, timeout=1))
     proc, url = start_agp_serve(str(path), "--threads", "1", "--no-access-log", "--header-timeout", "2",
                                 "--send-timeout", "1", "--body-timeout", "5", "--keep-alive-timeout", "7")
     try:
-        yield proc, url, int(url.rsplit(":", 1)[1])
+        port = int(url.rsplit(":", 1)[1])
+        yield proc, url, port, KeepAliveProbe(port)
     finally:
         proc.terminate()
         proc.communicate(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def serve(serving):
+    """`agp serve` on the tiny model with short limits: (process, url, port)."""
+    return serving[:3]
 
 
 def sockets_of(pid: int) -> int:
@@ -627,31 +636,66 @@ def test_the_next_request_on_a_kept_connection_has_the_header_timeout():
         loop.close()
 
 
-def test_agp_serve_keeps_an_idle_connection_for_its_keep_alive_timeout(serve):
+def served_on(c: socket.socket) -> None:
+    """GET /health on the kept-alive connection `c`: a 200 that keeps it, read whole (the next
+    answer starts clean)."""
+    c.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    head, _, body = head_of_answer(c).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"connection: close" not in head.lower(), head
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")))
+    while len(body) < length:
+        body += c.recv(65536)
+
+
+class KeepAliveProbe:
+    """Two connections to the module's `agp serve --keep-alive-timeout 7` side by side, each
+    answered once as the server came up; then, on a thread of their own (so that their seconds
+    of waiting pass while the module's other tests run), one serves its second request after
+    5.5 s idle, and the other, idle since its first answer, is then closed. `check` waits for
+    the thread and raises what failed."""
+
+    def __init__(self, port: int):
+        self.error: BaseException | None = None
+        self.left_closed = False
+        self.reused, self.left = (socket.create_connection(("127.0.0.1", port)) for _ in range(2))
+        self.thread = threading.Thread(target=self._idle, daemon=True)
+        try:
+            served_on(self.left)
+            served_on(self.reused)
+        except Exception as e:                                 # told by the test of keep-alive
+            self.error = e
+            self._close()
+        else:
+            self.thread.start()
+
+    def _idle(self) -> None:
+        try:
+            time.sleep(5.5)                                    # past the old 5 s, within --keep-alive-timeout 7
+            served_on(self.reused)
+            self.left_closed = closed_within(self.left, 30)   # idle since its answer: closed at 7 s
+        except Exception as e:
+            self.error = e
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        self.reused.close()
+        self.left.close()
+
+    def check(self) -> None:
+        if self.thread.is_alive():
+            self.thread.join(60)
+        if self.error is not None:
+            raise self.error
+        assert self.left_closed, "the connection left idle was not closed"
+
+
+def test_agp_serve_keeps_an_idle_connection_for_its_keep_alive_timeout(serving):
     """Through `agp serve --keep-alive-timeout 7` (the fixture): a connection idle past uvicorn's
     5 s serves the next request (uvicorn had closed it: the request found the connection closed);
     left idle, the server closes it. Two connections side by side, so that one wait shows both:
     one serves its second request after 5.5 s idle, and the other, idle since its first answer,
-    is then closed (the idle time counted again from each answer: the test on the protocol above)."""
-    _, _, port = serve
-    request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-
-    def served(c: socket.socket) -> None:
-        c.sendall(request)
-        head, _, body = head_of_answer(c).partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 200 ") and b"connection: close" not in head.lower(), head
-        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                          if line.lower().startswith(b"content-length:")))
-        while len(body) < length:                          # the whole answer: the next one starts clean
-            body += c.recv(65536)
-
-    reused, left = socket.create_connection(("127.0.0.1", port)), socket.create_connection(("127.0.0.1", port))
-    try:
-        served(left)
-        served(reused)
-        time.sleep(5.5)                                    # past the old 5 s, within --keep-alive-timeout 7
-        served(reused)
-        assert closed_within(left, 30)                    # idle since its answer: closed at 7 s
-    finally:
-        reused.close()
-        left.close()
+    is then closed (the idle time counted again from each answer: the test on the protocol above).
+    The probe began as the module's server came up, its wait passing while the other tests ran."""
+    serving[3].check()

@@ -19,7 +19,7 @@ import flowkit
 import httpx
 import pytest
 
-from clikit import agp_child, agp_in, reaped
+from clikit import agp_child, agp_in, reap, reaped
 from pipeline_dsl.engine.tokenizer import TEMPLATE_SECONDS
 from pipeline_dsl.plan import ITEM_WORKERS
 from test_serve import LiveServer, TINY, start_agp_serve
@@ -372,27 +372,56 @@ def while_a_stream_runs(url: str, body_file: Path, route: str) -> tuple[int, str
     return status, text, victim.gaps_during(t0, t1)
 
 
-def test_a_10mb_prompt_does_not_stall_a_running_stream(tmp_path, mid_gguf):
-    proc, url = start_serve(tmp_path, mid_gguf, budget="64MiB")       # 4000 tokens of KV: 48 MiB
-    with reaped(proc):
-        big = tmp_path / "big.json"
-        big.write_text(json.dumps({"prompt": "word " * 2_000_000, "max_tokens": 4}))        # 10 MB
-        status, text, gaps = while_a_stream_runs(url, big, "/v1/completions")
+class MidServed:
+    """`agp serve` of the mid model with a chat template that never ends (--chat-template: used
+    instead of the model's own, as a template in the .gguf is), shared by the tests of what a
+    victim stream notices: raw prompts need no template, so its streams and the 10 MB body never
+    meet it. Started for the first test that asks (`url`), stopped by the last (an idle server
+    still costs some CPU), started again for a later one."""
+
+    def __init__(self, folder: Path, model):
+        self.folder, self.model, self.proc = folder, model, None
+        self.loop = folder / "loop.jinja"
+        self.loop.write_text("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}")
+
+    def url(self) -> str:
+        if self.proc is None or self.proc.poll() is not None:
+            # 4000 tokens of KV: 48 MiB
+            self.proc, self._url = start_serve(self.folder, self.model, "--chat-template", str(self.loop),
+                                               budget="64MiB")
+        return self._url
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            reap(self.proc)
+
+
+@pytest.fixture(scope="module")
+def mid_served(tmp_path_factory, mid_gguf):
+    served = MidServed(tmp_path_factory.mktemp("mid_served"), mid_gguf)
+    try:
+        yield served
+    finally:
+        served.stop()
+
+
+def test_a_10mb_prompt_does_not_stall_a_running_stream(tmp_path, mid_served):
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps({"prompt": "word " * 2_000_000, "max_tokens": 4}))        # 10 MB
+    status, text, gaps = while_a_stream_runs(mid_served.url(), big, "/v1/completions")
     assert status == 413 and "body_too_large" in text
     assert gaps and max(gaps) < STALL, gaps
 
 
-def test_a_chat_template_that_never_ends_fails_its_request_only(tmp_path, mid_gguf):
-    # the mid model served with a template that never ends (--chat-template: used instead of the
-    # model's own, as a template in the .gguf is)
-    loop = tmp_path / "loop.jinja"
-    loop.write_text("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}")
-    proc, url = start_serve(tmp_path, mid_gguf, "--chat-template", str(loop), budget="64MiB")
-    with reaped(proc):
-        chat = tmp_path / "chat.json"
-        chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}))
-        # raw prompts need no template: the victim goes on while the template runs its 2 s
-        status, text, gaps = while_a_stream_runs(url, chat, "/v1/chat/completions")
+def test_a_chat_template_that_never_ends_fails_its_request_only(tmp_path, mid_served):
+    # the mid model served with a template that never ends (the fixture; the last of its tests)
+    chat = tmp_path / "chat.json"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}))
+    # raw prompts need no template: the victim goes on while the template runs its 2 s
+    try:
+        status, text, gaps = while_a_stream_runs(mid_served.url(), chat, "/v1/chat/completions")
+    finally:
+        mid_served.stop()
     assert status == 400 and "did not finish within" in text
     # the template runs to its limit: had it run on the engine's loop, one gap would be as long as
     # that; a busy machine's hiccups are shorter (1.4 s seen at load 11: above STALL)
@@ -567,11 +596,12 @@ def hold_end(item, chunks):
                                        (signal.SIGKILL, -9)])
 def test_ctrl_c_stops_agp_run_cleanly_and_resume_finishes_the_job(tmp_path, tiny_gguf, sig, code):
     # a python stage holds every request but the first two until agp has exited: the run is
-    # interrupted with requests in flight however fast the machine (a tiny model answers all 40
-    # in half a second, quicker than a busy test could see two lines and signal). The hold, not
-    # an answer's length, keeps them in flight: 8 tokens each (the --resume run generates the
-    # other 38 answers in full, 60 tokens each made it 2,280 decode tokens on a batch of four)
-    n = 40
+    # interrupted with requests in flight however fast the machine (a tiny model answers all of
+    # them in a fraction of a second, quicker than a busy test could see two lines and signal).
+    # The hold, not an answer's length or their number, keeps them in flight: 16 requests of 8
+    # tokens each (the --resume run generates the other 14 answers in full; 40 of them, 60
+    # tokens each, made it 2,280 decode tokens on a batch of four)
+    n = 16
     inp = tmp_path / "in.jsonl"
     inp.write_text("\n".join(json.dumps({"id": f"q{i}", "prompt": f"hello {i}", "max_tokens": 8,
                                          "ignore_eos": True}) for i in range(n)) + "\n")
@@ -648,13 +678,14 @@ class InFlight:
             t.join(60)
 
 
-def test_a_drain_that_times_out_says_so_to_every_client_and_in_the_exit_status(tmp_path, mid_gguf):
-    # held answers: all four are still in flight when the 1 s drain ends (480 tokens take ~8 s
-    # here; a faster machine could finish them inside the drain)
-    pipeline = held_pipeline(tmp_path, mid_gguf, budget="32MiB")
-    proc, url = start_serve(tmp_path, mid_gguf, "--drain-timeout", "1", pipeline=pipeline)
+def test_a_drain_that_times_out_says_so_to_every_client_and_in_the_exit_status(tmp_path, tiny_gguf):
+    # held answers: all four are still in flight when the 1 s drain ends, however fast the
+    # machine generates: the hold, not the answers' length, keeps them (16 tokens: each stream
+    # has begun, and the engine is idle while the drain waits)
+    pipeline = held_pipeline(tmp_path, tiny_gguf)
+    proc, url = start_serve(tmp_path, tiny_gguf, "--drain-timeout", "1", pipeline=pipeline)
     with reaped(proc):
-        held = InFlight(url, {"prompt": "hello", "max_tokens": 480, "ignore_eos": True}, streams=3)
+        held = InFlight(url, {"prompt": "hello", "max_tokens": 16, "ignore_eos": True}, streams=3)
         proc.send_signal(signal.SIGTERM)
         held.join()
         err = proc.communicate(timeout=60)[1]
@@ -695,51 +726,51 @@ def test_half_sent_requests_are_closed_and_slow_bodies_get_408(tiny_gguf):
         s.close()
 
 
-def test_a_foreign_host_header_is_refused(tiny_gguf):
-    s = LiveServer(tiny_gguf, allowed_hosts=("127.0.0.1", "localhost"))
-    try:
-        ok = s.http.get(s.url + "/health")
-        assert ok.status_code == 200
-        r = s.http.get(s.url + "/health", headers={"host": "attacker.example"})
-        assert_openai_error(r, 400, "Host header")
-    finally:
-        s.close()
+@pytest.fixture(scope="module")
+def hosts_server(tiny_gguf):
+    """A server that allows the Host headers of 127.0.0.1, ::1 and localhost (as `agp serve
+    --host 127.0.0.1` and `--host ::1` allow theirs), shared by the tests of Host headers."""
+    s = LiveServer(tiny_gguf, allowed_hosts=("127.0.0.1", "::1", "localhost"))
+    yield s
+    s.close()
 
 
-def test_an_ipv6_host_header_in_brackets_is_answered(tiny_gguf):
+def test_a_foreign_host_header_is_refused(hosts_server):
+    s = hosts_server
+    ok = s.http.get(s.url + "/health")
+    assert ok.status_code == 200
+    r = s.http.get(s.url + "/health", headers={"host": "attacker.example"})
+    assert_openai_error(r, 400, "Host header")
+
+
+def test_an_ipv6_host_header_in_brackets_is_answered(hosts_server):
     # a server on ::1 (`agp serve --host ::1` allows "::1") is called as http://[::1]:PORT/, so its
     # Host header is "[::1]:PORT" (RFC 3986 brackets), with or without the port
-    s = LiveServer(tiny_gguf, allowed_hosts=("::1", "localhost"))
-    try:
-        for host in (f"[::1]:{s.port}", "[::1]", "[::1]:8000"):
-            r = s.http.get(s.url + "/health", headers={"host": host})
-            assert r.status_code == 200, (host, r.text[:200])
-        r = s.http.get(s.url + "/health", headers={"host": "[::2]:8000"})
-        assert_openai_error(r, 400, "Host header")
-    finally:
-        s.close()
+    s = hosts_server
+    for host in (f"[::1]:{s.port}", "[::1]", "[::1]:8000"):
+        r = s.http.get(s.url + "/health", headers={"host": host})
+        assert r.status_code == 200, (host, r.text[:200])
+    r = s.http.get(s.url + "/health", headers={"host": "[::2]:8000"})
+    assert_openai_error(r, 400, "Host header")
 
 
-def test_an_http_1_0_request_without_a_host_header_is_answered(tiny_gguf):
+def test_an_http_1_0_request_without_a_host_header_is_answered(hosts_server):
     # HTTP/1.0 lets a client leave Host out (HAProxy's default health check: OPTIONS / HTTP/1.0);
     # it was refused as a foreign host, 400, so such a probe marked the server down
-    s = LiveServer(tiny_gguf, allowed_hosts=("127.0.0.1", "localhost"))
-    try:
-        for raw in (b"GET /health HTTP/1.0\r\n\r\n",
-                    b"POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: 33\r\n\r\n"
-                    b'{"prompt": "hi", "max_tokens": 2}'):
-            c = socket.create_connection(("127.0.0.1", s.port))
-            c.sendall(raw)
-            answer = b""
-            c.settimeout(60)
-            while chunk := c.recv(65536):                 # HTTP/1.0: the server closes after the answer
-                answer += chunk
-            c.close()
-            assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
-            body = json.loads(answer.partition(b"\r\n\r\n")[2])
-            assert body.get("status") == "ok" or body["usage"]["completion_tokens"] == 2, body
-    finally:
-        s.close()
+    s = hosts_server
+    for raw in (b"GET /health HTTP/1.0\r\n\r\n",
+                b"POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: 33\r\n\r\n"
+                b'{"prompt": "hi", "max_tokens": 2}'):
+        c = socket.create_connection(("127.0.0.1", s.port))
+        c.sendall(raw)
+        answer = b""
+        c.settimeout(60)
+        while chunk := c.recv(65536):                 # HTTP/1.0: the server closes after the answer
+            answer += chunk
+        c.close()
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+        body = json.loads(answer.partition(b"\r\n\r\n")[2])
+        assert body.get("status") == "ok" or body["usage"]["completion_tokens"] == 2, body
 
 
 @pytest.mark.usefixtures("fresh_flowkit")

@@ -30,34 +30,60 @@ UNREAD = 64            # --max-unread-tokens of the server under test
 MAX_TOKENS = 3000      # each stalled stream's: far more than its socket's buffers hold
 
 
+def low_soft_files():
+    """A preexec_fn that starts a child under a soft limit of 256 open files, its hard limit as
+    it is; None where the hard limit is under 1024 (no room to show the server raising its own)."""
+    resource = pytest.importorskip("resource")
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 1024:
+        return None
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+
 class Served:
     """An `agp serve` child on the tiny model with a 4096-token context (batch of 4, KV for 16k
     tokens) and `flags`, shared by a module's tests: started for the first test that asks, and
-    again for the next one where a test stopped it (a test of its shutdown)."""
+    again for the next one where a test stopped it (a test of its shutdown); its log read as it
+    comes (`log`). `preexec_fn` goes to the child's Popen (a lower open-files limit)."""
 
-    def __init__(self, long_gguf, folder, *flags: str):
+    def __init__(self, long_gguf, folder, *flags: str, preexec_fn=None):
         self.path = folder / "tiny.agp"
         self.path.write_text(TINY.format(model=long_gguf, max_queue=64, max_batch_size=4, timeout=1)
                              .replace("1MiB", "8MiB"))
-        self.flags, self.proc = flags, None
+        self.flags, self.proc, self.preexec_fn = flags, None, preexec_fn
 
     def get(self) -> tuple[subprocess.Popen, str, int]:
         """(process, url, port) of the running server."""
         if self.proc is None or self.proc.poll() is not None:
-            self.proc, self.url = start_agp_serve(str(self.path), "--threads", "1", *self.flags)
+            self.proc, self.url = start_agp_serve(str(self.path), "--threads", "1", *self.flags,
+                                                  preexec_fn=self.preexec_fn)
+            self.lines: list[str] = []
+            self.reader = threading.Thread(target=self.lines.extend, args=(self.proc.stderr,), daemon=True)
+            self.reader.start()
         return self.proc, self.url, int(self.url.rsplit(":", 1)[1])
+
+    def log(self) -> str:
+        """What the running (or last) server logged so far."""
+        return "".join(self.lines)
+
+    def exit_log(self, timeout: float) -> str:
+        """Once the server has exited (within `timeout`): its whole log."""
+        self.proc.wait(timeout=timeout)
+        self.reader.join(60)
+        return self.log()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.communicate(timeout=60)
+            self.exit_log(60)
 
 
 @pytest.fixture(scope="module")
 def cutting(long_gguf, tmp_path_factory):
-    """The server that cuts only for unread tokens (its tests share it; the last stops it)."""
+    """The server that cuts only for unread tokens (its tests share it; the last stops it),
+    started under a soft limit of 256 open files where the hard one is higher (it raises its own)."""
     served = Served(long_gguf, tmp_path_factory.mktemp("slow"), "--no-access-log", "--send-timeout", "600",
-                    "--max-unread-tokens", str(UNREAD), "--pause-unread-tokens", "0")
+                    "--max-unread-tokens", str(UNREAD), "--pause-unread-tokens", "0", preexec_fn=low_soft_files())
     try:
         yield served
     finally:
@@ -249,7 +275,7 @@ def test_stalled_readers_are_paused_out_of_the_batch_while_others_stream_and_go_
             c.close()
 
 
-def test_a_client_whose_tcp_takes_nothing_pauses_its_stream_before_any_token_queues(long_gguf, tmp_path):
+def test_a_client_whose_tcp_takes_nothing_pauses_its_stream_before_any_token_queues(limited):
     """A client that reads nothing of a 2,000-token stream, against a server whose unread-token
     pause and cut are out of reach: the server sees its TCP take nothing (no byte acknowledged
     while some wait) and pauses the stream (out of the batch, KV blocks freed) without a token
@@ -258,49 +284,40 @@ def test_a_client_whose_tcp_takes_nothing_pauses_its_stream_before_any_token_que
     end for a client that read none of it, a thousand of its tokens in the kernel's buffers.
     The pause comes about a second after the client's 4 KiB receive buffer filled, some 1.5 s
     in: 300 to 1,000 tokens here, as fast as the machine generates; the stall was told 3 s in,
-    1,500 to 1,950 tokens, or past the end.)"""
-    path = tmp_path / "tiny.agp"
-    path.write_text(TINY.format(model=long_gguf, max_queue=64, max_batch_size=4, timeout=1).replace("1MiB", "8MiB"))
-    proc, url = start_agp_serve(str(path), "--threads", "1", "--no-access-log", "--send-timeout", "600",
-                                "--pause-unread-tokens", "100000", "--max-unread-tokens", "200000")
-    port = int(url.rsplit(":", 1)[1])
-    try:
-        before = scrape(url)
-        with stalled_stream(port, "hello world", max_tokens=2000, logprobs=None) as c:
-            def paused():
-                m = scrape(url)
-                return m["agp_streams_paused_total"] - before.get("agp_streams_paused_total", 0) >= 1 \
-                    and m["agp_num_requests_running"] == 0 and m["agp_kv_blocks_used"] == 0
-            assert wait_for(paused, 120)
-            generated = scrape(url)["agp_generation_tokens_total"] - before["agp_generation_tokens_total"]
-            assert generated < 2000
-            events = [line[6:] for line in unchunked(read_to_end(c)).decode().split("\n") if line.startswith("data: ")]
-        assert events[-1] == "[DONE]" and not any('"error"' in e for e in events)
-        assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
-        assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
-        assert scrape(url)["agp_generation_tokens_total"] - before["agp_generation_tokens_total"] == 2000
-    finally:
-        proc.terminate()
-        proc.communicate(timeout=60)
+    1,500 to 1,950 tokens, or past the end.) On the module's server under a limit of 256 open
+    files, its pause and cut for unread tokens and --send-timeout out of reach."""
+    limited.quiet()
+    url, port = limited.url, limited.port
+    before = scrape(url)
+    with stalled_stream(port, "hello world", max_tokens=2000, logprobs=None) as c:
+        def paused():
+            m = scrape(url)
+            return m["agp_streams_paused_total"] - before.get("agp_streams_paused_total", 0) >= 1 \
+                and m["agp_num_requests_running"] == 0 and m["agp_kv_blocks_used"] == 0
+        assert wait_for(paused, 120)
+        generated = scrape(url)["agp_generation_tokens_total"] - before["agp_generation_tokens_total"]
+        assert generated < 2000
+        events = [line[6:] for line in unchunked(read_to_end(c)).decode().split("\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and not any('"error"' in e for e in events)
+    assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+    assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
+    assert scrape(url)["agp_generation_tokens_total"] - before["agp_generation_tokens_total"] == 2000
 
 
-def test_a_client_that_reads_its_stream_is_never_cut_however_long_the_answer(long_gguf):
+def test_a_client_that_reads_its_stream_is_never_cut_however_long_the_answer(serve):
     """--max-unread-tokens counts the tokens waiting for the client, not those it has read: a
-    stream read as it comes runs to its max_tokens, far past the bound, with no error."""
-    from test_serve import LiveServer
-
-    s = LiveServer(long_gguf, max_unread_tokens=200)
-    try:
-        body = {"prompt": "hi", "max_tokens": 1000, "ignore_eos": True, "stream": True,
-                "stream_options": {"include_usage": True}}
-        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=120) as r:
-            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
-        assert r.status_code == 200 and lines[-1] == "data: [DONE]"
-        assert not any('"error"' in line for line in lines), [line for line in lines if '"error"' in line]
-        assert json.loads(lines[-2][6:])["usage"]["completion_tokens"] == 1000
-        assert s.metric("agp_streams_cut_unread_total") == 0
-    finally:
-        s.close()
+    stream read as it comes runs to its max_tokens, far past the bound (the module's server's
+    64: 500 tokens), with no error."""
+    _, url, _ = serve
+    before = scrape(url).get("agp_streams_cut_unread_total", 0)
+    body = {"prompt": "hi", "max_tokens": 500, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert r.status_code == 200 and lines[-1] == "data: [DONE]"
+    assert not any('"error"' in line for line in lines), [line for line in lines if '"error"' in line]
+    assert json.loads(lines[-2][6:])["usage"]["completion_tokens"] == 500
+    assert scrape(url).get("agp_streams_cut_unread_total", 0) == before
 
 
 def test_clients_gone_mid_stream_give_the_kv_pool_back_at_once(serve):
@@ -537,6 +554,27 @@ def test_a_stream_whose_client_stalls_pauses_and_goes_on_once_the_client_takes_b
         loop.close()
 
 
+def test_hundreds_of_idle_connections_leave_room_for_a_request_under_a_low_open_files_limit(cutting):
+    """Started under a soft limit of 256 open files (the hard one higher: the module's server
+    that cuts for unread tokens is), the server raises its own: 400 connections that send
+    nothing, and a request still gets its answer. (Before: the server ran out of descriptors,
+    and the request was dropped unanswered.)"""
+    if cutting.preexec_fn is None:
+        resource = pytest.importorskip("resource")
+        pytest.skip(f"the hard open-files limit is {resource.getrlimit(resource.RLIMIT_NOFILE)[1]}")
+    _, url, port = cutting.get()
+    idle = []
+    try:
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(400)]
+        r = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"]
+    finally:
+        for c in idle:
+            c.close()
+    assert wait_for(lambda: "open files" in cutting.log(), 60), cutting.log()[-3000:]     # its startup line
+    assert "too few" not in cutting.log(), cutting.log()[-3000:]
+
+
 @contextlib.contextmanager
 def _two_stalled_streams(port: int):
     """Two streams whose clients read nothing; their sockets closed after."""
@@ -548,17 +586,17 @@ def _two_stalled_streams(port: int):
             c.close()
 
 
-def test_a_shutdown_cuts_the_connections_of_clients_that_read_nothing_without_a_traceback(serve):
+def test_a_shutdown_cuts_the_connections_of_clients_that_read_nothing_without_a_traceback(cutting):
     """SIGTERM with two stalled streams (their requests already cut): the server closes their
     connections and exits 0 at once. (Before: uvicorn waited its graceful 5 s on the writes that
     could not go, then cancelled them and logged an ERROR with a traceback per connection.)
     The module's server, stopped here: no test before this one left a traceback in its log either."""
-    proc, url, port = serve
+    proc, url, port = cutting.get()
     before = scrape(url).get("agp_streams_cut_unread_total", 0)
     with _two_stalled_streams(port):
         assert wait_for(lambda: scrape(url)["agp_streams_cut_unread_total"] - before == 2, 120)
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
+        err = cutting.exit_log(60)
         assert proc.returncode == 0, err[-2000:]
         bad = [i for i in (err.find("Traceback"), err.find("Exception in ASGI application")) if i >= 0]
         assert not bad, err[max(0, min(bad) - 1000):][:4000]       # the log around it, not the log's end
@@ -575,51 +613,25 @@ def test_a_shutdown_lets_paused_streams_go_on_rather_than_wait_for_their_readers
     with _two_stalled_streams(port):
         assert wait_for(lambda: scrape(url)["agp_streams_paused_total"] - before >= 2, 120)
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=300)
+        err = pausing.exit_log(300)
         assert proc.returncode == 0 and "stopped (drained)" in err, err[-3000:]
         assert "Traceback" not in err, err[-3000:]
 
 
-def test_hundreds_of_idle_connections_leave_room_for_a_request_under_a_low_open_files_limit(long_gguf, tmp_path):
-    """Started under a soft limit of 256 open files (the hard one higher), the server raises its
-    own: 400 connections that send nothing, and a request still gets its answer. (Before: the
-    server ran out of descriptors, and the request was dropped unanswered.)"""
-    resource = pytest.importorskip("resource")
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and hard < 1024:
-        pytest.skip(f"the hard open-files limit is {hard}")
-    path = tmp_path / "tiny.agp"
-    path.write_text(TINY.format(model=long_gguf, max_queue=64, max_batch_size=4, timeout=1))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))        # the child inherits it
-    try:
-        proc, url = start_agp_serve(str(path), "--threads", "1", "--no-access-log")
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    idle = []
-    try:
-        port = int(url.rsplit(":", 1)[1])
-        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(400)]
-        r = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 4}, timeout=60)
-        assert r.status_code == 200 and r.json()["choices"][0]["text"]
-    finally:
-        for c in idle:
-            c.close()
-        proc.terminate()
-        _, err = proc.communicate(timeout=60)
-    assert "open files" in err and "too few" not in err
-
-
 class Limited:
     """agp serve on the tiny model under a hard limit of 256 open files (the server cannot raise
-    it), its header timeout long enough that no idle connection is closed by it; its log read as
-    it comes (`log`), so that each of the tests sharing it sees what its own connections caused."""
+    it), its header timeout long enough that no idle connection is closed by it, its pause and cut
+    for unread tokens and its --send-timeout out of reach of a stalled stream of 2,000 tokens; its
+    log read as it comes (`log`), so that each of the tests sharing it sees what its own
+    connections caused."""
 
     def __init__(self, long_gguf, folder):
         resource = pytest.importorskip("resource")
         path = folder / "tiny.agp"
-        path.write_text(TINY.format(model=long_gguf, max_queue=64, max_batch_size=4, timeout=1))
+        path.write_text(TINY.format(model=long_gguf, max_queue=64, max_batch_size=4, timeout=1).replace("1MiB", "8MiB"))
         self.proc, self.url = start_agp_serve(
-            str(path), "--threads", "1", "--no-access-log", "--header-timeout", "300",
+            str(path), "--threads", "1", "--no-access-log", "--header-timeout", "300", "--send-timeout", "600",
+            "--pause-unread-tokens", "100000", "--max-unread-tokens", "200000",
             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)))
         self.port = int(self.url.rsplit(":", 1)[1])
         self.sockets = sockets_of(self.proc.pid)         # listening, no connection open
@@ -645,7 +657,8 @@ class Limited:
 
 @pytest.fixture(scope="module")
 def limited(long_gguf, tmp_path_factory):
-    """The server under a hard limit of 256 open files, shared by the tests of that limit."""
+    """The server under a hard limit of 256 open files, shared by the tests of that limit and
+    the test of a client whose TCP takes nothing."""
     served = Limited(long_gguf, tmp_path_factory.mktemp("limited"))
     try:
         yield served

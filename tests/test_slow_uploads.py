@@ -11,6 +11,7 @@ import socket
 import time
 
 import httpx
+import pytest
 
 from test_connections import wait_for
 from test_serve import LiveServer
@@ -55,9 +56,29 @@ def arriving(s: LiveServer, bodies: int, nbytes: int | None = None) -> bool:
         (nbytes is None or s.metric("agp_http_body_bytes_arriving") == nbytes)
 
 
-def test_uploads_still_arriving_hold_no_connection_slot(tiny_gguf):
-    # 12 slow uploaders, 2 slots: each held a slot until its body timed out, and a fast request got 503
+@pytest.fixture(scope="module")
+def patient(tiny_gguf):
+    """A server whose request bodies may take 600 s (--body-timeout) and that has 2 connection
+    slots (--max-connections), shared by the tests of bodies still arriving; each waits until no
+    body of another test's is arriving."""
     s = LiveServer(tiny_gguf, header_timeout=30, max_connections=2, body_timeout_s=600)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def strict(tiny_gguf):
+    """A server that answers 408 to a body that pauses 0.5 s (--body-timeout) or, that grace
+    past, arrives slower than 1000 bytes/s (--body-min-rate), shared by the tests of those."""
+    s = LiveServer(tiny_gguf, header_timeout=30, body_timeout_s=0.5, body_min_rate=1000)
+    yield s
+    s.close()
+
+
+def test_uploads_still_arriving_hold_no_connection_slot(patient):
+    # 12 slow uploaders, 2 slots: each held a slot until its body timed out, and a fast request got 503
+    s = patient
+    assert wait_for(lambda: arriving(s, 0, 0), WAIT_S)
     slow = []
     try:
         slow = [upload(s.port, 200, 10) for _ in range(12)]
@@ -74,7 +95,6 @@ def test_uploads_still_arriving_hold_no_connection_slot(tiny_gguf):
     finally:
         for c in slow:
             c.close()
-        s.close()
 
 
 def test_the_bytes_of_bodies_arriving_are_bounded_all_together(tiny_gguf):
@@ -137,28 +157,30 @@ def trickle(c: socket.socket, piece: bytes, pause_s: float) -> tuple[int, dict, 
     return answer(c)
 
 
-def test_a_body_slower_than_the_minimum_rate_is_a_408_and_counted(tiny_gguf):
-    s = LiveServer(tiny_gguf, header_timeout=30, body_timeout_s=0.5, body_min_rate=1000)
+def test_a_body_slower_than_the_minimum_rate_is_a_408_and_counted(strict):
+    s = strict
     c = None
     try:
+        http_408 = s.metric("agp_http_requests_total", '{handler="/v1/completions",status="408"}', default=0.0)
+        requests_408 = s.metric("agp_requests_total", '{status="408"}', default=0.0)
         c = upload(s.port, 100000, 10)
         status, _, text = trickle(c, b" ", 0.05)   # ~20 bytes/s
         err = json.loads(text)["error"]
         assert status == 408 and err["code"] == "body_timeout", text
         assert "slower than 1000 bytes/s (--body-min-rate)" in err["message"], err
-        assert s.metric("agp_http_requests_total", '{handler="/v1/completions",status="408"}') == 1
-        assert s.metric("agp_requests_total", '{status="408"}') == 1
+        assert s.metric("agp_http_requests_total", '{handler="/v1/completions",status="408"}') == http_408 + 1
+        assert s.metric("agp_requests_total", '{status="408"}') == requests_408 + 1
         assert httpx.post(s.url + "/v1/completions", content=BODY, headers={"content-type": "application/json"},
                           timeout=WAIT_S).status_code == 200
     finally:
         if c is not None:
             c.close()
-        s.close()
 
 
-def test_a_body_that_pauses_longer_than_the_body_timeout_is_a_408(tiny_gguf):
-    # 5,000 bytes at 10 bytes/s buy 500 s; the pause after them is bounded by --body-timeout still
-    s = LiveServer(tiny_gguf, header_timeout=30, body_timeout_s=0.5, body_min_rate=10)
+def test_a_body_that_pauses_longer_than_the_body_timeout_is_a_408(strict):
+    # 5,000 bytes at 1,000 bytes/s buy 5 s, ten times --body-timeout; the pause after them is
+    # bounded by --body-timeout still
+    s = strict
     c = None
     try:
         c = upload(s.port, 10000, 5000)
@@ -168,16 +190,16 @@ def test_a_body_that_pauses_longer_than_the_body_timeout_is_a_408(tiny_gguf):
     finally:
         if c is not None:
             c.close()
-        s.close()
 
 
-def test_a_compressed_body_still_arriving_holds_its_bytes_as_sent_not_decoded(tiny_gguf):
+def test_a_compressed_body_still_arriving_holds_its_bytes_as_sent_not_decoded(patient):
     # each body inflated piece by piece as it came: 3 KB sent held 3 MiB decoded per upload,
     # outside --max-body-bytes-arriving (20 uploads: 60 MiB, which the budget counted as 60 KB)
     import gzip
     import tracemalloc
 
-    s = LiveServer(tiny_gguf, header_timeout=30, body_timeout_s=600)
+    s = patient
+    assert wait_for(lambda: arriving(s, 0, 0), WAIT_S)
     socks = []
     data = gzip.compress(BODY + b" " * (3 << 20))
     tracemalloc.start()
@@ -198,4 +220,3 @@ def test_a_compressed_body_still_arriving_holds_its_bytes_as_sent_not_decoded(ti
         tracemalloc.stop()
         for c in socks:
             c.close()
-        s.close()
