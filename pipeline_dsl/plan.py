@@ -348,9 +348,11 @@ def _order(step: nx.DiGraph, skew: dict[str, int]):
     return lambda inst: (inst[1] + skew[inst[0]], topo[inst[0]])   # one global issue order
 
 
-def place_events(inst: nx.DiGraph, stream_of, key) -> list[tuple]:
-    """Cross-stream edges of the reduction, minus those implied by stream order + events."""
-    tr = nx.transitive_reduction(inst)
+def place_events(inst: nx.DiGraph, stream_of, key, tr: nx.DiGraph | None = None) -> list[tuple]:
+    """Cross-stream edges of the reduction, minus those implied by stream order + events.
+    `tr`: inst's transitive reduction, when the caller has it already (both event sets of one plan)."""
+    if tr is None:
+        tr = nx.transitive_reduction(inst)
     sync = nx.DiGraph()
     sync.add_nodes_from(inst)
     fifo: dict[str, list] = {}
@@ -490,7 +492,7 @@ def _plan_segment(graph: nx.DiGraph, seg: tuple, window: int, costs, prefix: str
     inst = instance_graph(step, window)
 
     # ours: homogeneous chains, merged per resource class
-    reduced = nx.transitive_reduction(inst)           # once, for both covers
+    reduced = nx.transitive_reduction(inst)           # once, for both covers and both event sets
     chains = path_cover(inst, same_class=True, tr=reduced)
     stream = {}
     for chain in chains:
@@ -501,7 +503,7 @@ def _plan_segment(graph: nx.DiGraph, seg: tuple, window: int, costs, prefix: str
     of = lambda n: stream[n[0]]                       # noqa: E731
     overlap, period, times = simulate(inst, of, key, window)
     anchor, during = beside(inst, of, times, window)
-    kept = place_events(inst, of, key)
+    kept = place_events(inst, of, key, tr=reduced)
     last = window - 1
     names = {res: prefix + res for res in RESOURCES}
     events = tuple(Event(src=u[0].rsplit(".", 1)[0], dst=v[0].rsplit(".", 1)[0],
@@ -515,7 +517,7 @@ def _plan_segment(graph: nx.DiGraph, seg: tuple, window: int, costs, prefix: str
     nof = lambda n: nstream[n]                        # noqa: E731
     nkey = _order(step, {w: 0 for w in step})
     noverlap, _, _ = simulate(inst, nof, nkey, window)
-    nevents = place_events(inst, nof, nkey) if len(nchains) > 1 else []
+    nevents = place_events(inst, nof, nkey, tr=reduced) if len(nchains) > 1 else []
     nimble = Baseline("nimble", len(nchains), sum(1 for _, v in nevents if v[1] == last),
                       round(noverlap, 4))
 

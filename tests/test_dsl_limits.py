@@ -2,8 +2,8 @@
 
 Families: includes of devices, FIFOs and directories; include chains 1,000 files deep, wide
 include trees, include cycles through many files; files over the size cap; huge lists, deep
-nesting, 20,000 parameters, stages, arrows and pipelines; very long lines. `check` and `fmt`
-do linear work, counted in calls (bench/check_scaling.py prints the curve in seconds).
+nesting, thousands of parameters, stages, arrows and pipelines; very long lines. `check` and `fmt`
+do linear work, counted in calls (bench/check_scaling.py prints the curve in seconds up to 20,000).
 """
 
 from __future__ import annotations
@@ -289,22 +289,34 @@ def test_10000_ors_are_one_flat_condition():
         "(no unconditional edge and no `otherwise`)"]
 
 
-# ---------------------------------------------------------------- 20,000 of a kind
+# ---------------------------------------------------------------- 2,000 of a kind
 
-def test_20000_params_in_one_stage_are_20000_positioned_errors(tmp_path):
+def params_text(n: int) -> str:
+    return small_pipeline("p").replace("stage out : respond",
+                                       "stage out : respond { " + " ".join(f"p{i} = {i}" for i in range(n)) + " }")
+
+
+def pipelines_text(n: int) -> str:
+    return "".join(f"pipeline p{i} {{ stage request : requests }}\n" for i in range(n))
+
+
+# 2,000 of a kind: each gets its own positioned error, none is dropped or capped; the work grows
+# linearly, counted in calls between COUNTED, 2x and 4x (a quadratic slip shows at those sizes;
+# at 20,000 it only showed as seconds, which no test asserts)
+def test_2000_params_in_one_stage_are_2000_positioned_errors(tmp_path):
     f = tmp_path / "params.agp"
-    f.write_text(small_pipeline("p").replace("stage out : respond",
-                                             "stage out : respond { " + " ".join(f"p{i} = {i}" for i in range(20_000))
-                                             + " }"))
+    f.write_text(params_text(2_000))
     diags = load(f)
-    assert len(diags) == 20_000 and all(d.message.startswith("unknown parameter") for d in diags)
+    assert len(diags) == 2_000 and all(d.message.startswith("unknown parameter") for d in diags)
     out = cli_check(f, child=False)
-    assert out.count("error: unknown parameter") == 20_000 and len(out) < 20_000 * 600
+    assert out.count("error: unknown parameter") == 2_000 and len(out) < 2_000 * 600
+    assert_linear_work(loads, params_text, COUNTED, "params")
 
 
-def test_20000_pipelines_are_checked(tmp_path):
-    diags = loads("".join(f"pipeline p{i} {{ stage request : requests }}\n" for i in range(20_000)))
-    assert len(diags) == 20_000 and all(d.pos.line == i + 1 for i, d in enumerate(diags))
+def test_2000_pipelines_are_checked(tmp_path):
+    diags = loads(pipelines_text(2_000))
+    assert len(diags) == 2_000 and all(d.pos.line == i + 1 for i, d in enumerate(diags))
+    assert_linear_work(loads, pipelines_text, COUNTED, "pipelines")
 
 
 def calls(fn, *args) -> int:
@@ -343,10 +355,10 @@ def stages_text(shape: str, n: int) -> str:
     return chain_of(n).replace(" -> ".join(f"s{i}" for i in range(n)), " -> ".join(f"t{i}" for i in range(n)))
 
 
-@pytest.mark.parametrize("shape, n", [("chain", 20_000), ("deadend", 2_000), ("undefined", 2_000)])
+@pytest.mark.parametrize("shape, n", [("chain", 2_000), ("deadend", 2_000), ("undefined", 2_000)])
 def test_check_of_many_stages_is_linear(shape, n, monkeypatch):
-    """chain: 20,000 route stages in one statement, a full-size file (was quadratic: the item
-    types a stage can carry were recomputed sweep after sweep); deadend: a chain without the way
+    """chain: 2,000 route stages in one statement (was quadratic: the item types a stage can
+    carry were recomputed sweep after sweep); deadend: a chain without the way
     out (one error at the dead end, was one per stage); undefined: arrows between undefined names
     among as many stages, a did-you-mean each (was quadratic; difflib's comparisons are bounded by
     a budget per list, made small here so the sizes checked and counted are past it). The work of

@@ -15,6 +15,20 @@ EXAMPLES = ROOT / "examples"
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _weights_loaded_once():
+    """The module's runtimes take one loaded copy of each weights they name (the embedded model
+    in auto, int8 and fp32), as one runtime's engines do (engine.models.LoadedModels): each
+    example still builds its own engines, KV pools and stages, without reading and dequantising
+    the file again (seconds a runtime)."""
+    from pipeline_dsl.engine import models
+
+    shared = models.LoadedModels()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(models, "LoadedModels", lambda: shared)
+        yield
+
+
 def run(name: str, requests, **overrides):
     rt = PipelineRuntime(load_graph(EXAMPLES / name), overrides=overrides)     # torch's threads: one a worker
     results = rt.run_all(requests)
