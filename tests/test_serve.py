@@ -19,7 +19,7 @@ import pytest
 import uvicorn
 
 import flowkit
-from clikit import agp, agp_child, reap, reaped
+from clikit import agp_child, agp_in, reap, reaped
 from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
 from pipeline_dsl.flow import build_runtime
 from pipeline_dsl.serve import protocol as P
@@ -952,10 +952,11 @@ def test_sigterm_finishes_in_flight_streams_and_exits_zero(tmp_path, tiny_gguf, 
 
 
 def test_serve_command_reports_bad_input_without_traceback(tmp_path):
-    missing = agp("serve", tmp_path / "nope.agp", "--port", "0")
+    # in this process (what it writes and its exit status are the point, not the process)
+    missing = agp_in("serve", tmp_path / "nope.agp", "--port", "0")
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert "nope.agp" in missing.stderr
-    bad_port = agp("serve", "examples/chat.agp", "--port", "70000")
+    bad_port = agp_in("serve", "examples/chat.agp", "--port", "70000")
     assert bad_port.returncode == 2 and "--port must be between 0 and 65535" in bad_port.stderr
 
 
