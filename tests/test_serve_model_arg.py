@@ -41,27 +41,6 @@ def asked(client):
     return ids, r.json()
 
 
-@pytest.fixture(scope="module")
-def tiny_served(tiny_gguf):
-    """A client of `agp serve TINY.gguf --threads 1`, for the tests that ask that server alone."""
-    serving = build(parse([str(tiny_gguf), "--threads", "1"]))
-    try:
-        with TestClient(serving.app, base_url="http://localhost") as client:   # a Host it answers
-            yield client
-    finally:
-        serving.runtime.close()
-
-
-@pytest.mark.parametrize("kind", ["gguf", "hf"])
-def test_a_model_is_served_under_the_name_it_was_given_as(kind, tiny_gguf, tmp_path, request):
-    model = str(tiny_gguf if kind == "gguf" else write_tiny_hf_folder(tmp_path / "tiny-hf", tiny_gguf))
-    ids, answer = asked(request.getfixturevalue("tiny_served")) if kind == "gguf" else served([model])
-    assert ids[0] == model                       # vLLM: the served name is the model as given
-    assert answer["model"] == model and answer["usage"]["completion_tokens"] == 2
-    ids, answer = served([model, "--served-model-name", "mine"])
-    assert ids[0] == "mine" and model not in ids and answer["model"] == "mine"
-
-
 def test_a_pipeline_file_is_still_served_as_one(tiny_gguf, tmp_path):
     from test_serve import TINY
 
@@ -217,3 +196,26 @@ def test_a_min_tokens_above_the_completions_default_of_16_is_refused_as_when_16_
     assert invoked.status_code == 400 and invoked.json()["error"] == default.json()["error"]
     assert within.status_code == 200 and within.json()["usage"]["completion_tokens"] == 16
     assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] == 24
+
+
+@pytest.fixture(scope="module")
+def tiny_served(tiny_gguf):
+    """A client of `agp serve TINY.gguf --threads 1`, for the tests that ask that server alone (last
+    in the module: it stays up until the module's end, and an idle engine still wakes every few
+    milliseconds)."""
+    serving = build(parse([str(tiny_gguf), "--threads", "1"]))
+    try:
+        with TestClient(serving.app, base_url="http://localhost") as client:   # a Host it answers
+            yield client
+    finally:
+        serving.runtime.close()
+
+
+@pytest.mark.parametrize("kind", ["gguf", "hf"])
+def test_a_model_is_served_under_the_name_it_was_given_as(kind, tiny_gguf, tmp_path, request):
+    model = str(tiny_gguf if kind == "gguf" else write_tiny_hf_folder(tmp_path / "tiny-hf", tiny_gguf))
+    ids, answer = asked(request.getfixturevalue("tiny_served")) if kind == "gguf" else served([model])
+    assert ids[0] == model                       # vLLM: the served name is the model as given
+    assert answer["model"] == model and answer["usage"]["completion_tokens"] == 2
+    ids, answer = served([model, "--served-model-name", "mine"])
+    assert ids[0] == "mine" and model not in ids and answer["model"] == "mine"
