@@ -21,6 +21,16 @@ def server(tiny_gguf):
     s.close()
 
 
+@pytest.fixture(scope="module")
+def keyed(tiny_gguf):
+    """A server that wants one of two API keys (--api-key given twice), for the tests of the key
+    guard; each reads the counters it checks as they move during it. Its tests come last: a module's
+    servers stay up until its end, and an idle engine still wakes every few milliseconds."""
+    s = LiveServer(tiny_gguf, api_keys=("first-key", "second-key"))
+    yield s
+    s.close()
+
+
 def events(server, path: str, body: dict, headers: dict | None = None) -> list:
     """The `data:` payloads of a streamed answer, in order: JSON objects, and "[DONE]" as a string."""
     with server.http.stream("POST", server.url + path, json={"model": "tiny", **body, "stream": True},
@@ -91,88 +101,6 @@ def test_continuous_usage_of_a_batch_of_prompts_counts_each_prompts_own_tokens(s
         prompt_seen.append(c["usage"]["prompt_tokens"])
     assert sent == 2 * 2 * 3 and prompt_seen == sorted(prompt_seen) and prompt_seen[-1] == sum(sizes)
     assert final["usage"]["prompt_tokens"] == sum(sizes) and final["usage"]["completion_tokens"] == sent
-
-
-def test_each_of_several_api_keys_lets_a_client_in(tiny_gguf):
-    """--api-key given twice (a key per client, or an old and a new one while keys rotate): either
-    key is let in, on a streamed answer too; any other is a 401."""
-    s = LiveServer(tiny_gguf, api_keys=("first-key", "second-key"))
-    try:
-        body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
-        for key in ("first-key", "second-key"):
-            auth = {"Authorization": f"Bearer {key}"}
-            assert s.http.post(s.url + "/v1/completions", json=body, headers=auth, timeout=60).status_code == 200, key
-            assert events(s, "/v1/completions", body, headers=auth)[-1] == "[DONE]"
-        r = s.http.post(s.url + "/v1/completions", json=body, headers={"Authorization": "Bearer third-key"}, timeout=60)
-        assert r.status_code == 401
-    finally:
-        s.close()
-
-
-def test_a_refused_key_is_counted_on_generation_routes_only(tiny_gguf):
-    """docs/serve.md, "Metrics": agp_requests_total counts generation requests, a 401 of the
-    --api-key guard among them; a 401 on a route that generates nothing (POST /tokenize, a GET
-    of /v1/models) leaves the count as it was, as that route's other answers do."""
-    s = LiveServer(tiny_gguf, api_keys=("k1",))
-    try:
-        def refused() -> float:
-            return s.metric("agp_requests_total", '{status="401"}', default=0.0)
-
-        assert s.http.post(s.url + "/tokenize", json={"model": "tiny", "prompt": "hi"}, timeout=60).status_code == 401
-        assert s.http.get(s.url + "/v1/models", timeout=60).status_code == 401
-        assert refused() == 0
-        r = s.http.post(s.url + "/v1/chat/completions", timeout=60,
-                        json={"model": "tiny", "messages": USER, "max_tokens": 2})
-        assert r.status_code == 401 and refused() == 1
-    finally:
-        s.close()
-
-
-def test_azure_openais_client_is_let_in_with_its_api_key_header_and_served_at_its_deployment_routes(tiny_gguf):
-    """openai.AzureOpenAI sends the key as `api-key: KEY` (not `Authorization: Bearer`) and calls
-    /openai/deployments/{deployment}/chat/completions?api-version=...: with --api-key set it was a
-    401, and its routes 404s. The key is taken from either header on every route that wants one,
-    streams included; the deployment is the model that answers (a generate stage too, whatever
-    the body's `model`); Azure's routes agp does not serve are 404s naming those it does and /v1."""
-    import openai
-
-    s = LiveServer(tiny_gguf, api_keys=("first-key", "second-key"))
-    http = openai.DefaultHttpxClient(verify=False)
-    try:
-        azure = openai.AzureOpenAI(azure_endpoint=s.url, api_key="second-key", api_version="2024-10-21",
-                                   max_retries=0, timeout=60, http_client=http)
-        out = azure.chat.completions.create(model="tiny", messages=USER, max_tokens=3)
-        assert out.model == "tiny" and out.choices[0].message.content is not None
-        streamed = azure.chat.completions.create(model="tiny", messages=USER, max_tokens=3, stream=True,
-                                                 stream_options={"include_usage": True})
-        assert [c.usage.completion_tokens for c in streamed if c.usage] == [3]
-        assert azure.completions.create(model="tiny", prompt="hi", max_tokens=2).usage.completion_tokens == 2
-        assert len(azure.embeddings.create(model="tiny", input=["a", "b"]).data) == 2
-        pinned = openai.AzureOpenAI(azure_endpoint=s.url, azure_deployment="gen", api_key="first-key",
-                                    api_version="2024-10-21", max_retries=0, timeout=60, http_client=http)
-        assert pinned.chat.completions.create(model="not-served", messages=USER, max_tokens=2).model == "gen"
-        with pytest.raises(openai.NotFoundError) as missing:
-            azure.chat.completions.create(model="nope", messages=USER, max_tokens=2)
-        assert missing.value.body["param"] == "model" and "the model 'nope' does not exist" in missing.value.message
-        with pytest.raises(openai.NotFoundError) as other:
-            azure.models.list()
-        assert "Azure OpenAI's" in other.value.message and "http://HOST:PORT/v1" in other.value.message
-        wrong = openai.AzureOpenAI(azure_endpoint=s.url, api_key="third-key", api_version="2024-10-21",
-                                   max_retries=0, timeout=60, http_client=http)
-        with pytest.raises(openai.AuthenticationError) as refused:
-            wrong.chat.completions.create(model="tiny", messages=USER, max_tokens=2)
-        assert "'api-key: KEY'" in refused.value.message
-        # the header alone, on /v1's routes and a stream of them
-        body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
-        assert s.http.post(s.url + "/v1/completions", json=body, headers={"api-key": "first-key"},
-                           timeout=60).status_code == 200
-        assert events(s, "/v1/completions", body, headers={"api-key": "first-key"})[-1] == "[DONE]"
-        assert s.http.get(s.url + "/v1/models", headers={"api-key": "first-key"}, timeout=60).status_code == 200
-        assert s.http.get(s.url + "/v1/models", headers={"api-key": "other"}, timeout=60).status_code == 401
-        assert s.metric("agp_requests_total", '{status="401"}') == 1        # the Azure route's refusal counted
-    finally:
-        http.close()
-        s.close()
 
 
 @pytest.mark.parametrize("words", [300, 100_000])    # over the context's tokens; over its characters too
@@ -253,7 +181,6 @@ def test_a_generate_stage_named_as_the_pipeline_is_listed_once(tiny_gguf):
         s.close()
 
 
-
 def test_the_prompt_tokens_the_cache_served_are_counted_as_the_answers_say(server):
     """agp_prompt_tokens_cached moves by the cached_tokens each answer reports: a prompt sent twice
     is served from the prefix cache the second time, and the counter says so."""
@@ -324,3 +251,81 @@ def test_a_batch_of_prompts_through_a_fan_out_gives_each_choice_its_own_index(tm
     assert streamed == {c["index"]: c["text"] for c in choices}
     prompt_of = {0: "once upon", 1: "once upon", 2: "the end", 3: "the end", 4: "once upon", 5: "the end"}
     assert all(streamed[i].startswith(p) for i, p in prompt_of.items()), streamed
+
+
+def test_each_of_several_api_keys_lets_a_client_in(keyed):
+    """--api-key given twice (a key per client, or an old and a new one while keys rotate): either
+    key is let in, on a streamed answer too; any other is a 401."""
+    s = keyed
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+    for key in ("first-key", "second-key"):
+        auth = {"Authorization": f"Bearer {key}"}
+        assert s.http.post(s.url + "/v1/completions", json=body, headers=auth, timeout=60).status_code == 200, key
+        assert events(s, "/v1/completions", body, headers=auth)[-1] == "[DONE]"
+    r = s.http.post(s.url + "/v1/completions", json=body, headers={"Authorization": "Bearer third-key"}, timeout=60)
+    assert r.status_code == 401
+
+
+def test_a_refused_key_is_counted_on_generation_routes_only(keyed):
+    """docs/serve.md, "Metrics": agp_requests_total counts generation requests, a 401 of the
+    --api-key guard among them; a 401 on a route that generates nothing (POST /tokenize, a GET
+    of /v1/models) leaves the count as it was, as that route's other answers do."""
+    s = keyed
+
+    def refused() -> float:
+        return s.metric("agp_requests_total", '{status="401"}', default=0.0)
+
+    before = refused()                       # the server's earlier tests' refusals
+    assert s.http.post(s.url + "/tokenize", json={"model": "tiny", "prompt": "hi"}, timeout=60).status_code == 401
+    assert s.http.get(s.url + "/v1/models", timeout=60).status_code == 401
+    assert refused() == before
+    r = s.http.post(s.url + "/v1/chat/completions", timeout=60,
+                    json={"model": "tiny", "messages": USER, "max_tokens": 2})
+    assert r.status_code == 401 and refused() == before + 1
+
+
+def test_azure_openais_client_is_let_in_with_its_api_key_header_and_served_at_its_deployment_routes(keyed):
+    """openai.AzureOpenAI sends the key as `api-key: KEY` (not `Authorization: Bearer`) and calls
+    /openai/deployments/{deployment}/chat/completions?api-version=...: with --api-key set it was a
+    401, and its routes 404s. The key is taken from either header on every route that wants one,
+    streams included; the deployment is the model that answers (a generate stage too, whatever
+    the body's `model`); Azure's routes agp does not serve are 404s naming those it does and /v1."""
+    import openai
+
+    s = keyed
+    refused_before = s.metric("agp_requests_total", '{status="401"}', default=0.0)   # the earlier tests'
+    http = openai.DefaultHttpxClient(verify=False)
+    try:
+        azure = openai.AzureOpenAI(azure_endpoint=s.url, api_key="second-key", api_version="2024-10-21",
+                                   max_retries=0, timeout=60, http_client=http)
+        out = azure.chat.completions.create(model="tiny", messages=USER, max_tokens=3)
+        assert out.model == "tiny" and out.choices[0].message.content is not None
+        streamed = azure.chat.completions.create(model="tiny", messages=USER, max_tokens=3, stream=True,
+                                                 stream_options={"include_usage": True})
+        assert [c.usage.completion_tokens for c in streamed if c.usage] == [3]
+        assert azure.completions.create(model="tiny", prompt="hi", max_tokens=2).usage.completion_tokens == 2
+        assert len(azure.embeddings.create(model="tiny", input=["a", "b"]).data) == 2
+        pinned = openai.AzureOpenAI(azure_endpoint=s.url, azure_deployment="gen", api_key="first-key",
+                                    api_version="2024-10-21", max_retries=0, timeout=60, http_client=http)
+        assert pinned.chat.completions.create(model="not-served", messages=USER, max_tokens=2).model == "gen"
+        with pytest.raises(openai.NotFoundError) as missing:
+            azure.chat.completions.create(model="nope", messages=USER, max_tokens=2)
+        assert missing.value.body["param"] == "model" and "the model 'nope' does not exist" in missing.value.message
+        with pytest.raises(openai.NotFoundError) as other:
+            azure.models.list()
+        assert "Azure OpenAI's" in other.value.message and "http://HOST:PORT/v1" in other.value.message
+        wrong = openai.AzureOpenAI(azure_endpoint=s.url, api_key="third-key", api_version="2024-10-21",
+                                   max_retries=0, timeout=60, http_client=http)
+        with pytest.raises(openai.AuthenticationError) as refused:
+            wrong.chat.completions.create(model="tiny", messages=USER, max_tokens=2)
+        assert "'api-key: KEY'" in refused.value.message
+        # the header alone, on /v1's routes and a stream of them
+        body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+        assert s.http.post(s.url + "/v1/completions", json=body, headers={"api-key": "first-key"},
+                           timeout=60).status_code == 200
+        assert events(s, "/v1/completions", body, headers={"api-key": "first-key"})[-1] == "[DONE]"
+        assert s.http.get(s.url + "/v1/models", headers={"api-key": "first-key"}, timeout=60).status_code == 200
+        assert s.http.get(s.url + "/v1/models", headers={"api-key": "other"}, timeout=60).status_code == 401
+        assert s.metric("agp_requests_total", '{status="401"}') == refused_before + 1   # the Azure route's refusal
+    finally:
+        http.close()

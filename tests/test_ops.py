@@ -66,7 +66,7 @@ class Proc:
             except httpx.TransportError:
                 pass
             assert time.monotonic() < deadline, "agp serve did not come up:\n" + "\n".join(self.lines)
-            time.sleep(0.2)
+            time.sleep(0.05)         # a refused connection costs next to nothing
 
     def _read(self):
         for line in self.proc.stderr:
@@ -394,8 +394,10 @@ def test_warnings_and_other_libraries_records_are_log_records_too():
 def test_with_json_logs_a_start_that_fails_says_why_in_a_json_record(tmp_path):
     """Under --log-format json the one line saying why the server did not start (a port in use, a
     pipeline that does not check) was bare text, the only line a JSON collector could not parse,
-    and the one that mattered. It is a JSON record at ERROR; text logs keep the bare line. The JSON
-    logs in a child process, whose every line of stderr is read; the text ones in this process."""
+    and the one that mattered. It is a JSON record at ERROR; text logs keep the bare line. The first
+    start's JSON logs in a child process, whose every line of stderr is read (what a fresh process
+    writes before the command runs included); the others in this process, what the command writes
+    being the same whatever made the start fail."""
     import socket
 
     held = socket.socket()
@@ -408,12 +410,12 @@ def test_with_json_logs_a_start_that_fails_says_why_in_a_json_record(tmp_path):
     port6 = held6.getsockname()[1]
     (tmp_path / "bad.agp").write_text("pipeline p {\n    stage a : nosuchkind {}\n}\n")
     try:
-        for argv, said in ((["examples/chat.agp", "--port", str(port)], f"cannot listen on 127.0.0.1:{port}"),
-                           (["examples/chat.agp", "--host", "::1", "--port", str(port6)],
-                            f"cannot listen on [::1]:{port6}"),
-                           ([str(tmp_path / "bad.agp"), "--port", "0"], "nosuchkind")):
+        for k, (argv, said) in enumerate(
+                ((["examples/chat.agp", "--port", str(port)], f"cannot listen on 127.0.0.1:{port}"),
+                 (["examples/chat.agp", "--host", "::1", "--port", str(port6)], f"cannot listen on [::1]:{port6}"),
+                 ([str(tmp_path / "bad.agp"), "--port", "0"], "nosuchkind"))):
             for fmt in ("json", "text"):
-                r = (agp("serve", *argv, "--log-format", fmt, timeout=120) if fmt == "json"
+                r = (agp("serve", *argv, "--log-format", fmt, timeout=120) if fmt == "json" and k == 0
                      else agp_in("serve", *argv, "--log-format", fmt))
                 assert r.returncode == 2 and said in r.stderr, r.stderr
                 if fmt == "text":

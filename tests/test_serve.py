@@ -19,7 +19,7 @@ import pytest
 import uvicorn
 
 import flowkit
-from clikit import agp, agp_child, reap, reaped
+from clikit import agp_child, agp_in, reap, reaped
 from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
 from pipeline_dsl.flow import build_runtime
 from pipeline_dsl.serve import protocol as P
@@ -569,31 +569,6 @@ def test_every_agp_series_follows_prometheus_naming(server):
     assert gauges["agp_kv_pool_blocks"].samples[0].value == server.engine.stats()["kv_blocks_total"] > 0
 
 
-def test_concurrent_http_requests_are_batched_together(tiny_gguf):
-    # a batch window longer than the test: the batch leaves when its eight have come, however
-    # the client threads are scheduled (with a 20 ms window a fast engine could answer each
-    # request before the next thread sent its own)
-    server = LiveServer(tiny_gguf, max_batch_size=8, batch_timeout_s=60.0)
-
-    def one(i):
-        return server.client.completions.create(model="tiny", prompt=f"hello {i}", max_tokens=8,
-                                                extra_body={"ignore_eos": True})
-
-    try:
-        threads, results = [], {}
-        for i in range(8):
-            t = threading.Thread(target=lambda i=i: results.__setitem__(i, one(i)))
-            t.start()
-            threads.append(t)
-        for t in threads:
-            t.join(60)
-        assert all(results[i].usage.completion_tokens == 8 for i in range(8))
-        grown = {int(k): v for k, v in server.stats()["batch_size_hist"].items() if v > 0}
-        assert max(grown) >= 4, grown        # several requests shared one step
-    finally:
-        server.close()
-
-
 @pytest.mark.usefixtures("fresh_flowkit")
 def test_full_queue_is_429_with_retry_after(tiny_gguf):
     # one request waits in the engine's batch window (a minute long, full at two) and one in a
@@ -722,105 +697,6 @@ def test_the_retry_after_of_a_full_queue_is_the_servers_on_every_generation_rout
             assert r.status_code == 429 and r.headers["retry-after"] == "4", (path, more, r.text)
             assert r.json()["error"]["code"] == "queue_full"
     _full_queue(tiny_gguf, check, retry_after_s=4)
-
-def test_a_non_streaming_client_that_hangs_up_aborts_its_request(tiny_gguf):
-    s = LiveServer(tiny_gguf, max_batch_size=8, batch_timeout_s=30.0)   # it waits in the window
-    try:
-        with pytest.raises(httpx.ReadTimeout):
-            s.http.post(s.url + "/v1/completions", json={"prompt": "hello", "max_tokens": 4}, timeout=0.5)
-        st = s.stats_when(lambda st: st["requests_aborted"] == 1)
-        assert st["waiting"] == 0 and st["in_flight"] == 0 and st["kv_blocks_used"] == 0
-        assert s.metric("agp_requests_total", '{status="499"}') == 1
-    finally:
-        s.close()
-
-
-def test_a_stream_whose_client_is_gone_before_the_first_byte_is_aborted(long_gguf):
-    # an answer far longer than the test: however late the failed write is noticed (a busy
-    # machine), the request is still generating then, so it can only end aborted
-    s = LiveServer(long_gguf, max_batch_size=8)
-    body = json.dumps({"prompt": "hello", "max_tokens": 2000, "ignore_eos": True, "stream": True}).encode()
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
-             "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
-             "client": ("127.0.0.1", 9), "server": ("127.0.0.1", s.port)}
-
-    async def call_app():
-        messages = [{"type": "http.request", "body": body, "more_body": False}]
-
-        async def receive():
-            if messages:
-                return messages.pop(0)
-            await asyncio.sleep(60)
-
-        async def send(message):
-            raise OSError("connection reset by peer")          # gone before the headers
-
-        with pytest.raises(Exception):
-            await s.app(scope, receive, send)
-
-    try:
-        asyncio.run(call_app())
-        st = s.stats_when(lambda st: st["requests_aborted"] == 1)
-        assert st["waiting"] == 0 and st["in_flight"] == 0
-        assert s.metric("agp_requests_in_flight") == 0
-    finally:
-        s.close()
-
-
-@pytest.mark.parametrize("path, fields", [
-    ("/v1/completions", {"prompt": "hello", "max_tokens": 2000}),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 2000}),
-    ("/v1/responses", {"input": "hello", "max_output_tokens": 2000}),
-])
-def test_a_stream_notices_its_client_going_while_it_has_nothing_to_write(long_gguf, path, fields):
-    """The server hears the client go (http.disconnect) while its writes still succeed, as when
-    a stream holds back text (a tool call until it parses): the request stops, not at its end."""
-    s = LiveServer(long_gguf, max_batch_size=8)
-    body = json.dumps({"model": "tiny", **fields, "ignore_eos": True, "stream": True}).encode()
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
-             "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
-             "client": ("127.0.0.1", 9), "server": ("127.0.0.1", s.port)}
-
-    async def call_app():
-        chunks = []
-        first = asyncio.Event()
-
-        async def receive():
-            if not chunks:
-                chunks.append(b"")
-                return {"type": "http.request", "body": body, "more_body": False}
-            await first.wait()                                 # the answer began: now the client goes
-            return {"type": "http.disconnect"}
-
-        async def send(message):                               # writes never fail
-            if message["type"] == "http.response.body" and message.get("body"):
-                chunks.append(message["body"])
-                first.set()
-
-        await asyncio.wait_for(s.app(scope, receive, send), 60)
-        return chunks
-
-    import logging
-
-    lines = []
-    handler = logging.Handler()
-    handler.emit = lines.append
-    access = logging.getLogger("agp.access")
-    access.addHandler(handler)
-    level, access.level = access.level, logging.INFO
-    try:
-        chunks = asyncio.run(call_app())
-        assert len(chunks) > 1 and not chunks[1].startswith(b'{"error"')   # it was answering
-        assert [r.status for r in lines if r.path == path] == [499]          # logged as the metrics count it
-        st = s.stats_when(lambda st: st["requests_aborted"] == 1)
-        assert st["requests_done"] == 0 and st["in_flight"] == 0 and st["running"] == 0
-        assert s.metric("agp_requests_total", '{status="499"}') == 1
-    finally:
-        access.removeHandler(handler)
-        access.level = level
-        s.close()
 
 
 def test_hundred_clients_disconnecting_mid_stream_leak_no_kv_blocks(tiny_gguf):
@@ -952,10 +828,11 @@ def test_sigterm_finishes_in_flight_streams_and_exits_zero(tmp_path, tiny_gguf, 
 
 
 def test_serve_command_reports_bad_input_without_traceback(tmp_path):
-    missing = agp("serve", tmp_path / "nope.agp", "--port", "0")
+    # in this process (what it writes and its exit status are the point, not the process)
+    missing = agp_in("serve", tmp_path / "nope.agp", "--port", "0")
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert "nope.agp" in missing.stderr
-    bad_port = agp("serve", "examples/chat.agp", "--port", "70000")
+    bad_port = agp_in("serve", "examples/chat.agp", "--port", "70000")
     assert bad_port.returncode == 2 and "--port must be between 0 and 65535" in bad_port.stderr
 
 
@@ -1016,3 +893,146 @@ def test_metrics_count_items_per_edge_and_every_stage_counter_stats_has(tiny_ggu
                 assert s.metric(f"agp_stage_{key}_total", f'{{stage="{stage}"}}', page=page) == row[key], (key, stage)
     finally:
         s.close()
+
+
+# ---------------------------------------------------------------- servers a few tests share
+# Last in the module: a module's servers stay up until its end, and an idle engine still wakes
+# every few milliseconds (CPU the tests after them would share).
+
+@pytest.fixture(scope="module")
+def windowed(tiny_gguf):
+    """A server whose batch window is longer than any test (a minute): a batch leaves when its
+    eight have come, and a lone request waits in the window."""
+    s = LiveServer(tiny_gguf, max_batch_size=8, batch_timeout_s=60.0)
+    yield s
+    s.close()
+
+
+def test_concurrent_http_requests_are_batched_together(windowed):
+    # a batch window longer than the test: the batch leaves when its eight have come, however
+    # the client threads are scheduled (with a 20 ms window a fast engine could answer each
+    # request before the next thread sent its own)
+    server = windowed
+
+    def one(i):
+        return server.client.completions.create(model="tiny", prompt=f"hello {i}", max_tokens=8,
+                                                extra_body={"ignore_eos": True})
+
+    threads, results = [], {}
+    for i in range(8):
+        t = threading.Thread(target=lambda i=i: results.__setitem__(i, one(i)))
+        t.start()
+        threads.append(t)
+    for t in threads:
+        t.join(60)
+    assert all(results[i].usage.completion_tokens == 8 for i in range(8))
+    grown = {int(k): v for k, v in server.stats()["batch_size_hist"].items() if v > 0}
+    assert max(grown) >= 4, grown        # several requests shared one step
+
+
+def test_a_non_streaming_client_that_hangs_up_aborts_its_request(windowed):
+    s = windowed                                                         # it waits in the window
+    aborted, gone = s.stats()["requests_aborted"], s.metric("agp_requests_total", '{status="499"}', default=0)
+    with pytest.raises(httpx.ReadTimeout):
+        s.http.post(s.url + "/v1/completions", json={"prompt": "hello", "max_tokens": 4}, timeout=0.5)
+    st = s.stats_when(lambda st: st["requests_aborted"] == aborted + 1)
+    assert st["waiting"] == 0 and st["in_flight"] == 0 and st["kv_blocks_used"] == 0
+    assert s.metric("agp_requests_total", '{status="499"}') == gone + 1
+
+
+@pytest.fixture(scope="module")
+def long_server(long_gguf):
+    """A server of the 4096-token model: room for answers far longer than a test. Each test on it
+    reads the counters it checks as they move during it, and leaves nothing in flight."""
+    s = LiveServer(long_gguf, max_batch_size=8)
+    yield s
+    s.close()
+
+
+def test_a_stream_whose_client_is_gone_before_the_first_byte_is_aborted(long_server):
+    # an answer far longer than the test: however late the failed write is noticed (a busy
+    # machine), the request is still generating then, so it can only end aborted
+    s = long_server
+    aborted = s.stats()["requests_aborted"]
+    body = json.dumps({"prompt": "hello", "max_tokens": 2000, "ignore_eos": True, "stream": True}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 9), "server": ("127.0.0.1", s.port)}
+
+    async def call_app():
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            if messages:
+                return messages.pop(0)
+            await asyncio.sleep(60)
+
+        async def send(message):
+            raise OSError("connection reset by peer")          # gone before the headers
+
+        with pytest.raises(Exception):
+            await s.app(scope, receive, send)
+
+    asyncio.run(call_app())
+    st = s.stats_when(lambda st: st["requests_aborted"] == aborted + 1)
+    assert st["waiting"] == 0 and st["in_flight"] == 0
+    assert s.metric("agp_requests_in_flight") == 0
+
+
+@pytest.mark.parametrize("path, fields", [
+    ("/v1/completions", {"prompt": "hello", "max_tokens": 2000}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 2000}),
+    ("/v1/responses", {"input": "hello", "max_output_tokens": 2000}),
+])
+def test_a_stream_notices_its_client_going_while_it_has_nothing_to_write(long_server, path, fields):
+    """The server hears the client go (http.disconnect) while its writes still succeed, as when
+    a stream holds back text (a tool call until it parses): the request stops, not at its end."""
+    s = long_server
+    st = s.stats()
+    aborted, done = st["requests_aborted"], st["requests_done"]
+    gone = s.metric("agp_requests_total", '{status="499"}', default=0)
+    body = json.dumps({"model": "tiny", **fields, "ignore_eos": True, "stream": True}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
+             "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 9), "server": ("127.0.0.1", s.port)}
+
+    async def call_app():
+        chunks = []
+        first = asyncio.Event()
+
+        async def receive():
+            if not chunks:
+                chunks.append(b"")
+                return {"type": "http.request", "body": body, "more_body": False}
+            await first.wait()                                 # the answer began: now the client goes
+            return {"type": "http.disconnect"}
+
+        async def send(message):                               # writes never fail
+            if message["type"] == "http.response.body" and message.get("body"):
+                chunks.append(message["body"])
+                first.set()
+
+        await asyncio.wait_for(s.app(scope, receive, send), 60)
+        return chunks
+
+    import logging
+
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lines.append
+    access = logging.getLogger("agp.access")
+    access.addHandler(handler)
+    level = access.level
+    access.setLevel(logging.INFO)            # setLevel: the loggers' cached isEnabledFor answers are dropped
+    try:
+        chunks = asyncio.run(call_app())
+        assert len(chunks) > 1 and not chunks[1].startswith(b'{"error"')   # it was answering
+        assert [r.status for r in lines if r.path == path] == [499]          # logged as the metrics count it
+        st = s.stats_when(lambda st: st["requests_aborted"] == aborted + 1)
+        assert st["requests_done"] == done and st["in_flight"] == 0 and st["running"] == 0
+        assert s.metric("agp_requests_total", '{status="499"}') == gone + 1
+    finally:
+        access.removeHandler(handler)
+        access.setLevel(level)

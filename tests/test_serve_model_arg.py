@@ -27,23 +27,18 @@ def served(argv):
     serving = build(parse([*argv, "--threads", "1"]))
     try:
         with TestClient(serving.app, base_url="http://localhost") as client:   # a Host it answers
-            ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
-            r = client.post("/v1/chat/completions", json={"model": ids[0], "max_tokens": 2,
-                                                          "messages": [{"role": "user", "content": "hi"}]})
-            assert r.status_code == 200, r.text
-            return ids, r.json()
+            return asked(client)
     finally:
         serving.runtime.close()
 
 
-@pytest.mark.parametrize("kind", ["gguf", "hf"])
-def test_a_model_is_served_under_the_name_it_was_given_as(kind, tiny_gguf, tmp_path):
-    model = str(tiny_gguf if kind == "gguf" else write_tiny_hf_folder(tmp_path / "tiny-hf", tiny_gguf))
-    ids, answer = served([model])
-    assert ids[0] == model                       # vLLM: the served name is the model as given
-    assert answer["model"] == model and answer["usage"]["completion_tokens"] == 2
-    ids, answer = served([model, "--served-model-name", "mine"])
-    assert ids[0] == "mine" and model not in ids and answer["model"] == "mine"
+def asked(client):
+    """(the ids /v1/models lists, the answer of a chat request naming the first) of a served app."""
+    ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
+    r = client.post("/v1/chat/completions", json={"model": ids[0], "max_tokens": 2,
+                                                  "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200, r.text
+    return ids, r.json()
 
 
 def test_a_pipeline_file_is_still_served_as_one(tiny_gguf, tmp_path):
@@ -181,21 +176,17 @@ def test_a_model_samples_by_vllms_defaults_where_its_generation_config_sets_none
     assert text["usage"]["completion_tokens"] == 3
 
 
-def test_a_min_tokens_above_the_completions_default_of_16_is_refused_as_when_16_is_sent(tiny_gguf):
+def test_a_min_tokens_above_the_completions_default_of_16_is_refused_as_when_16_is_sent(tiny_served):
     """A completions request with min_tokens 20 and no max_tokens got 16 tokens in silence (the
     default was set after min_tokens was checked), though with max_tokens 16 sent it is a 400:
     refused alike, as vLLM does. Chat has no such default: its min_tokens is checked as sent."""
-    serving = build(parse([str(tiny_gguf), "--threads", "1"]))
-    try:
-        with TestClient(serving.app, base_url="http://localhost") as client:
-            sent = client.post("/v1/completions", json={"prompt": "hi", "min_tokens": 20, "max_tokens": 16})
-            default = client.post("/v1/completions", json={"prompt": "hi", "min_tokens": 20})
-            within = client.post("/v1/completions", json={"prompt": "hi", "min_tokens": 16, "ignore_eos": True})
-            invoked = client.post("/invocations", json={"prompt": "hi", "min_tokens": 20})
-            chat = client.post("/v1/chat/completions", json={"messages": HI, "min_tokens": 20, "max_tokens": 24,
-                                                             "ignore_eos": True})
-    finally:
-        serving.runtime.close()
+    client = tiny_served
+    sent = client.post("/v1/completions", json={"prompt": "hi", "min_tokens": 20, "max_tokens": 16})
+    default = client.post("/v1/completions", json={"prompt": "hi", "min_tokens": 20})
+    within = client.post("/v1/completions", json={"prompt": "hi", "min_tokens": 16, "ignore_eos": True})
+    invoked = client.post("/invocations", json={"prompt": "hi", "min_tokens": 20})
+    chat = client.post("/v1/chat/completions", json={"messages": HI, "min_tokens": 20, "max_tokens": 24,
+                                                     "ignore_eos": True})
     assert sent.status_code == default.status_code == 400, default.text
     assert default.json()["error"]["param"] == sent.json()["error"]["param"] == "min_tokens"
     assert "'min_tokens' = 20 is above 'max_tokens' = 16" in default.json()["error"]["message"]
@@ -205,3 +196,26 @@ def test_a_min_tokens_above_the_completions_default_of_16_is_refused_as_when_16_
     assert invoked.status_code == 400 and invoked.json()["error"] == default.json()["error"]
     assert within.status_code == 200 and within.json()["usage"]["completion_tokens"] == 16
     assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] == 24
+
+
+@pytest.fixture(scope="module")
+def tiny_served(tiny_gguf):
+    """A client of `agp serve TINY.gguf --threads 1`, for the tests that ask that server alone (last
+    in the module: it stays up until the module's end, and an idle engine still wakes every few
+    milliseconds)."""
+    serving = build(parse([str(tiny_gguf), "--threads", "1"]))
+    try:
+        with TestClient(serving.app, base_url="http://localhost") as client:   # a Host it answers
+            yield client
+    finally:
+        serving.runtime.close()
+
+
+@pytest.mark.parametrize("kind", ["gguf", "hf"])
+def test_a_model_is_served_under_the_name_it_was_given_as(kind, tiny_gguf, tmp_path, request):
+    model = str(tiny_gguf if kind == "gguf" else write_tiny_hf_folder(tmp_path / "tiny-hf", tiny_gguf))
+    ids, answer = asked(request.getfixturevalue("tiny_served")) if kind == "gguf" else served([model])
+    assert ids[0] == model                       # vLLM: the served name is the model as given
+    assert answer["model"] == model and answer["usage"]["completion_tokens"] == 2
+    ids, answer = served([model, "--served-model-name", "mine"])
+    assert ids[0] == "mine" and model not in ids and answer["model"] == "mine"

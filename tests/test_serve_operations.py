@@ -16,7 +16,9 @@ from test_serve import ROOT, TINY, LiveServer, _pipeline_file
 
 @pytest.fixture(scope="module")
 def live(tiny_gguf):
-    s = LiveServer(tiny_gguf, header_timeout=10.0, api_keys=("k1",))
+    """A server that wants the key k1 and lets the pages of http://app.example call it (CORS: only
+    a request with that Origin gets its headers)."""
+    s = LiveServer(tiny_gguf, header_timeout=10.0, api_keys=("k1",), allowed_origins=("http://app.example",))
     yield s
     s.close()
 
@@ -358,24 +360,21 @@ def test_a_client_still_sending_its_head_when_the_model_is_up_is_closed_without_
         sock.close()
 
 
-def test_a_browser_may_read_the_request_id_and_retry_after(tiny_gguf):
+def test_a_browser_may_read_the_request_id_and_retry_after(live):
     """CORS answers expose X-Request-Id and Retry-After: without Access-Control-Expose-Headers a
     browser hides them from the page's script (its error report could not name the request).
     The guard's refusals carry them too (CORS sits outside it), and a preflight needs no key."""
-    s = LiveServer(tiny_gguf, allowed_origins=("http://app.example",), api_keys=("k1",))
+    s = live
     origin = {"Origin": "http://app.example"}
-    try:
-        for headers, status in (({**KEY, "X-Request-Id": "cors-1"}, 200), ({"X-Request-Id": "cors-1"}, 401)):
-            r = s.http.get(s.url + "/v1/models", headers={**origin, **headers})
-            assert r.status_code == status
-            assert r.headers["access-control-allow-origin"] == "http://app.example"
-            exposed = {h.strip().lower() for h in r.headers["access-control-expose-headers"].split(",")}
-            assert {"x-request-id", "retry-after"} <= exposed and r.headers["x-request-id"] == "cors-1"
-        r = httpx.options(s.url + "/v1/chat/completions", headers={
-            **origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"})
-        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
-    finally:
-        s.close()
+    for headers, status in (({**KEY, "X-Request-Id": "cors-1"}, 200), ({"X-Request-Id": "cors-1"}, 401)):
+        r = s.http.get(s.url + "/v1/models", headers={**origin, **headers})
+        assert r.status_code == status
+        assert r.headers["access-control-allow-origin"] == "http://app.example"
+        exposed = {h.strip().lower() for h in r.headers["access-control-expose-headers"].split(",")}
+        assert {"x-request-id", "retry-after"} <= exposed and r.headers["x-request-id"] == "cors-1"
+    r = httpx.options(s.url + "/v1/chat/completions", headers={
+        **origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
 
 
 def test_every_route_but_the_documented_open_ones_wants_the_key(live):
