@@ -29,8 +29,7 @@ from test_serve import TINY, LiveServer
 from tiny_model import write_tiny_gguf
 
 SEED = 3
-REQUESTS = 40                      # each feature above is among them (SEED's first 40: 3 json_schema, 1 near the
-                                   # context, 2 streams and 1 answer given up, 8 echo, 7 stop_token_ids, ...)
+REQUESTS = 60
 CONCURRENCY = 16
 CONTEXT = 512
 
