@@ -8,6 +8,7 @@ import math
 import re
 import socket
 import struct
+import sys
 import threading
 import time
 from pathlib import Path
@@ -1638,17 +1639,31 @@ def test_a_server_still_loading_its_model_is_waited_for_up_to_the_ready_timeout(
 
 
 @pytest.mark.parametrize("argv", [[], ["--model", "m"]])
-def test_a_server_not_listening_yet_is_waited_for_up_to_the_ready_timeout(tmp_path, capsys, argv):
+def test_a_server_not_listening_yet_is_waited_for_up_to_the_ready_timeout(tmp_path, capsys, monkeypatch, argv):
     """A port refusing connections (vLLM's server opens it only once its model is loaded; a container
     still starting) failed `agp bench --url` at once: only a 503 was waited for. vllm bench serve's
     ready check retries a refused connection until --ready-check-timeout-sec."""
     port = _free_port()                         # a free port, nothing listening on it yet
     url = f"http://127.0.0.1:{port}"
     handler = type("Handler", (_Refusing,), {"refuse": 10**9, "seen": 0})
-    servers = []
+    servers, refused = [], threading.Event()
 
-    def start_later():
-        time.sleep(1.5)
+    class Said:                                 # standard error, as captured; refused is set once the
+        def __init__(self, stream):             # bench has said its first connection was refused
+            self.stream = stream
+
+        def write(self, text):
+            if "not answering" in text:
+                refused.set()
+            return self.stream.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self.stream, name)
+
+    monkeypatch.setattr(sys, "stderr", Said(sys.stderr))
+
+    def start_later():                          # once refused (a second at most: as the bench begins)
+        refused.wait(1.5)
         servers.append(http.server.ThreadingHTTPServer(("127.0.0.1", port), handler))
         servers[0].serve_forever(0.01)
 

@@ -626,25 +626,38 @@ def test_a_bom_crlf_endings_and_blank_lines_are_read_as_a_plain_files(tmp_path, 
     assert got[1]["error"]["line"] == 4
 
 
-def test_a_run_whose_writes_would_replace_its_input_or_one_another_is_refused_before_it_starts(tmp_path, pipeline):
+def test_a_run_whose_writes_would_replace_its_input_or_one_another_is_refused_before_it_starts(tmp_path, pipeline,
+                                                                                             capsys):
     """`agp run P -o a.jsonl --overwrite < a.jsonl` emptied the input it was reading, answered the
     lines it had read ahead and exited 0; `--stats a.jsonl` wrote the summary over the requests
-    (or over the answers, given the output's name); `-i a.jsonl >> a.jsonl` fed it its own answers."""
+    (or over the answers, given the output's name); `-i a.jsonl >> a.jsonl` fed it its own answers.
+    The redirections are this process's sys.stdin and sys.stdout opened on a.jsonl, as a shell
+    opens them (the run looks at the file behind each stream); a child took seconds to start."""
+    from pipeline_dsl import cli
+
+    def main_with(stream, name, args):
+        saved = getattr(sys, name)
+        setattr(sys, name, stream)
+        try:
+            code = cli.main(["run", str(pipeline), "--no-progress", "--threads", "1", *map(str, args)])
+        finally:
+            setattr(sys, name, saved)
+        return code, capsys.readouterr().err
+
     inp, out = tmp_path / "a.jsonl", tmp_path / "out.jsonl"
     text = "".join(json.dumps({"prompt": f"p{i}", "max_tokens": 1}) + "\n" for i in range(3))
     inp.write_text(text)
     with open(inp) as stdin:
-        r = run(pipeline, "-o", inp, "--overwrite", child=True, stdin=stdin)
-    assert r.returncode == 2 and f"the output {inp} is the input file (standard input)" in r.stderr, r.stderr
+        code, err = main_with(stdin, "stdin", ("-o", inp, "--overwrite"))
+    assert code == 2 and f"the output {inp} is the input file (standard input)" in err, err
     for args, said in ((("-i", inp, "-o", out, "--stats", inp), f"the --stats file {inp} is the input file"),
                        (("-i", inp, "-o", out, "--trace", out), f"the --trace file {out} is the output file"),
                        (("-i", inp, "-o", pipeline, "--overwrite"), f"the output {pipeline} is the pipeline file")):
         r = run(pipeline, *args)
         assert r.returncode == 2 and said in r.stderr, r.stderr
     with open(inp, "a") as stdout:
-        r = subprocess.run([*AGP, "run", pipeline, "-i", inp, "--no-progress"], stdout=stdout,
-                           stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=300)
-    assert r.returncode == 2 and "standard output is the input file" in r.stderr, r.stderr
+        code, err = main_with(stdout, "stdout", ("-i", inp))
+    assert code == 2 and "standard output is the input file" in err, err
     assert inp.read_text() == text and not out.exists()
     r = run(pipeline, "-i", inp, "-o", "/dev/null", "--stats", "/dev/null")      # no file to replace
     assert r.returncode == 0, r.stderr

@@ -12,7 +12,9 @@ import os
 import select
 import subprocess
 import sys
+import tempfile
 import termios
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -27,8 +29,71 @@ def start(pipeline: Path, *args) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
 
 
-def wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> list[dict]:
-    """The output's first n records, once written; the run must still be going meanwhile."""
+class Fed:
+    """A run of this process (see fed_run) as its feeder thread sees it: `stdin`, the write end
+    of the run's input pipe (unbuffered), `stdout`, the read end of its standard output's pipe,
+    and poll(): None while the run goes on, as a child's Popen.poll() says."""
+
+    def __init__(self):
+        in_r, in_w = os.pipe()
+        self.out_r, self.out_w = os.pipe()
+        self.stdin_r, self.stdin = open(in_r, "r", encoding="utf-8"), open(in_w, "wb", buffering=0)
+        self.stdout = self.out_r
+        self.code = None
+
+    def poll(self):
+        return self.code
+
+    def communicate(self):                         # what wait_for_lines shows of a run that ended early
+        return None, b"(the run ended; its standard error is in the test's report)"
+
+
+def fed_run(pipeline: Path, feed, *args) -> tuple[int, str, str]:
+    """`agp run PIPELINE --no-progress --threads 1 -i - ARGS` in this process (cli.main in the
+    main thread, where the run takes its signals), its standard input a pipe that `feed(fed)`
+    writes from a thread of its own meanwhile, as a producer piped into it (`producer | agp run
+    P -`) writes; the input is closed when feed returns or fails. The run's standard output is a
+    pipe too (fed.stdout, its read end) and its standard error a file. (exit status, what is
+    left on standard output once it has ended, standard error); a failure in feed fails the test.
+    The run reads its input through sys.stdin's descriptor as it reads a shell's pipe; a child
+    took seconds to start."""
+    from pipeline_dsl import cli
+
+    fed, failed = Fed(), []
+
+    def feeder():
+        try:
+            feed(fed)
+        except BaseException as exc:               # noqa: BLE001 - raised in the test's thread below
+            failed.append(exc)
+        finally:
+            fed.stdin.close()
+
+    saved, path = (sys.stdin, sys.stdout, sys.stderr), list(sys.path)
+    with tempfile.TemporaryFile("w+", encoding="utf-8", errors="backslashreplace") as stderr, \
+            open(fed.out_w, "w", encoding="utf-8") as stdout:
+        thread = threading.Thread(target=feeder, daemon=True)
+        thread.start()
+        sys.stdin, sys.stdout, sys.stderr = fed.stdin_r, stdout, stderr
+        try:
+            fed.code = cli.main(["run", str(pipeline), "--no-progress", "--threads", "1", "-i", "-", *map(str, args)])
+        finally:
+            sys.stdin, sys.stdout, sys.stderr = saved
+            sys.path[:] = path
+            fed.stdin_r.close()
+        thread.join(120)
+        stderr.seek(0)
+        err = stderr.read()
+    with open(fed.out_r, "rb") as rest:
+        left = rest.read().decode()
+    assert not thread.is_alive(), "the feeder thread did not end"
+    if failed:
+        raise AssertionError(f"{failed[0]!r}; the run said:\n{err}") from failed[0]
+    return fed.code, left, err
+
+
+def wait_for_lines(path: Path, n: int, proc, timeout: float = 120) -> list[dict]:
+    """The output's first n records, once written; the run (a child, or a Fed) must still be going meanwhile."""
     deadline = time.monotonic() + timeout
     while not (path.exists() and path.read_text().count("\n") >= n):
         assert proc.poll() is None, proc.communicate()[1].decode()
@@ -37,7 +102,7 @@ def wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 
     return records(path)
 
 
-def wait_until_read(proc: subprocess.Popen, timeout: float = 120) -> None:
+def wait_until_read(proc, timeout: float = 120) -> None:
     """Until the run has read what its input pipe holds (the pipe is empty), the run still going."""
     deadline = time.monotonic() + timeout
     while True:
@@ -94,16 +159,17 @@ def test_of_two_runs_started_before_their_output_existed_the_second_to_open_it_i
     os.mkfifo(fifo)
     with reaped(start(pipeline, "-o", out, "--overwrite", "-i", fifo)) as second:
         fd = fifo_writer(fifo, second)     # it opens its input once it has found no out.jsonl
-        with reaped(start(pipeline, "-o", out)) as first:
+
+        def first_writes_then_second_opens(first):          # the first run: this process's
             first.stdin.write(b'{"id": "first", "prompt": "hello", "max_tokens": 2}\n')
-            first.stdin.flush()
             wait_for_lines(out, 1, first)                # the first run created out.jsonl and writes it
             os.write(fd, b'{"id": "second", "prompt": "again", "max_tokens": 2}\n')
             os.close(fd)
             err = second.communicate(timeout=120)[1].decode()
             assert second.returncode == 2 and f"{out} is being written by another agp run" in err, err
-            err = finish(first, b"")
-    assert first.returncode == 0, err
+
+        code, _, err = fed_run(pipeline, first_writes_then_second_opens, "-o", out)
+    assert second.returncode == 2 and code == 0, err
     assert [g["id"] for g in records(out)] == ["first"]
 
 
@@ -130,22 +196,24 @@ def test_answers_on_stdout_come_before_the_input_pipe_is_closed_and_a_malformed_
     """The answers so far are on stdout while the input is still open; a malformed line later in
     the stream is an error record with its line number and loses no answer around it. (One run
     serves both.)"""
-    with reaped(start(pipeline)) as proc:
+    seen = []
+
+    def answers_read_then_the_rest_written(proc):
         proc.stdin.write(b'{"id": "a", "prompt": "one", "max_tokens": 2}\n\n{"id": "b", "prompt": "two", '
                          b'"max_tokens": 2}\n')
-        proc.stdin.flush()
         so_far = b""
         while so_far.count(b"\n") < 2:                   # the answers so far, the input still open
             ready, _, _ = select.select([proc.stdout], [], [], 120)
             assert ready, "no answer on stdout within 120 s"
-            so_far += os.read(proc.stdout.fileno(), 1 << 16)    # unbuffered: select sees what is left
-        so_far = [json.loads(line) for line in so_far.decode().splitlines()]
-        assert [g["id"] for g in so_far] == ["a", "b"]
-        rest, err = proc.communicate(b'{"id": "c", "prompt": \n{"id": "d", "prompt": "four", "max_tokens": 2}\n',
-                                     timeout=120)
-        err = err.decode()
-    assert proc.returncode == 0, err
-    got = so_far + [json.loads(line) for line in rest.decode().splitlines()]
+            so_far += os.read(proc.stdout, 1 << 16)      # unbuffered: select sees what is left
+            assert proc.poll() is None
+        seen.extend(json.loads(line) for line in so_far.decode().splitlines())
+        assert [g["id"] for g in seen] == ["a", "b"]
+        proc.stdin.write(b'{"id": "c", "prompt": \n{"id": "d", "prompt": "four", "max_tokens": 2}\n')
+
+    code, rest, err = fed_run(pipeline, answers_read_then_the_rest_written)
+    assert code == 0, err
+    got = seen + [json.loads(line) for line in rest.splitlines()]
     assert [g["id"] for g in got] == ["a", "b", 4, "d"]
     assert "text" in got[0] and "text" in got[1] and "text" in got[3]
     assert got[2]["error"]["line"] == 4 and "not valid JSON" in got[2]["error"]["message"]
@@ -162,15 +230,15 @@ def test_a_gzip_compressed_stream_is_answered_as_it_comes_even_when_its_first_wr
     out = tmp_path / "out.jsonl"
     packer = zlib.compressobj(wbits=31)                  # gzip
     first = packer.compress(b'{"id": "z1", "prompt": "hello", "max_tokens": 2}\n') + packer.flush(zlib.Z_SYNC_FLUSH)
-    with reaped(start(pipeline, "-o", out)) as proc:
+    def one_byte_first(proc):
         proc.stdin.write(first[:1])
-        proc.stdin.flush()
         wait_until_read(proc)                             # read alone, before the rest is written
         proc.stdin.write(first[1:])
-        proc.stdin.flush()
         assert [g["id"] for g in wait_for_lines(out, 1, proc)] == ["z1"]
-        err = finish(proc, packer.compress(b'{"id": "z2", "prompt": "again", "max_tokens": 2}\n') + packer.flush())
-    assert proc.returncode == 0, err
+        proc.stdin.write(packer.compress(b'{"id": "z2", "prompt": "again", "max_tokens": 2}\n') + packer.flush())
+
+    code, _, err = fed_run(pipeline, one_byte_first, "-o", out)
+    assert code == 0, err
     assert [g["id"] for g in records(out)] == ["z1", "z2"]
 
 
