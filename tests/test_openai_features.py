@@ -315,7 +315,7 @@ def test_request_headers_copies_the_named_headers_into_the_request_a_python_stag
     monkeypatch.syspath_prepend(str(tmp_path))
     from test_serve import TINY
 
-    text = TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=4, timeout=20).replace(
+    text = TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=4, timeout=1).replace(
         "stage out     : respond       {}", 'stage out     : respond       {}\n    stage show : python { fn = '
         '"showhooks:show" }').replace("encode -> kv -> gen -> out", "encode -> kv -> gen -> show -> out")
     server = LiveServer(tiny_gguf, text=text, request_headers=("x-tenant", "x-user-id"))

@@ -32,7 +32,7 @@ def schema_format(schema) -> dict:
 def server(tiny_gguf):
     from test_serve import LiveServer
 
-    s = LiveServer(tiny_gguf)
+    s = LiveServer(tiny_gguf, batch_timeout_s=0.001)
     yield s
     s.close()
 
@@ -413,7 +413,7 @@ def long_server(long_gguf):
     is looked at."""
     from test_serve import TINY, LiveServer
 
-    s = LiveServer(long_gguf, text=TINY.format(model=long_gguf, max_queue=1024, max_batch_size=8, timeout=20)
+    s = LiveServer(long_gguf, text=TINY.format(model=long_gguf, max_queue=1024, max_batch_size=8, timeout=1)
                    .replace("budget = 1MiB", "budget = 4MiB"))
     yield s
     s.close()
@@ -537,7 +537,7 @@ def test_an_agp_run_line_whose_spec_only_the_engine_refuses_names_its_field(tmp_
     from test_serve import TINY
 
     path = tmp_path / "tiny.agp"
-    path.write_text(TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=4, timeout=20), encoding="utf-8")
+    path.write_text(TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=4, timeout=1), encoding="utf-8")
     rows = run_lines(path, [{"prompt": "hi", "max_tokens": 8, "guided_json": MANY},
                             {"prompt": "hi", "max_tokens": 8, "structured_outputs": {"json": MANY}},
                             {"prompt": "hi", "max_tokens": 8, "response_format": schema_format(MANY)}])
