@@ -452,7 +452,7 @@ MANY = """pipeline tiny {{
     dtype  = fp32
     stage request : requests      {{ max_queue = 64 }}
     stage split   : python        {{ fn = "hooks:parts"  returns = many }}
-    stage batch   : dynamic_batch {{ max_batch_size = 4  timeout = 20ms }}
+    stage batch   : dynamic_batch {{ max_batch_size = 4  timeout = 1ms }}
     stage encode  : encode        {{}}
     stage kv      : kv_lookup     {{ block_size = 8  budget = 1MiB }}
     stage gen     : generate      {{ max_new_tokens = 6 }}

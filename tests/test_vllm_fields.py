@@ -104,7 +104,8 @@ def test_spaces_between_special_tokens_false_writes_each_with_nothing_beside_it(
     completions and chat, whole and streamed."""
     from tokenizers import decoders
 
-    s = LiveServer(write_tiny_hf_folder(tmp_path / "spaced", tiny_gguf, decoder=decoders.WordPiece()))
+    s = LiveServer(write_tiny_hf_folder(tmp_path / "spaced", tiny_gguf, decoder=decoders.WordPiece()),
+                   batch_timeout_s=0.001)
     try:
         def text(kind, stream, **extra):
             body = {"model": "tiny", "max_tokens": 3, "logit_bias": {str(IM_START): 100}, "stream": stream,
