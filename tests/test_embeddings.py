@@ -6,6 +6,7 @@ as a prefill in chunks through the engine; bad input is a 400 naming the field.
 from __future__ import annotations
 
 import math
+import os
 
 import httpx
 import openai
@@ -67,6 +68,8 @@ def test_a_long_input_is_prefilled_in_chunks_through_the_engine(server, client):
 
 
 def test_litellm_embeds_too(server):
+    # litellm's import fetches its model price list from the network (retried in a thread) unless told not to
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     litellm = pytest.importorskip("litellm")
     out = litellm.embedding(model="openai/tiny", input=["hello world"], api_base=server.url + "/v1", api_key="x")
     got = torch.tensor(out.data[0]["embedding"])
