@@ -6,6 +6,7 @@ as a prefill in chunks through the engine; bad input is a 400 naming the field.
 from __future__ import annotations
 
 import math
+import os
 
 import httpx
 import openai
@@ -18,7 +19,7 @@ from test_serve import LiveServer
 
 @pytest.fixture(scope="module")
 def server(tiny_gguf):
-    s = LiveServer(tiny_gguf, overrides={"prefill_chunk": 64})
+    s = LiveServer(tiny_gguf, overrides={"prefill_chunk": 64}, batch_timeout_s=0.001)
     yield s
     s.close()
 
@@ -67,6 +68,8 @@ def test_a_long_input_is_prefilled_in_chunks_through_the_engine(server, client):
 
 
 def test_litellm_embeds_too(server):
+    # litellm's import fetches its model price list from the network (retried in a thread) unless told not to
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     litellm = pytest.importorskip("litellm")
     out = litellm.embedding(model="openai/tiny", input=["hello world"], api_base=server.url + "/v1", api_key="x")
     got = torch.tensor(out.data[0]["embedding"])
@@ -220,7 +223,7 @@ def test_an_input_a_guard_answers_itself_is_a_400_with_its_words_and_the_others_
 
     returns = "  returns = any" if where == "before" else ""            # a request in, an answer out
     guard = f'stage guard   : python        {{ fn = "flowkit:refuse_blocked"{returns} }}\n    stage out'
-    text = TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=8, timeout=20).replace("stage out", guard)
+    text = TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=8, timeout=1).replace("stage out", guard)
     text = (text.replace("request -> batch", "request -> guard -> batch\n    guard -> out")
             if where == "before" else text.replace("kv -> gen -> out", "kv -> gen -> guard -> out"))
     s = LiveServer(tiny_gguf, text=text)
@@ -270,7 +273,7 @@ def test_add_special_tokens_false_embeds_a_text_input_without_the_start_token(tm
     start token off a text input; token-id inputs are taken as they are either way."""
     from tiny_model import write_tiny_gguf
 
-    s = LiveServer(write_tiny_gguf(tmp_path / "bos.gguf", add_bos=True))
+    s = LiveServer(write_tiny_gguf(tmp_path / "bos.gguf", add_bos=True), batch_timeout_s=0.001)
     try:
         def embed(**extra):
             r = s.http.post(s.url + "/v1/embeddings", json={"model": "tiny", "input": "the cat sat", **extra},
@@ -299,7 +302,7 @@ def stage_before_batch(tmp_path, monkeypatch, tiny_gguf, module: str, source: st
 
     (tmp_path / f"{module}.py").write_text(source)
     monkeypatch.syspath_prepend(str(tmp_path))
-    return TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=4, timeout=20).replace(
+    return TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=4, timeout=1).replace(
         "stage out     : respond       {}",
         f'stage out     : respond       {{}}\n    stage hook : python {{ fn = "{module}:{fn}" }}').replace(
         "request -> batch", "request -> hook -> batch")
@@ -418,7 +421,7 @@ def test_an_input_through_a_map_reduce_is_embedded_when_its_stages_pass_it_throu
     (tmp_path / "mr.py").write_text(MAP_REDUCE)
     monkeypatch.syspath_prepend(str(tmp_path))
     args = "  args = {passthrough = true}" if passthrough else ""
-    text = TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=4, timeout=20).replace(
+    text = TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=4, timeout=1).replace(
         "stage out     : respond       {}",
         "stage out     : respond       {}\n"
         f'    stage split : python {{ fn = "mr:split"  returns = many{args} }}\n'

@@ -34,7 +34,7 @@ EPS = 1e-5                 # float32 logprobs sent as JSON and read back: the sa
 @pytest.fixture(scope="module")
 def server(soft_gguf):
     """The tiny model with spread next-token distributions: alternatives differ by little."""
-    s = LiveServer(soft_gguf)
+    s = LiveServer(soft_gguf, batch_timeout_s=0.001)
     yield s
     s.close()
 
@@ -148,7 +148,7 @@ def offsets_fit(text: str, lp) -> bool:
 @pytest.fixture(scope="module")
 def bos_server(tmp_path_factory):
     """A server of a model whose tokenizer puts a start token before each prompt."""
-    s = LiveServer(write_tiny_gguf(tmp_path_factory.mktemp("bos") / "bos.gguf", add_bos=True))
+    s = LiveServer(write_tiny_gguf(tmp_path_factory.mktemp("bos") / "bos.gguf", add_bos=True), batch_timeout_s=0.001)
     yield s
     s.close()
 
@@ -184,7 +184,7 @@ def test_text_offsets_of_an_echoed_sentencepiece_prompt_start_at_its_first_word(
     """A SentencePiece prompt's first word reads " the" as a token but "the" at the start of the
     echoed prompt: it begins at 0 and takes three characters, so every later offset (the
     answer's too) points at its token's text, whole and streamed."""
-    s = LiveServer(write_tiny_gguf(tmp_path / "spm.gguf", tokenizer="spm"))
+    s = LiveServer(write_tiny_gguf(tmp_path / "spm.gguf", tokenizer="spm"), batch_timeout_s=0.001)
     try:
         kw = dict(model="tiny", prompt="the cat and the world", max_tokens=3, echo=True, logprobs=0,
                   temperature=0, extra_body={"ignore_eos": True})

@@ -20,7 +20,8 @@ USER = [{"role": "user", "content": "hello world"}]
 
 @pytest.fixture(scope="module")
 def server(long_gguf):
-    s = LiveServer(long_gguf, overrides={"kv_budget_bytes": 8 << 20})     # room for the tools' prompt
+    # room for the tools' prompt; requests come one at a time: a 1 ms batch window
+    s = LiveServer(long_gguf, overrides={"kv_budget_bytes": 8 << 20}, batch_timeout_s=0.001)
     yield s
     s.close()
 
@@ -261,7 +262,8 @@ def test_every_answer_and_chunk_names_the_configuration_it_came_from(server, lon
     to know the server behind the answers is unchanged), another when the configuration changes."""
     from pipeline_dsl.serve.build import system_fingerprint
 
-    s = LiveServer(long_gguf, overrides={"kv_budget_bytes": 8 << 20}, system_fingerprint="fp_0123456789")
+    s = LiveServer(long_gguf, overrides={"kv_budget_bytes": 8 << 20}, batch_timeout_s=0.001,
+                   system_fingerprint="fp_0123456789")
     try:
         kw = dict(model="tiny", max_tokens=2)
         answers = [s.client.chat.completions.create(messages=USER, **kw),

@@ -49,7 +49,9 @@ USER = [{"role": "user", "content": "hello world"}]
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     path = write_tiny_gguf(tmp_path_factory.mktemp("long") / "long.gguf", context=4096, embed_scale=0.3)
-    s = LiveServer(path, max_batch_size=16, text=None, overrides={"kv_budget_bytes": 8 << 20})
+    # a 1 ms batch window: requests sent together still share the engine's steps (it takes a request
+    # in at its next step), and each sent alone does not wait out a longer window
+    s = LiveServer(path, max_batch_size=16, text=None, overrides={"kv_budget_bytes": 8 << 20}, batch_timeout_s=0.001)
     yield s
     s.close()
 
@@ -273,7 +275,7 @@ def test_exclude_tools_when_tool_choice_none_leaves_them_out_of_the_prompt(tmp_p
     assert p.parse_args(["x.agp", "--exclude-tools-when-tool-choice-none"]).exclude_tools_when_tool_choice_none
     assert not p.parse_args(["x.agp"]).exclude_tools_when_tool_choice_none
     path = write_tiny_gguf(tmp_path / "long.gguf", context=4096, embed_scale=0.3)
-    excluding = LiveServer(path, max_batch_size=4, exclude_tools_when_tool_choice_none=True)
+    excluding = LiveServer(path, max_batch_size=4, batch_timeout_s=0.001, exclude_tools_when_tool_choice_none=True)
     try:
         def prompt_tokens(**kw) -> int:
             return _chat(excluding.client, max_tokens=1, **kw).usage.prompt_tokens
@@ -315,7 +317,7 @@ def test_request_headers_copies_the_named_headers_into_the_request_a_python_stag
     monkeypatch.syspath_prepend(str(tmp_path))
     from test_serve import TINY
 
-    text = TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=4, timeout=20).replace(
+    text = TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=4, timeout=1).replace(
         "stage out     : respond       {}", 'stage out     : respond       {}\n    stage show : python { fn = '
         '"showhooks:show" }').replace("encode -> kv -> gen -> out", "encode -> kv -> gen -> show -> out")
     server = LiveServer(tiny_gguf, text=text, request_headers=("x-tenant", "x-user-id"))

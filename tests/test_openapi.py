@@ -17,7 +17,7 @@ EXAMPLES = 40               # per operation
 
 @pytest.fixture(scope="module")
 def live(tiny_gguf):
-    s = LiveServer(tiny_gguf, max_batch_size=8)
+    s = LiveServer(tiny_gguf, max_batch_size=8, batch_timeout_s=0.001)
     yield s
     s.close()
 

@@ -158,7 +158,7 @@ def ids(qwen3_folder):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def server(qwen3_folder):  # noqa: F811
-    s = LiveServer(qwen3_folder, overrides={"reasoning_parser": "qwen3"})
+    s = LiveServer(qwen3_folder, overrides={"reasoning_parser": "qwen3"}, batch_timeout_s=0.001)
     yield s
     s.close()
 
@@ -394,7 +394,7 @@ def test_an_answer_its_generate_stage_holds_to_a_json_schema_is_content_not_thin
     from test_serve import TINY
 
     (tmp_path / "n.json").write_text(json.dumps({"type": "integer"}))
-    text = TINY.format(model=qwen3_folder, max_queue=64, max_batch_size=4, timeout=20).replace(
+    text = TINY.format(model=qwen3_folder, max_queue=64, max_batch_size=4, timeout=1).replace(
         "generate      {{ max_new_tokens = 16 }}".replace("{{", "{").replace("}}", "}"),
         'generate      { max_new_tokens = 6  json_schema = "n.json" }')
     assert "n.json" in text
@@ -426,7 +426,7 @@ def test_an_answer_a_python_stage_sets_a_format_for_is_content_not_thinking(qwen
         "def fmt(item):\n"
         "    item['response_format'] = {'type': 'json_schema', 'json_schema': {'name': 'n', 'schema': {'type': 'integer'}}}\n"
         "    return item\n")
-    text = TINY.format(model=qwen3_folder, max_queue=64, max_batch_size=4, timeout=20).replace(
+    text = TINY.format(model=qwen3_folder, max_queue=64, max_batch_size=4, timeout=1).replace(
         "    request -> batch", '    stage a : python { fn = "hooks:fmt" }\n    request -> a -> batch')
     assert "hooks:fmt" in text
     monkeypatch.setattr(tempfile, "mkdtemp", lambda: str(tmp_path))
@@ -452,7 +452,7 @@ MANY = """pipeline tiny {{
     dtype  = fp32
     stage request : requests      {{ max_queue = 64 }}
     stage split   : python        {{ fn = "hooks:parts"  returns = many }}
-    stage batch   : dynamic_batch {{ max_batch_size = 4  timeout = 20ms }}
+    stage batch   : dynamic_batch {{ max_batch_size = 4  timeout = 1ms }}
     stage encode  : encode        {{}}
     stage kv      : kv_lookup     {{ block_size = 8  budget = 1MiB }}
     stage gen     : generate      {{ max_new_tokens = 6 }}
@@ -519,7 +519,7 @@ def test_an_answer_a_python_stage_writes_itself_is_content_not_thinking(qwen3_fo
         "    if 'hours' in item['messages'][-1]['content']:\n"
         "        return {'text': 'We are open 9 to 5.'}\n"
         "    return item\n")
-    text = TINY.format(model=qwen3_folder, max_queue=64, max_batch_size=4, timeout=20).replace(
+    text = TINY.format(model=qwen3_folder, max_queue=64, max_batch_size=4, timeout=1).replace(
         "    request -> batch",
         '    stage faq : python { fn = "hooks:faq"  returns = any }\n    request -> faq\n    faq -> batch\n'
         "    faq -> out")

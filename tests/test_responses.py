@@ -34,7 +34,7 @@ class Colour(pydantic.BaseModel):
 
 @pytest.fixture(scope="module")
 def server(long_gguf):                                   # room for tools
-    s = LiveServer(long_gguf, max_batch_size=8, overrides={"kv_budget_bytes": 8 << 20})
+    s = LiveServer(long_gguf, max_batch_size=8, overrides={"kv_budget_bytes": 8 << 20}, batch_timeout_s=0.001)
     yield s
     s.close()
 
@@ -212,7 +212,7 @@ def test_the_answer_repeats_the_sampling_it_ran_with(tiny_gguf):
     # generate stage's (they were null), given, the client's; streamed, response.created says so too
     from test_serve import TINY
 
-    text = TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=8, timeout=20).replace(
+    text = TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=8, timeout=1).replace(
         "generate      { max_new_tokens = 16 }", "generate { max_new_tokens = 4  temperature = 0.7  top_p = 0.9  seed = 1 }")
     assert "temperature = 0.7" in text
     s = LiveServer(tiny_gguf, text=text)
@@ -468,7 +468,7 @@ def test_a_stream_that_fails_midway_ends_with_response_failed_naming_the_errors_
     (stage_failed), not the error's type."""
     from test_serve import TINY
 
-    text = (TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=8, timeout=20)
+    text = (TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=8, timeout=1)
             .replace("kv -> gen -> out", "kv -> gen -> p -> out")
             .replace("stage out", 'stage p       : python        { fn = "flowkit:fail_after_first_chunk"  '
                                   'stream = true }\n    stage out'))
@@ -679,7 +679,7 @@ def test_an_answer_a_guard_stopped_is_incomplete_for_content_filter_whole_and_st
     event is `response.incomplete`. An answer the guard lets through is as before."""
     from test_serve import TINY
 
-    text = (TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=8, timeout=20)
+    text = (TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=8, timeout=1)
             .replace("kv -> gen -> out", "kv -> gen -> guard -> out")
             .replace("stage out", 'stage guard   : python        { fn = "flowkit:refuse_blocked" }\n    stage out'))
     s = LiveServer(tiny_gguf, text=text)

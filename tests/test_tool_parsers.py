@@ -274,7 +274,8 @@ def llama_server(tmp_path_factory):
     from tiny_model import write_tiny_gguf
 
     path = write_tiny_gguf(tmp_path_factory.mktemp("llama") / "tiny.gguf", context=4096, embed_scale=0.3)
-    s = LiveServer(path, max_batch_size=4, overrides={"kv_budget_bytes": 8 << 20, "chat_template": LLAMA_TEMPLATE})
+    s = LiveServer(path, max_batch_size=4, batch_timeout_s=0.001,
+                   overrides={"kv_budget_bytes": 8 << 20, "chat_template": LLAMA_TEMPLATE})
     yield s
     s.close()
 
@@ -437,9 +438,10 @@ def marked_servers(tmp_path_factory):
                            control_tokens=MARKED)
     first = len(tiny_vocab()[0])
     ids = {m: first + i for i, m in enumerate(MARKED)}
-    servers = {"mistral": LiveServer(path, max_batch_size=4, overrides={"kv_budget_bytes": 8 << 20})}
+    servers = {"mistral": LiveServer(path, max_batch_size=4, batch_timeout_s=0.001,
+                                     overrides={"kv_budget_bytes": 8 << 20})}
     try:
-        servers["llama3_json"] = LiveServer(path, max_batch_size=4, overrides={
+        servers["llama3_json"] = LiveServer(path, max_batch_size=4, batch_timeout_s=0.001, overrides={
             "kv_budget_bytes": 8 << 20, "chat_template": LLAMA_TEMPLATE, "tool_call_parser": "llama3_json"})
         yield servers, ids
     finally:

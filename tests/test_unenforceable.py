@@ -29,10 +29,18 @@ def schema_format(schema) -> dict:
 
 
 @pytest.fixture(scope="module")
+def engine(tiny_gguf):
+    """An engine on the tiny model, for its tokenizer and vocabulary (the tests only read them)."""
+    from pipeline_dsl.engine import Engine, EngineConfig
+
+    return Engine(EngineConfig(model=str(tiny_gguf), dtype="fp32"))
+
+
+@pytest.fixture(scope="module")
 def server(tiny_gguf):
     from test_serve import LiveServer
 
-    s = LiveServer(tiny_gguf)
+    s = LiveServer(tiny_gguf, batch_timeout_s=0.001)
     yield s
     s.close()
 
@@ -130,14 +138,11 @@ def test_a_guided_regex_forcing_a_long_run_is_a_400_naming_the_field():
     (SELF_REF, "$ref refers only to itself"),
     ({"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}, "only to itself"),
 ])
-def test_unenforceable_schemas_are_refused_when_compiled_and_checked(tiny_gguf, schema, words):
-    from pipeline_dsl.engine import Engine, EngineConfig
-
+def test_unenforceable_schemas_are_refused_when_compiled_and_checked(engine, schema, words):
     spec = schema_format(schema)
     with pytest.raises(GrammarError, match="too complex|only to itself") as e:
         check_spec(spec)                                           # agp check: no tokenizer
     assert words in str(e.value)
-    engine = Engine(EngineConfig(model=str(tiny_gguf), dtype="fp32"))
     with pytest.raises(GrammarError):
         ConstraintCompiler(engine.tokenizer, engine.vocab_size).compile(spec)
     with pytest.raises(GrammarError, match="too complex"):
@@ -413,7 +418,7 @@ def long_server(long_gguf):
     is looked at."""
     from test_serve import TINY, LiveServer
 
-    s = LiveServer(long_gguf, text=TINY.format(model=long_gguf, max_queue=1024, max_batch_size=8, timeout=20)
+    s = LiveServer(long_gguf, text=TINY.format(model=long_gguf, max_queue=1024, max_batch_size=8, timeout=1)
                    .replace("budget = 1MiB", "budget = 4MiB"))
     yield s
     s.close()
@@ -537,7 +542,7 @@ def test_an_agp_run_line_whose_spec_only_the_engine_refuses_names_its_field(tmp_
     from test_serve import TINY
 
     path = tmp_path / "tiny.agp"
-    path.write_text(TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=4, timeout=20), encoding="utf-8")
+    path.write_text(TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=4, timeout=1), encoding="utf-8")
     rows = run_lines(path, [{"prompt": "hi", "max_tokens": 8, "guided_json": MANY},
                             {"prompt": "hi", "max_tokens": 8, "structured_outputs": {"json": MANY}},
                             {"prompt": "hi", "max_tokens": 8, "response_format": schema_format(MANY)}])
@@ -592,12 +597,9 @@ def test_structured_outputs_options_are_followed(server):
     assert any(reason == "length" or set(json.loads(text)) - set("abcd") for reason, text in opened), opened
 
 
-def test_open_and_compact_objects_on_request(tiny_gguf):
+def test_open_and_compact_objects_on_request(engine):
     """disable_additional_properties: true leaves objects as open as JSON Schema does (vLLM's
     guidance backend), disable_any_whitespace: true writes no whitespace."""
-    from pipeline_dsl.engine import Engine, EngineConfig
-
-    engine = Engine(EngineConfig(model=str(tiny_gguf), dtype="fp32"))
     compiler = ConstraintCompiler(engine.tokenizer, engine.vocab_size)
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
 
@@ -698,12 +700,9 @@ def test_a_whitespace_pattern_may_match_only_jsons_four_whitespace_characters(ch
         with pytest.raises(GrammarError, match="matches more than JSON's whitespace"):
             check_whitespace(pattern)
 
-def test_a_json_specs_whitespace_is_none_or_one_match_of_its_pattern(tiny_gguf):
+def test_a_json_specs_whitespace_is_none_or_one_match_of_its_pattern(engine):
     """The compiler's "whitespace" (vLLM's whitespace_pattern) on each spec that writes JSON: between
     two tokens nothing or one match of it, nothing else (not agp's default space)."""
-    from pipeline_dsl.engine import Engine, EngineConfig
-
-    engine = Engine(EngineConfig(model=str(tiny_gguf), dtype="fp32"))
     compiler = ConstraintCompiler(engine.tokenizer, engine.vocab_size)
 
     def accepts(spec, text):

@@ -36,7 +36,7 @@ IM_START = 1                                # a special token of the tiny tokeni
 
 @pytest.fixture(scope="module")
 def server(tiny_gguf):
-    s = LiveServer(tiny_gguf, overrides={"chat_template": TEMPLATE})
+    s = LiveServer(tiny_gguf, overrides={"chat_template": TEMPLATE}, batch_timeout_s=0.001)
     yield s
     s.close()
 
@@ -104,7 +104,8 @@ def test_spaces_between_special_tokens_false_writes_each_with_nothing_beside_it(
     completions and chat, whole and streamed."""
     from tokenizers import decoders
 
-    s = LiveServer(write_tiny_hf_folder(tmp_path / "spaced", tiny_gguf, decoder=decoders.WordPiece()))
+    s = LiveServer(write_tiny_hf_folder(tmp_path / "spaced", tiny_gguf, decoder=decoders.WordPiece()),
+                   batch_timeout_s=0.001)
     try:
         def text(kind, stream, **extra):
             body = {"model": "tiny", "max_tokens": 3, "logit_bias": {str(IM_START): 100}, "stream": stream,
@@ -581,7 +582,7 @@ def test_completions_add_special_tokens_false_leaves_the_start_token_off(tmp_pat
     """vLLM's completions field (default true): false tokenises a text prompt as it is, with no
     start token before it (a prompt rendered by the client, its start token written), as
     /tokenize counts it; token-id prompts are taken as they are either way. `agp run` lines the same."""
-    s = LiveServer(write_tiny_gguf(tmp_path / "bos.gguf", add_bos=True))
+    s = LiveServer(write_tiny_gguf(tmp_path / "bos.gguf", add_bos=True), batch_timeout_s=0.001)
     try:
         def ids(prompt="the cat", **extra):
             out = s.client.completions.create(model="tiny", prompt=prompt, max_tokens=1,
