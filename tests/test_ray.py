@@ -1,14 +1,27 @@
-"""`agp serve --ray`: the flags without Ray, the routing key, and a local Ray cluster with two
-replicas of the tiny model driven by the official `openai` client (skipped only when Ray is
-not installed: `pip install -e '.[ray]'`)."""
+"""`agp serve --ray`: the flags without Ray, the routing key, and `agp serve --ray` as a process,
+as users run it (a local Ray cluster of its own with two replicas of the tiny model behind Ray's
+proxy), driven by the official `openai` client and httpx, this process joining its cluster for the
+tests that reach into Ray (a second application, a replica killed mid-load). Routes answer with and
+without --root-path, one GET /metrics covers both replicas (a `replica` label on every series) and
+answers each scraper as one process does (the text format's version by Accept, gzip by
+Accept-Encoding), and SIGTERM drains: new requests get 503 + Retry-After (not Ray's 404) while the
+one in flight finishes, then exit 0. The cluster's tests are skipped only when Ray is not installed
+(`pip install -e '.[ray]'`)."""
 
 import gzip
+import importlib.util
+import json
 import logging
+import os
+import signal
 import socket
+import subprocess
 import sys
 import threading
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import openai
@@ -19,6 +32,7 @@ from pipeline_dsl import cli
 from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
 from test_serve import TINY, _free_port
 
+ROOT = Path(__file__).resolve().parents[1]
 TOKENS = 8                      # every answer of the load test: 8 tokens, ignore_eos
 SHARED = "the cat and the world " * 14          # 308 characters: longer than --affinity-chars
 
@@ -244,9 +258,35 @@ def test_a_ray_without_the_controllers_names_starts_serve_as_on_a_new_cluster(mo
 
 # ---------------------------------------------------------------- a local Ray cluster
 
+HOLD = "hold until "
+HOLDS = f'''import os
+import time
+
+
+def hold(item):
+    prompt = item.get("prompt")
+    if isinstance(prompt, str) and prompt.startswith({HOLD!r}):
+        path = prompt[len({HOLD!r}):]
+        open(path + ".held", "w").close()
+        while not os.path.exists(path):
+            time.sleep(0.05)
+    return item
+'''
+
+
+def _wait(predicate, what: str, timeout: float = 60.0, every: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, what
+        time.sleep(every)
+
+
 class Cluster:
-    def __init__(self, url: str, ray):
-        self.url, self.ray = url, ray
+    def __init__(self, url: str, ray, proc: subprocess.Popen, folder: Path):
+        self.url, self.ray, self.proc, self.folder = url, ray, proc, folder
         self.client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
     def kill_replica(self, replica_id: str) -> None:
@@ -260,23 +300,151 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_gguf, tmp_path_factory, ray_turn):
-    ray = pytest.importorskip("ray")
-    from ray import serve
-
-    from pipeline_dsl.serve import ray as on_ray
-
-    path = tiny_pipeline(tmp_path_factory.mktemp("ray") / "tiny.agp", tiny_gguf)
+def cluster(tmp_path_factory, tiny_gguf, ray_turn):
+    """`agp serve --ray` as a process, on a local cluster of its own, and this process joined to
+    that cluster (one cluster for every test of the module: each start is half a minute of
+    processes importing Ray, torch and the model)."""
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip("Ray is not installed (pip install 'ray[serve]')")
+    d = tmp_path_factory.mktemp("ray")
+    # a request whose prompt is HOLD + a file's path waits in the `hold` stage until the test
+    # makes the file (`hold` writes PATH.held first): in flight at SIGTERM for as long as the test needs
+    (d / "holds.py").write_text(HOLDS)
+    text = TINY.format(model=tiny_gguf, max_queue=1024, max_batch_size=4, timeout=20)
+    text = text.replace("    request -> batch\n", "    stage hold    : python        { fn = \"holds:hold\" }\n"
+                                                   "    request -> hold -> batch\n")
+    assert "request -> hold -> batch" in text
+    (d / "tiny.agp").write_text(text)
     port = _free_port()
-    on_ray.init_cluster(num_cpus=4, include_dashboard=False, logging_level="warning", object_store_memory=100 << 20)
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("RAY_ADDRESS", None)
+    # CPUs for its two replicas and the one of each application the tests deploy beside it, whatever
+    # the machine's count (Ray's own override of a node's resources)
+    env["RAY_OVERRIDE_RESOURCES"] = json.dumps({"CPU": 4, "object_store_memory": 100 << 20})
+    log = open(d / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "serve", str(d / "tiny.agp"), "--ray",
+                             "--replicas", "2", "--threads", "1", "--root-path", "/llm", "--port", str(port),
+                             "--stats-interval", "0", "--drain-timeout", "60"],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy():
+        assert proc.poll() is None, (d / "serve.log").read_text()
+        try:
+            return httpx.get(url + "/llm/health", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def serving():                   # logged once serve.run returned: every replica is running
+        return healthy() and "agp serving pipeline" in (d / "serve.log").read_text()
+
+    import ray
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        args = on_ray.parse([str(path), "--replicas", "2", "--threads", "1", "--port", str(port),
-                             "--stats-interval", "0", "--log-level", "warning"])
-        serve.run(on_ray.build_app(args), name="agp")
-        yield Cluster(f"http://127.0.0.1:{port}", ray)
+        _wait(serving, "agp serve --ray did not come up", timeout=240, every=0.25)
+        with pytest.MonkeyPatch.context() as mp:      # the local cluster (the one running), not RAY_ADDRESS's
+            mp.delenv("RAY_ADDRESS", raising=False)
+            ray.init(address="auto", logging_level="warning", log_to_driver=False)
+        from ray import serve
+        assert "agp" in serve.status().applications, "this process joined another cluster than agp serve's"
+        yield Cluster(url, ray, proc, d)
     finally:
-        ray.shutdown()      # ends Serve's actors with the cluster, without their graceful drain (seconds)
+        ray.shutdown()              # this process leaves the cluster before the agp serve process ends it
+        (d / "release").touch()     # a request the SIGTERM test held, should it have failed before its release
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(90)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log.close()
+
+
+def test_routes_answer_with_and_without_the_root_path_and_metrics_cover_every_replica(cluster):
+    url = cluster.url
+    replicas = set()
+
+    def complete(base, i):
+        client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0, timeout=120)
+        raw = client.completions.with_raw_response.create(model="tiny", prompt=f"request {i} here", max_tokens=4,
+                                                          extra_body={"ignore_eos": True})
+        assert raw.parse().usage.completion_tokens == 4
+        replicas.add(raw.headers["x-agp-replica"])
+
+    threads = [threading.Thread(target=complete, args=(url + ("/llm/v1" if i % 2 else "/v1"), i)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert len(replicas) == 2, replicas
+
+    def merged():
+        text = httpx.get(url + "/llm/metrics", timeout=30).text
+        fams = {f.name: f for f in text_string_to_metric_families(text)}
+        done = [s for s in fams["vllm:request_success"].samples if s.name.endswith("_total")]
+        by_replica = {s.labels["replica"] for s in done if s.value > 0}
+        return fams if sum(s.value for s in done) >= 16 and by_replica == replicas else None
+
+    fams = _wait(merged, "one /metrics does not show both replicas' requests", timeout=60, every=0.5)
+    running = fams["vllm:num_requests_running"].samples
+    assert {s.labels["replica"] for s in running} == replicas and all(s.labels["engine"] == "0" for s in running)
+    assert httpx.get(url + "/metrics", timeout=30).status_code == 200             # the bare path too
+
+
+PROMETHEUS_3 = ("application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,application/openmetrics-text;"
+                "version=0.0.1;q=0.5,text/plain;version=1.0.0;escaping=allow-utf-8;q=0.4,text/plain;version=0.0.4;"
+                "q=0.3,*/*;q=0.2")
+
+
+@pytest.mark.parametrize("accept, accept_encoding, content_type", [
+    (None, None, "text/plain; version=0.0.4; charset=utf-8"),                             # curl, a probe
+    (PROMETHEUS_3, "gzip", "text/plain; version=1.0.0; charset=utf-8; escaping=allow-utf-8"),
+    ("text/plain;version=1.0.0", "gzip;q=0, identity", "text/plain; version=1.0.0; charset=utf-8; escaping=underscores"),
+    ("*/*", "deflate, gzip;q=0.8", "text/plain; version=0.0.4; charset=utf-8"),
+])
+def test_the_merged_metrics_answer_each_scraper_as_one_process_does(cluster, accept, accept_encoding,
+                                                                    content_type):
+    """The ingress's /metrics negotiates as `agp serve`'s: the text format's version by Accept (0.0.4
+    to a plain scrape, 1.0.0 when listed), gzip when Accept-Encoding takes it, `Vary` naming both."""
+    url = cluster.url
+    with httpx.Client(timeout=30) as scraper:
+        del scraper.headers["accept"], scraper.headers["accept-encoding"]           # httpx's own
+        headers = {k: v for k, v in (("accept", accept), ("accept-encoding", accept_encoding)) if v is not None}
+        with scraper.stream("GET", url + "/llm/metrics", headers=headers) as r:
+            raw = b"".join(r.iter_raw())
+        assert r.request.headers.get("accept") == accept
+    gzipped = accept_encoding is not None and "gzip;q=0," not in accept_encoding
+    assert r.status_code == 200 and r.headers["content-type"] == content_type
+    assert {v.strip().lower() for v in r.headers["vary"].split(",")} >= {"accept", "accept-encoding"}
+    assert r.headers.get("content-encoding") == ("gzip" if gzipped else None)
+    assert int(r.headers["content-length"]) == len(raw)
+    fams = {f.name: f for f in text_string_to_metric_families((gzip.decompress(raw) if gzipped else raw).decode())}
+    assert [s.name for s in fams["vllm:prompt_tokens"].samples] == ["vllm:prompt_tokens_total"] * 2   # both replicas
+    assert len({s.labels["replica"] for s in fams["vllm:prompt_tokens"].samples}) == 2
+
+
+def test_the_ingress_refuses_what_one_process_refuses_huge_bodies_and_headers_and_deep_json(cluster):
+    """As one process: a Content-Length past --max-body-bytes is a 413 before any of the body is
+    read (the ingress waited for the body, a 408 after --body-timeout), headers past 16 KiB a 431
+    (answered 200), and JSON nested past the limit a 400 from the replica (the ingress's routing
+    key read raised RecursionError: a 500)."""
+    url = cluster.url
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as c:
+        c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 10737418240\r\n\r\n{")
+        c.settimeout(60)
+        answer = b""
+        while b"body_too_large" not in answer and (chunk := c.recv(65536)):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:300]
+    assert b"has 10737418240 bytes; at most 4194304 are accepted (--max-body-bytes)" in answer
+    r = httpx.get(url + "/health", headers={"x-big": "a" * (20 << 10)}, timeout=30)      # Ray's proxy takes any size
+    assert r.status_code == 431 and r.json()["error"]["code"] == "headers_too_large", r.text[:300]
+    assert httpx.get(url + "/health", headers={"x-fine": "a" * (12 << 10)}, timeout=30).status_code == 200
+    nested = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    r = httpx.post(url + "/v1/completions", content=nested, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 400 and "nested more than" in r.json()["error"]["message"], r.text[:300]
 
 
 def serve_beside(args) -> tuple[int | None, bool]:
@@ -374,16 +542,18 @@ def test_32_requests_on_two_replicas_with_prefix_affinity(cluster, tiny_gguf):
     assert all(cached > 0 for _, _, cached in got[25:])   # so each found the shared prefix in the KV cache
 
 
-def busy_replica(url: str, waiting: int) -> str | None:
-    """A replica with at least `waiting` requests not started, by the application's /metrics (every
+def holding_replica(url: str) -> str | None:
+    """The replica with a request in its `hold` stage, by the application's /metrics (every
     replica's series, labelled; GET /stats would answer from the least loaded replica)."""
     text = httpx.get(url + "/metrics", timeout=30).text
+    held = {}
     for fam in text_string_to_metric_families(text):
-        if fam.name == "vllm:num_requests_waiting":
+        if fam.name in ("agp_stage_items_in", "agp_stage_items_out"):
             for sample in fam.samples:
-                if sample.value >= waiting:
-                    return sample.labels["replica"]
-    return None
+                if sample.name.endswith("_total") and sample.labels["stage"] == "hold":
+                    sign = 1 if fam.name == "agp_stage_items_in" else -1
+                    held[sample.labels["replica"]] = held.get(sample.labels["replica"], 0) + sign * sample.value
+    return next((replica for replica, count in held.items() if count > 0), None)
 
 
 def test_a_flag_the_replicas_cannot_start_with_is_named_at_the_first_failure(cluster, tmp_path, tiny_gguf):
@@ -446,14 +616,19 @@ def test_ctrl_c_while_deploying_deletes_the_application_it_was_deploying(cluster
 
 
 def test_a_replica_lost_mid_load_loses_no_request_that_had_not_started_streaming(cluster):
+    """A replica is killed while the load is under way on both, holding a request that has not
+    started (the last one, held in its `hold` stage until the kill: it is there for certain, where
+    requests waiting for a batch were there only while a scrape of /metrics caught them)."""
     client = cluster.client
-    n, tokens = 24, 160
-    state = [{"chunks": 0} for _ in range(n)]
+    n, tokens = 24, 64
+    release = cluster.folder / "release-lost"
+    prompts = [f"request {i} of the load" for i in range(n)] + [HOLD + str(release)]
+    state = [{"chunks": 0} for _ in range(n + 1)]
 
     def stream(i):
         s = state[i]
         with client.completions.with_streaming_response.create(
-                model="tiny", prompt=f"request {i} of the load", max_tokens=tokens, stream=True,
+                model="tiny", prompt=prompts[i], max_tokens=tokens, stream=True,
                 extra_body={"ignore_eos": True}) as resp:
             s["replica"] = resp.headers["x-agp-replica"]
             s["attempts"] = int(resp.headers["x-agp-attempts"])
@@ -466,8 +641,8 @@ def test_a_replica_lost_mid_load_loses_no_request_that_had_not_started_streaming
 
     def whole(i):
         s = state[i]
-        raw = client.completions.with_raw_response.create(model="tiny", prompt=f"request {i} of the load",
-                                                          max_tokens=tokens, extra_body={"ignore_eos": True})
+        raw = client.completions.with_raw_response.create(model="tiny", prompt=prompts[i], max_tokens=tokens,
+                                                          extra_body={"ignore_eos": True})
         r = raw.parse()
         s.update(replica=raw.headers["x-agp-replica"], attempts=int(raw.headers["x-agp-attempts"]),
                  finish=r.choices[0].finish_reason, tokens=r.usage.completion_tokens)
@@ -478,15 +653,21 @@ def test_a_replica_lost_mid_load_loses_no_request_that_had_not_started_streaming
         except openai.APIError as e:
             state[i]["error"] = e
 
+    holding = threading.Thread(target=run, args=(n,))            # n is even: a whole answer
+    holding.start()
     threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    victim = None
-    while victim is None:  # a replica holding a batch's worth (4) of requests that have not started
-        assert any(t.is_alive() for t in threads), "no replica held waiting requests: the test proved nothing"
-        victim = busy_replica(cluster.url, waiting=4)
-    cluster.kill_replica(victim)
-    for t in threads:
+    try:
+        _wait(lambda: Path(str(release) + ".held").exists(), "the request did not reach a replica's hold stage", 60,
+              0.05)
+        victim = _wait(lambda: holding_replica(cluster.url), "the held request does not show on /metrics", 30, 0.1)
+        for t in threads:
+            t.start()
+        _wait(lambda: any(s["chunks"] for s in state) or not any(t.is_alive() for t in threads),
+              "no stream of the load started", 60, 0.02)
+        cluster.kill_replica(victim)
+    finally:
+        release.touch()             # the held request goes on, on the replica it is sent to again
+    for t in [*threads, holding]:
         t.join(180)
     failed = {i for i, s in enumerate(state) if "error" in s}
     for i, s in enumerate(state):
@@ -501,3 +682,49 @@ def test_a_replica_lost_mid_load_loses_no_request_that_had_not_started_streaming
     # the cluster serves on (Serve starts a replica in place of the lost one)
     r = client.completions.create(model="tiny", prompt="after", max_tokens=4, extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 4
+
+    def series_of_the_lost_replica():
+        fams = text_string_to_metric_families(httpx.get(cluster.url + "/metrics", timeout=30).text)
+        return any(s.labels.get("replica") == victim for fam in fams for s in fam.samples)
+
+    # and /metrics drops the lost replica's last series once they go stale (STALE_S): its held
+    # request would count on beside the one the next test holds
+    _wait(lambda: not series_of_the_lost_replica(), "the lost replica's series stay on /metrics", 60, 0.5)
+
+
+def test_sigterm_drains_with_503_and_retry_after_and_finishes_the_request_in_flight(cluster):
+    """The module's last test: it ends the cluster's agp serve (this process leaves the cluster
+    first)."""
+    proc, url, d = cluster.proc, cluster.url, cluster.folder
+    cluster.ray.shutdown()
+    release = d / "release"
+    result = {}
+
+    def in_flight():                # held in the `hold` stage of its replica until `release` exists
+        r = httpx.post(url + "/v1/completions", timeout=120,
+                       json={"model": "tiny", "prompt": HOLD + str(release), "max_tokens": 6, "ignore_eos": True})
+        result["status"], result["body"] = r.status_code, r.json()
+
+    def held():                     # one request in a replica's hold stage, by the merged /metrics
+        fams = {f.name: f for f in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text)}
+        into, out = (sum(s.value for s in fams[name].samples
+                         if s.name.endswith("_total") and s.labels["stage"] == "hold")
+                     for name in ("agp_stage_items_in", "agp_stage_items_out"))
+        return into - out == 1
+
+    t = threading.Thread(target=in_flight)
+    t.start()
+    _wait(lambda: Path(str(release) + ".held").exists(), "the request did not reach a replica's hold stage", 60, 0.05)
+    _wait(held, "the request held in a replica does not show on /metrics", 30, 0.1)
+    proc.send_signal(signal.SIGTERM)
+    _wait(lambda: httpx.get(url + "/health", timeout=5).status_code == 503, "/health did not turn 503", 20, 0.05)
+    r = httpx.post(url + "/llm/v1/chat/completions", timeout=30,
+                   json={"model": "tiny", "messages": [{"role": "user", "content": "late"}]})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["code"] == "unavailable" and "shutting down" in r.json()["error"]["message"]
+    assert held()                                  # /metrics still answers: the drain is watched
+    assert t.is_alive() and proc.poll() is None    # the drain waits for the request held in flight
+    release.touch()
+    t.join(120)
+    assert result["status"] == 200 and result["body"]["usage"]["completion_tokens"] == 6
+    assert proc.wait(120) == 0, (d / "serve.log").read_text()
