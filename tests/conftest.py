@@ -29,8 +29,7 @@ TORCH_THREADS = torch.get_num_threads()       # the process's count: one on a wo
 # sums of `--durations=0` per module (2026-12-07, with the native kernels running on an AVX2 CPU).
 # `make test` gives each worker a module at a time in the order collected (--no-loadscope-reorder):
 # these start first and the short modules fill in around them, where in the order of names one of
-# them could start last and run alone while the other worker sits idle. test_ray_serve waits on
-# test_ray's cluster (`ray_turn`): it is left in its place among the short ones, far from test_ray.
+# them could start last and run alone while the other worker sits idle.
 LONG_FIRST = ("test_ray.py", "test_slow_clients.py", "test_dsl_limits.py", "test_hostile.py", "test_fast_paths.py",
               "test_gpu_path.py", "test_gpu_suite.py", "test_model_parity.py", "test_examples.py", "test_ops.py",
               "test_flex_attention.py", "test_dsl_fuzz.py", "test_openapi.py", "test_signals.py", "test_serve.py",
