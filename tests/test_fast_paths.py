@@ -490,14 +490,11 @@ def test_embedded_model_bf16_native_path_differs_from_eager_only_at_near_ties():
     the guard against early partings counts the tokens before them: most tokens agree. The 8
     prompts decode as one batch, the way the engine runs them (the native path's tokens are the
     same as each prompt's alone; a step of 8 rows costs the eager path two thirds of 8 steps of one)."""
-    from pipeline_dsl.engine.models import build_model, load_weights, resolve_model
-    # the file read and dequantised once (load_model's first half), each model built from it as
-    # load_model builds one: a build only reads the weights
-    config, weights, tok = load_weights(resolve_model(None))
-    fast = build_model(config, weights, dtype="bf16")
+    from pipeline_dsl.engine.models import load_model
+    fast, tok = load_model(None, dtype="bf16")
     with native_off():
-        ref = build_model(config, weights, dtype="bf16")
-    f32 = build_model(config, weights, dtype="fp32")
+        ref, _ = load_model(None, dtype="bf16")
+    f32, _ = load_model(None, dtype="fp32")
     agreed = total = 0
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True) for q in CHAT]
     for q, ids, a, b in zip(CHAT, prompts, greedy(fast, prompts), greedy(ref, prompts)):
