@@ -7,6 +7,7 @@ on a corpus with unicode, whitespace runs, code and special tokens, and the prom
 logprobs `agp serve` answers (echo) agree to 1e-3.
 """
 
+import copy
 import functools
 
 import pytest
@@ -59,15 +60,27 @@ def reference():
     transformers = pytest.importorskip("transformers")
     import gguf
 
+    import transformers.modeling_gguf_pytorch_utils as gguf_checkpoint
+
     src = resolve_model(None)
     kw = dict(gguf_file=src.path.name, local_files_only=True)
     # transformers parses the file's header anew for the config, the weights and the tokenizer,
     # and builds gguf's tensor-name table once per submodule: most of its load, none of it the
-    # weights' values. Each is made once here (same arguments, same result); its reader and
-    # dequantiser still read every weight.
+    # weights' values. Each is made once here (same arguments, same result; the metadata alone,
+    # which the config and the tokenizer each read, a copy each); its reader and dequantiser
+    # still read every weight.
+    load_checkpoint = gguf_checkpoint.load_gguf_checkpoint
+    metadata = functools.cache(lambda path: load_checkpoint(path, return_tensors=False))
+
+    def load_once(path, return_tensors=False, **more):
+        if return_tensors or more:
+            return load_checkpoint(path, return_tensors, **more)
+        return copy.deepcopy(metadata(str(path)))
+
     with pytest.MonkeyPatch.context() as mp:
         for name in ("GGUFReader", "get_tensor_name_map"):
             mp.setattr(gguf, name, functools.cache(getattr(gguf, name)))
+        mp.setattr(gguf_checkpoint, "load_gguf_checkpoint", load_once)
         model = transformers.AutoModelForCausalLM.from_pretrained(str(src.path.parent), dtype=torch.float32, **kw)
         tok = transformers.AutoTokenizer.from_pretrained(str(src.path.parent), **kw)
     return model.eval(), tok
