@@ -137,8 +137,6 @@ def test_a_python_stage_that_answers_itself_answers_each_of_n_choices(tiny_gguf)
     asked for n = 3: each of the 3 choices is its answer (the stage runs once; a model at
     temperature 0 answers n times alike), streamed or not, chat and completions; it gave one
     choice, and a client reading choices[2] failed. Requests it lets through get the model's n."""
-    import openai
-
     from test_serve import TINY
 
     guard = 'stage guard   : python        { fn = "flowkit:refuse_blocked"  returns = any }\n    stage out'
