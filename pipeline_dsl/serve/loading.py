@@ -101,8 +101,8 @@ class Loading:
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_S)
+            self.answered += 1                     # before the write: its client may read it at once
             writer.write(answer(head, self.retry_after_s))
-            self.answered += 1
             await writer.drain()
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
             pass                                   # a client that sent no whole request: closed
