@@ -509,6 +509,40 @@ def test_an_answer_not_streamed_has_its_result_as_only_event_and_its_ttft_still_
     assert whole.first_token_at is not None and streamed.first_token_at is not None
 
 
+def test_a_paused_stream_is_not_cut_for_the_tokens_that_came_while_the_loop_was_busy(tiny_gguf, tmp_path):
+    """Pausing on (past 4 unread tokens) and a cut past 16: the event loop busy for a second while
+    the engine generates, the tokens it made meanwhile reach the stream together, past both bounds.
+    The stream pauses at the first of them and is not cut for the rest (they were on their way
+    before the pause could take hold; on a loaded machine a stalled reader's stream was cut this
+    way, its client told it left 256 tokens unread), nor once its answer is whole (a fast engine
+    may finish within the second); read at last, it gives every token."""
+    path = tmp_path / "tiny.agp"
+    path.write_text(TINY.format(model=tiny_gguf, max_queue=8, max_batch_size=2, timeout=1))
+    apipe = AsyncPipeline(build_runtime(path, overrides={"threads": 1}), max_unread_tokens=16,
+                          pause_unread_tokens=4)
+    apipe.start()
+
+    async def late_reader():
+        rs = await apipe.add({"id": "late", "prompt": "hello there", "max_tokens": 120, "ignore_eos": True},
+                             stream=True)
+        deadline = time.monotonic() + 60
+        while rs.first_token_at is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        time.sleep(1.0)                  # the loop busy: what the engine makes waits in its mail
+        await asyncio.sleep(0.1)
+        unread = rs.unread
+        return unread, [event async for event in rs]
+
+    try:
+        unread, events = asyncio.run(late_reader())
+    finally:
+        apipe.stop()
+    assert unread > 16                   # past the cut's bound: paused, or its answer whole meanwhile
+    assert events[-1][0] == "done" and events[-1][1].ok, events[-1]
+    deltas = [e for e in events if e[0] == "delta"]
+    assert sum(len(e[2].new_token_ids) for e in deltas) == 120
+
+
 @pytest.mark.parametrize("route, body, status, fragment", [
     ("/v1/completions", b'{"prompt": ', 400, "not valid JSON"),
     ("/v1/completions", b'{"prompt": "hi", "max_tokens": "8"}', 400, "'max_tokens' must be an integer"),

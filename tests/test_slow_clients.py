@@ -391,7 +391,8 @@ def test_a_stream_cut_for_its_unread_tokens_lets_go_of_them():
     loop = asyncio.new_event_loop()
     try:
         aborted = []
-        runtime = type("Runtime", (), {"abort": lambda self, key, message: aborted.append((key, message))})()
+        runtime = type("Runtime", (), {"abort": lambda self, key, message: aborted.append((key, message)),
+                                       "running": lambda self, key: True})()
         owner = type("Owner", (), {"metrics": None, "runtime": runtime})()
         stream = RequestStream(owner, LoopMail(loop), max_unread_tokens=10)
         stream.key = "k"

@@ -292,6 +292,12 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         """Whether submit() takes new requests (not closing, not failed)."""
         return not self._closing and self.error is None
 
+    def running(self, key: str) -> bool:
+        """Whether the request is still in flight: its answer not yet whole (a stream's tokens may
+        still be on their way to its consumer once it is not)."""
+        req = self.ledger.get(key)
+        return req is not None and not req.done
+
     def abort(self, key: str, message: str = "aborted by the client") -> None:
         req = self.ledger.get(key)
         if req is not None:

@@ -18,7 +18,9 @@ A stream whose consumer falls behind (an SSE client that stops reading: the sock
 fills, the writer waits) keeps its events queued here. Past `pause_unread_tokens` tokens queued
 its request is paused (FlowRuntime.pause: its engine sequences leave their batches, their KV
 blocks freed) until the consumer has taken them all, when it goes on; paused for `pause_limit_s`
-without catching up, or past `max_unread_tokens` tokens queued, its request is aborted, the
+without catching up, or past `max_unread_tokens` tokens queued while not paused (pausing off,
+or refused in a drain; a paused stream's tokens that were on their way when it paused do not
+count against it, nor a whole answer's), its request is aborted, the
 deltas it queued dropped, and its last event is the error saying why (what a client reads if it
 ever reads again). So a stalled client holds no batch slot and costs the others nothing but the
 tokens generated before the pause.
@@ -199,14 +201,18 @@ class RequestStream:
         self.unread += len(out.new_token_ids or ())
         if self.ended or self.finished or self.key is None:
             return
+        if self.pause_unread_tokens and self.unread > self.pause_unread_tokens and not self.paused:
+            self._set_paused(True, f"its client left more than {self.pause_unread_tokens} tokens unread")
+        # a paused stream is not cut for the tokens generated before its pause took hold (they were
+        # on their way while this loop was busy: hundreds on a loaded machine), nor one whose answer
+        # is whole (nothing more comes); one still generating unpaused (no pausing, or none in a
+        # drain) is
         limit = self.max_unread_tokens
-        if limit is not None and self.unread > limit:
+        if limit is not None and self.unread > limit and not self.paused and self._owner.runtime.running(self.key):
             log.info("aborting %s: its client left more than %d tokens of its stream unread", self.id or self.key,
                      limit)
             self._cut(f"the stream was cut: its client left more than {limit} generated tokens unread "
                       f"(--max-unread-tokens)")
-        elif self.pause_unread_tokens and self.unread > self.pause_unread_tokens and not self.paused:
-            self._set_paused(True, f"its client left more than {self.pause_unread_tokens} tokens unread")
 
     def _cut(self, message: str) -> None:
         """Abort the request for its unread tokens, counted; the deltas it queued are dropped."""
