@@ -44,7 +44,7 @@ def test_a_text_chunk_has_the_bytes_of_the_general_chunk(kind, fingerprint):
     for byte what P.sse of the chunk body is, for any text (quotes, control characters,
     non-ASCII, line separators) and choice index."""
     req = _request(kind)
-    writer = ChunkWriter(_Runtime(), None, None, req, "cmpl-\"id\"", 1, lambda *a: None, fingerprint=fingerprint)
+    writer = ChunkWriter(_Runtime(), None, None, req, "cmpl-\"id\"", lambda *a: None, fingerprint=fingerprint)
     assert writer.text_line is not None
     for index in (0, 3, 12):
         writer.content(index, "")                     # a chat choice opens with its role chunk
@@ -66,7 +66,7 @@ def test_an_event_splits_into_its_lines_only_where_the_stream_breaks_them(kind):
     import json
 
     text = "a\x85b\u2028c\u2029d"
-    writer = ChunkWriter(_Runtime(), None, None, _request(kind), "cmpl-1", 1, lambda *a: None)
+    writer = ChunkWriter(_Runtime(), None, None, _request(kind), "cmpl-1", lambda *a: None)
     writer.content(0, "")
     events = [*writer.content(0, text),                                   # the text-only template
               P.sse({"choices": [{"index": 0, "text": text, "logprobs": {"tokens": [text]}}]})]

@@ -115,8 +115,8 @@ class Generations:
             return started
         stream, first = started
         if req.stream:
-            return EventStream(ChunkWriter(self.apipe.runtime, stream, first, req, rid, self.config.retry_after_s,
-                                           self.ended, self.config.system_fingerprint).events(), stream, self.gone)
+            return EventStream(ChunkWriter(self.apipe.runtime, stream, first, req, rid, self.ended,
+                                           self.config.system_fingerprint).events(), stream, self.gone)
         return await self.collect(request, stream, first, req, lambda res: self.answer(res, req, rid))
 
     async def start(self, request: Request, req: P.GenerationRequest, rid: str):

@@ -28,7 +28,7 @@ from .responses_output import call_item, ending, message_item, new_id, reasoning
 class ResponseEvents(Relay):
     def __init__(self, owner, call, stream, first, rid: str, on_end):
         self.owner, self.call, self.stream, self.first, self.rid = owner, call, stream, first, rid
-        self.on_end, self.kind, self.retry_after_s = on_end, "responses", owner.g.config.retry_after_s
+        self.on_end, self.kind = on_end, "responses"
         self.max_tokens_field, self.format_field = call.req.max_tokens_field, call.req.format_field
         self.created = int(time.time())
         self.seq = 0

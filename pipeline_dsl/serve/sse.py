@@ -93,7 +93,6 @@ class Relay:
     max_tokens_field: str = "max_tokens"         # what the client called it (max_completion_tokens, ...)
     format_field: str = "response_format"        # ... and the field its constraint came in (guided_json, ...)
     kind: str                                    # the API, for the error's shape
-    retry_after_s: int
 
     def on_delta(self, index: int, out) -> list[bytes]:
         raise NotImplementedError
@@ -127,8 +126,8 @@ class Relay:
                 except Exception as e:           # noqa: BLE001 - a chunk that cannot be built: this
                     err, result = answer_failed(e), None   # stream's error, as a failed result's; the others go on
                 if result is not None and result.error is not None:
-                    err = api_error(result.error, self.kind, self.retry_after_s, self.max_tokens_field,
-                                    self.format_field)
+                    err = api_error(result.error, self.kind, max_tokens_field=self.max_tokens_field,
+                                    format_field=self.format_field)   # an event: its headers are long sent
                 if err is not None:
                     status = str(err.status)
                     log_error(err)
@@ -151,10 +150,10 @@ class ChunkWriter(Relay):
     """The chunks of one streamed completions / chat answer; `on_end(status, result, reasons)`
     once, when the stream ends (Relay)."""
 
-    def __init__(self, runtime, stream, first, req: P.GenerationRequest, rid: str, retry_after_s: int,
-                 on_end, fingerprint: str | None = None):
+    def __init__(self, runtime, stream, first, req: P.GenerationRequest, rid: str, on_end,
+                 fingerprint: str | None = None):
         self.runtime, self.stream, self.first, self.req, self.rid = runtime, stream, first, req, rid
-        self.retry_after_s, self.on_end, self.kind = retry_after_s, on_end, req.kind
+        self.on_end, self.kind = on_end, req.kind
         self.max_tokens_field = req.max_tokens_field   # named in an error as the client named it
         self.format_field = req.format_field
         self.now = int(time.time())
