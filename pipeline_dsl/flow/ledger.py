@@ -181,8 +181,7 @@ class RequestLedger:
                 "ttft_s": None if req.first_token is None else req.first_token - req.arrival, **req.timings}
 
 
-def answered_without_model(req: RequestState,
-                           model_n: Callable[[RequestState, dict], int] = lambda req, request: 1) -> int:
+def answered_without_model(req: RequestState, model_n: Callable[[RequestState, dict], int]) -> int:
     """The `n` of a request a python stage answered itself (a guard's canned answer, a cache, a tool
     that answers): no generate stage took the request at all (RequestState.generated, set where one
     does: a join's merged answer, a fan-out's, a loop's or a cascade's all had one) and its one answer
