@@ -96,11 +96,7 @@ class BatchLine:
         run's summary and --stats count the line as its output line shows it."""
         if self.embed is not None:
             return self._embedded(results)
-        if len(results) == 1:
-            return results[0]
-        from pipeline_dsl.serve.async_pipeline import combine
-
-        return combine(results, self.call.choices_per_prompt)
+        return _combined(results, self.call.choices_per_prompt)
 
     def _embedded(self, results: list):
         """The result of an embeddings line's inputs: the first failed input's own error (its
@@ -110,12 +106,7 @@ class BatchLine:
         failed = next((r for r in results if r.error is not None), None)
         if failed is not None:
             return failed_with(results[0], failed.error)
-        if len(results) == 1:
-            result = results[0]
-        else:
-            from pipeline_dsl.serve.async_pipeline import combine
-
-            result = combine(results, 1)
+        result = _combined(results, 1)
         from pipeline_dsl.serve.embeddings import answer_body as embeddings_body
         from pipeline_dsl.serve.errors import as_pipeline_error
 
@@ -156,6 +147,16 @@ class BatchLine:
 # runtime -> its system_fingerprint, computed once; weak, so a finished run's runtime (its model
 # and KV pool) is not kept alive by the cache
 _FINGERPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _combined(results: list, choices_per_prompt: int):
+    """The one result of a line's items' results (its prompts or inputs), as agp serve combines
+    them; a single one as it is."""
+    if len(results) == 1:
+        return results[0]
+    from pipeline_dsl.serve.async_pipeline import combine
+
+    return combine(results, choices_per_prompt)
 
 
 def fingerprint(runtime) -> str:
