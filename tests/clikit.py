@@ -37,6 +37,26 @@ def agp(*args, cwd=ROOT, timeout: float = 300, **kw) -> subprocess.CompletedProc
                           **kw)
 
 
+@contextmanager
+def std_streams(stdin=None, stdout=None, stderr=None):
+    """sys.stdin, sys.stdout and sys.stderr are the streams given (None: the one there) while in
+    use, as a shell's redirections give them to a command run in this process (cli.main); they are
+    put back after, and so are sys.path (a python stage's folder is added to it) and torch's thread
+    count (`--threads N` sets it for the process)."""
+    saved, path = (sys.stdin, sys.stdout, sys.stderr), list(sys.path)
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    sys.stdin, sys.stdout, sys.stderr = (new if new is not None else old
+                                         for new, old in zip((stdin, stdout, stderr), saved))
+    try:
+        yield
+    finally:
+        sys.stdin, sys.stdout, sys.stderr = saved
+        sys.path[:] = path
+        if threads is not None:
+            torch.set_num_threads(threads)
+
+
 def agp_in(*args, cwd=ROOT, input: str | None = None, encoding: str = "utf-8") -> subprocess.CompletedProcess:
     """`agp ARGS` (each str()-ed) run to its end in this process, through the command line's
     main(argv), in `cwd`: as agp(), a CompletedProcess with the exit status and what it wrote on
@@ -53,21 +73,13 @@ def agp_in(*args, cwd=ROOT, input: str | None = None, encoding: str = "utf-8") -
         stdin.write(input or "")
         stdin.seek(0)
         stack.enter_context(chdir(cwd))
-        saved, path = (sys.stdin, sys.stdout, sys.stderr), list(sys.path)
-        torch = sys.modules.get("torch")
-        threads = torch.get_num_threads() if torch is not None else None
-        sys.stdin, sys.stdout, sys.stderr = stdin, stdout, stderr
         try:
-            code = cli.main(argv)
+            with std_streams(stdin, stdout, stderr):
+                code = cli.main(argv)
         except SystemExit as exc:                  # argparse's usage errors, --help, --version
             code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
             if isinstance(exc.code, str):
                 print(exc.code, file=stderr)
-        finally:
-            sys.stdin, sys.stdout, sys.stderr = saved
-            sys.path[:] = path
-            if threads is not None:
-                torch.set_num_threads(threads)
         texts = []
         for stream in (stdout, stderr):
             stream.flush()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from clikit import AGP, ROOT, agp, agp_child, agp_in, reaped
+from clikit import AGP, ROOT, agp, agp_child, agp_in, reaped, std_streams
 
 
 PIPELINE = """pipeline tiny {{
@@ -636,12 +636,8 @@ def test_a_run_whose_writes_would_replace_its_input_or_one_another_is_refused_be
     from pipeline_dsl import cli
 
     def main_with(stream, name, args):
-        saved = getattr(sys, name)
-        setattr(sys, name, stream)
-        try:
+        with std_streams(**{name: stream}):
             code = cli.main(["run", str(pipeline), "--no-progress", "--threads", "1", *map(str, args)])
-        finally:
-            setattr(sys, name, saved)
         return code, capsys.readouterr().err
 
     inp, out = tmp_path / "a.jsonl", tmp_path / "out.jsonl"

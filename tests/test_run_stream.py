@@ -19,7 +19,7 @@ import time
 import zlib
 from pathlib import Path
 
-from clikit import agp_in, reaped
+from clikit import agp_in, reaped, std_streams
 from test_run_errors import ROOT, pipeline, records, run  # noqa: F401  (pipeline: a fixture)
 
 
@@ -69,17 +69,15 @@ def fed_run(pipeline: Path, feed, *args) -> tuple[int, str, str]:
         finally:
             fed.stdin.close()
 
-    saved, path = (sys.stdin, sys.stdout, sys.stderr), list(sys.path)
     with tempfile.TemporaryFile("w+", encoding="utf-8", errors="backslashreplace") as stderr, \
             open(fed.out_w, "w", encoding="utf-8") as stdout:
         thread = threading.Thread(target=feeder, daemon=True)
         thread.start()
-        sys.stdin, sys.stdout, sys.stderr = fed.stdin_r, stdout, stderr
         try:
-            fed.code = cli.main(["run", str(pipeline), "--no-progress", "--threads", "1", "-i", "-", *map(str, args)])
+            with std_streams(fed.stdin_r, stdout, stderr):
+                fed.code = cli.main(["run", str(pipeline), "--no-progress", "--threads", "1", "-i", "-",
+                                     *map(str, args)])
         finally:
-            sys.stdin, sys.stdout, sys.stderr = saved
-            sys.path[:] = path
             fed.stdin_r.close()
         thread.join(120)
         stderr.seek(0)
