@@ -510,17 +510,22 @@ def test_an_answer_not_streamed_has_its_result_as_only_event_and_its_ttft_still_
 
 
 def test_a_paused_stream_is_not_cut_for_the_tokens_that_came_while_the_loop_was_busy(tiny_gguf, tmp_path):
-    """Pausing on (past 4 unread tokens) and a cut past 16: the event loop busy for a second while
+    """Pausing on (past 4 unread tokens) and a cut past 16: the event loop held busy while
     the engine generates, the tokens it made meanwhile reach the stream together, past both bounds.
     The stream pauses at the first of them and is not cut for the rest (they were on their way
     before the pause could take hold; on a loaded machine a stalled reader's stream was cut this
     way, its client told it left 256 tokens unread), nor once its answer is whole (a fast engine
-    may finish within the second); read at last, it gives every token."""
+    may finish meanwhile); read at last, it gives every token. The loop stays busy until the
+    engine's counters say it generated past the cut's bound (however slow the machine), not for a
+    fixed time: on a loaded machine a second gave 7 tokens."""
     path = tmp_path / "tiny.agp"
     path.write_text(TINY.format(model=tiny_gguf, max_queue=8, max_batch_size=2, timeout=1))
-    apipe = AsyncPipeline(build_runtime(path, overrides={"threads": 1}), max_unread_tokens=16,
-                          pause_unread_tokens=4)
+    runtime = build_runtime(path, overrides={"threads": 1})
+    apipe = AsyncPipeline(runtime, max_unread_tokens=16, pause_unread_tokens=4)
     apipe.start()
+
+    def generated() -> int:
+        return sum(e["generated_tokens"] for e in runtime.stats()["engines"].values())
 
     async def late_reader():
         rs = await apipe.add({"id": "late", "prompt": "hello there", "max_tokens": 120, "ignore_eos": True},
@@ -528,7 +533,9 @@ def test_a_paused_stream_is_not_cut_for_the_tokens_that_came_while_the_loop_was_
         deadline = time.monotonic() + 60
         while rs.first_token_at is None and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        time.sleep(1.0)                  # the loop busy: what the engine makes waits in its mail
+        busy_until = time.monotonic() + 60   # the loop busy: what the engine makes waits in its mail
+        while generated() <= 24 and time.monotonic() < busy_until:
+            time.sleep(0.02)
         await asyncio.sleep(0.1)
         unread = rs.unread
         return unread, [event async for event in rs]
