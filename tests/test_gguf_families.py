@@ -311,6 +311,6 @@ def test_qk_norm_tensors_of_a_llama_gguf_are_refused_and_a_qwen3_gguf_needs_its_
 def test_a_qwen2_gguf_rotary_kind_agp_does_not_compute_is_refused_under_its_own_key(tmp_path):
     from tiny_model import write_tiny_gguf
 
-    path = write_tiny_gguf(tmp_path / "m.gguf", arch="qwen2", rope_scaling=("yarn", 4.0))
-    with pytest.raises(ModelFileProblem, match="metadata 'qwen2.rope.scaling.type' 'yarn' is not supported"):
+    path = write_tiny_gguf(tmp_path / "m.gguf", arch="qwen2", rope_scaling=("longrope", 4.0))
+    with pytest.raises(ModelFileProblem, match="metadata 'qwen2.rope.scaling.type' 'longrope' is not supported"):
         check_model_path(path)

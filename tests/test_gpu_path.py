@@ -154,6 +154,11 @@ FAMILIES = {
     "phi3": (dict(arch="phi3", head_dim=32, rope_dims=24,                   # partial rotary, longrope
                   longrope=([1.0] * 12, [1.0 + i for i in range(12)], 256, 1.2)),
              lambda c: dict(c.rope_scaling)["long"]),
+    "yarn": (dict(rope_scaling=("yarn", 4.0), rope_metadata={"original_context_length": 16}),   # past 16 tokens
+             lambda c: dict(c.rope_scaling)["rope_type"] == "yarn"),
+    # dynamic NTK (a config.json's alone): every position past 16 with a base of its own
+    "dynamic": (dict(scaling=(("rope_type", "dynamic"), ("factor", 2.0), ("original_max_position_embeddings", 16.0))),
+                lambda c: dict(c.rope_scaling)["rope_type"] == "dynamic"),
 }
 
 
@@ -162,13 +167,18 @@ FAMILIES = {
 def test_a_models_own_layers_replay_in_every_graph(tmp_path, family, attention):
     """Qwen3's norms over each head of q and k are part of the layers the decode and piecewise
     graphs capture (and of flex attention's steps); Phi-3's partial rotary (24 of 32 dims) and
-    longrope (long factors, attention factor) are in the cos/sin tables they read: the tokens and
-    logprobs of the eager path."""
+    longrope (long factors, attention factor), yarn's ramp and attention factor and dynamic NTK's
+    base of each position are in the cos/sin tables they read: the tokens and logprobs of the
+    eager path."""
     from tiny_model import write_tiny_gguf
 
+    from dataclasses import replace
+
     fields, has_it = FAMILIES[family]
+    fields = dict(fields)
+    scaling = fields.pop("scaling", None)
     t = load_gguf(write_tiny_gguf(tmp_path / f"{family}.gguf", **fields))
-    m = LlamaModel(t.config, t.weights, "fp32")
+    m = LlamaModel(t.config if scaling is None else replace(t.config, rope_scaling=scaling), t.weights, "fp32")
     assert has_it(m.config)
     ref, _ = run_engine(eager(m), 2)
     runner = ModelRunner(m, num_blocks=40, block_size=BS, pad_decode=True, attention=attention)

@@ -3,9 +3,10 @@
 Each test saves a tiny random-weight model with transformers (2 layers, hidden 64) beside the
 tiny tokenizer, then compares agp's fp32 logits with transformers' on the same folder: rotary
 settings in both config formats (transformers < 5: rope_theta + rope_scaling; 5:
-rope_parameters), Llama 3's scaling, a head size that is not hidden / heads, Mistral's sliding
-window, bf16 weights. Config fields that change what the model computes and that agp does not
-compute (biases, another activation, another rotary kind) are errors at the model setting.
+rope_parameters), Llama 3's, yarn and dynamic NTK scaling (a GGUF's yarn keys too), a head size
+that is not hidden / heads, Mistral's sliding window, bf16 weights. Config fields that change
+what the model computes and that agp does not compute (biases, another activation, another
+rotary kind) are errors at the model setting.
 """
 
 import json
@@ -22,6 +23,7 @@ LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, 
                   "original_max_position_embeddings": 32}
 # the 48-token prompt runs past the original context of 32: both sides of the ramp count
 YARN_SCALING = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+DYNAMIC_SCALING = {"rope_type": "dynamic", "factor": 2.0}
 TOKENS = [5, 77, 130, 9, 260, 41, 3, 200, 17, 99, 150, 64, 12, 240, 8, 33] * 3     # 48 prompt tokens
 
 
@@ -79,8 +81,11 @@ def assert_same_logits(folder, ids=TOKENS):
     (dict(rope_scaling={**YARN_SCALING, "beta_fast": 16, "beta_slow": 2, "truncate": False}), None),
     (dict(rope_scaling={**YARN_SCALING, "attention_factor": 1.5}), None),
     (dict(rope_scaling={**YARN_SCALING, "mscale": 1.0, "mscale_all_dim": 0.5}), None),
+    # within max_position_embeddings (256) dynamic NTK rotates as plain RoPE does, in transformers too
+    (dict(rope_scaling=DYNAMIC_SCALING), None),
+    (dict(rope_scaling=DYNAMIC_SCALING), dict(rope_scaling={"type": "dynamic", "factor": 2.0})),
 ], ids=["theta", "theta-4.x", "llama3", "llama3-4.x", "linear", "yarn", "yarn-4.x", "yarn-betas", "yarn-attention",
-        "yarn-mscale"])
+        "yarn-mscale", "dynamic", "dynamic-4.x"])
 def test_rotary_settings_of_either_config_format_give_transformers_logits(tmp_path, tiny_tokenizer, fields, legacy):
     assert_same_logits(save_folder(tmp_path, tiny_tokenizer, legacy=legacy, **fields))
 
@@ -126,6 +131,7 @@ def test_a_config_without_its_context_takes_its_model_type_s_transformers_defaul
     (YARN_SCALING, 128),                                                              # the original 32 x 4
     ({"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 200}, 400),  # beyond the stated 256
     (LLAMA3_SCALING, 256),                                                            # stated as scaled
+    ({"type": "dynamic", "factor": 2.0}, 512),                                        # 256 x 2, as vLLM's
 ])
 def test_the_context_of_a_scaled_rotary_is_the_one_vllm_serves(tmp_path, tiny_tokenizer, scaling, context):
     folder = save_folder(tmp_path, tiny_tokenizer, legacy=dict(rope_scaling=scaling))
@@ -141,7 +147,10 @@ def test_the_context_of_a_scaled_rotary_is_the_one_vllm_serves(tmp_path, tiny_to
     (dict(rope_scaling={**YARN_SCALING, "attn_factor": 2.0}), "'attn_factor' 2.0 is not supported"),
     (dict(rope_scaling={"rope_type": "yarn", "factor": 0}),
      "rope_parameters 'factor' must be a positive number, not 0"),
-    (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope_type 'dynamic' is not supported"),
+    (dict(legacy=dict(rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+                                    "original_max_position_embeddings": 32})),
+     "rope_type 'longrope' is not supported"),
+    (dict(legacy=dict(rope_scaling={"type": "dynamic"})), "rope_scaling 'factor' must be a positive number, not null"),
 ])
 def test_a_config_field_agp_does_not_compute_is_refused_by_name(tmp_path, tiny_tokenizer, fields, words):
     save_folder(tmp_path, tiny_tokenizer, **fields)
@@ -260,12 +269,107 @@ def test_a_gguf_rotary_scaling_gives_transformers_logits_of_the_same_model(tmp_p
     assert (model.forward_full(TOKENS) - want).abs().max().item() < 1e-4
 
 
-def test_a_gguf_rotary_kind_agp_does_not_compute_is_refused(tmp_path):
+@pytest.mark.parametrize("keys, fields", [
+    ({"original_context_length": 32}, {}),
+    ({"original_context_length": 32, "yarn_beta_fast": 16.0, "yarn_beta_slow": 2.0}, {"beta_fast": 16.0,
+                                                                                       "beta_slow": 2.0}),
+    ({"original_context_length": 32, "yarn_attn_factor": 1.5, "yarn_ext_factor": 1.0}, {"attention_factor": 1.5}),
+], ids=["yarn", "yarn-betas", "yarn-attention"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_gguf_yarn_gives_the_logits_of_the_same_hf_folder(tmp_path, tiny_tokenizer, keys, fields, arch):
+    """llama.cpp's converter writes a config.json's yarn as {arch}.rope.scaling.type yarn, .factor,
+    .original_context_length and the yarn_* keys: the file runs as transformers runs the folder,
+    48 tokens past the original context of 32, and serves the folder's context (32 x 4)."""
     from tiny_model import write_tiny_gguf
 
-    path = write_tiny_gguf(tmp_path / "m.gguf", rope_scaling=("yarn", 4.0))
-    with pytest.raises(ModelFileProblem, match="'llama.rope.scaling.type' 'yarn' is not supported"):
+    gguf = write_tiny_gguf(tmp_path / "m.gguf", arch=arch, rope_scaling=("yarn", 4.0), rope_metadata=keys)
+    assert context_length(str(gguf)) == 128
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    config = {"rope_scaling": {**YARN_SCALING, **fields}}
+    if arch == "qwen2":
+        config.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], use_sliding_window=False)
+    gguf_as_hf_folder(gguf, folder, tiny_tokenizer, **config)
+    if arch == "qwen2":                         # its q, k and v biases beside the weights
+        from safetensors.torch import load_file, save_file
+
+        from pipeline_dsl.engine.gguf_loader import load_gguf
+
+        weights, g = load_file(str(folder / "model.safetensors")), load_gguf(gguf).weights
+        for i in range(2):
+            for part in "qkv":
+                weights[f"model.layers.{i}.self_attn.{part}_proj.bias"] = g[f"layers.{i}.{part}_bias"]
+        save_file(weights, str(folder / "model.safetensors"))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = ref(torch.tensor([TOKENS])).logits[0]                  # [T, V]
+    got = load_model(str(gguf), dtype="fp32")[0].forward_full(TOKENS)
+    assert (got - want).abs().max().item() < 1e-4
+    assert (load_model(str(folder), dtype="fp32")[0].forward_full(TOKENS) - got).abs().max().item() < 1e-4
+    plain = write_tiny_gguf(tmp_path / "plain.gguf", arch=arch)
+    assert (load_model(str(plain), dtype="fp32")[0].forward_full(TOKENS) - got).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("kind, keys, words", [
+    ("longrope", {}, "metadata 'llama.rope.scaling.type' 'longrope' is not supported"),
+    ("yarn", {"yarn_ext_factor": 0.5}, "metadata 'llama.rope.scaling.yarn_ext_factor' is 0.5"),
+    ("yarn", {"yarn_log_multiplier": 0.1}, "metadata 'llama.rope.scaling.yarn_log_multiplier' is 0.1"),
+    ("yarn", {"yarn_beta_fast": 0.0}, "metadata 'llama.rope.scaling.yarn_beta_fast' must be a positive number"),
+])
+def test_a_gguf_rotary_kind_agp_does_not_compute_is_refused(tmp_path, capsys, kind, keys, words):
+    from tiny_model import write_tiny_gguf
+
+    from pipeline_dsl import cli
+
+    path = write_tiny_gguf(tmp_path / "m.gguf", rope_scaling=(kind, 4.0), rope_metadata=keys)
+    with pytest.raises(ModelFileProblem, match=words):
         check_model_path(path)
+    assert cli.main(["serve", str(path), "--port", "0"]) == 2      # refused at start, naming the key
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err, err
+
+
+def hf_greedy(folder, prompt, n):
+    """transformers' greedy tokens after `prompt`, decoded a token at a time with its cache."""
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    ids, cache, out = torch.tensor([prompt]), None, []
+    with torch.no_grad():
+        for _ in range(n):
+            step = ref(ids, cache=cache, use_cache=True)
+            cache, ids = step.cache, step.logits[:, -1:].argmax(-1)
+            out.append(ids.item())
+    return out
+
+
+def test_dynamic_ntk_past_the_original_context_rotates_each_position_as_transformers_decodes_it(tmp_path,
+                                                                                                tiny_tokenizer):
+    """Past max_position_embeddings (32 here) transformers grows dynamic NTK's base with the
+    sequence, recomputed each forward from its longest position: decoding a token at a time, the
+    token at position p is rotated with the base of p + 1 tokens, as agp's tables rotate every
+    position p (a prompt past the original context prefilled in one forward takes the base of its
+    whole length in transformers, which would make a token's rotation depend on its batch, its
+    prefill's chunks and a reused prefix: model_files/rope.py). The whole engine (paged KV cache,
+    batched decode, the native CPU kernels) gives transformers' greedy tokens up to the context
+    vLLM serves, 32 x 2."""
+    folder = save_folder(tmp_path / "dynamic", tiny_tokenizer, max_position_embeddings=32,
+                         rope_scaling=DYNAMIC_SCALING)
+    assert context_length(str(folder)) == 64
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    with torch.no_grad():
+        first = ref(torch.tensor([TOKENS[:24]]), use_cache=True)
+        want, cache = [first.logits[0]], first.cache
+        for t in TOKENS[24:]:
+            step = ref(torch.tensor([[t]]), cache=cache, use_cache=True)
+            want, cache = want + [step.logits[0]], step.cache
+    want = torch.cat(want)                                            # [48, V]
+    got = load_model(str(folder), dtype="fp32")[0].forward_full(TOKENS)
+    assert (got - want).abs().max().item() < 1e-4
+    plain = save_folder(tmp_path / "plain", tiny_tokenizer, max_position_embeddings=64)   # the same weights
+    unscaled = load_model(str(plain), dtype="fp32")[0].forward_full(TOKENS)
+    assert (unscaled[:32] - got[:32]).abs().max().item() < 1e-4                 # within 32: plain RoPE
+    assert (unscaled[32:] - got[32:]).abs().max().item() > 1e-2                 # past it: scaled
+    prompts = [TOKENS[:20], TOKENS[5:32]]
+    assert engine_greedy(folder, prompts, n=30) == [hf_greedy(folder, p, 30) for p in prompts]
 
 
 def engine_greedy(folder, prompts, dtype="fp32", n=12):

@@ -119,14 +119,15 @@ def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", embed_scale: flo
                     rope_freqs=None, rope_scaling: tuple | None = None, arch: str = "llama",
                     tokenizer: str = "bpe", add_space_prefix: bool | None = None, pre: str | None = None,
                     add_bos: bool = False, control_tokens: tuple = (), rope_dims: int | None = None,
-                    longrope: tuple | None = None, **overrides) -> Path:
+                    longrope: tuple | None = None, rope_metadata: dict | None = None, **overrides) -> Path:
     """Write the tiny model to `path`; qtype F32|F16|Q8_0|Q4_1 for the 2-D weights, embed_qtype
     for the tied embedding when it differs (SmolLM2's file: Q4_1 layers, a Q8_0 embedding). The
     embedding's scale sets how peaked the next-token distribution is: 1.0 makes it almost
     deterministic; about 0.1 gives sampling tests a spread of likely tokens. rope_freqs (head
     size / 2 factors) writes the `rope_freqs.weight` tensor of a Llama 3.1 file, rope_scaling
-    (type, factor) the {arch}.rope.scaling metadata (("linear", 4.0)). arch "qwen2" writes a
-    Qwen2 file (qwen2.* keys, Q/K/V biases, Q/K rows as they are, the qwen2 pre-tokenizer), "qwen3"
+    (type, factor) the {arch}.rope.scaling metadata (("linear", 4.0)), rope_metadata more of it
+    ({"original_context_length": 32, "yarn_beta_fast": 16.0}: an int as uint32, a float as
+    float32). arch "qwen2" writes a Qwen2 file (qwen2.* keys, Q/K/V biases, Q/K rows as they are, the qwen2 pre-tokenizer), "qwen3"
     a Qwen3 file (qwen3.* keys, attn_q_norm/attn_k_norm per head, no biases, as llama.cpp's converter
     writes it), "phi3" a Phi-3 file (phi3.* keys, attn_qkv, ffn_up holding gate and up; rope_dims
     rotary dims of each head below its size, longrope (short factors, long factors, original
@@ -201,6 +202,8 @@ def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", embed_scale: flo
     if rope_scaling is not None:
         w.add_string(f"{arch}.rope.scaling.type", rope_scaling[0])
         w.add_float32(f"{arch}.rope.scaling.factor", rope_scaling[1])
+    for key, value in (rope_metadata or {}).items():
+        (w.add_uint32 if isinstance(value, int) else w.add_float32)(f"{arch}.rope.scaling.{key}", value)
 
     qt = GGMLQuantizationType[qtype]
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline_dsl.model_files.rope import rope_inv_freq, rope_magnitudes
+from pipeline_dsl.model_files.rope import rope_base, rope_inv_freq, rope_magnitudes
 
 from . import native
 from .batch import Step, StepBatch, Uploader, prepare_step
@@ -238,10 +238,18 @@ def rope_table(head_dim: int, theta: float, scaling: tuple, max_position: int,
     half = head_dim // 2
     inv_freq = torch.tensor(rope_inv_freq(head_dim, theta, scaling), dtype=torch.float64)   # [hd/2]
     mag = torch.tensor(rope_magnitudes(head_dim, scaling), dtype=torch.float64)   # longrope's attention factor, else 1
+    dynamic = dict(scaling).get("rope_type") == "dynamic"
     cos, sin = out if out is not None else (torch.empty(max_position, head_dim, dtype=dtype) for _ in range(2))
     for a in range(0, max_position, 4096):
         b = min(max_position, a + 4096)
-        freqs = torch.outer(torch.arange(a, b, dtype=torch.float64), inv_freq)   # [n, hd/2]
+        pos = torch.arange(a, b, dtype=torch.float64)
+        if dynamic:     # position p: the base of a sequence of p + 1 tokens (model_files/rope.py, dynamic)
+            bases = torch.tensor([rope_base(theta, scaling, head_dim, p + 1) for p in range(a, b)],
+                                 dtype=torch.float64)
+            exps = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
+            freqs = pos[:, None] * bases[:, None] ** -exps                        # [n, hd/2]
+        else:
+            freqs = torch.outer(pos, inv_freq)                                   # [n, hd/2]
         c, s = freqs.cos() * mag, freqs.sin() * mag
         cos[a:b, :half], cos[a:b, half:] = c, c
         sin[a:b, :half], sin[a:b, half:] = -s, s

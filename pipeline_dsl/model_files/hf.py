@@ -82,7 +82,9 @@ def hf_config(folder) -> dict:
     if gemma:
         cfg = hf_text_config(cfg, fail)
         stated = stated or checkpoint_dtype(cfg)
-    theta, scaling = hf_rope(cfg, fail) if not gemma else (1e6, ())   # Gemma's: hf_gemma_fields
+    # dynamic NTK scales past max_position_embeddings: the model type's default where it is left out
+    theta, scaling = hf_rope({"max_position_embeddings": _MAX_POSITION.get(mtype, 2048), **cfg}, fail) \
+        if not gemma else (1e6, ())   # Gemma's: hf_gemma_fields
     act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
     if act != "silu" and not gemma:        # the MLP is SwiGLU: another activation is another model
         fail(f"hidden_act {json.dumps(act)} is not supported (agp's MLP is SwiGLU: 'silu')")

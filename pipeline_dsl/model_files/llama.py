@@ -9,7 +9,7 @@ import math
 from . import phi3
 from .gguf_header import DEQUANTIZABLE, FLOAT_TYPES, INT_TYPES, VALUE_NAMES, GGUFHeader
 from .problem import ModelFileProblem
-from .rope import gguf_rope
+from .rope import gguf_rope, scaled_context
 
 # the GGUF architectures the engine runs -> (biases on Q, K and V; llama.cpp's converter
 # permuted the Q/K rows, as it does for a rotary of interleaved pairs; an RMSNorm over each
@@ -28,6 +28,9 @@ _MODEL_KEYS = {
     "rope.freq_base": "float", "attention.layer_norm_rms_epsilon": "float", "context_length": "int",
     "rope.scaling.type": "str", "rope.scaling.factor": "float", "rope.dimension_count": "int",
     "attention.sliding_window": "int", "rope.scaling.attn_factor": "float",
+    "rope.scaling.original_context_length": "int", "rope.scaling.yarn_ext_factor": "float",
+    "rope.scaling.yarn_attn_factor": "float", "rope.scaling.yarn_beta_fast": "float",
+    "rope.scaling.yarn_beta_slow": "float", "rope.scaling.yarn_log_multiplier": "float",
 }
 _TOKENIZER_KEYS = {
     "tokenizer.ggml.model": "str", "tokenizer.ggml.tokens": "str[]", "tokenizer.ggml.token_type": "int[]",
@@ -297,6 +300,8 @@ def gguf_llama_config(h: GGUFHeader) -> dict:
         head_dim = hidden // heads
     theta, scaling = gguf_rope(m, fail, head_dim, arch)
     context = m.get(f"{arch}.context_length", 2048)
+    if dict(scaling).get("rope_type") == "yarn":   # as a config.json's: the original context times the factor
+        context = scaled_context(context, scaling)
     window = m.get("phi3.attention.sliding_window") if fused else None
     if window is not None and window > 0:   # as config.json's sliding_window (model_files/hf.py)
         context = min(context, window)

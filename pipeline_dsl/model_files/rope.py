@@ -5,6 +5,7 @@ frequencies, and the frequencies themselves (stdlib only: `agp check` reads thes
                                                # transformers >= 5's rope_parameters
     theta, scaling = gguf_rope(metadata, fail, head_dim, arch)  # {arch}.rope.freq_base + .rope.scaling.*
     inv_freq = rope_inv_freq(head_dim, theta, scaling)   # head_dim/2 floats, for the engine
+    base = rope_base(theta, scaling, head_dim, seq_len)  # dynamic's base once seq_len tokens are there
 
 `scaling` is a tuple of (key, value) pairs (hashable: it sits in a frozen LlamaConfig); () is
 plain RoPE. The kinds the engine computes exactly as transformers and llama.cpp do:
@@ -23,10 +24,22 @@ plain RoPE. The kinds the engine computes exactly as transformers and llama.cpp 
              `truncate` is false), and cos and sin times its `attention_factor` (0.1 ln(factor)
              + 1 where the config gives none; from `mscale` and `mscale_all_dim` where it gives
              both), at every position, as transformers computes it (and vLLM, which reads no
-             attention_factor or mscale but its own attn_factor: refused unless 1)
+             attention_factor or mscale but its own attn_factor: refused unless 1). A GGUF's
+             yarn is llama.cpp's keys for the same numbers (gguf_rope)
+    dynamic  dynamic NTK: no scaling within `original_max_position_embeddings` (the config's
+             max_position_embeddings); past it the base grows to theta * (factor * n / original
+             - (factor - 1)) ** (d / (d - 2)) for a sequence of n tokens, as transformers'
+             _compute_dynamic_ntk_parameters computes it. transformers recomputes it each forward
+             from the longest position in that forward (and caches keys rotated with the base of
+             their own forward); agp's tables give position p the base of a sequence of p + 1
+             tokens (rope_base), which is what transformers computes decoding one token at a
+             time, and does not depend on what else shares a batch, on chunked prefill or on a
+             reused prefix. vLLM's DynamicNTKScalingRotaryEmbedding instead takes the base of
+             factor * max_position_embeddings once for every position, short prompts included,
+             where transformers (and the model's training) rotates them unscaled.
 
-Any other kind (dynamic, longrope outside phi3, …) changes what the model computes in ways the
-engine does not follow, so it is refused rather than run as plain RoPE.
+Any other kind (longrope outside phi3, …) changes what the model computes in ways the engine
+does not follow, so it is refused rather than run as plain RoPE.
 """
 
 from __future__ import annotations
@@ -34,7 +47,7 @@ from __future__ import annotations
 import json
 import math
 
-SUPPORTED = ("default", "linear", "llama3", "yarn")
+SUPPORTED = ("default", "linear", "llama3", "yarn", "dynamic")
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -88,6 +101,13 @@ def hf_rope(cfg: dict, fail) -> tuple[float, tuple]:
         return theta, (("rope_type", "linear"), ("factor", positive(fail, where, "factor", spec.get("factor"))))
     if kind == "yarn":
         return theta, _yarn(fail, where, spec, cfg)
+    if kind == "dynamic":
+        original = cfg.get("max_position_embeddings")
+        if isinstance(original, bool) or not isinstance(original, int) or original < 1:
+            fail(f"{where}: rope_type 'dynamic' scales past max_position_embeddings, which must be a positive "
+                 f"integer, not {json.dumps(original)}")
+        return theta, (("rope_type", "dynamic"), ("factor", positive(fail, where, "factor", spec.get("factor"))),
+                       ("original_max_position_embeddings", float(original)))
     values = tuple((k, positive(fail, where, k, spec.get(k))) for k in _LLAMA3_KEYS)
     if dict(values)["high_freq_factor"] <= dict(values)["low_freq_factor"]:
         fail(f"{where}: 'high_freq_factor' must be larger than 'low_freq_factor'")
@@ -96,11 +116,11 @@ def hf_rope(cfg: dict, fail) -> tuple[float, tuple]:
 
 def scaled_context(max_position: int, scaling: tuple) -> int:
     """The context of a config.json's model under its rotary scaling, as vLLM derives it: linear's
-    `factor` times max_position_embeddings, yarn's times its original_max_position_embeddings
-    (a config that says 32768 with a yarn factor of 4 serves 131072); llama3's (and a phi3's
-    longrope) max_position_embeddings already is the scaled context."""
+    and dynamic's `factor` times max_position_embeddings, yarn's times its
+    original_max_position_embeddings (a config that says 32768 with a yarn factor of 4 serves
+    131072); llama3's (and a phi3's longrope) max_position_embeddings already is the scaled context."""
     s = dict(scaling)
-    if s.get("rope_type") == "linear":
+    if s.get("rope_type") in ("linear", "dynamic"):
         return int(max_position * s["factor"])
     if s.get("rope_type") == "yarn":
         return int(s["original_max_position_embeddings"] * s["factor"])
@@ -143,8 +163,8 @@ def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 
 def gguf_rope(m: dict, fail, head_dim: int, arch: str = "llama") -> tuple[object, tuple]:
     """(freq_base, scaling pairs) from a GGUF's metadata under its architecture's name
-    (`llama.rope.scaling.type` linear, with `llama.rope.scaling.factor`, or none); a rope_freqs
-    tensor is the loader's."""
+    (`llama.rope.scaling.type` linear, with `llama.rope.scaling.factor`; yarn, with the keys
+    of gguf_yarn; or none); a rope_freqs tensor is the loader's."""
     dims = m.get(f"{arch}.rope.dimension_count", head_dim)
     if dims != head_dim and arch != "phi3":     # a phi3's first dims: model_files.phi3.gguf_scaling
         fail(f"metadata '{arch}.rope.dimension_count' is {dims}, not the head size {head_dim}: "
@@ -153,13 +173,44 @@ def gguf_rope(m: dict, fail, head_dim: int, arch: str = "llama") -> tuple[object
     kind = m.get(f"{arch}.rope.scaling.type", "none")
     if kind == "none":
         return theta, ()
-    if kind == "linear":
-        return theta, (("rope_type", "linear"),
-                       ("factor", positive(fail, "metadata", f"{arch}.rope.scaling.factor",
-                                            m.get(f"{arch}.rope.scaling.factor"))))
-    fail(f"metadata '{arch}.rope.scaling.type' {kind!r} is not supported (agp computes none and linear, "
+    if kind in ("linear", "yarn"):
+        factor = positive(fail, "metadata", f"{arch}.rope.scaling.factor", m.get(f"{arch}.rope.scaling.factor"))
+        return theta, ((("rope_type", "linear"), ("factor", factor)) if kind == "linear" else
+                       gguf_yarn(m, fail, arch, factor))
+    fail(f"metadata '{arch}.rope.scaling.type' {kind!r} is not supported (agp computes none, linear and yarn, "
          f"and a rope_freqs tensor)")
     raise AssertionError("unreachable")
+
+
+def gguf_yarn(m: dict, fail, arch: str, factor: float) -> tuple:
+    """The yarn scaling pairs of a GGUF, from the keys llama.cpp's converter writes for a
+    config.json's yarn: `.rope.scaling.original_context_length` (left out: the file's
+    context_length, as llama.cpp takes it), `.rope.scaling.yarn_beta_fast` / `yarn_beta_slow`
+    (32 and 1) and `.rope.scaling.yarn_attn_factor` (the config's attention_factor; left out,
+    0.1 ln(factor) + 1), computed as transformers computes the config's (a ramp truncated to
+    whole dims, as llama.cpp's always is). `.rope.scaling.yarn_ext_factor` (vLLM's
+    extrapolation_factor) must be 1, the whole ramp transformers computes; a
+    `.rope.scaling.yarn_log_multiplier` (DeepSeek's mscale_all_dim, written as itself or a tenth
+    of it by different converters, never for these architectures) is refused."""
+    def key(name):
+        return f"{arch}.rope.scaling.{name}"
+
+    original = m.get(key("original_context_length"), m.get(f"{arch}.context_length", 2048))
+    original = positive(fail, "metadata", key("original_context_length"), original)
+    ext = m.get(key("yarn_ext_factor"), 1.0)
+    if ext != 1.0:
+        fail(f"metadata '{key('yarn_ext_factor')}' is {ext}: agp computes yarn as transformers does, with the "
+             f"whole ramp between interpolated and kept frequencies (1)")
+    if m.get(key("yarn_log_multiplier"), 0.0):
+        fail(f"metadata '{key('yarn_log_multiplier')}' is {m[key('yarn_log_multiplier')]}: agp does not compute "
+             f"DeepSeek's yarn attention scale (mscale_all_dim) for a {arch} model")
+    betas = tuple((k, positive(fail, "metadata", key(f"yarn_{k}"), m.get(key(f"yarn_{k}"), default)))
+                  for k, default in (("beta_fast", 32.0), ("beta_slow", 1.0)))
+    attention = m.get(key("yarn_attn_factor"))
+    attention = _yarn_mscale(factor) if attention is None else \
+        positive(fail, "metadata", key("yarn_attn_factor"), attention)
+    return (("rope_type", "yarn"), ("factor", factor), ("original_max_position_embeddings", original), *betas,
+            ("truncate", True), ("attention_factor", float(attention)))
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: tuple = ()) -> list[float]:
@@ -173,6 +224,18 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: tuple = ()) -> list[floa
     if "factors" in s:
         inv = [f / d for f, d in zip(inv, s["factors"], strict=True)]
     return _scaled(inv, s, theta) + [0.0] * ((head_dim - dims) // 2)
+
+
+def rope_base(theta: float, scaling: tuple, head_dim: int, seq_len: int) -> float:
+    """The rotary base of a sequence of `seq_len` tokens: `theta`, but under dynamic NTK past its
+    original context, where it grows as transformers' _compute_dynamic_ntk_parameters grows it
+    (the engine's tables give position p the base of p + 1 tokens: model.rope_table)."""
+    s = dict(scaling)
+    if s.get("rope_type") != "dynamic" or seq_len <= s["original_max_position_embeddings"]:
+        return theta
+    dims = int(s.get("rotary_dims", head_dim))
+    factor = s["factor"]
+    return theta * (factor * seq_len / s["original_max_position_embeddings"] - (factor - 1)) ** (dims / (dims - 2))
 
 
 def rope_magnitudes(head_dim: int, scaling: tuple = ()) -> list[float]:
