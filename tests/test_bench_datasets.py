@@ -185,11 +185,11 @@ def test_a_server_measured_with_a_local_tokenizer_sees_the_drawn_lengths(tmp_pat
         code = agp(["bench", "--url", server.url, "--dataset-name", "random", "--tokenizer", str(bos_gguf),
                     "--random-input-len", "20", "--random-output-len", "3", "--random-range-ratio", "0.2",
                     "--num", "4", "--no-progress", "--warmup", "0", "--save-detailed",
-                    "--result-dir", str(tmp_path), "--result-filename", "s.json"])
+                    "--result-dir", str(tmp_path), "--result-filename", "sub/s.json"])
     finally:
         server.close()
     assert code == 0, capsys.readouterr().err
-    saved = json.loads((tmp_path / "s.json").read_text())
+    saved = json.loads((tmp_path / "sub" / "s.json").read_text())          # its folder made too
     (lo, hi), _ = _bounds(20, 3, 0.2, specials=1)
     assert all(lo <= n <= hi for n in saved["input_lens"]), saved["input_lens"]
     assert saved["backend"] == "openai" and saved["tokenizer_id"] == str(bos_gguf)
@@ -226,7 +226,9 @@ def test_a_server_measured_with_a_local_tokenizer_sees_the_drawn_lengths(tmp_pat
     (["--url", "U", "-w", "{w}", "--metadata", "mean_ttft_ms=1"], "'mean_ttft_ms' is a key of the saved result"),
     (["--url", "U", "--url", "U", "-w", "{w}", "--result-filename", "r.json"],
      "--result-filename r.json names one file, and this run makes 2 measurements"),
-    (["--url", "U", "-w", "{w}", "--result-dir", "{w}"], "is a file, not a folder"),
+    (["--url", "U", "-w", "{w}", "--result-dir", "{w}"], "w.jsonl is a file, not a folder"),
+    (["--url", "U", "-w", "{w}", "--result-dir", "{d}", "--result-filename", "w.jsonl/r.json"],
+     "--result-filename w.jsonl/r.json: {d}/w.jsonl is a file, not a folder"),
 ])
 def test_bad_dataset_and_result_options_exit_2_saying_what_and_where(tmp_path, bos_gguf, capsys, argv, said):
     w = tmp_path / "w.jsonl"
@@ -240,5 +242,5 @@ def test_bad_dataset_and_result_options_exit_2_saying_what_and_where(tmp_path, b
         code = e.code
     err = capsys.readouterr().err
     assert code == 2, err
-    assert said in err, err
+    assert said.format(d=tmp_path) in err, err
     assert "Traceback" not in err and not list(tmp_path.glob("*qps*.json"))

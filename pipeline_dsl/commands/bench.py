@@ -433,16 +433,21 @@ def _result_dir(args, measurements: int) -> Path:
         if not args.result_filename or args.result_filename.endswith(("/", os.sep)):
             raise ValueError(f"--result-filename '{args.result_filename}' is not a file name")
     folder = Path(args.result_dir or ".")
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"--result-dir {folder} is a file, not a folder")
+    # the folder the file goes in: --result-dir, or under it, a folder --result-filename names (sub/r.json)
+    inside = (folder / args.result_filename).parent if args.result_filename else folder
+    flag = "--result-filename" if inside != folder else "--result-dir"
+    for f in (folder, inside):
+        if f.exists() and not f.is_dir():
+            raise ValueError(f"{flag} {args.result_filename if flag == '--result-filename' else folder}: {f} is a "
+                             "file, not a folder")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        inside.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ValueError(f"--result-dir {folder}: cannot make it: {e.strerror or e}") from None
+        raise ValueError(f"{flag}: cannot make the folder {inside}: {e.strerror or e}") from None
     if args.result_filename is not None and (folder / args.result_filename).is_dir():
         raise ValueError(f"--result-filename {args.result_filename}: {folder / args.result_filename} is a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"--result-dir {folder}: cannot write in it (permission denied)")
+    if not os.access(inside, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag}: cannot write in {inside} (permission denied)")
     return folder
 
 
