@@ -319,7 +319,7 @@ def main(args) -> int:
                     concurrency=args.concurrency, seed=args.seed, progress=not args.no_progress,
                     warmup=args.warmup, request_timeout=args.request_timeout, burstiness=args.burstiness,
                     slo=dict(args.goodput or ()),
-                    percentiles=args.metric_percentiles or DEFAULT_PERCENTILES))
+                    percentiles=args.metric_percentiles or DEFAULT_PERCENTILES, keep_records=saving))
             except BenchError as e:          # this target cannot be measured: the others still are
                 print(f"agp bench: error: {e}", file=sys.stderr)
                 codes.append(1)

@@ -231,7 +231,8 @@ class Report:
     percentiles: list = field(default_factory=lambda: list(DEFAULT_PERCENTILES))   # those the table shows
     ttft_samples: list[float] = field(default_factory=list, repr=False)
     e2e_samples: list[float] = field(default_factory=list, repr=False)
-    # the requests measured, in send order (vllm_result's per-request lists and deviations); never saved
+    # the requests measured, in send order, where summarize was asked to keep them (vllm_result's
+    # per-request lists and deviations: --save-result); never in to_dict's
     records: list = field(default_factory=list, repr=False, compare=False)
 
     def to_dict(self, samples: bool = False) -> dict:
@@ -364,9 +365,10 @@ def _good(r: RequestRecord, tpot: float | None, slo: dict) -> bool:
 def summarize(label: str, rate: float, records: list[RequestRecord], duration: float,
               engine_stats: dict | None = None, *, concurrency: int | None = None,
               burstiness: float = 1.0, slo: dict | None = None, pipeline: str | None = None,
-              model: str | None = None, percentiles=DEFAULT_PERCENTILES) -> Report:
+              model: str | None = None, percentiles=DEFAULT_PERCENTILES, keep_records: bool = False) -> Report:
     """The figures of a measurement; latencies of the completed requests, their mean and
-    `percentiles` (50, 90 and 99 are always computed, the table shows `percentiles`)."""
+    `percentiles` (50, 90 and 99 are always computed, the table shows `percentiles`).
+    `keep_records`: the report holds the records too (a long run's are many: only when asked)."""
     ok = _completed(records)
     slo = dict(slo or {})
     tpots = [_tpot(r) for r in ok]
@@ -393,7 +395,7 @@ def summarize(label: str, rate: float, records: list[RequestRecord], duration: f
         concurrency=concurrency, burstiness=burstiness, slo=slo,
         goodput=sum(_good(r, t, slo) for r, t in zip(ok, tpots)) / duration if slo else None,
         pipeline=pipeline, model=model,
-        ttft_samples=ttft, e2e_samples=e2e, records=list(records))
+        ttft_samples=ttft, e2e_samples=e2e, records=list(records) if keep_records else [])
 
 
 def _completed(records: list[RequestRecord]) -> list[RequestRecord]:
@@ -1031,8 +1033,8 @@ def _progress(total, enabled: bool):
 async def bench_one(target, items, *, rate: float, num=None, duration=None, concurrency=None,
                     seed: int = 0, progress: bool = True, warmup: int = 1,
                     request_timeout: float = 600.0, burstiness: float = 1.0, slo: dict | None = None,
-                    percentiles=DEFAULT_PERCENTILES) -> Report:
-    """Start the target, warm it up, run the load, summarise."""
+                    percentiles=DEFAULT_PERCENTILES, keep_records: bool = False) -> Report:
+    """Start the target, warm it up, run the load, summarise (`keep_records`: summarize's)."""
     await target.start()
     stopped = None
     try:
@@ -1054,7 +1056,8 @@ async def bench_one(target, items, *, rate: float, num=None, duration=None, conc
         await target.close()
     report = summarize(target.label, rate, records, wall, stats, concurrency=concurrency,
                        burstiness=burstiness, slo=slo, pipeline=getattr(target, "pipeline", None),
-                       model=getattr(target, "model", None), percentiles=percentiles)
+                       model=getattr(target, "model", None), percentiles=percentiles,
+                       keep_records=keep_records)
     if stopped is not None:
         stopped.report = report
         raise stopped
