@@ -463,41 +463,33 @@ VLLM_WORDS = {flag: ("vLLM's", text) for flag, text in VLLM_FLAGS.items()}
 
 # vllm bench serve's flags that agp bench has no flag of that name for: whether each takes a value
 # (so that its value is named with it, not read as a PIPELINE) and agp bench's way to say it
-_WORKLOAD = ("agp bench replays a JSONL file of requests: --workload FILE (agp run's lines or OpenAI batch-API "
-             "lines, each with its own max_tokens); docs/benchmarks.md turns ShareGPT's json and a random "
-             "workload into one, and bench/workloads/ holds ready ones")
-_SYNTHETIC = ("agp bench has no synthetic dataset: write the requests as a --workload FILE (docs/benchmarks.md "
-              "writes a random one of N prompt token ids in and M tokens out; a line's max_tokens with "
-              "--ignore-eos fixes its output length)")
-_RESULT = ("agp's is --json FILE: each measurement's settings and summaries in seconds (not vLLM's per-request "
-           "lists: docs/benchmarks.md)")
+_WORKLOAD = ("agp bench's datasets are --dataset-name jsonl (--workload FILE: agp run's lines or OpenAI "
+             "batch-API lines), random and sharegpt (--dataset-path FILE); docs/benchmarks.md turns other files "
+             "into a JSONL workload")
+_SYNTHETIC = ("agp bench's synthetic dataset is --dataset-name random (--random-input-len, --random-output-len, "
+              "--random-range-ratio, --random-prefix-len); other shapes are a --workload FILE (a line's max_tokens "
+              "with --ignore-eos fixes its output length)")
+_RESULT = ("agp's --save-result writes a new file per measurement (--result-dir, --result-filename); --json FILE "
+           "writes all of a run's reports in one")
 _PERCENTILES = ("agp reports the mean and the percentiles (p50, p90 and p99, or --metric-percentiles') of all of "
                 "TTFT, TPOT, ITL and E2E (vLLM's E2EL), in the table and in --json's reports")
 _SAMPLING_BENCH = "a request's sampling fields are its workload line's (temperature, top_p, ... as agp run reads them)"
 _ENDPOINT = ("agp bench --url takes the server's base URL and sends each workload line where it belongs: a "
              "`messages` line to /v1/chat/completions, a `prompt` line to /v1/completions, streamed")
 VLLM_BENCH_FLAGS = {
-    "--dataset-name": (True, _WORKLOAD), "--dataset-path": (True, _WORKLOAD),
-    "--sharegpt-output-len": (True, "a ShareGPT request's output length is its line's max_tokens (docs/benchmarks.md's "
-                                    "jq sets it from the reply)"),
+    **dict.fromkeys(("--hf-subset", "--hf-split", "--hf-name", "--hf-output-len"), (True, _WORKLOAD)),
     "--custom-output-len": (True, "each workload line's max_tokens sets its output length"),
     "--custom-skip-chat-template": (False, "a `prompt` line is sent as it is (/v1/completions), a `messages` line "
                                            "through the chat template"),
-    **dict.fromkeys(("--random-input-len", "--random-output-len", "--random-range-ratio", "--random-prefix-len",
-                     "--random-batch-size", "--input-len", "--output-len",
+    **dict.fromkeys(("--random-batch-size", "--input-len", "--output-len",
                      "--sonnet-input-len", "--sonnet-output-len", "--sonnet-prefix-len",
                      "--prefix-repetition-prefix-len", "--prefix-repetition-suffix-len",
                      "--prefix-repetition-num-prefixes", "--prefix-repetition-output-len"), (True, _SYNTHETIC)),
-    "--save-result": (False, _RESULT), "--save-detailed": (False, _RESULT), "--append-result": (False, _RESULT),
-    "--result-dir": (True, _RESULT), "--result-filename": (True, _RESULT),
-    "--metadata": ("*", "agp's --json reports hold what was measured (pipeline or model, rate, concurrency, "
-                        "burstiness, SLOs) and no other keys"),
+    "--append-result": (False, _RESULT),
     "--percentile-metrics": (True, _PERCENTILES),
     "--backend": (True, _ENDPOINT), "--endpoint": (True, _ENDPOINT),
     "--host": (True, "agp's is --url http://HOST:PORT"), "--port": (True, "agp's is --url http://HOST:PORT"),
-    "--tokenizer": (True, "agp bench needs no tokenizer: it counts tokens from the server's usage (the engine's "
-                          "in process)"),
-    "--tokenizer-mode": (True, "agp bench needs no tokenizer: it counts tokens from the server's usage"),
+    "--tokenizer-mode": (True, "agp bench's --tokenizer reads a model's or a Hugging Face folder's tokenizer here"),
     "--trust-remote-code": (False, "agp bench loads no tokenizer code: leave it out"),
     "--served-model-name": (True, "agp's is --model ID (default: the server's first model)"),
     **dict.fromkeys(("--temperature", "--top-p", "--top-k", "--min-p", "--frequency-penalty", "--presence-penalty",

@@ -754,7 +754,8 @@ def test_a_sharegpt_line_is_named_as_such(tmp_path):
     path.write_text(json.dumps({"id": "x", "conversations": [{"from": "human", "value": "hi"},
                                                              {"from": "gpt", "value": "hello"}]}) + "\n")
     with pytest.raises(B.BenchError, match=r"sharegpt\.jsonl:1: a ShareGPT conversation, not a request: "
-                                           r"turn the file into chat lines first"):
+                                           r"read the file as vllm bench serve reads it with --dataset-name "
+                                           r"sharegpt --dataset-path .*sharegpt\.jsonl$"):
         B.load_workload(path)
 
 
@@ -1444,23 +1445,21 @@ def test_a_report_keeps_five_error_samples_and_shows_a_kv_hit_rate_of_nothing_as
 
 
 @pytest.mark.parametrize("argv, said", [
-    # the value of a flag agp has not was read as a PIPELINE ('sharegpt' left out of the message)
-    (["--dataset-name", "sharegpt", "--dataset-path", "sg.json"],
-     "unrecognized arguments: --dataset-name sharegpt --dataset-path sg.json; --dataset-name and --dataset-path "
-     "are vllm bench serve's: agp bench replays a JSONL file of requests: --workload FILE"),
-    (["--dataset-name=random", "--random-input-len", "128", "--random-output-len", "32", "--random-range-ratio", "0"],
-     "--random-input-len, --random-output-len and --random-range-ratio are vllm bench serve's: agp bench has no "
-     "synthetic dataset"),
-    (["--save-result", "--result-dir", "out", "--result-filename", "r.json"],
-     "--save-result, --result-dir and --result-filename are vllm bench serve's: agp's is --json FILE"),
+    # the value of a flag agp has not was read as a PIPELINE ('train' left out of the message)
+    (["--hf-subset", "x", "--hf-split", "train"],
+     "unrecognized arguments: --hf-subset x --hf-split train; --hf-subset and --hf-split "
+     "are vllm bench serve's: agp bench's datasets are --dataset-name jsonl (--workload FILE"),
+    (["--random-batch-size", "4", "--input-len", "128"],
+     "--random-batch-size and --input-len are vllm bench serve's: agp bench's synthetic dataset is "
+     "--dataset-name random"),
+    (["--append-result"], "--append-result is vllm bench serve's: agp's --save-result writes a new file per measurement"),
     (["--percentile-metrics", "ttft,tpot", "--bogus"], "unrecognized arguments: --percentile-metrics ttft,tpot --bogus"),
-    (["--metadata", "a=1", "b=2", "--backend", "openai-chat"],
-     "unrecognized arguments: --metadata a=1 b=2 --backend openai-chat"),
-    (["--tokenizer", "t"], "--tokenizer is vllm bench serve's: agp bench needs no tokenizer"),
+    (["--label", "a", "--backend", "openai-chat"], "unrecognized arguments: --label a --backend openai-chat"),
+    (["--tokenizer-mode", "slow"], "--tokenizer-mode is vllm bench serve's: agp bench's --tokenizer reads"),
 ])
 def test_vllm_bench_serve_flags_agp_has_not_exit_2_naming_agps_way(tmp_path, capsys, argv, said):
-    """Were an argparse wall: "unrecognized arguments: --dataset-name --dataset-path sg.json"
-    (the dataset's name taken for a PIPELINE), with no word of --workload or --json."""
+    """Were an argparse wall: "unrecognized arguments: --hf-subset --hf-split train" (the split's name
+    taken for a PIPELINE), with no word of agp's datasets or --save-result."""
     with pytest.raises(SystemExit) as e:
         agp(["bench", "--url", "http://127.0.0.1:1", "-w", str(_workload(tmp_path))] + argv)
     err = capsys.readouterr().err

@@ -69,8 +69,8 @@ def load_workload(path: str | Path) -> list[ParsedRequest]:
         try:
             obj = load_json(line, "the line")           # a line that is not UTF-8 is named as agp run names it
             if isinstance(obj, dict) and "conversations" in obj and "messages" not in obj:
-                raise BenchError(f"{path}:{lineno}: a ShareGPT conversation, not a request: turn the file into "
-                                 f"chat lines first (a jq command for it is in docs/benchmarks.md)")
+                raise BenchError(f"{path}:{lineno}: a ShareGPT conversation, not a request: read the file as "
+                                 f"vllm bench serve reads it with --dataset-name sharegpt --dataset-path {path}")
             told = _output_length_told(obj)
             if told:                                    # a benchmark's custom dataset line
                 raise BenchError(f"{path}:{lineno}: {told} {path.name}")
@@ -171,6 +171,7 @@ class RequestRecord:
     finish_reason: str | None = None
     error: str | None = None
     truncated: bool = False           # a stream that ended without its final chunk / [DONE]
+    text: str = ""                    # the answer of its first choice (a saved result's generated_texts)
 
     def chunk(self, now: float, index: int = 0) -> None:
         """A chunk of choice `index` with tokens in it arrived."""
@@ -230,9 +231,17 @@ class Report:
     percentiles: list = field(default_factory=lambda: list(DEFAULT_PERCENTILES))   # those the table shows
     ttft_samples: list[float] = field(default_factory=list, repr=False)
     e2e_samples: list[float] = field(default_factory=list, repr=False)
+    # the requests measured, in send order, where summarize was asked to keep them (vllm_result's
+    # per-request lists and deviations: --save-result); never in to_dict's
+    records: list = field(default_factory=list, repr=False, compare=False)
 
     def to_dict(self, samples: bool = False) -> dict:
-        d = asdict(self)
+        records, self.records = self.records, []
+        try:
+            d = asdict(self)
+        finally:
+            self.records = records
+        d.pop("records")
         if not samples:
             d.pop("ttft_samples")
             d.pop("e2e_samples")
@@ -356,16 +365,15 @@ def _good(r: RequestRecord, tpot: float | None, slo: dict) -> bool:
 def summarize(label: str, rate: float, records: list[RequestRecord], duration: float,
               engine_stats: dict | None = None, *, concurrency: int | None = None,
               burstiness: float = 1.0, slo: dict | None = None, pipeline: str | None = None,
-              model: str | None = None, percentiles=DEFAULT_PERCENTILES) -> Report:
+              model: str | None = None, percentiles=DEFAULT_PERCENTILES, keep_records: bool = False) -> Report:
     """The figures of a measurement; latencies of the completed requests, their mean and
-    `percentiles` (50, 90 and 99 are always computed, the table shows `percentiles`)."""
-    ok = [r for r in records if r.error is None and not r.truncated and r.done is not None]
+    `percentiles` (50, 90 and 99 are always computed, the table shows `percentiles`).
+    `keep_records`: the report holds the records too (a long run's are many: only when asked)."""
+    ok = _completed(records)
     slo = dict(slo or {})
-    ttft = [r.first_token - r.sent for r in ok if r.first_token is not None]
-    e2e = [r.done - r.sent for r in ok]
     tpots = [_tpot(r) for r in ok]
-    tpot = [t for t in tpots if t is not None]
-    itl = [b - a for r in ok for times in r.chunk_times.values() for a, b in zip(times, times[1:])]
+    samples = latency_samples(records)
+    ttft, tpot, itl, e2e = (samples[k] for k in ("ttft", "tpot", "itl", "e2e"))
     prompt = sum(r.prompt_tokens for r in ok)
     out = sum(r.completion_tokens for r in ok)
     cached = sum(r.cached_tokens for r in ok)
@@ -387,7 +395,77 @@ def summarize(label: str, rate: float, records: list[RequestRecord], duration: f
         concurrency=concurrency, burstiness=burstiness, slo=slo,
         goodput=sum(_good(r, t, slo) for r, t in zip(ok, tpots)) / duration if slo else None,
         pipeline=pipeline, model=model,
-        ttft_samples=ttft, e2e_samples=e2e)
+        ttft_samples=ttft, e2e_samples=e2e, records=list(records) if keep_records else [])
+
+
+def _completed(records: list[RequestRecord]) -> list[RequestRecord]:
+    """The requests that count in the throughputs and latencies: answered whole, without error."""
+    return [r for r in records if r.error is None and not r.truncated and r.done is not None]
+
+
+def latency_samples(records: list[RequestRecord]) -> dict[str, list[float]]:
+    """The seconds each latency's mean and percentiles are over (summarize's): TTFT of the
+    completed requests that streamed a token, TPOT of those of two chunks or more, every ITL gap
+    of their choices' streams, E2E of each."""
+    ok = _completed(records)
+    return {"ttft": [r.first_token - r.sent for r in ok if r.first_token is not None],
+            "tpot": [t for t in map(_tpot, ok) if t is not None],
+            "itl": [b - a for r in ok for times in r.chunk_times.values() for a, b in zip(times, times[1:])],
+            "e2e": [r.done - r.sent for r in ok]}
+
+
+# a saved result's keys that are vllm bench serve's (--metadata may not take them), besides the latencies'
+VLLM_RESULT_KEYS = ("date", "backend", "label", "model_id", "tokenizer_id", "num_prompts", "request_rate",
+                    "burstiness", "max_concurrency", "duration", "completed", "failed", "total_input_tokens",
+                    "total_output_tokens", "request_throughput", "request_goodput", "output_throughput",
+                    "total_token_throughput", "input_lens", "output_lens", "ttfts", "itls", "generated_texts",
+                    "errors", "agp")
+# vLLM's name of each latency -> the report's
+VLLM_LATENCIES = {"ttft": "ttft", "tpot": "tpot", "itl": "itl", "e2el": "e2e"}
+
+
+def vllm_result(report: Report, *, date: str, backend: str, tokenizer_id: str | None, num_prompts: int,
+                metadata: dict | None = None, detailed: bool = False) -> dict:
+    """A measurement as `vllm bench serve --save-result` writes it: its settings, the
+    `--metadata` pairs, its counts and throughputs, and each latency's mean, median, standard
+    deviation and percentiles in ms (`mean_ttft_ms`, `p99_e2el_ms`; null where it has none);
+    `detailed` (--save-detailed) adds the per-request lists in send order (input_lens,
+    output_lens, ttfts and itls in seconds, generated_texts, errors: "" for a request that did
+    not fail). The report itself, as --json writes it, is under "agp"."""
+    def ms(v):
+        return None if v is None else v * 1000
+
+    out = {"date": date, "backend": backend, "label": report.label, "model_id": report.model,
+           "tokenizer_id": tokenizer_id, "num_prompts": num_prompts, **(metadata or {}),
+           "request_rate": "inf" if math.isinf(report.rate) else report.rate,
+           "burstiness": "inf" if math.isinf(report.burstiness) else report.burstiness,
+           "max_concurrency": report.concurrency,
+           "duration": report.duration_s, "completed": report.completed,
+           "failed": report.errors + report.truncated,
+           "total_input_tokens": report.prompt_tokens, "total_output_tokens": report.completion_tokens,
+           "request_throughput": report.request_throughput, "request_goodput": report.goodput,
+           "output_throughput": report.output_throughput, "total_token_throughput": report.total_throughput}
+    samples = latency_samples(report.records)
+    for name, ours in VLLM_LATENCIES.items():
+        dist = getattr(report, ours)
+        out[f"mean_{name}_ms"] = ms(dist.get("mean"))
+        out[f"median_{name}_ms"] = ms(dist.get("p50"))
+        xs = samples[ours]
+        out[f"std_{name}_ms"] = float(np.std(xs)) * 1000 if xs else None
+        for p in report.percentiles:
+            out[f"{percentile_key(p)}_{name}_ms"] = ms(dist.get(percentile_key(p)))
+    if detailed:
+        records, done = report.records, {id(r) for r in _completed(report.records)}
+        out.update(
+            input_lens=[r.prompt_tokens for r in records],
+            output_lens=[r.completion_tokens if id(r) in done else 0 for r in records],
+            ttfts=[r.first_token - r.sent if r.first_token is not None and r.error is None else 0.0
+                   for r in records],
+            itls=[[b - a for a, b in zip(r.chunk_times.get(0, []), r.chunk_times.get(0, [])[1:])] for r in records],
+            generated_texts=[r.text for r in records],
+            errors=[r.error or ("the stream ended before its last chunk" if r.truncated else "") for r in records])
+    out["agp"] = report.to_dict()
+    return out
 
 
 def failure(report: Report) -> str | None:
@@ -477,6 +555,7 @@ class EngineTarget:
         rec.completion_tokens = result.usage["completion_tokens"]
         rec.cached_tokens = result.usage["cached_tokens"]
         rec.answer_tokens = result.longest_choice_tokens()
+        rec.text = next((c.text or "" for c in result.choices if c.index == 0), "")
         rec.finish_reason = result.choices[0].finish_reason if result.choices else None
 
 
@@ -651,6 +730,9 @@ class HTTPTarget:
                 for choice in chunk.get("choices") or ():
                     if _carries_tokens(choice, chat):
                         rec.chunk(clock(), choice.get("index", 0))
+                        if choice.get("index", 0) == 0:
+                            text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                            rec.text += text if isinstance(text, str) else ""
                     if choice.get("finish_reason"):
                         finished, rec.finish_reason = True, choice["finish_reason"]
                 use = chunk.get("usage")
@@ -951,8 +1033,8 @@ def _progress(total, enabled: bool):
 async def bench_one(target, items, *, rate: float, num=None, duration=None, concurrency=None,
                     seed: int = 0, progress: bool = True, warmup: int = 1,
                     request_timeout: float = 600.0, burstiness: float = 1.0, slo: dict | None = None,
-                    percentiles=DEFAULT_PERCENTILES) -> Report:
-    """Start the target, warm it up, run the load, summarise."""
+                    percentiles=DEFAULT_PERCENTILES, keep_records: bool = False) -> Report:
+    """Start the target, warm it up, run the load, summarise (`keep_records`: summarize's)."""
     await target.start()
     stopped = None
     try:
@@ -974,7 +1056,8 @@ async def bench_one(target, items, *, rate: float, num=None, duration=None, conc
         await target.close()
     report = summarize(target.label, rate, records, wall, stats, concurrency=concurrency,
                        burstiness=burstiness, slo=slo, pipeline=getattr(target, "pipeline", None),
-                       model=getattr(target, "model", None), percentiles=percentiles)
+                       model=getattr(target, "model", None), percentiles=percentiles,
+                       keep_records=keep_records)
     if stopped is not None:
         stopped.report = report
         raise stopped
