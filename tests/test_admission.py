@@ -91,3 +91,90 @@ def test_past_a_python_stage_the_engine_refuses_it_without_waiting_for_a_batch_s
     finally:
         s.close()
 
+
+# ---------------------------------------------------------------- --retry-after-s
+
+def _parse(argv):
+    import argparse
+
+    from pipeline_dsl.commands import serve
+
+    p = argparse.ArgumentParser(prog="agp serve")
+    serve.add_arguments(p)
+    return p.parse_args(argv)
+
+
+@pytest.mark.parametrize("value, said", [("0", "--retry-after-s must be at least 1, not 0"),
+                                         ("-3", "--retry-after-s must be at least 1, not -3"),
+                                         ("1.5", "--retry-after-s: invalid int value: '1.5'"),
+                                         ("soon", "--retry-after-s: invalid int value: 'soon'")])
+def test_a_retry_after_that_is_no_positive_whole_number_of_seconds_stops_the_start(tmp_path, capsys, value, said):
+    from pipeline_dsl import cli
+
+    path = tmp_path / "x.agp"
+    path.write_text("")
+    try:
+        code = cli.main(["serve", str(path), "--port", "0", "--retry-after-s", value])
+    except SystemExit as e:                        # argparse's own refusal of a value that is no integer
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and said in err, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.usefixtures("fresh_flowkit")
+def test_retry_after_s_is_the_retry_after_of_every_429_and_503_the_server_writes(tmp_path, tiny_gguf):
+    """`agp serve --retry-after-s 7`: the full queue's 429 (chat, completions, streamed or not,
+    embeddings), then, draining, /health's 503 and a request's, all with Retry-After: 7 (the
+    server wrote 1 whatever it was told: there was no such flag)."""
+    import socket
+
+    import uvicorn
+
+    from pipeline_dsl.serve.build import build
+
+    path = tmp_path / "tiny.agp"
+    path.write_text(TINY.format(model=tiny_gguf, max_queue=1, max_batch_size=1, timeout=0)
+                    .replace("request -> batch", "request -> hold -> batch")
+                    .replace("stage out", 'stage hold    : python        { fn = "flowkit:hold" }\n    stage out'))
+    serving = build(_parse([str(path), "--threads", "1", "--retry-after-s", "7"]))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(serving.app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    held, stopping = [], None
+    try:
+        while not server.started:
+            assert thread.is_alive(), "the server did not start"
+            threading.Event().wait(0.02)
+        t = threading.Thread(target=lambda: held.append(httpx.post(
+            url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}, timeout=60)))
+        t.start()
+        while flowkit.COUNTS["hold"] < 1:
+            threading.Event().wait(0.02)
+        chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        for route, body in [("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
+                            ("/v1/chat/completions", {**chat, "stream": True}),
+                            ("/v1/embeddings", {"input": "hi"})]:
+            r = httpx.post(url + route, json={"model": "tiny", **body}, timeout=30)
+            assert (r.status_code, r.headers.get("retry-after")) == (429, "7"), (route, r.text)
+        stopping = threading.Thread(target=serving.apipe.stop, kwargs={"timeout": 60})
+        stopping.start()                           # a drain: the held request finishes, new ones are refused
+        while serving.apipe.accepting:
+            threading.Event().wait(0.02)
+        r = httpx.get(url + "/health", timeout=30)
+        assert (r.status_code, r.headers.get("retry-after")) == (503, "7"), r.text
+        r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}, timeout=30)
+        assert (r.status_code, r.headers.get("retry-after")) == (503, "7"), r.text
+        flowkit.gate("hold").set()
+        t.join(60)
+        assert [a.status_code for a in held] == [200]
+    finally:
+        flowkit.gate("hold").set()
+        if stopping is not None:
+            stopping.join(60)
+        server.should_exit = True
+        thread.join(30)
+        serving.runtime.close()
