@@ -130,6 +130,7 @@ class Generations:
             headers = P.request_headers(request.headers.raw, self.config.request_headers)
         except P.APIError as err:
             return self.refused(err)
+
         def item(k: int) -> dict:
             return parts[k].item(rid if k == 0 else f"{rid}-{k}",
                                  exclude_tools_when_none=self.config.exclude_tools_when_tool_choice_none,
