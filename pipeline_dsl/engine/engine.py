@@ -33,7 +33,7 @@ from pipeline_dsl.cliargs import env_switch
 from .compute import on_compute
 from .config import EngineConfig, RequestOutput, SamplingParams, percentile
 from .cpus import available_cpus, cpus_text, default_threads
-from .errors import ContextLengthError, InputError, KVPoolError, QueueFullError, limit_setting, prompt_over_limit
+from .errors import ContextLengthError, InputError, KVPoolError, QueueFullError, limit_setting
 from .kv_cache import BlockManager, bytes_per_block, num_blocks_for_budget
 from .batch import ItemsRunner, StepBatch
 from .processors import Features
@@ -173,9 +173,7 @@ class Engine:
             raise InputError("give exactly one of prompt, messages or prompt_token_ids"
                              + (f" (got {', '.join(given)})" if given else ""))
         ids = self.prompt_ids(prompt, messages, prompt_token_ids, chat_template, add_special_tokens)
-        limit = self.config.max_prompt_tokens
-        if limit and len(ids) > limit:
-            raise prompt_over_limit(len(ids), limit, self.config.prompt_limit_by)
+        self.check_fits(len(ids), params.max_tokens)
         if self.vocab_size:
             for name, given in (("logit_bias", [t for t, _ in params.logit_bias]),
                                 ("stop_token_ids", params.stop_token_ids),
@@ -183,14 +181,6 @@ class Engine:
                 if given and max(given) >= self.vocab_size:
                     raise InputError(f"'{name}' holds token id {max(given)}, outside the vocabulary "
                                      f"(0..{self.vocab_size - 1})", param=name)
-        total = len(ids) + params.max_tokens
-        if params.max_tokens and len(ids) >= self.max_model_len:
-            raise ContextLengthError(f"prompt of {len(ids)} tokens fills {self.context_words} and leaves no room "
-                                     "to generate; shorten the prompt")
-        if total > self.max_model_len:
-            raise ContextLengthError(f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} = {total} "
-                             f"exceeds {self.context_words}; "
-                             "shorten the prompt or lower max_tokens")
         if rows_wanted(params) and not getattr(self._phases, "returns_rows", False):
             raise InputError("this engine's model runner cannot return prompt logprobs or pooled states")
         if len(self.scheduler.waiting) >= self.config.max_queue:
@@ -206,6 +196,22 @@ class Engine:
         self.features.start(seq)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        """ContextLengthError for a prompt of `prompt_tokens` tokens this engine can never run with
+        `max_tokens` to generate: past the prompt limit (or the context), filling the context, or
+        together past it. add_request's checks, and the flow runtime's for a request before it is
+        queued (a full queue's 429 never hides them), in the same words."""
+        if prompt_tokens > self.prompt_limit:
+            raise ContextLengthError(f"prompt of {prompt_tokens} tokens {self._limit_words()}")
+        total = prompt_tokens + max_tokens
+        if max_tokens and prompt_tokens >= self.max_model_len:
+            raise ContextLengthError(f"prompt of {prompt_tokens} tokens fills {self.context_words} and leaves no room "
+                                     "to generate; shorten the prompt")
+        if total > self.max_model_len:
+            raise ContextLengthError(f"prompt of {prompt_tokens} tokens + max_tokens {max_tokens} = {total} "
+                                     f"exceeds {self.context_words}; "
+                                     "shorten the prompt or lower max_tokens")
 
     def check_priority(self, priority) -> None:
         """InputError for a request's `priority` this engine cannot honour: not a signed 64-bit

@@ -75,6 +75,36 @@ class EngineSide:
         es, e = refusals[0]
         raise PipelineError(str(e), "invalid", self._length_stage(es, es.segment.encode), e.code, e.param)
 
+    def check_fits(self, data: dict) -> None:
+        """PipelineError (invalid) for a request that can never run: its prompt, tokenised as each
+        engine it reaches first tokenises it, too long for all of them, alone or with the
+        max_tokens it asks for (what their admission refuses it for, EngineSegment.check_fits).
+        For a request the queue has no room for: its 400 is the answer, never a 429 its client
+        would retry forever. It tokenises the prompt (a conversation rendered by its chat
+        template): call it off an event loop. Only where the prompt reaches those engines as sent
+        (_first_segments; else the engine that tokenises it refuses it at its admission)."""
+        from pipeline_dsl.engine.errors import InputError
+
+        if self.first_segments is None or data.get("truncate_prompt_tokens"):
+            return
+        self.check_prompt_length(data)        # decided from its characters, without tokenising
+        refusals = []
+        for es in self.first_segments:
+            try:
+                ids = es.tokenise(data)
+            except InputError as e:
+                refusals.append(PipelineError(f"cannot tokenise the request: {e}", "invalid", es.segment.encode,
+                                              e.code, e.param))
+                continue
+            try:
+                es.check_fits(len(ids), data)
+            except InputError as e:
+                refusals.append(PipelineError(str(e), "invalid", self._length_stage(es, es.segment.encode),
+                                              e.code, e.param))
+                continue
+            return                            # one of them may take it
+        raise refusals[0]
+
     def _segment_for(self, pin: str | None):
         es = self.seg_of_gen.get(pin) if pin else self.prompt_segment
         if es is None:

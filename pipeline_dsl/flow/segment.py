@@ -308,6 +308,25 @@ class EngineSegment:
             raise InputError(f"'{what}' cannot be enforced: {e}", param=what,
                              code=INVALID_PARAMETERS if e.param else None) from None
 
+    def check_fits(self, prompt_len: int, data: dict) -> None:
+        """InputError for a request whose prompt of `prompt_len` tokens no generate stage of this
+        segment can run, with the max_tokens it asks for (without one, each stage's default fits
+        what the context leaves: sampling): what the engine's admission refuses it for. A request
+        answered without the engine (max_tokens 0, an echo) only has the prompt limit."""
+        own = data.get("max_tokens")
+        if own is not None and (not isinstance(own, int) or isinstance(own, bool)):
+            return                               # SamplingParams.check names it at admission
+        if own is None:
+            wanted = min((p.max_tokens for p in self.defaults.values()), default=1)
+            room = self.engine.max_model_len - prompt_len
+            own = room if 0 < room < wanted else wanted
+        elif own == 0 and data.get("pooling") is None and data.get("prompt_logprobs") is None:
+            limit = self.engine.config.max_prompt_tokens
+            if limit and prompt_len > limit:
+                self.engine.check_fits(prompt_len, 0)
+            return
+        self.engine.check_fits(prompt_len, own)
+
     def copies(self, gen: str, data: dict) -> int:
         n = data.get("n")
         return int(n) if n is not None else self.n.get(gen, 1)

@@ -470,7 +470,9 @@ class AsyncPipeline:
     async def add(self, data: dict, *, pin: str | None = None, stream: bool = False,
                   params: dict | None = None, client: str | None = None,
                   request_id: str | None = None) -> RequestStream:
-        """Submit a request; raises PipelineError (queue_full, unavailable, invalid) at once.
+        """Submit a request; raises PipelineError (queue_full, unavailable, invalid) at once: one
+        the queue has no room for is tokenised (off the loop) and refused as invalid where it
+        could never run (never_runs), as it would be once admitted.
         `params` (its n and max_tokens) go to the metrics when it finishes; `client` (HOST:PORT)
         and `request_id` (its X-Request-Id) name it in the log. Not a stream: its only event is
         the result."""
@@ -486,8 +488,29 @@ class AsyncPipeline:
         rs = RequestStream(self, mail, self.max_unread_tokens, deltas=stream,
                            pause_unread_tokens=self.pause_unread_tokens, pause_limit_s=self.pause_limit_s)
         rs.params, rs.id, rs.client, rs.request_id = params, data.get("id"), client, request_id
-        rs.key = self.runtime.submit(data, rs, pin=pin, stream=stream)
+        try:
+            rs.key = self.runtime.submit(data, rs, pin=pin, stream=stream)
+        except PipelineError as e:
+            if e.kind == "queue_full":   # a request that could never run is a 400, not a 429 retried forever
+                never = await self.never_runs([data])
+                if never is not None:
+                    raise never[1] from None
+            raise
         return rs
+
+    async def never_runs(self, items: list[dict]) -> tuple[int, PipelineError] | None:
+        """(its place, why) for the first of `items` (item dicts) that could never run
+        (runtime.check_fits: its prompt tokenised, off the loop), else None: for requests the
+        queue has no room for, whose answer is then that 400, not a 429."""
+        def scan():
+            for k, data in enumerate(items):
+                try:
+                    self.runtime.check_fits(data)
+                except PipelineError as e:
+                    return k, e
+            return None
+
+        return await asyncio.to_thread(scan)
 
     async def stats(self) -> dict:
         """The runtime's counters, with file paths cut to their names (no answer shows where the

@@ -190,7 +190,8 @@ async def read_body(request: Request, config: ServeConfig) -> bytes:
                 return task.result()
             if apipe is not None and not apipe.accepting:
                 raise P.APIError("the server is shutting down; this request's body was still arriving",
-                                 status=503, type="server_error", code="unavailable", headers={"Retry-After": "1"})
+                                 status=503, type="server_error", code="unavailable",
+                                 headers={"Retry-After": str(config.retry_after_s)})
             late = clock.late(loop.time())
             if late:
                 raise P.APIError(late, status=408, code="body_timeout")

@@ -15,6 +15,9 @@ COUNTED_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v
 AZURE_PATH = re.compile(r"/openai/deployments/[^/]+/(chat/completions|completions|embeddings)")
 
 
+RETRY_AFTER_S = 1      # the Retry-After of a 429 or 503 unless --retry-after-s says (while loading: loading.py's)
+
+
 def counted(path: str) -> bool:
     """Whether agp_requests_total counts a POST to `path` (below the root path)."""
     return path in COUNTED_PATHS or AZURE_PATH.fullmatch(path) is not None
@@ -27,7 +30,7 @@ class ServeConfig:
     stages: tuple[tuple[str, str], ...] = ()   # (generate stage, its model) a request may name
     loras: tuple = ()                      # serve.lora.Served: the LoRA adapters a request may name (in model_names too)
     stage_loras: tuple[tuple[str, str], ...] = ()   # (generate stage, its own LoRA adapter's folder name: its `lora`)
-    retry_after_s: int = 1                 # Retry-After of a 429 / 503
+    retry_after_s: int = RETRY_AFTER_S     # Retry-After of a 429 / 503 (--retry-after-s)
     drain_timeout_s: float = 60.0          # at shutdown: how long in-flight requests may take
     max_body_bytes: int = 4 << 20          # a longer request body is a 413
     max_prompt_chars: int | None = None    # the longest prompt any engine can take, in characters

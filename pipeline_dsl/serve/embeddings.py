@@ -280,6 +280,10 @@ class Embeddings:
         except PipelineError as e:           # refused as it came (a full queue, a text too long for any engine)
             for st in streams:
                 st.abort()
+            if e.kind == "queue_full":       # a later input that could never run: its 400, not a 429
+                never = await g.apipe.never_runs(input_items(req, rid, headers)[i + 1:])
+                if never is not None:
+                    i, e = i + 1 + never[0], never[1]
             return g.refused(placed(req, i, api_error(e, "embeddings")))
         g.metrics.in_flight.inc()
         status = "499"

@@ -130,18 +130,26 @@ class Generations:
             headers = P.request_headers(request.headers.raw, self.config.request_headers)
         except P.APIError as err:
             return self.refused(err)
-        try:
-            for k, part in enumerate(parts):
-                item = part.item(rid if k == 0 else f"{rid}-{k}",
+
+        def item(k: int) -> dict:
+            return parts[k].item(rid if k == 0 else f"{rid}-{k}",
                                  exclude_tools_when_none=self.config.exclude_tools_when_tool_choice_none,
                                  headers=headers)
-                streams.append(await self.apipe.add(item, pin=req.pin, stream=req.stream, params=params,
+
+        try:
+            for k in range(len(parts)):
+                streams.append(await self.apipe.add(item(k), pin=req.pin, stream=req.stream, params=params,
                                                     client=client, request_id=request_id))
         except PipelineError as e:
             for st in streams:
                 st.abort()
+            k = len(streams)
+            if e.kind == "queue_full" and k + 1 < len(parts):   # a later prompt that could never run: its 400
+                never = await self.apipe.never_runs([item(j) for j in range(k + 1, len(parts))])
+                if never is not None:
+                    k, e = k + 1 + never[0], never[1]
             if len(parts) > 1:                # refused as it came: which prompt of the batch
-                e = of_prompt(e, len(streams))
+                e = of_prompt(e, k)
             return self.refused(api_error(e, req.kind, max_tokens_field=req.max_tokens_field,
                                           format_field=req.format_field))
         stream = streams[0] if len(streams) == 1 else StreamGroup(streams, req.choices_per_prompt)

@@ -41,6 +41,9 @@ def request_id(head: bytes) -> str:
     return uuid.uuid4().hex
 
 
+LOADING_RETRY_AFTER_S = 5     # the Retry-After while the model loads, unless --retry-after-s says
+
+
 def answer(head: bytes, retry_after_s: int) -> bytes:
     """The 503 for one request's line and headers (`GET /health HTTP/1.1\r\nHost: …`)."""
     parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()
@@ -60,7 +63,7 @@ def answer(head: bytes, retry_after_s: int) -> bytes:
 class Loading:
     """Answers 503 on `sock` while in use (see the module docstring)."""
 
-    def __init__(self, sock: socket.socket, retry_after_s: int = 5):
+    def __init__(self, sock: socket.socket, retry_after_s: int = LOADING_RETRY_AFTER_S):
         self.sock, self.retry_after_s = sock, retry_after_s
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()

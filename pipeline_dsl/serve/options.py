@@ -205,6 +205,10 @@ def add_arguments(p) -> None:
     p.add_argument("--drain-timeout", type=float, default=60.0,
                    help="seconds in-flight requests may take after SIGTERM; then they are cut with an "
                         "error and the exit status is 1 (default: 60)")
+    p.add_argument("--retry-after-s", type=int, default=None, metavar="SECONDS",
+                   help="the Retry-After of every 429 and 503 the server writes (a full queue, over "
+                        "--max-connections, draining, loading; a python stage's Reject keeps its own): a whole "
+                        "number of seconds, at least 1 (default: 1, and 5 while the model loads)")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20,
                    help="longest request body accepted; longer: 413 (default: 4 MiB)")
     p.add_argument("--max-input-tokens", type=int, default=None,
@@ -410,7 +414,7 @@ class SetupError(Exception):
 AT_LEAST = {"max_queue": 1, "max_body_bytes": 1024, "max_input_tokens": 1, "max_connections": 1, "max_model_len": 1,
             "max_body_bytes_arriving": 1024,
             "max_num_seqs": 1, "threads": 1, "max_unread_tokens": 1, "pause_unread_tokens": 0, "replicas": 1, "min_replicas": 0,
-            "max_replicas": 1, "max_ongoing_requests": 1, "affinity_chars": 0}
+            "max_replicas": 1, "max_ongoing_requests": 1, "affinity_chars": 0, "retry_after_s": 1}
 POSITIVE_SECONDS = ("drain_timeout", "header_timeout", "body_timeout", "send_timeout", "keep_alive_timeout")
 FILES = ("ssl_keyfile", "ssl_certfile", "chat_template")
 RAY_DESTS = ("replicas", "min_replicas", "max_replicas", "target_ongoing_requests", "max_ongoing_requests",

@@ -316,7 +316,7 @@ class AgpIngress:
                 if not done:
                     response.cancel()
         await _answer(send, P.APIError(f"no replica could answer: {failure}", status=503, type="server_error",
-                                       code="unavailable", headers={"Retry-After": "1"}))
+                                       code="unavailable", headers={"Retry-After": str(self.retry_after_s)}))
 
     def _too_large(self, what: str) -> P.APIError:
         return P.APIError(f"the request body {what} (--max-body-bytes)", status=413, code="body_too_large")
