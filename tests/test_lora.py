@@ -179,9 +179,8 @@ def test_an_adapter_over_4bit_weights_on_the_int8_kernels_is_as_close_as_the_flo
     """A Q4_1 file's linears on agp's int8 kernels (bf16 storage) with an adapter on some rows:
     its logits (prefill and decode steps, teacher-forced) keep as close to the float32 model with
     the adapter merged into the file's dequantised weights as merging it into bf16 weights would
-    (measured: 1.6 here, 3.7 merged into bf16; 10.9 with the deltas computed in bf16); its greedy
-    token is that model's wherever that model's margin is beyond the bound; and the rows of the
-    base model beside them are the base model's."""
+    (measured: 1.6 here, 3.7 merged into bf16; 10.9 with the deltas computed in bf16); and the rows
+    of a base model's sequence in the same steps stay the base model's."""
     if native.load() is None or not native.int8_dot_products():
         pytest.skip("agp's int8 kernels do not run here")
     q4 = tiny_q4
@@ -192,20 +191,21 @@ def test_an_adapter_over_4bit_weights_on_the_int8_kernels_is_as_close_as_the_flo
     runner = runner_with(model, q4, folders, names=("strong",))
     bound = 4.0
     for seed in range(3):
-        toks = ids(14, seed)
-        full = {"strong": ref.forward_full(toks)[5:], None: ref_base.forward_full(toks)[5:]}
-        table = list(range(3, 3 + -(-len(toks) // BS)))
-        rows = runner.execute([SeqBatchItem(toks[:6], 0, table, True, lora="strong")])
-        got = [rows[0]]
-        for p in range(6, len(toks)):
-            got.append(runner.execute([SeqBatchItem([toks[p]], p, table, True, lora="strong")])[0])
-        got = torch.stack(got)
-        want = full["strong"]
-        assert (got - want).abs().max() < bound, (seed, (got - want).abs().max())
-        assert (got - full[None]).abs().max() > 2 * bound                     # the adapter did change them
-        top = want.topk(2, dim=-1).values
-        clear = (top[:, 0] - top[:, 1]) > 2 * bound
-        assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
+        seqs = [(ids(14, seed), "strong", ref), (ids(14, seed + 10), None, ref_base)]
+        tables = [list(range(3, 7)), list(range(7, 11))]
+        rows = [runner.execute([SeqBatchItem(t[:6], 0, tb, True, lora=a) for (t, a, _), tb in zip(seqs, tables)])]
+        for p in range(6, 14):
+            rows.append(runner.execute([SeqBatchItem([t[p]], p, tb, True, lora=a)
+                                        for (t, a, _), tb in zip(seqs, tables)]))
+        for i, (toks, name, reference) in enumerate(seqs):
+            got = torch.stack([r[i] for r in rows])                          # [9, V]: positions 5..13
+            want = reference.forward_full(toks)[5:]
+            err = (got - want).abs().max()
+            if name is None:
+                assert err < 1.0, (seed, err)                                # the base model's rounding alone
+                continue
+            assert err < bound, (seed, err)
+            assert (got - ref_base.forward_full(toks)[5:]).abs().max() > 2 * bound   # the adapter changed them
 
 
 def run(eng, rid, prompt, **params):
