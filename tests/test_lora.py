@@ -175,7 +175,7 @@ def tiny_q4(tmp_path_factory):
     return load_gguf(write_tiny_gguf(tmp_path_factory.mktemp("q4") / "tiny-q4_1.gguf", qtype="Q4_1"))
 
 
-def test_an_adapter_over_4bit_weights_on_the_int8_kernels_is_as_close_as_the_float32_model_allows(tiny_q4, folders):
+def test_an_adapter_over_4bit_blocks_is_no_further_from_float32_than_one_merged_into_bf16(tiny_q4, folders):
     """A Q4_1 file's linears on agp's int8 kernels (bf16 storage) with an adapter on some rows:
     its logits (prefill and decode steps, teacher-forced) keep as close to the float32 model with
     the adapter merged into the file's dequantised weights as merging it into bf16 weights would
