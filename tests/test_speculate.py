@@ -414,6 +414,29 @@ def test_agp_check_refuses_bad_speculation_settings_at_their_place(tmp_path, sof
     assert f"p.agp:{line}:{col}:" in err and message in err, err
 
 
+def test_agp_check_warns_that_a_stage_under_a_json_schema_speculates_only_for_free_requests(tmp_path, soft_gguf):
+    """speculate = ngram beside json_schema: the stage's answers follow a grammar, under which no
+    request drafts, so check says so at its `speculate` value (a warning: a request with its own free
+    response_format still drafts)."""
+    import shutil
+
+    import pipeline_dsl
+
+    shutil.copy("examples/person.schema.json", tmp_path / "person.schema.json")
+    stage = 'stage gen : generate { max_new_tokens = 4  speculate = ngram  json_schema = "person.schema.json" }\n'
+    path = write(tmp_path, soft_gguf, "stage request : requests {}\n" + stage +
+                 "stage out : respond {}\nrequest -> batch\n" + chain("gen") + "gen -> out\n")
+    _, diags = pipeline_dsl.load(str(path))
+    said = [d for d in diags if "speculat" in d.message]
+    assert len(said) == 1 and not said[0].is_error, diags
+    line = path.read_text().splitlines().index(next(t for t in path.read_text().splitlines() if "stage gen" in t))
+    assert (said[0].pos.line, said[0].pos.col) == (line + 1, path.read_text().splitlines()[line].index("ngram") + 1)
+    assert "json_schema" in said[0].message and "response_format" in said[0].message
+    free = path.read_text().replace('  json_schema = "person.schema.json"', "")
+    path.write_text(free)
+    assert not [d for d in pipeline_dsl.load(str(path))[1] if "speculat" in d.message]
+
+
 def test_engine_config_refuses_bad_speculation_settings():
     with pytest.raises(InputError, match="speculate"):
         EngineConfig(speculate="eagle")
