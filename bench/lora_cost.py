@@ -134,13 +134,13 @@ def main() -> None:
 
     # the delta of the fused q/k/v linear: grouped by adapter vs a per-row gather
     (a1, b1), (a2, b2) = runner.loras["a"].layers[0]["qkv"], runner.loras["b"].layers[0]["qkv"]
-    x = torch.randn(B, config.hidden_size, dtype=model.dtype)
+    x = torch.randn(B, config.hidden_size, dtype=a1.dtype)            # the matrices' (float32: lora.py)
     which = torch.tensor([i % 2 for i in range(B)])
     stack_a, stack_b = torch.stack([a1, a2]), torch.stack([b1, b2])        # [2, R, in], [2, out, R]
     rows = [torch.nonzero(which == k).flatten() for k in (0, 1)]
 
     def grouped():
-        y = torch.zeros(B, b1.shape[0], dtype=model.dtype)
+        y = torch.zeros(B, b1.shape[0], dtype=a1.dtype)
         for (a, b), r in zip(((a1, b1), (a2, b2)), rows):
             y.index_add_(0, r, (x.index_select(0, r) @ a.t()) @ b.t())
         return y

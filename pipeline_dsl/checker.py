@@ -1042,6 +1042,12 @@ def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set,
         if spec and params.get("speculate", "off") == "off":
             diags.append(_warn(f"generate '{st.name.text}' sets {spec[0]} but speculate = off: it does nothing",
                                where(spec[0]), hint="add speculate = ngram, or remove it"))
+        if params.get("speculate", "off") != "off" and "speculate" in given and "json_schema" in given:
+            # a grammar's matcher takes one token at a time: its requests never draft (engine/scheduler.py)
+            diags.append(_warn(f"generate '{st.name.text}' sets speculate = {params['speculate']} and json_schema: "
+                               f"its answers follow the schema's grammar, under which nothing is drafted, so "
+                               f"speculation runs only for a request that brings its own free response_format",
+                               where("speculate"), hint="remove speculate, or json_schema"))
         model = params.get("model")
         if model is not None and "model" in given:
             params["model"], d = _model_location(model, where("model"))

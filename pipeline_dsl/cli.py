@@ -357,8 +357,8 @@ _CHUNKED = "prefill is always chunked (generate's `prefill_chunk` tokens a step)
 _LORA = ("agp's is --lora-modules NAME=PATH, a PEFT adapter folder (adapter_config.json, "
          "adapter_model.safetensors) that requests name as their model")
 _LORA_SIZED = ("agp sizes each LoRA adapter from its files (its rank, the modules it targets) and holds every one "
-               "given (--lora-modules, a generate stage's `lora`) on the device in the model's dtype, so there is "
-               "nothing to set")
+               "given (--lora-modules, a generate stage's `lora`) on the device in float32, its deltas computed in "
+               "float32 whatever the model's dtype, so there is nothing to set")
 VLLM_FLAGS = {
     "--model": "the model is the pipeline's `model` setting (or a generate stage's)",
     "--gpu-memory-utilization": "the KV cache's size is the pipeline's `kv_budget` (or a kv_lookup stage's `budget`)",

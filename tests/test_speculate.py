@@ -124,6 +124,96 @@ def test_greedy_through_the_executor_equals_without_speculation(soft_gguf, overl
     assert got["ngram"] == got["off"]
 
 
+# every weight path the engine runs a tiny model's steps on: its plain decode steps and its
+# verifying steps (several rows: the eager layers, with agp's pieces) take different kernels
+PATHS = {"fp32": ("soft", "fp32"), "bf16": ("soft", "bf16"), "int8": ("soft", "int8"),
+         "int4": ("q4", "auto"), "eager": ("soft", "fp32")}
+LINEARS = {"fp32": "dense float32 weights on agp's kernels in decode steps",
+           "bf16": "dense bfloat16 weights on agp's kernels in decode steps",
+           "int8": "int8 per-channel weights on agp's kernels in decode steps",
+           "int4": "4-bit block weights on agp's int8 kernels",
+           "eager": "dense float32 weights on torch's float32 GEMMs"}
+
+
+@pytest.fixture(scope="module")
+def soft_q4(tmp_path_factory):
+    from tiny_model import write_tiny_gguf
+
+    return write_tiny_gguf(tmp_path_factory.mktemp("q4") / "soft-q4_1.gguf", qtype="Q4_1", embed_scale=0.2)
+
+
+@pytest.fixture
+def weight_path(request, monkeypatch, soft_gguf, soft_q4):
+    """(the model file, dtype) of a path; "eager": without agp's native library."""
+    from pipeline_dsl.engine import native
+
+    name = request.param
+    if name == "eager":
+        monkeypatch.setenv("AGP_NATIVE", "0")
+    elif native.load() is None or (name == "int4" and not native.int8_dot_products()):
+        pytest.skip("agp's native kernels do not run here")
+    native.reset()
+    file, dtype = PATHS[name]
+    yield name, (soft_gguf if file == "soft" else soft_q4), dtype
+    monkeypatch.delenv("AGP_NATIVE", raising=False)
+    native.reset()
+
+
+@pytest.mark.parametrize("weight_path", list(PATHS), indirect=True)
+def test_greedy_equals_without_speculation_on_every_weight_path_with_preemption_and_prefix_hits(weight_path):
+    """Each weight path (fp32, bf16 and int8 weights with agp's native decode step, a 4-bit GGUF on
+    agp's int8 kernels, no native library) decodes the same greedy tokens with speculation as
+    without, overlapped or not, while a small KV pool preempts sequences, prompts are prefilled in
+    chunks of 8 beside verifying steps, and repeated prompts read the prefix cache."""
+    name, path, dtype = weight_path
+    prompts = REPEATING + FREE[:1] + REPEATING[:2]             # the last two: prefix cache hits
+    params = SamplingParams(max_tokens=80, ignore_eos=True)
+    got, seen = {}, {}
+    for overlap in (False, True):
+        for spec in ("off", "ngram"):
+            e = spec_engine(path, dtype=dtype, kv_budget_bytes=1 << 16, max_batch_size=4, prefill_chunk=8,
+                            speculate=spec)
+            assert e.model_info["linears"].startswith(LINEARS[name]), e.model_info["linears"]
+            outs: dict = {}
+            run_requests(e, [(str(i), dict(prompt=p, params=params)) for i, p in enumerate(prompts)],
+                         overlap=overlap,
+                         on_output=lambda os: [outs.setdefault(o.request_id, []).append(o) for o in os])
+            e.blocks.check_invariants()
+            got[overlap, spec] = {k: [t for o in v for t in o.new_token_ids] for k, v in outs.items()}
+            stats = e.stats(latencies=False)
+            seen[overlap, spec] = (stats["preemptions"], sum(v[-1].cached_tokens for v in outs.values()),
+                                   stats["spec_accepted_tokens"])
+        assert got[overlap, "ngram"] == got[overlap, "off"], (overlap, seen)
+        preempted, cached, accepted = seen[overlap, "ngram"]
+        assert preempted > 0 and cached > 0 and accepted > 0, seen
+
+
+@pytest.mark.parametrize("weight_path", ["fp32", "int4"], indirect=True)
+def test_an_adapters_greedy_answers_with_speculation_equal_those_without(weight_path, tmp_path):
+    """Requests of a LoRA adapter (and of the base model beside them) verify drafts with the
+    adapter's deltas on every row: the same greedy tokens as without speculation, overlapped, on
+    dense weights and on a 4-bit GGUF's blocks."""
+    from pipeline_dsl.engine.lora import read_adapter
+    from tiny_lora import write_tiny_lora
+
+    name, path, dtype = weight_path
+    folder = write_tiny_lora(tmp_path / "a", seed=1, strength=1.0)
+    reqs = [(str(i), dict(prompt=p, params=SamplingParams(max_tokens=40, ignore_eos=True, lora=lora)))
+            for i, (p, lora) in enumerate(zip(REPEATING + FREE[:1], ["a", "a", None, "a"]))]
+    got, accepted = {}, {}
+    for spec in ("off", "ngram"):
+        e = spec_engine(path, dtype=dtype, speculate=spec)
+        e.add_lora(read_adapter(folder, "a"))
+        outs: dict = {}
+        run_requests(e, reqs, overlap=True,
+                     on_output=lambda os: [outs.setdefault(o.request_id, []).append(o) for o in os])
+        e.blocks.check_invariants()
+        got[spec] = {k: [t for o in v for t in o.new_token_ids] for k, v in outs.items()}
+        accepted[spec] = spec_stats(e)["spec_accepted_tokens"]
+    assert got["ngram"] == got["off"]
+    assert accepted["ngram"] > 0
+
+
 def test_penalties_and_logprobs_apply_per_position(soft_gguf):
     """A repetition penalty depends on the tokens accepted before each position, and logprobs are
     each accepted token's own row's: both as without speculation."""
@@ -322,6 +412,29 @@ def test_agp_check_refuses_bad_speculation_settings_at_their_place(tmp_path, sof
     line = next(i + 1 for i, text in enumerate(path.read_text().splitlines()) if "stage gen" in text)
     col = path.read_text().splitlines()[line - 1].index(at) + 1
     assert f"p.agp:{line}:{col}:" in err and message in err, err
+
+
+def test_agp_check_warns_that_a_stage_under_a_json_schema_speculates_only_for_free_requests(tmp_path, soft_gguf):
+    """speculate = ngram beside json_schema: the stage's answers follow a grammar, under which no
+    request drafts, so check says so at its `speculate` value (a warning: a request with its own free
+    response_format still drafts)."""
+    import shutil
+
+    import pipeline_dsl
+
+    shutil.copy("examples/person.schema.json", tmp_path / "person.schema.json")
+    stage = 'stage gen : generate { max_new_tokens = 4  speculate = ngram  json_schema = "person.schema.json" }\n'
+    path = write(tmp_path, soft_gguf, "stage request : requests {}\n" + stage +
+                 "stage out : respond {}\nrequest -> batch\n" + chain("gen") + "gen -> out\n")
+    _, diags = pipeline_dsl.load(str(path))
+    said = [d for d in diags if "speculat" in d.message]
+    assert len(said) == 1 and not said[0].is_error, diags
+    line = path.read_text().splitlines().index(next(t for t in path.read_text().splitlines() if "stage gen" in t))
+    assert (said[0].pos.line, said[0].pos.col) == (line + 1, path.read_text().splitlines()[line].index("ngram") + 1)
+    assert "json_schema" in said[0].message and "response_format" in said[0].message
+    free = path.read_text().replace('  json_schema = "person.schema.json"', "")
+    path.write_text(free)
+    assert not [d for d in pipeline_dsl.load(str(path))[1] if "speculat" in d.message]
 
 
 def test_engine_config_refuses_bad_speculation_settings():

@@ -16,9 +16,14 @@ The model fuses Q, K and V into one linear (and gate with up): per layer and per
 linear, an adapter keeps A as the targeted modules' A stacked [sum r, in] and B as a
 block-diagonal [out, sum r] with its scale folded in, so its delta is two small GEMMs. A step
 groups its rows by adapter (the rows of one sequence are contiguous): each group's delta is
-added to the base output of its rows; rows of no adapter cost nothing. Measured on CPU against
-a per-row gather of the matrices (bench/lora_cost.py), grouping was cheaper: the gather copies
-each adapter's A and B once per row.
+added to the base output of its rows; rows of no adapter cost nothing. The delta is computed in
+float32 whatever the model's dtype (A and B are kept in float32; vLLM's kernels, too, keep the
+[rows, r] product in float32) and the base output is rounded once, with it added: computed in
+bf16, the product x A, the delta and the sum were each rounded to 8 bits of mantissa, which moved
+a strong adapter's logits over a tiny model's 4-bit blocks 10.9 from the float32 model's with it
+merged (1.6 in float32; the adapter merged into bf16 weights: 3.7; tests/test_lora.py). Measured
+on CPU against a per-row gather of the matrices (bench/lora_cost.py), grouping was cheaper: the
+gather copies each adapter's A and B once per row.
 """
 
 from __future__ import annotations
@@ -133,8 +138,9 @@ def check_fits(adapter: LoraAdapter, config) -> None:
 
 
 class LoraWeights:
-    """An adapter fitted to one model: per layer and fused linear, (A [R, in], B [out, R]) in the
-    model's dtype and device (scale folded into B), or None where the adapter leaves it alone.
+    """An adapter fitted to one model: per layer and fused linear, (A [R, in], B [out, R]) in
+    float32 on the model's device (scale folded into B), or None where the adapter leaves it alone
+    (whatever the model's `dtype`: the deltas are computed in float32, StepLora.add).
     Of the adapter read from its folder it keeps its name, path and rank only: its float32 host
     matrices go once fitted."""
 
@@ -161,8 +167,8 @@ class LoraWeights:
                         b[row:row + bm.shape[0], col:col + bm.shape[1]] = bm * adapter.scale
                         col += bm.shape[1]
                     row += want[m][0]
-                fused[lin] = (a.to(device=device, dtype=dtype).contiguous(),
-                              b.to(device=device, dtype=dtype).contiguous())
+                fused[lin] = (a.to(device=device, dtype=torch.float32).contiguous(),
+                              b.to(device=device, dtype=torch.float32).contiguous())
             self.layers.append(fused)
 
 
@@ -175,7 +181,8 @@ class StepLora:
         self.groups, self.per_row = groups, per_row
 
     def add(self, li: int, which: str, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """y [T, out] (linear `which` of layer li on x [T, in]) with each group's delta added in place."""
+        """y [T, out] (linear `which` of layer li on x [T, in]) with each group's delta added in place:
+        computed in float32, the sum rounded once to y's dtype."""
         for weights, rows in self.groups:
             pair = weights.layers[li][which]
             if pair is None:
@@ -183,15 +190,20 @@ class StepLora:
             a, b = pair
             if self.per_row:
                 for r in (range(rows.start, rows.stop) if isinstance(rows, slice) else rows.tolist()):
-                    y[r:r + 1] += (x[r:r + 1] @ a.t()) @ b.t()
+                    y[r:r + 1] = _plus_delta(y[r:r + 1], x[r:r + 1], a, b)
             elif isinstance(rows, slice):
-                y[rows] += (x[rows] @ a.t()) @ b.t()
+                y[rows] = _plus_delta(y[rows], x[rows], a, b)
             else:
-                y.index_add_(0, rows, (x.index_select(0, rows) @ a.t()) @ b.t())
+                y.index_copy_(0, rows, _plus_delta(y.index_select(0, rows), x.index_select(0, rows), a, b))
         return y
 
     def layer(self, li: int) -> "LayerLora":
         return LayerLora(self, li)
+
+
+def _plus_delta(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """y + (x A^T) B^T, computed in float32 (a, b are) and rounded once to y's dtype."""
+    return (y.float() + (x.float() @ a.t()) @ b.t()).to(y.dtype)
 
 
 class LayerLora:
