@@ -247,6 +247,42 @@ def test_a_folder_s_end_tokens_come_from_its_tokenizer_generation_config_and_con
     assert Tokenizer.from_hf_folder(tmp_path).eos_token_ids == frozenset({0, 1, 2})
 
 
+def test_a_folder_s_special_tokens_map_names_its_tokens_as_transformers_reads_it(tmp_path, tok):
+    """A folder saved before tokenizer_config.json listed its added tokens may name bos, eos and pad in
+    special_tokens_map.json alone: they are its tokens (the answer ends at that eos, a prompt starts
+    with that bos, a template sees that pad), the map's over the config's, as transformers (and so
+    vLLM) reads them; a config with added_tokens_decoder leaves the map unread, as there."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    tok.tk.save(str(tmp_path / "tokenizer.json"))
+    config = {"add_bos_token": True, "chat_template": "{{ bos_token }}{{ messages[0].content }}{{ pad_token }}"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({
+        "bos_token": {"content": "<|im_start|>", "lstrip": False, "normalized": False, "rstrip": False},
+        "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
+
+    def both():
+        ours, theirs = Tokenizer.from_hf_folder(tmp_path), transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+        assert (ours.bos_token, ours.eos_token) == (theirs.bos_token, theirs.eos_token)
+        return ours, theirs
+
+    ours, theirs = both()
+    assert (ours.bos_token, ours.eos_token, ours.eos_token_id) == ("<|im_start|>", "<|im_end|>", 2)
+    assert 2 in ours.eos_token_ids and ours.encode("the cat")[0] == 1
+    hi = [{"role": "user", "content": "hi"}]
+    assert ours.apply_chat_template(hi, add_generation_prompt=False) == "<|im_start|>hi<|endoftext|>" == \
+        theirs.apply_chat_template(hi, tokenize=False)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|endoftext|>"}))
+    assert both()[0].eos_token == "<|im_end|>"                          # the map's over the config's
+    added = {str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
+                      "single_word": False} for i, t in enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|endoftext|>",
+                                                                "added_tokens_decoder": added}))
+    ours, _ = both()
+    assert (ours.bos_token, ours.eos_token) == (None, "<|endoftext|>")    # the map left unread
+
+
 def test_a_folder_whose_post_processor_adds_no_bos_starts_raw_prompts_without_it(tmp_path, tok):
     """A folder that names a bos token but neither says add_bos_token nor has a post-processor
     that puts it first (Qwen's) starts a prompt with the text itself, as transformers does."""

@@ -340,6 +340,12 @@ class Tokenizer:
         except Exception as e:  # the tokenizers library raises a bare Exception for any bad file
             raise TokenizerError(f"{path}: not a tokenizer the `tokenizers` library can read ({e})") from e
         cfg = _read_json(folder / "tokenizer_config.json")
+        if "added_tokens_decoder" not in cfg:
+            # a folder saved before tokenizer_config.json listed its added tokens names its special
+            # tokens (bos, eos, unk, pad) in special_tokens_map.json: its keys are read over the
+            # config's (null unsets one), as transformers reads such a folder; a config with
+            # added_tokens_decoder leaves the map unread, as there too
+            cfg = {**cfg, **_read_json(folder / "special_tokens_map.json")}
         gen = _read_json(folder / "generation_config.json") if generation_config is None else generation_config
         model_cfg = _read_json(folder / "config.json")
 
