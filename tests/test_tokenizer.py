@@ -233,9 +233,11 @@ def test_a_folder_s_chat_template_jinja_is_its_template_over_the_config_s(tmp_pa
     assert theirs.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "FILEhi"
 
 
-def test_a_folder_s_end_tokens_come_from_its_tokenizer_generation_config_and_config(tmp_path, tok):
+def test_a_folder_s_end_tokens_come_from_its_tokenizer_and_generation_config_else_config(tmp_path, tok):
     """An answer ends at the tokenizer's eos token and at every eos_token_id that the folder's
-    generation_config.json and config.json list (Llama 3.1's <|eot_id|> is in config.json's list)."""
+    generation_config.json lists; a folder without that file, at config.json's (Llama 3.1's
+    <|eot_id|> is in both lists): as transformers' generate and vLLM read a folder, config.json's
+    list is not read where generation_config.json is, even one that lists none."""
     import json
 
     tok.tk.save(str(tmp_path / "tokenizer.json"))
@@ -244,7 +246,9 @@ def test_a_folder_s_end_tokens_come_from_its_tokenizer_generation_config_and_con
     assert Tokenizer.from_hf_folder(tmp_path).eos_token_ids == frozenset({0, 2})
     (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 0}))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1]}))
-    assert Tokenizer.from_hf_folder(tmp_path).eos_token_ids == frozenset({0, 1, 2})
+    assert Tokenizer.from_hf_folder(tmp_path).eos_token_ids == frozenset({1, 2})
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.6}))
+    assert Tokenizer.from_hf_folder(tmp_path).eos_token_ids == frozenset({2})
 
 
 def test_a_folder_s_special_tokens_map_names_its_tokens_as_transformers_reads_it(tmp_path, tok):

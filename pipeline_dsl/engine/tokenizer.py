@@ -372,9 +372,10 @@ class Tokenizer:
             template = named.get("default") or next(iter(named.values()), None)
             tool_template = named.get("tool_use")
         eos_ids = [tk.token_to_id(eos)] if eos else []
-        for src in (gen, model_cfg):
-            e = src.get("eos_token_id")
-            eos_ids.extend(e if isinstance(e, list) else [e])
+        # generation_config.json's end tokens; config.json's where the folder has no such file (as
+        # transformers' generate and vLLM read a folder: GenerationConfig.from_model_config)
+        e = (gen if gen or (folder / "generation_config.json").is_file() else model_cfg).get("eos_token_id")
+        eos_ids.extend(e if isinstance(e, list) else [e])
         add_bos = cfg.get("add_bos_token")
         if add_bos is None and bos and tk.token_to_id(bos) is not None:
             # no add_bos_token (Llama 3's folders): tokenizer.json's post-processor says whether a
