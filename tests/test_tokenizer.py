@@ -287,6 +287,38 @@ def test_a_folder_s_special_tokens_map_names_its_tokens_as_transformers_reads_it
     assert (ours.bos_token, ours.eos_token) == (None, "<|endoftext|>")    # the map left unread
 
 
+def test_tokens_only_tokenizer_config_lists_are_added_as_transformers_adds_them(tmp_path, tok):
+    """A token tokenizer_config.json's added_tokens_decoder lists that tokenizer.json lacks is matched
+    whole in text, and one the config calls special (tokenizer.json: not) is left out of decoded
+    text, as transformers (and so vLLM) loads the folder; a malformed list names the file."""
+    import json
+
+    from tokenizers import AddedToken
+
+    transformers = pytest.importorskip("transformers")
+    tk = type(tok.tk).from_str(tok.tk.to_str())
+    tk.add_tokens([AddedToken("ĠĠ", special=False, normalized=False)])      # in the vocabulary, added: not special
+    tk.save(str(tmp_path / "tokenizer.json"))
+    spaces, new = tk.token_to_id("ĠĠ"), tk.get_vocab_size(with_added_tokens=True)
+
+    def entry(text, special):
+        return {"content": text, "special": special, "lstrip": False, "rstrip": False, "normalized": False,
+                "single_word": False}
+
+    listed = {str(i): entry(t, True) for i, t in enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])}
+    listed.update({str(spaces): entry("ĠĠ", True), str(new): entry("<tool>", True), str(new + 1): entry("[x]", False)})
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>",
+                                                                 "added_tokens_decoder": listed}))
+    ours, theirs = Tokenizer.from_hf_folder(tmp_path), transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    text = "the<tool>cat[x]isĠĠ"
+    ids = ours.encode(text, add_special_tokens=False)
+    assert ids == theirs.encode(text, add_special_tokens=False) and {new, new + 1, spaces} <= set(ids)
+    assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True) == "thecat[x]is"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {"x": entry("a", True)}}))
+    with pytest.raises(TokenizerError, match=r"tokenizer_config.json: added_tokens_decoder\['x'\] must be a token id"):
+        Tokenizer.from_hf_folder(tmp_path)
+
+
 def test_a_folder_whose_post_processor_adds_no_bos_starts_raw_prompts_without_it(tmp_path, tok):
     """A folder that names a bos token but neither says add_bos_token nor has a post-processor
     that puts it first (Qwen's) starts a prompt with the text itself, as transformers does."""

@@ -212,6 +212,27 @@ def _pre_tokenizer(pre: str | None):
     return byte_level  # gpt2 and anything unknown
 
 
+def _add_listed_tokens(tk: HFTokenizer, listed, where: Path) -> None:
+    """The tokens tokenizer_config.json's added_tokens_decoder lists that tokenizer.json does not
+    add, or adds as not special where the config says special, added to `tk` as it lists them (as
+    transformers loads such a folder: matched whole in text, a special one left out of decoded text)."""
+    if not isinstance(listed, dict):
+        raise TokenizerError(f"{where}: added_tokens_decoder must be an object of id: token, "
+                             f"not {type(listed).__name__}")
+    have = tk.get_added_tokens_decoder()
+    for key, t in listed.items():
+        if not (isinstance(t, dict) and isinstance(t.get("content"), str) and str(key).isdigit()):
+            raise TokenizerError(f"{where}: added_tokens_decoder[{key!r}] must be a token id naming an object "
+                                 "with its \"content\"")
+        special, known = bool(t.get("special")), have.get(int(key))
+        if known is not None and known.content == t["content"] and (known.special or not special):
+            continue
+        token = AddedToken(t["content"], special=special, normalized=bool(t.get("normalized", not special)),
+                           lstrip=bool(t.get("lstrip")), rstrip=bool(t.get("rstrip")),
+                           single_word=bool(t.get("single_word")))
+        (tk.add_special_tokens if special else tk.add_tokens)([token])
+
+
 def template_special_tokens(cfg: dict) -> dict:
     """The special tokens of a tokenizer_config.json that a chat template sees as variables beside
     bos_token and eos_token, as transformers' apply_chat_template passes its special_tokens_map:
@@ -346,6 +367,8 @@ class Tokenizer:
             # config's (null unsets one), as transformers reads such a folder; a config with
             # added_tokens_decoder leaves the map unread, as there too
             cfg = {**cfg, **_read_json(folder / "special_tokens_map.json")}
+        else:
+            _add_listed_tokens(tk, cfg["added_tokens_decoder"], folder / "tokenizer_config.json")
         gen = _read_json(folder / "generation_config.json") if generation_config is None else generation_config
         model_cfg = _read_json(folder / "config.json")
 
