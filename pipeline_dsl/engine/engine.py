@@ -871,6 +871,14 @@ def load_runner(config: EngineConfig, models=None):
     else:
         model, tokenizer = load_model(source, dtype=config.dtype, device=device, generation_config=own)
         shared = False
+    if config.generation_config not in ("auto", "vllm"):
+        # --generation-config FOLDER: its end tokens, not the model's own file's (vLLM reads both the
+        # sampling defaults and the eos_token_id list from that folder); a GGUF's own end tokens stay
+        from .tokenizer import listed_end_tokens
+
+        base = {tokenizer.eos_token_id} if source.kind == "hf" else set(tokenizer.eos_token_ids)
+        listed = listed_end_tokens(config.generation_config, read_generation_config(config.generation_config))
+        tokenizer.eos_token_ids = frozenset(i for i in base | set(listed) if i is not None)
     c = model.config
     elem = torch.empty((), dtype=model.dtype).element_size()
     per_block = bytes_per_block(c.num_layers, c.num_kv_heads, c.head_dim, config.block_size, elem)

@@ -212,6 +212,18 @@ def _pre_tokenizer(pre: str | None):
     return byte_level  # gpt2 and anything unknown
 
 
+def listed_end_tokens(folder: Path, gen: dict, model_cfg: dict | None = None) -> list:
+    """The end token ids a folder lists beside its tokenizer's eos: generation_config.json's
+    eos_token_id (`gen`: that file as read, {} where there is none), config.json's where the folder
+    has no such file (`model_cfg`: it as read, else read here), as transformers' generate and vLLM
+    read a folder (GenerationConfig.from_model_config)."""
+    if gen or (Path(folder) / "generation_config.json").is_file():
+        e = gen.get("eos_token_id")
+    else:
+        e = (model_cfg if model_cfg is not None else _read_json(Path(folder) / "config.json")).get("eos_token_id")
+    return list(e) if isinstance(e, list) else [e]
+
+
 def _add_listed_tokens(tk: HFTokenizer, listed, where: Path) -> None:
     """The tokens tokenizer_config.json's added_tokens_decoder lists that tokenizer.json does not
     add, or adds as not special where the config says special, added to `tk` as it lists them (as
@@ -395,10 +407,7 @@ class Tokenizer:
             template = named.get("default") or next(iter(named.values()), None)
             tool_template = named.get("tool_use")
         eos_ids = [tk.token_to_id(eos)] if eos else []
-        # generation_config.json's end tokens; config.json's where the folder has no such file (as
-        # transformers' generate and vLLM read a folder: GenerationConfig.from_model_config)
-        e = (gen if gen or (folder / "generation_config.json").is_file() else model_cfg).get("eos_token_id")
-        eos_ids.extend(e if isinstance(e, list) else [e])
+        eos_ids.extend(listed_end_tokens(folder, gen, model_cfg))
         add_bos = cfg.get("add_bos_token")
         if add_bos is None and bos and tk.token_to_id(bos) is not None:
             # no add_bos_token (Llama 3's folders): tokenizer.json's post-processor says whether a
