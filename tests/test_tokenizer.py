@@ -287,6 +287,29 @@ def test_a_folder_s_special_tokens_map_names_its_tokens_as_transformers_reads_it
     assert (ours.bos_token, ours.eos_token) == (None, "<|endoftext|>")    # the map left unread
 
 
+@pytest.mark.parametrize("config", [
+    {"tokenizer_class": "Qwen2TokenizerFast"},                           # eos, unk and pad: <|endoftext|>
+    {"tokenizer_class": "Qwen2TokenizerFast", "eos_token": "<|im_end|>"},  # the config's eos, the class's pad
+    {"tokenizer_class": "Qwen2TokenizerFast", "pad_token": None},          # null: none, not the class's
+    {"tokenizer_class": "GPT2Tokenizer"},                                # bos, eos and unk: <|endoftext|>
+    {"tokenizer_class": "PreTrainedTokenizerFast"},                      # a class that names none
+])
+def test_a_token_neither_file_names_is_the_tokenizer_class_s_own_as_in_transformers(tmp_path, tok, config):
+    """Where tokenizer_config.json and special_tokens_map.json leave a special token out, transformers'
+    tokenizer class (the config's tokenizer_class) names its own (Qwen2's eos, unk and pad are
+    <|endoftext|>): the folder's tokens are those (its answers end at that eos, a template sees them)."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    tok.tk.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    ours, theirs = Tokenizer.from_hf_folder(tmp_path), transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert (ours.bos_token, ours.eos_token) == (theirs.bos_token, theirs.eos_token)
+    assert (ours.special_tokens.get("unk_token"), ours.special_tokens.get("pad_token")) == \
+        (theirs.unk_token, theirs.pad_token)
+    assert ours.eos_token_ids == ({ours.eos_token_id} if ours.eos_token else set())
+
+
 def test_tokens_only_tokenizer_config_lists_are_added_as_transformers_adds_them(tmp_path, tok):
     """A token tokenizer_config.json's added_tokens_decoder lists that tokenizer.json lacks is matched
     whole in text, and one the config calls special (tokenizer.json: not) is left out of decoded

@@ -212,6 +212,19 @@ def _pre_tokenizer(pre: str | None):
     return byte_level  # gpt2 and anything unknown
 
 
+# the special tokens transformers' tokenizer classes name where a folder's tokenizer_config.json and
+# special_tokens_map.json leave one out (their __init__'s defaults), by the class the config names
+_CLASS_TOKENS = {
+    "LlamaTokenizer": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+    "CodeLlamaTokenizer": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+    "Qwen2Tokenizer": {"eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
+    "GemmaTokenizer": {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>"},
+    "GPT2Tokenizer": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"},
+    "GPTNeoXTokenizer": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                         "pad_token": "<|padding|>"},
+}
+
+
 def listed_end_tokens(folder: Path, gen: dict, model_cfg: dict | None = None) -> list:
     """The end token ids a folder lists beside its tokenizer's eos: generation_config.json's
     eos_token_id (`gen`: that file as read, {} where there is none), config.json's where the folder
@@ -381,6 +394,11 @@ class Tokenizer:
             cfg = {**cfg, **_read_json(folder / "special_tokens_map.json")}
         else:
             _add_listed_tokens(tk, cfg["added_tokens_decoder"], folder / "tokenizer_config.json")
+        kind = cfg.get("tokenizer_class")
+        defaults = _CLASS_TOKENS.get(kind.removesuffix("Fast"), {}) if isinstance(kind, str) else {}
+        # a token neither file names (not even as null): the class's own, as transformers builds it,
+        # where the vocabulary has it
+        cfg = {**{k: t for k, t in defaults.items() if k not in cfg and tk.token_to_id(t) is not None}, **cfg}
         gen = _read_json(folder / "generation_config.json") if generation_config is None else generation_config
         model_cfg = _read_json(folder / "config.json")
 
