@@ -403,6 +403,8 @@ VLLM_FLAGS = {
     "--enable-prompt-embeds": "a prompt comes as text or token ids; `prompt_embeds` is refused",
     "--trust-request-chat-template": "a request brings no chat template of its own: --chat-template sets the "
                                      "server's",
+    "--enable-tokenizer-info-endpoint": "GET /tokenizer_info is always served (vLLM's only with this flag), as "
+                                        "/tokenize and /detokenize are",
     # what vLLM's --enable-lora comes with: the sizes of its LoRA slots
     **dict.fromkeys(("--max-lora-rank", "--max-loras", "--max-cpu-loras", "--lora-dtype", "--fully-sharded-loras",
                      "--lora-extra-vocab-size"), _LORA_SIZED),

@@ -163,9 +163,10 @@ def test_a_vllm_flag_is_refused_with_where_agp_sets_it(command, capsys):
      ["--download-dir is vLLM's: agp downloads nothing: serve a local .gguf file or Hugging Face folder",
       "--enable-chunked-prefill is vLLM's: prefill is always chunked (generate's `prefill_chunk`",
       "--response-role is vLLM's: a chat answer's role is always `assistant`"]),
-    (["--enable-prompt-embeds", "--trust-request-chat-template"],
+    (["--enable-prompt-embeds", "--trust-request-chat-template", "--enable-tokenizer-info-endpoint"],
      ["--enable-prompt-embeds is vLLM's: a prompt comes as text or token ids",
-      "--trust-request-chat-template is vLLM's: a request brings no chat template of its own"]),
+      "--trust-request-chat-template is vLLM's: a request brings no chat template of its own",
+      "--enable-tokenizer-info-endpoint is vLLM's: GET /tokenizer_info is always served"]),
     (["--quantization", "awq"],      # an AWQ, GPTQ or compressed-tensors folder loads without it
      ["--quantization is vLLM's: agp reads a model's quantization from its files, as vLLM does without the flag: "
       "a Hugging Face folder's config.json quantization_config (AWQ, GPTQ, compressed-tensors' pack-quantized)"]),

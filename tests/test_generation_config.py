@@ -229,3 +229,45 @@ def test_agp_serve_runs_with_the_override_and_its_banner_says_so(tmp_path, folde
             in banner(serving, "http://x/v1", args)[1]
     finally:
         serving.runtime.close()
+
+
+def test_an_end_token_generation_config_lists_beside_the_tokenizer_s_eos_names_itself_as_stop_reason(tmp_path,
+                                                                                                     tiny_gguf):
+    """vLLM adds generation_config.json's eos_token_id to a request's stop_token_ids, less the
+    tokenizer's own eos: an answer one of them ends says so in stop_reason (Phi-3's <|end|>, Gemma 3's
+    <end_of_turn>), one the tokenizer's eos ends has none, and ignore_eos leaves them all out."""
+    from pipeline_dsl.engine import SamplingParams
+    from tiny_model import tiny_engine, write_tiny_hf_folder
+    from test_engine import run_all
+
+    folder = write_tiny_hf_folder(tmp_path / "hf", tiny_gguf)                 # its eos: <|im_end|>, id 2
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 2]}))
+    engine = tiny_engine(folder)
+    for name, token, ignore in (("listed", 0, False), ("eos", 2, False), ("ignored", 0, True)):
+        engine.add_request(name, prompt="the cat", params=SamplingParams(
+            temperature=0.0, max_tokens=3, logit_bias={token: 100.0}, ignore_eos=ignore))
+    finals, _ = run_all(engine)
+    got = {k: (out.finish_reason, out.stop_reason, out.completion_tokens) for k, out in finals.items()}
+    assert got == {"listed": ("stop", 0, 1), "eos": ("stop", None, 1), "ignored": ("length", None, 3)}
+
+
+def test_generation_config_folder_brings_its_end_tokens_too(tmp_path, tiny_gguf):
+    """--generation-config FOLDER: vLLM takes the eos_token_id list from that folder's file as it
+    takes the sampling defaults (a quantized copy served with the original's generation config ends
+    where the original does); auto and vllm keep the model's own."""
+    from pipeline_dsl.engine import SamplingParams
+    from tiny_model import tiny_engine, write_tiny_hf_folder
+    from test_engine import run_all
+
+    folder = write_tiny_hf_folder(tmp_path / "hf", tiny_gguf)                 # no generation_config.json
+    other = tmp_path / "original"
+    other.mkdir()
+    (other / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 2], "temperature": 0.5}))
+    got = {}
+    for setting in ("auto", "vllm", str(other)):
+        engine = tiny_engine(folder, generation_config=setting)
+        engine.add_request("0", prompt="the cat", params=SamplingParams(temperature=0.0, max_tokens=3,
+                                                                         logit_bias={0: 100.0}))
+        out = run_all(engine)[0]["0"]
+        got[setting] = (out.finish_reason, out.stop_reason, out.completion_tokens)
+    assert got == {"auto": ("length", None, 3), "vllm": ("length", None, 3), str(other): ("stop", 0, 1)}

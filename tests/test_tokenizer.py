@@ -233,9 +233,11 @@ def test_a_folder_s_chat_template_jinja_is_its_template_over_the_config_s(tmp_pa
     assert theirs.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "FILEhi"
 
 
-def test_a_folder_s_end_tokens_come_from_its_tokenizer_generation_config_and_config(tmp_path, tok):
+def test_a_folder_s_end_tokens_come_from_its_tokenizer_and_generation_config_else_config(tmp_path, tok):
     """An answer ends at the tokenizer's eos token and at every eos_token_id that the folder's
-    generation_config.json and config.json list (Llama 3.1's <|eot_id|> is in config.json's list)."""
+    generation_config.json lists; a folder without that file, at config.json's (Llama 3.1's
+    <|eot_id|> is in both lists): as transformers' generate and vLLM read a folder, config.json's
+    list is not read where generation_config.json is, even one that lists none."""
     import json
 
     tok.tk.save(str(tmp_path / "tokenizer.json"))
@@ -244,7 +246,100 @@ def test_a_folder_s_end_tokens_come_from_its_tokenizer_generation_config_and_con
     assert Tokenizer.from_hf_folder(tmp_path).eos_token_ids == frozenset({0, 2})
     (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 0}))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1]}))
-    assert Tokenizer.from_hf_folder(tmp_path).eos_token_ids == frozenset({0, 1, 2})
+    assert Tokenizer.from_hf_folder(tmp_path).eos_token_ids == frozenset({1, 2})
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.6}))
+    assert Tokenizer.from_hf_folder(tmp_path).eos_token_ids == frozenset({2})
+
+
+def test_a_folder_s_special_tokens_map_names_its_tokens_as_transformers_reads_it(tmp_path, tok):
+    """A folder saved before tokenizer_config.json listed its added tokens may name bos, eos and pad in
+    special_tokens_map.json alone: they are its tokens (the answer ends at that eos, a prompt starts
+    with that bos, a template sees that pad), the map's over the config's, as transformers (and so
+    vLLM) reads them; a config with added_tokens_decoder leaves the map unread, as there."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    tok.tk.save(str(tmp_path / "tokenizer.json"))
+    config = {"add_bos_token": True, "chat_template": "{{ bos_token }}{{ messages[0].content }}{{ pad_token }}"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({
+        "bos_token": {"content": "<|im_start|>", "lstrip": False, "normalized": False, "rstrip": False},
+        "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
+
+    def both():
+        ours, theirs = Tokenizer.from_hf_folder(tmp_path), transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+        assert (ours.bos_token, ours.eos_token) == (theirs.bos_token, theirs.eos_token)
+        return ours, theirs
+
+    ours, theirs = both()
+    assert (ours.bos_token, ours.eos_token, ours.eos_token_id) == ("<|im_start|>", "<|im_end|>", 2)
+    assert 2 in ours.eos_token_ids and ours.encode("the cat")[0] == 1
+    hi = [{"role": "user", "content": "hi"}]
+    assert ours.apply_chat_template(hi, add_generation_prompt=False) == "<|im_start|>hi<|endoftext|>" == \
+        theirs.apply_chat_template(hi, tokenize=False)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|endoftext|>"}))
+    assert both()[0].eos_token == "<|im_end|>"                          # the map's over the config's
+    added = {str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
+                      "single_word": False} for i, t in enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|endoftext|>",
+                                                                "added_tokens_decoder": added}))
+    ours, _ = both()
+    assert (ours.bos_token, ours.eos_token) == (None, "<|endoftext|>")    # the map left unread
+
+
+@pytest.mark.parametrize("config", [
+    {"tokenizer_class": "Qwen2TokenizerFast"},                           # eos, unk and pad: <|endoftext|>
+    {"tokenizer_class": "Qwen2TokenizerFast", "eos_token": "<|im_end|>"},  # the config's eos, the class's pad
+    {"tokenizer_class": "Qwen2TokenizerFast", "pad_token": None},          # null: none, not the class's
+    {"tokenizer_class": "GPT2Tokenizer"},                                # bos, eos and unk: <|endoftext|>
+    {"tokenizer_class": "PreTrainedTokenizerFast"},                      # a class that names none
+])
+def test_a_token_neither_file_names_is_the_tokenizer_class_s_own_as_in_transformers(tmp_path, tok, config):
+    """Where tokenizer_config.json and special_tokens_map.json leave a special token out, transformers'
+    tokenizer class (the config's tokenizer_class) names its own (Qwen2's eos, unk and pad are
+    <|endoftext|>): the folder's tokens are those (its answers end at that eos, a template sees them)."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    tok.tk.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    ours, theirs = Tokenizer.from_hf_folder(tmp_path), transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert (ours.bos_token, ours.eos_token) == (theirs.bos_token, theirs.eos_token)
+    assert (ours.special_tokens.get("unk_token"), ours.special_tokens.get("pad_token")) == \
+        (theirs.unk_token, theirs.pad_token)
+    assert ours.eos_token_ids == ({ours.eos_token_id} if ours.eos_token else set())
+
+
+def test_tokens_only_tokenizer_config_lists_are_added_as_transformers_adds_them(tmp_path, tok):
+    """A token tokenizer_config.json's added_tokens_decoder lists that tokenizer.json lacks is matched
+    whole in text, and one the config calls special (tokenizer.json: not) is left out of decoded
+    text, as transformers (and so vLLM) loads the folder; a malformed list names the file."""
+    import json
+
+    from tokenizers import AddedToken
+
+    transformers = pytest.importorskip("transformers")
+    tk = type(tok.tk).from_str(tok.tk.to_str())
+    tk.add_tokens([AddedToken("ĠĠ", special=False, normalized=False)])      # in the vocabulary, added: not special
+    tk.save(str(tmp_path / "tokenizer.json"))
+    spaces, new = tk.token_to_id("ĠĠ"), tk.get_vocab_size(with_added_tokens=True)
+
+    def entry(text, special):
+        return {"content": text, "special": special, "lstrip": False, "rstrip": False, "normalized": False,
+                "single_word": False}
+
+    listed = {str(i): entry(t, True) for i, t in enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])}
+    listed.update({str(spaces): entry("ĠĠ", True), str(new): entry("<tool>", True), str(new + 1): entry("[x]", False)})
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>",
+                                                                 "added_tokens_decoder": listed}))
+    ours, theirs = Tokenizer.from_hf_folder(tmp_path), transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    text = "the<tool>cat[x]isĠĠ"
+    ids = ours.encode(text, add_special_tokens=False)
+    assert ids == theirs.encode(text, add_special_tokens=False) and {new, new + 1, spaces} <= set(ids)
+    assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True) == "thecat[x]is"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {"x": entry("a", True)}}))
+    with pytest.raises(TokenizerError, match=r"tokenizer_config.json: added_tokens_decoder\['x'\] must be a token id"):
+        Tokenizer.from_hf_folder(tmp_path)
 
 
 def test_a_folder_whose_post_processor_adds_no_bos_starts_raw_prompts_without_it(tmp_path, tok):

@@ -116,6 +116,9 @@ class Engine:
         self._step_rows: dict = {}            # _execute -> update: reduced prompt rows per item index
         self._forward_s: float | None = None  # forward -> sample_step: the step's forward seconds (CPU only)
         self.eos_token_ids = frozenset(getattr(tokenizer, "eos_token_ids", ()) or ())
+        # the tokenizer's own eos: an answer it ends has no stop_reason; the other end tokens (those
+        # generation_config.json lists beside it) are vLLM's stop_token_ids, and name themselves
+        self.eos_token_id = getattr(tokenizer, "eos_token_id", None)
         self.features = Features(self.vocab_size, self.eos_token_ids)   # penalties, bias, logprobs, grammars
         self.seqs: dict[str, Sequence] = {}
         self._counters = dict(requests_done=0, requests_aborted=0, prompt_tokens=0,
@@ -730,8 +733,11 @@ class Engine:
         elif token in p.stop_token_ids or (token in self.eos_token_ids and (
                 not p.ignore_eos or p.constraint is not None)):   # a grammar's EOS always ends it
             reason = "stop"           # the stop token's own text only when asked (skip_special_tokens drops a special one)
-            if token in p.stop_token_ids and not (token in self.eos_token_ids and not p.ignore_eos):
-                stop_reason = token   # vLLM's stop_reason: the listed id (an EOS that ends the answer: None)
+            if p.ignore_eos or token != self.eos_token_id:
+                # vLLM's stop_reason: the listed id, or an end token other than the tokenizer's eos
+                # (vLLM adds generation_config.json's to the stop_token_ids); the tokenizer's eos: None
+                stop_reason = token if token in p.stop_token_ids or (
+                    not p.ignore_eos and token in self.eos_token_ids) else None
             rest = st.detok.add(token, final=True) if p.include_stop_str_in_output else st.detok.flush()
             st.text += rest.rstrip("\ufffd")
         else:
@@ -871,6 +877,14 @@ def load_runner(config: EngineConfig, models=None):
     else:
         model, tokenizer = load_model(source, dtype=config.dtype, device=device, generation_config=own)
         shared = False
+    if config.generation_config not in ("auto", "vllm"):
+        # --generation-config FOLDER: its end tokens, not the model's own file's (vLLM reads both the
+        # sampling defaults and the eos_token_id list from that folder); a GGUF's own end tokens stay
+        from .tokenizer import listed_end_tokens
+
+        base = {tokenizer.eos_token_id} if source.kind == "hf" else set(tokenizer.eos_token_ids)
+        listed = listed_end_tokens(config.generation_config, read_generation_config(config.generation_config))
+        tokenizer.eos_token_ids = frozenset(i for i in base | set(listed) if i is not None)
     c = model.config
     elem = torch.empty((), dtype=model.dtype).element_size()
     per_block = bytes_per_block(c.num_layers, c.num_kv_heads, c.head_dim, config.block_size, elem)

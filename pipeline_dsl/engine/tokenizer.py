@@ -212,6 +212,52 @@ def _pre_tokenizer(pre: str | None):
     return byte_level  # gpt2 and anything unknown
 
 
+# the special tokens transformers' tokenizer classes name where a folder's tokenizer_config.json and
+# special_tokens_map.json leave one out (their __init__'s defaults), by the class the config names
+_CLASS_TOKENS = {
+    "LlamaTokenizer": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+    "CodeLlamaTokenizer": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+    "Qwen2Tokenizer": {"eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
+    "GemmaTokenizer": {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>"},
+    "GPT2Tokenizer": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"},
+    "GPTNeoXTokenizer": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                         "pad_token": "<|padding|>"},
+}
+
+
+def listed_end_tokens(folder: Path, gen: dict, model_cfg: dict | None = None) -> list:
+    """The end token ids a folder lists beside its tokenizer's eos: generation_config.json's
+    eos_token_id (`gen`: that file as read, {} where there is none), config.json's where the folder
+    has no such file (`model_cfg`: it as read, else read here), as transformers' generate and vLLM
+    read a folder (GenerationConfig.from_model_config)."""
+    if gen or (Path(folder) / "generation_config.json").is_file():
+        e = gen.get("eos_token_id")
+    else:
+        e = (model_cfg if model_cfg is not None else _read_json(Path(folder) / "config.json")).get("eos_token_id")
+    return list(e) if isinstance(e, list) else [e]
+
+
+def _add_listed_tokens(tk: HFTokenizer, listed, where: Path) -> None:
+    """The tokens tokenizer_config.json's added_tokens_decoder lists that tokenizer.json does not
+    add, or adds as not special where the config says special, added to `tk` as it lists them (as
+    transformers loads such a folder: matched whole in text, a special one left out of decoded text)."""
+    if not isinstance(listed, dict):
+        raise TokenizerError(f"{where}: added_tokens_decoder must be an object of id: token, "
+                             f"not {type(listed).__name__}")
+    have = tk.get_added_tokens_decoder()
+    for key, t in listed.items():
+        if not (isinstance(t, dict) and isinstance(t.get("content"), str) and str(key).isdigit()):
+            raise TokenizerError(f"{where}: added_tokens_decoder[{key!r}] must be a token id naming an object "
+                                 "with its \"content\"")
+        special, known = bool(t.get("special")), have.get(int(key))
+        if known is not None and known.content == t["content"] and (known.special or not special):
+            continue
+        token = AddedToken(t["content"], special=special, normalized=bool(t.get("normalized", not special)),
+                           lstrip=bool(t.get("lstrip")), rstrip=bool(t.get("rstrip")),
+                           single_word=bool(t.get("single_word")))
+        (tk.add_special_tokens if special else tk.add_tokens)([token])
+
+
 def template_special_tokens(cfg: dict) -> dict:
     """The special tokens of a tokenizer_config.json that a chat template sees as variables beside
     bos_token and eos_token, as transformers' apply_chat_template passes its special_tokens_map:
@@ -340,6 +386,19 @@ class Tokenizer:
         except Exception as e:  # the tokenizers library raises a bare Exception for any bad file
             raise TokenizerError(f"{path}: not a tokenizer the `tokenizers` library can read ({e})") from e
         cfg = _read_json(folder / "tokenizer_config.json")
+        if "added_tokens_decoder" not in cfg:
+            # a folder saved before tokenizer_config.json listed its added tokens names its special
+            # tokens (bos, eos, unk, pad) in special_tokens_map.json: its keys are read over the
+            # config's (null unsets one), as transformers reads such a folder; a config with
+            # added_tokens_decoder leaves the map unread, as there too
+            cfg = {**cfg, **_read_json(folder / "special_tokens_map.json")}
+        else:
+            _add_listed_tokens(tk, cfg["added_tokens_decoder"], folder / "tokenizer_config.json")
+        kind = cfg.get("tokenizer_class")
+        defaults = _CLASS_TOKENS.get(kind.removesuffix("Fast"), {}) if isinstance(kind, str) else {}
+        # a token neither file names (not even as null): the class's own, as transformers builds it,
+        # where the vocabulary has it
+        cfg = {**{k: t for k, t in defaults.items() if k not in cfg and tk.token_to_id(t) is not None}, **cfg}
         gen = _read_json(folder / "generation_config.json") if generation_config is None else generation_config
         model_cfg = _read_json(folder / "config.json")
 
@@ -366,9 +425,7 @@ class Tokenizer:
             template = named.get("default") or next(iter(named.values()), None)
             tool_template = named.get("tool_use")
         eos_ids = [tk.token_to_id(eos)] if eos else []
-        for src in (gen, model_cfg):
-            e = src.get("eos_token_id")
-            eos_ids.extend(e if isinstance(e, list) else [e])
+        eos_ids.extend(listed_end_tokens(folder, gen, model_cfg))
         add_bos = cfg.get("add_bos_token")
         if add_bos is None and bos and tk.token_to_id(bos) is not None:
             # no add_bos_token (Llama 3's folders): tokenizer.json's post-processor says whether a

@@ -187,11 +187,21 @@ class EngineSide:
         return max(sizes) if sizes and all(sizes) else None
 
     def tokenizer_info(self, pin: str | None = None) -> dict:
-        """The tokenizer's configuration (agp serve's /tokenizer_info, vLLM's shape): its special
-        tokens, whether it adds the bos token, the context length and the chat template."""
+        """The tokenizer's configuration (agp serve's /tokenizer_info, vLLM's shape: transformers'
+        reading of the tokenizer's config, each token as its text): its special tokens (bos, eos,
+        pad and unk, null where it has none; sep, cls and mask where it names them; a model's own
+        named ones, image_token, in model_specific_special_tokens), its added tokens by id
+        (added_tokens_decoder), whether it adds the bos token, the context length and the chat
+        template."""
         es = self._segment_for(pin)
         tok = es.tokenizer
+        special = dict(getattr(tok, "special_tokens", None) or {})
+        named = {k: special.pop(k) for k in ("sep_token", "cls_token", "mask_token") if k in special}
+        added = getattr(tok, "added", None) or {}
         return {"tokenizer_class": type(tok).__name__, "bos_token": tok.bos_token, "eos_token": tok.eos_token,
+                "pad_token": special.pop("pad_token", None), "unk_token": special.pop("unk_token", None), **named,
+                **({"model_specific_special_tokens": special} if special else {}),
+                "added_tokens_decoder": {str(i): text for i, text in sorted(added.items())},
                 "add_bos_token": bool(getattr(tok, "add_bos", False)), "model_max_length": es.max_model_len,
                 "chat_template": tok.chat_template}
 
