@@ -3,7 +3,10 @@ checked over HTTP against a live `agp serve` on the tiny random model:
 
 - a forced tool call (`tool_choice` "required" or a named function) beside a response format:
   the answer is the call, as vLLM's and OpenAI's; the format does not hold it, and the answer
-  says so in a Warning header naming both fields (the format was dropped without a word).
+  says so in a Warning header naming both fields (the format was dropped without a word);
+- a streamed completions request with several prompts: each choice's chunks go out as its tokens
+  come, each with its `index`, as vLLM's do; a prompt whose prefill is long holds back no other
+  prompt's chunks (the stream waited for every prompt's first token before its first chunk).
 """
 from __future__ import annotations
 
@@ -130,3 +133,80 @@ def test_the_responses_api_names_text_format_in_its_warning(server):
     assert status == 200, out
     assert warning is not None and "'text.format'" in warning and "'response_format'" not in warning, warning
     assert [item["type"] for item in out["output"]] == ["function_call"], out["output"]
+
+
+# ---------------------------------------------------------------- streamed choices as they come
+
+def positions(chunks: list) -> tuple[dict, dict]:
+    """({choice index: where its first chunk is}, {choice index: where its finishing chunk is}),
+    counting choice chunks in the order sent. (A token whose text is an unfinished UTF-8 character
+    sends no chunk unless the request asks for return_token_ids, as the tests of interleaving do.)"""
+    first, finish, at = {}, {}, 0
+    for c in chunks:
+        for ch in c.get("choices", []):
+            first.setdefault(ch["index"], at)
+            if ch["finish_reason"]:
+                finish[ch["index"]] = at
+            at += 1
+    return first, finish
+
+
+def test_a_streamed_batch_sends_a_short_prompts_chunks_before_a_long_prompts_first_token(server):
+    """prompt[0] is short, prompt[1] long (its prefill takes dozens of steps at 4 tokens a step):
+    the short prompt's chunks, its finish among them, come before the long prompt's first chunk;
+    each choice's text is in order (the same as the answer not streamed), and the usage at the end
+    counts both prompts. The stream waited for the long prompt's first token before sending any."""
+    long = "the cat and the world " * 25
+    body = {"prompt": ["hi", long], "max_tokens": 4, "ignore_eos": True, "temperature": 0}
+    status, _, whole = post(server, "/v1/completions", body)
+    assert status == 200, whole
+    # its own cache_salt: the long prompt's blocks cached by the answer above are not its
+    status, _, chunks = post(server, "/v1/completions", {**body, "stream": True, "cache_salt": "streamed",
+                                                        "stream_options": {"include_usage": True}})
+    assert status == 200 and chunks[-1] == "[DONE]", chunks[-3:]
+    first, finish = positions(chunks[:-1])
+    assert finish[0] < first[1], (first, finish)
+    for i in (0, 1):
+        text = "".join(ch["text"] for c in chunks[:-1] for ch in c["choices"] if ch["index"] == i)
+        assert text == whole["choices"][i]["text"], i
+    usage = chunks[-2]["usage"]
+    assert chunks[-2]["choices"] == [] and usage["prompt_tokens_details"]["cached_tokens"] == 0, usage
+    assert usage["prompt_tokens"] == whole["usage"]["prompt_tokens"] and usage["completion_tokens"] == 8, usage
+
+
+def test_a_streamed_batch_with_n_numbers_each_prompts_choices_and_interleaves_them(server):
+    """Two prompts, n = 2 each: choices 0-1 answer prompt[0], 2-3 prompt[1], as vLLM numbers them;
+    the short prompt's choices finish before the long prompt's first chunk, and the two choices of
+    a prompt go side by side (one's first chunk before the other's finish)."""
+    long = "the cat and the world " * 25
+    status, _, chunks = post(server, "/v1/completions", {
+        "prompt": ["hi", long], "max_tokens": 4, "ignore_eos": True, "n": 2, "temperature": 1.0, "seed": 3,
+        "stream": True, "cache_salt": "with n", "return_token_ids": True})
+    assert status == 200 and chunks[-1] == "[DONE]", chunks[-3:]
+    first, finish = positions(chunks[:-1])
+    assert sorted(first) == sorted(finish) == [0, 1, 2, 3]
+    assert max(finish[0], finish[1]) < min(first[2], first[3]), (first, finish)
+    for a, b in ((0, 1), (2, 3)):
+        assert first[a] < finish[b] and first[b] < finish[a], (first, finish)
+
+
+def test_a_streamed_chat_with_n_sends_its_choices_side_by_side(server):
+    """chat n = 2: each choice's chunks go out as its tokens come, not one choice after the other."""
+    status, _, chunks = post(server, "/v1/chat/completions", {
+        "messages": USER, "max_tokens": 6, "ignore_eos": True, "n": 2, "temperature": 1.0, "seed": 3,
+        "stream": True, "return_token_ids": True})
+    assert status == 200 and chunks[-1] == "[DONE]", chunks[-3:]
+    first, finish = positions(chunks[:-1])
+    assert first[0] < finish[1] and first[1] < finish[0], (first, finish)
+
+
+def test_a_streamed_batch_with_a_prompt_over_the_context_is_still_a_400(server):
+    """The stream no longer waits for every prompt's first token, but it still waits for an engine
+    to take each prompt: one over the context refuses the batch with a 400 naming it, before any
+    chunk of the others (a batch of that prompt alone is refused so)."""
+    r = server.http.post(server.url + "/v1/completions", timeout=120, json={
+        "model": "tiny", "prompt": ["hi", "the cat " * 3000], "max_tokens": 4, "stream": True})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["message"].startswith("'prompt[1]': ") and err["code"] == "context_length_exceeded", err
+    server.stats_when(lambda s: s["in_flight"] == 0 and s["running"] == 0)
