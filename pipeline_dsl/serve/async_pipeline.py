@@ -115,6 +115,7 @@ class RequestStream:
         self.admitted = asyncio.Event()
         self.refused: Result | None = None       # its result, where it failed before any delta was queued
         self._delta_queued = False
+        self.on_queued = None                    # called (on the loop) with each event queued: a StreamGroup's
 
     def __aiter__(self):
         return self
@@ -199,10 +200,12 @@ class RequestStream:
         """The request's result: nothing of it is generated any more (no pause, no cut)."""
         self.ended = True
         self._stop_timer()
-        if event[1].error is not None and not self._delta_queued:
+        if getattr(event[1], "error", None) is not None and not self._delta_queued:
             self.refused = event[1]
         self.queue.put_nowait(event)
         self.admitted.set()
+        if self.on_queued is not None:
+            self.on_queued()
 
     def _queued(self, event) -> None:
         """A delta for the consumer (without its whole text); past max_unread_tokens unread
@@ -215,6 +218,8 @@ class RequestStream:
         self.admitted.set()
         self.queue.put_nowait(("delta", index, out.without_text() if isinstance(out, Delta) else replace(out, text="")))
         self.unread += len(out.new_token_ids or ())
+        if self.on_queued is not None:
+            self.on_queued()
         if self.ended or self.finished or self.key is None:
             return
         if self.pause_unread_tokens and self.unread > self.pause_unread_tokens and not self.paused:
@@ -327,14 +332,23 @@ class ChoiceNumbers:
 
 class StreamGroup:
     """Several requests answered as one (a completions request with a batch of prompts): their
-    events merged, choices numbered by ChoiceNumbers (choice i of request k: k * per + i), the
-    usage summed."""
+    events merged in the order they were queued, choices numbered by ChoiceNumbers (choice i of
+    request k: k * per + i), the usage summed."""
 
     def __init__(self, streams: list[RequestStream], per: int):
         self.streams, self.per = streams, per
         self.numbers = ChoiceNumbers(len(streams), per)
         self.started = False
+        self._arrived: deque = deque()           # the request of each event queued, in the order queued
+        self._wake = asyncio.Event()
+        for k, s in enumerate(streams):
+            self._arrived.extend([k] * s.queue.qsize())
+            s.on_queued = lambda k=k: self._queued(k)
         self._events = self._merge()
+
+    def _queued(self, k: int) -> None:
+        self._arrived.append(k)
+        self._wake.set()
 
     def request_of(self, index: int) -> int:
         """The request (prompt) whose choice carries `index`."""
@@ -382,28 +396,27 @@ class StreamGroup:
         finally:
             for w in waits:
                 w.cancel()
-        # one event at a time: the rest wait in their own stream, where its unread bound sees them
-        queue: asyncio.Queue = asyncio.Queue(maxsize=1)
-
-        async def pump(k, stream):
-            async for event in stream:
-                await queue.put((k, event))
-
+        # one event at a time, in the order the requests' events were queued (not a request's
+        # turn after another's: each choice's chunks as they came); the rest wait in their own
+        # stream, where its unread bound sees them
         results: list = [None] * len(self.streams)
         left = len(self.streams)
-        tasks = [asyncio.ensure_future(pump(k, s)) for k, s in enumerate(self.streams)]
-        try:
-            while left:
-                k, event = await queue.get()
-                if event[0] == "delta":
-                    yield ("delta", self.numbers.index(k, event[1]), event[2])
-                else:
-                    results[k] = event[1]
-                    left -= 1
-            yield ("done", combine(results, self.per, self.numbers))
-        finally:
-            for t in tasks:
-                t.cancel()
+        while left:
+            self._wake.clear()
+            if not self._arrived:
+                await self._wake.wait()
+                continue
+            k = self._arrived.popleft()
+            stream = self.streams[k]
+            if results[k] is not None or stream.queue.empty():     # a delta its cut dropped
+                continue
+            event = await stream.__anext__()
+            if event[0] == "delta":
+                yield ("delta", self.numbers.index(k, event[1]), event[2])
+            else:
+                results[k] = event[1]
+                left -= 1
+        yield ("done", combine(results, self.per, self.numbers))
 
 
 def of_prompt(error: PipelineError, k: int) -> PipelineError:
