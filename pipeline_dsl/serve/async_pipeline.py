@@ -115,7 +115,7 @@ class RequestStream:
         self.admitted = asyncio.Event()
         self.refused: Result | None = None       # its result, where it failed before any delta was queued
         self._delta_queued = False
-        self.on_queued = None                    # called (on the loop) with each event queued: a StreamGroup's
+        self.on_queued = None                    # called (on the loop) after each event it queues: its group's
 
     def __aiter__(self):
         return self

@@ -90,7 +90,7 @@ class GenerationRequest:
         (`required` or a named function) makes the answer that call, whose arguments follow the
         tool's parameters, and no content for a format to hold, as OpenAI answers it; vLLM's
         forced call replaces the request's structured output too (its tool parser's
-        adjust_request), without a word. The answer's Warning header says it (warning_header)."""
+        adjust_request), without a word. The answer's Warning header says it (generation.warned)."""
         fmt = self.response_format
         if not self.tools_active or self.tool_choice == "auto" or fmt is None or fmt.get("type") == "text":
             return None
