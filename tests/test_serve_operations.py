@@ -361,7 +361,7 @@ def test_a_client_still_sending_its_head_when_the_model_is_up_is_closed_without_
 
 
 def test_a_browser_may_read_the_request_id_and_retry_after(live):
-    """CORS answers expose X-Request-Id and Retry-After: without Access-Control-Expose-Headers a
+    """CORS answers expose X-Request-Id, Retry-After and Warning: without Access-Control-Expose-Headers a
     browser hides them from the page's script (its error report could not name the request).
     The guard's refusals carry them too (CORS sits outside it), and a preflight needs no key."""
     s = live
@@ -371,7 +371,7 @@ def test_a_browser_may_read_the_request_id_and_retry_after(live):
         assert r.status_code == status
         assert r.headers["access-control-allow-origin"] == "http://app.example"
         exposed = {h.strip().lower() for h in r.headers["access-control-expose-headers"].split(",")}
-        assert {"x-request-id", "retry-after"} <= exposed and r.headers["x-request-id"] == "cors-1"
+        assert {"x-request-id", "retry-after", "warning"} <= exposed and r.headers["x-request-id"] == "cors-1"
     r = httpx.options(s.url + "/v1/chat/completions", headers={
         **origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"})
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"

@@ -180,6 +180,7 @@ class Executor:
         self._close_called = False
         self._on_output: Callable | None = None
         self._on_error: Callable | None = None
+        self._on_admitted: Callable | None = None
         self.discarded_tokens = 0
         self.last_prefill = -1          # micro-batch of the last step with prefill tokens
         self.steps = 0
@@ -259,6 +260,7 @@ class Executor:
         """batch.admit: aborts, then the submitted requests into the engine's waiting queue."""
         from .errors import InputError
 
+        taken = []
         with self.lock:
             aborts, self._aborts = self._aborts, []
             todo, self._pending = self._pending, []
@@ -269,12 +271,15 @@ class Executor:
             for rid, kwargs, _ in todo:
                 try:
                     self.engine.add_request(rid, **kwargs)
+                    taken.append(rid)
                 except InputError as e:   # this request's fault: the caller hears of it, the run goes on
                     if self._on_error is None:
                         raise
                     self._on_error(rid, e)
             for rid, parked in parks:
                 self.engine.park(rid, parked)
+        if taken and self._on_admitted is not None:     # off the lock: the caller's own work
+            self._on_admitted(taken)
         return bool(aborts or todo or parks)
 
     def _idle(self) -> bool:
@@ -549,12 +554,14 @@ class Executor:
             torch.cuda.synchronize(self.device)
 
     def run(self, on_output: Callable | None = None, *, on_error: Callable | None = None,
-            until_idle: bool = True, measure: bool = True) -> dict:
+            on_admitted: Callable | None = None, until_idle: bool = True, measure: bool = True) -> dict:
         """Run until every request is done (or, with until_idle=False, until close()).
-        The stats' measured_overlap is the trace's, over every span it keeps (up to 100,000 by
+        `on_admitted(ids)`: the ids of the requests an admit put in the engine's waiting queue (its
+        checks passed; their first tokens may be far off), after the admit. The stats'
+        measured_overlap is the trace's, over every span it keeps (up to 100,000 by
         default: a walk of them all at the end of each run); measure=False leaves it out, for a
         caller that measures the trace itself once (the pipeline runtime's summary)."""
-        self._on_output, self._on_error = on_output, on_error
+        self._on_output, self._on_error, self._on_admitted = on_output, on_error, on_admitted
         with self.lock:
             self._closing = until_idle or self._close_called
         self._signals = _Signals()

@@ -58,7 +58,7 @@ class Driving:
     def start(self) -> None:
         """Every segment's batching loop on a thread of its own (agp serve)."""
         for es in self.segments:
-            es.start(*self._callbacks(es), self._on_segment_failure)
+            es.start(*self._callbacks(es), self._on_segment_failure, self._admissions(es))
 
     def drive(self) -> None:
         """The first segment's loop driven from this thread, the others from threads of their
@@ -70,9 +70,9 @@ class Driving:
             return
         first, rest = self.segments[0], self.segments[1:]
         for es in rest:
-            es.start(*self._callbacks(es), self._on_segment_failure)
+            es.start(*self._callbacks(es), self._on_segment_failure, self._admissions(es))
         try:
-            first.drive(*self._callbacks(first))
+            first.drive(*self._callbacks(first), self._admissions(first))
         except BaseException as e:              # noqa: BLE001
             self._on_segment_failure(first, e)
             raise

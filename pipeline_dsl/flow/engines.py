@@ -14,7 +14,7 @@ import copy
 import time
 from typing import Callable
 
-from .items import GENERATED, REQUEST, Item, PipelineError, heard, tell_prompt
+from .items import GENERATED, REQUEST, Item, PipelineError, heard, tell_admitted, tell_prompt
 
 
 class EngineSide:
@@ -601,6 +601,15 @@ class EngineSide:
 
     def _callbacks(self, es):
         return (lambda outs: self._on_outputs(es, outs)), (lambda rid, exc: self._on_seq_error(es, rid, exc))
+
+    def _admissions(self, es):
+        """The callback that hears the sequences engine segment `es` took (its checks passed): their
+        requests' listeners are told (tell_admitted), before any of their tokens."""
+        def admitted(seq_ids) -> None:
+            items = (self.ledger.item_of(seq_id) for seq_id in seq_ids)
+            for req in {id(item.req): item.req for item in items if item is not None}.values():   # n copies: once
+                tell_admitted(req)
+        return admitted
 
 
 class _Tokens:

@@ -423,6 +423,23 @@ def tell_prompt(req: RequestState, ids: list, logprobs: list | None) -> None:
                 pass
 
 
+def tell_admitted(req: RequestState) -> None:
+    """Tell a request's listener that an engine took it: the engine's checks passed (its prompt
+    within the context, room in its queue) and its sequences wait in its queue, where their
+    prefill and first token may still take long; before any of its tokens is heard. A listener
+    without `on_admitted` does not hear it; one that does may hear it more than once (a request
+    that enters another engine after the first: a fallback, a loop)."""
+    tell = getattr(req.listener, "on_admitted", None)
+    if tell is not None:
+        with req.telling:
+            if req.told:
+                return
+            try:
+                tell(req.key)
+            except Exception:                    # noqa: BLE001 - a listener's failure is its own
+                pass
+
+
 def tell_result(req: RequestState, result: Result) -> None:
     """Tell a request's listener its result, once; a delta being heard (on another thread) is
     heard first, and none after it."""

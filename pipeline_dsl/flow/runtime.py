@@ -4,6 +4,7 @@
     rt.start()                                # one batching loop per engine segment
     key = rt.submit(request_dict, listener)   # listener.on_done(result), and if it has them
                                               # .on_delta(key, index, out), .on_prompt(key, ids, logprobs)
+                                              # .on_admitted(key) (an engine took it)
     rt.close(drain=True)
 
 An item is a Request or a Generated result (flow/items.py). A stage receives the items on

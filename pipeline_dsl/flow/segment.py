@@ -345,21 +345,22 @@ class EngineSegment:
         self.executor.park(seq_id, parked)
 
     # ---- driving -----------------------------------------------------------------------
-    def drive(self, on_output, on_error) -> dict:
-        """Run the executor on this thread until close() and idle. The trace's overlap is left to
-        whoever reads the trace (the runtime's summary, once): not walked at the end of every run."""
+    def drive(self, on_output, on_error, on_admitted=None) -> dict:
+        """Run the executor on this thread until close() and idle (`on_admitted(seq_ids)`: the
+        sequences the engine took, Executor.run's). The trace's overlap is left to whoever reads the
+        trace (the runtime's summary, once): not walked at the end of every run."""
         try:
-            self.run_stats = self.executor.run(on_output=on_output, on_error=on_error, until_idle=False,
-                                               measure=False)
+            self.run_stats = self.executor.run(on_output=on_output, on_error=on_error, on_admitted=on_admitted,
+                                               until_idle=False, measure=False)
             return self.run_stats
         except BaseException as e:              # noqa: BLE001 - the runtime reports it to every waiter
             self.error = e
             raise
 
-    def start(self, on_output, on_error, on_failure) -> None:
+    def start(self, on_output, on_error, on_failure, on_admitted=None) -> None:
         def run():
             try:
-                self.drive(on_output, on_error)
+                self.drive(on_output, on_error, on_admitted)
             except BaseException as e:          # noqa: BLE001
                 on_failure(self, e)
         self._thread = threading.Thread(target=run, name=f"agp-engine-{self.name}", daemon=True)

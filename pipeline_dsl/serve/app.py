@@ -181,7 +181,7 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
         app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["*"],
                            allow_headers=["*"], allow_credentials="*" not in config.allowed_origins,
                            # a browser shows a script only these of the answer's own headers
-                           expose_headers=["X-Request-Id", "Retry-After"])
+                           expose_headers=["X-Request-Id", "Retry-After", "Warning"])
     app.add_middleware(Access, root_path=config.root_path, quiet=config.quiet_paths,   # outermost: every answer
                        metrics=metrics, routes=router.routes)                             # is logged and counted
     return app

@@ -111,6 +111,11 @@ class RequestStream:
         self.params: dict | None = None          # the request's n and max_tokens (metrics)
         self.unread = 0                          # tokens queued, not yet taken by the consumer
         self.cut = False                         # aborted for its unread tokens
+        # an engine took it, or it has a delta or its result queued (on_admitted): set on the loop
+        self.admitted = asyncio.Event()
+        self.refused: Result | None = None       # its result, where it failed before any delta was queued
+        self._delta_queued = False
+        self.on_queued = None                    # called (on the loop) after each event it queues: its group's
 
     def __aiter__(self):
         return self
@@ -156,6 +161,10 @@ class RequestStream:
         if self.prompt is None or (self.prompt[1] is None and logprobs is not None):
             self.prompt = (ids, logprobs)
 
+    def on_admitted(self, key) -> None:
+        """An engine took the request (its checks passed); its first token may be far off."""
+        self._mail.post(self._admitted, None)
+
     def on_delta(self, key, index, out) -> None:
         """A chunk of choice `index`. The inter-token latency is the gap since the same choice's
         last chunk (n choices are streams side by side), once per chunk however many tokens it
@@ -184,11 +193,19 @@ class RequestStream:
         self._mail.post(self._ended, ("done", result))
 
     # ---- on the event loop ------------------------------------------------------------
+    def _admitted(self, _) -> None:
+        self.admitted.set()
+
     def _ended(self, event) -> None:
         """The request's result: nothing of it is generated any more (no pause, no cut)."""
         self.ended = True
         self._stop_timer()
+        if getattr(event[1], "error", None) is not None and not self._delta_queued:
+            self.refused = event[1]
         self.queue.put_nowait(event)
+        self.admitted.set()
+        if self.on_queued is not None:
+            self.on_queued()
 
     def _queued(self, event) -> None:
         """A delta for the consumer (without its whole text); past max_unread_tokens unread
@@ -197,8 +214,12 @@ class RequestStream:
         if self.cut:
             return
         _, index, out = event
+        self._delta_queued = True
+        self.admitted.set()
         self.queue.put_nowait(("delta", index, out.without_text() if isinstance(out, Delta) else replace(out, text="")))
         self.unread += len(out.new_token_ids or ())
+        if self.on_queued is not None:
+            self.on_queued()
         if self.ended or self.finished or self.key is None:
             return
         if self.pause_unread_tokens and self.unread > self.pause_unread_tokens and not self.paused:
@@ -311,14 +332,23 @@ class ChoiceNumbers:
 
 class StreamGroup:
     """Several requests answered as one (a completions request with a batch of prompts): their
-    events merged, choices numbered by ChoiceNumbers (choice i of request k: k * per + i), the
-    usage summed."""
+    events merged in the order they were queued, choices numbered by ChoiceNumbers (choice i of
+    request k: k * per + i), the usage summed."""
 
     def __init__(self, streams: list[RequestStream], per: int):
         self.streams, self.per = streams, per
         self.numbers = ChoiceNumbers(len(streams), per)
         self.started = False
+        self._arrived: deque = deque()           # the request of each event queued, in the order queued
+        self._wake = asyncio.Event()
+        for k, s in enumerate(streams):
+            self._arrived.extend([k] * s.queue.qsize())
+            s.on_queued = lambda k=k: self._queued(k)
         self._events = self._merge()
+
+    def _queued(self, k: int) -> None:
+        self._arrived.append(k)
+        self._wake.set()
 
     def request_of(self, index: int) -> int:
         """The request (prompt) whose choice carries `index`."""
@@ -351,54 +381,42 @@ class StreamGroup:
             async for event in self.streams[0]:
                 yield event
             return
-        # the group starts once each request has begun (its first event): a request refused before
-        # its first token (a prompt over the context) refuses the whole batch, as a batch of that
-        # prompt alone is, rather than ending a stream of the others' tokens with an error event
-        firsts: list = [None] * len(self.streams)
-        waiting = {asyncio.ensure_future(s.__anext__()): k for k, s in enumerate(self.streams)}
-        refused = None
+        # the group starts once an engine took each request (or it ended), not once each has its
+        # first token: a request refused before an engine takes it (a prompt over the context)
+        # refuses the whole batch, as a batch of that prompt alone is, rather than ending a stream
+        # of the others' tokens with an error event; a long prompt's prefill holds no other
+        # prompt's chunks back (each choice's chunks go out as they come, as vLLM's do)
+        waits = [asyncio.ensure_future(s.admitted.wait()) for s in self.streams]
         try:
-            while waiting and refused is None:
-                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                for future in done:
-                    k = waiting.pop(future)
-                    firsts[k] = future.result()
-                    if firsts[k][0] == "done" and firsts[k][1].error is not None:    # naming its prompt
-                        refused = ("done", replace(firsts[k][1], error=of_prompt(firsts[k][1].error, k)))
+            for k, s in enumerate(self.streams):
+                await waits[k]
+                if s.refused is not None:            # naming its prompt
+                    yield ("done", replace(s.refused, error=of_prompt(s.refused.error, k)))
+                    return
         finally:
-            for future in waiting:
-                future.cancel()
-        if refused is not None:
-            yield refused
-            return
-        # one event at a time: the rest wait in their own stream, where its unread bound sees them
-        queue: asyncio.Queue = asyncio.Queue(maxsize=1)
-
-        async def pump(k, stream):
-            async for event in stream:
-                await queue.put((k, event))
-
+            for w in waits:
+                w.cancel()
+        # one event at a time, in the order the requests' events were queued (not a request's
+        # turn after another's: each choice's chunks as they came); the rest wait in their own
+        # stream, where its unread bound sees them
         results: list = [None] * len(self.streams)
         left = len(self.streams)
-        for k, event in enumerate(firsts):
+        while left:
+            self._wake.clear()
+            if not self._arrived:
+                await self._wake.wait()
+                continue
+            k = self._arrived.popleft()
+            stream = self.streams[k]
+            if results[k] is not None or stream.queue.empty():     # a delta its cut dropped
+                continue
+            event = await stream.__anext__()
             if event[0] == "delta":
                 yield ("delta", self.numbers.index(k, event[1]), event[2])
             else:
                 results[k] = event[1]
                 left -= 1
-        tasks = [asyncio.ensure_future(pump(k, s)) for k, s in enumerate(self.streams) if results[k] is None]
-        try:
-            while left:
-                k, event = await queue.get()
-                if event[0] == "delta":
-                    yield ("delta", self.numbers.index(k, event[1]), event[2])
-                else:
-                    results[k] = event[1]
-                    left -= 1
-            yield ("done", combine(results, self.per, self.numbers))
-        finally:
-            for t in tasks:
-                t.cancel()
+        yield ("done", combine(results, self.per, self.numbers))
 
 
 def of_prompt(error: PipelineError, k: int) -> PipelineError:

@@ -57,6 +57,14 @@ async def wait_or_disconnect(request: Request, work):
                 t.cancel()
 
 
+def warned(response: Response, why: str | None) -> Response:
+    """`response` with a Warning header (code 299, a persistent warning) saying `why`, where the
+    request asked for something its answer does not do (GenerationRequest.format_set_aside)."""
+    if why is not None:
+        response.headers["Warning"] = f'299 agp "{why}"'
+    return response
+
+
 def _outcome_taken(future: asyncio.Future) -> None:
     if not future.cancelled():
         future.exception()
@@ -115,9 +123,11 @@ class Generations:
             return started
         stream, first = started
         if req.stream:
-            return EventStream(ChunkWriter(self.apipe.runtime, stream, first, req, rid, self.ended,
-                                           self.config.system_fingerprint).events(), stream, self.gone)
-        return await self.collect(request, stream, first, req, lambda res: self.answer(res, req, rid))
+            return warned(EventStream(ChunkWriter(self.apipe.runtime, stream, first, req, rid, self.ended,
+                                                  self.config.system_fingerprint).events(), stream, self.gone),
+                          req.format_set_aside)
+        return warned(await self.collect(request, stream, first, req, lambda res: self.answer(res, req, rid)),
+                      req.format_set_aside)
 
     async def start(self, request: Request, req: P.GenerationRequest, rid: str):
         """Submit the request and wait for its first event: (stream, first event), or the

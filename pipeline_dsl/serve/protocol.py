@@ -84,6 +84,20 @@ class GenerationRequest:
         return bool(self.tools) and self.tool_choice != "none"
 
     @property
+    def format_set_aside(self) -> str | None:
+        """Why the request's own format (its response_format, structured_outputs or guided_* field)
+        does not hold its answer, or None where it does: a tool_choice that forces a call
+        (`required` or a named function) makes the answer that call, whose arguments follow the
+        tool's parameters, and no content for a format to hold, as OpenAI answers it; vLLM's
+        forced call replaces the request's structured output too (its tool parser's
+        adjust_request), without a word. The answer's Warning header says it (generation.warned)."""
+        fmt = self.response_format
+        if not self.tools_active or self.tool_choice == "auto" or fmt is None or fmt.get("type") == "text":
+            return None
+        return (f"'{self.format_field}' does not apply to this answer: 'tool_choice' forces a tool call, whose "
+                "arguments follow the tool's parameters (the answer has no content for a format to hold)")
+
+    @property
     def call_limit(self) -> int | None:
         """Tool calls an answer may carry: one with parallel_tool_calls false, else any."""
         return None if self.parallel_tool_calls else 1

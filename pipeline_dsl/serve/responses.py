@@ -40,7 +40,7 @@ from .answers import Vocabularies, answer_thinks, call_parser, check_reasoning, 
 from .body import read_json
 from .errors import api_error, as_responses_wrote
 from .extras import bad, parsed_off_loop, request_errors
-from .generation import Generations
+from .generation import Generations, warned
 from .responses_events import ResponseEvents
 from .responses_output import (call_item, ending, message_item, output_messages, reasoning_item, response_object,
                                usage)
@@ -535,10 +535,12 @@ class Responses:
         if isinstance(started, Response):
             return started
         stream, first = started
+        why = call.req.format_set_aside                 # naming text.format, as the client wrote it
+        why = as_responses_wrote(why, "response_format")[0] if why is not None else None
         if call.req.stream:
             events = ResponseEvents(self, call, stream, first, rid, g.ended)
-            return EventStream(events.events(), stream, g.gone)
-        return await g.collect(request, stream, first, call.req, lambda res: self.answer(call, res, rid))
+            return warned(EventStream(events.events(), stream, g.gone), why)
+        return warned(await g.collect(request, stream, first, call.req, lambda res: self.answer(call, res, rid)), why)
 
     async def count(self, request: Request, rendered) -> Response | dict:
         """POST /v1/responses/input_tokens: the tokens of the prompt a response to this body would
