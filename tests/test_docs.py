@@ -39,7 +39,8 @@ def command_lines(path: Path):
     lines, as argv after `agp` (continuations joined, comments and `&`/`|` tails cut)."""
     text = path.read_text()
     shell = [b for tag, b in FENCE.findall(text) if tag in ("sh", "bash")]
-    shell += [m.group(1) for m in re.finditer(r"^(?:    |\$ )(agp .*)$", text, re.M)]
+    joined = re.sub(r"\\\n\s*", " ", text)            # an indented command continued with a backslash
+    shell += [m.group(1) for m in re.finditer(r"^(?:    |\$ )(agp .*)$", joined, re.M)]
     for block in shell:
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" #", 1)[0]
