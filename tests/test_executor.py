@@ -218,6 +218,55 @@ def test_an_idle_executor_sleeps_until_a_request_comes_and_then_answers_it(tiny_
     assert done == stepped(engine(tiny_gguf), reqs)
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_an_executor_holding_only_a_parked_request_sleeps_until_it_goes_on_and_then_finishes_it(tiny_gguf, overlap):
+    """A request parked for its reader (agp serve pauses a stream whose client reads nothing) can
+    be scheduled again only once it is let go: the loop waits for that. It woke every second to
+    schedule nothing (and every 2 ms while requests waited that nothing could schedule); now the
+    engine's schedule runs only for the steps the park found in flight, then not until the
+    request goes on, and the request resumes and finishes with the answer it had unparked.
+    Counted through the engine's schedule calls over three seconds parked."""
+    import threading
+    import time
+
+    eng = engine(tiny_gguf)
+    calls = []
+    schedule = eng.schedule
+    eng.schedule = lambda *a, **kw: calls.append(1) or schedule(*a, **kw)
+    ex = Executor(eng, overlap=overlap)
+    parked_at: list[int] = []
+    done: dict = {}
+    collect = finished(done)
+
+    def on_output(outputs):
+        collect(outputs)
+        if not parked_at and any(o.request_id == "p" for o in outputs):
+            ex.park("p")                                  # after its first token: its reader reads nothing
+            parked_at.append(len(calls))
+
+    runner = threading.Thread(target=ex.run, kwargs=dict(on_output=on_output, until_idle=False))
+    runner.start()
+    try:
+        req = ("p", dict(prompt="hello world the cat", params=SamplingParams(max_tokens=24, ignore_eos=True)))
+        ex.submit(req[0], **req[1])
+        deadline = time.monotonic() + 60
+        while not parked_at and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert parked_at, "no token came"
+        time.sleep(3.0)
+        during = len(calls) - parked_at[0]
+        assert during <= 2, f"{during} schedules while only a parked request was held"
+        assert not done and eng.blocks.num_used == 0     # parked: out of the batch, its blocks freed
+        ex.park("p", False)                                # its reader reads
+        while not done and time.monotonic() < deadline + 60:
+            time.sleep(0.01)
+    finally:
+        ex.close()
+        runner.join(timeout=60)
+    assert not runner.is_alive()
+    assert done == stepped(engine(tiny_gguf), [req])
+
+
 def test_a_request_the_engine_refuses_is_reported_and_the_rest_run(tiny_gguf):
     eng = engine(tiny_gguf)
     ex = Executor(eng, overlap=True)

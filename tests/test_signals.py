@@ -269,6 +269,38 @@ def test_a_signal_once_the_drain_is_over_does_not_force_the_stop_and_the_exit_st
     assert server.force_exit
 
 
+def test_a_drain_that_cut_nothing_stops_the_server_without_a_pause_and_one_that_cut_gives_their_answers_time(
+        monkeypatch):
+    """The drain over, it slept 0.3 s for the answers it cut to reach their clients before it let
+    uvicorn stop, also when it had cut none: a third of a second of every `agp serve` stop (the
+    answers that finished are written meanwhile, and uvicorn's shutdown waits for each). Seen
+    through the sleeps of the server's module: none when nothing was cut, some when requests
+    were (a second signal cut two)."""
+    import pipeline_dsl.serve.server as server_module
+
+    slept: list[float] = []
+
+    class Clock:
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        def sleep(self, seconds):
+            slept.append(seconds)
+            time.sleep(seconds)
+
+    monkeypatch.setattr(server_module, "time", Clock())
+    server, _ = _server(_Runtime(0, slow=False))
+    server.handle_exit(signal.SIGTERM, None)
+    _wait(lambda: server.should_exit)
+    assert server.drained is True and server.cut == 0 and slept == []
+
+    server, _ = _server(_Runtime(2, slow=False))
+    server.handle_exit(signal.SIGTERM, None)
+    server.handle_exit(signal.SIGTERM, None)                 # cut what is in flight
+    _wait(lambda: server.should_exit)
+    assert server.drained is False and server.cut == 2 and slept
+
+
 def test_a_third_signal_while_the_requests_are_cut_stops_at_once_with_exit_1_saying_how_many(caplog):
     """SIGTERM with 3 in flight; a second signal cuts them; a third while the cut is still going
     on stops the server at once (a forced exit): the exit status is 1 and the log says how many

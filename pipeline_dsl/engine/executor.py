@@ -161,7 +161,9 @@ class Executor:
             raise ValueError("the executor needs the plan of an engine segment (dynamic_batch -> encode -> "
                              f"kv_lookup -> generate); missing work: {', '.join(sorted(missing))}")
         self.lock = threading.RLock()        # the engine's host state
-        self._wake = threading.Condition(self.lock)   # submit / abort / close
+        # what can make work schedulable notifies it: a submit, abort, park (or unpark) or close, an
+        # emit (tokens accepted, sequences finished and their KV blocks freed) and a stream's failure
+        self._wake = threading.Condition(self.lock)
         self._pending: list[tuple] = []      # submitted, not yet admitted: (id, kwargs, order)
         self._submitted = 0
         self._aborts: list[str] = []
@@ -299,11 +301,13 @@ class Executor:
                 if not in_flight:     # wait for the batch window or new work, lock released
                     deadline = getattr(eng, "next_deadline", lambda: None)()
                     if deadline is not None:
-                        wait = min(max(deadline - time.monotonic(), 0.0), 0.01)
-                    else:
-                        # idle, only a submit, abort, park or close (each notifies) brings work
-                        wait = 1.0 if self._idle() else 0.002
-                    self._wake.wait(wait)
+                        self._wake.wait(min(max(deadline - time.monotonic(), 0.0), 0.01))
+                    elif not self._signals.failed:
+                        # idle, or only requests nothing can schedule now (parked for their
+                        # readers, out of KV blocks): no passing time changes that, only what
+                        # notifies _wake (__init__). No timeout: the poll it replaces woke this
+                        # loop every 2 ms while such requests waited, every second when idle
+                        self._wake.wait()
                 return False
             pre = [it.seq.num_released for it in so.items]
             pos, seqs = [], []
@@ -502,6 +506,9 @@ class Executor:
                 if not out.finished:
                     seq.token_ids.extend(tail)
                 outputs.append(out)
+            # a schedule that found nothing to do (its tokens in flight, its blocks taken) waits
+            # for this: on another stream than the emit it saw the step gone before its update
+            self._wake.notify_all()
         return outputs
 
     # ---- driving -------------------------------------------------------------------------
@@ -692,6 +699,8 @@ class Executor:
             except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
                 errors.append(e)
                 self._signals.release(failed=True)
+                with self.lock:              # a schedule waiting for work: the run is over
+                    self._wake.notify_all()
 
         # every stream on a thread of its own; on CPU the compute stream's thread (and the copy
         # stream's, for h2d) hand their torch work to the compute thread and wait for it
