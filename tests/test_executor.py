@@ -223,9 +223,10 @@ def test_an_executor_holding_only_a_parked_request_sleeps_until_it_goes_on_and_t
     """A request parked for its reader (agp serve pauses a stream whose client reads nothing) can
     be scheduled again only once it is let go: the loop waits for that. It woke every second to
     schedule nothing (and every 2 ms while requests waited that nothing could schedule); now the
-    engine's schedule runs only for the steps the park found in flight, then not until the
-    request goes on, and the request resumes and finishes with the answer it had unparked.
-    Counted through the engine's schedule calls over three seconds parked."""
+    engine's schedule runs for the steps the park found in flight, then at most once a second
+    (the wait's guard against a forgotten notification) until the request goes on, and the
+    request resumes and finishes with the answer it had unparked. Counted through the engine's
+    schedule calls over three seconds parked (a 2 ms poll makes ~1,500)."""
     import threading
     import time
 
@@ -255,7 +256,7 @@ def test_an_executor_holding_only_a_parked_request_sleeps_until_it_goes_on_and_t
         assert parked_at, "no token came"
         time.sleep(3.0)
         during = len(calls) - parked_at[0]
-        assert during <= 2, f"{during} schedules while only a parked request was held"
+        assert during <= 2 + 4, f"{during} schedules while only a parked request was held"
         assert not done and eng.blocks.num_used == 0     # parked: out of the batch, its blocks freed
         ex.park("p", False)                                # its reader reads
         while not done and time.monotonic() < deadline + 60:

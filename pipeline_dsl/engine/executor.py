@@ -305,9 +305,10 @@ class Executor:
                     elif not self._signals.failed:
                         # idle, or only requests nothing can schedule now (parked for their
                         # readers, out of KV blocks): no passing time changes that, only what
-                        # notifies _wake (__init__). No timeout: the poll it replaces woke this
-                        # loop every 2 ms while such requests waited, every second when idle
-                        self._wake.wait()
+                        # notifies _wake (__init__). The second's cap is a guard, not a poll: a
+                        # notification some future change forgets costs a second, never a hang
+                        # (the poll it replaces woke this loop every 2 ms while such requests waited)
+                        self._wake.wait(1.0)
                 return False
             pre = [it.seq.num_released for it in so.items]
             pos, seqs = [], []
