@@ -210,3 +210,55 @@ def test_a_streamed_batch_with_a_prompt_over_the_context_is_still_a_400(server):
     err = r.json()["error"]
     assert err["message"].startswith("'prompt[1]': ") and err["code"] == "context_length_exceeded", err
     server.stats_when(lambda s: s["in_flight"] == 0 and s["running"] == 0)
+
+
+# a cascade: the first generate stage's draft is dropped and the request asked again of a second
+# engine whose KV cache holds far fewer tokens than the first's (its context: 128 tokens)
+CASCADE = """pipeline tiny {{
+    model  = "{model}"
+    device = cpu
+    dtype  = fp32
+    stage request : requests {{}}
+    stage batch   : dynamic_batch {{ max_batch_size = 8  timeout = 1ms }}
+    stage encode  : encode {{}}
+    stage kv      : kv_lookup {{ block_size = 8  budget = 1MiB }}
+    stage draft   : generate {{ max_new_tokens = 6 }}
+    stage again   : python {{ fn = "flowkit:ask_again"  returns = request }}
+    stage batch2  : dynamic_batch {{ max_batch_size = 8  timeout = 1ms }}
+    stage encode2 : encode {{}}
+    stage kv2     : kv_lookup {{ block_size = 8  budget = 64KiB }}
+    stage gen     : generate {{ max_new_tokens = 16 }}
+    stage out     : respond {{}}
+    request -> batch
+    batch -> encode when full
+    batch -> encode when timeout
+    encode -> kv -> draft -> again -> batch2
+    batch2 -> encode2 when full
+    batch2 -> encode2 when timeout
+    encode2 -> kv2 -> gen -> out
+}}
+"""
+
+
+@pytest.fixture(scope="module")
+def cascade(tmp_path_factory):
+    path = write_tiny_gguf(tmp_path_factory.mktemp("cascade") / "tiny.gguf", context=4096)
+    s = LiveServer(path, text=CASCADE.format(model=path))
+    yield s
+    s.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_batch_whose_prompt_the_answering_engine_refuses_after_an_earlier_one_took_it_is_a_400(cascade, stream):
+    """prompt[1] fits the first engine (the draft's) and not the second, which answers: the
+    request alone is a 400, and so is the batch, streamed or not. (The batch's stream started once
+    the draft's engine took each prompt: a 200, the short prompt's chunks, then an error event.)"""
+    long = "hello world " * 40                        # 200 tokens: over the second engine's 128
+    for prompt in (long, ["hi", long]):
+        r = cascade.http.post(cascade.url + "/v1/completions", timeout=120, json={
+            "model": "tiny", "prompt": prompt, "max_tokens": 4, "stream": stream})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["code"] == "context_length_exceeded", err
+        assert err["message"].startswith("'prompt[1]': ") == isinstance(prompt, list), err
+    cascade.stats_when(lambda s: s["in_flight"] == 0 and s["running"] == 0)

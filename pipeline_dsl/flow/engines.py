@@ -604,10 +604,14 @@ class EngineSide:
 
     def _admissions(self, es):
         """The callback that hears the sequences engine segment `es` took (its checks passed): their
-        requests' listeners are told (tell_admitted), before any of their tokens."""
+        requests' listeners are told (tell_admitted), before any of their tokens. Only of a sequence
+        whose tokens reach the client as its choice (an index: its generate stage streams straight
+        to the respond stage): one taken by an earlier engine (a cascade's draft) may still be
+        refused by the engine that answers, which a batch's stream must hear before its first chunk."""
         def admitted(seq_ids) -> None:
             items = (self.ledger.item_of(seq_id) for seq_id in seq_ids)
-            for req in {id(item.req): item.req for item in items if item is not None}.values():   # n copies: once
+            answering = (item for item in items if item is not None and item.index is not None)
+            for req in {id(item.req): item.req for item in answering}.values():   # n copies: once
                 tell_admitted(req)
         return admitted
 
