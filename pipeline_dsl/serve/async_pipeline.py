@@ -42,6 +42,15 @@ from . import heap
 log = logging.getLogger("agp.serve")
 
 
+class EntryRefused(Exception):
+    """AsyncPipeline.add_each's refusal: the entry of the batch (`index`) and why (`error`, a
+    PipelineError)."""
+
+    def __init__(self, index: int, error: PipelineError):
+        super().__init__(str(error))
+        self.index, self.error = index, error
+
+
 class LoopMail:
     """Calls the runtime's threads hand to one event loop, in the order handed, with one wake-up
     of the loop for all that arrive before it runs them (not one per call: 512 streams make 512
@@ -494,6 +503,19 @@ class AsyncPipeline:
         `params` (its n and max_tokens) go to the metrics when it finishes; `client` (HOST:PORT)
         and `request_id` (its X-Request-Id) name it in the log. Not a stream: its only event is
         the result."""
+        try:
+            return (await self.add_each([data], pin=pin, stream=stream, params=params, client=client,
+                                        request_id=request_id))[0]
+        except EntryRefused as r:
+            raise r.error from None
+
+    async def add_each(self, items: list[dict], *, pin: str | None = None, stream: bool = False,
+                       params: dict | None = None, client: str | None = None,
+                       request_id: str | None = None) -> list[RequestStream]:
+        """Submit each of `items` (a batch's requests, as add); their streams, in order. Where one
+        is refused, the ones submitted are aborted and EntryRefused names the entry and why: where
+        the queue is full, the first of the rest that could never run (never_runs) with its 400
+        (a 429 its client would retry forever), else the one the queue refused."""
         loop = asyncio.get_running_loop()
         mail = self._mails.get(loop)
         if mail is None:
@@ -503,18 +525,23 @@ class AsyncPipeline:
                 for closed in [other for other in self._mails if other.is_closed()]:
                     del self._mails[closed]
                 mail = self._mails.setdefault(loop, LoopMail(loop))
-        rs = RequestStream(self, mail, self.max_unread_tokens, deltas=stream,
-                           pause_unread_tokens=self.pause_unread_tokens, pause_limit_s=self.pause_limit_s)
-        rs.params, rs.id, rs.client, rs.request_id = params, data.get("id"), client, request_id
-        try:
-            rs.key = self.runtime.submit(data, rs, pin=pin, stream=stream)
-        except PipelineError as e:
-            if e.kind == "queue_full":   # a request that could never run is a 400, not a 429 retried forever
-                never = await self.never_runs([data])
-                if never is not None:
-                    raise never[1] from None
-            raise
-        return rs
+        streams: list[RequestStream] = []
+        for k, data in enumerate(items):
+            rs = RequestStream(self, mail, self.max_unread_tokens, deltas=stream,
+                               pause_unread_tokens=self.pause_unread_tokens, pause_limit_s=self.pause_limit_s)
+            rs.params, rs.id, rs.client, rs.request_id = params, data.get("id"), client, request_id
+            try:
+                rs.key = self.runtime.submit(data, rs, pin=pin, stream=stream)
+            except PipelineError as e:
+                for st in streams:
+                    st.abort()
+                if e.kind == "queue_full":   # one that could never run is a 400, not a 429 retried forever
+                    never = await self.never_runs(items[k:])
+                    if never is not None:
+                        k, e = k + never[0], never[1]
+                raise EntryRefused(k, e) from None
+            streams.append(rs)
+        return streams
 
     async def never_runs(self, items: list[dict]) -> tuple[int, PipelineError] | None:
         """(its place, why) for the first of `items` (item dicts) that could never run
