@@ -234,9 +234,7 @@ class EngineSegment:
             given["lora"] = model
         params = replace(self.defaults[gen], **given)
         if "max_tokens" not in given:
-            room = self.engine.max_model_len - prompt_len
-            if 0 < room < params.max_tokens:
-                params = replace(params, max_tokens=room)
+            params = replace(params, max_tokens=self.default_max_tokens(params.max_tokens, prompt_len))
         if copy and params.seed is not None:
             params = replace(params, seed=(params.seed + copy) & ((1 << 63) - 1))
         params.check()
@@ -317,15 +315,19 @@ class EngineSegment:
         if own is not None and (not isinstance(own, int) or isinstance(own, bool)):
             return                               # SamplingParams.check names it at admission
         if own is None:
-            wanted = min((p.max_tokens for p in self.defaults.values()), default=1)
-            room = self.engine.max_model_len - prompt_len
-            own = room if 0 < room < wanted else wanted
+            own = self.default_max_tokens(min((p.max_tokens for p in self.defaults.values()), default=1),
+                                          prompt_len)
         elif own == 0 and data.get("pooling") is None and data.get("prompt_logprobs") is None:
-            limit = self.engine.config.max_prompt_tokens
-            if limit and prompt_len > limit:
-                self.engine.check_fits(prompt_len, 0)
+            if self.engine.config.max_prompt_tokens and prompt_len > self.engine.prompt_limit:
+                self.engine.check_fits(prompt_len, 0)    # a prompt limit set, alone: the echo needs no context
             return
         self.engine.check_fits(prompt_len, own)
+
+    def default_max_tokens(self, wanted: int, prompt_len: int) -> int:
+        """The max_tokens of a request that sets none: its stage's `wanted`, at most what the
+        context leaves after its prompt of `prompt_len` tokens (where it leaves any)."""
+        room = self.engine.max_model_len - prompt_len
+        return room if 0 < room < wanted else wanted
 
     def copies(self, gen: str, data: dict) -> int:
         n = data.get("n")
