@@ -33,7 +33,7 @@ from pipeline_dsl.cliargs import env_switch
 from .compute import on_compute
 from .config import EngineConfig, RequestOutput, SamplingParams, percentile
 from .cpus import available_cpus, cpus_text, default_threads
-from .errors import ContextLengthError, InputError, KVPoolError, QueueFullError, limit_setting
+from .errors import ContextLengthError, InputError, KVPoolError, QueueFullError, limit_setting, past_prompt_limit
 from .kv_cache import BlockManager, bytes_per_block, num_blocks_for_budget
 from .batch import ItemsRunner, StepBatch
 from .processors import Features
@@ -299,8 +299,7 @@ class Engine:
 
     def _limit_words(self) -> str:
         if self.config.max_prompt_tokens:
-            return (f"is longer than this pipeline accepts "
-                    f"({limit_setting(self.prompt_limit, self.config.prompt_limit_by)})")
+            return past_prompt_limit(self.prompt_limit, self.config.prompt_limit_by)
         return f"exceeds {self.context_words}"
 
     @property
