@@ -295,7 +295,8 @@ class EngineSegment:
         with self._compiler_lock:
             if self._compiler is None:
                 try:
-                    self._compiler = ConstraintCompiler(self.engine.tokenizer, self.engine.vocab_size)
+                    self._compiler = ConstraintCompiler(self.engine.tokenizer, self.engine.vocab_size,
+                                                        eos_token_ids=self.engine.eos_token_ids)
                 except (GrammarError, ValueError) as e:
                     raise InputError(f"constrained output is not available with this model: {e}") from None
         try:
