@@ -71,14 +71,23 @@ class EngineSide:
         max_tokens it asks for (what their admission refuses it for, EngineSegment.check_fits).
         For a request the queue has no room for: its 400 is the answer, never a 429 its client
         would retry forever. It tokenises the prompt (a conversation rendered by its chat
-        template; one too long by its characters is refused first, as its admission refuses it):
-        call it off an event loop. Only where the prompt reaches those engines as sent
+        template; one too long by its characters is refused first, as its admission refuses it),
+        unless its text's bytes already fit (EngineSegment.prompt_tokens_at_most: a batch of
+        prompts behind a full queue's 429 is not tokenised again on each retry): call it off an
+        event loop. Only where the prompt reaches those engines as sent
         (_first_segments; else the engine that tokenises it refuses it at its admission)."""
         from pipeline_dsl.engine.errors import InputError
 
         def check(es):                        # as its admission: _ids, then EngineSegment.check_fits (an
             # entry of a batch behind the one the queue refused was never submitted: its length unchecked)
             self._as_length_refusal(es, lambda: es.check_prompt_length(data))
+            most = es.prompt_tokens_at_most(data)
+            if most is not None:              # it fits at its most tokens: it fits, untokenised
+                try:
+                    es.check_fits(most, data)
+                    return
+                except InputError:
+                    pass                      # it may not fit: its tokens tell
             try:
                 ids = es.tokenise(data)
             except InputError as e:

@@ -214,6 +214,18 @@ class EngineSegment:
                                       add_special_tokens=data.get("add_special_tokens", self.spec.add_special_tokens),
                                       **prompt_options(data))
 
+    def prompt_tokens_at_most(self, data: dict) -> int | None:
+        """At most how many ids tokenise(data) gives, counted without tokenising it: a text
+        prompt's UTF-8 bytes and the special tokens the engine adds (Tokenizer.max_tokens); None
+        for a conversation (its template renders it), ids, an empty prompt (refused as it is
+        tokenised), or a tokenizer that cannot bound it."""
+        prompt = data.get("prompt")
+        if data.get("messages") is not None or data.get("prompt_token_ids") is not None \
+                or not isinstance(prompt, str) or not prompt or data.get("truncate_prompt_tokens"):
+            return None
+        bound = getattr(self.engine.tokenizer, "max_tokens", None)
+        return bound(prompt, data.get("add_special_tokens", self.spec.add_special_tokens)) if bound else None
+
     def sampling(self, gen: str, data: dict, prompt_len: int, copy: int = 0, keep_special: bool = False):
         """A request's SamplingParams at generate stage `gen`: the stage's defaults, the request's
         own fields over them; without its own max_tokens, at most what the context leaves; copy i
