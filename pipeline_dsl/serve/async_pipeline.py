@@ -122,7 +122,9 @@ class RequestStream:
         self.cut = False                         # aborted for its unread tokens
         # an engine took it, or it has a delta or its result queued (on_admitted): set on the loop
         self.admitted = asyncio.Event()
-        self.refused: Result | None = None       # its result, where it failed before any delta was queued
+        # its result where it failed before any delta was queued (an engine refused it, a stage
+        # failed or rejected it, it timed out): a StreamGroup's batch fails with it
+        self.failed_before_delta: Result | None = None
         self._delta_queued = False
         self.on_queued = None                    # called (on the loop) after each event it queues: its group's
 
@@ -210,7 +212,7 @@ class RequestStream:
         self.ended = True
         self._stop_timer()
         if getattr(event[1], "error", None) is not None and not self._delta_queued:
-            self.refused = event[1]
+            self.failed_before_delta = event[1]
         self.queue.put_nowait(event)
         self.admitted.set()
         if self.on_queued is not None:
@@ -340,9 +342,9 @@ class ChoiceNumbers:
 
 
 class StreamGroup:
-    """Several requests answered as one (a completions request with a batch of prompts): their
-    events merged in the order they were queued, choices numbered by ChoiceNumbers (choice i of
-    request k: k * per + i), the usage summed."""
+    """Several requests (two or more) answered as one (a completions request with a batch of
+    prompts): their events merged in the order they were queued, choices numbered by
+    ChoiceNumbers (choice i of request k: k * per + i), the usage summed."""
 
     def __init__(self, streams: list[RequestStream], per: int):
         self.streams, self.per = streams, per
@@ -386,10 +388,6 @@ class StreamGroup:
         return await self._events.__anext__()
 
     async def _merge(self):
-        if len(self.streams) == 1:
-            async for event in self.streams[0]:
-                yield event
-            return
         # the group starts once an engine took each request (or it ended), not once each has its
         # first token: a request refused before an engine takes it (a prompt over the context)
         # refuses the whole batch, as a batch of that prompt alone is, rather than ending a stream
@@ -399,8 +397,9 @@ class StreamGroup:
         try:
             for k, s in enumerate(self.streams):
                 await waits[k]
-                if s.refused is not None:            # naming its prompt
-                    yield ("done", replace(s.refused, error=of_prompt(s.refused.error, k)))
+                failed = s.failed_before_delta
+                if failed is not None:               # naming its prompt
+                    yield ("done", replace(failed, error=of_prompt(failed.error, k)))
                     return
         finally:
             for w in waits:
