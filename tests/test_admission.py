@@ -63,6 +63,53 @@ def test_a_request_that_can_never_run_is_a_400_while_the_queue_is_full_not_a_429
         s.close()
 
 
+@pytest.mark.usefixtures("fresh_flowkit")
+def test_a_full_queue_tokenises_only_the_prompts_of_a_batch_whose_bytes_may_not_fit(long_gguf, monkeypatch):
+    """A batch the full queue refuses: a prompt whose UTF-8 bytes (a token stands for one at
+    least), with the special tokens the engine adds and its max_tokens, fit the context is not
+    tokenised to find that out, on each retry of its client; one whose bytes may not fit is, and
+    the answer is what tokenising every prompt gives (the 429, or a prompt's 400)."""
+    from pipeline_dsl.engine.tokenizer import Tokenizer
+
+    text = (TINY.format(model=long_gguf, max_queue=2, max_batch_size=1, timeout=0)
+            .replace("gen -> out", "gen -> hold -> out")
+            .replace("stage out", 'stage hold    : python        { fn = "flowkit:hold" }\n    stage out'))
+    s = LiveServer(long_gguf, text=text)
+    encoded = []
+    encode = Tokenizer.encode
+
+    def spy(self, text, add_special_tokens=True):
+        encoded.append(text)
+        return encode(self, text, add_special_tokens)
+
+    try:
+        held = []
+        waiting = [threading.Thread(target=lambda: held.append(httpx.post(
+            s.url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}, timeout=60)))
+            for _ in range(2)]
+        for t in waiting:
+            t.start()
+        s.stats_when(lambda st: st["stages"]["hold"]["items_in"] == 2)
+        monkeypatch.setattr(Tokenizer, "encode", spy)
+        fits, may_not = ["the cat " * 50, "a dog " * 60], "the cat " * 300     # 2400 bytes, ~600 tokens
+        over = "the cat " * 500                    # ~1000 tokens: + max_tokens 1500 past the context
+        for prompts, most, status, tokenised in ((fits, 10, 429, []), (fits[:1] + [may_not], 10, 429, [may_not]),
+                                                 (fits[:1] + [over], 1500, 400, [over])):
+            encoded.clear()
+            r = s.http.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": prompts, "max_tokens": most},
+                            timeout=60)
+            assert r.status_code == status, r.text
+            assert [t for t in encoded if t in prompts] == tokenised, [len(t) for t in encoded]
+        assert r.json()["error"]["message"].startswith("'prompt[1]': "), r.text
+        flowkit.gate("hold").set()
+        for t in waiting:
+            t.join(60)
+        assert [a.status_code for a in held] == [200, 200]
+    finally:
+        flowkit.gate("hold").set()
+        s.close()
+
+
 def test_past_a_python_stage_the_engine_refuses_it_without_waiting_for_a_batch_slot(long_gguf, tmp_path,
                                                                                   monkeypatch):
     """Where a python stage before the engine may rewrite the prompt, the engine's admission

@@ -166,6 +166,25 @@ def test_a_gemma3_config_agp_does_not_compute_is_refused_by_name(tmp_path, tiny_
         check_model_path(folder)
 
 
+def test_a_gemma3_dynamic_rotary_without_max_position_embeddings_names_the_missing_key_and_the_layer_kind():
+    """Dynamic NTK scales past max_position_embeddings: a Gemma 3 text config without it (not null:
+    missing) is refused naming that key as missing, and the layer kind whose rotary is dynamic."""
+    from pipeline_dsl.model_files.gemma import hf_gemma_fields
+
+    def fail(problem):
+        raise ValueError(problem)
+
+    cfg = {"hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 256, "sliding_window": 4,
+           "rope_parameters": {"full_attention": {"rope_type": "dynamic", "factor": 2.0},
+                               "sliding_attention": {"rope_type": "default"}}}
+    with pytest.raises(ValueError) as e:
+        hf_gemma_fields(cfg, fail, 6)
+    assert str(e.value) == ("rope_parameters.full_attention: rope_type 'dynamic' scales past "
+                            "max_position_embeddings, which is missing")
+    got = hf_gemma_fields({**cfg, "max_position_embeddings": 64}, fail, 6)
+    assert dict(got["rope_scaling"]) == {"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 64.0}
+
+
 def test_a_gemma3_folder_missing_a_post_norm_is_refused_naming_it(tmp_path, tiny_tokenizer):
     from safetensors.torch import load_file, save_file
 

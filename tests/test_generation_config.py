@@ -271,3 +271,47 @@ def test_generation_config_folder_brings_its_end_tokens_too(tmp_path, tiny_gguf)
         out = run_all(engine)[0]["0"]
         got[setting] = (out.finish_reason, out.stop_reason, out.completion_tokens)
     assert got == {"auto": ("length", None, 3), "vllm": ("length", None, 3), str(other): ("stop", 0, 1)}
+
+
+def test_engines_sharing_loaded_weights_keep_their_own_generation_config_folder_end_tokens(tmp_path, tiny_gguf,
+                                                                                          monkeypatch):
+    """Two engines on one LoadedModels (one model, one tokenizer as loaded), one given a
+    --generation-config folder listing another end token: that engine ends on it, the other does not,
+    whichever loads first; the folder's file is read once for its sampling defaults and its end tokens."""
+    from pathlib import Path
+
+    from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
+    from pipeline_dsl.engine.models import LoadedModels
+    from tiny_model import write_tiny_hf_folder
+    from test_engine import run_all
+
+    folder = write_tiny_hf_folder(tmp_path / "hf", tiny_gguf)                 # its eos: <|im_end|>, id 2
+    other = tmp_path / "original"
+    other.mkdir()
+    (other / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 2], "temperature": 0.5}))
+    reads = []
+    read_bytes = Path.read_bytes
+
+    def spy(self):
+        if self == other / "generation_config.json":
+            reads.append(self)
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", spy)
+
+    def ending(engine) -> tuple:
+        engine.add_request("0", prompt="the cat", params=SamplingParams(temperature=0.0, max_tokens=3,
+                                                                         logit_bias={0: 100.0}))
+        out = run_all(engine)[0]["0"]
+        return out.finish_reason, out.completion_tokens
+
+    for order in (("folder", "auto"), ("auto", "folder")):
+        models = LoadedModels()
+        engines = {name: Engine(EngineConfig(model=str(folder), dtype="fp32", kv_budget_bytes=4 << 20,
+                                             generation_config=str(other) if name == "folder" else "auto"),
+                                models=models) for name in order}
+        assert models.cache_info()["loads"] == 1
+        assert {name: ending(e) for name, e in engines.items()} == {"folder": ("stop", 1), "auto": ("length", 3)}
+        assert engines["folder"].generation_defaults == {"temperature": 0.5}
+        assert engines["folder"].tokenizer.eos_token_ids == engines["auto"].tokenizer.eos_token_ids   # as loaded
+    assert len(reads) == 2, reads                                              # once per engine given it

@@ -402,3 +402,30 @@ def test_a_chat_template_sees_the_folder_s_other_special_tokens_as_transformers_
     assert ours.apply_chat_template(messages) == want
     assert ours.apply_chat_template(messages, pad_token="|") == theirs.apply_chat_template(
         messages, tokenize=False, pad_token="|")
+
+
+def test_max_tokens_bounds_the_ids_of_any_text_from_its_bytes_and_is_none_where_a_normalizer_may_lengthen_it(
+        tmp_path, tok):
+    """Tokenizer.max_tokens: a byte-level BPE's and a SentencePiece's (its ▁ before the text, its
+    byte fallback) ids of any text, special tokens and their text included, are never more than it
+    says; a normalizer that may lengthen a text (NFKC: 'ﷺ' is 18 characters) gives no bound."""
+    import random
+
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import normalizers
+
+    from pipeline_dsl.engine.models import load_model
+    from tiny_model import write_tiny_gguf
+
+    spm = load_model(str(write_tiny_gguf(tmp_path / "spm.gguf", tokenizer="spm")), dtype="fp32")[1]
+    rng = random.Random(0)
+    for t in (tok, spm):
+        pieces = list("ab 1\n.") + ["é", "中", "😀", "\u0301", "▁", "  "] + list(t.added.values())
+        for _ in range(1000):
+            text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 30)))
+            for special in (True, False):
+                assert len(t.encode(text, add_special_tokens=special)) <= t.max_tokens(text, special), text
+    assert spm.max_tokens("1") == 1 + 1 + spm.add_bos                      # "▁", "1": the prefix counts
+    nfkc = HFTokenizer.from_str(tok.tk.to_str())
+    nfkc.normalizer = normalizers.NFKC()
+    assert Tokenizer(nfkc, bos_token=None, eos_token=None, eos_token_ids=(), chat_template=None).max_tokens("ﷺ") is None

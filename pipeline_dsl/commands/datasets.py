@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline_dsl.commands.loadgen import BenchError
+from pipeline_dsl.commands.loadgen import BenchError, read_input
 
 # vllm bench serve's defaults
 RANDOM_INPUT_LEN, RANDOM_OUTPUT_LEN, NUM_PROMPTS = 1024, 128, 1000
@@ -194,18 +194,12 @@ def sharegpt_lines(path: str | Path, tokenizer, num: int, *, output_len: int | N
                    seed: int = 0) -> list[dict]:
     """Up to `num` request lines of a ShareGPT file (the module's docstring says which)."""
     path = Path(path)
+    raw = read_input(path, "--dataset-path:", "a ShareGPT JSON file")
     try:
-        raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
         try:
             data = json.loads(raw)
         except ValueError:
             data = _json_lines(raw)          # one record a line, as some copies of it are written
-    except FileNotFoundError:
-        raise BenchError(f"--dataset-path: file not found: {path}") from None
-    except IsADirectoryError:
-        raise BenchError(f"--dataset-path: {path} is a folder, not a ShareGPT JSON file") from None
-    except OSError as e:
-        raise BenchError(f"--dataset-path: cannot read {path}: {e.strerror or e}") from None
     except ValueError as e:
         raise BenchError(f"--dataset-path: {path} is not JSON ({e}): a ShareGPT file is one JSON list (or JSON "
                          f"Lines) of {{\"conversations\": [{{\"from\": ..., \"value\": ...}}, ...]}} records") from None

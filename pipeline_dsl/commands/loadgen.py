@@ -49,16 +49,23 @@ class Interrupted(Exception):
 
 # ---------------------------------------------------------------- workload
 
+def read_input(path: Path, name: str, kind: str) -> bytes:
+    """The bytes of a file agp bench reads (a workload, a dataset), a UTF-8 BOM skipped as agp run
+    skips it; a BenchError that starts with `name` where it cannot be read (`kind`: what it should
+    be, for one that is a folder)."""
+    try:
+        return path.read_bytes().removeprefix(b"\xef\xbb\xbf")
+    except FileNotFoundError:
+        raise BenchError(f"{name} file not found: {path}") from None
+    except IsADirectoryError:
+        raise BenchError(f"{name} {path} is a folder, not {kind}") from None
+    except OSError as e:
+        raise BenchError(f"{name} {path} cannot be read: {e.strerror or e}") from None
+
+
 def load_workload(path: str | Path) -> list[ParsedRequest]:
     path = Path(path)
-    try:
-        data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")   # a BOM is skipped, as agp run does
-    except FileNotFoundError:
-        raise BenchError(f"workload file not found: {path}") from None
-    except IsADirectoryError:
-        raise BenchError(f"the workload {path} is a folder, not a JSONL file") from None
-    except OSError as e:
-        raise BenchError(f"cannot read the workload {path}: {e.strerror or e}") from None
+    data = read_input(path, "workload", "a JSONL file")
     items = []
     for lineno, line in enumerate(data.splitlines(), 1):
         if not line.strip():

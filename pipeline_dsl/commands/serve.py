@@ -168,10 +168,10 @@ def _build_or_stop(args, sock):
     """build(args) with 503 on the socket meanwhile; a stop signal gives the load up at once (nothing
     is in flight yet): a line says so and the process exits 0 (commands/stopping.py)."""
     from pipeline_dsl.commands.stopping import load_unless_stopped
-    from pipeline_dsl.serve.loading import LOADING_RETRY_AFTER_S, Loading
+    from pipeline_dsl.serve.loading import Loading
 
     # 503 {"status": "loading"} until the model is up, once a stop signal would be heard
-    loading = Loading(sock, args.retry_after_s or LOADING_RETRY_AFTER_S)
+    loading = Loading(sock, args.loading_retry_after_s)    # check_args resolved it
     serving, sig = load_unless_stopped(lambda: build(args), around=loading)
     if sig is not None:
         log.info("%s while loading the pipeline: stopped before serving", signal.Signals(sig).name)

@@ -33,7 +33,7 @@ from pipeline_dsl.cliargs import env_switch
 from .compute import on_compute
 from .config import EngineConfig, RequestOutput, SamplingParams, percentile
 from .cpus import available_cpus, cpus_text, default_threads
-from .errors import ContextLengthError, InputError, KVPoolError, QueueFullError, limit_setting
+from .errors import ContextLengthError, InputError, KVPoolError, QueueFullError, limit_setting, past_prompt_limit
 from .kv_cache import BlockManager, bytes_per_block, num_blocks_for_budget
 from .batch import ItemsRunner, StepBatch
 from .processors import Features
@@ -115,7 +115,9 @@ class Engine:
         self.scheduler.verify = self.scheduler.verify and bool(getattr(self._phases, "returns_rows", False))
         self._step_rows: dict = {}            # _execute -> update: reduced prompt rows per item index
         self._forward_s: float | None = None  # forward -> sample_step: the step's forward seconds (CPU only)
-        self.eos_token_ids = frozenset(getattr(tokenizer, "eos_token_ids", ()) or ())
+        # the tokens that end an answer: the tokenizer's, or those its --generation-config folder lists
+        self.eos_token_ids = frozenset(info["end_token_ids"] if "end_token_ids" in info
+                                       else getattr(tokenizer, "eos_token_ids", ()) or ())
         # the tokenizer's own eos: an answer it ends has no stop_reason; the other end tokens (those
         # generation_config.json lists beside it) are vLLM's stop_token_ids, and name themselves
         self.eos_token_id = getattr(tokenizer, "eos_token_id", None)
@@ -299,8 +301,7 @@ class Engine:
 
     def _limit_words(self) -> str:
         if self.config.max_prompt_tokens:
-            return (f"is longer than this pipeline accepts "
-                    f"({limit_setting(self.prompt_limit, self.config.prompt_limit_by)})")
+            return past_prompt_limit(self.prompt_limit, self.config.prompt_limit_by)
         return f"exceeds {self.context_words}"
 
     @property
@@ -850,7 +851,8 @@ def resolve_device(device: str) -> str:
 
 
 def load_runner(config: EngineConfig, models=None):
-    """(ModelRunner, Tokenizer, info dict) for config.model, its KV pool sized to the budget.
+    """(ModelRunner, Tokenizer, info dict) for config.model, its KV pool sized to the budget
+    (info's `end_token_ids`: the end tokens a --generation-config folder gives, where one does).
     `models` (models.LoadedModels): the weights come from it, read from the file only by the first
     engine that asks for them (info's `weights_shared` says whether this one took them loaded)."""
     from . import native
@@ -867,24 +869,30 @@ def load_runner(config: EngineConfig, models=None):
         raise InputError(str(e)) from None
     device = resolve_device(config.device)
     source = resolve_model(config.model)
-    # an HF folder's generation_config.json, read once: the sampling defaults and the tokenizer's eos ids
+    # an HF folder's generation_config.json, read once: the sampling defaults and the tokenizer's eos ids;
+    # --generation-config FOLDER's, read once: the sampling defaults and the engine's end tokens
     own = read_generation_config(source.path) if source.kind == "hf" else None
-    sampling = generation_defaults(source, config.generation_config, own,        # before the weights: a bad
-                                   config.override_generation_config)          # file stops it
+    given = (read_generation_config(config.generation_config)
+             if config.generation_config not in ("auto", "vllm") else None)
+    sampling = generation_defaults(source, config.generation_config,             # before the weights: a bad
+                                   own if given is None else given,              # file stops it
+                                   config.override_generation_config)
     if models is not None:
         model, tokenizer, shared = models.load(source, dtype=config.dtype, device=device, compile=config.compile,
                                                generation_config=own)
     else:
         model, tokenizer = load_model(source, dtype=config.dtype, device=device, generation_config=own)
         shared = False
-    if config.generation_config not in ("auto", "vllm"):
+    end_tokens = None
+    if given is not None:
         # --generation-config FOLDER: its end tokens, not the model's own file's (vLLM reads both the
-        # sampling defaults and the eos_token_id list from that folder); a GGUF's own end tokens stay
+        # sampling defaults and the eos_token_id list from that folder); a GGUF's own end tokens stay.
+        # The engine's own: the tokenizer stays as loaded (LoadedModels shares its model between engines)
         from .tokenizer import listed_end_tokens
 
         base = {tokenizer.eos_token_id} if source.kind == "hf" else set(tokenizer.eos_token_ids)
-        listed = listed_end_tokens(config.generation_config, read_generation_config(config.generation_config))
-        tokenizer.eos_token_ids = frozenset(i for i in base | set(listed) if i is not None)
+        listed = listed_end_tokens(config.generation_config, given)
+        end_tokens = frozenset(i for i in base | set(listed) if i is not None)
     c = model.config
     elem = torch.empty((), dtype=model.dtype).element_size()
     per_block = bytes_per_block(c.num_layers, c.num_kv_heads, c.head_dim, config.block_size, elem)
@@ -944,6 +952,8 @@ def load_runner(config: EngineConfig, models=None):
             "context_length": c.max_position, "kv_bytes_per_block": per_block, "generation_config": sampling,
             "weight_bytes": model.weight_bytes(), "weights_shared": shared, **extra,
             "load_s": time.perf_counter() - t0}
+    if end_tokens is not None:              # --generation-config FOLDER's: the engine ends on them
+        info["end_token_ids"] = sorted(end_tokens)
     return runner, tokenizer, info
 
 

@@ -33,8 +33,13 @@ def prompt_over_limit(tokens: int, limit: int, by: str = "requests.max_prompt_to
     """A prompt of `tokens` tokens past the prompt limit `limit` that `by` set (the pipeline's
     requests.max_prompt_tokens, or a flag such as serve's --max-input-tokens); the engine and the
     flow runtime refuse it in the same words."""
-    return ContextLengthError(f"prompt of {tokens} tokens is longer than this pipeline accepts "
-                              f"({limit_setting(limit, by)})")
+    return ContextLengthError(f"prompt of {tokens} tokens {past_prompt_limit(limit, by)}")
+
+
+def past_prompt_limit(limit: int, by: str) -> str:
+    """How an error says a prompt (its tokens, or its characters) is past the prompt limit
+    `limit` that `by` set: prompt_over_limit's words, and the engine's."""
+    return f"is longer than this pipeline accepts ({limit_setting(limit, by)})"
 
 
 def limit_setting(limit: int, by: str) -> str:

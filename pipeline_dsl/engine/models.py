@@ -187,8 +187,9 @@ def generation_defaults(source: ModelSource | None, setting: str = "auto", own: 
                         override: dict | None = None) -> dict:
     """The sampling defaults a model's generation_config.json recommends, as vLLM's
     `--generation-config` takes them: "auto" reads the Hugging Face folder's (a GGUF file has
-    none; `own`: that file as read_generation_config read it, else it is read here), "vllm" none,
-    a folder path that folder's (`source` None: no model, for a setting other than auto).
+    none), "vllm" none, a folder path that folder's (`source` None: no model, for a setting other
+    than auto); `own`: the file the setting names as read_generation_config read it, else it is
+    read here.
     `override` (vLLM's --override-generation-config, stages.fields.check_generation_override) is
     set over the file's keys (null: a key left unset). {request field: value} of the keys it sets
     (stages.fields.GENERATION_KEYS), each checked by the field's one schema; a value outside it is
@@ -198,7 +199,7 @@ def generation_defaults(source: ModelSource | None, setting: str = "auto", own: 
     if setting == "auto":
         config = {} if source.kind != "hf" else own if own is not None else read_generation_config(source.path)
     else:
-        config = {} if setting == "vllm" else read_generation_config(setting)
+        config = {} if setting == "vllm" else own if own is not None else read_generation_config(setting)
     config = {**config, **(override or {})}      # as vLLM merges them: the override's keys win, null unsets
     try:
         return generation_sampling(config)

@@ -307,6 +307,18 @@ class Tokenizer:
         # than `limit` tokens, whatever they are (a cheap check before tokenising huge input)
         self.max_token_chars = max((len(t) for t in tk.get_vocab(with_added_tokens=True)), default=1) or 1
         self._anchor = self._find_anchor()
+        self._per_byte = _tokens_per_byte(tk, self.added.values())
+
+    def max_tokens(self, text: str, add_special_tokens: bool = True) -> int | None:
+        """At most how many ids encode(text, add_special_tokens) gives, from the text's UTF-8
+        bytes without tokenising it (a token stands for at least one byte of the text; a byte
+        fallback spells a character in its bytes); None where this tokenizer's normalizer may
+        lengthen the text (NFKC, lowercasing, ...): only tokenising it tells."""
+        if self._per_byte is None:
+            return None
+        slope, extra = self._per_byte
+        specials = (self.add_bos + self.add_eos) if add_special_tokens else 0
+        return slope * len(text.encode("utf-8", "surrogatepass")) + extra + specials
 
     def _find_anchor(self) -> int | None:
         """An ordinary token to decode text after, where the decoder drops the space a text
@@ -600,6 +612,52 @@ def open_final_message(rendered, content: str) -> str:
     kept = content.lstrip()                      # its trailing spaces too, where the template kept them
     end = at + (len(kept) if rendered.startswith(kept, at) else len(core))
     return rendered[:end]
+
+
+# normalizers and pre-tokenizers under which each token of a text stands for at least one of its
+# bytes (a character-level model's ▁ for a space: one character; a prefix: one more, below)
+_KEEPING_NORMALIZERS = {"Prepend", "Replace"}
+_KEEPING_PRE_TOKENIZERS = {"ByteLevel", "Metaspace", "Split", "Digits", "Punctuation", "Whitespace",
+                           "WhitespaceSplit", "UnicodeScripts", "CharDelimiterSplit"}
+
+
+def _tokens_per_byte(tk: HFTokenizer, added) -> tuple[int, int] | None:
+    """(slope, extra): a text of b UTF-8 bytes encodes (without special tokens) to at most
+    slope * b + extra ids; None where the normalizer may lengthen the text. Each model (BPE,
+    byte-level or with a byte fallback, Unigram, WordPiece, WordLevel) makes a token of at least
+    one character, or one byte; a prefix (a Prepend normalizer, Metaspace's, ByteLevel's
+    add_prefix_space) adds one token at most to each run of text between added tokens: at most
+    one more than the bytes where every added token is two bytes or more, else twice the bytes."""
+    def parts(state: bytes | None, key: str) -> list[dict] | None:
+        if state is None:
+            return []
+        obj = json.loads(state)
+        return obj.get(key) if obj.get("type") == "Sequence" else [obj]
+
+    normalizers = parts(tk.normalizer.__getstate__() if tk.normalizer is not None else None, "normalizers")
+    pre = parts(tk.pre_tokenizer.__getstate__() if tk.pre_tokenizer is not None else None, "pretokenizers")
+    if normalizers is None or pre is None:
+        return None
+    if not all(n.get("type") in _KEEPING_NORMALIZERS for n in normalizers) or \
+            not all(p.get("type") in _KEEPING_PRE_TOKENIZERS for p in pre):
+        return None
+    byte_level = any(p["type"] == "ByteLevel" for p in pre)
+    for n in normalizers:                     # a space as ▁ (one character, a piece of the vocabulary)
+        if n["type"] == "Replace" and (n.get("pattern") != {"String": " "} or len(n.get("content", "")) != 1
+                                       or byte_level or tk.token_to_id(n["content"]) is None):
+            return None
+        if n["type"] == "Prepend" and (byte_level or len(n.get("prepend", "")) != 1):
+            return None
+    if any(p["type"] == "Metaspace" and (byte_level or tk.token_to_id(p.get("replacement", "")) is None)
+           for p in pre):
+        return None                           # its ▁ for a space, as a piece of the vocabulary
+    prefix = any(n["type"] == "Prepend" for n in normalizers) or any(
+        (p["type"] == "Metaspace" and (p.get("prepend_scheme", "always") != "never" or p.get("add_prefix_space")))
+        or (p["type"] == "ByteLevel" and p.get("add_prefix_space")) for p in pre)
+    if not prefix:
+        return 1, 0
+    shortest = min((len(t.encode("utf-8")) for t in added), default=2)
+    return (1, 1) if shortest >= 2 else (2, 1)
 
 
 class IdTokenizer:

@@ -60,20 +60,10 @@ class EngineSide:
         admitted: a full queue's 429 never hides it. Only where the prompt reaches those engines as
         sent (_first_segments; else the engine that tokenises it refuses it), and not under
         truncate_prompt_tokens (the engine keeps its last tokens)."""
-        from pipeline_dsl.engine.errors import InputError
+        def check(es):
+            self._as_length_refusal(es, lambda: es.check_prompt_length(data))
 
-        if self.first_segments is None or data.get("truncate_prompt_tokens"):
-            return
-        refusals = []
-        for es in self.first_segments:
-            try:
-                es.check_prompt_length(data)
-            except InputError as e:
-                refusals.append((es, e))
-            else:
-                return                        # one of them may take it
-        es, e = refusals[0]
-        raise PipelineError(str(e), "invalid", self._length_stage(es, es.segment.encode), e.code, e.param)
+        self._one_may_take(data, check)
 
     def check_fits(self, data: dict) -> None:
         """PipelineError (invalid) for a request that can never run: its prompt, tokenised as each
@@ -81,29 +71,56 @@ class EngineSide:
         max_tokens it asks for (what their admission refuses it for, EngineSegment.check_fits).
         For a request the queue has no room for: its 400 is the answer, never a 429 its client
         would retry forever. It tokenises the prompt (a conversation rendered by its chat
-        template): call it off an event loop. Only where the prompt reaches those engines as sent
+        template; one too long by its characters is refused first, as its admission refuses it),
+        unless its text's bytes already fit (EngineSegment.prompt_tokens_at_most: a batch of
+        prompts behind a full queue's 429 is not tokenised again on each retry): call it off an
+        event loop. Only where the prompt reaches those engines as sent
         (_first_segments; else the engine that tokenises it refuses it at its admission)."""
         from pipeline_dsl.engine.errors import InputError
 
-        if self.first_segments is None or data.get("truncate_prompt_tokens"):
-            return
-        self.check_prompt_length(data)        # decided from its characters, without tokenising
-        refusals = []
-        for es in self.first_segments:
+        def check(es):                        # as its admission: _ids, then EngineSegment.check_fits (an
+            # entry of a batch behind the one the queue refused was never submitted: its length unchecked)
+            self._as_length_refusal(es, lambda: es.check_prompt_length(data))
+            most = es.prompt_tokens_at_most(data)
+            if most is not None:              # it fits at its most tokens: it fits, untokenised
+                try:
+                    es.check_fits(most, data)
+                    return
+                except InputError:
+                    pass                      # it may not fit: its tokens tell
             try:
                 ids = es.tokenise(data)
             except InputError as e:
-                refusals.append(PipelineError(f"cannot tokenise the request: {e}", "invalid", es.segment.encode,
-                                              e.code, e.param))
-                continue
+                raise PipelineError(f"cannot tokenise the request: {e}", "invalid", es.segment.encode,
+                                    e.code, e.param) from None
+            self._as_length_refusal(es, lambda: es.check_fits(len(ids), data))
+
+        self._one_may_take(data, check)
+
+    def _one_may_take(self, data: dict, check) -> None:
+        """`check(es)` (raising PipelineError) over the engines the request reaches first: none
+        when one of them may take it, else the first one's refusal."""
+        if self.first_segments is None or data.get("truncate_prompt_tokens"):
+            return
+        refusals = []
+        for es in self.first_segments:
             try:
-                es.check_fits(len(ids), data)
-            except InputError as e:
-                refusals.append(PipelineError(str(e), "invalid", self._length_stage(es, es.segment.encode),
-                                              e.code, e.param))
-                continue
-            return                            # one of them may take it
+                check(es)
+            except PipelineError as e:
+                refusals.append(e)
+            else:
+                return                        # one of them may take it
         raise refusals[0]
+
+    def _as_length_refusal(self, es, check) -> None:
+        """`check()`'s InputError as the PipelineError that refuses a prompt too long for `es`."""
+        from pipeline_dsl.engine.errors import InputError
+
+        try:
+            check()
+        except InputError as e:
+            raise PipelineError(str(e), "invalid", self._length_stage(es, es.segment.encode),
+                                e.code, e.param) from None
 
     def _segment_for(self, pin: str | None):
         es = self.seg_of_gen.get(pin) if pin else self.prompt_segment

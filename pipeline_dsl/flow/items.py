@@ -412,15 +412,7 @@ def tell_prompt(req: RequestState, ids: list, logprobs: list | None) -> None:
     """Tell a request's listener its prompt's ids (logprobs None), or its ids and their logprobs
     once the engine computed them; both before any token of the request is heard. A listener
     without `on_prompt` does not hear them (agp run's: the answer carries them)."""
-    tell = getattr(req.listener, "on_prompt", None)
-    if tell is not None:
-        with req.telling:
-            if req.told:
-                return
-            try:
-                tell(req.key, ids, logprobs)
-            except Exception:                    # noqa: BLE001 - a listener's failure is its own
-                pass
+    _tell_before_result(req, "on_prompt", ids, logprobs)
 
 
 def tell_admitted(req: RequestState) -> None:
@@ -429,13 +421,19 @@ def tell_admitted(req: RequestState) -> None:
     prefill and first token may still take long; before any of its tokens is heard. A listener
     without `on_admitted` does not hear it; one that does may hear it more than once (a request
     that enters another engine after the first: a fallback, a loop)."""
-    tell = getattr(req.listener, "on_admitted", None)
+    _tell_before_result(req, "on_admitted")
+
+
+def _tell_before_result(req: RequestState, hook: str, *args) -> None:
+    """Call the listener's `hook` (when it has one) with the request's key and `args`, unless its
+    result was told; its failure is its own."""
+    tell = getattr(req.listener, hook, None)
     if tell is not None:
         with req.telling:
             if req.told:
                 return
             try:
-                tell(req.key)
+                tell(req.key, *args)
             except Exception:                    # noqa: BLE001 - a listener's failure is its own
                 pass
 

@@ -214,6 +214,18 @@ class EngineSegment:
                                       add_special_tokens=data.get("add_special_tokens", self.spec.add_special_tokens),
                                       **prompt_options(data))
 
+    def prompt_tokens_at_most(self, data: dict) -> int | None:
+        """At most how many ids tokenise(data) gives, counted without tokenising it: a text
+        prompt's UTF-8 bytes and the special tokens the engine adds (Tokenizer.max_tokens); None
+        for a conversation (its template renders it), ids, an empty prompt (refused as it is
+        tokenised), or a tokenizer that cannot bound it."""
+        prompt = data.get("prompt")
+        if data.get("messages") is not None or data.get("prompt_token_ids") is not None \
+                or not isinstance(prompt, str) or not prompt or data.get("truncate_prompt_tokens"):
+            return None
+        bound = getattr(self.engine.tokenizer, "max_tokens", None)
+        return bound(prompt, data.get("add_special_tokens", self.spec.add_special_tokens)) if bound else None
+
     def sampling(self, gen: str, data: dict, prompt_len: int, copy: int = 0, keep_special: bool = False):
         """A request's SamplingParams at generate stage `gen`: the stage's defaults, the request's
         own fields over them; without its own max_tokens, at most what the context leaves; copy i
@@ -234,9 +246,7 @@ class EngineSegment:
             given["lora"] = model
         params = replace(self.defaults[gen], **given)
         if "max_tokens" not in given:
-            room = self.engine.max_model_len - prompt_len
-            if 0 < room < params.max_tokens:
-                params = replace(params, max_tokens=room)
+            params = replace(params, max_tokens=self.default_max_tokens(params.max_tokens, prompt_len))
         if copy and params.seed is not None:
             params = replace(params, seed=(params.seed + copy) & ((1 << 63) - 1))
         params.check()
@@ -297,7 +307,8 @@ class EngineSegment:
         with self._compiler_lock:
             if self._compiler is None:
                 try:
-                    self._compiler = ConstraintCompiler(self.engine.tokenizer, self.engine.vocab_size)
+                    self._compiler = ConstraintCompiler(self.engine.tokenizer, self.engine.vocab_size,
+                                                        eos_token_ids=self.engine.eos_token_ids)
                 except (GrammarError, ValueError) as e:
                     raise InputError(f"constrained output is not available with this model: {e}") from None
         try:
@@ -317,15 +328,19 @@ class EngineSegment:
         if own is not None and (not isinstance(own, int) or isinstance(own, bool)):
             return                               # SamplingParams.check names it at admission
         if own is None:
-            wanted = min((p.max_tokens for p in self.defaults.values()), default=1)
-            room = self.engine.max_model_len - prompt_len
-            own = room if 0 < room < wanted else wanted
+            own = self.default_max_tokens(min((p.max_tokens for p in self.defaults.values()), default=1),
+                                          prompt_len)
         elif own == 0 and data.get("pooling") is None and data.get("prompt_logprobs") is None:
-            limit = self.engine.config.max_prompt_tokens
-            if limit and prompt_len > limit:
-                self.engine.check_fits(prompt_len, 0)
+            if self.engine.config.max_prompt_tokens and prompt_len > self.engine.prompt_limit:
+                self.engine.check_fits(prompt_len, 0)    # a prompt limit set, alone: the echo needs no context
             return
         self.engine.check_fits(prompt_len, own)
+
+    def default_max_tokens(self, wanted: int, prompt_len: int) -> int:
+        """The max_tokens of a request that sets none: its stage's `wanted`, at most what the
+        context leaves after its prompt of `prompt_len` tokens (where it leaves any)."""
+        room = self.engine.max_model_len - prompt_len
+        return room if 0 < room < wanted else wanted
 
     def copies(self, gen: str, data: dict) -> int:
         n = data.get("n")

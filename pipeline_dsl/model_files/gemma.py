@@ -80,9 +80,15 @@ def hf_gemma_fields(cfg: dict, fail, num_layers) -> dict:
         full, local = (params.get(k) or {} for k in ("full_attention", "sliding_attention"))
         if not isinstance(full, dict) or not isinstance(local, dict):
             fail(f"rope_parameters {json.dumps(params)[:160]}: each layer kind's must be an object")
-        context = {"max_position_embeddings": cfg.get("max_position_embeddings")}   # dynamic's original
-        theta, scaling = hf_rope({"rope_parameters": {"rope_theta": 1e6, **full}, **context}, fail)
-        local_theta, local_scaling = hf_rope({"rope_parameters": {"rope_theta": 1e4, **local}, **context}, fail)
+        context = {k: cfg[k] for k in ("max_position_embeddings",) if k in cfg}   # dynamic's original
+
+        def kind_fail(kind):                  # a problem of one layer kind's rotary names it
+            return lambda problem: fail(problem.replace("rope_parameters", f"rope_parameters.{kind}", 1))
+
+        theta, scaling = hf_rope({"rope_parameters": {"rope_theta": 1e6, **full}, **context},
+                                 kind_fail("full_attention"))
+        local_theta, local_scaling = hf_rope({"rope_parameters": {"rope_theta": 1e4, **local}, **context},
+                                             kind_fail("sliding_attention"))
         if local_scaling:
             fail("rope_parameters: the sliding layers' rotary is scaled; agp computes Gemma 3's sliding "
                  "layers with plain RoPE")

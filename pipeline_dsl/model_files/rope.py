@@ -103,6 +103,8 @@ def hf_rope(cfg: dict, fail) -> tuple[float, tuple]:
         return theta, _yarn(fail, where, spec, cfg)
     if kind == "dynamic":
         original = cfg.get("max_position_embeddings")
+        if "max_position_embeddings" not in cfg:
+            fail(f"{where}: rope_type 'dynamic' scales past max_position_embeddings, which is missing")
         if isinstance(original, bool) or not isinstance(original, int) or original < 1:
             fail(f"{where}: rope_type 'dynamic' scales past max_position_embeddings, which must be a positive "
                  f"integer, not {json.dumps(original)}")

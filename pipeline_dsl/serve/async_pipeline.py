@@ -42,6 +42,15 @@ from . import heap
 log = logging.getLogger("agp.serve")
 
 
+class EntryRefused(Exception):
+    """AsyncPipeline.add_each's refusal: the entry of the batch (`index`) and why (`error`, a
+    PipelineError)."""
+
+    def __init__(self, index: int, error: PipelineError):
+        super().__init__(str(error))
+        self.index, self.error = index, error
+
+
 class LoopMail:
     """Calls the runtime's threads hand to one event loop, in the order handed, with one wake-up
     of the loop for all that arrive before it runs them (not one per call: 512 streams make 512
@@ -113,7 +122,9 @@ class RequestStream:
         self.cut = False                         # aborted for its unread tokens
         # an engine took it, or it has a delta or its result queued (on_admitted): set on the loop
         self.admitted = asyncio.Event()
-        self.refused: Result | None = None       # its result, where it failed before any delta was queued
+        # its result where it failed before any delta was queued (an engine refused it, a stage
+        # failed or rejected it, it timed out): a StreamGroup's batch fails with it
+        self.failed_before_delta: Result | None = None
         self._delta_queued = False
         self.on_queued = None                    # called (on the loop) after each event it queues: its group's
 
@@ -201,7 +212,7 @@ class RequestStream:
         self.ended = True
         self._stop_timer()
         if getattr(event[1], "error", None) is not None and not self._delta_queued:
-            self.refused = event[1]
+            self.failed_before_delta = event[1]
         self.queue.put_nowait(event)
         self.admitted.set()
         if self.on_queued is not None:
@@ -331,9 +342,9 @@ class ChoiceNumbers:
 
 
 class StreamGroup:
-    """Several requests answered as one (a completions request with a batch of prompts): their
-    events merged in the order they were queued, choices numbered by ChoiceNumbers (choice i of
-    request k: k * per + i), the usage summed."""
+    """Several requests (two or more) answered as one (a completions request with a batch of
+    prompts): their events merged in the order they were queued, choices numbered by
+    ChoiceNumbers (choice i of request k: k * per + i), the usage summed."""
 
     def __init__(self, streams: list[RequestStream], per: int):
         self.streams, self.per = streams, per
@@ -377,10 +388,6 @@ class StreamGroup:
         return await self._events.__anext__()
 
     async def _merge(self):
-        if len(self.streams) == 1:
-            async for event in self.streams[0]:
-                yield event
-            return
         # the group starts once an engine took each request (or it ended), not once each has its
         # first token: a request refused before an engine takes it (a prompt over the context)
         # refuses the whole batch, as a batch of that prompt alone is, rather than ending a stream
@@ -390,8 +397,9 @@ class StreamGroup:
         try:
             for k, s in enumerate(self.streams):
                 await waits[k]
-                if s.refused is not None:            # naming its prompt
-                    yield ("done", replace(s.refused, error=of_prompt(s.refused.error, k)))
+                failed = s.failed_before_delta
+                if failed is not None:               # naming its prompt
+                    yield ("done", replace(failed, error=of_prompt(failed.error, k)))
                     return
         finally:
             for w in waits:
@@ -494,6 +502,19 @@ class AsyncPipeline:
         `params` (its n and max_tokens) go to the metrics when it finishes; `client` (HOST:PORT)
         and `request_id` (its X-Request-Id) name it in the log. Not a stream: its only event is
         the result."""
+        try:
+            return (await self.add_each([data], pin=pin, stream=stream, params=params, client=client,
+                                        request_id=request_id))[0]
+        except EntryRefused as r:
+            raise r.error from None
+
+    async def add_each(self, items: list[dict], *, pin: str | None = None, stream: bool = False,
+                       params: dict | None = None, client: str | None = None,
+                       request_id: str | None = None) -> list[RequestStream]:
+        """Submit each of `items` (a batch's requests, as add); their streams, in order. Where one
+        is refused, the ones submitted are aborted and EntryRefused names the entry and why: where
+        the queue is full, the first of the rest that could never run (never_runs) with its 400
+        (a 429 its client would retry forever), else the one the queue refused."""
         loop = asyncio.get_running_loop()
         mail = self._mails.get(loop)
         if mail is None:
@@ -503,18 +524,23 @@ class AsyncPipeline:
                 for closed in [other for other in self._mails if other.is_closed()]:
                     del self._mails[closed]
                 mail = self._mails.setdefault(loop, LoopMail(loop))
-        rs = RequestStream(self, mail, self.max_unread_tokens, deltas=stream,
-                           pause_unread_tokens=self.pause_unread_tokens, pause_limit_s=self.pause_limit_s)
-        rs.params, rs.id, rs.client, rs.request_id = params, data.get("id"), client, request_id
-        try:
-            rs.key = self.runtime.submit(data, rs, pin=pin, stream=stream)
-        except PipelineError as e:
-            if e.kind == "queue_full":   # a request that could never run is a 400, not a 429 retried forever
-                never = await self.never_runs([data])
-                if never is not None:
-                    raise never[1] from None
-            raise
-        return rs
+        streams: list[RequestStream] = []
+        for k, data in enumerate(items):
+            rs = RequestStream(self, mail, self.max_unread_tokens, deltas=stream,
+                               pause_unread_tokens=self.pause_unread_tokens, pause_limit_s=self.pause_limit_s)
+            rs.params, rs.id, rs.client, rs.request_id = params, data.get("id"), client, request_id
+            try:
+                rs.key = self.runtime.submit(data, rs, pin=pin, stream=stream)
+            except PipelineError as e:
+                for st in streams:
+                    st.abort()
+                if e.kind == "queue_full":   # one that could never run is a 400, not a 429 retried forever
+                    never = await self.never_runs(items[k:])
+                    if never is not None:
+                        k, e = k + never[0], never[1]
+                raise EntryRefused(k, e) from None
+            streams.append(rs)
+        return streams
 
     async def never_runs(self, items: list[dict]) -> tuple[int, PipelineError] | None:
         """(its place, why) for the first of `items` (item dicts) that could never run

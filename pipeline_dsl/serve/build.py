@@ -9,7 +9,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import RETRY_AFTER_S
 from .options import ENGINE_VARIABLES, SetupError, check_args, given_as, model_named, template_text
 
 # The pipeline `agp serve MODEL` serves a model with (vLLM's `vllm serve MODEL`): the stages of
@@ -211,7 +210,7 @@ def build(args, *, host: str | None = None) -> Serving:
                          stage_loras=tuple((g, Path(str(es.spec.loras[g])).name) for g, es in runtime.seg_of_gen.items()
                                            if g in es.spec.loras),
                          drain_timeout_s=args.drain_timeout, max_body_bytes=args.max_body_bytes,
-                         retry_after_s=getattr(args, "retry_after_s", None) or RETRY_AFTER_S,
+                         retry_after_s=args.retry_after_s,
                          body_timeout_s=args.body_timeout, body_min_rate=args.body_min_rate,
                          max_connections=args.max_connections, max_body_bytes_arriving=args.max_body_bytes_arriving,
                          allowed_hosts=allowed_hosts(host or args.host, args.allowed_hosts),

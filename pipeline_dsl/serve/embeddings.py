@@ -39,11 +39,11 @@ import sys
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from pipeline_dsl.flow import PipelineError
 from pipeline_dsl.requests_io import IGNORED, check_fields, request_item
 
 from . import protocol as P
 from .access import request_info
+from .async_pipeline import EntryRefused
 from .body import read_json
 from .errors import api_error
 from .extras import bad, request_errors
@@ -273,18 +273,10 @@ class Embeddings:
             return g.refused(err)
         rid = f"{prefix}-{request_info(request.scope).adopt(req['request_id'])}"
         req["id"] = rid                          # the answer's id (a scoring answer carries one)
-        streams, i = [], 0
         try:
-            for i, item in enumerate(input_items(req, rid, headers)):
-                streams.append(await g.apipe.add(item, pin=req["pin"]))
-        except PipelineError as e:           # refused as it came (a full queue, a text too long for any engine)
-            for st in streams:
-                st.abort()
-            if e.kind == "queue_full":       # a later input that could never run: its 400, not a 429
-                never = await g.apipe.never_runs(input_items(req, rid, headers)[i + 1:])
-                if never is not None:
-                    i, e = i + 1 + never[0], never[1]
-            return g.refused(placed(req, i, api_error(e, "embeddings")))
+            streams = await g.apipe.add_each(input_items(req, rid, headers), pin=req["pin"])
+        except EntryRefused as r:            # refused as it came (a full queue, a text too long for any engine)
+            return g.refused(placed(req, r.index, api_error(r.error, "embeddings")))
         g.metrics.in_flight.inc()
         status = "499"
         try:

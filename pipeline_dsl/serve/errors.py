@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from pipeline_dsl.flow import ANSWER_FAILED_CODE, PipelineError, unbuilt_error
 
 from .api_error import APIError
+from .config import RETRY_AFTER_S
 
 if TYPE_CHECKING:
     from fastapi.responses import JSONResponse
@@ -64,7 +65,7 @@ REJECT_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_
                 429: "rate_limit_error"}
 
 
-def api_error(e: PipelineError, kind: str, retry_after_s: int = 1, max_tokens_field: str = "max_tokens",
+def api_error(e: PipelineError, kind: str, retry_after_s: int = RETRY_AFTER_S, max_tokens_field: str = "max_tokens",
               format_field: str = "response_format") -> APIError:
     """The HTTP answer to a request the pipeline refused or failed; `kind` is the request's
     ("chat": its input is `messages`, "detokenize": `tokens`, else `prompt`). An error that carries a code of its own

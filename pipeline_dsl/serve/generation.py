@@ -13,12 +13,10 @@ from dataclasses import replace
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from pipeline_dsl.flow import PipelineError
-
 from . import protocol as P
 from .access import client_of, request_info
 from .answers import answer_body, check_reasoning
-from .async_pipeline import AsyncPipeline, RequestStream, StreamGroup, of_prompt
+from .async_pipeline import AsyncPipeline, EntryRefused, StreamGroup, of_prompt
 from .body import read_json
 from .config import ServeConfig
 from .errors import answer_failed, api_error, error_response
@@ -133,7 +131,6 @@ class Generations:
         """Submit the request and wait for its first event: (stream, first event), or the
         Response that ends it (refused, failed before its first event, client gone)."""
         parts = req.split()                   # a completions batch: one pipeline request per prompt
-        streams: list[RequestStream] = []
         params = {"n": req.fields.get("n"), "max_tokens": req.fields.get("max_tokens")}
         client, request_id = client_of(request.scope), request_info(request.scope).id    # the pause log's
         try:
@@ -147,19 +144,11 @@ class Generations:
                                  headers=headers)
 
         try:
-            for k in range(len(parts)):
-                streams.append(await self.apipe.add(item(k), pin=req.pin, stream=req.stream, params=params,
-                                                    client=client, request_id=request_id))
-        except PipelineError as e:
-            for st in streams:
-                st.abort()
-            k = len(streams)
-            if e.kind == "queue_full" and k + 1 < len(parts):   # a later prompt that could never run: its 400
-                never = await self.apipe.never_runs([item(j) for j in range(k + 1, len(parts))])
-                if never is not None:
-                    k, e = k + 1 + never[0], never[1]
-            if len(parts) > 1:                # refused as it came: which prompt of the batch
-                e = of_prompt(e, k)
+            streams = await self.apipe.add_each([item(k) for k in range(len(parts))], pin=req.pin,
+                                                stream=req.stream, params=params, client=client,
+                                                request_id=request_id)
+        except EntryRefused as r:
+            e = of_prompt(r.error, r.index) if len(parts) > 1 else r.error   # which prompt of the batch
             return self.refused(api_error(e, req.kind, max_tokens_field=req.max_tokens_field,
                                           format_field=req.format_field))
         stream = streams[0] if len(streams) == 1 else StreamGroup(streams, req.choices_per_prompt)

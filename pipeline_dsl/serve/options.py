@@ -555,6 +555,19 @@ def check_args(args) -> None:
     if getattr(args, "lora_modules", None):
         parse_specs(args.lora_modules)          # the values' form; the folders are read by build
     check_ray_args(args)
+    _resolve_retry_after(args)
+
+
+def _resolve_retry_after(args) -> None:
+    """--retry-after-s resolved once: the Retry-After of every 429 and 503 (RETRY_AFTER_S where it
+    is left out), and of the 503 while the model loads (args.loading_retry_after_s: loading.py's
+    LOADING_RETRY_AFTER_S where it is left out). Again on args already resolved: nothing."""
+    from .config import RETRY_AFTER_S
+    from .loading import LOADING_RETRY_AFTER_S
+
+    if getattr(args, "loading_retry_after_s", None) is None:
+        args.loading_retry_after_s = args.retry_after_s or LOADING_RETRY_AFTER_S
+        args.retry_after_s = args.retry_after_s or RETRY_AFTER_S
 
 
 def parse_spec(spec: str) -> tuple[str, str, str | None]:

@@ -32,7 +32,6 @@ import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from .config import RETRY_AFTER_S
 from .ray_deployments import AgpIngress, AgpPipeline, PrefixAffinityRouter, affinity_key, rank
 from .ray_metrics import AgpMetrics
 
@@ -89,7 +88,7 @@ def build_app(args, gpus: float = 0):
     return AgpIngress.options(logging_config=logs).bind(
         pipeline, args.affinity_chars, args.max_body_bytes, args.body_timeout, hub, args.root_path,
         body_min_rate=args.body_min_rate, max_body_bytes_arriving=args.max_body_bytes_arriving,
-        retry_after_s=getattr(args, "retry_after_s", None) or RETRY_AFTER_S)
+        retry_after_s=args.retry_after_s)
 
 
 def drain(app: str, timeout: float, quiet_s: float = 1.0) -> int:

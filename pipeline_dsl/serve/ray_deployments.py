@@ -39,7 +39,7 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 
 from . import protocol as P
 from .body import BodyClock, decoded
-from .config import PROBES, WATCHED, ServeConfig
+from .config import PROBES, RETRY_AFTER_S, WATCHED, ServeConfig
 from .guard import header, shutting_down
 from .metrics import exposition
 from .server import MAX_HEADER_BYTES
@@ -215,7 +215,7 @@ class AgpIngress:
     """Behind Ray's HTTP proxy: every request to an `AgpPipeline` replica, with its routing key."""
 
     def __init__(self, pipeline, affinity_chars: int, max_body_bytes: int, body_timeout_s: float, hub=None,
-                 root_path: str = "", retry_after_s: int = 1, body_min_rate: float = 0.0,
+                 root_path: str = "", retry_after_s: int = RETRY_AFTER_S, body_min_rate: float = 0.0,
                  max_body_bytes_arriving: int | None = None):
         self.pipeline = pipeline.options(stream=True)
         self.chars, self.limit, self.body_timeout_s = affinity_chars, max_body_bytes, body_timeout_s
