@@ -25,16 +25,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 TORCH_THREADS = torch.get_num_threads()       # the process's count: one on a worker
 
-# The modules that take longest (20 s to a minute and a half of tests each), longest first, by the
-# sums of `--durations=0` per module (2026-12-07, with the native kernels running on an AVX2 CPU).
+# The modules that take longest (15 s to a minute and a half of tests each), longest first, by the
+# sums of the per-test times per module (2026-12-07, an idle full run, the native kernels on an AVX2 CPU).
 # `make test` gives each worker a module at a time in the order collected (--no-loadscope-reorder):
 # these start first and the short modules fill in around them, where in the order of names one of
 # them could start last and run alone while the other worker sits idle.
-LONG_FIRST = ("test_ray.py", "test_slow_clients.py", "test_dsl_limits.py", "test_hostile.py", "test_fast_paths.py",
-              "test_gpu_path.py", "test_gpu_suite.py", "test_model_parity.py", "test_examples.py", "test_ops.py",
-              "test_flex_attention.py", "test_dsl_fuzz.py", "test_openapi.py", "test_signals.py", "test_serve.py",
-              "test_run_stream.py", "test_model_files.py", "test_serve_operations.py", "test_run_errors.py",
-              "test_bench.py")
+LONG_FIRST = ("test_ray.py", "test_slow_clients.py", "test_hostile.py", "test_gpu_suite.py", "test_dsl_limits.py",
+              "test_fast_paths.py", "test_bench.py", "test_serve.py", "test_run_errors.py", "test_model_parity.py",
+              "test_signals.py", "test_gpu_path.py", "test_flex_attention.py", "test_embeddings.py",
+              "test_speculate.py", "test_flow_property.py", "test_ops.py", "test_examples.py", "test_executor.py",
+              "test_openapi.py")
 
 
 def pytest_collection_modifyitems(items):
