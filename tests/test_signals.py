@@ -170,7 +170,8 @@ def test_a_body_still_arriving_at_sigterm_gets_a_json_503_at_once(tmp_path, tiny
         answer = b""
         while chunk := c.recv(65536):
             answer += chunk
-        err = proc.communicate(timeout=60)[1]
+        c.close()                                      # as a client does once answered: the server's
+        err = proc.communicate(timeout=60)[1]          # linger for the rest of the body ends at once
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 503 ") and b"application/json" in head, answer[:300]
     assert "body was still arriving" in json.loads(body)["error"]["message"]
