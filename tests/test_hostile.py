@@ -679,11 +679,12 @@ class InFlight:
 
 
 def test_a_drain_that_times_out_says_so_to_every_client_and_in_the_exit_status(tmp_path, tiny_gguf):
-    # held answers: all four are still in flight when the 1 s drain ends, however fast the
+    # held answers: all four are still in flight when the 0.2 s drain ends, however fast the
     # machine generates: the hold, not the answers' length, keeps them (16 tokens: each stream
-    # has begun, and the engine is idle while the drain waits)
+    # has begun, and the engine is idle while the drain waits), so a drain this short times out
+    # as a long one would, with no second of it waited out
     pipeline = held_pipeline(tmp_path, tiny_gguf)
-    proc, url = start_serve(tmp_path, tiny_gguf, "--drain-timeout", "1", pipeline=pipeline)
+    proc, url = start_serve(tmp_path, tiny_gguf, "--drain-timeout", "0.2", pipeline=pipeline)
     with reaped(proc):
         held = InFlight(url, {"prompt": "hello", "max_tokens": 16, "ignore_eos": True}, streams=3)
         proc.send_signal(signal.SIGTERM)
