@@ -283,3 +283,31 @@ def run_lines(path, bodies, overrides: dict | None = None) -> list[dict]:
     finally:
         rt.shutdown()
     return [out[i] for i in range(len(bodies))]
+
+
+# a cascade: the first generate stage's draft is dropped (ask_again) and the request asked again of a
+# second engine, whose KV budget is {budget2} (64KiB: a context of 128 tokens)
+CASCADE = """pipeline tiny {{
+    model  = "{model}"
+    device = cpu
+    dtype  = fp32
+    stage request : requests {{}}
+    stage batch   : dynamic_batch {{ max_batch_size = 8  timeout = 1ms }}
+    stage encode  : encode {{}}
+    stage kv      : kv_lookup {{ block_size = 8  budget = 1MiB }}
+    stage draft   : generate {{ max_new_tokens = 6 }}
+    stage again   : python {{ fn = "flowkit:ask_again"  returns = request }}
+    stage batch2  : dynamic_batch {{ max_batch_size = 8  timeout = 1ms }}
+    stage encode2 : encode {{}}
+    stage kv2     : kv_lookup {{ block_size = 8  budget = {budget2} }}
+    stage gen     : generate {{ max_new_tokens = 16 }}
+    stage out     : respond {{}}
+    request -> batch
+    batch -> encode when full
+    batch -> encode when timeout
+    encode -> kv -> draft -> again -> batch2
+    batch2 -> encode2 when full
+    batch2 -> encode2 when timeout
+    encode2 -> kv2 -> gen -> out
+}}
+"""

@@ -527,10 +527,10 @@ def test_each_engine_of_a_cascade_counts_the_tokens_it_computed(tmp_path, tiny_g
 
     from pipeline_dsl.serve.build import build
     from pipeline_dsl.serve.options import add_arguments
-    from test_vllm_fields import CASCADE
+    from flowkit import CASCADE
 
     path = tmp_path / "cascade.agp"
-    path.write_text(CASCADE.format(model=tiny_gguf))
+    path.write_text(CASCADE.format(model=tiny_gguf, budget2="1MiB"))
     p = argparse.ArgumentParser()
     add_arguments(p)
     serving = build(p.parse_args([str(path), "--threads", "1"]))

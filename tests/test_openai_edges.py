@@ -14,6 +14,7 @@ import json
 
 import pytest
 
+from flowkit import CASCADE
 from test_serve import LiveServer
 from tiny_model import write_tiny_gguf
 
@@ -212,38 +213,12 @@ def test_a_streamed_batch_with_a_prompt_over_the_context_is_still_a_400(server):
     server.stats_when(lambda s: s["in_flight"] == 0 and s["running"] == 0)
 
 
-# a cascade: the first generate stage's draft is dropped and the request asked again of a second
-# engine whose KV cache holds far fewer tokens than the first's (its context: 128 tokens)
-CASCADE = """pipeline tiny {{
-    model  = "{model}"
-    device = cpu
-    dtype  = fp32
-    stage request : requests {{}}
-    stage batch   : dynamic_batch {{ max_batch_size = 8  timeout = 1ms }}
-    stage encode  : encode {{}}
-    stage kv      : kv_lookup {{ block_size = 8  budget = 1MiB }}
-    stage draft   : generate {{ max_new_tokens = 6 }}
-    stage again   : python {{ fn = "flowkit:ask_again"  returns = request }}
-    stage batch2  : dynamic_batch {{ max_batch_size = 8  timeout = 1ms }}
-    stage encode2 : encode {{}}
-    stage kv2     : kv_lookup {{ block_size = 8  budget = 64KiB }}
-    stage gen     : generate {{ max_new_tokens = 16 }}
-    stage out     : respond {{}}
-    request -> batch
-    batch -> encode when full
-    batch -> encode when timeout
-    encode -> kv -> draft -> again -> batch2
-    batch2 -> encode2 when full
-    batch2 -> encode2 when timeout
-    encode2 -> kv2 -> gen -> out
-}}
-"""
 
 
 @pytest.fixture(scope="module")
 def cascade(tmp_path_factory):
     path = write_tiny_gguf(tmp_path_factory.mktemp("cascade") / "tiny.gguf", context=4096)
-    s = LiveServer(path, text=CASCADE.format(model=path))
+    s = LiveServer(path, text=CASCADE.format(model=path, budget2="64KiB"))
     yield s
     s.close()
 

@@ -22,6 +22,7 @@ from pipeline_dsl.commands.runner import RunRequest, run_pipeline
 from pipeline_dsl.flow import build_runtime
 from pipeline_dsl import requests_io
 from pipeline_dsl.requests_io import RequestError, parse_request
+from flowkit import CASCADE
 from test_serve import LiveServer
 from tiny_model import write_tiny_gguf, write_tiny_hf_folder
 
@@ -274,35 +275,11 @@ def test_continuous_usage_counts_only_the_tokens_already_sent(client, kind):
     assert sent == 8
 
 
-CASCADE = """pipeline tiny {{
-    model  = "{model}"
-    device = cpu
-    dtype  = fp32
-    stage request : requests {{}}
-    stage batch   : dynamic_batch {{ max_batch_size = 8  timeout = 1ms }}
-    stage encode  : encode {{}}
-    stage kv      : kv_lookup {{ block_size = 8  budget = 1MiB }}
-    stage draft   : generate {{ max_new_tokens = 6 }}
-    stage again   : python {{ fn = "flowkit:ask_again"  returns = request }}
-    stage batch2  : dynamic_batch {{ max_batch_size = 8  timeout = 1ms }}
-    stage encode2 : encode {{}}
-    stage kv2     : kv_lookup {{ block_size = 8  budget = 1MiB }}
-    stage gen     : generate {{ max_new_tokens = 16 }}
-    stage out     : respond {{}}
-    request -> batch
-    batch -> encode when full
-    batch -> encode when timeout
-    encode -> kv -> draft -> again -> batch2
-    batch2 -> encode2 when full
-    batch2 -> encode2 when timeout
-    encode2 -> kv2 -> gen -> out
-}}
-"""
 
 
 @pytest.fixture(scope="module")
 def cascade(tiny_gguf):
-    s = LiveServer(tiny_gguf, text=CASCADE.format(model=tiny_gguf))
+    s = LiveServer(tiny_gguf, text=CASCADE.format(model=tiny_gguf, budget2="1MiB"))
     yield s
     s.close()
 
