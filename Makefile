@@ -58,7 +58,7 @@ demo: $(STAMP)
 	$(BIN)/agp render examples/chat.agp -o out/chat.svg
 	$(BIN)/agp run examples/chat.agp --input examples/prompts.jsonl --output -
 
-test: $(TSTAMP)
+test: $(TSTAMP) native   # the native kernels built before the tests, not inside the first test that loads them
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests   # two workers, the longest modules first (tests/conftest.py); the slowest 15
 
 $(MSTAMP): $(TSTAMP)
