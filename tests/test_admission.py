@@ -3,6 +3,7 @@ context) is a 400 at once, as vLLM's API layer answers it, whatever else the ser
 a 429 while the queue is full (a client retries a 429, forever for such a request), never after
 it waited for a batch slot. And the Retry-After of every 429 and 503 the server writes."""
 
+import contextlib
 import threading
 
 import httpx
@@ -25,16 +26,15 @@ NEVER = [("/v1/completions", {"prompt": "the cat " * 500, "max_tokens": 1500}, N
          ("/v1/embeddings", {"input": "the cat " * 1100}, None)]
 
 
-@pytest.mark.usefixtures("fresh_flowkit")
-def test_a_request_that_can_never_run_is_a_400_while_the_queue_is_full_not_a_429(long_gguf):
-    """requests.max_queue = 2, filled by requests held in a python stage after their generate stage
-    (in flight, not running: the queue's). A request over the context, on every generation route,
-    streamed or not, with n, one prompt of a batch: its 400 (context_length_exceeded), as on an idle
-    server; one that fits: the queue's 429. Let go, the held one is answered."""
-    text = (TINY.format(model=long_gguf, max_queue=2, max_batch_size=1, timeout=0)
+@contextlib.contextmanager
+def full_queue(model):
+    """A server whose queue (requests.max_queue = 2) is full: two requests held in a python stage
+    after their generate stage (in flight, not running: the queue's). Let go at the end, both are
+    answered."""
+    text = (TINY.format(model=model, max_queue=2, max_batch_size=1, timeout=0)
             .replace("gen -> out", "gen -> hold -> out")
             .replace("stage out", 'stage hold    : python        { fn = "flowkit:hold" }\n    stage out'))
-    s = LiveServer(long_gguf, text=text)
+    s = LiveServer(model, text=text)
     try:
         held = []
         waiting = [threading.Thread(target=lambda: held.append(httpx.post(
@@ -43,6 +43,23 @@ def test_a_request_that_can_never_run_is_a_400_while_the_queue_is_full_not_a_429
         for t in waiting:
             t.start()
         s.stats_when(lambda st: st["stages"]["hold"]["items_in"] == 2)
+        yield s
+        flowkit.gate("hold").set()
+        for t in waiting:
+            t.join(60)
+        assert [a.status_code for a in held] == [200, 200]
+    finally:
+        flowkit.gate("hold").set()
+        s.close()
+
+
+@pytest.mark.usefixtures("fresh_flowkit")
+def test_a_request_that_can_never_run_is_a_400_while_the_queue_is_full_not_a_429(long_gguf):
+    """requests.max_queue = 2, filled by requests held in a python stage after their generate stage
+    (in flight, not running: the queue's). A request over the context, on every generation route,
+    streamed or not, with n, one prompt of a batch: its 400 (context_length_exceeded), as on an idle
+    server; one that fits: the queue's 429. Let go, the held one is answered."""
+    with full_queue(long_gguf) as s:
         assert s.engine.max_model_len == 2048
         for path, body, place in NEVER:
             r = s.http.post(s.url + path, json={"model": "tiny", **body}, timeout=60)
@@ -54,13 +71,6 @@ def test_a_request_that_can_never_run_is_a_400_while_the_queue_is_full_not_a_429
         r = s.http.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": "the cat " * 500,
                                                          "max_tokens": 1000}, timeout=60)
         assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full", r.text
-        flowkit.gate("hold").set()
-        for t in waiting:
-            t.join(60)
-        assert [a.status_code for a in held] == [200, 200]
-    finally:
-        flowkit.gate("hold").set()
-        s.close()
 
 
 @pytest.mark.usefixtures("fresh_flowkit")
@@ -71,10 +81,6 @@ def test_a_full_queue_tokenises_only_the_prompts_of_a_batch_whose_bytes_may_not_
     the answer is what tokenising every prompt gives (the 429, or a prompt's 400)."""
     from pipeline_dsl.engine.tokenizer import Tokenizer
 
-    text = (TINY.format(model=long_gguf, max_queue=2, max_batch_size=1, timeout=0)
-            .replace("gen -> out", "gen -> hold -> out")
-            .replace("stage out", 'stage hold    : python        { fn = "flowkit:hold" }\n    stage out'))
-    s = LiveServer(long_gguf, text=text)
     encoded = []
     encode = Tokenizer.encode
 
@@ -82,14 +88,7 @@ def test_a_full_queue_tokenises_only_the_prompts_of_a_batch_whose_bytes_may_not_
         encoded.append(text)
         return encode(self, text, add_special_tokens)
 
-    try:
-        held = []
-        waiting = [threading.Thread(target=lambda: held.append(httpx.post(
-            s.url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}, timeout=60)))
-            for _ in range(2)]
-        for t in waiting:
-            t.start()
-        s.stats_when(lambda st: st["stages"]["hold"]["items_in"] == 2)
+    with full_queue(long_gguf) as s:
         monkeypatch.setattr(Tokenizer, "encode", spy)
         fits, may_not = ["the cat " * 50, "a dog " * 60], "the cat " * 300     # 2400 bytes, ~600 tokens
         over = "the cat " * 500                    # ~1000 tokens: + max_tokens 1500 past the context
@@ -101,13 +100,6 @@ def test_a_full_queue_tokenises_only_the_prompts_of_a_batch_whose_bytes_may_not_
             assert r.status_code == status, r.text
             assert [t for t in encoded if t in prompts] == tokenised, [len(t) for t in encoded]
         assert r.json()["error"]["message"].startswith("'prompt[1]': "), r.text
-        flowkit.gate("hold").set()
-        for t in waiting:
-            t.join(60)
-        assert [a.status_code for a in held] == [200, 200]
-    finally:
-        flowkit.gate("hold").set()
-        s.close()
 
 
 def test_past_a_python_stage_the_engine_refuses_it_without_waiting_for_a_batch_slot(long_gguf, tmp_path,
