@@ -78,6 +78,27 @@ class ParsedRequest:
                             parallel_tool_calls=self.parallel_tool_calls, response_format=self.response_format,
                             identity=self.identity, headers=self.headers)
 
+    @property
+    def format_set_aside(self) -> str | None:
+        """Why the line's own format does not hold its answer, or None where it does
+        (format_set_aside): its record's `warning` says it, as agp serve's Warning header does."""
+        return format_set_aside(self.tools, self.tool_choice, self.response_format, self.format_field)
+
+
+def format_set_aside(tools, tool_choice, response_format, format_field: str = "response_format") -> str | None:
+    """Why a request's own format (its response_format, structured_outputs or guided_* field,
+    named as `format_field`) does not hold its answer, or None where it does: a tool_choice that
+    forces a call (`required` or a named function) makes the answer that call, whose arguments
+    follow the tool's parameters, and no content for a format to hold, as OpenAI answers it;
+    vLLM's forced call replaces the request's structured output too (its tool parser's
+    adjust_request), without a word. agp says it: agp serve's Warning header
+    (serve/generation.warned), an `agp run` record's `warning`."""
+    if not tools or tool_choice in ("none", "auto") or response_format is None \
+            or response_format.get("type") == "text":
+        return None
+    return (f"'{format_field}' does not apply to this answer: 'tool_choice' forces a tool call, whose "
+            "arguments follow the tool's parameters (the answer has no content for a format to hold)")
+
 
 def request_item(request_id: str, *, messages, prompt_token_ids, prompt, fields: dict, model=None, n=None,
                  metadata=None, tools=None, tool_choice="none", parallel_tool_calls=True,

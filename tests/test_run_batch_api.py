@@ -410,6 +410,51 @@ def test_a_plain_lines_tool_calls_come_back_parsed_as_agp_serve_and_a_batch_line
     assert [c["function"] for c in served["message"]["tool_calls"]] == [got["function"]]
 
 
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}}, "required": ["name"]}
+
+
+def test_a_forced_tool_call_beside_a_format_says_on_its_record_and_once_on_stderr_that_the_format_was_set_aside(
+        tmp_path, long_gguf):
+    """agp serve answers a forced tool call beside a response_format with a Warning header saying the
+    format does not hold the answer (the call does). agp run said nothing: each such line's record
+    carries the same words as `warning` (a plain line's and a batch-API line's), naming the field as
+    the line wrote it, stderr says it once, and a line whose tool_choice forces nothing, or whose
+    format is free text, has none."""
+    pipeline = tmp_path / "long.agp"                 # a context with room for the tools' prompt
+    pipeline.write_text(PIPELINE.format(model=long_gguf).replace("budget = 1MiB", "budget = 8MiB"))
+    chat = [{"role": "user", "content": "add two numbers"}]
+    base = {"messages": chat, "tools": [ADD], "max_tokens": 60, "temperature": 0}
+    schema = {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}}
+    lines = [{"id": "req", **base, "tool_choice": "required", "response_format": schema},
+             {"id": "named", **base, "tool_choice": {"type": "function", "function": {"name": "add"}},
+              "guided_json": PERSON},
+             {"id": "auto", **base, "max_tokens": 3, "tool_choice": "auto", "response_format": {"type": "json_object"}},
+             {"id": "text", **base, "tool_choice": "required", "response_format": {"type": "text"}}]
+    inp, out, stats = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "stats.json"
+    inp.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    r = run(pipeline, "-i", inp, "-o", out, "--stats", stats)
+    assert r.returncode == 0, r.stderr
+    req, named, auto, text = records(out)
+    assert req["finish_reason"] == "tool_calls" and req["warning"].startswith(
+        "'response_format' does not apply to this answer: 'tool_choice' forces a tool call"), req
+    assert named["warning"].startswith("'guided_json' does not apply to this answer"), named
+    assert "warning" not in auto and "warning" not in text, (auto, text)
+    said = [line for line in r.stderr.splitlines() if "does not apply to this answer" in line]
+    assert said == ["agp run: warning: line 1 (and 1 more line(s)): " + req["warning"]
+                    + "; each such record's \"warning\" says so"], r.stderr
+    assert json.loads(stats.read_text())["warnings"] == 2
+
+    batch, answered = tmp_path / "batch.jsonl", tmp_path / "batch_out.jsonl"
+    batch.write_text(batch_line("req", CHAT, {k: v for k, v in lines[0].items() if k != "id"})
+                     + batch_line("auto", CHAT, {k: v for k, v in lines[2].items() if k != "id"}))
+    r = run(pipeline, "-i", batch, "-o", answered)
+    assert r.returncode == 0, r.stderr
+    forced, free = records(answered)
+    assert forced["warning"] == req["warning"] and forced["response"]["status_code"] == 200, forced
+    assert "warning" not in free, free
+    assert r.stderr.count("does not apply to this answer") == 1, r.stderr
+
+
 FAN = """pipeline fan {{
     model  = "{model}"
     device = cpu

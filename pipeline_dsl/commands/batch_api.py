@@ -127,7 +127,11 @@ class BatchLine:
                 result.error, self.call.kind, max_tokens_field=self.call.max_tokens_field,
                 format_field=self.call.format_field), self.rid)
         body, _ = answer_body(runtime, result, self.call, self.rid, fingerprint=fingerprint(runtime))
-        return output_record(self.custom_id, self.line, 200, body, self.rid)
+        out = output_record(self.custom_id, self.line, 200, body, self.rid)
+        why = self.call.format_set_aside      # the body's format, set aside by a forced tool call
+        if why is not None:                   # what agp serve's Warning header says of this body's answer
+            out["warning"] = why
+        return out
 
     def _embeddings(self, result) -> dict:
         """The output line of an embeddings body: agp serve's answer (made in `result`), or the error

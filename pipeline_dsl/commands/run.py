@@ -11,7 +11,9 @@ but for the ids, which stay known, about 140 bytes a line: ids are unique).
 Output: one JSON line per input line (a blank line gets none; a UTF-8 BOM and CRLF endings are
 read), in input order, each written whole and flushed as
 soon as the lines before it are: `id`, `text`, `finish_reason`, `usage` (and `stop_reason`, `logprobs`,
-`prompt_logprobs`, `choices` where asked, as agp serve's completions choices); a line that
+`prompt_logprobs`, `choices` where asked, as agp serve's completions choices; `warning` where a
+forced tool call sets the line's format aside, as agp serve's Warning header says it, and once on
+stderr after the summary); a line that
 cannot be run gives `{"id", "error": {"line", "message", "type"}}` and every other line
 still runs: one longer than MAX_LINE_BYTES (if no end of line follows within MAX_SKIP_BYTES,
 as from /dev/zero, the input is read no further), or whose id an earlier line has (a line without
@@ -331,6 +333,8 @@ class _Answers:
         self._pending: dict[int, list] = {}        # slot -> [its line, its record: None (running), False (not written)]
         self._slots = self._next = 0
         self._lock = threading.Lock()
+        self.warned = 0                            # answers whose record carries a `warning`
+        self.first_warning: tuple[int, str] | None = None     # (its line, the warning) of the first
 
     def write_fingerprint(self) -> int:
         """Write the fingerprint; the lines it covers."""
@@ -384,6 +388,11 @@ class _Answers:
         """A slot's record; False: it is not written (an interrupted request)."""
         with self._lock:
             self._pending[slot][1] = record
+            if isinstance(record, dict) and record.get("warning"):
+                self.warned += 1
+                line = self._pending[slot][0]
+                if self.first_warning is None or line < self.first_warning[0]:
+                    self.first_warning = (line, record["warning"])
         self.flush()
 
     def flush(self) -> None:
@@ -646,6 +655,7 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
     summary["requests"] += lines.bad_lines
     summary["errors"] += lines.bad_lines
     summary["written"] = answers.written
+    summary["warnings"] = answers.warned              # answers whose record carries a `warning`
     write_error = answers.errors
     read_error = source.error if not write_error and interrupt.signum is None else None
     if write_error:
@@ -661,6 +671,11 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
     if read_error is not None:
         summary["read_error"] = f"{read_error.strerror or read_error}"
     print(format_summary(summary), file=sys.stderr)
+    if answers.warned:                                # once, however many lines: each record says it
+        line, why = answers.first_warning
+        more = f" (and {answers.warned - 1} more line(s))" if answers.warned > 1 else ""
+        print(f"agp run: warning: line {line}{more}: {why}; each such record's \"warning\" says so",
+              file=sys.stderr)
     if args.stats:
         try:
             with open(args.stats, "w", encoding="utf-8") as f:

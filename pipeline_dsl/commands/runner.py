@@ -111,6 +111,9 @@ def record(req: RunRequest, result, several: bool = False, runtime=None) -> dict
                               if several and c.data.get("generated_by") else {}),
                            **({"token_ids": c.data.get("token_ids")} if ids else {}), **p}
                           for c, p, reason in zip(result.choices, parts, reasons)]
+    why = req.parsed.format_set_aside         # the line's format, set aside by a forced tool call
+    if why is not None:                       # said as agp serve's Warning header says it
+        out["warning"] = why
     return out
 
 

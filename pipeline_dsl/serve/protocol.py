@@ -21,9 +21,9 @@ from pipeline_dsl.requests_io import (CACHE_SETTINGS, CHAT_FIELDS, CHAT_LACKING,
                                       COMPLETION_FIELDS, COMPLETION_LACKING, IDENTIFIERS, IDENTITY, IGNORED,
                                       ITEM_FIELDS, MAX_HEADER_VALUE, NEUTRAL, REASONING_EFFORTS, RESPONSES_LACKING,
                                       check_fields, check_identifiers, check_metadata, check_min_tokens,
-                                      check_neutral, foreign_hint, json_type, load_json, logprobs_of_chat,
-                                      max_tokens_field, must_be, parse_logit_bias, parse_messages, parse_tools,
-                                      priority, request_item)
+                                      check_neutral, foreign_hint, format_set_aside, json_type, load_json,
+                                      logprobs_of_chat, max_tokens_field, must_be, parse_logit_bias, parse_messages,
+                                      parse_tools, priority, request_item)
 from pipeline_dsl.requests_io import check_lacking as request_check_lacking
 from stages.fields import REQUEST_FIELDS, ParamError, check_value, param_of
 
@@ -86,16 +86,9 @@ class GenerationRequest:
     @property
     def format_set_aside(self) -> str | None:
         """Why the request's own format (its response_format, structured_outputs or guided_* field)
-        does not hold its answer, or None where it does: a tool_choice that forces a call
-        (`required` or a named function) makes the answer that call, whose arguments follow the
-        tool's parameters, and no content for a format to hold, as OpenAI answers it; vLLM's
-        forced call replaces the request's structured output too (its tool parser's
-        adjust_request), without a word. The answer's Warning header says it (generation.warned)."""
-        fmt = self.response_format
-        if not self.tools_active or self.tool_choice == "auto" or fmt is None or fmt.get("type") == "text":
-            return None
-        return (f"'{self.format_field}' does not apply to this answer: 'tool_choice' forces a tool call, whose "
-                "arguments follow the tool's parameters (the answer has no content for a format to hold)")
+        does not hold its answer, or None where it does (requests_io.format_set_aside: a forced
+        tool call). The answer's Warning header says it (generation.warned)."""
+        return format_set_aside(self.tools, self.tool_choice, self.response_format, self.format_field)
 
     @property
     def call_limit(self) -> int | None:
