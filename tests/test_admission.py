@@ -102,6 +102,55 @@ def test_a_full_queue_tokenises_only_the_prompts_of_a_batch_whose_bytes_may_not_
         assert r.json()["error"]["message"].startswith("'prompt[1]': "), r.text
 
 
+@pytest.mark.usefixtures("fresh_flowkit")
+def test_a_full_queue_bounds_a_conversation_by_its_rendered_bytes_and_refuses_none_that_fits(long_gguf, monkeypatch):
+    """A chat request the full queue refuses gets the completions prompt's cheap bound: its
+    conversation as the chat template renders it (every turn's markers counted), its UTF-8 bytes
+    and max_tokens within the context, is not tokenised to find out it fits (it always was, on
+    each retry of its client). At the edge: max_tokens that the bound just allows is the 429 with
+    no tokenising; one more is tokenised and still the 429 (the bound is above the tokens), up to
+    the max_tokens its tokens leave exactly; one past that is its 400. A conversation of many
+    short messages, whose markers are most of its tokens, is tokenised and refused: its
+    messages' own bytes would have fit."""
+    from pipeline_dsl.engine.tokenizer import Tokenizer
+
+    encoded = []
+    encode = Tokenizer.encode
+
+    def spy(self, text, add_special_tokens=True):
+        encoded.append(text)
+        return encode(self, text, add_special_tokens)
+
+    def post(messages, most):
+        encoded.clear()
+        r = s.http.post(s.url + "/v1/chat/completions",
+                        json={"model": "tiny", "messages": messages, "max_tokens": most}, timeout=60)
+        return r.status_code, [t for t in encoded if messages[-1]["content"] in t], r
+
+    with full_queue(long_gguf) as s:
+        context = s.engine.max_model_len
+        tok = s.engine.tokenizer
+        chat = [{"role": "user", "content": "the cat sat " * 100}]
+        rendered = tok.apply_chat_template(chat, add_generation_prompt=True)
+        bound = tok.max_tokens(rendered, add_special_tokens=False)
+        tokens = len(tok.encode(rendered, add_special_tokens=False))
+        assert tokens < bound < context, (tokens, bound)
+        monkeypatch.setattr(Tokenizer, "encode", spy)
+        status, tokenised, r = post(chat, context - bound)
+        assert status == 429 and not tokenised, r.text
+        status, tokenised, r = post(chat, context - bound + 1)
+        assert status == 429 and tokenised == [rendered], r.text
+        status, tokenised, r = post(chat, context - tokens)
+        assert status == 429 and tokenised == [rendered], r.text
+        status, _, r = post(chat, context - tokens + 1)
+        assert status == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+
+        short = [{"role": ("user", "assistant")[i % 2], "content": "x"} for i in range(199)]
+        own = sum(len(m["content"]) for m in short)            # 199 bytes; the markers are ~1,400 tokens
+        status, tokenised, r = post(short, context - own - 10)
+        assert status == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+
+
 def test_past_a_python_stage_the_engine_refuses_it_without_waiting_for_a_batch_slot(long_gguf, tmp_path,
                                                                                   monkeypatch):
     """Where a python stage before the engine may rewrite the prompt, the engine's admission

@@ -429,3 +429,30 @@ def test_max_tokens_bounds_the_ids_of_any_text_from_its_bytes_and_is_none_where_
     nfkc = HFTokenizer.from_str(tok.tk.to_str())
     nfkc.normalizer = normalizers.NFKC()
     assert Tokenizer(nfkc, bos_token=None, eos_token=None, eos_token_ids=(), chat_template=None).max_tokens("ﷺ") is None
+
+
+def test_an_engines_bound_on_a_conversation_is_never_below_the_ids_it_gives(tmp_path):
+    """Engine.prompt_tokens_at_most, the bound agp serve checks a chat request against before
+    tokenising it: a conversation's as its chat template renders it (every turn's markers, the
+    tools, a continued last message, or the contents joined without a template, the start token
+    with them) is never below the ids prompt_ids gives it, for a byte-level BPE's and a
+    SentencePiece's vocabulary; messages the template cannot render give no bound."""
+    import random
+
+    from tiny_model import tiny_engine, write_tiny_gguf
+
+    tool = {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {
+        "a": {"type": "integer"}}}}}
+    rng = random.Random(0)
+    pieces = list("ab 1\n.") + ["é", "中", "😀", "▁", "  ", "<|im_start|>"]
+    for kind in ("bpe", "spm"):
+        engine = tiny_engine(write_tiny_gguf(tmp_path / f"{kind}.gguf", tokenizer=kind, add_bos=kind == "spm"))
+        for i in range(200):
+            messages = [{"role": ("user", "assistant")[j % 2],
+                         "content": "x" + "".join(rng.choice(pieces) for _ in range(rng.randint(0, 20)))}
+                        for j in range(rng.randint(1, 6))]
+            how = [{}, {"tools": [tool], "tool_choice": "required"}, {"chat_template": False},
+                   {"add_generation_prompt": False, "continue_final_message": True}][i % 4]
+            ids = engine.prompt_ids(messages=messages, allow_empty=True, **how)
+            assert len(ids) <= engine.prompt_tokens_at_most(messages=messages, **how), (kind, messages, how)
+        assert engine.prompt_tokens_at_most(messages=[{"role": "user"}]) is None

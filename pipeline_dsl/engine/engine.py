@@ -346,6 +346,25 @@ class Engine:
     def _render_chat(self, messages, chat_template=True, add_special_tokens=True, tools=None,
                      tool_choice="auto", template_kwargs=None, add_generation_prompt=True,
                      continue_final_message=False, check_length=True) -> list[int]:
+        rendered, special = self._chat_text(messages, chat_template, add_special_tokens, tools, tool_choice,
+                                            template_kwargs, add_generation_prompt, continue_final_message)
+        if not isinstance(rendered, str):
+            return list(rendered)
+        if special is None and rendered and check_length:
+            # what the template wrote around the messages (their turns' markers, the tools) counts
+            # too: a conversation of many short messages, or of tools, refused before tokenising
+            self.check_prompt_length(prompt=rendered, rendered=True)
+        if not rendered and special is not None:
+            return []
+        return list(self.tokenizer.encode(rendered, add_special_tokens=bool(special)))
+
+    def _chat_text(self, messages, chat_template=True, add_special_tokens=True, tools=None,
+                   tool_choice="auto", template_kwargs=None, add_generation_prompt=True,
+                   continue_final_message=False) -> tuple:
+        """(a conversation as its chat template renders it: text, or ids where the template gives
+        ids; how that text is encoded: None as a rendering, whose template wrote the special
+        tokens, else add_special_tokens, for the messages' contents joined without a template).
+        InputError for messages the template cannot render."""
         if not isinstance(messages, (list, tuple)) or not messages:
             raise InputError("messages must be a non-empty list of {role, content} objects")
         if continue_final_message and add_generation_prompt:
@@ -356,8 +375,7 @@ class Engine:
                     or not isinstance(m.get("content"), str):
                 raise InputError(f"messages[{i}] must be an object with string 'role' and 'content'")
         if not chat_template:
-            text = "\n".join(m["content"] for m in messages)
-            return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens)) if text else []
+            return "\n".join(m["content"] for m in messages), add_special_tokens
         extra = dict(template_kwargs or {})       # the request's own variables (enable_thinking, ...)
         if tools or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages):
             from pipeline_dsl.tools import prepare_messages, template_takes_tools
@@ -377,13 +395,30 @@ class Engine:
             raise InputError(f"the chat template cannot render these messages: {e}") from None
         if continue_final_message:
             rendered = open_final_message(rendered, messages[-1]["content"])
-        if isinstance(rendered, str):
-            # what the template wrote around the messages (their turns' markers, the tools) counts
-            # too: a conversation of many short messages, or of tools, refused before tokenising
-            if check_length:
-                self.check_prompt_length(prompt=rendered, rendered=True)
-            return list(self.tokenizer.encode(rendered, add_special_tokens=False))
-        return list(rendered)
+        return rendered, None
+
+    def prompt_tokens_at_most(self, prompt=None, messages=None, chat_template=True, add_special_tokens=True,
+                              tools=None, tool_choice="auto", template_kwargs=None, add_generation_prompt=True,
+                              continue_final_message=False) -> int | None:
+        """At most how many ids prompt_ids() gives for a text prompt or a conversation, counted
+        without tokenising it: its text's UTF-8 bytes (Tokenizer.max_tokens: a token stands for one
+        byte at least) and the special tokens the engine adds; a conversation's as its chat
+        template renders it, every marker and tool the template writes counted (rendering is cheap
+        beside tokenising). None where it cannot tell: a tokenizer without the bound (its
+        normalizer may lengthen text), or messages the template refuses (prompt_ids says why)."""
+        bound = getattr(self.tokenizer, "max_tokens", None)
+        if bound is None:
+            return None
+        if prompt is not None:
+            return bound(prompt, add_special_tokens) if isinstance(prompt, str) else None
+        try:
+            rendered, special = self._chat_text(messages, chat_template, add_special_tokens, tools, tool_choice,
+                                                template_kwargs, add_generation_prompt, continue_final_message)
+        except InputError:
+            return None
+        if not isinstance(rendered, str):
+            return len(rendered)
+        return bound(rendered, bool(special))
 
     def _decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

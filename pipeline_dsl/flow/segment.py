@@ -216,15 +216,24 @@ class EngineSegment:
 
     def prompt_tokens_at_most(self, data: dict) -> int | None:
         """At most how many ids tokenise(data) gives, counted without tokenising it: a text
-        prompt's UTF-8 bytes and the special tokens the engine adds (Tokenizer.max_tokens); None
-        for a conversation (its template renders it), ids, an empty prompt (refused as it is
-        tokenised), or a tokenizer that cannot bound it."""
-        prompt = data.get("prompt")
-        if data.get("messages") is not None or data.get("prompt_token_ids") is not None \
-                or not isinstance(prompt, str) or not prompt or data.get("truncate_prompt_tokens"):
+        prompt's UTF-8 bytes and the special tokens the engine adds, a conversation's as its
+        chat template renders it, with the tools and markers the template writes
+        (Engine.prompt_tokens_at_most); None for ids, an empty prompt (refused as it is
+        tokenised), truncate_prompt_tokens, or a tokenizer that cannot bound it."""
+        if data.get("prompt_token_ids") is not None or data.get("truncate_prompt_tokens"):
             return None
-        bound = getattr(self.engine.tokenizer, "max_tokens", None)
-        return bound(prompt, data.get("add_special_tokens", self.spec.add_special_tokens)) if bound else None
+        bound = getattr(self.engine, "prompt_tokens_at_most", None)
+        if bound is None:
+            return None
+        if data.get("messages") is not None:
+            return bound(messages=data["messages"], chat_template=self.spec.chat_template,
+                         add_special_tokens=self.spec.add_special_tokens, tools=data.get("tools"),
+                         tool_choice=data.get("tool_choice", "auto"), template_kwargs=data.get("chat_template_kwargs"),
+                         **render_options(data))
+        prompt = data.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            return None
+        return bound(prompt=prompt, add_special_tokens=data.get("add_special_tokens", self.spec.add_special_tokens))
 
     def sampling(self, gen: str, data: dict, prompt_len: int, copy: int = 0, keep_special: bool = False):
         """A request's SamplingParams at generate stage `gen`: the stage's defaults, the request's
