@@ -269,6 +269,39 @@ def test_a_gguf_rotary_scaling_gives_transformers_logits_of_the_same_model(tmp_p
     assert (model.forward_full(TOKENS) - want).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("keys", [{}, {"original_context_length": 128}], ids=["linear", "linear-original"])
+def test_a_gguf_with_linear_rope_scaling_serves_its_context_length_as_llama_cpp_does(tmp_path, keys):
+    """A GGUF's `{arch}.context_length` with `.rope.scaling.type` linear and a factor of 4 is the
+    context it serves, not 4 times it: llama.cpp takes context_length as the trained context
+    (n_ctx_train, its default context) whatever the scaling, the factor only dividing the rotary
+    frequencies, and `.original_context_length` is yarn's alone; vLLM reading a GGUF takes
+    context_length as max_position_embeddings with no rope_scaling. agp serve reports it as
+    max_model_len and refuses a prompt + max_tokens one past it (the folder the file was converted
+    from, max_position_embeddings times the factor, is vLLM's own rule for a config.json: above)."""
+    from starlette.testclient import TestClient
+
+    from pipeline_dsl.serve.build import build
+    from test_serve_model_arg import parse
+    from tiny_model import write_tiny_gguf
+
+    gguf = write_tiny_gguf(tmp_path / "m.gguf", rope_scaling=("linear", 4.0), rope_metadata=keys)
+    assert context_length(str(gguf)) == 512
+    serving = build(parse([str(gguf), "--threads", "1"]))
+    try:
+        with TestClient(serving.app, base_url="http://localhost") as client:
+            model = client.get("/v1/models").json()["data"][0]
+            assert model["max_model_len"] == 512, model
+            ask = {"model": model["id"], "prompt": [5] * 500, "temperature": 0}
+            r = client.post("/v1/completions", json={**ask, "max_tokens": 12, "ignore_eos": True})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 12, r.text
+            r = client.post("/v1/completions", json={**ask, "max_tokens": 13})
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["message"] == ("prompt of 500 tokens + max_tokens 13 = 513 exceeds the model's "
+                                                    "context of 512 tokens; shorten the prompt or lower max_tokens")
+    finally:
+        serving.runtime.close()
+
+
 @pytest.mark.parametrize("keys, fields", [
     ({"original_context_length": 32}, {}),
     ({"original_context_length": 32, "yarn_beta_fast": 16.0, "yarn_beta_slow": 2.0}, {"beta_fast": 16.0,

@@ -300,6 +300,8 @@ def gguf_llama_config(h: GGUFHeader) -> dict:
         head_dim = hidden // heads
     theta, scaling = gguf_rope(m, fail, head_dim, arch)
     context = m.get(f"{arch}.context_length", 2048)
+    # linear leaves context_length the context, as llama.cpp serves it (n_ctx_train: the factor only
+    # divides the rotary frequencies) and vLLM reads a GGUF (no rope scaling in its config)
     if dict(scaling).get("rope_type") == "yarn":   # as a config.json's: the original context times the factor
         context = scaled_context(context, scaling)
     window = m.get("phi3.attention.sliding_window") if fused else None
