@@ -21,9 +21,9 @@ Two kinds of work (docs/plan.md explains why):
 2. With networkx, the graph of work instances over a window of micro-batches: (w, k)
    waits for its predecessors in micro-batch k and for (w, k-1).
 3. Nimble's method on that graph: transitive reduction, minimum path cover by bipartite
-   matching, one stream per chain (kept as the baseline we report). We match only edges
-   inside one resource class, so chains are homogeneous, and merge the chains of a class
-   into one stream: a fixed number of streams, whatever the window.
+   matching, one stream per chain (kept as the baseline we report). Matched only inside one
+   resource class, chains are homogeneous and those of a class merge into one stream: each
+   work's stream is its resource class, a fixed number of streams whatever the window.
 4. Modulo schedule: work downstream of the bottleneck stream on another stream is issued
    one micro-batch later (`skew`), so no FIFO queues independent work behind a wait.
 5. Events only on cross-stream edges, dropped when stream order and earlier events already
@@ -295,31 +295,19 @@ def instance_graph(step: nx.DiGraph, window: int) -> nx.DiGraph:
     return g
 
 
-def path_cover(dag: nx.DiGraph, same_class: bool, tr: nx.DiGraph | None = None) -> list[list]:
-    """Minimum path cover of the transitive reduction by bipartite matching (Nimble).
-
-    With `same_class`, only edges inside one resource class may join a chain, and edges
-    that keep the same work across micro-batches are preferred (steady-state chains).
-    `tr`: dag's transitive reduction, when the caller has it already (both covers of one plan)."""
+def path_cover(dag: nx.DiGraph, tr: nx.DiGraph | None = None) -> list[list]:
+    """Minimum path cover of the transitive reduction by bipartite matching (Nimble: any
+    maximum matching, one stream per chain). `tr`: dag's transitive reduction, when the caller
+    has it already."""
     if tr is None:
         tr = nx.transitive_reduction(dag)
     b = nx.Graph()
     left = [("out", n) for n in dag]
     b.add_nodes_from(left, bipartite=0)
     b.add_nodes_from((("in", n) for n in dag), bipartite=1)
-    for u, v in tr.edges:
-        if same_class and dag.nodes[u]["resource"] != dag.nodes[v]["resource"]:
-            continue
-        b.add_edge(("out", u), ("in", v), weight=2 if u[0] == v[0] else 1)
-    if same_class:
-        pairs = nx.max_weight_matching(b, maxcardinality=True)
-        match = {}
-        for x, y in pairs:
-            x, y = (x, y) if x[0] == "out" else (y, x)
-            match[x[1]] = y[1]
-    else:
-        m = nx.bipartite.hopcroft_karp_matching(b, top_nodes=left)
-        match = {x[1]: y[1] for x, y in m.items() if x[0] == "out"}
+    b.add_edges_from((("out", u), ("in", v)) for u, v in tr.edges)
+    m = nx.bipartite.hopcroft_karp_matching(b, top_nodes=left)
+    match = {x[1]: y[1] for x, y in m.items() if x[0] == "out"}
     starts = set(dag) - set(match.values())
     chains = []
     for n in sorted(starts, key=lambda n: (n[1], str(n[0]))):
@@ -491,13 +479,10 @@ def _plan_segment(graph: nx.DiGraph, seg: tuple, window: int, costs, prefix: str
     step = step_graph(graph, work)
     inst = instance_graph(step, window)
 
-    # ours: homogeneous chains, merged per resource class
-    reduced = nx.transitive_reduction(inst)           # once, for both covers and both event sets
-    chains = path_cover(inst, same_class=True, tr=reduced)
-    stream = {}
-    for chain in chains:
-        for n in chain:
-            stream.setdefault(n[0], inst.nodes[n]["resource"])
+    # ours: chains matched inside one resource class are homogeneous, and the chains of a class
+    # merge into its one stream: whatever the matching, a work's stream is its resource class
+    reduced = nx.transitive_reduction(inst)           # once, for the cover and both event sets
+    stream = {w: data["resource"] for w, data in step.nodes(data=True)}
     skew = skews(step, stream)
     key = _order(step, skew)
     of = lambda n: stream[n[0]]                       # noqa: E731
@@ -512,7 +497,7 @@ def _plan_segment(graph: nx.DiGraph, seg: tuple, window: int, costs, prefix: str
                    for u, v in kept if v[1] == last)
 
     # Nimble as published: any maximum matching, one stream per chain, no skew
-    nchains = path_cover(inst, same_class=False, tr=reduced)
+    nchains = path_cover(inst, tr=reduced)
     nstream = {n: i for i, c in enumerate(nchains) for n in c}
     nof = lambda n: nstream[n]                        # noqa: E731
     nkey = _order(step, {w: 0 for w in step})
