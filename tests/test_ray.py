@@ -8,6 +8,7 @@ Accept-Encoding), and SIGTERM drains: new requests get 503 + Retry-After (not Ra
 one in flight finishes, then exit 0. The cluster's tests are skipped only when Ray is not installed
 (`pip install -e '.[ray]'`)."""
 
+import asyncio
 import gzip
 import importlib.util
 import json
@@ -254,6 +255,55 @@ def test_a_ray_without_the_controllers_names_starts_serve_as_on_a_new_cluster(mo
     with caplog.at_level(logging.WARNING, logger="agp.serve"):
         assert on_ray.running_http_options() is None
     assert "does not say where a running Serve listens" in caplog.text
+
+
+class Actor:
+    """A stand-in for a replica's actor handle: its `__ray_ready__` answers, raises what Ray
+    raises for a dead or an unreachable actor, or never answers."""
+
+    def __init__(self, outcome=None):
+        self.outcome, self.pings = outcome, 0
+        self.__ray_ready__ = self
+
+    async def _ping(self):
+        self.pings += 1
+        if self.outcome == "hangs":
+            await asyncio.Event().wait()
+        if self.outcome is not None:
+            raise self.outcome
+        return True
+
+    def remote(self):
+        return self._ping()
+
+
+def test_the_metrics_hub_forgets_a_replica_whose_actor_died_at_the_next_scrape(monkeypatch):
+    """A replica killed mid-load left its last series on the merged /metrics for STALE_S (15 s):
+    the hub learnt of a death only from the silence. It asks Ray at each scrape whether each
+    replica's actor lives: a dead one's series go at once (and a push it sent before dying,
+    arriving after, does not bring them back); one unreachable for now, or slow to answer, stays,
+    and silence still drops a replica after STALE_S."""
+    pytest.importorskip("pipeline_dsl.serve.ray", exc_type=ImportError)
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+    from pipeline_dsl.serve import ray_metrics
+
+    monkeypatch.setattr(ray_metrics, "PING_S", 0.05)
+    now = [0.0]
+    hub = ray_metrics.AgpMetrics.func_or_class(clock=lambda: now[0])
+    actors = {"alive": Actor(), "dead": Actor(ActorDiedError()), "unreachable": Actor(ActorUnavailableError("unreachable", None)),
+              "slow": Actor("hangs")}
+    for name, actor in actors.items():
+        hub.put(name, f"{name} 1\n", actor)
+    hub.put("unknown", "unknown 1\n")                    # no actor handle: only silence drops it
+    assert sorted(asyncio.run(hub.collect())) == ["alive", "slow", "unknown", "unreachable"], "the dead one stays"
+    assert all(a.pings == 1 for a in actors.values())
+    hub.put("dead", "dead 2\n", actors["dead"])          # sent before it died
+    assert "dead" not in asyncio.run(hub.collect())
+    assert actors["dead"].pings == 1                      # and no longer asked after
+    now[0] = ray_metrics.STALE_S + 1
+    hub.put("alive", "alive 2\n", actors["alive"])
+    assert asyncio.run(hub.collect()) == {"alive": "alive 2\n"}
 
 
 # ---------------------------------------------------------------- a local Ray cluster
