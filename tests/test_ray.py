@@ -117,6 +117,8 @@ def test_scaling_flags_become_serve_options(tmp_path, tiny_gguf):
     assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
     assert fixed["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 0}
     assert fixed["request_router_config"].request_router_class.endswith("PrefixAffinityRouter")
+    # a stopping replica gets --drain-timeout, and looks more often than Serve's 2 s whether its requests finished
+    assert fixed["graceful_shutdown_timeout_s"] == 60 and fixed["graceful_shutdown_wait_loop_s"] < 2
     auto = on_ray.pipeline_options(on_ray.parse([str(path), "--min-replicas", "0", "--max-replicas", "4",
                                                  "--target-ongoing-requests", "16"]))
     assert "num_replicas" not in auto
@@ -614,7 +616,9 @@ def test_a_flag_the_replicas_cannot_start_with_is_named_at_the_first_failure(clu
     from pipeline_dsl.serve import ray as on_ray
 
     path = tiny_pipeline(tmp_path / "tiny.agp", tiny_gguf)
-    args = on_ray.parse([str(path), "--threads", "1", "--max-model-len", "100000"])   # checked by the replica
+    # checked by the replica; --drain-timeout: the replicas Serve starts again meanwhile stop within 1 s once
+    # deleted (beside the next test), not when their start is over
+    args = on_ray.parse([str(path), "--threads", "1", "--max-model-len", "100000", "--drain-timeout", "1"])
     before = set(threading.enumerate())
     with pytest.raises(RuntimeError) as e:
         on_ray.deploy(on_ray.build_app(args), "agp-bad", "/bad")
@@ -643,7 +647,8 @@ def test_ctrl_c_while_deploying_deletes_the_application_it_was_deploying(cluster
     from pipeline_dsl.serve import ray as on_ray
 
     path = tiny_pipeline(tmp_path / "tiny.agp", tiny_gguf)
-    args = on_ray.parse([str(path), "--threads", "1"])
+    # --drain-timeout: how long Serve gives each replica to stop; the delete waits for the ones still starting
+    args = on_ray.parse([str(path), "--threads", "1", "--drain-timeout", "1"])
     status, seen = serve.status, []
 
     def interrupted_once_deploying():
@@ -737,8 +742,8 @@ def test_a_replica_lost_mid_load_loses_no_request_that_had_not_started_streaming
         fams = text_string_to_metric_families(httpx.get(cluster.url + "/metrics", timeout=30).text)
         return any(s.labels.get("replica") == victim for fam in fams for s in fam.samples)
 
-    # and /metrics drops the lost replica's last series once they go stale (STALE_S): its held
-    # request would count on beside the one the next test holds
+    # and /metrics drops the lost replica's last series (the scrape finds its actor dead; not only after
+    # STALE_S of silence): its held request would count on beside the one the next test holds
     _wait(lambda: not series_of_the_lost_replica(), "the lost replica's series stay on /metrics", 60, 0.5)
 
 
