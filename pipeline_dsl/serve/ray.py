@@ -42,7 +42,7 @@ DEFAULT_TARGET = 8.0              # --target-ongoing-requests
 # 2 s by default, waited at least once by every replica): `stop` drained the application at its ingress before
 # deleting it, so a replica finds none left and a 2 s look only delays the stop.
 STOP_POLL_S = 0.25
-HUB_STOP_S = 2.0                  # the AgpMetrics replica's stop (it holds no request to wait for)
+HUB_STOP_S = 1.0                  # the AgpMetrics replica's stop (it holds no request to wait for)
 
 __all__ = ["APP", "AgpIngress", "AgpPipeline", "PrefixAffinityRouter", "StartFailed", "affinity_key", "app_builder",
            "build_app", "deploy", "drain", "init_cluster", "logging_config", "main", "parse", "pipeline_options",
