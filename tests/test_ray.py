@@ -293,11 +293,12 @@ def test_the_metrics_hub_forgets_a_replica_whose_actor_died_at_the_next_scrape(m
     monkeypatch.setattr(ray_metrics, "PING_S", 0.05)
     now = [0.0]
     hub = ray_metrics.AgpMetrics.func_or_class(clock=lambda: now[0])
-    actors = {"alive": Actor(), "dead": Actor(ActorDiedError()), "unreachable": Actor(ActorUnavailableError("unreachable", None)),
-              "slow": Actor("hangs")}
+    actors = {"alive": Actor(), "dead": Actor(ActorDiedError()),
+              "unreachable": Actor(ActorUnavailableError("unreachable", None)), "slow": Actor("hangs")}
     for name, actor in actors.items():
-        hub.put(name, f"{name} 1\n", actor)
-    hub.put("unknown", "unknown 1\n")                    # no actor handle: only silence drops it
+        assert hub.put(name, f"{name} 1\n", actor)       # the hub holds the handle: later pushes leave it out
+    assert hub.put("alive", "alive 1\n")
+    assert not hub.put("unknown", "unknown 1\n")         # no actor handle (asked for again); only silence drops it
     assert sorted(asyncio.run(hub.collect())) == ["alive", "slow", "unknown", "unreachable"], "the dead one stays"
     assert all(a.pings == 1 for a in actors.values())
     hub.put("dead", "dead 2\n", actors["dead"])          # sent before it died

@@ -148,10 +148,11 @@ class AgpPipeline:
         """This replica's metrics to the AgpMetrics deployment, every PUSH_S seconds."""
         from .routes import pipeline_stats
 
+        known = False                           # whether the hub holds this replica's actor handle
         while True:
             try:
                 body, _ = self.serving.metrics.render(await pipeline_stats(self.serving.app.state))
-                await self.hub.put.remote(self.replica.decode(), body.decode(), self.actor)
+                known = await self.hub.put.remote(self.replica.decode(), body.decode(), None if known else self.actor)
             except Exception as e:              # noqa: BLE001 - the next push tries again
                 log.debug("metrics push failed: %s", e)
             await asyncio.sleep(PUSH_S)

@@ -4,9 +4,10 @@ Each `AgpPipeline` replica pushes its Prometheus text to the `AgpMetrics` deploy
 PUSH_S seconds (and takes it back when it stops); the ingress answers GET /metrics with
 `merged(texts)`: every replica's series with a `replica` label added (its Serve replica id), so a
 single scrape target covers the application and `sum by (model_name)` gives its totals. A
-replica whose actor died (killed, its node lost) drops out at the next scrape: each push carries
-the replica's actor handle, and `collect` asks Ray whether those actors are alive. One that only
-stopped pushing (its actor not known, or not answering) drops out after STALE_S seconds.
+replica whose actor died (killed, its node lost) drops out at the next scrape: a replica's first
+push carries its actor handle (and any push after the hub says it lacks it), and `collect` asks
+Ray whether those actors are alive. One that only stopped pushing (its actor not known, or not
+answering) drops out after STALE_S seconds.
 """
 from __future__ import annotations
 
@@ -34,13 +35,15 @@ class AgpMetrics:
         self.actors: dict[str, object] = {}      # replica -> its actor's handle
         self.gone: dict[str, None] = {}          # replicas whose actor died, oldest first
 
-    def put(self, replica: str, text: str, actor=None) -> None:
-        """The latest text of `replica`; `actor`: its actor's handle (ray.get_runtime_context().current_actor)."""
+    def put(self, replica: str, text: str, actor=None) -> bool:
+        """The latest text of `replica`; `actor`: its actor's handle (ray.get_runtime_context().current_actor).
+        Returns whether the hub holds that handle (the replica sends it again when not: a new hub)."""
         if replica in self.gone:
-            return
+            return True
         self.texts[replica] = (self.clock(), text)
         if actor is not None:
             self.actors[replica] = actor
+        return replica in self.actors
 
     def drop(self, replica: str) -> None:
         self.texts.pop(replica, None)
