@@ -8,6 +8,7 @@ Accept-Encoding), and SIGTERM drains: new requests get 503 + Retry-After (not Ra
 one in flight finishes, then exit 0. The cluster's tests are skipped only when Ray is not installed
 (`pip install -e '.[ray]'`)."""
 
+import asyncio
 import gzip
 import importlib.util
 import json
@@ -116,6 +117,8 @@ def test_scaling_flags_become_serve_options(tmp_path, tiny_gguf):
     assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
     assert fixed["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 0}
     assert fixed["request_router_config"].request_router_class.endswith("PrefixAffinityRouter")
+    # a stopping replica gets --drain-timeout, and looks more often than Serve's 2 s whether its requests finished
+    assert fixed["graceful_shutdown_timeout_s"] == 60 and fixed["graceful_shutdown_wait_loop_s"] < 2
     auto = on_ray.pipeline_options(on_ray.parse([str(path), "--min-replicas", "0", "--max-replicas", "4",
                                                  "--target-ongoing-requests", "16"]))
     assert "num_replicas" not in auto
@@ -254,6 +257,56 @@ def test_a_ray_without_the_controllers_names_starts_serve_as_on_a_new_cluster(mo
     with caplog.at_level(logging.WARNING, logger="agp.serve"):
         assert on_ray.running_http_options() is None
     assert "does not say where a running Serve listens" in caplog.text
+
+
+class Actor:
+    """A stand-in for a replica's actor handle: its `__ray_ready__` answers, raises what Ray
+    raises for a dead or an unreachable actor, or never answers."""
+
+    def __init__(self, outcome=None):
+        self.outcome, self.pings = outcome, 0
+        self.__ray_ready__ = self
+
+    async def _ping(self):
+        self.pings += 1
+        if self.outcome == "hangs":
+            await asyncio.Event().wait()
+        if self.outcome is not None:
+            raise self.outcome
+        return True
+
+    def remote(self):
+        return self._ping()
+
+
+def test_the_metrics_hub_forgets_a_replica_whose_actor_died_at_the_next_scrape(monkeypatch):
+    """A replica killed mid-load left its last series on the merged /metrics for STALE_S (15 s):
+    the hub learnt of a death only from the silence. It asks Ray at each scrape whether each
+    replica's actor lives: a dead one's series go at once (and a push it sent before dying,
+    arriving after, does not bring them back); one unreachable for now, or slow to answer, stays,
+    and silence still drops a replica after STALE_S."""
+    pytest.importorskip("pipeline_dsl.serve.ray", exc_type=ImportError)
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+    from pipeline_dsl.serve import ray_metrics
+
+    monkeypatch.setattr(ray_metrics, "PING_S", 0.05)
+    now = [0.0]
+    hub = ray_metrics.AgpMetrics.func_or_class(clock=lambda: now[0])
+    actors = {"alive": Actor(), "dead": Actor(ActorDiedError()),
+              "unreachable": Actor(ActorUnavailableError("unreachable", None)), "slow": Actor("hangs")}
+    for name, actor in actors.items():
+        assert hub.put(name, f"{name} 1\n", actor)       # the hub holds the handle: later pushes leave it out
+    assert hub.put("alive", "alive 1\n")
+    assert not hub.put("unknown", "unknown 1\n")         # no actor handle (asked for again); only silence drops it
+    assert sorted(asyncio.run(hub.collect())) == ["alive", "slow", "unknown", "unreachable"], "the dead one stays"
+    assert all(a.pings == 1 for a in actors.values())
+    hub.put("dead", "dead 2\n", actors["dead"])          # sent before it died
+    assert "dead" not in asyncio.run(hub.collect())
+    assert actors["dead"].pings == 1                      # and no longer asked after
+    now[0] = ray_metrics.STALE_S + 1
+    hub.put("alive", "alive 2\n", actors["alive"])
+    assert asyncio.run(hub.collect()) == {"alive": "alive 2\n"}
 
 
 # ---------------------------------------------------------------- a local Ray cluster
@@ -564,7 +617,9 @@ def test_a_flag_the_replicas_cannot_start_with_is_named_at_the_first_failure(clu
     from pipeline_dsl.serve import ray as on_ray
 
     path = tiny_pipeline(tmp_path / "tiny.agp", tiny_gguf)
-    args = on_ray.parse([str(path), "--threads", "1", "--max-model-len", "100000"])   # checked by the replica
+    # checked by the replica; --drain-timeout: the replicas Serve starts again meanwhile stop within 1 s once
+    # deleted (beside the next test), not when their start is over
+    args = on_ray.parse([str(path), "--threads", "1", "--max-model-len", "100000", "--drain-timeout", "1"])
     before = set(threading.enumerate())
     with pytest.raises(RuntimeError) as e:
         on_ray.deploy(on_ray.build_app(args), "agp-bad", "/bad")
@@ -593,7 +648,8 @@ def test_ctrl_c_while_deploying_deletes_the_application_it_was_deploying(cluster
     from pipeline_dsl.serve import ray as on_ray
 
     path = tiny_pipeline(tmp_path / "tiny.agp", tiny_gguf)
-    args = on_ray.parse([str(path), "--threads", "1"])
+    # --drain-timeout: how long Serve gives each replica to stop; the delete waits for the ones still starting
+    args = on_ray.parse([str(path), "--threads", "1", "--drain-timeout", "1"])
     status, seen = serve.status, []
 
     def interrupted_once_deploying():
@@ -687,8 +743,8 @@ def test_a_replica_lost_mid_load_loses_no_request_that_had_not_started_streaming
         fams = text_string_to_metric_families(httpx.get(cluster.url + "/metrics", timeout=30).text)
         return any(s.labels.get("replica") == victim for fam in fams for s in fam.samples)
 
-    # and /metrics drops the lost replica's last series once they go stale (STALE_S): its held
-    # request would count on beside the one the next test holds
+    # and /metrics drops the lost replica's last series (the scrape finds its actor dead; not only after
+    # STALE_S of silence): its held request would count on beside the one the next test holds
     _wait(lambda: not series_of_the_lost_replica(), "the lost replica's series stay on /metrics", 60, 0.5)
 
 

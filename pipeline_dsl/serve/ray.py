@@ -38,6 +38,11 @@ from .ray_metrics import AgpMetrics
 log = logging.getLogger("agp.serve")
 APP = "agp"
 DEFAULT_TARGET = 8.0              # --target-ongoing-requests
+# How often a stopping replica looks whether its requests finished (Serve's graceful_shutdown_wait_loop_s,
+# 2 s by default, waited at least once by every replica): `stop` drained the application at its ingress before
+# deleting it, so a replica finds none left and a 2 s look only delays the stop.
+STOP_POLL_S = 0.25
+HUB_STOP_S = 1.0                  # the AgpMetrics replica's stop (it holds no request to wait for)
 
 __all__ = ["APP", "AgpIngress", "AgpPipeline", "PrefixAffinityRouter", "StartFailed", "affinity_key", "app_builder",
            "build_app", "deploy", "drain", "init_cluster", "logging_config", "main", "parse", "pipeline_options",
@@ -55,7 +60,7 @@ def logging_config(args) -> dict:
 def pipeline_options(args, gpus: float = 0) -> dict:
     """Serve options of the AgpPipeline deployment for these flags."""
     opts = {"max_ongoing_requests": args.max_ongoing_requests, "logging_config": logging_config(args),
-            "graceful_shutdown_timeout_s": args.drain_timeout,
+            "graceful_shutdown_timeout_s": args.drain_timeout, "graceful_shutdown_wait_loop_s": STOP_POLL_S,
             "ray_actor_options": {"num_cpus": args.threads or 1, "num_gpus": gpus},
             "request_router_config": RequestRouterConfig(request_router_class=PrefixAffinityRouter)}
     if args.max_replicas is None:
@@ -83,9 +88,11 @@ def build_app(args, gpus: float = 0):
         options["generation_config"] = str(Path(options["generation_config"]).resolve())
     options.pop("func", None)
     logs = logging_config(args)
-    hub = AgpMetrics.options(logging_config=logs).bind()
+    hub = AgpMetrics.options(logging_config=logs, graceful_shutdown_wait_loop_s=STOP_POLL_S,
+                             graceful_shutdown_timeout_s=HUB_STOP_S).bind()
     pipeline = AgpPipeline.options(**pipeline_options(args, gpus)).bind(options, hub)
-    return AgpIngress.options(logging_config=logs).bind(
+    return AgpIngress.options(logging_config=logs, graceful_shutdown_wait_loop_s=STOP_POLL_S,
+                              graceful_shutdown_timeout_s=args.drain_timeout).bind(
         pipeline, args.affinity_chars, args.max_body_bytes, args.body_timeout, hub, args.root_path,
         body_min_rate=args.body_min_rate, max_body_bytes_arriving=args.max_body_bytes_arriving,
         retry_after_s=args.retry_after_s)

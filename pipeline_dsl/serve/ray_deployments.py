@@ -33,6 +33,7 @@ import json
 import logging
 import random
 
+import ray
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
@@ -137,6 +138,7 @@ class AgpPipeline:
         configure(args.log_format, args.log_level, args.access_log)
         self.serving = await asyncio.to_thread(build, args)
         self.replica = serve.get_replica_context().replica_id.unique_id.encode()
+        self.actor = ray.get_runtime_context().current_actor     # the hub asks Ray whether it lives
         self.lifespan = self.serving.app.router.lifespan_context(self.serving.app)
         await self.lifespan.__aenter__()
         self.hub = hub
@@ -146,10 +148,11 @@ class AgpPipeline:
         """This replica's metrics to the AgpMetrics deployment, every PUSH_S seconds."""
         from .routes import pipeline_stats
 
+        known = False                           # whether the hub holds this replica's actor handle
         while True:
             try:
                 body, _ = self.serving.metrics.render(await pipeline_stats(self.serving.app.state))
-                await self.hub.put.remote(self.replica.decode(), body.decode())
+                known = await self.hub.put.remote(self.replica.decode(), body.decode(), None if known else self.actor)
             except Exception as e:              # noqa: BLE001 - the next push tries again
                 log.debug("metrics push failed: %s", e)
             await asyncio.sleep(PUSH_S)
