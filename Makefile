@@ -59,6 +59,7 @@ demo: $(STAMP)
 	$(BIN)/agp run examples/chat.agp --input examples/prompts.jsonl --output -
 
 test: $(TSTAMP) native   # the native kernels built before the tests, not inside the first test that loads them
+	$(BIN)/python -m compileall -q -j 0 pipeline_dsl stages   # agp's bytecode, once: not again in each agp process a test starts (PYTHONDONTWRITEBYTECODE=1 keeps Python from writing it)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests   # two workers, the longest modules first (tests/conftest.py); the slowest 15
 
 $(MSTAMP): $(TSTAMP)
