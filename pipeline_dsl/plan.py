@@ -491,13 +491,12 @@ def _plan_segment(graph: nx.DiGraph, seg: tuple, window: int, costs, prefix: str
     step = step_graph(graph, work)
     inst = instance_graph(step, window)
 
-    # ours: homogeneous chains, merged per resource class
-    reduced = nx.transitive_reduction(inst)           # once, for both covers and both event sets
-    chains = path_cover(inst, same_class=True, tr=reduced)
-    stream = {}
-    for chain in chains:
-        for n in chain:
-            stream.setdefault(n[0], inst.nodes[n]["resource"])
+    # ours: homogeneous chains, merged per resource class. A path cover holds every work
+    # instance, and the chains of one class merge into that class's stream: each work's stream
+    # is its resource class, whichever chains a matching (path_cover(same_class=True), a
+    # weighted matching: most of a plan's time) would pick
+    reduced = nx.transitive_reduction(inst)           # once, for the cover and both event sets
+    stream = {w: data["resource"] for w, data in step.nodes(data=True)}
     skew = skews(step, stream)
     key = _order(step, skew)
     of = lambda n: stream[n[0]]                       # noqa: E731
