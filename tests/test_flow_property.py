@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 import flowkit
 import pipeline_dsl
-from pipeline_dsl.flow import PipelineRuntime, load_graph
+from pipeline_dsl.flow import PipelineRuntime
+from pipeline_dsl.graph import build_graph
 
 HOOKS = '''
 import asyncio
@@ -312,14 +313,16 @@ def test_every_pipeline_check_accepts_runs(text, tmp_path_factory):
     (folder / "hooks.py").write_text(HOOKS, encoding="utf-8")
     path = folder / "p.agp"
     path.write_text(text, encoding="utf-8")
-    _, diags = pipeline_dsl.load(str(path))
+    program, diags = pipeline_dsl.load(str(path))
     errors = [d for d in diags if d.is_error]
     for d in diags:                             # every diagnostic points somewhere
         assert d.pos is not None, d.message
     event("ran" if not errors else "rejected: " + errors[0].message.split("'")[0].split(":")[0][:40])
     if errors:
         return
-    rt = PipelineRuntime(load_graph(path), overrides={"threads": 1})
+    # the graph of the program check accepted, built as load_graph builds it (without loading
+    # and checking the file a second time)
+    rt = PipelineRuntime(build_graph(program.pipeline(None), allowed=program.allowed or None), overrides={"threads": 1})
     out: list = []
     failure: list = []
 
