@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -588,20 +589,35 @@ def _two_stalled_streams(port: int):
 
 
 def test_a_shutdown_cuts_the_connections_of_clients_that_read_nothing_without_a_traceback(cutting):
-    """SIGTERM with two stalled streams (their requests already cut): the server closes their
-    connections and exits 0 at once. (Before: uvicorn waited its graceful 5 s on the writes that
-    could not go, then cancelled them and logged an ERROR with a traceback per connection.)
-    The module's server, stopped here: no test before this one left a traceback in its log either."""
+    """SIGTERM with two stalled streams (their requests already cut) and a request whose body is
+    still arriving: the server closes the stalled streams' connections, answers the request whose
+    body has not come a JSON 503 at once, and exits 0 at once. (Before: uvicorn waited its graceful
+    5 s on the writes that could not go, then cancelled them and logged an ERROR with a traceback
+    per connection; the handler waited on the body until uvicorn cancelled it 5 s into the
+    shutdown: a text/plain 500 and a traceback in the log.) The module's server, stopped here: no
+    test before this one left a traceback in its log either."""
     proc, url, port = cutting.get()
     before = scrape(url).get("agp_streams_cut_unread_total", 0)
-    with _two_stalled_streams(port):
+    with _two_stalled_streams(port), socket.create_connection(("127.0.0.1", port)) as c:
         assert wait_for(lambda: scrape(url)["agp_streams_cut_unread_total"] - before == 2, 120)
+        c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100\r\n\r\n{\"prompt\": ")          # the rest never comes
+        assert wait_for(lambda: re.search(r"^agp_http_bodies_arriving(\{[^}]*\})? 1\.0$",
+                                          HTTP.get(url + "/metrics").text, re.M), 60)   # in its handler
         proc.send_signal(signal.SIGTERM)
-        err = cutting.exit_log(60)
+        c.settimeout(60)
+        answer = b""
+        while chunk := c.recv(65536):
+            answer += chunk
+        c.close()                                      # as a client does once answered: the server's
+        err = cutting.exit_log(60)                     # linger for the rest of the body ends at once
         assert proc.returncode == 0, err[-2000:]
         bad = [i for i in (err.find("Traceback"), err.find("Exception in ASGI application")) if i >= 0]
         assert not bad, err[max(0, min(bad) - 1000):][:4000]       # the log around it, not the log's end
         assert "timeout graceful shutdown exceeded" not in err, err[-3000:]
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 ") and b"application/json" in head, answer[:300]
+    assert "body was still arriving" in json.loads(body)["error"]["message"]
 
 
 def test_a_shutdown_lets_paused_streams_go_on_rather_than_wait_for_their_readers(pausing):
