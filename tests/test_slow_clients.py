@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from dataclasses import dataclass, field
 
 import httpx
@@ -140,6 +141,19 @@ def stalled_stream(port: int, prompt, max_tokens: int = MAX_TOKENS, logprobs: in
     c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
               + named + b"Content-Length: %d\r\n\r\n" % len(body) + body)
     return c
+
+
+def tokens_per_second(url: str, tokens: int = 100) -> float:
+    """How fast the server generates one stream read as it comes: its tokens after the first by
+    the time from the first to the end."""
+    body = {"prompt": "hello world", "max_tokens": tokens, "ignore_eos": True, "stream": True}
+    first = None
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+        for line in r.iter_lines():
+            if first is None and line.startswith("data: {"):
+                first = time.perf_counter()
+    assert r.status_code == 200 and first is not None
+    return (tokens - 1) / max(time.perf_counter() - first, 1e-3)
 
 
 def read_to_end(c: socket.socket) -> bytes:
@@ -277,32 +291,35 @@ def test_stalled_readers_are_paused_out_of_the_batch_while_others_stream_and_go_
 
 
 def test_a_client_whose_tcp_takes_nothing_pauses_its_stream_before_any_token_queues(limited):
-    """A client that reads nothing of a 2,000-token stream, against a server whose unread-token
+    """A client that reads nothing of a long stream, against a server whose unread-token
     pause and cut are out of reach: the server sees its TCP take nothing (no byte acknowledged
     while some wait) and pauses the stream (out of the batch, KV blocks freed) without a token
-    queued in the server, far from its end; read at last, it goes on and the client gets all
-    2,000 tokens. (Before: only queued tokens paused a stream, so this one was generated to its
-    end for a client that read none of it, a thousand of its tokens in the kernel's buffers.
-    The pause comes about a second after the client's 4 KiB receive buffer filled, some 1.5 s
-    in: 300 to 1,000 tokens here, as fast as the machine generates; the stall was told 3 s in,
-    1,500 to 1,950 tokens, or past the end.) On the module's server under a limit of 256 open
+    queued in the server, far from its end; read at last, it goes on and the client gets all of its
+    tokens. (Before: only queued tokens paused a stream, so this one was generated to its end
+    for a client that read none of it, a thousand of its tokens in the kernel's buffers.) The
+    pause comes about a second after the client's 4 KiB receive buffer filled, some 1.5 s in:
+    as many tokens as the machine generates meanwhile (about 500 on a 2-core EPYC), so the
+    stream is as long as 4 s of the machine's own generation (measured first; at least 1,500
+    tokens, at most 4,000 of the 4,096-token context), far from its end when it pauses on a
+    machine 4 times faster or slower alike. On the module's server under a limit of 256 open
     files, its pause and cut for unread tokens and --send-timeout out of reach."""
     limited.quiet()
     url, port = limited.url, limited.port
+    max_tokens = min(4000, max(1500, int(4 * tokens_per_second(url))))
     before = scrape(url)
-    with stalled_stream(port, "hello world", max_tokens=2000, logprobs=None) as c:
+    with stalled_stream(port, "hello world", max_tokens=max_tokens, logprobs=None) as c:
         def paused():
             m = scrape(url)
             return m["agp_streams_paused_total"] - before.get("agp_streams_paused_total", 0) >= 1 \
                 and m["agp_num_requests_running"] == 0 and m["agp_kv_blocks_used"] == 0
         assert wait_for(paused, 120)
         generated = scrape(url)["agp_generation_tokens_total"] - before["agp_generation_tokens_total"]
-        assert generated < 2000
+        assert generated < max_tokens
         events = [line[6:] for line in unchunked(read_to_end(c)).decode().split("\n") if line.startswith("data: ")]
     assert events[-1] == "[DONE]" and not any('"error"' in e for e in events)
     assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
     assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
-    assert scrape(url)["agp_generation_tokens_total"] - before["agp_generation_tokens_total"] == 2000
+    assert scrape(url)["agp_generation_tokens_total"] - before["agp_generation_tokens_total"] == max_tokens
 
 
 def test_a_client_that_reads_its_stream_is_never_cut_however_long_the_answer(serve):
