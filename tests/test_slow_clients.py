@@ -299,13 +299,13 @@ def test_a_client_whose_tcp_takes_nothing_pauses_its_stream_before_any_token_que
     for a client that read none of it, a thousand of its tokens in the kernel's buffers.) The
     pause comes about a second after the client's 4 KiB receive buffer filled, some 1.5 s in:
     as many tokens as the machine generates meanwhile (about 500 on a 2-core EPYC), so the
-    stream is as long as 4 s of the machine's own generation (measured first; at least 1,500
+    stream is as long as 3 s of the machine's own generation (measured first; at least 1,500
     tokens, at most 4,000 of the 4,096-token context), far from its end when it pauses on a
     machine 4 times faster or slower alike. On the module's server under a limit of 256 open
     files, its pause and cut for unread tokens and --send-timeout out of reach."""
     limited.quiet()
     url, port = limited.url, limited.port
-    max_tokens = min(4000, max(1500, int(4 * tokens_per_second(url))))
+    max_tokens = min(4000, max(1500, int(3 * tokens_per_second(url))))
     before = scrape(url)
     with stalled_stream(port, "hello world", max_tokens=max_tokens, logprobs=None) as c:
         def paused():
