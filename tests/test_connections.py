@@ -28,6 +28,12 @@ from test_serve import TINY, start_agp_serve
 
 ROOT = Path(__file__).resolve().parents[1]
 HUGE = b"Content-Length: 10737418240\r\n"
+# the module's server's --keep-alive-timeout, and how long its probe leaves a connection idle before
+# it serves another request: past uvicorn's old 5 s as the server counts it (its idle time starts
+# with the answer it sent, before the client read it; the client's next request reaches it after
+# it was sent), KEEP_ALIVE_S - IDLE_S short of the timeout, so that a test thread woken late by a
+# busy or slow machine (1.4 s seen at load 11) still finds the connection open
+KEEP_ALIVE_S, IDLE_S = 8, 5.1
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +43,7 @@ def serving(tiny_gguf, tmp_path_factory):
     path = tmp_path_factory.mktemp("conn") / "tiny.agp"
     path.write_text(TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=4, timeout=1))
     proc, url = start_agp_serve(str(path), "--threads", "1", "--no-access-log", "--header-timeout", "2",
-                                "--send-timeout", "1", "--body-timeout", "5", "--keep-alive-timeout", "7")
+                                "--send-timeout", "1", "--body-timeout", "5", "--keep-alive-timeout", str(KEEP_ALIVE_S))
     try:
         port = int(url.rsplit(":", 1)[1])
         yield proc, url, port, KeepAliveProbe(port)
@@ -649,10 +655,10 @@ def served_on(c: socket.socket) -> None:
 
 
 class KeepAliveProbe:
-    """Two connections to the module's `agp serve --keep-alive-timeout 7` side by side, each
+    """Two connections to the module's `agp serve --keep-alive-timeout 8` side by side, each
     answered once as the server came up; then, on a thread of their own (so that their seconds
     of waiting pass while the module's other tests run), one serves its second request after
-    5.5 s idle, and the other, idle since its first answer, is then closed. `check` waits for
+    5.1 s idle (IDLE_S), and the other, idle since its first answer, is then closed. `check` waits for
     the thread and raises what failed."""
 
     def __init__(self, port: int):
@@ -671,9 +677,9 @@ class KeepAliveProbe:
 
     def _idle(self) -> None:
         try:
-            time.sleep(5.5)                                    # past the old 5 s, within --keep-alive-timeout 7
+            time.sleep(IDLE_S)                                 # past the old 5 s, within --keep-alive-timeout
             served_on(self.reused)
-            self.left_closed = closed_within(self.left, 30)   # idle since its answer: closed at 7 s
+            self.left_closed = closed_within(self.left, 30)   # idle since its answer: closed at 8 s
         except Exception as e:
             self.error = e
         finally:
@@ -692,10 +698,10 @@ class KeepAliveProbe:
 
 
 def test_agp_serve_keeps_an_idle_connection_for_its_keep_alive_timeout(serving):
-    """Through `agp serve --keep-alive-timeout 7` (the fixture): a connection idle past uvicorn's
+    """Through `agp serve --keep-alive-timeout 8` (the fixture): a connection idle past uvicorn's
     5 s serves the next request (uvicorn had closed it: the request found the connection closed);
     left idle, the server closes it. Two connections side by side, so that one wait shows both:
-    one serves its second request after 5.5 s idle, and the other, idle since its first answer,
+    one serves its second request after 5.1 s idle, and the other, idle since its first answer,
     is then closed (the idle time counted again from each answer: the test on the protocol above).
     The probe began as the module's server came up, its wait passing while the other tests ran."""
     serving[3].check()

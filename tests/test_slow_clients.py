@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import signal
 import socket
 import subprocess
 import threading
+import time
 from dataclasses import dataclass, field
 
 import httpx
@@ -139,6 +141,19 @@ def stalled_stream(port: int, prompt, max_tokens: int = MAX_TOKENS, logprobs: in
     c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
               + named + b"Content-Length: %d\r\n\r\n" % len(body) + body)
     return c
+
+
+def tokens_per_second(url: str, tokens: int = 100) -> float:
+    """How fast the server generates one stream read as it comes: its tokens after the first by
+    the time from the first to the end."""
+    body = {"prompt": "hello world", "max_tokens": tokens, "ignore_eos": True, "stream": True}
+    first = None
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+        for line in r.iter_lines():
+            if first is None and line.startswith("data: {"):
+                first = time.perf_counter()
+    assert r.status_code == 200 and first is not None
+    return (tokens - 1) / max(time.perf_counter() - first, 1e-3)
 
 
 def read_to_end(c: socket.socket) -> bytes:
@@ -276,32 +291,35 @@ def test_stalled_readers_are_paused_out_of_the_batch_while_others_stream_and_go_
 
 
 def test_a_client_whose_tcp_takes_nothing_pauses_its_stream_before_any_token_queues(limited):
-    """A client that reads nothing of a 2,000-token stream, against a server whose unread-token
+    """A client that reads nothing of a long stream, against a server whose unread-token
     pause and cut are out of reach: the server sees its TCP take nothing (no byte acknowledged
     while some wait) and pauses the stream (out of the batch, KV blocks freed) without a token
-    queued in the server, far from its end; read at last, it goes on and the client gets all
-    2,000 tokens. (Before: only queued tokens paused a stream, so this one was generated to its
-    end for a client that read none of it, a thousand of its tokens in the kernel's buffers.
-    The pause comes about a second after the client's 4 KiB receive buffer filled, some 1.5 s
-    in: 300 to 1,000 tokens here, as fast as the machine generates; the stall was told 3 s in,
-    1,500 to 1,950 tokens, or past the end.) On the module's server under a limit of 256 open
+    queued in the server, far from its end; read at last, it goes on and the client gets all of its
+    tokens. (Before: only queued tokens paused a stream, so this one was generated to its end
+    for a client that read none of it, a thousand of its tokens in the kernel's buffers.) The
+    pause comes about a second after the client's 4 KiB receive buffer filled, some 1.5 s in:
+    as many tokens as the machine generates meanwhile (about 500 on a 2-core EPYC), so the
+    stream is as long as 3 s of the machine's own generation (measured first; at least 1,500
+    tokens, at most 4,000 of the 4,096-token context), far from its end when it pauses on a
+    machine 4 times faster or slower alike. On the module's server under a limit of 256 open
     files, its pause and cut for unread tokens and --send-timeout out of reach."""
     limited.quiet()
     url, port = limited.url, limited.port
+    max_tokens = min(4000, max(1500, int(3 * tokens_per_second(url))))
     before = scrape(url)
-    with stalled_stream(port, "hello world", max_tokens=2000, logprobs=None) as c:
+    with stalled_stream(port, "hello world", max_tokens=max_tokens, logprobs=None) as c:
         def paused():
             m = scrape(url)
             return m["agp_streams_paused_total"] - before.get("agp_streams_paused_total", 0) >= 1 \
                 and m["agp_num_requests_running"] == 0 and m["agp_kv_blocks_used"] == 0
         assert wait_for(paused, 120)
         generated = scrape(url)["agp_generation_tokens_total"] - before["agp_generation_tokens_total"]
-        assert generated < 2000
+        assert generated < max_tokens
         events = [line[6:] for line in unchunked(read_to_end(c)).decode().split("\n") if line.startswith("data: ")]
     assert events[-1] == "[DONE]" and not any('"error"' in e for e in events)
     assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
     assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
-    assert scrape(url)["agp_generation_tokens_total"] - before["agp_generation_tokens_total"] == 2000
+    assert scrape(url)["agp_generation_tokens_total"] - before["agp_generation_tokens_total"] == max_tokens
 
 
 def test_a_client_that_reads_its_stream_is_never_cut_however_long_the_answer(serve):
@@ -588,20 +606,35 @@ def _two_stalled_streams(port: int):
 
 
 def test_a_shutdown_cuts_the_connections_of_clients_that_read_nothing_without_a_traceback(cutting):
-    """SIGTERM with two stalled streams (their requests already cut): the server closes their
-    connections and exits 0 at once. (Before: uvicorn waited its graceful 5 s on the writes that
-    could not go, then cancelled them and logged an ERROR with a traceback per connection.)
-    The module's server, stopped here: no test before this one left a traceback in its log either."""
+    """SIGTERM with two stalled streams (their requests already cut) and a request whose body is
+    still arriving: the server closes the stalled streams' connections, answers the request whose
+    body has not come a JSON 503 at once, and exits 0 at once. (Before: uvicorn waited its graceful
+    5 s on the writes that could not go, then cancelled them and logged an ERROR with a traceback
+    per connection; the handler waited on the body until uvicorn cancelled it 5 s into the
+    shutdown: a text/plain 500 and a traceback in the log.) The module's server, stopped here: no
+    test before this one left a traceback in its log either."""
     proc, url, port = cutting.get()
     before = scrape(url).get("agp_streams_cut_unread_total", 0)
-    with _two_stalled_streams(port):
+    with _two_stalled_streams(port), socket.create_connection(("127.0.0.1", port)) as c:
         assert wait_for(lambda: scrape(url)["agp_streams_cut_unread_total"] - before == 2, 120)
+        c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100\r\n\r\n{\"prompt\": ")          # the rest never comes
+        assert wait_for(lambda: re.search(r"^agp_http_bodies_arriving(\{[^}]*\})? 1\.0$",
+                                          HTTP.get(url + "/metrics").text, re.M), 60)   # in its handler
         proc.send_signal(signal.SIGTERM)
-        err = cutting.exit_log(60)
+        c.settimeout(60)
+        answer = b""
+        while chunk := c.recv(65536):
+            answer += chunk
+        c.close()                                      # as a client does once answered: the server's
+        err = cutting.exit_log(60)                     # linger for the rest of the body ends at once
         assert proc.returncode == 0, err[-2000:]
         bad = [i for i in (err.find("Traceback"), err.find("Exception in ASGI application")) if i >= 0]
         assert not bad, err[max(0, min(bad) - 1000):][:4000]       # the log around it, not the log's end
         assert "timeout graceful shutdown exceeded" not in err, err[-3000:]
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 ") and b"application/json" in head, answer[:300]
+    assert "body was still arriving" in json.loads(body)["error"]["message"]
 
 
 def test_a_shutdown_lets_paused_streams_go_on_rather_than_wait_for_their_readers(pausing):
