@@ -650,6 +650,9 @@ def test_a_shutdown_lets_paused_streams_go_on_rather_than_wait_for_their_readers
         err = pausing.exit_log(300)
         assert proc.returncode == 0 and "stopped (drained)" in err, err[-3000:]
         assert "Traceback" not in err, err[-3000:]
+        # let go on by the drain, each is cut past --max-unread-tokens, not generated to its max_tokens
+        # for a reader that takes nothing
+        assert err.count("its client left more than 256 tokens of its stream unread") == 2, err[-3000:]
 
 
 class Limited:

@@ -233,6 +233,9 @@ class RequestStream:
             self.on_queued()
         if self.ended or self.finished or self.key is None:
             return
+        if self.paused and not self._owner.runtime.accepting:
+            self.paused = False                  # a drain let it go on (FlowRuntime.stop_admitting): cut past the limit
+            self._stop_timer()
         if self.pause_unread_tokens and self.unread > self.pause_unread_tokens and not self.paused:
             self._set_paused(True, f"its client left more than {self.pause_unread_tokens} tokens unread")
         # a paused stream is not cut for the tokens generated before its pause took hold (they were
