@@ -131,8 +131,10 @@ def test_a_capture_that_fails_at_load_leaves_every_step_eager_and_says_why(model
     assert same_answers(out, ref) and len(out) == 12
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "flex"])
-@pytest.mark.parametrize("executor", [False, True], ids=["engine.step", "executor"])
+# flex through the executor only: its steps replay the same piecewise graphs engine.step's do (the
+# sdpa rows check that path stepped directly), and test_flex_attention steps flex directly too
+@pytest.mark.parametrize("executor,attention", [(False, "sdpa"), (True, "sdpa"), (True, "flex")],
+                         ids=["engine.step-sdpa", "executor-sdpa", "executor-flex"])
 def test_mixed_steps_replay_piecewise_graphs_and_give_the_eager_tokens(model, eager_answers, attention, executor):
     ref = eager_answers(1, executor)
     runner = ModelRunner(model, num_blocks=40, block_size=BS, pad_decode=True, attention=attention)
