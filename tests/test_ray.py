@@ -309,6 +309,26 @@ def test_the_metrics_hub_forgets_a_replica_whose_actor_died_at_the_next_scrape(m
     assert asyncio.run(hub.collect()) == {"alive": "alive 2\n"}
 
 
+def test_a_push_a_stopped_replica_sent_before_its_goodbye_does_not_bring_its_series_back():
+    """A stopping replica cancels its pusher and says goodbye (drop); a push it sent before,
+    reaching the hub after the goodbye, put its series back on /metrics, where they stayed for
+    STALE_S (its handle, which the hub no longer held, not sent again). A replica that was only
+    silent past STALE_S still comes back with its next push."""
+    pytest.importorskip("pipeline_dsl.serve.ray", exc_type=ImportError)
+    from pipeline_dsl.serve import ray_metrics
+
+    now = [0.0]
+    hub = ray_metrics.AgpMetrics.func_or_class(clock=lambda: now[0])
+    assert hub.put("stopped", "stopped 1\n", Actor()) and hub.put("silent", "silent 1\n", Actor())
+    hub.drop("stopped")
+    hub.put("stopped", "stopped 2\n")                    # sent before the goodbye, arriving after it
+    assert asyncio.run(hub.collect()) == {"silent": "silent 1\n"}
+    now[0] = ray_metrics.STALE_S + 1
+    assert asyncio.run(hub.collect()) == {}
+    assert not hub.put("silent", "silent 2\n")           # back, and asks for its handle again
+    assert asyncio.run(hub.collect()) == {"silent": "silent 2\n"}
+
+
 # ---------------------------------------------------------------- a local Ray cluster
 
 HOLD = "hold until "

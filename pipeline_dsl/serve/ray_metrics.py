@@ -22,7 +22,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 PUSH_S = 1.0               # how often a replica sends its metrics
 STALE_S = 15.0             # a replica not heard from for this long is gone
 PING_S = 1.0               # how long a scrape waits for a replica's actor to say it is alive
-GONE = 1024                # the dead replicas remembered (a push sent before the death, arriving after it)
+GONE = 1024                # the dead or stopped replicas remembered (a push sent before, arriving after)
 
 
 @serve.deployment(name="AgpMetrics", num_replicas=1, max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0})
@@ -33,7 +33,7 @@ class AgpMetrics:
         self.clock = clock
         self.texts: dict[str, tuple[float, str]] = {}
         self.actors: dict[str, object] = {}      # replica -> its actor's handle
-        self.gone: dict[str, None] = {}          # replicas whose actor died, oldest first
+        self.gone: dict[str, None] = {}          # replicas stopped or whose actor died, oldest first
 
     def put(self, replica: str, text: str, actor=None) -> bool:
         """The latest text of `replica`; `actor`: its actor's handle (ray.get_runtime_context().current_actor).
@@ -46,20 +46,29 @@ class AgpMetrics:
         return replica in self.actors
 
     def drop(self, replica: str) -> None:
+        """A stopping replica's goodbye: its series leave, and a push it sent before, arriving after
+        (its pusher cancelled mid-call), does not bring them back."""
+        self._bury(replica)
+
+    def _forget(self, replica: str) -> None:
         self.texts.pop(replica, None)
         self.actors.pop(replica, None)
+
+    def _bury(self, replica: str) -> None:
+        """Forget `replica` for good: stopped, or its actor died."""
+        self._forget(replica)
+        self.gone[replica] = None
+        while len(self.gone) > GONE:
+            del self.gone[next(iter(self.gone))]
 
     async def collect(self) -> dict[str, str]:
         now = self.clock()
         for replica in [r for r, (at, _) in self.texts.items() if now - at > STALE_S]:
-            self.drop(replica)
+            self._forget(replica)               # silent, not known dead: a later push brings it back
         known = list(self.actors.items())
         for (replica, _), dead in zip(known, await asyncio.gather(*(died(actor) for _, actor in known))):
             if dead:
-                self.drop(replica)
-                self.gone[replica] = None
-        while len(self.gone) > GONE:
-            del self.gone[next(iter(self.gone))]
+                self._bury(replica)
         return {r: text for r, (_, text) in sorted(self.texts.items())}
 
 
