@@ -2,6 +2,7 @@
 random GGUF model (the real ModelRunner), and once on the embedded model (slow)."""
 
 import logging
+import os
 import random
 import re
 
@@ -616,6 +617,27 @@ def test_tiny_model_kv_pool_is_sized_from_the_budget(tiny_gguf):
     assert per_block == 2 * 2 * 8 * 2 * 16 * 4      # K+V, 2 layers, 8 tokens, 2 KV heads, hd 16, fp32
     assert e.blocks.num_blocks == (1 << 20) // per_block
     assert e.stats()["kv_blocks_total"] == e.blocks.num_blocks
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads the resident size from /proc")
+def test_a_cpu_kv_pool_is_resident_only_as_its_blocks_are_used(tiny_gguf):
+    """The pool is zero from the start, but a load neither writes nor holds its whole budget: a
+    256 MiB pool costs the load little resident memory (and no time spent writing zeros), and
+    answers as a small pool does."""
+    small = tiny_engine(tiny_gguf)
+    before = resident_bytes()
+    big = tiny_engine(tiny_gguf, kv_budget_bytes=256 << 20)
+    assert resident_bytes() - before < 64 << 20
+    assert big.blocks.num_blocks * big.model_info["kv_bytes_per_block"] == 256 << 20
+    for e in (small, big):
+        for i, p in enumerate(TINY_PROMPTS):
+            e.add_request(str(i), prompt=p, params=TINY_PARAMS)
+    assert run_all(big)[1] == run_all(small)[1]            # every request's text
 
 
 # ---- the embedded model ---------------------------------------------------------------------

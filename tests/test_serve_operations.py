@@ -291,6 +291,19 @@ def test_the_quiet_paths_flag_and_its_variable_are_read_and_checked():
         p.parse_args(["x.agp", "--disable-access-log-for-endpoints", "health"])
 
 
+def test_agp_serve_answers_503_before_importing_the_app_or_the_runtime():
+    """What `agp serve` imports before its port answers 503 (the command, its stop handling and
+    serve/loading.py) holds neither the web app (fastapi, starlette), nor the flow runtime and
+    its graph library, nor torch: they load behind the 503 (the answer came some 0.3 s later
+    when serve/loading.py took the client id's pattern from the access middleware)."""
+    code = ("import sys, pipeline_dsl.cli, pipeline_dsl.commands.serve, pipeline_dsl.commands.stopping,"
+            " pipeline_dsl.serve.loading;"
+            "print(sorted(m for m in ('torch', 'fastapi', 'starlette', 'networkx', 'pipeline_dsl.flow')"
+            " if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
 def test_while_the_model_loads_probes_get_503_loading_and_the_port_stays_held():
     """What `agp serve` answers between taking its port and serving (serve/loading.py): /health
     503 {"status": "loading"} with Retry-After, a generation request an OpenAI 503; afterwards

@@ -123,7 +123,7 @@ class BlockManager:
         self.prefix_reuse = prefix_reuse
         self.ref = [0] * num_blocks
         self.key: list[BlockKey | None] = [None] * num_blocks
-        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.cached: dict[BlockKey, int] = {}          # key -> block id
         self.seqs: dict[str, _SeqBlocks] = {}
         self.tables = BlockTables()

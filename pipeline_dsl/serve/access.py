@@ -20,19 +20,17 @@
 from __future__ import annotations
 
 import logging
-import re
 import time
 import uuid
 
 from starlette.routing import Match
 
+from .config import CLIENT_ID
 from .errors import current_info
 from .guard import header
 from .logs import endpoint
 
 access_log = logging.getLogger("agp.access")
-# an id the client sends is kept when it is short and printable (it is echoed in a header and logs)
-CLIENT_ID = re.compile(r"[\x21-\x7e]{1,128}")
 # the methods the metrics name; any other word a client sends is counted as "other"
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 

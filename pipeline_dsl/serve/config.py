@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass
 
 OPEN_PATHS = ("/health", "/ping", "/metrics", "/version", "/openapi.json")   # answered without an API key
+# an id the client sends is kept when it is short and printable (it is echoed in a header and logs)
+CLIENT_ID = re.compile(r"[\x21-\x7e]{1,128}")
 PROBES = ("/health", "/ping")          # they say "loading" or "draining" themselves (every other route: an error)
 WATCHED = ("/metrics", "/stats")       # still answered while the server drains: the drain is watched through them
 # the requests agp_requests_total counts by status, refused ones (401, 503 ...) too

@@ -21,8 +21,7 @@ import socket
 import threading
 import uuid
 
-from .access import CLIENT_ID
-from .config import PROBES
+from .config import CLIENT_ID, PROBES     # light modules: the port answers before the app's imports
 from .logs import endpoint
 
 log = logging.getLogger("agp.serve")
