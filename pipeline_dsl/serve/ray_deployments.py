@@ -227,6 +227,8 @@ class AgpIngress:
         self.hub, self.root, self.retry_after_s = hub, root_path.rstrip("/"), retry_after_s
         self.draining = False
         self.active = 0                          # requests being forwarded now
+        self.forwarding: dict[asyncio.Task, tuple[asyncio.Task, dict]] = {}   # each forward: its request's task, how far
+        self.cut_by: str | None = None           # why the forwards were cut (`cut`)
         self.arriving = 0                        # the bytes of the bodies still arriving, all together
 
     def drain(self) -> None:
@@ -235,6 +237,20 @@ class AgpIngress:
 
     def in_flight(self) -> int:
         return self.active
+
+    async def cut(self, reason: str) -> int:
+        """Fail the requests still in flight, as one process fails them at its drain timeout (a
+        stream ends with an error event and `[DONE]`, an answer not started is a 503 saying
+        `reason`), and let go of their replicas' calls (the replica hears a disconnect and aborts
+        the request): deleting the application then finds nothing left to wait for. Returns how
+        many were cut, once their answers are sent."""
+        self.cut_by = reason
+        forwards = dict(self.forwarding)
+        for task in forwards:
+            task.cancel()
+        if forwards:
+            await asyncio.wait([outer for outer, _ in forwards.values()], timeout=5.0)
+        return len(forwards)
 
     def _path(self, scope) -> str:
         path = scope.get("path", "")
@@ -270,12 +286,30 @@ class AgpIngress:
                                                      header(scope, b"accept-encoding"))   # as `agp serve` answers
             return await _raw(send, 200, body, content_type, headers)
         self.active += 1
+        sent = {"started": False, "event_stream": False}
+        task = asyncio.ensure_future(self._forward(scope, receive, send, sent))
+        self.forwarding[task] = (asyncio.current_task(), sent)
         try:
-            await self._forward(scope, receive, send)
+            await task
+        except asyncio.CancelledError:
+            if self.cut_by is None or asyncio.current_task().cancelling():    # not cut: the client went away
+                raise
+            await self._cut(send, sent)
         finally:
+            self.forwarding.pop(task, None)
             self.active -= 1
 
-    async def _forward(self, scope, receive, send):
+    async def _cut(self, send, sent: dict) -> None:
+        """The answer of a request `cut` failed, as one process's drain timeout fails it."""
+        err = P.APIError(self.cut_by, status=503, type="server_error", code="unavailable",
+                         headers={"Retry-After": str(self.retry_after_s)})
+        if not sent["started"]:
+            return await _answer(send, err)
+        if sent["event_stream"]:
+            await send({"type": "http.response.body", "body": P.sse(err.body()) + P.sse("[DONE]"), "more_body": False})
+        # else part of a body is out: the connection ends without the rest, as a cut one
+
+    async def _forward(self, scope, receive, send, sent: dict | None = None):
         declared = header(scope, b"content-length")
         if declared.isdigit() and int(declared) > self.limit:      # refused before it is read, as in one process
             return await _answer(send, self._too_large(f"has {int(declared)} bytes; at most {self.limit} are accepted"))
@@ -299,6 +333,8 @@ class AgpIngress:
                             event_stream = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream")
                                                for k, v in headers)
                             started = True
+                            if sent is not None:
+                                sent.update(started=True, event_stream=event_stream)
                         await send(message)
                 done = True
                 return
