@@ -224,7 +224,7 @@ def test_the_ingress_cuts_the_requests_a_drain_timeout_left_as_one_process_does_
     on_ray = pytest.importorskip("pipeline_dsl.serve.ray", exc_type=ImportError)
     stream_start = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}
     first = {"type": "http.response.body", "body": b'data: {"choices":[]}\n\n', "more_body": True}
-    replicas = StuckReplicas([stream_start, first], [])     # a stream under way; an answer not started
+    replicas = StuckReplicas([], [stream_start, first], [])   # a client that goes; a stream under way; an answer not started
     written = on_ray.AgpIngress.func_or_class.__bases__[0]      # the class as written, below Serve's ASGI wrapper
     ingress = written(replicas, 0, 1 << 20, 30.0)
     body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
@@ -243,7 +243,13 @@ def test_the_ingress_cuts_the_requests_a_drain_timeout_left_as_one_process_does_
         await ingress.forward(scope, receive, send)
 
     async def main():
-        a, b = [], []
+        gone, a, b = [], [], []
+        leaving = asyncio.ensure_future(client(gone))
+        while ingress.in_flight() < 1:
+            await asyncio.sleep(0.01)
+        leaving.cancel()                              # its client went away: its replica's call ends, no answer
+        await asyncio.wait({leaving})
+        assert replicas.cancelled == 1 and ingress.in_flight() == 0 and gone == [None]
         clients = [asyncio.ensure_future(client(a)), asyncio.ensure_future(client(b))]
         while ingress.in_flight() < 2 or len(a) < 3:
             await asyncio.sleep(0.01)
@@ -252,7 +258,7 @@ def test_the_ingress_cuts_the_requests_a_drain_timeout_left_as_one_process_does_
         return a[1:], b[1:]
 
     stream, unanswered = asyncio.run(main())
-    assert replicas.cancelled == 2                  # each replica's call ended: it holds nothing to wait for
+    assert replicas.cancelled == 3                  # each replica's call ended: it holds nothing to wait for
     # the stream ends with an error event and [DONE]; the request not answered yet gets a 503
     assert stream[0]["status"] == 200 and stream[1] == first and stream[2]["more_body"] is False
     events = stream[2]["body"].decode().split("\n\n")

@@ -290,10 +290,14 @@ class AgpIngress:
         task = asyncio.ensure_future(self._forward(scope, receive, send, sent))
         self.forwarding[task] = (asyncio.current_task(), sent)
         try:
-            await task
-        except asyncio.CancelledError:
-            if self.cut_by is None or asyncio.current_task().cancelling():    # not cut: the client went away
+            try:
+                await asyncio.wait({task})       # `cut` cancels the forward alone, the client gone this task
+            except asyncio.CancelledError:
+                task.cancel()
+                await asyncio.wait({task})
                 raise
+            if not task.cancelled():
+                return task.result()
             await self._cut(send, sent)
         finally:
             self.forwarding.pop(task, None)
