@@ -405,6 +405,47 @@ def test_the_metrics_hub_forgets_a_replica_whose_actor_died_at_the_next_scrape(m
 # ---------------------------------------------------------------- a local Ray cluster
 
 HOLD = "hold until "
+def test_a_stopping_replica_tells_the_metrics_hub_without_waiting_for_a_hub_that_goes_too():
+    """A replica's stop tells the hub to forget its series (a scale down: the hub lives), but
+    waits for no answer: when the application is deleted the hub stops with it, and the call waited
+    for a hub that was gone, 2 s of every stop of `agp serve --ray`."""
+    on_ray = pytest.importorskip("pipeline_dsl.serve.ray", exc_type=ImportError)
+
+    class Gone:                                     # the hub's answer, which never comes
+        awaited = False
+
+        def __await__(self):
+            Gone.awaited = True
+            yield from asyncio.Event().wait().__await__()
+
+    class Hub:
+        dropped: list[str] = []
+
+        class drop:
+            @staticmethod
+            def remote(replica):
+                Hub.dropped.append(replica)
+                return Gone()
+
+    written = on_ray.AgpPipeline.func_or_class
+
+    class Stopping(written):
+        def __del__(self):                          # Python's finalizer; Serve awaits the class's own
+            pass
+
+    replica = Stopping.__new__(Stopping)
+
+    async def stop():
+        replica.hub, replica.replica = Hub(), b"r1"
+        replica.pusher = asyncio.ensure_future(asyncio.Event().wait())
+        await asyncio.wait_for(written.__del__(replica), 30)
+        await asyncio.wait({replica.pusher})
+        return replica.pusher.cancelled()              # it stopped pushing
+
+    assert asyncio.run(stop())
+    assert Hub.dropped == ["r1"] and not Gone.awaited
+
+
 HOLDS = f'''import os
 import time
 

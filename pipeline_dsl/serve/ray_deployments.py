@@ -157,16 +157,16 @@ class AgpPipeline:
                 log.debug("metrics push failed: %s", e)
             await asyncio.sleep(PUSH_S)
 
-    async def _drop(self) -> None:
-        await self.hub.drop.remote(self.replica.decode())
-
     async def __del__(self):
         """Serve stops the replica (after its requests finished, or the drain timeout)."""
         if getattr(self, "pusher", None) is not None:
             self.pusher.cancel()
-            try:                                # the hub may be stopping too (the application goes)
-                await asyncio.wait_for(self._drop(), 2.0)
-            except Exception:                   # noqa: BLE001 - the hub forgets it when it goes stale
+            # a hub that lives (a scale down) forgets this replica at once; not waited for: when the
+            # application goes the hub goes with it, and the call waited for it 2 s of every stop. A
+            # hub that misses it forgets the replica at its next scrape (its actor dead: ray_metrics.py)
+            try:
+                self.hub.drop.remote(self.replica.decode())
+            except Exception:                   # noqa: BLE001 - as above
                 pass
         if hasattr(self, "lifespan"):
             await self.lifespan.__aexit__(None, None, None)
