@@ -224,7 +224,8 @@ def test_the_ingress_cuts_the_requests_a_drain_timeout_left_as_one_process_does_
     on_ray = pytest.importorskip("pipeline_dsl.serve.ray", exc_type=ImportError)
     stream_start = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}
     first = {"type": "http.response.body", "body": b'data: {"choices":[]}\n\n', "more_body": True}
-    replicas = StuckReplicas([], [stream_start, first], [])   # a client that goes; a stream under way; an answer not started
+    # a client that goes away; a stream under way; an answer not started
+    replicas = StuckReplicas([], [stream_start, first], [])
     written = on_ray.AgpIngress.func_or_class.__bases__[0]      # the class as written, below Serve's ASGI wrapper
     ingress = written(replicas, 0, 1 << 20, 30.0)
     body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()

@@ -101,9 +101,10 @@ def build_app(args, gpus: float = 0):
 def drain(app: str, timeout: float, quiet_s: float = 1.0) -> int:
     """The graceful stop of a running application: its ingress answers new requests 503 +
     Retry-After while those in flight finish (up to `timeout`). Returns how many were still in
-    flight when the timeout ended the wait (0: all finished; `stop` cuts those). It returns once nothing has been in flight for `quiet_s`: a
-    request the proxy accepted just before the drain reaches the ingress within it (and is
-    answered, not cut), and a load balancer polling /health sees the 503."""
+    flight when the timeout ended the wait (0: all finished; `stop` cuts those). It returns
+    once nothing has been in flight for `quiet_s`: a request the proxy accepted just before the
+    drain reaches the ingress within it (and is answered, not cut), and a load balancer polling
+    /health sees the 503."""
     ingress = serve.get_app_handle(app)
     ingress.drain.remote().result()
     start = time.monotonic()

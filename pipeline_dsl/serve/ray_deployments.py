@@ -14,7 +14,8 @@
   its answer started is sent again (to another replica); a stream already started ends with
   an error event. `x-agp-attempts` says how many times it was sent. GET /metrics it answers
   itself, for every replica (serve/ray_metrics.py). Draining (`drain`, at SIGTERM) it answers
-  new requests 503 + Retry-After while those in flight finish; then the application goes.
+  new requests 503 + Retry-After while those in flight finish; those the drain timeout leaves
+  it fails as one process does (`cut`), letting go of their replicas; then the application goes.
 - `AgpMetrics` (serve/ray_metrics.py) keeps each replica's latest metrics.
 
 `PrefixAffinityRouter`, the handle's request router, sends a request with a key to the
@@ -227,7 +228,8 @@ class AgpIngress:
         self.hub, self.root, self.retry_after_s = hub, root_path.rstrip("/"), retry_after_s
         self.draining = False
         self.active = 0                          # requests being forwarded now
-        self.forwarding: dict[asyncio.Task, tuple[asyncio.Task, dict]] = {}   # each forward: its request's task, how far
+        # each forward (`cut` cancels it): the task of its request, and how far its answer went
+        self.forwarding: dict[asyncio.Task, tuple[asyncio.Task, dict]] = {}
         self.cut_by: str | None = None           # why the forwards were cut (`cut`)
         self.arriving = 0                        # the bytes of the bodies still arriving, all together
 
