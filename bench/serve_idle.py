@@ -60,7 +60,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 class Server:
-    def __init__(self, root: Path, model: str, threads: int):
+    def __init__(self, root: Path, model: str, threads: int, flags: tuple[str, ...] = ()):
         folder = Path(tempfile.mkdtemp())
         if model == "tests-tiny":
             sys.path.insert(0, str(root / "tests"))
@@ -75,7 +75,7 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline_dsl.cli", "serve", model, "--port", str(self.port),
              "--threads", str(threads), "--no-access-log", "--send-timeout", "600",
-             "--pause-unread-tokens", "32", "--max-unread-tokens", "256", "--drain-timeout", "600"],
+             "--pause-unread-tokens", "32", "--max-unread-tokens", "256", "--drain-timeout", "600", *flags],
             stderr=subprocess.PIPE, text=True, env=env, cwd=root)
         self.lines: list[tuple[float, str]] = []
         threading.Thread(target=self._read, daemon=True).start()

@@ -139,23 +139,32 @@ def test_app_builders_keys_are_whole_flags(tmp_path, tiny_gguf):
 
 
 class Ingress:
-    """A stand-in for the ingress's Serve handle (its drain and in_flight calls), with
-    `in_flight` requests that never finish, and what became of the application."""
+    """A stand-in for the ingress's Serve handle (its drain, in_flight and cut calls), with
+    `in_flight` requests that never finish, and what became of the application: `held`, the
+    requests still in flight when it was deleted (a replica that holds one waits for it)."""
 
     def __init__(self, in_flight: int):
-        self.count, self.draining, self.deleted = in_flight, False, False
+        self.count, self.draining, self.deleted, self.held, self.reason = in_flight, False, False, None, None
         self.drain = self.Call(self._drain)
         self.in_flight = self.Call(lambda: self.count)
+        self.cut = self.Call(self._cut)
 
     def _drain(self):
         self.draining = True
+
+    def _cut(self, reason):
+        cut, self.count, self.reason = self.count, 0, reason
+        return cut
+
+    def delete(self, app):
+        self.deleted, self.held = app == "agp", self.count
 
     class Call:
         def __init__(self, fn):
             self.fn = fn
 
-        def remote(self):
-            value = self.fn()
+        def remote(self, *args):
+            value = self.fn(*args)
             return type("Response", (), {"result": lambda _self: value})()
 
 
@@ -165,15 +174,100 @@ def test_a_drain_whose_timeout_cuts_requests_exits_1_naming_how_many_as_one_proc
     on_ray = pytest.importorskip("pipeline_dsl.serve.ray", exc_type=ImportError)
     ingress = Ingress(in_flight)
     monkeypatch.setattr(on_ray.serve, "get_app_handle", lambda app: ingress if app == on_ray.APP else None)
-    monkeypatch.setattr(on_ray.serve, "delete", lambda app: setattr(ingress, "deleted", app == on_ray.APP))
+    monkeypatch.setattr(on_ray.serve, "delete", ingress.delete)
     caplog.set_level(logging.INFO, logger="agp.serve")
     assert on_ray.stop(on_ray.APP, drain_timeout=0.2) == status
     assert ingress.draining and ingress.deleted
+    # the drain timeout is waited once: what it left was cut before the application went, so no replica
+    # holds a request when Serve stops it (it would give each --drain-timeout again)
+    assert ingress.held == 0
     said = [r.getMessage() for r in caplog.records if r.name == "agp.serve"]
     if in_flight:
         assert "stopped; the drain timeout cut 3 request(s) still in flight" in said
+        assert ingress.reason == "the server shut down before this request finished (drain timeout 0.2s)"
     else:
         assert said[-1] == "stopped (drained)" and not any("cut" in line for line in said)
+        assert ingress.reason is None
+
+
+class StuckReplicas:
+    """A stand-in for the AgpPipeline handle: each call's replica sends the `sent` messages of its
+    answer, then holds the rest; `cancelled` counts the calls let go."""
+
+    def __init__(self, *answers):
+        self.answers, self.cancelled = list(answers), 0
+        self.asgi = self
+
+    def options(self, **_):
+        return self
+
+    def remote(self, request, body, affinity=None):
+        handle, sent = self, self.answers.pop(0)
+
+        class Call:
+            def __aiter__(self):
+                return self
+
+            async def __anext__(self):
+                nonlocal sent
+                if sent:
+                    batch, sent = sent, []
+                    return batch
+                await asyncio.Event().wait()             # the rest never comes
+
+            def cancel(self):
+                handle.cancelled += 1
+        return Call()
+
+
+def test_the_ingress_cuts_the_requests_a_drain_timeout_left_as_one_process_does_and_lets_their_replicas_go():
+    on_ray = pytest.importorskip("pipeline_dsl.serve.ray", exc_type=ImportError)
+    stream_start = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}
+    first = {"type": "http.response.body", "body": b'data: {"choices":[]}\n\n', "more_body": True}
+    # a client that goes away; a stream under way; an answer not started
+    replicas = StuckReplicas([], [stream_start, first], [])
+    written = on_ray.AgpIngress.func_or_class.__bases__[0]      # the class as written, below Serve's ASGI wrapper
+    ingress = written(replicas, 0, 1 << 20, 30.0)
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions",
+             "headers": [(b"content-length", str(len(body)).encode())]}
+
+    async def client(out: list):
+        async def receive():
+            if not out:
+                out.append(None)
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.Event().wait()
+
+        async def send(message):
+            out.append(message)
+        await ingress.forward(scope, receive, send)
+
+    async def main():
+        gone, a, b = [], [], []
+        leaving = asyncio.ensure_future(client(gone))
+        while ingress.in_flight() < 1:
+            await asyncio.sleep(0.01)
+        leaving.cancel()                              # its client went away: its replica's call ends, no answer
+        await asyncio.wait({leaving})
+        assert replicas.cancelled == 1 and ingress.in_flight() == 0 and gone == [None]
+        clients = [asyncio.ensure_future(client(a)), asyncio.ensure_future(client(b))]
+        while ingress.in_flight() < 2 or len(a) < 3:
+            await asyncio.sleep(0.01)
+        assert await ingress.cut("the server shut down before this request finished (drain timeout 5s)") == 2
+        assert all(c.done() for c in clients) and ingress.in_flight() == 0
+        return a[1:], b[1:]
+
+    stream, unanswered = asyncio.run(main())
+    assert replicas.cancelled == 3                  # each replica's call ended: it holds nothing to wait for
+    # the stream ends with an error event and [DONE]; the request not answered yet gets a 503
+    assert stream[0]["status"] == 200 and stream[1] == first and stream[2]["more_body"] is False
+    events = stream[2]["body"].decode().split("\n\n")
+    assert events[1] == "data: [DONE]"
+    error = json.loads(events[0].removeprefix("data: "))["error"]
+    assert error["code"] == "unavailable" and "drain timeout 5s" in error["message"]
+    assert unanswered[0]["status"] == 503 and (b"retry-after", b"1") in unanswered[0]["headers"]
+    assert "drain timeout 5s" in json.loads(unanswered[1]["body"])["error"]["message"]
 
 
 def test_a_local_cluster_that_times_out_starting_is_started_again_and_other_failures_are_not(monkeypatch, caplog):
@@ -332,6 +426,47 @@ def test_a_push_a_stopped_replica_sent_before_its_goodbye_does_not_bring_its_ser
 # ---------------------------------------------------------------- a local Ray cluster
 
 HOLD = "hold until "
+def test_a_stopping_replica_tells_the_metrics_hub_without_waiting_for_a_hub_that_goes_too():
+    """A replica's stop tells the hub to forget its series (a scale down: the hub lives), but
+    waits for no answer: when the application is deleted the hub stops with it, and the call waited
+    for a hub that was gone, 2 s of every stop of `agp serve --ray`."""
+    on_ray = pytest.importorskip("pipeline_dsl.serve.ray", exc_type=ImportError)
+
+    class Gone:                                     # the hub's answer, which never comes
+        awaited = False
+
+        def __await__(self):
+            Gone.awaited = True
+            yield from asyncio.Event().wait().__await__()
+
+    class Hub:
+        dropped: list[str] = []
+
+        class drop:
+            @staticmethod
+            def remote(replica):
+                Hub.dropped.append(replica)
+                return Gone()
+
+    written = on_ray.AgpPipeline.func_or_class
+
+    class Stopping(written):
+        def __del__(self):                          # Python's finalizer; Serve awaits the class's own
+            pass
+
+    replica = Stopping.__new__(Stopping)
+
+    async def stop():
+        replica.hub, replica.replica = Hub(), b"r1"
+        replica.pusher = asyncio.ensure_future(asyncio.Event().wait())
+        await asyncio.wait_for(written.__del__(replica), 30)
+        await asyncio.wait({replica.pusher})
+        return replica.pusher.cancelled()              # it stopped pushing
+
+    assert asyncio.run(stop())
+    assert Hub.dropped == ["r1"] and not Gone.awaited
+
+
 HOLDS = f'''import os
 import time
 

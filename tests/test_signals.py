@@ -6,11 +6,14 @@ signal while the model loads stops it with a line (exit 128 + the signal); SIGHU
 is in test_hostile's Ctrl-C test. Each test runs agp on the tiny model as a child process."""
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
+import socket
 import subprocess
 import threading
 import time
+import types
 
 import httpx
 import pytest
@@ -245,13 +248,12 @@ def test_a_signal_once_the_drain_is_over_does_not_force_the_stop_and_the_exit_st
     assert server.force_exit
 
 
-def test_a_drain_that_cut_nothing_stops_the_server_without_a_pause_and_one_that_cut_gives_their_answers_time(
-        monkeypatch):
+def test_a_drain_lets_the_server_stop_without_a_pause_whether_it_cut_requests_or_not(monkeypatch):
     """The drain over, it slept 0.3 s for the answers it cut to reach their clients before it let
-    uvicorn stop, also when it had cut none: a third of a second of every `agp serve` stop (the
-    answers that finished are written meanwhile, and uvicorn's shutdown waits for each). Seen
-    through the sleeps of the server's module: none when nothing was cut, some when requests
-    were (a second signal cut two)."""
+    uvicorn stop (once also when it had cut none): uvicorn's shutdown waits for each answer being
+    written, cut or not, and most were out already. Seen through the sleeps of the server's
+    module: none, whether nothing was cut or a second signal cut two (that their answers reach
+    their clients: test_a_second_signal_cuts_what_is_in_flight_with_an_answer_each_and_exit_1)."""
     import pipeline_dsl.serve.server as server_module
 
     slept: list[float] = []
@@ -274,7 +276,75 @@ def test_a_drain_that_cut_nothing_stops_the_server_without_a_pause_and_one_that_
     server.handle_exit(signal.SIGTERM, None)
     server.handle_exit(signal.SIGTERM, None)                 # cut what is in flight
     _wait(lambda: server.should_exit)
-    assert server.drained is False and server.cut == 2 and slept
+    assert server.drained is False and server.cut == 2 and slept == []
+
+
+class _StoppedClock(asyncio.SelectorEventLoop):
+    """An event loop whose clock stops when `stopped` is set: a timer (asyncio.sleep, call_later,
+    a timeout) no longer ends, and only what waits on an event (a connection closing, a task
+    ending, a call from another thread) goes on."""
+
+    def __init__(self):
+        super().__init__()
+        self.stopped = threading.Event()
+        self._at = None
+
+    def time(self):
+        if self.stopped.is_set():
+            if self._at is None:
+                self._at = super().time()
+            return self._at
+        return super().time()
+
+
+@pytest.mark.parametrize("answering", [False, True])
+def test_a_stop_waits_on_the_connections_and_the_drain_not_for_a_fixed_while(answering):
+    """SIGTERM to a server with nothing in flight, or with one answer being written that finishes
+    after the signal: the server stops once the drain is over and its connections closed, with its
+    event loop's clock stopped, so with no fixed wait among them. uvicorn's loop looked whether to
+    stop every 0.1 s and its shutdown slept 0.1 s, then looked every 0.1 s whether its connections
+    had closed: 0.1 to 0.3 s of every stop spent waiting on what had already happened."""
+    import uvicorn
+
+    from pipeline_dsl.serve.server import AgpServer, agp_protocol
+
+    release = asyncio.Event()
+    answered: list[bytes] = []
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    apipe = types.SimpleNamespace(runtime=_Runtime(0, slow=False), error=None)
+    server = AgpServer(uvicorn.Config(app, http=agp_protocol(), lifespan="off", log_level="warning"),
+                       apipe, drain_timeout=600)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    loop = _StoppedClock()
+    serving = threading.Thread(target=lambda: loop.run_until_complete(server.serve(sockets=[sock])), daemon=True)
+    serving.start()
+    _wait(lambda: server.started)
+    client = socket.create_connection(sock.getsockname())
+    if answering:                                   # a request under way: its answer waits for `release`
+        client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        _wait(lambda: server.server_state.tasks)
+    loop.stopped.set()
+    server.handle_exit(signal.SIGTERM, None)
+    _wait(lambda: server.drained is not None)
+    if answering:
+        assert serving.is_alive()                   # the answer being written holds the stop ...
+        loop.call_soon_threadsafe(release.set)      # ... until it is out
+        client.settimeout(30)
+        while chunk := client.recv(1024):
+            answered.append(chunk)
+        assert b"".join(answered).endswith(b"ok")
+    serving.join(30)
+    assert not serving.is_alive(), "the server waited on its stopped clock"
+    client.close()
+    loop.close()
 
 
 def test_a_third_signal_while_the_requests_are_cut_stops_at_once_with_exit_1_saying_how_many(caplog):

@@ -101,10 +101,10 @@ def build_app(args, gpus: float = 0):
 def drain(app: str, timeout: float, quiet_s: float = 1.0) -> int:
     """The graceful stop of a running application: its ingress answers new requests 503 +
     Retry-After while those in flight finish (up to `timeout`). Returns how many were still in
-    flight when the timeout ended the wait (0: all finished; those are cut when the caller
-    deletes the application). It returns once nothing has been in flight for `quiet_s`: a
-    request the proxy accepted just before the drain reaches the ingress within it (and is
-    answered, not cut), and a load balancer polling /health sees the 503."""
+    flight when the timeout ended the wait (0: all finished; `stop` cuts those). It returns
+    once nothing has been in flight for `quiet_s`: a request the proxy accepted just before the
+    drain reaches the ingress within it (and is answered, not cut), and a load balancer polling
+    /health sees the 503."""
     ingress = serve.get_app_handle(app)
     ingress.drain.remote().result()
     start = time.monotonic()
@@ -126,10 +126,18 @@ def drain(app: str, timeout: float, quiet_s: float = 1.0) -> int:
 def stop(app: str, drain_timeout: float) -> int:
     """Drain the running application (`drain`), delete it, and give agp serve's exit status, as
     one process gives it (commands/serve.py exit_status): 0 when every request in flight was
-    answered, 1 when the drain timeout cut some (their count logged)."""
+    answered, 1 when the drain timeout cut some (their count logged).
+
+    The drain timeout is waited once in all: the requests it leaves are cut at the ingress
+    (`AgpIngress.cut`: each fails as in one process, and its replica's call ends) before the
+    application is deleted, so that no replica waits for them again (Serve gives each stopping
+    replica its graceful_shutdown_timeout_s, --drain-timeout, for the requests it still holds)."""
     log.info("draining: new requests get 503; those in flight get up to %gs", drain_timeout)
     cut = drain(app, drain_timeout)
-    serve.delete(app)                            # what is still in flight is cut with it
+    if cut:
+        cut = serve.get_app_handle(app).cut.remote(
+            f"the server shut down before this request finished (drain timeout {drain_timeout:g}s)").result()
+    serve.delete(app)                            # its replicas hold no request: they stop at once
     if cut:
         log.warning("stopped; the drain timeout cut %d request(s) still in flight", cut)
         return 1

@@ -14,7 +14,8 @@
   its answer started is sent again (to another replica); a stream already started ends with
   an error event. `x-agp-attempts` says how many times it was sent. GET /metrics it answers
   itself, for every replica (serve/ray_metrics.py). Draining (`drain`, at SIGTERM) it answers
-  new requests 503 + Retry-After while those in flight finish; then the application goes.
+  new requests 503 + Retry-After while those in flight finish; those the drain timeout leaves
+  it fails as one process does (`cut`), letting go of their replicas; then the application goes.
 - `AgpMetrics` (serve/ray_metrics.py) keeps each replica's latest metrics.
 
 `PrefixAffinityRouter`, the handle's request router, sends a request with a key to the
@@ -157,16 +158,16 @@ class AgpPipeline:
                 log.debug("metrics push failed: %s", e)
             await asyncio.sleep(PUSH_S)
 
-    async def _drop(self) -> None:
-        await self.hub.drop.remote(self.replica.decode())
-
     async def __del__(self):
         """Serve stops the replica (after its requests finished, or the drain timeout)."""
         if getattr(self, "pusher", None) is not None:
             self.pusher.cancel()
-            try:                                # the hub may be stopping too (the application goes)
-                await asyncio.wait_for(self._drop(), 2.0)
-            except Exception:                   # noqa: BLE001 - the hub forgets it when it goes stale
+            # a hub that lives (a scale down) forgets this replica at once; not waited for: when the
+            # application goes the hub goes with it, and the call waited for it 2 s of every stop. A
+            # hub that misses it forgets the replica at its next scrape (its actor dead: ray_metrics.py)
+            try:
+                self.hub.drop.remote(self.replica.decode())
+            except Exception:                   # noqa: BLE001 - as above
                 pass
         if hasattr(self, "lifespan"):
             await self.lifespan.__aexit__(None, None, None)
@@ -227,6 +228,9 @@ class AgpIngress:
         self.hub, self.root, self.retry_after_s = hub, root_path.rstrip("/"), retry_after_s
         self.draining = False
         self.active = 0                          # requests being forwarded now
+        # each forward (`cut` cancels it): the task of its request, and how far its answer went
+        self.forwarding: dict[asyncio.Task, tuple[asyncio.Task, dict]] = {}
+        self.cut_by: str | None = None           # why the forwards were cut (`cut`)
         self.arriving = 0                        # the bytes of the bodies still arriving, all together
 
     def drain(self) -> None:
@@ -235,6 +239,20 @@ class AgpIngress:
 
     def in_flight(self) -> int:
         return self.active
+
+    async def cut(self, reason: str) -> int:
+        """Fail the requests still in flight, as one process fails them at its drain timeout (a
+        stream ends with an error event and `[DONE]`, an answer not started is a 503 saying
+        `reason`), and let go of their replicas' calls (the replica hears a disconnect and aborts
+        the request): deleting the application then finds nothing left to wait for. Returns how
+        many were cut, once their answers are sent."""
+        self.cut_by = reason
+        forwards = dict(self.forwarding)
+        for task in forwards:
+            task.cancel()
+        if forwards:
+            await asyncio.wait([outer for outer, _ in forwards.values()], timeout=5.0)
+        return len(forwards)
 
     def _path(self, scope) -> str:
         path = scope.get("path", "")
@@ -270,12 +288,34 @@ class AgpIngress:
                                                      header(scope, b"accept-encoding"))   # as `agp serve` answers
             return await _raw(send, 200, body, content_type, headers)
         self.active += 1
+        sent = {"started": False, "event_stream": False}
+        task = asyncio.ensure_future(self._forward(scope, receive, send, sent))
+        self.forwarding[task] = (asyncio.current_task(), sent)
         try:
-            await self._forward(scope, receive, send)
+            try:
+                await asyncio.wait({task})       # `cut` cancels the forward alone, the client gone this task
+            except asyncio.CancelledError:
+                task.cancel()
+                await asyncio.wait({task})
+                raise
+            if not task.cancelled():
+                return task.result()
+            await self._cut(send, sent)
         finally:
+            self.forwarding.pop(task, None)
             self.active -= 1
 
-    async def _forward(self, scope, receive, send):
+    async def _cut(self, send, sent: dict) -> None:
+        """The answer of a request `cut` failed, as one process's drain timeout fails it."""
+        err = P.APIError(self.cut_by, status=503, type="server_error", code="unavailable",
+                         headers={"Retry-After": str(self.retry_after_s)})
+        if not sent["started"]:
+            return await _answer(send, err)
+        if sent["event_stream"]:
+            await send({"type": "http.response.body", "body": P.sse(err.body()) + P.sse("[DONE]"), "more_body": False})
+        # else part of a body is out: the connection ends without the rest, as a cut one
+
+    async def _forward(self, scope, receive, send, sent: dict | None = None):
         declared = header(scope, b"content-length")
         if declared.isdigit() and int(declared) > self.limit:      # refused before it is read, as in one process
             return await _answer(send, self._too_large(f"has {int(declared)} bytes; at most {self.limit} are accepted"))
@@ -299,6 +339,8 @@ class AgpIngress:
                             event_stream = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream")
                                                for k, v in headers)
                             started = True
+                            if sent is not None:
+                                sent.update(started=True, event_stream=event_stream)
                         await send(message)
                 done = True
                 return
