@@ -16,7 +16,6 @@ Printed: the median of the runs of each (and their range).
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import statistics
 import sys
