@@ -2,7 +2,8 @@
 
 On CUDA this backend is chosen by default and compiled to Triton; here the same mask, block
 lists and calls run eagerly: torch's eager flex_attention's computation, written out so that a
-CPU process imports no compiler (checked against torch's own call). Checked: the host-built
+CPU process imports no compiler (checked against torch's own call here; that no compiler is
+imported: test_gpu_path). Checked: the host-built
 block lists and the mask against a per-row reference; a runner with the backend forced against the gather + SDPA path on random
 steps (decodes of every length, prefill chunks with and without a cached prefix, mixed steps,
 shared prefix blocks, tables of shuffled blocks; GQA and not; fp32 and bf16); whole engine
@@ -10,10 +11,7 @@ runs with preemption, chunked prefill and prefix hits, stepped directly, through
 executor and through decode graphs; and the fallback when a block sits at two logical indices.
 """
 
-import os
 import random
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -233,22 +231,6 @@ def test_agp_attention_picks_the_backend_and_a_bad_value_is_an_input_error(tiny_
     monkeypatch.setenv("AGP_ATTENTION", "paged")
     with pytest.raises(InputError, match="AGP_ATTENTION=paged"):
         tiny_engine(tiny_gguf)
-
-
-def test_a_cpu_process_serving_with_flex_attention_imports_no_compiler(tiny_gguf):
-    # torch's eager flex_attention goes through torch.compile(backend="eager"): dynamo's import
-    # (~1.5 s of CPU) and a trace in every process that used the backend; the CPU backend
-    # computes the same without it (the next test)
-    code = ("import sys\n"
-            "from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams\n"
-            "from pipeline_dsl.engine.executor import run_requests\n"
-            f"e = Engine(EngineConfig(model={str(tiny_gguf)!r}, dtype='fp32', kv_budget_bytes=1 << 20))\n"
-            "run_requests(e, [('a', dict(prompt='hello', params=SamplingParams(max_tokens=3, ignore_eos=True)))])\n"
-            "print(e.stats()['attention'], e.runner.flex.calls > 0, 'torch._dynamo' in sys.modules)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "AGP_ATTENTION": "flex"})
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "flex True False"
 
 
 @pytest.mark.parametrize("dtype,heads", [("fp32", "mha"), ("bf16", "gqa")])
