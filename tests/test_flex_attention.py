@@ -1,8 +1,10 @@
-"""The flex attention backend (engine/flex.py), checked on CPU with torch's eager flex_attention.
+"""The flex attention backend (engine/flex.py), checked on CPU with its eager computation.
 
 On CUDA this backend is chosen by default and compiled to Triton; here the same mask, block
-lists and calls run eagerly. Checked: the host-built block lists and the mask against a
-per-row reference; a runner with the backend forced against the gather + SDPA path on random
+lists and calls run eagerly: torch's eager flex_attention's computation, written out so that a
+CPU process imports no compiler (checked against torch's own call here; that no compiler is
+imported: test_gpu_path). Checked: the host-built
+block lists and the mask against a per-row reference; a runner with the backend forced against the gather + SDPA path on random
 steps (decodes of every length, prefill chunks with and without a cached prefix, mixed steps,
 shared prefix blocks, tables of shuffled blocks; GQA and not; fp32 and bf16); whole engine
 runs with preemption, chunked prefill and prefix hits, stepped directly, through the plan's
@@ -24,8 +26,6 @@ from test_gpu_path import EagerGraphs, run_engine, same_answers
 from tiny_model import write_tiny_gguf
 
 BS = 4
-
-pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 
 @pytest.fixture(scope="module")
@@ -204,9 +204,7 @@ def test_engine_with_flex_attention_gives_the_default_paths_tokens(weights, mode
     r = runner("flex")
     if mode == "graphs":
         r.capture_graphs(max_batch=8, max_len=96, graph_factory=EagerGraphs())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out, stats = run_engine(r, seed, executor=mode != "engine.step")
+    out, stats = run_engine(r, seed, executor=mode != "engine.step")
     assert same_answers(out, ref) and len(out) == 12
     assert stats["preemptions"] > 0 and stats["cached_tokens"] > 0 and r.flex.calls > 0
     if mode == "graphs":
@@ -228,13 +226,36 @@ def test_agp_attention_picks_the_backend_and_a_bad_value_is_an_input_error(tiny_
     monkeypatch.setenv("AGP_ATTENTION", "flex")
     flex = tiny_engine(tiny_gguf, batch_timeout_s=0.0)
     assert flex.stats()["attention"] == "flex" and flex.runner.native is None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        got, want = answer(flex), answer(default)
+    got, want = answer(flex), answer(default)
     assert len(want) == 6 and got == want
     monkeypatch.setenv("AGP_ATTENTION", "paged")
     with pytest.raises(InputError, match="AGP_ATTENTION=paged"):
         tiny_engine(tiny_gguf)
+
+
+@pytest.mark.parametrize("dtype,heads", [("fp32", "mha"), ("bf16", "gqa")])
+def test_the_cpu_backend_computes_what_torchs_flex_attention_does(weights, mha, dtype, heads):
+    # the CPU backend writes out torch's eager computation (FlexPaged._eager); torch's own call,
+    # given the BlockMask a device compiles with, gives the same rows, padding rows 0 included
+    from torch.nn.attention.flex_attention import flex_attention
+
+    t = mha if heads == "mha" else weights
+    flex, _ = runners(t, dtype)
+    c, f = flex.model.config, flex.flex
+    rng, g = random.Random(3), torch.Generator().manual_seed(3)
+    tdt = flex.model.dtype
+    for _ in range(4):
+        step = flex.prepare(StepBatch.from_items(random_step(rng, c.vocab_size, flex.num_blocks)))
+        T, Tp = step.flex.rows, step.flex.item.shape[0]
+        q = torch.randn(Tp, c.num_heads, c.head_dim, generator=g).to(tdt)
+        kc, vc = (torch.randn(f.slots + 1, c.num_kv_heads, c.head_dim, generator=g).to(tdt) for _ in "kv")
+        k, v = (x[:f.slots].transpose(0, 1).unsqueeze(0) for x in (kc, vc))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")                 # eager flex_attention says it is not compiled
+            want = flex_attention(q.transpose(0, 1).unsqueeze(0), k, v, block_mask=f.block_mask(step.flex),
+                                  enable_gqa=c.num_heads != c.num_kv_heads)[0].transpose(0, 1)   # [Tp, nh, hd]
+        assert not want[T:].any()                           # padding rows: 0
+        torch.testing.assert_close(f.attention(step.flex, q, kc, vc), want.reshape(Tp, -1), rtol=0, atol=0)
 
 
 def counting_backend(versions):

@@ -5,10 +5,10 @@ and the graphs: requests parked with a step in flight, engines sharing one model
 and long prompts cut beside short ones (long_prefill_threshold)."""
 
 import functools
+import os
 import random
 import subprocess
 import sys
-import warnings
 
 import numpy as np
 import pytest
@@ -143,9 +143,7 @@ def test_mixed_steps_replay_piecewise_graphs_and_give_the_eager_tokens(model, ea
     got = runner.capture_graphs(max_batch=8, max_len=96, graph_factory=factory, max_tokens=24)
     layers = len(model.layers)
     assert got["piece_graphs"] == (layers + 1) * 2 and factory.captured == got["graphs"] + got["piece_graphs"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")                  # eager flex_attention says it is not compiled
-        out, stats = run_engine(runner, 1, executor)
+    out, stats = run_engine(runner, 1, executor)
     assert same_answers(out, ref) and len(out) == 12
     assert runner.graphs.pieces.replays > 0 and runner.graphs.replays > 0 and stats["preemptions"] > 0
 
@@ -187,9 +185,7 @@ def test_a_models_own_layers_replay_in_every_graph(tmp_path, family, attention):
     runner.native = None
     got = runner.capture_graphs(max_batch=8, max_len=96, graph_factory=EagerGraphs(), max_tokens=24)
     assert got["graphs"] > 0 and got["piece_graphs"] > 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")                  # eager flex_attention says it is not compiled
-        out, _ = run_engine(runner, 2, True)
+    out, _ = run_engine(runner, 2, True)
     assert same_answers(out, ref) and len(out) == 12
     assert runner.graphs.pieces.replays > 0 and runner.graphs.replays > 0
 
@@ -311,14 +307,20 @@ def test_block_table_array_follows_allocation_sharing_and_frees():
                 assert t[:n].tolist() == bm.table(s)
 
 
-def test_a_machine_without_cuda_never_imports_cuda_only_code(tiny_gguf):
-    code = ("import sys, torch\n"
+def test_a_machine_without_cuda_never_imports_cuda_only_code_nor_the_compiler(tiny_gguf):
+    # with either attention: torch's eager flex_attention goes through torch.compile(backend=
+    # "eager"), dynamo's import (~1.5 s of CPU) in every process; the CPU flex backend needs none
+    code = ("import os, sys, torch\n"
             "from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams\n"
             "from pipeline_dsl.engine.executor import run_requests\n"
-            f"e = Engine(EngineConfig(model={str(tiny_gguf)!r}, dtype='fp32', kv_budget_bytes=1 << 20))\n"
-            "run_requests(e, [('a', dict(prompt='hello', params=SamplingParams(max_tokens=3)))])\n"
-            "print(sorted(m for m in sys.modules if m.startswith('pipeline_dsl.engine.cuda')))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+            "for attention in ('sdpa', 'flex'):\n"
+            f"    e = Engine(EngineConfig(model={str(tiny_gguf)!r}, dtype='fp32', kv_budget_bytes=1 << 20))\n"
+            "    run_requests(e, [('a', dict(prompt='hello', params=SamplingParams(max_tokens=3)))])\n"
+            "    assert e.stats()['attention'] == attention and (attention == 'sdpa' or e.runner.flex.calls > 0)\n"
+            "    os.environ['AGP_ATTENTION'] = 'flex'                 # the second engine: flex\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('pipeline_dsl.engine.cuda', 'torch._dynamo'))))\n")
+    env = {k: v for k, v in os.environ.items() if k != "AGP_ATTENTION"}   # the first engine: the default
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
 

@@ -33,9 +33,11 @@ of (B, nblk) always to the same sizes (`decode_width`). Padding rows have positi
 every key is masked for them and their output is 0.
 
 On CUDA the call is `torch.compile(flex_attention, fullgraph=True)` (Triton), compiled at load
-by ModelRunner.warm_up; on CPU it is torch's eager flex_attention (it materialises the scores
-over the whole pool: for tests, not speed — the CPU path keeps its native kernels), given the
-mask_mod's mask evaluated once a call (`FlexPaged._eager_mask`).
+by ModelRunner.warm_up; on CPU it is what torch's eager flex_attention computes (it materialises
+the scores over the whole pool: for tests, not speed — the CPU path keeps its native kernels),
+written out with the mask_mod's mask evaluated once a call (`FlexPaged._eager`): torch's own
+eager call goes through torch.compile(backend="eager"), which would cost every CPU process
+that uses the backend dynamo's import (~1.5 s of CPU) and a trace per new step shape.
 
 Compiled versions. Dynamo keeps the versions of flex_attention per code object, so every runner
 of the process shares one list, and with fullgraph=True reaching the recompile limit (8 by
@@ -53,7 +55,7 @@ mode is part of every version's guards, so a step outside it would compile again
 from __future__ import annotations
 
 import contextlib
-import copy
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -224,7 +226,8 @@ class FlexPaged:
 
     def __init__(self, runner, backend=None):
         """backend: torch.compile's backend (default on CUDA: inductor; on CPU: no compile, the
-        eager call). Tests pass a counting backend to check the compiled versions on CPU."""
+        eager computation, `_eager`). Tests pass a counting backend to check the compiled versions
+        on CPU."""
         from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
         self.block_size, self.num_blocks = runner.block_size, runner.num_blocks
@@ -243,7 +246,7 @@ class FlexPaged:
             self.options = kernel_options(self.block_size, runner.model.dtype,
                                           getattr(props, "shared_memory_per_block_optin", None))
         else:
-            self.fn, self.options = flex_attention, None
+            self.fn, self.options = None, None           # _eager: no torch.compile, no dynamo
         self.calls = 0
         self._marking = False
 
@@ -277,21 +280,29 @@ class FlexPaged:
                 mask_mod=mask_mod, seq_lengths=(meta.item.shape[0], self.slots), compute_q_blocks=False)
         return meta.mask
 
-    def _eager_mask(self, meta: FlexMeta):
-        """The BlockMask for eager flex_attention (CPU), whose mask_mod reads the mask evaluated once.
+    def _eager(self, meta: FlexMeta, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """What torch's eager flex_attention computes (CPU), without torch's compile machinery.
 
-        Eager flex_attention calls mask_mod under four nested vmaps, each indexing op of it a
-        vmapped autograd function: ~24 ms of CPU a call with _paged_mask's four, ~10 ms with one. The
-        same mask_mod called once on the [Tp, slots] grid (its indexing and comparisons broadcast)
-        gives the same mask, which a copy of the step's BlockMask looks up in one indexing op.
-        Evaluated at every call, not kept with the BlockMask: a decode graph's replay copies the
-        next step's arrays into the tensors the mask_mod reads (FlexMeta.copy_)."""
+        torch's eager flex_attention runs its call through torch.compile(backend="eager"): the
+        first call of a process imports dynamo (~1.5 s of CPU) and traces (~0.5 s), and every new
+        step shape traces again. Its computation is dense, the mask_mod evaluated at every
+        (row, slot) and the scores of every slot of the pool (torch/_higher_order_ops/
+        flex_attention.py, math_attention): here the same, in the same precision and order, with
+        the step's BlockMask's mask_mod called once on the [Tp, slots] grid (its indexing and
+        comparisons broadcast) instead of under torch's four nested vmaps. Evaluated at every
+        call, not kept with the BlockMask: a decode graph's replay copies the next step's arrays
+        into the tensors the mask_mod reads (FlexMeta.copy_). q [1, nh, Tp, hd], k and v
+        [1, kv, slots, hd] -> [1, nh, Tp, hd]; a row that attends nothing (padding) gives 0."""
         mask = self.block_mask(meta)
         grid = mask.mask_mod(0, 0, torch.arange(meta.item.shape[0], device=self.device)[:, None],
                              torch.arange(self.slots, device=self.device)[None, :])     # [Tp, slots] bool
-        eager = copy.copy(mask)
-        eager.mask_mod = lambda b, h, q, kv: grid[q, kv]
-        return eager
+        g = q.shape[1] // k.shape[1]                                            # GQA: query heads per KV head
+        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+        work = torch.float64 if q.dtype == torch.float64 else torch.float32
+        scores = (q.to(work) @ k.to(work).transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+        p = torch.softmax(scores.masked_fill(~grid, -math.inf), dim=-1)
+        p = p.masked_fill(~grid.any(-1, keepdim=True), 0.0)                    # nothing attended: 0, not NaN
+        return p.to(q.dtype) @ v
 
     def attention(self, meta: FlexMeta, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
         """q [T, nh, hd] (rows in step order) against the pool kc/vc [slots(+1), kv, hd] -> [T, nh*hd]."""
@@ -308,6 +319,8 @@ class FlexPaged:
             for t, dims in ((qq, (0, 1, 3)), (k, (0, 1, 2, 3)), (v, (0, 1, 2, 3))):
                 for d in dims:
                     torch._dynamo.mark_static(t, d)
-        mask = self.block_mask(meta) if self.compiled else self._eager_mask(meta)
-        out = self.fn(qq, k, v, block_mask=mask, enable_gqa=nh != k.shape[1], **kw)   # [1, nh, Tp, hd]
+        if self.compiled:
+            out = self.fn(qq, k, v, block_mask=self.block_mask(meta), enable_gqa=nh != k.shape[1], **kw)
+        else:
+            out = self._eager(meta, qq, k, v)                               # [1, nh, Tp, hd]
         return out[0, :, :T].transpose(0, 1).reshape(T, nh * hd)            # [T, nh*hd]
