@@ -228,8 +228,8 @@ class AgpIngress:
         self.hub, self.root, self.retry_after_s = hub, root_path.rstrip("/"), retry_after_s
         self.draining = False
         self.active = 0                          # requests being forwarded now
-        # each forward (`cut` cancels it): the task of its request, and how far its answer went
-        self.forwarding: dict[asyncio.Task, tuple[asyncio.Task, dict]] = {}
+        # each forward (`cut` cancels it) -> the task of its request (which answers the cut)
+        self.forwarding: dict[asyncio.Task, asyncio.Task] = {}
         self.cut_by: str | None = None           # why the forwards were cut (`cut`)
         self.arriving = 0                        # the bytes of the bodies still arriving, all together
 
@@ -251,7 +251,7 @@ class AgpIngress:
         for task in forwards:
             task.cancel()
         if forwards:
-            await asyncio.wait([outer for outer, _ in forwards.values()], timeout=5.0)
+            await asyncio.wait(list(forwards.values()), timeout=5.0)
         return len(forwards)
 
     def _path(self, scope) -> str:
@@ -290,7 +290,7 @@ class AgpIngress:
         self.active += 1
         sent = {"started": False, "event_stream": False}
         task = asyncio.ensure_future(self._forward(scope, receive, send, sent))
-        self.forwarding[task] = (asyncio.current_task(), sent)
+        self.forwarding[task] = asyncio.current_task()
         try:
             try:
                 await asyncio.wait({task})       # `cut` cancels the forward alone, the client gone this task

@@ -46,20 +46,17 @@ class AgpMetrics:
         return replica in self.actors
 
     def drop(self, replica: str) -> None:
-        """A stopping replica's goodbye: its series leave, and a push it sent before, arriving after
-        (its pusher cancelled mid-call), does not bring them back."""
-        self._bury(replica)
-
-    def _forget(self, replica: str) -> None:
-        self.texts.pop(replica, None)
-        self.actors.pop(replica, None)
-
-    def _bury(self, replica: str) -> None:
-        """Forget `replica` for good: stopped, or its actor died."""
+        """Forget `replica` for good (stopped: its goodbye; or its actor died): its series leave,
+        and a push it sent before, arriving after (its pusher cancelled mid-call), does not bring
+        them back."""
         self._forget(replica)
         self.gone[replica] = None
         while len(self.gone) > GONE:
             del self.gone[next(iter(self.gone))]
+
+    def _forget(self, replica: str) -> None:
+        self.texts.pop(replica, None)
+        self.actors.pop(replica, None)
 
     async def collect(self) -> dict[str, str]:
         now = self.clock()
@@ -68,7 +65,7 @@ class AgpMetrics:
         known = list(self.actors.items())
         for (replica, _), dead in zip(known, await asyncio.gather(*(died(actor) for _, actor in known))):
             if dead:
-                self._bury(replica)
+                self.drop(replica)
         return {r: text for r, (_, text) in sorted(self.texts.items())}
 
 
