@@ -103,13 +103,15 @@ def _check_never_raises(data: bytes, path: str):
     return program
 
 
-_DIR = tempfile.mkdtemp(prefix="agp-fuzz-")
-_FILE = os.path.join(_DIR, "mutant.agp")
+_DIR = _FILE = None       # the module's folder, made when its tests run (not in every worker that imports it)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _remove_dir():
+def _module_dir():
     """The module's files (a 1 MiB one, a FIFO) go with it: not left in the temporary folder."""
+    global _DIR, _FILE
+    _DIR = tempfile.mkdtemp(prefix="agp-fuzz-")
+    _FILE = os.path.join(_DIR, "mutant.agp")
     yield
     shutil.rmtree(_DIR, ignore_errors=True)
 
