@@ -7,6 +7,7 @@ import os
 import random
 import re
 import signal
+import shutil
 import socket
 import subprocess
 import threading
@@ -254,6 +255,7 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(30)
         self.http.close()
+        shutil.rmtree(self.dir, ignore_errors=True)     # its pipeline file: not left in the temporary folder
 
 
 @pytest.fixture(scope="module")
