@@ -43,6 +43,7 @@ import warnings
 from pathlib import Path
 
 from pipeline_dsl.cliargs import env_switch
+from pipeline_dsl.user_cache import user_cache
 
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "kernels.cpp"
@@ -109,11 +110,7 @@ def library_isa(lib) -> list[str]:
 def folders() -> list[Path]:
     """Where the library is looked for, and built in the first that can be written: build/ beside
     this file, the user's cache, then the temporary folder's own (module docstring)."""
-    # a relative XDG_CACHE_HOME is ignored (the XDG spec); "~" stays "~" for a user with no home
-    # (a container's arbitrary uid and no HOME): then there is no user's cache, not a folder "~"
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    cache = xdg if os.path.isabs(xdg) else os.path.join(os.path.expanduser("~"), ".cache")
-    user = [Path(cache) / "agp" / "native"] if os.path.isabs(cache) else []
+    user = [folder] if (folder := user_cache("native")) is not None else []
     try:
         tmp = [Path(tempfile.gettempdir()) / f"agp-native-{os.getuid()}"]
     except OSError:               # no writable temporary folder at all (a wholly read-only container)
