@@ -10,6 +10,7 @@ lark's token names.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -17,13 +18,14 @@ import re
 import sys
 import threading
 from collections import deque
+from pathlib import Path
 
 from lark import Lark, Token
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from . import ast, units
 from .diagnostics import ERROR, Diagnostic, SourcePos, did_you_mean
-from .user_cache import user_cache
+from .user_cache import one_at_a_time, user_cache
 
 # lark terminal names -> words a user understands
 _TOKEN_WORDS = {
@@ -58,11 +60,11 @@ _TOKEN_WORDS = {
 }
 
 
-def cache_file() -> str | None:
-    """Where the built parser is kept between agp processes: the user's cache (user_cache.py), made
-    (0700) where missing; None where there is none, or it is another user's or writable by others
-    (the file is a pickle: loaded, it runs as code would). The file is lark's
-    cache, stamped with a hash of the grammar, lark's options and version and Python's: a stale or
+def cache_file() -> Path | None:
+    """Where the built parser is kept between agp processes: a file of the user's cache
+    (user_cache.py), the folder made (0700) where missing; None where there is none, or it is
+    another user's or writable by others (the file is a pickle: loaded, it runs as code would).
+    lark stamps it with a hash of the grammar, the options, lark's version and Python's: a stale or
     broken one is built again and written over."""
     folder = user_cache()
     if folder is None:
@@ -74,7 +76,7 @@ def cache_file() -> str | None:
         return None
     if st.st_uid != os.getuid() or st.st_mode & 0o022:
         return None
-    return str(folder / f"parser-py{sys.version_info[0]}.{sys.version_info[1]}.pickle")
+    return folder / f"parser-py{sys.version_info[0]}.{sys.version_info[1]}.pickle"
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,9 +84,11 @@ def _lark() -> Lark:
     # the basic lexer keeps keywords reserved everywhere (`mode = stage` is an error, not a word);
     # the AST is built as the parser reduces (_BUILDER's callbacks), from every token kept: no
     # parse tree, no positions propagated through one, no second walk (2-3x the time). Building the
-    # LALR tables takes 0.1-0.3 s, in every agp process: loading them from cache_file() ~5 ms
-    return Lark.open("grammar.lark", rel_to=__file__, parser="lalr", lexer="basic", keep_all_tokens=True,
-                     maybe_placeholders=True, transformer=_BUILDER, cache=cache_file() or False)
+    # LALR tables takes 0.1-0.3 s, in every agp process: loaded from cache_file(), ~5 ms
+    path = cache_file()
+    with one_at_a_time(path.parent, ".parser.lock") if path else contextlib.nullcontext():
+        return Lark.open("grammar.lark", rel_to=__file__, parser="lalr", lexer="basic", keep_all_tokens=True,
+                         maybe_placeholders=True, transformer=_BUILDER, cache=str(path) if path else False)
 
 
 @functools.lru_cache(maxsize=None)

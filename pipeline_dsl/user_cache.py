@@ -5,6 +5,8 @@ The native kernels' library (engine/native) and the DSL's parser tables (parser.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 from pathlib import Path
 
@@ -16,3 +18,22 @@ def user_cache(*parts: str) -> Path | None:
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     cache = xdg if os.path.isabs(xdg) else os.path.join(os.path.expanduser("~"), ".cache")
     return Path(cache, "agp", *parts) if os.path.isabs(cache) else None
+
+
+@contextlib.contextmanager
+def one_at_a_time(folder: Path, name: str):
+    """One process at a time in this block, among those naming the same lock file of `folder`:
+    processes starting together (a server's replicas, a test run's workers) build once, and never
+    read a file another is still writing. Without the lock (a file system that has none) each goes
+    on alone."""
+    fd = None
+    try:
+        fd = os.open(folder / name, os.O_CREAT | os.O_RDWR, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        pass
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)

@@ -27,9 +27,7 @@ place) and `agp_linear` (int4 / int8 / bf16 / fp32 weights, a few rows).
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import fcntl
 import functools
 import hashlib
 import logging
@@ -43,7 +41,7 @@ import warnings
 from pathlib import Path
 
 from pipeline_dsl.cliargs import env_switch
-from pipeline_dsl.user_cache import user_cache
+from pipeline_dsl.user_cache import one_at_a_time, user_cache
 
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "kernels.cpp"
@@ -149,28 +147,10 @@ def build(force: bool = False, quiet: bool = True) -> Path:
         raise RuntimeError("no writable folder to build them in: build them into the image "
                            "(python -m pipeline_dsl.engine.native) or set XDG_CACHE_HOME")
     out = library_path(cxx, folder)
-    with _one_build(folder):
+    with one_at_a_time(folder, ".build.lock"):   # replicas sharing a cache compile once
         if out.exists() and not force:
             return out                    # another process built it while this one waited
         return _compile(cxx, out, quiet)
-
-
-@contextlib.contextmanager
-def _one_build(folder: Path):
-    """One build at a time in a folder: replicas starting together (a shared cache) compile once,
-    the others wait for it and load its library. Without the lock (a file system that has none)
-    each builds, which is still safe."""
-    fd = None
-    try:
-        fd = os.open(folder / ".build.lock", os.O_CREAT | os.O_RDWR, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    except OSError:
-        pass
-    try:
-        yield
-    finally:
-        if fd is not None:
-            os.close(fd)
 
 
 def _compile(cxx: str, out: Path, quiet: bool) -> Path:
