@@ -84,7 +84,7 @@ def _lark() -> Lark:
     # the basic lexer keeps keywords reserved everywhere (`mode = stage` is an error, not a word);
     # the AST is built as the parser reduces (_BUILDER's callbacks), from every token kept: no
     # parse tree, no positions propagated through one, no second walk (2-3x the time). Building the
-    # LALR tables takes 0.1-0.3 s, in every agp process: loaded from cache_file(), ~5 ms
+    # LALR tables takes 0.05-0.1 s of CPU in every agp process: loaded from cache_file(), ~5 ms
     path = cache_file()
     with one_at_a_time(path.parent, ".parser.lock") if path else contextlib.nullcontext():
         return Lark.open("grammar.lark", rel_to=__file__, parser="lalr", lexer="basic", keep_all_tokens=True,
