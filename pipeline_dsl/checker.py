@@ -1196,6 +1196,11 @@ def _json_schema_file(path: str, base: str | None, pos: SourcePos,
 
 
 def _base_dir(pos: SourcePos | None) -> str | None:
+    """The folder a stage's relative paths (`fn`'s module, `json_schema`, `lora`) are looked up in:
+    the file's; the current one for a pipeline read from standard input, as its `use` paths are."""
+    from .loader import STDIN_NAME
+    if pos is not None and pos.file == STDIN_NAME:
+        return os.getcwd()
     if pos is None or not pos.file or pos.file.startswith("<"):
         return None
     return os.path.dirname(os.path.abspath(pos.file))
