@@ -167,6 +167,21 @@ def test_a_request_edge_straight_into_generate_names_the_whole_chain_to_route_th
     assert err.hint == "route the edge through 'kv' (kv_lookup), which the pipeline already has: encode -> kv -> gen"
 
 
+def test_a_batcher_edge_straight_into_generate_names_the_engine_chain_between_them():
+    """`request -> batch -> gen`, the engine chain's middle left out, is told the stages to route
+    through (or to insert), as an edge from the request source is (it had no help)."""
+    text = SEED.replace("batch -> encode when full\n    batch -> encode when timeout\n    encode -> kv -> gen",
+                        "batch -> gen")
+    errs = [e for e in errors(text) if e.message.startswith("port type mismatch")]
+    assert [(e.message, e.hint) for e in errs] == [(
+        "port type mismatch on edge batch -> gen: 'batch' (dynamic_batch) gives Batch, 'gen' (generate) takes "
+        "CachedTokens", "route the edge through the stages the pipeline already has: batch -> encode -> kv -> gen")]
+    text = SEED.replace("    stage encode : encode {}\n    stage kv : kv_lookup {}\n", "").replace(
+        "batch -> encode when full\n    batch -> encode when timeout\n    encode -> kv -> gen", "batch -> gen")
+    [err] = errors(text)
+    assert err.hint == "insert encode -> kv_lookup stages between them"
+
+
 def test_a_port_mismatch_says_to_insert_a_stage_only_when_the_pipeline_has_none_of_its_kind():
     """The stage the edge lacks is named when the pipeline has it (not connected); with two of
     its kind both are offered; with none, one is to be inserted."""
