@@ -937,6 +937,20 @@ def _check_many_params(name: str, params: dict, given: set, where) -> list[Diagn
     return []
 
 
+def _check_idle_params(what: str, params: dict, given: set, where) -> list[Diagnostic]:
+    """Settings that only tune another one: `cache_ttl` ages out the entries of `cache`, `backoff`
+    spaces the tries of `retries`; written while that other is off (0, its default), they do nothing."""
+    diags = []
+    for param, needs in (("cache_ttl", "cache"), ("backoff", "retries")):
+        if param in given and not params.get(needs):
+            diags.append(_warn(f"{what} sets {param} but {needs} = {params.get(needs) or 0} (off): "
+                               f"{param} does nothing without {needs}", where(param),
+                               hint=f"add {needs} = N" + (" (how many results to keep)" if needs == "cache"
+                                                          else " (how many more tries a transient error gets)")
+                                    + f", or remove {param}"))
+    return diags
+
+
 def _module_path_hint(module: str, attr: str) -> str:
     """`fn = "lib/hooks.py:f"`: a module is named as Python imports it, not by its file's path."""
     parts = [p for p in re.split(r"[/\\]+", module) if p not in ("", ".")]
@@ -998,6 +1012,7 @@ def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set,
             elif not stream and not any(d.is_error for d in shape):
                 diags += _check_many_returns(st.name.text, params["fn"], where("fn"), base)
         diags += _check_many_params(st.name.text, params, given, where)
+        diags += _check_idle_params(f"stage '{st.name.text}'", params, given, where)
     elif kind.name == "join":
         policy, fn = params.get("policy"), params.get("fn")
         if fn is not None and "policy" not in given:
@@ -1017,6 +1032,8 @@ def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set,
                     diags.append(_warn(f"join '{st.name.text}' sets {p} but has no fn: the built-in "
                                        f"policy {policy or 'first'} runs no user code, so {p} does nothing",
                                        where(p), hint=f"remove {p}, or merge with fn = \"module:function\""))
+        else:
+            diags += _check_idle_params(f"join '{st.name.text}'", params, given, where)
         if "fn" in given and params.get("fn") and \
                 function_shape(params["fn"], base) in ("generator", "async_generator"):
             diags.append(_err(f"join '{st.name.text}': {params['fn']} is a generator function; a join "
@@ -1179,6 +1196,11 @@ def _json_schema_file(path: str, base: str | None, pos: SourcePos,
 
 
 def _base_dir(pos: SourcePos | None) -> str | None:
+    """The folder a stage's relative paths (`fn`'s module, `json_schema`, `lora`) are looked up in:
+    the file's; the current one for a pipeline read from standard input, as its `use` paths are."""
+    from .loader import STDIN_NAME
+    if pos is not None and pos.file == STDIN_NAME:
+        return os.getcwd()
     if pos is None or not pos.file or pos.file.startswith("<"):
         return None
     return os.path.dirname(os.path.abspath(pos.file))

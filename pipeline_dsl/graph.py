@@ -826,7 +826,8 @@ def _kinds_between(registry: Registry, gives: frozenset, takes: frozenset, most:
             if have & k.accepts and k.name not in path:
                 if k.emits <= takes:
                     return path + [k.name]
-                if len(path) + 1 < most and gives & ITEM_TYPES:   # longer chains lead into an engine only
+                # longer chains lead into an engine, or along one (batch -> gen), never out of it
+                if len(path) + 1 < most and (gives & ITEM_TYPES or not takes & ITEM_TYPES):
                     paths.append((k.emits, path + [k.name]))
     return []
 

@@ -167,6 +167,21 @@ def test_a_request_edge_straight_into_generate_names_the_whole_chain_to_route_th
     assert err.hint == "route the edge through 'kv' (kv_lookup), which the pipeline already has: encode -> kv -> gen"
 
 
+def test_a_batcher_edge_straight_into_generate_names_the_engine_chain_between_them():
+    """`request -> batch -> gen`, the engine chain's middle left out, is told the stages to route
+    through (or to insert), as an edge from the request source is (it had no help)."""
+    text = SEED.replace("batch -> encode when full\n    batch -> encode when timeout\n    encode -> kv -> gen",
+                        "batch -> gen")
+    errs = [e for e in errors(text) if e.message.startswith("port type mismatch")]
+    assert [(e.message, e.hint) for e in errs] == [(
+        "port type mismatch on edge batch -> gen: 'batch' (dynamic_batch) gives Batch, 'gen' (generate) takes "
+        "CachedTokens", "route the edge through the stages the pipeline already has: batch -> encode -> kv -> gen")]
+    text = SEED.replace("    stage encode : encode {}\n    stage kv : kv_lookup {}\n", "").replace(
+        "batch -> encode when full\n    batch -> encode when timeout\n    encode -> kv -> gen", "batch -> gen")
+    [err] = errors(text)
+    assert err.hint == "insert encode -> kv_lookup stages between them"
+
+
 def test_a_port_mismatch_says_to_insert_a_stage_only_when_the_pipeline_has_none_of_its_kind():
     """The stage the edge lacks is named when the pipeline has it (not connected); with two of
     its kind both are offered; with none, one is to be inserted."""
@@ -591,6 +606,33 @@ def test_each_call_setting_of_a_join_without_fn_is_a_warning_at_it():
         ((8, 32), "join 'j' sets timeout"), ((8, 46), "join 'j' sets backoff"),
         ((8, 60), "join 'j' sets workers"), ((8, 73), "join 'j' sets retries")]
     assert diags[1].message.endswith("the built-in policy first runs no user code, so backoff does nothing")
+
+
+@pytest.mark.parametrize("stage, param, needs", [
+    ('python { fn = "hooks:same"  cache_ttl = 60s }', "cache_ttl", "cache"),
+    ('python { fn = "hooks:same"  cache = 0  cache_ttl = 60s }', "cache_ttl", "cache"),
+    ('python { fn = "hooks:same"  backoff = 100ms }', "backoff", "retries"),
+    ('join { fn = "hooks:first"  backoff = 100ms }', "backoff", "retries"),
+])
+def test_a_setting_that_only_tunes_one_left_off_is_a_warning_at_it(tmp_path, stage, param, needs):
+    """docs/language.md, "Python stages": `cache_ttl` ages out the entries of `cache` (0: off) and
+    `backoff` spaces the tries of `retries` (0: none); written without them they do nothing, which
+    `check` says, where `cache = 100  cache_ttl = 60s` or `retries = 2  backoff = 100ms` says nothing."""
+    (tmp_path / "hooks.py").write_text("def same(item):\n    return item\n\n\n"
+                                       "def first(results):\n    return 0\n")
+    text = SEED.replace("stage gen : generate {}", f"stage gen : generate {{ n = 2 }}\n    stage x : {stage}")
+    text = text.replace("gen -> out", "gen -> x -> out") if stage.startswith("join") else \
+        text.replace("request -> batch", "request -> x -> batch")
+    (tmp_path / "p.agp").write_text(text)
+    diags = pipeline_dsl.load(str(tmp_path / "p.agp"))[1]
+    assert [(d.is_error, d.message) for d in diags] == [
+        (False, f"{'join' if stage.startswith('join') else 'stage'} 'x' sets {param} but {needs} = 0 (off): "
+                f"{param} does nothing without {needs}")]
+    line = text.splitlines()[7]                                    # stage x, the line after gen's
+    assert at(diags[0]) == (8, line.index(f"{param} = ") + len(f"{param} = ") + 1)   # at the value
+    fixed = text.replace(f"{param} =", f"{needs} = 2  {param} =").replace("cache = 0  cache = 2", "cache = 2")
+    (tmp_path / "p.agp").write_text(fixed)
+    assert pipeline_dsl.load(str(tmp_path / "p.agp"))[1] == []
 
 
 @pytest.mark.parametrize("old, new, at_, words", [

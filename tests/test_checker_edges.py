@@ -1503,8 +1503,10 @@ def test_a_missing_module_has_no_hint_and_a_program_without_a_file_looks_on_sys_
     monkeypatch.chdir(tmp_path)
     text = pipeline().replace("gen -> out", "gen -> py -> out").replace(
         "stage out", 'stage py : python { fn = "nomod_xyz:f" }\n    stage out')
-    (d,) = pipeline_dsl.loads(text, "<stdin>")[1]
+    (d,) = pipeline_dsl.loads(text, "<string>")[1]
     assert d.message == "module 'nomod_xyz' not found on sys.path (stage 'py')" and d.hint is None
+    (d,) = pipeline_dsl.loads(text, "<stdin>")[1]        # standard input's: the current folder, as its includes
+    assert d.message == f"module 'nomod_xyz' not found beside the pipeline ({tmp_path}) or on sys.path (stage 'py')"
     (d,) = pipeline_dsl.loads(text, "t.agp")[1]
     assert d.message == f"module 'nomod_xyz' not found beside the pipeline ({tmp_path}) or on sys.path (stage 'py')"
 
@@ -1514,7 +1516,8 @@ def test_base_dir_of_positions_without_a_file():
 
     assert _base_dir(None) is None
     assert _base_dir(SourcePos("", 1, 1, 1, 2)) is None
-    assert _base_dir(SourcePos("<stdin>", 1, 1, 1, 2)) is None
+    assert _base_dir(SourcePos("<string>", 1, 1, 1, 2)) is None
+    assert _base_dir(SourcePos("<stdin>", 1, 1, 1, 2)) == os.getcwd()    # its includes' folder too
     assert _base_dir(SourcePos("/a/b/p.agp", 1, 1, 1, 2)) == "/a/b"
 
 

@@ -83,6 +83,26 @@ def test_an_include_missing_from_stdin_says_it_was_looked_for_in_the_current_fol
     assert "relative to the including file" not in missing.stderr
 
 
+@pytest.mark.parametrize("command", [["check"], ["plan"], ["render", "-o", "{tmp}/p.dot"]])
+def test_a_python_stages_module_in_the_current_folder_is_found_for_a_pipeline_on_stdin(tmp_path, command):
+    """docs/language.md, Commands: a pipeline on standard input resolves its paths against the current
+    folder, a python stage's `fn` module as its `use` paths: `agp fmt p.agp | agp check -` beside
+    hooks.py checks what `agp check p.agp` checks."""
+    (tmp_path / "hooks.py").write_text("def tag(item):\n    return item\n")
+    text = (ROOT / "examples" / "chat.agp").read_text().replace(
+        "stage request : requests      {}",
+        'stage request : requests      {}\n    stage tag : python { fn = "hooks:tag" }').replace(
+        "request -> batch", "request -> tag -> batch")
+    (tmp_path / "p.agp").write_text(text)
+    argv = [a.format(tmp=tmp_path) for a in command]
+    assert agp_in(*argv, str(tmp_path / "p.agp"), cwd=tmp_path).returncode == 0
+    piped = agp_in(*argv, "-", input=text, cwd=tmp_path)
+    assert piped.returncode == 0 and piped.stderr == "", piped.stderr
+    elsewhere = agp_in("check", "-", input=text, cwd=ROOT / "examples")     
+    assert elsewhere.returncode == 2           # examples/hooks.py, the current folder's, has none
+    assert "<stdin>:9:31: error: module 'hooks' (" in elsewhere.stderr and "has no function 'tag'" in elsewhere.stderr
+
+
 def test_fmt_of_stdin_checks_but_cannot_write_back(tmp_path):
     assert agp_in("fmt", "--check", "-", input='pipeline p {model="m"}\n').stdout == "<stdin>: would reformat\n"
     r = agp_in("fmt", "--write", "-", input='pipeline p {model="m"}\n')

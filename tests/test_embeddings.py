@@ -439,3 +439,57 @@ def test_an_input_through_a_map_reduce_is_embedded_when_its_stages_pass_it_throu
             assert "returns the branch's index, 0" in message
     finally:
         s.close()
+
+
+ROUTED = """
+pipeline routed {{
+    stage request : requests {{}}
+    stage route   : route {{}}
+    stage bs : dynamic_batch {{ timeout = 1ms }}
+    stage es : encode {{}}
+    stage ks : kv_lookup {{}}
+    stage small : generate {{ model = "{small}"  max_new_tokens = 4 }}
+    stage bl : dynamic_batch {{ timeout = 1ms }}
+    stage el : encode {{}}
+    stage kl : kv_lookup {{}}
+    stage big : generate {{ model = "{big}"  max_new_tokens = 4 }}
+    stage out : respond {{}}
+    request -> route
+    route -> bl when prompt_tokens > 20
+    route -> bs otherwise
+    bs -> es -> ks -> small -> out
+    bl -> el -> kl -> big -> out
+}}
+"""
+
+
+def test_inputs_a_route_sends_to_models_of_different_widths_are_a_400_naming_the_fix(tmp_path, tiny_gguf):
+    """One answer's vectors are compared with each other (a rerank compares them itself): inputs
+    that a pipeline's route sends to two models (short ones to a small model, long ones to a
+    bigger) cannot be, so the request is a 400 naming the two stages and the fix, `model` naming
+    one generate stage (was a list of vectors of two lengths, and a rerank's 500)."""
+    from tiny_model import write_tiny_gguf
+
+    big = write_tiny_gguf(tmp_path / "big.gguf", hidden=128, ffn=256, seed=1)
+    s = LiveServer(tiny_gguf, text=ROUTED.format(small=tiny_gguf, big=big), stages=("small", "big"))
+    long = "the cat is on the mat and the cat is here " * 4
+    try:
+        for route, body, fields in [
+                ("/v1/embeddings", {"input": ["hi", long]}, ("'input[0]'", "'input[1]'")),
+                ("/v1/rerank", {"query": "hi", "documents": [long, "yo"]}, ("'query'", "'documents[0]'")),
+                ("/v1/score", {"text_1": "hi", "text_2": long}, ("'text_1'", "'text_2'"))]:
+            r = s.http.post(s.url + route, json=body, timeout=60)
+            assert r.status_code == 400, (route, r.status_code, r.text[:300])
+            err = r.json()["error"]
+            assert (err["param"], err["code"], err["type"]) == ("model", "mixed_models", "invalid_request_error")
+            assert err["message"].startswith(f"{fields[0]} and {fields[1]} were embedded by different models "
+                                             "(generate stage 'small', 64 dimensions; generate stage 'big', "
+                                             "128 dimensions)"), err["message"]
+            pinned = s.http.post(s.url + route, json={**body, "model": "big"}, timeout=60)
+            assert pinned.status_code == 200, pinned.text[:300]
+        data = s.http.post(s.url + "/v1/embeddings", json={"input": ["hi", long], "model": "small"},
+                           timeout=60).json()["data"]
+        assert [len(d["embedding"]) for d in data] == [64, 64]
+        assert s.metric("agp_requests_total", '{status="500"}', default=0) == 0
+    finally:
+        s.close()

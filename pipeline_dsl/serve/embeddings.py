@@ -139,15 +139,36 @@ def placed(req: dict, i: int, err: P.APIError) -> P.APIError:
     return err
 
 
+def _field(req: dict, i: int) -> str:
+    """How an error names input i of a parsed request: a scoring request's own field, `messages`,
+    `input`, or `input[i]` of a list."""
+    if "places" in req:
+        return req["places"][i][1]
+    if isinstance(req["inputs"][i], tuple):
+        return "messages"
+    return "input" if len(req["inputs"]) == 1 else f"input[{i}]"
+
+
 def pooled_vectors(req: dict, results) -> list[list[float]]:
     """Each input's pooled vector (the raw mean), in order; an input the pipeline answered with
-    words instead is a 400 (answered_in_words)."""
+    words instead is a 400 (answered_in_words), and so are inputs its routes sent to models of
+    different widths (one answer's vectors are compared with each other: a pipeline that routes
+    by length, say, embeds each input with the model of its branch)."""
     vectors = []
     for i, res in enumerate(results):
         pooled = res.choices[0].data.get("pooled") if res.choices else None
         if pooled is None:
             raise answered_in_words(req, i, res)
         vectors.append(pooled)
+    other = next((i for i, v in enumerate(vectors) if len(v) != len(vectors[0])), None)
+    if other is not None:
+        def by(i):
+            stage = results[i].choices[0].data.get("generated_by")
+            return f"{f'generate stage {stage!r}, ' if stage else ''}{len(vectors[i])} dimensions"
+        raise P.APIError(f"'{_field(req, 0)}' and '{_field(req, other)}' were embedded by different models "
+                         f"({by(0)}; {by(other)}): the vectors of two models cannot be compared; name one "
+                         "generate stage in 'model' to embed every input with its model", param="model",
+                         code="mixed_models")
     return vectors
 
 
