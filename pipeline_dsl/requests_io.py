@@ -286,8 +286,10 @@ CACHE_SETTINGS = {
                              'an object {"mode": "implicit" or "explicit", "ttl": a string}'),
 }
 # a reasoning model's effort (chat's reasoning_effort, the Responses API's reasoning.effort), as vLLM
-# and OpenAI take it: checked, and changes nothing (a Qwen3 thinks as its chat template's enable_thinking says)
-REASONING_EFFORTS = ("minimal", "low", "medium", "high")
+# and OpenAI take it (the `openai` SDK's ReasoningEffort: "none" and "xhigh" are OpenAI's newer models',
+# "max" DeepSeek's, and vLLM takes all seven): checked, and changes nothing (a Qwen3 thinks as its chat
+# template's enable_thinking says)
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 COMPLETION_FIELDS = COMMON | VLLM | set(NEUTRAL) | set(COMPLETION_LACKING) | {"prompt", "echo", "metadata",
                                                                              "add_special_tokens"}
 CHAT_FIELDS = COMMON | VLLM | set(NEUTRAL) | set(CHAT_NEUTRAL) | set(IDENTIFIERS) | set(CACHE_SETTINGS) | {
@@ -320,7 +322,8 @@ IGNORED = {"stream": (lambda v: isinstance(v, bool), "true or false"),
            "request_id": (lambda v: isinstance(v, str) and 0 < len(v) <= 128 and v.isascii() and v.isprintable()
                           and " " not in v, "a string of 1 to 128 printable ASCII characters without spaces"),
            "guided_decoding_backend": (lambda v: isinstance(v, str), "a string"),
-           "reasoning_effort": (lambda v: v in REASONING_EFFORTS, '"minimal", "low", "medium" or "high"'),
+           "reasoning_effort": (lambda v: v in REASONING_EFFORTS,
+                                ", ".join(f'"{e}"' for e in REASONING_EFFORTS[:-1]) + f' or "{REASONING_EFFORTS[-1]}"'),
            # vLLM's: whether the thinking --reasoning-parser splits off is sent (agp serve and agp run read it)
            "include_reasoning": (lambda v: isinstance(v, bool), "true or false"),
            **CACHE_SETTINGS}
