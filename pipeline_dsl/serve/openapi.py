@@ -131,6 +131,11 @@ SAMPLING = {
     "guided_whitespace_pattern": {"type": "string", "description": WHITESPACE_PATTERN},
     "structural_tag": {"type": ["string", "object"], "description": "vLLM < 0.11's: a structural tag, or its JSON text"},
     "guided_decoding_backend": {"type": "string", "description": "taken and ignored: llguidance serves all"},
+    "session_id": {"type": "string", "description": "vLLM's: taken and ignored (a router's hint)"},
+    "stream_interval": {"type": "integer", "minimum": 1, "description": "vLLM's: taken and ignored (the server "
+                                                                         "chooses how a stream groups its tokens)"},
+    **{name: {"type": "boolean", "description": "vLLM's: taken and ignored (its render routes read it)"}
+       for name in ("return_token_offsets", "return_mm_kwargs")},
     "truncate_prompt_tokens": {"type": "integer", "minimum": -1, "description": "keep the prompt's last k tokens"},
     "priority": {"type": "integer", "minimum": PRIORITY.min, "maximum": PRIORITY.max,
                  "description": "lower is admitted first under --scheduling-policy priority (fcfs: 0 alone)"},

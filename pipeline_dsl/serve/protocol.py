@@ -20,6 +20,7 @@ from pipeline_dsl.diagnostics import closest
 from pipeline_dsl.requests_io import (CACHE_SETTINGS, CHAT_FIELDS, CHAT_LACKING, CHAT_NEUTRAL,  # noqa: F401
                                       COMPLETION_FIELDS, COMPLETION_LACKING, IDENTIFIERS, IDENTITY, IGNORED,
                                       ITEM_FIELDS, MAX_HEADER_VALUE, NEUTRAL, REASONING_EFFORTS, RESPONSES_LACKING,
+                                      VLLM_IGNORED,
                                       check_fields, check_identifiers, check_metadata, check_min_tokens,
                                       check_neutral, foreign_hint, format_set_aside, json_type, load_json,
                                       logprobs_of_chat, max_tokens_field, must_be, parse_logit_bias, parse_messages,
@@ -180,7 +181,7 @@ def check_unknown(obj: dict, known: set[str], lenient: bool = False, where: str 
 
 
 _CHAT_NEUTRAL = NEUTRAL | CHAT_NEUTRAL
-_COMPLETION_CHECKED = {"guided_decoding_backend": IGNORED["guided_decoding_backend"]}
+_COMPLETION_CHECKED = {name: IGNORED[name] for name in ("guided_decoding_backend", *VLLM_IGNORED)}
 _CHAT_CHECKED = _COMPLETION_CHECKED | {name: IGNORED[name]
                                        for name in ("reasoning_effort", "include_reasoning", "store", "service_tier")}
 
@@ -188,7 +189,8 @@ _CHAT_CHECKED = _COMPLETION_CHECKED | {name: IGNORED[name]
 def _check_unsupported(obj: dict, chat: bool = False) -> None:
     """Fields agp knows but only serves at their neutral value (NEUTRAL), those of features it
     lacks (CHAT_LACKING, COMPLETION_LACKING), and the ones only checked here (IGNORED:
-    guided_decoding_backend, as one backend, llguidance, serves every structured output; chat's
+    guided_decoding_backend, as one backend, llguidance, serves every structured output; vLLM's
+    VLLM_IGNORED; chat's
     reasoning_effort, include_reasoning, store and service_tier)."""
     with request_errors:
         check_neutral(obj, _CHAT_NEUTRAL if chat else NEUTRAL)
