@@ -234,7 +234,7 @@ NEUTRAL = {"best_of": ((1,), None), "suffix": (("",), None),
            "use_beam_search": ((False,), None), "length_penalty": ((1.0,), None),
            "vllm_xargs": (({},), None),
            # vLLM's side to truncate a prompt from under truncate_prompt_tokens: agp keeps the last tokens
-           "truncation_side": (("left",), "'truncate_prompt_tokens' keeps the prompt's last tokens")}
+           "truncation_side": (("left",), None)}
 CHAT_NEUTRAL = {"echo": ((False,), None), "add_special_tokens": ((False,), None), "documents": ((), None),
                 "functions": ((), "use 'tools'"), "function_call": ((), "use 'tool_choice'")}
 # vLLM's request fields (chat and completions) of features agp lacks, as a client that writes out vLLM's
