@@ -135,9 +135,11 @@ def request_headers(raw, names) -> dict[str, str]:
 
 def parse_json(raw: bytes) -> dict:
     """The request body as a JSON object, or a 400 saying why not (requests_io.load_json: not
-    UTF-8, not JSON, too deep, unreadable numbers, lone surrogates)."""
+    UTF-8, not JSON, too deep, unreadable numbers, lone surrogates). A UTF-8 byte order mark before
+    the JSON is skipped, as vLLM's server skips it (Python's json.loads of the body's bytes): an
+    editor on Windows starts a file it saves with one, and `curl -d @request.json` sends it."""
     with request_errors:
-        obj = load_json(raw, "the request body")
+        obj = load_json(raw.removeprefix(b"\xef\xbb\xbf"), "the request body")
     if not isinstance(obj, dict):
         raise APIError(f"the request body must be a JSON object, not {json_type(obj)}")
     return obj
