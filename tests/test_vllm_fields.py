@@ -818,6 +818,23 @@ def test_a_newer_vllms_request_model_written_out_whole_is_served(server):
     assert comp.status_code == 200, comp.text
 
 
+def test_vllms_tokenize_request_model_written_out_whole_is_served(server):
+    """vLLM's TokenizeChatRequest at its defaults sends chat_template, mm_processor_kwargs and
+    media_io_kwargs as null: they were 400s ("unrecognized request argument"); the ids are those
+    of the conversation without them. A value that asks for something is a 400 saying why, as on chat."""
+    plain = server.http.post(server.url + "/tokenize", json={"messages": USER}, timeout=30)
+    whole = server.http.post(server.url + "/tokenize", timeout=30, json={
+        "model": "tiny", "messages": USER, "add_generation_prompt": True, "return_token_strs": False,
+        "continue_final_message": False, "add_special_tokens": False, "chat_template": None,
+        "chat_template_kwargs": None, "media_io_kwargs": None, "mm_processor_kwargs": None, "tools": None})
+    assert whole.status_code == 200, whole.text
+    assert whole.json()["tokens"] == plain.json()["tokens"]
+    r = server.http.post(server.url + "/tokenize", json={"messages": USER, "chat_template": "{{ messages }}"},
+                         timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template"
+    assert "a request brings no chat template of its own" in r.json()["error"]["message"]
+
+
 def test_vllms_session_id_and_stream_interval_are_taken_and_change_nothing(server):
     """A session's id (a router's hint) and how many tokens a streamed chunk groups are taken and
     checked; the answer is the one sent without them, streamed or not."""

@@ -436,7 +436,8 @@ TOKENIZE_REQUEST = _request(None, {      # a prompt or messages (the other left 
     "add_special_tokens": {"type": "boolean"}, "add_generation_prompt": {"type": "boolean"},
     "continue_final_message": {"type": "boolean"}, "return_token_strs": {"type": "boolean"},
     "tools": {"type": "array", "minItems": 1, "maxItems": MAX_TOOLS, "items": {"type": "object"}},
-    "chat_template_kwargs": {"type": "object", "description": "extra variables of the chat template"}})
+    "chat_template_kwargs": {"type": "object", "description": "extra variables of the chat template"},
+    **_neutral({name: CHAT_LACKING[name] for name in ("chat_template", "mm_processor_kwargs", "media_io_kwargs")})})
 
 TOKENIZE = {"requestBody": {"required": True, "content": {"application/json": {"schema": TOKENIZE_REQUEST}}},
             "responses": {"200": {"description": "the prompt's token ids", "content": {"application/json": {

@@ -670,6 +670,9 @@ def chat_logprobs(entries: list, text_of, bytes_of=None) -> dict:
 
 # what only a conversation's rendering takes: a 400 beside a 'prompt' on /tokenize
 TOKENIZE_RENDERING = ("add_generation_prompt", "continue_final_message", "chat_template_kwargs", "tools")
+# vLLM's /tokenize fields of features agp lacks (its TokenizeChatRequest's), as chat takes them: null (or
+# {}), as a client that writes out vLLM's whole request model sends them, else a 400 saying why
+TOKENIZE_LACKING = {name: CHAT_LACKING[name] for name in ("chat_template", "mm_processor_kwargs", "media_io_kwargs")}
 
 
 def parse_tokenize(obj: dict, *, served: tuple[str, ...], stages: tuple[str, ...] = ()) -> dict:
@@ -677,7 +680,9 @@ def parse_tokenize(obj: dict, *, served: tuple[str, ...], stages: tuple[str, ...
     "add_generation_prompt": true, "continue_final_message": false}; `model` may name a generate
     stage (its tokenizer); "return_token_strs": true asks for each id's vocabulary string too."""
     obj = check_unknown(obj, {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt",
-                               "continue_final_message", "tools", "return_token_strs", "chat_template_kwargs"})
+                               "continue_final_message", "tools", "return_token_strs", "chat_template_kwargs",
+                               *TOKENIZE_LACKING})
+    check_lacking(obj, TOKENIZE_LACKING)
     _, pin = model_of(obj, served, stages)
     special = _field(obj, "add_special_tokens", lambda v: isinstance(v, bool), "true or false")
     strs = bool(_field(obj, "return_token_strs", lambda v: isinstance(v, bool), "true or false"))
