@@ -750,9 +750,11 @@ def completion_response(rid: str, model: str, choices: list[tuple], use: dict,
 
 def chat_message(text: str, finish_reason: str | None, tools_active: bool,
                  call_limit: int | None = None, parser: str = "hermes", read=None,
-                 thinking: bool | None = None) -> tuple[dict, str | None]:
+                 thinking: bool | None = None, named: bool = False) -> tuple[dict, str | None]:
     """(the assistant message, the finish reason) of one answer: tool calls parsed out of the
-    text when the request gave tools (then finish_reason is "tool_calls"), `call_limit` at most,
+    text when the request gave tools (then finish_reason is "tool_calls", unless `named`: a
+    tool_choice naming a function forced the call, and the answer's own reason stays, "stop"
+    where it ended, as OpenAI's and vLLM's answers give it), `call_limit` at most,
     read in the form `parser` names (pipeline_dsl/tools.py's PARSERS: the model's family);
     `read`: what its generate stage read (Choice.tool_read), taken where it read the same.
     `thinking`: None where no reasoning parser reads the answer (agp serve --reasoning-parser;
@@ -776,7 +778,7 @@ def chat_message(text: str, finish_reason: str | None, tools_active: bool,
         message["content"] = read.content       # a family's markers left out
         if read.calls:
             message["tool_calls"] = read.calls
-            return message, "tool_calls"
+            return message, finish_reason if named else "tool_calls"
     return message, finish_reason
 
 
@@ -789,19 +791,20 @@ NO_REASONING = {"reasoning": None, "reasoning_content": None}
 def chat_response(rid: str, model: str, choices: list[tuple], use: dict, created: int | None = None,
                   tools_active: bool = False, top: dict | None = None, call_limit: int | None = None,
                   fingerprint: str | None = None, parsers: list | None = None, reads: list | None = None,
-                  thinking: bool | list | None = None, include_reasoning: bool = True) -> dict:
+                  thinking: bool | list | None = None, include_reasoning: bool = True, named: bool = False) -> dict:
     """choices: (index, text, finish_reason[, logprobs[, what else the choice carries]]) each;
     `top`: what the answer carries beside its choices (vLLM's prompt_logprobs, prompt_token_ids);
     `parsers`: the form each choice's calls are read in (chat_message's `parser`; hermes where
     not given), `reads`: the tool calls each choice's generate stage read (its `read`), in order;
     `thinking`: chat_message's (None: no reasoning parser, each message's reasoning fields null), or
     a list of them, one a choice (an answer its stage constrained holds no thinking);
-    `include_reasoning` false (vLLM's field): the thinking split off and left out (the fields null)."""
+    `include_reasoning` false (vLLM's field): the thinking split off and left out (the fields null);
+    `named`: chat_message's (a tool_choice that names a function)."""
     out = []
     for k, c in enumerate(choices):
         thinks = thinking[k] if isinstance(thinking, list) else thinking
         message, reason = chat_message(c[1], c[2], tools_active, call_limit, parsers[k] if parsers else "hermes",
-                                       reads[k] if reads else None, thinks)
+                                       reads[k] if reads else None, thinks, named)
         if thinks is None or not include_reasoning:
             message.update(NO_REASONING)
         out.append({"index": c[0], "message": message, "logprobs": c[3] if len(c) > 3 else None,
