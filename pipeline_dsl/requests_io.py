@@ -452,7 +452,12 @@ def parse_messages(value) -> list[dict]:
                                            param=f"{where}.content")
                     texts.append(part["refusal"])
                     continue
-                if not (isinstance(part, dict) and part.get("type") == "text"
+                if isinstance(part, str):        # a bare string is a text part, as vLLM reads it
+                    texts.append(part)
+                    continue
+                # the Responses API's text parts, which vLLM's chat reads as text parts too (clients that
+                # carry a Responses conversation over to chat send them)
+                if not (isinstance(part, dict) and part.get("type") in TEXT_PARTS
                         and isinstance(part.get("text"), str)):
                     raise RequestError(f"'{where}.content[{j}]' must be a text part "
                                        "({\"type\": \"text\", \"text\": ...}); agp serves text only",
@@ -485,6 +490,10 @@ def parse_messages(value) -> list[dict]:
     if not any(m["content"].strip() or m.get("tool_calls") for m in out):
         raise RequestError("every message in 'messages' is empty", param="messages")
     return out
+
+
+# the content parts whose "text" a message's content is made of (with a bare string, and an assistant's refusal)
+TEXT_PARTS = ("text", "input_text", "output_text")
 
 
 def _tool_calls(value, where: str) -> list[dict]:

@@ -835,6 +835,30 @@ def test_vllms_tokenize_request_model_written_out_whole_is_served(server):
     assert "a request brings no chat template of its own" in r.json()["error"]["message"]
 
 
+def test_content_parts_vllm_reads_as_text_are_text_here_too(server):
+    """A bare string in a content array and the Responses API's input_text and output_text parts
+    (a conversation carried over from the Responses API) are text parts in vLLM's chat: they were
+    400s ("must be a text part"). The conversation renders as the one written with text parts, on
+    chat and /tokenize alike."""
+    def conversation(user, assistant):
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": assistant},
+                {"role": "user", "content": "and?"}]
+
+    plain = conversation([{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+                         [{"type": "text", "text": "c"}])
+    carried = conversation(["a", {"type": "input_text", "text": "b"}], [{"type": "output_text", "text": "c"}])
+    tokens = [server.http.post(server.url + "/tokenize", json={"messages": m}, timeout=30) for m in (plain, carried)]
+    assert tokens[1].status_code == 200, tokens[1].text
+    assert tokens[0].json()["tokens"] == tokens[1].json()["tokens"]
+    answers = [server.client.chat.completions.create(model="tiny", messages=m, max_tokens=4, temperature=0)
+               for m in (plain, carried)]
+    assert answers[0].choices[0].message.content == answers[1].choices[0].message.content
+    assert answers[0].usage.prompt_tokens == answers[1].usage.prompt_tokens
+    r = server.http.post(server.url + "/v1/chat/completions", timeout=30, json={
+        "model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": [{"type": "input_image"}]}]})
+    assert r.status_code == 400 and "agp serves text only" in r.json()["error"]["message"]
+
+
 def test_vllms_session_id_and_stream_interval_are_taken_and_change_nothing(server):
     """A session's id (a router's hint) and how many tokens a streamed chunk groups are taken and
     checked; the answer is the one sent without them, streamed or not."""

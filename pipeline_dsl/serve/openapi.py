@@ -12,7 +12,7 @@ from pipeline_dsl.constraints import MAX_STRUCTURES
 from pipeline_dsl.engine.config import MAX_LOGPROBS
 from pipeline_dsl.requests_io import (IDENTIFIER_CHARS, MAX_LOGIT_BIAS, MAX_STOP, MAX_STOP_CHARS, MAX_STOP_LEN,
                                       MAX_TOOLS, METADATA_KEY_CHARS, METADATA_KEYS, METADATA_VALUE_CHARS, NOT_NULL,
-                                      ROLES)
+                                      ROLES, TEXT_PARTS)
 from stages.fields import PRIORITY, REQUEST_FIELDS, TOKEN_ID_FIELDS, param_of
 
 from .embeddings import EMBED_DTYPES, ENDIANNESS, MAX_INPUTS
@@ -166,7 +166,8 @@ SAMPLING = {
 }
 
 TEXT_PART = {"type": "object", "required": ["type", "text"], "additionalProperties": False,
-             "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+             "properties": {"type": {"enum": list(TEXT_PARTS)}, "text": {"type": "string"}},
+             "description": "text (the Responses API's input_text and output_text too, as vLLM reads them)"}
 
 REFUSAL_PART = {"type": "object", "required": ["type", "refusal"], "additionalProperties": False,
                 "properties": {"type": {"const": "refusal"}, "refusal": {"type": "string"}},
@@ -179,7 +180,7 @@ TOOL_CALL = {"type": "object", "required": ["function"], "properties": {
 
 MESSAGE = {"type": "object", "required": ["role"], "properties": {
     "role": {"enum": list(ROLES)},
-    "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"oneOf": [TEXT_PART, REFUSAL_PART]}},
+    "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"oneOf": [TEXT_PART, REFUSAL_PART, {"type": "string"}]}},
                           {"type": "null"}],
                 "description": "null only on an assistant message (one that made tool calls)"},
     "name": {"type": "string"},
