@@ -207,6 +207,14 @@ ITEM_FIELDS = {
 }
 
 # ---------------------------------------------------------------- the fields of agp serve's bodies
+# vLLM's request fields (chat and completions) that change nothing agp answers: taken (checked) and
+# ignored, as vLLM ignores the last two on its generation routes (its render routes read them). A
+# session's id is a router's hint; the chunks a stream groups its tokens in are the server's to choose
+VLLM_IGNORED = {"session_id": (lambda v: isinstance(v, str), "a string"),
+                "stream_interval": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+                "return_token_offsets": (lambda v: isinstance(v, bool), "true or false"),
+                "return_mm_kwargs": (lambda v: isinstance(v, bool), "true or false")}
+
 # One table of the fields agp serve's completions and chat bodies take (serve/protocol.py reads it
 # from here): a request line takes every one of them too, with the same meaning where it has one
 # in a file, and ignores (after checking its type) what only concerns an HTTP exchange (IGNORED).
@@ -219,12 +227,14 @@ VLLM = {"skip_special_tokens", "spaces_between_special_tokens", "include_stop_st
         "structural_tag",
         "guided_whitespace_pattern", "guided_decoding_backend", "truncate_prompt_tokens", "priority", "bad_words",
         "cache_salt", "prompt_logprobs",
-        "return_token_ids", "return_tokens_as_token_ids", *TOKEN_ID_FIELDS}
+        "return_token_ids", "return_tokens_as_token_ids", *TOKEN_ID_FIELDS, *VLLM_IGNORED}
 # fields agp serves only at the value that changes nothing (what clients send by default):
 # name -> (the values taken, the hint otherwise); a null is always taken
 NEUTRAL = {"best_of": ((1,), None), "suffix": (("",), None),
            "use_beam_search": ((False,), None), "length_penalty": ((1.0,), None),
-           "vllm_xargs": (({},), None)}
+           "vllm_xargs": (({},), None),
+           # vLLM's side to truncate a prompt from under truncate_prompt_tokens: agp keeps the last tokens
+           "truncation_side": (("left",), None)}
 CHAT_NEUTRAL = {"echo": ((False,), None), "add_special_tokens": ((False,), None), "documents": ((), None),
                 "functions": ((), "use 'tools'"), "function_call": ((), "use 'tool_choice'")}
 # vLLM's request fields (chat and completions) of features agp lacks, as a client that writes out vLLM's
@@ -234,7 +244,16 @@ VLLM_LACKING = {"logits_processors": ((), "it runs no custom logits processors (
                 "kv_transfer_params": ((), "it has no disaggregated prefill to transfer KV caches between"),
                 "max_repetition_pattern_size": ((0,), "it stops no answer on repeated token patterns"),
                 "min_repetition_pattern_size": ((0,), "it stops no answer on repeated token patterns"),
-                "repetition_min_count": ((0,), "it stops no answer on repeated token patterns")}
+                "repetition_min_count": ((0,), "it stops no answer on repeated token patterns"),
+                "repetition_detection": ((), "it stops no answer on repeated token patterns"),
+                # -1 is vLLM's "unlimited", its default spelled out
+                "thinking_token_budget": ((-1,), "it bounds no model's thinking apart from its answer "
+                                                 "('max_tokens' bounds both)"),
+                "logprob_token_ids": ((), "it gives the logprobs of the most likely tokens ('logprobs', "
+                                          "'top_logprobs'), not of tokens chosen by id"),
+                "watermarking": ((False,), "it watermarks no answer"),
+                "ec_transfer_params": ((), "it has no disaggregated encoder to transfer caches from"),
+                "routed_experts_prompt_start": ((0,), "it returns no routed experts")}
 # OpenAI chat fields of features agp's models lack: taken at the value that asks for nothing (null;
 # modalities ["text"]; verbosity "medium", OpenAI's default, which clients that write out every setting
 # send), else an error saying why, with OpenAI's code for a parameter a model lacks
@@ -248,6 +267,9 @@ CHAT_LACKING = {"verbosity": (("medium",), "it does not steer an answer's length
                 "chat_template": ((), "a request brings no chat template of its own (start the server with "
                                       "--chat-template FILE)"),
                 "mm_processor_kwargs": (({},), "it serves text only"),
+                "media_io_kwargs": (({},), "it serves text only"),
+                "return_prompt_text": ((False,), "it does not send the rendered prompt back (POST /tokenize with the "
+                                                 "messages and return_token_strs shows it token by token)"),
                 **VLLM_LACKING}
 # the same for completions: vLLM's prompt_embeds (base64 tensors of the prompt's input embeddings, which
 # vLLM takes only under --enable-prompt-embeds); ignoring it would answer the text prompt beside it instead
@@ -286,8 +308,10 @@ CACHE_SETTINGS = {
                              'an object {"mode": "implicit" or "explicit", "ttl": a string}'),
 }
 # a reasoning model's effort (chat's reasoning_effort, the Responses API's reasoning.effort), as vLLM
-# and OpenAI take it: checked, and changes nothing (a Qwen3 thinks as its chat template's enable_thinking says)
-REASONING_EFFORTS = ("minimal", "low", "medium", "high")
+# and OpenAI take it (the `openai` SDK's ReasoningEffort: "none" and "xhigh" are OpenAI's newer models',
+# "max" DeepSeek's, and vLLM takes all seven): checked, and changes nothing (a Qwen3 thinks as its chat
+# template's enable_thinking says)
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 COMPLETION_FIELDS = COMMON | VLLM | set(NEUTRAL) | set(COMPLETION_LACKING) | {"prompt", "echo", "metadata",
                                                                              "add_special_tokens"}
 CHAT_FIELDS = COMMON | VLLM | set(NEUTRAL) | set(CHAT_NEUTRAL) | set(IDENTIFIERS) | set(CACHE_SETTINGS) | {
@@ -320,10 +344,11 @@ IGNORED = {"stream": (lambda v: isinstance(v, bool), "true or false"),
            "request_id": (lambda v: isinstance(v, str) and 0 < len(v) <= 128 and v.isascii() and v.isprintable()
                           and " " not in v, "a string of 1 to 128 printable ASCII characters without spaces"),
            "guided_decoding_backend": (lambda v: isinstance(v, str), "a string"),
-           "reasoning_effort": (lambda v: v in REASONING_EFFORTS, '"minimal", "low", "medium" or "high"'),
+           "reasoning_effort": (lambda v: v in REASONING_EFFORTS,
+                                ", ".join(f'"{e}"' for e in REASONING_EFFORTS[:-1]) + f' or "{REASONING_EFFORTS[-1]}"'),
            # vLLM's: whether the thinking --reasoning-parser splits off is sent (agp serve and agp run read it)
            "include_reasoning": (lambda v: isinstance(v, bool), "true or false"),
-           **CACHE_SETTINGS}
+           **CACHE_SETTINGS, **VLLM_IGNORED}
 KNOWN = {"id", "prompt", "messages", "prompt_token_ids", "model", "metadata", "headers", "tools", "tool_choice", "logit_bias",
          "max_completion_tokens", "top_logprobs", "parallel_tool_calls", "response_format", "cache_salt", "priority",
          *REQUEST_FIELDS, *ITEM_FIELDS, *TOKEN_ID_FIELDS, *COMPLETION_FIELDS, *CHAT_FIELDS}
@@ -427,7 +452,12 @@ def parse_messages(value) -> list[dict]:
                                            param=f"{where}.content")
                     texts.append(part["refusal"])
                     continue
-                if not (isinstance(part, dict) and part.get("type") == "text"
+                if isinstance(part, str):        # a bare string is a text part, as vLLM reads it
+                    texts.append(part)
+                    continue
+                # the Responses API's text parts, which vLLM's chat reads as text parts too (clients that
+                # carry a Responses conversation over to chat send them)
+                if not (isinstance(part, dict) and part.get("type") in TEXT_PARTS
                         and isinstance(part.get("text"), str)):
                     raise RequestError(f"'{where}.content[{j}]' must be a text part "
                                        "({\"type\": \"text\", \"text\": ...}); agp serves text only",
@@ -460,6 +490,10 @@ def parse_messages(value) -> list[dict]:
     if not any(m["content"].strip() or m.get("tool_calls") for m in out):
         raise RequestError("every message in 'messages' is empty", param="messages")
     return out
+
+
+# the content parts whose "text" a message's content is made of (with a bare string, and an assistant's refusal)
+TEXT_PARTS = ("text", "input_text", "output_text")
 
 
 def _tool_calls(value, where: str) -> list[dict]:

@@ -205,7 +205,7 @@ AT_TAG = {"type": "structural_tag", "triggers": ["@"],
 SERVED_ALIKE = {
     "user": ["u", 5], "safety_identifier": ["s", []], "prompt_cache_key": ["k", 1.5], "store": [False, "no"],
     "service_tier": ["auto", 1], "request_id": ["req-1", "", "a b", "x" * 129], "stream": [True, False, "yes"],
-    "guided_decoding_backend": ["xgrammar", 1], "reasoning_effort": ["low", "minimal", "max", 3],
+    "guided_decoding_backend": ["xgrammar", 1], "reasoning_effort": ["low", "none", "xhigh", "max", "maximum", 3],
     "prompt_cache_retention": ["24h", "1h"], "prompt_cache_options": [{"mode": "implicit"}, {"mode": "x"}],
     "best_of": [1, 2], "suffix": ["", "x"], "use_beam_search": [False, True], "length_penalty": [1, 1.0, 2],
     "vllm_xargs": [{}, {"a": 1}], "documents": [None, [{"text": "x"}]], "functions": [None, [{"name": "f"}]],

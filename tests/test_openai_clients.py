@@ -129,23 +129,26 @@ def test_vllms_prompt_embeds_is_a_400_that_says_so_even_when_lenient(server):
 
 def test_a_reasoning_effort_is_taken_on_chat_as_on_responses_and_checked_alike(server):
     """vLLM's chat takes reasoning_effort and its Responses reasoning.effort: both are checked against
-    one list of efforts and change nothing (agp's models do not reason); Responses repeats its own."""
-    out = server.client.chat.completions.create(model="tiny", messages=USER, max_tokens=2, reasoning_effort="low")
-    assert out.choices[0].finish_reason in ("stop", "length")
-    got = server.client.responses.create(model="tiny", input="hello", max_output_tokens=2, reasoning={"effort": "low"})
-    assert got.reasoning.effort == "low"
+    one list of efforts and change nothing (agp's models do not reason); Responses repeats its own.
+    The list is the `openai` SDK's and vLLM's: "none", "xhigh" and "max" were 400s, though the SDK
+    types them and vLLM serves them."""
+    for effort in ("none", "minimal", "low", "medium", "high", "xhigh", "max"):
+        out = server.client.chat.completions.create(model="tiny", messages=USER, max_tokens=2, reasoning_effort=effort)
+        assert out.choices[0].finish_reason in ("stop", "length")
+    got = server.client.responses.create(model="tiny", input="hello", max_output_tokens=2, reasoning={"effort": "none"})
+    assert got.reasoning.effort == "none"
     for call, param in ((lambda: server.client.chat.completions.create(
-                            model="tiny", messages=USER, max_tokens=2, extra_body={"reasoning_effort": "max"}),
+                            model="tiny", messages=USER, max_tokens=2, extra_body={"reasoning_effort": "maximum"}),
                          "reasoning_effort"),
                         (lambda: server.client.responses.create(
                             model="tiny", input="hello", max_output_tokens=2,
-                            extra_body={"reasoning": {"effort": "max"}}),
+                            extra_body={"reasoning": {"effort": "maximum"}}),
                          "reasoning.effort")):
         with pytest.raises(openai.BadRequestError) as e:
             call()
         assert e.value.param == param
-        assert e.value.message.endswith(
-            f"'{param}' must be \"minimal\", \"low\", \"medium\" or \"high\", not a string (\"max\")")
+        assert e.value.message.endswith(f"'{param}' must be \"none\", \"minimal\", \"low\", \"medium\", \"high\", "
+                                        f"\"xhigh\" or \"max\", not a string (\"maximum\")")
 
 
 def test_vllms_include_reasoning_is_taken_on_chat_and_changes_nothing(server):
@@ -431,7 +434,7 @@ def test_a_forced_call_whose_parameters_refer_to_their_own_defs_is_made_and_vali
         chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     deltas = [d for ch in chunks for c in ch["choices"] for d in c["delta"].get("tool_calls") or []]
     assert [d["function"]["name"] for d in deltas if d["function"].get("name")] == ["IterableUser"]
-    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"          # a named tool_choice's, as OpenAI's
     jsonschema.validate(json.loads("".join(d["function"].get("arguments") or "" for d in deltas)), USERS_PARAMETERS)
 
 

@@ -156,9 +156,12 @@ def test_required_tool_choice_always_gives_a_parsed_call(client):
 
 
 def test_a_named_tool_choice_calls_that_function_once(client):
+    """Its finish reason is "stop", as OpenAI and vLLM answer a call a named tool_choice forced
+    ("tool_calls" is theirs for a call under "auto" or "required"); it was "tool_calls"."""
     out = _chat(client, max_tokens=300, tools=[WEATHER, ADD],
                 tool_choice={"type": "function", "function": {"name": "add"}})
     calls = out.choices[0].message.tool_calls
+    assert out.choices[0].finish_reason == "stop"
     assert len(calls) == 1 and calls[0].function.name == "add"
     args = json.loads(calls[0].function.arguments)
     assert set(args) == {"a", "b"} and all(0 <= v <= 99 for v in args.values())
@@ -173,11 +176,12 @@ def test_a_forced_call_of_a_function_without_parameters_has_no_arguments(client,
                                          tool_choice=choice), range(3))
     for out in outs:
         calls = out.choices[0].message.tool_calls
-        assert out.choices[0].finish_reason == "tool_calls" and calls
+        assert out.choices[0].finish_reason == ("tool_calls" if choice == "required" else "stop") and calls
         assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("now", {})] * len(calls)
 
 
 def test_streamed_tool_calls_arrive_as_deltas_that_assemble(client):
+    """A named tool_choice's call ends in "stop", streamed as whole (OpenAI's and vLLM's)."""
     stream = _chat(client, max_tokens=300, stream=True, tools=[WEATHER],
                    tool_choice={"type": "function", "function": {"name": "get_weather"}})
     calls: dict[int, dict] = {}
@@ -194,7 +198,7 @@ def test_streamed_tool_calls_arrive_as_deltas_that_assemble(client):
             if tc.function and tc.function.arguments:
                 slot["arguments"] += tc.function.arguments
         finish = chunk.choices[0].finish_reason or finish
-    assert finish == "tool_calls" and len(calls) == 1
+    assert finish == "stop" and len(calls) == 1
     assert calls[0]["name"] == "get_weather" and calls[0]["id"]
     jsonschema.validate(json.loads(calls[0]["arguments"]), WEATHER["function"]["parameters"])
 

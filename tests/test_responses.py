@@ -157,7 +157,7 @@ def test_logprobs_are_included_when_asked(client):
     ({"input": "x", "text": {"format": {"type": "text"}, "verbosty": "low"}}, "text.verbosty"),
     # `reasoning`'s keys, each with its schema, an unknown key refused as OpenAI refuses it
     ({"input": "x", "reasoning": {"efort": "low"}}, "reasoning.efort"),
-    ({"input": "x", "reasoning": {"effort": "max"}}, "reasoning.effort"),
+    ({"input": "x", "reasoning": {"effort": "maximum"}}, "reasoning.effort"),
     ({"input": "x", "reasoning": {"summary": "short"}}, "reasoning.summary"),
     ({"input": "x", "reasoning": {"generate_summary": True}}, "reasoning.generate_summary"),
 ])

@@ -380,7 +380,8 @@ ADD = {"type": "function", "function": {"name": "add", "parameters": {
 
 def test_a_plain_lines_tool_calls_come_back_parsed_as_agp_serve_and_a_batch_line_answer_them(tmp_path, long_gguf):
     """A line with tools is answered as agp serve answers the same chat request: the calls the
-    model wrote as `tool_calls` (name, JSON arguments) with finish_reason "tool_calls", the text
+    model wrote as `tool_calls` (name, JSON arguments) with finish_reason "tool_calls" ("stop" for a
+    call a named tool_choice forced, as OpenAI's and vLLM's), the text
     what is left of the answer (null when nothing is), not the model's raw call markup; under
     tool_choice "none" nothing is parsed. A batch-API line of the same body is the oracle."""
     pipeline = tmp_path / "long.agp"                 # a context with room for the tools' prompt
@@ -395,7 +396,7 @@ def test_a_plain_lines_tool_calls_come_back_parsed_as_agp_serve_and_a_batch_line
     r = run(pipeline, "-i", inp, "-o", out)
     assert r.returncode == 0, r.stderr
     call, none = records(out)
-    assert call["finish_reason"] == "tool_calls", call
+    assert call["finish_reason"] == "stop", call
     assert call["text"] is None and "<tool_call>" not in json.dumps(call)
     [got] = call["tool_calls"]
     assert got["type"] == "function" and got["id"] and got["function"]["name"] == "add"

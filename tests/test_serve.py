@@ -573,6 +573,26 @@ def test_bad_requests_get_openai_style_errors(server, route, body, status, fragm
         assert err["code"] == "context_length_exceeded"
 
 
+def test_a_body_that_starts_with_a_utf8_byte_order_mark_is_served_as_without_it(server):
+    """A JSON file saved by a Windows editor starts with a BOM, and `curl -d @file.json` sends it:
+    it was a 400 ("Unexpected UTF-8 BOM"), where vLLM's server reads the body past it."""
+    body = {"prompt": "hello", "max_tokens": 4, "temperature": 0}
+    answers = []
+    for raw in (json.dumps(body).encode(), b"\xef\xbb\xbf" + json.dumps(body).encode()):
+        r = server.http.post(server.url + "/v1/completions", content=raw,
+                             headers={"content-type": "application/json"}, timeout=30)
+        assert r.status_code == 200, r.text
+        answers.append(r.json()["choices"][0]["text"])
+    assert answers[0] == answers[1]
+    chat = b"\xef\xbb\xbf" + json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+    r = server.http.post(server.url + "/v1/chat/completions", content=chat,
+                         headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 200, r.text
+    r = server.http.post(server.url + "/v1/completions", content=b"\xef\xbb\xbf{", timeout=30,
+                         headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+
+
 def test_the_openai_client_raises_bad_request_for_invalid_input(server):
     with pytest.raises(openai.BadRequestError, match="'messages' is empty"):
         server.client.chat.completions.create(model="tiny", messages=[])

@@ -795,7 +795,93 @@ def test_vllms_request_model_written_out_whole_is_served(server):
     assert comp.status_code == 200, comp.text
 
 
+# the fields newer vLLMs added to both request models, at their defaults (chat's own: NEWER_CHAT_ONLY)
+VLLM_NEWER_DEFAULTS = {
+    "thinking_token_budget": None, "truncation_side": None, "logprob_token_ids": None, "watermarking": None,
+    "session_id": None, "routed_experts_prompt_start": 0, "return_token_offsets": False, "return_mm_kwargs": True,
+    "ec_transfer_params": None, "repetition_detection": None, "stream_interval": None,
+    "media_io_kwargs": None, "return_prompt_text": None}
+NEWER_CHAT_ONLY = {"media_io_kwargs", "return_prompt_text"}
+
+
+def test_a_newer_vllms_request_model_written_out_whole_is_served(server):
+    """thinking_token_budget, session_id, truncation_side, repetition_detection, ... were 400s
+    ("unrecognized request argument"), though at their defaults they ask for nothing; -1, vLLM's
+    unlimited thinking budget, and left truncation (agp's) ask for nothing too."""
+    newer = {**VLLM_DEFAULTS, **VLLM_NEWER_DEFAULTS, "thinking_token_budget": -1, "truncation_side": "left"}
+    chat = server.http.post(server.url + "/v1/chat/completions", timeout=60, json={
+        **newer, "model": "tiny", "messages": USER, "max_tokens": 2})
+    assert chat.status_code == 200, chat.text
+    comp = server.http.post(server.url + "/v1/completions", timeout=60, json={
+        **{k: v for k, v in newer.items() if k not in CHAT_ONLY | NEWER_CHAT_ONLY}, "model": "tiny", "prompt": "hi",
+        "max_tokens": 2, "logprobs": None, "echo": False, "add_special_tokens": True, "prompt_embeds": None})
+    assert comp.status_code == 200, comp.text
+
+
+def test_vllms_tokenize_request_model_written_out_whole_is_served(server):
+    """vLLM's TokenizeChatRequest at its defaults sends chat_template, mm_processor_kwargs and
+    media_io_kwargs as null: they were 400s ("unrecognized request argument"); the ids are those
+    of the conversation without them. A value that asks for something is a 400 saying why, as on chat."""
+    plain = server.http.post(server.url + "/tokenize", json={"messages": USER}, timeout=30)
+    whole = server.http.post(server.url + "/tokenize", timeout=30, json={
+        "model": "tiny", "messages": USER, "add_generation_prompt": True, "return_token_strs": False,
+        "continue_final_message": False, "add_special_tokens": False, "chat_template": None,
+        "chat_template_kwargs": None, "media_io_kwargs": None, "mm_processor_kwargs": None, "tools": None})
+    assert whole.status_code == 200, whole.text
+    assert whole.json()["tokens"] == plain.json()["tokens"]
+    r = server.http.post(server.url + "/tokenize", json={"messages": USER, "chat_template": "{{ messages }}"},
+                         timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template"
+    assert "a request brings no chat template of its own" in r.json()["error"]["message"]
+
+
+def test_content_parts_vllm_reads_as_text_are_text_here_too(server):
+    """A bare string in a content array and the Responses API's input_text and output_text parts
+    (a conversation carried over from the Responses API) are text parts in vLLM's chat: they were
+    400s ("must be a text part"). The conversation renders as the one written with text parts, on
+    chat and /tokenize alike."""
+    def conversation(user, assistant):
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": assistant},
+                {"role": "user", "content": "and?"}]
+
+    plain = conversation([{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+                         [{"type": "text", "text": "c"}])
+    carried = conversation(["a", {"type": "input_text", "text": "b"}], [{"type": "output_text", "text": "c"}])
+    tokens = [server.http.post(server.url + "/tokenize", json={"messages": m}, timeout=30) for m in (plain, carried)]
+    assert tokens[1].status_code == 200, tokens[1].text
+    assert tokens[0].json()["tokens"] == tokens[1].json()["tokens"]
+    answers = [server.client.chat.completions.create(model="tiny", messages=m, max_tokens=4, temperature=0)
+               for m in (plain, carried)]
+    assert answers[0].choices[0].message.content == answers[1].choices[0].message.content
+    assert answers[0].usage.prompt_tokens == answers[1].usage.prompt_tokens
+    r = server.http.post(server.url + "/v1/chat/completions", timeout=30, json={
+        "model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": [{"type": "input_image"}]}]})
+    assert r.status_code == 400 and "agp serves text only" in r.json()["error"]["message"]
+
+
+def test_vllms_session_id_and_stream_interval_are_taken_and_change_nothing(server):
+    """A session's id (a router's hint) and how many tokens a streamed chunk groups are taken and
+    checked; the answer is the one sent without them, streamed or not."""
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 6, "temperature": 0}
+    plain = server.client.completions.create(**body).choices[0].text
+    extra = {"session_id": "agent-7", "stream_interval": 4, "return_token_offsets": True, "return_mm_kwargs": False}
+    assert server.client.completions.create(**body, extra_body=extra).choices[0].text == plain
+    streamed = server.client.completions.create(**body, stream=True, extra_body=extra)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == plain
+    for field, value in (("session_id", 7), ("stream_interval", 0), ("return_token_offsets", "yes"),
+                         ("truncation_side", "right")):       # agp keeps a truncated prompt's last tokens
+        r = server.http.post(server.url + "/v1/chat/completions", timeout=60,
+                             json={"model": "tiny", "messages": USER, "max_tokens": 2, field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+
+
 @pytest.mark.parametrize("route, field, value, why", [
+    ("chat", "thinking_token_budget", 64, "it bounds no model's thinking apart from its answer"),
+    ("completions", "repetition_detection", {"max_pattern_size": 8}, "it stops no answer on repeated token patterns"),
+    ("completions", "logprob_token_ids", [5, 6], "not of tokens chosen by id"),
+    ("chat", "watermarking", True, "it watermarks no answer"),
+    ("chat", "media_io_kwargs", {"video": {"num_frames": 8}}, "it serves text only"),
+    ("chat", "return_prompt_text", True, "it does not send the rendered prompt back"),
     ("chat", "chat_template", "{{ messages }}", "a request brings no chat template of its own (start the server "
                                                 "with --chat-template FILE)"),
     ("chat", "mm_processor_kwargs", {"fps": 1}, "it serves text only"),

@@ -141,7 +141,8 @@ def _tool_calls(parsed: ParsedRequest, choice, parts: dict, runtime, thinking: b
     """A choice's finish reason, its tool calls parsed out of its text into `parts` as agp serve's
     chat answer parses them (serve/protocol.py's chat_message) when the line gave tools and a
     tool_choice other than none: `tool_calls` (id, name, JSON arguments), `text` what is left
-    (null when nothing is), `finish_reason` "tool_calls"; a line without calls its text less the
+    (null when nothing is), `finish_reason` "tool_calls" (a named tool_choice's: the answer's own, "stop",
+    as agp serve's); a line without calls its text less the
     family's markers (kept in the decoded answer for the parser). Under --reasoning-parser
     (`thinking` not None: whether this answer starts in its thinking) a chat line's thinking is
     split off first, as agp serve's message splits it: `text` is the content after `</think>`
@@ -151,7 +152,8 @@ def _tool_calls(parsed: ParsedRequest, choice, parts: dict, runtime, thinking: b
     active = bool(parsed.tools) and parsed.tool_choice != "none"
     parser = tool_form(runtime, _pin(runtime, parsed), parsed.tool_choice, active, choice.data.get("generated_by"))
     message, reason = chat_message(parts["text"], choice.finish_reason, active,
-                                   None if parsed.parallel_tool_calls else 1, parser, choice.tool_read, thinking)
+                                   None if parsed.parallel_tool_calls else 1, parser, choice.tool_read, thinking,
+                                   named=isinstance(parsed.tool_choice, dict))
     if active or thinking is not None:      # the content: a family's markers left out (tools.without_markers)
         parts["text"] = message["content"]
     if thinking is not None:

@@ -207,7 +207,7 @@ def answer_body(runtime, res, req: P.GenerationRequest, rid: str,
                                thinking=[answer_thinks(runtime, req, c.data.get("generated_by"), c.data.get("request"),
                                                        c.data.get("constrained"))
                                          for c in res.choices],
-                               include_reasoning=req.include_reasoning)
+                               include_reasoning=req.include_reasoning, named=isinstance(req.tool_choice, dict))
         return body, {c["index"]: c["finish_reason"] for c in body["choices"]}
     echo = bool(req.fields.get("echo"))
     choices = []

@@ -12,7 +12,7 @@ from pipeline_dsl.constraints import MAX_STRUCTURES
 from pipeline_dsl.engine.config import MAX_LOGPROBS
 from pipeline_dsl.requests_io import (IDENTIFIER_CHARS, MAX_LOGIT_BIAS, MAX_STOP, MAX_STOP_CHARS, MAX_STOP_LEN,
                                       MAX_TOOLS, METADATA_KEY_CHARS, METADATA_KEYS, METADATA_VALUE_CHARS, NOT_NULL,
-                                      ROLES)
+                                      ROLES, TEXT_PARTS)
 from stages.fields import PRIORITY, REQUEST_FIELDS, TOKEN_ID_FIELDS, param_of
 
 from .embeddings import EMBED_DTYPES, ENDIANNESS, MAX_INPUTS
@@ -131,6 +131,11 @@ SAMPLING = {
     "guided_whitespace_pattern": {"type": "string", "description": WHITESPACE_PATTERN},
     "structural_tag": {"type": ["string", "object"], "description": "vLLM < 0.11's: a structural tag, or its JSON text"},
     "guided_decoding_backend": {"type": "string", "description": "taken and ignored: llguidance serves all"},
+    "session_id": {"type": "string", "description": "vLLM's: taken and ignored (a router's hint)"},
+    "stream_interval": {"type": "integer", "minimum": 1, "description": "vLLM's: taken and ignored (the server "
+                                                                         "chooses how a stream groups its tokens)"},
+    **{name: {"type": "boolean", "description": "vLLM's: taken and ignored (its render routes read it)"}
+       for name in ("return_token_offsets", "return_mm_kwargs")},
     "truncate_prompt_tokens": {"type": "integer", "minimum": -1, "description": "keep the prompt's last k tokens"},
     "priority": {"type": "integer", "minimum": PRIORITY.min, "maximum": PRIORITY.max,
                  "description": "lower is admitted first under --scheduling-policy priority (fcfs: 0 alone)"},
@@ -161,7 +166,8 @@ SAMPLING = {
 }
 
 TEXT_PART = {"type": "object", "required": ["type", "text"], "additionalProperties": False,
-             "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+             "properties": {"type": {"enum": list(TEXT_PARTS)}, "text": {"type": "string"}},
+             "description": "text (the Responses API's input_text and output_text too, as vLLM reads them)"}
 
 REFUSAL_PART = {"type": "object", "required": ["type", "refusal"], "additionalProperties": False,
                 "properties": {"type": {"const": "refusal"}, "refusal": {"type": "string"}},
@@ -174,7 +180,7 @@ TOOL_CALL = {"type": "object", "required": ["function"], "properties": {
 
 MESSAGE = {"type": "object", "required": ["role"], "properties": {
     "role": {"enum": list(ROLES)},
-    "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"oneOf": [TEXT_PART, REFUSAL_PART]}},
+    "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"oneOf": [TEXT_PART, REFUSAL_PART, {"type": "string"}]}},
                           {"type": "null"}],
                 "description": "null only on an assistant message (one that made tool calls)"},
     "name": {"type": "string"},
@@ -431,7 +437,8 @@ TOKENIZE_REQUEST = _request(None, {      # a prompt or messages (the other left 
     "add_special_tokens": {"type": "boolean"}, "add_generation_prompt": {"type": "boolean"},
     "continue_final_message": {"type": "boolean"}, "return_token_strs": {"type": "boolean"},
     "tools": {"type": "array", "minItems": 1, "maxItems": MAX_TOOLS, "items": {"type": "object"}},
-    "chat_template_kwargs": {"type": "object", "description": "extra variables of the chat template"}})
+    "chat_template_kwargs": {"type": "object", "description": "extra variables of the chat template"},
+    **_neutral({name: CHAT_LACKING[name] for name in ("chat_template", "mm_processor_kwargs", "media_io_kwargs")})})
 
 TOKENIZE = {"requestBody": {"required": True, "content": {"application/json": {"schema": TOKENIZE_REQUEST}}},
             "responses": {"200": {"description": "the prompt's token ids", "content": {"application/json": {

@@ -20,6 +20,7 @@ from pipeline_dsl.diagnostics import closest
 from pipeline_dsl.requests_io import (CACHE_SETTINGS, CHAT_FIELDS, CHAT_LACKING, CHAT_NEUTRAL,  # noqa: F401
                                       COMPLETION_FIELDS, COMPLETION_LACKING, IDENTIFIERS, IDENTITY, IGNORED,
                                       ITEM_FIELDS, MAX_HEADER_VALUE, NEUTRAL, REASONING_EFFORTS, RESPONSES_LACKING,
+                                      VLLM_IGNORED,
                                       check_fields, check_identifiers, check_metadata, check_min_tokens,
                                       check_neutral, foreign_hint, format_set_aside, json_type, load_json,
                                       logprobs_of_chat, max_tokens_field, must_be, parse_logit_bias, parse_messages,
@@ -134,9 +135,11 @@ def request_headers(raw, names) -> dict[str, str]:
 
 def parse_json(raw: bytes) -> dict:
     """The request body as a JSON object, or a 400 saying why not (requests_io.load_json: not
-    UTF-8, not JSON, too deep, unreadable numbers, lone surrogates)."""
+    UTF-8, not JSON, too deep, unreadable numbers, lone surrogates). A UTF-8 byte order mark before
+    the JSON is skipped, as vLLM's server skips it (Python's json.loads of the body's bytes): an
+    editor on Windows starts a file it saves with one, and `curl -d @request.json` sends it."""
     with request_errors:
-        obj = load_json(raw, "the request body")
+        obj = load_json(raw.removeprefix(b"\xef\xbb\xbf"), "the request body")
     if not isinstance(obj, dict):
         raise APIError(f"the request body must be a JSON object, not {json_type(obj)}")
     return obj
@@ -180,7 +183,7 @@ def check_unknown(obj: dict, known: set[str], lenient: bool = False, where: str 
 
 
 _CHAT_NEUTRAL = NEUTRAL | CHAT_NEUTRAL
-_COMPLETION_CHECKED = {"guided_decoding_backend": IGNORED["guided_decoding_backend"]}
+_COMPLETION_CHECKED = {name: IGNORED[name] for name in ("guided_decoding_backend", *VLLM_IGNORED)}
 _CHAT_CHECKED = _COMPLETION_CHECKED | {name: IGNORED[name]
                                        for name in ("reasoning_effort", "include_reasoning", "store", "service_tier")}
 
@@ -188,7 +191,8 @@ _CHAT_CHECKED = _COMPLETION_CHECKED | {name: IGNORED[name]
 def _check_unsupported(obj: dict, chat: bool = False) -> None:
     """Fields agp knows but only serves at their neutral value (NEUTRAL), those of features it
     lacks (CHAT_LACKING, COMPLETION_LACKING), and the ones only checked here (IGNORED:
-    guided_decoding_backend, as one backend, llguidance, serves every structured output; chat's
+    guided_decoding_backend, as one backend, llguidance, serves every structured output; vLLM's
+    VLLM_IGNORED; chat's
     reasoning_effort, include_reasoning, store and service_tier)."""
     with request_errors:
         check_neutral(obj, _CHAT_NEUTRAL if chat else NEUTRAL)
@@ -666,6 +670,9 @@ def chat_logprobs(entries: list, text_of, bytes_of=None) -> dict:
 
 # what only a conversation's rendering takes: a 400 beside a 'prompt' on /tokenize
 TOKENIZE_RENDERING = ("add_generation_prompt", "continue_final_message", "chat_template_kwargs", "tools")
+# vLLM's /tokenize fields of features agp lacks (its TokenizeChatRequest's), as chat takes them: null (or
+# {}), as a client that writes out vLLM's whole request model sends them, else a 400 saying why
+TOKENIZE_LACKING = {name: CHAT_LACKING[name] for name in ("chat_template", "mm_processor_kwargs", "media_io_kwargs")}
 
 
 def parse_tokenize(obj: dict, *, served: tuple[str, ...], stages: tuple[str, ...] = ()) -> dict:
@@ -673,7 +680,9 @@ def parse_tokenize(obj: dict, *, served: tuple[str, ...], stages: tuple[str, ...
     "add_generation_prompt": true, "continue_final_message": false}; `model` may name a generate
     stage (its tokenizer); "return_token_strs": true asks for each id's vocabulary string too."""
     obj = check_unknown(obj, {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt",
-                               "continue_final_message", "tools", "return_token_strs", "chat_template_kwargs"})
+                               "continue_final_message", "tools", "return_token_strs", "chat_template_kwargs",
+                               *TOKENIZE_LACKING})
+    check_lacking(obj, TOKENIZE_LACKING)
     _, pin = model_of(obj, served, stages)
     special = _field(obj, "add_special_tokens", lambda v: isinstance(v, bool), "true or false")
     strs = bool(_field(obj, "return_token_strs", lambda v: isinstance(v, bool), "true or false"))
@@ -741,9 +750,11 @@ def completion_response(rid: str, model: str, choices: list[tuple], use: dict,
 
 def chat_message(text: str, finish_reason: str | None, tools_active: bool,
                  call_limit: int | None = None, parser: str = "hermes", read=None,
-                 thinking: bool | None = None) -> tuple[dict, str | None]:
+                 thinking: bool | None = None, named: bool = False) -> tuple[dict, str | None]:
     """(the assistant message, the finish reason) of one answer: tool calls parsed out of the
-    text when the request gave tools (then finish_reason is "tool_calls"), `call_limit` at most,
+    text when the request gave tools (then finish_reason is "tool_calls", unless `named`: a
+    tool_choice naming a function forced the call, and the answer's own reason stays, "stop"
+    where it ended, as OpenAI's and vLLM's answers give it), `call_limit` at most,
     read in the form `parser` names (pipeline_dsl/tools.py's PARSERS: the model's family);
     `read`: what its generate stage read (Choice.tool_read), taken where it read the same.
     `thinking`: None where no reasoning parser reads the answer (agp serve --reasoning-parser;
@@ -767,7 +778,7 @@ def chat_message(text: str, finish_reason: str | None, tools_active: bool,
         message["content"] = read.content       # a family's markers left out
         if read.calls:
             message["tool_calls"] = read.calls
-            return message, "tool_calls"
+            return message, finish_reason if named else "tool_calls"
     return message, finish_reason
 
 
@@ -780,19 +791,20 @@ NO_REASONING = {"reasoning": None, "reasoning_content": None}
 def chat_response(rid: str, model: str, choices: list[tuple], use: dict, created: int | None = None,
                   tools_active: bool = False, top: dict | None = None, call_limit: int | None = None,
                   fingerprint: str | None = None, parsers: list | None = None, reads: list | None = None,
-                  thinking: bool | list | None = None, include_reasoning: bool = True) -> dict:
+                  thinking: bool | list | None = None, include_reasoning: bool = True, named: bool = False) -> dict:
     """choices: (index, text, finish_reason[, logprobs[, what else the choice carries]]) each;
     `top`: what the answer carries beside its choices (vLLM's prompt_logprobs, prompt_token_ids);
     `parsers`: the form each choice's calls are read in (chat_message's `parser`; hermes where
     not given), `reads`: the tool calls each choice's generate stage read (its `read`), in order;
     `thinking`: chat_message's (None: no reasoning parser, each message's reasoning fields null), or
     a list of them, one a choice (an answer its stage constrained holds no thinking);
-    `include_reasoning` false (vLLM's field): the thinking split off and left out (the fields null)."""
+    `include_reasoning` false (vLLM's field): the thinking split off and left out (the fields null);
+    `named`: chat_message's (a tool_choice that names a function)."""
     out = []
     for k, c in enumerate(choices):
         thinks = thinking[k] if isinstance(thinking, list) else thinking
         message, reason = chat_message(c[1], c[2], tools_active, call_limit, parsers[k] if parsers else "hermes",
-                                       reads[k] if reads else None, thinks)
+                                       reads[k] if reads else None, thinks, named)
         if thinks is None or not include_reasoning:
             message.update(NO_REASONING)
         out.append({"index": c[0], "message": message, "logprobs": c[3] if len(c) > 3 else None,

@@ -330,8 +330,8 @@ class ChunkWriter(Relay):
             if rest:
                 out.append(self._chunk(index, rest))
             out += self._calls(index, calls)
-        if index in self.called:
-            reason = "tool_calls"
+        if index in self.called and not isinstance(self.req.tool_choice, dict):
+            reason = "tool_calls"          # a named tool_choice's call keeps the answer's own (stop), as OpenAI's
         self.reasons[index] = reason
         out.append(self._chunk(index, "", delta={}, reason=reason, stop_reason=stop_reason))
         return out
