@@ -469,6 +469,27 @@ def test_an_attention_bias_folder_through_the_gpu_path_s_graphs_answers_as_eager
     assert same_answers(got, ref)
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_an_attention_bias_models_piecewise_graphs_give_the_eager_steps_logits_bit_for_bit(tmp_path, tiny_tokenizer,
+                                                                                            dtype):
+    # a mixed step's piecewise graphs add o_proj's bias as the eager step does, o(a) + bias first and
+    # then the residual: (x + o(a)) + bias rounds otherwise, and in bf16 (a GPU's dtype) moved logits
+    # by ~0.02. A step of exactly one token bucket: the same GEMM shapes, so the same bits
+    from pipeline_dsl.engine.batch import StepBatch
+    from pipeline_dsl.engine.model import SeqBatchItem
+    from test_gpu_path import EagerGraphs, eager
+
+    folder = save_folder(tmp_path, tiny_tokenizer, attention_bias=True)
+    model, _ = load_model(str(folder), dtype=dtype)
+    runner = eager(model, 64)
+    runner.capture_graphs(max_batch=4, max_len=64, graph_factory=EagerGraphs(), max_tokens=16)
+    items = [SeqBatchItem(TOKENS[:16], 0, [0, 1, 2, 3], True)]          # 16 rows: the first bucket
+    want = runner.run(runner.prepare(StepBatch.from_items(items)), graphs=False)
+    got = runner.run(runner.prepare(StepBatch.from_items(items)), graphs=True)
+    assert runner.graphs.pieces.replays == 1
+    assert torch.equal(got, want)
+
+
 def test_a_qwen2_folder_without_its_biases_is_refused(tmp_path, tiny_tokenizer):
     from safetensors.torch import load_file, save_file
 
