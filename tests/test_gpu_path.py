@@ -43,6 +43,63 @@ class EagerGraphs:
         return (lambda: out.copy_(fn())), out
 
 
+class RecordedGraphs(EagerGraphs):
+    """Stands in for torch.cuda graphs as strictly as a CPU can: the capture records the ATen ops
+    the function ran and the very tensors each read; a replay runs those ops again, alone, over
+    those tensors, each result written into the tensor the capture made. As with a real graph, a
+    tensor put in place of a static one after capture (assigned, not copied into), a table rebuilt
+    after it, a Python value or branch taken at capture: the replay still reads what was captured.
+    A host sync inside the capture (.item(), bool(), nonzero) is refused, as a stream capture
+    refuses it. (torch.compile'd calls are higher-order ops it does not record: EagerGraphs.)"""
+
+    SYNCS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::equal", "aten::is_nonzero")
+
+    def capture(self, fn):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        syncs = self.SYNCS
+
+        class Record(TorchDispatchMode):
+            ops: list = []
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func._schema.name in syncs:
+                    raise RuntimeError(f"operation not permitted when stream is capturing ({func._schema.name})")
+                out = func(*args, **(kwargs or {}))
+                self.ops.append((func, args, kwargs or {}, out))
+                return out
+
+        fn()                                      # the factory's warm-up run
+        mode = Record()
+        mode.ops = []
+        with mode:
+            out = fn()
+        self.captured += 1
+
+        @torch.inference_mode()           # writes into the capture's tensors, made in inference mode
+        def replay():
+            for func, args, kwargs, made in mode.ops:
+                got = func(*args, **kwargs)
+                for old, new in zip(tree_flatten(made)[0], tree_flatten(got)[0]):
+                    if isinstance(old, torch.Tensor) and old.data_ptr() != new.data_ptr():
+                        old.copy_(new)            # into the captured tensor; views and in-place ops: itself
+        return replay, out
+
+
+def test_the_recorded_stand_in_replays_what_was_captured_and_refuses_a_host_sync():
+    box = {"x": torch.ones(3)}
+    replay, out = RecordedGraphs().capture(lambda: box["x"] * 2)
+    box["x"].fill_(3)                             # copied into: the graph sees it
+    replay()
+    assert out.tolist() == [6, 6, 6]
+    box["x"] = torch.full((3,), 5.0)              # put in its place: a graph still reads the old one
+    replay()
+    assert out.tolist() == [6, 6, 6]
+    with pytest.raises(RuntimeError, match="capturing"):
+        RecordedGraphs().capture(lambda: box["x"] * int(box["x"].sum()))
+
+
 def run_engine(runner, seed, executor=False):
     # itl_target_s=0: no prefill cut by measured step time (none on CUDA), so the schedule, and
     # with it the preemptions and prefix hits the callers count on, is the same on a busy machine
@@ -100,7 +157,7 @@ def eager_answers(model):
 def test_decode_graphs_replayed_from_static_buffers_give_the_eager_tokens(model, eager_answers, executor):
     ref = eager_answers(0, executor)
     runner = eager(model)
-    factory = EagerGraphs()
+    factory = RecordedGraphs()
     got = runner.capture_graphs(max_batch=8, max_len=96, graph_factory=factory)
     assert got["graphs"] == factory.captured > 0
     out, stats = run_engine(runner, 0, executor)
@@ -139,7 +196,7 @@ def test_mixed_steps_replay_piecewise_graphs_and_give_the_eager_tokens(model, ea
     ref = eager_answers(1, executor)
     runner = ModelRunner(model, num_blocks=40, block_size=BS, pad_decode=True, attention=attention)
     runner.native = None
-    factory = EagerGraphs()
+    factory = RecordedGraphs()
     got = runner.capture_graphs(max_batch=8, max_len=96, graph_factory=factory, max_tokens=24)
     layers = len(model.layers)
     assert got["piece_graphs"] == (layers + 1) * 2 and factory.captured == got["graphs"] + got["piece_graphs"]
@@ -183,7 +240,7 @@ def test_a_models_own_layers_replay_in_every_graph(tmp_path, family, attention):
     ref, _ = run_engine(eager(m), 2)
     runner = ModelRunner(m, num_blocks=40, block_size=BS, pad_decode=True, attention=attention)
     runner.native = None
-    got = runner.capture_graphs(max_batch=8, max_len=96, graph_factory=EagerGraphs(), max_tokens=24)
+    got = runner.capture_graphs(max_batch=8, max_len=96, graph_factory=RecordedGraphs(), max_tokens=24)
     assert got["graphs"] > 0 and got["piece_graphs"] > 0
     out, _ = run_engine(runner, 2, True)
     assert same_answers(out, ref) and len(out) == 12
@@ -202,7 +259,7 @@ def test_prompt_outputs_through_piecewise_graphs_equal_eager_ones(model):
         return first.prompt_logprobs, [t for o in outs for t in o.new_token_ids]
 
     runner = eager(model)
-    runner.capture_graphs(max_batch=4, max_len=64, graph_factory=EagerGraphs(), max_tokens=16)
+    runner.capture_graphs(max_batch=4, max_len=64, graph_factory=RecordedGraphs(), max_tokens=16)
     got, want = answer(runner), answer(eager(model))
     assert runner.graphs.pieces.replays > 0
     assert got[1] == want[1] and len(got[0]) == len(want[0]) == 35
@@ -223,7 +280,7 @@ def test_capture_touches_no_kv_slot_but_the_scratch_one(model):
     runner = eager(model)
     runner.k_cache.fill_(3.0)
     runner.v_cache.fill_(3.0)
-    runner.capture_graphs(max_batch=4, max_len=40, graph_factory=EagerGraphs())
+    runner.capture_graphs(max_batch=4, max_len=40, graph_factory=RecordedGraphs())
     assert bool((runner.k_cache == 3.0).all()) and bool((runner.v_cache == 3.0).all())
 
 
@@ -405,13 +462,13 @@ def test_warm_up_compiles_every_version_of_the_fused_pieces_a_step_needs(tiny_gg
 # On CUDA the executor keeps a step in flight while the host schedules the next one (step k + 1 is
 # scheduled before step k's tokens are back), and every step replays a decode graph or the
 # piecewise graphs. The CPU executor with overlap runs the host's works in the same order (admit,
-# schedule, lookup of step k + 1, then the emit of step k) and EagerGraphs replays as a graph does,
+# schedule, lookup of step k + 1, then the emit of step k) and RecordedGraphs replays as a graph does,
 # so these check on CPU what a device run depends on.
 
 def graphs_runner(model, num_blocks=64, max_batch=8, max_len=96, max_tokens=24):
     """The torch path a GPU runs, its decode and piecewise graphs captured (eager stand-in)."""
     r = eager(model, num_blocks)
-    r.capture_graphs(max_batch=max_batch, max_len=max_len, graph_factory=EagerGraphs(), max_tokens=max_tokens)
+    r.capture_graphs(max_batch=max_batch, max_len=max_len, graph_factory=RecordedGraphs(), max_tokens=max_tokens)
     return r
 
 
@@ -590,4 +647,55 @@ def test_long_prompts_cut_beside_short_ones_replay_the_graphs_and_give_the_eager
     assert any(long_cut(s) for s in steps)
     if budget == batch:
         assert any(all(n == 1 for _, _, n, _ in s) and not all(smp for *_, smp in s) for s in steps if s)
+    assert runner.graphs.replays > 0 and runner.graphs.pieces.replays > 0
+
+
+@pytest.mark.parametrize("executor,attention", [(False, "sdpa"), (True, "flex")], ids=["engine.step-sdpa", "executor-flex"])
+def test_speculative_steps_through_the_graphs_give_the_tokens_without_speculation(model, executor, attention):
+    # a verifying step feeds a sequence's last token and its drafts as a short chunk and wants every
+    # row's logits: on CUDA it replays the piecewise graphs beside the decode graphs of plain steps.
+    # Greedy: the tokens of the eager path without speculation, drafts accepted on the way
+    import itertools
+
+    from pipeline_dsl.engine.executor import Executor
+    from pipeline_dsl.engine.scheduler import TIMING_WINDOW
+
+    prompts = [[5, 6, 7, 8] * 5, [9, 10, 11] * 6 + [12], [13, 14] * 8, [20, 21, 22, 23, 24]]
+
+    def answers(runner, speculate):
+        cfg = dict(max_batch_size=8, max_tokens_per_step=24, prefill_chunk=8, batch_timeout_s=0.0, itl_target_s=0.0)
+        if speculate:
+            cfg.update(speculate="ngram", prompt_lookup_min=1)
+        # every forward timed one second and plain steps 100: the measured rule never pauses drafting
+        engine = Engine(EngineConfig(**cfg), runner=runner, tokenizer=IdTokenizer(),
+                        step_timer=functools.partial(next, itertools.count(0.0, 1.0)))
+        for _ in range(TIMING_WINDOW):
+            engine.scheduler.observe(0, 100.0)
+        got = {}
+
+        def collect(outputs):
+            for o in outputs:
+                got.setdefault(o.request_id, []).extend(o.new_token_ids)
+
+        requests = [(str(i), dict(prompt_token_ids=p, params=SamplingParams(max_tokens=16, ignore_eos=True)))
+                    for i, p in enumerate(prompts)]
+        if executor:
+            ex = Executor(engine, overlap=True, cuda_graphs=True)
+            for rid, kw in requests:
+                ex.submit(rid, **kw)
+            ex.run(on_output=collect)
+        else:
+            for rid, kw in requests:
+                engine.add_request(rid, **kw)
+            while engine.has_unfinished():
+                collect(engine.step())
+        return got, engine.stats()
+
+    ref, _ = answers(eager(model), False)
+    runner = ModelRunner(model, num_blocks=40, block_size=BS, pad_decode=True, attention=attention)
+    runner.native = None
+    runner.capture_graphs(max_batch=8, max_len=96, graph_factory=RecordedGraphs(), max_tokens=24)
+    out, stats = answers(runner, True)
+    assert out == ref and all(len(t) == 16 for t in out.values())
+    assert stats["spec_accepted_tokens"] > 0
     assert runner.graphs.replays > 0 and runner.graphs.pieces.replays > 0

@@ -457,16 +457,37 @@ def test_a_folder_with_attention_bias_runs_its_q_k_v_and_o_biases_as_transformer
 def test_an_attention_bias_folder_through_the_gpu_path_s_graphs_answers_as_eager(tmp_path, tiny_tokenizer):
     # the decode graphs and the piecewise graphs of mixed steps (captured with an eager stand-in for
     # torch.cuda graphs) add the output projection's bias as the eager forward does
-    from test_gpu_path import EagerGraphs, eager, run_engine, same_answers
+    from test_gpu_path import RecordedGraphs, eager, run_engine, same_answers
 
     folder = save_folder(tmp_path, tiny_tokenizer, attention_bias=True)
     model, _ = load_model(str(folder), dtype="fp32")
     ref, _ = run_engine(eager(model, 64), 0)
     graphs = eager(model, 64)
-    graphs.capture_graphs(max_batch=8, max_len=96, graph_factory=EagerGraphs(), max_tokens=24)
+    graphs.capture_graphs(max_batch=8, max_len=96, graph_factory=RecordedGraphs(), max_tokens=24)
     got, _ = run_engine(graphs, 0, executor=True)
     assert graphs.graphs.replays > 0 and graphs.graphs.pieces.replays > 0
     assert same_answers(got, ref)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_an_attention_bias_models_piecewise_graphs_give_the_eager_steps_logits_bit_for_bit(tmp_path, tiny_tokenizer,
+                                                                                            dtype):
+    # a mixed step's piecewise graphs add o_proj's bias as the eager step does, o(a) + bias first and
+    # then the residual: (x + o(a)) + bias rounds otherwise, and in bf16 (a GPU's dtype) moved logits
+    # by ~0.02. A step of exactly one token bucket: the same GEMM shapes, so the same bits
+    from pipeline_dsl.engine.batch import StepBatch
+    from pipeline_dsl.engine.model import SeqBatchItem
+    from test_gpu_path import RecordedGraphs, eager
+
+    folder = save_folder(tmp_path, tiny_tokenizer, attention_bias=True)
+    model, _ = load_model(str(folder), dtype=dtype)
+    runner = eager(model, 64)
+    runner.capture_graphs(max_batch=4, max_len=64, graph_factory=RecordedGraphs(), max_tokens=16)
+    items = [SeqBatchItem(TOKENS[:16], 0, [0, 1, 2, 3], True)]          # 16 rows: the first bucket
+    want = runner.run(runner.prepare(StepBatch.from_items(items)), graphs=False)
+    got = runner.run(runner.prepare(StepBatch.from_items(items)), graphs=True)
+    assert runner.graphs.pieces.replays == 1
+    assert torch.equal(got, want)
 
 
 def test_a_qwen2_folder_without_its_biases_is_refused(tmp_path, tiny_tokenizer):

@@ -75,9 +75,7 @@ class MixedPieces:
                 x.copy_(F.embedding(self.tok[:tb], m.embed))
             else:                                                            # the rest of layer li-1
                 layer = m.layers[li - 1]
-                x.add_(layer.o(self.a[:tb]))
-                if layer.o_bias is not None:                                 # a llama's attention_bias
-                    x.add_(layer.o_bias)
+                x.add_(m.attn_out(layer, self.a[:tb]))   # o(a) (+ its bias), rounded as the eager step's
                 x.add_(m.mlp(layer, x))
             if li < last:                                                    # layer li up to attention
                 q, k, v = m.qkv(m.layers[li], x, self.cos[:tb], self.sin[:tb])
