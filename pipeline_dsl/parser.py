@@ -1069,10 +1069,11 @@ def parse(text: str, file: str = "<string>") -> tuple[ast.Module | None, list[Di
     if refused is not None:
         return None, [refused]
     _BUILDER.begin(file)
+    checkpoints: list[tuple] = []
     try:
-        items = _lark().parse(text)
+        items = _run(text, checkpoints)
     except UnexpectedInput as err:
-        return None, _syntax_errors(err, text, file)
+        return None, _syntax_errors(err, text, file, checkpoints)
     finally:
         value_error, too_deep = _BUILDER.value_error, _BUILDER.too_deep
         _BUILDER.begin(file)            # keep no nodes alive
@@ -1084,20 +1085,74 @@ def parse(text: str, file: str = "<string>") -> tuple[ast.Module | None, list[Di
     return ast.Module(file, items, tuple(comments)), []
 
 
-# a file with several mistakes reports up to this many syntax errors at once, re-parsing at most
-# this many characters to find those after the first (each is found by a parse of the whole text:
-# a 1 MiB file of mistakes reports its first two or three, not ten parses of it)
+# a file with several mistakes reports up to this many syntax errors at once, and looks for those
+# after the first in at most this many characters, counted as a parse of the whole text each (one
+# resumes before the statement blanked and reads at most the rest of the text: a 1 MiB file of
+# mistakes reports its first two or three)
 MAX_SYNTAX_ERRORS = 10
 RECOVERY_CHARS = 2 * 1024 * 1024
+# a parse keeps its state at the first token of a line at least this many characters past the last
+# one kept: recovery resumes from the last kept before the statement it blanks, so it re-reads at
+# most this much of the text before that statement (a 1 MiB file keeps some 1,000 states)
+CHECKPOINT_CHARS = 1024
 
 
-def _syntax_errors(err: UnexpectedInput, text: str, file: str) -> list[Diagnostic]:
+def _run(text: str, checkpoints: list[tuple], resume: tuple | None = None):
+    """lark's LALR parse of `text` (what `_lark().parse(text)` does, the same errors raised),
+    from its start, or from `resume`: a checkpoint of a parse of a text that is the same as
+    this one up to the checkpoint's offset. Appends the checkpoints it passes to `checkpoints`,
+    each (offset, line, column, last token, state stack, value stack, the builder's value_error
+    and too_deep) at the end of the last token before a line's first one, where the parser has
+    shifted every token before that offset and read none after it. An LALR parser's state there
+    is a function of those tokens alone, so a parse resumed from it takes the steps a parse
+    from the start would. The values on a kept stack are the nodes of that parse, some of them
+    (the lists lark extends in place, an and/or being flattened) grown by it after the
+    checkpoint: a resumed parse is for its errors and its first bad value, not its tree."""
+    ip = _lark().parse_interactive(text)
+    state, lexer = ip.parser_state, ip.lexer_thread
+    token, line, mark = None, 1, 0
+    if resume is not None:
+        at, line, column, token, states, values, _BUILDER.value_error, _BUILDER.too_deep = resume
+        counter = lexer.state.line_ctr
+        counter.char_pos, counter.line, counter.column = at, line, column
+        counter.line_start_pos = at - column + 1
+        lexer.state.last_token = token
+        state.state_stack[:], state.value_stack[:] = states, values
+        mark = at
+    feed = state.feed_token
+    prev = token
+    try:
+        for token in lexer.lex(state):
+            if token.line != line:
+                line = token.line
+                if prev is not None and prev.end_pos - mark >= CHECKPOINT_CHARS:
+                    mark = prev.end_pos
+                    checkpoints.append(_checkpoint(state, prev))
+            feed(token)
+            prev = token
+        end = Token.new_borrow_pos("$END", "", token) if token else Token("$END", "", 0, 1, 1)
+        return feed(end, True)
+    except UnexpectedInput as err:
+        if isinstance(err, UnexpectedCharacters) and prev is not None and prev.end_pos > mark:
+            checkpoints.append(_checkpoint(state, prev))   # no token read past `prev`: its state
+        err.interactive_parser = ip
+        raise
+
+
+def _checkpoint(state, prev: Token) -> tuple:
+    return (prev.end_pos, prev.end_line, prev.end_column, prev, state.state_stack[:], state.value_stack[:],
+            _BUILDER.value_error, _BUILDER.too_deep)
+
+
+def _syntax_errors(err: UnexpectedInput, text: str, file: str, checkpoints: list[tuple]) -> list[Diagnostic]:
     """The syntax error `err` and those after it: the statement holding each error is blanked
     (spaces, so every position stays) and the text parsed again, as a compiler reports a file's
     mistakes in one pass; once the rest parses, its first bad value (a hex number, an unknown
-    escape) too, in file order. Recovery stops where a blank could invent errors: at the end of the
-    file, at a '{' left open, or when the next error is not past the statement blanked; and
-    when another parse would pass RECOVERY_CHARS re-parsed."""
+    escape) too, in file order. Each parse resumes from the last of `checkpoints` (those of the
+    parses before, see _run) before the statement blanked: the text before it is unchanged.
+    Recovery stops where a blank could invent errors: at the end of the file, at a '{' left
+    open, or when the next error is not past the statement blanked; and when another parse,
+    counted as one of the whole text, would pass RECOVERY_CHARS."""
     diags = [_syntax_diagnostic(err, text, file)]
     reparsed = 0
     while len(diags) < MAX_SYNTAX_ERRORS and reparsed + len(text) <= RECOVERY_CHARS:
@@ -1110,9 +1165,12 @@ def _syntax_errors(err: UnexpectedInput, text: str, file: str) -> list[Diagnosti
             break
         start, end = span
         text = text[:start] + re.sub(r"[^\n]", " ", text[start:end]) + text[end:]
-        _BUILDER.begin(file)
+        while checkpoints and checkpoints[-1][0] > start:
+            checkpoints.pop()
+        if not checkpoints:
+            _BUILDER.begin(file)
         try:
-            _lark().parse(text)
+            _run(text, checkpoints, checkpoints[-1] if checkpoints else None)
             if _BUILDER.value_error is not None and len(diags) < MAX_SYNTAX_ERRORS:
                 diags.append(_BUILDER.value_error)      # the rest parses: its first bad value too
                 diags.sort(key=lambda d: (d.pos.line, d.pos.col))

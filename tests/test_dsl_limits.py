@@ -424,16 +424,28 @@ def test_fmt_of_many_commented_stages_is_linear():
     assert diags == [] and out.count("# own") == 2_000 and "stage s1999 : route {}  # c1999" in out
 
 
-def _bad_settings_after(stages: int) -> str:
+def _bad_settings_after(stages: int, bad: int = 12) -> str:
     lines = ["pipeline p {"] + [f"    stage s{i} : respond {{}}" for i in range(stages)]
-    return "\n".join(lines + [f"    bad{i} = = {i}" for i in range(12)] + ["}"]) + "\n"
+    return "\n".join(lines + [f"    bad{i} = = {i}" for i in range(bad)] + ["}"]) + "\n"
+
+
+def test_each_syntax_error_after_the_first_costs_a_parse_of_its_statement_not_of_the_file():
+    """Recovery resumes from a state the first parse kept before the statement it blanks: after
+    1,000 stages, three more errors cost a small part of the one parse of the file (each had
+    cost a parse of the whole file: four errors, five parses). Counted in calls."""
+    one, four = _bad_settings_after(1_000, 1), _bad_settings_after(1_000, 4)
+    assert [d.pos.line for d in parser.parse(four, "t.agp")[1]] == [1_002, 1_003, 1_004, 1_005]
+    parser.parse(one, "t.agp")
+    first, more = calls(parser.parse, one, "t.agp"), calls(parser.parse, four, "t.agp")
+    assert more - first < first / 4, f"{first} calls for one error, {more} for four"
 
 
 def test_a_big_file_of_mistakes_reports_as_many_as_its_reparse_budget_finds(monkeypatch):
-    """Each syntax error after the first costs a parse of the whole file: a small file gets the
-    first MAX_SYNTAX_ERRORS of its twelve, a big one only as many as RECOVERY_CHARS of re-parsing
-    finds (10 parses of a file near the 1 MiB cap took half a minute), the first always. The
-    budget is scaled down here with the file, so the test parses kilobytes, not megabytes."""
+    """Each syntax error after the first is counted as a parse of the whole file (it was one: 10
+    parses of a file near the 1 MiB cap took half a minute): a small file gets the first
+    MAX_SYNTAX_ERRORS of its twelve, a big one only as many as RECOVERY_CHARS of that finds, the
+    first always. The budget is scaled down here with the file, so the test parses kilobytes,
+    not megabytes."""
     small = _bad_settings_after(10)
     _, diags = parser.parse(small, "small.agp")
     assert len(diags) == parser.MAX_SYNTAX_ERRORS
