@@ -523,31 +523,79 @@ def _open_paren(text: str, at: int) -> int | None:
     return opened[-1] if opened else None
 
 
+# what the lexer skips whole: a string, a comment (neither spans lines)
+_STRING_OR_COMMENT = re.compile(r'"(?:[^"\\\n]|\\.)*"|#[^\n]*')
+_BRACE = re.compile(r'"(?:[^"\\\n]|\\.)*"|#[^\n]*|[{}]')
+
+
 def _open_blocks(text: str) -> list[tuple[str, int]] | None:
     """The '{' still open at the end of `text`, outermost first, as (what, line): ("stage 'gen'",
-    3). None when the text does not lex."""
+    3). None when the text does not lex. `text` is one the parser read (up to an error): its
+    braces are found by a scan that skips strings and comments as the lexer does, and only the
+    few tokens before each '{' left open are lexed (lexing a 1 MiB text took seconds)."""
+    starts: list[int] = []
+    for m in _BRACE.finditer(text):
+        if m.group() == "{":
+            starts.append(m.start())
+        elif m.group() == "}" and starts:
+            starts.pop()
     opened: list[tuple[str, int]] = []
-    words: list[str] = []
-    try:
-        for tok in _lark().lex(text):
-            if tok.type == "LBRACE":
-                what = (f"pipeline '{words[-1]}'" if len(words) >= 2 and words[-2] == "pipeline"
-                        else f"stage '{words[-1]}'" if words else "block")
-                if len(words) >= 2 and words[-1] == "=":                      # args = {
-                    what = f"the map of '{words[-2]}'"
-                elif len(words) >= 4 and words[-4] == "pipeline" and words[-2] == ":":   # pipeline a : b {
-                    what = f"pipeline '{words[-3]}'"
-                elif len(words) >= 4 and words[-4] == "stage":
-                    what = f"stage '{words[-3]}'"
-                elif len(words) >= 6 and words[-6] == "stage" and words[-2] == "on":
-                    what = f"stage '{words[-5]}'"
-                opened.append((what, tok.line))
-            elif tok.type == "RBRACE" and opened:
-                opened.pop()
-            words.append(str(tok))
-    except Exception:                      # noqa: BLE001 - only a hint
-        return None
+    for at in starts:
+        words = _words_before(text, at, 6)
+        if words is None:
+            return None
+        what = (f"pipeline '{words[-1]}'" if len(words) >= 2 and words[-2] == "pipeline"
+                else f"stage '{words[-1]}'" if words else "block")
+        if len(words) >= 2 and words[-1] == "=":                      # args = {
+            what = f"the map of '{words[-2]}'"
+        elif len(words) >= 4 and words[-4] == "pipeline" and words[-2] == ":":   # pipeline a : b {
+            what = f"pipeline '{words[-3]}'"
+        elif len(words) >= 4 and words[-4] == "stage":
+            what = f"stage '{words[-3]}'"
+        elif len(words) >= 6 and words[-6] == "stage" and words[-2] == "on":
+            what = f"stage '{words[-5]}'"
+        opened.append((what, text.count("\n", 0, at) + 1))
     return opened
+
+
+def _words_before(text: str, at: int, n: int) -> list[str] | None:
+    """The last `n` tokens (fewer at the start of the text) before offset `at`, where a token
+    starts, as text: lexed from an offset a little before `at` where a token starts too, further
+    back each time while fewer than `n` come. None when that does not lex."""
+    width = 64
+    while True:
+        start = _token_start_before(text, at - width)
+        try:
+            words = [str(tok) for tok in _lark().lex(text[start:at])]
+        except Exception:                  # noqa: BLE001 - only a hint
+            return None
+        if len(words) >= n or start == 0:
+            return words[-n:]
+        width *= 4
+
+
+def _token_start_before(text: str, at: int) -> int:
+    """An offset at or before `at` where the lexer starts a token (or skips blanks): just after
+    the last blank before `at` outside strings and comments on its line, else the line's start
+    (0 where `at` <= 0)."""
+    if at <= 0:
+        return 0
+    line = text.rfind("\n", 0, at) + 1
+    end = text.find("\n", at)
+    best, outside = line, line
+    for m in _STRING_OR_COMMENT.finditer(text, line, len(text) if end < 0 else end):
+        if m.start() >= at:
+            break
+        best = max(best, _after_last_blank(text, outside, m.start()))
+        outside = m.end()
+    if outside < at:
+        best = max(best, _after_last_blank(text, outside, at))
+    return best
+
+
+def _after_last_blank(text: str, start: int, end: int) -> int:
+    """Just past the last blank of text[start:end]; `start` where there is none."""
+    return max(start - 1, *(text.rfind(c, start, end) for c in " \t\f\r")) + 1
 
 
 def _braces_balance(text: str) -> bool:

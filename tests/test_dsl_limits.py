@@ -243,6 +243,22 @@ def test_a_syntax_error_after_a_long_name_or_line_is_reported(tmp_path, text, me
     assert len(out) < 5000
 
 
+def test_the_block_left_open_before_an_error_is_named_without_lexing_the_text_again():
+    """`stage t` after a stage's 1,000 parameters on one line, its '}' forgotten: the hint names
+    the '{' left open, found by a scan of the braces and a lex of the few tokens before it (the
+    text before the error was lexed again, whole: half a parse more). Counted in calls against
+    the same file with its '}'."""
+    params = " ".join(f"x{i} = {i}" for i in range(1_000))
+    closed = f"pipeline p {{\n  stage s : route {{\n    {params}\n  }}\n  stage t : route\n}}\n"
+    unclosed = closed.replace("\n  }\n", "\n\n")
+    (d,) = parser.parse(unclosed, "t.agp")[1]
+    assert (d.message, d.pos.line, d.expected, d.hint) == (
+        "unexpected 'stage'", 5, "'}' to close stage 's' first", "the '{' of stage 's' (line 2) is not closed")
+    assert parser.parse(closed, "t.agp")[1] == []
+    good, bad = calls(parser.parse, closed, "t.agp"), calls(parser.parse, unclosed, "t.agp")
+    assert bad - good < good / 10, f"{good} calls with the '}}', {bad} without"
+
+
 def test_huge_list_long_string_and_long_line_are_checked_and_rendered_briefly(tmp_path):
     diags = loads(small_pipeline("p").replace("stage gen : generate",
                                               "stage gen : generate { stop = [" + ", ".join(['"a"'] * 50_000) + "] }"))

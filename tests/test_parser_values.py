@@ -99,6 +99,23 @@ def test_digits_grouped_with_underscores_are_marked_whole():
     assert span(d) == (2, 43, 2, 52)
 
 
+MAP = 'm = {a = "}", ' + " ".join(f'k{i} = "{{{i}"' for i in range(300))
+
+
+@pytest.mark.parametrize("text, line, expected, hint", [
+    # braces in strings and comments are none; the header of the block on the line before its '{'
+    ('pipeline p {\n  stage s : route on host\n  {  x = "{#" # { "\n  y = 1\n  stage t : route\n}\n', 5,
+     "'}' to close stage 's' first", "the '{' of stage 's' (line 3) is not closed"),
+    (f'pipeline p : base\n\n  # a {{ comment\n{{\n  {MAP}\n  stage t : route\n}}\n', 6,
+     "'}' to close the map of 'm' first", "the '{' of the map of 'm' (line 5) is not closed"),
+    (f'pipeline p : base\n\n  # a {{ comment\n{{\n  stage s : route {{ {MAP} }} }}\n', 6,
+     "a name, '}' or 'stage'", "the '{' of pipeline 'p' (line 4) is not closed"),
+])
+def test_the_block_left_open_is_named_past_braces_in_strings_and_comments(text, line, expected, hint):
+    (d,) = parser.parse(text, "t.agp")[1]
+    assert (d.pos.line, d.expected, d.hint) == (line, expected, hint)
+
+
 MISTAKES = [
     # bad values before and after the statements blanked: the first one reported once the rest parses
     "pipeline p {\n  stage g : generate { max_new_tokens = 0x10 }\n  x = = 1\n  y = \"\\q\"\n  z = = 2\n}\n",
