@@ -244,11 +244,11 @@ def test_a_syntax_error_after_a_long_name_or_line_is_reported(tmp_path, text, me
 
 
 def test_the_block_left_open_before_an_error_is_named_without_lexing_the_text_again():
-    """`stage t` after a stage's 1,000 parameters on one line, its '}' forgotten: the hint names
+    """`stage t` after a stage's 500 parameters on one line, its '}' forgotten: the hint names
     the '{' left open, found by a scan of the braces and a lex of the few tokens before it (the
     text before the error was lexed again, whole: half a parse more). Counted in calls against
     the same file with its '}'."""
-    params = " ".join(f"x{i} = {i}" for i in range(1_000))
+    params = " ".join(f"x{i} = {i}" for i in range(500))
     closed = f"pipeline p {{\n  stage s : route {{\n    {params}\n  }}\n  stage t : route\n}}\n"
     unclosed = closed.replace("\n  }\n", "\n\n")
     (d,) = parser.parse(unclosed, "t.agp")[1]
@@ -447,10 +447,10 @@ def _bad_settings_after(stages: int, bad: int = 12) -> str:
 
 def test_each_syntax_error_after_the_first_costs_a_parse_of_its_statement_not_of_the_file():
     """Recovery resumes from a state the first parse kept before the statement it blanks: after
-    1,000 stages, three more errors cost a small part of the one parse of the file (each had
+    500 stages, three more errors cost a small part of the one parse of the file (each had
     cost a parse of the whole file: four errors, five parses). Counted in calls."""
-    one, four = _bad_settings_after(1_000, 1), _bad_settings_after(1_000, 4)
-    assert [d.pos.line for d in parser.parse(four, "t.agp")[1]] == [1_002, 1_003, 1_004, 1_005]
+    one, four = _bad_settings_after(500, 1), _bad_settings_after(500, 4)
+    assert [d.pos.line for d in parser.parse(four, "t.agp")[1]] == [502, 503, 504, 505]
     parser.parse(one, "t.agp")
     first, more = calls(parser.parse, one, "t.agp"), calls(parser.parse, four, "t.agp")
     assert more - first < first / 4, f"{first} calls for one error, {more} for four"
