@@ -527,31 +527,79 @@ def _open_paren(text: str, at: int) -> int | None:
     return opened[-1] if opened else None
 
 
+# what the lexer skips whole: a string, a comment (neither spans lines)
+_STRING_OR_COMMENT = re.compile(r'"(?:[^"\\\n]|\\.)*"|#[^\n]*')
+_BRACE = re.compile(r'"(?:[^"\\\n]|\\.)*"|#[^\n]*|[{}]')
+
+
 def _open_blocks(text: str) -> list[tuple[str, int]] | None:
     """The '{' still open at the end of `text`, outermost first, as (what, line): ("stage 'gen'",
-    3). None when the text does not lex."""
+    3). None when the text does not lex. `text` is one the parser read (up to an error): its
+    braces are found by a scan that skips strings and comments as the lexer does, and only the
+    few tokens before each '{' left open are lexed (lexing a 1 MiB text took seconds)."""
+    starts: list[int] = []
+    for m in _BRACE.finditer(text):
+        if m.group() == "{":
+            starts.append(m.start())
+        elif m.group() == "}" and starts:
+            starts.pop()
     opened: list[tuple[str, int]] = []
-    words: list[str] = []
-    try:
-        for tok in _lark().lex(text):
-            if tok.type == "LBRACE":
-                what = (f"pipeline '{words[-1]}'" if len(words) >= 2 and words[-2] == "pipeline"
-                        else f"stage '{words[-1]}'" if words else "block")
-                if len(words) >= 2 and words[-1] == "=":                      # args = {
-                    what = f"the map of '{words[-2]}'"
-                elif len(words) >= 4 and words[-4] == "pipeline" and words[-2] == ":":   # pipeline a : b {
-                    what = f"pipeline '{words[-3]}'"
-                elif len(words) >= 4 and words[-4] == "stage":
-                    what = f"stage '{words[-3]}'"
-                elif len(words) >= 6 and words[-6] == "stage" and words[-2] == "on":
-                    what = f"stage '{words[-5]}'"
-                opened.append((what, tok.line))
-            elif tok.type == "RBRACE" and opened:
-                opened.pop()
-            words.append(str(tok))
-    except Exception:                      # noqa: BLE001 - only a hint
-        return None
+    for at in starts:
+        words = _words_before(text, at, 6)
+        if words is None:
+            return None
+        what = (f"pipeline '{words[-1]}'" if len(words) >= 2 and words[-2] == "pipeline"
+                else f"stage '{words[-1]}'" if words else "block")
+        if len(words) >= 2 and words[-1] == "=":                      # args = {
+            what = f"the map of '{words[-2]}'"
+        elif len(words) >= 4 and words[-4] == "pipeline" and words[-2] == ":":   # pipeline a : b {
+            what = f"pipeline '{words[-3]}'"
+        elif len(words) >= 4 and words[-4] == "stage":
+            what = f"stage '{words[-3]}'"
+        elif len(words) >= 6 and words[-6] == "stage" and words[-2] == "on":
+            what = f"stage '{words[-5]}'"
+        opened.append((what, text.count("\n", 0, at) + 1))
     return opened
+
+
+def _words_before(text: str, at: int, n: int) -> list[str] | None:
+    """The last `n` tokens (fewer at the start of the text) before offset `at`, where a token
+    starts, as text: lexed from an offset a little before `at` where a token starts too, further
+    back each time while fewer than `n` come. None when that does not lex."""
+    width = 64
+    while True:
+        start = _token_start_before(text, at - width)
+        try:
+            words = [str(tok) for tok in _lark().lex(text[start:at])]
+        except Exception:                  # noqa: BLE001 - only a hint
+            return None
+        if len(words) >= n or start == 0:
+            return words[-n:]
+        width *= 4
+
+
+def _token_start_before(text: str, at: int) -> int:
+    """An offset at or before `at` where the lexer starts a token (or skips blanks): just after
+    the last blank before `at` outside strings and comments on its line, else the line's start
+    (0 where `at` <= 0)."""
+    if at <= 0:
+        return 0
+    line = text.rfind("\n", 0, at) + 1
+    end = text.find("\n", at)
+    best, outside = line, line
+    for m in _STRING_OR_COMMENT.finditer(text, line, len(text) if end < 0 else end):
+        if m.start() >= at:
+            break
+        best = max(best, _after_last_blank(text, outside, m.start()))
+        outside = m.end()
+    if outside < at:
+        best = max(best, _after_last_blank(text, outside, at))
+    return best
+
+
+def _after_last_blank(text: str, start: int, end: int) -> int:
+    """Just past the last blank of text[start:end]; `start` where there is none."""
+    return max(start - 1, *(text.rfind(c, start, end) for c in " \t\f\r")) + 1
 
 
 def _braces_balance(text: str) -> bool:
@@ -1073,10 +1121,11 @@ def parse(text: str, file: str = "<string>") -> tuple[ast.Module | None, list[Di
     if refused is not None:
         return None, [refused]
     _BUILDER.begin(file)
+    checkpoints: list[tuple] = []
     try:
-        items = _lark().parse(text)
+        items = _run(text, checkpoints)
     except UnexpectedInput as err:
-        return None, _syntax_errors(err, text, file)
+        return None, _syntax_errors(err, text, file, checkpoints)
     finally:
         value_error, too_deep = _BUILDER.value_error, _BUILDER.too_deep
         _BUILDER.begin(file)            # keep no nodes alive
@@ -1088,20 +1137,74 @@ def parse(text: str, file: str = "<string>") -> tuple[ast.Module | None, list[Di
     return ast.Module(file, items, tuple(comments)), []
 
 
-# a file with several mistakes reports up to this many syntax errors at once, re-parsing at most
-# this many characters to find those after the first (each is found by a parse of the whole text:
-# a 1 MiB file of mistakes reports its first two or three, not ten parses of it)
+# a file with several mistakes reports up to this many syntax errors at once, and looks for those
+# after the first in at most this many characters, counted as a parse of the whole text each (one
+# resumes before the statement blanked and reads at most the rest of the text: a 1 MiB file of
+# mistakes reports its first two or three)
 MAX_SYNTAX_ERRORS = 10
 RECOVERY_CHARS = 2 * 1024 * 1024
+# a parse keeps its state at the first token of a line at least this many characters past the last
+# one kept: recovery resumes from the last kept before the statement it blanks, so it re-reads at
+# most this much of the text before that statement (a 1 MiB file keeps some 1,000 states)
+CHECKPOINT_CHARS = 1024
 
 
-def _syntax_errors(err: UnexpectedInput, text: str, file: str) -> list[Diagnostic]:
+def _run(text: str, checkpoints: list[tuple], resume: tuple | None = None):
+    """lark's LALR parse of `text` (what `_lark().parse(text)` does, the same errors raised),
+    from its start, or from `resume`: a checkpoint of a parse of a text that is the same as
+    this one up to the checkpoint's offset. Appends the checkpoints it passes to `checkpoints`,
+    each (offset, line, column, last token, state stack, value stack, the builder's value_error
+    and too_deep) at the end of the last token before a line's first one, where the parser has
+    shifted every token before that offset and read none after it. An LALR parser's state there
+    is a function of those tokens alone, so a parse resumed from it takes the steps a parse
+    from the start would. The values on a kept stack are the nodes of that parse, some of them
+    (the lists lark extends in place, an and/or being flattened) grown by it after the
+    checkpoint: a resumed parse is for its errors and its first bad value, not its tree."""
+    ip = _lark().parse_interactive(text)
+    state, lexer = ip.parser_state, ip.lexer_thread
+    token, line, mark = None, 1, 0
+    if resume is not None:
+        at, line, column, token, states, values, _BUILDER.value_error, _BUILDER.too_deep = resume
+        counter = lexer.state.line_ctr
+        counter.char_pos, counter.line, counter.column = at, line, column
+        counter.line_start_pos = at - column + 1
+        lexer.state.last_token = token
+        state.state_stack[:], state.value_stack[:] = states, values
+        mark = at
+    feed = state.feed_token
+    prev = token
+    try:
+        for token in lexer.lex(state):
+            if token.line != line:
+                line = token.line
+                if prev is not None and prev.end_pos - mark >= CHECKPOINT_CHARS:
+                    mark = prev.end_pos
+                    checkpoints.append(_checkpoint(state, prev))
+            feed(token)
+            prev = token
+        end = Token.new_borrow_pos("$END", "", token) if token else Token("$END", "", 0, 1, 1)
+        return feed(end, True)
+    except UnexpectedInput as err:
+        if isinstance(err, UnexpectedCharacters) and prev is not None and prev.end_pos > mark:
+            checkpoints.append(_checkpoint(state, prev))   # no token read past `prev`: its state
+        err.interactive_parser = ip
+        raise
+
+
+def _checkpoint(state, prev: Token) -> tuple:
+    return (prev.end_pos, prev.end_line, prev.end_column, prev, state.state_stack[:], state.value_stack[:],
+            _BUILDER.value_error, _BUILDER.too_deep)
+
+
+def _syntax_errors(err: UnexpectedInput, text: str, file: str, checkpoints: list[tuple]) -> list[Diagnostic]:
     """The syntax error `err` and those after it: the statement holding each error is blanked
     (spaces, so every position stays) and the text parsed again, as a compiler reports a file's
     mistakes in one pass; once the rest parses, its first bad value (a hex number, an unknown
-    escape) too, in file order. Recovery stops where a blank could invent errors: at the end of the
-    file, at a '{' left open, or when the next error is not past the statement blanked; and
-    when another parse would pass RECOVERY_CHARS re-parsed."""
+    escape) too, in file order. Each parse resumes from the last of `checkpoints` (those of the
+    parses before, see _run) before the statement blanked: the text before it is unchanged.
+    Recovery stops where a blank could invent errors: at the end of the file, at a '{' left
+    open, or when the next error is not past the statement blanked; and when another parse,
+    counted as one of the whole text, would pass RECOVERY_CHARS."""
     diags = [_syntax_diagnostic(err, text, file)]
     reparsed = 0
     while len(diags) < MAX_SYNTAX_ERRORS and reparsed + len(text) <= RECOVERY_CHARS:
@@ -1114,9 +1217,12 @@ def _syntax_errors(err: UnexpectedInput, text: str, file: str) -> list[Diagnosti
             break
         start, end = span
         text = text[:start] + re.sub(r"[^\n]", " ", text[start:end]) + text[end:]
-        _BUILDER.begin(file)
+        while checkpoints and checkpoints[-1][0] > start:
+            checkpoints.pop()
+        if not checkpoints:
+            _BUILDER.begin(file)
         try:
-            _lark().parse(text)
+            _run(text, checkpoints, checkpoints[-1] if checkpoints else None)
             if _BUILDER.value_error is not None and len(diags) < MAX_SYNTAX_ERRORS:
                 diags.append(_BUILDER.value_error)      # the rest parses: its first bad value too
                 diags.sort(key=lambda d: (d.pos.line, d.pos.col))

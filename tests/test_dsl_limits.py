@@ -243,6 +243,22 @@ def test_a_syntax_error_after_a_long_name_or_line_is_reported(tmp_path, text, me
     assert len(out) < 5000
 
 
+def test_the_block_left_open_before_an_error_is_named_without_lexing_the_text_again():
+    """`stage t` after a stage's 500 parameters on one line, its '}' forgotten: the hint names
+    the '{' left open, found by a scan of the braces and a lex of the few tokens before it (the
+    text before the error was lexed again, whole: half a parse more). Counted in calls against
+    the same file with its '}'."""
+    params = " ".join(f"x{i} = {i}" for i in range(500))
+    closed = f"pipeline p {{\n  stage s : route {{\n    {params}\n  }}\n  stage t : route\n}}\n"
+    unclosed = closed.replace("\n  }\n", "\n\n")
+    (d,) = parser.parse(unclosed, "t.agp")[1]
+    assert (d.message, d.pos.line, d.expected, d.hint) == (
+        "unexpected 'stage'", 5, "'}' to close stage 's' first", "the '{' of stage 's' (line 2) is not closed")
+    assert parser.parse(closed, "t.agp")[1] == []
+    good, bad = calls(parser.parse, closed, "t.agp"), calls(parser.parse, unclosed, "t.agp")
+    assert bad - good < good / 10, f"{good} calls with the '}}', {bad} without"
+
+
 def test_huge_list_long_string_and_long_line_are_checked_and_rendered_briefly(tmp_path):
     diags = loads(small_pipeline("p").replace("stage gen : generate",
                                               "stage gen : generate { stop = [" + ", ".join(['"a"'] * 50_000) + "] }"))
@@ -424,16 +440,28 @@ def test_fmt_of_many_commented_stages_is_linear():
     assert diags == [] and out.count("# own") == 2_000 and "stage s1999 : route {}  # c1999" in out
 
 
-def _bad_settings_after(stages: int) -> str:
+def _bad_settings_after(stages: int, bad: int = 12) -> str:
     lines = ["pipeline p {"] + [f"    stage s{i} : respond {{}}" for i in range(stages)]
-    return "\n".join(lines + [f"    bad{i} = = {i}" for i in range(12)] + ["}"]) + "\n"
+    return "\n".join(lines + [f"    bad{i} = = {i}" for i in range(bad)] + ["}"]) + "\n"
+
+
+def test_each_syntax_error_after_the_first_costs_a_parse_of_its_statement_not_of_the_file():
+    """Recovery resumes from a state the first parse kept before the statement it blanks: after
+    500 stages, three more errors cost a small part of the one parse of the file (each had
+    cost a parse of the whole file: four errors, five parses). Counted in calls."""
+    one, four = _bad_settings_after(500, 1), _bad_settings_after(500, 4)
+    assert [d.pos.line for d in parser.parse(four, "t.agp")[1]] == [502, 503, 504, 505]
+    parser.parse(one, "t.agp")
+    first, more = calls(parser.parse, one, "t.agp"), calls(parser.parse, four, "t.agp")
+    assert more - first < first / 4, f"{first} calls for one error, {more} for four"
 
 
 def test_a_big_file_of_mistakes_reports_as_many_as_its_reparse_budget_finds(monkeypatch):
-    """Each syntax error after the first costs a parse of the whole file: a small file gets the
-    first MAX_SYNTAX_ERRORS of its twelve, a big one only as many as RECOVERY_CHARS of re-parsing
-    finds (10 parses of a file near the 1 MiB cap took half a minute), the first always. The
-    budget is scaled down here with the file, so the test parses kilobytes, not megabytes."""
+    """Each syntax error after the first is counted as a parse of the whole file (it was one: 10
+    parses of a file near the 1 MiB cap took half a minute): a small file gets the first
+    MAX_SYNTAX_ERRORS of its twelve, a big one only as many as RECOVERY_CHARS of that finds, the
+    first always. The budget is scaled down here with the file, so the test parses kilobytes,
+    not megabytes."""
     small = _bad_settings_after(10)
     _, diags = parser.parse(small, "small.agp")
     assert len(diags) == parser.MAX_SYNTAX_ERRORS

@@ -99,6 +99,50 @@ def test_digits_grouped_with_underscores_are_marked_whole():
     assert span(d) == (2, 43, 2, 52)
 
 
+MAP = 'm = {a = "}", ' + " ".join(f'k{i} = "{{{i}"' for i in range(300))
+
+
+@pytest.mark.parametrize("text, line, expected, hint", [
+    # braces in strings and comments are none; the header of the block on the line before its '{'
+    ('pipeline p {\n  stage s : route on host\n  {  x = "{#" # { "\n  y = 1\n  stage t : route\n}\n', 5,
+     "'}' to close stage 's' first", "the '{' of stage 's' (line 3) is not closed"),
+    (f'pipeline p : base\n\n  # a {{ comment\n{{\n  {MAP}\n  stage t : route\n}}\n', 6,
+     "'}' to close the map of 'm' first", "the '{' of the map of 'm' (line 5) is not closed"),
+    (f'pipeline p : base\n\n  # a {{ comment\n{{\n  stage s : route {{ {MAP} }} }}\n', 6,
+     "a name, '}' or 'stage'", "the '{' of pipeline 'p' (line 4) is not closed"),
+])
+def test_the_block_left_open_is_named_past_braces_in_strings_and_comments(text, line, expected, hint):
+    (d,) = parser.parse(text, "t.agp")[1]
+    assert (d.pos.line, d.expected, d.hint) == (line, expected, hint)
+
+
+MISTAKES = [
+    # bad values before and after the statements blanked: the first one reported once the rest parses
+    "pipeline p {\n  stage g : generate { max_new_tokens = 0x10 }\n  x = = 1\n  y = \"\\q\"\n  z = = 2\n}\n",
+    # an and/or and a list still open at a line's end, so on a kept parser stack
+    "pipeline p {\n  a -> b when full or\n    timeout or\n    full\n  x = = 1\n"
+    "  stage g : generate { stop = [\"a\",\n    \"b\"] }\n  y = = 2\n  a -> b when not\n    full\n  z = = 3\n}\n",
+    # a character the lexer refuses, an error inside a stage's { … }, one after a '{' left open
+    "pipeline p {\n  stage g : generate {\n    t = = 1\n    u = 2\n  }\n  x = 1 ; y = 2\n  w = = 3\n"
+    "  q = { a = 1\n  stage h : respond\n}\n",
+    "use \"a.agp\"\nuse b\npipeline p : q {\n  gen.x = = 1\n  mode = 10 ms\n  a -> b, c\n  d => e\n}\n",
+]
+
+
+@pytest.mark.parametrize("text", MISTAKES)
+def test_recovery_resumed_before_each_statement_reports_what_a_parse_from_the_start_does(text, monkeypatch):
+    """After a syntax error the parse resumes from a state kept before the statement blanked:
+    kept at every line (CHECKPOINT_CHARS 1) or at none (every parse from the start, as before),
+    the errors, their positions, words and hints are the same."""
+    monkeypatch.setattr(parser, "CHECKPOINT_CHARS", 1)
+    resumed = parser.parse(text * 3, "t.agp")[1]
+    monkeypatch.setattr(parser, "CHECKPOINT_CHARS", 1 << 40)
+    from_start = parser.parse(text * 3, "t.agp")[1]
+    assert len(from_start) > 1
+    assert [(d.message, d.pos, d.expected, d.hint) for d in resumed] == \
+        [(d.message, d.pos, d.expected, d.hint) for d in from_start]
+
+
 def test_a_file_of_many_mistakes_reports_the_first_ten_of_them():
     """docs/language.md: a file with several syntax errors gets each of them (up to 10)."""
     text = "pipeline p {\n" + "".join(f"    x{i} = = {i}\n" for i in range(13)) + "}\n"
