@@ -282,7 +282,7 @@ def write_pipeline(folder: Path, mode: str, device: str, tmp: Path, batch: int) 
     stage request : requests {{}}
     stage batch : dynamic_batch {{ max_batch_size = {batch} timeout = 1ms max_tokens_per_step = {step} }}
     stage encode : encode {{}}
-    stage kv : kv_lookup {{ reuse = prefix budget = {KV_BUDGET[0] >> 20}MiB }}
+    stage kv : kv_lookup {{ reuse = prefix budget = {size(KV_BUDGET[0])} }}
     stage gen : generate {{ max_new_tokens = 128 temperature = 0 prefill_chunk = {chunk} }}
     stage out : respond {{}}
     request -> batch
@@ -292,6 +292,11 @@ def write_pipeline(folder: Path, mode: str, device: str, tmp: Path, batch: int) 
 }}
 """)
     return path
+
+
+def size(n: int) -> str:
+    """Bytes as a size of the pipeline language: MiB when whole (a device's 4 GiB), else KiB."""
+    return f"{n >> 20}MiB" if n % (1 << 20) == 0 else f"{n >> 10}KiB"
 
 
 def chat_requests(n: int, new: int) -> list[dict]:
@@ -521,8 +526,9 @@ def main(argv=None, started: float | None = None) -> int:
     device = "cpu" if smoke else "cuda"
     if smoke:
         # eager flex_attention on a CPU scores every slot of the pool (its row's time grows with it);
-        # 2 MiB of the tiny shape (256 bytes a token in bf16) is 8,192 tokens: every smoke row's
-        KV_BUDGET[0] = 2 << 20
+        # 512 KiB of the tiny shape (256 bytes a token in bf16) is 2,048 tokens, 1,024 of tiny-mha's:
+        # about 4x the most a smoke row holds at once (8 chat prompts of 43-67 tokens and 8 new each)
+        KV_BUDGET[0] = 512 << 10
     if not smoke and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --smoke on a CPU")
     if not smoke:
