@@ -90,6 +90,15 @@ def test_ngram_draft_takes_the_longest_suffix_seen_before():
     assert ngram_draft([3, 3, 3, 3, 3], 1, 2, 2) == [3, 3]   # a short period: an occurrence with k after it
 
 
+def test_ngram_draft_takes_the_latest_occurrence_whose_k_tokens_reach_the_end():
+    #        0  1  2  3  4  5  6  7
+    tokens = [1, 2, 3, 1, 2, 4, 1, 2]
+    # "1 2" at 0 and at 3: the 3 tokens after the one at 3 are the last three of the sequence,
+    # so it has k after it and, the latest such, is the one taken (not the one at 0: 3 1 2)
+    assert ngram_draft(tokens, 1, 2, 3) == [4, 1, 2]
+    assert ngram_draft(tokens, 1, 2, 4) == [3, 1, 2, 4]      # 4 after it only at 0
+
+
 # ---- greedy: token for token the answers without speculation -------------------------------
 
 @pytest.mark.parametrize("prompts", [REPEATING, FREE], ids=["repeating", "free"])
