@@ -490,6 +490,17 @@ def test_the_engines_counters_are_vllms_spec_decode_metrics(soft_gguf):
             assert float(line.split()[-1]) == s[key], line
 
 
+def test_accepted_tokens_count_the_drafts_taken_not_the_verifying_steps_own_token(soft_gguf):
+    """vllm:spec_decode_num_accepted_tokens counts the drafts verifying steps accepted: a lone
+    request's answer is one token of its own per step that gave it any (its prefill's, then each
+    decode step's, verifying or not) plus those drafts, however many of them were accepted."""
+    e = spec_engine(soft_gguf)
+    out = run(e, REPEATING[:1], SamplingParams(max_tokens=40, ignore_eos=True))["0"][0]
+    s = e.stats(latencies=False)
+    assert s["spec_accepted_tokens"] > 0 and s["steps"] == 1 + s["decode_steps"]   # one prefill step
+    assert out.completion_tokens == 40 == s["steps"] + s["spec_accepted_tokens"]
+
+
 @pytest.mark.parametrize("how", ["step", "executor", "overlapped"])
 def test_iteration_tokens_count_every_token_a_verifying_step_gave(soft_gguf, how):
     """vllm:iteration_tokens_total: a step's tokens are those it generated, a verifying sequence's
