@@ -107,6 +107,15 @@ def test_a_long_stranded_list_is_cut_and_counted():
     assert dead.hint == "add an edge from 's11' towards a respond stage, or remove it"
 
 
+def test_a_stranded_list_as_long_as_the_cut_is_listed_whole_with_no_count():
+    stages = "".join(f"    stage s{i} : route {{}}\n" for i in range(8))
+    _, diags = diagnostics(stages + "    stage out : respond {}\n    request -> "
+                           + " -> ".join(f"s{i}" for i in range(8)) + "\n")
+    [dead] = no_path(diags)
+    assert dead.notes[0][0] == ("the 8 stages before it reach no respond stage either: 'request', "
+                                + ", ".join(f"'s{i}'" for i in range(7)))
+
+
 def test_a_loop_with_no_way_out_is_one_error_at_the_loop():
     _, diags = diagnostics(engine() + """\
     stage a : route {}

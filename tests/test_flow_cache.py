@@ -41,6 +41,8 @@ def test_an_entry_older_than_the_ttl_is_a_miss_and_zero_keeps_it_forever():
         cache.put(key, "label", {"id": "1", "prompt": "a"})
     now[0] = 9.0
     assert aging.get(key, {"id": "2", "prompt": "a"}) == ("label", {"id": "2", "prompt": "a"})   # its own id
+    now[0] = 10.0                                   # exactly the ttl old: not older than it, still a hit
+    assert aging.get(key, {"id": "3", "prompt": "a"}) == ("label", {"id": "3", "prompt": "a"})
     now[0] = 11.0
     assert aging.get(key, {"prompt": "a"}) is None
     now[0] = 1e9

@@ -363,3 +363,20 @@ def test_two_generate_stages_on_one_kv_lookup_prefill_their_shared_prompt_once(t
     hit = (len(prompt) - 1) // 8 * 8
     assert (engine["prefill_tokens"], engine["cached_tokens"]) == (len(prompt) + len(prompt) - hit, hit)
     assert (r.usage["prompt_tokens"], r.usage["cached_tokens"]) == (len(prompt), 0)
+
+
+def test_generate_stages_sharing_an_engine_split_its_generate_time_between_them(tmp_path, tiny_gguf):
+    """Two generate stages of one engine segment: the segment's generate work (input copy, forward,
+    token copy, emit: one step serves both) is each stage's busy_s in equal shares, so the stages'
+    busy seconds add up to the time the engine spent, not twice it."""
+    from test_run_batch_api import FAN
+
+    path = tmp_path / "fan.agp"
+    path.write_text(FAN.format(model=tiny_gguf))
+    results, rt = run(path, [{"id": "a", "prompt": "hello"}])
+    assert all(r.ok for r in results)
+    s = rt.stats()
+    [(name, engine)] = s["engines"].items()
+    work = sum(v for k, v in engine["work_s"].items() if k.startswith(name + "."))
+    g1, g2 = s["stages"]["g1"]["busy_s"], s["stages"]["g2"]["busy_s"]
+    assert work > 0 and g1 == g2 and g1 + g2 == pytest.approx(work, abs=2e-6)

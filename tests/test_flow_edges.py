@@ -396,6 +396,38 @@ def test_ttft_is_the_time_to_the_request_s_first_token_not_its_last():
     assert metrics["ttft_s"] == 0.5 and metrics["latency_s"] == 3.0
 
 
+def _finished(done: int, cached: int = 0, queue_s: float = 0.0):
+    """An engine output as the ledger reads it: its tokens, cached tokens and timings."""
+    return SimpleNamespace(completion_tokens=done, cached_tokens=cached,
+                           metrics={"queue_s": queue_s, "prefill_s": queue_s, "decode_s": queue_s})
+
+
+def test_a_request_s_timings_are_those_of_its_first_finished_generation():
+    """RequestState.timings (the answer's queue_s, prefill_s, decode_s): the first sequence of the
+    request to finish sets them, a later one (another choice, a cascade's second engine) does not."""
+    ledger = RequestLedger(lambda: 0.0)
+    req = ledger.admit({"id": "r1", "prompt": "x"}, None, None, False)
+    for b, queue_s in enumerate((0.25, 4.0)):
+        ledger.finished_sequence(Item(G, {}, req, "gen", (b,)), _finished(2, queue_s=queue_s), "e")
+    metrics = ledger.answer(req).metrics
+    assert (metrics["queue_s"], metrics["prefill_s"], metrics["decode_s"]) == (0.25, 0.25, 0.25)
+    assert req.usage["completion_tokens"] == 4
+
+
+def test_a_shared_prompt_counts_the_cached_tokens_of_the_copy_heard_first():
+    """n streamed copies of one prompt count its cached tokens once, as the stream already told
+    them: those of the copy heard first, even where another copy (admitted after the first's
+    prefill, its blocks hit) finishes first."""
+    ledger = RequestLedger(lambda: 0.0)
+    req = ledger.admit({"id": "r1", "prompt": "x"}, None, None, True)
+    entry = {"cached_tokens": None}
+    first, second = (Item(G, {}, req, "gen", (i,), index=i, entry=entry) for i in range(2))
+    assert ledger.usage_so_far(first, _finished(1))["cached_tokens"] == 0
+    ledger.finished_sequence(second, _finished(3, cached=16), "e")
+    ledger.finished_sequence(first, _finished(4), "e")
+    assert req.usage["cached_tokens"] == 0 and req.usage["completion_tokens"] == 7
+
+
 def test_a_generate_stage_s_live_chain_follows_single_unconditional_edges_into_stream_stages():
     """flow/streams.py: the stream stages that follow a generate stage through single unconditional
     edges filter its text live, and reach the client when the chain ends at a respond stage; a

@@ -229,14 +229,15 @@ def test_a_result_hook_writing_token_ids_outside_the_vocabulary_fails_its_reques
 
 @pytest.mark.parametrize("field, where", [("token_ids", "token_ids[1]"), ("logprobs", "logprobs[0].token_id"),
                                           ("top", "logprobs[0].top[1][0]")])
-def test_the_vocabularys_last_id_is_taken_and_the_next_one_is_not(tmp_path, soft_gguf, field, where):
-    """The vocabulary's ids are 0..V-1: a result whose token ids end at V-1 is answered, and one
-    naming V, the first id past its end, fails at the stage that wrote it."""
+def test_the_vocabularys_first_and_last_ids_are_taken_and_the_next_one_is_not(tmp_path, soft_gguf, field, where):
+    """The vocabulary's ids are 0..V-1: a result whose token ids are 0 or end at V-1 is answered,
+    and one naming V, the first id past its end, fails at the stage that wrote it."""
     from tiny_model import tiny_vocab
 
     vocab = len(tiny_vocab()[0])
     path = pipeline(tmp_path, soft_gguf, 'stage a : python { fn = "hooks:answer" }', "request -> batch\ngen -> a -> out\n")
-    results, _ = run(path, [chat("last", "hi", metadata={"bad": "edge", "id": vocab - 1, "field": field}),
+    results, _ = run(path, [chat("first", "hi", metadata={"bad": "edge", "id": 0, "field": field}),
+                            chat("last", "hi", metadata={"bad": "edge", "id": vocab - 1, "field": field}),
                             chat("past", "hi", metadata={"bad": "edge", "id": vocab, "field": field})])
     r = answered_except(results, "past")
     assert r.error.stage == "a" and r.error.message == (

@@ -120,6 +120,18 @@ def test_a_step_mixing_adapters_gives_each_row_what_it_gives_alone(tiny, folders
         assert torch.allclose(got, alone, atol=1e-4), name   # fp32 GEMMs of other row counts round apart
 
 
+def test_neighbouring_sequences_of_one_adapter_each_get_it_over_all_their_rows(tiny, folders):
+    """Sequences of one adapter side by side in a step, their chunks of different lengths (the
+    adapter applied to their rows as one group), each give what they give alone: every row of
+    the group has the adapter, and the base row after it has none."""
+    model = LlamaModel(tiny.config, tiny.weights, "fp32")
+    seqs = [(ids(6, 2), "a"), (ids(11, 1), "a"), (ids(8, 3), None)]
+    together = feed(runner_with(model, tiny, folders), seqs)
+    for (toks, name), got in zip(seqs, together):
+        (alone,) = feed(runner_with(model, tiny, folders), [(toks, name)])
+        assert torch.allclose(got, alone, atol=1e-4), name
+
+
 def test_batch_invariant_mode_keeps_an_adapter_rows_logits_bit_for_bit(tiny, folders):
     """AGP_BATCH_INVARIANT's promise holds for adapter rows: a row's logits do not depend on the
     rows beside it (each row's delta is computed alone there)."""

@@ -61,3 +61,12 @@ def test_a_python_stages_own_answer_fills_the_generate_stages_n(tmp_path, tiny_g
     assert answers(blocked) == ["I can't help with that."] * 3, blocked
     assert len(answers(passed)) == 3, passed
     assert answers(one) == ["I can't help with that."], one
+
+
+def test_a_requests_own_n_replaces_its_generate_stages(tmp_path, tiny_gguf):
+    """A generate stage of `n = 3`: a request that sets no n gets 3 choices of the model's, one
+    that sets its own gets that many, fewer or more."""
+    text = PIPELINE.format(model=tiny_gguf).replace("max_new_tokens = 4", "max_new_tokens = 2  n = 3")
+    staged, one, five = lines(tmp_path, text, {"prompt": "hello"}, {"prompt": "hello", "n": 1},
+                              {"prompt": "hello", "n": 5})
+    assert [len(answers(x)) for x in (staged, one, five)] == [3, 1, 5], (staged, one, five)

@@ -73,6 +73,16 @@ def test_a_condition_label_keeps_the_parentheses_its_meaning_needs():
         in lines
 
 
+def test_a_condition_label_keeps_the_parentheses_of_an_or_inside_an_and():
+    """`a and (b or c)` is drawn so, not as `a and b or c`, which holds for every item with c."""
+    text = PIPELINE.format(gen="").replace(
+        "request -> batch", 'request -> batch when prompt_tokens > 5 and (n > 1 or metadata.k == "a")\n'
+                            "    request -> batch otherwise")
+    lines = dot_source(load_pipeline_graph("<test>", text=text)).splitlines()
+    assert '  "request" -> "batch" [label="when prompt_tokens > 5 and (n > 1 or metadata.k == \\"a\\")"];' \
+        in lines
+
+
 def _picking(tmp_path, routes: str) -> str:
     """The DOT text of PIPELINE with a python stage `pick` between request and batch, whose edges
     to batch are `routes` (one per line, each after `pick -> batch `)."""

@@ -90,6 +90,15 @@ def test_ngram_draft_takes_the_longest_suffix_seen_before():
     assert ngram_draft([3, 3, 3, 3, 3], 1, 2, 2) == [3, 3]   # a short period: an occurrence with k after it
 
 
+def test_ngram_draft_takes_the_latest_occurrence_whose_k_tokens_reach_the_end():
+    #        0  1  2  3  4  5  6  7
+    tokens = [1, 2, 3, 1, 2, 4, 1, 2]
+    # "1 2" at 0 and at 3: the 3 tokens after the one at 3 are the last three of the sequence,
+    # so it has k after it and, the latest such, is the one taken (not the one at 0: 3 1 2)
+    assert ngram_draft(tokens, 1, 2, 3) == [4, 1, 2]
+    assert ngram_draft(tokens, 1, 2, 4) == [3, 1, 2, 4]      # 4 after it only at 0
+
+
 # ---- greedy: token for token the answers without speculation -------------------------------
 
 @pytest.mark.parametrize("prompts", [REPEATING, FREE], ids=["repeating", "free"])
@@ -479,6 +488,17 @@ def test_the_engines_counters_are_vllms_spec_decode_metrics(soft_gguf):
         for series in (f"vllm:spec_decode_{name}_total{{", f"agp_spec_decode_{name}_total{{"):
             line = next(x for x in text.splitlines() if x.startswith(series))
             assert float(line.split()[-1]) == s[key], line
+
+
+def test_accepted_tokens_count_the_drafts_taken_not_the_verifying_steps_own_token(soft_gguf):
+    """vllm:spec_decode_num_accepted_tokens counts the drafts verifying steps accepted: a lone
+    request's answer is one token of its own per step that gave it any (its prefill's, then each
+    decode step's, verifying or not) plus those drafts, however many of them were accepted."""
+    e = spec_engine(soft_gguf)
+    out = run(e, REPEATING[:1], SamplingParams(max_tokens=40, ignore_eos=True))["0"][0]
+    s = e.stats(latencies=False)
+    assert s["spec_accepted_tokens"] > 0 and s["steps"] == 1 + s["decode_steps"]   # one prefill step
+    assert out.completion_tokens == 40 == s["steps"] + s["spec_accepted_tokens"]
 
 
 @pytest.mark.parametrize("how", ["step", "executor", "overlapped"])

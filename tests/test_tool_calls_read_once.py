@@ -74,6 +74,20 @@ def test_agp_run_lines_give_the_calls_the_python_stages_saw(pipeline):
     assert rewritten["finish_reason"] == "tool_calls" and args(call) == {"a": 5, "b": 6}
 
 
+def test_the_stages_see_no_call_under_tool_choice_none_and_one_without_parallel_calls(pipeline):
+    """The calls a python stage after generate sees are the answer's as its request allows them:
+    none where tool_choice is "none" (the text is content), the first alone where
+    parallel_tool_calls is false, every one otherwise."""
+    two = SAID + '; {"name": "add", "parameters": {"a": 3, "b": 4}}'
+    none, single, both = flowkit.run_lines(pipeline, [line(tool_choice="none"),
+                                                      line(guided_choice=[two], parallel_tool_calls=False),
+                                                      line(guided_choice=[two])])
+    ids = dict(seen(pipeline))
+    assert ids[0] == [] and not none.get("tool_calls") and none["text"] == SAID
+    assert len(ids[1]) == 1 and [c["id"] for c in single["tool_calls"]] == ids[1]
+    assert len(ids[2]) == 2 and [c["id"] for c in both["tool_calls"]] == ids[2]
+
+
 def test_agp_serve_chat_and_responses_answers_give_the_calls_the_python_stages_saw(pipeline):
     from starlette.testclient import TestClient
 
