@@ -118,7 +118,15 @@ def run_engine(runner, seed, executor=False):
         for o in outputs:       # (token, its logprob): a wrong context moves the logprob
             got.setdefault(o.request_id, []).extend((e["token_id"], e["logprob"]) for e in o.logprobs)
 
-    if executor:                          # the plan's streams, overlapped, replaying graphs as on CUDA
+    drive(engine, requests, executor, collect)
+    return got, engine.stats()
+
+
+def drive(engine, requests, executor: bool, collect) -> None:
+    """Each of `requests` [(id, add_request's keywords)] run to its end on `engine`, its outputs
+    given to `collect`: through the executor (the plan's streams, overlapped, replaying graphs as
+    on CUDA) or engine.step()."""
+    if executor:
         from pipeline_dsl.engine.executor import Executor
         ex = Executor(engine, overlap=True, cuda_graphs=True)
         for rid, kw in requests:
@@ -129,7 +137,6 @@ def run_engine(runner, seed, executor=False):
             engine.add_request(rid, **kw)
         while engine.has_unfinished():
             collect(engine.step())
-    return got, engine.stats()
 
 
 def same_answers(out, ref, tol=1e-4) -> bool:
@@ -657,7 +664,6 @@ def test_speculative_steps_through_the_graphs_give_the_tokens_without_speculatio
     # Greedy: the tokens of the eager path without speculation, drafts accepted on the way
     import itertools
 
-    from pipeline_dsl.engine.executor import Executor
     from pipeline_dsl.engine.scheduler import TIMING_WINDOW
 
     prompts = [[5, 6, 7, 8] * 5, [9, 10, 11] * 6 + [12], [13, 14] * 8, [20, 21, 22, 23, 24]]
@@ -679,16 +685,7 @@ def test_speculative_steps_through_the_graphs_give_the_tokens_without_speculatio
 
         requests = [(str(i), dict(prompt_token_ids=p, params=SamplingParams(max_tokens=16, ignore_eos=True)))
                     for i, p in enumerate(prompts)]
-        if executor:
-            ex = Executor(engine, overlap=True, cuda_graphs=True)
-            for rid, kw in requests:
-                ex.submit(rid, **kw)
-            ex.run(on_output=collect)
-        else:
-            for rid, kw in requests:
-                engine.add_request(rid, **kw)
-            while engine.has_unfinished():
-                collect(engine.step())
+        drive(engine, requests, executor, collect)
         return got, engine.stats()
 
     ref, _ = answers(eager(model), False)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
+import pytest
+
 from pipeline_dsl import load_pipeline_graph
 from pipeline_dsl.plan import make_plan
 from pipeline_dsl.render import dot_source
@@ -63,24 +65,17 @@ def test_a_condition_label_escapes_its_backslashes_then_its_quotes():
     assert '  "request" -> "batch" [label="when metadata.k == \\"a\\\\\\"b\\\\\\\\c\\""];' in lines
 
 
-def test_a_condition_label_keeps_the_parentheses_its_meaning_needs():
-    """`not (a and b)` is drawn so, not as `not a and b`, which reads as another condition."""
+@pytest.mark.parametrize("condition", [
+    'not (prompt_tokens > 5 and metadata.k == "a") or n > 1',   # not `not a and b`: another condition
+    'prompt_tokens > 5 and (n > 1 or metadata.k == "a")',       # not `a and b or c`: true for any item with c
+], ids=["not-and", "or-in-and"])
+def test_a_condition_label_keeps_the_parentheses_its_meaning_needs(condition):
+    """A condition is drawn with the parentheses its meaning needs, none dropped."""
     text = PIPELINE.format(gen="").replace(
-        "request -> batch", 'request -> batch when not (prompt_tokens > 5 and metadata.k == "a") or n > 1\n'
-                            "    request -> batch otherwise")
+        "request -> batch", f"request -> batch when {condition}\n    request -> batch otherwise")
     lines = dot_source(load_pipeline_graph("<test>", text=text)).splitlines()
-    assert '  "request" -> "batch" [label="when not (prompt_tokens > 5 and metadata.k == \\"a\\") or n > 1"];' \
-        in lines
-
-
-def test_a_condition_label_keeps_the_parentheses_of_an_or_inside_an_and():
-    """`a and (b or c)` is drawn so, not as `a and b or c`, which holds for every item with c."""
-    text = PIPELINE.format(gen="").replace(
-        "request -> batch", 'request -> batch when prompt_tokens > 5 and (n > 1 or metadata.k == "a")\n'
-                            "    request -> batch otherwise")
-    lines = dot_source(load_pipeline_graph("<test>", text=text)).splitlines()
-    assert '  "request" -> "batch" [label="when prompt_tokens > 5 and (n > 1 or metadata.k == \\"a\\")"];' \
-        in lines
+    label = condition.replace('"', '\\"')
+    assert f'  "request" -> "batch" [label="when {label}"];' in lines
 
 
 def _picking(tmp_path, routes: str) -> str:
