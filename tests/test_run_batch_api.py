@@ -39,6 +39,9 @@ def test_a_batch_api_file_is_answered_in_the_batch_output_shape_in_input_order(t
     assert body["usage"]["completion_tokens"] <= 3
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
     assert comp["response"]["body"]["object"] == "text_completion"
+    # response.request_id names the answer as agp serve's X-Request-Id would: its body's id, by input line
+    assert chat["response"]["request_id"] == body["id"] == "chatcmpl-1"
+    assert comp["response"]["request_id"] == comp["response"]["body"]["id"] == "cmpl-2"
     # the configuration that answered, as agp serve names it: the same for every line of the run
     assert body["system_fingerprint"].startswith("fp_")
     assert comp["response"]["body"]["system_fingerprint"] == body["system_fingerprint"]
