@@ -325,6 +325,14 @@ def test_allowed_origins_takes_vllms_json_list(tmp_path, tiny_gguf):
         serving.runtime.close()
 
 
+def test_allowed_origins_takes_null_the_origin_a_local_file_or_sandboxed_page_sends():
+    """A page opened from a file:// URL or a sandboxed iframe sends `Origin: null`: 'null' is an
+    origin --allowed-origins takes (as its variable), beside '*' and scheme://host[:port]."""
+    assert parse(["x.agp", "--allowed-origins", "null,https://app.example"], {}).allowed_origins == [
+        "null", "https://app.example"]
+    assert parse(["x.agp"], {"AGP_ALLOWED_ORIGINS": '["null"]'}).allowed_origins == ["null"]
+
+
 def test_allowed_origins_star_lets_any_page_call_without_the_users_credentials(tmp_path, tiny_gguf):
     """--allowed-origins '*' answers any page `Access-Control-Allow-Origin: *` and never allows
     credentials: a browser then sends no cookie or HTTP authentication of the user's to the server
