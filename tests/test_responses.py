@@ -656,14 +656,14 @@ def test_the_store_forgets_the_items_of_the_responses_it_forgets():
 def test_a_stored_response_asked_for_as_a_stream_is_a_400_not_an_empty_stream(server):
     """GET /v1/responses/{id}?stream=true (the SDKs' `responses.retrieve(id, stream=True)`, which
     OpenAI answers for background responses alone) is a 400 naming `stream`: answered with the JSON
-    object, the client read its body as events and got an empty stream, no error. stream=false and
-    no stream give the stored response."""
+    object, the client read its body as events and got an empty stream, no error. stream=false (or 0,
+    as 1 asks for one) and no stream give the stored response."""
     rid = server.http.post(server.url + "/v1/responses", timeout=120,
                            json={"model": "tiny", "input": "hi", "max_output_tokens": 2}).json()["id"]
     for value in ("true", "True", "1"):
         r = server.http.get(f"{server.url}/v1/responses/{rid}", params={"stream": value}, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == "stream", r.text
-    for params in ({"stream": "false"}, {}):
+    for params in ({"stream": "false"}, {"stream": "0"}, {}):
         r = server.http.get(f"{server.url}/v1/responses/{rid}", params=params, timeout=30)
         assert r.status_code == 200 and r.json()["id"] == rid
 
