@@ -702,3 +702,19 @@ def test_an_embeddings_lines_input_over_the_context_is_named_once_as_agp_serve_n
     assert got["response"]["status_code"] == 400 and error["param"] == "input", got
     assert error["message"].startswith("'input[1]': prompt of "), error
     assert "prompt[" not in error["message"] and got["error"]["message"] == error["message"]
+
+
+def test_a_completions_line_whose_later_prompt_is_over_the_context_names_that_prompt(tmp_path, pipeline):
+    """A batch line's completions body with several prompts is answered as agp serve answers it: a
+    prompt over the model's context fails the line with the 400 that names it (`'prompt[1]': ...`),
+    not the first prompt, which fit; a client of the batch is told which prompt to fix."""
+    inp, out = tmp_path / "batch.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(batch_line("one", COMP, {"prompt": "hi", "max_tokens": 2})
+                   + batch_line("two", COMP, {"prompt": ["hi", "the cat sat " * 400], "max_tokens": 2}))
+    r = run(pipeline, "-i", inp, "-o", out)
+    assert r.returncode == 0, r.stderr
+    ok, line = records(out)
+    assert ok["response"]["status_code"] == 200, ok
+    assert line["response"]["status_code"] == 400, line
+    assert line["error"]["message"].startswith("'prompt[1]': "), line["error"]
+    assert line["response"]["body"]["error"]["message"] == line["error"]["message"]
