@@ -327,3 +327,12 @@ def test_azure_openais_client_is_let_in_with_its_api_key_header_and_served_at_it
         assert s.metric("agp_requests_total", '{status="401"}') == refused_before + 1   # the Azure route's refusal
     finally:
         http.close()
+
+
+def test_a_detokenize_token_outside_the_vocabulary_is_a_400_naming_tokens(server):
+    """/detokenize of an id the model's vocabulary does not hold: a 400 whose `param` is the
+    request's own field, `tokens` (the body has no `prompt` a client could fix)."""
+    r = server.http.post(server.url + "/detokenize", json={"model": "tiny", "tokens": [5, 10 ** 6]}, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "tokens" and "outside the vocabulary" in err["message"], err

@@ -254,6 +254,9 @@ def test_chat_logprobs_top_logprobs_from_0_to_20_and_only_with_logprobs():
      "tool_choice"),
     ({"chat_template_kwargs": {"messages": []}},
      "'chat_template_kwargs.messages' is set by agp itself; send it as its own field", "chat_template_kwargs"),
+    # docs/openai.md: each of the template's variables agp sets itself, not only messages
+    *(({"chat_template_kwargs": {own: True}}, f"'chat_template_kwargs.{own}' is set by agp itself; send it as its own "
+       "field", "chat_template_kwargs") for own in ("tools", "add_generation_prompt", "bos_token", "eos_token")),
     ({"stream": True, "stream_options": {"include_usage": "yes"}},
      "'stream_options.include_usage' must be true or false, not a string (\"yes\")", "stream_options.include_usage"),
     ({"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": 1}},

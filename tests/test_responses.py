@@ -242,6 +242,21 @@ def test_instructions_are_not_carried_on_by_previous_response_id(client):
     assert second.output_text == chat.choices[0].message.content and second.instructions is None
 
 
+def test_instructions_given_with_previous_response_id_come_before_the_stored_turns(client):
+    """docs/openai.md: `instructions` is a system message, and it opens the conversation: a turn
+    that continues a stored one (previous_response_id) with instructions of its own runs as the chat
+    whose system message comes first, then the stored turns, then its input (not the stored turns
+    first, the system message between them and the input)."""
+    first = client.responses.create(model="tiny", input="remember the dog", max_output_tokens=4)
+    second = client.responses.create(model="tiny", input="and now?", previous_response_id=first.id,
+                                     instructions="Be terse.", max_output_tokens=6)
+    chat = client.chat.completions.create(model="tiny", max_tokens=6, messages=[
+        {"role": "system", "content": "Be terse."}, {"role": "user", "content": "remember the dog"},
+        {"role": "assistant", "content": first.output_text}, {"role": "user", "content": "and now?"}])
+    assert second.usage.input_tokens == chat.usage.prompt_tokens
+    assert second.output_text == chat.choices[0].message.content and second.instructions == "Be terse."
+
+
 def test_what_the_request_leaves_out_is_repeated_at_openais_defaults_and_delete_says_deleted(client, server):
     """docs/openai.md: the response object repeats the settings (OpenAI's defaults where the request
     gives none; `service_tier` answers `default` whatever was asked), and DELETE answers OpenAI's
@@ -641,14 +656,14 @@ def test_the_store_forgets_the_items_of_the_responses_it_forgets():
 def test_a_stored_response_asked_for_as_a_stream_is_a_400_not_an_empty_stream(server):
     """GET /v1/responses/{id}?stream=true (the SDKs' `responses.retrieve(id, stream=True)`, which
     OpenAI answers for background responses alone) is a 400 naming `stream`: answered with the JSON
-    object, the client read its body as events and got an empty stream, no error. stream=false and
-    no stream give the stored response."""
+    object, the client read its body as events and got an empty stream, no error. stream=false (or 0,
+    as 1 asks for one) and no stream give the stored response."""
     rid = server.http.post(server.url + "/v1/responses", timeout=120,
                            json={"model": "tiny", "input": "hi", "max_output_tokens": 2}).json()["id"]
     for value in ("true", "True", "1"):
         r = server.http.get(f"{server.url}/v1/responses/{rid}", params={"stream": value}, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == "stream", r.text
-    for params in ({"stream": "false"}, {}):
+    for params in ({"stream": "false"}, {"stream": "0"}, {}):
         r = server.http.get(f"{server.url}/v1/responses/{rid}", params=params, timeout=30)
         assert r.status_code == 200 and r.json()["id"] == rid
 

@@ -39,6 +39,9 @@ def test_a_batch_api_file_is_answered_in_the_batch_output_shape_in_input_order(t
     assert body["usage"]["completion_tokens"] <= 3
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
     assert comp["response"]["body"]["object"] == "text_completion"
+    # response.request_id names the answer as agp serve's X-Request-Id would: its body's id, by input line
+    assert chat["response"]["request_id"] == body["id"] == "chatcmpl-1"
+    assert comp["response"]["request_id"] == comp["response"]["body"]["id"] == "cmpl-2"
     # the configuration that answered, as agp serve names it: the same for every line of the run
     assert body["system_fingerprint"].startswith("fp_")
     assert comp["response"]["body"]["system_fingerprint"] == body["system_fingerprint"]
@@ -700,3 +703,19 @@ def test_an_embeddings_lines_input_over_the_context_is_named_once_as_agp_serve_n
     assert got["response"]["status_code"] == 400 and error["param"] == "input", got
     assert error["message"].startswith("'input[1]': prompt of "), error
     assert "prompt[" not in error["message"] and got["error"]["message"] == error["message"]
+
+
+def test_a_completions_line_whose_later_prompt_is_over_the_context_names_that_prompt(tmp_path, pipeline):
+    """A batch line's completions body with several prompts is answered as agp serve answers it: a
+    prompt over the model's context fails the line with the 400 that names it (`'prompt[1]': ...`),
+    not the first prompt, which fit; a client of the batch is told which prompt to fix."""
+    inp, out = tmp_path / "batch.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(batch_line("one", COMP, {"prompt": "hi", "max_tokens": 2})
+                   + batch_line("two", COMP, {"prompt": ["hi", "the cat sat " * 400], "max_tokens": 2}))
+    r = run(pipeline, "-i", inp, "-o", out)
+    assert r.returncode == 0, r.stderr
+    ok, line = records(out)
+    assert ok["response"]["status_code"] == 200, ok
+    assert line["response"]["status_code"] == 400, line
+    assert line["error"]["message"].startswith("'prompt[1]': "), line["error"]
+    assert line["response"]["body"]["error"]["message"] == line["error"]["message"]

@@ -158,6 +158,22 @@ def test_the_run_summarys_figures_are_vllms_of_the_requests_times():
             assert s[f"{key}_p{q}_ms"] == pytest.approx(np.percentile(xs, q) * 1000, abs=1e-3), (key, q)
 
 
+def test_the_summarys_token_counts_are_the_answered_requests_usage_each_its_own():
+    """The summary's prompt_tokens, completion_tokens and cached_tokens add up the usage of the
+    answered requests' output lines, each figure its own (cached_tokens the prompt tokens the KV
+    cache held, not the prompt tokens); a failed request adds nothing."""
+    from pipeline_dsl.commands.runner import Tally, summarize
+    from pipeline_dsl.flow import Choice, PipelineError, Result
+
+    usages = [(30, 5, 16), (12, 7, 0), (50, 2, 48)]
+    results = [Result(f"k{i}", i, [Choice(0, "", "length", {})], None,
+                      {"prompt_tokens": p, "completion_tokens": c, "cached_tokens": cached},
+                      {"ttft_s": 0.1, "latency_s": 0.5}) for i, (p, c, cached) in enumerate(usages)]
+    failed = Result("bad", 9, [], PipelineError("no prompt", kind="invalid"), {}, {})
+    s = summarize(_runtime({}), Tally.of(results + [failed]), wall=2.0)
+    assert (s["prompt_tokens"], s["completion_tokens"], s["cached_tokens"]) == (92, 14, 64)
+
+
 def test_the_summarys_failed_count_is_every_request_that_failed():
     """'requests N (M failed)': M is every failed request, those the pipeline failed as well as the
     bad lines (the summary's errors, which count both), not the bad lines alone."""

@@ -325,6 +325,40 @@ def test_allowed_origins_takes_vllms_json_list(tmp_path, tiny_gguf):
         serving.runtime.close()
 
 
+def test_allowed_origins_takes_null_the_origin_a_local_file_or_sandboxed_page_sends():
+    """A page opened from a file:// URL or a sandboxed iframe sends `Origin: null`: 'null' is an
+    origin --allowed-origins takes (as its variable), beside '*' and scheme://host[:port]."""
+    assert parse(["x.agp", "--allowed-origins", "null,https://app.example"], {}).allowed_origins == [
+        "null", "https://app.example"]
+    assert parse(["x.agp"], {"AGP_ALLOWED_ORIGINS": '["null"]'}).allowed_origins == ["null"]
+
+
+def test_allowed_origins_star_lets_any_page_call_without_the_users_credentials(tmp_path, tiny_gguf):
+    """--allowed-origins '*' answers any page `Access-Control-Allow-Origin: *` and never allows
+    credentials: a browser then sends no cookie or HTTP authentication of the user's to the server
+    from another site's page. With credentials allowed, the server names each page's own origin
+    back with `Access-Control-Allow-Credentials: true`, and any site could call it as the user.
+    Origins named one by one may send credentials (each page is one the operator trusts)."""
+    from starlette.testclient import TestClient
+
+    from pipeline_dsl.serve.build import build
+    from test_serve import TINY
+
+    path = tmp_path / "tiny.agp"
+    path.write_text(TINY.format(model=tiny_gguf, max_queue=8, max_batch_size=2, timeout=20))
+    preflight = {"Origin": "https://any.example", "Access-Control-Request-Method": "POST"}
+    for origins, allowed, credentials in (("*", "*", None), ("https://any.example", "https://any.example", "true")):
+        serving = build(parse([str(path), "--threads", "1", "--allowed-origins", origins], {}))
+        try:
+            client = TestClient(serving.app, base_url="http://localhost")
+            for r in (client.options("/v1/chat/completions", headers=preflight),
+                      client.get("/v1/models", headers={"Origin": "https://any.example"})):
+                assert r.status_code == 200 and r.headers["access-control-allow-origin"] == allowed, (origins, r.headers)
+                assert r.headers.get("access-control-allow-credentials") == credentials, (origins, r.headers)
+        finally:
+            serving.runtime.close()
+
+
 @pytest.mark.parametrize("given, said", [
     ("https://app.example/", "'https://app.example/' is not an origin"),        # a trailing slash: never sent
     ("app.example", "'app.example' is not an origin"),

@@ -185,6 +185,22 @@ def test_an_adapter_agp_cannot_serve_stops_the_start(capsys, tiny_gguf, tmp_path
     assert said in err and "Traceback" not in err, err
 
 
+def test_an_adapter_named_as_a_generate_stage_stops_the_start(tiny_gguf, strong):
+    """A request's `model` may name a generate stage (it pins that stage) or an adapter: an adapter
+    named as one of the pipeline's generate stages (`gen`, agp serve MODEL's) would make such a
+    request mean two things, and stops the start naming it, as one named as a served model does."""
+    from pipeline_dsl.serve.options import SetupError
+
+    serving = None
+    try:
+        with pytest.raises(SetupError, match="--lora-modules gen: the name is already the server's"):
+            serving = build(parse([str(tiny_gguf), "--threads", "1", "--served-model-name", "tiny",
+                                   "--lora-modules", f"gen={strong}"]))
+    finally:
+        if serving is not None:
+            serving.runtime.close()
+
+
 ONE = """pipeline one {{
     model  = "{model}"
     device = cpu
