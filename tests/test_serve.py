@@ -420,6 +420,30 @@ def test_a_batch_of_prompts_numbers_its_choices_prompt_times_n_streamed_and_not(
             s.close()
 
 
+SHOW_ID = """
+def show_id(item):
+    item["text"] = item["request"]["id"]
+    return item
+"""
+
+
+def test_each_prompt_of_a_batch_is_its_own_pipeline_request(tmp_path, tiny_gguf, monkeypatch):
+    """A completions batch of prompts is one pipeline request per prompt: the first has the
+    answer's id, the k-th that id and `-k` (what a python stage sees), never one id for all."""
+    (tmp_path / "id_hooks.py").write_text(SHOW_ID)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    s = LiveServer(tiny_gguf, text=TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=8, timeout=20).replace(
+        "encode -> kv -> gen -> out", 'stage show : python { fn = "id_hooks:show_id" }\n    encode -> kv -> gen -> show -> out'))
+    try:
+        r = s.http.post(s.url + "/v1/completions", timeout=60, headers={"x-request-id": "batch7"},
+                        json={"model": "tiny", "prompt": ["a", "b", "c"], "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        texts = [c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
+        assert texts == [r.json()["id"], r.json()["id"] + "-1", r.json()["id"] + "-2"], texts
+    finally:
+        s.close()
+
+
 def test_total_tokens_is_prompt_plus_completion_also_when_the_prompt_was_cached(server):
     body = dict(model="tiny", messages=[{"role": "user", "content": "the same prompt twice " * 4}], max_tokens=6)
     first = server.client.chat.completions.create(**body).usage
