@@ -289,6 +289,19 @@ def test_usage_counts_the_thinkings_tokens_as_reasoning_tokens(server, ids):
     assert final.response.usage.output_tokens_details.reasoning_tokens == thought
 
 
+def test_the_reasoning_tokens_of_n_answers_are_summed_over_every_choice(server, ids):
+    """usage.completion_tokens_details.reasoning_tokens of an `n` > 1 request counts the thinking
+    of each of its choices, as its completion_tokens count each one's tokens (whole and streamed)."""
+    body = _sampled(ids, 5, return_token_ids=True)
+    r = server.client.chat.completions.create(model="tiny", messages=USER, n=3, **body)
+    each = [_thinking_tokens(c.model_extra["token_ids"], ids) for c in r.choices]
+    assert len(each) == 3 and sum(each) > each[0], each          # a choice after the first thought
+    assert r.usage.completion_tokens_details.reasoning_tokens == sum(each)
+    *_, use = _streamed(server.client.chat.completions.create(model="tiny", messages=USER, n=3, stream=True,
+                                                              stream_options={"include_usage": True}, **body))
+    assert use.completion_tokens_details.reasoning_tokens == sum(each)
+
+
 def test_an_answer_cut_inside_its_thinking_is_all_reasoning(server, ids):
     kw = dict(model="tiny", messages=USER, max_tokens=3, extra_body={"allowed_token_ids": [ids["C"]]})
     whole = server.client.chat.completions.create(**kw).choices[0]
