@@ -162,6 +162,17 @@ def test_a_request_aborted_before_its_admit_is_never_run(tiny_gguf):
     assert eng.blocks.num_used == 0
 
 
+def test_requests_submitted_together_are_admitted_in_their_order_not_their_threads(tiny_gguf):
+    """Executor.submit's `order`: the requests one admit takes go into the engine's waiting queue
+    in that order (a pipeline's items in their request's order), whichever was submitted first."""
+    ex = Executor(engine(tiny_gguf), overlap=False)
+    for rid, order in (("c", (2,)), ("a", (0,)), ("d", (3,)), ("b", (1,))):
+        ex.submit(rid, order=order, prompt="the cat", params=SamplingParams(max_tokens=2))
+    admitted, got = [], {}
+    ex.run(finished(got), on_admitted=admitted.extend)
+    assert admitted == ["a", "b", "c", "d"] and sorted(got) == ["a", "b", "c", "d"]
+
+
 def test_requests_submitted_while_running_are_all_answered(tiny_gguf):
     import threading
     import time
