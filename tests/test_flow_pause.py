@@ -201,6 +201,31 @@ def test_paused_requests_do_not_fill_the_queue_up_to_max_queue_of_them(tmp_path,
         rt.shutdown()
 
 
+def test_requests_aborted_while_paused_leave_no_paused_count_that_fills_the_queue(tmp_path, soft_gguf):
+    """requests.max_queue = 2: four streams paused by their readers (past max_queue of them the
+    paused count again), then aborted while paused: they are gone, and so is their count: a
+    new request is admitted and answered (not refused queue_full by requests no longer there)."""
+    rt = runtime(pipeline(tmp_path, soft_gguf, requests=" max_queue = 2 "))
+    rt.start()
+    try:
+        paused = []
+        for rid in ("p1", "p2", "p3", "p4"):
+            first = threading.Event()
+            heard = Listener(on_first=lambda key, first=first: (rt.pause(key, True), first.set()))
+            paused.append((rt.submit(request(rid, n=1), heard, stream=True), heard))
+            assert first.wait(30)
+        for key, heard in paused:
+            rt.abort(key)
+            assert heard.done.wait(30) and heard.result.error.kind == "aborted"
+        assert rt.in_flight == 0 and not rt.full
+        more = Listener()
+        rt.submit(request("q", n=1, max_tokens=4), more, stream=True)
+        assert more.done.wait(30) and more.result.error is None
+    finally:
+        rt.close(drain=False)
+        rt.shutdown()
+
+
 @pytest.mark.parametrize("fn", ["guard", "aguard"])
 def test_a_pause_longer_than_a_stream_stages_timeout_is_not_its_timeout(tmp_path, soft_gguf, fn):
     """A stream stage with `timeout = 200ms` between generate and respond: the request paused by
