@@ -226,6 +226,24 @@ def test_requests_aborted_while_paused_leave_no_paused_count_that_fills_the_queu
         rt.shutdown()
 
 
+def test_a_drain_lets_a_paused_request_go_on_and_answers_it_whole(tmp_path, soft_gguf):
+    """close(drain=True) stops admitting and lets go what its readers paused: the drain waits for
+    the paused request to finish, not for its reader (who may never read again), and answers it
+    whole; the drain ends with every request finished, none cut."""
+    rt = runtime(pipeline(tmp_path, soft_gguf))
+    rt.start()
+    try:
+        paused = threading.Event()
+        heard = Listener(on_first=lambda key: (rt.pause(key, True), paused.set()))
+        rt.submit(request("p", n=1), heard, stream=True)
+        assert paused.wait(30)
+        assert rt.close(drain=True, timeout=20) is True
+        assert heard.done.is_set() and heard.result.error is None
+    finally:
+        rt.close(drain=False)
+        rt.shutdown()
+
+
 @pytest.mark.parametrize("fn", ["guard", "aguard"])
 def test_a_pause_longer_than_a_stream_stages_timeout_is_not_its_timeout(tmp_path, soft_gguf, fn):
     """A stream stage with `timeout = 200ms` between generate and respond: the request paused by
