@@ -631,6 +631,37 @@ def test_generate_placed_apart_from_the_batcher_gives_the_same_answers_under_pre
     eng.blocks.check_invariants()
 
 
+def test_tokens_in_flight_from_several_earlier_steps_each_feed_their_own_sequence(soft_gguf):
+    """With `kv_lookup on compute` a step's inputs can wait on tokens sampled by two or more
+    earlier steps still in flight (a sequence left out of a step by a chunked prefill or a
+    preemption): each placeholder is filled from its own step's samples, one after the other,
+    so every sequence reads its own token and its logprobs are Engine.step()'s. A model with
+    spread distributions (soft_gguf): the tiny one's argmax is the same token whatever it reads."""
+    cfg = dict(kv_budget_bytes=1 << 18, max_tokens_per_step=64, prefill_chunk=32, max_batch_size=6)
+    reqs = [(f"p{i}", dict(prompt=" ".join(WORDS[i % 5:]) * (1 + 4 * (i % 3)),
+                           params=SamplingParams(max_tokens=6 + i % 13, ignore_eos=True, logprobs=0)))
+            for i in range(24)]
+
+    def heard(into: dict):
+        def on_output(outputs):
+            for o in outputs:
+                into.setdefault(o.request_id, []).extend((e["token_id"], e["logprob"]) for e in o.logprobs or ())
+        return on_output
+
+    reference: dict = {}
+    eng = engine(soft_gguf, **cfg)
+    for rid, kw in reqs:
+        eng.add_request(rid, **kw)
+    while eng.has_unfinished():
+        heard(reference)(eng.step())
+    got: dict = {}
+    run_requests(engine(soft_gguf, **cfg), reqs, plan=placed_plan(kv="compute"), overlap=True, on_output=heard(got))
+    assert got.keys() == reference.keys()
+    for rid, want in reference.items():
+        assert [t for t, _ in got[rid]] == [t for t, _ in want], rid
+        assert [lp for _, lp in got[rid]] == pytest.approx([lp for _, lp in want], abs=1e-3), rid
+
+
 @pytest.mark.parametrize("placement", [{"gen": "copy"}, {"batch": "compute", "gen": "host"}])
 def test_a_placed_batcher_schedules_at_most_two_steps_past_a_stop(tiny_gguf, placement):
     """With the batcher's schedule on another stream than generate's emit, the schedule ran up to
