@@ -162,6 +162,17 @@ def test_a_request_aborted_before_its_admit_is_never_run(tiny_gguf):
     assert eng.blocks.num_used == 0
 
 
+def test_requests_submitted_together_are_admitted_in_their_order_not_their_threads(tiny_gguf):
+    """Executor.submit's `order`: the requests one admit takes go into the engine's waiting queue
+    in that order (a pipeline's items in their request's order), whichever was submitted first."""
+    ex = Executor(engine(tiny_gguf), overlap=False)
+    for rid, order in (("c", (2,)), ("a", (0,)), ("d", (3,)), ("b", (1,))):
+        ex.submit(rid, order=order, prompt="the cat", params=SamplingParams(max_tokens=2))
+    admitted, got = [], {}
+    ex.run(finished(got), on_admitted=admitted.extend)
+    assert admitted == ["a", "b", "c", "d"] and sorted(got) == ["a", "b", "c", "d"]
+
+
 def test_requests_submitted_while_running_are_all_answered(tiny_gguf):
     import threading
     import time
@@ -618,6 +629,37 @@ def test_generate_placed_apart_from_the_batcher_gives_the_same_answers_under_pre
     assert got == reference
     assert eng.blocks.num_used == 0
     eng.blocks.check_invariants()
+
+
+def test_tokens_in_flight_from_several_earlier_steps_each_feed_their_own_sequence(soft_gguf):
+    """With `kv_lookup on compute` a step's inputs can wait on tokens sampled by two or more
+    earlier steps still in flight (a sequence left out of a step by a chunked prefill or a
+    preemption): each placeholder is filled from its own step's samples, one after the other,
+    so every sequence reads its own token and its logprobs are Engine.step()'s. A model with
+    spread distributions (soft_gguf): the tiny one's argmax is the same token whatever it reads."""
+    cfg = dict(kv_budget_bytes=1 << 18, max_tokens_per_step=64, prefill_chunk=32, max_batch_size=6)
+    reqs = [(f"p{i}", dict(prompt=" ".join(WORDS[i % 5:]) * (1 + 4 * (i % 3)),
+                           params=SamplingParams(max_tokens=6 + i % 13, ignore_eos=True, logprobs=0)))
+            for i in range(24)]
+
+    def heard(into: dict):
+        def on_output(outputs):
+            for o in outputs:
+                into.setdefault(o.request_id, []).extend((e["token_id"], e["logprob"]) for e in o.logprobs or ())
+        return on_output
+
+    reference: dict = {}
+    eng = engine(soft_gguf, **cfg)
+    for rid, kw in reqs:
+        eng.add_request(rid, **kw)
+    while eng.has_unfinished():
+        heard(reference)(eng.step())
+    got: dict = {}
+    run_requests(engine(soft_gguf, **cfg), reqs, plan=placed_plan(kv="compute"), overlap=True, on_output=heard(got))
+    assert got.keys() == reference.keys()
+    for rid, want in reference.items():
+        assert [t for t, _ in got[rid]] == [t for t, _ in want], rid
+        assert [lp for _, lp in got[rid]] == pytest.approx([lp for _, lp in want], abs=1e-3), rid
 
 
 @pytest.mark.parametrize("placement", [{"gen": "copy"}, {"batch": "compute", "gen": "host"}])

@@ -440,3 +440,27 @@ def test_a_generate_stage_s_live_chain_follows_single_unconditional_edges_into_s
     plan = StreamPlan.build(["gen", "cond", "two", "plain", "inner"], routes, kinds, {"up", "tag", "tag2"})
     assert plan.chains == {"gen": ["up", "tag"], "cond": [], "two": [], "plain": [], "inner": ["tag2"]}
     assert plan.direct == {"gen": True, "cond": False, "two": False, "plain": True, "inner": False}
+
+
+def test_a_stream_stage_s_feed_gives_its_chunks_in_order_and_none_after_it_closed():
+    """flow/streams.py's Feed: the engine's chunks reach a stream stage in the order they were put,
+    to a sync generator and to an async one, however many wait when it reads; close ends them,
+    and a chunk put after the close (a late engine output) is dropped."""
+    import asyncio
+
+    from pipeline_dsl.flow.streams import Feed
+
+    def filled():
+        feed = Feed()
+        for chunk in ("The", " capital", " is", " Paris"):
+            feed.put(chunk)
+        feed.close()
+        feed.put(" late")
+        return feed
+
+    assert list(filled()) == ["The", " capital", " is", " Paris"]
+
+    async def read(feed):
+        return [chunk async for chunk in feed.chunks()]
+
+    assert asyncio.run(read(filled())) == ["The", " capital", " is", " Paris"]

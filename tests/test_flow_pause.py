@@ -201,6 +201,49 @@ def test_paused_requests_do_not_fill_the_queue_up_to_max_queue_of_them(tmp_path,
         rt.shutdown()
 
 
+def test_requests_aborted_while_paused_leave_no_paused_count_that_fills_the_queue(tmp_path, soft_gguf):
+    """requests.max_queue = 2: four streams paused by their readers (past max_queue of them the
+    paused count again), then aborted while paused: they are gone, and so is their count: a
+    new request is admitted and answered (not refused queue_full by requests no longer there)."""
+    rt = runtime(pipeline(tmp_path, soft_gguf, requests=" max_queue = 2 "))
+    rt.start()
+    try:
+        paused = []
+        for rid in ("p1", "p2", "p3", "p4"):
+            first = threading.Event()
+            heard = Listener(on_first=lambda key, first=first: (rt.pause(key, True), first.set()))
+            paused.append((rt.submit(request(rid, n=1), heard, stream=True), heard))
+            assert first.wait(30)
+        for key, heard in paused:
+            rt.abort(key)
+            assert heard.done.wait(30) and heard.result.error.kind == "aborted"
+        assert rt.in_flight == 0 and not rt.full
+        more = Listener()
+        rt.submit(request("q", n=1, max_tokens=4), more, stream=True)
+        assert more.done.wait(30) and more.result.error is None
+    finally:
+        rt.close(drain=False)
+        rt.shutdown()
+
+
+def test_a_drain_lets_a_paused_request_go_on_and_answers_it_whole(tmp_path, soft_gguf):
+    """close(drain=True) stops admitting and lets go what its readers paused: the drain waits for
+    the paused request to finish, not for its reader (who may never read again), and answers it
+    whole; the drain ends with every request finished, none cut."""
+    rt = runtime(pipeline(tmp_path, soft_gguf))
+    rt.start()
+    try:
+        paused = threading.Event()
+        heard = Listener(on_first=lambda key: (rt.pause(key, True), paused.set()))
+        rt.submit(request("p", n=1), heard, stream=True)
+        assert paused.wait(30)
+        assert rt.close(drain=True, timeout=20) is True
+        assert heard.done.is_set() and heard.result.error is None
+    finally:
+        rt.close(drain=False)
+        rt.shutdown()
+
+
 @pytest.mark.parametrize("fn", ["guard", "aguard"])
 def test_a_pause_longer_than_a_stream_stages_timeout_is_not_its_timeout(tmp_path, soft_gguf, fn):
     """A stream stage with `timeout = 200ms` between generate and respond: the request paused by

@@ -166,7 +166,8 @@ def test_a_stream_decoded_token_by_token_reads_as_its_ids_decoded_after_a_prompt
 @pytest.mark.parametrize("change", [
     lambda m: m.pop("tokenizer.ggml.add_bos_token") and None,                # older files: bos all the same
     lambda m: m.update({"tokenizer.ggml.add_eos_token": (True,) + m["tokenizer.ggml.add_eos_token"][1:]}),
-], ids=["no-add-bos-key", "add-eos"])
+    lambda m: m.pop("tokenizer.ggml.add_eos_token") and None,                # no key: no eos (llama.cpp's)
+], ids=["no-add-bos-key", "add-eos", "no-add-eos-key"])
 def test_a_sentencepiece_gguf_adds_bos_and_eos_as_transformers_does(tmp_path, spm_gguf, change):
     path = rewrite_gguf(spm_gguf, tmp_path / "m.gguf", change)
     _, tok = ours(path)

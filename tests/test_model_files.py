@@ -511,6 +511,21 @@ def test_model_file_problem_is_one_line():
     assert str(ModelFileProblem("/m.gguf", "two\nlines")) == "/m.gguf: two lines"
 
 
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), float("nan")], ids=["zero", "negative", "inf", "nan"])
+def test_a_rope_freqs_factor_that_is_not_positive_is_an_error_naming_the_tensor(tmp_path, bad):
+    # Llama 3.1's rotary factors divide each frequency: a zero one makes it infinite (NaN logits)
+    from tiny_model import TINY
+
+    factors = [1.0] * (TINY["hidden"] // TINY["heads"] // 2)
+    factors[3] = bad
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", rope_freqs=factors)
+    with pytest.raises(GGUFError, match="tensor 'rope_freqs.weight' holds a factor that is not a positive number"):
+        load_gguf(path)
+    factors[3] = 0.25                        # a positive one loads, into the rotary scaling
+    scaling = dict(load_gguf(write_tiny_gguf(tmp_path / "good.gguf", rope_freqs=factors)).config.rope_scaling)
+    assert scaling["factors"][3] == 0.25
+
+
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
 def test_4bit_gguf_weights_are_ggufs_own_floats_bit_for_bit(tmp_path, qtype):
     # the loader unpacks a 4-bit tensor's nibbles once for its int4 blocks and its float copy:

@@ -199,6 +199,11 @@ def test_int8_weights_are_int8_with_per_channel_scales(tiny):
     assert qkv.qweight.dtype == torch.int8 and qkv.scale.shape == (qkv.qweight.shape[0],)
     w = torch.cat([tiny.weights["layers.0.q"], tiny.weights["layers.0.k"], tiny.weights["layers.0.v"]])
     assert (qkv.dequantized().float() - w).abs().max() <= w.abs().max() / 127
+    # symmetric, per channel: a row's largest weight is +-127 steps of its scale (absmax / 127),
+    # and every weight of the row within half a step of its own (round to nearest)
+    assert torch.equal(qkv.qweight.abs().amax(dim=1), torch.full((w.shape[0],), 127, dtype=torch.int8))
+    steps = (qkv.dequantized().float() - w).abs() / qkv.scale.float()[:, None]      # [out, in]
+    assert steps.max() <= 0.5 + 1e-4
 
 
 def test_quantized_gguf_dequantises_close_to_its_float_source(tmp_path, tiny):

@@ -149,6 +149,23 @@ def test_a_non_finite_input_row_stays_non_finite_and_leaves_the_other_rows_alone
         assert torch.allclose(y[keep], ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
+def test_q8_blocks_of_a_q8_0_weight_are_lossless_and_of_any_other_within_half_a_step():
+    """Q8Linear: one scale per block of 32 inputs, the block's absmax / 127 (GGUF Q8_0's). A
+    weight that is already Q8_0 (its blocks' int8 values times a scale) comes back exactly
+    (`lossless`: the lm_head may then run on it alone); any other within half a step."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (32, 2, 32), generator=g)
+    q[:, :, 5] = -127                                                   # each block's largest
+    scale = 2.0 ** -torch.randint(4, 10, (32, 2), generator=g)          # exact in float32
+    w = (q * scale[..., None]).view(32, 64).float()
+    lin = Q8Linear(w, torch.float32)
+    assert lin.lossless and torch.equal(lin.dequantized(), w)
+    w = torch.randn(32, 64, generator=g)
+    lin = Q8Linear(w, torch.float32)
+    steps = (lin.dequantized() - w).abs() / lin.scale.repeat_interleave(32, dim=1)   # [32, 64]
+    assert not lin.lossless and steps.max() <= 0.5 + 1e-4
+
+
 def test_int8_activations_off_keeps_the_float_kernels(monkeypatch):
     monkeypatch.setenv("AGP_NATIVE_ACT", "f32")
     g = torch.Generator().manual_seed(0)

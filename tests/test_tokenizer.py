@@ -93,6 +93,15 @@ def test_incremental_decoder_never_splits_a_character(tok):
     assert dec.flush() == ""
 
 
+def test_the_bytes_of_a_text_s_tokens_are_its_utf8_bytes(tok):
+    """token_bytes (logprobs' `bytes`): a byte-level token that holds part of a character reads
+    its bytes from the gpt2 alphabet, every byte of it (controls, DEL, 0x80-0xA0 and 0xAD are
+    the alphabet's U+0100 on), so the tokens' bytes together are the text's."""
+    text = " \u2014\t\x7f \u65e5\u672c \U0001f642 \u00ad\u00a0ok"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert b"".join(tok.token_bytes(i) for i in ids) == text.encode("utf-8")
+
+
 def test_flush_returns_the_bytes_of_an_unfinished_character_as_replacement_characters(tok):
     """Ids that end inside a multi-byte character: flush hands out what is left, its bytes shown
     as U+FFFD, as decoding the whole list would; nothing is dropped (an engine's answer leaves
