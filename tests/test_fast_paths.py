@@ -5,7 +5,7 @@ decode batches of every size, chunked prefill, prefix hits on shared blocks, pre
 with recompute): the fast one runs whole decode steps natively (and paged attention in
 place for larger batches), the reference runs every layer with torch ops. Then whole
 engines, stepped directly and through the plan's executor, on a pool small enough to
-preempt. Skipped where the native kernels cannot be built (no compiler, neither AVX-512 nor
+preempt, on the tiny model with spread distributions (soft_gguf): their tokens and logprobs. Skipped where the native kernels cannot be built (no compiler, neither AVX-512 nor
 AVX2 + FMA): there the eager path is the only path and the rest of the suite covers it.
 """
 
@@ -55,6 +55,12 @@ def native_off():
 @pytest.fixture(scope="module")
 def f32(tiny_gguf):
     return load_gguf(tiny_gguf)
+
+
+@pytest.fixture(scope="module")
+def soft(soft_gguf):
+    """The tiny model with spread distributions: a wrong input token moves the logprobs after it."""
+    return load_gguf(soft_gguf)
 
 
 @pytest.fixture(scope="module")
@@ -428,12 +434,13 @@ def engine_outputs(model, use_native: bool, executor: bool, seed: int) -> dict:
     for i in range(12):
         ids = (common if i % 2 else []) + [rng.randrange(3, 250) for _ in range(rng.randint(1, 20))]
         requests.append((str(i), dict(prompt_token_ids=ids,
-                                      params=SamplingParams(max_tokens=rng.randint(4, 24), ignore_eos=True))))
-    got: dict[str, list[int]] = {}
+                                      params=SamplingParams(max_tokens=rng.randint(4, 24), ignore_eos=True,
+                                                            logprobs=0))))
+    got: dict[str, list[tuple[int, float]]] = {}
 
     def collect(outputs):
-        for o in outputs:
-            got.setdefault(o.request_id, []).extend(o.new_token_ids)
+        for o in outputs:   # (token, its logprob): a wrong input token moves the logprobs after it
+            got.setdefault(o.request_id, []).extend((e["token_id"], e["logprob"]) for e in o.logprobs)
 
     if executor:
         from pipeline_dsl.engine.executor import run_requests
@@ -449,11 +456,16 @@ def engine_outputs(model, use_native: bool, executor: bool, seed: int) -> dict:
 
 @pytest.mark.parametrize("executor", [False, True], ids=["engine.step", "executor"])
 @pytest.mark.parametrize("seed", range(2))
-def test_engines_give_the_same_tokens_with_and_without_native_steps(f32, executor, seed):
-    model = LlamaModel(f32.config, f32.weights, "fp32")
+def test_engines_give_the_same_tokens_with_and_without_native_steps(soft, executor, seed):
+    """On a model with spread distributions (soft_gguf): the tokens, and the logprobs within
+    fp32 rounding, so a native step that reads a wrong token or context is seen."""
+    model = LlamaModel(soft.config, soft.weights, "fp32")
     fast, stats = engine_outputs(model, True, executor, seed)
     ref, _ = engine_outputs(model, False, executor, seed)
-    assert fast == ref and len(fast) == 12
+    assert fast.keys() == ref.keys() and len(fast) == 12
+    for k, want in ref.items():
+        assert [t for t, _ in fast[k]] == [t for t, _ in want], k
+        assert [lp for _, lp in fast[k]] == pytest.approx([lp for _, lp in want], abs=1e-4), k
     assert stats["preemptions"] > 0 and stats["cached_tokens"] > 0
 
 
