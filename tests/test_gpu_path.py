@@ -25,8 +25,11 @@ BS = 4
 
 
 @pytest.fixture(scope="module")
-def model(tiny_gguf):
-    t = load_gguf(tiny_gguf)
+def model(soft_gguf):
+    """The tiny model with spread distributions: a token or context read from the wrong place
+    changes the tokens and logprobs after it (the default tiny model's argmax is one token with
+    logprob 0.0 whatever it reads: a graph replaying the wrong input would go unnoticed)."""
+    t = load_gguf(soft_gguf)
     return LlamaModel(t.config, t.weights, "fp32")
 
 
@@ -241,7 +244,7 @@ def test_a_models_own_layers_replay_in_every_graph(tmp_path, family, attention):
     fields, has_it = FAMILIES[family]
     fields = dict(fields)
     scaling = fields.pop("scaling", None)
-    t = load_gguf(write_tiny_gguf(tmp_path / f"{family}.gguf", **fields))
+    t = load_gguf(write_tiny_gguf(tmp_path / f"{family}.gguf", embed_scale=0.2, **fields))   # spread distributions
     m = LlamaModel(t.config if scaling is None else replace(t.config, rope_scaling=scaling), t.weights, "fp32")
     assert has_it(m.config)
     ref, _ = run_engine(eager(m), 2)
@@ -560,7 +563,7 @@ def test_requests_parked_with_a_step_in_flight_answer_as_never_parked_through_gr
     engine.blocks.check_invariants()
 
 
-def test_engines_sharing_one_models_weights_replay_their_own_graphs_side_by_side(tiny_gguf):
+def test_engines_sharing_one_models_weights_replay_their_own_graphs_side_by_side(soft_gguf):
     # segments on one model take one loaded copy (LoadedModels), and each engine captures its
     # graphs over it at load: static buffers and the KV pool a graph writes are the engine's own,
     # only the weights are shared. Two engines stepping at once through their executors answer
@@ -570,7 +573,7 @@ def test_engines_sharing_one_models_weights_replay_their_own_graphs_side_by_side
     from pipeline_dsl.engine.models import LoadedModels, load_model, resolve_model
 
     models = LoadedModels()
-    source = resolve_model(str(tiny_gguf))
+    source = resolve_model(str(soft_gguf))
     (m1, _, shared1), (m2, _, shared2) = (models.load(source, dtype="fp32") for _ in range(2))
     assert m1 is m2 and (shared1, shared2) == (False, True)
     runners = [graphs_runner(m1, num_blocks=40), graphs_runner(m2, num_blocks=48)]
