@@ -129,13 +129,15 @@ def mixed_requests(n: int, seed: int = 0):
     return reqs
 
 
-def test_two_hundred_mixed_requests_through_threads_match_a_serial_run(tiny_gguf):
+def test_two_hundred_mixed_requests_through_threads_match_a_serial_run(soft_gguf):
+    """Over spread distributions (soft_gguf) a token in flight read from the wrong place changes
+    the text drawn after it: the threaded run's answers are the serial run's only if none is."""
     reqs = mixed_requests(200)
     serial: dict = {}
-    eng = engine(tiny_gguf, max_batch_size=16)
+    eng = engine(soft_gguf, max_batch_size=16)
     run_requests(eng, reqs, overlap=False, on_output=finished(serial))
     threaded: dict = {}
-    eng2 = engine(tiny_gguf, max_batch_size=16)
+    eng2 = engine(soft_gguf, max_batch_size=16)
     stats = run_requests(eng2, reqs, overlap=True, on_output=finished(threaded))
     assert len(serial) == 200 and threaded == serial
     assert {r for _, r, _ in serial.values()} >= {"length", "stop"}
