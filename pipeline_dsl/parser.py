@@ -25,7 +25,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 
 from . import ast, units
 from .diagnostics import ERROR, Diagnostic, SourcePos, did_you_mean
-from .user_cache import one_at_a_time, user_cache
+from .user_cache import one_at_a_time, private, user_cache
 
 # lark terminal names -> words a user understands
 _TOKEN_WORDS = {
@@ -74,7 +74,7 @@ def cache_file() -> Path | None:
         st = os.stat(folder)
     except OSError:                      # a read-only home, a file in the way
         return None
-    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+    if not private(st):
         return None
     return folder / f"parser-py{sys.version_info[0]}.{sys.version_info[1]}.pickle"
 
@@ -529,7 +529,7 @@ def _open_paren(text: str, at: int) -> int | None:
 
 # what the lexer skips whole: a string, a comment (neither spans lines)
 _STRING_OR_COMMENT = re.compile(r'"(?:[^"\\\n]|\\.)*"|#[^\n]*')
-_BRACE = re.compile(r'"(?:[^"\\\n]|\\.)*"|#[^\n]*|[{}]')
+_BRACE = re.compile(_STRING_OR_COMMENT.pattern + "|[{}]")
 
 
 def _open_blocks(text: str) -> list[tuple[str, int]] | None:
@@ -605,7 +605,7 @@ def _after_last_blank(text: str, start: int, end: int) -> int:
 def _braces_balance(text: str) -> bool:
     """Whether every '{' of `text` (strings and comments aside) has its '}', counted without
     lexing, so a file with another error still counts."""
-    bare = re.sub(r'"(?:[^"\\\n]|\\.)*"|#[^\n]*', "", text)
+    bare = _STRING_OR_COMMENT.sub("", text)
     return bare.count("{") == bare.count("}")
 
 

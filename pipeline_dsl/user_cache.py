@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import stat
 from pathlib import Path
 
 
@@ -18,6 +19,12 @@ def user_cache(*parts: str) -> Path | None:
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     cache = xdg if os.path.isabs(xdg) else os.path.join(os.path.expanduser("~"), ".cache")
     return Path(cache, "agp", *parts) if os.path.isabs(cache) else None
+
+
+def private(st: os.stat_result) -> bool:
+    """Whether a folder (its stat) is this user's and no one else may write in it: a place whose
+    files may be loaded as code (a pickle, a library)."""
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
 @contextlib.contextmanager

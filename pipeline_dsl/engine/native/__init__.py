@@ -33,7 +33,6 @@ import hashlib
 import logging
 import os
 import shutil
-import stat
 import subprocess
 import tempfile
 import time
@@ -41,7 +40,7 @@ import warnings
 from pathlib import Path
 
 from pipeline_dsl.cliargs import env_switch
-from pipeline_dsl.user_cache import one_at_a_time, user_cache
+from pipeline_dsl.user_cache import one_at_a_time, private, user_cache
 
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "kernels.cpp"
@@ -127,7 +126,7 @@ def _usable(folder: Path, make: bool = False) -> bool:
         st = folder.lstat()
     except OSError:
         return False
-    if shared and (not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022):
+    if shared and not private(st):
         return False
     return not make or os.access(folder, os.W_OK | os.X_OK)
 
