@@ -102,17 +102,26 @@ def normalised(vector: list[float]) -> list[float]:
     return [x / norm for x in vector] if norm > 0 else list(vector)
 
 
+def _field(req: dict, i: int) -> str:
+    """How an error names input i of a parsed request: a scoring request's own field, `messages`,
+    `input`, or `input[i]` of a list."""
+    if "places" in req:
+        return req["places"][i][1]
+    if isinstance(req["inputs"][i], tuple):
+        return "messages"
+    return "input" if len(req["inputs"]) == 1 else f"input[{i}]"
+
+
 def answered_in_words(req: dict, i: int, res) -> P.APIError:
     """The 400 of an input the pipeline answered with words instead of its embedding: a python
     stage (a guard) answered the request itself, or put a result of its own in the place of the
     generate stage's. The pipeline's word on the request, as a `Reject` is: the client gets it (and
     the stage's text), and the server did nothing wrong."""
-    chat = isinstance(req["inputs"][i], tuple)
+    field = _field(req, i)
     if "places" in req:                      # a scoring request's: each text's own field (serve/scores.py)
-        param, field = req["places"][i]
+        param = req["places"][i][0]
     else:
-        param = "messages" if chat else "input"
-        field = "messages" if chat else "input" if len(req["inputs"]) == 1 else f"input[{i}]"
+        param = "messages" if isinstance(req["inputs"][i], tuple) else "input"
     text = res.choices[0].text if res.choices else ""
     said = f"{text[:200]!r}" if text else ""
     data = res.choices[0].data if res.choices else None
@@ -137,16 +146,6 @@ def placed(req: dict, i: int, err: P.APIError) -> P.APIError:
     elif err.param == "input" and len(req["inputs"]) > 1:
         err.message = f"'input[{i}]': {err.message}"
     return err
-
-
-def _field(req: dict, i: int) -> str:
-    """How an error names input i of a parsed request: a scoring request's own field, `messages`,
-    `input`, or `input[i]` of a list."""
-    if "places" in req:
-        return req["places"][i][1]
-    if isinstance(req["inputs"][i], tuple):
-        return "messages"
-    return "input" if len(req["inputs"]) == 1 else f"input[{i}]"
 
 
 def pooled_vectors(req: dict, results) -> list[list[float]]:

@@ -17,7 +17,7 @@ from stages.fields import PRIORITY, REQUEST_FIELDS, TOKEN_ID_FIELDS, param_of
 
 from .embeddings import EMBED_DTYPES, ENDIANNESS, MAX_INPUTS
 from .protocol import (CHAT_LACKING, CHAT_NEUTRAL, COMPLETION_LACKING, IDENTIFIERS, IDENTITY,
-                       MAX_PROMPTS, NEUTRAL, REASONING_EFFORTS, RESPONSES_LACKING)
+                       MAX_PROMPTS, NEUTRAL, REASONING_EFFORTS, RESPONSES_LACKING, TOKENIZE_LACKING)
 from .responses import IMAGE_COMPRESSION, INCLUDABLE
 
 # vLLM's structural tag (response_format of type "structural_tag"): free text, and after each trigger
@@ -438,7 +438,7 @@ TOKENIZE_REQUEST = _request(None, {      # a prompt or messages (the other left 
     "continue_final_message": {"type": "boolean"}, "return_token_strs": {"type": "boolean"},
     "tools": {"type": "array", "minItems": 1, "maxItems": MAX_TOOLS, "items": {"type": "object"}},
     "chat_template_kwargs": {"type": "object", "description": "extra variables of the chat template"},
-    **_neutral({name: CHAT_LACKING[name] for name in ("chat_template", "mm_processor_kwargs", "media_io_kwargs")})})
+    **_neutral(TOKENIZE_LACKING)})
 
 TOKENIZE = {"requestBody": {"required": True, "content": {"application/json": {"schema": TOKENIZE_REQUEST}}},
             "responses": {"200": {"description": "the prompt's token ids", "content": {"application/json": {
