@@ -496,7 +496,7 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
         read.read_ahead(float("inf") if covered is None else covered)
         return read
 
-    from pipeline_dsl.commands.stopping import load_unless_stopped
+    from pipeline_dsl.commands.stopping import heard, load_unless_stopped
 
     try:               # a stop signal ends the wait at once, as it ends the load (commands/stopping.py)
         lines, sig = load_unless_stopped(first_lines)
@@ -623,11 +623,10 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
         n = source.request_lines
         return None if n is None else max(n - lines.skipped - lines.bad_lines, 0)
 
-    with Interrupt(stop) as interrupt:
+    def work() -> dict:
         try:
-            summary = run_pipeline(runtime, requests(), on_done=answers.put, progress=not args.no_progress,
-                                   stop=stop, on_interrupted=lambda slot: answers.put(slot, False),
-                                   total=total)
+            return run_pipeline(runtime, requests(), on_done=answers.put, progress=not args.no_progress,
+                                stop=stop, on_interrupted=lambda slot: answers.put(slot, False), total=total)
         finally:
             answers.flush()
             if fingerprint is not None and not answers.errors:
@@ -638,6 +637,9 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
             except OSError as e:              # what the last flush could not write
                 answers.errors.append(e)
             runtime.shutdown()
+
+    with Interrupt(stop) as interrupt:        # the run on a thread: a stop signal is heard wherever it lands
+        summary = heard(work, "agp-run")
     trace_error = None
     if args.trace:
         try:

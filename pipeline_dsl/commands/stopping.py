@@ -1,4 +1,4 @@
-"""Stop signals while a command loads its pipeline (agp serve, agp run).
+"""Stop signals while a command loads its pipeline (agp serve, agp run), and while it runs.
 
     loaded, sig = load_unless_stopped(lambda: build(args))
     if sig is not None:            # SIGTERM, SIGINT or SIGHUP came first
@@ -13,6 +13,12 @@ wherever the load is (an import that blocks, a long C call). The caller then exi
 os._exit: the load thread cannot be stopped, and an interpreter shutdown would wait on it or
 tear it down mid-call. `agp run` waits for its input's first lines the same way (a pipe that
 has sent nothing yet blocks a read as a load does).
+
+    summary = heard(lambda: run(...))     # the handlers in place: agp run's Interrupt
+
+Once loaded, `agp run` runs its requests on a thread the same way (`heard`): Python runs a
+handler only on the main thread, and the kernel may hand the signal to another thread, so a
+main thread blocked in an untimed wait would not hear it until that wait ended.
 """
 from __future__ import annotations
 
@@ -34,25 +40,52 @@ def load_unless_stopped(load: Callable[[], T], poll_s: float = 0.1,
     once the handlers are in place: whoever it tells that the load is on may signal at once."""
     stopped: list[int] = []
     old = {sig: signal.signal(sig, lambda sig, frame: stopped.append(sig)) for sig in STOP_SIGNALS}
-    done: dict = {}
-
-    def run() -> None:
-        try:
-            done["result"] = load()
-        except BaseException as e:             # raised again on the calling thread below
-            done["error"] = e
-
     with around if around is not None else contextlib.nullcontext():
-        loader = threading.Thread(target=run, name="agp-load", daemon=True)
-        loader.start()
-        while loader.is_alive() and not stopped:
-            loader.join(poll_s)
+        loader = _Work(load, "agp-load")
+        loader.wait(poll_s, until=lambda: bool(stopped))
     if stopped:
         for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
         return None, stopped[0]
     for sig, handler in old.items():
         signal.signal(sig, handler)
-    if "error" in done:
-        raise done["error"]
-    return done["result"], None
+    return loader.outcome(), None
+
+
+def heard(work: Callable[[], T], name: str = "agp-work", poll_s: float = 0.1) -> T:
+    """work() on a thread of its own while this thread, the main one, waits for it in joins of
+    `poll_s`: its result, or its exception raised here. Python runs a signal's handler on the
+    main thread only, once that thread is back in Python code, and the kernel may hand a signal
+    sent to the process to any of its threads (one whose main thread has a signal pending
+    already, for one). A main thread blocked in an untimed join or lock meanwhile (the engine
+    joining its stream threads) would never run the handler: Ctrl-C ignored for good. Waiting
+    here, it runs it within `poll_s` whichever thread the signal came to."""
+    worker = _Work(work, name)
+    worker.wait(poll_s)
+    return worker.outcome()
+
+
+class _Work:
+    """fn() started on a daemon thread (a stop may os._exit while it is blocked); its outcome."""
+
+    def __init__(self, fn: Callable[[], T], name: str) -> None:
+        self._done: dict = {}
+
+        def run() -> None:
+            try:
+                self._done["result"] = fn()
+            except BaseException as e:         # noqa: BLE001 - raised again on the waiting thread
+                self._done["error"] = e
+
+        self._thread = threading.Thread(target=run, name=name, daemon=True)
+        self._thread.start()
+
+    def wait(self, poll_s: float, until: Callable[[], bool] = lambda: False) -> None:
+        """Until fn() returns or until(), in joins of poll_s (a signal handler runs between them)."""
+        while self._thread.is_alive() and not until():
+            self._thread.join(poll_s)
+
+    def outcome(self) -> T:
+        if "error" in self._done:
+            raise self._done["error"]
+        return self._done["result"]
