@@ -406,12 +406,30 @@ def mid_served(tmp_path_factory, mid_gguf):
         served.stop()
 
 
+def stalls(probe, bound: float) -> list[float]:
+    """probe() -> the victim's gaps; [] when none reaches `bound`, else every try's gaps. A stall the
+    server causes comes back each time; a busy machine's hiccup (1.7 s seen once, 3 test workers on
+    2 cores) seldom twice running, so a second try decides."""
+    tries = []
+    for _ in range(2):
+        gaps = probe()
+        assert gaps
+        tries.append(gaps)
+        if max(gaps) < bound:
+            return []
+    return tries
+
+
 def test_a_10mb_prompt_does_not_stall_a_running_stream(tmp_path, mid_served):
     big = tmp_path / "big.json"
     big.write_text(json.dumps({"prompt": "word " * 2_000_000, "max_tokens": 4}))        # 10 MB
-    status, text, gaps = while_a_stream_runs(mid_served.url(), big, "/v1/completions")
-    assert status == 413 and "body_too_large" in text
-    assert gaps and max(gaps) < STALL, gaps
+
+    def probe() -> list[float]:
+        status, text, gaps = while_a_stream_runs(mid_served.url(), big, "/v1/completions")
+        assert status == 413 and "body_too_large" in text
+        return gaps
+
+    assert not stalls(probe, STALL)
 
 
 def test_a_chat_template_that_never_ends_fails_its_request_only(tmp_path, mid_served):
@@ -419,14 +437,18 @@ def test_a_chat_template_that_never_ends_fails_its_request_only(tmp_path, mid_se
     chat = tmp_path / "chat.json"
     chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}))
     # raw prompts need no template: the victim goes on while the template runs its 2 s
-    try:
+    def probe() -> list[float]:
         status, text, gaps = while_a_stream_runs(mid_served.url(), chat, "/v1/chat/completions")
-    finally:
-        mid_served.stop()
-    assert status == 400 and "did not finish within" in text
+        assert status == 400 and "did not finish within" in text
+        assert len(gaps) >= 5
+        return gaps
+
     # the template runs to its limit: had it run on the engine's loop, one gap would be as long as
     # that; a busy machine's hiccups are shorter (1.4 s seen at load 11: above STALL)
-    assert len(gaps) >= 5 and max(gaps) < 0.9 * TEMPLATE_SECONDS, gaps
+    try:
+        assert not stalls(probe, 0.9 * TEMPLATE_SECONDS)
+    finally:
+        mid_served.stop()
 
 
 # a template that spins until its time is up when a request's chat_template_kwargs say so
