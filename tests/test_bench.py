@@ -989,6 +989,39 @@ def test_ctrl_c_prints_and_writes_what_was_measured_and_exits_130(tmp_path):
     assert (report["requests"], report["completed"]) == (2, 2)
 
 
+def test_ctrl_c_handed_to_another_thread_stops_the_measurement_as_well(tmp_path):
+    """The kernel may hand a signal sent to the process to any of its threads; Python runs its
+    handler on the main thread, there asyncio.run's event loop, once that loop wakes. With the
+    server holding the one request in flight, nothing woke it before the request timed out
+    (--request-timeout, 600 s): Ctrl-C went unheard. Now heard, as Ctrl-C to the main thread is."""
+    import os
+    import signal
+    import subprocess
+
+    from test_hostile import to_another_thread
+
+    server, handler = _stalling_server()
+    js = tmp_path / "r.json"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "bench", "--url",
+                             f"http://127.0.0.1:{server.server_address[1]}", "-w", str(_workload(tmp_path)),
+                             "--warmup", "0", "--no-progress", "--json", str(js), "--concurrency", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=ctrl_c_default)
+    try:
+        deadline = time.monotonic() + 60          # the third request held, one thread beside the main one
+        while (handler.seen < 3 or len(os.listdir(f"/proc/{proc.pid}/task")) < 2) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        to_another_thread(proc, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == 130, err
+    assert re.search(r"requests ok/sent\s+2/2", out)
+    assert "its report holds the 2 requests that had ended" in err
+    assert [r["completed"] for r in json.loads(js.read_text())] == [2]
+
 def test_a_report_saved_before_the_newer_fields_is_read_with_their_defaults(tmp_path):
     """A --json file written before reports held burstiness, concurrency, slo and goodput."""
     old = {k: v for k, v in _SAVED.items() if k not in ("burstiness", "concurrency", "slo", "goodput")}

@@ -270,6 +270,57 @@ def test_the_ingress_cuts_the_requests_a_drain_timeout_left_as_one_process_does_
     assert "drain timeout 5s" in json.loads(unanswered[1]["body"])["error"]["message"]
 
 
+# a signal raised at each line the main thread runs once agp serve --ray's handlers are in place, in
+# turn: in the wait, and in whatever it calls (threading's Event.wait holds the Event's lock at some)
+SIGNAL_AT_EACH_LINE = """
+import signal, sys
+from pipeline_dsl.serve.ray import wait_for_stop
+
+def before(sig, frame):          # the wait's own handlers are not in place yet
+    pass
+
+n, every = 0, False
+while not every:                 # the n-th line it runs (the first time it runs it), until none is new
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, before)
+    lines, ran = set(), [0]
+
+    def trace(frame, event, arg):
+        global every
+        if event == "line" and signal.getsignal(signal.SIGTERM) is not before:
+            ran[0] += 1
+            if (frame.f_code, frame.f_lineno) not in lines:
+                lines.add((frame.f_code, frame.f_lineno))
+                if len(lines) == n + 1:
+                    signal.raise_signal(signal.SIGTERM)
+            elif ran[0] == 5000:     # the wait has run every line it runs: all were tried
+                every = True
+                signal.raise_signal(signal.SIGTERM)
+        return trace
+
+    sys.settrace(trace)
+    try:
+        got = wait_for_stop((signal.SIGINT, signal.SIGTERM), 0.001)
+    finally:
+        sys.settrace(None)
+    assert got == signal.SIGTERM, got
+    n += 1
+print("heard at each of", n - 1, "lines")
+"""
+
+
+def test_the_stop_signal_of_a_running_application_is_heard_wherever_the_main_thread_is_in_its_wait():
+    """Once deployed, agp serve --ray waits on its main thread for SIGTERM or SIGINT. Its handler
+    set a threading.Event the main thread was waiting on in Event.wait(0.5): a signal handled
+    while that thread held the Event's lock (a plain Lock, held across lines of Event.wait)
+    waited for that lock for good, and the application was never drained or deleted. Here the
+    signal comes at each line of the wait in turn, and each one is heard."""
+    pytest.importorskip("pipeline_dsl.serve.ray", exc_type=ImportError)
+    r = subprocess.run([sys.executable, "-c", SIGNAL_AT_EACH_LINE], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120)
+    assert r.returncode == 0 and "heard at each of" in r.stdout, r.stderr[-2000:]
+
+
 def test_a_local_cluster_that_times_out_starting_is_started_again_and_other_failures_are_not(monkeypatch, caplog):
     on_ray = pytest.importorskip("pipeline_dsl.serve.ray", exc_type=ImportError)
     calls, shutdowns = [], []

@@ -238,6 +238,7 @@ def main(args) -> int:
     from pipeline_dsl.commands.loadgen import (DEFAULT_PERCENTILES, BenchError, EngineTarget, HTTPTarget, Interrupted, bench_one,
                                         failure, format_table, load_reports, load_workload, parse_target,
                                         rate_text)
+    from pipeline_dsl.commands.stopping import ticking
     from pipeline_dsl.diagnostics import CheckFailed
     from pipeline_dsl.engine.errors import InputError
 
@@ -314,12 +315,13 @@ def main(args) -> int:
                 codes.append(_err(str(e)))
                 break
             try:
-                report = asyncio.run(bench_one(
+                # the loop woken every 0.1 s: Ctrl-C is heard whichever thread the kernel hands it to
+                report = asyncio.run(ticking(bench_one(
                     target, items, rate=rate, num=num, duration=args.duration,
                     concurrency=args.concurrency, seed=args.seed, progress=not args.no_progress,
                     warmup=args.warmup, request_timeout=args.request_timeout, burstiness=args.burstiness,
                     slo=dict(args.goodput or ()),
-                    percentiles=args.metric_percentiles or DEFAULT_PERCENTILES, keep_records=saving))
+                    percentiles=args.metric_percentiles or DEFAULT_PERCENTILES, keep_records=saving)))
             except BenchError as e:          # this target cannot be measured: the others still are
                 print(f"agp bench: error: {e}", file=sys.stderr)
                 codes.append(1)

@@ -431,6 +431,8 @@ class Interrupt:
         return self
 
     def _handle(self, signum, frame) -> None:
+        # it takes the Event's lock and standard error's: the main thread meanwhile only joins the
+        # run's thread (stopping.heard), holding neither (commands/stopping.py)
         if self.event.is_set():
             print("\nagp run: interrupted again: exiting now", file=sys.stderr, flush=True)
             os._exit(128 + signum)

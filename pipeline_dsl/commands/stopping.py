@@ -19,13 +19,29 @@ has sent nothing yet blocks a read as a load does).
 Once loaded, `agp run` runs its requests on a thread the same way (`heard`): Python runs a
 handler only on the main thread, and the kernel may hand the signal to another thread, so a
 main thread blocked in an untimed wait would not hear it until that wait ended.
+
+    report = asyncio.run(ticking(bench_one(...)))   # agp bench: asyncio.run's Ctrl-C handler
+
+An event loop on the main thread waits in a select() whose timeout is its next timer: a signal
+handed to another thread (an engine's, the loop's executor's) wakes nothing, and asyncio.run's
+handler would wait for the next answer or timer (a request held up to its timeout). `ticking`
+wakes the loop every `poll_s`, as uvicorn's tick wakes `agp serve`'s.
+
+    sig = wait_for_stop((signal.SIGINT, signal.SIGTERM))      # agp serve --ray, once deployed
+
+A handler runs on the main thread between two of its bytecodes, wherever that thread is: one
+that takes a lock the main thread may hold there (threading.Event.set while the main thread is
+in Event.wait, holding the Event's lock; a write to sys.stderr while it writes there) would wait
+for itself for good, or raise. So a handler here only appends to a list, and the main thread
+looks at the list between short sleeps.
 """
 from __future__ import annotations
 
 import contextlib
 import signal
 import threading
-from typing import Callable, ContextManager, TypeVar
+import time
+from typing import Awaitable, Callable, ContextManager, Iterable, TypeVar
 
 T = TypeVar("T")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -63,6 +79,37 @@ def heard(work: Callable[[], T], name: str = "agp-work", poll_s: float = 0.1) ->
     worker = _Work(work, name)
     worker.wait(poll_s)
     return worker.outcome()
+
+
+async def ticking(work: Awaitable[T], poll_s: float = 0.1) -> T:
+    """await work, the event loop woken every `poll_s` meanwhile: on the main thread, a signal's
+    Python handler (asyncio.run's Ctrl-C, which cancels the main task) then runs within `poll_s`
+    whichever thread the kernel handed the signal to, not once the loop next has something to do."""
+    import asyncio
+
+    async def tick() -> None:
+        while True:
+            await asyncio.sleep(poll_s)
+
+    ticker = asyncio.ensure_future(tick())
+    try:
+        return await work
+    finally:
+        ticker.cancel()
+
+
+def wait_for_stop(signals: Iterable[int] = STOP_SIGNALS, poll_s: float = 0.1) -> int:
+    """Until one of `signals` comes: the first that came. Its handler only appends the signal to
+    a list (it takes no lock: it runs wherever the main thread was, maybe inside a lock of its
+    own), and this thread looks at the list between sleeps of `poll_s` (within which it hears a
+    signal the kernel handed to another thread). The handlers stay in place: a later signal, while
+    the caller stops, is noted and changes nothing."""
+    stopped: list[int] = []
+    for sig in signals:
+        signal.signal(sig, lambda sig, frame: stopped.append(sig))
+    while not stopped:
+        time.sleep(poll_s)
+    return stopped[0]
 
 
 class _Work:

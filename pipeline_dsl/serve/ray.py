@@ -24,13 +24,14 @@ import logging
 import math
 import signal
 import socket
-import threading
 import time
 from pathlib import Path
 
 import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
+
+from pipeline_dsl.commands.stopping import wait_for_stop
 
 from .ray_deployments import AgpIngress, AgpPipeline, PrefixAffinityRouter, affinity_key, rank
 from .ray_metrics import AgpMetrics
@@ -387,11 +388,8 @@ def main(args) -> int:
     log.info("agp serving pipeline %s on Ray Serve as %s at %s://%s%s/v1; prefix affinity %s",
              Path(args.pipeline).name, count, scheme, endpoint(host, port), args.root_path,
              f"on the first {args.affinity_chars} characters" if args.affinity_chars else "off")
-    signalled = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: signalled.set())
-    while not signalled.wait(0.5):
-        pass
+    # SIGINT or SIGTERM stops it (a handler that takes no lock, heard whichever thread it came to)
+    wait_for_stop((signal.SIGINT, signal.SIGTERM))
     try:
         return stop(APP, args.drain_timeout)
     finally:
