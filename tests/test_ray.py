@@ -30,6 +30,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline_dsl import cli
+from pipeline_dsl.commands.stopping import wait_for_stop
 from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
 from test_serve import TINY, _free_port
 
@@ -274,7 +275,7 @@ def test_the_ingress_cuts_the_requests_a_drain_timeout_left_as_one_process_does_
 # turn: in the wait, and in whatever it calls (threading's Event.wait holds the Event's lock at some)
 SIGNAL_AT_EACH_LINE = """
 import signal, sys
-from pipeline_dsl.serve.ray import wait_for_stop
+from pipeline_dsl.commands.stopping import wait_for_stop
 
 def before(sig, frame):          # the wait's own handlers are not in place yet
     pass
@@ -315,7 +316,8 @@ def test_the_stop_signal_of_a_running_application_is_heard_wherever_the_main_thr
     while that thread held the Event's lock (a plain Lock, held across lines of Event.wait)
     waited for that lock for good, and the application was never drained or deleted. Here the
     signal comes at each line of the wait in turn, and each one is heard."""
-    pytest.importorskip("pipeline_dsl.serve.ray", exc_type=ImportError)
+    on_ray = pytest.importorskip("pipeline_dsl.serve.ray", exc_type=ImportError)
+    assert on_ray.wait_for_stop is wait_for_stop      # the wait tried here (without importing Ray again)
     r = subprocess.run([sys.executable, "-c", SIGNAL_AT_EACH_LINE], capture_output=True, text=True, cwd=ROOT,
                        timeout=120)
     assert r.returncode == 0 and "heard at each of" in r.stdout, r.stderr[-2000:]
