@@ -157,8 +157,11 @@ class Ingress:
         cut, self.count, self.reason = self.count, 0, reason
         return cut
 
-    def delete(self, app):
+    def delete(self, app, _blocking=True):
         self.deleted, self.held = app == "agp", self.count
+
+    def status(self):               # Serve's status: the application is there until deleted
+        return type("Status", (), {"applications": {} if self.deleted else {"agp": None}})()
 
     class Call:
         def __init__(self, fn):
@@ -176,6 +179,7 @@ def test_a_drain_whose_timeout_cuts_requests_exits_1_naming_how_many_as_one_proc
     ingress = Ingress(in_flight)
     monkeypatch.setattr(on_ray.serve, "get_app_handle", lambda app: ingress if app == on_ray.APP else None)
     monkeypatch.setattr(on_ray.serve, "delete", ingress.delete)
+    monkeypatch.setattr(on_ray.serve, "status", ingress.status)
     caplog.set_level(logging.INFO, logger="agp.serve")
     assert on_ray.stop(on_ray.APP, drain_timeout=0.2) == status
     assert ingress.draining and ingress.deleted
@@ -189,6 +193,25 @@ def test_a_drain_whose_timeout_cuts_requests_exits_1_naming_how_many_as_one_proc
     else:
         assert said[-1] == "stopped (drained)" and not any("cut" in line for line in said)
         assert ingress.reason is None
+
+
+def test_an_application_is_deleted_once_serve_no_longer_lists_it_and_a_stuck_one_times_out(monkeypatch):
+    """`delete` asks Serve not to wait (serve.delete's own wait looks once a second) and looks every
+    `every` seconds itself, returning at the first look that finds the application gone."""
+    on_ray = pytest.importorskip("pipeline_dsl.serve.ray", exc_type=ImportError)
+    asked, looks, gone_after = [], [], [3]
+
+    def status():
+        looks.append(1)
+        return type("Status", (), {"applications": {} if len(looks) > gone_after[0] else {"agp": None}})()
+
+    monkeypatch.setattr(on_ray.serve, "delete", lambda app, _blocking=True: asked.append((app, _blocking)))
+    monkeypatch.setattr(on_ray.serve, "status", status)
+    on_ray.delete("agp", every=0.001)
+    assert asked == [("agp", False)] and len(looks) == 4
+    gone_after[0] = float("inf")
+    with pytest.raises(TimeoutError, match="the application 'agp' was not deleted after 0.05s"):
+        on_ray.delete("agp", every=0.001, timeout=0.05)
 
 
 class StuckReplicas:
@@ -817,6 +840,14 @@ def holding_replica(url: str) -> str | None:
     return next((replica for replica, count in held.items() if count > 0), None)
 
 
+def replicas_alone(on_ray, args):
+    """The application's AgpPipeline deployment alone (what `build_app` binds, without the ingress
+    and the metrics hub): what `deploy` watches, and the deploy tests' only need. The other two
+    are each a process that imports Ray Serve and agp on a machine the fixture's cluster already
+    keeps busy: with them a failing replica took 17-18 s to report on 2 busy cores, alone 10-11 s."""
+    return on_ray.AgpPipeline.options(**on_ray.pipeline_options(args)).bind(on_ray.replica_options(args))
+
+
 def test_a_flag_the_replicas_cannot_start_with_is_named_at_the_first_failure(cluster, tmp_path, tiny_gguf):
     """A SetupError fails a replica the same way each time Serve starts it again (3 times per
     replica by default, each a process that loads the model): `deploy` reports the first."""
@@ -830,7 +861,7 @@ def test_a_flag_the_replicas_cannot_start_with_is_named_at_the_first_failure(clu
     args = on_ray.parse([str(path), "--threads", "1", "--max-model-len", "100000", "--drain-timeout", "1"])
     before = set(threading.enumerate())
     with pytest.raises(RuntimeError) as e:
-        on_ray.deploy(on_ray.build_app(args), "agp-bad", "/bad")
+        on_ray.deploy(replicas_alone(on_ray, args), "agp-bad", "/bad")
     try:
         # nothing of deploy's goes on calling Ray once it raised: `agp serve --ray` shuts Ray down
         # next, and a Ray call after that starts a second local cluster in the exiting process
@@ -869,7 +900,7 @@ def test_ctrl_c_while_deploying_deletes_the_application_it_was_deploying(cluster
 
     monkeypatch.setattr(serve, "status", interrupted_once_deploying)
     with pytest.raises(KeyboardInterrupt):
-        on_ray.deploy(on_ray.build_app(args), "agp-int", "/int")
+        on_ray.deploy(replicas_alone(on_ray, args), "agp-int", "/int")
     monkeypatch.setattr(serve, "status", status)
     assert seen
     try:

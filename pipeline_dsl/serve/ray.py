@@ -46,8 +46,9 @@ STOP_POLL_S = 0.25
 HUB_STOP_S = 1.0                  # the AgpMetrics replica's stop (it holds no request to wait for)
 
 __all__ = ["APP", "AgpIngress", "AgpPipeline", "PrefixAffinityRouter", "StartFailed", "affinity_key", "app_builder",
-           "build_app", "deploy", "drain", "init_cluster", "logging_config", "main", "parse", "pipeline_options",
-           "rank", "running_http_options", "served_address", "setup_failure", "start_failure", "stop"]
+           "build_app", "delete", "deploy", "drain", "init_cluster", "logging_config", "main", "parse",
+           "pipeline_options", "rank", "replica_options", "running_http_options", "served_address", "setup_failure",
+           "start_failure", "stop"]
 
 
 # ---------------------------------------------------------------- the application
@@ -75,8 +76,8 @@ def pipeline_options(args, gpus: float = 0) -> dict:
     return opts
 
 
-def build_app(args, gpus: float = 0):
-    """The Serve application for checked `agp serve` flags (files made absolute: every node
+def replica_options(args) -> dict:
+    """The flags each AgpPipeline replica builds its app from (files made absolute: every node
     reads them at the same path)."""
     from .build import served_names
     from .options import template_text
@@ -88,10 +89,15 @@ def build_app(args, gpus: float = 0):
     if options.get("generation_config") not in (None, "auto", "vllm"):       # a folder
         options["generation_config"] = str(Path(options["generation_config"]).resolve())
     options.pop("func", None)
+    return options
+
+
+def build_app(args, gpus: float = 0):
+    """The Serve application for checked `agp serve` flags."""
     logs = logging_config(args)
     hub = AgpMetrics.options(logging_config=logs, graceful_shutdown_wait_loop_s=STOP_POLL_S,
                              graceful_shutdown_timeout_s=HUB_STOP_S).bind()
-    pipeline = AgpPipeline.options(**pipeline_options(args, gpus)).bind(options, hub)
+    pipeline = AgpPipeline.options(**pipeline_options(args, gpus)).bind(replica_options(args), hub)
     return AgpIngress.options(logging_config=logs, graceful_shutdown_wait_loop_s=STOP_POLL_S,
                               graceful_shutdown_timeout_s=args.drain_timeout).bind(
         pipeline, args.affinity_chars, args.max_body_bytes, args.body_timeout, hub, args.root_path,
@@ -124,6 +130,18 @@ def drain(app: str, timeout: float, quiet_s: float = 1.0) -> int:
         time.sleep(0.1)
 
 
+def delete(app: str, every: float = 0.1, timeout: float = 60.0) -> None:
+    """Delete the application `app` and return once it is gone (`serve.delete`, which waits too,
+    looks only once a second: on average half a second of every stop spent after the replicas had
+    stopped). Raises TimeoutError when it is still there after `timeout`, as `serve.delete` does."""
+    serve.delete(app, _blocking=False)
+    deadline = time.monotonic() + timeout
+    while app in serve.status().applications:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the application {app!r} was not deleted after {timeout:g}s")
+        time.sleep(every)
+
+
 def stop(app: str, drain_timeout: float) -> int:
     """Drain the running application (`drain`), delete it, and give agp serve's exit status, as
     one process gives it (commands/serve.py exit_status): 0 when every request in flight was
@@ -138,7 +156,7 @@ def stop(app: str, drain_timeout: float) -> int:
     if cut:
         cut = serve.get_app_handle(app).cut.remote(
             f"the server shut down before this request finished (drain timeout {drain_timeout:g}s)").result()
-    serve.delete(app)                            # its replicas hold no request: they stop at once
+    delete(app)                                  # its replicas hold no request: they stop at once
     if cut:
         log.warning("stopped; the drain timeout cut %d request(s) still in flight", cut)
         return 1
@@ -240,7 +258,7 @@ def deploy(target, name: str = APP, route_prefix: str = "/", every: float = 0.2)
             time.sleep(every)
     except KeyboardInterrupt:
         log.warning("interrupted while deploying: deleting the application %r", name)
-        serve.delete(name)
+        delete(name)
         raise
 
 
@@ -374,7 +392,7 @@ def main(args) -> int:
     except Exception as e:                      # noqa: BLE001 - Serve says why the replicas did not start
         code, why = start_failure(e)
         report(why if code == 2 else f"the application did not start: {why}")
-        serve.delete(APP)
+        delete(APP)
         if started_here:
             ray.shutdown()
         return code
