@@ -157,11 +157,8 @@ class Ingress:
         cut, self.count, self.reason = self.count, 0, reason
         return cut
 
-    def delete(self, app, _blocking=True):
+    def delete(self, app):
         self.deleted, self.held = app == "agp", self.count
-
-    def status(self):               # Serve's status: the application is there until deleted
-        return type("Status", (), {"applications": {} if self.deleted else {"agp": None}})()
 
     class Call:
         def __init__(self, fn):
@@ -179,7 +176,6 @@ def test_a_drain_whose_timeout_cuts_requests_exits_1_naming_how_many_as_one_proc
     ingress = Ingress(in_flight)
     monkeypatch.setattr(on_ray.serve, "get_app_handle", lambda app: ingress if app == on_ray.APP else None)
     monkeypatch.setattr(on_ray.serve, "delete", ingress.delete)
-    monkeypatch.setattr(on_ray.serve, "status", ingress.status)
     caplog.set_level(logging.INFO, logger="agp.serve")
     assert on_ray.stop(on_ray.APP, drain_timeout=0.2) == status
     assert ingress.draining and ingress.deleted
@@ -193,25 +189,6 @@ def test_a_drain_whose_timeout_cuts_requests_exits_1_naming_how_many_as_one_proc
     else:
         assert said[-1] == "stopped (drained)" and not any("cut" in line for line in said)
         assert ingress.reason is None
-
-
-def test_an_application_is_deleted_once_serve_no_longer_lists_it_and_a_stuck_one_times_out(monkeypatch):
-    """`delete` asks Serve not to wait (serve.delete's own wait looks once a second) and looks every
-    `every` seconds itself, returning at the first look that finds the application gone."""
-    on_ray = pytest.importorskip("pipeline_dsl.serve.ray", exc_type=ImportError)
-    asked, looks, gone_after = [], [], [3]
-
-    def status():
-        looks.append(1)
-        return type("Status", (), {"applications": {} if len(looks) > gone_after[0] else {"agp": None}})()
-
-    monkeypatch.setattr(on_ray.serve, "delete", lambda app, _blocking=True: asked.append((app, _blocking)))
-    monkeypatch.setattr(on_ray.serve, "status", status)
-    on_ray.delete("agp", every=0.001)
-    assert asked == [("agp", False)] and len(looks) == 4
-    gone_after[0] = float("inf")
-    with pytest.raises(TimeoutError, match="the application 'agp' was not deleted after 0.05s"):
-        on_ray.delete("agp", every=0.001, timeout=0.05)
 
 
 class StuckReplicas:

@@ -46,7 +46,7 @@ STOP_POLL_S = 0.25
 HUB_STOP_S = 1.0                  # the AgpMetrics replica's stop (it holds no request to wait for)
 
 __all__ = ["APP", "AgpIngress", "AgpPipeline", "PrefixAffinityRouter", "StartFailed", "affinity_key", "app_builder",
-           "build_app", "delete", "deploy", "drain", "init_cluster", "logging_config", "main", "parse",
+           "build_app", "deploy", "drain", "init_cluster", "logging_config", "main", "parse",
            "pipeline_options", "rank", "replica_options", "running_http_options", "served_address", "setup_failure",
            "start_failure", "stop"]
 
@@ -130,18 +130,6 @@ def drain(app: str, timeout: float, quiet_s: float = 1.0) -> int:
         time.sleep(0.1)
 
 
-def delete(app: str, every: float = 0.1, timeout: float = 60.0) -> None:
-    """Delete the application `app` and return once it is gone (`serve.delete`, which waits too,
-    looks only once a second: on average half a second of every stop spent after the replicas had
-    stopped). Raises TimeoutError when it is still there after `timeout`, as `serve.delete` does."""
-    serve.delete(app, _blocking=False)
-    deadline = time.monotonic() + timeout
-    while app in serve.status().applications:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the application {app!r} was not deleted after {timeout:g}s")
-        time.sleep(every)
-
-
 def stop(app: str, drain_timeout: float) -> int:
     """Drain the running application (`drain`), delete it, and give agp serve's exit status, as
     one process gives it (commands/serve.py exit_status): 0 when every request in flight was
@@ -156,7 +144,7 @@ def stop(app: str, drain_timeout: float) -> int:
     if cut:
         cut = serve.get_app_handle(app).cut.remote(
             f"the server shut down before this request finished (drain timeout {drain_timeout:g}s)").result()
-    delete(app)                                  # its replicas hold no request: they stop at once
+    serve.delete(app)                            # its replicas hold no request: they stop at once
     if cut:
         log.warning("stopped; the drain timeout cut %d request(s) still in flight", cut)
         return 1
@@ -258,7 +246,7 @@ def deploy(target, name: str = APP, route_prefix: str = "/", every: float = 0.2)
             time.sleep(every)
     except KeyboardInterrupt:
         log.warning("interrupted while deploying: deleting the application %r", name)
-        delete(name)
+        serve.delete(name)
         raise
 
 
@@ -392,7 +380,7 @@ def main(args) -> int:
     except Exception as e:                      # noqa: BLE001 - Serve says why the replicas did not start
         code, why = start_failure(e)
         report(why if code == 2 else f"the application did not start: {why}")
-        delete(APP)
+        serve.delete(APP)
         if started_here:
             ray.shutdown()
         return code
