@@ -10,6 +10,7 @@ logprobs `agp serve` answers (echo) agree to 1e-3.
 import copy
 import functools
 
+import numpy as np
 import pytest
 import torch
 
@@ -72,14 +73,29 @@ def reference():
     load_checkpoint = gguf_checkpoint.load_gguf_checkpoint
     metadata = functools.cache(lambda path: load_checkpoint(path, return_tensors=False))
 
+    class ArrayReader(gguf.GGUFReader):
+        """gguf's reader over a plain array view of its memmap (the same bytes, no copy). Its
+        parse of the header slices the file once per field part (the 49152 tokens and 48900
+        merges: ~250k slices), and transformers' parse of the values iterates each string byte by
+        byte; on a memmap every slice and byte goes through numpy's memmap subclass in Python.
+        The metadata's parse went from 8.6-10.8 s to 2.1-3.2 s (the same dict)."""
+
+        @property
+        def data(self):
+            return self._data
+
+        @data.setter
+        def data(self, value):
+            self._data = np.asarray(value)
+
     def load_once(path, return_tensors=False, **more):
         if return_tensors or more:
             return load_checkpoint(path, return_tensors, **more)
         return copy.deepcopy(metadata(str(path)))
 
     with pytest.MonkeyPatch.context() as mp:
-        for name in ("GGUFReader", "get_tensor_name_map"):
-            mp.setattr(gguf, name, functools.cache(getattr(gguf, name)))
+        mp.setattr(gguf, "GGUFReader", functools.cache(ArrayReader))
+        mp.setattr(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map))
         mp.setattr(gguf_checkpoint, "load_gguf_checkpoint", load_once)
         model = transformers.AutoModelForCausalLM.from_pretrained(str(src.path.parent), dtype=torch.float32, **kw)
         tok = transformers.AutoTokenizer.from_pretrained(str(src.path.parent), **kw)

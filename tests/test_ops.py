@@ -73,6 +73,10 @@ class Proc:
             self.lines.append(line.rstrip("\n"))
 
     def stop(self) -> int:
+        # the client's idle keep-alive connection closed first: left open to a TLS server, the
+        # server's drain waited out uvicorn's 5 s graceful-shutdown timeout for it ("Cancel 0
+        # running task(s)") at every stop (a plain-HTTP server's did not)
+        self.client.close()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
