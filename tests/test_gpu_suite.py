@@ -11,13 +11,21 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_gpu_suite_smoke_prints_every_figure_on_cpu(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_suite.py"), "--smoke", "--json",
-                          str(tmp_path / "rows.json")], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=900)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    table = out.stdout[out.stdout.index("| figure"):]
+def test_gpu_suite_smoke_prints_every_figure_on_cpu(tmp_path, monkeypatch, capsys):
+    # the suite's main in this process, whose torch is imported already (a python of its own spent
+    # ~3 s of CPU importing it again); its agp run and agp serve rows still start processes of
+    # their own, as on a device. Its loaded runners, KV budget and deadline are this test's alone
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    import gpu_suite
+
+    for name, fresh in (("RUNNERS", {}), ("LOAD_FAILED", {}), ("KV_BUDGET", list(gpu_suite.KV_BUDGET)),
+                        ("DEADLINE", [None])):
+        monkeypatch.setattr(gpu_suite, name, fresh)
+    rc = gpu_suite.main(["--smoke", "--json", str(tmp_path / "rows.json")])
+    out = capsys.readouterr()
+    assert rc == 0, out.out[-3000:] + out.err[-3000:]
+    table = out.out[out.out.index("| figure"):]
     for row in ("engine alone, tiny, 8 x 8", "engine alone, tiny, agp run's 8 chat prompts x 8",
                 "engine alone, tiny, agp serve's 8 chat prompts x 8", "transformers generate",
                 "ratio engine / transformers", "batch sweep 1", "batch sweep 4", "streams overlapped",
@@ -29,7 +37,7 @@ def test_gpu_suite_smoke_prints_every_figure_on_cpu(tmp_path):
                 "ratio engine / transformers, tiny-mha"):
         assert f"| {row}" in table, row
     assert "failed" not in table and "skipped" not in table
-    done = out.stdout[out.stdout.index("| done when"):]
+    done = out.out[out.out.index("| done when"):]
     figures = [line.strip("|").split(" | ") for line in done.splitlines()[2:] if line.startswith("| ")]
     assert [f[0].strip() for f in figures] == [
         "engine alone, tiny, tok/s", "engine alone / transformers, tiny",
