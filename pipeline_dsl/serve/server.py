@@ -514,6 +514,14 @@ def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
                          self._client(), self._answering())
                 self.transport.abort()
                 return
+            if (not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete)
+                    and self.transport.get_write_buffer_size() == 0):
+                # idle, nothing of an answer left to write: closed at once. close() would wait on
+                # TLS for the client's close_notify, which an idle keep-alive client (a pool's
+                # connection) never sends: every stop with one open waited out the 5 s and logged
+                # an ERROR. The kernel still sends what it holds; the client sees the close.
+                self.transport.abort()
+                return
             super().shutdown()
 
         def connection_lost(self, exc) -> None:
