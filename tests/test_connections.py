@@ -352,9 +352,13 @@ class _Transport:
 
     def __init__(self):
         self.aborted = self.closed = False
+        self.buffered = 0                   # bytes written that wait in asyncio's buffer
 
     def get_extra_info(self, name, default=None):
         return default
+
+    def get_write_buffer_size(self):
+        return self.buffered
 
     def is_closing(self):
         return self.aborted or self.closed
@@ -602,6 +606,32 @@ def _answered_connection(clock, keep_alive_timeout, header_timeout=10):
         assert state.total_requests == before + 1 and not t.is_closing()
     serve_one()
     return proto, t, serve_one
+
+
+@pytest.mark.parametrize("drains", [False, True])
+def test_a_stop_closes_an_idle_connection_at_once_and_one_whose_answer_waits_once_sent_or_its_client_stalls(drains):
+    """A stop (uvicorn's shutdown) closes an idle connection with nothing left to write at once
+    (abort: close() waits on TLS for a close_notify an idle client never sends); one whose last
+    answer's end still waits in asyncio's buffer, under the mark that pauses writing, is closed to
+    go once sent, and cut once its client has taken none of it for a second (close() alone waited
+    on a client that reads nothing: the stop waited out uvicorn's 5 s, with an ERROR)."""
+    loop = asyncio.new_event_loop()
+    clock = _Clock(loop)
+    try:
+        proto, t, _ = _answered_connection(clock, 75.0)
+        proto.shutdown()
+        assert t.aborted                                    # idle: at once
+        proto, t, _ = _answered_connection(clock, 75.0)
+        t.buffered = 1000
+        proto.shutdown()
+        assert t.closed and not t.aborted                   # its bytes may still go
+        clock.advance(0.5)
+        if drains:
+            t.buffered = 0                                  # the client read them: asyncio closes it
+        clock.advance(1.0)
+        assert t.aborted is not drains
+    finally:
+        loop.close()
 
 
 @pytest.mark.parametrize("keep_alive", [75.0, 8.0])

@@ -335,6 +335,7 @@ def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
                 self._tcp = sock if tcp_progress(sock) is not None else None
             self._header_timer = self._send_timer = None
             self._paused, self._drained = False, 0    # asyncio's buffer over its high-water mark; times it drained
+            self._shutting = False                     # closed by a stop with bytes of its answer still waiting
             self._taken = self._taken_at = None        # the client's progress at the last check, and when it moved
             self._watch, self._watched = SendWatch(), None   # the request being answered hears a stall
             super().connection_made(_LingeringTransport(transport, self))
@@ -476,9 +477,11 @@ def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
 
         def _check_sending(self) -> None:
             self._send_timer = None
-            if self.transport.is_closing():
+            if self.transport.is_closing() and not self._shutting:
                 return
             taken, waiting, rtt = self._progress()
+            if self._shutting:
+                waiting = waiting or self.transport.get_write_buffer_size() > 0
             if not waiting:                       # all taken: watched again from the next write
                 self._watch.set(False)
                 return
@@ -488,7 +491,8 @@ def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
                 self._watch.set(False)
             elif now - self._taken_at >= max(stall_s, STALL_RTTS * rtt):
                 self._watch.set(True)             # the request may pause its generation (serve/async_pipeline.py)
-            if now - self._taken_at >= send_timeout:    # _taken_at moved above when it took bytes
+            # _taken_at moved above when it took bytes; a stop waits for a client that stalls no longer
+            if now - self._taken_at >= (stall_s if self._shutting else send_timeout):
                 log.info("cutting the connection of %s: it took nothing of its answer (%s) for %gs",
                          self._client(), self._answering(), send_timeout,
                          extra={"client": self._client(), "request_id": self.conn.request_id})
@@ -514,14 +518,19 @@ def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
                          self._client(), self._answering())
                 self.transport.abort()
                 return
-            if (not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete)
-                    and self.transport.get_write_buffer_size() == 0):
-                # idle, nothing of an answer left to write: closed at once. close() would wait on
-                # TLS for the client's close_notify, which an idle keep-alive client (a pool's
-                # connection) never sends: every stop with one open waited out the 5 s and logged
-                # an ERROR. The kernel still sends what it holds; the client sees the close.
-                self.transport.abort()
-                return
+            if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+                if self.transport.get_write_buffer_size() == 0:
+                    # idle, nothing of an answer left to write: closed at once. close() would wait
+                    # on TLS for the client's close_notify, which an idle keep-alive client (a
+                    # pool's connection) never sends: every stop with one open waited out the 5 s
+                    # and logged an ERROR. The kernel still sends what it holds.
+                    self.transport.abort()
+                    return
+                # the end of its last answer still waits in asyncio's buffer (under the mark that
+                # pauses writing): closed once it has gone, cut once its client has taken none of
+                # it for stall_s (close() alone waited for it, so a stop waited out the 5 s)
+                self._shutting = True
+                self.watch_sending()
             super().shutdown()
 
         def connection_lost(self, exc) -> None:
