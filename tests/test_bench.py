@@ -955,16 +955,27 @@ def test_a_stopped_load_reports_the_requests_that_had_ended():
     assert (r.requests, r.completed, r.errors) == (2, 2, 0)
 
 
-def test_ctrl_c_prints_and_writes_what_was_measured_and_exits_130(tmp_path):
-    """agp bench exited 130 in silence on Ctrl-C, every measurement lost, a long --duration run's too."""
+@pytest.mark.parametrize("to_thread", [False, True])
+def test_ctrl_c_prints_and_writes_what_was_measured_and_exits_130(tmp_path, to_thread):
+    """agp bench exited 130 in silence on Ctrl-C, every measurement lost, a long --duration run's too.
+    to_thread: the kernel may hand a signal sent to the process to any of its threads; Python runs
+    its handler on the main thread, there asyncio.run's event loop, once that loop wakes. With the
+    server holding the one request in flight, nothing woke it before the request timed out
+    (--request-timeout, 600 s): Ctrl-C went unheard. Now heard, as Ctrl-C to the main thread is."""
+    import os
     import signal
     import subprocess
     import sys
 
+    from test_hostile import to_another_thread
+
     server, handler = _stalling_server()
     js = tmp_path / "r.json"
+    # to another thread: a host name, not an address: asyncio resolves it on its executor's thread,
+    # which stays (with an address the process has no thread but the main one, where a signal can only go)
+    host = "localhost" if to_thread else "127.0.0.1"
     proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "bench", "--url",
-                             f"http://127.0.0.1:{server.server_address[1]}", "-w", str(_workload(tmp_path)),
+                             f"http://{host}:{server.server_address[1]}", "-w", str(_workload(tmp_path)),
                              "--warmup", "0", "--no-progress", "--json", str(js), "--concurrency", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=ctrl_c_default)
@@ -972,49 +983,15 @@ def test_ctrl_c_prints_and_writes_what_was_measured_and_exits_130(tmp_path):
         # one client: the third request is sent once the second's answer was read, so the two
         # answered requests have ended in agp bench when the server sees the third (the first
         # that stalls); with every request sent at once, the signal could come before it read them
-        deadline = time.monotonic() + 60
-        while handler.seen < 3 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 120
+        threads = lambda: len(os.listdir(f"/proc/{proc.pid}/task"))      # noqa: E731
+        while (handler.seen < 3 or (to_thread and threads() < 2)) and time.monotonic() < deadline:
             time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-        server.shutdown()
-        server.server_close()
-    assert proc.returncode == 130
-    assert re.search(r"requests ok/sent\s+2/2", out)
-    assert "agp bench: interrupted while measuring http://127.0.0.1:" in err
-    assert "its report holds the 2 requests that had ended" in err
-    (report,) = json.loads(js.read_text())
-    assert (report["requests"], report["completed"]) == (2, 2)
-
-
-def test_ctrl_c_handed_to_another_thread_stops_the_measurement_as_well(tmp_path):
-    """The kernel may hand a signal sent to the process to any of its threads; Python runs its
-    handler on the main thread, there asyncio.run's event loop, once that loop wakes. With the
-    server holding the one request in flight, nothing woke it before the request timed out
-    (--request-timeout, 600 s): Ctrl-C went unheard. Now heard, as Ctrl-C to the main thread is."""
-    import os
-    import signal
-    import subprocess
-
-    from test_hostile import to_another_thread
-
-    server, handler = _stalling_server()
-    js = tmp_path / "r.json"
-    # a host name, not an address: asyncio resolves it on its executor's thread, which stays (with an
-    # address the process has no thread but the main one, where the signal can only go)
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "bench", "--url",
-                             f"http://localhost:{server.server_address[1]}", "-w", str(_workload(tmp_path)),
-                             "--warmup", "0", "--no-progress", "--json", str(js), "--concurrency", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=ctrl_c_default)
-    try:
-        deadline = time.monotonic() + 120         # the third request held, one thread beside the main one
-        while (handler.seen < 3 or len(os.listdir(f"/proc/{proc.pid}/task")) < 2) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert handler.seen >= 3 and len(os.listdir(f"/proc/{proc.pid}/task")) >= 2, handler.seen
-        to_another_thread(proc, signal.SIGINT)
+        assert handler.seen >= 3 and (not to_thread or threads() >= 2), handler.seen
+        if to_thread:
+            to_another_thread(proc, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
@@ -1022,8 +999,11 @@ def test_ctrl_c_handed_to_another_thread_stops_the_measurement_as_well(tmp_path)
         server.server_close()
     assert proc.returncode == 130, err
     assert re.search(r"requests ok/sent\s+2/2", out)
+    assert f"agp bench: interrupted while measuring http://{host}:" in err
     assert "its report holds the 2 requests that had ended" in err
-    assert [r["completed"] for r in json.loads(js.read_text())] == [2]
+    (report,) = json.loads(js.read_text())
+    assert (report["requests"], report["completed"]) == (2, 2)
+
 
 def test_a_report_saved_before_the_newer_fields_is_read_with_their_defaults(tmp_path):
     """A --json file written before reports held burstiness, concurrency, slo and goodput."""
