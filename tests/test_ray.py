@@ -30,7 +30,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline_dsl import cli
-from pipeline_dsl.commands.stopping import wait_for_stop
+from pipeline_dsl.stopping import wait_for_stop
 from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
 from test_serve import TINY, _free_port
 
@@ -275,7 +275,7 @@ def test_the_ingress_cuts_the_requests_a_drain_timeout_left_as_one_process_does_
 # turn: in the wait, and in whatever it calls (threading's Event.wait holds the Event's lock at some)
 SIGNAL_AT_EACH_LINE = """
 import signal, sys
-from pipeline_dsl.commands.stopping import wait_for_stop
+from pipeline_dsl.stopping import wait_for_stop
 
 def before(sig, frame):          # the wait's own handlers are not in place yet
     pass

@@ -296,7 +296,7 @@ def test_agp_serve_answers_503_before_importing_the_app_or_the_runtime():
     serve/loading.py) holds neither the web app (fastapi, starlette), nor the flow runtime and
     its graph library, nor torch: they load behind the 503 (the answer came some 0.3 s later
     when serve/loading.py took the client id's pattern from the access middleware)."""
-    code = ("import sys, pipeline_dsl.cli, pipeline_dsl.commands.serve, pipeline_dsl.commands.stopping,"
+    code = ("import sys, pipeline_dsl.cli, pipeline_dsl.commands.serve, pipeline_dsl.stopping,"
             " pipeline_dsl.serve.loading;"
             "print(sorted(m for m in ('torch', 'fastapi', 'starlette', 'networkx', 'pipeline_dsl.flow')"
             " if m in sys.modules))")

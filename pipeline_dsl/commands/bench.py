@@ -238,7 +238,7 @@ def main(args) -> int:
     from pipeline_dsl.commands.loadgen import (DEFAULT_PERCENTILES, BenchError, EngineTarget, HTTPTarget, Interrupted, bench_one,
                                         failure, format_table, load_reports, load_workload, parse_target,
                                         rate_text)
-    from pipeline_dsl.commands.stopping import ticking
+    from pipeline_dsl.stopping import ticking
     from pipeline_dsl.diagnostics import CheckFailed
     from pipeline_dsl.engine.errors import InputError
 

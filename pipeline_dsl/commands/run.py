@@ -432,7 +432,7 @@ class Interrupt:
 
     def _handle(self, signum, frame) -> None:
         # it takes the Event's lock and standard error's: the main thread meanwhile only joins the
-        # run's thread (stopping.heard), holding neither (commands/stopping.py)
+        # run's thread (stopping.heard), holding neither (pipeline_dsl/stopping.py)
         if self.event.is_set():
             print("\nagp run: interrupted again: exiting now", file=sys.stderr, flush=True)
             os._exit(128 + signum)
@@ -498,9 +498,9 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
         read.read_ahead(float("inf") if covered is None else covered)
         return read
 
-    from pipeline_dsl.commands.stopping import heard, load_unless_stopped
+    from pipeline_dsl.stopping import heard, load_unless_stopped
 
-    try:               # a stop signal ends the wait at once, as it ends the load (commands/stopping.py)
+    try:               # a stop signal ends the wait at once, as it ends the load (pipeline_dsl/stopping.py)
         lines, sig = load_unless_stopped(first_lines)
     except FileNotFoundError:
         return _err(f"input file not found: {args.input}")

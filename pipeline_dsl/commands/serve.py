@@ -166,8 +166,8 @@ def exit_status(serving, server) -> int:
 
 def _build_or_stop(args, sock):
     """build(args) with 503 on the socket meanwhile; a stop signal gives the load up at once (nothing
-    is in flight yet): a line says so and the process exits 0 (commands/stopping.py)."""
-    from pipeline_dsl.commands.stopping import load_unless_stopped
+    is in flight yet): a line says so and the process exits 0 (pipeline_dsl/stopping.py)."""
+    from pipeline_dsl.stopping import load_unless_stopped
     from pipeline_dsl.serve.loading import Loading
 
     # 503 {"status": "loading"} until the model is up, once a stop signal would be heard

@@ -31,7 +31,7 @@ import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from pipeline_dsl.commands.stopping import wait_for_stop
+from pipeline_dsl.stopping import wait_for_stop
 
 from .ray_deployments import AgpIngress, AgpPipeline, PrefixAffinityRouter, affinity_key, rank
 from .ray_metrics import AgpMetrics
