@@ -628,8 +628,18 @@ def test_a_stop_closes_an_idle_connection_at_once_and_one_whose_answer_waits_onc
         clock.advance(0.5)
         if drains:
             t.buffered = 0                                  # the client read them: asyncio closes it
+            proto.connection_lost(None)
         clock.advance(1.0)
         assert t.aborted is not drains
+        if not drains:
+            return
+        proto, t, _ = _answered_connection(clock, 75.0)     # over TLS, the close waits on the client
+        t.buffered = 1000
+        proto.shutdown()
+        clock.advance(0.5)
+        t.buffered = 0                                      # all sent, but no connection_lost
+        clock.advance(0.5)
+        assert t.aborted
     finally:
         loop.close()
 

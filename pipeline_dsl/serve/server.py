@@ -484,6 +484,8 @@ def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
                 waiting = waiting or self.transport.get_write_buffer_size() > 0
             if not waiting:                       # all taken: watched again from the next write
                 self._watch.set(False)
+                if self._shutting:                # a stop's close: all of it gone (TLS would still wait
+                    self.transport.abort()        # for the client's close_notify)
                 return
             now = self.loop.time()
             if taken != self._taken:              # it took bytes since the last look: its last byte, as
@@ -492,9 +494,9 @@ def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
             elif now - self._taken_at >= max(stall_s, STALL_RTTS * rtt):
                 self._watch.set(True)             # the request may pause its generation (serve/async_pipeline.py)
             # _taken_at moved above when it took bytes; a stop waits for a client that stalls no longer
-            if now - self._taken_at >= (stall_s if self._shutting else send_timeout):
+            if now - self._taken_at >= (limit := stall_s if self._shutting else send_timeout):
                 log.info("cutting the connection of %s: it took nothing of its answer (%s) for %gs",
-                         self._client(), self._answering(), send_timeout,
+                         self._client(), self._answering(), limit,
                          extra={"client": self._client(), "request_id": self.conn.request_id})
                 self.transport.abort()            # connection_lost: the app hears a disconnect
                 return
