@@ -32,12 +32,13 @@ def finished(into: dict):
     return on_output
 
 
-def stepped(eng: Engine, requests) -> dict:
-    """The reference: Engine.step() until done, no executor."""
+def stepped(eng: Engine, requests, collector=None) -> dict:
+    """The reference: Engine.step() until done, no executor; what `collector` (finished by default)
+    gathers of its outputs."""
     for rid, kw in requests:
         eng.add_request(rid, **kw)
     out: dict = {}
-    collect = finished(out)
+    collect = (collector or finished)(out)
     while eng.has_unfinished():
         collect(eng.step())
     return out
@@ -59,13 +60,7 @@ def heard(into: dict):
 
 def stepped_heard(eng: Engine, requests) -> dict:
     """The reference's (token id, logprob) pairs: Engine.step() until done, no executor."""
-    for rid, kw in requests:
-        eng.add_request(rid, **kw)
-    out: dict = {}
-    collect = heard(out)
-    while eng.has_unfinished():
-        collect(eng.step())
-    return out
+    return stepped(eng, requests, heard)
 
 
 def assert_same_answers(got: dict, want: dict, tol: float = 1e-4) -> None:

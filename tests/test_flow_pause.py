@@ -86,6 +86,16 @@ def request(rid: str, **kw) -> dict:
             "seed": 11, "n": 2, **kw}
 
 
+def paused_stream(rt, rid: str) -> tuple:
+    """A stream of `rid` submitted to `rt` that its reader pauses at its first token, once paused:
+    (its key, its Listener)."""
+    first = threading.Event()
+    heard = Listener(on_first=lambda key: (rt.pause(key, True), first.set()))
+    key = rt.submit(request(rid, n=1), heard, stream=True)
+    assert first.wait(30)
+    return key, heard
+
+
 def test_a_request_let_go_while_its_sequences_reach_the_engine_paused_is_answered(tmp_path, soft_gguf):
     """Paused while a python stage holds it, then let go just as its sequences are handed to the
     engine paused: they go on, and the request is answered (before: parked for good, no answer)."""
@@ -173,18 +183,13 @@ def test_paused_requests_do_not_fill_the_queue_up_to_max_queue_of_them(tmp_path,
     rt.start()
     paused = []
     try:
-        def paused_stream(rid):
-            done = threading.Event()
-            heard = Listener(on_first=lambda key: (rt.pause(key, True), done.set()))
-            paused.append((rt.submit(request(rid, n=1), heard, stream=True), heard))
-            assert done.wait(30)
         for rid in ("p1", "p2"):
-            paused_stream(rid)
+            paused.append(paused_stream(rt, rid))
         plain = Listener()
         rt.submit(request("q1", n=1, max_tokens=4), plain, stream=True)
         assert plain.done.wait(30) and plain.result.error is None
         for rid in ("p3", "p4"):
-            paused_stream(rid)
+            paused.append(paused_stream(rt, rid))
         with pytest.raises(PipelineError) as refused:
             rt.submit(request("q2", n=1, max_tokens=4), Listener(), stream=True)
         assert refused.value.kind == "queue_full"
@@ -208,12 +213,7 @@ def test_requests_aborted_while_paused_leave_no_paused_count_that_fills_the_queu
     rt = runtime(pipeline(tmp_path, soft_gguf, requests=" max_queue = 2 "))
     rt.start()
     try:
-        paused = []
-        for rid in ("p1", "p2", "p3", "p4"):
-            first = threading.Event()
-            heard = Listener(on_first=lambda key, first=first: (rt.pause(key, True), first.set()))
-            paused.append((rt.submit(request(rid, n=1), heard, stream=True), heard))
-            assert first.wait(30)
+        paused = [paused_stream(rt, rid) for rid in ("p1", "p2", "p3", "p4")]
         for key, heard in paused:
             rt.abort(key)
             assert heard.done.wait(30) and heard.result.error.kind == "aborted"
@@ -280,12 +280,7 @@ def test_requests_paused_in_a_stream_stage_do_not_hold_its_workers_from_a_new_on
     try:
         k = rt.workers["g"].workers
         assert k == (2 if given else 16)
-        paused = []
-        for i in range(k):
-            first = threading.Event()
-            heard = Listener(on_first=lambda key, first=first: (rt.pause(key, True), first.set()))
-            paused.append((rt.submit(request(f"p{i}", n=1), heard, stream=True), heard))
-            assert first.wait(30)
+        paused = [paused_stream(rt, f"p{i}") for i in range(k)]
         new = Listener()
         rt.submit(request("new", n=1, max_tokens=4), new, stream=True)
         assert new.done.wait(30), "a new request waited for the stream stage's workers held by paused ones"
@@ -331,12 +326,7 @@ def test_the_worker_slots_paused_streams_lend_are_on_metrics_until_they_are_let_
         return sum(t.name == "agp-stage-g" for t in threading.enumerate())
     try:
         assert lent_slots_on_metrics(rt, "g") == 0
-        paused = []
-        for i in range(6):
-            first = threading.Event()
-            heard = Listener(on_first=lambda key, first=first: (rt.pause(key, True), first.set()))
-            paused.append((rt.submit(request(f"p{i}", n=1), heard, stream=True), heard))
-            assert first.wait(30)
+        paused = [paused_stream(rt, f"p{i}") for i in range(6)]
         assert rt.stats()["stages"]["g"]["lent"] == 6 and lent_slots_on_metrics(rt, "g") == 6
         for key, heard in paused[:2]:                  # two let go: answered, their slots back
             rt.pause(key, False)
