@@ -7,6 +7,7 @@ is in test_hostile's Ctrl-C test. Each test runs agp on the tiny model as a chil
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import signal
 import socket
@@ -369,3 +370,37 @@ def test_a_third_signal_while_the_requests_are_cut_stops_at_once_with_exit_1_say
         assert "stopped (drained)" not in caplog.text
     finally:
         runtime.release.set()
+
+
+def test_the_servers_stop_runs_on_its_event_loop_not_inside_the_code_the_signal_interrupted():
+    """agp serve's handle_exit (it logs and starts the drain's thread) runs as a callback of the
+    event loop, after the code the signal came in: a Python signal handler runs wherever the main
+    thread was, inside a write to stderr (a reentrant write raises) or holding the lock a thread's
+    start takes (a wait for itself for good). Its former handlers are back once it stops."""
+    import os
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers are set on the main thread only")
+    server, _ = _server(_Runtime(0, slow=False))
+    stacks = []
+    server.handle_exit = lambda sig, frame: stacks.append((sig, [f.function for f in inspect.stack()]))
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+
+    def interrupted_code():
+        os.kill(os.getpid(), signal.SIGHUP)
+        deadline = time.monotonic() + 0.3
+        while time.monotonic() < deadline:       # Python code the signal's handler would run inside
+            pass
+
+    async def serving():
+        with server.capture_signals():
+            interrupted_code()
+            for _ in range(100):
+                if stacks:
+                    break
+                await asyncio.sleep(0.01)
+
+    asyncio.run(serving())
+    assert len(stacks) == 1 and stacks[0][0] == signal.SIGHUP, stacks
+    assert "interrupted_code" not in stacks[0][1], stacks[0][1]
+    assert {sig: signal.getsignal(sig) for sig in before} == before

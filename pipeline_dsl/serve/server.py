@@ -686,15 +686,23 @@ class AgpServer(uvicorn.Server):
     def capture_signals(self):
         """uvicorn's, with SIGHUP among the signals that drain (uvicorn leaves it to kill the
         process), and without uvicorn's re-raising of the signal after the drain: the exit
-        status is main()'s."""
+        status is main()'s. `handle_exit` runs as a callback of the event loop (its
+        add_signal_handler), not inside a signal handler: it logs and starts the drain's thread,
+        and a handler runs wherever the main thread was, perhaps inside a write to stderr (a
+        reentrant write raises there) or holding the lock a thread's start takes (a wait for
+        itself). The loop hears a signal the kernel handed to any thread (its wake-up fd)."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        old = {sig: signal.signal(sig, self.handle_exit) for sig in EXIT_SIGNALS}
+        old = {sig: signal.getsignal(sig) for sig in EXIT_SIGNALS}
+        loop = asyncio.get_running_loop()
+        for sig in EXIT_SIGNALS:
+            loop.add_signal_handler(sig, self.handle_exit, sig, None)
         try:
             yield
         finally:
             for sig, handler in old.items():
+                loop.remove_signal_handler(sig)
                 signal.signal(sig, handler)
 
     def handle_exit(self, sig, frame) -> None:
