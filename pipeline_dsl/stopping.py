@@ -27,7 +27,9 @@ handed to another thread (an engine's, the loop's executor's) wakes nothing, and
 handler would wait for the next answer or timer (a request held up to its timeout). `ticking`
 wakes the loop every `poll_s`, as uvicorn's tick wakes `agp serve`'s.
 
-    sig = wait_for_stop((signal.SIGINT, signal.SIGTERM))      # agp serve --ray, once deployed
+    stopped = listening()            # agp serve --ray, from its cluster's start
+    ...deploy, looking at `stopped` between polls...
+    sig = wait_for_stop(stopped)     # once deployed
 
 A handler runs on the main thread between two of its bytecodes, wherever that thread is: one
 that takes a lock the main thread may hold there (threading.Event.set while the main thread is
@@ -98,15 +100,20 @@ async def ticking(work: Awaitable[T], poll_s: float = 0.1) -> T:
         ticker.cancel()
 
 
-def wait_for_stop(signals: Iterable[int] = STOP_SIGNALS, poll_s: float = 0.1) -> int:
-    """Until one of `signals` comes: the first that came. Its handler only appends the signal to
-    a list (it takes no lock: it runs wherever the main thread was, maybe inside a lock of its
-    own), and this thread looks at the list between sleeps of `poll_s` (within which it hears a
-    signal the kernel handed to another thread). The handlers stay in place: a later signal, while
-    the caller stops, is noted and changes nothing."""
+def listening(signals: Iterable[int] = STOP_SIGNALS) -> list[int]:
+    """Handlers for `signals` that only append each one that comes to the list returned (they
+    take no lock: a handler runs wherever the main thread was, maybe inside a lock of its own).
+    They stay in place: a later signal, while the caller stops, is noted and changes nothing."""
     stopped: list[int] = []
     for sig in signals:
         signal.signal(sig, lambda sig, frame: stopped.append(sig))
+    return stopped
+
+
+def wait_for_stop(stopped: list[int], poll_s: float = 0.1) -> int:
+    """Until a signal `listening` set handlers for has come: the first that came. This thread
+    looks at the list between sleeps of `poll_s` (within which it hears a signal the kernel
+    handed to another thread)."""
     while not stopped:
         time.sleep(poll_s)
     return stopped[0]

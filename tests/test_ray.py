@@ -275,7 +275,7 @@ def test_the_ingress_cuts_the_requests_a_drain_timeout_left_as_one_process_does_
 # turn: in the wait, and in whatever it calls (threading's Event.wait holds the Event's lock at some)
 SIGNAL_AT_EACH_LINE = """
 import signal, sys
-from pipeline_dsl.stopping import wait_for_stop
+from pipeline_dsl.stopping import listening, wait_for_stop
 
 def before(sig, frame):          # the wait's own handlers are not in place yet
     pass
@@ -301,7 +301,7 @@ while not every:                 # the n-th line it runs (the first time it runs
 
     sys.settrace(trace)
     try:
-        got = wait_for_stop((signal.SIGINT, signal.SIGTERM), 0.001)
+        got = wait_for_stop(listening((signal.SIGINT, signal.SIGTERM)), 0.001)
     finally:
         sys.settrace(None)
     assert got == signal.SIGTERM, got
@@ -321,6 +321,42 @@ def test_the_stop_signal_of_a_running_application_is_heard_wherever_the_main_thr
     r = subprocess.run([sys.executable, "-c", SIGNAL_AT_EACH_LINE], capture_output=True, text=True, cwd=ROOT,
                        timeout=120)
     assert r.returncode == 0 and "heard at each of" in r.stdout, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_a_stop_signal_while_deploying_deletes_the_application_and_exits_0(sig, tmp_path, tiny_gguf, monkeypatch):
+    """SIGTERM, SIGHUP or Ctrl-C while agp serve --ray waits for its replicas: the application it
+    was deploying is deleted before it exits (0, as agp serve stopped while its model loads), not
+    left deploying on the cluster (ray.init's own SIGTERM handler exited at once; SIGHUP killed)."""
+    import types
+
+    on_ray = pytest.importorskip("pipeline_dsl.serve.ray", exc_type=ImportError)
+    serve = on_ray.serve
+    args = on_ray.parse([str(tiny_pipeline(tmp_path / "tiny.agp", tiny_gguf)), "--threads", "1"])
+    deleted, polls = [], []
+
+    def status():                           # deploying; the signal comes at the first poll
+        polls.append(1)
+        if len(polls) == 1:
+            signal.raise_signal(sig)
+        app = types.SimpleNamespace(status="DEPLOYING", message="", deployments={})
+        return types.SimpleNamespace(applications={on_ray.APP: app})
+
+    monkeypatch.setattr(on_ray.ray, "is_initialized", lambda: True)       # a cluster it joined
+    monkeypatch.setattr(on_ray, "running_http_options", lambda: None)
+    monkeypatch.setattr(on_ray, "build_app", lambda args, gpus: "the app")
+    monkeypatch.setattr(on_ray, "setup_failure", lambda name: None)
+    monkeypatch.setattr(serve, "start", lambda **kw: None)
+    monkeypatch.setattr(serve, "run_many", lambda targets, **kw: None)
+    monkeypatch.setattr(serve, "status", status)
+    monkeypatch.setattr(serve, "delete", lambda name, **kw: deleted.append(name))
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        assert on_ray.main(args) == 0
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    assert deleted == [on_ray.APP] and len(polls) == 1
 
 
 def test_a_local_cluster_that_times_out_starting_is_started_again_and_other_failures_are_not(monkeypatch, caplog):

@@ -25,13 +25,14 @@ import math
 import signal
 import socket
 import time
+from typing import Callable
 from pathlib import Path
 
 import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from pipeline_dsl.stopping import wait_for_stop
+from pipeline_dsl.stopping import STOP_SIGNALS, listening, wait_for_stop
 
 from .ray_deployments import AgpIngress, AgpPipeline, PrefixAffinityRouter, affinity_key, rank
 from .ray_metrics import AgpMetrics
@@ -220,7 +221,8 @@ def setup_failure(app: str) -> str | None:
     return message.strip() if "SetupError: " in message else None
 
 
-def deploy(target, name: str = APP, route_prefix: str = "/", every: float = 0.2) -> None:
+def deploy(target, name: str = APP, route_prefix: str = "/", every: float = 0.2,
+           stopped: Callable[[], bool] = lambda: False) -> None:
     """Deploy `target` as the application `name` and return once it runs, or raise as `serve.run`
     does when its replicas do not start. Serve is asked not to wait (`serve.run_many`), and its
     status is polled here, in the caller's thread: no thread of agp's goes on calling Ray after this
@@ -228,8 +230,9 @@ def deploy(target, name: str = APP, route_prefix: str = "/", every: float = 0.2)
     that fails on a SetupError would fail the same way each time Serve starts it again (up to 3
     times per replica, RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT, each a process that loads the model):
     its first failure raises StartFailed at once (`start_failure` reads it), and the caller deletes
-    the application. A KeyboardInterrupt (Ctrl-C) deletes it here before it is raised: the cluster
-    would go on deploying it (and serving it once it runs) after the command has exited."""
+    the application. A KeyboardInterrupt (Ctrl-C), or `stopped()` true at a poll (a stop signal
+    `main` noted), deletes it here before a KeyboardInterrupt is raised: the cluster would go on
+    deploying it (and serving it once it runs) after the command has exited."""
     try:
         serve.run_many([serve.RunTarget(target=target, name=name, route_prefix=route_prefix)],
                        wait_for_applications_running=False)
@@ -243,6 +246,8 @@ def deploy(target, name: str = APP, route_prefix: str = "/", every: float = 0.2)
                 raise StartFailed(detail)
             if app.status == "DEPLOY_FAILED":   # serve.run's own message
                 raise RuntimeError(f"Deploying application {name} failed: {app.message}")
+            if stopped():
+                raise KeyboardInterrupt
             time.sleep(every)
     except KeyboardInterrupt:
         log.warning("interrupted while deploying: deleting the application %r", name)
@@ -375,8 +380,12 @@ def main(args) -> int:
         if (host, port) != (args.host, args.port):
             log.warning("Ray Serve already runs on this cluster with its HTTP proxy on %s: serving there",
                         endpoint(host, port))
+    # from here a stop signal (SIGINT, SIGTERM, or SIGHUP, which drains plain agp serve too) is only
+    # noted and looked at: one while deploying deletes what was deployed (ray.init's own SIGTERM
+    # handler exited, leaving the application deploying on), one once deployed drains it
+    stopped = listening(STOP_SIGNALS)
     try:
-        deploy(build_app(args, gpus), APP, "/")      # the app answers under --root-path too
+        deploy(build_app(args, gpus), APP, "/", stopped=lambda: bool(stopped))   # answers under --root-path too
     except Exception as e:                      # noqa: BLE001 - Serve says why the replicas did not start
         code, why = start_failure(e)
         report(why if code == 2 else f"the application did not start: {why}")
@@ -384,18 +393,23 @@ def main(args) -> int:
         if started_here:
             ray.shutdown()
         return code
-    except KeyboardInterrupt:                   # Ctrl-C while deploying: deploy deleted the application
+    except KeyboardInterrupt:                   # a stop signal while deploying: deploy deleted the application
         if started_here:
             ray.shutdown()
-        raise
+        if not stopped:
+            raise
+        log.warning("stopped by %s before the application ran: nothing is left deployed",
+                    signal.Signals(stopped[0]).name)
+        return 0                                # as agp serve stopped while its model loads
     count = (f"{args.replicas or 1} replica(s)" if args.max_replicas is None else
              f"{1 if args.min_replicas is None else args.min_replicas}-{args.max_replicas} replicas "
              f"(autoscaling towards {args.target_ongoing_requests or DEFAULT_TARGET:g} requests in flight each)")
     log.info("agp serving pipeline %s on Ray Serve as %s at %s://%s%s/v1; prefix affinity %s",
              Path(args.pipeline).name, count, scheme, endpoint(host, port), args.root_path,
              f"on the first {args.affinity_chars} characters" if args.affinity_chars else "off")
-    # SIGINT or SIGTERM stops it (a handler that takes no lock, heard whichever thread it came to)
-    wait_for_stop((signal.SIGINT, signal.SIGTERM))
+    # a stop signal drains and deletes it (noted by a handler that takes no lock, heard whichever
+    # thread it came to)
+    wait_for_stop(stopped)
     try:
         return stop(APP, args.drain_timeout)
     finally:
