@@ -182,7 +182,8 @@ def _check(name: str, value, ok: bool, expected: str):
 
 # one schema per field: the stage parameters' (and the token-id lists') checks
 from stages.fields import (REQUEST_FIELDS, TOKEN_ID_FIELDS, ParamError, check_cache_salt,  # noqa: E402
-                           check_field, check_priority, check_token_ids)
+                           check_field, check_priority, check_token_ids, param_of, whole)
+from stages.registry import INT  # noqa: E402
 
 SAMPLING_FIELDS = tuple(f for f in REQUEST_FIELDS if f != "n")     # SamplingParams overrides
 # per-request fields no stage parameter sets (agp serve puts them on its items; a request line may
@@ -352,6 +353,64 @@ IGNORED = {"stream": (lambda v: isinstance(v, bool), "true or false"),
 KNOWN = {"id", "prompt", "messages", "prompt_token_ids", "model", "metadata", "headers", "tools", "tool_choice", "logit_bias",
          "max_completion_tokens", "top_logprobs", "parallel_tool_calls", "response_format", "cache_salt", "priority",
          *REQUEST_FIELDS, *ITEM_FIELDS, *TOKEN_ID_FIELDS, *COMPLETION_FIELDS, *CHAT_FIELDS}
+
+
+# ---------------------------------------------------------------- integer fields
+# Every integer-valued field of a request agp reads, on every route of agp serve (chat, completions,
+# responses, embeddings, score and rerank, tokenize and detokenize) and in agp run's lines: name ->
+# its shape, "int" (one integer), "ids" (an array of integers, or a batch: an array of such arrays
+# beside strings) or "keys" (an object keyed by token id: logit_bias). Where a body or a line is
+# read, whole_numbers makes each whole float of these an int (stages.fields.whole, vLLM's rule), so
+# that the checks, the engine, the answer's echo, logs and metrics all see 4 for a client's 4.0.
+INTEGER_FIELDS: dict[str, str] = {
+    **{f: "int" for f, (kind, name) in REQUEST_FIELDS.items() if param_of(kind, name).type == INT},
+    **{f: "int" for f, (allowed, _) in {**NEUTRAL, **VLLM_LACKING}.items() if any(_is_int(a) for a in allowed)},
+    **{f: "int" for f in ("max_completion_tokens", "priority", "logprobs", "top_logprobs", "prompt_logprobs",
+                          "truncate_prompt_tokens", "stream_interval",
+                          "max_output_tokens", "max_tool_calls",      # /v1/responses
+                          "dimensions",                              # /v1/embeddings
+                          "top_n", "max_tokens_per_doc",             # /v1/rerank
+                          "id")},                                    # agp run's line: a string or an integer
+    **{f: "ids" for f in ("prompt_token_ids", "stop_token_ids", *TOKEN_ID_FIELDS, "logprob_token_ids",
+                          "prompt",                                  # completions: ids, or a batch of them
+                          "input",                                   # /v1/embeddings: the same
+                          "tokens")},                                # /detokenize
+    "logit_bias": "keys",
+}
+
+
+def _whole_ids(value):
+    """An array of token ids (or a batch of them, beside strings) with its whole floats as ints;
+    anything else (a string, an object) as it is, and the array itself where nothing changes."""
+    if not isinstance(value, list):
+        return value
+    new = [_whole_ids(v) if isinstance(v, list) else whole(v) for v in value]
+    return value if all(a is b for a, b in zip(new, value)) else new
+
+
+def whole_numbers(obj):
+    """A request object as read (an agp serve body, an agp run line, a batch-API line's body, a
+    request a python stage hands back) with each INTEGER_FIELDS value given as a float with no
+    fractional part made that int: `"max_tokens": 4.0` is 4 from here on, as vLLM's pydantic models
+    take it; 4.5, NaN, true and "4" are left for the field's check to refuse in its own words. The
+    one place, for every such field; `obj` itself is not changed (a copy where a value is)."""
+    if not isinstance(obj, dict):
+        return obj
+    out = None
+    for name, shape in INTEGER_FIELDS.items():
+        value = obj.get(name)
+        if shape == "int":
+            new = whole(value)
+        elif shape == "ids":
+            new = _whole_ids(value)
+        elif isinstance(value, dict) and any(type(k) is float for k in value):
+            new = {whole(k): v for k, v in value.items()}   # a python stage's; JSON's keys are strings
+        else:
+            new = value
+        if new is not value:
+            out = out if out is not None else dict(obj)
+            out[name] = new
+    return obj if out is None else out
 
 
 # the HTTP headers a request carries to its pipeline (agp serve --request-headers; a request line's
@@ -789,6 +848,7 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
     """Validate one request object (already decoded from JSON)."""
     if not isinstance(obj, dict):
         raise RequestError(f"a request must be a JSON object, not {json_type(obj)}")
+    obj = whole_numbers(obj)                   # "max_tokens": 4.0 is 4 from here on
     for key in obj:
         if key not in KNOWN:
             close, foreign = closest(key, KNOWN), foreign_hint(key, KNOWN, FOREIGN_FIELDS)

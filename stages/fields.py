@@ -230,12 +230,19 @@ def check_token_ids(field: str, value: Any) -> tuple[int, ...]:
 
 
 def check_priority(value: Any) -> int:
-    """A request's priority (PRIORITY) as an int, or ParamError naming the field. A number with no
-    fractional part is that integer (0.0, as JSON clients often send it), as vLLM's `int` field takes
-    it; 0.5 is refused."""
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    return check_value(PRIORITY, value)
+    """A request's priority (PRIORITY) as an int, or ParamError naming the field (a whole float is
+    that integer: `whole`)."""
+    return check_value(PRIORITY, whole(value))
+
+
+def whole(value: Any) -> Any:
+    """A float with no fractional part as the int it is (4.0 -> 4), anything else as it is: the one
+    rule for a request's integer-valued fields (requests_io.INTEGER_FIELDS, where a body or a line is
+    read; SamplingParams' integer fields), as vLLM's pydantic models take 4.0 for an `int` field
+    (lax mode). JSON encoders that write every number as a double (R's jsonlite, Lua, some
+    JavaScript and Java number wrappers, YAML turned into JSON) send 4.0 for 4. 4.5, an infinity,
+    NaN, true and "4" stay what they are, for the field's own check to refuse."""
+    return int(value) if type(value) is float and value.is_integer() else value
 
 
 def check_cache_salt(value: Any) -> str:

@@ -3,6 +3,7 @@ SamplingParams and EngineConfig accept and reject the same values, at both ends 
 range (stages/fields.py)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -11,11 +12,15 @@ import pipeline_dsl
 from pipeline_dsl.engine.config import EngineConfig, SamplingParams
 from pipeline_dsl.engine.errors import InputError
 from pipeline_dsl.parser import quote
-from pipeline_dsl.requests_io import NOT_NULL, RequestError, parse_request, spec_problem
+from pipeline_dsl.requests_io import (INTEGER_FIELDS, KNOWN, NOT_NULL, RequestError, parse_line, parse_request,
+                                      spec_problem)
+from pipeline_dsl.serve import embeddings as E
 from pipeline_dsl.serve import protocol as P
+from pipeline_dsl.serve import responses as R
 from stages.fields import ENGINE_FIELDS, REQUEST_FIELDS, param_of
 from stages.registry import BOOL, DURATION, ENUM, INT, LIST_STR, SIZE, STR
 
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 PIPELINE = """
 pipeline p {{
     stage request : requests      {{ {requests} }}
@@ -65,8 +70,6 @@ def candidates(p) -> list:
     for bound in (p.min, p.max):
         if bound is not None:
             out += [bound, bound - step, bound + step]
-    if p.type == INT:
-        out.append(2.0)
     mid = ((p.min or 0) + (p.max if p.max is not None else 100)) / 2
     out.append(int(mid) if p.type in (INT, SIZE) else float(mid))
     return out
@@ -90,9 +93,14 @@ def accepts_run(field: str, value) -> bool:
         return False
 
 
+def serve_body(body: dict) -> dict:
+    """`body` as agp serve reads it: its JSON text (P.parse_json)."""
+    return P.parse_json(json.dumps(body).encode())
+
+
 def accepts_serve(field: str, value) -> bool:
     try:
-        P.parse_completion({"prompt": "x", field: value}, max_model_len=1 << 21, served=("p",))
+        P.parse_completion(serve_body({"prompt": "x", field: value}), max_model_len=1 << 21, served=("p",))
         return True
     except P.APIError:
         return False
@@ -143,7 +151,7 @@ def test_the_bounds_are_inclusive_except_where_the_schema_says_not():
     assert not accepts_check("generate", "max_new_tokens", (1 << 20) + 1)
 
 
-TOKEN_ID_CASES = [[5], [0, 7, 7], list(range(1 << 18)), [], [-1], [1, True], [1.0], "5", 5, {"5": 1},
+TOKEN_ID_CASES = [[5], [0, 7, 7], list(range(1 << 18)), [], [-1], [1, True], [1.0], [1.5], "5", 5, {"5": 1},
                   [1] * ((1 << 18) + 1)]
 
 
@@ -162,6 +170,128 @@ def test_a_size_is_a_whole_number_of_bytes():
         EngineConfig(kv_budget_bytes=(1 << 20) + 0.5)
 
 
+INT_FIELDS = [f for f, (k, n) in REQUEST_FIELDS.items() if param_of(k, n).type == INT]
+
+
+def in_range(p) -> int:
+    """A small integer inside `p`'s range (a double holds it exactly): 2, or its bound nearer 2."""
+    n = 2 if p.min is None else max(2, p.min)
+    return n if p.max is None else min(n, p.max)
+
+
+@pytest.mark.parametrize("field", INT_FIELDS)
+def test_an_integer_field_takes_a_whole_float_as_that_integer_in_run_serve_and_the_engine(field):
+    """N.0 (as JSON encoders that write every number as a double send N) is N in a request line, an
+    agp serve body and SamplingParams, as vLLM's pydantic models take it: an int from where it is read
+    on. N.5 is refused everywhere, with the field's words; agp check refuses N.0 in a .agp file too,
+    with 'write N' (a decimal written in the pipeline's own source is a typo to fix, not a client's
+    encoder)."""
+    kind, name = REQUEST_FIELDS[field]
+    n = in_range(param_of(kind, name))
+    line = parse_line(json.dumps({"prompt": "x", field: float(n)}), 1).item()
+    served = P.parse_completion(serve_body({"prompt": "x", field: float(n)}), max_model_len=1 << 21,
+                                served=("p",)).item("r")
+    assert line[field] == served[field] == n and type(line[field]) is type(served[field]) is int
+    if field != "n":
+        engine = getattr(SamplingParams(**{field: float(n)}), field)
+        assert engine == n and type(engine) is int
+    assert accepts_engine(field, float(n))
+    half = n + 0.5
+    assert not any((accepts_check(kind, name, half), accepts_run(field, half), accepts_serve(field, half),
+                    accepts_engine(field, half)))
+    with pytest.raises(RequestError, match=rf"^'{field}' must be an integer .*, not {half}$"):
+        parse_request({"prompt": "x", field: half})
+    _, diags = pipeline_dsl.loads(PIPELINE.format(requests="", dynamic_batch="", kv_lookup="",
+                                                  generate=f"{name} = {float(n)!r}"), "t.agp")
+    assert [(d.message, d.hint) for d in diags if d.is_error] == [
+        (f"'{name}' is an integer, not the decimal '{float(n)!r}'", f"write {n}")]
+
+
+def outcome(parse, body: dict) -> str:
+    """What `parse` makes of `body` (its result as JSON text, where 4 and 4.0 differ), or "refused"."""
+    try:
+        got = parse(body)
+    except (P.APIError, RequestError):
+        return "refused"
+    if dataclasses.is_dataclass(got):
+        got = dataclasses.asdict(got)
+    return json.dumps(got, sort_keys=True, default=repr)
+
+
+SERVED = {"max_model_len": 1 << 21, "served": ("p",)}
+# every route's body (read from its JSON text, as agp serve reads it) and agp run's line: the fields
+# it takes, the body a field is added to (a prompt's own field given alone), how it is parsed
+ROUTES = {
+    "completions": (P.COMPLETION_FIELDS, {"prompt": "x"}, lambda b: P.parse_completion(serve_body(b), **SERVED)),
+    "chat": (P.CHAT_FIELDS, CHAT, lambda b: P.parse_chat(serve_body(b), **SERVED)),
+    "responses": (R.FIELDS, {"input": "x"}, lambda b: R.parse_responses(serve_body(b), **SERVED)),
+    "embeddings": (E.FIELDS, {"input": "x"}, lambda b: E.parse_request(serve_body(b), **SERVED)),
+    "detokenize": ({"tokens"}, {}, lambda b: P.parse_detokenize(serve_body(b), served=("p",))),
+    "run": (KNOWN, {"prompt": "x"}, lambda b: parse_line(json.dumps(b), 1).item()),
+}
+PROMPTS = ("prompt", "messages", "prompt_token_ids", "input")
+
+
+def value_of(value) -> int:
+    """The first integer of `value` (an integer, or token ids: a list, a batch of lists)."""
+    return value_of(value[0]) if isinstance(value, list) else value
+
+
+def shaped(value, number):
+    """`value` (an integer, or token ids: a list, a batch of lists) with its first integer `number`."""
+    if isinstance(value, list):
+        return [shaped(value[0], number), *value[1:]]
+    return number
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_every_integer_field_of_every_route_takes_a_whole_float_as_that_integer(route):
+    """Walks every field a route takes: one that takes an integer (or token ids) and refuses it
+    with half more or half less (an integer field, not a number field at its bound) takes its whole
+    float as the integer itself: the same request, to the type of every value it carries. Each is
+    in INTEGER_FIELDS, the one table read where a body or a line is."""
+    fields, base, parse = ROUTES[route]
+    integer, wrong = set(), []
+    for field in sorted(fields):
+        start = {} if field in PROMPTS else base
+        for value in (1, 0, 2, -1, [1, 2], [[1, 2], [3]]):
+            took = outcome(parse, {**start, field: value})
+            if took == "refused":
+                continue
+            n = value_of(value)
+            if all(outcome(parse, {**start, field: shaped(value, n + d)}) == "refused" for d in (0.5, -0.5)):
+                integer.add(field)
+                if outcome(parse, {**start, field: shaped(value, float(n))}) != took:
+                    wrong.append((field, value))
+            break
+    assert not wrong, wrong
+    # a number field taken only at one value (length_penalty 1.0) refuses half more and less too
+    one_number = {f for f, (allowed, _) in P.NEUTRAL.items() if allowed and all(type(a) is float for a in allowed)}
+    assert integer and integer - one_number <= set(INTEGER_FIELDS), integer - one_number - set(INTEGER_FIELDS)
+
+
+def test_a_python_stages_logit_bias_keyed_by_whole_floats_is_keyed_by_ids():
+    """A request a python stage hands back is read as a line is: a logit_bias key 5.0 (a Python
+    object's; JSON's keys are strings, and "5.0" stays refused, as vLLM's int("5.0") refuses it)."""
+    assert parse_request({"prompt": "x", "logit_bias": {5.0: 10}}).sampling["logit_bias"] == {5: 10.0}
+    with pytest.raises(RequestError, match="'logit_bias' keys must be token ids"):
+        parse_request({"prompt": "x", "logit_bias": {"5.0": 10}})
+
+
+@pytest.mark.parametrize("value, words", [(4.5, "4.5"), (True, "true"), ("4", '"4"')])
+def test_a_fraction_a_bool_or_a_numeric_string_stays_refused_in_its_own_words(value, words):
+    msg = f"'max_tokens' must be an integer from 1 to 1048576, not {words}"
+    with pytest.raises(P.APIError, match=f"^{msg}$"):
+        P.parse_completion(serve_body({"prompt": "x", "max_tokens": value}), **SERVED)
+    with pytest.raises(RequestError, match=f"^{msg}$"):
+        parse_line(json.dumps({"prompt": "x", "max_tokens": value}), 1)
+    for text in (b'{"prompt": "x", "max_tokens": 1e400}', b'{"prompt": "x", "max_tokens": NaN}'):
+        with pytest.raises(P.APIError, match="holds (Infinity|NaN) in 'max_tokens', which JSON has no value for"):
+            P.parse_json(text)
+        with pytest.raises(RequestError, match="holds (Infinity|NaN) in 'max_tokens', which JSON has no value for"):
+            parse_line(text.decode(), 1)
+
+
 def test_allowed_token_ids_may_hold_exactly_its_most_ids():
     most = 1 << 18
     assert accepts_run("allowed_token_ids", list(range(most)))
@@ -170,7 +300,6 @@ def test_allowed_token_ids_may_hold_exactly_its_most_ids():
 
 # agp serve's chat and completions bodies and agp run's lines: one table of fields (requests_io)
 SERVE_FIELDS = sorted((P.CHAT_FIELDS | P.COMPLETION_FIELDS) - {"prompt", "messages"})
-CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 
 
 @pytest.mark.parametrize("field", SERVE_FIELDS)
@@ -183,7 +312,7 @@ def test_a_run_line_takes_every_field_an_agp_serve_body_takes(field):
 
 def accepts_serve_chat(fields: dict) -> bool:
     try:
-        P.parse_chat({**CHAT, **fields}, max_model_len=1 << 21, served=("p",))
+        P.parse_chat(serve_body({**CHAT, **fields}), max_model_len=1 << 21, served=("p",))
         return True
     except P.APIError:
         return False

@@ -315,7 +315,7 @@ def small(obj):
     # the element that is no token id is named by its place (a prompt of 2,000 ids shown cut would hide it)
     ([1, -1], "'prompt[1]' = -1 is not a token id (an integer from 0)", None),
     ([1, True], "'prompt[1]' = true is not a token id (an integer from 0)", None),
-    ([7] * 2000 + [3.0], "'prompt[2000]' = 3.0 is not a token id (an integer from 0)", None),
+    ([7] * 2000 + [3.5], "'prompt[2000]' = 3.5 is not a token id (an integer from 0)", None),
     (["a", [1, 2], [5, -4]], "'prompt[2][1]' = -4 is not a token id (an integer from 0)", None),
     ({"a": 1}, "'prompt' must be a string, an array of token ids, or an array of those, not an object "
                "({\"a\": 1})", None),

@@ -90,6 +90,7 @@ def test_the_routing_key_is_the_prompt_prefix():
     assert key(b'{"prompt": "abcdef", "max_tokens": 3}', 4) == "abcd"
     assert key(b'{"prompt": ["abcdef", "xyz"]}', 3) == "abc"                 # a batch: its first prompt
     assert key(b'{"prompt": [[5, 6, 7]]}', 100) == "5 6 7"
+    assert key(b'{"prompt": [5.0, 6.0, 7]}', 100) == "5 6 7"               # whole floats: ids, as read
     chat = b'{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}'
     assert key(chat, 100) == "system\nBe brief.\nuser\nHi\n"
     assert key(chat, 100) == key(chat.replace(b'"Hi"', b'[{"type": "text", "text": "Hi"}]'), 100)

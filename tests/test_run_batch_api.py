@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from test_run_errors import PIPELINE, pipeline, records, run  # noqa: F401  (pipeline: a fixture)
 
 
@@ -719,3 +721,20 @@ def test_a_completions_line_whose_later_prompt_is_over_the_context_names_that_pr
     assert line["response"]["status_code"] == 400, line
     assert line["error"]["message"].startswith("'prompt[1]': "), line["error"]
     assert line["response"]["body"]["error"]["message"] == line["error"]["message"]
+
+
+def test_a_batch_lines_body_takes_whole_floats_for_its_integer_fields_as_agp_serve_does():
+    """A batch line's body is read as agp serve reads a body: "max_tokens": 3.0 and token ids 5.0
+    are integers (requests_io.whole_numbers), 3.5 is the field's 400."""
+    from pipeline_dsl.commands.batch_api import read_line
+    from pipeline_dsl.serve.api_error import APIError
+
+    body = {"prompt": [5.0, 6.0], "max_tokens": 3.0, "n": 2.0}
+    batch = read_line(json.loads(batch_line("c", COMP, body)), 1)
+    batch.parse(512, (), "tiny")
+    item = batch.items()[0]
+    assert (item["prompt_token_ids"], item["max_tokens"], item["n"]) == ([5, 6], 3, 2)
+    assert all(type(v) is int for v in (*item["prompt_token_ids"], item["max_tokens"], item["n"]))
+    half = read_line(json.loads(batch_line("c", COMP, {**body, "max_tokens": 3.5})), 1)
+    with pytest.raises(APIError, match="'max_tokens' must be an integer from 1 to 1048576, not 3.5"):
+        half.parse(512, (), "tiny")

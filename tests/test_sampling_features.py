@@ -99,7 +99,7 @@ def test_logit_bias_is_normalised_from_a_json_object_or_a_list():
                                  dict(logit_bias={1: float("nan")}), dict(logit_bias=5), dict(logprobs=21),
                                  dict(logprobs=-1), dict(logprobs=True), dict(presence_penalty=2.5),
                                  dict(frequency_penalty=-3), dict(repetition_penalty=0), dict(min_p=1.5),
-                                 dict(min_tokens=-1), dict(min_tokens=1.0), dict(constraint="json")])
+                                 dict(min_tokens=-1), dict(min_tokens=1.5), dict(constraint="json")])
 def test_bad_feature_values_raise_input_error(bad):
     with pytest.raises(InputError):
         SamplingParams(**bad).check()

@@ -287,6 +287,33 @@ def test_completion_with_the_openai_client_matches_the_engine(server, tiny_gguf)
     assert r.object == "text_completion" and r.id.startswith("cmpl-")
 
 
+def test_integer_fields_written_as_whole_floats_are_those_integers(server):
+    """A client whose JSON encoder writes every number as a double (R's jsonlite, Lua) sends
+    "max_tokens": 3.0; it is 3, as vLLM takes it: an answer of 3 tokens a choice, n = 2.0 choices,
+    logprobs = 1.0 alternatives, the same text as the integers ask for, and a Responses answer that
+    repeats max_output_tokens as 3. 3.5 is a 400 naming the field."""
+    def post(path: str, text: str) -> httpx.Response:
+        return server.http.post(server.url + path, content=text.encode(), headers={"content-type": "application/json"},
+                                timeout=60)
+
+    body = '"model": "tiny", "prompt": "hello world", "ignore_eos": true, "temperature": 0.8'
+    floats = post("/v1/completions", "{" + body + ', "max_tokens": 3.0, "n": 2.0, "logprobs": 1.0, "seed": 7.0}')
+    ints = post("/v1/completions", "{" + body + ', "max_tokens": 3, "n": 2, "logprobs": 1, "seed": 7}')
+    assert floats.status_code == ints.status_code == 200, floats.text
+    got = floats.json()
+    assert len(got["choices"]) == 2 and got["usage"]["completion_tokens"] == 6
+    for choice in got["choices"]:
+        assert len(choice["logprobs"]["tokens"]) == 3 and choice["finish_reason"] == "length"
+        assert all(len(top) <= 2 for top in choice["logprobs"]["top_logprobs"])
+    assert [c["text"] for c in got["choices"]] == [c["text"] for c in ints.json()["choices"]]
+    answer = post("/v1/responses", '{"model": "tiny", "input": "hi", "max_output_tokens": 3.0}')
+    assert answer.status_code == 200, answer.text
+    assert '"max_output_tokens":3,' in answer.text.replace(" ", "") and answer.json()["usage"]["output_tokens"] <= 3
+    half = post("/v1/completions", "{" + body + ', "max_tokens": 3.5}')
+    assert half.status_code == 400 and half.json()["error"]["param"] == "max_tokens"
+    assert half.json()["error"]["message"] == "'max_tokens' must be an integer from 1 to 1048576, not 3.5"
+
+
 def test_chat_stream_concatenates_to_the_non_streaming_answer(server):
     msgs = [{"role": "user", "content": "the cat and the world"}]
     whole = server.client.chat.completions.create(model="tiny", messages=msgs, max_tokens=10)

@@ -192,7 +192,7 @@ def test_prompt_logprobs_0_streams_on_the_first_chunk_and_more_is_a_400(server):
 
 @pytest.mark.parametrize("value, words", [(21, "from 0 to 20"), (-1, "every token of the vocabulary"),
                                           (-2, "from 0 to 20"), ("2", "from 0 to 20"), (True, "from 0 to 20"),
-                                          (2.0, "from 0 to 20")])
+                                          (2.5, "from 0 to 20")])
 @pytest.mark.parametrize("route, body", [("/v1/completions", {"prompt": "hi"}),
                                          ("/v1/chat/completions", {"messages": USER})])
 def test_prompt_logprobs_out_of_range_is_a_400_naming_it(server, route, body, value, words):

@@ -23,7 +23,7 @@ import weakref
 from dataclasses import dataclass
 
 from pipeline_dsl.flow import failed_with
-from pipeline_dsl.requests_io import SAMPLING_FIELDS, ParsedRequest, RequestError
+from pipeline_dsl.requests_io import SAMPLING_FIELDS, ParsedRequest, RequestError, whole_numbers
 from pipeline_dsl.serve import protocol as P
 from pipeline_dsl.serve.answers import answer_body
 from pipeline_dsl.serve.api_error import APIError
@@ -192,7 +192,7 @@ def read_line(obj: dict, line: int) -> BatchLine:
                            param="url")
     if not isinstance(obj.get("body"), dict):
         raise RequestError("'body' must be the request object, as POSTed to the url", param="body")
-    return BatchLine(cid, url, obj["body"], line)
+    return BatchLine(cid, url, whole_numbers(obj["body"]), line)   # read as agp serve reads a body
 
 
 def output_record(custom_id, line: int, status: int, body: dict, rid: str | None = None,

@@ -99,6 +99,10 @@ class EngineConfig:
             self.max_tokens_per_step = self.max_batch_size
 
 
+# SamplingParams' integer fields (the token-id lists besides), whose whole floats __post_init__ makes ints
+INTEGER_PARAMS = ("max_tokens", "top_k", "seed", "min_tokens", "logprobs", "prompt_logprobs")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 128
@@ -128,15 +132,21 @@ class SamplingParams:
     constraint: Any = field(default=None, compare=False, hash=False)  # a constrain.Grammar (compiled)
 
     def __post_init__(self) -> None:
-        if isinstance(self.allowed_token_ids, list):
-            object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
+        from stages.fields import whole
+
+        # an integer field's whole float is that int (4.0 -> 4), as a request's is where it is read
+        # (requests_io.whole_numbers); 4.5 stays for check() to refuse
+        for name in INTEGER_PARAMS:
+            object.__setattr__(self, name, whole(getattr(self, name)))
+        if isinstance(self.allowed_token_ids, (list, tuple)):
+            object.__setattr__(self, "allowed_token_ids", tuple(whole(t) for t in self.allowed_token_ids))
         # accept lists (JSON) and a bare string for `stop`; store tuples (hashable, frozen)
         for name in ("stop", "stop_token_ids", "bad_words"):
             value = getattr(self, name)
             if isinstance(value, str) and name != "stop_token_ids":
                 value = (value,)
             elif isinstance(value, (list, tuple)) or value is None:
-                value = tuple(value or ())
+                value = tuple(whole(v) for v in value or ())
             object.__setattr__(self, name, value)   # anything else: check() names it
         bias = self.logit_bias
         if isinstance(bias, dict) or (isinstance(bias, (list, tuple)) and all(
@@ -146,7 +156,7 @@ class SamplingParams:
             for tok, b in pairs:
                 if isinstance(tok, str) and tok.strip().isdigit():
                     tok = int(tok)
-                merged[tok] = b
+                merged[whole(tok)] = b
             try:
                 bias = tuple(sorted(merged.items()))
             except TypeError:                # mixed key types: check() names them

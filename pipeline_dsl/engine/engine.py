@@ -169,6 +169,9 @@ class Engine:
             raise InputError(f"no LoRA adapter named {params.lora!r} is loaded"
                              + (f" (these are: {', '.join(self.loras)})" if self.loras else ""), param="model")
         self.check_priority(priority)
+        from stages.fields import whole
+
+        priority = whole(priority)                # 0.0 is 0 (check_priority took it as that)
         request_id = str(request_id)
         if request_id in self.seqs:
             raise InputError(f"request id {request_id!r} is already in use")

@@ -203,7 +203,11 @@ def parse_request(body: dict, *, max_model_len: int, served: tuple[str, ...], st
         raise P.APIError("'add_special_tokens' = true is not supported with 'messages': the chat template writes "
                          "the special tokens (leave it out or use false)", param="add_special_tokens")
     messages, render, template_kwargs = P.conversation(body) if chat else (None, {}, None)
-    fmt = body.get("encoding_format") or "float"
+
+    def given(name: str, default: str):           # null is left out; 0, false or "" is a value to refuse
+        return default if body.get(name) is None else body[name]
+
+    fmt = given("encoding_format", "float")
     if fmt not in ("float", "base64"):
         raise bad("encoding_format", "float or base64", fmt)
     dims = body.get("dimensions")
@@ -212,7 +216,7 @@ def parse_request(body: dict, *, max_model_len: int, served: tuple[str, ...], st
     normalize = True if body.get("normalize") is None else body["normalize"]     # null: left out
     if not isinstance(normalize, bool):
         raise bad("normalize", "true or false", normalize)
-    dtype, endianness = body.get("embed_dtype") or "float32", body.get("endianness") or "native"
+    dtype, endianness = given("embed_dtype", "float32"), given("endianness", "native")
     if not isinstance(dtype, str) or dtype not in EMBED_DTYPES:      # a list or an object is no key
         raise bad("embed_dtype", "one of " + ", ".join(EMBED_DTYPES), dtype)
     if endianness not in ENDIANNESS:

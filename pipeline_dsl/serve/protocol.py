@@ -24,7 +24,7 @@ from pipeline_dsl.requests_io import (CACHE_SETTINGS, CHAT_FIELDS, CHAT_LACKING,
                                       check_fields, check_identifiers, check_metadata, check_min_tokens,
                                       check_neutral, foreign_hint, format_set_aside, json_type, load_json,
                                       logprobs_of_chat, max_tokens_field, must_be, parse_logit_bias, parse_messages,
-                                      parse_tools, priority, request_item)
+                                      parse_tools, priority, request_item, whole_numbers)
 from pipeline_dsl.requests_io import check_lacking as request_check_lacking
 from stages.fields import REQUEST_FIELDS, ParamError, check_value, param_of
 
@@ -135,14 +135,15 @@ def request_headers(raw, names) -> dict[str, str]:
 
 def parse_json(raw: bytes) -> dict:
     """The request body as a JSON object, or a 400 saying why not (requests_io.load_json: not
-    UTF-8, not JSON, too deep, unreadable numbers, lone surrogates). A UTF-8 byte order mark before
+    UTF-8, not JSON, too deep, unreadable numbers, lone surrogates), its integer fields' whole floats
+    made ints (requests_io.whole_numbers). A UTF-8 byte order mark before
     the JSON is skipped, as vLLM's server skips it (Python's json.loads of the body's bytes): an
     editor on Windows starts a file it saves with one, and `curl -d @request.json` sends it."""
     with request_errors:
         obj = load_json(raw.removeprefix(b"\xef\xbb\xbf"), "the request body")
     if not isinstance(obj, dict):
         raise APIError(f"the request body must be a JSON object, not {json_type(obj)}")
-    return obj
+    return whole_numbers(obj)          # "max_tokens": 4.0 is 4 from here on, on every route
 
 
 # ---------------------------------------------------------------- field checks
@@ -385,8 +386,8 @@ def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     flags = _stream_flags(obj, lenient)
     echo = _field(obj, "echo", lambda v: isinstance(v, bool), "true or false") or False
     metadata = _metadata(obj)
-    # max_tokens 0 (an integer: false and 0.0 are no more a token count here than anywhere) scores
-    # the prompt without generating; only echo returns what it scored
+    # max_tokens 0 (an integer, 0.0 made one where the body was read: false is no more a token count
+    # here than anywhere) scores the prompt without generating; only echo returns what it scored
     zero = _is_int(obj.get("max_tokens")) and obj["max_tokens"] == 0
     if zero and not echo:
         raise APIError("'max_tokens' = 0 generates nothing, so it is taken only with \"echo\": true (the prompt "

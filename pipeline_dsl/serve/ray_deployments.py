@@ -72,6 +72,7 @@ def affinity_key(body: bytes, chars: int, encoding: str | None = None, limit: in
         return None
     if not isinstance(obj, dict):
         return None
+    obj = P.whole_numbers(obj)                   # token ids 5.0 are 5, as the replica reads them
     prompt, messages = obj.get("prompt"), obj.get("messages")
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
         prompt = prompt[0]                       # a batch: the first prompt
