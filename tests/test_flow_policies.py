@@ -186,6 +186,7 @@ def test_a_call_past_its_timeout_fails_its_request_and_frees_its_slot(tmp_path, 
     ("retry", 2, True, 3),       # so is pipeline_dsl.Retry
     ("http", 2, True, 3),        # and an HTTP 503
     ("conn", 1, False, 2),       # retries run out
+    ("retry", 0, False, 1),      # none to run out: transient all the same
     ("value", 2, False, 1),      # a ValueError is a bug: never retried
 ])
 def test_retries_try_transient_failures_again(tmp_path, soft_gguf, fail, retries, ok, calls):
@@ -201,6 +202,13 @@ def test_retries_try_transient_failures_again(tmp_path, soft_gguf, fail, retries
         assert res.error.stage == "f" and "stage 'f' failed" in res.error.message
         # a failure after its retries says how many tries it had; one never retried says nothing of tries
         assert res.error.message.endswith(f"; {calls} tries") is (calls > 1), res.error.message
+        # what agp serve answers: a transient failure is a 503 to try again later, a bug a 500
+        answer = api_error(res.error, "chat")
+        transient = fail != "value"
+        assert (res.error.kind, answer.status, answer.code) == (
+            ("unavailable", 503, "stage_unavailable") if transient else ("failed", 500, "stage_failed"))
+        assert (answer.headers or {}).get("Retry-After") == ("1" if transient else None)
+        assert answer.stage == "f"
 
 
 def test_the_cache_serves_the_same_content_once_whatever_the_request_id(tmp_path, soft_gguf):

@@ -737,7 +737,7 @@ def test_a_completions_default_max_tokens_is_set_as_if_sent_and_bounds_min_token
     ("invalid", 400, None, False),
     ("rejected", 400, "rejected", False),            # a python stage's Reject
     ("queue_full", 429, "queue_full", True),
-    ("unavailable", 503, "unavailable", True),
+    ("unavailable", 503, "unavailable", True),       # draining, an engine failed, a stage's transient failure
     ("aborted", 499, "aborted", False),
     ("timeout", 504, "stage_timeout", False),        # a stage's own timeout passed
     ("failed", 500, "stage_failed", False),          # a user function raised
@@ -746,7 +746,8 @@ def test_each_way_the_pipeline_fails_a_request_is_the_documented_http_answer(kin
     """docs/serve.md, "Errors": the status, code and Retry-After of each PipelineError kind;
     an input error names the prompt or the field (`param`); a Reject, a failure and a stage's
     timeout name no field (`param` null: OpenAI clients read it as the request's field at fault)
-    and their stage in the error's `stage` (a failure's `param` was its stage)."""
+    and their stage in the error's `stage` (a failure's `param` was its stage), as a stage's transient
+    failure (unavailable) does."""
     from pipeline_dsl.flow import PipelineError
     from pipeline_dsl.serve.errors import api_error
 
@@ -754,7 +755,8 @@ def test_each_way_the_pipeline_fails_a_request_is_the_documented_http_answer(kin
     assert (err.status, err.code, err.message) == (status, code, "why")
     assert err.headers == ({"Retry-After": "3"} if retry_after else {})
     assert err.param == {"invalid": "messages"}.get(kind)
-    assert err.body()["error"].get("stage") == ("guard" if kind in ("rejected", "failed", "timeout") else None)
+    assert err.body()["error"].get("stage") == ("guard" if kind in ("rejected", "failed", "timeout", "unavailable")
+                                                else None)
 
 
 @pytest.mark.parametrize("kind, max_tokens_field, param, sent", [

@@ -25,7 +25,8 @@ log = logging.getLogger("agp.flow")
 
 class PipelineError(Exception):
     """Why one request failed. kind: invalid (its input), rejected (a Reject), queue_full,
-    unavailable (shutting down, or an engine failed), timeout (a stage's timeout passed), aborted
+    unavailable (shutting down, an engine failed, or a stage's call failed for a transient reason,
+    code stage_unavailable: a ConnectionError, pipeline_dsl.Retry, ..., its retries spent), timeout (a stage's timeout passed), aborted
     (its client went away), failed (a user function or the engine failed); `code` names an input
     error more precisely (the engine's InputError.code: context_length_exceeded), `param` the
     request field at fault when it is not the prompt (InputError.param, or the one a Reject names);
@@ -195,6 +196,8 @@ USAGE_COUNTS = (*COUNTED, "reasoning_tokens")
 MAX_COUNT = 2 ** 53 - 1               # the largest token count every JSON reader (and a float metric) holds exactly
 # the code of a request whose result its listener could not make an answer of (unbuilt)
 ANSWER_FAILED_CODE = "answer_failed"
+# the code of a request a stage's call failed for a transient reason (a service it calls down or busy)
+STAGE_UNAVAILABLE_CODE = "stage_unavailable"
 
 
 def check_result(d: dict, stage: str, made: str, got: dict | None = None, vocab: int | None = None) -> None:

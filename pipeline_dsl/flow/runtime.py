@@ -54,8 +54,8 @@ from pipeline_dsl.plan import ITEM_WORKERS, make_plan
 from .cache import ResultCache, cache_key
 from .driving import Driving
 from .engines import EngineSide
-from .items import (COUNTED, GENERATED, REQUEST, Item, PipelineError, RequestState, Result, a_type,
-                    check_result, tell_result, token_field_problem)
+from .items import (COUNTED, GENERATED, REQUEST, STAGE_UNAVAILABLE_CODE, Item, PipelineError, RequestState, Result,
+                    a_type, check_result, tell_result, token_field_problem)
 from .joins import FILLED, Joins, same_stage
 from .ledger import RequestLedger
 from .live import LiveStages
@@ -63,7 +63,7 @@ from .loops import Loops
 from .router import Router, fields
 from .stats import FlowStats
 from .streams import StreamPlan, arun_filter, one_chunk, run_filter
-from .workers import EventLoop, Skipped, StageStuck, StageTimeout, StageWorkers, Timer
+from .workers import EventLoop, Skipped, StageStuck, StageTimeout, StageWorkers, Timer, is_transient
 
 ENGINE_KINDS = ("dynamic_batch", "encode", "kv_lookup", "generate")
 INLINE = ("requests", "system_prompt", "route", "respond", "join", "dynamic_batch")   # no user code
@@ -979,7 +979,7 @@ def _after_tries(stage: str, exc: BaseException, count: int, what: str = "stage"
     if count < 2:
         return exc
     err = _error_of(stage, exc, what)
-    if err.kind not in ("timeout", "failed") or err.status is not None:
+    if err.kind not in ("timeout", "failed", "unavailable") or err.status is not None:
         return exc
     return PipelineError(f"{err.message}; {count} tries", err.kind, err.stage, err.code, err.param,
                          err.status, err.retry_after)
@@ -1004,7 +1004,11 @@ def _error_of(stage: str, exc: BaseException, what: str = "stage") -> PipelineEr
         return PipelineError(f"{what} '{stage}' is unavailable: {exc}", "unavailable", stage)
     said = _said(exc)
     detail = f"{type(exc).__name__}: {said}" if said else type(exc).__name__
-    err = PipelineError(f"{what} '{stage}' failed: {detail}", "failed", stage)
+    if is_transient(exc):       # a service it calls is down or busy (its retries spent): try again later
+        err = PipelineError(f"{what} '{stage}' failed: {detail}", "unavailable", stage,
+                            code=STAGE_UNAVAILABLE_CODE)
+    else:                       # a bug of its function
+        err = PipelineError(f"{what} '{stage}' failed: {detail}", "failed", stage)
     err.__cause__ = exc                         # where it was raised: a front end logs its traceback
     return err
 

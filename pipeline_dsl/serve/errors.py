@@ -55,7 +55,8 @@ FAILURES: dict[str, tuple[int, str, str | None, bool]] = {
     "invalid": (400, "invalid_request_error", None, False),           # its input (param: the prompt)
     "rejected": (400, "invalid_request_error", "rejected", False),    # a python stage's Reject
     "queue_full": (429, "rate_limit_error", "queue_full", True),
-    "unavailable": (503, "server_error", "unavailable", True),        # draining, or the engine failed
+    # draining, the engine failed, or a stage's call failed for a transient reason (its code: stage_unavailable)
+    "unavailable": (503, "server_error", "unavailable", True),
     "aborted": (499, "invalid_request_error", "aborted", False),      # the client went away
     "timeout": (504, "server_error", "stage_timeout", False),         # a stage's own timeout passed
     "failed": (500, "server_error", "stage_failed", False),           # a user function or the engine
@@ -94,7 +95,7 @@ def api_error(e: PipelineError, kind: str, retry_after_s: int = RETRY_AFTER_S, m
     else:                               # a failure or a stage's timeout is no field's fault: its stage says where
         param = None
     headers = {"Retry-After": str(retry_after_s)} if retry else None
-    stage = e.stage if e.kind in ("failed", "timeout") else None
+    stage = e.stage if e.kind in ("failed", "timeout", "unavailable") else None
     if e.kind == "rejected":            # a Reject may name its status and a Retry-After of its own
         status = getattr(e, "status", None) or status
         type_ = "server_error" if status >= 500 else REJECT_TYPES.get(status, type_)
