@@ -193,16 +193,25 @@ def test_a_dense_half_linear_computes_many_rows_in_fp32_where_its_type_is_emulat
         assert torch.equal(lin(x), want), rows
 
 
-def test_int8_weights_are_int8_with_per_channel_scales(tiny):
-    m = LlamaModel(tiny.config, tiny.weights, "int8")
-    qkv = m.layers[0].qkv
-    assert qkv.qweight.dtype == torch.int8 and qkv.scale.shape == (qkv.qweight.shape[0],)
+@pytest.mark.parametrize("compute", ["model", torch.float32, torch.bfloat16])
+def test_int8_weights_are_int8_with_per_channel_scales(tiny, compute):
+    """"model": LlamaModel's int8 layer, in the compute dtype this CPU gives it (bf16 where bf16 is
+    in hardware, else fp32); the others: the layer in each dtype, on any CPU."""
+    from pipeline_dsl.engine.quant import Int8Linear
+
     w = torch.cat([tiny.weights["layers.0.q"], tiny.weights["layers.0.k"], tiny.weights["layers.0.v"]])
+    if compute == "model":
+        qkv = LlamaModel(tiny.config, tiny.weights, "int8").layers[0].qkv
+    else:
+        qkv = Int8Linear(w, compute)
+    assert qkv.qweight.dtype == torch.int8 and qkv.scale.shape == (qkv.qweight.shape[0],)
     assert (qkv.dequantized().float() - w).abs().max() <= w.abs().max() / 127
-    # symmetric, per channel: a row's largest weight is +-127 steps of its scale (absmax / 127),
-    # and every weight of the row within half a step of its own (round to nearest)
+    # symmetric, per channel: a row's scale is absmax / 127 (as the compute dtype holds it), its
+    # largest weight +-127 steps of it, and every weight of the row within half a step of the one
+    # kept (round to nearest against the scale the layer multiplies by)
+    assert torch.equal(qkv.scale, (w.abs().amax(dim=1) / 127).to(qkv.scale.dtype))
     assert torch.equal(qkv.qweight.abs().amax(dim=1), torch.full((w.shape[0],), 127, dtype=torch.int8))
-    steps = (qkv.dequantized().float() - w).abs() / qkv.scale.float()[:, None]      # [out, in]
+    steps = (qkv.qweight.float() * qkv.scale.float()[:, None] - w).abs() / qkv.scale.float()[:, None]  # [out, in]
     assert steps.max() <= 0.5 + 1e-4
 
 
