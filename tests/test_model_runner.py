@@ -337,12 +337,18 @@ def test_int4_layer_agrees_with_its_dequantised_weight_for_small_and_large_batch
         assert (lin(x).float() - ref).abs().max() < 0.02 * ref.abs().max()
 
 
-def test_the_words_for_4bit_blocks_without_the_native_library_name_each_batchs_kernel(q4, monkeypatch):
+@pytest.mark.parametrize("packs", [False, True], ids=["dense", "prepacked"])
+def test_the_words_for_4bit_blocks_without_the_native_library_name_each_batchs_kernel(q4, monkeypatch, packs):
     """Without agp's kernels a Q4_1 file's blocks run torch's int4 kernel up to 8 rows and the
-    layer's bf16 copy past them, which on a CPU that emulates bf16 computes in fp32."""
-    from pipeline_dsl.engine import native
+    layer's bf16 copy past them, which on a CPU that emulates bf16 computes in fp32 where oneDNN
+    does not pack bf16 weights (AVX2: DenseLinear), and on oneDNN's emulated bf16 GEMMs where it
+    does (AVX-512 without bf16: PackedLinear), as docs/architecture.md says."""
+    from pipeline_dsl.engine import native, quant
     from pipeline_dsl.engine.quant import Int4Linear
 
+    if packs and not quant.packing_works():
+        pytest.skip("oneDNN packs no bf16 weight here")
+    monkeypatch.setattr(quant, "packing_works", lambda: packs)
     monkeypatch.setenv("AGP_NATIVE", "0")
     native.reset()
     monkeypatch.setattr(native, "fast_bf16", lambda: False)
@@ -353,5 +359,6 @@ def test_the_words_for_4bit_blocks_without_the_native_library_name_each_batchs_k
         native.reset()
     if not isinstance(model.layers[0].qkv, Int4Linear):
         pytest.skip("torch's int4 kernel does not run here")
-    assert model.linears_text() == ("4-bit block weights on torch's int4 kernel up to 8 rows, torch's float32 "
-                                    "GEMMs past, bfloat16 compute")
+    past = "oneDNN's emulated bfloat16 GEMMs" if packs else "torch's float32 GEMMs"
+    assert model.linears_text() == (f"4-bit block weights on torch's int4 kernel up to 8 rows, {past} past, "
+                                    "bfloat16 compute")
