@@ -193,16 +193,25 @@ def test_a_dense_half_linear_computes_many_rows_in_fp32_where_its_type_is_emulat
         assert torch.equal(lin(x), want), rows
 
 
-def test_int8_weights_are_int8_with_per_channel_scales(tiny):
-    m = LlamaModel(tiny.config, tiny.weights, "int8")
-    qkv = m.layers[0].qkv
-    assert qkv.qweight.dtype == torch.int8 and qkv.scale.shape == (qkv.qweight.shape[0],)
+@pytest.mark.parametrize("compute", ["model", torch.float32, torch.bfloat16])
+def test_int8_weights_are_int8_with_per_channel_scales(tiny, compute):
+    """"model": LlamaModel's int8 layer, in the compute dtype this CPU gives it (bf16 where bf16 is
+    in hardware, else fp32); the others: the layer in each dtype, on any CPU."""
+    from pipeline_dsl.engine.quant import Int8Linear
+
     w = torch.cat([tiny.weights["layers.0.q"], tiny.weights["layers.0.k"], tiny.weights["layers.0.v"]])
+    if compute == "model":
+        qkv = LlamaModel(tiny.config, tiny.weights, "int8").layers[0].qkv
+    else:
+        qkv = Int8Linear(w, compute)
+    assert qkv.qweight.dtype == torch.int8 and qkv.scale.shape == (qkv.qweight.shape[0],)
     assert (qkv.dequantized().float() - w).abs().max() <= w.abs().max() / 127
-    # symmetric, per channel: a row's largest weight is +-127 steps of its scale (absmax / 127),
-    # and every weight of the row within half a step of its own (round to nearest)
+    # symmetric, per channel: a row's scale is absmax / 127 (as the compute dtype holds it), its
+    # largest weight +-127 steps of it, and every weight of the row within half a step of the one
+    # kept (round to nearest against the scale the layer multiplies by)
+    assert torch.equal(qkv.scale, (w.abs().amax(dim=1) / 127).to(qkv.scale.dtype))
     assert torch.equal(qkv.qweight.abs().amax(dim=1), torch.full((w.shape[0],), 127, dtype=torch.int8))
-    steps = (qkv.dequantized().float() - w).abs() / qkv.scale.float()[:, None]      # [out, in]
+    steps = (qkv.qweight.float() * qkv.scale.float()[:, None] - w).abs() / qkv.scale.float()[:, None]  # [out, in]
     assert steps.max() <= 0.5 + 1e-4
 
 
@@ -328,12 +337,18 @@ def test_int4_layer_agrees_with_its_dequantised_weight_for_small_and_large_batch
         assert (lin(x).float() - ref).abs().max() < 0.02 * ref.abs().max()
 
 
-def test_the_words_for_4bit_blocks_without_the_native_library_name_each_batchs_kernel(q4, monkeypatch):
+@pytest.mark.parametrize("packs", [False, True], ids=["dense", "prepacked"])
+def test_the_words_for_4bit_blocks_without_the_native_library_name_each_batchs_kernel(q4, monkeypatch, packs):
     """Without agp's kernels a Q4_1 file's blocks run torch's int4 kernel up to 8 rows and the
-    layer's bf16 copy past them, which on a CPU that emulates bf16 computes in fp32."""
-    from pipeline_dsl.engine import native
+    layer's bf16 copy past them, which on a CPU that emulates bf16 computes in fp32 where oneDNN
+    does not pack bf16 weights (AVX2: DenseLinear), and on oneDNN's emulated bf16 GEMMs where it
+    does (AVX-512 without bf16: PackedLinear), as docs/architecture.md says."""
+    from pipeline_dsl.engine import native, quant
     from pipeline_dsl.engine.quant import Int4Linear
 
+    if packs and not quant.packing_works():
+        pytest.skip("oneDNN packs no bf16 weight here")
+    monkeypatch.setattr(quant, "packing_works", lambda: packs)
     monkeypatch.setenv("AGP_NATIVE", "0")
     native.reset()
     monkeypatch.setattr(native, "fast_bf16", lambda: False)
@@ -344,5 +359,6 @@ def test_the_words_for_4bit_blocks_without_the_native_library_name_each_batchs_k
         native.reset()
     if not isinstance(model.layers[0].qkv, Int4Linear):
         pytest.skip("torch's int4 kernel does not run here")
-    assert model.linears_text() == ("4-bit block weights on torch's int4 kernel up to 8 rows, torch's float32 "
-                                    "GEMMs past, bfloat16 compute")
+    past = "oneDNN's emulated bfloat16 GEMMs" if packs else "torch's float32 GEMMs"
+    assert model.linears_text() == (f"4-bit block weights on torch's int4 kernel up to 8 rows, {past} past, "
+                                    "bfloat16 compute")

@@ -334,15 +334,18 @@ class Q8Linear:
 
 
 class Int8Linear:
-    """Weight-only int8: w ≈ q * scale[:, None], q int8 [out, in], scale [out]."""
+    """Weight-only int8: w ≈ q * scale[:, None], q int8 [out, in], scale [out] in the compute dtype
+    (absmax / 127 as that dtype holds it; q rounded against it: within half a step of w)."""
 
     small_batch = 8  # up to this many rows the int8 kernel beats dequantise + matmul
 
     def __init__(self, weight: torch.Tensor, compute_dtype: torch.dtype):
         w = weight.float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # [out]
-        self.qweight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-        self.scale = scale.to(compute_dtype)
+        # the scale as it is kept (in the compute dtype: bf16 rounds absmax / 127 by up to 2^-9), and
+        # each weight rounded against that one, so q * scale is within half a step of the weight
+        self.scale = (w.abs().amax(dim=1).clamp(min=1e-8) / 127.0).to(compute_dtype)   # [out]
+        kept = self.scale.float().clamp(min=torch.finfo(torch.float32).tiny)          # 0: an underflowed fp16 scale
+        self.qweight = torch.round(w / kept[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
         self.compute_dtype = compute_dtype
         self.out_features = weight.shape[0]
         # the int8 kernel on CPU is fast for bf16/fp16 activations only
