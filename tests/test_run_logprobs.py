@@ -138,11 +138,12 @@ def test_a_run_line_stopped_by_a_stop_string_names_it(run_lines):
     assert [c["stop_reason"] for c in several["choices"]] == [stop, stop] and several["stop_reason"] == stop
 
 
-@pytest.mark.parametrize("value", [0.0, False])
-def test_a_run_line_scores_only_with_an_integer_max_tokens_of_zero(value):
-    """As agp serve refuses them: max_tokens 0.0 or false with echo is no scoring request (0.0
-    was taken as 0 and scored the prompt)."""
+def test_a_run_line_scores_only_with_a_max_tokens_of_zero_and_false_is_not_zero():
+    """As agp serve takes them: max_tokens false with echo is no scoring request (a bool is not an
+    integer), and 0.0 is 0 (a whole float is its integer, as for every integer field)."""
     with pytest.raises(RequestError) as e:
-        parse_request({"prompt": "the cat", "max_tokens": value, "echo": True, "logprobs": 1})
+        parse_request({"prompt": "the cat", "max_tokens": False, "echo": True, "logprobs": 1})
     assert e.value.param == "max_tokens"
-    assert parse_request({"prompt": "the cat", "max_tokens": 0, "echo": True}).sampling["max_tokens"] == 0
+    for zero in (0, 0.0):
+        parsed = parse_request({"prompt": "the cat", "max_tokens": zero, "echo": True})
+        assert parsed.sampling["max_tokens"] == 0 and type(parsed.sampling["max_tokens"]) is int
