@@ -28,9 +28,9 @@ from test_serve import TINY, start_agp_serve
 # one client for the polls of /metrics (a new one a call, as httpx.get makes, loads the CA
 # certificates again, CPU the server under test needs); a connection a request, none kept open
 HTTP = httpx.Client(timeout=30, limits=httpx.Limits(max_keepalive_connections=0))
-UNREAD = 256           # --max-unread-tokens of the server under test (64 cut a client that read its
-                       # stream once: on a loaded machine the server's own loop fell that far behind
-                       # the tiny model, whose tokens come by the thousand a second)
+UNREAD = 64            # --max-unread-tokens of the server under test (what its loop's lag queues for a
+                       # client that reads is not counted: the tiny model's tokens come by the thousand
+                       # a second, and a loaded machine's loop fell 64 behind them)
 MAX_TOKENS = 3000      # each stalled stream's: far more than its socket's buffers hold
 
 
