@@ -28,9 +28,9 @@ from test_serve import TINY, start_agp_serve
 # one client for the polls of /metrics (a new one a call, as httpx.get makes, loads the CA
 # certificates again, CPU the server under test needs); a connection a request, none kept open
 HTTP = httpx.Client(timeout=30, limits=httpx.Limits(max_keepalive_connections=0))
-UNREAD = 256           # --max-unread-tokens of the server under test (64 cut a client that read its
-                       # stream once: on a loaded machine the server's own loop fell that far behind
-                       # the tiny model, whose tokens come by the thousand a second)
+UNREAD = 64            # --max-unread-tokens of the server under test (what its loop's lag queues for a
+                       # client that reads is not counted: the tiny model's tokens come by the thousand
+                       # a second, and a loaded machine's loop fell 64 behind them)
 MAX_TOKENS = 3000      # each stalled stream's: far more than its socket's buffers hold
 
 
@@ -425,6 +425,195 @@ def test_a_stream_cut_for_its_unread_tokens_lets_go_of_them():
         assert loop.run_until_complete(stream.__anext__()) == ("done", "the result")
     finally:
         loop.close()
+
+
+class _Runtime:
+    """A FlowRuntime as a stream sees it: what it was told to pause and abort."""
+    accepting = True
+
+    def __init__(self):
+        self.calls = []
+
+    def pause(self, key, paused):
+        self.calls.append(("pause", key, paused))
+        return paused
+
+    def abort(self, key, message=""):
+        self.calls.append(("abort", key, message))
+
+    def running(self, key):
+        return True
+
+
+def _streams(runtime, keys, pause: int = 0, limit: int = 10) -> list[RequestStream]:
+    """RequestStreams on the running loop (one LoopMail: what the runtime's threads hand them
+    before the loop runs again comes in one batch) cut past `limit` unread tokens, paused past
+    `pause` (0: never)."""
+    owner = type("Owner", (), {"metrics": None, "runtime": runtime})()
+    mail = LoopMail(asyncio.get_running_loop())
+    streams = []
+    for key in keys:
+        stream = RequestStream(owner, mail, max_unread_tokens=limit, pause_unread_tokens=pause)
+        stream.key = key
+        streams.append(stream)
+    return streams
+
+
+async def _turns(n: int = 5) -> None:
+    """Let the loop run what is ready (the mail's batch, the consumers it wakes) n times over."""
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+@contextlib.asynccontextmanager
+async def _consuming(consumer):
+    """`consumer` running as a task, cancelled on the way out."""
+    task = asyncio.ensure_future(consumer)
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def _deltas(stream: RequestStream, ids) -> None:
+    """The runtime's thread hands `stream` a delta a token (they reach the loop in one batch)."""
+    for i in ids:
+        stream.on_delta(stream.key, 0, _Out([i], f"tok{i} ", ""))
+
+
+@pytest.mark.parametrize("pause", [0, 4])
+def test_tokens_that_come_in_one_batch_while_the_consumer_waits_are_neither_cut_nor_paused_for(pause):
+    """A consumer waiting for its stream's next event (its client took everything) is run only
+    once the loop has handed the stream a whole LoopMail batch: on a loaded machine hundreds of a
+    fast model's tokens. They are the server's lag, not its client's: the stream is neither cut
+    nor paused for them, however many past its bounds, and its consumer gets every one. (Before:
+    a client that read its stream as it came was cut past --max-unread-tokens.)"""
+    runtime = _Runtime()
+
+    async def read_after_a_batch():
+        stream, = _streams(runtime, ["k"], pause=pause)
+        async with _consuming(stream.__anext__()) as first:
+            await _turns()                             # it waits on the empty queue
+            _deltas(stream, range(30))                 # three times the cut's bound, in one batch
+            await _turns()
+            assert runtime.calls == [] and not stream.cut and not stream.paused
+            events = [first.result()]
+        while not stream.queue.empty():
+            events.append(await stream.__anext__())
+        assert runtime.calls == [] and stream.unread == 0 and stream.lagged == 0
+        return events
+
+    events = asyncio.run(read_after_a_batch())
+    assert [e[2].new_token_ids for e in events] == [[i] for i in range(30)]
+
+
+@pytest.mark.parametrize("pause", [0, 4])
+def test_tokens_that_come_while_the_consumer_is_blocked_writing_count_past_what_came_while_it_waited(pause):
+    """The consumer that took part of a batch that came while it waited (not counted) and is then
+    blocked writing to its client (the transport's drain: the client takes nothing) has the
+    tokens that come meanwhile counted: past the pause's bound it pauses, past the cut's (pausing
+    off) it is cut, as for a client that stops reading; the lag still queued ahead of them is
+    not counted."""
+    runtime = _Runtime()
+
+    async def blocked_after_a_batch():
+        stream, = _streams(runtime, ["k"], pause=pause)
+        writing = asyncio.Event()                      # its write to the client waits: never set
+        taken = []
+
+        async def writer():
+            async for event in stream:
+                taken.append(event)
+                if len(taken) == 5:                    # five of the lag taken, then its client blocks it
+                    await writing.wait()
+
+        async with _consuming(writer()):
+            await _turns()                             # it waits on the empty queue
+            _deltas(stream, range(30))                 # the loop's lag: a batch past both bounds
+            await _turns()
+            assert runtime.calls == [] and len(taken) == 5
+            assert stream.lagged == 25 and stream.unread == 0
+            bound = pause or 10
+            _deltas(stream, range(30, 30 + bound))     # up to the bound, while it writes: counted
+            await _turns()
+            assert runtime.calls == [] and stream.unread == bound
+            _deltas(stream, [99])                      # one past it
+            await _turns()
+        return stream
+
+    stream = asyncio.run(blocked_after_a_batch())
+    if pause:
+        assert runtime.calls == [("pause", "k", True)] and stream.paused and not stream.cut
+    else:
+        assert [c[:2] for c in runtime.calls] == [("abort", "k")] and "--max-unread-tokens" in runtime.calls[0][2]
+        assert stream.cut and stream.queue.qsize() == 0 and stream.lagged == 0
+
+
+def test_the_streams_of_a_batch_of_prompts_count_only_what_comes_while_their_merge_does_not_wait():
+    """A StreamGroup (a completions batch of prompts) waits for each request's admission, then for
+    the next event of any: what comes meanwhile, in one batch past the bound, is the loop's lag in
+    each of its streams (none cut); once its consumer is blocked writing, what comes counts."""
+    from pipeline_dsl.serve.async_pipeline import StreamGroup
+
+    runtime = _Runtime()
+
+    async def scenario():
+        one, two = _streams(runtime, ["one", "two"])
+        group = StreamGroup([one, two], 1)
+        writing = asyncio.Event()
+        taken = []
+
+        async def writer():
+            async for event in group:
+                taken.append(event)
+                if len(taken) == 60:
+                    await writing.wait()               # its client blocks it
+
+        async with _consuming(writer()):
+            await _turns()                             # it waits for the first prompt's admission
+            one.on_admitted("one")
+            _deltas(one, range(30))                    # the first prompt's tokens while the second
+            await _turns()                             # waits for an engine: nobody could read them
+            assert runtime.calls == [] and taken == [] and one.lagged == 30
+            two.on_admitted("two")
+            _deltas(two, range(30))                    # the second's, in one batch, while it waits
+            await _turns()
+            assert runtime.calls == [] and len(taken) == 60 and one.unread == two.unread == 0
+            _deltas(two, range(30, 41))                # past the bound while it writes
+            await _turns()
+        return one, two
+
+    one, two = asyncio.run(scenario())
+    assert [c[:2] for c in runtime.calls] == [("abort", "two")] and two.cut and not one.cut
+
+
+def test_a_stream_held_waiting_until_its_writer_begins_counts_nothing_before():
+    """The app holds a stream waiting from its first event until its answer's writer begins
+    (serve/generation.py, sse.Relay): the tokens the loop hands it meanwhile (it takes turns to get
+    the first event to the writer) are the server's lag; once the writer begins, what comes while
+    it is blocked writing counts."""
+    runtime = _Runtime()
+
+    async def scenario():
+        stream, = _streams(runtime, ["k"])
+        stream.waiting = True                          # generation.start
+        async with _consuming(stream.__anext__()) as first:
+            await _turns()
+            _deltas(stream, [0])
+            await _turns()
+            assert first.done() and stream.waiting     # still held: its writer has not begun
+        _deltas(stream, range(1, 31))
+        await _turns()
+        assert runtime.calls == [] and stream.lagged == 30 and stream.unread == 0
+        stream.waiting = False                         # Relay.relay begins (and writes, blocked)
+        _deltas(stream, range(40, 51))
+        await _turns()
+        return stream
+
+    stream = asyncio.run(scenario())
+    assert [c[:2] for c in runtime.calls] == [("abort", "k")] and stream.cut
 
 
 def test_a_paused_stream_goes_on_when_its_consumer_catches_up_and_is_cut_if_it_never_does():

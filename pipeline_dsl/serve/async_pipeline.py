@@ -15,10 +15,16 @@ queued for a consumer that would only pass it over (a copy and a wake-up of the 
 token).
 
 A stream whose consumer falls behind (an SSE client that stops reading: the socket's buffer
-fills, the writer waits) keeps its events queued here. Past `pause_unread_tokens` tokens queued
-its request is paused (FlowRuntime.pause: its engine sequences leave their batches, their KV
-blocks freed) until the consumer has taken them all, when it goes on; paused for `pause_limit_s`
-without catching up, or past `max_unread_tokens` tokens queued while not paused (pausing off,
+fills, the writer waits) keeps its events queued here. Its unread tokens are those queued while
+its consumer does not wait for an event (it is blocked writing to its client, or does not read):
+the tokens that arrive while it waits on an empty queue (`waiting`: a StreamGroup's merge and the
+app's hand-over to its answer's writer wait too) are the event loop's lag, not its client's (a
+loaded loop runs the consumer only after a LoopMail batch of hundreds of a fast model's tokens),
+and are neither counted nor paused nor cut for, however many (the consumer takes them first, the
+next time it runs). Past `pause_unread_tokens` unread tokens its request is paused
+(FlowRuntime.pause: its engine sequences leave their batches, their KV blocks freed) until the
+consumer has taken them all, when it goes on; paused for `pause_limit_s`
+without catching up, or past `max_unread_tokens` unread tokens while not paused (pausing off,
 or refused in a drain; a paused stream's tokens that were on their way when it paused do not
 count against it, nor a whole answer's), its request is aborted, the
 deltas it queued dropped, and its last event is the error saying why (what a client reads if it
@@ -91,8 +97,9 @@ class RequestStream:
     """Async iterator over one request's events: ("delta", index, out) then ("done", result).
     A queued delta's `out.text` (the whole text so far) is dropped: the consumer reads
     `delta_text`, and n queued deltas would otherwise hold n copies of the text, n² characters.
-    Past `pause_unread_tokens` tokens queued and not taken the request is paused, past
-    `max_unread_tokens` (or paused for `pause_limit_s`) cut (module docstring)."""
+    Past `pause_unread_tokens` unread tokens (queued while its consumer did not wait for an event,
+    and not taken) the request is paused, past `max_unread_tokens` (or paused for `pause_limit_s`)
+    cut (module docstring)."""
 
     def __init__(self, owner: "AsyncPipeline", mail: LoopMail, max_unread_tokens: int | None = None,
                  deltas: bool = True, pause_unread_tokens: int | None = None, pause_limit_s: float | None = None):
@@ -118,7 +125,12 @@ class RequestStream:
         self.last_token_at: dict[int, float] = {}    # choice index -> when its latest tokens came
         self.prompt: tuple | None = None         # (prompt ids, their logprobs or None) when the answer shows them
         self.params: dict | None = None          # the request's n and max_tokens (metrics)
-        self.unread = 0                          # tokens queued, not yet taken by the consumer
+        self.unread = 0                          # tokens queued while its consumer did not wait, not yet taken
+        # its consumer waits for an event (on an empty queue, until it runs again; or the app holds
+        # it from its first event until its answer's writer begins, serve/sse.py's Relay): the tokens
+        # queued meanwhile are the server's lag (`lagged`, the queue's first ones), not its client's
+        self.waiting = False
+        self.lagged = 0
         self.cut = False                         # aborted for its unread tokens
         # an engine took it, or it has a delta or its result queued (on_admitted): set on the loop
         self.admitted = asyncio.Event()
@@ -134,15 +146,29 @@ class RequestStream:
     async def __anext__(self):
         if self.finished and self.queue.empty():
             raise StopAsyncIteration
-        event = await self.queue.get()
+        if self.queue.empty():
+            held, self.waiting = self.waiting, True    # what comes until it runs again is the loop's lag
+            try:
+                event = await self.queue.get()
+            finally:
+                self.waiting = held              # False, unless the app holds it (its writer not begun)
+        else:
+            event = self.queue.get_nowait()
         if event[0] == "done":
             self.finished = True
             self._stop_timer()
         else:
-            self.unread -= len(event[2].new_token_ids or ())
+            self.took(len(event[2].new_token_ids or ()))
             if self.paused and self.unread <= 0 and not self.stalled:   # its consumer caught up: it goes on
                 self._set_paused(False)
         return event
+
+    def took(self, tokens: int) -> None:
+        """Its consumer took the next queued event, of `tokens` tokens: the queue's first tokens
+        are those that came while it waited (lagged), the others unread."""
+        lagged = min(self.lagged, tokens)
+        self.lagged -= lagged
+        self.unread -= tokens - lagged
 
     def client_stalled(self, stalled: bool) -> None:
         """Its client took nothing of the bytes written to it for a while (True; the server's
@@ -228,9 +254,13 @@ class RequestStream:
         self._delta_queued = True
         self.admitted.set()
         self.queue.put_nowait(("delta", index, out.without_text() if isinstance(out, Delta) else replace(out, text="")))
-        self.unread += len(out.new_token_ids or ())
+        tokens = len(out.new_token_ids or ())
         if self.on_queued is not None:
             self.on_queued()
+        if self.waiting:                         # its consumer waits for it: the loop's lag, not its client's
+            self.lagged += tokens
+            return
+        self.unread += tokens
         if self.ended or self.finished or self.key is None:
             return
         if self.paused and not self._owner.runtime.accepting:
@@ -258,7 +288,7 @@ class RequestStream:
         kept = [e for e in (self.queue.get_nowait() for _ in range(self.queue.qsize())) if e[0] != "delta"]
         for e in kept:                           # its deltas' memory back now, not when its connection ends
             self.queue.put_nowait(e)
-        self.unread = 0
+        self.unread = self.lagged = 0
         self._owner.runtime.abort(self.key, message)
 
     def _set_paused(self, paused: bool, why: str = "") -> None:
@@ -353,6 +383,7 @@ class StreamGroup:
         self.streams, self.per = streams, per
         self.numbers = ChoiceNumbers(len(streams), per)
         self.started = False
+        self._waiting = False                    # held by the app (RequestStream.waiting)
         self._arrived: deque = deque()           # the request of each event queued, in the order queued
         self._wake = asyncio.Event()
         for k, s in enumerate(streams):
@@ -363,6 +394,27 @@ class StreamGroup:
     def _queued(self, k: int) -> None:
         self._arrived.append(k)
         self._wake.set()
+
+    @property
+    def waiting(self) -> bool:
+        """Its consumer waits for an event: its requests' tokens that come meanwhile are the
+        server's lag, not its client's (RequestStream.waiting); it waits too while its merge does."""
+        return self._waiting
+
+    @waiting.setter
+    def waiting(self, waiting: bool) -> None:
+        self._waiting = waiting
+        for s in self.streams:
+            s.waiting = waiting
+
+    async def _wait(self, work):
+        """`await work`, the merge waiting for an event (every stream's tokens meanwhile the lag)."""
+        held = self._waiting
+        self.waiting = True
+        try:
+            return await work
+        finally:
+            self.waiting = held
 
     def request_of(self, index: int) -> int:
         """The request (prompt) whose choice carries `index`."""
@@ -399,7 +451,7 @@ class StreamGroup:
         waits = [asyncio.ensure_future(s.admitted.wait()) for s in self.streams]
         try:
             for k, s in enumerate(self.streams):
-                await waits[k]
+                await self._wait(waits[k])
                 failed = s.failed_before_delta
                 if failed is not None:               # naming its prompt
                     yield ("done", replace(failed, error=of_prompt(failed.error, k)))
@@ -415,7 +467,7 @@ class StreamGroup:
         while left:
             self._wake.clear()
             if not self._arrived:
-                await self._wake.wait()
+                await self._wait(self._wake.wait())
                 continue
             k = self._arrived.popleft()
             stream = self.streams[k]

@@ -153,6 +153,9 @@ class Generations:
                                           format_field=req.format_field))
         stream = streams[0] if len(streams) == 1 else StreamGroup(streams, req.choices_per_prompt)
         self.metrics.in_flight.inc()
+        # held waiting until its answer's writer begins (sse.Relay): the tokens that come before
+        # (the loop taking its turns to hand the first event over) are the server's lag, not unread
+        stream.waiting = True
         here, first = await wait_or_disconnect(request, stream.__anext__())
         if not here:                          # the client went away while it waited
             stream.abort()

@@ -238,14 +238,16 @@ def add_arguments(p) -> None:
                    help="seconds a client may take none of its answer while some waits for it (its TCP "
                         "acknowledges nothing) before the connection is cut and its request aborted (default: 30)")
     p.add_argument("--max-unread-tokens", type=int, default=1024,
-                   help="tokens a stream may have waiting for its client (the socket's buffer full); more: "
-                        "the request is aborted and its KV cache freed (default: 1024)")
+                   help="unread tokens a stream may have: queued while its writer is blocked on its client "
+                        "(the socket's buffers full), not those the server's own loop hands it while it waits "
+                        "for them; more: the request is aborted and its KV cache freed (default: 1024)")
     p.add_argument("--pause-unread-tokens", type=int, default=256,
-                   help="tokens a stream may have waiting for its client (the socket's buffers full) before its "
+                   help="unread tokens a stream may have (as --max-unread-tokens counts them: queued while its "
+                        "writer is blocked on its client) before its "
                         "generation pauses: its sequences leave the batch and free their KV cache until the "
                         "client has taken them, then recompute and go on; paused for --send-timeout with none "
-                        "taken, the request is aborted. 0: never paused (default: 256, more than a busy event loop "
-                        "lets pile up for a client that reads; one that stops reading pauses sooner, on its TCP)")
+                        "taken, the request is aborted. 0: never paused (default: 256; a client that stops "
+                        "reading pauses sooner, on its TCP)")
     p.add_argument("--return-tokens-as-token-ids", action="store_true",
                    help="logprobs name each token \"token_id:N\" instead of its text, for requests that do not "
                         "set return_tokens_as_token_ids themselves (vLLM's flag)")

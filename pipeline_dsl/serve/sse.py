@@ -110,6 +110,9 @@ class Relay:
     async def relay(self, opening=()):
         """The stream's chunks: `opening` first, then the events'."""
         status, result = "499", None
+        # its writer begins: the tokens that come from now on while it writes count as unread
+        # (RequestStream.waiting; the app held it waiting since its first event)
+        self.stream.waiting = False
         try:
             for chunk in opening:
                 yield chunk
