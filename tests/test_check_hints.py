@@ -635,6 +635,44 @@ def test_a_setting_that_only_tunes_one_left_off_is_a_warning_at_it(tmp_path, sta
     assert pipeline_dsl.load(str(tmp_path / "p.agp"))[1] == []
 
 
+def test_a_derived_pipeline_that_turns_its_bases_cache_and_retries_off_can_say_so_without_a_warning(tmp_path):
+    """A derived pipeline that turns off its base's cache (`t.cache = 0`) is told at the base's
+    `cache_ttl` that it does nothing now, and it cannot remove a line of its base: writing it back
+    to its default (`t.cache_ttl = 0`, the kind's own value) is how it takes it back, and a value
+    that changes nothing is no warning. The same for `backoff` without retries and speculation's
+    tuning written as their defaults; any other value still warns."""
+    (tmp_path / "hooks.py").write_text("def same(item):\n    return item\n")
+    base = SEED.replace("stage gen : generate {}",
+                        "stage gen : generate { speculate = ngram  speculative_tokens = 6 }\n"
+                        '    stage t : python { fn = "hooks:same"  cache = 4  cache_ttl = 50ms  retries = 2  backoff = 1s }') \
+        .replace("request -> batch", "request -> t -> batch")
+    off = "t.cache = 0  t.retries = 0  gen.speculate = off"
+    defaults = "t.cache_ttl = 0  t.backoff = 500ms  gen.speculative_tokens = 4"
+
+    def warnings(derived: str) -> list[str]:
+        (tmp_path / "p.agp").write_text(base + f"pipeline d : p {{ {derived} }}\n")
+        diags = pipeline_dsl.load(str(tmp_path / "p.agp"))[1]
+        assert not any(d.is_error for d in diags), [d.message for d in diags]
+        return sorted(d.message.split(" but ")[0] for d in diags)
+
+    assert warnings("") == []
+    assert warnings(off) == ["generate 'gen' sets speculative_tokens", "stage 't' sets backoff",
+                             "stage 't' sets cache_ttl"]
+    assert warnings(f"{off}  {defaults}") == []
+    assert warnings(f"{off}  {defaults}".replace("t.cache_ttl = 0", "t.cache_ttl = 1s")) == ["stage 't' sets cache_ttl"]
+
+
+def test_a_join_without_fn_that_writes_its_call_settings_as_their_defaults_is_no_warning():
+    """A join without fn warns at a call setting it writes (they run its fn: test above), but not
+    at one written as the kind's own default, which changes nothing."""
+    text = SEED.replace("stage gen : generate {}", "stage gen : generate { n = 2 }\n"
+                        "    stage j : join { timeout = 0  backoff = 500ms  workers = 16  retries = 0 }") \
+        .replace("gen -> out", "gen -> j -> out")
+    assert pipeline_dsl.loads(text, "t.agp")[1] == []
+    diags = pipeline_dsl.loads(text.replace("workers = 16", "workers = 8"), "t.agp")[1]
+    assert [d.message.split(" but ")[0] for d in diags] == ["join 'j' sets workers"]
+
+
 @pytest.mark.parametrize("old, new, at_, words", [
     ("timeout = 2ms", "timeout = -1ms", (4, 45), "'timeout' is a duration, never negative: '-1ms'"),
     ("timeout = 2ms", "timeout = -0.5s", (4, 45), "'timeout' is a duration, never negative: '-0.5s'"),
