@@ -565,6 +565,34 @@ def test_a_python_stage_whose_every_return_is_an_edged_label_needs_no_otherwise(
                      "edge and no `otherwise`)"] if nowhere else [])
 
 
+STREAM_SPLITS = {
+    "labelled": ('def split(item, chunks):\n    n = 0\n    for c in chunks:\n        n += len(c)\n'
+                 '        yield c\n    return "a" if n > 3 else "b"\n'),
+    # keeps the rule: a bare return (no label), a body that may end without one, an async generator
+    "bare": ('def split(item, chunks):\n    for c in chunks:\n        if not c:\n            return\n'
+             '        yield c\n    return "a"\n'),
+    "may_end": 'def split(item, chunks):\n    for c in chunks:\n        yield c\n',
+    "async": 'async def split(item, chunks):\n    async for c in chunks:\n        yield c\n',
+}
+
+
+@pytest.mark.parametrize("fn, nowhere", [("labelled", False), ("bare", True), ("may_end", True), ("async", True)])
+def test_a_stream_stage_whose_generator_ends_in_an_edged_label_needs_no_otherwise(tmp_path, fn, nowhere):
+    """docs/language.md: a `stream = true` stage's plain generator may `return "LABEL"` for `when
+    LABEL` edges, and the runtime drives it to that return (flow/streams.run_filter): one whose every
+    return is an edged label needs no `otherwise`, as a plain function's does (test above). It was
+    told its items had nowhere to go."""
+    (tmp_path / "hooks.py").write_text(STREAM_SPLITS[fn])
+    path = tmp_path / "p.agp"
+    path.write_text(SEED.replace("stage out : respond {}", 'stage out : respond {}\n    stage split : python '
+                                 '{ fn = "hooks:split"  stream = true }\n    stage ra : route {}\n    stage rb : route {}')
+                    .replace("gen -> out", "gen -> split\n    split -> ra when a\n    split -> rb when b\n"
+                                           "    ra -> out\n    rb -> out"))
+    errs = [d.message for d in pipeline_dsl.load(str(path))[1] if d.is_error]
+    assert errs == (["an item of 'split' that matches none of its conditions has nowhere to go (no unconditional "
+                     "edge and no `otherwise`)"] if nowhere else [])
+
+
 def _routed(cond: str) -> str:
     return SEED.replace("request -> batch\n", f"request -> route\n    route -> batch when {cond}\n"
                         "    route -> batch otherwise\n").replace("stage batch", "stage route : route {}\n    stage batch")
