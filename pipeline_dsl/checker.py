@@ -958,7 +958,9 @@ def _check_idle_params(kind: StageKind, what: str, params: dict, given: set, whe
                                f"{param} does nothing without {needs}", where(param),
                                hint=f"add {needs} = N" + (" (how many results to keep)" if needs == "cache"
                                                           else " (how many more tries a transient error gets)")
-                                    + f", or remove {param}"))
+                                    + f", or remove {param} (a derived pipeline, which cannot remove its "
+                                      f"base's, writes it as its default: {param} = "
+                                      f"{units.format_duration(kind.param(param).default)})"))
     return diags
 
 

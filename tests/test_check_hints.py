@@ -688,6 +688,10 @@ def test_a_derived_pipeline_that_turns_its_bases_cache_and_retries_off_can_say_s
                              "stage 't' sets cache_ttl"]
     assert warnings(f"{off}  {defaults}") == []
     assert warnings(f"{off}  {defaults}".replace("t.cache_ttl = 0", "t.cache_ttl = 1s")) == ["stage 't' sets cache_ttl"]
+    (tmp_path / "p.agp").write_text(base + f"pipeline d : p {{ {off} }}\n")    # the hint says how
+    hints = {d.message.split(" but ")[0]: d.hint for d in pipeline_dsl.load(str(tmp_path / "p.agp"))[1]}
+    assert hints["stage 't' sets cache_ttl"].endswith("writes it as its default: cache_ttl = 0s)")
+    assert hints["stage 't' sets backoff"].endswith("writes it as its default: backoff = 500ms)")
 
 
 def test_a_join_without_fn_that_writes_its_call_settings_as_their_defaults_is_no_warning():
