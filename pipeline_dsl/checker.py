@@ -937,17 +937,30 @@ def _check_many_params(name: str, params: dict, given: set, where) -> list[Diagn
     return []
 
 
-def _check_idle_params(what: str, params: dict, given: set, where) -> list[Diagnostic]:
+def _sets_other_than_default(kind: StageKind, name: str, params: dict, given: set) -> bool:
+    """Whether the stage writes `name` with a value other than its kind's default. Writing the default
+    changes nothing, and it is how a derived pipeline takes back what its base set (`t.cache = 0
+    t.cache_ttl = 0` over a base with `cache = 4  cache_ttl = 50ms`): no setting is left to warn of."""
+    if name not in given:
+        return False
+    spec = kind.param(name)
+    return spec is None or spec.default is None or params.get(name) != spec.default
+
+
+def _check_idle_params(kind: StageKind, what: str, params: dict, given: set, where) -> list[Diagnostic]:
     """Settings that only tune another one: `cache_ttl` ages out the entries of `cache`, `backoff`
-    spaces the tries of `retries`; written while that other is off (0, its default), they do nothing."""
+    spaces the tries of `retries`; written while that other is off (0, its default), they do nothing
+    (written as their own default, they change nothing either way: no warning)."""
     diags = []
     for param, needs in (("cache_ttl", "cache"), ("backoff", "retries")):
-        if param in given and not params.get(needs):
+        if _sets_other_than_default(kind, param, params, given) and not params.get(needs):
             diags.append(_warn(f"{what} sets {param} but {needs} = {params.get(needs) or 0} (off): "
                                f"{param} does nothing without {needs}", where(param),
                                hint=f"add {needs} = N" + (" (how many results to keep)" if needs == "cache"
                                                           else " (how many more tries a transient error gets)")
-                                    + f", or remove {param}"))
+                                    + f", or remove {param} (a derived pipeline, which cannot remove its "
+                                      f"base's, writes it as its default: {param} = "
+                                      f"{units.format_duration(kind.param(param).default)})"))
     return diags
 
 
@@ -1012,7 +1025,7 @@ def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set,
             elif not stream and not any(d.is_error for d in shape):
                 diags += _check_many_returns(st.name.text, params["fn"], where("fn"), base)
         diags += _check_many_params(st.name.text, params, given, where)
-        diags += _check_idle_params(f"stage '{st.name.text}'", params, given, where)
+        diags += _check_idle_params(kind, f"stage '{st.name.text}'", params, given, where)
     elif kind.name == "join":
         policy, fn = params.get("policy"), params.get("fn")
         if fn is not None and "policy" not in given:
@@ -1028,12 +1041,12 @@ def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set,
                                       _args_map(st, params))
         if params.get("fn") is None:          # workers, timeout, retries, backoff and args run a join's fn
             for p in ("workers", "timeout", "retries", "backoff", "args"):
-                if p in given:
+                if _sets_other_than_default(kind, p, params, given):
                     diags.append(_warn(f"join '{st.name.text}' sets {p} but has no fn: the built-in "
                                        f"policy {policy or 'first'} runs no user code, so {p} does nothing",
                                        where(p), hint=f"remove {p}, or merge with fn = \"module:function\""))
         else:
-            diags += _check_idle_params(f"join '{st.name.text}'", params, given, where)
+            diags += _check_idle_params(kind, f"join '{st.name.text}'", params, given, where)
         if "fn" in given and params.get("fn") and \
                 function_shape(params["fn"], base) in ("generator", "async_generator"):
             diags.append(_err(f"join '{st.name.text}': {params['fn']} is a generator function; a join "
@@ -1055,7 +1068,8 @@ def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set,
             at = "prompt_lookup_min" if "prompt_lookup_min" in given else "prompt_lookup_max"
             diags.append(_err(str(e), where(at), expected=f"prompt_lookup_min at most prompt_lookup_max ({high})",
                               hint="lower prompt_lookup_min or raise prompt_lookup_max"))
-        spec = [p for p in ("speculative_tokens", "prompt_lookup_max", "prompt_lookup_min") if p in given]
+        spec = [p for p in ("speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+                if _sets_other_than_default(kind, p, params, given)]
         if spec and params.get("speculate", "off") == "off":
             diags.append(_warn(f"generate '{st.name.text}' sets {spec[0]} but speculate = off: it does nothing",
                                where(spec[0]), hint="add speculate = ngram, or remove it"))

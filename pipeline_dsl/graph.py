@@ -774,6 +774,8 @@ def _check_ports(r: Resolved, registry: Registry, g: nx.DiGraph, carry: dict, re
     for n, s in r.stages.items():
         if s.kind is None or s.kind.is_sink or s.kind.is_source or n not in with_edges or n in mismatched:
             continue
+        if mismatched & nx.descendants(g, n):
+            continue                   # its items stop at an edge further on that is said already, not here
         sent = outputs(s.kind, s.params, receives[n]) & ITEM_TYPES
         onward = set().union(*(carry[v] for v in g.successors(n)))
         for t in sorted(sent - onward):

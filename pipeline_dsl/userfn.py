@@ -844,12 +844,14 @@ def always_labels(info: FunctionInfo | None) -> set[str] | None:
     """The labels a plain `def` (or `async def`) returns when its source shows it returns a label
     on every path: each `return` gives a string literal or a choice of them (`"b" if h < 50 else
     "a"`), and no path ends without a return or a raise (that would return None: the item with
-    no label). None for anything less certain (a return of a variable, a call, the item or None;
-    a body that may run off its end; a generator; a decorated def, whose wrapper may return
-    anything; a def the module may bind the name past, as a conditional def or a reassignment:
-    FunctionInfo.settled), so callers keep their stricter rule."""
+    no label). A plain generator (a `stream = true` stage's filter) is judged by the same rule: the
+    runtime drives it to its end, and the value of the `return` that ends it is its label
+    (flow/streams.run_filter). None for anything less certain (a return of a variable, a call, the
+    item or None; a body that may run off its end; an async generator, which returns no value; a
+    decorated def, whose wrapper may return anything; a def the module may bind the name past, as a
+    conditional def or a reassignment: FunctionInfo.settled), so callers keep their stricter rule."""
     node = info.node if info is not None and info.settled else None
-    if shape_of_def(node) not in ("function", "coroutine") or node.decorator_list:
+    if shape_of_def(node) not in ("function", "coroutine", "generator") or node.decorator_list:
         return None
     labels: set[str] = set()
 

@@ -565,6 +565,34 @@ def test_a_python_stage_whose_every_return_is_an_edged_label_needs_no_otherwise(
                      "edge and no `otherwise`)"] if nowhere else [])
 
 
+STREAM_SPLITS = {
+    "labelled": ('def split(item, chunks):\n    n = 0\n    for c in chunks:\n        n += len(c)\n'
+                 '        yield c\n    return "a" if n > 3 else "b"\n'),
+    # keeps the rule: a bare return (no label), a body that may end without one, an async generator
+    "bare": ('def split(item, chunks):\n    for c in chunks:\n        if not c:\n            return\n'
+             '        yield c\n    return "a"\n'),
+    "may_end": 'def split(item, chunks):\n    for c in chunks:\n        yield c\n',
+    "async": 'async def split(item, chunks):\n    async for c in chunks:\n        yield c\n',
+}
+
+
+@pytest.mark.parametrize("fn, nowhere", [("labelled", False), ("bare", True), ("may_end", True), ("async", True)])
+def test_a_stream_stage_whose_generator_ends_in_an_edged_label_needs_no_otherwise(tmp_path, fn, nowhere):
+    """docs/language.md: a `stream = true` stage's plain generator may `return "LABEL"` for `when
+    LABEL` edges, and the runtime drives it to that return (flow/streams.run_filter): one whose every
+    return is an edged label needs no `otherwise`, as a plain function's does (test above). It was
+    told its items had nowhere to go."""
+    (tmp_path / "hooks.py").write_text(STREAM_SPLITS[fn])
+    path = tmp_path / "p.agp"
+    path.write_text(SEED.replace("stage out : respond {}", 'stage out : respond {}\n    stage split : python '
+                                 '{ fn = "hooks:split"  stream = true }\n    stage ra : route {}\n    stage rb : route {}')
+                    .replace("gen -> out", "gen -> split\n    split -> ra when a\n    split -> rb when b\n"
+                                           "    ra -> out\n    rb -> out"))
+    errs = [d.message for d in pipeline_dsl.load(str(path))[1] if d.is_error]
+    assert errs == (["an item of 'split' that matches none of its conditions has nowhere to go (no unconditional "
+                     "edge and no `otherwise`)"] if nowhere else [])
+
+
 def _routed(cond: str) -> str:
     return SEED.replace("request -> batch\n", f"request -> route\n    route -> batch when {cond}\n"
                         "    route -> batch otherwise\n").replace("stage batch", "stage route : route {}\n    stage batch")
@@ -633,6 +661,48 @@ def test_a_setting_that_only_tunes_one_left_off_is_a_warning_at_it(tmp_path, sta
     fixed = text.replace(f"{param} =", f"{needs} = 2  {param} =").replace("cache = 0  cache = 2", "cache = 2")
     (tmp_path / "p.agp").write_text(fixed)
     assert pipeline_dsl.load(str(tmp_path / "p.agp"))[1] == []
+
+
+def test_a_derived_pipeline_that_turns_its_bases_cache_and_retries_off_can_say_so_without_a_warning(tmp_path):
+    """A derived pipeline that turns off its base's cache (`t.cache = 0`) is told at the base's
+    `cache_ttl` that it does nothing now, and it cannot remove a line of its base: writing it back
+    to its default (`t.cache_ttl = 0`, the kind's own value) is how it takes it back, and a value
+    that changes nothing is no warning. The same for `backoff` without retries and speculation's
+    tuning written as their defaults; any other value still warns."""
+    (tmp_path / "hooks.py").write_text("def same(item):\n    return item\n")
+    base = SEED.replace("stage gen : generate {}",
+                        "stage gen : generate { speculate = ngram  speculative_tokens = 6 }\n"
+                        '    stage t : python { fn = "hooks:same"  cache = 4  cache_ttl = 50ms  retries = 2  backoff = 1s }') \
+        .replace("request -> batch", "request -> t -> batch")
+    off = "t.cache = 0  t.retries = 0  gen.speculate = off"
+    defaults = "t.cache_ttl = 0  t.backoff = 500ms  gen.speculative_tokens = 4"
+
+    def warnings(derived: str) -> list[str]:
+        (tmp_path / "p.agp").write_text(base + f"pipeline d : p {{ {derived} }}\n")
+        diags = pipeline_dsl.load(str(tmp_path / "p.agp"))[1]
+        assert not any(d.is_error for d in diags), [d.message for d in diags]
+        return sorted(d.message.split(" but ")[0] for d in diags)
+
+    assert warnings("") == []
+    assert warnings(off) == ["generate 'gen' sets speculative_tokens", "stage 't' sets backoff",
+                             "stage 't' sets cache_ttl"]
+    assert warnings(f"{off}  {defaults}") == []
+    assert warnings(f"{off}  {defaults}".replace("t.cache_ttl = 0", "t.cache_ttl = 1s")) == ["stage 't' sets cache_ttl"]
+    (tmp_path / "p.agp").write_text(base + f"pipeline d : p {{ {off} }}\n")    # the hint says how
+    hints = {d.message.split(" but ")[0]: d.hint for d in pipeline_dsl.load(str(tmp_path / "p.agp"))[1]}
+    assert hints["stage 't' sets cache_ttl"].endswith("writes it as its default: cache_ttl = 0s)")
+    assert hints["stage 't' sets backoff"].endswith("writes it as its default: backoff = 500ms)")
+
+
+def test_a_join_without_fn_that_writes_its_call_settings_as_their_defaults_is_no_warning():
+    """A join without fn warns at a call setting it writes (they run its fn: test above), but not
+    at one written as the kind's own default, which changes nothing."""
+    text = SEED.replace("stage gen : generate {}", "stage gen : generate { n = 2 }\n"
+                        "    stage j : join { timeout = 0  backoff = 500ms  workers = 16  retries = 0 }") \
+        .replace("gen -> out", "gen -> j -> out")
+    assert pipeline_dsl.loads(text, "t.agp")[1] == []
+    diags = pipeline_dsl.loads(text.replace("workers = 16", "workers = 8"), "t.agp")[1]
+    assert [d.message.split(" but ")[0] for d in diags] == ["join 'j' sets workers"]
 
 
 @pytest.mark.parametrize("old, new, at_, words", [

@@ -77,6 +77,8 @@ def flaky(item):
             class HTTPError(Exception):
                 status_code = 503
             raise HTTPError("service unavailable")
+        if kind == "reject":
+            raise pipeline_dsl.Reject("over the tenant's rate limit", status=429, retry_after=2)
     return item
 
 def counted(item):
@@ -209,6 +211,21 @@ def test_retries_try_transient_failures_again(tmp_path, soft_gguf, fail, retries
             ("unavailable", 503, "stage_unavailable") if transient else ("failed", 500, "stage_failed"))
         assert (answer.headers or {}).get("Retry-After") == ("1" if transient else None)
         assert answer.stage == "f"
+
+
+@pytest.mark.parametrize("retries", [0, 2])
+def test_a_reject_with_a_transient_status_is_the_functions_answer_never_retried(tmp_path, soft_gguf, retries):
+    """docs/language.md, `retries`: a Reject fails at once. One that carries a 429 (a rate limit,
+    examples/hooks.py rate_limit) has the `status` attribute that marks an HTTP error transient,
+    and was tried `retries` times more: the function ran again, counting the request against the
+    limit again, before the request failed with the Reject all the same."""
+    path = pipeline(tmp_path, soft_gguf, f'stage f : python {{ fn = "hooks:flaky"  retries = {retries}  '
+                                         'backoff = 1ms }')
+    (res,), rt = run(path, [chat("a", "hi", metadata={"fail": "reject", "times": 5})])
+    assert not res.ok and flowkit.COUNTS["flaky/a"] == 1
+    assert (res.error.kind, res.error.message, res.error.retry_after) == ("rejected", "over the tenant's rate limit", 2)
+    row = rt.stats()["stages"]["f"]
+    assert row["retries"] == 0 and row["calls"] == 1
 
 
 def test_the_cache_serves_the_same_content_once_whatever_the_request_id(tmp_path, soft_gguf):

@@ -43,6 +43,8 @@ def test_transient_failures_are_retried(exc):
 
 @pytest.mark.parametrize("exc", [
     ValueError("a bug"), pipeline_dsl.Reject("no"), KeyboardInterrupt(), with_status(404), with_status(400),
+    # a Reject carries its HTTP status as `status`, but it is the function's answer, never transient
+    pipeline_dsl.Reject("over the limit", status=429, retry_after=2), pipeline_dsl.Reject("down", status=503),
     with_status(499), with_status(600), with_status(True), with_status("503"),
     with_status(404, ("response", "status_code")),
 ], ids=repr)

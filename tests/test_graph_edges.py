@@ -574,25 +574,33 @@ def test_an_edge_out_of_respond_does_not_stop_the_checks_of_the_edges_after_it()
 
 
 def test_a_python_stage_that_returns_requests_cannot_feed_respond():
+    # gen's results stop at p -> out, which is the error: gen -> p is no fault of gen's (no second error)
     assert check(chain("""\
         stage p : python { fn = "json:loads"  returns = request }
         request -> batch
         gen -> p
         p -> out
         """)) == expect("""\
-        t.agp:7:11: error: stage 'gen' (generate) may send Generated items, but none of its out-edges leads to a stage that takes them
-            7 |     stage gen : generate {}
-              |           ^^^
-          = help: add an edge from 'gen' towards a stage that takes Generated items
-
         t.agp:15:5: error: port type mismatch on edge p -> out: 'p' (python) gives Request, 'out' (respond) takes Generated
            15 |     p -> out
               |     ^^^^^^^^
           = expected: an edge into a stage that takes Request
           = help: route the edge through the stages the pipeline already has: p -> batch -> encode -> kv -> gen -> out
 
-        2 errors
+        1 error
         """)
+
+
+def test_a_stage_whose_items_stop_at_a_mismatched_edge_further_on_is_not_told_to_add_an_edge():
+    """system_prompt -> batch is the edge its Requests need; they stop at kv -> r, a port type
+    mismatch said at that edge. 'sys' was told, besides, that none of its out-edges leads to a stage
+    that takes Requests (and to add one): a consequence of the mismatch, whose advice was wrong."""
+    text = CHAIN.replace("stage out : respond {}", "stage out : respond {}\n"
+                         '    stage sys : system_prompt { text = "Be brief." }\n    stage r : route {}') \
+        .replace("encode -> kv -> gen\n", "encode -> kv -> r -> gen -> out\n    request -> sys -> batch\n}\n")
+    out = check(text)
+    assert "port type mismatch on edge kv -> r" in out and "port type mismatch on edge r -> gen" in out
+    assert "stage 'sys'" not in out and out.endswith("2 errors\n")
 
 
 def test_a_pipeline_without_a_request_source_names_the_source_kinds():

@@ -84,7 +84,11 @@ class Skipped(Exception):
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Whether a failed call is worth another try (see the module docstring)."""
+    """Whether a failed call is worth another try (see the module docstring). A Reject never is,
+    whatever its status: it is the function's answer (`Reject("over the limit", status=429)`), and
+    another try would run the function, and count against the limit, again."""
+    if isinstance(exc, pipeline_dsl.Reject):
+        return False
     if isinstance(exc, (TimeoutError, ConnectionError, pipeline_dsl.Retry)):
         return True
     if not isinstance(exc, Exception):
