@@ -58,7 +58,7 @@ def test_a_stage_full_of_stuck_calls_fails_new_ones_at_once_and_recovers(tmp_pat
         assert rt.stats()["stages"]["f"]["stuck"] == 1
         (h2, ok) = rt.run_all([dict(hung, id="h2"), chat("ok", "hello")], keep_open=True)
         for r in (h2, ok):                       # refused without a call
-            assert r.error.kind == "unavailable" and r.error.stage == "f"
+            assert (r.error.kind, r.error.code, r.error.stage) == ("unavailable", "stage_unavailable", "f")
             assert r.error.message.startswith("stage 'f' is unavailable: 1 of its calls is still stuck")
         assert flowkit.COUNTS["hung"] == 1
         flowkit.gate("hang").set()               # the stuck call returns: the stage recovers

@@ -1001,7 +1001,8 @@ def _error_of(stage: str, exc: BaseException, what: str = "stage") -> PipelineEr
     if isinstance(exc, StageTimeout):
         return PipelineError(f"{what} '{stage}' timed out: {exc}", "timeout", stage)
     if isinstance(exc, StageStuck):
-        return PipelineError(f"{what} '{stage}' is unavailable: {exc}", "unavailable", stage)
+        return PipelineError(f"{what} '{stage}' is unavailable: {exc}", "unavailable", stage,
+                             code=STAGE_UNAVAILABLE_CODE)
     said = _said(exc)
     detail = f"{type(exc).__name__}: {said}" if said else type(exc).__name__
     if is_transient(exc):       # a service it calls is down or busy (its retries spent): try again later
