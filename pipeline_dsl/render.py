@@ -83,7 +83,9 @@ def key_settings(node: dict) -> list[tuple[str, str]]:
             if p.name not in keys and p.name in params and params[p.name] != p.default \
                     and not (p.default == () and params[p.name] == []):
                 keys.append(p.name)
-    return [(k, _show(kind, k, params[k])) for k in keys if k in params]
+    # a key setting left unset (None: a python stage's max_turns, a join's fn under another policy,
+    # the model's own chat template) says nothing: not drawn as "none"
+    return [(k, _show(kind, k, params[k])) for k in keys if params.get(k) is not None]
 
 
 _ESCAPES = {"\0": "\\0", "\t": "\\t", "\n": "\\n", "\r": "\\r"}

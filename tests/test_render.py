@@ -198,6 +198,21 @@ def test_a_box_shows_its_kinds_key_settings_and_those_changed_from_the_default_a
     assert "top_k = " not in box and "repetition_penalty" not in box
 
 
+def test_a_box_leaves_out_a_key_setting_left_unset_and_shows_it_once_set(tmp_path):
+    """A python stage without max_turns (no bound) draws no 'max_turns = none'; one with it shows it."""
+    (tmp_path / "hooks.py").write_text("def f(item):\n    return item\n")
+
+    def box(settings: str) -> str:
+        path = tmp_path / "p.agp"
+        path.write_text(PIPELINE.format(gen="").replace(
+            "    request -> batch\n", '    stage f : python { fn = "hooks:f" ' + settings + ' }\n'
+                                      '    request -> f -> batch\n'))
+        return next(ln for ln in dot_source(load_pipeline_graph(str(path))).splitlines() if ln.startswith('  "f" ['))
+
+    assert "fn = hooks:f" in box("") and "max_turns" not in box("") and "= none" not in box("")
+    assert "max_turns = 3" in box("max_turns = 3")
+
+
 def test_a_box_shows_durations_and_sizes_in_units_as_the_file_writes_them():
     """A batcher's timeout reads 20ms and a KV budget 64MiB, not the seconds and bytes they hold."""
     text = (PIPELINE.format(gen="").replace("padding = false", "padding = false  timeout = 20ms")
