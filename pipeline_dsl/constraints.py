@@ -41,7 +41,8 @@ OpenAI's strict mode requires and xgrammar does by default (`close_objects=False
 JSON Schema's open objects).
 
 Keywords that constrain nothing are dropped before llguidance sees them (it refuses the
-keyword whatever its value): `uniqueItems: false`, `if` without `then` and `else`, ...
+keyword whatever its value): `uniqueItems: false`, `if` without `then` and `else`, ...; a
+count written as a whole float (`"maxLength": 3.0`, an integer in JSON Schema) is given as 3.
 Regular expressions (a schema's `pattern` and `patternProperties`, a regex spec) are read as
 ECMA-262's, as JSON Schema says and vLLM's backends do: `\\d` and `\\w` are ASCII ([0-9],
 [0-9A-Za-z_]), not llguidance's Unicode classes, which would allow "꯲" for a digit. A Lark
@@ -1164,14 +1165,27 @@ def _no_op(node: dict, key: str) -> bool:
             or (key in ("then", "else") and "if" not in node))
 
 
+# JSON Schema's counts: each a non-negative integer, which JSON Schema's data model says 2.0 is too
+# (a number with no fractional part is an integer: Jackson's Double, Python's float write 2.0), as
+# agp's own integer request fields take it; llguidance takes 2 alone ("Expected positive integer
+# for 'maxLength', got 2.0", a 400 for a valid schema), so a whole float goes to it as that integer
+_COUNTS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties",
+           "minContains", "maxContains")
+
+
 def _normalise(schema) -> None:
     """In place, on `schema` and its subschemas: keywords that constrain nothing dropped (_no_op),
-    ascii_classes on every pattern and patternProperties key."""
+    ascii_classes on every pattern and patternProperties key, a count written as a whole float
+    (`"maxLength": 3.0`) made that integer."""
     todo = [schema]
     while todo:
         node = todo.pop()
         if not isinstance(node, dict):
             continue
+        for key in _COUNTS:
+            v = node.get(key)
+            if isinstance(v, float) and v.is_integer() and 0 <= v <= 2 ** 53:   # exact as a float
+                node[key] = int(v)
         for key in [k for k in ("uniqueItems", "dependentRequired", "dependentSchemas", "propertyNames", "not",
                                 "if", "then", "else") if k in node and _no_op(node, k)]:
             del node[key]

@@ -521,6 +521,39 @@ def test_keywords_that_constrain_nothing_are_taken(engine, compiler, schema, goo
     assert accepts(good) and not accepts(bad)
 
 
+@pytest.mark.parametrize("schema, good, bad", [
+    ({"type": "string", "minLength": 2.0, "maxLength": 3.0}, "abc", "abcd"),
+    ({"type": "string", "minLength": 2.0, "maxLength": 3.0}, "ab", "a"),
+    ({"type": "array", "items": {"type": "integer"}, "minItems": 1.0, "maxItems": 2.0}, [1, 2], [1, 2, 3]),
+    ({"type": "array", "items": {"type": "integer"}, "minItems": 1.0}, [1], []),
+    ({"type": "object", "additionalProperties": {"type": "integer"}, "minProperties": 1.0, "maxProperties": 1.0},
+     {"a": 1}, {"a": 1, "b": 2}),
+    ({"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string", "maxLength": 2.0},
+                                                "maxItems": 1.0}}}, {"tags": ["ab"]}, {"tags": ["abc"]}),
+])
+def test_counts_written_as_whole_floats_are_those_integers(engine, compiler, schema, good, bad):
+    """JSON Schema's counts are integers, and 2.0 is one in its data model (Jackson and Python
+    floats write it so): the grammar engine refused them ("Expected positive integer for
+    'maxLength', got 3.0", a 400 for a valid schema); they constrain as the integer does, nested
+    too, and the request's schema is left as it was sent."""
+    sent = json.loads(json.dumps(schema))
+
+    def accepts(value):
+        m = compiler.compile({"type": "json_schema", "schema": schema}).matcher()
+        return all(m.accept(t) for t in ids_of(engine, json.dumps(value))) and m.can_end()
+
+    assert accepts(good) and not accepts(bad)
+    assert json.dumps(schema) == json.dumps(sent)
+
+
+@pytest.mark.parametrize("count", [2.5, -1.0, 1e300])
+def test_a_count_that_is_no_whole_number_of_the_range_is_still_refused(count):
+    """Only a whole float is read as its integer: 2.5 and -1.0 stay the grammar engine's refusal,
+    as does one too large to be an exact float."""
+    with pytest.raises(GrammarError, match=r"maxLength"):
+        constraints.check_spec({"type": "json_schema", "schema": {"type": "string", "maxLength": count}})
+
+
 def ref_chain(n: int, nest: int = 0) -> dict:
     """n $defs, each (inside `nest` objects) a $ref to the next: flat JSON, however long."""
     def unit(i):

@@ -198,6 +198,22 @@ def test_bad_words_that_leave_no_allowed_token_are_a_400_naming_bad_words(server
         "content"] == "a" * 4
 
 
+def test_bad_words_that_ban_every_token_the_grammar_allows_are_a_400_naming_bad_words(server):
+    """A grammar that forces a token bad_words bans (guided_choice ["a"], or json_object's `false`
+    after its "f"): nothing is left to draw, and the answer failed with llguidance's refusal of
+    token 0 ("the answer's constraint cannot be enforced: Parser Error: token ... doesn't satisfy
+    the grammar", no param); it names bad_words, as the same conflict with allowed_token_ids does,
+    whole and streamed."""
+    word = server.engine.tokenizer.decode([100])                    # token 100 is the byte "a"
+    body = {"messages": USER, "max_tokens": 4, "guided_choice": [word], "bad_words": [word]}
+    for stream in (False, True):
+        r = post(server, "/v1/chat/completions", {**body, "stream": stream})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "bad_words", r.text
+        assert r.json()["error"]["message"].startswith("'bad_words' bans every token the grammar allows"), r.text
+    assert post(server, "/v1/chat/completions", {**body, "bad_words": ["b"]}).json()["choices"][0]["message"][
+        "content"] == word
+
+
 def test_the_servers_return_tokens_as_token_ids_flag_is_the_default_a_request_may_turn_off(soft_gguf):
     s = LiveServer(soft_gguf, return_tokens_as_token_ids=True)      # agp serve --return-tokens-as-token-ids
     try:

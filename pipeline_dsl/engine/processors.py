@@ -199,6 +199,12 @@ class Features:
                 st.error = m.error or f"the grammar refused token {host[i]}"
                 if seqs[i].params.allowed_token_ids is not None:
                     st.error += " (no token of 'allowed_token_ids' may come next in the grammar)"
+                elif st.bad_words and logits[i, host[i]].item() == float("-inf"):
+                    # nothing was left to draw (the draw keeps a finite logit where one is left):
+                    # the words banned each token the grammar allows here (`false` forced after
+                    # its "f", "a" banned), which llguidance named only as its refusal of token 0
+                    st.error = "'bad_words' bans every token the grammar allows at this point of the answer"
+                    st.error_param = "bad_words"
         if lp_rows:
             chosen = tokens.index_select(0, lp_idx)                             # [r]
             token_lp = lsm.gather(1, chosen[:, None]).squeeze(1)                # [r]
