@@ -128,6 +128,29 @@ def test_previous_response_id_continues_the_stored_conversation(client, server):
     assert httpx.get(f"{server.url}/v1/responses/{unstored.id}", timeout=30).status_code == 404
 
 
+def test_two_requests_sent_with_one_request_id_are_two_responses_each_kept_and_continued(client):
+    """X-Request-Id (or the body's request_id) names the response, as vLLM names it; a second
+    request with the same one gets an id of its own, so that neither replaces the other's stored
+    conversation (a previous_response_id of the first went on the second's)."""
+    firsts = [client.responses.with_raw_response.create(model="tiny", input=words, max_output_tokens=3,
+                                                        extra_headers={"x-request-id": "same-rid"})
+              for words in ("remember the cat", "remember the dog")]
+    assert [r.headers["x-request-id"] for r in firsts] == ["same-rid"] * 2
+    firsts = [r.parse() for r in firsts]
+    assert firsts[0].id == "resp_same-rid" and firsts[1].id.startswith("resp_same-rid-")
+    for first, words in zip(firsts, ("remember the cat", "remember the dog")):
+        assert client.responses.retrieve(first.id).output_text == first.output_text
+        went_on = client.responses.create(model="tiny", input="and now?", previous_response_id=first.id,
+                                          max_output_tokens=4)
+        chat = client.chat.completions.create(model="tiny", max_tokens=4, messages=[
+            {"role": "user", "content": words}, {"role": "assistant", "content": first.output_text},
+            {"role": "user", "content": "and now?"}])
+        assert went_on.usage.input_tokens == chat.usage.prompt_tokens
+        assert went_on.output_text == chat.choices[0].message.content
+    again = client.responses.create(model="tiny", input="x", max_output_tokens=2, extra_body={"request_id": "same-rid"})
+    assert again.id not in {f.id for f in firsts}
+
+
 def test_logprobs_are_included_when_asked(client):
     r = client.responses.create(model="tiny", input="hi", max_output_tokens=3, top_logprobs=2,
                                 include=["message.output_text.logprobs"], extra_body={"ignore_eos": True})

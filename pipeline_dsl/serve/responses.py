@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import secrets
 import sys
 import threading
 import time
@@ -122,7 +123,22 @@ class ResponseStore:
         self.too_large: OrderedDict[str, int] = OrderedDict()   # the latest ids not kept: their bytes
         self.owner: dict[str, str] = {}                 # an output item's id -> the kept response holding it
         self.owned: dict[str, list[str]] = {}           # a kept response's id -> its output items' ids
+        self.issued: OrderedDict[str, None] = OrderedDict()   # the latest ids given to responses (`unique`)
         self.lock = threading.Lock()
+
+    def unique(self, rid: str) -> str:
+        """`rid` (resp_ and the request's id: its X-Request-Id or body request_id, as vLLM names a
+        response), or, where a response this server gave lately has it, or one it keeps, `rid` with
+        a suffix of its own: two requests sent with one X-Request-Id are two responses, and neither
+        replaces the other's stored conversation under a previous_response_id that means the first."""
+        with self.lock:
+            if rid in self.issued or rid in self.items or rid in self.too_large:
+                given, rid = rid, f"{rid}-{secrets.token_hex(6)}"
+                log.info("response id %s: %s was given to another response; its request id repeats one", rid, given)
+            self.issued[rid] = None
+            while len(self.issued) > 4 * self.size:
+                self.issued.popitem(last=False)
+        return rid
 
     def put(self, rid: str, response: dict, conversation: list) -> bool:
         """Keep this response; False when it alone is over `max_bytes` (it is not kept)."""
@@ -530,7 +546,7 @@ class Responses:
         for k, v in used.items():
             if call.settings.get(k) is None:
                 call.settings[k] = v
-        rid = f"resp_{request_info(request.scope).adopt(call.req.request_id)}"
+        rid = self.store.unique(f"resp_{request_info(request.scope).adopt(call.req.request_id)}")
         started = await g.start(request, call.req, rid)
         if isinstance(started, Response):
             return started
