@@ -771,10 +771,18 @@ def _check_ports(r: Resolved, registry: Registry, g: nx.DiGraph, carry: dict, re
                               "stage", e.pos, expected=f"an edge into a stage that carries {shown} on", hint=hint))
             mismatched.add(a.name)
     with_edges = {e.src for e in r.edges if r.stages[e.src].kind is not None}  # only stages with edges out
+    # the stages before a mismatched edge: their items stop there, which is said already, not at them
+    # (one walk back from all the mismatched stages: a walk forward from each stage was quadratic)
+    before_mismatch, todo = set(), [m for m in mismatched if m in g]
+    while todo:
+        for p in g.predecessors(todo.pop()):
+            if p not in before_mismatch:
+                before_mismatch.add(p)
+                todo.append(p)
     for n, s in r.stages.items():
         if s.kind is None or s.kind.is_sink or s.kind.is_source or n not in with_edges or n in mismatched:
             continue
-        if mismatched & nx.descendants(g, n):
+        if n in before_mismatch:
             continue                   # its items stop at an edge further on that is said already, not here
         sent = outputs(s.kind, s.params, receives[n]) & ITEM_TYPES
         onward = set().union(*(carry[v] for v in g.successors(n)))
