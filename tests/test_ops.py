@@ -174,6 +174,7 @@ def test_a_head_request_wants_the_key_as_its_get_does(ops):
         assert ops.client.head(ops.url + path, headers=ops.auth).status_code != 401, path
     assert ops.client.head(ops.url + "/health").status_code == 200
 
+
 def test_served_names_context_and_template_take_effect(ops):
     client = openai.OpenAI(base_url=ops.url + "/v1", api_key=KEY, max_retries=0,
                            http_client=httpx.Client(verify=ops.ca))
