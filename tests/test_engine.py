@@ -252,6 +252,22 @@ def test_max_tokens_finishes_with_length():
     assert "".join(o.delta_text for o in steps) == steps[-1].text
 
 
+def test_a_stop_string_completed_by_the_last_allowed_token_finishes_with_stop_not_length():
+    base = toy_engine()
+    base.add_request("a", prompt="the cat", params=SamplingParams(max_tokens=12, ignore_eos=True))
+    full = run_all(base)[0]["a"].text
+    # the shortest tail of the answer (two characters or more) found nowhere earlier in it: a stop
+    # string that the 12th token, the last max_tokens allows, completes
+    stop = next(full[-k:] for k in range(2, len(full)) if full.index(full[-k:]) == len(full) - k)
+    e = toy_engine()
+    e.add_request("a", prompt="the cat", params=SamplingParams(max_tokens=12, ignore_eos=True, stop=[stop]))
+    finals, deltas = run_all(e)
+    out = finals["a"]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == full[:-len(stop)] and deltas["a"] == out.text
+    assert out.completion_tokens == 12
+
+
 def test_stop_token_ids_end_the_request_without_their_text():
     probe = toy_engine()
     probe.add_request("p", prompt="abc", params=SamplingParams(max_tokens=6, ignore_eos=True))

@@ -99,6 +99,11 @@ def sub_questions(item):
     return [{"prompt": f"sub {i}: " + item["request"]["messages"][-1]["content"]} for i in range(3)]
 
 
+def subs_of_request(item):
+    """After a first model: three sub-questions of the request that made its result."""
+    return [{"prompt": f"sub {j} of " + item["request"]["prompt"]} for j in range(3)]
+
+
 def asked(item):
     """After the join: what the merged answer says it answers."""
     return {**item, "text": json.dumps(item["request"])}
@@ -297,6 +302,23 @@ def test_after_a_model_the_list_takes_the_settings_of_the_request_that_made_its_
         [(f"sub {i}: why", "q", "m", "gen") for i in range(3)]
     assert res.usage["completion_tokens"] == 2 + 3 * 2      # the first answer's and every branch's
 
+
+def test_nested_lists_reach_their_join_grouped_by_the_outer_list_in_order(tmp_path, soft_gguf):
+    """A many stage after another's branches: each element of an outer element's list follows it, so the
+    join gets the outer list's order first, then each inner list's (a, its parts; b, its parts)."""
+    body = ('stage request : requests {}\nstage split : python { fn = "hooks:split"  returns = many }\n'
+            "stage first : generate { max_new_tokens = 2 }\n"
+            'stage subs : python { fn = "hooks:subs_of_request"  returns = many }\n'
+            "stage gen : generate { max_new_tokens = 2 }\n"
+            'stage collect : join { fn = "hooks:parts" }\nstage out : respond {}\n'
+            "request -> split -> b1\n" + chain("first", "b1", "e1", "k1") + "first -> subs -> batch\n" + chain()
+            + "gen -> collect -> out\n")
+    path = write(tmp_path, soft_gguf, body, hooks=HOOKS)
+    assert errors(path) == []
+    (res,), _ = run(path, [chat("q", "a|b", max_tokens=2)])
+    assert res.ok, res
+    assert [g["prompt"] for g in said(res)] == [f"sub {j} of part {i}: {p}" for i, p in enumerate("ab")
+                                                for j in range(3)]
 
 @pytest.mark.parametrize("join", ["policy = first", 'fn = "hooks:parts"'])
 def test_the_merged_answer_answers_the_request_the_stage_got_not_an_element(tmp_path, soft_gguf, join):

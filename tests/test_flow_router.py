@@ -122,3 +122,21 @@ def test_a_missing_field_or_one_of_another_type_makes_only_not_equal_hold(op, va
     routes = Router({"s": [("plain", cond), ("other", OTHERWISE)]}, {}, {"plain": frozenset({R}),
                                                                           "other": frozenset({R})}, {})
     assert routes.choose("s", R, tier_of(value)) == (["plain"] if op == "!=" else ["other"])
+
+
+def test_a_request_without_n_reads_as_one_and_an_integer_id_as_its_text():
+    """conditions.py: `n` is the answers the request asks for, one where it sends none (so `when n > 1`
+    leaves it and `when n == 1` takes it); `id` is a string field, and agp run's integer ids (a line's
+    number) compare as their text, on the request and on the result it made alike."""
+    def get(data, kind=R):
+        return fields(data, kind, prompt_tokens=lambda: 3)
+
+    plain, three = get({"prompt": "x"}), get({"prompt": "x", "n": 3})
+    assert evaluate(("cmp", "n", "==", 1), plain) and not evaluate(("cmp", "n", ">", 1), plain)
+    assert evaluate(("cmp", "n", ">", 1), three) and not evaluate(("cmp", "n", "==", 1), three)
+    routes = Router({"s": [("many", ("cmp", "n", ">", 1)), ("one", OTHERWISE)]}, {},
+                    {"many": frozenset({R}), "one": frozenset({R})}, {})
+    assert routes.choose("s", R, plain) == ["one"] and routes.choose("s", R, three) == ["many"]
+    for numbered in (get({"prompt": "x", "id": 7}), get({"text": "a", "request": {"prompt": "x", "id": 7}}, G)):
+        assert evaluate(("cmp", "id", "==", "7"), numbered) and not evaluate(("cmp", "id", "!=", "7"), numbered)
+    assert evaluate(("cmp", "id", "==", "q7"), get({"prompt": "x", "id": "q7"}))

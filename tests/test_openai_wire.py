@@ -6,6 +6,7 @@ headers that name it, the errors a client branches on.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -336,3 +337,19 @@ def test_a_detokenize_token_outside_the_vocabulary_is_a_400_naming_tokens(server
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == "tokens" and "outside the vocabulary" in err["message"], err
+
+
+def test_detokenize_takes_the_vocabularys_last_id_and_refuses_the_one_past_it(server):
+    """The vocabulary's ids are 0..size - 1, as the refusal says: the last one reads as text, the one
+    after it (the size itself) is a 400 naming `tokens`, never an answer or a server error."""
+    def detokenize(ids):
+        return server.http.post(server.url + "/detokenize", json={"model": "tiny", "tokens": ids}, timeout=30)
+
+    said = detokenize([10 ** 6]).json()["error"]["message"]
+    last = int(re.search(r"\(0\.\.(\d+)\)", said).group(1))
+    ok = detokenize([5, last])
+    assert ok.status_code == 200 and isinstance(ok.json()["prompt"], str), ok.text
+    past = detokenize([5, last + 1])
+    assert past.status_code == 400, past.text
+    err = past.json()["error"]
+    assert err["param"] == "tokens" and f"token id {last + 1} is outside the vocabulary" in err["message"], err

@@ -166,6 +166,15 @@ def test_every_v1_route_wants_the_key_and_health_and_metrics_stay_open(ops):
         client.models.list()
 
 
+def test_a_head_request_wants_the_key_as_its_get_does(ops):
+    # HEAD is no probe of its own: only OPTIONS (a CORS preflight) and the open routes go without a key
+    for path in ("/v1/models", "/v1/models/alpha", "/stats"):
+        assert ops.client.head(ops.url + path).status_code == 401, path
+        assert ops.client.head(ops.url + path, headers={"Authorization": "Bearer sk-nope"}).status_code == 401, path
+        assert ops.client.head(ops.url + path, headers=ops.auth).status_code != 401, path
+    assert ops.client.head(ops.url + "/health").status_code == 200
+
+
 def test_served_names_context_and_template_take_effect(ops):
     client = openai.OpenAI(base_url=ops.url + "/v1", api_key=KEY, max_retries=0,
                            http_client=httpx.Client(verify=ops.ca))
