@@ -385,6 +385,9 @@ def dataset_of(args) -> str | None:
     if name == "sharegpt" and not args.dataset_path:
         raise ValueError("--dataset-name sharegpt needs --dataset-path FILE (a ShareGPT JSON file, as "
                          "ShareGPT_V3_unfiltered_cleaned_split.json)")
+    if name == "jsonl" and not (args.workload or args.dataset_path):
+        raise ValueError("--dataset-name jsonl needs its file: --dataset-path FILE (or --workload FILE), a JSONL "
+                         "file of requests in agp run's format")
     if name == "jsonl" and args.workload and args.dataset_path:
         raise ValueError(f"--workload {args.workload} and --dataset-path {args.dataset_path} both name the "
                          "workload: give one")
