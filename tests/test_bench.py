@@ -976,7 +976,8 @@ def test_ctrl_c_prints_and_writes_what_was_measured_and_exits_130(tmp_path, to_t
     host = "localhost" if to_thread else "127.0.0.1"
     proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "bench", "--url",
                              f"http://{host}:{server.server_address[1]}", "-w", str(_workload(tmp_path)),
-                             "--warmup", "0", "--no-progress", "--json", str(js), "--concurrency", "1"],
+                             "--warmup", "0", "--no-progress", "--json", str(js), "--concurrency", "1",
+                             "--save-result", "--result-dir", str(tmp_path / "saved")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=ctrl_c_default)
     try:
@@ -1003,6 +1004,11 @@ def test_ctrl_c_prints_and_writes_what_was_measured_and_exits_130(tmp_path, to_t
     assert "its report holds the 2 requests that had ended" in err
     (report,) = json.loads(js.read_text())
     assert (report["requests"], report["completed"]) == (2, 2)
+    # the files say the load was cut: a saved result of 2 completed and 0 failed out of the
+    # workload's 6 read as a whole run otherwise
+    (saved,) = [json.loads(p.read_text()) for p in (tmp_path / "saved").glob("*.json")]
+    assert report["interrupted"] is True and saved["agp"]["interrupted"] is True
+    assert (saved["num_prompts"], saved["completed"], saved["failed"]) == (6, 2, 0)
 
 
 def test_a_report_saved_before_the_newer_fields_is_read_with_their_defaults(tmp_path):

@@ -236,6 +236,7 @@ class Report:
     pipeline: str | None = None        # in process: the name of the pipeline measured
     model: str | None = None           # the model measured: the id sent to a server, a pipeline's model(s)
     percentiles: list = field(default_factory=lambda: list(DEFAULT_PERCENTILES))   # those the table shows
+    interrupted: bool = False          # Ctrl-C cut the load: the requests that had ended, not all asked
     ttft_samples: list[float] = field(default_factory=list, repr=False)
     e2e_samples: list[float] = field(default_factory=list, repr=False)
     # the requests measured, in send order, where summarize was asked to keep them (vllm_result's
@@ -1066,6 +1067,7 @@ async def bench_one(target, items, *, rate: float, num=None, duration=None, conc
                        model=getattr(target, "model", None), percentiles=percentiles,
                        keep_records=keep_records)
     if stopped is not None:
+        report.interrupted = True
         stopped.report = report
         raise stopped
     return report
