@@ -1309,6 +1309,20 @@ def test_a_baseline_file_of_one_report_object_is_read_as_a_list_of_one(tmp_path)
     assert (r.label, r.completed) == ("x (one.json)", _SAVED["completed"])
 
 
+def test_a_save_result_file_is_a_baseline_as_its_report_under_agp(tmp_path):
+    """A user of vllm bench serve keeps --save-result's files: --baseline refused agp's own ("report 1
+    is not one agp bench --json writes: it has no 'rate'"), though it holds the report under 'agp'.
+    A result without it (vLLM's own) is refused naming what --baseline reads."""
+    report = B.summarize("x", 2.0, [_record(0.0, [0.2, 0.3])], duration=1.0, keep_records=True)
+    saved = B.vllm_result(report, date="20260101-000000", backend="agp", tokenizer_id="t", num_prompts=1)
+    (tmp_path / "r.json").write_text(json.dumps(saved))
+    (r,) = B.load_reports(tmp_path / "r.json")
+    assert (r.label, r.completed, r.rate, r.ttft) == ("x (r.json)", 1, 2.0, report.ttft)
+    (tmp_path / "vllm.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "agp"}))
+    with pytest.raises(B.BenchError, match="a vllm bench serve result without agp's report"):
+        B.load_reports(tmp_path / "vllm.json")
+
+
 class _TwoModels(_Refusing):
     """Lists two models and answers every completion (one token)."""
     refuse = 10 ** 9

@@ -120,8 +120,8 @@ def add_arguments(p) -> None:
     p.add_argument("--metadata", nargs="+", type=metadata_pair, default=None, metavar="KEY=VALUE",
                    help="pairs written into --save-result's files beside their own keys")
     p.add_argument("--baseline", action="append", default=[], metavar="JSON",
-                   help="the reports an earlier run wrote with --json, shown beside this run's as --compare "
-                        "shows them (repeatable; without a PIPELINE or --url, only they are shown)")
+                   help="the reports an earlier run wrote with --json (or one --save-result wrote), shown beside "
+                        "this run's as --compare shows them (repeatable; without a PIPELINE or --url, only they are shown)")
     add_dtype_argument(p, "the pipelines'")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-overlap", action="store_true",

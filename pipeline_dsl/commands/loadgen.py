@@ -317,7 +317,8 @@ _SAVED_FIELDS = {
 
 
 def load_reports(path: str | Path) -> list[Report]:
-    """The reports of an earlier run's `--json` file, labelled with the file's name."""
+    """The reports of an earlier run's `--json` file, or the one report of a `--save-result` file
+    (under its "agp"), labelled with the file's name."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -325,6 +326,11 @@ def load_reports(path: str | Path) -> list[Report]:
         raise BenchError(f"report file not found: {path}") from None
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise BenchError(f"cannot read the reports of {path}: {e}") from None
+    if isinstance(data, dict) and isinstance(data.get("agp"), dict):
+        data = data["agp"]                   # a --save-result file: vLLM's keys, agp's report under "agp"
+    elif isinstance(data, dict) and "rate" not in data and ("request_throughput" in data or "mean_ttft_ms" in data):
+        raise BenchError(f"{path} is a vllm bench serve result without agp's report: --baseline reads the files "
+                         f"agp bench --json or --save-result wrote (the latter's report under 'agp')")
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list) or not data or not all(isinstance(d, dict) for d in data):
