@@ -615,6 +615,21 @@ def test_a_plot_files_format_is_read_from_its_extension_in_any_case(tmp_path):
                                                "--plot", out]).plot == out
 
 
+def test_the_throughput_plot_starts_at_zero(tmp_path, monkeypatch):
+    """Two targets 477.36 and 477.51 output tokens/s apart: autoscaled, the axis ran from 477.36 to
+    477.51 and the one looked far above the other; from 0 they are level, as they are."""
+    import matplotlib.figure
+
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    a = B.summarize("a", 30.0, [_record(0.0, [0.2, 0.3])], duration=1.0)
+    b = B.summarize("b", 30.0, [_record(0.0, [0.2, 0.3])], duration=1.0)
+    a.output_throughput, b.output_throughput = 477.36, 477.51
+    B.plot([a, b], tmp_path / "p.png")
+    low, high = figures[0].axes[0].get_ylim()
+    assert low == 0 and high >= 477.51
+
+
 def test_a_target_that_cannot_be_measured_loses_none_of_the_others(tmp_path, tiny_gguf, capsys):
     """--compare with a server that is down: the pipeline beside it is still measured, tabled and
     written to --json; the exit code says a target failed (before, nothing was printed)."""

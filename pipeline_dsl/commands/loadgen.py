@@ -1173,6 +1173,8 @@ def plot(reports: list[Report], path: str | Path) -> None:
     ax1.set(xlabel="request rate (req/s; rightmost = all at once)" if any(
         math.isinf(r.rate) for r in reports) else "request rate (req/s)",
         ylabel="output tokens/s", title="throughput against rate")
+    # from 0: autoscaled, two targets 0.1 tokens/s apart filled the axis as if one had far more
+    ax1.set_ylim(bottom=0, top=max([r.output_throughput for r in reports] + [0.0]) * 1.08 or 1.0)
     ax2.set(xlabel="TTFT (ms)", ylabel="fraction of requests", title="TTFT CDF (highest rate)")
     ax3.set(xlabel="end-to-end latency (ms)", ylabel="fraction of requests",
             title="E2E latency CDF (highest rate)")
