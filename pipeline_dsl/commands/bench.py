@@ -285,6 +285,11 @@ def main(args) -> int:
     num = args.num if args.num is not None or args.duration is not None else len(items)
     if any(math.isinf(r) for r in rates) and args.duration is not None and not args.concurrency:
         return _err("--rate inf with --duration needs --concurrency (a closed loop of clients)")
+    from pipeline_dsl.cliargs import MAX_COUNT
+    if args.duration is not None and (many := [r for r in rates if not math.isinf(r) and r * args.duration > MAX_COUNT]):
+        # its arrivals are drawn before the first is sent: 1e300 s drew them until memory ran out, in silence
+        return _err(f"--duration {args.duration:g} at rate {rate_text(many[0])} is about {many[0] * args.duration:.3g} "
+                    f"requests, and a measurement sends at most {MAX_COUNT:,}: give a shorter --duration")
 
     def targets():
         for spec in args.pipelines:
