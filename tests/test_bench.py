@@ -1030,6 +1030,39 @@ def test_ctrl_c_prints_and_writes_what_was_measured_and_exits_130(tmp_path, to_t
     assert (saved["num_prompts"], saved["completed"], saved["failed"]) == (6, 2, 0)
 
 
+@pytest.mark.parametrize("signame, code", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_sigterm_and_sighup_stop_a_measurement_as_ctrl_c_does(tmp_path, signame, code):
+    """`timeout 600 agp bench …` or a CI job's cancel (SIGTERM), a closed terminal (SIGHUP): agp bench
+    died at once, printing nothing and writing no --json, every measurement lost (agp run stops on
+    all three). Now as on Ctrl-C: the cut measurement reported and written, exit 128 + the signal."""
+    import signal
+    import subprocess
+    import sys
+
+    server, handler = _stalling_server()
+    js = tmp_path / "r.json"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "bench", "--url",
+                             f"http://127.0.0.1:{server.server_address[1]}", "-w", str(_workload(tmp_path)),
+                             "--warmup", "0", "--no-progress", "--json", str(js), "--concurrency", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=ctrl_c_default)
+    try:
+        deadline = time.monotonic() + 120
+        while handler.seen < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert handler.seen >= 3, handler.seen
+        proc.send_signal(getattr(signal, signame))
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == code, err
+    assert re.search(r"requests ok/sent\s+2/2", out) and "agp bench: interrupted while measuring" in err
+    (report,) = json.loads(js.read_text())
+    assert (report["requests"], report["completed"], report["interrupted"]) == (2, 2, True)
+
+
 def test_a_report_saved_before_the_newer_fields_is_read_with_their_defaults(tmp_path):
     """A --json file written before reports held burstiness, concurrency, slo and goodput."""
     old = {k: v for k, v in _SAVED.items() if k not in ("burstiness", "concurrency", "slo", "goodput")}

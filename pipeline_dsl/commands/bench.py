@@ -23,7 +23,8 @@ each measurement in vllm bench serve's keys (loadgen.vllm_result).
 Exit status: 0 when every measurement had a request succeed (failed requests under load are
 part of the result, its errors row); 1 when some target at some rate had none succeed (every
 measurement is still reported, then one line each naming the first error); 2 for bad options;
-130 on Ctrl-C, the measurement it cut reported with the requests that had ended.
+130 on Ctrl-C, the measurement it cut reported with the requests that had ended (SIGTERM and
+SIGHUP alike: 143, 129).
 """
 from __future__ import annotations
 
@@ -235,6 +236,35 @@ def parse_rates(text: str) -> list[float]:
 
 
 def main(args) -> int:
+    """_main, SIGTERM and SIGHUP heard as Ctrl-C (agp run's three stops): `timeout 600 agp bench …`
+    or a CI job's cancel killed it in silence, every measurement lost; exit 128 + the signal."""
+    import signal
+
+    heard = []
+
+    def as_ctrl_c(signum, frame):
+        heard.append(signum)
+        handler = signal.getsignal(signal.SIGINT)      # asyncio.run's while a load runs: it cancels it
+        if callable(handler):
+            return handler(signal.SIGINT, frame)
+        raise KeyboardInterrupt
+
+    old = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(sig) != signal.SIG_IGN:     # nohup's SIGHUP stays ignored
+                old[sig] = signal.signal(sig, as_ctrl_c)
+    except ValueError:                                 # not the main thread: signals are not ours
+        pass
+    try:
+        code = _main(args)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    return 128 + heard[0] if code == 130 and heard else code
+
+
+def _main(args) -> int:
     from pipeline_dsl.commands.loadgen import (DEFAULT_PERCENTILES, BenchError, EngineTarget, HTTPTarget, Interrupted, bench_one,
                                         failure, format_table, load_reports, load_workload, parse_target,
                                         rate_text)
