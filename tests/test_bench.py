@@ -455,6 +455,9 @@ def test_bench_command_compares_targets_and_writes_a_plot(tmp_path, tiny_gguf, c
     (["{p}", "--workload", "{w}", "--duration", "1e300", "--rate", "1"],
      "--duration 1e+300 at rate 1 is about 1e+300 requests, and a measurement sends at most 10,000,000"),
     (["{p}", "--workload", "{w}", "--duration", "20000", "--rate", "2,1000"], "at rate 1000 is about 2e+07 requests"),
+    # no arrival within the duration: it measured nothing ('requests ok/sent 0/0') and exited 0
+    (["{p}", "--workload", "{w}", "--duration", "1", "--rate", "0.1", "--burstiness", "inf"],
+     "--duration 1 at rate 0.1 sends no request"),
 ])
 def test_bench_command_rejects_bad_input_with_exit_2(tmp_path, tiny_gguf, capsys, argv, message):
     w, p = _workload(tmp_path), _pipeline_file(tmp_path, tiny_gguf)

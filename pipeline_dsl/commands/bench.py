@@ -320,6 +320,15 @@ def _main(args) -> int:
         # its arrivals are drawn before the first is sent: 1e300 s drew them until memory ran out, in silence
         return _err(f"--duration {args.duration:g} at rate {rate_text(many[0])} is about {many[0] * args.duration:.3g} "
                     f"requests, and a measurement sends at most {MAX_COUNT:,}: give a shorter --duration")
+    if args.duration is not None and args.num is None:
+        from pipeline_dsl.commands.loadgen import arrival_times
+        for rate in rates:                   # few arrivals: drawn here as the load draws them (its seed)
+            if not math.isinf(rate) and rate * args.duration <= 1000 and not arrival_times(
+                    None, rate, duration=args.duration, seed=args.seed, burstiness=args.burstiness):
+                # it measured nothing: 'requests ok/sent 0/0', exit 0
+                return _err(f"--duration {args.duration:g} at rate {rate_text(rate)} sends no request (its first "
+                            f"arrival, drawn with --seed {args.seed}, comes later): give a longer --duration "
+                            f"or a higher --rate")
 
     def targets():
         for spec in args.pipelines:
