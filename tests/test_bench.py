@@ -765,6 +765,20 @@ def test_bad_goodput_and_burstiness_are_refused_while_parsing(tmp_path, capsys, 
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_goodput_limits_of_two_flags_are_all_kept_and_a_metric_limited_twice_is_refused(tmp_path, capsys):
+    """`--goodput ttft:500 --goodput tpot:50`: the second flag replaced the first's list, goodput was
+    counted against TPOT alone; `--goodput e2e:100 e2el:5` kept the last limit, in silence."""
+    from pipeline_dsl.cli import build_parser
+
+    args = build_parser(["bench"]).parse_args(["bench", "--url", "http://h:1", "-w", "w.jsonl",
+                                               "--goodput", "ttft:500", "--goodput", "tpot:50"])
+    assert dict(args.goodput) == {"ttft": 0.5, "tpot": 0.05}
+    for argv, said in ((["--goodput", "e2e:100", "e2el:5"], "--goodput gives e2el (or e2e) 2 limits (100, 5 ms)"),
+                       (["--goodput", "ttft:1", "--goodput", "ttft:2"], "--goodput gives ttft 2 limits (1, 2 ms)")):
+        code = agp(["bench", "--url", "http://127.0.0.1:1", "--workload", str(_workload(tmp_path))] + argv)
+        assert code == 2 and said in capsys.readouterr().err
+
+
 def test_vllm_bench_serve_option_names_are_taken(tmp_path):
     """`--request-rate`, `--num-prompts`, `--max-concurrency` and `--goodput ttft:… e2el:…` as a
     `vllm bench serve` command line writes them."""

@@ -89,9 +89,10 @@ def add_arguments(p) -> None:
     p.add_argument("--ignore-eos", action="store_true",
                    help="every request runs to its max_tokens (sets each line's ignore_eos, as vllm bench serve's "
                         "--ignore-eos): output lengths that do not depend on the model")
-    p.add_argument("--goodput", nargs="+", metavar="METRIC:MS", type=slo_limit, default=None,
+    p.add_argument("--goodput", nargs="+", action="extend", metavar="METRIC:MS", type=slo_limit, default=None,
                    help="service-level objectives (ttft, tpot, e2el or e2e, in ms: --goodput ttft:500 tpot:50): "
-                        "also report the completed requests/s that met all of them")
+                        "also report the completed requests/s that met all of them (repeatable: every flag's limits count, "
+                        "one a metric)")
     p.add_argument("--metric-percentiles", type=percentile_list, default=None, metavar="P,P,...",
                    help="the latency percentiles to show besides the mean (--metric-percentiles 50,95,99; "
                         "default: 50,90,99, which --json's reports always hold)")
@@ -284,6 +285,13 @@ def _main(args) -> int:
                     "--dataset-name random (drawn token ids) or sharegpt (--dataset-path FILE)")
     if args.threads is not None and args.threads < 1:
         return _err(f"--threads must be at least 1, not {args.threads}")
+    limits: dict[str, list[float]] = {}
+    for name, limit in args.goodput or ():  # every --goodput's (a second flag replaced the first's)
+        limits.setdefault(name, []).append(limit)
+    for name, given in limits.items():
+        if len(given) > 1:                   # the last one was kept, in silence
+            return _err(f"--goodput gives {'e2el (or e2e)' if name == 'e2e' else name} {len(given)} limits "
+                        f"({', '.join(f'{x * 1000:g}' for x in given)} ms): give each metric one")
     saving = bool(args.save_result or args.save_detailed or args.result_dir or args.result_filename
                   or args.metadata)
     tokenizer_id = args.tokenizer
