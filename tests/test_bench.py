@@ -779,6 +779,19 @@ def test_goodput_limits_of_two_flags_are_all_kept_and_a_metric_limited_twice_is_
         assert code == 2 and said in capsys.readouterr().err
 
 
+def test_metadata_pairs_of_two_flags_are_all_written_and_a_key_given_two_values_is_refused(tmp_path, capsys):
+    """`--metadata a=1 --metadata b=2`: the second flag replaced the first's pairs, and the saved
+    result held b alone; `--metadata a=1 a=3` kept the last, in silence."""
+    from pipeline_dsl.cli import build_parser
+
+    args = build_parser(["bench"]).parse_args(["bench", "--url", "http://h:1", "-w", "w.jsonl",
+                                               "--metadata", "a=1", "--metadata", "b=2", "a=1"])
+    assert dict(args.metadata) == {"a": "1", "b": "2"}
+    code = agp(["bench", "--url", "http://127.0.0.1:1", "--workload", str(_workload(tmp_path)),
+                "--metadata", "a=1", "--metadata", "a=3"])
+    assert code == 2 and "--metadata gives a 2 values ('1', '3'): give it one" in capsys.readouterr().err
+
+
 def test_vllm_bench_serve_option_names_are_taken(tmp_path):
     """`--request-rate`, `--num-prompts`, `--max-concurrency` and `--goodput ttft:… e2el:…` as a
     `vllm bench serve` command line writes them."""

@@ -119,7 +119,7 @@ def add_arguments(p) -> None:
     p.add_argument("--result-filename", default=None, metavar="NAME",
                    help="--save-result's file name, for one measurement (default: "
                         "LABEL-RATEqps[-concurrencyC]-MODEL-DATE.json, as vLLM names it)")
-    p.add_argument("--metadata", nargs="+", type=metadata_pair, default=None, metavar="KEY=VALUE",
+    p.add_argument("--metadata", nargs="+", action="extend", type=metadata_pair, default=None, metavar="KEY=VALUE",
                    help="pairs written into --save-result's files beside their own keys")
     p.add_argument("--baseline", action="append", default=[], metavar="JSON",
                    help="the reports an earlier run wrote with --json (or one --save-result wrote), shown beside "
@@ -292,6 +292,12 @@ def _main(args) -> int:
         if len(given) > 1:                   # the last one was kept, in silence
             return _err(f"--goodput gives {'e2el (or e2e)' if name == 'e2e' else name} {len(given)} limits "
                         f"({', '.join(f'{x * 1000:g}' for x in given)} ms): give each metric one")
+    pairs: dict[str, list[str]] = {}
+    for key, value in args.metadata or ():   # every --metadata's pairs, as every --goodput's limits
+        pairs.setdefault(key, []).append(value)
+    for key, values in pairs.items():
+        if len(set(values)) > 1:
+            return _err(f"--metadata gives {key} {len(values)} values ({', '.join(map(repr, values))}): give it one")
     saving = bool(args.save_result or args.save_detailed or args.result_dir or args.result_filename
                   or args.metadata)
     tokenizer_id = args.tokenizer
