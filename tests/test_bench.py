@@ -775,7 +775,8 @@ def test_goodput_limits_of_two_flags_are_all_kept_and_a_metric_limited_twice_is_
     assert dict(args.goodput) == {"ttft": 0.5, "tpot": 0.05}
     for argv, said in ((["--goodput", "e2e:100", "e2el:5"], "--goodput gives e2el (or e2e) 2 limits (100, 5 ms)"),
                        (["--goodput", "ttft:1", "--goodput", "ttft:2"], "--goodput gives ttft 2 limits (1, 2 ms)")):
-        code = agp(["bench", "--url", "http://127.0.0.1:1", "--workload", str(_workload(tmp_path))] + argv)
+        code = agp(["bench", "--url", "http://127.0.0.1:1", "--ready-timeout", "0", "--workload",
+                    str(_workload(tmp_path))] + argv)
         assert code == 2 and said in capsys.readouterr().err
 
 
@@ -787,8 +788,8 @@ def test_metadata_pairs_of_two_flags_are_all_written_and_a_key_given_two_values_
     args = build_parser(["bench"]).parse_args(["bench", "--url", "http://h:1", "-w", "w.jsonl",
                                                "--metadata", "a=1", "--metadata", "b=2", "a=1"])
     assert dict(args.metadata) == {"a": "1", "b": "2"}
-    code = agp(["bench", "--url", "http://127.0.0.1:1", "--workload", str(_workload(tmp_path)),
-                "--metadata", "a=1", "--metadata", "a=3"])
+    code = agp(["bench", "--url", "http://127.0.0.1:1", "--ready-timeout", "0", "--workload",
+                str(_workload(tmp_path)), "--metadata", "a=1", "--metadata", "a=3"])
     assert code == 2 and "--metadata gives a 2 values ('1', '3'): give it one" in capsys.readouterr().err
 
 
