@@ -1401,6 +1401,9 @@ def test_a_save_result_file_is_a_baseline_as_its_report_under_agp(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps(saved))
     (r,) = B.load_reports(tmp_path / "r.json")
     assert (r.label, r.completed, r.rate, r.ttft) == ("x (r.json)", 1, 2.0, report.ttft)
+    report.interrupted = True                # a measurement Ctrl-C cut says so beside the others
+    (tmp_path / "cut.json").write_text(json.dumps([report.to_dict()]))
+    assert [r.label for r in B.load_reports(tmp_path / "cut.json")] == ["x (cut.json, interrupted)"]
     (tmp_path / "vllm.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "agp"}))
     with pytest.raises(B.BenchError, match="a vllm bench serve result without agp's report"):
         B.load_reports(tmp_path / "vllm.json")

@@ -342,8 +342,8 @@ def load_reports(path: str | Path) -> list[Report]:
             reports.append(Report.from_dict(d))
         except (ValueError, TypeError) as e:
             raise BenchError(f"{path}: report {i} is not one agp bench --json writes: {e}") from None
-    for r in reports:
-        r.label = f"{r.label} ({path.name})"
+    for r in reports:                        # a measurement Ctrl-C cut holds only the requests that had ended
+        r.label = f"{r.label} ({path.name}{', interrupted' if r.interrupted else ''})"
     return reports
 
 
