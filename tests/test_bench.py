@@ -451,6 +451,13 @@ def test_bench_command_compares_targets_and_writes_a_plot(tmp_path, tiny_gguf, c
     (["{p}", "--workload", "{w}", "--duration", "5"], "needs --concurrency"),
     (["{p}", "--workload", "{w}", "--rate", "2,0"], "--rate: 0 must be positive"),
     (["{p}", "--workload", "{d}"], "is a folder, not a JSONL file"),
+    # the arrivals are drawn before the first request: 1e300 s drew until memory ran out, in silence
+    (["{p}", "--workload", "{w}", "--duration", "1e300", "--rate", "1"],
+     "--duration 1e+300 at rate 1 is about 1e+300 requests, and a measurement sends at most 10,000,000"),
+    (["{p}", "--workload", "{w}", "--duration", "20000", "--rate", "2,1000"], "at rate 1000 is about 2e+07 requests"),
+    # no arrival within the duration: it measured nothing ('requests ok/sent 0/0') and exited 0
+    (["{p}", "--workload", "{w}", "--duration", "1", "--rate", "0.1", "--burstiness", "inf"],
+     "--duration 1 at rate 0.1 sends no request"),
 ])
 def test_bench_command_rejects_bad_input_with_exit_2(tmp_path, tiny_gguf, capsys, argv, message):
     w, p = _workload(tmp_path), _pipeline_file(tmp_path, tiny_gguf)
@@ -615,6 +622,21 @@ def test_a_plot_files_format_is_read_from_its_extension_in_any_case(tmp_path):
                                                "--plot", out]).plot == out
 
 
+def test_the_throughput_plot_starts_at_zero(tmp_path, monkeypatch):
+    """Two targets 477.36 and 477.51 output tokens/s apart: autoscaled, the axis ran from 477.36 to
+    477.51 and the one looked far above the other; from 0 they are level, as they are."""
+    import matplotlib.figure
+
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    a = B.summarize("a", 30.0, [_record(0.0, [0.2, 0.3])], duration=1.0)
+    b = B.summarize("b", 30.0, [_record(0.0, [0.2, 0.3])], duration=1.0)
+    a.output_throughput, b.output_throughput = 477.36, 477.51
+    B.plot([a, b], tmp_path / "p.png")
+    low, high = figures[0].axes[0].get_ylim()
+    assert low == 0 and high >= 477.51
+
+
 def test_a_target_that_cannot_be_measured_loses_none_of_the_others(tmp_path, tiny_gguf, capsys):
     """--compare with a server that is down: the pipeline beside it is still measured, tabled and
     written to --json; the exit code says a target failed (before, nothing was printed)."""
@@ -741,6 +763,34 @@ def test_bad_goodput_and_burstiness_are_refused_while_parsing(tmp_path, capsys, 
     with pytest.raises(SystemExit) as e:
         agp(["bench", "--url", "http://127.0.0.1:1", "--workload", str(_workload(tmp_path))] + argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_goodput_limits_of_two_flags_are_all_kept_and_a_metric_limited_twice_is_refused(tmp_path, capsys):
+    """`--goodput ttft:500 --goodput tpot:50`: the second flag replaced the first's list, goodput was
+    counted against TPOT alone; `--goodput e2e:100 e2el:5` kept the last limit, in silence."""
+    from pipeline_dsl.cli import build_parser
+
+    args = build_parser(["bench"]).parse_args(["bench", "--url", "http://h:1", "-w", "w.jsonl",
+                                               "--goodput", "ttft:500", "--goodput", "tpot:50"])
+    assert dict(args.goodput) == {"ttft": 0.5, "tpot": 0.05}
+    for argv, said in ((["--goodput", "e2e:100", "e2el:5"], "--goodput gives e2el (or e2e) 2 limits (100, 5 ms)"),
+                       (["--goodput", "ttft:1", "--goodput", "ttft:2"], "--goodput gives ttft 2 limits (1, 2 ms)")):
+        code = agp(["bench", "--url", "http://127.0.0.1:1", "--ready-timeout", "0", "--workload",
+                    str(_workload(tmp_path))] + argv)
+        assert code == 2 and said in capsys.readouterr().err
+
+
+def test_metadata_pairs_of_two_flags_are_all_written_and_a_key_given_two_values_is_refused(tmp_path, capsys):
+    """`--metadata a=1 --metadata b=2`: the second flag replaced the first's pairs, and the saved
+    result held b alone; `--metadata a=1 a=3` kept the last, in silence."""
+    from pipeline_dsl.cli import build_parser
+
+    args = build_parser(["bench"]).parse_args(["bench", "--url", "http://h:1", "-w", "w.jsonl",
+                                               "--metadata", "a=1", "--metadata", "b=2", "a=1"])
+    assert dict(args.metadata) == {"a": "1", "b": "2"}
+    code = agp(["bench", "--url", "http://127.0.0.1:1", "--ready-timeout", "0", "--workload",
+                str(_workload(tmp_path)), "--metadata", "a=1", "--metadata", "a=3"])
+    assert code == 2 and "--metadata gives a 2 values ('1', '3'): give it one" in capsys.readouterr().err
 
 
 def test_vllm_bench_serve_option_names_are_taken(tmp_path):
@@ -976,7 +1026,8 @@ def test_ctrl_c_prints_and_writes_what_was_measured_and_exits_130(tmp_path, to_t
     host = "localhost" if to_thread else "127.0.0.1"
     proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "bench", "--url",
                              f"http://{host}:{server.server_address[1]}", "-w", str(_workload(tmp_path)),
-                             "--warmup", "0", "--no-progress", "--json", str(js), "--concurrency", "1"],
+                             "--warmup", "0", "--no-progress", "--json", str(js), "--concurrency", "1",
+                             "--save-result", "--result-dir", str(tmp_path / "saved")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=ctrl_c_default)
     try:
@@ -1003,6 +1054,44 @@ def test_ctrl_c_prints_and_writes_what_was_measured_and_exits_130(tmp_path, to_t
     assert "its report holds the 2 requests that had ended" in err
     (report,) = json.loads(js.read_text())
     assert (report["requests"], report["completed"]) == (2, 2)
+    # the files say the load was cut: a saved result of 2 completed and 0 failed out of the
+    # workload's 6 read as a whole run otherwise
+    (saved,) = [json.loads(p.read_text()) for p in (tmp_path / "saved").glob("*.json")]
+    assert report["interrupted"] is True and saved["agp"]["interrupted"] is True
+    assert (saved["num_prompts"], saved["completed"], saved["failed"]) == (6, 2, 0)
+
+
+@pytest.mark.parametrize("signame, code", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_sigterm_and_sighup_stop_a_measurement_as_ctrl_c_does(tmp_path, signame, code):
+    """`timeout 600 agp bench …` or a CI job's cancel (SIGTERM), a closed terminal (SIGHUP): agp bench
+    died at once, printing nothing and writing no --json, every measurement lost (agp run stops on
+    all three). Now as on Ctrl-C: the cut measurement reported and written, exit 128 + the signal."""
+    import signal
+    import subprocess
+    import sys
+
+    server, handler = _stalling_server()
+    js = tmp_path / "r.json"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "bench", "--url",
+                             f"http://127.0.0.1:{server.server_address[1]}", "-w", str(_workload(tmp_path)),
+                             "--warmup", "0", "--no-progress", "--json", str(js), "--concurrency", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=ctrl_c_default)
+    try:
+        deadline = time.monotonic() + 120
+        while handler.seen < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert handler.seen >= 3, handler.seen
+        proc.send_signal(getattr(signal, signame))
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == code, err
+    assert re.search(r"requests ok/sent\s+2/2", out) and "agp bench: interrupted while measuring" in err
+    (report,) = json.loads(js.read_text())
+    assert (report["requests"], report["completed"], report["interrupted"]) == (2, 2, True)
 
 
 def test_a_report_saved_before_the_newer_fields_is_read_with_their_defaults(tmp_path):
@@ -1301,6 +1390,23 @@ def test_a_baseline_file_of_one_report_object_is_read_as_a_list_of_one(tmp_path)
     (tmp_path / "one.json").write_text(json.dumps(_SAVED))
     (r,) = B.load_reports(tmp_path / "one.json")
     assert (r.label, r.completed) == ("x (one.json)", _SAVED["completed"])
+
+
+def test_a_save_result_file_is_a_baseline_as_its_report_under_agp(tmp_path):
+    """A user of vllm bench serve keeps --save-result's files: --baseline refused agp's own ("report 1
+    is not one agp bench --json writes: it has no 'rate'"), though it holds the report under 'agp'.
+    A result without it (vLLM's own) is refused naming what --baseline reads."""
+    report = B.summarize("x", 2.0, [_record(0.0, [0.2, 0.3])], duration=1.0, keep_records=True)
+    saved = B.vllm_result(report, date="20260101-000000", backend="agp", tokenizer_id="t", num_prompts=1)
+    (tmp_path / "r.json").write_text(json.dumps(saved))
+    (r,) = B.load_reports(tmp_path / "r.json")
+    assert (r.label, r.completed, r.rate, r.ttft) == ("x (r.json)", 1, 2.0, report.ttft)
+    report.interrupted = True                # a measurement Ctrl-C cut says so beside the others
+    (tmp_path / "cut.json").write_text(json.dumps([report.to_dict()]))
+    assert [r.label for r in B.load_reports(tmp_path / "cut.json")] == ["x (cut.json, interrupted)"]
+    (tmp_path / "vllm.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "agp"}))
+    with pytest.raises(B.BenchError, match="a vllm bench serve result without agp's report"):
+        B.load_reports(tmp_path / "vllm.json")
 
 
 class _TwoModels(_Refusing):

@@ -202,6 +202,7 @@ def test_a_server_measured_with_a_local_tokenizer_sees_the_drawn_lengths(tmp_pat
     (["--url", "U", "--dataset-name", "random", "--tokenizer", "org/not-here-7b"],
      "the tokenizer 'org/not-here-7b' is not here"),
     (["--url", "U", "--dataset-name", "sharegpt", "--tokenizer", "{m}"], "--dataset-name sharegpt needs --dataset-path FILE"),
+    (["--url", "U", "--dataset-name", "jsonl"], "--dataset-name jsonl needs its file: --dataset-path FILE"),
     (["--url", "U", "--dataset-name", "sharegpt", "--dataset-path", "{d}", "--tokenizer", "{m}"],
      "is a folder, not a ShareGPT JSON file"),
     (["--url", "U", "--dataset-name", "sharegpt", "--dataset-path", "{d}/bad.json", "--tokenizer", "{m}"],

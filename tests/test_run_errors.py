@@ -535,6 +535,15 @@ def test_a_progress_bar_off_a_terminal_writes_whole_lines_not_carriage_return_re
     bar = progress.progress_bar(1)
     bar.close()
     assert bar.mininterval == progress.LOG_INTERVAL                          # off a terminal: seldom
+    # agp bench's bar, not left on a terminal (the table follows): in a log its last line said
+    # '0/3', as if the load had stalled, and never the count it reached
+    for stream in (io.StringIO(), Terminal()):
+        monkeypatch.setattr(sys, "stderr", stream)
+        bar = progress.progress_bar(3, leave=False)
+        bar.update(3)
+        bar.close()
+        if not isinstance(stream, Terminal):
+            assert "3/3" in stream.getvalue().splitlines()[-1]
 
 
 def test_answers_on_a_pipe_whose_reader_has_gone_stop_the_run_with_exit_141_and_no_traceback(tmp_path, pipeline):

@@ -23,7 +23,8 @@ each measurement in vllm bench serve's keys (loadgen.vllm_result).
 Exit status: 0 when every measurement had a request succeed (failed requests under load are
 part of the result, its errors row); 1 when some target at some rate had none succeed (every
 measurement is still reported, then one line each naming the first error); 2 for bad options;
-130 on Ctrl-C, the measurement it cut reported with the requests that had ended.
+130 on Ctrl-C, the measurement it cut reported with the requests that had ended (SIGTERM and
+SIGHUP alike: 143, 129).
 """
 from __future__ import annotations
 
@@ -88,9 +89,10 @@ def add_arguments(p) -> None:
     p.add_argument("--ignore-eos", action="store_true",
                    help="every request runs to its max_tokens (sets each line's ignore_eos, as vllm bench serve's "
                         "--ignore-eos): output lengths that do not depend on the model")
-    p.add_argument("--goodput", nargs="+", metavar="METRIC:MS", type=slo_limit, default=None,
+    p.add_argument("--goodput", nargs="+", action="extend", metavar="METRIC:MS", type=slo_limit, default=None,
                    help="service-level objectives (ttft, tpot, e2el or e2e, in ms: --goodput ttft:500 tpot:50): "
-                        "also report the completed requests/s that met all of them")
+                        "also report the completed requests/s that met all of them (repeatable: every flag's limits count, "
+                        "one a metric)")
     p.add_argument("--metric-percentiles", type=percentile_list, default=None, metavar="P,P,...",
                    help="the latency percentiles to show besides the mean (--metric-percentiles 50,95,99; "
                         "default: 50,90,99, which --json's reports always hold)")
@@ -117,11 +119,11 @@ def add_arguments(p) -> None:
     p.add_argument("--result-filename", default=None, metavar="NAME",
                    help="--save-result's file name, for one measurement (default: "
                         "LABEL-RATEqps[-concurrencyC]-MODEL-DATE.json, as vLLM names it)")
-    p.add_argument("--metadata", nargs="+", type=metadata_pair, default=None, metavar="KEY=VALUE",
+    p.add_argument("--metadata", nargs="+", action="extend", type=metadata_pair, default=None, metavar="KEY=VALUE",
                    help="pairs written into --save-result's files beside their own keys")
     p.add_argument("--baseline", action="append", default=[], metavar="JSON",
-                   help="the reports an earlier run wrote with --json, shown beside this run's as --compare "
-                        "shows them (repeatable; without a PIPELINE or --url, only they are shown)")
+                   help="the reports an earlier run wrote with --json (or one --save-result wrote), shown beside "
+                        "this run's as --compare shows them (repeatable; without a PIPELINE or --url, only they are shown)")
     add_dtype_argument(p, "the pipelines'")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-overlap", action="store_true",
@@ -235,6 +237,35 @@ def parse_rates(text: str) -> list[float]:
 
 
 def main(args) -> int:
+    """_main, SIGTERM and SIGHUP heard as Ctrl-C (agp run's three stops): `timeout 600 agp bench …`
+    or a CI job's cancel killed it in silence, every measurement lost; exit 128 + the signal."""
+    import signal
+
+    heard = []
+
+    def as_ctrl_c(signum, frame):
+        heard.append(signum)
+        handler = signal.getsignal(signal.SIGINT)      # asyncio.run's while a load runs: it cancels it
+        if callable(handler):
+            return handler(signal.SIGINT, frame)
+        raise KeyboardInterrupt
+
+    old = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(sig) != signal.SIG_IGN:     # nohup's SIGHUP stays ignored
+                old[sig] = signal.signal(sig, as_ctrl_c)
+    except ValueError:                                 # not the main thread: signals are not ours
+        pass
+    try:
+        code = _main(args)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    return 128 + heard[0] if code == 130 and heard else code
+
+
+def _main(args) -> int:
     from pipeline_dsl.commands.loadgen import (DEFAULT_PERCENTILES, BenchError, EngineTarget, HTTPTarget, Interrupted, bench_one,
                                         failure, format_table, load_reports, load_workload, parse_target,
                                         rate_text)
@@ -254,6 +285,19 @@ def main(args) -> int:
                     "--dataset-name random (drawn token ids) or sharegpt (--dataset-path FILE)")
     if args.threads is not None and args.threads < 1:
         return _err(f"--threads must be at least 1, not {args.threads}")
+    limits: dict[str, list[float]] = {}
+    for name, limit in args.goodput or ():  # every --goodput's (a second flag replaced the first's)
+        limits.setdefault(name, []).append(limit)
+    for name, given in limits.items():
+        if len(given) > 1:                   # the last one was kept, in silence
+            return _err(f"--goodput gives {'e2el (or e2e)' if name == 'e2e' else name} {len(given)} limits "
+                        f"({', '.join(f'{x * 1000:g}' for x in given)} ms): give each metric one")
+    pairs: dict[str, list[str]] = {}
+    for key, value in args.metadata or ():   # every --metadata's pairs, as every --goodput's limits
+        pairs.setdefault(key, []).append(value)
+    for key, values in pairs.items():
+        if len(set(values)) > 1:
+            return _err(f"--metadata gives {key} {len(values)} values ({', '.join(map(repr, values))}): give it one")
     saving = bool(args.save_result or args.save_detailed or args.result_dir or args.result_filename
                   or args.metadata)
     tokenizer_id = args.tokenizer
@@ -285,6 +329,20 @@ def main(args) -> int:
     num = args.num if args.num is not None or args.duration is not None else len(items)
     if any(math.isinf(r) for r in rates) and args.duration is not None and not args.concurrency:
         return _err("--rate inf with --duration needs --concurrency (a closed loop of clients)")
+    from pipeline_dsl.cliargs import MAX_COUNT
+    if args.duration is not None and (many := [r for r in rates if not math.isinf(r) and r * args.duration > MAX_COUNT]):
+        # its arrivals are drawn before the first is sent: 1e300 s drew them until memory ran out, in silence
+        return _err(f"--duration {args.duration:g} at rate {rate_text(many[0])} is about {many[0] * args.duration:.3g} "
+                    f"requests, and a measurement sends at most {MAX_COUNT:,}: give a shorter --duration")
+    if args.duration is not None and args.num is None:
+        from pipeline_dsl.commands.loadgen import arrival_times
+        for rate in rates:                   # few arrivals: drawn here as the load draws them (its seed)
+            if not math.isinf(rate) and rate * args.duration <= 1000 and not arrival_times(
+                    None, rate, duration=args.duration, seed=args.seed, burstiness=args.burstiness):
+                # it measured nothing: 'requests ok/sent 0/0', exit 0
+                return _err(f"--duration {args.duration:g} at rate {rate_text(rate)} sends no request (its first "
+                            f"arrival, drawn with --seed {args.seed}, comes later): give a longer --duration "
+                            f"or a higher --rate")
 
     def targets():
         for spec in args.pipelines:
@@ -385,6 +443,9 @@ def dataset_of(args) -> str | None:
     if name == "sharegpt" and not args.dataset_path:
         raise ValueError("--dataset-name sharegpt needs --dataset-path FILE (a ShareGPT JSON file, as "
                          "ShareGPT_V3_unfiltered_cleaned_split.json)")
+    if name == "jsonl" and not (args.workload or args.dataset_path):
+        raise ValueError("--dataset-name jsonl needs its file: --dataset-path FILE (or --workload FILE), a JSONL "
+                         "file of requests in agp run's format")
     if name == "jsonl" and args.workload and args.dataset_path:
         raise ValueError(f"--workload {args.workload} and --dataset-path {args.dataset_path} both name the "
                          "workload: give one")

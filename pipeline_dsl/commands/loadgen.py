@@ -236,6 +236,7 @@ class Report:
     pipeline: str | None = None        # in process: the name of the pipeline measured
     model: str | None = None           # the model measured: the id sent to a server, a pipeline's model(s)
     percentiles: list = field(default_factory=lambda: list(DEFAULT_PERCENTILES))   # those the table shows
+    interrupted: bool = False          # Ctrl-C cut the load: the requests that had ended, not all asked
     ttft_samples: list[float] = field(default_factory=list, repr=False)
     e2e_samples: list[float] = field(default_factory=list, repr=False)
     # the requests measured, in send order, where summarize was asked to keep them (vllm_result's
@@ -316,7 +317,8 @@ _SAVED_FIELDS = {
 
 
 def load_reports(path: str | Path) -> list[Report]:
-    """The reports of an earlier run's `--json` file, labelled with the file's name."""
+    """The reports of an earlier run's `--json` file, or the one report of a `--save-result` file
+    (under its "agp"), labelled with the file's name."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -324,6 +326,11 @@ def load_reports(path: str | Path) -> list[Report]:
         raise BenchError(f"report file not found: {path}") from None
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise BenchError(f"cannot read the reports of {path}: {e}") from None
+    if isinstance(data, dict) and isinstance(data.get("agp"), dict):
+        data = data["agp"]                   # a --save-result file: vLLM's keys, agp's report under "agp"
+    elif isinstance(data, dict) and "rate" not in data and ("request_throughput" in data or "mean_ttft_ms" in data):
+        raise BenchError(f"{path} is a vllm bench serve result without agp's report: --baseline reads the files "
+                         f"agp bench --json or --save-result wrote (the latter's report under 'agp')")
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list) or not data or not all(isinstance(d, dict) for d in data):
@@ -335,8 +342,8 @@ def load_reports(path: str | Path) -> list[Report]:
             reports.append(Report.from_dict(d))
         except (ValueError, TypeError) as e:
             raise BenchError(f"{path}: report {i} is not one agp bench --json writes: {e}") from None
-    for r in reports:
-        r.label = f"{r.label} ({path.name})"
+    for r in reports:                        # a measurement Ctrl-C cut holds only the requests that had ended
+        r.label = f"{r.label} ({path.name}{', interrupted' if r.interrupted else ''})"
     return reports
 
 
@@ -1066,6 +1073,7 @@ async def bench_one(target, items, *, rate: float, num=None, duration=None, conc
                        model=getattr(target, "model", None), percentiles=percentiles,
                        keep_records=keep_records)
     if stopped is not None:
+        report.interrupted = True
         stopped.report = report
         raise stopped
     return report
@@ -1165,6 +1173,8 @@ def plot(reports: list[Report], path: str | Path) -> None:
     ax1.set(xlabel="request rate (req/s; rightmost = all at once)" if any(
         math.isinf(r.rate) for r in reports) else "request rate (req/s)",
         ylabel="output tokens/s", title="throughput against rate")
+    # from 0: autoscaled, two targets 0.1 tokens/s apart filled the axis as if one had far more
+    ax1.set_ylim(bottom=0, top=max([r.output_throughput for r in reports] + [0.0]) * 1.08 or 1.0)
     ax2.set(xlabel="TTFT (ms)", ylabel="fraction of requests", title="TTFT CDF (highest rate)")
     ax3.set(xlabel="end-to-end latency (ms)", ylabel="fraction of requests",
             title="E2E latency CDF (highest rate)")

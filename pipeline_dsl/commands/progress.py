@@ -70,4 +70,8 @@ def progress_bar(total: int, **kw):
         terminal = False
     shown = {"file": Quiet(sys.stderr), "dynamic_ncols": True, "mininterval": 0.5} if terminal else \
         {"file": Lines(sys.stderr), "ncols": 80, "ascii": True, "mininterval": LOG_INTERVAL, "maxinterval": LOG_INTERVAL}
+    if not terminal:
+        # a log keeps its lines: a bar not left (agp bench's, cleared for the table on a terminal)
+        # ended the log at its first line, '0/40', as if the load had stalled there
+        kw = {**kw, "leave": True}
     return tqdm(total=total, **{"unit": "req", **shown, **kw})
