@@ -49,6 +49,14 @@ T = TypeVar("T")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+def heeded(signals: Iterable[int] = STOP_SIGNALS) -> tuple[int, ...]:
+    """Those of `signals` this process does not ignore: one ignored when agp started (`nohup agp
+    serve …` ignores SIGHUP, so that closing the terminal leaves it serving; a shell starts a
+    background job with SIGINT ignored) stays ignored, as the one who started it asked, and no
+    handler of agp's is set for it. Read when the handlers are set: agp restores each it set."""
+    return tuple(sig for sig in signals if signal.getsignal(sig) != signal.SIG_IGN)
+
+
 def load_unless_stopped(load: Callable[[], T], poll_s: float = 0.1,
                         around: ContextManager | None = None) -> tuple[T | None, int | None]:
     """load() on a thread of its own: (its result, None), or (None, the signal) as soon as a stop
@@ -57,7 +65,7 @@ def load_unless_stopped(load: Callable[[], T], poll_s: float = 0.1,
     otherwise their handlers are restored. `around` (agp serve's 503 while loading) is entered
     once the handlers are in place: whoever it tells that the load is on may signal at once."""
     stopped: list[int] = []
-    old = {sig: signal.signal(sig, lambda sig, frame: stopped.append(sig)) for sig in STOP_SIGNALS}
+    old = {sig: signal.signal(sig, lambda sig, frame: stopped.append(sig)) for sig in heeded()}
     with around if around is not None else contextlib.nullcontext():
         loader = _Work(load, "agp-load")
         loader.wait(poll_s, until=lambda: bool(stopped))
@@ -101,11 +109,11 @@ async def ticking(work: Awaitable[T], poll_s: float = 0.1) -> T:
 
 
 def listening(signals: Iterable[int] = STOP_SIGNALS) -> list[int]:
-    """Handlers for `signals` that only append each one that comes to the list returned (they
+    """Handlers for `signals` (those `heeded`) that only append each one that comes to the list returned (they
     take no lock: a handler runs wherever the main thread was, maybe inside a lock of its own).
     They stay in place: a later signal, while the caller stops, is noted and changes nothing."""
     stopped: list[int] = []
-    for sig in signals:
+    for sig in heeded(signals):
         signal.signal(sig, lambda sig, frame: stopped.append(sig))
     return stopped
 

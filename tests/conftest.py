@@ -10,6 +10,7 @@ after a test that changed it), a worker reads the embedded model's file once
 
 import fcntl
 import os
+import signal
 import tempfile
 from pathlib import Path
 
@@ -24,6 +25,22 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # two of two threads each beside the two workers would wait at every barrier as well
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 TORCH_THREADS = torch.get_num_threads()       # the process's count: one on a worker
+
+
+
+def pytest_configure(config):
+    """A suite started in the background (`make test &`, nohup, a CI runner) has SIGINT or SIGHUP
+    ignored, and a child inherits an ignored signal: agp keeps a stop signal ignored on entry as
+    nohup asks (stopping.heeded), so the agp processes the tests stop with one would not stop. The
+    process that runs tests goes on ignoring it (a handler that does nothing), and its children,
+    whose handlers exec resets, start with its default, as from a terminal; the tests that raise
+    one in this process find it heeded. xdist's controller keeps it ignored: its workers inherit
+    that, and nohup still keeps them running when the terminal closes."""
+    if not hasattr(config, "workerinput") and getattr(config.option, "numprocesses", None):
+        return
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) == signal.SIG_IGN:
+            signal.signal(sig, lambda signum, frame: None)
 
 # The modules that take longest (15 s to a minute and a half of tests each), longest first, by the
 # sums of the per-test times per module (2026-12-07, an idle full run, the native kernels on an AVX2 CPU).

@@ -404,3 +404,38 @@ def test_the_servers_stop_runs_on_its_event_loop_not_inside_the_code_the_signal_
     assert len(stacks) == 1 and stacks[0][0] == signal.SIGHUP, stacks
     assert "interrupted_code" not in stacks[0][1], stacks[0][1]
     assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def test_a_hangup_ignored_when_agp_serve_started_stays_ignored_and_another_signal_still_drains(tmp_path, tiny_gguf):
+    """`nohup agp serve … &`: nohup starts it with SIGHUP ignored so that closing the terminal (whose
+    hang-up comes to it) leaves it serving; agp's own SIGHUP handler (a drain) stopped it all the
+    same. A stop signal ignored on entry stays ignored (stopping.heeded); SIGTERM still drains."""
+    from test_serve import _pipeline_file
+
+    def nohup():
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    proc, url = start_agp_serve(str(_pipeline_file(tmp_path, tiny_gguf)), preexec_fn=nohup)
+    with reaped(proc):
+        proc.send_signal(signal.SIGHUP)
+        body = {"prompt": "hello", "max_tokens": 4, "ignore_eos": True}
+        r = httpx.post(url + "/v1/completions", json=body, timeout=60)      # served after the hang-up
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, r.text[:300]
+        assert httpx.get(url + "/health", timeout=10).status_code == 200 and proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 0, err[-2000:]
+    assert "draining (SIGTERM)" in err and "SIGHUP" not in err, err[-2000:]
+
+
+def test_heeded_leaves_out_a_stop_signal_ignored_on_entry():
+    from pipeline_dsl.stopping import STOP_SIGNALS, heeded
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal dispositions are set on the main thread only")
+    old = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        assert heeded() == tuple(s for s in STOP_SIGNALS if s != signal.SIGHUP)
+    finally:
+        signal.signal(signal.SIGHUP, old)
+    assert signal.SIGHUP in heeded()

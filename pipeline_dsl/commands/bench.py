@@ -241,6 +241,8 @@ def main(args) -> int:
     or a CI job's cancel killed it in silence, every measurement lost; exit 128 + the signal."""
     import signal
 
+    from pipeline_dsl.stopping import heeded
+
     heard = []
 
     def as_ctrl_c(signum, frame):
@@ -252,9 +254,8 @@ def main(args) -> int:
 
     old = {}
     try:
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            if signal.getsignal(sig) != signal.SIG_IGN:     # nohup's SIGHUP stays ignored
-                old[sig] = signal.signal(sig, as_ctrl_c)
+        for sig in heeded((signal.SIGTERM, signal.SIGHUP)):    # nohup's SIGHUP stays ignored
+            old[sig] = signal.signal(sig, as_ctrl_c)
     except ValueError:                                 # not the main thread: signals are not ours
         pass
     try:

@@ -426,7 +426,9 @@ class Interrupt:
         self._old = {}
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        from pipeline_dsl.stopping import heeded
+
+        for sig in heeded():                  # one ignored when agp started (nohup's SIGHUP) stays so
             self._old[sig] = signal.signal(sig, self._handle)
         return self
 

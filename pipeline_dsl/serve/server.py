@@ -100,6 +100,8 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from pipeline_dsl.stopping import heeded
+
 from .logs import endpoint
 
 log = logging.getLogger("agp.serve")
@@ -694,9 +696,9 @@ class AgpServer(uvicorn.Server):
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        old = {sig: signal.getsignal(sig) for sig in EXIT_SIGNALS}
+        old = {sig: signal.getsignal(sig) for sig in heeded(EXIT_SIGNALS)}   # nohup's SIGHUP stays ignored
         loop = asyncio.get_running_loop()
-        for sig in EXIT_SIGNALS:
+        for sig in old:
             loop.add_signal_handler(sig, self.handle_exit, sig, None)
         try:
             yield
