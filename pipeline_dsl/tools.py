@@ -68,7 +68,12 @@ def prepare_messages(messages: list[dict], tools: list[dict] | None, *, template
                      choice: Any = "auto") -> list[dict]:
     """The conversation as the chat template should see it (see the module docstring)."""
     if template_takes_tools:
-        return [dict(m) for m in messages]
+        # an earlier call's arguments as the object they hold, as vLLM hands them to the template
+        # (its chat_utils' _postprocess_messages: transformers' tool-use templates write them with
+        # `| tojson`, which would quote an arguments string a second time); none or "" as {}
+        return [dict(m, tool_calls=[_call_of_template(c) for c in m["tool_calls"]])
+                if m.get("role") == "assistant" and isinstance(m.get("tool_calls"), list) else dict(m)
+                for m in messages]
     out = []
     for m in messages:
         m = dict(m)
@@ -95,6 +100,13 @@ def prepare_messages(messages: list[dict], tools: list[dict] | None, *, template
         else:
             out.insert(0, {"role": "system", "content": system})
     return out
+
+
+def _call_of_template(call):
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict):
+        return call
+    return {**call, "function": {**function, "arguments": _arguments(function.get("arguments") or None)}}
 
 
 def _arguments(value) -> Any:
