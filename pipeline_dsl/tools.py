@@ -2,7 +2,8 @@
 
 A chat template that takes `tools` (it names the variable) gets them as they are, and the
 conversation's tool history as OpenAI sends it (assistant `tool_calls`, `tool` messages
-with `tool_call_id`). A template that does not (SmolLM2's) gets the convention of the
+with `tool_call_id`), each earlier call's arguments string parsed into the object it holds, as
+vLLM hands them to the template. A template that does not (SmolLM2's) gets the convention of the
 model's card instead: a system message listing the tools in `<tools>…</tools>` and asking
 for calls as `<tool_call>[{"name": …, "arguments": {…}}]</tool_call>`; earlier calls are
 written back in that form, and tool results as `tool` messages.
