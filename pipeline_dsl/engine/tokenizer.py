@@ -36,6 +36,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from pipeline_dsl.engine.errors import InputError
 from pipeline_dsl.model_files import GGUF_TOKENIZERS, ModelFileProblem, read_json_object
+from pipeline_dsl.model_files.hf import missing_tokenizer
 
 _CONTROL, _USER_DEFINED = 3, 4
 _SPACE = "\u2581"          # a SentencePiece vocabulary's space ("▁")
@@ -399,7 +400,7 @@ class Tokenizer:
         folder = Path(folder)
         path = folder / "tokenizer.json"
         if not path.is_file():
-            raise TokenizerError(f"{path}: missing: a Hugging Face model folder needs its tokenizer.json")
+            raise TokenizerError(f"{path}: {missing_tokenizer(folder)}")
         try:
             tk = HFTokenizer.from_file(str(path))
         except Exception as e:  # the tokenizers library raises a bare Exception for any bad file
