@@ -336,3 +336,17 @@ def test_an_eos_token_id_that_is_no_token_id_is_refused_naming_the_file_it_is_in
         proc = clikit.agp_in("serve", str(folder), "--port", "0")
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert f"{folder / file}: 'eos_token_id' must be a token id" in proc.stderr, proc.stderr
+
+
+def test_a_generation_config_folder_whose_eos_token_id_is_no_token_id_exits_2_naming_its_file(tmp_path, folder):
+    """--generation-config FOLDER brings that folder's end tokens: one that is no token id stops
+    agp run as the model's own file does (exit 2 naming the file), not as an internal error."""
+    other = tmp_path / "original"
+    other.mkdir()
+    (other / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, "3"]}))
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"id": "a", "prompt": "the cat"}) + "\n")
+    proc = clikit.agp_in("run", pipeline(tmp_path, folder), "-i", inp, "-o", tmp_path / "out.jsonl", "--threads", "1",
+                         "--no-progress", "--generation-config", str(other))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "internal error" not in proc.stderr, proc.stderr
+    assert f"{other / 'generation_config.json'}: 'eos_token_id' must be a token id" in proc.stderr, proc.stderr
