@@ -79,7 +79,7 @@ def prepare_messages(messages: list[dict], tools: list[dict] | None, *, template
     for m in messages:
         m = dict(m)
         if m.get("role") == "assistant" and m.get("tool_calls"):
-            calls = [{"name": c["function"]["name"], "arguments": _arguments(c["function"].get("arguments"))}
+            calls = [{"name": c["function"]["name"], "arguments": _arguments(c["function"].get("arguments") or None)}
                      for c in m["tool_calls"]]
             text = m.get("content") or ""
             m["content"] = (text + "\n" if text else "") + OPEN + json.dumps(calls, ensure_ascii=False) + CLOSE

@@ -636,3 +636,17 @@ def test_a_template_that_takes_tools_gets_an_earlier_call_s_arguments_as_the_obj
     assert history == sent
     text = compile_chat_template(TOJSON_TEMPLATE).render(messages=prepared, tools=[WEATHER_TOOL])
     assert text == f'<tool_call>{{"name": "get_weather", "arguments": {written}}}</tool_call>1'
+
+
+@pytest.mark.parametrize("takes_tools", [True, False])
+def test_an_earlier_call_with_empty_arguments_reaches_either_prompt_as_an_empty_object(takes_tools):
+    """An arguments string of "" (a call of a function without parameters, as some clients send
+    it) is {} in the prompt, as vLLM gives it, in agp's own tool prompt as in a template's."""
+    history = [{"role": "user", "content": "time?"},
+               {"role": "assistant", "content": "", "tool_calls": [{"id": "c", "type": "function",
+                                                                     "function": {"name": "now", "arguments": ""}}]}]
+    [_, said] = prepare_messages(history, None, template_takes_tools=takes_tools)
+    if takes_tools:
+        assert said["tool_calls"][0]["function"]["arguments"] == {}
+    else:
+        assert said["content"] == '<tool_call>[{"name": "now", "arguments": {}}]</tool_call>'
