@@ -2,7 +2,8 @@
 
 A chat template that takes `tools` (it names the variable) gets them as they are, and the
 conversation's tool history as OpenAI sends it (assistant `tool_calls`, `tool` messages
-with `tool_call_id`). A template that does not (SmolLM2's) gets the convention of the
+with `tool_call_id`), each earlier call's arguments string parsed into the object it holds, as
+vLLM hands them to the template. A template that does not (SmolLM2's) gets the convention of the
 model's card instead: a system message listing the tools in `<tools>…</tools>` and asking
 for calls as `<tool_call>[{"name": …, "arguments": {…}}]</tool_call>`; earlier calls are
 written back in that form, and tool results as `tool` messages.
@@ -68,12 +69,17 @@ def prepare_messages(messages: list[dict], tools: list[dict] | None, *, template
                      choice: Any = "auto") -> list[dict]:
     """The conversation as the chat template should see it (see the module docstring)."""
     if template_takes_tools:
-        return [dict(m) for m in messages]
+        # an earlier call's arguments as the object they hold, as vLLM hands them to the template
+        # (its chat_utils' _postprocess_messages: transformers' tool-use templates write them with
+        # `| tojson`, which would quote an arguments string a second time); none or "" as {}
+        return [dict(m, tool_calls=[_call_of_template(c) for c in m["tool_calls"]])
+                if m.get("role") == "assistant" and isinstance(m.get("tool_calls"), list) else dict(m)
+                for m in messages]
     out = []
     for m in messages:
         m = dict(m)
         if m.get("role") == "assistant" and m.get("tool_calls"):
-            calls = [{"name": c["function"]["name"], "arguments": _arguments(c["function"].get("arguments"))}
+            calls = [{"name": c["function"]["name"], "arguments": _arguments(c["function"].get("arguments") or None)}
                      for c in m["tool_calls"]]
             text = m.get("content") or ""
             m["content"] = (text + "\n" if text else "") + OPEN + json.dumps(calls, ensure_ascii=False) + CLOSE
@@ -95,6 +101,13 @@ def prepare_messages(messages: list[dict], tools: list[dict] | None, *, template
         else:
             out.insert(0, {"role": "system", "content": system})
     return out
+
+
+def _call_of_template(call):
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict):
+        return call
+    return {**call, "function": {**function, "arguments": _arguments(function.get("arguments") or None)}}
 
 
 def _arguments(value) -> Any:

@@ -388,6 +388,19 @@ def test_logits_wider_than_the_tokenizer(engine):
     assert torch.isfinite(logits[0]).sum() == len(m.allowed()) > 0
 
 
+def test_an_end_token_listed_past_the_vocabulary_is_left_out_of_the_grammar_s_ends(engine):
+    """A generation_config.json may list an eos_token_id the model's logits do not reach: it can
+    never be written, so the grammar ends on the others, where llguidance refused every
+    constrained request ("EOS token ID ... is out of range")."""
+    eos = sorted(engine.tokenizer.eos_token_ids)
+    c = ConstraintCompiler(engine.tokenizer, engine.vocab_size, eos_token_ids=[*eos, engine.vocab_size + 700])
+    assert c.eos_token_ids == tuple(eos)
+    m = c.compile({"type": "json_object"}).matcher()
+    assert len(m.allowed()) > 0
+    with pytest.raises(ValueError, match="end-of-sequence"):
+        ConstraintCompiler(engine.tokenizer, engine.vocab_size, eos_token_ids=[engine.vocab_size])
+
+
 # ---- compiling -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("spec, words", [
     ({"type": "json_schema", "schema": {"type": "object", "properties": {"a": {"not": {"type": "string"}}}}}, "not"),

@@ -315,3 +315,38 @@ def test_engines_sharing_loaded_weights_keep_their_own_generation_config_folder_
         assert engines["folder"].generation_defaults == {"temperature": 0.5}
         assert engines["folder"].tokenizer.eos_token_ids == engines["auto"].tokenizer.eos_token_ids   # as loaded
     assert len(reads) == 2, reads                                              # once per engine given it
+
+
+@pytest.mark.parametrize("file, eos", [("generation_config.json", "2"), ("generation_config.json", [2, 3.0]),
+                                       ("generation_config.json", True), ("config.json", [-1])])
+def test_an_eos_token_id_that_is_no_token_id_is_refused_naming_the_file_it_is_in(tmp_path, tiny_gguf, file, eos):
+    """eos_token_id (generation_config.json's, config.json's where the folder has none) lists
+    integers from 0: a string, a float, true or a negative one stops the load naming the file and
+    the key, and `agp serve FOLDER` exits 2 saying so (a string was a TypeError, exit 1)."""
+    from pipeline_dsl.engine.models import load_model
+    from tiny_model import write_tiny_hf_folder
+
+    folder = write_tiny_hf_folder(tmp_path / "hf", tiny_gguf)                 # no generation_config.json
+    config = json.loads((folder / file).read_text()) if (folder / file).is_file() else {}
+    (folder / file).write_text(json.dumps({**config, "eos_token_id": eos}))
+    with pytest.raises(ModelFileError, match="'eos_token_id' must be a token id") as e:
+        load_model(str(folder), dtype="fp32")
+    assert str(folder / file) in str(e.value)
+    if file == "generation_config.json" and eos == "2":
+        proc = clikit.agp_in("serve", str(folder), "--port", "0")
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"{folder / file}: 'eos_token_id' must be a token id" in proc.stderr, proc.stderr
+
+
+def test_a_generation_config_folder_whose_eos_token_id_is_no_token_id_exits_2_naming_its_file(tmp_path, folder):
+    """--generation-config FOLDER brings that folder's end tokens: one that is no token id stops
+    agp run as the model's own file does (exit 2 naming the file), not as an internal error."""
+    other = tmp_path / "original"
+    other.mkdir()
+    (other / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, "3"]}))
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"id": "a", "prompt": "the cat"}) + "\n")
+    proc = clikit.agp_in("run", pipeline(tmp_path, folder), "-i", inp, "-o", tmp_path / "out.jsonl", "--threads", "1",
+                         "--no-progress", "--generation-config", str(other))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "internal error" not in proc.stderr, proc.stderr
+    assert f"{other / 'generation_config.json'}: 'eos_token_id' must be a token id" in proc.stderr, proc.stderr

@@ -449,6 +449,10 @@ HF_PROBES = [
     HFProbe("safetensors_missing_weight", drop_weight("model.layers.1.mlp.down_proj.weight"),
             "missing tensors: model.layers.1.mlp.down_proj.weight"),
     HFProbe("no_tokenizer_json", remove("tokenizer.json"), "missing: a Hugging Face model folder needs its"),
+    # an older Llama's or Mistral's folder: its SentencePiece model alone, which agp does not read
+    HFProbe("tokenizer_model_alone", lambda f: write("tokenizer.model", b"\x0a\x0b")(f) and remove("tokenizer.json")(f),
+            r"needs its tokenizer.json \(its tokenizer.model, a SentencePiece model, is not read: transformers' "
+            r"AutoTokenizer.from_pretrained\(FOLDER\).save_pretrained\(FOLDER\) writes tokenizer.json from it\)"),
     HFProbe("tokenizer_json_not_json", write("tokenizer.json", b"<html>"),
             "not a tokenizer the `tokenizers` library can read", "not valid JSON"),
     HFProbe("tokenizer_json_a_list", write("tokenizer.json", b"[1, 2]"),

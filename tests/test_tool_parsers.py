@@ -611,3 +611,42 @@ def test_a_conversation_s_tools_and_calls_reach_the_prompt_whether_or_not_its_te
     tok.set_chat_template("{% for m in messages %}{{ m.role }}:{{ m.content }};{% endfor %}")
     call = '<tool_call>[{"name": "weather", "arguments": {}}]</tool_call>'
     assert tok.decode(engine.prompt_ids(messages=HISTORY)) == f"user:hi;assistant:{call};tool:cold;"
+
+
+# a tool-use template as Qwen2.5's, Hermes' and Llama 3.1's write an earlier call: its arguments `| tojson`
+TOJSON_TEMPLATE = ("{% for m in messages %}{% for c in m.tool_calls or [] %}"
+                   "<tool_call>{\"name\": \"{{ c.function.name }}\", \"arguments\": {{ c.function.arguments | tojson }}}"
+                   "</tool_call>{% endfor %}{% endfor %}{{ tools | length }}")
+
+
+@pytest.mark.parametrize("arguments, written", [('{"city": "Paris"}', '{"city": "Paris"}'), ("", "{}"), (None, "{}"),
+                                                ("not json", '"not json"')])
+def test_a_template_that_takes_tools_gets_an_earlier_call_s_arguments_as_the_object_they_hold(arguments, written):
+    """vLLM hands a tool-use chat template each earlier call's arguments parsed (its chat_utils'
+    _postprocess_messages; none or "" as {}), as transformers' templates expect: `| tojson` on the
+    client's string wrote it quoted again, "{\\"city\\": ...}". A string that is no JSON stays one;
+    the client's messages are left as they were."""
+    from pipeline_dsl.engine.tokenizer import compile_chat_template
+
+    history = [{"role": "user", "content": "weather?"},
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}]}]
+    sent = json.loads(json.dumps(history))
+    prepared = prepare_messages(history, [WEATHER_TOOL], template_takes_tools=True)
+    assert history == sent
+    text = compile_chat_template(TOJSON_TEMPLATE).render(messages=prepared, tools=[WEATHER_TOOL])
+    assert text == f'<tool_call>{{"name": "get_weather", "arguments": {written}}}</tool_call>1'
+
+
+@pytest.mark.parametrize("takes_tools", [True, False])
+def test_an_earlier_call_with_empty_arguments_reaches_either_prompt_as_an_empty_object(takes_tools):
+    """An arguments string of "" (a call of a function without parameters, as some clients send
+    it) is {} in the prompt, as vLLM gives it, in agp's own tool prompt as in a template's."""
+    history = [{"role": "user", "content": "time?"},
+               {"role": "assistant", "content": "", "tool_calls": [{"id": "c", "type": "function",
+                                                                     "function": {"name": "now", "arguments": ""}}]}]
+    [_, said] = prepare_messages(history, None, template_takes_tools=takes_tools)
+    if takes_tools:
+        assert said["tool_calls"][0]["function"]["arguments"] == {}
+    else:
+        assert said["content"] == '<tool_call>[{"name": "now", "arguments": {}}]</tool_call>'

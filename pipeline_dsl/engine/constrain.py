@@ -56,11 +56,15 @@ class ConstraintCompiler(GrammarBuilder):
         need_llguidance()
         super().__init__(close_objects, whitespace)
         tk = getattr(tokenizer, "tk", tokenizer)          # ours wraps a tokenizers.Tokenizer
-        eos = sorted(eos_token_ids if eos_token_ids is not None else getattr(tokenizer, "eos_token_ids", ()))
-        if not eos:
-            raise ValueError("constrained decoding needs the tokenizer's end-of-sequence token id(s)")
         n_tok = tk.get_vocab_size(with_added_tokens=True)
         self.vocab_size = int(vocab_size or n_tok)         # the model's logits width
+        # an end token listed past the vocabulary (a generation_config.json's eos_token_id) is one the
+        # model never writes: left out, as the sampler's min_tokens leaves it, not a refusal of
+        # every constrained request by llguidance
+        eos = sorted(i for i in (eos_token_ids if eos_token_ids is not None
+                                 else getattr(tokenizer, "eos_token_ids", ())) if i < max(self.vocab_size, n_tok))
+        if not eos:
+            raise ValueError("constrained decoding needs the tokenizer's end-of-sequence token id(s)")
         self.eos_token_ids = tuple(eos)
         # llguidance reads the tokenizer from its JSON; a vocab wider than the tokenizer's gets
         # empty tokens that are never allowed

@@ -926,10 +926,14 @@ def load_runner(config: EngineConfig, models=None):
         # --generation-config FOLDER: its end tokens, not the model's own file's (vLLM reads both the
         # sampling defaults and the eos_token_id list from that folder); a GGUF's own end tokens stay.
         # The engine's own: the tokenizer stays as loaded (LoadedModels shares its model between engines)
-        from .tokenizer import listed_end_tokens
+        from .errors import ModelFileError
+        from .tokenizer import TokenizerError, listed_end_tokens
 
         base = {tokenizer.eos_token_id} if source.kind == "hf" else set(tokenizer.eos_token_ids)
-        listed = listed_end_tokens(config.generation_config, given)
+        try:
+            listed = listed_end_tokens(config.generation_config, given)
+        except TokenizerError as e:     # that folder's file at fault, as the model's own would be
+            raise ModelFileError(str(e)) from None
         end_tokens = frozenset(i for i in base | set(listed) if i is not None)
     c = model.config
     elem = torch.empty((), dtype=model.dtype).element_size()

@@ -36,6 +36,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from pipeline_dsl.engine.errors import InputError
 from pipeline_dsl.model_files import GGUF_TOKENIZERS, ModelFileProblem, read_json_object
+from pipeline_dsl.model_files.hf import missing_tokenizer
 
 _CONTROL, _USER_DEFINED = 3, 4
 _SPACE = "\u2581"          # a SentencePiece vocabulary's space ("▁")
@@ -231,10 +232,17 @@ def listed_end_tokens(folder: Path, gen: dict, model_cfg: dict | None = None) ->
     has no such file (`model_cfg`: it as read, else read here), as transformers' generate and vLLM
     read a folder (GenerationConfig.from_model_config)."""
     if gen or (Path(folder) / "generation_config.json").is_file():
-        e = gen.get("eos_token_id")
+        e, where = gen.get("eos_token_id"), Path(folder) / "generation_config.json"
     else:
-        e = (model_cfg if model_cfg is not None else _read_json(Path(folder) / "config.json")).get("eos_token_id")
-    return list(e) if isinstance(e, list) else [e]
+        where = Path(folder) / "config.json"
+        e = (model_cfg if model_cfg is not None else _read_json(where)).get("eos_token_id")
+    ids = list(e) if isinstance(e, list) else [e]
+    # a token id is a JSON integer from 0 (null: none listed): a string, a float or true is no id
+    # of the vocabulary, and would reach the sampler's masks as one (true as id 1)
+    if not all(i is None or (isinstance(i, int) and not isinstance(i, bool) and i >= 0) for i in ids):
+        raise TokenizerError(f"{where}: 'eos_token_id' must be a token id (an integer from 0) or a list of "
+                             f"them, not {json.dumps(e)[:80]}")
+    return ids
 
 
 def _add_listed_tokens(tk: HFTokenizer, listed, where: Path) -> None:
@@ -392,7 +400,7 @@ class Tokenizer:
         folder = Path(folder)
         path = folder / "tokenizer.json"
         if not path.is_file():
-            raise TokenizerError(f"{path}: missing: a Hugging Face model folder needs its tokenizer.json")
+            raise TokenizerError(f"{path}: {missing_tokenizer(folder)}")
         try:
             tk = HFTokenizer.from_file(str(path))
         except Exception as e:  # the tokenizers library raises a bare Exception for any bad file

@@ -33,7 +33,7 @@ import os
 from pathlib import Path
 
 from .gguf_header import DEQUANTIZABLE, GGML_TYPES, GGUFArray, GGUFHeader, GGUFTensorInfo, read_gguf_header
-from .hf import hf_config, hf_llama_config, read_json_object, read_safetensors_header, weight_files
+from .hf import hf_config, hf_llama_config, missing_tokenizer, read_json_object, read_safetensors_header, weight_files
 from .llama import (GGUF_ARCHITECTURES, GGUF_TOKENIZERS, check_weights, expected_shapes, gguf_engine_name,
                     gguf_file_name, gguf_llama_config, gguf_required, gguf_used_keys, hf_engine_name,
                     hf_file_name)
@@ -117,6 +117,8 @@ def check_model_path(path) -> None:
     path = Path(path)
     if path.is_dir():
         hf_llama_config(path)
+        if not (path / "tokenizer.json").is_file():
+            raise ModelFileProblem(path / "tokenizer.json", missing_tokenizer(path))
         read_json_object(path / "tokenizer.json", "tokenizer.json")
         if (path / "tokenizer_config.json").exists():
             read_json_object(path / "tokenizer_config.json", "tokenizer_config.json")

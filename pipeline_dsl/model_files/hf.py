@@ -50,6 +50,17 @@ def read_json_object(path, what: str) -> dict:
     return data
 
 
+def missing_tokenizer(folder) -> str:
+    """What to say of a folder without tokenizer.json: where it holds a SentencePiece
+    tokenizer.model instead (an older Llama's or Mistral's), that it is not read, and how to
+    write the tokenizer.json transformers would make of it."""
+    said = "missing: a Hugging Face model folder needs its tokenizer.json"
+    if (Path(folder) / "tokenizer.model").is_file():
+        said += (" (its tokenizer.model, a SentencePiece model, is not read: transformers' "
+                 "AutoTokenizer.from_pretrained(FOLDER).save_pretrained(FOLDER) writes tokenizer.json from it)")
+    return said
+
+
 # config.json's dtype names, as vLLM reads them (its _STR_DTYPE_TO_TORCH_DTYPE), and the safetensors ones
 _CONFIG_DTYPES = {"float16": "float16", "half": "float16", "bfloat16": "bfloat16", "float32": "float32",
                   "float": "float32"}
