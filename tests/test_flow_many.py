@@ -320,6 +320,7 @@ def test_nested_lists_reach_their_join_grouped_by_the_outer_list_in_order(tmp_pa
     assert [g["prompt"] for g in said(res)] == [f"sub {j} of part {i}: {p}" for i, p in enumerate("ab")
                                                 for j in range(3)]
 
+
 @pytest.mark.parametrize("join", ["policy = first", 'fn = "hooks:parts"'])
 def test_the_merged_answer_answers_the_request_the_stage_got_not_an_element(tmp_path, soft_gguf, join):
     """The join's result is the answer to the request the many stage got (a stage after the join
