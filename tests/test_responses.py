@@ -183,6 +183,11 @@ def test_logprobs_are_included_when_asked(client):
     ({"input": "x", "reasoning": {"effort": "maximum"}}, "reasoning.effort"),
     ({"input": "x", "reasoning": {"summary": "short"}}, "reasoning.summary"),
     ({"input": "x", "reasoning": {"generate_summary": True}}, "reasoning.generate_summary"),
+    # a function_call_output answers a function_call before it (here, or in the previous response), as OpenAI
+    # requires: one whose call_id no call before it has is a 400
+    ({"input": [{"type": "function_call_output", "call_id": "c1", "output": "4"}]}, "input[0].call_id"),
+    ({"input": [{"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "c2", "output": "4"}]}, "input[1].call_id"),
 ])
 def test_bad_input_is_a_400_naming_the_responses_field(server, body, param):
     r = server.http.post(server.url + "/v1/responses", json={"model": "tiny", **body}, timeout=30)

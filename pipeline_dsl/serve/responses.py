@@ -289,11 +289,14 @@ def _reasoning_text(item: dict, where: str) -> str:
     return "".join(p["text"] for p in content)
 
 
-def conversation(value, store: ResponseStore | None = None, max_referenced: int | None = None) -> list[dict]:
+def conversation(value, store: ResponseStore | None = None, max_referenced: int | None = None,
+                 before: list[dict] = ()) -> list[dict]:
     """`input` as chat messages; an `item_reference` reads the item it names from `store`. The
     items the references bring hold at most `max_referenced` characters of text all told (the
     server's largest body): a reference is a few bytes, and thousands of them to a long answer
-    would otherwise make a prompt of gigabytes from a small body."""
+    would otherwise make a prompt of gigabytes from a small body. A function_call_output answers
+    a function_call of the input before it or of the conversation it continues (`before`), as
+    OpenAI requires ("No tool call found for function call output with call_id …": a 400)."""
     if isinstance(value, str):
         if not value:
             raise APIError("'input' is empty", param="input")
@@ -304,6 +307,7 @@ def conversation(value, store: ResponseStore | None = None, max_referenced: int 
     read: dict = {}                       # the outputs of the kept responses read, by their ids
     referenced = 0                        # the characters the references brought
     thought: list[str] = []               # reasoning items' text, for the assistant turn after them
+    called = {c.get("id") for m in before for c in m.get("tool_calls") or () if isinstance(c, dict)}
     for i, item in enumerate(value):
         where = f"input[{i}]"
         if not isinstance(item, dict):
@@ -338,10 +342,16 @@ def conversation(value, store: ResponseStore | None = None, max_referenced: int 
                 if thought:
                     out[-1]["reasoning_content"] = "".join(thought)
             thought = []
+            called.add(item["call_id"])
             brought = len(item["call_id"]) + len(item["name"]) + len(item["arguments"])
         elif kind == "function_call_output":
             if not isinstance(item.get("call_id"), str):
                 raise bad(f"{where}.call_id", "a string", item.get("call_id"))
+            if item["call_id"] not in called:
+                raise APIError(f"No tool call found for function call output with call_id {shown(item['call_id'])}: "
+                               f"'{where}' answers no function_call of the input before it nor of the "
+                               "previous_response_id's conversation", param=f"{where}.call_id",
+                               quoted=(shown(item["call_id"]),))
             out.append({"role": "tool", "tool_call_id": item["call_id"], "content": _text(item.get("output"), where)})
             brought = 0
         elif kind == "reasoning":         # an earlier answer's thinking: the assistant turn after it carries it
@@ -484,7 +494,7 @@ def parse_responses(obj: dict, *, max_model_len: int, served: tuple, stages: tup
                            status=404, type="not_found_error", param="previous_response_id", code="response_not_found",
                            quoted=(shown(prev),))
         before = found
-    turn = conversation(obj["input"], store, max_referenced) if given else []
+    turn = conversation(obj["input"], store, max_referenced, before) if given else []
     messages = ([{"role": "system", "content": obj["instructions"]}] if obj.get("instructions") else []) \
         + before + turn
     tools, choice = _tools(obj)
