@@ -27,7 +27,7 @@ handed to another thread (an engine's, the loop's executor's) wakes nothing, and
 handler would wait for the next answer or timer (a request held up to its timeout). `ticking`
 wakes the loop every `poll_s`, as uvicorn's tick wakes `agp serve`'s.
 
-    stopped = listening()            # agp serve --ray, from its cluster's start
+    stopped = listening()            # agp serve --ray, from its deploy on
     ...deploy, looking at `stopped` between polls...
     sig = wait_for_stop(stopped)     # once deployed
 
@@ -64,8 +64,8 @@ def load_unless_stopped(load: Callable[[], T], poll_s: float = 0.1,
     stay ignored (a second SIGTERM must not kill the process while it says why it stops);
     otherwise their handlers are restored. `around` (agp serve's 503 while loading) is entered
     once the handlers are in place: whoever it tells that the load is on may signal at once."""
-    stopped: list[int] = []
-    old = {sig: signal.signal(sig, lambda sig, frame: stopped.append(sig)) for sig in heeded()}
+    old = {sig: signal.getsignal(sig) for sig in heeded()}
+    stopped = listening(old)
     with around if around is not None else contextlib.nullcontext():
         loader = _Work(load, "agp-load")
         loader.wait(poll_s, until=lambda: bool(stopped))

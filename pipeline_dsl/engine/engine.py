@@ -168,10 +168,7 @@ class Engine:
         if params.lora is not None and params.lora not in self.loras:
             raise InputError(f"no LoRA adapter named {params.lora!r} is loaded"
                              + (f" (these are: {', '.join(self.loras)})" if self.loras else ""), param="model")
-        self.check_priority(priority)
-        from stages.fields import whole
-
-        priority = whole(priority)                # 0.0 is 0 (check_priority took it as that)
+        priority = self.check_priority(priority)      # 0.0 is 0
         request_id = str(request_id)
         if request_id in self.seqs:
             raise InputError(f"request id {request_id!r} is already in use")
@@ -221,20 +218,21 @@ class Engine:
                                      f"exceeds {self.context_words}; "
                                      "shorten the prompt or lower max_tokens")
 
-    def check_priority(self, priority) -> None:
-        """InputError for a request's `priority` this engine cannot honour: not a signed 64-bit
-        integer, or non-zero while it schedules fcfs (as vLLM refuses it without priority
-        scheduling: the value would silently change nothing)."""
+    def check_priority(self, priority) -> int:
+        """The request's `priority` as an int (a whole float is that integer), or InputError for one
+        this engine cannot honour: not a signed 64-bit integer, or non-zero while it schedules fcfs
+        (as vLLM refuses it without priority scheduling: the value would silently change nothing)."""
         from stages.fields import ParamError, check_priority
 
         try:
-            check_priority(priority)
+            checked = check_priority(priority)
         except ParamError as e:
             raise InputError(str(e), param="priority") from None
         if priority and self.config.scheduling_policy != "priority":
             raise InputError(f"'priority' = {priority} needs priority scheduling, and this engine schedules "
                              f"{self.config.scheduling_policy} (set dynamic_batch's scheduling_policy = priority; "
                              "agp serve: --scheduling-policy priority); leave it out or give 0", param="priority")
+        return checked
 
     def bad_words_ids(self, words) -> tuple[tuple[int, ...], ...]:
         """The token sequences `bad_words` bans, as vLLM makes them: each word (its leading spaces

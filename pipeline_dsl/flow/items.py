@@ -26,8 +26,9 @@ log = logging.getLogger("agp.flow")
 class PipelineError(Exception):
     """Why one request failed. kind: invalid (its input), rejected (a Reject), queue_full,
     unavailable (shutting down, an engine failed, or a stage's call failed for a transient reason,
-    code stage_unavailable: a ConnectionError, pipeline_dsl.Retry, ..., its retries spent), timeout (a stage's timeout passed), aborted
-    (its client went away), failed (a user function or the engine failed); `code` names an input
+    code stage_unavailable: a ConnectionError, pipeline_dsl.Retry, ..., its retries spent),
+    timeout (a stage's timeout passed), aborted (its client went away), failed (a user function or
+    the engine failed); `code` names an input
     error more precisely (the engine's InputError.code: context_length_exceeded), `param` the
     request field at fault when it is not the prompt (InputError.param, or the one a Reject names);
     `status` and `retry_after` are what a Reject asked the client to get (a 4xx or 5xx, seconds to

@@ -1005,11 +1005,10 @@ def _error_of(stage: str, exc: BaseException, what: str = "stage") -> PipelineEr
                              code=STAGE_UNAVAILABLE_CODE)
     said = _said(exc)
     detail = f"{type(exc).__name__}: {said}" if said else type(exc).__name__
-    if is_transient(exc):       # a service it calls is down or busy (its retries spent): try again later
-        err = PipelineError(f"{what} '{stage}' failed: {detail}", "unavailable", stage,
-                            code=STAGE_UNAVAILABLE_CODE)
-    else:                       # a bug of its function
-        err = PipelineError(f"{what} '{stage}' failed: {detail}", "failed", stage)
+    # transient: a service it calls is down or busy (its retries spent), try again later; else a bug
+    transient = is_transient(exc)
+    err = PipelineError(f"{what} '{stage}' failed: {detail}", "unavailable" if transient else "failed", stage,
+                        code=STAGE_UNAVAILABLE_CODE if transient else None)
     err.__cause__ = exc                         # where it was raised: a front end logs its traceback
     return err
 

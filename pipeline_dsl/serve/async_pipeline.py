@@ -93,6 +93,17 @@ class LoopMail:
                 self.loop.call_exception_handler({"message": f"exception in {fn!r}", "exception": e})
 
 
+async def _waiting_for(consumer, work):
+    """`await work` with `consumer.waiting` set meanwhile (a RequestStream, or a StreamGroup's
+    merge): the tokens that come until it runs again are the event loop's lag, not its client's.
+    Then `waiting` is as it was (False, unless the app holds it until its answer's writer begins)."""
+    held, consumer.waiting = consumer.waiting, True
+    try:
+        return await work
+    finally:
+        consumer.waiting = held
+
+
 class RequestStream:
     """Async iterator over one request's events: ("delta", index, out) then ("done", result).
     A queued delta's `out.text` (the whole text so far) is dropped: the consumer reads
@@ -146,14 +157,7 @@ class RequestStream:
     async def __anext__(self):
         if self.finished and self.queue.empty():
             raise StopAsyncIteration
-        if self.queue.empty():
-            held, self.waiting = self.waiting, True    # what comes until it runs again is the loop's lag
-            try:
-                event = await self.queue.get()
-            finally:
-                self.waiting = held              # False, unless the app holds it (its writer not begun)
-        else:
-            event = self.queue.get_nowait()
+        event = await _waiting_for(self, self.queue.get()) if self.queue.empty() else self.queue.get_nowait()
         if event[0] == "done":
             self.finished = True
             self._stop_timer()
@@ -407,15 +411,6 @@ class StreamGroup:
         for s in self.streams:
             s.waiting = waiting
 
-    async def _wait(self, work):
-        """`await work`, the merge waiting for an event (every stream's tokens meanwhile the lag)."""
-        held = self._waiting
-        self.waiting = True
-        try:
-            return await work
-        finally:
-            self.waiting = held
-
     def request_of(self, index: int) -> int:
         """The request (prompt) whose choice carries `index`."""
         return self.numbers.request_of(index)
@@ -451,7 +446,7 @@ class StreamGroup:
         waits = [asyncio.ensure_future(s.admitted.wait()) for s in self.streams]
         try:
             for k, s in enumerate(self.streams):
-                await self._wait(waits[k])
+                await _waiting_for(self, waits[k])
                 failed = s.failed_before_delta
                 if failed is not None:               # naming its prompt
                     yield ("done", replace(failed, error=of_prompt(failed.error, k)))
@@ -467,7 +462,7 @@ class StreamGroup:
         while left:
             self._wake.clear()
             if not self._arrived:
-                await self._wait(self._wake.wait())
+                await _waiting_for(self, self._wake.wait())
                 continue
             k = self._arrived.popleft()
             stream = self.streams[k]

@@ -696,7 +696,7 @@ class AgpServer(uvicorn.Server):
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        old = {sig: signal.getsignal(sig) for sig in heeded(EXIT_SIGNALS)}   # nohup's SIGHUP stays ignored
+        old = {sig: signal.getsignal(sig) for sig in heeded()}   # SIGINT, SIGTERM, SIGHUP (nohup's stays ignored)
         loop = asyncio.get_running_loop()
         for sig in old:
             loop.add_signal_handler(sig, self.handle_exit, sig, None)
@@ -749,6 +749,3 @@ class AgpServer(uvicorn.Server):
 def _done(future: asyncio.Future) -> None:
     if not future.done():
         future.set_result(None)
-
-
-EXIT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
